@@ -1,0 +1,34 @@
+// Submit a model for fine-tuning: a listener claims it, trains it and records progress in the document.
+//   mongosh "mongodb://localhost:27017/mydb?replicaSet=rs0" deploy/mongosh/submit-model.js
+// Training data: documents in "pirate_chat" shaped {messages: [{role: "user", content}, {role: "assistant", content}]}
+// (seed-pirate-chat.js inserts a small set). The listener sets status, progress and metrics.
+const models = db.getCollection("_models");
+const model = {
+  _id: "pirate",
+  model_name_or_path: "HuggingFaceTB/SmolLM2-135M-Instruct",
+  data: { collection: "pirate_chat", key: "messages" },
+  trainer: {
+    num_train_epochs: 1,
+    per_device_train_batch_size: 4,
+    learning_rate: 0.001,
+    use_lora: true,
+    lora_r: 8,
+    lora_alpha: 16,
+    save_steps: 20,
+    eval_steps: 20,
+    logging_steps: 5,
+  },
+};
+
+const examples = db.getCollection(model.data.collection).countDocuments();
+if (examples === 0) {
+  print(`"${model.data.collection}" is empty: insert training documents first (seed-pirate-chat.js)`);
+  quit(1);
+}
+try {
+  models.insertOne(model);
+  print(`submitted "${model._id}" (${examples} training documents); follow it with watch-models.js`);
+} catch (e) {
+  if (e.code !== 11000) throw e;
+  print(`"${model._id}" already exists (status: ${models.findOne({ _id: model._id }).status ?? "not yet claimed"}); retrain it with retrain.js`);
+}

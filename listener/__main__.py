@@ -1,0 +1,3 @@
+from listener.cli.main import cli
+
+cli(prog_name="listener")

@@ -1,0 +1,1 @@
+"""The `listener` command: one small module per subcommand, no logic of its own."""

@@ -1,0 +1,31 @@
+"""Every collection name, interval and limit in one place.
+
+Plain constants with no imports, so `training/` may read them without pulling in the daemon.
+"""
+
+MODELS = "_models"  # one document per model definition and its training state
+REQUESTS = "_requests"  # one document per prediction request
+CHECKPOINTS = "_checkpoints"  # GridFS bucket holding checkpoint archives
+LISTENER = "_listener"  # resume tokens and live daemons' heartbeats
+
+ENV_URI = "MONGOTUNE_URI"  # the MongoDB URI when --uri is not given
+ENV_DB = "MONGOTUNE_DB"  # the database when neither --db nor the URI path names one
+ENV_HOME = "MONGOTUNE_HOME"  # working folder: embedded server data, job logs, model caches
+DEFAULT_DB = "mongotune"  # database used when nothing names one
+
+EMBEDDED_PORT = 27217  # the embedded server's port, away from a real mongod's 27017
+EMBEDDED_REPLICA_SET = "secantus"  # SecantusDB presents itself as this one-node replica set
+EMBEDDED_START_TIMEOUT_S = 60.0  # how long to wait for the embedded server to answer
+
+LEASE_S = 60.0  # a claim's lifetime; renewed every LEASE_S / 4 while the work goes on
+HEARTBEAT_S = 5.0  # how often a daemon writes its heartbeat record
+SCAN_S = 30.0  # catch-up scan for pending documents a stream may not have delivered
+CANCEL_POLL_S = 2.0  # how often a running training looks for `cancel: true`
+CHILD_KILL_GRACE_S = 30.0  # SIGTERM to SIGKILL for a training child told to stop
+
+MAX_TRAINING_JOBS = 1  # trainings one daemon runs at once (one per GPU host by default)
+MAX_NEW_TOKENS = 512  # operator cap on `params.max_new_tokens`
+MAX_INPUT_CHARS = 32_000  # operator cap on a request's input length
+MAX_BATCH = 8  # requests for one model generated together
+MAX_CACHED_MODELS = 2  # loaded models kept in memory for serving
+ERROR_TAIL_CHARS = 2_000  # how much of a crashed child's log goes into `error`

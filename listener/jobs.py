@@ -1,0 +1,106 @@
+"""Supervising one training child: start it, keep its lease, watch for cancel, record how it ended.
+
+The child is its own interpreter (`python -m training.run`), so a crash, an out-of-memory kill
+or a CUDA error ends the job, not the daemon. The supervisor is a bounded loop:
+wait -> renew the lease -> check cancel -> kill past the grace period.
+"""
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+from bson import json_util
+
+from listener import defaults
+from listener.leases import renew
+from listener.status import MODEL_TRANSITIONS, Status, transition
+
+log = logging.getLogger("mongotune.listener")
+
+# Exit codes of training.run (kept in step with it; the daemon does not import training code).
+EXIT_OK, EXIT_INVALID, EXIT_CANCELLED = 0, 3, 4
+
+
+def log_path(log_dir: Path, document: dict) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(document["_id"]))[:100]
+    return log_dir / f"{safe}-run{document['run']}.log"
+
+
+def _crash_error(code: int, path: Path) -> dict:
+    if code < 0:
+        name = signal.Signals(-code).name
+        why = f"the training process was killed by {name}" + (" (often: out of memory)" if name == "SIGKILL" else "")
+    else:
+        why = f"the training process exited with code {code}"
+    try:
+        tail = path.read_text(errors="replace")[-defaults.ERROR_TAIL_CHARS:]
+    except OSError:
+        tail = ""
+    return {"type": "TrainingCrashed", "message": f"{why}; its log is {path} on the listener's host", "log_tail": tail}
+
+
+async def _stop_child(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), defaults.CHILD_KILL_GRACE_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def supervise(db, uri: str, document: dict, owner: str, log_dir: Path) -> Status:
+    """Run one claimed training to its end and write its final status; returns that status."""
+    models = db[defaults.MODELS]
+    model_id = document["_id"]
+    path = log_path(log_dir, document)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, defaults.ENV_URI: uri, "PYTHONUNBUFFERED": "1"}
+    with open(path, "ab") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "training.run", json_util.dumps(model_id), "--db", db.name,
+            stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL, env=env,
+        )
+    log.info("training %r run %d started (pid %d, log %s)", model_id, document["run"], process.pid, path)
+    cancel_seen = None
+    try:
+        while process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), defaults.LEASE_S / 4)
+                break
+            except TimeoutError:
+                pass
+            if not await renew(models, model_id, owner):
+                log.warning("lost the lease on %r; stopping its training", model_id)
+                await _stop_child(process)
+                return Status.RUNNING
+            current = await models.find_one({"_id": model_id}, {"cancel": 1})
+            if current and current.get("cancel"):
+                cancel_seen = cancel_seen or time.monotonic()
+                if time.monotonic() - cancel_seen > defaults.CHILD_KILL_GRACE_S:
+                    await _stop_child(process)
+    except asyncio.CancelledError:
+        await _stop_child(process)
+        raise
+    return await _finish(models, model_id, owner, process.returncode, path)
+
+
+async def _finish(models, model_id, owner: str, code: int, path: Path) -> Status:
+    current = await models.find_one({"_id": model_id}, {"error": 1, "cancel": 1})
+    if code == EXIT_OK:
+        new, fields = Status.SUCCEEDED, {}
+    elif code == EXIT_CANCELLED or (current or {}).get("cancel"):
+        new, fields = Status.CANCELLED, {}
+    elif code == EXIT_INVALID and (current or {}).get("error"):
+        new, fields = Status.FAILED, {}
+    else:
+        new, fields = Status.FAILED, {"error": (current or {}).get("error") or _crash_error(code, path)}
+    await transition(models, model_id, Status.RUNNING, new, MODEL_TRANSITIONS,
+                     match={"lease.owner": owner}, fields=fields, unset=("lease",))
+    log.info("training %r ended %s (exit code %d)", model_id, new.value, code)
+    return new

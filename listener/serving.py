@@ -1,0 +1,97 @@
+"""Answering `_requests`: claimed requests queue here and are generated in batches.
+
+Requests for the same model, checkpoint and parameters are answered by one `generate` call;
+loading and generation run in a worker thread so the daemon's event loop keeps watching.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from listener import defaults
+from listener.status import REQUEST_TRANSITIONS, Status, now, transition
+from training.config import RequestSpec, SpecError, parse_model
+
+log = logging.getLogger("mongotune.listener")
+
+
+def batch_key(spec: RequestSpec) -> str:
+    ref = spec.checkpoint if isinstance(spec.checkpoint, str) else spec.checkpoint.model_dump()
+    return json.dumps([str(spec.model), ref, spec.params.model_dump()], sort_keys=True, default=str)
+
+
+class Serving:
+    def __init__(self, db, sync_db, work_dir: Path, owner: str, counters: dict):
+        self.db, self.sync_db, self.work_dir, self.owner = db, sync_db, work_dir, owner
+        self.counters = counters
+        self._pending: list[tuple[RequestSpec, float]] = []
+        self._ready = asyncio.Event()
+        self._cache = None
+
+    def submit(self, spec: RequestSpec) -> None:
+        self._pending.append((spec, time.monotonic()))
+        self._ready.set()
+
+    def _next_batch(self) -> list[tuple[RequestSpec, float]]:
+        key = batch_key(self._pending[0][0])
+        batch = [item for item in self._pending if batch_key(item[0]) == key][: defaults.MAX_BATCH]
+        self._pending = [item for item in self._pending if item not in batch]
+        if not self._pending:
+            self._ready.clear()
+        return batch
+
+    async def run(self) -> None:
+        while True:
+            await self._ready.wait()
+            await self._answer(self._next_batch())
+
+    async def fail(self, request_id, message: str, kind: str = "invalid_request") -> None:
+        self.counters["requests_failed"] += 1
+        await transition(self.db[defaults.REQUESTS], request_id, Status.RUNNING, Status.FAILED, REQUEST_TRANSITIONS,
+                         fields={"error": {"type": kind, "message": message}}, unset=("lease",))
+
+    async def _answer(self, batch: list[tuple[RequestSpec, float]]) -> None:
+        spec = batch[0][0]
+        try:
+            loaded, entry = await self._load(spec)
+            prompts = [s.input if isinstance(s.input, str) else [m.model_dump() for m in s.input] for s, _ in batch]
+            from training.inference import generate
+
+            results = await asyncio.to_thread(generate, loaded, prompts, spec.params)
+        except (LookupError, SpecError) as exc:
+            for s, _ in batch:
+                await self.fail(s.id, str(exc))
+            return
+        except Exception as exc:
+            log.exception("generation failed for model %r", spec.model)
+            for s, _ in batch:
+                await self.fail(s.id, f"{type(exc).__name__}: {exc}"[:2000], kind="generation_failed")
+            return
+        used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
+        for (s, started), result in zip(batch, results):
+            self.counters["requests_done"] += 1
+            await transition(self.db[defaults.REQUESTS], s.id, Status.RUNNING, Status.DONE, REQUEST_TRANSITIONS,
+                             fields={**result, "checkpoint_used": used, "batch_size": len(batch),
+                                     "latency_ms": round((time.monotonic() - started) * 1000, 1),
+                                     "completed_at": now()},
+                             unset=("lease",))
+
+    async def _load(self, spec: RequestSpec):
+        document = await self.db[defaults.MODELS].find_one({"_id": spec.model})
+        if document is None:
+            raise LookupError(f"model: no document with _id {spec.model!r} in {defaults.MODELS}")
+        try:
+            model_spec = parse_model(document)
+        except SpecError as exc:
+            raise LookupError(f"model: {spec.model!r} is not a usable model definition ({exc})") from None
+        from training import checkpoints
+        from training.inference import ModelCache
+
+        ref = spec.checkpoint if isinstance(spec.checkpoint, str) else spec.checkpoint.model_dump()
+        entry = checkpoints.select(document, ref)
+        if self._cache is None:
+            self._cache = ModelCache(self.sync_db, self.work_dir, defaults.MAX_CACHED_MODELS)
+        loaded = await asyncio.to_thread(self._cache.get, model_spec, entry)
+        return loaded, entry

@@ -1,0 +1,112 @@
+"""Documents in a collection become an SFT dataset in one of trl's three shapes.
+
+The shape is whatever the document's `data` section implies: a text field, a prompt/response
+pair (optionally joined by a template into text), or chat `messages`. Every problem is reported
+against the `data.*` field a user would change.
+"""
+
+import random
+
+from datasets import Dataset
+
+from training.config import DataSpec, SpecError
+from training.template import render, template_fields
+
+TEXT, PROMPT_COMPLETION, MESSAGES = "text", "prompt_completion", "messages"
+ROLES = {"system", "user", "assistant"}
+
+
+def detect_format(example: dict) -> str:
+    """The shape of one example, the way trl reads it."""
+    if "messages" in example:
+        return MESSAGES
+    if "prompt" in example and "completion" in example:
+        return PROMPT_COMPLETION
+    return TEXT
+
+
+def needed_fields(data: DataSpec) -> list[str]:
+    fields = template_fields(data.template) if data.template else []
+    fields += data.key if isinstance(data.key, list) else ([] if data.template else [data.key])
+    return [*dict.fromkeys(fields), data.fold_field]
+
+
+def load_documents(db, data: DataSpec) -> list[dict]:
+    projection = {name: 1 for name in needed_fields(data)}
+    documents = list(db[data.collection].find(data.filter, projection, limit=data.limit or 0))
+    if not documents:
+        where = f"collection {data.collection!r}"
+        if data.filter:
+            raise SpecError("data.filter", f"no document in {where} matches the filter {data.filter}")
+        raise SpecError("data.collection", f"{where} has no documents (check the name and the database)")
+    return documents
+
+
+def _missing(documents: list[dict], data: DataSpec) -> None:
+    for name in needed_fields(data)[:-1]:
+        lacking = [doc for doc in documents if name not in doc]
+        if lacking:
+            field = "data.template" if data.template and name in template_fields(data.template) else "data.key"
+            raise SpecError(
+                field,
+                f"{len(lacking)} of {len(documents)} documents in {data.collection!r} have no field {name!r} "
+                f"(first: _id={lacking[0].get('_id')!r})",
+            )
+
+
+def _messages(value, doc_id) -> list[dict]:
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value
+    )
+    if not ok:
+        raise SpecError(
+            "data.key",
+            f"document _id={doc_id!r}: chat messages must be a non-empty list of "
+            f"{{role: system|user|assistant, content: string}}",
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def to_example(doc: dict, data: DataSpec) -> dict:
+    if data.template:
+        return {"text": render(data.template, doc)}
+    if isinstance(data.key, list):
+        prompt, response = data.key
+        return {"prompt": str(doc[prompt]), "completion": str(doc[response])}
+    value = doc[data.key]
+    if isinstance(value, str):
+        return {"text": value}
+    if isinstance(value, list):
+        return {"messages": _messages(value, doc.get("_id"))}
+    raise SpecError(
+        "data.key",
+        f"field {data.key!r} of document _id={doc.get('_id')!r} is {type(value).__name__}: "
+        f"use a string field for text or a list of messages for chat",
+    )
+
+
+def split_folds(documents: list[dict], data: DataSpec) -> tuple[list[dict], list[dict]]:
+    """`fold_field` decides when the documents carry it; otherwise a seeded split."""
+    if any(data.fold_field in doc for doc in documents):
+        valid = [doc for doc in documents if doc.get(data.fold_field) == "valid"]
+        train = [doc for doc in documents if doc.get(data.fold_field) != "valid"]
+    else:
+        shuffled = documents[:]
+        random.Random(data.seed).shuffle(shuffled)
+        n_valid = int(len(shuffled) * data.valid_fraction) if len(shuffled) >= 10 else 0
+        valid, train = shuffled[:n_valid], shuffled[n_valid:]
+    if not train:
+        raise SpecError("data.fold_field", f"every document is in the 'valid' fold; mark some {data.fold_field}: 'train'")
+    return train, valid
+
+
+def build_datasets(db, data: DataSpec) -> tuple[Dataset, Dataset | None]:
+    documents = load_documents(db, data)
+    _missing(documents, data)
+    train, valid = split_folds(documents, data)
+    examples = [[to_example(doc, data) for doc in fold] for fold in (train, valid)]
+    formats = {detect_format(example) for fold in examples for example in fold}
+    if len(formats) > 1:
+        raise SpecError("data.key", f"the documents mix shapes {sorted(formats)}; select one shape with data.filter")
+    train_set = Dataset.from_list(examples[0])
+    return train_set, Dataset.from_list(examples[1]) if examples[1] else None

@@ -1,0 +1,91 @@
+"""A trainer callback that makes the model document the job's live log.
+
+Progress and metrics are written as the trainer reports them; each save is uploaded to GridFS
+and then listed; `cancel: true` on the document stops training after a final checkpoint.
+Every write is filtered on the job's `run`, so a stale child can never touch a newer run.
+"""
+
+import datetime as dt
+import logging
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from listener import defaults
+from training import checkpoints
+
+log = logging.getLogger("mongotune.training")
+
+
+class MongoProgress(TrainerCallback):
+    def __init__(self, db, model_id, run: int, keep: int | None):
+        self.db = db
+        self.models = db[defaults.MODELS]
+        self.match = {"_id": model_id, "run": run}
+        self.model_id, self.run, self.keep = model_id, run, keep
+        self.cancelled = False
+        self._eval: dict = {}
+        self._loss = None
+        self._checked = 0.0
+
+    def _set(self, update: dict) -> None:
+        self.models.update_one(self.match, update)
+
+    def _progress(self, state) -> dict:
+        done = state.global_step - self._first_step
+        elapsed = time.monotonic() - self._started
+        eta = (state.max_steps - state.global_step) * elapsed / done if done > 0 else None
+        return {
+            "step": state.global_step, "total_steps": state.max_steps, "epoch": state.epoch,
+            "loss": self._loss, "eta_s": None if eta is None else round(eta, 1),
+            "updated_at": dt.datetime.now(dt.timezone.utc),
+        }
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._first_step, self._started = state.global_step, time.monotonic()
+        self._set({"$set": {"progress": self._progress(state)}})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        numbers = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if "loss" in numbers:
+            self._loss = numbers["loss"]
+        if "eval_loss" in numbers:
+            self._eval = {"step": state.global_step, **{k: v for k, v in numbers.items() if k.startswith("eval_")}}
+        entry = {"run": self.run, "step": state.global_step, "epoch": state.epoch, **numbers}
+        log.info("step %d/%d %s", state.global_step, state.max_steps,
+                 " ".join(f"{k}={v:.4g}" for k, v in numbers.items()))
+        self._set({"$push": {"metrics": entry}, "$set": {"progress": self._progress(state)}})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self._checked < defaults.CANCEL_POLL_S:
+            return
+        self._checked = time.monotonic()
+        document = self.models.find_one(self.match, {"cancel": 1})
+        if document is None or document.get("cancel"):
+            log.info("cancel requested at step %d: saving and stopping", state.global_step)
+            self.cancelled = True
+            control.should_training_stop = True
+            control.should_save = True
+        self._set({"$set": {"progress": self._progress(state)}})
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        entry = checkpoints.upload(self.db, folder, model_id=self.model_id, run=self.run, step=state.global_step)
+        metrics = {k: v for k, v in self._eval.items() if k != "step"} if self._eval.get("step") == state.global_step else {}
+        entry["metrics"] = {**({"loss": self._loss} if self._loss is not None else {}), **metrics}
+        self._record(entry)
+        log.info("checkpoint step %d stored in GridFS (%.1f MB)", state.global_step, entry["size"] / 1e6)
+
+    def _record(self, entry: dict) -> None:
+        listed = (self.models.find_one(self.match, {"checkpoints": 1}) or {}).get("checkpoints", []) + [entry]
+        pruned = checkpoints.to_prune(listed, self.run, self.keep)
+        best = checkpoints.best_of([c for c in listed if c not in pruned])
+        self._set({"$push": {"checkpoints": entry},
+                   "$set": {"best_checkpoint": {"run": best["run"], "step": best["step"]}}})
+        if pruned:
+            ids = [c["files_id"] for c in pruned]
+            self._set({"$pull": {"checkpoints": {"files_id": {"$in": ids}}}})
+            for files_id in ids:
+                checkpoints.delete(self.db, files_id)

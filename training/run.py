@@ -1,0 +1,102 @@
+"""The training child: `python -m training.run MODEL_ID --db NAME`, the URI in MONGOTUNE_URI.
+
+The daemon starts one per job so that a crash or an out-of-memory here never takes it down.
+The child writes progress, metrics, checkpoints and `error`; the daemon alone writes `status`,
+reading the outcome from the exit code.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from bson import json_util
+from pymongo import MongoClient
+
+from listener import defaults
+from training import checkpoints
+from training.config import ModelSpec, SpecError, parse_model
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 3, 4
+log = logging.getLogger("mongotune.training")
+
+
+def _resume_point(db, document: dict, work: Path) -> str | None:
+    """The run's last stored checkpoint, unpacked, when this run was interrupted before."""
+    mine = [c for c in document.get("checkpoints") or [] if c["run"] == document["run"]]
+    if not mine:
+        return None
+    last = mine[-1]
+    log.info("resuming run %d from its checkpoint at step %d", document["run"], last["step"])
+    return str(checkpoints.download(db, last["files_id"], work / "resume" / f"checkpoint-{last['step']}"))
+
+
+def _check_gpus(spec: ModelSpec, torch) -> None:
+    wanted, have = spec.trainer.num_gpus, torch.cuda.device_count()
+    if wanted > 1 and have < wanted:
+        raise SpecError("trainer.num_gpus", f"asks for {wanted} GPUs; this listener's host has {have}")
+
+
+def train(db, document: dict, work: Path) -> int:
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from trl import SFTTrainer
+
+    from training.arguments import lora_config, sft_config
+    from training.dataset import build_datasets
+    from training.models import load_model, load_tokenizer
+    from training.progress import MongoProgress
+
+    spec = parse_model(document)
+    _check_gpus(spec, torch)
+    train_set, valid_set = build_datasets(db, spec.data)
+    log.info("dataset: %d training and %d validation examples", len(train_set), len(valid_set or []))
+    config = sft_config(spec.trainer, str(work / "output"), has_eval=valid_set is not None,
+                        use_cpu=not torch.cuda.is_available())
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec)
+    if spec.trainer.bits:
+        model = prepare_model_for_kbit_training(model)
+    progress = MongoProgress(db, spec.id, document["run"], keep=config.save_total_limit)
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
+        processing_class=tokenizer, peft_config=lora_config(spec.trainer), callbacks=[progress],
+    )
+    trainer.train(resume_from_checkpoint=_resume_point(db, document, work))
+    return EXIT_CANCELLED if progress.cancelled else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.run")
+    parser.add_argument("model_id", help="the model document's _id as extended JSON")
+    parser.add_argument("--db", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    model_id = json_util.loads(args.model_id)
+    client = MongoClient(os.environ[defaults.ENV_URI])
+    db = client[args.db]
+    document = db[defaults.MODELS].find_one({"_id": model_id})
+    if document is None or "run" not in document:
+        log.error("model %r is not claimed for training", model_id)
+        return EXIT_FAILED
+    match = {"_id": model_id, "run": document["run"]}
+    try:
+        with tempfile.TemporaryDirectory(prefix="mongotune-train-") as work:
+            return train(db, document, Path(work))
+    except SpecError as exc:
+        log.error("invalid document: %s", exc)
+        db[defaults.MODELS].update_one(match, {"$set": {"error": exc.as_error()}})
+        return EXIT_INVALID
+    except Exception as exc:
+        log.exception("training failed")
+        error = {"type": type(exc).__name__, "message": str(exc)[: defaults.ERROR_TAIL_CHARS]}
+        db[defaults.MODELS].update_one(match, {"$set": {"error": error}})
+        return EXIT_FAILED
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
