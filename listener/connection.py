@@ -2,8 +2,10 @@
 
 import os
 import re
+from urllib.parse import unquote
 
-from pymongo import AsyncMongoClient, uri_parser
+from pymongo import AsyncMongoClient
+from pymongo.errors import PyMongoError
 
 from listener import defaults
 
@@ -12,25 +14,42 @@ class ConnectionProblem(RuntimeError):
     pass
 
 
+SECRET_OPTION = re.compile(r"([?&][^=&]*(?:password|secret|token)[^=&]*=)[^&]*", re.IGNORECASE)
+
+
+def _split(uri: str) -> tuple[str, str, str, str]:
+    """scheme, user info, hosts and path, query: split by hand so a raw '@' in a password is handled."""
+    scheme, _, rest = uri.partition("://")
+    rest, _, query = rest.partition("?")
+    userinfo, at, hosts = rest.rpartition("@")
+    return scheme, userinfo if at else "", hosts if at else rest, query
+
+
 def redact(uri: str) -> str:
-    """The URI with any password replaced, safe for logs and documents."""
-    return re.sub(r"(mongodb(?:\+srv)?://[^:/@]+):[^@]*@", r"\1:***@", uri)
+    """The URI with passwords and secret options replaced, safe for logs and documents."""
+    scheme, userinfo, hosts, query = _split(uri)
+    if userinfo:
+        user, colon, _ = userinfo.partition(":")
+        hosts = f"{user}{':***' if colon else ''}@{hosts}"
+    redacted = f"{scheme}://{hosts}" + (f"?{query}" if query else "")
+    return SECRET_OPTION.sub(r"\1***", redacted)
 
 
 def database_name(uri: str, db: str | None) -> str:
-    """`--db` first, then the URI's path, then MONGOTUNE_DB, then the default."""
+    """`--db` first, then the URI's path, then MONGOTUNE_DB, then the default. Needs no DNS lookup."""
     if db:
         return db
-    try:
-        from_uri = uri_parser.parse_uri(uri, connect_timeout=1).get("database")
-    except Exception:
-        from_uri = None
-    return from_uri or os.environ.get(defaults.ENV_DB) or defaults.DEFAULT_DB
+    _, _, hosts, _ = _split(uri)
+    _, slash, path = hosts.partition("/")
+    return unquote(path) if slash and path else os.environ.get(defaults.ENV_DB) or defaults.DEFAULT_DB
 
 
 async def connect(uri: str, timeout_s: float = 10.0) -> AsyncMongoClient:
     """A client to a deployment that has change streams, or a ConnectionProblem saying what is wrong."""
-    client = AsyncMongoClient(uri, serverSelectionTimeoutMS=int(timeout_s * 1000), appname="mongotune-listener")
+    try:
+        client = AsyncMongoClient(uri, serverSelectionTimeoutMS=int(timeout_s * 1000), appname="mongotune-listener")
+    except (PyMongoError, ValueError) as exc:
+        raise ConnectionProblem(f"cannot use the URI {redact(uri)}: {exc}") from None
     try:
         hello = await client.admin.command("hello")
     except Exception as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pymongo import MongoClient
 
-from listener import defaults, embedded
+from listener import defaults, embedded, leases
 from listener.connection import connect, database_name, redact
 from listener.jobs import supervise
 from listener.leases import claim_model, claim_request
@@ -56,6 +56,7 @@ class Daemon:
         scheduler = AsyncIOScheduler()
         scheduler.add_job(self._heartbeat, "interval", seconds=defaults.HEARTBEAT_S)
         scheduler.add_job(self.scan, "interval", seconds=defaults.SCAN_S)
+        scheduler.add_job(self.reap, "interval", seconds=max(1.0, defaults.LEASE_S / 2))
         scheduler.start()
         tasks = [
             asyncio.create_task(watch(self.db, defaults.MODELS, self.settings.name, self._on_model, self._scan_models)),
@@ -89,6 +90,13 @@ class Daemon:
         await self._scan_models()
         await self._scan_requests()
 
+    async def reap(self) -> None:
+        """Requeue what dead daemons held; a requeued document then goes through the usual claim."""
+        if await leases.reap(self.db[defaults.MODELS], MODEL_TRANSITIONS, defaults.MAX_ATTEMPTS):
+            await self._scan_models()
+        if await leases.reap(self.db[defaults.REQUESTS], REQUEST_TRANSITIONS, defaults.MAX_ATTEMPTS):
+            await self._scan_requests()
+
     async def _scan_models(self) -> None:
         async for document in self.db[defaults.MODELS].find(status_filter(Status.PENDING)):
             await self.consider_model(document)
@@ -111,7 +119,8 @@ class Daemon:
             return
         models = self.db[defaults.MODELS]
         if document.get("cancel"):
-            await transition(models, document["_id"], Status.PENDING, Status.CANCELLED, MODEL_TRANSITIONS)
+            await transition(models, document["_id"], Status.PENDING, Status.CANCELLED, MODEL_TRANSITIONS,
+                             unset=("cancel",))
             return
         try:
             parse_model(document)

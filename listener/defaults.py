@@ -1,7 +1,10 @@
 """Every collection name, interval and limit in one place.
 
-Plain constants with no imports, so `training/` may read them without pulling in the daemon.
+Plain constants, so `training/` may read them without pulling in the daemon. The timings an
+operator may need to tune are read from the environment.
 """
+
+import os
 
 MODELS = "_models"  # one document per model definition and its training state
 REQUESTS = "_requests"  # one document per prediction request
@@ -17,9 +20,10 @@ EMBEDDED_PORT = 27217  # the embedded server's port, away from a real mongod's 2
 EMBEDDED_REPLICA_SET = "secantus"  # SecantusDB presents itself as this one-node replica set
 EMBEDDED_START_TIMEOUT_S = 60.0  # how long to wait for the embedded server to answer
 
-LEASE_S = 60.0  # a claim's lifetime; renewed every LEASE_S / 4 while the work goes on
+LEASE_S = float(os.environ.get("MONGOTUNE_LEASE_S", 60))  # a claim's lifetime; renewed every LEASE_S / 4
+MAX_ATTEMPTS = int(os.environ.get("MONGOTUNE_MAX_ATTEMPTS", 3))  # claims of one run before it is failed
 HEARTBEAT_S = 5.0  # how often a daemon writes its heartbeat record
-SCAN_S = 30.0  # catch-up scan for pending documents a stream may not have delivered
+SCAN_S = float(os.environ.get("MONGOTUNE_SCAN_S", 30))  # catch-up scan for pending documents a stream may not have delivered
 CANCEL_POLL_S = 2.0  # how often a running training looks for `cancel: true`
 CHILD_KILL_GRACE_S = 30.0  # SIGTERM to SIGKILL for a training child told to stop
 
@@ -29,3 +33,11 @@ MAX_INPUT_CHARS = 32_000  # operator cap on a request's input length
 MAX_BATCH = 8  # requests for one model generated together
 MAX_CACHED_MODELS = 2  # loaded models kept in memory for serving
 ERROR_TAIL_CHARS = 2_000  # how much of a crashed child's log goes into `error`
+
+# Exit codes of the training child (`python -m training.run`), read by the daemon's supervisor.
+EXIT_OK = 0  # trained to the end
+EXIT_FAILED = 1  # an error, written into the document's `error`
+EXIT_INVALID = 3  # the document cannot be trained as written; `error` names the field
+EXIT_CANCELLED = 4  # `cancel: true` seen; a final checkpoint was saved
+EXIT_STOPPED = 5  # SIGTERM: a checkpoint was saved and the run can be resumed by any daemon
+EXIT_ORPHANED = 6  # the daemon that started it died; the run will be resumed once its lease expires

@@ -22,9 +22,6 @@ from listener.status import MODEL_TRANSITIONS, Status, transition
 
 log = logging.getLogger("mongotune.listener")
 
-# Exit codes of training.run (kept in step with it; the daemon does not import training code).
-EXIT_OK, EXIT_INVALID, EXIT_CANCELLED = 0, 3, 4
-
 
 def log_path(log_dir: Path, document: dict) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(document["_id"]))[:100]
@@ -65,6 +62,7 @@ async def supervise(db, uri: str, document: dict, owner: str, log_dir: Path) -> 
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "training.run", json_util.dumps(model_id), "--db", db.name,
             stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL, env=env,
+            start_new_session=True,  # a Ctrl-C meant for the daemon must not kill the child mid-save
         )
     log.info("training %r run %d started (pid %d, log %s)", model_id, document["run"], process.pid, path)
     cancel_seen = None
@@ -92,15 +90,17 @@ async def supervise(db, uri: str, document: dict, owner: str, log_dir: Path) -> 
 
 async def _finish(models, model_id, owner: str, code: int, path: Path) -> Status:
     current = await models.find_one({"_id": model_id}, {"error": 1, "cancel": 1})
-    if code == EXIT_OK:
+    if code == defaults.EXIT_OK:
         new, fields = Status.SUCCEEDED, {}
-    elif code == EXIT_CANCELLED or (current or {}).get("cancel"):
-        new, fields = Status.CANCELLED, {}
-    elif code == EXIT_INVALID and (current or {}).get("error"):
+    elif code == defaults.EXIT_CANCELLED or (current or {}).get("cancel"):
+        new, fields = Status.CANCELLED, {}  # `cancel` is honoured and cleared, so a retrain is not cancelled again
+    elif code == defaults.EXIT_STOPPED:
+        new, fields = Status.PENDING, {}
+    elif code == defaults.EXIT_INVALID and (current or {}).get("error"):
         new, fields = Status.FAILED, {}
     else:
         new, fields = Status.FAILED, {"error": (current or {}).get("error") or _crash_error(code, path)}
     await transition(models, model_id, Status.RUNNING, new, MODEL_TRANSITIONS,
-                     match={"lease.owner": owner}, fields=fields, unset=("lease",))
+                     match={"lease.owner": owner}, fields=fields, unset=("lease", "cancel"))
     log.info("training %r ended %s (exit code %d)", model_id, new.value, code)
     return new

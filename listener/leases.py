@@ -44,3 +44,27 @@ async def renew(collection, doc_id, owner: str) -> bool:
         {"$set": {"lease.expires_at": lease(owner)["expires_at"]}},
     )
     return result.matched_count == 1
+
+
+async def reap(collection, table: dict, max_attempts: int) -> int:
+    """Hand back work whose daemon died (its lease expired); fail it after `max_attempts` claims."""
+    reaped = 0
+    expired = {"status": Status.RUNNING.value, "lease.expires_at": {"$lt": now()}}
+    async for document in collection.find(expired, {"attempts": 1, "lease": 1, "history": 1}):
+        held = document["lease"]
+        event = {"at": now(), "event": "lease expired", "owner": held.get("owner"), "attempt": document.get("attempts")}
+        gave_up = document.get("attempts", 0) >= max_attempts and Status.FAILED in table[Status.RUNNING]
+        fields = {}
+        if gave_up:
+            past = [*(document.get("history") or []), event]
+            fields["error"] = {
+                "type": "too_many_attempts",
+                "message": f"gave up after {len(past)} attempt(s): each time, the daemon working on it stopped "
+                           f"without finishing (daemons: {', '.join(str(e['owner']) for e in past)}); "
+                           "look at those hosts' logs, then set status back to 'pending' to try again",
+            }
+        if await transition(collection, document["_id"], Status.RUNNING, Status.FAILED if gave_up else Status.PENDING,
+                            table, match={"lease.expires_at": held["expires_at"]}, fields=fields, unset=("lease",),
+                            push={"history": event}):
+            reaped += 1
+    return reaped

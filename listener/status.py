@@ -45,7 +45,8 @@ def status_filter(status: Status) -> dict:
 
 
 async def transition(collection, doc_id, old: Status, new: Status, table: dict, *, match: dict | None = None,
-                     fields: dict | None = None, inc: dict | None = None, unset: tuple = ()) -> dict | None:
+                     fields: dict | None = None, inc: dict | None = None, unset: tuple = (),
+                     push: dict | None = None) -> dict | None:
     """Move one document from `old` to `new`; returns it after the change, or None if it was not in `old`."""
     if new not in table.get(old, ()):
         raise ValueError(f"status {old.value} -> {new.value} is not an allowed transition")
@@ -55,6 +56,8 @@ async def transition(collection, doc_id, old: Status, new: Status, table: dict, 
         update["$inc"] = inc
     if unset:
         update["$unset"] = {name: "" for name in unset}
+    if push:
+        update["$push"] = push
     return await collection.find_one_and_update(
         {"_id": doc_id, **status_filter(old), **(match or {})}, update, return_document=ReturnDocument.AFTER,
     )

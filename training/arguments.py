@@ -67,7 +67,7 @@ def _accepts(hint: Any, value: Any) -> bool:
 
 def translate(arguments: dict) -> dict:
     """Map old names to current ones and check every name and value type."""
-    out = {}
+    out, written = {}, {}
     for name, value in arguments.items():
         field = f"trainer.{name}"
         if name in IGNORED:
@@ -80,8 +80,8 @@ def translate(arguments: dict) -> dict:
         if not _accepts(_HINTS[current], value):
             raise SpecError(field, f"expected {_describe(_HINTS[current])}, got {type(value).__name__} {value!r:.60}")
         if current in out:
-            raise SpecError(field, f"given twice, as {name} and {current}")
-        out[current] = value
+            raise SpecError(field, f"given twice, as {written[current]} and {name}")
+        out[current], written[current] = value, name
     return out
 
 

@@ -6,6 +6,7 @@ and scheduler states needed to resume are loaded by the trainer with `weights_on
 """
 
 import datetime as dt
+import math
 import tarfile
 from pathlib import Path
 
@@ -48,9 +49,13 @@ def delete(db, files_id) -> None:
     _bucket(db).delete(files_id)
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def best_of(checkpoints: list[dict]) -> dict | None:
     """The checkpoint with the lowest eval loss; the latest one when none was evaluated."""
-    scored = [c for c in checkpoints if isinstance((c.get("metrics") or {}).get("eval_loss"), (int, float))]
+    scored = [c for c in checkpoints if _finite((c.get("metrics") or {}).get("eval_loss"))]
     if scored:
         return min(scored, key=lambda c: c["metrics"]["eval_loss"])
     return checkpoints[-1] if checkpoints else None

@@ -167,17 +167,32 @@ class RequestSpec(_Strict):
         return value
 
 
-def _first_error(exc: ValidationError) -> SpecError:
-    err = exc.errors()[0]
-    field = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "json-or-python")))
+def _real_path(loc: tuple, document: dict, missing: bool) -> list:
+    """The part of a pydantic error location that exists in the document (drops union branch names)."""
+    path, current = [], document
+    for i, part in enumerate(loc):
+        if isinstance(current, dict) and part in current:
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and part < len(current):
+            current = current[part]
+        elif not (missing and i == len(loc) - 1):
+            continue
+        path.append(part)
+    return path
+
+
+def _first_error(exc: ValidationError, document: dict) -> SpecError:
+    """The most specific problem: the error reaching deepest into the document."""
+    errors = exc.errors()
+    paths = [_real_path(err["loc"], document, err["type"] == "missing") for err in errors]
+    index = max(range(len(errors)), key=lambda i: len(paths[i]))
+    err = errors[index]
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown field; remove it or check its spelling"
     elif err["type"] == "missing":
         message = "required field is missing"
-    if len(exc.errors()) > 1:
-        message += f" (and {len(exc.errors()) - 1} more problem(s))"
-    return SpecError(field, message)
+    return SpecError(".".join(str(part) for part in paths[index]), message)
 
 
 def _parse(cls: type[BaseModel], document: dict):
@@ -189,7 +204,7 @@ def _parse(cls: type[BaseModel], document: dict):
     except SpecError:
         raise
     except ValidationError as exc:
-        raise _first_error(exc) from None
+        raise _first_error(exc, user_part) from None
 
 
 def parse_model(document: dict) -> ModelSpec:

@@ -8,6 +8,7 @@ Every write is filtered on the job's `run`, so a stale child can never touch a n
 import datetime as dt
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class MongoProgress(TrainerCallback):
         self.match = {"_id": model_id, "run": run}
         self.model_id, self.run, self.keep = model_id, run, keep
         self.cancelled = False
+        self.stop_requested = False  # set by SIGTERM: save, stop, let any daemon resume the run
+        self._parent = os.getppid()
         self._eval: dict = {}
         self._loss = None
         self._checked = 0.0
@@ -59,6 +62,14 @@ class MongoProgress(TrainerCallback):
         self._set({"$push": {"metrics": entry}, "$set": {"progress": self._progress(state)}})
 
     def on_step_end(self, args, state, control, **kwargs):
+        if os.getppid() != self._parent:
+            log.error("the daemon that started this training is gone; exiting so the run can be resumed once")
+            os._exit(defaults.EXIT_ORPHANED)
+        if self.stop_requested:
+            log.info("stop requested at step %d: saving a checkpoint to resume from", state.global_step)
+            control.should_training_stop = True
+            control.should_save = True
+            return
         if time.monotonic() - self._checked < defaults.CANCEL_POLL_S:
             return
         self._checked = time.monotonic()

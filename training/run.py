@@ -8,6 +8,7 @@ reading the outcome from the exit code.
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +20,6 @@ from listener import defaults
 from training import checkpoints
 from training.config import ModelSpec, SpecError, parse_model
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 3, 4
 log = logging.getLogger("mongotune.training")
 
 
@@ -60,12 +60,15 @@ def train(db, document: dict, work: Path) -> int:
     if spec.trainer.bits:
         model = prepare_model_for_kbit_training(model)
     progress = MongoProgress(db, spec.id, document["run"], keep=config.save_total_limit)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(progress, "stop_requested", True))
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
         processing_class=tokenizer, peft_config=lora_config(spec.trainer), callbacks=[progress],
     )
     trainer.train(resume_from_checkpoint=_resume_point(db, document, work))
-    return EXIT_CANCELLED if progress.cancelled else EXIT_OK
+    if progress.stop_requested:
+        return defaults.EXIT_STOPPED
+    return defaults.EXIT_CANCELLED if progress.cancelled else defaults.EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     document = db[defaults.MODELS].find_one({"_id": model_id})
     if document is None or "run" not in document:
         log.error("model %r is not claimed for training", model_id)
-        return EXIT_FAILED
+        return defaults.EXIT_FAILED
     match = {"_id": model_id, "run": document["run"]}
     try:
         with tempfile.TemporaryDirectory(prefix="mongotune-train-") as work:
@@ -88,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         log.error("invalid document: %s", exc)
         db[defaults.MODELS].update_one(match, {"$set": {"error": exc.as_error()}})
-        return EXIT_INVALID
+        return defaults.EXIT_INVALID
     except Exception as exc:
         log.exception("training failed")
         error = {"type": type(exc).__name__, "message": str(exc)[: defaults.ERROR_TAIL_CHARS]}
         db[defaults.MODELS].update_one(match, {"$set": {"error": error}})
-        return EXIT_FAILED
+        return defaults.EXIT_FAILED
     finally:
         client.close()
 

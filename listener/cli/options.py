@@ -12,8 +12,8 @@ uri_option = click.option(
     help=f"MongoDB replica set URI (or ${defaults.ENV_URI}); without one, the embedded server is used.",
 )
 db_option = click.option(
-    "--db", envvar=defaults.ENV_DB, default=None, metavar="NAME",
-    help=f"Database name; defaults to the URI's path, then '{defaults.DEFAULT_DB}'.",
+    "--db", default=None, metavar="NAME",
+    help=f"Database name; defaults to the URI's path, then ${defaults.ENV_DB}, then '{defaults.DEFAULT_DB}'.",
 )
 
 

@@ -1,0 +1,120 @@
+"""Fixtures: a real change-stream server, a tiny real model, and real `listener start` processes.
+
+Set MONGOTUNE_TEST_URI to run the same suite against a real MongoDB replica set.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from pymongo import MongoClient
+
+from listener import defaults
+from listener.embedded import EmbeddedServer, free_port
+from tests import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def server_uri(tmp_path_factory):
+    if os.environ.get("MONGOTUNE_TEST_URI"):
+        yield os.environ["MONGOTUNE_TEST_URI"]
+        return
+    server = EmbeddedServer(tmp_path_factory.mktemp("server"), port=free_port(), memory=True).start()
+    yield server.uri
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server_uri):
+    client = MongoClient(server_uri)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def db(client):
+    """A fresh database per test, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    yield client[name]
+    client.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    return str(tiny_model.build(tmp_path_factory.mktemp("tiny-model")))
+
+
+class Daemon:
+    """A real `listener start` process on the test database."""
+
+    def __init__(self, uri: str, db_name: str, home: Path, name: str, max_jobs: int = 2, env: dict | None = None):
+        self.home = home
+        self.log_path = home / f"{name}.log"
+        env = {**os.environ, defaults.ENV_HOME: str(home), **(env or {})}
+        env.pop(defaults.ENV_URI, None)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "listener", "start", "--uri", uri, "--db", db_name, "--name", name,
+                 "--max-jobs", str(max_jobs)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+            )
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_daemon(server_uri, db, tmp_path, request):
+    started: list[Daemon] = []
+
+    def start(name: str | None = None, max_jobs: int = 2, env: dict | None = None) -> Daemon:
+        daemon = Daemon(server_uri, db.name, tmp_path, name or f"d{len(started)}", max_jobs, env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        for daemon in started:
+            print(f"--- log of {daemon.log_path.name} ---\n{daemon.log()[-6000:]}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def wait_for(collection, doc_id, until, timeout: float = 120.0) -> dict:
+    """Poll a document until `until(document)` holds; fail with the document's last state."""
+    deadline = time.monotonic() + timeout
+    document = None
+    while time.monotonic() < deadline:
+        document = collection.find_one({"_id": doc_id})
+        if document is not None and until(document):
+            return document
+        time.sleep(0.2)
+    raise AssertionError(f"{collection.name} {doc_id!r} not done after {timeout:.0f} s; last state: {document}")
+
+
+def finished(document: dict) -> bool:
+    return document.get("status") in ("succeeded", "failed", "cancelled", "done")

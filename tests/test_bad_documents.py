@@ -1,0 +1,77 @@
+"""Bad documents end `failed` with an error naming the field; the daemon keeps serving the rest."""
+
+from listener import defaults
+from listener.demo import load_samples
+from tests.conftest import finished, wait_for
+
+TRAINER = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64}
+
+
+def model(doc_id, path, **overrides):
+    return {"_id": doc_id, "model_name_or_path": path, "data": {"collection": "pirate_chat", "key": "messages"},
+            "trainer": dict(TRAINER), **overrides}
+
+
+def test_bad_model_documents_fail_with_the_field_and_a_good_one_still_trains(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    db["empty"].insert_one({"other": 1})
+    db["empty"].delete_many({})
+    start_daemon()
+    bad = {
+        "no-collection": (model("x", tiny_model_path, data={"key": "text"}), "data.collection"),
+        "empty-collection": (model("x", tiny_model_path, data={"collection": "empty", "key": "text"}),
+                             "data.collection"),
+        "missing-key": (model("x", tiny_model_path, data={"collection": "pirate_chat", "key": "text"}), "data.key"),
+        "unknown-argument": (model("x", tiny_model_path, trainer={**TRAINER, "learnin_rate": 0.1}),
+                             "trainer.learnin_rate"),
+        "wrong-type": (model("x", tiny_model_path, trainer={**TRAINER, "num_train_epochs": "three"}),
+                       "trainer.num_train_epochs"),
+        "wrong-own-type": (model("x", tiny_model_path, trainer={**TRAINER, "lora_r": "8"}), "trainer.lora_r"),
+        "unknown-model": (model("x", "/nowhere/such-model"), "model_name_or_path"),
+        "unknown-field": (model("x", tiny_model_path, colection="typo"), "colection"),
+        "javascript-filter": (model("x", tiny_model_path, data={"collection": "pirate_chat", "key": "messages",
+                                                                 "filter": {"$where": "sleep(1000)"}}),
+                              "data.filter"),
+    }
+    for name, (document, _) in bad.items():
+        db[defaults.MODELS].insert_one({**document, "_id": name})
+    db[defaults.MODELS].insert_one(model("good", tiny_model_path))
+
+    for name, (_, field) in bad.items():
+        document = wait_for(db[defaults.MODELS], name, finished, timeout=180)
+        assert document["status"] == "failed", name
+        assert document["error"]["field"] == field, (name, document["error"])
+        assert field in document["error"]["message"]
+        assert "Traceback" not in document["error"]["message"]
+    good = wait_for(db[defaults.MODELS], "good", finished, timeout=180)
+    assert good["status"] == "succeeded", good.get("error")
+
+
+def test_bad_requests_fail_with_a_reason_and_a_good_one_is_answered(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    start_daemon()
+    db[defaults.MODELS].insert_one(model("untrained", tiny_model_path, data={"collection": "none", "key": "text"}))
+    db[defaults.MODELS].insert_one(model("ready", tiny_model_path))
+    wait_for(db[defaults.MODELS], "untrained", finished, timeout=60)
+    assert wait_for(db[defaults.MODELS], "ready", finished, timeout=180)["status"] == "succeeded"
+
+    requests = db[defaults.REQUESTS]
+    bad = {
+        "unknown-model": ({"model": "nobody", "input": "hi"}, "no document with _id 'nobody'"),
+        "no-checkpoint": ({"model": "untrained", "input": "hi"}, "has no checkpoint yet"),
+        "bad-params": ({"model": "ready", "input": "hi", "params": {"max_new_tokens": -1}}, "params.max_new_tokens"),
+        "over-cap": ({"model": "ready", "input": "hi", "params": {"max_new_tokens": defaults.MAX_NEW_TOKENS + 1}},
+                     "params.max_new_tokens"),
+        "no-input": ({"model": "ready"}, "input"),
+        "bad-role": ({"model": "ready", "input": [{"role": "wizard", "content": "hi"}]}, "input"),
+        "bad-checkpoint": ({"model": "ready", "input": "hi", "checkpoint": {"run": 9, "step": 1}}, "no checkpoint"),
+    }
+    for name, (document, _) in bad.items():
+        requests.insert_one({"_id": name, **document})
+    requests.insert_one({"_id": "good", "model": "ready", "input": "ahoy", "params": {"max_new_tokens": 4}})
+    for name, (_, expected) in bad.items():
+        answer = wait_for(requests, name, finished, timeout=60)
+        assert answer["status"] == "failed", name
+        assert expected in answer["error"]["message"], (name, answer["error"])
+    good = wait_for(requests, "good", finished, timeout=60)
+    assert good["status"] == "done" and isinstance(good["output"], str)

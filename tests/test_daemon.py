@@ -1,0 +1,120 @@
+"""The daemon's life: refusing what cannot work, heartbeats, catching up, cancel, retrain, many daemons."""
+
+import subprocess
+import sys
+import time
+
+from click.testing import CliRunner
+from pymongo import MongoClient
+
+from listener import defaults
+from listener.cli.status import status
+from listener.demo import load_samples
+from listener.embedded import EmbeddedServer, free_port
+from tests.conftest import ROOT, finished, wait_for
+
+QUICK = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64}
+LONG = {"max_steps": 400, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64,
+        "save_steps": 10_000}
+
+
+def model(doc_id, path, trainer=QUICK):
+    return {"_id": doc_id, "model_name_or_path": path, "data": {"collection": "pirate_chat", "key": "messages"},
+            "trainer": dict(trainer)}
+
+
+def test_a_standalone_server_is_refused_with_a_clear_error(tmp_path):
+    server = EmbeddedServer(tmp_path, port=free_port(), memory=True)
+    server.uri = f"mongodb://127.0.0.1:{server.port}/"
+    binary = str(ROOT / ".venv/bin/secantusd-py") if (ROOT / ".venv/bin/secantusd-py").exists() else "secantusd-py"
+    process = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", str(server.port), "--storage-path",
+                                ":memory:", "--standalone"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = MongoClient(server.uri, serverSelectionTimeoutMS=500)
+        for _ in range(100):
+            try:
+                client.admin.command("ping")
+                break
+            except Exception:
+                time.sleep(0.2)
+        result = subprocess.run([sys.executable, "-m", "listener", "start", "--uri", server.uri],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+    finally:
+        process.terminate()
+        process.wait()
+    assert result.returncode != 0
+    assert "replica set" in result.stderr and "change streams" in result.stderr
+
+
+def test_heartbeat_status_check_and_a_bounded_graceful_exit(db, server_uri, start_daemon):
+    daemon = start_daemon("beating")
+    record = wait_for(db[defaults.LISTENER], {"$regex": "^daemon:beating:"}, lambda d: True, timeout=60)
+    assert record["pid"] == daemon.process.pid and "counters" in record
+    runner = CliRunner()
+    assert runner.invoke(status, ["--uri", server_uri, "--db", db.name, "--check"]).exit_code == 0
+    shown = runner.invoke(status, ["--uri", server_uri, "--db", db.name])
+    assert shown.exit_code == 0 and record["owner"] in shown.output
+    started = time.monotonic()
+    assert daemon.stop(timeout=30) == 0
+    assert time.monotonic() - started < 30
+    assert db[defaults.LISTENER].count_documents({"kind": "daemon"}) == 0
+    assert runner.invoke(status, ["--uri", server_uri, "--db", db.name, "--check"]).exit_code == 1
+
+
+def test_documents_inserted_while_no_daemon_ran_are_served_at_start(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    db[defaults.MODELS].insert_one(model("early", tiny_model_path))
+    db[defaults.REQUESTS].insert_one({"_id": "early-question", "model": "early", "input": "ahoy",
+                                      "checkpoint": "base", "params": {"max_new_tokens": 3}})
+    start_daemon()
+    assert wait_for(db[defaults.MODELS], "early", finished, timeout=120)["status"] == "succeeded"
+    assert wait_for(db[defaults.REQUESTS], "early-question", finished, timeout=60)["status"] == "done"
+
+
+def test_cancel_stops_training_keeps_a_checkpoint_and_retrain_starts_a_new_run(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    start_daemon()
+    models = db[defaults.MODELS]
+    models.insert_one(model("long", tiny_model_path, LONG))
+    wait_for(models, "long", lambda d: (d.get("progress") or {}).get("step", 0) >= 3, timeout=120)
+    models.update_one({"_id": "long"}, {"$set": {"cancel": True}})
+    cancelled = wait_for(models, "long", finished, timeout=60)
+    assert cancelled["status"] == "cancelled" and "cancel" not in cancelled
+    assert cancelled["checkpoints"] and cancelled["checkpoints"][-1]["step"] < LONG["max_steps"]
+
+    models.update_one({"_id": "long"}, {"$set": {"status": "pending", "trainer": QUICK}})
+    retrained = wait_for(models, "long", lambda d: d.get("run") == 2 and finished(d), timeout=120)
+    assert retrained["status"] == "succeeded" and retrained["attempts"] == 1
+    runs = [c["run"] for c in retrained["checkpoints"]]
+    assert 1 in runs and 2 in runs, "earlier runs' checkpoints are kept"
+    assert retrained["best_checkpoint"]["run"] in (1, 2)
+
+
+def test_a_cancelled_pending_request_is_never_answered(db, start_daemon, tiny_model_path):
+    db[defaults.MODELS].insert_one(model("m", tiny_model_path))
+    db[defaults.REQUESTS].insert_one({"_id": "r", "model": "m", "input": "x", "checkpoint": "base", "cancel": True})
+    start_daemon()
+    answer = wait_for(db[defaults.REQUESTS], "r", finished, timeout=60)
+    assert answer["status"] == "cancelled" and "output" not in answer
+
+
+def test_many_daemons_handle_each_document_exactly_once(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    daemons = [start_daemon(f"many{i}") for i in range(3)]
+    n_models, n_requests = 4, 24
+    db[defaults.MODELS].insert_many([model(f"m{i}", tiny_model_path) for i in range(n_models)])
+    db[defaults.REQUESTS].insert_many([{"_id": f"r{i}", "model": f"m{i % n_models}", "input": f"ahoy {i}",
+                                        "checkpoint": "base", "params": {"max_new_tokens": 3}}
+                                       for i in range(n_requests)])
+    trained = [wait_for(db[defaults.MODELS], f"m{i}", finished, timeout=300) for i in range(n_models)]
+    answered = [wait_for(db[defaults.REQUESTS], f"r{i}", finished, timeout=120) for i in range(n_requests)]
+    assert all(m["status"] == "succeeded" and m["run"] == 1 and m["attempts"] == 1 for m in trained)
+    assert all(r["status"] == "done" and r["attempts"] == 1 for r in answered)
+    time.sleep(defaults.HEARTBEAT_S + 1)
+    records = list(db[defaults.LISTENER].find({"kind": "daemon"}))
+    assert len(records) == 3
+    assert sum(r["counters"]["trainings_started"] for r in records) == n_models
+    assert sum(r["counters"]["requests_done"] for r in records) == n_requests
+    logs = "".join(d.log() for d in daemons)
+    for i in range(n_models):
+        assert logs.count(f"training 'm{i}' run 1 started") == 1

@@ -1,0 +1,227 @@
+"""`listener.status` and `listener.leases` against the real server: transitions happen once, claims count."""
+
+import asyncio
+import datetime as dt
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from listener.leases import claim_model, claim_request, renew, resumes_run
+from listener.status import FINAL, MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, status_filter, transition
+
+S = Status
+
+
+def run_with(server_uri, db_name, work):
+    """Run `work(database)` with an async client on the test database, and close the client."""
+    async def main():
+        client = AsyncMongoClient(server_uri)
+        try:
+            return await work(client[db_name])
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def test_concurrent_transitions_happen_once(server_uri, db):
+    db.models.insert_one({"_id": "m", "status": "pending"})
+
+    async def work(adb):
+        return await asyncio.gather(
+            transition(adb.models, "m", S.PENDING, S.RUNNING, MODEL_TRANSITIONS, fields={"by": "a"}),
+            transition(adb.models, "m", S.PENDING, S.RUNNING, MODEL_TRANSITIONS, fields={"by": "b"}),
+        )
+
+    results = run_with(server_uri, db.name, work)
+    won = [r for r in results if r is not None]
+    assert len(won) == 1
+    assert won[0]["status"] == "running"
+    assert db.models.find_one({"_id": "m"})["by"] == won[0]["by"]
+
+
+def test_many_concurrent_claims_one_winner(server_uri, db):
+    db.models.insert_one({"_id": "m"})
+    document = db.models.find_one({"_id": "m"})
+
+    async def work(adb):
+        return await asyncio.gather(*(claim_model(adb.models, document, f"owner{i}") for i in range(6)))
+
+    results = run_with(server_uri, db.name, work)
+    won = [r for r in results if r is not None]
+    assert len(won) == 1
+    stored = db.models.find_one({"_id": "m"})
+    assert stored["attempts"] == 1 and stored["run"] == 1
+    assert stored["lease"]["owner"] == won[0]["lease"]["owner"]
+
+
+def test_transition_returns_none_when_not_in_the_old_status(server_uri, db):
+    db.models.insert_one({"_id": "m", "status": "succeeded"})
+
+    async def work(adb):
+        return await transition(adb.models, "m", S.PENDING, S.RUNNING, MODEL_TRANSITIONS)
+
+    assert run_with(server_uri, db.name, work) is None
+    assert db.models.find_one({"_id": "m"})["status"] == "succeeded"
+
+
+def test_a_document_without_status_counts_as_pending(server_uri, db):
+    db.requests.insert_one({"_id": "r"})
+
+    async def work(adb):
+        return await transition(adb.requests, "r", S.PENDING, S.FAILED, REQUEST_TRANSITIONS,
+                                fields={"error": {"type": "x"}})
+
+    after = run_with(server_uri, db.name, work)
+    assert after["status"] == "failed" and after["error"] == {"type": "x"}
+    assert status_filter(S.RUNNING) == {"status": "running"}
+
+
+@pytest.mark.parametrize("old, new, table", [
+    (S.PENDING, S.SUCCEEDED, MODEL_TRANSITIONS),
+    (S.SUCCEEDED, S.RUNNING, MODEL_TRANSITIONS),
+    (S.FAILED, S.CANCELLED, MODEL_TRANSITIONS),
+    (S.RUNNING, S.DONE, MODEL_TRANSITIONS),
+    (S.DONE, S.PENDING, REQUEST_TRANSITIONS),
+    (S.PENDING, S.DONE, REQUEST_TRANSITIONS),
+    (S.RUNNING, S.SUCCEEDED, REQUEST_TRANSITIONS),
+])
+def test_disallowed_transitions_raise(server_uri, db, old, new, table):
+    db.models.insert_one({"_id": "m", "status": old.value})
+
+    async def work(adb):
+        return await transition(adb.models, "m", old, new, table)
+
+    with pytest.raises(ValueError, match=f"{old.value} -> {new.value}"):
+        run_with(server_uri, db.name, work)
+    assert db.models.find_one({"_id": "m"})["status"] == old.value
+
+
+def test_final_statuses_stamp_finished_at(server_uri, db):
+    db.models.insert_many([{"_id": status.value, "status": "running"} for status in
+                           (S.SUCCEEDED, S.FAILED, S.CANCELLED, S.PENDING)])
+
+    async def work(adb):
+        return {new: await transition(adb.models, new.value, S.RUNNING, new, MODEL_TRANSITIONS)
+                for new in (S.SUCCEEDED, S.FAILED, S.CANCELLED, S.PENDING)}
+
+    before = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(seconds=5)
+    after = run_with(server_uri, db.name, work)
+    for new in (S.SUCCEEDED, S.FAILED, S.CANCELLED):
+        assert new in FINAL
+        assert after[new]["status"] == new.value
+        assert isinstance(after[new]["finished_at"], dt.datetime)
+        assert after[new]["finished_at"].replace(tzinfo=None) >= before
+    assert "finished_at" not in after[S.PENDING]
+
+
+def test_request_done_is_final(server_uri, db):
+    db.requests.insert_one({"_id": "r", "status": "running"})
+
+    async def work(adb):
+        return await transition(adb.requests, "r", S.RUNNING, S.DONE, REQUEST_TRANSITIONS,
+                                fields={"output": "arr"}, inc={"n": 2}, unset=("lease",))
+
+    after = run_with(server_uri, db.name, work)
+    assert after["status"] == "done" and after["output"] == "arr" and after["n"] == 2
+    assert "finished_at" in after and "lease" not in after
+
+
+# --- claims --------------------------------------------------------------------------------------
+
+def claim(server_uri, db, document, owner):
+    async def work(adb):
+        return await claim_model(adb.models, document, owner)
+
+    return run_with(server_uri, db.name, work)
+
+
+def test_claim_fresh_document(server_uri, db):
+    db.models.insert_one({"_id": "m", "model_name_or_path": "x"})
+    document = db.models.find_one({"_id": "m"})
+    claimed = claim(server_uri, db, document, "daemon-a")
+    assert claimed["status"] == "running"
+    assert claimed["run"] == 1
+    assert claimed["attempts"] == 1
+    assert claimed["lease"]["owner"] == "daemon-a"
+    assert claimed["lease"]["expires_at"] > dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    assert "started_at" in claimed
+    assert claim(server_uri, db, document, "daemon-b") is None
+    assert db.models.find_one({"_id": "m"})["lease"]["owner"] == "daemon-a"
+
+
+def test_unfinished_run_is_resumed(server_uri, db):
+    started = dt.datetime(2024, 1, 1)
+    db.models.insert_one({"_id": "m", "status": "pending", "run": 1, "attempts": 1, "started_at": started,
+                          "progress": {"step": 30}, "lease": {"owner": "dead", "expires_at": started}})
+    document = db.models.find_one({"_id": "m"})
+    assert resumes_run(document)
+    claimed = claim(server_uri, db, document, "daemon-b")
+    assert claimed["run"] == 1
+    assert claimed["attempts"] == 2
+    assert claimed["lease"]["owner"] == "daemon-b"
+    assert claimed["started_at"] == started
+    assert claimed["progress"] == {"step": 30}
+
+
+def test_finished_run_starts_a_new_one(server_uri, db):
+    started = dt.datetime(2024, 1, 1)
+    db.models.insert_one({"_id": "m", "status": "pending", "run": 1, "attempts": 3, "started_at": started,
+                          "finished_at": started, "error": {"type": "x"}, "cancel": True,
+                          "progress": {"step": 30}, "checkpoints": [{"run": 1, "step": 30}]})
+    document = db.models.find_one({"_id": "m"})
+    assert not resumes_run(document)
+    claimed = claim(server_uri, db, document, "daemon-a")
+    assert claimed["run"] == 2
+    assert claimed["attempts"] == 1
+    assert claimed["started_at"] > started
+    for gone in ("finished_at", "error", "cancel", "progress"):
+        assert gone not in claimed
+    assert claimed["checkpoints"] == [{"run": 1, "step": 30}]
+
+
+def test_claim_with_a_stale_run_fails(server_uri, db):
+    db.models.insert_one({"_id": "m", "status": "pending", "run": 2, "started_at": dt.datetime(2024, 1, 1)})
+    stale = {"_id": "m", "status": "pending", "run": 1, "started_at": dt.datetime(2024, 1, 1)}
+    assert claim(server_uri, db, stale, "daemon-a") is None
+    assert db.models.find_one({"_id": "m"})["status"] == "pending"
+
+
+def test_claim_request_counts_attempts(server_uri, db):
+    db.requests.insert_one({"_id": "r", "input": "hi"})
+
+    async def work(adb):
+        first = await claim_request(adb.requests, "r", "a")
+        second = await claim_request(adb.requests, "r", "b")
+        return first, second
+
+    first, second = run_with(server_uri, db.name, work)
+    assert first["status"] == "running" and first["attempts"] == 1 and first["lease"]["owner"] == "a"
+    assert second is None
+
+
+def test_renew(server_uri, db):
+    db.models.insert_one({"_id": "m"})
+    document = db.models.find_one({"_id": "m"})
+    claimed = claim(server_uri, db, document, "daemon-a")
+
+    async def work(adb):
+        return (await renew(adb.models, "m", "daemon-a"), await renew(adb.models, "m", "daemon-b"),
+                await renew(adb.models, "nope", "daemon-a"))
+
+    mine, theirs, missing = run_with(server_uri, db.name, work)
+    assert mine is True
+    assert theirs is False
+    assert missing is False
+    stored = db.models.find_one({"_id": "m"})
+    assert stored["lease"]["owner"] == "daemon-a"
+    assert stored["lease"]["expires_at"] >= claimed["lease"]["expires_at"]
+
+
+def test_renew_after_the_job_finished_is_false(server_uri, db):
+    db.models.insert_one({"_id": "m", "status": "succeeded", "lease": {"owner": "daemon-a"}})
+
+    async def work(adb):
+        return await renew(adb.models, "m", "daemon-a")
+
+    assert run_with(server_uri, db.name, work) is False
