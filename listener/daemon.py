@@ -17,7 +17,7 @@ from pathlib import Path
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pymongo import MongoClient
 
-from listener import defaults, embedded, leases
+from listener import defaults, embedded, leases, schema
 from listener.connection import connect, database_name, redact
 from listener.jobs import supervise
 from listener.leases import claim_model, claim_request
@@ -36,6 +36,7 @@ class Settings:
     home: Path
     name: str = field(default_factory=socket.gethostname)
     max_jobs: int = defaults.MAX_TRAINING_JOBS
+    validators: bool = True  # install the $jsonSchema validators at start
 
 
 class Daemon:
@@ -52,6 +53,8 @@ class Daemon:
                                self.counters)
 
     async def run(self) -> None:
+        if self.settings.validators:
+            await schema.install(self.db)
         await self._heartbeat(started=True)
         scheduler = AsyncIOScheduler()
         scheduler.add_job(self._heartbeat, "interval", seconds=defaults.HEARTBEAT_S)

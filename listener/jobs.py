@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from bson import json_util
+from pymongo.errors import PyMongoError
 
 from listener import defaults
 from listener.leases import renew
@@ -65,27 +66,43 @@ async def supervise(db, uri: str, document: dict, owner: str, log_dir: Path) -> 
             start_new_session=True,  # a Ctrl-C meant for the daemon must not kill the child mid-save
         )
     log.info("training %r run %d started (pid %d, log %s)", model_id, document["run"], process.pid, path)
-    cancel_seen = None
     try:
-        while process.returncode is None:
-            try:
-                await asyncio.wait_for(process.wait(), defaults.LEASE_S / 4)
-                break
-            except TimeoutError:
-                pass
-            if not await renew(models, model_id, owner):
-                log.warning("lost the lease on %r; stopping its training", model_id)
-                await _stop_child(process)
-                return Status.RUNNING
-            current = await models.find_one({"_id": model_id}, {"cancel": 1})
-            if current and current.get("cancel"):
-                cancel_seen = cancel_seen or time.monotonic()
-                if time.monotonic() - cancel_seen > defaults.CHILD_KILL_GRACE_S:
-                    await _stop_child(process)
+        if not await _watch_child(models, model_id, owner, process):
+            return Status.RUNNING
     except asyncio.CancelledError:
         await _stop_child(process)
         raise
     return await _finish(models, model_id, owner, process.returncode, path)
+
+
+async def _watch_child(models, model_id, owner: str, process) -> bool:
+    """Wait for the child while keeping its lease; False if the lease was lost and the child stopped."""
+    cancel_seen, renewed = None, time.monotonic()
+    while process.returncode is None:
+        try:
+            await asyncio.wait_for(process.wait(), defaults.LEASE_S / 4)
+            break
+        except TimeoutError:
+            pass
+        try:
+            if not await renew(models, model_id, owner):
+                log.warning("lost the lease on %r; stopping its training", model_id)
+                await _stop_child(process)
+                return False
+            renewed = time.monotonic()
+            current = await models.find_one({"_id": model_id}, {"cancel": 1})
+        except PyMongoError as exc:
+            if time.monotonic() - renewed > defaults.LEASE_S:  # another daemon may own it by now
+                log.warning("could not renew the lease on %r for %.0f s (%s); stopping its training", model_id,
+                            defaults.LEASE_S, type(exc).__name__)
+                await _stop_child(process)
+                return False
+            continue
+        if current and current.get("cancel"):
+            cancel_seen = cancel_seen or time.monotonic()
+            if time.monotonic() - cancel_seen > defaults.CHILD_KILL_GRACE_S:
+                await _stop_child(process)
+    return True
 
 
 async def _finish(models, model_id, owner: str, code: int, path: Path) -> Status:

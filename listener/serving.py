@@ -10,6 +10,8 @@ import logging
 import time
 from pathlib import Path
 
+from pymongo.errors import PyMongoError
+
 from listener import defaults
 from listener.status import REQUEST_TRANSITIONS, Status, now, transition
 from training.config import RequestSpec, SpecError, parse_model
@@ -45,7 +47,12 @@ class Serving:
     async def run(self) -> None:
         while True:
             await self._ready.wait()
-            await self._answer(self._next_batch())
+            batch = self._next_batch()
+            try:
+                await self._answer(batch)
+            except PyMongoError as exc:
+                # The answers could not be written; the leases run out and the reaper requeues them.
+                log.warning("could not record answers for %d request(s): %s", len(batch), exc)
 
     async def fail(self, request_id, message: str, kind: str = "invalid_request") -> None:
         self.counters["requests_failed"] += 1

@@ -18,6 +18,7 @@ log = logging.getLogger("mongotune.listener")
 
 PIPELINE = [{"$match": {"operationType": {"$in": ["insert", "update", "replace"]}}}]
 # ChangeStreamHistoryLost, InvalidResumeToken, ChangeStreamFatalError: the token cannot be used again.
+# Any other server refusal of a saved token at open (a malformed one: FailedToParse) is treated the same.
 LOST_TOKEN_CODES = {286, 260, 280}
 
 
@@ -28,10 +29,12 @@ async def watch(db, collection: str, daemon_name: str, handle: Callable[[dict], 
     key = f"resume:{daemon_name}:{collection}"
     backoff = 0.5
     while True:
+        resume, opened = None, False
         try:
             saved = await tokens.find_one({"_id": key})
             resume = saved["token"] if saved else None
             async with await db[collection].watch(PIPELINE, full_document="updateLookup", resume_after=resume) as stream:
+                opened = True
                 await on_gap()
                 backoff = 0.5
                 async for change in stream:
@@ -39,11 +42,12 @@ async def watch(db, collection: str, daemon_name: str, handle: Callable[[dict], 
                     await tokens.update_one({"_id": key}, {"$set": {"token": stream.resume_token, "at": now()}},
                                             upsert=True)
         except PyMongoError as exc:
-            if isinstance(exc, OperationFailure) and exc.code in LOST_TOKEN_CODES:
-                log.warning("resume token for %s can no longer be used (code %s); scanning for pending work",
-                            collection, exc.code)
+            refused = isinstance(exc, OperationFailure) and (exc.code in LOST_TOKEN_CODES or resume and not opened)
+            if refused:
+                log.warning("resume token for %s can no longer be used (%s); scanning for pending work instead",
+                            collection, exc.details.get("codeName", exc.code) if exc.details else exc.code)
                 await tokens.delete_one({"_id": key})
                 continue
-            log.warning("stream on %s broke (%s); reconnecting in %.1f s", collection, type(exc).__name__, backoff)
+            log.warning("stream on %s broke (%s); reconnecting in %.1f s", collection, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)

@@ -54,7 +54,8 @@ def tiny_model_path(tmp_path_factory) -> str:
 class Daemon:
     """A real `listener start` process on the test database."""
 
-    def __init__(self, uri: str, db_name: str, home: Path, name: str, max_jobs: int = 2, env: dict | None = None):
+    def __init__(self, uri: str, db_name: str, home: Path, name: str, max_jobs: int = 2, env: dict | None = None,
+                 args: tuple = ()):
         self.home = home
         self.log_path = home / f"{name}.log"
         env = {**os.environ, defaults.ENV_HOME: str(home), **(env or {})}
@@ -62,7 +63,7 @@ class Daemon:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "listener", "start", "--uri", uri, "--db", db_name, "--name", name,
-                 "--max-jobs", str(max_jobs)],
+                 "--max-jobs", str(max_jobs), *args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
             )
 
@@ -84,8 +85,8 @@ class Daemon:
 def start_daemon(server_uri, db, tmp_path, request):
     started: list[Daemon] = []
 
-    def start(name: str | None = None, max_jobs: int = 2, env: dict | None = None) -> Daemon:
-        daemon = Daemon(server_uri, db.name, tmp_path, name or f"d{len(started)}", max_jobs, env)
+    def start(name: str | None = None, max_jobs: int = 2, env: dict | None = None, args: tuple = ()) -> Daemon:
+        daemon = Daemon(server_uri, db.name, tmp_path, name or f"d{len(started)}", max_jobs, env, args)
         started.append(daemon)
         return daemon
 

@@ -1,4 +1,8 @@
-"""Bad documents end `failed` with an error naming the field; the daemon keeps serving the rest."""
+"""Bad documents end `failed` with an error naming the field; the daemon keeps serving the rest.
+
+The daemons here run without the $jsonSchema validators, as on a server that refuses them, so every
+bad document reaches the daemon's own checks (`test_schema.py` covers the refusal at write time).
+"""
 
 from listener import defaults
 from listener.demo import load_samples
@@ -16,7 +20,7 @@ def test_bad_model_documents_fail_with_the_field_and_a_good_one_still_trains(db,
     load_samples(db)
     db["empty"].insert_one({"other": 1})
     db["empty"].delete_many({})
-    start_daemon()
+    start_daemon(args=("--no-validators",))
     bad = {
         "no-collection": (model("x", tiny_model_path, data={"key": "text"}), "data.collection"),
         "empty-collection": (model("x", tiny_model_path, data={"collection": "empty", "key": "text"}),
@@ -49,7 +53,7 @@ def test_bad_model_documents_fail_with_the_field_and_a_good_one_still_trains(db,
 
 def test_bad_requests_fail_with_a_reason_and_a_good_one_is_answered(db, start_daemon, tiny_model_path):
     load_samples(db)
-    start_daemon()
+    start_daemon(args=("--no-validators",))
     db[defaults.MODELS].insert_one(model("untrained", tiny_model_path, data={"collection": "none", "key": "text"}))
     db[defaults.MODELS].insert_one(model("ready", tiny_model_path))
     wait_for(db[defaults.MODELS], "untrained", finished, timeout=60)

@@ -118,3 +118,24 @@ def test_many_daemons_handle_each_document_exactly_once(db, start_daemon, tiny_m
     logs = "".join(d.log() for d in daemons)
     for i in range(n_models):
         assert logs.count(f"training 'm{i}' run 1 started") == 1
+
+
+def test_resume_tokens_are_saved_and_an_unusable_one_falls_back_to_a_scan(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    listener = db[defaults.LISTENER]
+    first = start_daemon("keeper")
+    db[defaults.MODELS].insert_one(model("m", tiny_model_path))
+    assert wait_for(db[defaults.MODELS], "m", finished, timeout=120)["status"] == "succeeded"
+    saved = wait_for(listener, "resume:keeper:_models", lambda d: "token" in d, timeout=30)
+    assert saved["token"]["_data"]
+    first.stop()
+
+    listener.update_one({"_id": "resume:keeper:_requests"}, {"$set": {"token": {"_data": "00DEADBEEF"}}},
+                        upsert=True)
+    db[defaults.REQUESTS].insert_one({"_id": "while-down", "model": "m", "input": "ahoy",
+                                      "params": {"max_new_tokens": 2}})
+    second = start_daemon("keeper")
+    assert wait_for(db[defaults.REQUESTS], "while-down", finished, timeout=60)["status"] == "done"
+    assert "can no longer be used" in second.log()
+    token = wait_for(listener, "resume:keeper:_requests", lambda d: d["token"]["_data"] != "00DEADBEEF", timeout=30)
+    assert token["token"]["_data"]

@@ -60,6 +60,7 @@ class MongoProgress(TrainerCallback):
         log.info("step %d/%d %s", state.global_step, state.max_steps,
                  " ".join(f"{k}={v:.4g}" for k, v in numbers.items()))
         self._set({"$push": {"metrics": entry}, "$set": {"progress": self._progress(state)}})
+        self._check_cancel(state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
         if os.getppid() != self._parent:
@@ -69,9 +70,12 @@ class MongoProgress(TrainerCallback):
             log.info("stop requested at step %d: saving a checkpoint to resume from", state.global_step)
             control.should_training_stop = True
             control.should_save = True
-            return
-        if time.monotonic() - self._checked < defaults.CANCEL_POLL_S:
-            return
+        elif time.monotonic() - self._checked >= defaults.CANCEL_POLL_S:
+            self._set({"$set": {"progress": self._progress(state)}})
+            self._check_cancel(state, control)
+
+    def _check_cancel(self, state, control) -> None:
+        """At every log and every few seconds: `cancel: true` (or a deleted document) stops after a save."""
         self._checked = time.monotonic()
         document = self.models.find_one(self.match, {"cancel": 1})
         if document is None or document.get("cancel"):
@@ -79,7 +83,6 @@ class MongoProgress(TrainerCallback):
             self.cancelled = True
             control.should_training_stop = True
             control.should_save = True
-        self._set({"$set": {"progress": self._progress(state)}})
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

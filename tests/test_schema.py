@@ -1,0 +1,104 @@
+"""The $jsonSchema validators: generated from the daemon's own models, refusing bad inserts at write time."""
+
+import asyncio
+
+import pytest
+from pymongo import AsyncMongoClient
+from pymongo.errors import WriteError
+
+from listener import defaults, schema
+from training.config import SpecError, parse_model, parse_request
+
+GOOD_MODELS = [
+    {"model_name_or_path": "m", "data": {"collection": "c"}},
+    {"model_name_or_path": "m", "data": {"collection": "c", "key": ["prompt", "response"], "template": "{prompt}"},
+     "trainer": {"num_train_epochs": 1, "learning_rate": 1e-3, "lora_r": 8, "evaluation_strategy": "steps",
+                 "deepspeed": {"zero_optimization": {"stage": 2}}, "bits": 4}},
+    {"model_name_or_path": "m", "data": {"collection": "c", "key": "messages", "filter": {"x": {"$gt": 1}},
+                                         "valid_fraction": 0.2, "limit": 10}, "model_kwargs": {"dtype": "bfloat16"},
+     "description": "chat", "cancel": False},
+]
+BAD_MODELS = [
+    {"data": {"collection": "c"}},
+    {"model_name_or_path": "m", "data": {"key": "text"}},
+    {"model_name_or_path": 5, "data": {"collection": "c"}},
+    {"model_name_or_path": "m", "data": {"collection": "c"}, "trainer": {"lora_r": "8"}},
+    {"model_name_or_path": "m", "data": {"collection": "c"}, "colection": "typo"},
+    {"model_name_or_path": "m", "data": {"collection": "c", "valid_fraction": 1.5}},
+    {"model_name_or_path": "m", "data": {"collection": "c"}, "status": "bogus"},
+]
+GOOD_REQUESTS = [
+    {"model": "m", "input": "hi"},
+    {"model": "m", "input": [{"role": "user", "content": "hi"}], "params": {"max_new_tokens": 5, "temperature": 1},
+     "checkpoint": {"run": 1, "step": 2}},
+    {"model": "m", "input": "hi", "checkpoint": "base", "params": {"top_p": 0.9, "do_sample": True}},
+]
+BAD_REQUESTS = [
+    {"input": "hi"},
+    {"model": "m"},
+    {"model": "m", "input": 5},
+    {"model": "m", "input": [{"role": "wizard", "content": "hi"}]},
+    {"model": "m", "input": "hi", "params": {"max_new_tokens": 0}},
+    {"model": "m", "input": "hi", "params": {"max_new_tokens": defaults.MAX_NEW_TOKENS + 1}},
+    {"model": "m", "input": "hi", "checkpoint": "worst"},
+    {"model": "m", "input": "hi", "status": "bogus"},
+]
+
+
+@pytest.fixture
+def validated(db, server_uri):
+    async def install():
+        client = AsyncMongoClient(server_uri)
+        try:
+            first = await schema.install(client[db.name])
+            again = await schema.install(client[db.name])  # the collMod path, as a second daemon takes it
+            return first and again
+        finally:
+            await client.close()
+
+    assert asyncio.run(install())
+    return db
+
+
+def test_the_validator_is_installed_on_both_collections(validated):
+    options = {c["name"]: c["options"] for c in validated.list_collections()}
+    for name in (defaults.MODELS, defaults.REQUESTS):
+        assert "$jsonSchema" in options[name]["validator"]
+
+
+@pytest.mark.parametrize("document", GOOD_MODELS)
+def test_good_models_pass_both_checks(validated, document):
+    validated[defaults.MODELS].insert_one(dict(document))
+    parse_model({"_id": 1, **document})
+
+
+@pytest.mark.parametrize("document", BAD_MODELS)
+def test_bad_models_are_refused_at_write_time_and_by_the_daemon(validated, document):
+    with pytest.raises(WriteError) as refused:
+        validated[defaults.MODELS].insert_one(dict(document))
+    assert refused.value.code == 121
+    if "status" not in document:
+        with pytest.raises(SpecError):
+            parse_model({"_id": 1, **document})
+
+
+@pytest.mark.parametrize("document", GOOD_REQUESTS)
+def test_good_requests_pass_both_checks(validated, document):
+    validated[defaults.REQUESTS].insert_one(dict(document))
+    parse_request({"_id": 1, **document})
+
+
+@pytest.mark.parametrize("document", BAD_REQUESTS)
+def test_bad_requests_are_refused_at_write_time(validated, document):
+    with pytest.raises(WriteError) as refused:
+        validated[defaults.REQUESTS].insert_one(dict(document))
+    assert refused.value.code == 121
+
+
+def test_the_listener_can_still_write_every_field_it_owns(validated):
+    models = validated[defaults.MODELS]
+    models.insert_one({"_id": "m", **GOOD_MODELS[0]})
+    models.update_one({"_id": "m"}, {"$set": {"status": "failed", "run": 1, "attempts": 1, "error": {"field": "x"},
+                                              "progress": {"step": 1}, "lease": {"owner": "o"}},
+                                     "$push": {"history": {"event": "lease expired"}}})
+    assert models.find_one({"_id": "m"})["status"] == "failed"
