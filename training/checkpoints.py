@@ -15,6 +15,7 @@ from gridfs import GridFSBucket
 from listener import defaults
 
 SKIPPED = {"training_args.bin"}  # a pickled TrainingArguments: never needed, never stored
+PICKLED = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}  # never loaded for serving
 
 
 def _bucket(db) -> GridFSBucket:
@@ -43,6 +44,15 @@ def download(db, files_id, dest: Path) -> Path:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             tar.extractall(dest, filter="data")
     return dest
+
+
+def keep_only_safe_weights(folder: Path) -> None:
+    """Serving reads safetensors only: pickled weight files are removed before anything can load them."""
+    for path in Path(folder).iterdir():
+        if path.suffix in PICKLED:
+            path.unlink()
+    if not any(Path(folder).glob("*.safetensors")):
+        raise LookupError(f"checkpoint {Path(folder).name} holds no .safetensors weights; nothing else is loaded")
 
 
 def delete(db, files_id) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from listener import defaults
+from training import transforms
 from training.template import TemplateError, template_fields
 
 # Written by the listener; present on documents it has touched, never part of the user's definition.
@@ -57,6 +58,7 @@ class DataSpec(_Strict):
     filter: dict = Field(default_factory=dict)
     key: str | list[str] = "text"
     template: str | None = Field(default=None, max_length=10_000)
+    transform: str | None = Field(default=None, min_length=1, max_length=200)
     fold_field: str = Field(default="_fold", min_length=1)
     valid_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     seed: int = 42
@@ -76,6 +78,22 @@ class DataSpec(_Strict):
         if isinstance(value, str) and not value:
             raise ValueError('name the field holding the text, e.g. "text" or "messages"')
         return value
+
+    @field_validator("transform")
+    @classmethod
+    def _registered(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                transforms.check(value)
+            except KeyError as exc:
+                raise ValueError(exc.args[0]) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_shape(self) -> "DataSpec":
+        if self.transform and self.template:
+            raise SpecError("data.template", "give either a template or a transform, not both")
+        return self
 
     @field_validator("template")
     @classmethod

@@ -11,6 +11,7 @@ from datasets import Dataset
 
 from training.config import DataSpec, SpecError
 from training.template import render, template_fields
+from training.transforms import load as load_transform
 
 TEXT, PROMPT_COMPLETION, MESSAGES = "text", "prompt_completion", "messages"
 ROLES = {"system", "user", "assistant"}
@@ -26,13 +27,16 @@ def detect_format(example: dict) -> str:
 
 
 def needed_fields(data: DataSpec) -> list[str]:
+    """The fields to fetch; a transform may read any field, so it gets whole documents."""
+    if data.transform:
+        return []
     fields = template_fields(data.template) if data.template else []
     fields += data.key if isinstance(data.key, list) else ([] if data.template else [data.key])
     return [*dict.fromkeys(fields), data.fold_field]
 
 
 def load_documents(db, data: DataSpec) -> list[dict]:
-    projection = {name: 1 for name in needed_fields(data)}
+    projection = {name: 1 for name in needed_fields(data)} or None
     documents = list(db[data.collection].find(data.filter, projection, limit=data.limit or 0))
     if not documents:
         where = f"collection {data.collection!r}"
@@ -67,7 +71,23 @@ def _messages(value, doc_id) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def to_example(doc: dict, data: DataSpec) -> dict:
+def _transformed(doc: dict, data: DataSpec, transform) -> dict | None:
+    try:
+        example = transform(doc)
+    except Exception as exc:
+        raise SpecError("data.transform", f"{data.transform!r} failed on document _id={doc.get('_id')!r}: "
+                                          f"{type(exc).__name__}: {exc}") from None
+    shapes = ({"text"}, {"prompt", "completion"}, {"messages"})
+    if example is not None and not (isinstance(example, dict) and set(example) in shapes):
+        raise SpecError("data.transform", f"{data.transform!r} returned {type(example).__name__} for document "
+                                          f"_id={doc.get('_id')!r}; a transform returns {{text}}, "
+                                          "{prompt, completion}, {messages} or None")
+    return example
+
+
+def to_example(doc: dict, data: DataSpec, transform=None) -> dict | None:
+    if transform is not None:
+        return _transformed(doc, data, transform)
     if data.template:
         return {"text": render(data.template, doc)}
     if isinstance(data.key, list):
@@ -104,7 +124,11 @@ def build_datasets(db, data: DataSpec) -> tuple[Dataset, Dataset | None]:
     documents = load_documents(db, data)
     _missing(documents, data)
     train, valid = split_folds(documents, data)
-    examples = [[to_example(doc, data) for doc in fold] for fold in (train, valid)]
+    transform = load_transform(data.transform) if data.transform else None
+    examples = [[e for e in (to_example(doc, data, transform) for doc in fold) if e is not None]
+                for fold in (train, valid)]
+    if not examples[0]:
+        raise SpecError("data.transform", f"{data.transform!r} left out every training document")
     formats = {detect_format(example) for fold in examples for example in fold}
     if len(formats) > 1:
         raise SpecError("data.key", f"the documents mix shapes {sorted(formats)}; select one shape with data.filter")

@@ -43,8 +43,9 @@ class ModelCache:
         folder = None
         if entry is not None:
             folder = self.work_dir / str(entry["files_id"])
-            if not (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+            if not folder.exists():
                 checkpoints.download(self.db, entry["files_id"], folder)
+            checkpoints.keep_only_safe_weights(folder)
             if (folder / "adapter_config.json").exists():
                 from peft import PeftModel
 

@@ -1,0 +1,84 @@
+"""Nothing from a document runs, nothing pickled is loaded, and credentials never leak."""
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import uuid
+
+import pytest
+from bson import json_util
+from gridfs import GridFSBucket
+from pymongo import MongoClient
+from pymongo.errors import OperationFailure
+
+from listener import defaults
+from listener.demo import load_samples
+from tests.conftest import ROOT, finished, wait_for
+
+
+class Exploit:
+    """Unpickling this runs a command: the proof is a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_checkpoint_is_never_loaded(db, start_daemon, tiny_model_path, tmp_path):
+    marker = tmp_path / "pwned"
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for name, data in (("adapter_config.json", b'{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}'),
+                           ("adapter_model.bin", pickle.dumps(Exploit(marker)))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    files_id = GridFSBucket(db, defaults.CHECKPOINTS).upload_from_stream("evil.tar", archive.getvalue())
+    db[defaults.MODELS].insert_one({
+        "_id": "m", "model_name_or_path": tiny_model_path, "data": {"collection": "c"}, "status": "succeeded",
+        "run": 1, "checkpoints": [{"run": 1, "step": 1, "files_id": files_id}], "best_checkpoint": {"run": 1, "step": 1},
+    })
+    start_daemon()
+    db[defaults.REQUESTS].insert_one({"_id": "r", "model": "m", "input": "hi"})
+    answer = wait_for(db[defaults.REQUESTS], "r", finished, timeout=60)
+    assert answer["status"] == "failed" and "safetensors" in answer["error"]["message"]
+    assert not marker.exists()
+
+
+def test_credentials_never_appear_in_logs_or_documents(db, server_uri, tiny_model_path, tmp_path):
+    user, password = f"tuner{uuid.uuid4().hex[:6]}", f"pw-{uuid.uuid4().hex}"
+    admin = MongoClient(server_uri).admin
+    try:
+        admin.command("createUser", user, pwd=password, roles=["root"])
+    except OperationFailure as exc:
+        pytest.skip(f"this server does not let the test create a user: {exc}")
+    uri = server_uri.replace("mongodb://", f"mongodb://{user}:{password}@", 1)
+    load_samples(db)
+    env = {**os.environ, defaults.ENV_URI: uri, defaults.ENV_HOME: str(tmp_path)}
+    with open(tmp_path / "daemon.log", "wb") as log:
+        daemon = subprocess.Popen([sys.executable, "-m", "listener", "start", "--db", db.name], stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    try:
+        db[defaults.MODELS].insert_many([
+            {"_id": "good", "model_name_or_path": tiny_model_path, "trainer": {"max_steps": 1},
+             "data": {"collection": "pirate_chat", "key": "messages"}},
+            {"_id": "bad", "model_name_or_path": "/no/such/model", "data": {"collection": "pirate_chat"}},
+        ])
+        db[defaults.REQUESTS].insert_one({"_id": "r", "model": "nobody", "input": "hi"})
+        for doc_id in ("good", "bad"):
+            wait_for(db[defaults.MODELS], doc_id, finished, timeout=120)
+        wait_for(db[defaults.REQUESTS], "r", finished, timeout=60)
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+        admin.command("dropUser", user)
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log"))
+    assert f"{user}:***@" in logs, "the URI is logged, redacted"
+    written = json_util.dumps([list(db[name].find()) for name in
+                               (defaults.MODELS, defaults.REQUESTS, defaults.LISTENER)])
+    assert password not in logs and password not in written
