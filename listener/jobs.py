@@ -90,7 +90,7 @@ async def _watch_child(models, model_id, owner: str, process) -> bool:
                 await _stop_child(process)
                 return False
             renewed = time.monotonic()
-            current = await models.find_one({"_id": model_id}, {"cancel": 1})
+            current = await models.find_one({"_id": model_id}, {"cancel": 1, "progress": 1})
         except PyMongoError as exc:
             if time.monotonic() - renewed > defaults.LEASE_S:  # another daemon may own it by now
                 log.warning("could not renew the lease on %r for %.0f s (%s); stopping its training", model_id,
@@ -98,11 +98,19 @@ async def _watch_child(models, model_id, owner: str, process) -> bool:
                 await _stop_child(process)
                 return False
             continue
+        _log_progress(model_id, (current or {}).get("progress"))
         if current and current.get("cancel"):
             cancel_seen = cancel_seen or time.monotonic()
             if time.monotonic() - cancel_seen > defaults.CHILD_KILL_GRACE_S:
                 await _stop_child(process)
     return True
+
+
+def _log_progress(model_id, progress: dict | None) -> None:
+    if progress and progress.get("total_steps"):
+        loss, eta = progress.get("loss"), progress.get("eta_s")
+        log.info("training %r: step %d/%d%s%s", model_id, progress["step"], progress["total_steps"],
+                 "" if loss is None else f", loss {loss:.4f}", "" if eta is None else f", ETA {eta:.0f} s")
 
 
 async def _finish(models, model_id, owner: str, code: int, path: Path) -> Status:

@@ -16,7 +16,13 @@ from listener.status import now
 
 log = logging.getLogger("mongotune.listener")
 
-PIPELINE = [{"$match": {"operationType": {"$in": ["insert", "update", "replace"]}}}]
+# Only what can need action: new or replaced documents, and updates that touch `status` or `cancel`
+# (not the stream of progress and metrics writes a training makes).
+PIPELINE = [{"$match": {"$or": [
+    {"operationType": {"$in": ["insert", "replace"]}},
+    {"operationType": "update", "updateDescription.updatedFields.status": {"$exists": True}},
+    {"operationType": "update", "updateDescription.updatedFields.cancel": {"$exists": True}},
+]}}]
 # ChangeStreamHistoryLost, InvalidResumeToken, ChangeStreamFatalError: the token cannot be used again.
 # Any other server refusal of a saved token at open (a malformed one: FailedToParse) is treated the same.
 LOST_TOKEN_CODES = {286, 260, 280}
