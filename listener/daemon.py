@@ -60,6 +60,8 @@ class Daemon:
         scheduler.add_job(self._heartbeat, "interval", seconds=defaults.HEARTBEAT_S)
         scheduler.add_job(self.scan, "interval", seconds=defaults.SCAN_S)
         scheduler.add_job(self.reap, "interval", seconds=max(1.0, defaults.LEASE_S / 2))
+        scheduler.add_job(leases.renew_all, "interval", seconds=defaults.LEASE_S / 4,
+                          args=(self.db[defaults.REQUESTS], self.owner))
         scheduler.start()
         tasks = [
             asyncio.create_task(watch(self.db, defaults.MODELS, self.settings.name, self._on_model, self._scan_models)),

@@ -14,6 +14,7 @@ LISTENER = "_listener"  # resume tokens and live daemons' heartbeats
 ENV_URI = "MONGOTUNE_URI"  # the MongoDB URI when --uri is not given
 ENV_DB = "MONGOTUNE_DB"  # the database when neither --db nor the URI path names one
 ENV_HOME = "MONGOTUNE_HOME"  # working folder: embedded server data, job logs, model caches
+ENV_DAEMON_PID = "MONGOTUNE_DAEMON_PID"  # set for a training child: the daemon it must not outlive
 DEFAULT_DB = "mongotune"  # database used when nothing names one
 
 EMBEDDED_PORT = 27217  # the embedded server's port, away from a real mongod's 27017

@@ -58,7 +58,7 @@ async def supervise(db, uri: str, document: dict, owner: str, log_dir: Path) -> 
     model_id = document["_id"]
     path = log_path(log_dir, document)
     path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, defaults.ENV_URI: uri, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, defaults.ENV_URI: uri, defaults.ENV_DAEMON_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1"}
     with open(path, "ab") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "training.run", json_util.dumps(model_id), "--db", db.name,
@@ -77,7 +77,7 @@ async def supervise(db, uri: str, document: dict, owner: str, log_dir: Path) -> 
 
 async def _watch_child(models, model_id, owner: str, process) -> bool:
     """Wait for the child while keeping its lease; False if the lease was lost and the child stopped."""
-    cancel_seen, renewed = None, time.monotonic()
+    cancel_seen, renewed, logged_step = None, time.monotonic(), None
     while process.returncode is None:
         try:
             await asyncio.wait_for(process.wait(), defaults.LEASE_S / 4)
@@ -98,7 +98,7 @@ async def _watch_child(models, model_id, owner: str, process) -> bool:
                 await _stop_child(process)
                 return False
             continue
-        _log_progress(model_id, (current or {}).get("progress"))
+        logged_step = _log_progress(model_id, (current or {}).get("progress"), logged_step)
         if current and current.get("cancel"):
             cancel_seen = cancel_seen or time.monotonic()
             if time.monotonic() - cancel_seen > defaults.CHILD_KILL_GRACE_S:
@@ -106,11 +106,14 @@ async def _watch_child(models, model_id, owner: str, process) -> bool:
     return True
 
 
-def _log_progress(model_id, progress: dict | None) -> None:
-    if progress and progress.get("total_steps"):
-        loss, eta = progress.get("loss"), progress.get("eta_s")
-        log.info("training %r: step %d/%d%s%s", model_id, progress["step"], progress["total_steps"],
-                 "" if loss is None else f", loss {loss:.4f}", "" if eta is None else f", ETA {eta:.0f} s")
+def _log_progress(model_id, progress: dict | None, last_step: int | None) -> int | None:
+    """One line per lease renewal while the step moves on; returns the step logged."""
+    if not progress or not progress.get("total_steps") or progress["step"] == last_step:
+        return last_step
+    loss, eta = progress.get("loss"), progress.get("eta_s")
+    log.info("training %r: step %d/%d%s%s", model_id, progress["step"], progress["total_steps"],
+             "" if loss is None else f", loss {loss:.4f}", "" if eta is None else f", ETA {eta:.0f} s")
+    return progress["step"]
 
 
 async def _finish(models, model_id, owner: str, code: int, path: Path) -> Status:

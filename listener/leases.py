@@ -46,6 +46,15 @@ async def renew(collection, doc_id, owner: str) -> bool:
     return result.matched_count == 1
 
 
+async def renew_all(collection, owner: str) -> int:
+    """Extend every lease `owner` holds in a collection at once (requests in a long generation)."""
+    result = await collection.update_many(
+        {"status": Status.RUNNING.value, "lease.owner": owner},
+        {"$set": {"lease.expires_at": lease(owner)["expires_at"]}},
+    )
+    return result.modified_count
+
+
 async def reap(collection, table: dict, max_attempts: int) -> int:
     """Hand back work whose daemon died (its lease expired); fail it after `max_attempts` claims."""
     reaped = 0

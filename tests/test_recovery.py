@@ -1,5 +1,7 @@
 """Crashes are normal: daemons stopped or killed mid-training, and the run still finishes once."""
 
+import os
+import re
 import signal
 import time
 
@@ -36,7 +38,7 @@ def test_sigterm_saves_releases_and_another_daemon_resumes(db, start_daemon, tin
     models = db[defaults.MODELS]
     first = start_daemon("first")
     models.insert_one(long_model(tiny_model_path))
-    wait_for(models, "long", lambda d: (d.get("progress") or {}).get("step", 0) >= 5, timeout=120)
+    wait_for(models, "long", lambda d: (d.get("progress") or {}).get("step", 0) >= 5, timeout=300)
 
     started = time.monotonic()
     assert first.stop(signal.SIGTERM, timeout=60) == 0
@@ -48,28 +50,76 @@ def test_sigterm_saves_releases_and_another_daemon_resumes(db, start_daemon, tin
     print(f"SIGTERM to exit: {stop_s:.1f} s, checkpoint at step {saved}")
 
     start_daemon("second")
-    done = wait_for(models, "long", finished, timeout=300)
+    done = wait_for(models, "long", finished, timeout=900)
     assert_resumed_not_restarted(done, saved)
     assert f"resuming run 1 from its checkpoint at step {saved}" in child_log(tmp_path)
 
 
-def test_sigkill_mid_training_resumes_from_the_last_checkpoint(db, start_daemon, tiny_model_path, tmp_path):
+def child_pid(daemon) -> int:
+    found = re.search(r"run 1 started \(pid (\d+)", daemon.log())
+    assert found, "the daemon logs its training child's pid"
+    return int(found.group(1))
+
+
+def assert_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"training child {pid} outlived its daemon")
+
+
+def test_sigkill_mid_training_resumes_from_the_last_checkpoint(db, start_daemon, tiny_model_path):
     load_samples(db)
     models = db[defaults.MODELS]
     victim = start_daemon("victim", env=SHORT_LEASE)
     models.insert_one(long_model(tiny_model_path))
-    wait_for(models, "long", lambda d: len(d.get("checkpoints") or []) >= 1, timeout=120)
+    wait_for(models, "long", lambda d: len(d.get("checkpoints") or []) >= 1, timeout=300)
     victim.stop(signal.SIGKILL)
+    assert_gone(child_pid(victim))
     killed_at = models.find_one({"_id": "long"})
     assert killed_at["status"] == "running", "nobody is told: the lease must run out"
     last_saved = killed_at["checkpoints"][-1]["step"]
 
     start_daemon("survivor", env=SHORT_LEASE)
-    done = wait_for(models, "long", finished, timeout=300)
+    done = wait_for(models, "long", finished, timeout=900)
     assert_resumed_not_restarted(done, min(c["step"] for c in done["checkpoints"] if c["step"] >= last_saved))
     assert [e["event"] for e in done["history"]] == ["lease expired"]
     assert done["history"][0]["owner"].startswith("victim:")
-    assert "the daemon that started this training is gone" in child_log(tmp_path)
+
+
+def test_sigkill_right_after_the_claim_starts_the_run_again(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    models = db[defaults.MODELS]
+    victim = start_daemon("early-victim", env=SHORT_LEASE)
+    models.insert_one(long_model(tiny_model_path))
+    wait_for(models, "long", lambda d: d.get("status") == "running", timeout=60)
+    victim.stop(signal.SIGKILL)
+    assert not (models.find_one({"_id": "long"}).get("progress") or {}).get("step")
+
+    start_daemon("late-survivor", env=SHORT_LEASE)
+    done = wait_for(models, "long", finished, timeout=900)
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    assert done["checkpoints"][-1]["step"] == STEPS
+    listed = {c["files_id"] for c in done["checkpoints"]}
+    stored = {f["_id"] for f in db[f"{defaults.CHECKPOINTS}.files"].find({"metadata.model": "long"})}
+    assert listed <= stored, "every listed checkpoint is whole in GridFS"
+
+
+def test_a_training_child_killed_outright_fails_with_the_signal(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    models = db[defaults.MODELS]
+    daemon = start_daemon()
+    models.insert_one(long_model(tiny_model_path))
+    wait_for(models, "long", lambda d: (d.get("progress") or {}).get("step", 0) >= 2, timeout=300)
+    os.kill(child_pid(daemon), signal.SIGKILL)
+    failed = wait_for(models, "long", finished, timeout=60)
+    assert failed["status"] == "failed" and failed["error"]["type"] == "TrainingCrashed"
+    assert "SIGKILL" in failed["error"]["message"] and "out of memory" in failed["error"]["message"]
+    assert daemon.process.poll() is None, "the daemon lives on"
 
 
 def test_a_run_whose_daemons_keep_dying_fails_with_its_history(db, start_daemon, tiny_model_path):

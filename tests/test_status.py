@@ -6,7 +6,7 @@ import datetime as dt
 import pytest
 from pymongo import AsyncMongoClient
 
-from listener.leases import claim_model, claim_request, renew, resumes_run
+from listener.leases import claim_model, claim_request, renew, renew_all, resumes_run
 from listener.status import FINAL, MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, status_filter, transition
 
 S = Status
@@ -225,3 +225,21 @@ def test_renew_after_the_job_finished_is_false(server_uri, db):
         return await renew(adb.models, "m", "daemon-a")
 
     assert run_with(server_uri, db.name, work) is False
+
+
+def test_renew_all_extends_only_the_owners_running_leases(server_uri, db):
+    past = dt.datetime(2020, 1, 1)
+    db.requests.insert_many([
+        {"_id": "a1", "status": "running", "lease": {"owner": "a", "expires_at": past}},
+        {"_id": "a2", "status": "running", "lease": {"owner": "a", "expires_at": past}},
+        {"_id": "b1", "status": "running", "lease": {"owner": "b", "expires_at": past}},
+        {"_id": "a-done", "status": "done", "lease": {"owner": "a", "expires_at": past}},
+    ])
+
+    async def work(adb):
+        return await renew_all(adb.requests, "a")
+
+    assert run_with(server_uri, db.name, work) == 2
+    expiries = {d["_id"]: d["lease"]["expires_at"] for d in db.requests.find()}
+    assert expiries["a1"] > past and expiries["a2"] > past
+    assert expiries["b1"] == past and expiries["a-done"] == past

@@ -98,6 +98,9 @@ def sft_config(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: b
         "logging_first_step": True,
         "save_strategy": "steps",
         "eval_strategy": "steps" if has_eval else "no",
+        # Evaluate when saving, so every checkpoint carries the eval loss that picks the best one
+        # (left alone, transformers evaluates at every logging step).
+        "eval_steps": user.get("save_steps", 500),
         "activation_checkpointing": not use_cpu,  # on a CPU it costs time and saves little
         "disable_tqdm": True,
         "report_to": "none",

@@ -21,14 +21,14 @@ log = logging.getLogger("mongotune.training")
 
 
 class MongoProgress(TrainerCallback):
-    def __init__(self, db, model_id, run: int, keep: int | None):
+    def __init__(self, db, model_id, run: int, keep: int | None, daemon: int):
         self.db = db
         self.models = db[defaults.MODELS]
         self.match = {"_id": model_id, "run": run}
         self.model_id, self.run, self.keep = model_id, run, keep
         self.cancelled = False
         self.stop_requested = False  # set by SIGTERM: save, stop, let any daemon resume the run
-        self._parent = os.getppid()
+        self._daemon = daemon
         self._eval: dict = {}
         self._loss = None
         self._checked = 0.0
@@ -63,7 +63,7 @@ class MongoProgress(TrainerCallback):
         self._check_cancel(state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if os.getppid() != self._parent:
+        if os.getppid() != self._daemon:
             log.error("the daemon that started this training is gone; exiting so the run can be resumed once")
             os._exit(defaults.EXIT_ORPHANED)
         if self.stop_requested:

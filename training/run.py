@@ -6,6 +6,7 @@ reading the outcome from the exit code.
 """
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -39,7 +40,7 @@ def _check_gpus(spec: ModelSpec, torch) -> None:
         raise SpecError("trainer.num_gpus", f"asks for {wanted} GPUs; this listener's host has {have}")
 
 
-def train(db, document: dict, work: Path) -> int:
+def train(db, document: dict, work: Path, daemon: int) -> int:
     import torch
     from peft import prepare_model_for_kbit_training
     from trl import SFTTrainer
@@ -59,7 +60,7 @@ def train(db, document: dict, work: Path) -> int:
     model = load_model(spec)
     if spec.trainer.bits:
         model = prepare_model_for_kbit_training(model)
-    progress = MongoProgress(db, spec.id, document["run"], keep=config.save_total_limit)
+    progress = MongoProgress(db, spec.id, document["run"], keep=config.save_total_limit, daemon=daemon)
     signal.signal(signal.SIGTERM, lambda *_: setattr(progress, "stop_requested", True))
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
@@ -71,12 +72,29 @@ def train(db, document: dict, work: Path) -> int:
     return defaults.EXIT_CANCELLED if progress.cancelled else defaults.EXIT_OK
 
 
+def die_with_daemon() -> int:
+    """The daemon's pid; on Linux the kernel also kills this process the moment the daemon dies.
+
+    Without this a child orphaned by a SIGKILLed daemon would train on beside the run's next owner.
+    """
+    daemon = int(os.environ.get(defaults.ENV_DAEMON_PID, os.getppid()))
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: MongoProgress still notices the orphaning at the next step
+    if os.getppid() != daemon:
+        log.error("the daemon that started this training is already gone")
+        sys.exit(defaults.EXIT_ORPHANED)
+    return daemon
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.run")
     parser.add_argument("model_id", help="the model document's _id as extended JSON")
     parser.add_argument("--db", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    daemon = die_with_daemon()
     model_id = json_util.loads(args.model_id)
     client = MongoClient(os.environ[defaults.ENV_URI])
     db = client[args.db]
@@ -87,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     match = {"_id": model_id, "run": document["run"]}
     try:
         with tempfile.TemporaryDirectory(prefix="mongotune-train-") as work:
-            return train(db, document, Path(work))
+            return train(db, document, Path(work), daemon)
     except SpecError as exc:
         log.error("invalid document: %s", exc)
         db[defaults.MODELS].update_one(match, {"$set": {"error": exc.as_error()}})
