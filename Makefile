@@ -23,3 +23,7 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+.PHONY: bench
+bench: install
+	$(PY) -m bench $(ARGS)

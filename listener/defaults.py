@@ -31,7 +31,8 @@ CHILD_KILL_GRACE_S = 30.0  # SIGTERM to SIGKILL for a training child told to sto
 MAX_TRAINING_JOBS = 1  # trainings one daemon runs at once (one per GPU host by default)
 MAX_NEW_TOKENS = 512  # operator cap on `params.max_new_tokens`
 MAX_INPUT_CHARS = 32_000  # operator cap on a request's input length
-MAX_BATCH = 8  # requests for one model generated together
+MAX_BATCH = 16  # requests for one model generated together
+BATCH_WINDOW_S = 0.05  # wait this long after a request arrives for others to batch with it
 MAX_CACHED_MODELS = 2  # loaded models kept in memory for serving
 ERROR_TAIL_CHARS = 2_000  # how much of a crashed child's log goes into `error`
 

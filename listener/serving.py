@@ -47,6 +47,7 @@ class Serving:
     async def run(self) -> None:
         while True:
             await self._ready.wait()
+            await asyncio.sleep(defaults.BATCH_WINDOW_S)  # requests inserted together batch together
             batch = self._next_batch()
             try:
                 await self._answer(batch)

@@ -1,0 +1,109 @@
+"""`python -m bench`: training, serving and checkpoint storage, each against a user's own baseline.
+
+Everything runs in one process tree that this command owns: its own in-memory embedded server and
+its own `listener start` daemon, both stopped at the end even on failure, so a run never touches a
+user's data and any two runs start alike.
+"""
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from contextlib import ExitStack
+from pathlib import Path
+
+from pymongo import MongoClient
+from rich.console import Console
+
+from bench import serving, storage, training
+from bench.common import Context, Row, running_daemon, table
+from listener.demo import load_samples
+from listener.embedded import EmbeddedServer, free_port
+
+RESULTS = Path(__file__).with_name("results") / "latest.json"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
+                        help="smollm2: the offline SmolLM2-135M-Instruct (a few minutes on a CPU); "
+                             "tiny: a tiny random model, to check the harness in under a minute")
+    return parser.parse_args(argv)
+
+
+def base_model(name: str, home: Path, console: Console) -> str:
+    if name == "tiny":
+        from tests import tiny_model
+
+        return str(tiny_model.build(home / "tiny-model"))
+    from training.offline import smollm2_path
+
+    return str(smollm2_path(log=console.log))
+
+
+def machine() -> dict:
+    """What the numbers depend on, saved beside them."""
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+            "peft": peft.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def measure(console: Console, model: str) -> list[Row]:
+    from transformers.utils import logging as transformers_logging
+
+    # Progress bars and deprecation notices from the libraries would break the console's status lines.
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    with tempfile.TemporaryDirectory(prefix="mongotune-bench-") as scratch, ExitStack() as stack:
+        home = Path(scratch)
+        server = stack.enter_context(EmbeddedServer(home / "server", port=free_port(), memory=True))
+        client = stack.enter_context(MongoClient(server.uri))
+        ctx = Context(console, client["bench"], server.uri, home, base_model(model, home, console))
+        load_samples(ctx.db)
+        stack.enter_context(running_daemon(ctx))
+        training_rows, adapter = training.run(ctx)
+        return [*training_rows, *serving.run(ctx), *storage.run(ctx, adapter)]
+
+
+def busy_cpus(console: Console) -> float:
+    """How busy the CPUs are just before we start: other work on the machine skews every figure, so say so.
+
+    A one-second sample (psutil comes with accelerate), not the load average, which lags by minutes.
+    """
+    import psutil
+
+    busy = psutil.cpu_percent(interval=1.0)
+    if busy > 20:
+        console.log(f"[yellow]the CPUs are {busy:.0f}% busy before starting: other processes are running "
+                    "and the timings will be noisy")
+    return busy
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    console = Console()
+    busy = busy_cpus(console)
+    started = time.perf_counter()
+    rows = measure(console, args.model)
+    wall = time.perf_counter() - started
+    console.print(table(rows, f"mongotune vs baseline ({args.model}, {os.cpu_count()} CPUs)"))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": args.model,
+        "wall_s": round(wall, 1), "machine": {**machine(), "cpu_busy_percent_at_start": busy},
+        "rows": [row.as_json() for row in rows],
+    }, indent=2) + "\n")
+    console.log(f"all benchmarks in {wall:.0f} s; results written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
