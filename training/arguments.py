@@ -35,6 +35,12 @@ RESERVED = {
     "report_to": "metrics go to the model document",
     "deepspeed": "set trainer.deepspeed as a configuration object, not a path",
 }
+# What a DeepSpeed config needs beyond `zero_optimization`; "auto" lets transformers fill in the
+# values from the training arguments, so the document states them once.
+DEEPSPEED_DEFAULTS = {
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+    "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+}
 _FIELDS = {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
 _HINTS = typing.get_type_hints(SFTConfig)
 
@@ -112,7 +118,7 @@ def sft_config(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: b
     if not has_eval:
         kwargs["eval_strategy"] = "no"
     if spec.deepspeed is not None:
-        kwargs["deepspeed"] = spec.deepspeed
+        kwargs["deepspeed"] = {**DEEPSPEED_DEFAULTS, **spec.deepspeed}
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as exc:

@@ -24,10 +24,14 @@ from training.config import ModelSpec, SpecError, parse_model
 log = logging.getLogger("mongotune.training")
 
 
-def _resume_point(db, document: dict, work: Path) -> str | None:
+def _resume_point(db, document: dict, work: Path, spec: ModelSpec) -> str | None:
     """The run's last stored checkpoint, unpacked, when this run was interrupted before."""
     mine = [c for c in document.get("checkpoints") or [] if c["run"] == document["run"]]
     if not mine:
+        return None
+    if spec.trainer.deepspeed is not None:
+        log.warning("DeepSpeed keeps its optimizer state in pickles, which are never stored; run %d starts over",
+                    document["run"])
         return None
     last = mine[-1]
     log.info("resuming run %d from its checkpoint at step %d", document["run"], last["step"])
@@ -38,6 +42,15 @@ def _check_gpus(spec: ModelSpec, torch) -> None:
     wanted, have = spec.trainer.num_gpus, torch.cuda.device_count()
     if wanted > 1 and have < wanted:
         raise SpecError("trainer.num_gpus", f"asks for {wanted} GPUs; this listener's host has {have}")
+
+
+def _single_process_group() -> None:
+    """DeepSpeed wants a process group even on one device; outside a launcher, be rank 0 of 1."""
+    if "RANK" not in os.environ:
+        from listener.embedded import free_port
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")
 
 
 def train(db, document: dict, work: Path, daemon: int) -> int:
@@ -52,6 +65,8 @@ def train(db, document: dict, work: Path, daemon: int) -> int:
 
     spec = parse_model(document)
     _check_gpus(spec, torch)
+    if spec.trainer.deepspeed is not None:
+        _single_process_group()
     train_set, valid_set = build_datasets(db, spec.data)
     log.info("dataset: %d training and %d validation examples", len(train_set), len(valid_set or []))
     config = sft_config(spec.trainer, str(work / "output"), has_eval=valid_set is not None,
@@ -66,7 +81,7 @@ def train(db, document: dict, work: Path, daemon: int) -> int:
         model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
         processing_class=tokenizer, peft_config=lora_config(spec.trainer), callbacks=[progress],
     )
-    trainer.train(resume_from_checkpoint=_resume_point(db, document, work))
+    trainer.train(resume_from_checkpoint=_resume_point(db, document, work, spec))
     if progress.stop_requested:
         return defaults.EXIT_STOPPED
     return defaults.EXIT_CANCELLED if progress.cancelled else defaults.EXIT_OK
