@@ -13,10 +13,10 @@ from pathlib import Path
 
 from pymongo import MongoClient
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from listener import defaults
+from listener.follow import finished, follow_training, wait_for
 
 SAMPLES = ("pirate_chat", "pirate_prompt_response", "pirate_text")
 MODEL_ID = "pirate"
@@ -47,38 +47,6 @@ def model_document(model_path: str) -> dict:
     }
 
 
-def wait_for(collection, doc_id, until, timeout_s: float, on_change=None) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        document = collection.find_one({"_id": doc_id})
-        if on_change:
-            on_change(document)
-        if document and until(document):
-            return document
-        time.sleep(0.5)
-    raise TimeoutError(f"{collection.name} {doc_id!r} did not finish within {timeout_s:.0f} s")
-
-
-def follow_training(console: Console, models, timeout_s: float) -> dict:
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn()]
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("waiting for the listener", total=None, loss="-", eta="-")
-
-        def show(document):
-            progress = (document or {}).get("progress") or {}
-            if document and document.get("status") == "running" and not progress:
-                bar.update(task, description="loading model and data")
-            if progress.get("total_steps"):
-                loss = progress.get("loss")
-                eta = progress.get("eta_s")
-                bar.update(task, description="training", total=progress["total_steps"], completed=progress["step"],
-                           loss="-" if loss is None else f"{loss:.3f}", eta="-" if eta is None else f"{eta:.0f}s")
-
-        return wait_for(models, MODEL_ID, lambda d: d.get("status") in ("succeeded", "failed", "cancelled"),
-                        timeout_s, show)
-
-
 def ask(requests, questions: list[str], checkpoint: str) -> list:
     ids = [requests.insert_one({"model": MODEL_ID, "input": [{"role": "user", "content": q}],
                                 "params": {"max_new_tokens": 40}, "checkpoint": checkpoint}).inserted_id
@@ -105,7 +73,7 @@ def run_demo(uri: str, db_name: str, model_path: str, home: Path, console: Conso
     try:
         db[defaults.MODELS].insert_one(model_document(model_path))
         console.print(f"inserted model document {MODEL_ID!r} into {defaults.MODELS}")
-        model = follow_training(console, db[defaults.MODELS], timeout_s)
+        model = follow_training(console, db[defaults.MODELS], MODEL_ID, timeout_s)
         if model["status"] != "succeeded":
             console.print(f"[red]training {model['status']}: {model.get('error')}")
             return 1
@@ -113,8 +81,7 @@ def run_demo(uri: str, db_name: str, model_path: str, home: Path, console: Conso
         tuned = ask(db[defaults.REQUESTS], QUESTIONS, "best")
         base = ask(db[defaults.REQUESTS], QUESTIONS, "base")
         with console.status("answering requests..."):
-            answers = [wait_for(db[defaults.REQUESTS], i, lambda d: d.get("status") in ("done", "failed"), 300)
-                       for i in tuned + base]
+            answers = [wait_for(db[defaults.REQUESTS], i, finished, 300) for i in tuned + base]
         show_answers(console, answers[: len(QUESTIONS)], answers[len(QUESTIONS):])
     finally:
         daemon.terminate()

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from listener import defaults
+from listener import defaults, follow
+from listener.follow import finished  # noqa: F401  (re-exported for the tests)
 from listener.embedded import EmbeddedServer, free_port
 from tests import tiny_model
 
@@ -106,16 +107,8 @@ def pytest_runtest_makereport(item, call):
 
 
 def wait_for(collection, doc_id, until, timeout: float = 120.0) -> dict:
-    """Poll a document until `until(document)` holds; fail with the document's last state."""
-    deadline = time.monotonic() + timeout
-    document = None
-    while time.monotonic() < deadline:
-        document = collection.find_one({"_id": doc_id})
-        if document is not None and until(document):
-            return document
-        time.sleep(0.2)
-    raise AssertionError(f"{collection.name} {doc_id!r} not done after {timeout:.0f} s; last state: {document}")
-
-
-def finished(document: dict) -> bool:
-    return document.get("status") in ("succeeded", "failed", "cancelled", "done")
+    """Poll a document until `until(document)` holds; fail the test with the document's last state."""
+    try:
+        return follow.wait_for(collection, doc_id, until, timeout, poll_s=0.2)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None

@@ -1,0 +1,45 @@
+"""Showing a person what the database says as a document changes: the client side of the loop."""
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from listener.status import FINAL
+
+
+def finished(document: dict) -> bool:
+    return document.get("status") in {status.value for status in FINAL}
+
+
+def wait_for(collection, doc_id, until, timeout_s: float, on_change=None, poll_s: float = 0.5) -> dict:
+    """Poll one document until `until(document)`; `on_change` sees every state on the way."""
+    deadline = time.monotonic() + timeout_s
+    document = None
+    while time.monotonic() < deadline:
+        document = collection.find_one({"_id": doc_id})
+        if on_change:
+            on_change(document)
+        if document and until(document):
+            return document
+        time.sleep(poll_s)
+    raise TimeoutError(f"{collection.name} {doc_id!r} not done after {timeout_s:.0f} s; last state: {document}")
+
+
+def follow_training(console: Console, models, model_id, timeout_s: float) -> dict:
+    """A progress bar (step, loss, ETA) fed by the model document until its training ends."""
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("waiting for a listener", total=None, loss="-", eta="-")
+
+        def show(document):
+            progress = (document or {}).get("progress") or {}
+            if document and document.get("status") == "running" and not progress:
+                bar.update(task, description="loading model and data")
+            if progress.get("total_steps"):
+                loss, eta = progress.get("loss"), progress.get("eta_s")
+                bar.update(task, description="training", total=progress["total_steps"], completed=progress["step"],
+                           loss="-" if loss is None else f"{loss:.3f}", eta="-" if eta is None else f"{eta:.0f}s")
+
+        return wait_for(models, model_id, finished, timeout_s, show)
