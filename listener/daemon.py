@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from bson import json_util
 from pymongo import MongoClient
+from pymongo.errors import ConnectionFailure, OperationFailure
 
 from listener import defaults, embedded, leases, schema
 from listener.connection import connect, database_name, redact
@@ -24,7 +26,7 @@ from listener.leases import claim_model, claim_request
 from listener.serving import Serving
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, now, status_filter, transition
 from listener.streams import watch
-from training.config import SpecError, parse_model, parse_request
+from training.config import LISTENER_FIELDS, SpecError, parse_model, parse_request
 
 log = logging.getLogger("mongotune.listener")
 
@@ -60,8 +62,7 @@ class Daemon:
         scheduler.add_job(self._heartbeat, "interval", seconds=defaults.HEARTBEAT_S)
         scheduler.add_job(self.scan, "interval", seconds=defaults.SCAN_S)
         scheduler.add_job(self.reap, "interval", seconds=max(1.0, defaults.LEASE_S / 2))
-        scheduler.add_job(leases.renew_all, "interval", seconds=defaults.LEASE_S / 4,
-                          args=(self.db[defaults.REQUESTS], self.owner))
+        scheduler.add_job(self.serving.renew, "interval", seconds=defaults.LEASE_S / 4)
         scheduler.start()
         tasks = [
             asyncio.create_task(watch(self.db, defaults.MODELS, self.settings.name, self._on_model, self._scan_models)),
@@ -73,9 +74,10 @@ class Daemon:
         stop = asyncio.create_task(self.stop_event.wait())
         done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
         scheduler.shutdown(wait=False)
-        for task in [*tasks, *self.trainings.values()]:
+        trainings = [task for task in self.trainings.values() if task is not None]
+        for task in [*tasks, *trainings]:
             task.cancel()
-        await asyncio.gather(*tasks, *self.trainings.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, *trainings, return_exceptions=True)
         await self._release_all()
         await self.db[defaults.LISTENER].delete_one({"_id": f"daemon:{self.owner}"})
         self._sync_client.close()
@@ -86,7 +88,7 @@ class Daemon:
     async def _heartbeat(self, started: bool = False) -> None:
         record = {"kind": "daemon", "name": self.settings.name, "owner": self.owner, "host": socket.gethostname(),
                   "pid": os.getpid(), "heartbeat_at": now(), "counters": self.counters,
-                  "trainings": [str(k) for k in self.trainings]}
+                  "trainings": list(self.trainings)}
         if started:
             record["started_at"] = now()
         await self.db[defaults.LISTENER].update_one({"_id": f"daemon:{self.owner}"}, {"$set": record}, upsert=True)
@@ -104,23 +106,44 @@ class Daemon:
 
     async def _scan_models(self) -> None:
         async for document in self.db[defaults.MODELS].find(status_filter(Status.PENDING)):
-            await self.consider_model(document)
+            await self._isolated(defaults.MODELS, document, self.consider_model)
 
     async def _scan_requests(self) -> None:
         async for document in self.db[defaults.REQUESTS].find(status_filter(Status.PENDING)):
-            await self.consider_request(document)
+            await self._isolated(defaults.REQUESTS, document, self.consider_request)
 
     async def _on_model(self, change: dict) -> None:
         if change.get("fullDocument"):
-            await self.consider_model(change["fullDocument"])
+            await self._isolated(defaults.MODELS, change["fullDocument"], self.consider_model)
 
     async def _on_request(self, change: dict) -> None:
         if change.get("fullDocument"):
-            await self.consider_request(change["fullDocument"])
+            await self._isolated(defaults.REQUESTS, change["fullDocument"], self.consider_request)
+
+    async def _isolated(self, name: str, document: dict, handle) -> None:
+        """One document's problem fails that document, never the stream, the scan or the daemon.
+
+        Network errors still propagate, so the stream reconnects and the event is delivered again.
+        """
+        try:
+            await handle(document)
+        except ConnectionFailure:
+            raise
+        except Exception as exc:
+            log.warning("cannot handle %s %r: %s", name, document.get("_id"), exc)
+            error = {"type": "unusable_document", "message": f"the listener could not handle this document: {exc}; "
+                     f"fields the listener owns ({', '.join(sorted(LISTENER_FIELDS))}) must not be set by users"}
+            table = MODEL_TRANSITIONS if name == defaults.MODELS else REQUEST_TRANSITIONS
+            try:
+                await transition(self.db[name], document["_id"], Status.PENDING, Status.FAILED, table,
+                                 fields={"error": error})
+            except OperationFailure as again:
+                log.warning("and cannot mark it failed either: %s", again)
 
     async def consider_model(self, document: dict) -> None:
         """Validate, then claim a pending model if this daemon has room for another training."""
-        if document.get("status") not in (None, Status.PENDING.value) or document["_id"] in self.trainings:
+        key = json_util.dumps(document["_id"])
+        if document.get("status") not in (None, Status.PENDING.value) or key in self.trainings:
             return
         models = self.db[defaults.MODELS]
         if document.get("cancel"):
@@ -137,12 +160,19 @@ class Daemon:
             return
         if len(self.trainings) >= self.settings.max_jobs or self.stop_event.is_set():
             return
-        claimed = await claim_model(models, document, self.owner)
-        if claimed is not None:
-            self.counters["trainings_started"] += 1
-            self.trainings[claimed["_id"]] = asyncio.create_task(self._train(claimed))
+        self.trainings[key] = None  # the slot is taken before the await, so no other task can take it too
+        claimed = None
+        try:
+            claimed = await claim_model(models, document, self.owner)
+        finally:
+            if claimed is None:
+                self.trainings.pop(key, None)
+        if claimed is None:
+            return
+        self.counters["trainings_started"] += 1
+        self.trainings[key] = asyncio.create_task(self._train(key, claimed))
 
-    async def _train(self, document: dict) -> None:
+    async def _train(self, key: str, document: dict) -> None:
         try:
             outcome = await supervise(self.db, self.settings.uri, document, self.owner, self.settings.home / "logs")
             if outcome is Status.SUCCEEDED:
@@ -150,7 +180,7 @@ class Daemon:
             elif outcome is Status.FAILED:
                 self.counters["trainings_failed"] += 1
         finally:
-            self.trainings.pop(document["_id"], None)
+            self.trainings.pop(key, None)
         if not self.stop_event.is_set():
             await self._scan_models()
 

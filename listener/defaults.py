@@ -15,6 +15,7 @@ ENV_URI = "MONGOTUNE_URI"  # the MongoDB URI when --uri is not given
 ENV_DB = "MONGOTUNE_DB"  # the database when neither --db nor the URI path names one
 ENV_HOME = "MONGOTUNE_HOME"  # working folder: embedded server data, job logs, model caches
 ENV_DAEMON_PID = "MONGOTUNE_DAEMON_PID"  # set for a training child: the daemon it must not outlive
+ENV_LEASE_OWNER = "MONGOTUNE_LEASE_OWNER"  # set for a training child: its writes only land while this holds
 DEFAULT_DB = "mongotune"  # database used when nothing names one
 
 EMBEDDED_PORT = 27217  # the embedded server's port, away from a real mongod's 27017
@@ -30,7 +31,8 @@ CHILD_KILL_GRACE_S = 30.0  # SIGTERM to SIGKILL for a training child told to sto
 
 MAX_TRAINING_JOBS = 1  # trainings one daemon runs at once (one per GPU host by default)
 MAX_NEW_TOKENS = 512  # operator cap on `params.max_new_tokens`
-MAX_INPUT_CHARS = 32_000  # operator cap on a request's input length
+MAX_INPUT_CHARS = 32_000  # operator cap on a request's input length, all messages together
+MAX_MESSAGES = 200  # operator cap on the messages in one chat request
 MAX_BATCH = 16  # requests for one model generated together
 BATCH_WINDOW_S = 0.05  # wait this long after a request arrives for others to batch with it
 MAX_CACHED_MODELS = 2  # loaded models kept in memory for serving
@@ -43,3 +45,4 @@ EXIT_INVALID = 3  # the document cannot be trained as written; `error` names the
 EXIT_CANCELLED = 4  # `cancel: true` seen; a final checkpoint was saved
 EXIT_STOPPED = 5  # SIGTERM: a checkpoint was saved and the run can be resumed by any daemon
 EXIT_ORPHANED = 6  # the daemon that started it died; the run will be resumed once its lease expires
+EXIT_LEASE_LOST = 7  # another daemon holds the run now; this child stopped writing and left

@@ -6,6 +6,7 @@ wait -> renew the lease -> check cancel -> kill past the grace period.
 """
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -25,8 +26,11 @@ log = logging.getLogger("mongotune.listener")
 
 
 def log_path(log_dir: Path, document: dict) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(document["_id"]))[:100]
-    return log_dir / f"{safe}-run{document['run']}.log"
+    """Readable, and distinct for ids that read alike ("a/b" and "a_b")."""
+    raw = json_util.dumps(document["_id"])
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(document["_id"]))[:80]
+    suffix = "" if raw == f'"{safe}"' else "-" + hashlib.sha1(raw.encode()).hexdigest()[:8]
+    return log_dir / f"{safe}{suffix}-run{document['run']}.log"
 
 
 def _crash_error(code: int, path: Path) -> dict:
@@ -58,7 +62,8 @@ async def supervise(db, uri: str, document: dict, owner: str, log_dir: Path) -> 
     model_id = document["_id"]
     path = log_path(log_dir, document)
     path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, defaults.ENV_URI: uri, defaults.ENV_DAEMON_PID: str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, defaults.ENV_URI: uri, defaults.ENV_DAEMON_PID: str(os.getpid()),
+           defaults.ENV_LEASE_OWNER: owner, "PYTHONUNBUFFERED": "1"}
     with open(path, "ab") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "training.run", json_util.dumps(model_id), "--db", db.name,
@@ -117,6 +122,9 @@ def _log_progress(model_id, progress: dict | None, last_step: int | None) -> int
 
 
 async def _finish(models, model_id, owner: str, code: int, path: Path) -> Status:
+    if code == defaults.EXIT_LEASE_LOST:
+        log.warning("training %r stopped: another daemon holds its lease now", model_id)
+        return Status.RUNNING
     current = await models.find_one({"_id": model_id}, {"error": 1, "cancel": 1})
     if code == defaults.EXIT_OK:
         new, fields = Status.SUCCEEDED, {}

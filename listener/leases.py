@@ -5,9 +5,14 @@ owner, sets the lease expiry and counts the attempt, so a crashed attempt still 
 """
 
 import datetime as dt
+import logging
+
+from pymongo.errors import OperationFailure
 
 from listener import defaults
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, now, transition
+
+log = logging.getLogger("mongotune.listener")
 
 
 def lease(owner: str) -> dict:
@@ -25,8 +30,9 @@ async def claim_model(models, document: dict, owner: str) -> dict | None:
     fields = {"run": run, "lease": lease(owner), **({} if resume else {"attempts": 1, "started_at": now()})}
     return await transition(
         models, document["_id"], Status.PENDING, Status.RUNNING, MODEL_TRANSITIONS,
-        match={"run": document.get("run")}, fields=fields, inc={"attempts": 1} if resume else None,
-        unset=() if resume else ("error", "finished_at", "cancel", "progress"),
+        match={"run": document.get("run"), "cancel": {"$ne": True}}, fields=fields,
+        inc={"attempts": 1} if resume else None,
+        unset=() if resume else ("error", "finished_at", "cancel", "progress", "history"),
     )
 
 
@@ -46,34 +52,34 @@ async def renew(collection, doc_id, owner: str) -> bool:
     return result.matched_count == 1
 
 
-async def renew_all(collection, owner: str) -> int:
-    """Extend every lease `owner` holds in a collection at once (requests in a long generation)."""
-    result = await collection.update_many(
-        {"status": Status.RUNNING.value, "lease.owner": owner},
-        {"$set": {"lease.expires_at": lease(owner)["expires_at"]}},
-    )
-    return result.modified_count
-
-
 async def reap(collection, table: dict, max_attempts: int) -> int:
-    """Hand back work whose daemon died (its lease expired); fail it after `max_attempts` claims."""
+    """Hand back work whose daemon died (its lease expired); fail it after `max_attempts` expiries.
+
+    Only expiries count: a daemon stopped cleanly gives its work back and costs it no attempt.
+    """
     reaped = 0
     expired = {"status": Status.RUNNING.value, "lease.expires_at": {"$lt": now()}}
     async for document in collection.find(expired, {"attempts": 1, "lease": 1, "history": 1}):
         held = document["lease"]
         event = {"at": now(), "event": "lease expired", "owner": held.get("owner"), "attempt": document.get("attempts")}
-        gave_up = document.get("attempts", 0) >= max_attempts and Status.FAILED in table[Status.RUNNING]
+        history = document.get("history") if isinstance(document.get("history"), list) else []
+        past = [e for e in history if isinstance(e, dict) and e.get("event") == "lease expired"] + [event]
+        gave_up = len(past) >= max_attempts
         fields = {}
         if gave_up:
-            past = [*(document.get("history") or []), event]
             fields["error"] = {
                 "type": "too_many_attempts",
                 "message": f"gave up after {len(past)} attempt(s): each time, the daemon working on it stopped "
                            f"without finishing (daemons: {', '.join(str(e['owner']) for e in past)}); "
                            "look at those hosts' logs, then set status back to 'pending' to try again",
             }
-        if await transition(collection, document["_id"], Status.RUNNING, Status.FAILED if gave_up else Status.PENDING,
-                            table, match={"lease.expires_at": held["expires_at"]}, fields=fields, unset=("lease",),
-                            push={"history": event}):
-            reaped += 1
+        try:
+            if await transition(collection, document["_id"], Status.RUNNING,
+                                Status.FAILED if gave_up else Status.PENDING, table,
+                                match={"lease.expires_at": held["expires_at"]}, fields=fields, unset=("lease",),
+                                push={"history": event} if "history" not in document or history else None,
+                                ):
+                reaped += 1
+        except OperationFailure as exc:  # a user-written field in the way: the next document still gets reaped
+            log.warning("cannot requeue %r: %s", document["_id"], exc)
     return reaped

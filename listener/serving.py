@@ -10,9 +10,11 @@ import logging
 import time
 from pathlib import Path
 
+from bson import json_util
 from pymongo.errors import PyMongoError
 
 from listener import defaults
+from listener.leases import lease
 from listener.status import REQUEST_TRANSITIONS, Status, now, transition
 from training.config import RequestSpec, SpecError, parse_model
 
@@ -29,12 +31,22 @@ class Serving:
         self.db, self.sync_db, self.work_dir, self.owner = db, sync_db, work_dir, owner
         self.counters = counters
         self._pending: list[tuple[RequestSpec, float]] = []
+        self._held: dict[str, object] = {}  # claimed requests not yet answered, by their _id as JSON
         self._ready = asyncio.Event()
         self._cache = None
 
     def submit(self, spec: RequestSpec) -> None:
+        self._held[json_util.dumps(spec.id)] = spec.id
         self._pending.append((spec, time.monotonic()))
         self._ready.set()
+
+    async def renew(self) -> None:
+        """Extend the leases of exactly the requests queued or generating here; nothing else."""
+        if self._held:
+            await self.db[defaults.REQUESTS].update_many(
+                {"_id": {"$in": list(self._held.values())}, "status": Status.RUNNING.value, "lease.owner": self.owner},
+                {"$set": {"lease.expires_at": lease(self.owner)["expires_at"]}},
+            )
 
     def _next_batch(self) -> list[tuple[RequestSpec, float]]:
         key = batch_key(self._pending[0][0])
@@ -52,8 +64,11 @@ class Serving:
             try:
                 await self._answer(batch)
             except PyMongoError as exc:
-                # The answers could not be written; the leases run out and the reaper requeues them.
+                # The answers could not be written; their leases run out and the reaper requeues them.
                 log.warning("could not record answers for %d request(s): %s", len(batch), exc)
+            finally:
+                for spec, _ in batch:
+                    self._held.pop(json_util.dumps(spec.id), None)
 
     async def fail(self, request_id, message: str, kind: str = "invalid_request") -> None:
         self.counters["requests_failed"] += 1
@@ -73,9 +88,12 @@ class Serving:
                 await self.fail(s.id, str(exc))
             return
         except Exception as exc:
+            if len(batch) > 1:  # one bad request must not fail the others: answer each alone
+                for item in batch:
+                    await self._answer([item])
+                return
             log.exception("generation failed for model %r", spec.model)
-            for s, _ in batch:
-                await self.fail(s.id, f"{type(exc).__name__}: {exc}"[:2000], kind="generation_failed")
+            await self.fail(spec.id, f"{type(exc).__name__}: {exc}"[:2000], kind="generation_failed")
             return
         used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
         for (s, started), result in zip(batch, results):

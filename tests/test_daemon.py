@@ -139,3 +139,33 @@ def test_resume_tokens_are_saved_and_an_unusable_one_falls_back_to_a_scan(db, st
     assert "can no longer be used" in second.log()
     token = wait_for(listener, "resume:keeper:_requests", lambda d: d["token"]["_data"] != "00DEADBEEF", timeout=30)
     assert token["token"]["_data"]
+
+
+def test_documents_that_break_the_listeners_own_fields_fail_alone(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    daemon = start_daemon()
+    models, requests = db[defaults.MODELS], db[defaults.REQUESTS]
+    models.insert_one({**model("x", tiny_model_path), "_id": {"team": "a", "name": "dict-id"}})
+    models.insert_one({**model("string-run", tiny_model_path), "run": "1"})
+    requests.insert_one({"_id": "string-attempts", "model": "m", "input": "hi", "attempts": "x"})
+    requests.insert_one({"_id": "after", "model": {"team": "a", "name": "dict-id"}, "input": "hi",
+                         "checkpoint": "base", "params": {"max_new_tokens": 2}})
+
+    dict_id = wait_for(models, {"team": "a", "name": "dict-id"}, finished, timeout=120)
+    assert dict_id["status"] == "succeeded", dict_id.get("error")
+    for collection, doc_id in ((models, "string-run"), (requests, "string-attempts")):
+        broken = wait_for(collection, doc_id, finished, timeout=60)
+        assert broken["status"] == "failed" and broken["error"]["type"] == "unusable_document"
+        assert "must not be set by users" in broken["error"]["message"]
+    assert wait_for(requests, "after", finished, timeout=60)["status"] == "done"
+    assert daemon.process.poll() is None
+
+
+def test_max_jobs_holds_when_many_models_arrive_at_once(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    start_daemon(max_jobs=1)
+    db[defaults.MODELS].insert_many([model(f"m{i}", tiny_model_path, LONG) for i in range(3)])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert db[defaults.MODELS].count_documents({"status": "running"}) <= 1
+        time.sleep(0.1)

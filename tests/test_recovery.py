@@ -109,12 +109,17 @@ def test_sigkill_right_after_the_claim_starts_the_run_again(db, start_daemon, ti
     assert listed <= stored, "every listed checkpoint is whole in GridFS"
 
 
-def test_a_training_child_killed_outright_fails_with_the_signal(db, start_daemon, tiny_model_path):
+def training_under_way(db, start_daemon, path):
+    """A daemon, and the long model past its second step."""
     load_samples(db)
-    models = db[defaults.MODELS]
     daemon = start_daemon()
-    models.insert_one(long_model(tiny_model_path))
-    wait_for(models, "long", lambda d: (d.get("progress") or {}).get("step", 0) >= 2, timeout=300)
+    db[defaults.MODELS].insert_one(long_model(path))
+    wait_for(db[defaults.MODELS], "long", lambda d: (d.get("progress") or {}).get("step", 0) >= 2, timeout=300)
+    return db[defaults.MODELS], daemon
+
+
+def test_a_training_child_killed_outright_fails_with_the_signal(db, start_daemon, tiny_model_path):
+    models, daemon = training_under_way(db, start_daemon, tiny_model_path)
     os.kill(child_pid(daemon), signal.SIGKILL)
     failed = wait_for(models, "long", finished, timeout=60)
     assert failed["status"] == "failed" and failed["error"]["type"] == "TrainingCrashed"
@@ -136,3 +141,14 @@ def test_a_run_whose_daemons_keep_dying_fails_with_its_history(db, start_daemon,
     assert failed["status"] == "failed"
     assert failed["error"]["type"] == "too_many_attempts"
     assert "doomed1" in failed["error"]["message"] and "doomed2" in failed["error"]["message"]
+
+
+def test_a_child_whose_lease_passed_to_another_daemon_stops_writing(db, start_daemon, tiny_model_path):
+    models, daemon = training_under_way(db, start_daemon, tiny_model_path)
+    models.update_one({"_id": "long"}, {"$set": {"lease.owner": "another-daemon"}})
+    assert_gone(child_pid(daemon), timeout=60)
+    frozen = models.find_one({"_id": "long"})
+    time.sleep(2)
+    assert models.find_one({"_id": "long"})["metrics"] == frozen["metrics"], "no write after the takeover"
+    assert frozen["status"] == "running" and frozen["lease"]["owner"] == "another-daemon"
+    assert daemon.process.poll() is None

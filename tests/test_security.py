@@ -38,7 +38,8 @@ def test_a_pickled_checkpoint_is_never_loaded(db, start_daemon, tiny_model_path,
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    files_id = GridFSBucket(db, defaults.CHECKPOINTS).upload_from_stream("evil.tar", archive.getvalue())
+    files_id = GridFSBucket(db, defaults.CHECKPOINTS).upload_from_stream("evil.tar", archive.getvalue(),
+                                                                         metadata={"model": "m", "run": 1, "step": 1})
     db[defaults.MODELS].insert_one({
         "_id": "m", "model_name_or_path": tiny_model_path, "data": {"collection": "c"}, "status": "succeeded",
         "run": 1, "checkpoints": [{"run": 1, "step": 1, "files_id": files_id}], "best_checkpoint": {"run": 1, "step": 1},
@@ -82,3 +83,18 @@ def test_credentials_never_appear_in_logs_or_documents(db, server_uri, tiny_mode
     written = json_util.dumps([list(db[name].find()) for name in
                                (defaults.MODELS, defaults.REQUESTS, defaults.LISTENER)])
     assert password not in logs and password not in written
+
+
+def test_a_checkpoint_entry_cannot_point_the_listener_at_a_path(db, start_daemon, tiny_model_path, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "optimizer.pt").write_bytes(b"keep me")
+    db[defaults.MODELS].insert_one({
+        "_id": "m", "model_name_or_path": tiny_model_path, "data": {"collection": "c"}, "status": "succeeded",
+        "run": 1, "checkpoints": [{"run": 1, "step": 1, "files_id": str(victim)}],
+    })
+    start_daemon()
+    db[defaults.REQUESTS].insert_one({"_id": "r", "model": "m", "input": "hi", "checkpoint": "latest"})
+    answer = wait_for(db[defaults.REQUESTS], "r", finished, timeout=60)
+    assert answer["status"] == "failed" and "is not in _checkpoints" in answer["error"]["message"]
+    assert (victim / "optimizer.pt").read_bytes() == b"keep me"

@@ -6,7 +6,7 @@ import datetime as dt
 import pytest
 from pymongo import AsyncMongoClient
 
-from listener.leases import claim_model, claim_request, renew, renew_all, resumes_run
+from listener.leases import claim_model, claim_request, renew, resumes_run
 from listener.status import FINAL, MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, status_filter, transition
 
 S = Status
@@ -167,7 +167,7 @@ def test_unfinished_run_is_resumed(server_uri, db):
 def test_finished_run_starts_a_new_one(server_uri, db):
     started = dt.datetime(2024, 1, 1)
     db.models.insert_one({"_id": "m", "status": "pending", "run": 1, "attempts": 3, "started_at": started,
-                          "finished_at": started, "error": {"type": "x"}, "cancel": True,
+                          "finished_at": started, "error": {"type": "x"}, "history": [{"event": "lease expired"}],
                           "progress": {"step": 30}, "checkpoints": [{"run": 1, "step": 30}]})
     document = db.models.find_one({"_id": "m"})
     assert not resumes_run(document)
@@ -175,9 +175,17 @@ def test_finished_run_starts_a_new_one(server_uri, db):
     assert claimed["run"] == 2
     assert claimed["attempts"] == 1
     assert claimed["started_at"] > started
-    for gone in ("finished_at", "error", "cancel", "progress"):
+    for gone in ("finished_at", "error", "history", "progress"):
         assert gone not in claimed
     assert claimed["checkpoints"] == [{"run": 1, "step": 30}]
+
+
+def test_a_claim_never_overrides_a_cancel(server_uri, db):
+    db.models.insert_one({"_id": "m", "status": "pending"})
+    document = db.models.find_one({"_id": "m"})
+    db.models.update_one({"_id": "m"}, {"$set": {"cancel": True}})  # arrives after the daemon's snapshot
+    assert claim(server_uri, db, document, "daemon-a") is None
+    assert db.models.find_one({"_id": "m"})["cancel"] is True
 
 
 def test_claim_with_a_stale_run_fails(server_uri, db):
@@ -225,21 +233,3 @@ def test_renew_after_the_job_finished_is_false(server_uri, db):
         return await renew(adb.models, "m", "daemon-a")
 
     assert run_with(server_uri, db.name, work) is False
-
-
-def test_renew_all_extends_only_the_owners_running_leases(server_uri, db):
-    past = dt.datetime(2020, 1, 1)
-    db.requests.insert_many([
-        {"_id": "a1", "status": "running", "lease": {"owner": "a", "expires_at": past}},
-        {"_id": "a2", "status": "running", "lease": {"owner": "a", "expires_at": past}},
-        {"_id": "b1", "status": "running", "lease": {"owner": "b", "expires_at": past}},
-        {"_id": "a-done", "status": "done", "lease": {"owner": "a", "expires_at": past}},
-    ])
-
-    async def work(adb):
-        return await renew_all(adb.requests, "a")
-
-    assert run_with(server_uri, db.name, work) == 2
-    expiries = {d["_id"]: d["lease"]["expires_at"] for d in db.requests.find()}
-    assert expiries["a1"] > past and expiries["a2"] > past
-    assert expiries["b1"] == past and expiries["a-done"] == past

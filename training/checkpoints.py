@@ -7,9 +7,12 @@ and scheduler states needed to resume are loaded by the trainer with `weights_on
 
 import datetime as dt
 import math
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
+from bson import ObjectId
 from gridfs import GridFSBucket
 
 from listener import defaults
@@ -37,19 +40,42 @@ def upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
 
 
 def download(db, files_id, dest: Path) -> Path:
-    """Unpack a stored checkpoint into `dest`; the `data` filter refuses links and paths outside it."""
+    """Unpack a stored checkpoint into `dest`, whole or not at all.
+
+    It is unpacked beside `dest` and renamed into place, so a download cut short never leaves a
+    folder that looks complete; the `data` filter refuses links and paths outside it.
+    """
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    with _bucket(db).open_download_stream(files_id) as stream:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            tar.extractall(dest, filter="data")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        with _bucket(db).open_download_stream(files_id) as stream:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                tar.extractall(staging, filter="data")
+        staging.rename(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+def stored(db, entry: dict, model_id) -> ObjectId:
+    """The checkpoint's GridFS id, once it is known to be one of this model's archives.
+
+    `checkpoints` lives in a document users can write, so its `files_id` is never trusted as a path
+    or as a pointer to another model's files.
+    """
+    files_id = entry.get("files_id")
+    if not isinstance(files_id, ObjectId) or db[f"{defaults.CHECKPOINTS}.files"].count_documents(
+            {"_id": files_id, "metadata.model": model_id}, limit=1) == 0:
+        raise LookupError(f"checkpoint {{run: {entry.get('run')}, step: {entry.get('step')}}} of model "
+                          f"{model_id!r} is not in {defaults.CHECKPOINTS}; pick another with `checkpoint`")
+    return files_id
 
 
 def keep_only_safe_weights(folder: Path) -> None:
     """Serving reads safetensors only: pickled weight files are removed before anything can load them."""
-    for path in Path(folder).iterdir():
-        if path.suffix in PICKLED:
+    for path in Path(folder).rglob("*"):
+        if path.suffix in PICKLED and path.is_file():
             path.unlink()
     if not any(Path(folder).glob("*.safetensors")):
         raise LookupError(f"checkpoint {Path(folder).name} holds no .safetensors weights; nothing else is loaded")

@@ -170,7 +170,7 @@ class CheckpointRef(_Strict):
 class RequestSpec(_Strict):
     id: Any = Field(alias="_id")
     model: Any
-    input: str | list[Message]
+    input: str | list[Message] = Field(max_length=defaults.MAX_MESSAGES)
     params: GenerationParams = Field(default_factory=GenerationParams)
     checkpoint: Literal["best", "latest", "base"] | CheckpointRef = "best"
     cancel: bool = False
@@ -182,6 +182,8 @@ class RequestSpec(_Strict):
             raise ValueError(f"give between 1 and {defaults.MAX_INPUT_CHARS} characters")
         if isinstance(value, list) and not value:
             raise ValueError("give at least one {role, content} message")
+        if isinstance(value, list) and sum(len(m.content) for m in value) > defaults.MAX_INPUT_CHARS:
+            raise ValueError(f"the messages hold more than {defaults.MAX_INPUT_CHARS} characters in all; shorten them")
         return value
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bson import json_util
 
 from training import checkpoints
 from training.config import GenerationParams, ModelSpec
@@ -23,28 +24,30 @@ class ModelCache:
 
     def __init__(self, db, work_dir: Path, capacity: int):
         self.db, self.work_dir, self.capacity = db, Path(work_dir), capacity
-        self._models: OrderedDict[tuple, Loaded] = OrderedDict()
+        self._models: OrderedDict[str, Loaded] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, spec: ModelSpec, entry: dict | None) -> Loaded:
-        key = (str(spec.id), spec.model_name_or_path, str(entry["files_id"]) if entry else "base")
+        files_id = checkpoints.stored(self.db, entry, spec.id) if entry else None
+        key = json_util.dumps([spec.id, spec.model_name_or_path, spec.model_kwargs, spec.tokenizer_kwargs,
+                               spec.trainer.bits, files_id], sort_keys=True)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            loaded = self._load(spec, entry)
+            loaded = self._load(spec, files_id)
             self._models[key] = loaded
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
             return loaded
 
-    def _load(self, spec: ModelSpec, entry: dict | None) -> Loaded:
+    def _load(self, spec: ModelSpec, files_id) -> Loaded:
         model = load_model(spec)
         folder = None
-        if entry is not None:
-            folder = self.work_dir / str(entry["files_id"])
+        if files_id is not None:
+            folder = self.work_dir / str(files_id)  # an ObjectId's hex: never a path from a document
             if not folder.exists():
-                checkpoints.download(self.db, entry["files_id"], folder)
+                checkpoints.download(self.db, files_id, folder)
             checkpoints.keep_only_safe_weights(folder)
             if (folder / "adapter_config.json").exists():
                 from peft import PeftModel

@@ -20,11 +20,25 @@ from training import checkpoints
 log = logging.getLogger("mongotune.training")
 
 
+def fence(model_id, run: int, owner: str | None) -> dict:
+    """What every write of a training child matches: its run, and only while its daemon holds the lease.
+
+    A child whose lease passed to another daemon (its own was partitioned away, or a user reset the
+    status) can then write nothing, not even a checkpoint listing, and leaves at once.
+    """
+    return {"_id": model_id, "run": run, **({"lease.owner": owner} if owner else {})}
+
+
+def _lease_lost():
+    log.error("another daemon holds this run now (or its document is gone); stopping without another write")
+    os._exit(defaults.EXIT_LEASE_LOST)
+
+
 class MongoProgress(TrainerCallback):
-    def __init__(self, db, model_id, run: int, keep: int | None, daemon: int):
+    def __init__(self, db, model_id, run: int, keep: int | None, daemon: int, owner: str):
         self.db = db
         self.models = db[defaults.MODELS]
-        self.match = {"_id": model_id, "run": run}
+        self.match = fence(model_id, run, owner)
         self.model_id, self.run, self.keep = model_id, run, keep
         self.cancelled = False
         self.stop_requested = False  # set by SIGTERM: save, stop, let any daemon resume the run
@@ -34,7 +48,8 @@ class MongoProgress(TrainerCallback):
         self._checked = 0.0
 
     def _set(self, update: dict) -> None:
-        self.models.update_one(self.match, update)
+        if self.models.update_one(self.match, update).matched_count == 0:
+            _lease_lost()
 
     def _progress(self, state) -> dict:
         done = state.global_step - self._first_step
@@ -78,7 +93,9 @@ class MongoProgress(TrainerCallback):
         """At every log and every few seconds: `cancel: true` (or a deleted document) stops after a save."""
         self._checked = time.monotonic()
         document = self.models.find_one(self.match, {"cancel": 1})
-        if document is None or document.get("cancel"):
+        if document is None:
+            _lease_lost()
+        if document.get("cancel"):
             log.info("cancel requested at step %d: saving and stopping", state.global_step)
             self.cancelled = True
             control.should_training_stop = True
@@ -93,7 +110,10 @@ class MongoProgress(TrainerCallback):
         log.info("checkpoint step %d stored in GridFS (%.1f MB)", state.global_step, entry["size"] / 1e6)
 
     def _record(self, entry: dict) -> None:
-        listed = (self.models.find_one(self.match, {"checkpoints": 1}) or {}).get("checkpoints", []) + [entry]
+        current = self.models.find_one(self.match, {"checkpoints": 1})
+        if current is None:
+            _lease_lost()
+        listed = current.get("checkpoints", []) + [entry]
         pruned = checkpoints.to_prune(listed, self.run, self.keep)
         best = checkpoints.best_of([c for c in listed if c not in pruned])
         self._set({"$push": {"checkpoints": entry},

@@ -20,6 +20,7 @@ from pymongo import MongoClient
 from listener import defaults
 from training import checkpoints
 from training.config import ModelSpec, SpecError, parse_model
+from training.progress import fence
 
 log = logging.getLogger("mongotune.training")
 
@@ -75,7 +76,8 @@ def train(db, document: dict, work: Path, daemon: int) -> int:
     model = load_model(spec)
     if spec.trainer.bits:
         model = prepare_model_for_kbit_training(model)
-    progress = MongoProgress(db, spec.id, document["run"], keep=config.save_total_limit, daemon=daemon)
+    progress = MongoProgress(db, spec.id, document["run"], keep=config.save_total_limit, daemon=daemon,
+                             owner=os.environ.get(defaults.ENV_LEASE_OWNER))
     signal.signal(signal.SIGTERM, lambda *_: setattr(progress, "stop_requested", True))
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if document is None or "run" not in document:
         log.error("model %r is not claimed for training", model_id)
         return defaults.EXIT_FAILED
-    match = {"_id": model_id, "run": document["run"]}
+    match = fence(model_id, document["run"], os.environ.get(defaults.ENV_LEASE_OWNER))
     try:
         with tempfile.TemporaryDirectory(prefix="mongotune-train-") as work:
             return train(db, document, Path(work), daemon)
@@ -127,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         return defaults.EXIT_INVALID
     except Exception as exc:
         log.exception("training failed")
-        error = {"type": type(exc).__name__, "message": str(exc)[: defaults.ERROR_TAIL_CHARS]}
+        message = str(exc)[: defaults.ERROR_TAIL_CHARS]
+        if "out of memory" in message.lower():
+            message += (" (lower trainer.per_device_train_batch_size or trainer.max_seq_length, raise "
+                        "trainer.gradient_accumulation_steps, or load the base in 4 bits with trainer.bits: 4)")
+        error = {"type": type(exc).__name__, "message": message}
         db[defaults.MODELS].update_one(match, {"$set": {"error": error}})
         return defaults.EXIT_FAILED
     finally:
