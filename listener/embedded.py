@@ -45,18 +45,22 @@ def _binary() -> str:
 class EmbeddedServer:
     """Start the server, or reuse one already answering on the port; stop only what we started."""
 
-    def __init__(self, folder: Path | None = None, port: int = defaults.EMBEDDED_PORT, *, memory: bool = False):
+    def __init__(self, folder: Path | None = None, port: int = defaults.EMBEDDED_PORT, *, memory: bool = False,
+                 standalone: bool = False):
+        """`standalone` presents it as a plain server with no change streams, as some deployments are."""
         self.folder = Path(folder or home() / "embedded")
         self.port = port
         self.memory = memory
+        self.standalone = standalone
         self.process: subprocess.Popen | None = None
-        self.uri = f"mongodb://127.0.0.1:{port}/?replicaSet={defaults.EMBEDDED_REPLICA_SET}"
+        self.uri = f"mongodb://127.0.0.1:{port}/" + ("" if standalone else f"?replicaSet={defaults.EMBEDDED_REPLICA_SET}")
         self.log_path = self.folder / "server.log"
 
     def answering(self) -> bool:
         client = MongoClient(self.uri, serverSelectionTimeoutMS=500, directConnection=True)
         try:
-            return client.admin.command("hello").get("setName") == defaults.EMBEDDED_REPLICA_SET
+            set_name = client.admin.command("hello").get("setName")
+            return set_name is None if self.standalone else set_name == defaults.EMBEDDED_REPLICA_SET
         except Exception:
             return False
         finally:
@@ -69,7 +73,8 @@ class EmbeddedServer:
         storage = ":memory:" if self.memory else str(self.folder / "data")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [_binary(), "--host", "127.0.0.1", "--port", str(self.port), "--storage-path", storage],
+                [_binary(), "--host", "127.0.0.1", "--port", str(self.port), "--storage-path", storage,
+                 *(["--standalone"] if self.standalone else [])],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.folder,
                 start_new_session=True,
             )

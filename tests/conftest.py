@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -30,6 +29,13 @@ def server_uri(tmp_path_factory):
     server = EmbeddedServer(tmp_path_factory.mktemp("server"), port=free_port(), memory=True).start()
     yield server.uri
     server.stop()
+
+
+@pytest.fixture
+def standalone_uri(tmp_path):
+    """A server that is not a replica set: no change streams."""
+    with EmbeddedServer(tmp_path / "standalone", port=free_port(), memory=True, standalone=True) as server:
+        yield server.uri
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,11 @@
 """`listener.connection`: redaction, database name resolution and the replica-set check, on real servers."""
 
 import asyncio
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
-from pymongo import MongoClient
 
 from listener import defaults
 from listener.cli.options import connection_options
@@ -119,37 +115,6 @@ def test_connect_to_the_replica_set(server_uri):
             await client.close()
 
     asyncio.run(check())
-
-
-@pytest.fixture
-def standalone_uri():
-    port = free_port()
-    binary = Path(sys.executable).parent / "secantusd-py"
-    process = subprocess.Popen([str(binary), "--host", "127.0.0.1", "--port", str(port),
-                                "--storage-path", ":memory:", "--standalone"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    uri = f"mongodb://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, "the standalone server exited at start"
-            probe = MongoClient(uri, serverSelectionTimeoutMS=300, directConnection=True)
-            try:
-                probe.admin.command("ping")
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "the standalone server did not answer"
-                time.sleep(0.2)
-            finally:
-                probe.close()
-        yield uri
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_connect_to_a_standalone_is_refused(standalone_uri):
