@@ -90,12 +90,12 @@ async def _watch_child(models, model_id, owner: str, process) -> bool:
         except TimeoutError:
             pass
         try:
-            if not await renew(models, model_id, owner):
+            current = await renew(models, model_id, owner, {"cancel": 1, "progress": 1})
+            if current is None:
                 log.warning("lost the lease on %r; stopping its training", model_id)
                 await _stop_child(process)
                 return False
             renewed = time.monotonic()
-            current = await models.find_one({"_id": model_id}, {"cancel": 1, "progress": 1})
         except PyMongoError as exc:
             if time.monotonic() - renewed > defaults.LEASE_S:  # another daemon may own it by now
                 log.warning("could not renew the lease on %r for %.0f s (%s); stopping its training", model_id,
@@ -103,8 +103,8 @@ async def _watch_child(models, model_id, owner: str, process) -> bool:
                 await _stop_child(process)
                 return False
             continue
-        logged_step = _log_progress(model_id, (current or {}).get("progress"), logged_step)
-        if current and current.get("cancel"):
+        logged_step = _log_progress(model_id, current.get("progress"), logged_step)
+        if current.get("cancel"):
             cancel_seen = cancel_seen or time.monotonic()
             if time.monotonic() - cancel_seen > defaults.CHILD_KILL_GRACE_S:
                 await _stop_child(process)

@@ -43,13 +43,13 @@ async def claim_request(requests, request_id, owner: str) -> dict | None:
     )
 
 
-async def renew(collection, doc_id, owner: str) -> bool:
-    """Extend a lease we hold; False means it is no longer ours."""
-    result = await collection.update_one(
+async def renew(collection, doc_id, owner: str, projection: dict | None = None) -> dict | None:
+    """Extend a lease we hold and return the document (`projection` of it); None: it is no longer ours."""
+    return await collection.find_one_and_update(
         {"_id": doc_id, "status": Status.RUNNING.value, "lease.owner": owner},
         {"$set": {"lease.expires_at": lease(owner)["expires_at"]}},
+        projection=projection or {"_id": 1},
     )
-    return result.matched_count == 1
 
 
 async def reap(collection, table: dict, max_attempts: int) -> int:

@@ -218,18 +218,18 @@ def test_renew(server_uri, db):
                 await renew(adb.models, "nope", "daemon-a"))
 
     mine, theirs, missing = run_with(server_uri, db.name, work)
-    assert mine is True
-    assert theirs is False
-    assert missing is False
+    assert mine == {"_id": "m"}
+    assert theirs is None
+    assert missing is None
     stored = db.models.find_one({"_id": "m"})
     assert stored["lease"]["owner"] == "daemon-a"
     assert stored["lease"]["expires_at"] >= claimed["lease"]["expires_at"]
 
 
-def test_renew_after_the_job_finished_is_false(server_uri, db):
+def test_renew_after_the_job_finished_is_none(server_uri, db):
     db.models.insert_one({"_id": "m", "status": "succeeded", "lease": {"owner": "daemon-a"}})
 
     async def work(adb):
         return await renew(adb.models, "m", "daemon-a")
 
-    assert run_with(server_uri, db.name, work) is False
+    assert run_with(server_uri, db.name, work) is None

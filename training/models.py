@@ -1,5 +1,7 @@
 """Loading a base model and tokenizer as a document describes them, for training or for serving."""
 
+import importlib.util
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,10 +28,8 @@ def _model_kwargs(spec: ModelSpec) -> dict:
 def _bits_config(bits: int):
     from transformers import BitsAndBytesConfig
 
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise SpecError("trainer.bits", "QLoRA needs bitsandbytes: pip install 'mongotune[qlora]'") from None
+    if importlib.util.find_spec("bitsandbytes") is None:  # transformers imports it itself when it loads
+        raise SpecError("trainer.bits", "QLoRA needs bitsandbytes: pip install 'mongotune[qlora]'")
     if bits == 4:
         compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return BitsAndBytesConfig(

@@ -47,9 +47,12 @@ class MongoProgress(TrainerCallback):
         self._loss = None
         self._checked = 0.0
 
-    def _set(self, update: dict) -> None:
-        if self.models.update_one(self.match, update).matched_count == 0:
+    def _set(self, update: dict) -> dict:
+        """Write, and read back `cancel` in the same round trip."""
+        document = self.models.find_one_and_update(self.match, update, projection={"cancel": 1})
+        if document is None:
             _lease_lost()
+        return document
 
     def _progress(self, state) -> dict:
         done = state.global_step - self._first_step
@@ -74,8 +77,8 @@ class MongoProgress(TrainerCallback):
         entry = {"run": self.run, "step": state.global_step, "epoch": state.epoch, **numbers}
         log.info("step %d/%d %s", state.global_step, state.max_steps,
                  " ".join(f"{k}={v:.4g}" for k, v in numbers.items()))
-        self._set({"$push": {"metrics": entry}, "$set": {"progress": self._progress(state)}})
-        self._check_cancel(state, control)
+        written = self._set({"$push": {"metrics": entry}, "$set": {"progress": self._progress(state)}})
+        self._stop_if_cancelled(written, state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
         if os.getppid() != self._daemon:
@@ -86,15 +89,11 @@ class MongoProgress(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True
         elif time.monotonic() - self._checked >= defaults.CANCEL_POLL_S:
-            self._set({"$set": {"progress": self._progress(state)}})
-            self._check_cancel(state, control)
+            self._stop_if_cancelled(self._set({"$set": {"progress": self._progress(state)}}), state, control)
 
-    def _check_cancel(self, state, control) -> None:
-        """At every log and every few seconds: `cancel: true` (or a deleted document) stops after a save."""
+    def _stop_if_cancelled(self, document: dict, state, control) -> None:
+        """At every log and every few seconds: `cancel: true` stops training after a final save."""
         self._checked = time.monotonic()
-        document = self.models.find_one(self.match, {"cancel": 1})
-        if document is None:
-            _lease_lost()
         if document.get("cancel"):
             log.info("cancel requested at step %d: saving and stopping", state.global_step)
             self.cancelled = True
