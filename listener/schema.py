@@ -12,6 +12,7 @@ from pymongo.errors import CollectionInvalid, OperationFailure
 from listener import defaults
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS
 from training.config import LISTENER_FIELDS, ModelSpec, RequestSpec
+from training.limits import Limits
 
 log = logging.getLogger("mongotune.listener")
 
@@ -54,18 +55,45 @@ def document_schema(spec: type, statuses: list[str]) -> dict:
     return {"$jsonSchema": schema}
 
 
-def validators() -> dict[str, dict]:
-    return {
+# Where the operator's caps apply in each document: (collection, path, JSON Schema keyword, Limits field).
+CAPS = [
+    (defaults.MODELS, "trainer.max_steps", "maximum", "max_steps"),
+    (defaults.MODELS, "trainer.per_device_train_batch_size", "maximum", "max_batch_size"),
+    (defaults.MODELS, "trainer.per_device_eval_batch_size", "maximum", "max_batch_size"),
+    (defaults.MODELS, "trainer.max_length", "maximum", "max_seq_length"),
+    (defaults.MODELS, "trainer.max_seq_length", "maximum", "max_seq_length"),
+    (defaults.MODELS, "trainer.save_total_limit", "maximum", "max_checkpoints"),
+    (defaults.MODELS, "trainer.dataloader_num_workers", "maximum", "max_dataloader_workers"),
+    (defaults.MODELS, "trainer.num_gpus", "maximum", "max_processes"),
+    (defaults.REQUESTS, "params.max_new_tokens", "maximum", "max_new_tokens"),
+    (defaults.REQUESTS, "input", "maxLength", "max_input_chars"),
+    (defaults.REQUESTS, "input", "maxItems", "max_messages"),
+]
+
+
+def _apply_cap(schema: dict, path: str, keyword: str, value: int) -> None:
+    """Set a bound on a property; JSON Schema applies it only to values of the type it concerns."""
+    node = schema["$jsonSchema"]
+    for part in path.split("."):
+        node = node["properties"][part]
+    node[keyword] = value
+
+
+def validators(limits: Limits) -> dict[str, dict]:
+    schemas = {
         defaults.MODELS: document_schema(ModelSpec, [s.value for s in MODEL_TRANSITIONS]),
         defaults.REQUESTS: document_schema(RequestSpec, sorted({s.value for v in REQUEST_TRANSITIONS.values()
                                                                 for s in v} | {"pending"})),
     }
+    for collection, path, keyword, cap in CAPS:
+        _apply_cap(schemas[collection], path, keyword, getattr(limits, cap))
+    return schemas
 
 
-async def install(db) -> bool:
+async def install(db, limits: Limits) -> bool:
     """Install or update the validators; a server or a role that refuses them only loses the early check."""
     try:
-        for name, validator in validators().items():
+        for name, validator in validators(limits).items():
             try:
                 await db.create_collection(name, validator=validator, validationLevel="moderate")
             except CollectionInvalid:  # it exists (perhaps another daemon just made it): update it

@@ -5,6 +5,7 @@ bad document reaches the daemon's own checks (`test_schema.py` covers the refusa
 """
 
 from listener import defaults
+from training.limits import Limits
 from listener.demo import load_samples
 from tests.conftest import finished, wait_for
 
@@ -64,7 +65,7 @@ def test_bad_requests_fail_with_a_reason_and_a_good_one_is_answered(db, start_da
         "unknown-model": ({"model": "nobody", "input": "hi"}, "no document with _id 'nobody'"),
         "no-checkpoint": ({"model": "untrained", "input": "hi"}, "has no checkpoint yet"),
         "bad-params": ({"model": "ready", "input": "hi", "params": {"max_new_tokens": -1}}, "params.max_new_tokens"),
-        "over-cap": ({"model": "ready", "input": "hi", "params": {"max_new_tokens": defaults.MAX_NEW_TOKENS + 1}},
+        "over-cap": ({"model": "ready", "input": "hi", "params": {"max_new_tokens": Limits().max_new_tokens + 1}},
                      "params.max_new_tokens"),
         "no-input": ({"model": "ready"}, "input"),
         "bad-role": ({"model": "ready", "input": [{"role": "wizard", "content": "hi"}]}, "input"),

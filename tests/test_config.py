@@ -4,11 +4,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from listener import defaults
 from training.config import (
-    ENV_TRUST_REMOTE_CODE, LISTENER_FIELDS, CheckpointRef, ModelSpec, RequestSpec, SpecError, parse_model,
-    parse_request,
+    LISTENER_FIELDS, CheckpointRef, ModelSpec, RequestSpec, SpecError, parse_model, parse_request,
 )
+from training.limits import Limits
+
+CAPS = Limits()
+TRUSTING = Limits(trust_remote_code=True)
 
 
 def model_doc(**overrides) -> dict:
@@ -72,7 +74,7 @@ def test_messages_document_with_full_trainer_section():
     assert spec.data.key == "messages"
     assert spec.trainer.bits == 4
     assert spec.trainer.num_gpus == 2
-    assert spec.trainer.deepspeed == {"zero_optimization": {"stage": 2}}
+    assert spec.trainer.deepspeed.zero_optimization.stage == 2
     args = spec.trainer.training_arguments()
     # mongotune's own fields are not TrainingArguments; the rest pass through, training_kwargs merged.
     assert args == {"num_train_epochs": 3, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2,
@@ -84,12 +86,12 @@ def test_good_requests_in_every_shape():
     assert parse_request(request_doc()).input == "Hello"
     chat = parse_request(request_doc(input=[{"role": "system", "content": "be a pirate"},
                                             {"role": "user", "content": "hi"}],
-                                     params={"max_new_tokens": defaults.MAX_NEW_TOKENS, "temperature": 0.7,
+                                     params={"max_new_tokens": CAPS.max_new_tokens, "temperature": 0.7,
                                              "top_p": 1.0, "do_sample": True},
                                      checkpoint={"run": 2, "step": 40}))
     assert isinstance(chat, RequestSpec)
     assert [m.role for m in chat.input] == ["system", "user"]
-    assert chat.params.max_new_tokens == defaults.MAX_NEW_TOKENS
+    assert chat.params.max_new_tokens == CAPS.max_new_tokens
     assert chat.checkpoint == CheckpointRef(run=2, step=40)
     for ref in ("best", "latest", "base"):
         assert parse_request(request_doc(checkpoint=ref)).checkpoint == ref
@@ -190,35 +192,24 @@ def test_plain_operators_allowed_in_the_filter():
 
 
 @pytest.mark.parametrize("section", ["model_kwargs", "tokenizer_kwargs"])
-def test_trust_remote_code_refused(section, monkeypatch):
-    monkeypatch.delenv(ENV_TRUST_REMOTE_CODE, raising=False)
+def test_trust_remote_code_refused(section):
     error = refused(parse_model, model_doc(**{section: {"trust_remote_code": True}}))
     assert error.field == f"{section}.trust_remote_code"
-    assert ENV_TRUST_REMOTE_CODE in error.message
+    assert "MONGOTUNE_TRUST_REMOTE_CODE" in error.message
 
 
-def test_trust_remote_code_false_is_harmless(monkeypatch):
-    monkeypatch.delenv(ENV_TRUST_REMOTE_CODE, raising=False)
-    assert parse_model(model_doc(model_kwargs={"trust_remote_code": False})).model_kwargs == {
-        "trust_remote_code": False}
+def test_trust_remote_code_false_is_harmless():
+    assert parse_model(model_doc(model_kwargs={"trust_remote_code": False})).model_kwargs.trust_remote_code is False
 
 
-@pytest.mark.parametrize("value", ["0", "true", "yes"])
-def test_trust_remote_code_needs_exactly_1(value, monkeypatch):
-    monkeypatch.setenv(ENV_TRUST_REMOTE_CODE, value)
-    assert refused(parse_model, model_doc(model_kwargs={"trust_remote_code": True})).field == \
-        "model_kwargs.trust_remote_code"
-
-
-def test_operator_opt_in_allows_trust_remote_code(monkeypatch):
-    monkeypatch.setenv(ENV_TRUST_REMOTE_CODE, "1")
-    spec = parse_model(model_doc(model_kwargs={"trust_remote_code": True}))
-    assert spec.model_kwargs["trust_remote_code"] is True
+def test_operator_opt_in_allows_trust_remote_code():
+    spec = parse_model(model_doc(model_kwargs={"trust_remote_code": True}), TRUSTING)
+    assert spec.model_kwargs.trust_remote_code is True
 
 
 @pytest.mark.parametrize("params, field", [
     ({"max_new_tokens": 0}, "params.max_new_tokens"),
-    ({"max_new_tokens": defaults.MAX_NEW_TOKENS + 1}, "params.max_new_tokens"),
+    ({"max_new_tokens": CAPS.max_new_tokens + 1}, "params.max_new_tokens"),
     ({"max_new_tokens": "10"}, "params.max_new_tokens"),
     ({"top_p": 1.5}, "params.top_p"),
     ({"top_p": 0}, "params.top_p"),
@@ -232,9 +223,9 @@ def test_request_params_out_of_range(params, field):
 
 
 def test_max_new_tokens_cap_is_the_operator_one():
-    parse_request(request_doc(params={"max_new_tokens": defaults.MAX_NEW_TOKENS}))
-    error = refused(parse_request, request_doc(params={"max_new_tokens": defaults.MAX_NEW_TOKENS + 1}))
-    assert str(defaults.MAX_NEW_TOKENS) in error.message
+    parse_request(request_doc(params={"max_new_tokens": CAPS.max_new_tokens}))
+    error = refused(parse_request, request_doc(params={"max_new_tokens": CAPS.max_new_tokens + 1}))
+    assert str(CAPS.max_new_tokens) in error.message
 
 
 @pytest.mark.parametrize("ref", ["worst", "", {"run": 0, "step": 1}, {"run": 1}, {"run": 1, "step": -1},
@@ -249,7 +240,7 @@ def test_bad_checkpoint_refs_name_a_real_field(ref):
         "checkpoint", "checkpoint.run", "checkpoint.step"}
 
 
-@pytest.mark.parametrize("input_", ["", [], "x" * (defaults.MAX_INPUT_CHARS + 1)])
+@pytest.mark.parametrize("input_", ["", [], "x" * (CAPS.max_input_chars + 1)])
 def test_empty_or_oversized_input(input_):
     error = refused(parse_request, request_doc(input=input_))
     assert error.field == "input"

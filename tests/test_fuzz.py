@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
-from listener import defaults, schema
+from listener import defaults
+from listener import schema
+from training.limits import Limits
 from tests.conftest import finished, wait_for
 from training.config import LISTENER_FIELDS, SpecError, parse_model, parse_request
 
@@ -85,7 +87,7 @@ request_breaks = st.one_of(
         lambda items: any(not isinstance(i, dict) or set(i) != {"role", "content"} for i in items))),
     st.tuples(st.just("params"), not_a(dict)),
     st.tuples(st.just("params"), st.fixed_dictionaries({"max_new_tokens": st.integers(-(2**63), 0)
-                                                         | st.integers(defaults.MAX_NEW_TOKENS + 1, 2**63 - 1)
+                                                         | st.integers(Limits().max_new_tokens + 1, 2**63 - 1)
                                                          | not_a(int)})),
     st.tuples(st.just("checkpoint"), not_a(dict).filter(lambda v: v not in ("best", "latest", "base"))),
     st.tuples(safe_key.map(lambda k: "x_" + k), anything),
@@ -155,7 +157,7 @@ def test_what_the_validator_lets_through_the_daemon_still_fails(db, server_uri):
     async def install():
         client = AsyncMongoClient(server_uri)
         try:
-            return await schema.install(client[db.name])
+            return await schema.install(client[db.name], Limits())
         finally:
             await client.close()
 

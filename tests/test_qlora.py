@@ -28,10 +28,10 @@ def test_a_quantized_base_trains_an_adapter_and_serves(db, start_daemon, tiny_mo
 
 
 @pytest.mark.parametrize(("bits", "layer"), [(4, "Linear4bit"), (8, "Linear8bitLt")])
-def test_bits_load_the_base_model_quantized(tiny_model_path, bits, layer):
+def test_bits_load_the_base_model_quantized(tiny_model_path, limits, bits, layer):
     from training.config import parse_model
     from training.models import load_model
 
     spec = parse_model({"_id": 1, "model_name_or_path": tiny_model_path, "data": {"collection": "c"},
-                        "trainer": {"bits": bits}})
-    assert type(load_model(spec).model.layers[0].self_attn.q_proj).__name__ == layer
+                        "trainer": {"bits": bits}}, limits)
+    assert type(load_model(spec, limits).model.layers[0].self_attn.q_proj).__name__ == layer

@@ -6,7 +6,9 @@ import pytest
 from pymongo import AsyncMongoClient
 from pymongo.errors import WriteError
 
-from listener import defaults, schema
+from listener import defaults
+from listener import schema
+from training.limits import Limits
 from training.config import SpecError, parse_model, parse_request
 
 GOOD_MODELS = [
@@ -39,7 +41,7 @@ BAD_REQUESTS = [
     {"model": "m", "input": 5},
     {"model": "m", "input": [{"role": "wizard", "content": "hi"}]},
     {"model": "m", "input": "hi", "params": {"max_new_tokens": 0}},
-    {"model": "m", "input": "hi", "params": {"max_new_tokens": defaults.MAX_NEW_TOKENS + 1}},
+    {"model": "m", "input": "hi", "params": {"max_new_tokens": Limits().max_new_tokens + 1}},
     {"model": "m", "input": "hi", "checkpoint": "worst"},
     {"model": "m", "input": "hi", "status": "bogus"},
 ]
@@ -50,8 +52,8 @@ def validated(db, server_uri):
     async def install():
         client = AsyncMongoClient(server_uri)
         try:
-            first = await schema.install(client[db.name])
-            again = await schema.install(client[db.name])  # the collMod path, as a second daemon takes it
+            first = await schema.install(client[db.name], Limits())
+            again = await schema.install(client[db.name], Limits())  # the collMod path, as a second daemon takes it
             return first and again
         finally:
             await client.close()

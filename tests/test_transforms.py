@@ -7,6 +7,7 @@ from listener.demo import load_samples
 from tests.conftest import finished, wait_for
 from training import transforms
 from training.config import DataSpec, SpecError, parse_model
+from training.limits import Limits
 from training.dataset import MESSAGES, TEXT, build_datasets, detect_format
 
 PLUGIN = '''
@@ -40,7 +41,7 @@ def operator_plugin(tmp_path, monkeypatch):
 
 def test_the_builtin_turns_pairs_into_chat(db):
     load_samples(db)
-    train, valid = build_datasets(db, DataSpec(collection="pirate_prompt_response", transform="chat_from_pairs"))
+    train, valid = build_datasets(db, DataSpec(collection="pirate_prompt_response", transform="chat_from_pairs"), Limits())
     assert detect_format(train[0]) == MESSAGES and len(train) + len(valid) == 200
     assert [m["role"] for m in train[0]["messages"]] == ["user", "assistant"]
 
@@ -60,21 +61,21 @@ def test_template_and_transform_together_are_refused():
 def test_an_operator_plugin_is_found_and_used(db, operator_plugin):
     load_samples(db)
     assert {"shout", "chat_from_pairs"} <= set(transforms.registered())
-    train, _ = build_datasets(db, DataSpec(collection="pirate_text", transform="shout"))
+    train, _ = build_datasets(db, DataSpec(collection="pirate_text", transform="shout"), Limits())
     assert detect_format(train[0]) == TEXT and train[0]["text"] == train[0]["text"].upper()
 
 
 def test_a_transform_may_leave_documents_out(db, operator_plugin):
     db["notes"].insert_many([{"text": "ahoy matey"}, {"text": "hello"}, {"text": "matey arr"}])
-    train, valid = build_datasets(db, DataSpec(collection="notes", transform="only_valid_fold"))
+    train, valid = build_datasets(db, DataSpec(collection="notes", transform="only_valid_fold"), Limits())
     assert len(train) + len(valid or []) == 2
 
 
-@pytest.mark.parametrize(("name", "expected"), [("broken_shape", "returned list"), ("explodes", "no such column")])
+@pytest.mark.parametrize(("name", "expected"), [("broken_shape", "returned list"), ("explodes", "RuntimeError")])
 def test_a_misbehaving_transform_is_reported_against_the_document(db, operator_plugin, name, expected):
     load_samples(db)
     with pytest.raises(SpecError) as refused:
-        build_datasets(db, DataSpec(collection="pirate_text", transform=name))
+        build_datasets(db, DataSpec(collection="pirate_text", transform=name), Limits())
     assert refused.value.field == "data.transform" and expected in refused.value.message
 
 

@@ -6,24 +6,35 @@ Trainer argument names are checked against trl's `SFTConfig` in `training.argume
 is imported anyway.
 """
 
+import difflib
+import fnmatch
 import os
-from typing import Any, Literal
+import re
+import typing
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from listener import defaults
-from training import transforms
+from training import ids, transforms
+from training.limits import Limits
 from training.template import TemplateError, template_fields
 
 # Written by the listener; present on documents it has touched, never part of the user's definition.
 LISTENER_FIELDS = frozenset({
     "status", "run", "attempts", "progress", "metrics", "checkpoints", "best_checkpoint", "error",
     "lease", "created_at", "started_at", "finished_at", "output", "usage", "latency_ms",
-    "completed_at", "history", "checkpoint_used", "batch_size",
+    "completed_at", "history", "checkpoint_used", "batch_size", "warnings",
 })
 # Server-side JavaScript: a real MongoDB would run it, so a user-supplied filter may not hold it.
 FORBIDDEN_OPERATORS = frozenset({"$where", "$function", "$accumulator"})
-ENV_TRUST_REMOTE_CODE = "MONGOTUNE_TRUST_REMOTE_CODE"  # operator's opt-in, never a document's
+# Accepted so a reference workflow's arguments work as copied, and ignored: written to `warnings`.
+IGNORED = {
+    "output_dir": "ignored: checkpoints go to GridFS, never to a folder a document names",
+    "overwrite_output_dir": "ignored: every run writes to a fresh folder of the listener's",
+}
+REVISION = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$"  # a branch, tag or commit hash
+PLAIN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$"  # one file or folder name inside the model, never a path
+FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$"
 
 
 class SpecError(Exception):
@@ -106,85 +117,240 @@ class DataSpec(_Strict):
         return value
 
 
-class TrainerSpec(BaseModel):
-    """mongotune's own trainer fields; every other name is a TrainingArguments/SFTConfig name."""
+class ModelKwargs(_Strict):
+    """What `from_pretrained` may get from a document; weights always load as safetensors."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] | None = None
+    torch_dtype: Literal["float32", "float16", "bfloat16", "auto"] | None = None
+    revision: str | None = Field(default=None, pattern=REVISION)
+    subfolder: str | None = Field(default=None, pattern=PLAIN_NAME)
+    gguf_file: str | None = Field(default=None, pattern=PLAIN_NAME)
+    attn_implementation: Literal["eager", "sdpa"] | None = None
+    low_cpu_mem_usage: bool | None = None
+    use_cache: bool | None = None
+    trust_remote_code: bool = False
+
+
+class TokenizerKwargs(_Strict):
+    """What `AutoTokenizer.from_pretrained` may get from a document."""
+
+    revision: str | None = Field(default=None, pattern=REVISION)
+    subfolder: str | None = Field(default=None, pattern=PLAIN_NAME)
+    gguf_file: str | None = Field(default=None, pattern=PLAIN_NAME)
+    use_fast: bool | None = None
+    padding_side: Literal["left", "right"] | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    model_max_length: int | None = Field(default=None, gt=0, le=1_000_000)
+    add_bos_token: bool | None = None
+    add_eos_token: bool | None = None
+    trust_remote_code: bool = False
+
+
+Steps = Annotated[int | float, Field(gt=0, le=10_000_000)]  # a count, or below 1 a fraction of the run
+
+
+class TrainingArgs(_Strict):
+    """The TrainingArguments/SFTConfig names a document may set, each bounded; every other name is refused.
+
+    A name a future transformers or trl release adds stays refused until it is listed here. Old names
+    from earlier releases are accepted and translated by `training.arguments`.
+    """
+
+    num_train_epochs: float | None = Field(default=None, gt=0, le=10_000)
+    max_steps: int | None = Field(default=None, ge=-1, le=2**62)
+    per_device_train_batch_size: int | None = Field(default=None, ge=1)
+    per_device_eval_batch_size: int | None = Field(default=None, ge=1)
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=4096)
+    learning_rate: float | None = Field(default=None, gt=0, le=10)
+    weight_decay: float | None = Field(default=None, ge=0, le=10)
+    adam_beta1: float | None = Field(default=None, ge=0, lt=1)
+    adam_beta2: float | None = Field(default=None, ge=0, lt=1)
+    adam_epsilon: float | None = Field(default=None, gt=0, le=1)
+    max_grad_norm: float | None = Field(default=None, ge=0, le=1e6)
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+        "cosine_with_min_lr", "warmup_stable_decay"] | None = None
+    warmup_steps: Steps | None = None
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
+    logging_steps: Steps | None = None
+    eval_steps: Steps | None = None
+    save_steps: Steps | None = None
+    logging_strategy: Literal["no", "steps", "epoch"] | None = None
+    save_strategy: Literal["no", "steps", "epoch"] | None = None
+    eval_strategy: Literal["no", "steps", "epoch"] | None = None
+    evaluation_strategy: Literal["no", "steps", "epoch"] | None = None
+    logging_first_step: bool | None = None
+    save_total_limit: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    data_seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    bf16: bool | None = None
+    fp16: bool | None = None
+    tf32: bool | None = None
+    optim: Literal[
+        "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_8bit", "adamw_bnb_8bit",
+        "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit", "paged_lion_8bit"] | None = None
+    activation_checkpointing: bool | None = None
+    gradient_checkpointing: bool | None = None
+    dataloader_num_workers: int | None = Field(default=None, ge=0)
+    dataloader_drop_last: bool | None = None
+    label_smoothing_factor: float | None = Field(default=None, ge=0, lt=1)
+    neftune_noise_alpha: float | None = Field(default=None, ge=0, le=100)
+    load_best_model_at_end: bool | None = None
+    metric_for_best_model: Literal["loss", "eval_loss"] | None = None
+    greater_is_better: bool | None = None
+    eval_on_start: bool | None = None
+    use_cpu: bool | None = None
+    no_cuda: bool | None = None
+    max_length: int | None = Field(default=None, ge=1)
+    max_seq_length: int | None = Field(default=None, ge=1)
+    packing: bool | None = None
+    dataset_text_field: str | None = Field(default=None, pattern=FIELD_NAME)
+    completion_only_loss: bool | None = None
+    assistant_only_loss: bool | None = None
+    padding_free: bool | None = None
+    dataset_num_proc: int | None = Field(default=None, ge=1)
+    # Accepted so the reference workflow's arguments work as copied, and ignored (see `warnings`).
+    output_dir: str | None = Field(default=None, max_length=1000)
+    overwrite_output_dir: bool | None = None
+
+    @field_validator("max_steps")
+    @classmethod
+    def _some_steps(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("a run of zero steps trains nothing; give a positive number, or -1 to use num_train_epochs")
+        return value
+
+
+class ZeroOffload(_Strict):
+    device: Literal["cpu", "none"]
+    pin_memory: bool | None = None
+
+
+AutoInt = Annotated[int, Field(ge=0, le=10**12)] | Literal["auto"]
+
+
+class ZeroOptimization(_Strict):
+    stage: int = Field(ge=0, le=3)
+    offload_optimizer: ZeroOffload | None = None
+    offload_param: ZeroOffload | None = None
+    overlap_comm: bool | None = None
+    contiguous_gradients: bool | None = None
+    reduce_scatter: bool | None = None
+    round_robin_gradients: bool | None = None
+    reduce_bucket_size: AutoInt | None = None
+    allgather_bucket_size: AutoInt | None = None
+    sub_group_size: AutoInt | None = None
+    stage3_prefetch_bucket_size: AutoInt | None = None
+    stage3_param_persistence_threshold: AutoInt | None = None
+    stage3_max_live_parameters: AutoInt | None = None
+    stage3_max_reuse_distance: AutoInt | None = None
+    stage3_gather_16bit_weights_on_model_save: bool | None = None
+
+
+class Precision(_Strict):
+    enabled: bool | Literal["auto"] = "auto"
+    loss_scale: float | None = Field(default=None, ge=0, le=2**32)
+    initial_scale_power: int | None = Field(default=None, ge=0, le=32)
+    loss_scale_window: int | None = Field(default=None, ge=1, le=10**6)
+    hysteresis: int | None = Field(default=None, ge=1, le=1000)
+    min_loss_scale: float | None = Field(default=None, ge=0, le=2**32)
+
+
+class DeepSpeedSpec(_Strict):
+    """The DeepSpeed settings a document may give: no paths, no monitors, no profilers, no NVMe."""
+
+    zero_optimization: ZeroOptimization = Field(default_factory=lambda: ZeroOptimization(stage=2))
+    bf16: Precision | None = None
+    fp16: Precision | None = None
+    gradient_clipping: float | Literal["auto"] | None = None
+    train_micro_batch_size_per_gpu: AutoInt | None = None
+    gradient_accumulation_steps: AutoInt | None = None
+    train_batch_size: AutoInt | None = None
+    zero_allow_untested_optimizer: bool | None = None
+    steps_per_print: int | None = Field(default=None, ge=1, le=10**9)
+
+
+class TrainerSpec(TrainingArgs):
+    """mongotune's own trainer fields beside the allowed TrainingArguments names."""
 
     use_lora: bool = True
     lora_r: int = Field(default=8, gt=0, le=1024)
-    lora_alpha: int = Field(default=16, gt=0)
+    lora_alpha: int = Field(default=16, gt=0, le=65_536)
     lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    lora_target_modules: str | list[str] = "all-linear"
+    lora_target_modules: str | list[Annotated[str, Field(pattern=FIELD_NAME)]] = Field(default="all-linear", max_length=200)
     bits: Literal[4, 8] | None = None
-    deepspeed: dict | None = None
+    deepspeed: DeepSpeedSpec | None = None
     num_gpus: int = Field(default=1, ge=0, le=64)
-    training_kwargs: dict = Field(default_factory=dict)
+    training_kwargs: TrainingArgs = Field(default_factory=TrainingArgs)
 
     def training_arguments(self) -> dict:
         """TrainingArguments names as the user wrote them, `training_kwargs` merged in."""
-        return {**(self.model_extra or {}), **self.training_kwargs}
+        own = self.model_dump(include=set(TrainingArgs.model_fields), exclude_unset=True)
+        return {**own, **self.training_kwargs.model_dump(exclude_unset=True)}
+
+
+def _plain_id(value):
+    try:
+        return ids.check(value)
+    except ids.BadId as exc:
+        raise ValueError(str(exc)) from None
+
+
+PlainId = Annotated[Any, AfterValidator(_plain_id)]  # a model's id: a value, never a pattern or a document
 
 
 class ModelSpec(_Strict):
-    id: Any = Field(alias="_id")
+    id: PlainId = Field(alias="_id")
     model_name_or_path: str = Field(min_length=1, max_length=1000)
-    model_kwargs: dict = Field(default_factory=dict)
-    tokenizer_kwargs: dict = Field(default_factory=dict)
+    model_kwargs: ModelKwargs = Field(default_factory=ModelKwargs)
+    tokenizer_kwargs: TokenizerKwargs = Field(default_factory=TokenizerKwargs)
     data: DataSpec
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
-    description: str | None = None
+    description: str | None = Field(default=None, max_length=10_000)
     cancel: bool = False
 
-    @model_validator(mode="after")
-    def _no_remote_code(self) -> "ModelSpec":
-        if os.environ.get(ENV_TRUST_REMOTE_CODE) != "1":
-            for name in ("model_kwargs", "tokenizer_kwargs"):
-                if getattr(self, name).get("trust_remote_code"):
-                    raise SpecError(
-                        f"{name}.trust_remote_code",
-                        f"running a model's own code is off; the operator enables it with {ENV_TRUST_REMOTE_CODE}=1",
-                    )
-        return self
+    def warnings(self) -> list[str]:
+        """Settings accepted for compatibility but not used, and why: written to the document at claim."""
+        given = self.trainer.training_arguments()
+        return [f"trainer.{name}: {why}" for name, why in IGNORED.items() if name in given]
 
 
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=defaults.MAX_INPUT_CHARS)
+    content: str
 
 
 class GenerationParams(_Strict):
-    max_new_tokens: int = Field(default=128, gt=0, le=defaults.MAX_NEW_TOKENS)
+    max_new_tokens: int = Field(default=128, gt=0)
     temperature: float | None = Field(default=None, gt=0.0, le=10.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, gt=0)
+    top_k: int | None = Field(default=None, gt=0, le=100_000)
     do_sample: bool | None = None
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
 
 
 class CheckpointRef(_Strict):
-    run: int = Field(ge=1)
-    step: int = Field(ge=0)
+    run: int = Field(ge=1, le=2**31)
+    step: int = Field(ge=0, le=2**62)
 
 
 class RequestSpec(_Strict):
     id: Any = Field(alias="_id")
-    model: Any
-    input: str | list[Message] = Field(max_length=defaults.MAX_MESSAGES)
+    model: PlainId
+    input: str | list[Message]
     params: GenerationParams = Field(default_factory=GenerationParams)
     checkpoint: Literal["best", "latest", "base"] | CheckpointRef = "best"
     cancel: bool = False
 
     @field_validator("input")
     @classmethod
-    def _bounded(cls, value: str | list[Message]) -> str | list[Message]:
-        if isinstance(value, str) and not 0 < len(value) <= defaults.MAX_INPUT_CHARS:
-            raise ValueError(f"give between 1 and {defaults.MAX_INPUT_CHARS} characters")
-        if isinstance(value, list) and not value:
-            raise ValueError("give at least one {role, content} message")
-        if isinstance(value, list) and sum(len(m.content) for m in value) > defaults.MAX_INPUT_CHARS:
-            raise ValueError(f"the messages hold more than {defaults.MAX_INPUT_CHARS} characters in all; shorten them")
+    def _not_empty(cls, value: str | list[Message]) -> str | list[Message]:
+        if not value:
+            raise ValueError("give the text, or at least one {role, content} message")
         return value
+
+    def prompt_chars(self) -> int:
+        return len(self.input) if isinstance(self.input, str) else sum(len(m.content) for m in self.input)
 
 
 def _real_path(loc: tuple, document: dict, missing: bool) -> list:
@@ -209,10 +375,36 @@ def _first_error(exc: ValidationError, document: dict) -> SpecError:
     err = errors[index]
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        message = "unknown field; remove it or check its spelling"
+        name = str(paths[index][-1]) if paths[index] else ""
+        close = difflib.get_close_matches(name, KNOWN_NAMES, n=1, cutoff=0.75)
+        message = NOT_FROM_DOCUMENTS.get(name) or (f"unknown field; did you mean {close[0]!r}?" if close else
+                                                   "unknown field; remove it or check its spelling")
     elif err["type"] == "missing":
         message = "required field is missing"
     return SpecError(".".join(str(part) for part in paths[index]), message)
+
+
+def _field_names(model: type[BaseModel]) -> set[str]:
+    names = set(model.model_fields)
+    for field in model.model_fields.values():
+        for inner in typing.get_args(field.annotation) or (field.annotation,):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                names |= _field_names(inner)
+    return names
+
+
+KNOWN_NAMES = sorted(_field_names(ModelSpec) | _field_names(RequestSpec))
+# Names people copy from tutorials that a document may never set, with the reason to show.
+NOT_FROM_DOCUMENTS = {
+    "push_to_hub": "cannot be set in a document: checkpoints go to GridFS",
+    "hub_token": "cannot be set in a document: credentials never belong in a document",
+    "hub_model_id": "cannot be set in a document: checkpoints go to GridFS",
+    "report_to": "cannot be set in a document: metrics go to the model document",
+    "logging_dir": "cannot be set in a document: logs go to the model document",
+    "resume_from_checkpoint": "cannot be set in a document: the listener resumes from the last checkpoint in GridFS",
+    "use_safetensors": "cannot be set in a document: weights are always loaded as safetensors",
+    "chat_template": "cannot be set in a document: the chat template comes with the model",
+}
 
 
 def _parse(cls: type[BaseModel], document: dict):
@@ -227,9 +419,91 @@ def _parse(cls: type[BaseModel], document: dict):
         raise _first_error(exc, user_part) from None
 
 
-def parse_model(document: dict) -> ModelSpec:
-    return _parse(ModelSpec, document)
+def parse_model(document: dict, limits: Limits = Limits()) -> ModelSpec:
+    """The model document as one validated object, within the operator's `limits`."""
+    spec = _parse(ModelSpec, document)
+    check_model(spec, limits)
+    return spec
 
 
-def parse_request(document: dict) -> RequestSpec:
-    return _parse(RequestSpec, document)
+def parse_request(document: dict, limits: Limits = Limits()) -> RequestSpec:
+    spec = _parse(RequestSpec, document)
+    check_request(spec, limits)
+    return spec
+
+
+def _cap(limits: Limits, field: str, name: str, asked) -> None:
+    if asked is not None and asked > getattr(limits, name):
+        raise SpecError(field, limits.refusal(name, asked))
+
+
+def check_model(spec: ModelSpec, limits: Limits) -> None:
+    """The operator's caps on a model document; each refusal names the field, the cap and its setting."""
+    args = spec.trainer.training_arguments()
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        _cap(limits, f"trainer.{name}", "max_batch_size", args.get(name))
+    for name in ("max_length", "max_seq_length"):
+        _cap(limits, f"trainer.{name}", "max_seq_length", args.get(name))
+    _cap(limits, "trainer.max_steps", "max_steps", args.get("max_steps"))
+    _cap(limits, "trainer.save_total_limit", "max_checkpoints", args.get("save_total_limit"))
+    _cap(limits, "trainer.dataloader_num_workers", "max_dataloader_workers", args.get("dataloader_num_workers"))
+    _cap(limits, "trainer.dataset_num_proc", "max_processes", args.get("dataset_num_proc"))
+    _cap(limits, "trainer.num_gpus", "max_processes", spec.trainer.num_gpus)
+    _cap(limits, "data.limit", "max_documents", spec.data.limit)
+    if not limits.trust_remote_code:
+        for section in ("model_kwargs", "tokenizer_kwargs"):
+            if getattr(spec, section).trust_remote_code:
+                raise SpecError(f"{section}.trust_remote_code", "running a model's own code is off; the operator "
+                                f"enables it with {Limits.setting('trust_remote_code')}=1")
+    check_collection(spec.data.collection, limits)
+    check_source(spec.model_name_or_path, limits)
+
+
+def check_request(spec: RequestSpec, limits: Limits) -> None:
+    _cap(limits, "params.max_new_tokens", "max_new_tokens", spec.params.max_new_tokens)
+    _cap(limits, "input", "max_input_chars", spec.prompt_chars())
+    if isinstance(spec.input, list):
+        _cap(limits, "input", "max_messages", len(spec.input))
+
+
+def check_collection(name: str, limits: Limits) -> None:
+    """Only collections the operator lets documents train on: by default none of the listener's or the system's."""
+    if "$" in name or "\0" in name or name.startswith("."):
+        raise SpecError("data.collection", "not a valid collection name")
+    if limits.collections:
+        allowed = any(fnmatch.fnmatchcase(name, pattern) for pattern in limits.collections)
+    else:
+        allowed = not name.startswith(("_", "system."))
+    if not allowed:
+        raise SpecError("data.collection", "documents may not train on this collection; the operator lists the ones "
+                        f"they may with {Limits.setting('collections')}")
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+
+
+def is_hub_id(source: str) -> bool:
+    return bool(HUB_ID.match(source)) and ".." not in source and not os.path.isabs(source)
+
+
+def check_source(source: str, limits: Limits) -> None:
+    """A hub id the operator allows, or a folder under one of the operator's model roots, outside the listener's own."""
+    field = "model_name_or_path"
+    if os.path.isabs(source):
+        resolved = os.path.realpath(source)
+        inside = [root for root in limits.model_roots if _within(resolved, root)]
+        if not inside or any(_within(resolved, root) for root in limits.private_roots):
+            raise SpecError(field, "this folder is not under a model root the operator allows; the operator adds "
+                            f"roots with {Limits.setting('model_roots')} or --model-root")
+        return
+    if not is_hub_id(source):
+        raise SpecError(field, "give a Hugging Face Hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct' or an "
+                        "absolute folder path under a model root the operator allows")
+    if not any(fnmatch.fnmatchcase(source, pattern) for pattern in limits.hub_models):
+        raise SpecError(field, f"the operator does not allow this hub model; allowed: {', '.join(limits.hub_models)} "
+                        f"({Limits.setting('hub_models')})")
+
+
+def _within(path: str, root) -> bool:
+    root = os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)

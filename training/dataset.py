@@ -10,6 +10,7 @@ import random
 from datasets import Dataset
 
 from training.config import DataSpec, SpecError
+from training.limits import Limits
 from training.template import render, template_fields
 from training.transforms import load as load_transform
 
@@ -35,15 +36,20 @@ def needed_fields(data: DataSpec) -> list[str]:
     return [*dict.fromkeys(fields), data.fold_field]
 
 
-def load_documents(db, data: DataSpec) -> list[dict]:
+def load_documents(db, data: DataSpec, limits: Limits) -> list[dict]:
+    """The selected documents, at most the operator's cap; errors never show other documents' contents."""
     projection = {name: 1 for name in needed_fields(data)} or None
-    documents = list(db[data.collection].find(data.filter, projection, limit=data.limit or 0))
+    cap = min(data.limit or limits.max_documents, limits.max_documents)
+    documents = list(db[data.collection].find(data.filter, projection, limit=cap + 1))
+    if len(documents) > cap and not data.limit:
+        raise SpecError("data.limit", limits.refusal("max_documents", "the selection holds more documents, which")
+                        + "; select fewer with data.filter or data.limit")
     if not documents:
         where = f"collection {data.collection!r}"
         if data.filter:
             raise SpecError("data.filter", f"no document in {where} matches the filter {data.filter}")
         raise SpecError("data.collection", f"{where} has no documents (check the name and the database)")
-    return documents
+    return documents[:cap]
 
 
 def _missing(documents: list[dict], data: DataSpec) -> None:
@@ -53,19 +59,18 @@ def _missing(documents: list[dict], data: DataSpec) -> None:
             field = "data.template" if data.template and name in template_fields(data.template) else "data.key"
             raise SpecError(
                 field,
-                f"{len(lacking)} of {len(documents)} documents in {data.collection!r} have no field {name!r} "
-                f"(first: _id={lacking[0].get('_id')!r})",
+                f"{len(lacking)} of {len(documents)} selected documents have no field {name!r}",
             )
 
 
-def _messages(value, doc_id) -> list[dict]:
+def _messages(value) -> list[dict]:
     ok = isinstance(value, list) and value and all(
         isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value
     )
     if not ok:
         raise SpecError(
             "data.key",
-            f"document _id={doc_id!r}: chat messages must be a non-empty list of "
+            "chat messages must be a non-empty list of "
             f"{{role: system|user|assistant, content: string}}",
         )
     return [{"role": m["role"], "content": m["content"]} for m in value]
@@ -75,12 +80,12 @@ def _transformed(doc: dict, data: DataSpec, transform) -> dict | None:
     try:
         example = transform(doc)
     except Exception as exc:
-        raise SpecError("data.transform", f"{data.transform!r} failed on document _id={doc.get('_id')!r}: "
-                                          f"{type(exc).__name__}: {exc}") from None
+        raise SpecError("data.transform", f"{data.transform!r} failed on a selected document: "
+                                          f"{type(exc).__name__}") from None
     shapes = ({"text"}, {"prompt", "completion"}, {"messages"})
     if example is not None and not (isinstance(example, dict) and set(example) in shapes):
-        raise SpecError("data.transform", f"{data.transform!r} returned {type(example).__name__} for document "
-                                          f"_id={doc.get('_id')!r}; a transform returns {{text}}, "
+        raise SpecError("data.transform", f"{data.transform!r} returned {type(example).__name__} for a selected "
+                                          "document; a transform returns {text}, "
                                           "{prompt, completion}, {messages} or None")
     return example
 
@@ -97,10 +102,10 @@ def to_example(doc: dict, data: DataSpec, transform=None) -> dict | None:
     if isinstance(value, str):
         return {"text": value}
     if isinstance(value, list):
-        return {"messages": _messages(value, doc.get("_id"))}
+        return {"messages": _messages(value)}
     raise SpecError(
         "data.key",
-        f"field {data.key!r} of document _id={doc.get('_id')!r} is {type(value).__name__}: "
+        f"field {data.key!r} of a selected document is {type(value).__name__}: "
         f"use a string field for text or a list of messages for chat",
     )
 
@@ -120,8 +125,8 @@ def split_folds(documents: list[dict], data: DataSpec) -> tuple[list[dict], list
     return train, valid
 
 
-def build_datasets(db, data: DataSpec) -> tuple[Dataset, Dataset | None]:
-    documents = load_documents(db, data)
+def build_datasets(db, data: DataSpec, limits: Limits) -> tuple[Dataset, Dataset | None]:
+    documents = load_documents(db, data, limits)
     _missing(documents, data)
     train, valid = split_folds(documents, data)
     transform = load_transform(data.transform) if data.transform else None

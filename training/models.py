@@ -1,25 +1,55 @@
-"""Loading a base model and tokenizer as a document describes them, for training or for serving."""
+"""Loading a base model and tokenizer as a document describes them, for training or for serving.
 
+Every load asks for safetensors, checks the model's size from its configuration before any weight
+is allocated, and reads only from where the operator allows (`training.limits.Limits`).
+"""
+
+import fnmatch
 import importlib.util
+import logging
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from training.config import ModelSpec, SpecError
+from training.config import ModelSpec, SpecError, check_source, is_hub_id
+from training.limits import Limits
 from training.offline import dequantize
+
+log = logging.getLogger("mongotune.training")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
 
+def resolve_source(spec: ModelSpec, limits: Limits) -> str:
+    """Where to load from: a hub id found in a model root (converted or downloaded once) is used offline."""
+    source = spec.model_name_or_path
+    check_source(source, limits)
+    if is_hub_id(source):
+        for root in limits.model_roots:
+            for candidate in (Path(root) / source, Path(root) / source.rsplit("/", 1)[-1]):
+                if (candidate / "config.json").is_file():
+                    return str(candidate)
+    return source
+
+
+def _hub_kwargs(source: str, limits: Limits) -> dict:
+    """The host's hub token goes only to hub ids the operator lists for it."""
+    allowed = is_hub_id(source) and any(fnmatch.fnmatchcase(source, p) for p in limits.hub_token_models)
+    return {} if allowed else {"token": False}
+
+
+def _common_kwargs(section) -> dict:
+    kwargs = section.model_dump(exclude_none=True, exclude={"dtype", "torch_dtype"})
+    if not kwargs.get("trust_remote_code"):
+        kwargs.pop("trust_remote_code", None)
+    return kwargs
+
+
 def _model_kwargs(spec: ModelSpec) -> dict:
-    kwargs = dict(spec.model_kwargs)
-    for name in ("dtype", "torch_dtype"):
-        if name in kwargs:
-            value = kwargs.pop(name)
-            if value not in _DTYPES:
-                raise SpecError(f"model_kwargs.{name}", f"use one of {sorted(_DTYPES)}, not {value!r}")
-            kwargs["dtype"] = _DTYPES[value]
-    kwargs.setdefault("dtype", torch.float32 if not torch.cuda.is_available() else "auto")
+    kwargs = _common_kwargs(spec.model_kwargs)
+    dtype = spec.model_kwargs.dtype or spec.model_kwargs.torch_dtype
+    kwargs["dtype"] = _DTYPES[dtype] if dtype else (torch.float32 if not torch.cuda.is_available() else "auto")
     if spec.trainer.bits:
         kwargs["quantization_config"] = _bits_config(spec.trainer.bits)
     return kwargs
@@ -40,28 +70,109 @@ def _bits_config(bits: int):
 
 
 def _cannot_load(spec: ModelSpec, exc: Exception) -> SpecError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """What went wrong, for the document: the reason goes to the log, where host paths may appear."""
+    log.warning("cannot load %r: %s", spec.model_name_or_path, exc)
     return SpecError(
         "model_name_or_path",
-        f"cannot load {spec.model_name_or_path!r}: it is neither a model folder on the listener's host "
-        f"nor a Hugging Face Hub id the host can reach ({reason[:300]})",
+        f"cannot load {spec.model_name_or_path!r}: it is neither a model folder with safetensors weights on the "
+        "listener's host nor a Hugging Face Hub id the host can reach (the listener's log says more)",
     )
 
 
-def load_tokenizer(spec: ModelSpec, path: str | None = None):
+def parameter_count(source: str, spec: ModelSpec, hub: dict) -> int:
+    """Parameters the configuration describes, counted on the meta device: nothing is allocated."""
+    config_kwargs = {k: v for k, v in _common_kwargs(spec.model_kwargs).items()
+                     if k in {"revision", "subfolder", "gguf_file", "trust_remote_code"}}
+    config = AutoConfig.from_pretrained(source, **config_kwargs, **hub)
+    rough = _rough_count(config)
+    if rough is not None:
+        return rough
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=config_kwargs.get("trust_remote_code", False))
+    return sum(p.numel() for p in model.parameters())
+
+
+MAX_LAYERS = 1024  # more layers than any released causal LM: refused before a module is built
+
+
+def _rough_count(config) -> int | None:
+    """A lower bound from the usual configuration fields, when it already decides (or the layers are absurd).
+
+    Building even on the meta device costs a Python object per module, so a configuration claiming a
+    million layers must be refused from its numbers alone.
+    """
+    size = {name: getattr(config, name, 0) for name in ("vocab_size", "hidden_size", "intermediate_size",
+                                                          "num_hidden_layers")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size.values()):
+        raise ValueError("its configuration's sizes are not non-negative integers")
+    if size["num_hidden_layers"] > MAX_LAYERS:
+        return 2**62
+    hidden = size["hidden_size"]
+    per_layer = 4 * hidden * hidden + 3 * hidden * size["intermediate_size"]
+    rough = size["vocab_size"] * hidden + size["num_hidden_layers"] * per_layer
+    return rough if rough > 2**40 else None
+
+
+def check_size(source: str, spec: ModelSpec, limits: Limits, hub: dict) -> int:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path or spec.model_name_or_path, **spec.tokenizer_kwargs)
-    except (OSError, ValueError) as exc:
+        count = parameter_count(source, spec, hub)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _cannot_load(spec, exc) from None
+    except (RuntimeError, OverflowError, MemoryError) as exc:
+        raise SpecError("model_name_or_path", f"its configuration does not describe a model that can be built ({exc.__class__.__name__})") from None
+    if count > limits.max_model_params:
+        raise SpecError("model_name_or_path", limits.refusal("max_model_params", f"{count:,} parameters"))
+    return count
+
+
+def load_tokenizer(spec: ModelSpec, limits: Limits):
+    source = resolve_source(spec, limits)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_common_kwargs(spec.tokenizer_kwargs),
+                                                  **_hub_kwargs(source, limits))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise _cannot_load(spec, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(spec: ModelSpec):
-    kwargs = _model_kwargs(spec)
+def check_download(source: str, spec: ModelSpec, limits: Limits, hub: dict) -> None:
+    """A hub model's files are summed before anything is fetched; offline, the local cache decides."""
+    if not is_hub_id(source):
+        return
+    from huggingface_hub import HfApi
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.model_name_or_path, **kwargs)
+        info = HfApi().model_info(source, revision=spec.model_kwargs.revision, files_metadata=True, **hub)
+    except Exception as exc:  # offline, unreachable, unknown: any of a dozen transport errors
+        log.info("cannot size %r on the hub (%s); loading from the local cache if it is there", source, exc)
+        return
+    total = sum(f.size or 0 for f in info.siblings or [] if f.rfilename.endswith((".safetensors", ".json")))
+    if total > limits.max_download_bytes:
+        raise SpecError("model_name_or_path", limits.refusal("max_download_bytes", f"{total:,} bytes"))
+
+
+def check_model(spec: ModelSpec, limits: Limits) -> None:
+    """Where it comes from, how much it downloads and how large it is, before any weight exists.
+
+    Training calls this before its arguments switch on DeepSpeed ZeRO-3 (which changes how models
+    are built), then `load_checked_model`; serving calls `load_model`, which does both.
+    """
+    source = resolve_source(spec, limits)
+    hub = _hub_kwargs(source, limits)
+    check_download(source, spec, limits, hub)
+    check_size(source, spec, limits, hub)
+
+
+def load_checked_model(spec: ModelSpec, limits: Limits):
+    """The base model, safetensors only (a GGUF file is read by its own parser); `check_model` came first."""
+    source = resolve_source(spec, limits)
+    kwargs = _model_kwargs(spec)
+    if "gguf_file" not in kwargs:
+        kwargs["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **_hub_kwargs(source, limits))
     except (OSError, ValueError) as exc:
         raise _cannot_load(spec, exc) from None
     except TypeError as exc:
@@ -69,3 +180,8 @@ def load_model(spec: ModelSpec):
     if "gguf_file" in kwargs:
         dequantize(model)
     return model
+
+
+def load_model(spec: ModelSpec, limits: Limits):
+    check_model(spec, limits)
+    return load_checked_model(spec, limits)

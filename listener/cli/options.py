@@ -21,6 +21,29 @@ def connection_options(command):
     return uri_option(db_option(command))
 
 
+def operator_settings(assignments: tuple[str, ...] = (), **options):
+    """The one Settings object for this command: options over environment over defaults; one line if bad."""
+    from listener.settings import Settings, SettingsError
+    from training.limits import Limits
+
+    limits = {}
+    for assignment in assignments:
+        name, eq, value = assignment.partition("=")
+        name = name.strip().replace("-", "_")
+        if not eq or (name not in Settings.model_fields and name not in Limits.model_fields) or name == "limits":
+            raise click.BadParameter(f"{assignment!r}: use NAME=VALUE with a setting's name, e.g. max_steps=5000",
+                                     param_hint="--set")
+        target = limits if name in Limits.model_fields else options
+        target[name] = tuple(value.split(",")) if "tuple" in str(
+            (Limits.model_fields.get(name) or Settings.model_fields[name]).annotation) else value
+    moved = {k: options.pop(k) for k in list(options) if k in Limits.model_fields}
+    limits.update({k: v for k, v in moved.items() if v not in (None, ())})
+    try:
+        return Settings.load({**options, "limits": limits})
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(show_path=False, rich_tracebacks=True)])

@@ -14,7 +14,8 @@ from listener.follow import finished, wait_for
 @click.argument("prompt")
 @click.option("--chat/--text", default=True, show_default=True, help="Send the prompt as a user message or raw text.")
 @click.option("--checkpoint", default="best", show_default=True, help='"best", "latest", "base" or RUN:STEP.')
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1, defaults.MAX_NEW_TOKENS))
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Capped by the listener (MONGOTUNE_MAX_NEW_TOKENS).")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for an answer.")
 def predict(uri, db, model, prompt, chat, checkpoint, max_new_tokens, timeout):
     """Ask MODEL: insert a `_requests` document and print the answer a listener writes back."""

@@ -1,27 +1,42 @@
-import socket
-
 import click
+from click.core import ParameterSource
 
-from listener import defaults
-from listener.cli.options import connection_options, setup_logging
-from listener.connection import ConnectionProblem
+from listener.cli.options import connection_options, operator_settings, setup_logging
+from listener.connection import ConnectionProblem, has_password
 
 
 @click.command()
 @connection_options
-@click.option("--name", default=socket.gethostname, show_default="host name",
-              help="This daemon's name; its resume tokens are kept under it, so keep it across restarts.")
-@click.option("--max-jobs", default=defaults.MAX_TRAINING_JOBS, show_default=True, type=click.IntRange(1, 64),
-              help="Trainings this daemon runs at once.")
-@click.option("--validators/--no-validators", default=True, show_default=True,
-              help="Install $jsonSchema validators so bad inserts are refused at write time.")
+@click.option("--uri-file", type=click.Path(dir_okay=False), default=None,
+              help="Read the URI from this file, so its password never shows in `ps` (or $MONGOTUNE_URI_FILE).")
+@click.option("--name", default=None, help="This daemon's name (default: the host name); its resume tokens are kept "
+              "under it, so keep it across restarts.")
+@click.option("--max-jobs", type=int, default=None, help="Trainings this daemon runs at once (default 1).")
+@click.option("--model-root", "model_roots", multiple=True, type=click.Path(file_okay=False),
+              help="A folder documents may load base models from; repeat for more (default: the models cache).")
+@click.option("--validators/--no-validators", default=None,
+              help="Install $jsonSchema validators so bad inserts are refused at write time (default on).")
+@click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE",
+              help="Any other setting or cap by name, e.g. --set max_steps=5000 --set request_timeout_s=60; "
+                   "each is also MONGOTUNE_<NAME> (see the README's table).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def start(uri, db, name, max_jobs, validators, verbose):
-    """Watch the database: train pending models and answer pending requests until stopped."""
+def start(uri, db, uri_file, name, max_jobs, model_roots, validators, assignments, verbose):
+    """Watch the database: train pending models and answer pending requests until stopped.
+
+    \b
+    Example:
+      MONGOTUNE_URI_FILE=/etc/mongotune/uri listener start --db mydb --model-root /srv/models
+    """
     from listener.daemon import serve
 
     setup_logging(verbose)
+    settings = operator_settings(assignments, uri=uri, db=db, uri_file=uri_file, name=name, max_jobs=max_jobs,
+                                 validators=validators, model_roots=model_roots)
+    typed = click.get_current_context().get_parameter_source("uri") is ParameterSource.COMMANDLINE
+    if typed and has_password(uri):
+        click.echo("warning: --uri holds a password, which every local user can read in `ps`; "
+                   "use MONGOTUNE_URI or --uri-file instead", err=True)
     try:
-        serve(uri, db, name=name, max_jobs=max_jobs, validators=validators)
+        serve(settings)
     except (ConnectionProblem, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None

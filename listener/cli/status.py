@@ -5,46 +5,64 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
-from listener import defaults
-from listener.cli.options import connection_options, resolve
+from listener import defaults, health
+from listener.cli.options import connection_options, operator_settings, resolve
+from listener.records import BadRecord, DaemonRecord, parse
 
 
-def live_daemons(db) -> list[dict]:
-    """Daemons whose heartbeat is recent enough to count them alive."""
-    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=3 * defaults.HEARTBEAT_S)
-    return list(db[defaults.LISTENER].find({"kind": "daemon", "heartbeat_at": {"$gte": cutoff}}))
+def live_daemons(db, heartbeat_s: float) -> list[DaemonRecord]:
+    """Daemons whose recorded heartbeat is recent, as they describe themselves (for display only)."""
+    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=3 * heartbeat_s)
+    found = []
+    for raw in db[defaults.LISTENER].find({"kind": "daemon", "heartbeat_at": {"$gte": cutoff}}):
+        try:
+            found.append(parse(DaemonRecord, raw))
+        except BadRecord:
+            continue
+    return found
 
 
 @click.command()
 @connection_options
-@click.option("--check", is_flag=True, help="Print nothing; exit 0 if a daemon is alive, 1 if none is.")
-def status(uri, db, check):
-    """Show live daemons, models and requests."""
-    uri, name = resolve(uri, db)
-    client = MongoClient(uri, serverSelectionTimeoutMS=5000)
-    database = client[name]
-    daemons = live_daemons(database)
+@click.option("--check", is_flag=True,
+              help="Print one line; exit 0 if a daemon of this home (MONGOTUNE_HOME) is alive and reached its "
+                   "database lately, 1 if not. Reads only what the daemon itself wrote on this host.")
+@click.option("--name", default=None, help="With --check: that daemon only.")
+def status(uri, db, check, name):
+    """Show live daemons, models and requests.
+
+    \b
+    Examples:
+      listener status --uri "mongodb://host/mydb?replicaSet=rs0"
+      listener status --check        # for container probes
+    """
+    settings = operator_settings(uri=uri, db=db)
     if check:
-        raise SystemExit(0 if daemons else 1)
+        healthy, why = health.check(settings.home, 3 * settings.heartbeat_s, name)
+        click.echo(why, err=not healthy)
+        raise SystemExit(0 if healthy else 1)
+    uri, name = resolve(uri, db)
+    database = MongoClient(uri, serverSelectionTimeoutMS=5000, **defaults.CODEC)[name]
     console = Console()
     table = Table(title=f"daemons on {name}")
     for column in ("owner", "heartbeat", "trainings", "counters"):
         table.add_column(column)
-    for d in daemons:
-        counters = " ".join(f"{k}={v}" for k, v in d.get("counters", {}).items() if v)
-        table.add_row(d["owner"], f"{d['heartbeat_at']:%H:%M:%S}", ", ".join(d.get("trainings", [])), counters)
+    for d in live_daemons(database, settings.heartbeat_s):
+        counters = " ".join(f"{k}={v}" for k, v in d.counters.items() if v)
+        table.add_row(d.owner, f"{d.heartbeat_at:%H:%M:%S}", ", ".join(d.trainings), counters)
     console.print(table)
     models = Table(title="models")
     for column in ("_id", "status", "run", "progress", "best checkpoint", "error"):
         models.add_column(column)
     for m in database[defaults.MODELS].find({}, {"status": 1, "run": 1, "progress": 1, "best_checkpoint": 1,
                                                  "error": 1}):
-        p = m.get("progress") or {}
-        best = m.get("best_checkpoint")
-        models.add_row(str(m["_id"]), m.get("status", "pending"), str(m.get("run", "")),
+        p = m.get("progress") if isinstance(m.get("progress"), dict) else {}
+        best = m.get("best_checkpoint") if isinstance(m.get("best_checkpoint"), dict) else None
+        error = m.get("error") if isinstance(m.get("error"), dict) else {}
+        models.add_row(str(m["_id"]), str(m.get("status", "pending")), str(m.get("run", "")),
                        f"{p.get('step', 0)}/{p.get('total_steps', '?')}" if p else "",
-                       f"run {best['run']} step {best['step']}" if best else "",
-                       (m.get("error") or {}).get("message", "")[:80])
+                       f"run {best.get('run')} step {best.get('step')}" if best else "",
+                       str(error.get("message", ""))[:80])
     console.print(models)
     counts = database[defaults.REQUESTS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
     console.print("requests: " + (", ".join(f"{c['_id'] or 'pending'}={c['n']}" for c in counts) or "none"))

@@ -1,0 +1,122 @@
+"""The operator's settings, parsed once at start: options over environment over defaults.
+
+Nothing reads the environment at import time, so `listener --help` works whatever it holds, and a
+bad value is one line naming the variable (`SettingsError`), never a traceback. The `Settings`
+object is passed down; `limits` travels on to the training child and the serving worker.
+"""
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from training.limits import ENV_PREFIX, Limits
+from training.offline import cache_root
+
+
+# Settings `listener start` has an option of its own for; every other one is `--set NAME=VALUE`.
+OPTION_NAMES = {"uri": "--uri", "uri_file": "--uri-file", "db": "--db", "name": "--name", "max_jobs": "--max-jobs",
+                "validators": "--validators", "model_roots": "--model-root"}
+
+
+class SettingsError(ValueError):
+    """A setting the operator gave that cannot be used; the message names it."""
+
+
+def default_home() -> Path:
+    """MONGOTUNE_HOME, else the per-user data folder."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "mongotune"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str | None = Field(None, description="MongoDB URI; none: the embedded server")
+    uri_file: Path | None = Field(None, description="a file holding the URI, so no password shows in `ps`")
+    db: str | None = Field(None, description="database; else the URI's path, else MONGOTUNE_DB, else 'mongotune'")
+    home: Path = Field(default_factory=default_home, description="embedded server data, job logs, caches")
+    name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200,
+                      description="this daemon's name; its resume tokens are kept under it")
+    max_jobs: int = Field(1, ge=1, le=64, description="trainings this daemon runs at once")
+    validators: bool = Field(True, description="install $jsonSchema validators at start")
+    lease_s: float = Field(60.0, ge=1.0, le=86_400, description="a claim's lifetime; renewed every quarter of it")
+    scan_s: float = Field(30.0, ge=0.5, le=86_400, description="catch-up scan for pending documents")
+    heartbeat_s: float = Field(5.0, ge=0.5, le=3_600, description="how often the daemon records that it lives")
+    max_attempts: int = Field(3, ge=1, le=100, description="claims of one run or request before it is failed")
+    max_run_s: float = Field(24 * 3600.0, ge=10, description="wall-clock time of one training run")
+    kill_grace_s: float = Field(30.0, ge=1, le=3_600, description="SIGTERM to SIGKILL for a child told to stop")
+    request_timeout_s: float = Field(120.0, ge=1, le=86_400, description="generation time for one batch of requests")
+    load_timeout_s: float = Field(600.0, ge=1, le=86_400, description="time to load one model for serving")
+    serving_memory_bytes: int = Field(16 * 2**30, ge=2**26, description="memory of the serving worker")
+    serving_disk_bytes: int = Field(20 * 2**30, ge=2**20, description="checkpoints unpacked on disk for serving")
+    max_log_bytes: int = Field(20 * 2**20, ge=2**16, description="one training job's log file")
+    max_batch: int = Field(16, ge=1, le=1024, description="requests generated together")
+    batch_window_s: float = Field(0.05, ge=0, le=10, description="wait after a request for others to batch with it")
+    max_queue_per_model: int = Field(64, ge=1, description="requests one daemon holds for one model")
+    max_queued_requests: int = Field(256, ge=1, description="requests one daemon holds in all")
+    limits: Limits = Field(default_factory=Limits)
+
+    @property
+    def job_logs(self) -> Path:
+        return self.home / "logs"
+
+    @classmethod
+    def load(cls, options: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Options (None means unset) over `MONGOTUNE_*` variables over defaults; limits likewise."""
+        environ = os.environ if environ is None else environ
+        options = {k: v for k, v in (options or {}).items() if v is not None and v != ()}
+        values = _gather(cls, options, environ, skip={"limits", "db"})  # MONGOTUNE_DB ranks below the URI's path
+        if "db" in options:
+            values["db"] = (options["db"], "--db")
+        given = {k: v for k, v in (options.get("limits") or {}).items() if v is not None and v != ()}
+        limits = _gather(Limits, given, environ, skip={"private_roots"})
+        settings = _build(cls, values)
+        limits.setdefault("model_roots", ((cache_root(),), "default"))
+        limits["private_roots"] = ((settings.home,), "--home")
+        return settings.model_copy(update={"limits": _build(Limits, limits), **_uri_from_file(settings)})
+
+
+def _gather(model: type[BaseModel], options: Mapping[str, Any], environ: Mapping[str, str], skip: set) -> dict:
+    values = {}
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        variable = ENV_PREFIX + name.upper()
+        if name in options:
+            values[name] = (options[name], OPTION_NAMES.get(name, f"--set {name}"))
+        elif environ.get(variable, "") != "":
+            raw = environ[variable]
+            is_list = "tuple" in str(field.annotation)
+            values[name] = (_split(raw, name) if is_list else raw, variable)
+    return values
+
+
+def _split(raw: str, name: str) -> tuple:
+    separator = os.pathsep if name.endswith("roots") else ","
+    return tuple(part.strip() for part in raw.split(separator) if part.strip())
+
+
+def _build(model: type[BaseModel], values: dict):
+    try:
+        return model.model_validate({name: value for name, (value, _) in values.items()})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0])
+        given, source = values.get(name, (None, ENV_PREFIX + name.upper()))
+        raise SettingsError(f"{source}: {err['msg'].removeprefix('Value error, ').lower()} (got {given!r:.80})") from None
+
+
+def _uri_from_file(settings: Settings) -> dict:
+    if settings.uri or not settings.uri_file:
+        return {}
+    try:
+        uri = settings.uri_file.read_text().strip()
+    except OSError as exc:
+        raise SettingsError(f"--uri-file: cannot read {settings.uri_file}: {exc.strerror}") from None
+    if not uri:
+        raise SettingsError(f"--uri-file: {settings.uri_file} is empty")
+    return {"uri": uri}

@@ -1,0 +1,52 @@
+"""Document ids as exact values: one type and value, never a pattern, never confused with a look-alike.
+
+`ObjectId("...")` and the string of its hex are two models; so are `1` and `"1"`. Everything that
+keys, batches, caches, locks or names by id goes through `key` (canonical extended JSON keeps the
+BSON type) or `file_name` (a readable prefix plus a hash of that key, so names are one-to-one).
+Ids enter queries only through `eq`, as literals.
+"""
+
+import hashlib
+import re
+import uuid
+
+from bson import Int64, ObjectId, json_util
+from bson.binary import Binary
+from bson.json_util import CANONICAL_JSON_OPTIONS
+
+PLAIN_ID_TYPES = (str, int, Int64, ObjectId, uuid.UUID)
+MAX_ID_CHARS = 512
+
+
+class BadId(ValueError):
+    """An id that is not a plain value; the message says what to use instead."""
+
+
+def check(value):
+    """The id itself if it is a plain value (string, integer, ObjectId, UUID); BadId otherwise."""
+    if isinstance(value, Binary) and value.subtype == 4:
+        return value
+    if isinstance(value, bool) or not isinstance(value, PLAIN_ID_TYPES):
+        raise BadId(f"must be a plain id (a string, an integer or an ObjectId), not {type(value).__name__}")
+    if isinstance(value, str) and not (0 < len(value) <= MAX_ID_CHARS):
+        raise BadId(f"must be a string of 1 to {MAX_ID_CHARS} characters")
+    if isinstance(value, str) and value.startswith("$"):
+        raise BadId("must not start with '$', which MongoDB reads as an operator")
+    return value
+
+
+def key(value) -> str:
+    """A string that differs whenever the BSON type or the value differs."""
+    return json_util.dumps(value, json_options=CANONICAL_JSON_OPTIONS)
+
+
+def file_name(value, suffix: str = "") -> str:
+    """A file name for an id: readable where it can be, and one-to-one through a hash of `key`."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", str(value))[:60].lstrip(".") or "id"
+    digest = hashlib.sha256(key(value).encode()).hexdigest()[:16]
+    return f"{readable}-{digest}{suffix}"
+
+
+def eq(value) -> dict:
+    """The query condition that matches exactly this id, whatever it looks like."""
+    return {"$eq": value}
