@@ -1,7 +1,6 @@
 """Finding the database: URI and name resolution, credential redaction, the replica-set check."""
 
 import os
-import re
 from urllib.parse import unquote
 
 from pymongo import AsyncMongoClient
@@ -14,7 +13,24 @@ class ConnectionProblem(RuntimeError):
     pass
 
 
-SECRET_OPTION = re.compile(r"([?&][^=&]*(?:password|secret|token)[^=&]*=)[^&]*", re.IGNORECASE)
+# URI options shown in logs as they are; every other option's value is masked, since some carry secrets
+# (authMechanismProperties, tlsCertificateKeyFilePassword, ...) and new ones may.
+SHOWN_OPTIONS = frozenset({
+    "replicaset", "directconnection", "tls", "ssl", "authsource", "authmechanism", "readpreference", "w",
+    "retrywrites", "retryreads", "appname", "serverselectiontimeoutms", "connecttimeoutms", "sockettimeoutms",
+    "maxpoolsize", "minpoolsize", "journal", "readconcernlevel", "compressors", "loadbalanced", "srvmaxhosts",
+    "heartbeatfrequencyms", "localthresholdms", "maxidletimems", "waitqueuetimeoutms", "timeoutms",
+})
+
+
+def _mask_option(option: str) -> str:
+    name, eq, _ = option.partition("=")
+    return option if not eq or name.lower() in SHOWN_OPTIONS else f"{name}=***"
+
+
+def has_password(uri: str) -> bool:
+    _, userinfo, _, _ = _split(uri)
+    return ":" in userinfo
 
 
 def _split(uri: str) -> tuple[str, str, str, str]:
@@ -31,8 +47,8 @@ def redact(uri: str) -> str:
     if userinfo:
         user, colon, _ = userinfo.partition(":")
         hosts = f"{user}{':***' if colon else ''}@{hosts}"
-    redacted = f"{scheme}://{hosts}" + (f"?{query}" if query else "")
-    return SECRET_OPTION.sub(r"\1***", redacted)
+    options = "&".join(_mask_option(option) for option in query.split("&")) if query else ""
+    return f"{scheme}://{hosts}" + (f"?{options}" if options else "")
 
 
 def database_name(uri: str, db: str | None) -> str:
@@ -47,7 +63,8 @@ def database_name(uri: str, db: str | None) -> str:
 async def connect(uri: str, timeout_s: float = 10.0) -> AsyncMongoClient:
     """A client to a deployment that has change streams, or a ConnectionProblem saying what is wrong."""
     try:
-        client = AsyncMongoClient(uri, serverSelectionTimeoutMS=int(timeout_s * 1000), appname="mongotune-listener")
+        client = AsyncMongoClient(uri, serverSelectionTimeoutMS=int(timeout_s * 1000), appname="mongotune-listener",
+                                  **defaults.CODEC)
     except (PyMongoError, ValueError) as exc:
         raise ConnectionProblem(f"cannot use the URI {redact(uri)}: {exc}") from None
     try:

@@ -1,8 +1,10 @@
 """The daemon: watch `_models` and `_requests`, claim what is pending, train and answer.
 
-Read `Daemon.run` top to bottom: register -> start periodic work -> open the streams (each scans
-for pending documents once it is open) -> wait for a stop signal -> stop training children,
-give back their leases, deregister.
+Read `Daemon.run` top to bottom: clean up after killed children -> register -> start periodic
+work -> open the streams (each scans for pending documents once it is open) -> wait for a stop
+signal -> stop training children and the serving worker, give back their leases, deregister.
+Every document read is parsed where it is read (`listener.records`); one bad document is failed
+or skipped, never the end of a loop.
 """
 
 import asyncio
@@ -11,34 +13,24 @@ import os
 import signal
 import socket
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from bson import json_util
-from pymongo import MongoClient
-from pymongo.errors import ConnectionFailure, OperationFailure
+from bson.errors import InvalidBSON
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
-from listener import defaults, embedded, leases, schema
+from listener import defaults, embedded, health, housekeeping, leases, schema
 from listener.connection import connect, database_name, redact
 from listener.jobs import supervise
-from listener.leases import claim_model, claim_request
+from listener.leases import claim_model, claim_request, fail_malformed
+from listener.records import BadRecord, ModelState, RequestState, SkipLog, parse
 from listener.serving import Serving
+from listener.settings import Settings
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, now, status_filter, transition
 from listener.streams import watch
-from training.config import LISTENER_FIELDS, SpecError, parse_model, parse_request
+from training import ids
+from training.config import SpecError, parse_model, parse_request
 
 log = logging.getLogger("mongotune.listener")
-
-
-@dataclass
-class Settings:
-    uri: str
-    db: str
-    home: Path
-    name: str = field(default_factory=socket.gethostname)
-    max_jobs: int = defaults.MAX_TRAINING_JOBS
-    validators: bool = True  # install the $jsonSchema validators at start
 
 
 class Daemon:
@@ -46,44 +38,49 @@ class Daemon:
         self.settings = settings
         self.db = client[settings.db]
         self.owner = f"{settings.name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.trainings: dict = {}
+        self.trainings: dict[str, asyncio.Task | None] = {}  # by ids.key of the model
         self.counters = {k: 0 for k in ("trainings_started", "trainings_succeeded", "trainings_failed",
                                         "requests_done", "requests_failed", "invalid_documents")}
         self.stop_event = asyncio.Event()
-        self._sync_client = MongoClient(settings.uri)
-        self.serving = Serving(self.db, self._sync_client[settings.db], settings.home / "serving", self.owner,
-                               self.counters)
+        self.skipped = SkipLog()
+        self.health = health.Health(settings.home, settings.name, self.owner)
+        self._room = asyncio.Event()  # set by serving when it can take more requests
+        self.serving = Serving(self.db, settings, self.owner, self.counters, on_room=self._room_freed)
 
     async def run(self) -> None:
+        housekeeping.clean(self.settings)
         if self.settings.validators:
-            await schema.install(self.db)
+            await schema.install(self.db, self.settings.limits)
         await self._heartbeat(started=True)
         scheduler = AsyncIOScheduler()
-        scheduler.add_job(self._heartbeat, "interval", seconds=defaults.HEARTBEAT_S)
-        scheduler.add_job(self.scan, "interval", seconds=defaults.SCAN_S)
-        scheduler.add_job(self.reap, "interval", seconds=max(1.0, defaults.LEASE_S / 2))
-        scheduler.add_job(self.serving.renew, "interval", seconds=defaults.LEASE_S / 4)
+        scheduler.add_job(self._heartbeat, "interval", seconds=self.settings.heartbeat_s)
+        scheduler.add_job(self.scan, "interval", seconds=self.settings.scan_s)
+        scheduler.add_job(self.reap, "interval", seconds=max(1.0, self.settings.lease_s / 2))
+        scheduler.add_job(self.serving.renew, "interval", seconds=self.settings.lease_s / 4)
         scheduler.start()
         tasks = [
-            asyncio.create_task(watch(self.db, defaults.MODELS, self.settings.name, self._on_model, self._scan_models)),
-            asyncio.create_task(watch(self.db, defaults.REQUESTS, self.settings.name, self._on_request,
-                                      self._scan_requests)),
+            asyncio.create_task(watch_collection(self, defaults.MODELS, self.consider_model, self._scan_models)),
+            asyncio.create_task(watch_collection(self, defaults.REQUESTS, self.consider_request, self._scan_requests)),
             asyncio.create_task(self.serving.run()),
+            asyncio.create_task(self._rescan_when_room()),
         ]
         log.info("listening on %s, database %r, as %s", redact(self.settings.uri), self.settings.db, self.owner)
         stop = asyncio.create_task(self.stop_event.wait())
         done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
         scheduler.shutdown(wait=False)
-        trainings = [task for task in self.trainings.values() if task is not None]
-        for task in [*tasks, *trainings]:
-            task.cancel()
-        await asyncio.gather(*tasks, *trainings, return_exceptions=True)
-        await self._release_all()
-        await self.db[defaults.LISTENER].delete_one({"_id": f"daemon:{self.owner}"})
-        self._sync_client.close()
+        await self._shutdown(tasks)
         for task in done:
             if task is not stop and task.exception():
                 raise task.exception()
+
+    async def _shutdown(self, tasks: list[asyncio.Task]) -> None:
+        trainings = [task for task in self.trainings.values() if task is not None]
+        for task in [*tasks, *trainings]:
+            task.cancel()
+        await asyncio.gather(*tasks, *trainings, self.serving.close(), return_exceptions=True)
+        await self._release_all()
+        await self.db[defaults.LISTENER].delete_one({"_id": f"daemon:{self.owner}"})
+        self.health.remove()
 
     async def _heartbeat(self, started: bool = False) -> None:
         record = {"kind": "daemon", "name": self.settings.name, "owner": self.owner, "host": socket.gethostname(),
@@ -91,7 +88,12 @@ class Daemon:
                   "trainings": list(self.trainings)}
         if started:
             record["started_at"] = now()
-        await self.db[defaults.LISTENER].update_one({"_id": f"daemon:{self.owner}"}, {"$set": record}, upsert=True)
+        try:
+            await self.db[defaults.LISTENER].update_one({"_id": f"daemon:{self.owner}"}, {"$set": record}, upsert=True)
+        except PyMongoError as exc:
+            log.warning("heartbeat not recorded: %s", exc)
+            return
+        self.health.beat(trainings=len(self.trainings), counters=self.counters)
 
     async def scan(self) -> None:
         await self._scan_models()
@@ -99,28 +101,31 @@ class Daemon:
 
     async def reap(self) -> None:
         """Requeue what dead daemons held; a requeued document then goes through the usual claim."""
-        if await leases.reap(self.db[defaults.MODELS], MODEL_TRANSITIONS, defaults.MAX_ATTEMPTS):
+        s = self.settings
+        if await leases.reap(self.db[defaults.MODELS], MODEL_TRANSITIONS, ModelState, s.max_attempts, self.skipped):
             await self._scan_models()
-        if await leases.reap(self.db[defaults.REQUESTS], REQUEST_TRANSITIONS, defaults.MAX_ATTEMPTS):
+        if await leases.reap(self.db[defaults.REQUESTS], REQUEST_TRANSITIONS, RequestState, s.max_attempts,
+                             self.skipped):
             await self._scan_requests()
 
+    async def _room_freed(self) -> None:
+        self._room.set()
+
+    async def _rescan_when_room(self) -> None:
+        """Requests left pending for lack of room are taken once serving frees some, at most once a second."""
+        while True:
+            await self._room.wait()
+            self._room.clear()
+            await self._scan_requests()
+            await asyncio.sleep(1.0)
+
     async def _scan_models(self) -> None:
-        async for document in self.db[defaults.MODELS].find(status_filter(Status.PENDING)):
-            await self._isolated(defaults.MODELS, document, self.consider_model)
+        await scan_pending(self, defaults.MODELS, self.consider_model)
 
     async def _scan_requests(self) -> None:
-        async for document in self.db[defaults.REQUESTS].find(status_filter(Status.PENDING)):
-            await self._isolated(defaults.REQUESTS, document, self.consider_request)
+        await scan_pending(self, defaults.REQUESTS, self.consider_request)
 
-    async def _on_model(self, change: dict) -> None:
-        if change.get("fullDocument"):
-            await self._isolated(defaults.MODELS, change["fullDocument"], self.consider_model)
-
-    async def _on_request(self, change: dict) -> None:
-        if change.get("fullDocument"):
-            await self._isolated(defaults.REQUESTS, change["fullDocument"], self.consider_request)
-
-    async def _isolated(self, name: str, document: dict, handle) -> None:
+    async def isolated(self, name: str, document: dict, handle) -> None:
         """One document's problem fails that document, never the stream, the scan or the daemon.
 
         Network errors still propagate, so the stream reconnects and the event is delivered again.
@@ -130,85 +135,131 @@ class Daemon:
         except ConnectionFailure:
             raise
         except Exception as exc:
-            log.warning("cannot handle %s %r: %s", name, document.get("_id"), exc)
-            error = {"type": "unusable_document", "message": f"the listener could not handle this document: {exc}; "
-                     f"fields the listener owns ({', '.join(sorted(LISTENER_FIELDS))}) must not be set by users"}
+            if self.skipped.first(f"error {name}", document.get("_id")):  # once per document, not per scan
+                log.exception("listener error on %s %.200r", name, document.get("_id"))
+            error = {"type": "listener_error", "message": f"the listener failed on this document "
+                     f"({type(exc).__name__}); the operator's log says more. Set status to 'pending' to retry"}
             table = MODEL_TRANSITIONS if name == defaults.MODELS else REQUEST_TRANSITIONS
             try:
                 await transition(self.db[name], document["_id"], Status.PENDING, Status.FAILED, table,
                                  fields={"error": error})
-            except OperationFailure as again:
-                log.warning("and cannot mark it failed either: %s", again)
+            except (OperationFailure, KeyError):
+                pass  # nothing can be written to it (an _id the server will not update): logged once above
 
     async def consider_model(self, document: dict) -> None:
         """Validate, then claim a pending model if this daemon has room for another training."""
-        key = json_util.dumps(document["_id"])
-        if document.get("status") not in (None, Status.PENDING.value) or key in self.trainings:
-            return
         models = self.db[defaults.MODELS]
-        if document.get("cancel"):
-            await transition(models, document["_id"], Status.PENDING, Status.CANCELLED, MODEL_TRANSITIONS,
-                             unset=("cancel",))
+        try:
+            state = parse(ModelState, document)
+        except BadRecord as exc:
+            await fail_malformed(models, MODEL_TRANSITIONS, document.get("_id"), Status.PENDING, exc, self.skipped)
+            return
+        key = ids.key(state.id)
+        if state.status not in (None, Status.PENDING) or key in self.trainings:
+            return
+        if state.cancel:
+            await transition(models, state.id, Status.PENDING, Status.CANCELLED, MODEL_TRANSITIONS, unset=("cancel",))
             return
         try:
-            parse_model(document)
+            spec = parse_model(document, self.settings.limits)
         except SpecError as exc:
             self.counters["invalid_documents"] += 1
-            await transition(models, document["_id"], Status.PENDING, Status.FAILED, MODEL_TRANSITIONS,
+            await transition(models, state.id, Status.PENDING, Status.FAILED, MODEL_TRANSITIONS,
                              fields={"error": exc.as_error()})
-            log.info("model %r is invalid: %s", document["_id"], exc)
+            log.info("model %r is invalid: %s", state.id, exc)
             return
         if len(self.trainings) >= self.settings.max_jobs or self.stop_event.is_set():
             return
         self.trainings[key] = None  # the slot is taken before the await, so no other task can take it too
         claimed = None
         try:
-            claimed = await claim_model(models, document, self.owner)
+            claimed = await claim_model(models, state, self.owner, self.settings.lease_s, spec.warnings())
         finally:
             if claimed is None:
                 self.trainings.pop(key, None)
-        if claimed is None:
-            return
-        self.counters["trainings_started"] += 1
-        self.trainings[key] = asyncio.create_task(self._train(key, claimed))
+        if claimed is not None:
+            self.counters["trainings_started"] += 1
+            self.trainings[key] = asyncio.create_task(self._train(key, state.id, claimed["run"]))
 
-    async def _train(self, key: str, document: dict) -> None:
+    async def _train(self, key: str, model_id, run: int) -> None:
         try:
-            outcome = await supervise(self.db, self.settings.uri, document, self.owner, self.settings.home / "logs")
+            outcome = await supervise(self.db, self.settings, model_id, run, self.owner)
             if outcome is Status.SUCCEEDED:
                 self.counters["trainings_succeeded"] += 1
             elif outcome is Status.FAILED:
                 self.counters["trainings_failed"] += 1
         finally:
-            self.trainings.pop(key, None)
+            self.trainings.pop(key, None)  # supervise returns only once the child has exited
         if not self.stop_event.is_set():
             await self._scan_models()
 
     async def consider_request(self, document: dict) -> None:
-        if document.get("status") not in (None, Status.PENDING.value):
-            return
         requests = self.db[defaults.REQUESTS]
-        if document.get("cancel"):
-            await transition(requests, document["_id"], Status.PENDING, Status.CANCELLED, REQUEST_TRANSITIONS)
+        try:
+            state = parse(RequestState, document)
+        except BadRecord as exc:
+            await fail_malformed(requests, REQUEST_TRANSITIONS, document.get("_id"), Status.PENDING, exc, self.skipped)
             return
-        claimed = await claim_request(requests, document["_id"], self.owner)
-        if claimed is None:
+        if state.status not in (None, Status.PENDING):
+            return
+        if state.cancel:
+            await transition(requests, state.id, Status.PENDING, Status.CANCELLED, REQUEST_TRANSITIONS)
             return
         try:
-            spec = parse_request(claimed)
+            spec = parse_request(document, self.settings.limits)
         except SpecError as exc:
-            await self.serving.fail(claimed["_id"], str(exc))
+            self.counters["requests_failed"] += 1
+            await transition(requests, state.id, Status.PENDING, Status.FAILED, REQUEST_TRANSITIONS,
+                             fields={"error": exc.as_error()})
             return
-        self.serving.submit(spec)
+        if state.attempts >= self.settings.max_attempts:
+            await self._give_up(state)
+            return
+        if self.stop_event.is_set() or not self.serving.has_room(spec.model):
+            return  # left pending: this daemon takes it once it can answer soon, or another daemon does
+        if await claim_request(requests, state.id, self.owner, self.settings.lease_s) is not None:
+            self.serving.submit(spec)
+
+    async def _give_up(self, state: RequestState) -> None:
+        error = {"type": "too_many_attempts", "message": f"{state.attempts} attempts to answer this request did not "
+                 "finish (each time its daemon stopped or its worker was killed); insert a new request to try again"}
+        await transition(self.db[defaults.REQUESTS], state.id, Status.PENDING, Status.FAILED, REQUEST_TRANSITIONS,
+                         fields={"error": error})
 
     async def _release_all(self) -> None:
         """Give back what this daemon holds, so any daemon resumes or answers it at once."""
         for name, table in ((defaults.MODELS, MODEL_TRANSITIONS), (defaults.REQUESTS, REQUEST_TRANSITIONS)):
-            held = self.db[name].find({"status": Status.RUNNING.value, "lease.owner": self.owner}, {"_id": 1})
+            held = self.db[name].find({"status": Status.RUNNING.value, "lease.owner": {"$eq": self.owner}}, {"_id": 1})
             async for document in held:
                 await transition(self.db[name], document["_id"], Status.RUNNING, Status.PENDING, table,
-                                 match={"lease.owner": self.owner}, unset=("lease",))
+                                 match={"lease.owner": {"$eq": self.owner}}, unset=("lease",))
                 log.info("released %s %r for another daemon", name, document["_id"])
+
+
+async def watch_collection(daemon: Daemon, name: str, consider, scan) -> None:
+    async def handle(document: dict) -> None:
+        await daemon.isolated(name, document, consider)
+
+    await watch(daemon.db, name, daemon.settings.name, handle, scan)
+
+
+async def scan_pending(daemon: Daemon, name: str, consider) -> None:
+    """Every pending document, one at a time; a batch the driver cannot decode is read document by document."""
+    collection = daemon.db[name]
+    try:
+        async for document in collection.find(status_filter(Status.PENDING)):
+            await daemon.isolated(name, document, consider)
+        return
+    except InvalidBSON as exc:
+        log.warning("a pending %s document cannot be decoded (%s); reading them one by one", name, exc)
+    async for row in collection.find(status_filter(Status.PENDING), {"_id": 1}):
+        try:
+            document = await collection.find_one({"_id": ids.eq(row["_id"])})
+        except InvalidBSON as exc:
+            daemon.skipped.skip(name, row["_id"], exc)
+            continue
+        if document is not None:
+            await daemon.isolated(name, document, consider)
 
 
 async def _serve(settings: Settings) -> None:
@@ -223,12 +274,12 @@ async def _serve(settings: Settings) -> None:
         await client.close()
 
 
-def serve(uri: str | None, db: str | None, **options) -> None:
+def serve(settings: Settings) -> None:
     """Run a daemon until SIGTERM/SIGINT; with no URI, on the embedded server."""
-    home = embedded.home()
-    if uri:
-        asyncio.run(_serve(Settings(uri=uri, db=database_name(uri, db), home=home, **options)))
+    if settings.uri:
+        asyncio.run(_serve(settings.model_copy(update={"db": database_name(settings.uri, settings.db)})))
         return
-    with embedded.EmbeddedServer() as server:
+    with embedded.EmbeddedServer(settings.home / "embedded") as server:
         log.info("embedded server at %s (data in %s)", server.uri, server.folder)
-        asyncio.run(_serve(Settings(uri=server.uri, db=database_name(server.uri, db), home=home, **options)))
+        asyncio.run(_serve(settings.model_copy(update={"uri": server.uri,
+                                                       "db": database_name(server.uri, settings.db)})))

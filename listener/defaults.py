@@ -1,10 +1,15 @@
-"""Every collection name, interval and limit in one place.
+"""Every collection name, variable name and exit code in one place.
 
-Plain constants, so `training/` may read them without pulling in the daemon. The timings an
-operator may need to tune are read from the environment.
+Plain constants, so `training/` may read them without pulling in the daemon. What an operator
+tunes (intervals, caps) is a field of `listener.settings.Settings`, read once at start.
 """
 
-import os
+from bson.codec_options import DatetimeConversion
+
+# Every client (daemon, training child, serving worker) decodes with these, so no stored value can
+# make a read raise: invalid UTF-8 is replaced, dates outside Python's range stay numbers (and fail a parse).
+CODEC = {"unicode_decode_error_handler": "replace", "datetime_conversion": DatetimeConversion.DATETIME_AUTO,
+         "tz_aware": True}
 
 MODELS = "_models"  # one document per model definition and its training state
 REQUESTS = "_requests"  # one document per prediction request
@@ -21,22 +26,7 @@ DEFAULT_DB = "mongotune"  # database used when nothing names one
 EMBEDDED_PORT = 27217  # the embedded server's port, away from a real mongod's 27017
 EMBEDDED_REPLICA_SET = "secantus"  # SecantusDB presents itself as this one-node replica set
 EMBEDDED_START_TIMEOUT_S = 60.0  # how long to wait for the embedded server to answer
-
-LEASE_S = float(os.environ.get("MONGOTUNE_LEASE_S", 60))  # a claim's lifetime; renewed every LEASE_S / 4
-MAX_ATTEMPTS = int(os.environ.get("MONGOTUNE_MAX_ATTEMPTS", 3))  # claims of one run before it is failed
-HEARTBEAT_S = 5.0  # how often a daemon writes its heartbeat record
-SCAN_S = float(os.environ.get("MONGOTUNE_SCAN_S", 30))  # catch-up scan for pending documents a stream may not have delivered
 CANCEL_POLL_S = 2.0  # how often a running training looks for `cancel: true`
-CHILD_KILL_GRACE_S = 30.0  # SIGTERM to SIGKILL for a training child told to stop
-
-MAX_TRAINING_JOBS = 1  # trainings one daemon runs at once (one per GPU host by default)
-MAX_NEW_TOKENS = 512  # operator cap on `params.max_new_tokens`
-MAX_INPUT_CHARS = 32_000  # operator cap on a request's input length, all messages together
-MAX_MESSAGES = 200  # operator cap on the messages in one chat request
-MAX_BATCH = 16  # requests for one model generated together
-BATCH_WINDOW_S = 0.05  # wait this long after a request arrives for others to batch with it
-MAX_CACHED_MODELS = 2  # loaded models kept in memory for serving
-ERROR_TAIL_CHARS = 2_000  # how much of a crashed child's log goes into `error`
 
 # Exit codes of the training child (`python -m training.run`), read by the daemon's supervisor.
 EXIT_OK = 0  # trained to the end

@@ -2,14 +2,14 @@
 
 The child is its own interpreter (`python -m training.run`), so a crash, an out-of-memory kill
 or a CUDA error ends the job, not the daemon. The supervisor is a bounded loop:
-wait -> renew the lease -> check cancel -> kill past the grace period.
+wait -> renew the lease -> check cancel and the wall-clock cap -> kill past the grace period.
+Whatever the database says meanwhile, the supervisor returns only once the child has exited, so a
+training slot is never freed while its child still runs.
 """
 
 import asyncio
-import hashlib
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -20,17 +20,41 @@ from pymongo.errors import PyMongoError
 
 from listener import defaults
 from listener.leases import renew
+from listener.records import BadRecord, Renewed, parse
+from listener.settings import Settings
 from listener.status import MODEL_TRANSITIONS, Status, transition
+from training import ids
 
 log = logging.getLogger("mongotune.listener")
 
+# Never handed to a child: it gets the URI on its stdin, where its own descendants cannot read it.
+PRIVATE_ENV = ("MONGOTUNE_URI", "MONGOTUNE_URI_FILE")
 
-def log_path(log_dir: Path, document: dict) -> Path:
-    """Readable, and distinct for ids that read alike ("a/b" and "a_b")."""
-    raw = json_util.dumps(document["_id"])
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(document["_id"]))[:80]
-    suffix = "" if raw == f'"{safe}"' else "-" + hashlib.sha1(raw.encode()).hexdigest()[:8]
-    return log_dir / f"{safe}{suffix}-run{document['run']}.log"
+
+def log_path(settings: Settings, db_name: str, model_id, run: int) -> Path:
+    """One file per database, model and run; distinct for ids that read alike ("a/b", "a_b", 1, "1")."""
+    return settings.job_logs / f"{db_name}.{ids.file_name(model_id)}-run{run}.log"  # "." never appears in a db name
+
+
+def child_env(owner: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+    return {**env, defaults.ENV_DAEMON_PID: str(os.getpid()), defaults.ENV_LEASE_OWNER: owner,
+            "PYTHONUNBUFFERED": "1"}
+
+
+def trim_log(path: Path, max_bytes: int) -> None:
+    """Keep a job log under `max_bytes`: the child appends, so cutting the file keeps its newest half."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return
+        with open(path, "r+b") as f:
+            f.seek(-(max_bytes // 2), os.SEEK_END)
+            tail = f.read()
+            f.seek(0)
+            f.truncate()
+            f.write(b"[... earlier lines trimmed: the log is capped by MONGOTUNE_MAX_LOG_BYTES ...]\n" + tail)
+    except OSError as exc:
+        log.warning("cannot trim %s: %s", path.name, exc)
 
 
 def _crash_error(code: int, path: Path) -> dict:
@@ -39,104 +63,154 @@ def _crash_error(code: int, path: Path) -> dict:
         why = f"the training process was killed by {name}" + (" (often: out of memory)" if name == "SIGKILL" else "")
     else:
         why = f"the training process exited with code {code}"
-    try:
-        tail = path.read_text(errors="replace")[-defaults.ERROR_TAIL_CHARS:]
-    except OSError:
-        tail = ""
-    return {"type": "TrainingCrashed", "message": f"{why}; its log is {path} on the listener's host", "log_tail": tail}
+    return {"type": "training_crashed", "message": f"{why}; the listener's job log {path.name} says more"}
 
 
-async def _stop_child(process: asyncio.subprocess.Process) -> None:
+async def stop_child(process: asyncio.subprocess.Process, grace_s: float) -> None:
+    """SIGTERM (the child saves a checkpoint), then SIGKILL past `grace_s`; returns once it has exited."""
     if process.returncode is None:
         process.terminate()
         try:
-            await asyncio.wait_for(process.wait(), defaults.CHILD_KILL_GRACE_S)
+            await asyncio.wait_for(process.wait(), grace_s)
         except TimeoutError:
             process.kill()
             await process.wait()
 
 
-async def supervise(db, uri: str, document: dict, owner: str, log_dir: Path) -> Status:
+async def supervise(db, settings: Settings, model_id, run: int, owner: str) -> Status:
     """Run one claimed training to its end and write its final status; returns that status."""
-    models = db[defaults.MODELS]
-    model_id = document["_id"]
-    path = log_path(log_dir, document)
+    path = log_path(settings, db.name, model_id, run)
     path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, defaults.ENV_URI: uri, defaults.ENV_DAEMON_PID: str(os.getpid()),
-           defaults.ENV_LEASE_OWNER: owner, "PYTHONUNBUFFERED": "1"}
     with open(path, "ab") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "training.run", json_util.dumps(model_id), "--db", db.name,
-            stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL, env=env,
+            stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.PIPE, env=child_env(owner),
             start_new_session=True,  # a Ctrl-C meant for the daemon must not kill the child mid-save
         )
-    log.info("training %r run %d started (pid %d, log %s)", model_id, document["run"], process.pid, path)
+    launch = {"uri": settings.uri, "limits": settings.limits.model_dump(mode="json"), "work": str(settings.home / "work")}
+    process.stdin.write(json_util.dumps(launch).encode() + b"\n")
+    await process.stdin.drain()
+    process.stdin.close()
+    log.info("training %r run %d started (pid %d, log %s)", model_id, run, process.pid, path.name)
     try:
-        if not await _watch_child(models, model_id, owner, process):
-            return Status.RUNNING
-    except asyncio.CancelledError:
-        await _stop_child(process)
-        raise
-    return await _finish(models, model_id, owner, process.returncode, path)
+        outcome = await _watch_child(db[defaults.MODELS], settings, model_id, owner, process, path)
+    finally:
+        await stop_child(process, settings.kill_grace_s)  # also on cancellation: the child never outlives this
+    if outcome is not None:
+        return outcome
+    return await _finish(db[defaults.MODELS], model_id, owner, process.returncode, path)
 
 
-async def _watch_child(models, model_id, owner: str, process) -> bool:
-    """Wait for the child while keeping its lease; False if the lease was lost and the child stopped."""
-    cancel_seen, renewed, logged_step = None, time.monotonic(), None
+async def _watch_child(models, settings: Settings, model_id, owner: str, process, path: Path) -> Status | None:
+    """Wait for the child while keeping its lease; a status when the supervisor itself decided the end."""
+    watch = _Watch(time.monotonic())
     while process.returncode is None:
         try:
-            await asyncio.wait_for(process.wait(), defaults.LEASE_S / 4)
+            await asyncio.wait_for(process.wait(), settings.lease_s / 4)
             break
         except TimeoutError:
             pass
+        trim_log(path, settings.max_log_bytes)
         try:
-            current = await renew(models, model_id, owner, {"cancel": 1, "progress": 1})
-            if current is None:
-                log.warning("lost the lease on %r; stopping its training", model_id)
-                await _stop_child(process)
-                return False
-            renewed = time.monotonic()
+            decided = await _tick(models, settings, model_id, owner, process, watch)
         except PyMongoError as exc:
-            if time.monotonic() - renewed > defaults.LEASE_S:  # another daemon may own it by now
-                log.warning("could not renew the lease on %r for %.0f s (%s); stopping its training", model_id,
-                            defaults.LEASE_S, type(exc).__name__)
-                await _stop_child(process)
-                return False
-            continue
-        logged_step = _log_progress(model_id, current.get("progress"), logged_step)
-        if current.get("cancel"):
-            cancel_seen = cancel_seen or time.monotonic()
-            if time.monotonic() - cancel_seen > defaults.CHILD_KILL_GRACE_S:
-                await _stop_child(process)
-    return True
+            decided = await _unreachable(settings, model_id, process, watch, exc)
+        except Exception:  # a bug here must not leave the child unsupervised
+            log.exception("supervising %r: unexpected error; still supervising", model_id)
+            decided = None
+        if decided is not None:
+            return decided
+    if watch.over_time:
+        return await _fail_over_time(models, settings, model_id, owner)
+    return None
 
 
-def _log_progress(model_id, progress: dict | None, last_step: int | None) -> int | None:
+class _Watch:
+    def __init__(self, started: float):
+        self.started = self.renewed = started
+        self.cancel_seen: float | None = None
+        self.logged_step: int | None = None
+        self.over_time = False
+
+
+async def _tick(models, settings: Settings, model_id, owner: str, process, watch: _Watch) -> Status | None:
+    current = await renew(models, model_id, owner, settings.lease_s, {"cancel": 1, "progress": 1})
+    if current is None:
+        log.warning("lost the lease on %r; stopping its training", model_id)
+        await stop_child(process, settings.kill_grace_s)
+        return Status.RUNNING
+    watch.renewed = time.monotonic()
+    try:
+        state = parse(Renewed, current)
+    except BadRecord as exc:
+        log.warning("training %r: unreadable progress or cancel (%s); still supervising", model_id, exc)
+        return None
+    watch.logged_step = _log_progress(model_id, state, watch.logged_step)
+    now = time.monotonic()
+    if state.cancel:
+        watch.cancel_seen = watch.cancel_seen or now
+        if now - watch.cancel_seen > settings.kill_grace_s:
+            await stop_child(process, settings.kill_grace_s)
+    if not watch.over_time and now - watch.started > settings.max_run_s:
+        log.warning("training %r passed the wall-clock cap of %.0f s; stopping it", model_id, settings.max_run_s)
+        watch.over_time = True
+        process.terminate()  # the child saves a checkpoint and exits; the run then fails naming the cap
+    return None
+
+
+async def _unreachable(settings: Settings, model_id, process, watch: _Watch, exc: Exception) -> Status | None:
+    if time.monotonic() - watch.renewed <= settings.lease_s:
+        return None
+    log.warning("could not renew the lease on %r for %.0f s (%s); stopping its training", model_id,
+                settings.lease_s, type(exc).__name__)
+    await stop_child(process, settings.kill_grace_s)
+    return Status.RUNNING  # another daemon may own it by now
+
+
+def _log_progress(model_id, state: Renewed, last_step: int | None) -> int | None:
     """One line per lease renewal while the step moves on; returns the step logged."""
-    if not progress or not progress.get("total_steps") or progress["step"] == last_step:
+    progress = state.progress
+    if progress is None or not progress.total_steps or progress.step == last_step:
         return last_step
-    loss, eta = progress.get("loss"), progress.get("eta_s")
-    log.info("training %r: step %d/%d%s%s", model_id, progress["step"], progress["total_steps"],
-             "" if loss is None else f", loss {loss:.4f}", "" if eta is None else f", ETA {eta:.0f} s")
-    return progress["step"]
+    log.info("training %r: step %d/%d%s%s", model_id, progress.step, progress.total_steps,
+             "" if progress.loss is None else f", loss {progress.loss:.4f}",
+             "" if progress.eta_s is None else f", ETA {progress.eta_s:.0f} s")
+    return progress.step
+
+
+async def _fail_over_time(models, settings: Settings, model_id, owner: str) -> Status:
+    error = {"type": "limit_exceeded", "field": "trainer",
+             "message": f"the run took longer than the operator's cap of {settings.max_run_s:.0f} s of wall-clock "
+                        "time; its last checkpoint is kept. Train fewer steps (trainer.max_steps, "
+                        "trainer.num_train_epochs), or the operator raises MONGOTUNE_MAX_RUN_S"}
+    await transition(models, model_id, Status.RUNNING, Status.FAILED, MODEL_TRANSITIONS,
+                     match={"lease.owner": {"$eq": owner}}, fields={"error": error}, unset=("lease", "cancel"))
+    return Status.FAILED
+
+
+def _recorded_error(current: dict | None) -> dict | None:
+    """The child's `error`, if it wrote one of the expected shape (the user may have written it too)."""
+    error = (current or {}).get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str) and isinstance(error.get("type"), str):
+        return error
+    return None
 
 
 async def _finish(models, model_id, owner: str, code: int, path: Path) -> Status:
     if code == defaults.EXIT_LEASE_LOST:
         log.warning("training %r stopped: another daemon holds its lease now", model_id)
         return Status.RUNNING
-    current = await models.find_one({"_id": model_id}, {"error": 1, "cancel": 1})
+    current = await models.find_one({"_id": ids.eq(model_id)}, {"error": 1, "cancel": 1})
+    error = _recorded_error(current)
     if code == defaults.EXIT_OK:
         new, fields = Status.SUCCEEDED, {}
-    elif code == defaults.EXIT_CANCELLED or (current or {}).get("cancel"):
+    elif code == defaults.EXIT_CANCELLED or (current or {}).get("cancel") is True:
         new, fields = Status.CANCELLED, {}  # `cancel` is honoured and cleared, so a retrain is not cancelled again
     elif code == defaults.EXIT_STOPPED:
         new, fields = Status.PENDING, {}
-    elif code == defaults.EXIT_INVALID and (current or {}).get("error"):
-        new, fields = Status.FAILED, {}
     else:
-        new, fields = Status.FAILED, {"error": (current or {}).get("error") or _crash_error(code, path)}
+        new, fields = Status.FAILED, {"error": error or _crash_error(code, path)}
     await transition(models, model_id, Status.RUNNING, new, MODEL_TRANSITIONS,
-                     match={"lease.owner": owner}, fields=fields, unset=("lease", "cancel"))
+                     match={"lease.owner": {"$eq": owner}}, fields=fields, unset=("lease", "cancel"))
     log.info("training %r ended %s (exit code %d)", model_id, new.value, code)
     return new

@@ -8,6 +8,9 @@ import datetime as dt
 from enum import Enum
 
 from pymongo import ReturnDocument
+from pymongo.errors import OperationFailure
+
+from training import ids
 
 
 class Status(str, Enum):
@@ -33,6 +36,7 @@ REQUEST_TRANSITIONS = {
     S.RUNNING: {S.DONE, S.FAILED, S.CANCELLED, S.PENDING},
 }
 FINAL = {S.SUCCEEDED, S.DONE, S.FAILED, S.CANCELLED}
+DOCUMENT_VALIDATION_FAILURE = 121
 
 
 def now() -> dt.datetime:
@@ -58,6 +62,13 @@ async def transition(collection, doc_id, old: Status, new: Status, table: dict, 
         update["$unset"] = {name: "" for name in unset}
     if push:
         update["$push"] = push
-    return await collection.find_one_and_update(
-        {"_id": doc_id, **status_filter(old), **(match or {})}, update, return_document=ReturnDocument.AFTER,
-    )
+    query = {"_id": ids.eq(doc_id), **status_filter(old), **(match or {})}
+    try:
+        return await collection.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
+    except OperationFailure as exc:
+        if exc.code != DOCUMENT_VALIDATION_FAILURE:
+            raise
+        # The document predates a stricter validator (the operator lowered a cap): the listener's own
+        # write must still land, or the document could never be failed or finished.
+        return await collection.find_one_and_update(query, update, return_document=ReturnDocument.AFTER,
+                                                    bypassDocumentValidation=True)

@@ -9,9 +9,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from bson.errors import InvalidBSON, InvalidDocument
 from pymongo.errors import OperationFailure, PyMongoError
 
 from listener import defaults
+from listener.records import BadRecord, ChangeEvent, ResumeRecord, parse
 from listener.status import now
 
 log = logging.getLogger("mongotune.listener")
@@ -37,14 +39,13 @@ async def watch(db, collection: str, daemon_name: str, handle: Callable[[dict], 
     while True:
         resume, opened = None, False
         try:
-            saved = await tokens.find_one({"_id": key})
-            resume = saved["token"] if saved else None
+            resume = await _saved_token(tokens, key)
             async with await db[collection].watch(PIPELINE, full_document="updateLookup", resume_after=resume) as stream:
                 opened = True
                 await on_gap()
                 backoff = 0.5
                 async for change in stream:
-                    await handle(change)
+                    await _deliver(change, handle)
                     await tokens.update_one({"_id": key}, {"$set": {"token": stream.resume_token, "at": now()}},
                                             upsert=True)
         except PyMongoError as exc:
@@ -52,8 +53,44 @@ async def watch(db, collection: str, daemon_name: str, handle: Callable[[dict], 
             if refused:
                 log.warning("resume token for %s can no longer be used (%s); scanning for pending work instead",
                             collection, exc.details.get("codeName", exc.code) if exc.details else exc.code)
-                await tokens.delete_one({"_id": key})
+                await _forget(tokens, key)
                 continue
             log.warning("stream on %s broke (%s); reconnecting in %.1f s", collection, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+        except (InvalidBSON, InvalidDocument, ValueError, TypeError) as exc:
+            # An event that cannot be read at all: start a fresh stream; the scan covers what it hid.
+            log.warning("unreadable event on %s (%s); opening a fresh stream and scanning", collection, exc)
+            await _forget(tokens, key)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+
+async def _saved_token(tokens, key: str) -> dict | None:
+    """The saved resume token, if its record has the right shape; a bad record means a fresh stream."""
+    saved = await tokens.find_one({"_id": key})
+    if saved is None:
+        return None
+    try:
+        return parse(ResumeRecord, saved).token
+    except BadRecord as exc:
+        log.warning("resume record %s is unusable (%s); starting a fresh stream", key, exc)
+        await tokens.delete_one({"_id": key})
+        return None
+
+
+async def _forget(tokens, key: str) -> None:
+    try:
+        await tokens.delete_one({"_id": key})
+    except PyMongoError as exc:
+        log.warning("cannot drop resume record %s: %s", key, exc)
+
+
+async def _deliver(change: dict, handle: Callable[[dict], Awaitable[None]]) -> None:
+    try:
+        event = parse(ChangeEvent, change)
+    except BadRecord as exc:
+        log.warning("skipping a change event of an unexpected shape: %s", exc)
+        return
+    if event.full_document is not None:
+        await handle(event.full_document)

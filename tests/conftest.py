@@ -17,6 +17,7 @@ from listener import defaults, follow
 from listener.follow import finished  # noqa: F401  (re-exported for the tests)
 from listener.embedded import EmbeddedServer, free_port
 from tests import tiny_model
+from training.limits import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,18 +55,31 @@ def db(client):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory) -> str:
-    return str(tiny_model.build(tmp_path_factory.mktemp("tiny-model")))
+def model_root(tmp_path_factory) -> Path:
+    """Where test models live: the operator's model root for every daemon the tests start."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(model_root) -> str:
+    return str(tiny_model.build(model_root / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def limits(model_root) -> Limits:
+    """The default caps, with the test model root allowed."""
+    return Limits(model_roots=(model_root,))
 
 
 class Daemon:
     """A real `listener start` process on the test database."""
 
     def __init__(self, uri: str, db_name: str, home: Path, name: str, max_jobs: int = 2, env: dict | None = None,
-                 args: tuple = ()):
+                 args: tuple = (), model_root: Path | None = None):
         self.home = home
         self.log_path = home / f"{name}.log"
-        env = {**os.environ, defaults.ENV_HOME: str(home), **(env or {})}
+        roots = {"MONGOTUNE_MODEL_ROOTS": str(model_root)} if model_root else {}
+        env = {**os.environ, defaults.ENV_HOME: str(home), **roots, **(env or {})}
         env.pop(defaults.ENV_URI, None)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -89,11 +103,11 @@ class Daemon:
 
 
 @pytest.fixture
-def start_daemon(server_uri, db, tmp_path, request):
+def start_daemon(server_uri, db, tmp_path, request, model_root):
     started: list[Daemon] = []
 
     def start(name: str | None = None, max_jobs: int = 2, env: dict | None = None, args: tuple = ()) -> Daemon:
-        daemon = Daemon(server_uri, db.name, tmp_path, name or f"d{len(started)}", max_jobs, env, args)
+        daemon = Daemon(server_uri, db.name, tmp_path, name or f"d{len(started)}", max_jobs, env, args, model_root)
         started.append(daemon)
         return daemon
 
@@ -110,6 +124,13 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+def job_log(home: Path, run: int = 1) -> str:
+    """The training child's log of the (only) model trained with this home."""
+    found = sorted((home / "logs").glob(f"*-run{run}.log"))
+    assert found, "the daemon keeps one log per training run"
+    return found[-1].read_text(errors="replace")
 
 
 def wait_for(collection, doc_id, until, timeout: float = 120.0) -> dict:

@@ -28,19 +28,31 @@ def test_a_standalone_server_is_refused_with_a_clear_error(standalone_uri):
     assert "replica set" in result.stderr and "change streams" in result.stderr
 
 
-def test_heartbeat_status_check_and_a_bounded_graceful_exit(db, server_uri, start_daemon):
+def test_heartbeat_status_check_and_a_bounded_graceful_exit(db, server_uri, start_daemon, tmp_path):
     daemon = start_daemon("beating")
     record = wait_for(db[defaults.LISTENER], {"$regex": "^daemon:beating:"}, lambda d: True, timeout=60)
     assert record["pid"] == daemon.process.pid and "counters" in record
-    runner = CliRunner()
-    assert runner.invoke(status, ["--uri", server_uri, "--db", db.name, "--check"]).exit_code == 0
+    runner = CliRunner(env={defaults.ENV_HOME: str(tmp_path)})
+    checked = runner.invoke(status, ["--check"])
+    assert checked.exit_code == 0 and "'beating'" in checked.output
     shown = runner.invoke(status, ["--uri", server_uri, "--db", db.name])
     assert shown.exit_code == 0 and record["owner"] in shown.output
     started = time.monotonic()
     assert daemon.stop(timeout=30) == 0
     assert time.monotonic() - started < 30
     assert db[defaults.LISTENER].count_documents({"kind": "daemon"}) == 0
-    assert runner.invoke(status, ["--uri", server_uri, "--db", db.name, "--check"]).exit_code == 1
+    assert runner.invoke(status, ["--check"]).exit_code == 1
+
+
+def test_status_check_trusts_no_record_in_the_database(db, server_uri, tmp_path):
+    """A forged heartbeat in `_listener` does not make a dead deployment look healthy."""
+    import datetime as dt
+
+    db[defaults.LISTENER].insert_one({"_id": "daemon:forged", "kind": "daemon", "name": "forged", "owner": "forged",
+                                      "host": "h", "pid": 1, "heartbeat_at": dt.datetime.now(dt.timezone.utc)})
+    runner = CliRunner(env={defaults.ENV_HOME: str(tmp_path), defaults.ENV_URI: server_uri})
+    result = runner.invoke(status, ["--check", "--db", db.name])
+    assert result.exit_code == 1 and "no daemon has run" in result.output
 
 
 def test_documents_inserted_while_no_daemon_ran_are_served_at_start(db, start_daemon, tiny_model_path):
@@ -92,7 +104,7 @@ def test_many_daemons_handle_each_document_exactly_once(db, start_daemon, tiny_m
     answered = [wait_for(db[defaults.REQUESTS], f"r{i}", finished, timeout=120) for i in range(n_requests)]
     assert all(m["status"] == "succeeded" and m["run"] == 1 and m["attempts"] == 1 for m in trained)
     assert all(r["status"] == "done" and r["attempts"] == 1 for r in answered)
-    time.sleep(defaults.HEARTBEAT_S + 1)
+    time.sleep(6)  # one heartbeat (5 s by default) after the last answer
     records = list(db[defaults.LISTENER].find({"kind": "daemon"}))
     assert len(records) == 3
     assert sum(r["counters"]["trainings_started"] for r in records) == n_models
@@ -129,16 +141,18 @@ def test_documents_that_break_the_listeners_own_fields_fail_alone(db, start_daem
     models, requests = db[defaults.MODELS], db[defaults.REQUESTS]
     models.insert_one({**model("x", tiny_model_path), "_id": {"team": "a", "name": "dict-id"}})
     models.insert_one({**model("string-run", tiny_model_path), "run": "1"})
-    requests.insert_one({"_id": "string-attempts", "model": "m", "input": "hi", "attempts": "x"})
-    requests.insert_one({"_id": "after", "model": {"team": "a", "name": "dict-id"}, "input": "hi",
-                         "checkpoint": "base", "params": {"max_new_tokens": 2}})
+    models.insert_one(model("good", tiny_model_path))
+    requests.insert_one({"_id": "string-attempts", "model": "good", "input": "hi", "attempts": "x"})
+    requests.insert_one({"_id": "pattern", "model": {"$regex": "^g"}, "input": "hi", "checkpoint": "base"})
+    requests.insert_one({"_id": "after", "model": "good", "input": "hi", "checkpoint": "base",
+                         "params": {"max_new_tokens": 2}})
 
-    dict_id = wait_for(models, {"team": "a", "name": "dict-id"}, finished, timeout=120)
-    assert dict_id["status"] == "succeeded", dict_id.get("error")
-    for collection, doc_id in ((models, "string-run"), (requests, "string-attempts")):
+    for collection, doc_id, field in ((models, {"team": "a", "name": "dict-id"}, "_id"), (models, "string-run", "run"),
+                                      (requests, "string-attempts", "attempts"), (requests, "pattern", "model")):
         broken = wait_for(collection, doc_id, finished, timeout=60)
-        assert broken["status"] == "failed" and broken["error"]["type"] == "unusable_document"
-        assert "must not be set by users" in broken["error"]["message"]
+        assert broken["status"] == "failed" and broken["error"]["type"] == "invalid_document", broken
+        assert broken["error"]["field"] == field
+    assert wait_for(models, "good", finished, timeout=120)["status"] == "succeeded"
     assert wait_for(requests, "after", finished, timeout=60)["status"] == "done"
     assert daemon.process.poll() is None
 

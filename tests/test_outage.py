@@ -20,7 +20,7 @@ def restartable(tmp_path):
     server.stop()
 
 
-def test_daemons_ride_out_a_server_restart(restartable, tmp_path, tiny_model_path):
+def test_daemons_ride_out_a_server_restart(restartable, tmp_path, tiny_model_path, model_root):
     client = MongoClient(restartable.uri)
     db = client["outage"]
     load_samples(db)
@@ -33,7 +33,7 @@ def test_daemons_ride_out_a_server_restart(restartable, tmp_path, tiny_model_pat
     def ask(doc_id):
         return {"_id": doc_id, "model": "before", "input": "ahoy", "params": {"max_new_tokens": 2}}
 
-    daemons = [Daemon(restartable.uri, "outage", tmp_path, f"outage{i}") for i in range(2)]
+    daemons = [Daemon(restartable.uri, "outage", tmp_path, f"outage{i}", model_root=model_root) for i in range(2)]
     try:
         models.insert_one(model("before"))
         assert wait_for(models, "before", finished, timeout=120)["status"] == "succeeded"

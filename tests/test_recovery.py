@@ -7,7 +7,7 @@ import time
 
 from listener import defaults
 from listener.demo import load_samples
-from tests.conftest import finished, wait_for
+from tests.conftest import finished, job_log, wait_for
 
 STEPS = 400
 TRAINER = {"max_steps": STEPS, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64,
@@ -21,7 +21,7 @@ def long_model(path):
 
 
 def child_log(home) -> str:
-    return (home / "logs" / "long-run1.log").read_text()
+    return job_log(home)
 
 
 def assert_resumed_not_restarted(document, resumed_from: int):
@@ -122,7 +122,7 @@ def test_a_training_child_killed_outright_fails_with_the_signal(db, start_daemon
     models, daemon = training_under_way(db, start_daemon, tiny_model_path)
     os.kill(child_pid(daemon), signal.SIGKILL)
     failed = wait_for(models, "long", finished, timeout=60)
-    assert failed["status"] == "failed" and failed["error"]["type"] == "TrainingCrashed"
+    assert failed["status"] == "failed" and failed["error"]["type"] == "training_crashed"
     assert "SIGKILL" in failed["error"]["message"] and "out of memory" in failed["error"]["message"]
     assert daemon.process.poll() is None, "the daemon lives on"
 

@@ -6,7 +6,8 @@ import datetime as dt
 import pytest
 from pymongo import AsyncMongoClient
 
-from listener.leases import claim_model, claim_request, renew, resumes_run
+from listener.leases import claim_model, claim_request, renew
+from listener.records import ModelState, parse
 from listener.status import FINAL, MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, status_filter, transition
 
 S = Status
@@ -45,7 +46,7 @@ def test_many_concurrent_claims_one_winner(server_uri, db):
     document = db.models.find_one({"_id": "m"})
 
     async def work(adb):
-        return await asyncio.gather(*(claim_model(adb.models, document, f"owner{i}") for i in range(6)))
+        return await asyncio.gather(*(claim_model(adb.models, parse(ModelState, document), f"owner{i}", 60, []) for i in range(6)))
 
     results = run_with(server_uri, db.name, work)
     won = [r for r in results if r is not None]
@@ -131,7 +132,7 @@ def test_request_done_is_final(server_uri, db):
 
 def claim(server_uri, db, document, owner):
     async def work(adb):
-        return await claim_model(adb.models, document, owner)
+        return await claim_model(adb.models, parse(ModelState, document), owner, 60, [])
 
     return run_with(server_uri, db.name, work)
 
@@ -155,7 +156,7 @@ def test_unfinished_run_is_resumed(server_uri, db):
     db.models.insert_one({"_id": "m", "status": "pending", "run": 1, "attempts": 1, "started_at": started,
                           "progress": {"step": 30}, "lease": {"owner": "dead", "expires_at": started}})
     document = db.models.find_one({"_id": "m"})
-    assert resumes_run(document)
+    assert parse(ModelState, document).interrupted()
     claimed = claim(server_uri, db, document, "daemon-b")
     assert claimed["run"] == 1
     assert claimed["attempts"] == 2
@@ -170,7 +171,7 @@ def test_finished_run_starts_a_new_one(server_uri, db):
                           "finished_at": started, "error": {"type": "x"}, "history": [{"event": "lease expired"}],
                           "progress": {"step": 30}, "checkpoints": [{"run": 1, "step": 30}]})
     document = db.models.find_one({"_id": "m"})
-    assert not resumes_run(document)
+    assert not parse(ModelState, document).interrupted()
     claimed = claim(server_uri, db, document, "daemon-a")
     assert claimed["run"] == 2
     assert claimed["attempts"] == 1
@@ -199,8 +200,8 @@ def test_claim_request_counts_attempts(server_uri, db):
     db.requests.insert_one({"_id": "r", "input": "hi"})
 
     async def work(adb):
-        first = await claim_request(adb.requests, "r", "a")
-        second = await claim_request(adb.requests, "r", "b")
+        first = await claim_request(adb.requests, "r", "a", 60)
+        second = await claim_request(adb.requests, "r", "b", 60)
         return first, second
 
     first, second = run_with(server_uri, db.name, work)
@@ -214,8 +215,8 @@ def test_renew(server_uri, db):
     claimed = claim(server_uri, db, document, "daemon-a")
 
     async def work(adb):
-        return (await renew(adb.models, "m", "daemon-a"), await renew(adb.models, "m", "daemon-b"),
-                await renew(adb.models, "nope", "daemon-a"))
+        return (await renew(adb.models, "m", "daemon-a", 60), await renew(adb.models, "m", "daemon-b", 60),
+                await renew(adb.models, "nope", "daemon-a", 60))
 
     mine, theirs, missing = run_with(server_uri, db.name, work)
     assert mine == {"_id": "m"}
@@ -230,6 +231,6 @@ def test_renew_after_the_job_finished_is_none(server_uri, db):
     db.models.insert_one({"_id": "m", "status": "succeeded", "lease": {"owner": "daemon-a"}})
 
     async def work(adb):
-        return await renew(adb.models, "m", "daemon-a")
+        return await renew(adb.models, "m", "daemon-a", 60)
 
     assert run_with(server_uri, db.name, work) is None

@@ -1,0 +1,127 @@
+"""What the daemon reads back, parsed where it is read: anyone with write access may have written it.
+
+Each read (change events, scans, reaps, renewals, `_listener` records) goes through one of these
+typed parses. A record that does not fit raises `BadRecord` naming the field, and the caller skips
+it (logging it once) or fails that one document; no loop ends because of one record.
+"""
+
+import datetime as dt
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from listener.status import Status
+from training import ids
+
+log = logging.getLogger("mongotune.listener")
+
+class BadRecord(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+
+class Lease(_Record):
+    owner: str
+    expires_at: dt.datetime
+
+
+class ModelState(_Record):
+    """The listener-owned fields of a `_models` document, as the daemon relies on them."""
+
+    id: Any = Field(alias="_id")
+    status: Status | None = Field(None, strict=False)
+    run: int = Field(0, ge=0, le=2**31)
+    attempts: int = Field(0, ge=0, le=2**31)
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    cancel: bool | None = None
+    lease: Lease | None = None
+    history: list[dict] = Field(default_factory=list, max_length=10_000)
+    metrics: list = Field(default_factory=list)  # the training child appends to it: it must be an array
+
+    def interrupted(self) -> bool:
+        """A run that started and never finished (its daemon stopped or died) is resumed, not restarted."""
+        return self.run > 0 and self.started_at is not None and self.finished_at is None
+
+
+class RequestState(_Record):
+    id: Any = Field(alias="_id")
+    status: Status | None = Field(None, strict=False)
+    attempts: int = Field(0, ge=0, le=2**31)
+    cancel: bool | None = None
+    lease: Lease | None = None
+    history: list[dict] = Field(default_factory=list, max_length=10_000)
+
+
+class Progress(_Record):
+    step: int = Field(ge=0)
+    total_steps: int = Field(ge=0)
+    loss: float | None = None
+    eta_s: float | None = None
+
+
+class Renewed(_Record):
+    """What a lease renewal reads back while a child trains."""
+
+    cancel: bool | None = None
+    progress: Progress | None = None
+
+
+class ChangeEvent(_Record):
+    operation: str = Field(alias="operationType")
+    full_document: dict | None = Field(None, alias="fullDocument")
+
+
+class ResumeRecord(_Record):
+    token: dict
+
+
+class DaemonRecord(_Record):
+    owner: str
+    name: str
+    host: str
+    pid: int
+    heartbeat_at: dt.datetime
+    counters: dict[str, int] = Field(default_factory=dict)
+    trainings: list[str] = Field(default_factory=list)
+
+
+def parse(kind: type[BaseModel], document: Any):
+    """`kind` from a raw document, or BadRecord naming the first field that does not fit."""
+    if not isinstance(document, dict):
+        raise BadRecord("", f"expected a document, got {type(document).__name__}")
+    try:
+        return kind.model_validate(document)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "json-or-python")))
+        raise BadRecord(field, err["msg"]) from None
+
+
+class SkipLog:
+    """Logs each skipped record once, by id, remembering a bounded number of them."""
+
+    def __init__(self, capacity: int = 10_000):
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.capacity = capacity
+
+    def first(self, where: str, doc_id) -> bool:
+        """True the first time this document is seen here (within the last `capacity` ones)."""
+        key = f"{where}:{ids.key(doc_id)[:300]}"
+        if key in self._seen:
+            return False
+        self._seen[key] = None
+        if len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+        return True
+
+    def skip(self, where: str, doc_id, reason: Exception) -> None:
+        if self.first(where, doc_id):
+            log.warning("skipping %s %.200r: %.300s", where, doc_id, reason)
