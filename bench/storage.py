@@ -17,12 +17,13 @@ from bench.common import Context, Row, step
 from training import checkpoints
 
 OPTIMIZER_MB = 50
+MODEL_ID = "bench-storage"  # the owner written into, and checked in, each archive's metadata
 ROUNDS = 4  # even, so each side goes first equally often
 RAW_BUCKET = "bench_raw"
 
 
 def realistic_checkpoint(adapter: Path, dest: Path) -> Path:
-    shutil.copytree(adapter, dest, ignore=shutil.ignore_patterns(*checkpoints.SKIPPED))  # same bytes both ways
+    shutil.copytree(adapter, dest, ignore=shutil.ignore_patterns("training_args.bin", "README.md"))  # same bytes both ways
     (dest / "optimizer.pt").write_bytes(os.urandom(OPTIMIZER_MB * 2**20))
     return dest
 
@@ -62,12 +63,12 @@ def one_round(ctx: Context, folder: Path, bucket: GridFSBucket, n: int) -> dict[
     """Seconds for each of the four transfers; what was stored is deleted so rounds start alike."""
     scratch, ours_first = ctx.home / f"storage-round-{n}", n % 2 == 0
     (up_ours, entry), (up_raw, stored) = both(
-        ours_first, lambda: checkpoints.upload(ctx.db, folder, model_id="bench-storage", run=1, step=n),
+        ours_first, lambda: checkpoints.upload(ctx.db, folder, model_id=MODEL_ID, run=1, step=n),
         lambda: raw_upload(bucket, folder))
     (down_ours, _), (down_raw, _) = both(
-        ours_first, lambda: checkpoints.download(ctx.db, entry["files_id"], scratch / "ours"),
+        ours_first, lambda: checkpoints.download(ctx.db, entry["files_id"], scratch / "ours", kind="resume"),
         lambda: raw_download(bucket, stored, scratch / "raw"))
-    checkpoints.delete(ctx.db, entry["files_id"])
+    checkpoints.delete(ctx.db, entry["files_id"], model_id=MODEL_ID)
     for _, files_id in stored:
         bucket.delete(files_id)
     shutil.rmtree(scratch)

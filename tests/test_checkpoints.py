@@ -11,19 +11,22 @@ from listener import defaults
 from training import checkpoints
 from training.checkpoints import best_of, select, to_prune
 
-FILES = {
+FILES = {  # what a serving download gives back (the tokenizer comes from the base model)
     "adapter_model.safetensors": bytes(range(256)) * 40,
     "adapter_config.json": b'{"r": 8, "lora_alpha": 16}',
-    "tokenizer_config.json": b"{}",
 }
+RESUME_FILES = {"optimizer.pt": b"optimizer state", "rng_state.pth": b"rng", "trainer_state.json": b"{}",
+                "tokenizer_config.json": b"{}"}
+STORED = {**FILES, **RESUME_FILES}
 
 
 def checkpoint_folder(tmp_path):
     folder = tmp_path / "checkpoint-10"
     folder.mkdir()
-    for name, content in FILES.items():
+    for name, content in STORED.items():
         (folder / name).write_bytes(content)
     (folder / "training_args.bin").write_bytes(b"\x80\x04pickled, never stored")
+    (folder / "README.md").write_bytes(b"peft writes one; never stored")
     (folder / "subdir").mkdir()  # folders are not part of a checkpoint archive
     return folder
 
@@ -31,13 +34,20 @@ def checkpoint_folder(tmp_path):
 def test_upload_download_round_trip(db, tmp_path):
     entry = checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="llm", run=2, step=10)
     assert entry["run"] == 2 and entry["step"] == 10
-    assert entry["size"] > sum(len(content) for content in FILES.values())
+    assert entry["size"] > sum(len(content) for content in STORED.values())
     assert entry["created_at"].tzinfo is not None
     dest = checkpoints.download(db, entry["files_id"], tmp_path / "elsewhere" / "ckpt")
     assert sorted(p.name for p in dest.iterdir()) == sorted(FILES)
     for name, content in FILES.items():
         assert (dest / name).read_bytes() == content
-    assert not (dest / "training_args.bin").exists()
+
+
+def test_resume_download_adds_the_trainer_states(db, tmp_path):
+    entry = checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="llm", run=2, step=10)
+    dest = checkpoints.download(db, entry["files_id"], tmp_path / "resume" / "ckpt", kind="resume")
+    assert sorted(p.name for p in dest.iterdir()) == sorted(STORED)
+    for name, content in STORED.items():
+        assert (dest / name).read_bytes() == content
 
 
 def test_gridfs_metadata(db, tmp_path):
@@ -46,66 +56,67 @@ def test_gridfs_metadata(db, tmp_path):
     assert stored["metadata"]["model"] == "llm"
     assert stored["metadata"]["run"] == 3
     assert stored["metadata"]["step"] == 40
-    assert sorted(stored["metadata"]["files"]) == sorted(FILES)
+    assert sorted(stored["metadata"]["files"]) == sorted(STORED)
     assert stored["filename"] == "llm/run-3/step-40.tar"
     assert stored["length"] == entry["size"]
     assert db[f"{defaults.CHECKPOINTS}.chunks"].count_documents({"files_id": entry["files_id"]}) >= 1
 
 
-def test_training_args_never_reach_gridfs(db, tmp_path):
+def test_only_allowlisted_files_reach_gridfs(db, tmp_path):
     entry = checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="llm", run=1, step=1)
     data = gridfs.GridFSBucket(db, defaults.CHECKPOINTS).open_download_stream(entry["files_id"]).read()
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        assert sorted(tar.getnames()) == sorted(FILES)
-    assert b"pickled, never stored" not in data
+        assert sorted(tar.getnames()) == sorted(STORED)
+    assert b"pickled, never stored" not in data and b"peft writes one" not in data
 
 
 def test_delete(db, tmp_path):
     entry = checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="llm", run=1, step=1)
-    checkpoints.delete(db, entry["files_id"])
+    checkpoints.delete(db, entry["files_id"], model_id="llm", run=1)
     assert db[f"{defaults.CHECKPOINTS}.files"].count_documents({}) == 0
     assert db[f"{defaults.CHECKPOINTS}.chunks"].count_documents({}) == 0
 
 
-def store_archive(db, members: list[tuple[tarfile.TarInfo, bytes | None]]):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for info, content in members:
-            if content is not None:
-                info.size = len(content)
-            tar.addfile(info, io.BytesIO(content) if content is not None else None)
-    return gridfs.GridFSBucket(db, "_checkpoints").upload_from_stream("evil.tar", buffer.getvalue())
+# --- a real trainer's checkpoint ------------------------------------------------------------------
+
+def train_tiny(model_path: str, output_dir, max_steps: int, resume: str | None = None):
+    """A real Trainer with a LoRA adapter on the tiny model, saving every step."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
+                              TrainingArguments)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    data = Dataset.from_dict(dict(tokenizer(["ahoy matey the sea be blue", "what is the capital of france"] * 4)))
+    args = TrainingArguments(str(output_dir), max_steps=max_steps, save_steps=1, per_device_train_batch_size=2,
+                             logging_steps=1, use_cpu=True, report_to=[])
+    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
 
 
-def test_download_refuses_path_outside_destination(db, tmp_path):
-    files_id = store_archive(db, [(tarfile.TarInfo("ok.json"), b"{}"), (tarfile.TarInfo("../evil"), b"pwned")])
-    dest = tmp_path / "a" / "dest"
-    with pytest.raises(tarfile.TarError):
-        checkpoints.download(db, files_id, dest)
-    assert not (tmp_path / "a" / "evil").exists()
-    assert not any(p.name == "evil" for p in tmp_path.rglob("*"))
+def test_a_real_trainer_checkpoint_round_trips_and_resumes(db, tmp_path, tiny_model_path):
+    train_tiny(tiny_model_path, tmp_path / "out", max_steps=2)
+    folder = tmp_path / "out" / "checkpoint-2"
+    assert (folder / "training_args.bin").exists() and (folder / "optimizer.pt").exists()
+    entry = checkpoints.upload(db, folder, model_id="llm", run=1, step=2)
+    stored = checkpoints.verified(db, entry["files_id"], "llm", run=1)
+    assert (stored.run, stored.step) == (1, 2)
 
+    served = checkpoints.download(db, entry["files_id"], tmp_path / "serving")
+    assert (served / "adapter_model.safetensors").exists() and (served / "adapter_config.json").exists()
+    assert not [p.name for p in served.iterdir() if p.suffix in (".pt", ".pth", ".bin")]
 
-def test_download_refuses_link_outside_destination(db, tmp_path):
-    link = tarfile.TarInfo("adapter_model.safetensors")
-    link.type = tarfile.SYMTYPE
-    link.linkname = "../../secret"
-    (tmp_path / "secret").write_bytes(b"secret")
-    files_id = store_archive(db, [(link, None)])
-    dest = tmp_path / "a" / "dest"
-    with pytest.raises(tarfile.TarError):
-        checkpoints.download(db, files_id, dest)
-    assert not (dest / "adapter_model.safetensors").is_symlink()
-
-
-def test_download_strips_absolute_paths(db, tmp_path):
-    files_id = store_archive(db, [(tarfile.TarInfo(str(tmp_path / "abs.json")), b"{}")])
-    dest = tmp_path / "dest"
-    try:
-        checkpoints.download(db, files_id, dest)
-    except tarfile.TarError:
-        pass  # refusing is fine too
-    assert not (tmp_path / "abs.json").exists()
+    resume = checkpoints.download(db, entry["files_id"], tmp_path / "resume", kind="resume")
+    names = {p.name for p in resume.iterdir()}
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= names
+    assert "training_args.bin" not in names and "README.md" not in names
+    resumed = train_tiny(tiny_model_path, tmp_path / "again", max_steps=3, resume=str(resume))
+    assert resumed.state.global_step == 3
+    assert [e["step"] for e in resumed.state.log_history if "loss" in e] == [1, 2, 3], "steps 1-2 came from the archive"
 
 
 # --- select --------------------------------------------------------------------------------------

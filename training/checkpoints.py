@@ -1,33 +1,101 @@
 """Checkpoints in GridFS: one tar archive per save, written first and listed in the model second.
 
 A checkpoint listed in `checkpoints` is therefore always whole; an upload cut short by a crash is
-an orphan file nobody lists. Only safetensors and JSON are read back for serving; the optimizer
-and scheduler states needed to resume are loaded by the trainer with `weights_only=True`.
+an orphan file nobody lists. Neither the listing nor the archives are trusted: users can write the
+model document, and may be able to insert into the `_checkpoints` bucket. So a file is used (loaded,
+resumed from, deleted) only once its GridFS metadata shows it is this model's (and run's), and an
+archive is unpacked by an allowlist of bare file names: safetensors weights and JSON for serving,
+plus the optimizer, scheduler, scaler and RNG states that transformers' Trainer reads back with
+`torch.load(weights_only=True)` to resume. Nothing pickled is stored for serving, none is unpickled.
 """
 
 import datetime as dt
 import math
+import re
 import shutil
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from bson import ObjectId
 from gridfs import GridFSBucket
 
 from listener import defaults
+from training import ids
+from training.limits import Limits
 
-SKIPPED = {"training_args.bin"}  # a pickled TrainingArguments: never needed, never stored
+_SERVING = (  # what serving loads: weights as safetensors, configs as JSON (the tokenizer comes from the base)
+    r"adapter_model\.safetensors", r"adapter_config\.json", r"model\.safetensors",
+    r"model-[0-9]{5}-of-[0-9]{5}\.safetensors", r"model\.safetensors\.index\.json", r"config\.json",
+    r"generation_config\.json",
+)
+_RESUME = _SERVING + (  # what Trainer reads to resume, each with torch.load(weights_only=True) or as JSON
+    r"optimizer\.pt", r"scheduler\.pt", r"scaler\.pt", r"rng_state(_[0-9]{1,5})?\.pth", r"trainer_state\.json",
+    r"tokenizer\.json", r"tokenizer_config\.json", r"special_tokens_map\.json", r"chat_template\.jinja",
+)
+KINDS = {"serving": re.compile("|".join(_SERVING)), "resume": re.compile("|".join(_RESUME))}
 PICKLED = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}  # never loaded for serving
+
+TEXT_FILE_BYTES = 256 * 2**20  # a JSON or Jinja file: far above any real config or trainer state, far below RAM
+HEADER_BYTES = 4 * 2**20  # what tarfile may read for one member's headers (PAX and GNU long-name records)
+CHUNK = 2**20  # bytes copied at a time while counting
+_MEMBER_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.DIRTYPE: "a directory",
+                 tarfile.CHRTYPE: "a device", tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a FIFO"}
+
+
+class CheckpointRefused(LookupError):
+    """A checkpoint that is not this model's, or an archive holding something it may not; nothing was written."""
+
+
+class LimitExceeded(Exception):
+    """A run past an operator's cap; `field` is what the document can change, the message names the setting."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _refused(why: str) -> CheckpointRefused:
+    return CheckpointRefused(f"checkpoint archive refused: {why}")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A GridFS checkpoint file whose document passed the typed parse."""
+
+    files_id: ObjectId
+    model: object
+    run: int
+    step: int
+    length: int
 
 
 def _bucket(db) -> GridFSBucket:
     return GridFSBucket(db, bucket_name=defaults.CHECKPOINTS)
 
 
+def _files(db):
+    return db[f"{defaults.CHECKPOINTS}.files"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _archived(folder: Path) -> list[Path]:
+    """The files of a trainer's checkpoint folder that are stored: regular files a resume may read."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and not p.is_symlink() and KINDS["resume"].fullmatch(p.name))
+
+
 def upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
-    """Archive a checkpoint folder into GridFS; returns the entry to list in the model document."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name not in SKIPPED)
+    """Archive a checkpoint folder into GridFS; returns the entry to list in the model document.
+
+    Only allowlisted names go in (peft's README.md and the pickled training_args.bin never do), so
+    every stored archive is one that `download` accepts.
+    """
+    files = _archived(folder)
     metadata = {"model": model_id, "run": run, "step": step, "files": [p.name for p in files]}
     with _bucket(db).open_upload_stream(f"{model_id}/run-{run}/step-{step}.tar", metadata=metadata) as stream:
         with tarfile.open(fileobj=stream, mode="w|") as tar:
@@ -39,23 +107,178 @@ def upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
     }
 
 
-def download(db, files_id, dest: Path) -> Path:
+def _archive_bound(folder: Path) -> int:
+    """An upper bound on the size of the archive `upload` would store (headers and padding included)."""
+    return sum(p.stat().st_size + 3 * tarfile.BLOCKSIZE for p in _archived(folder)) + 2 * tarfile.RECORDSIZE
+
+
+class _Metered:
+    """The GridFS stream as tarfile reads it, within a moving budget.
+
+    Between two members tarfile reads only headers, and a PAX or GNU long-name header makes it
+    buffer as many bytes as the header claims; the budget stops that long before memory runs out.
+    """
+
+    def __init__(self, stream):
+        self.stream, self.consumed, self.budget = stream, 0, HEADER_BYTES
+
+    def allow(self, more: int) -> None:
+        self.budget = self.consumed + more
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(CHUNK if size < 0 else min(size, CHUNK))
+        self.consumed += len(data)
+        if self.consumed > self.budget:
+            raise _refused("a member's headers are larger than any real one")
+        return data
+
+
+def _shown(name: str) -> str:
+    return repr(name[:80] + ("..." if len(name) > 80 else ""))
+
+
+def _check_member(member: tarfile.TarInfo, seen: set[str]) -> None:
+    """Refuse a member that is not a bare, allowlisted, first-seen name of a plain regular file."""
+    name = member.name
+    if not member.isreg():
+        what = _MEMBER_KINDS.get(member.type, "not a regular file")
+        raise _refused(f"{_shown(name)} is {what}; only regular files are unpacked")
+    if member.issparse():
+        raise _refused(f"{_shown(name)} is a sparse file")
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        last = name.replace("\\", "/").rsplit("/", 1)[-1]  # the path itself may be a host's: not repeated
+        raise _refused(f"a member named {_shown(last)} has a path; members are bare file names")
+    if not KINDS["resume"].fullmatch(name):
+        raise _refused(f"{_shown(name)} is not a file a checkpoint may hold: weights as .safetensors, configs and "
+                       "tokenizer as JSON, and the trainer's optimizer, scheduler, scaler and RNG states")
+    if name in seen:
+        raise _refused(f"it holds {_shown(name)} twice")
+    seen.add(name)
+
+
+def _copy(source, target, cap: int) -> int | None:
+    """Copy at most `cap` bytes, counting them (a header's size is never trusted); None when there were more."""
+    copied = 0
+    while chunk := source.read(CHUNK):
+        copied += len(chunk)
+        if copied > cap:
+            return None
+        target.write(chunk)
+    return copied
+
+
+def _file_cap(name: str, max_file_bytes: int) -> int:
+    return min(max_file_bytes, TEXT_FILE_BYTES) if name.endswith((".json", ".jinja")) else max_file_bytes
+
+
+def _unpack(stream, staging: Path, kind: str, max_bytes: int, max_file_bytes: int) -> None:
+    """Unpack member by member, refusing the whole archive at the first member it may not hold."""
+    total, seen, meter = 0, set(), _Metered(stream)
+    with tarfile.open(fileobj=meter, mode="r|") as tar:
+        for member in tar:
+            _check_member(member, seen)
+            left = max_bytes - total
+            if not KINDS[kind].fullmatch(member.name):  # a trainer state in a serving download: streamed past
+                if member.size > left:
+                    raise _refused(f"{_shown(member.name)} goes over the cap of {max_bytes} bytes per archive")
+                total += member.size
+                meter.allow(member.size + HEADER_BYTES)
+                continue
+            cap = _file_cap(member.name, max_file_bytes)
+            over = f"{cap} bytes per file" if cap <= left else f"{max_bytes} bytes per archive"
+            total += _extract(tar, member, staging / member.name, meter, min(cap, left), over)
+            meter.allow(HEADER_BYTES)
+
+
+def _extract(tar, member, path: Path, meter: _Metered, cap: int, over: str) -> int:
+    """Write one member, counting its bytes against `cap`; the bytes written."""
+    meter.allow(cap + HEADER_BYTES)
+    with open(path, "xb") as target:
+        copied = _copy(tar.extractfile(member), target, cap)
+    if copied is None:
+        raise _refused(f"{_shown(member.name)} goes over the cap of {over}")
+    return copied
+
+
+def download(db, files_id, dest: Path, *, kind: str = "serving", max_bytes: int = Limits().max_checkpoint_bytes,
+             max_file_bytes: int | None = None) -> Path:
     """Unpack a stored checkpoint into `dest`, whole or not at all.
 
-    It is unpacked beside `dest` and renamed into place, so a download cut short never leaves a
-    folder that looks complete; the `data` filter refuses links and paths outside it.
+    `kind` "serving" unpacks only what serving loads; "resume" adds the trainer's states. It is
+    unpacked beside `dest` and renamed into place, so neither a refused archive nor a download cut
+    short ever leaves a folder that looks complete. The caller checks whose file it is (`verified`).
     """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, not {kind!r}")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
         with _bucket(db).open_download_stream(files_id) as stream:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                tar.extractall(staging, filter="data")
+            _unpack(stream, staging, kind, max_bytes, max_file_bytes or max_bytes)
         staging.rename(dest)
+    except tarfile.TarError as exc:
+        raise _refused(f"not a readable tar archive ({exc})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+def _parse(document: dict) -> Stored | None:
+    """The typed parse of a `_checkpoints.files` document; None when anything is missing or mistyped."""
+    metadata = document.get("metadata")
+    if not isinstance(metadata, dict) or "model" not in metadata:
+        return None
+    run, step, length = metadata.get("run"), metadata.get("step"), document.get("length")
+    if not (isinstance(document.get("_id"), ObjectId) and _is_int(run) and _is_int(step) and _is_int(length)):
+        return None
+    return Stored(document["_id"], metadata["model"], run, step, length)
+
+
+def verified(db, files_id, model_id, run: int | None = None) -> Stored:
+    """The stored file `files_id`, once its metadata shows it is `model_id`'s (and `run`'s).
+
+    Ids are compared by BSON type and value, so an ObjectId model and the string of its hex never
+    share checkpoints. Every load, resume and delete goes through here.
+    """
+    if not isinstance(files_id, ObjectId):
+        raise CheckpointRefused(f"its files_id is not an ObjectId, so it is not in {defaults.CHECKPOINTS}")
+    document = _files(db).find_one({"_id": {"$eq": files_id}})
+    if document is None:
+        raise CheckpointRefused(f"file {files_id} is not in {defaults.CHECKPOINTS}")
+    found = _parse(document)
+    if found is None:
+        raise CheckpointRefused(f"file {files_id} in {defaults.CHECKPOINTS} has no valid metadata "
+                                "(model, and run and step as integers)")
+    if ids.key(found.model) != ids.key(model_id):
+        raise CheckpointRefused(f"file {files_id} in {defaults.CHECKPOINTS} belongs to another model")
+    if run is not None and found.run != run:
+        raise CheckpointRefused(f"file {files_id} in {defaults.CHECKPOINTS} belongs to run {found.run}, not run {run}")
+    return found
+
+
+def _of_model(db, model_id, run: int | None = None) -> list[Stored]:
+    """This model's (and run's) stored files, by metadata; the query only narrows, the parse decides."""
+    query = {"metadata.model": {"$eq": model_id}, **({"metadata.run": {"$eq": run}} if run is not None else {})}
+    parsed = (_parse(d) for d in _files(db).find(query, {"metadata": 1, "length": 1}))
+    return [s for s in parsed if s is not None and ids.key(s.model) == ids.key(model_id)
+            and (run is None or s.run == run)]
+
+
+def latest(db, model_id, run: int) -> Stored | None:
+    """The newest stored checkpoint of this model and run, found in GridFS, never through `checkpoints`."""
+    if not _is_int(run):
+        raise CheckpointRefused(f"run must be an integer, not {type(run).__name__}")
+    return max(_of_model(db, model_id, run), key=lambda s: (s.step, s.files_id), default=None)
+
+
+def check_room(db, folder: Path, model_id, saves: int, limits: Limits) -> None:
+    """Refuse a save past the operator's caps before any byte of it is stored."""
+    if saves > limits.max_saves:
+        raise LimitExceeded("trainer.save_steps", limits.refusal("max_saves", f"a save number {saves}"))
+    total = sum(s.length for s in _of_model(db, model_id)) + _archive_bound(folder)
+    if total > limits.max_checkpoint_bytes:
+        raise LimitExceeded("trainer.save_total_limit", limits.refusal("max_checkpoint_bytes", f"{total} bytes"))
 
 
 def stored(db, entry: dict, model_id) -> ObjectId:
@@ -64,16 +287,17 @@ def stored(db, entry: dict, model_id) -> ObjectId:
     `checkpoints` lives in a document users can write, so its `files_id` is never trusted as a path
     or as a pointer to another model's files.
     """
-    files_id = entry.get("files_id")
-    if not isinstance(files_id, ObjectId) or db[f"{defaults.CHECKPOINTS}.files"].count_documents(
-            {"_id": files_id, "metadata.model": model_id}, limit=1) == 0:
-        raise LookupError(f"checkpoint {{run: {entry.get('run')}, step: {entry.get('step')}}} of model "
-                          f"{model_id!r} is not in {defaults.CHECKPOINTS}; pick another with `checkpoint`")
-    return files_id
+    files_id = entry.get("files_id") if isinstance(entry, dict) else None
+    try:
+        return verified(db, files_id, model_id).files_id
+    except CheckpointRefused as exc:
+        label = f"{{run: {entry.get('run')}, step: {entry.get('step')}}}" if isinstance(entry, dict) else repr(entry)
+        raise CheckpointRefused(f"checkpoint {label} of model {model_id!r}: {exc}; "
+                                "pick another with `checkpoint`") from None
 
 
 def keep_only_safe_weights(folder: Path) -> None:
-    """Serving reads safetensors only: pickled weight files are removed before anything can load them."""
+    """Serving reads safetensors only; a folder unpacked before the allowlist may still hold pickles."""
     for path in Path(folder).rglob("*"):
         if path.suffix in PICKLED and path.is_file():
             path.unlink()
@@ -81,19 +305,32 @@ def keep_only_safe_weights(folder: Path) -> None:
         raise LookupError(f"checkpoint {Path(folder).name} holds no .safetensors weights; nothing else is loaded")
 
 
-def delete(db, files_id) -> None:
-    _bucket(db).delete(files_id)
+def delete(db, files_id, *, model_id, run: int | None = None) -> None:
+    """Delete a stored checkpoint, only once its metadata shows it is this model's (and run's)."""
+    _bucket(db).delete(verified(db, files_id, model_id, run).files_id)
+
+
+def listed(entries) -> list[dict]:
+    """The entries of a `checkpoints` list with an integer run and step; anything else is ignored."""
+    if not isinstance(entries, list):
+        return []
+    return [c for c in entries if isinstance(c, dict) and _is_int(c.get("run")) and _is_int(c.get("step"))]
+
+
+def _eval_loss(entry: dict):
+    metrics = entry.get("metrics")
+    return metrics.get("eval_loss") if isinstance(metrics, dict) else None
 
 
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def best_of(checkpoints: list[dict]) -> dict | None:
     """The checkpoint with the lowest eval loss; the latest one when none was evaluated."""
-    scored = [c for c in checkpoints if _finite((c.get("metrics") or {}).get("eval_loss"))]
+    scored = [c for c in checkpoints if _finite(_eval_loss(c))]
     if scored:
-        return min(scored, key=lambda c: c["metrics"]["eval_loss"])
+        return min(scored, key=_eval_loss)
     return checkpoints[-1] if checkpoints else None
 
 
@@ -108,7 +345,7 @@ def to_prune(checkpoints: list[dict], run: int, keep: int | None) -> list[dict]:
 
 def select(document: dict, ref) -> dict | None:
     """The checkpoint a request asks for: "best", "latest", {run, step}; None for "base"."""
-    checkpoints = document.get("checkpoints") or []
+    checkpoints = listed(document.get("checkpoints"))
     if ref == "base":
         return None
     if not checkpoints:
@@ -119,7 +356,8 @@ def select(document: dict, ref) -> dict | None:
     if ref == "latest":
         return checkpoints[-1]
     if ref == "best":
-        best = document.get("best_checkpoint") or {}
+        best = document.get("best_checkpoint")
+        best = best if isinstance(best, dict) else {}
         return next((c for c in checkpoints if c["run"] == best.get("run") and c["step"] == best.get("step")),
                     checkpoints[-1])
     found = next((c for c in checkpoints if c["run"] == ref["run"] and c["step"] == ref["step"]), None)

@@ -16,6 +16,8 @@ from transformers import TrainerCallback
 
 from listener import defaults
 from training import checkpoints
+from training.config import SpecError
+from training.limits import Limits
 
 log = logging.getLogger("mongotune.training")
 
@@ -35,8 +37,9 @@ def _lease_lost():
 
 
 class MongoProgress(TrainerCallback):
-    def __init__(self, db, model_id, run: int, keep: int | None, daemon: int, owner: str):
-        self.db = db
+    def __init__(self, db, model_id, run: int, keep: int | None, daemon: int, owner: str,
+                 limits: Limits = Limits()):
+        self.db, self.limits = db, limits
         self.models = db[defaults.MODELS]
         self.match = fence(model_id, run, owner)
         self.model_id, self.run, self.keep = model_id, run, keep
@@ -46,6 +49,7 @@ class MongoProgress(TrainerCallback):
         self._eval: dict = {}
         self._loss = None
         self._checked = 0.0
+        self._saves = 0  # saves this process stored: a resumed run counts again from its resume
 
     def _set(self, update: dict) -> dict:
         """Write, and read back `cancel` in the same round trip."""
@@ -65,6 +69,13 @@ class MongoProgress(TrainerCallback):
         }
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """The number of steps is known only now (epochs times batches): hold it to the operator's cap."""
+        if state.max_steps <= 0:
+            raise SpecError("trainer.num_train_epochs", "this run would train zero steps; select more documents or "
+                            "raise trainer.num_train_epochs or trainer.max_steps")
+        if state.max_steps > self.limits.max_steps:
+            raise checkpoints.LimitExceeded("trainer.num_train_epochs", self.limits.refusal(
+                "max_steps", f"{state.max_steps} steps (epochs times batches)"))
         self._first_step, self._started = state.global_step, time.monotonic()
         self._set({"$set": {"progress": self._progress(state)}})
 
@@ -102,6 +113,8 @@ class MongoProgress(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self._saves += 1
+        checkpoints.check_room(self.db, folder, self.model_id, self._saves, self.limits)
         entry = checkpoints.upload(self.db, folder, model_id=self.model_id, run=self.run, step=state.global_step)
         metrics = {k: v for k, v in self._eval.items() if k != "step"} if self._eval.get("step") == state.global_step else {}
         entry["metrics"] = {**({"loss": self._loss} if self._loss is not None else {}), **metrics}
@@ -109,16 +122,30 @@ class MongoProgress(TrainerCallback):
         log.info("checkpoint step %d stored in GridFS (%.1f MB)", state.global_step, entry["size"] / 1e6)
 
     def _record(self, entry: dict) -> None:
+        """List the new checkpoint, then prune; what a user wrote into `checkpoints` is only read, never obeyed."""
         current = self.models.find_one(self.match, {"checkpoints": 1})
         if current is None:
             _lease_lost()
-        listed = current.get("checkpoints", []) + [entry]
+        kept = current.get("checkpoints", [])
+        listed = checkpoints.listed(kept) + [entry]
         pruned = checkpoints.to_prune(listed, self.run, self.keep)
         best = checkpoints.best_of([c for c in listed if c not in pruned])
-        self._set({"$push": {"checkpoints": entry},
-                   "$set": {"best_checkpoint": {"run": best["run"], "step": best["step"]}}})
-        if pruned:
-            ids = [c["files_id"] for c in pruned]
-            self._set({"$pull": {"checkpoints": {"files_id": {"$in": ids}}}})
-            for files_id in ids:
-                checkpoints.delete(self.db, files_id)
+        sets = {"best_checkpoint": {"run": best["run"], "step": best["step"]}}
+        if isinstance(kept, list):
+            self._set({"$push": {"checkpoints": entry}, "$set": sets})
+        else:  # not a list: nothing there was ours
+            self._set({"$set": {**sets, "checkpoints": [entry]}})
+        self._prune(pruned)
+
+    def _prune(self, pruned: list[dict]) -> None:
+        """Unlist and delete the pruned files GridFS shows are this run's; any other entry is left as it is."""
+        doomed = []
+        for c in pruned:
+            try:
+                doomed.append(checkpoints.verified(self.db, c.get("files_id"), self.model_id, self.run).files_id)
+            except checkpoints.CheckpointRefused as exc:
+                log.warning("not pruning checkpoint {run: %d, step: %d}: %s", c["run"], c["step"], exc)
+        if doomed:
+            self._set({"$pull": {"checkpoints": {"files_id": {"$in": doomed}}}})
+            for files_id in doomed:
+                checkpoints.delete(self.db, files_id, model_id=self.model_id, run=self.run)
