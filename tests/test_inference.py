@@ -1,20 +1,34 @@
-"""`training.inference`: the model cache and batched generation with a tiny real model."""
+"""`training.inference`: the model caches and batched generation with a tiny real model."""
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 
 from training import checkpoints
 from training.config import GenerationParams, parse_model
-from training.inference import ModelCache, generate, generation_kwargs
+from training.inference import DiskCache, ModelCache, answer, generation_kwargs, load, normalised
+from training.limits import Limits
+
+BIG = 2**40  # a budget nothing here reaches
+
+
+def limits_for(path: str) -> Limits:
+    return Limits(model_roots=(Path(path).parent,))
 
 
 def spec_for(path: str, model_id="tiny"):
-    return parse_model({"_id": model_id, "model_name_or_path": path, "data": {"collection": "docs"}})
+    return parse_model({"_id": model_id, "model_name_or_path": path, "data": {"collection": "docs"}}, limits_for(path))
+
+
+def cache_for(db, work: Path, path: str, budget: int = BIG, disk: int = BIG) -> ModelCache:
+    return ModelCache(db, limits_for(path), DiskCache(work, disk), budget)
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_path, tmp_path_factory):
-    cache = ModelCache(None, tmp_path_factory.mktemp("cache"), capacity=1)
-    return cache.get(spec_for(tiny_model_path), None)
+def loaded(tiny_model_path):
+    return load(spec_for(tiny_model_path), limits_for(tiny_model_path), None)
 
 
 PROMPTS = [
@@ -24,28 +38,47 @@ PROMPTS = [
 ]
 
 
-def test_cache_returns_the_same_object_and_evicts(db, tmp_path, tiny_model_path):
-    cache = ModelCache(db, tmp_path, capacity=1)
+def full_checkpoint(tmp_path: Path, tiny_model_path: str, name: str, generation: dict | None = None) -> Path:
+    """The tiny model's own weights saved as a full checkpoint, with `generation` as its generation_config.json."""
+    folder = tmp_path / name
+    shutil.copytree(tiny_model_path, folder)
+    for tokenizer_file in folder.glob("tokenizer*"):
+        tokenizer_file.unlink()
+    if generation is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation))
+    return folder
+
+
+def test_cache_returns_the_same_object_and_evicts_by_bytes(db, tmp_path, tiny_model_path):
+    cache = cache_for(db, tmp_path, tiny_model_path, budget=1)  # room for one model, however small
     first = cache.get(spec_for(tiny_model_path), None)
     assert cache.get(spec_for(tiny_model_path), None) is first
     assert first.tokenizer.padding_side == "left"
     assert not first.model.training
+    assert first.nbytes > 0
     other = cache.get(spec_for(tiny_model_path, model_id="other"), None)
-    assert other is not first
-    assert len(cache._models) == 1
-    again = cache.get(spec_for(tiny_model_path), None)
-    assert again is not first
-    assert len(cache._models) == 1
+    assert other is not first and len(cache._models) == 1
+    assert cache.get(spec_for(tiny_model_path), None) is not first
 
 
 def test_cache_keeps_the_most_recently_used(db, tmp_path, tiny_model_path):
-    cache = ModelCache(db, tmp_path, capacity=2)
+    one = load(spec_for(tiny_model_path), limits_for(tiny_model_path), None).nbytes
+    cache = cache_for(db, tmp_path, tiny_model_path, budget=2 * one)
     a = cache.get(spec_for(tiny_model_path, "a"), None)
     b = cache.get(spec_for(tiny_model_path, "b"), None)
     assert cache.get(spec_for(tiny_model_path, "a"), None) is a  # a is now the most recent
     cache.get(spec_for(tiny_model_path, "c"), None)  # evicts b, the least recently used
     assert cache.get(spec_for(tiny_model_path, "a"), None) is a
     assert cache.get(spec_for(tiny_model_path, "b"), None) is not b
+
+
+def test_ids_of_different_types_are_different_models(db, tmp_path, tiny_model_path):
+    from bson import ObjectId
+
+    oid = ObjectId()
+    cache = cache_for(db, tmp_path, tiny_model_path)
+    assert cache.get(spec_for(tiny_model_path, oid), None) is not cache.get(spec_for(tiny_model_path, str(oid)), None)
+    assert cache.get(spec_for(tiny_model_path, 1), None) is not cache.get(spec_for(tiny_model_path, "1"), None)
 
 
 def test_cache_loads_an_adapter_from_gridfs(db, tmp_path, tiny_model_path):
@@ -58,19 +91,58 @@ def test_cache_loads_an_adapter_from_gridfs(db, tmp_path, tiny_model_path):
     folder = tmp_path / "checkpoint-5"
     adapter.save_pretrained(folder)
     entry = checkpoints.upload(db, folder, model_id="tiny", run=1, step=5)
-    cache = ModelCache(db, tmp_path / "work", capacity=1)
+    cache = cache_for(db, tmp_path / "work", tiny_model_path)
     loaded = cache.get(spec_for(tiny_model_path), entry)
     assert isinstance(loaded.model, PeftModel)
     assert (tmp_path / "work" / str(entry["files_id"]) / "adapter_config.json").exists()
     assert cache.get(spec_for(tiny_model_path), entry) is loaded
     assert cache.get(spec_for(tiny_model_path), None) is not loaded
-    result = generate(loaded, ["ahoy"], GenerationParams(max_new_tokens=3))
+    result = answer(loaded, ["ahoy"], GenerationParams(max_new_tokens=3))
     assert result[0]["usage"]["completion_tokens"] <= 3
+
+
+def test_a_checkpoint_of_another_model_is_refused(db, tmp_path, tiny_model_path):
+    entry = checkpoints.upload(db, full_checkpoint(tmp_path, tiny_model_path, "c"), model_id="other", run=1, step=1)
+    with pytest.raises(LookupError, match="belongs to another model"):
+        cache_for(db, tmp_path / "work", tiny_model_path).get(spec_for(tiny_model_path), entry)
+
+
+def test_checkpoint_generation_settings_are_ignored(db, tmp_path, tiny_model_path, loaded):
+    hostile = {"num_beams": 96, "num_return_sequences": 4, "do_sample": True, "temperature": 5.0,
+               "max_new_tokens": 400, "min_new_tokens": 300}
+    entry = checkpoints.upload(db, full_checkpoint(tmp_path, tiny_model_path, "c", hostile),
+                               model_id="tiny", run=1, step=1)
+    served = cache_for(db, tmp_path / "work", tiny_model_path).get(spec_for(tiny_model_path), entry)
+    assert set(served.model.generation_config.to_diff_dict()) <= {"bos_token_id", "eos_token_id", "pad_token_id",
+                                                                  "transformers_version"}
+    params = GenerationParams(max_new_tokens=6)
+    assert answer(served, PROMPTS, params) == answer(loaded, PROMPTS, params)  # same weights, greedy, one each
+
+
+def test_a_checkpoint_of_another_shape_is_refused_and_deleted(db, tmp_path, tiny_model_path):
+    from safetensors.torch import save_file
+    import torch
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, folder / "model.safetensors")
+    entry = checkpoints.upload(db, folder, model_id="tiny", run=1, step=1)
+    with pytest.raises(RuntimeError):
+        cache_for(db, tmp_path / "work", tiny_model_path).get(spec_for(tiny_model_path), entry)
+    assert not (tmp_path / "work" / str(entry["files_id"])).exists()
+
+
+def test_a_checkpoint_over_the_disk_budget_is_refused(db, tmp_path, tiny_model_path):
+    entry = checkpoints.upload(db, full_checkpoint(tmp_path, tiny_model_path, "c"), model_id="tiny", run=1, step=1)
+    cache = cache_for(db, tmp_path / "work", tiny_model_path, disk=1000)
+    with pytest.raises(LookupError, match="MONGOTUNE_SERVING_DISK_BYTES"):
+        cache.get(spec_for(tiny_model_path), entry)
+    assert not any((tmp_path / "work").iterdir())
 
 
 def test_generate_a_mixed_batch(loaded):
     params = GenerationParams(max_new_tokens=6)
-    results = generate(loaded, PROMPTS, params)
+    results = answer(loaded, PROMPTS, params)
     assert len(results) == 3
     for result in results:
         assert set(result) == {"output", "usage"}
@@ -84,26 +156,41 @@ def test_generate_a_mixed_batch(loaded):
     assert results[1]["usage"]["prompt_tokens"] == len(loaded.tokenizer(PROMPTS[1])["input_ids"])
 
 
+def test_a_prompt_the_template_refuses_fails_alone(tiny_model_path):
+    served = load(spec_for(tiny_model_path), limits_for(tiny_model_path), None)
+    served.tokenizer.chat_template = "{% if messages|length > 1 %}{{ raise_exception('one only') }}{% endif %}x"
+    results = answer(served, [PROMPTS[0], "ahoy", PROMPTS[2]], GenerationParams(max_new_tokens=2))
+    assert results[0]["error"]["type"] == "invalid_request" and "one only" in results[0]["error"]["message"]
+    assert "output" in results[1] and "output" in results[2]
+
+
 def test_greedy_generation_is_deterministic(loaded):
     params = GenerationParams(max_new_tokens=8, do_sample=False)
-    assert generate(loaded, PROMPTS, params) == generate(loaded, PROMPTS, params)
+    assert answer(loaded, PROMPTS, params) == answer(loaded, PROMPTS, params)
 
 
 def test_sampling_params_reach_generate(loaded):
     tokenizer = loaded.tokenizer
-    greedy = generation_kwargs(GenerationParams(max_new_tokens=4, temperature=0.7), tokenizer)
-    assert greedy["do_sample"] is True and greedy["temperature"] == 0.7
+    sampled = generation_kwargs(GenerationParams(max_new_tokens=4, temperature=0.7), tokenizer)
+    assert sampled["do_sample"] is True and sampled["temperature"] == 0.7
+    assert sampled["num_beams"] == 1 and sampled["num_return_sequences"] == 1
     off = generation_kwargs(GenerationParams(temperature=0.7, top_p=0.9, do_sample=False,
                                              repetition_penalty=1.2), tokenizer)
     assert off["do_sample"] is False and "temperature" not in off and "top_p" not in off
     assert off["repetition_penalty"] == 1.2
     assert off["pad_token_id"] == tokenizer.pad_token_id
-    results = generate(loaded, PROMPTS[:2], GenerationParams(max_new_tokens=4, temperature=0.9, top_k=20))
+    results = answer(loaded, PROMPTS[:2], GenerationParams(max_new_tokens=4, temperature=0.9, top_k=20))
     assert all(r["usage"]["completion_tokens"] <= 4 for r in results)
+
+
+def test_requests_that_generate_alike_normalise_alike():
+    assert normalised(GenerationParams(temperature=0.3, do_sample=False)) == normalised(GenerationParams())
+    assert normalised(GenerationParams(top_p=0.5)) != normalised(GenerationParams(top_p=0.6))
+    assert normalised(GenerationParams(temperature=0.5))["do_sample"] is True
 
 
 def test_batching_does_not_change_greedy_answers(loaded):
     params = GenerationParams(max_new_tokens=8)
-    batched = generate(loaded, PROMPTS, params)
-    alone = [generate(loaded, [prompt], params)[0] for prompt in PROMPTS]
+    batched = answer(loaded, PROMPTS, params)
+    alone = [answer(loaded, [prompt], params)[0] for prompt in PROMPTS]
     assert batched == alone

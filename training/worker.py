@@ -1,0 +1,95 @@
+"""The serving worker: `python -m training.worker`, started, timed and killed by `listener.serving`.
+
+Rendering chat templates and generating run here, in a process of their own, so a template that
+loops or a model that eats memory costs one killable process, never the daemon. The protocol is one
+JSON document (bson.json_util) per line:
+
+- stdin, first line: `{uri, db, work_dir, limits, disk_bytes, memory_bytes}`; the URI comes this
+  way so it is never in the environment, where the worker's descendants could read it.
+- stdin, then one command per line: `{op: "load" | "generate", model, checkpoint, prompts, params}`,
+  `model` being the parsed model document, `checkpoint` its selected entry or null.
+- stdout, one reply per command: `{ok: true}` for a load, `{ok: true, results: [{output, usage} |
+  {error}]}` for a generation, `{ok: false, error: {type, message}}` when the whole command failed.
+
+stdout carries only the protocol: file descriptor 1 is pointed at stderr, where logs go.
+"""
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+from bson import json_util
+from pymongo import MongoClient
+
+from listener import defaults
+from training.config import GenerationParams, SpecError, parse_model
+from training.errors import public_message
+from training.inference import DiskCache, ModelCache, answer
+from training.limits import Limits
+
+log = logging.getLogger("mongotune.worker")
+PR_SET_PDEATHSIG = 1  # Linux prctl option: a signal for this process when its parent dies
+MODEL_SHARE = 0.5  # of the worker's memory budget, for cached weights; the rest is torch, tokenizers, activations
+
+
+def _die_with_parent() -> None:
+    """A daemon killed with SIGKILL cannot stop its worker, so the kernel does."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        log.warning("cannot ask to be stopped with the daemon on this platform")
+
+
+def _protocol_stream():
+    """The real stdout for replies; anything a library prints to fd 1 lands in stderr instead."""
+    stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return stream
+
+
+def failure(kind: str, exc: BaseException) -> dict:
+    """A reply for a command that failed as a whole; known errors already say what to change."""
+    known = isinstance(exc, (SpecError, LookupError, ValueError)) and not isinstance(exc, KeyError)
+    message = str(exc) if known else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        kind, message = "memory_limit", f"out of memory while serving ({message})"
+    return {"ok": False, "error": {"type": kind, "message": public_message(message)}}
+
+
+def handle(cache: ModelCache, command: dict) -> dict:
+    """One command: loading fails as `model_unavailable`, generating as `generation_failed`."""
+    try:
+        loaded = cache.get(parse_model(command["model"], cache.limits), command.get("checkpoint"))
+    except Exception as exc:
+        log.warning("cannot load model %r", command.get("model", {}).get("_id"), exc_info=True)
+        return failure("model_unavailable", exc)
+    if command["op"] == "load":
+        return {"ok": True}
+    try:
+        params = GenerationParams.model_validate(command["params"])
+        return {"ok": True, "results": answer(loaded, command["prompts"], params)}
+    except Exception as exc:
+        log.warning("generation failed", exc_info=True)
+        return failure("generation_failed", exc)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s worker %(levelname)s %(message)s")
+    _die_with_parent()
+    replies = _protocol_stream()
+    config = json_util.loads(sys.stdin.readline())
+    db = MongoClient(config["uri"], **defaults.CODEC)[config["db"]]
+    limits = Limits.model_validate(config["limits"])
+    cache = ModelCache(db, limits, DiskCache(config["work_dir"], config["disk_bytes"]),
+                       int(config["memory_bytes"] * MODEL_SHARE))
+    for line in sys.stdin:
+        reply = handle(cache, json_util.loads(line))
+        replies.write(json_util.dumps(reply) + "\n")
+        replies.flush()
+
+
+if __name__ == "__main__":
+    main()
