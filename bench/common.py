@@ -82,7 +82,8 @@ def running_daemon(ctx: Context, name: str = "bench") -> Iterator[subprocess.Pop
     env = {**os.environ, defaults.ENV_HOME: str(ctx.home)}
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "listener", "start", "--uri", ctx.uri, "--db", ctx.db.name,
-                                    "--name", name], stdout=log, stderr=subprocess.STDOUT, env=env)
+                                    "--name", name, "--model-root", str(Path(ctx.model_path).parent)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_until(lambda: process.poll() is not None or ctx.db[defaults.LISTENER].find_one({"pid": process.pid}),
                    DAEMON_START_TIMEOUT_S, "the daemon's registration")

@@ -67,8 +67,9 @@ def run_demo(uri: str, db_name: str, model_path: str, home: Path, console: Conso
     log_path = home / "demo-listener.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
+        root = ["--model-root", str(Path(model_path).parent)] if Path(model_path).is_dir() else []
         daemon = subprocess.Popen([sys.executable, "-m", "listener", "start", "--uri", uri, "--db", db_name,
-                                   "--name", "demo"], stdout=log, stderr=subprocess.STDOUT)
+                                   "--name", "demo", *root], stdout=log, stderr=subprocess.STDOUT)
     console.print(f"listener started (pid {daemon.pid}, log {log_path})")
     try:
         db[defaults.MODELS].insert_one(model_document(model_path))
