@@ -300,7 +300,8 @@ def resume_point(db, document: dict, work: Path):
 
 def test_resume_never_follows_a_forged_entry(db, tmp_path):
     victim = checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="victim", run=1, step=50)
-    forged = {"_id": "thief", "run": 1, "checkpoints": [{"run": 1, "step": 50, "files_id": victim["files_id"]}]}
+    forged = {"_id": "thief", "run": 1, "attempts": 2,
+              "checkpoints": [{"run": 1, "step": 50, "files_id": victim["files_id"]}]}
     assert resume_point(db, forged, tmp_path / "work") is None
     assert not (tmp_path / "work").exists()
 
@@ -309,7 +310,7 @@ def test_resume_takes_this_runs_newest_file_from_gridfs(db, tmp_path):
     victim = checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="victim", run=1, step=50)
     ours = checkpoints.upload(db, checkpoint_folder(tmp_path, size=99), model_id="thief", run=1, step=4)
     checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="thief", run=1, step=2)
-    forged = {"_id": "thief", "run": 1, "checkpoints": [
+    forged = {"_id": "thief", "run": 1, "attempts": 2, "checkpoints": [
         {"run": 1, "step": 4, "files_id": ours["files_id"]}, {"run": 1, "step": 50, "files_id": victim["files_id"]}]}
     folder = Path(resume_point(db, forged, tmp_path / "work"))
     assert folder == tmp_path / "work" / "resume" / "checkpoint-4"
@@ -319,7 +320,12 @@ def test_resume_takes_this_runs_newest_file_from_gridfs(db, tmp_path):
 
 def test_resume_of_a_new_run_starts_over(db, tmp_path):
     checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="m", run=1, step=4)
-    assert resume_point(db, {"_id": "m", "run": 2, "checkpoints": []}, tmp_path / "work") is None
+    assert resume_point(db, {"_id": "m", "run": 2, "attempts": 2, "checkpoints": []}, tmp_path / "work") is None
+
+
+def test_a_fresh_claim_never_resumes_from_files_an_earlier_model_of_that_id_left(db, tmp_path):
+    checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="m", run=1, step=4)
+    assert resume_point(db, {"_id": "m", "run": 1, "attempts": 1}, tmp_path / "work") is None
 
 
 # --- forged listener fields: pruning, and the caps on saves ---------------------------------------

@@ -35,6 +35,8 @@ def _resume_point(db, document: dict, work: Path, spec: ModelSpec, limits: Limit
     which users can write, and unpacked as a resume archive: safetensors, JSON and the states the
     trainer reads with `torch.load(weights_only=True)`.
     """
+    if not isinstance(document.get("attempts"), int) or document["attempts"] < 2:
+        return None  # a fresh claim: files of an earlier model with this id and run number are not ours to resume
     last = checkpoints.latest(db, spec.id, document.get("run"))
     if last is None:
         return None
