@@ -11,6 +11,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -21,6 +22,7 @@ from listener.connection import redact
 from listener.demo import load_samples
 from listener.jobs import trim_log
 from tests.conftest import finished, wait_for
+from training.checkpoints import LimitExceeded
 from training.config import SpecError, parse_model
 from training.limits import Limits
 from training.models import load_model
@@ -255,3 +257,15 @@ def test_operator_caps_come_from_options_over_environment_over_defaults():
     assert Settings.load({}, {}).limits.max_steps == Limits().max_steps
     assert Settings.load({}, {"MONGOTUNE_MAX_STEPS": "50"}).limits.max_steps == 50
     assert Settings.load({"limits": {"max_steps": 7}}, {"MONGOTUNE_MAX_STEPS": "50"}).limits.max_steps == 7
+
+
+@pytest.mark.parametrize(("steps", "error", "field"), [
+    (0, SpecError, "trainer.num_train_epochs"), (Limits().max_steps + 1, LimitExceeded, "trainer.num_train_epochs")])
+def test_the_steps_epochs_come_to_are_held_to_the_caps_when_training_begins(db, steps, error, field):
+    """Epochs become steps only inside the trainer: zero steps is an error, never `succeeded`."""
+    from training.progress import MongoProgress
+
+    progress = MongoProgress(db, "m", 1, keep=1, daemon=os.getppid(), owner=None)
+    with pytest.raises(error) as refused:
+        progress.on_train_begin(None, SimpleNamespace(max_steps=steps, global_step=0), None)
+    assert refused.value.field == field
