@@ -67,6 +67,11 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
             reaped += bool(await _requeue(collection, table, state, max_attempts))
         except OperationFailure as exc:
             skipped.skip(f"reap {collection.name}", state.id, exc)
+    # A claim writes status and lease together, so `running` without a dated lease was written by a user.
+    leaseless = {"status": Status.RUNNING.value, "lease.expires_at": {"$not": {"$type": "date"}}}
+    async for document in collection.find(leaseless, {"_id": 1}):
+        await fail_malformed(collection, table, document["_id"], Status.RUNNING,
+                             BadRecord("lease", "a running document without a lease that expires"), skipped)
     return reaped
 
 

@@ -234,3 +234,19 @@ def test_renew_after_the_job_finished_is_none(server_uri, db):
         return await renew(adb.models, "m", "daemon-a", 60)
 
     assert run_with(server_uri, db.name, work) is None
+
+
+def test_a_running_document_without_a_lease_is_failed_naming_it(server_uri, db):
+    from listener.leases import reap
+    from listener.records import RequestState, SkipLog
+
+    db.requests.insert_many([{"_id": "forged", "status": "running"},
+                             {"_id": "odd", "status": "running", "lease": {"owner": "x", "expires_at": "soon"}}])
+
+    async def work(adb):
+        return await reap(adb.requests, REQUEST_TRANSITIONS, RequestState, 3, SkipLog())
+
+    run_with(server_uri, db.name, work)
+    for doc_id in ("forged", "odd"):
+        failed = db.requests.find_one({"_id": doc_id})
+        assert failed["status"] == "failed" and failed["error"]["field"] == "lease"
