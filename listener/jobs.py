@@ -36,9 +36,13 @@ def log_path(settings: Settings, db_name: str, model_id, run: int) -> Path:
     return settings.job_logs / f"{db_name}.{ids.file_name(model_id)}-run{run}.log"  # "." never appears in a db name
 
 
-def child_env(owner: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
-    return {**env, defaults.ENV_DAEMON_PID: str(os.getpid()), defaults.ENV_LEASE_OWNER: owner,
+def public_env(uri: str) -> dict:
+    """The daemon's environment less anything that holds the connection string, for a child to inherit."""
+    return {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV and uri not in v}
+
+
+def child_env(uri: str, owner: str) -> dict:
+    return {**public_env(uri), defaults.ENV_DAEMON_PID: str(os.getpid()), defaults.ENV_LEASE_OWNER: owner,
             "PYTHONUNBUFFERED": "1"}
 
 
@@ -84,7 +88,7 @@ async def supervise(db, settings: Settings, model_id, run: int, owner: str) -> S
     with open(path, "ab") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "training.run", json_util.dumps(model_id), "--db", db.name,
-            stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.PIPE, env=child_env(owner),
+            stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.PIPE, env=child_env(settings.uri, owner),
             start_new_session=True,  # a Ctrl-C meant for the daemon must not kill the child mid-save
         )
     launch = {"uri": settings.uri, "limits": settings.limits.model_dump(mode="json"), "work": str(settings.home / "work")}

@@ -11,7 +11,6 @@ generate alike (same checkpoint, same normalised parameters).
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 from collections import deque
@@ -23,7 +22,7 @@ from pydantic import ValidationError
 from pymongo.errors import PyMongoError
 
 from listener import defaults
-from listener.jobs import PRIVATE_ENV, stop_child
+from listener.jobs import public_env, stop_child
 from listener.leases import lease
 from listener.settings import Settings
 from listener.status import REQUEST_TRANSITIONS, Status, now, transition
@@ -77,10 +76,9 @@ class Worker:
         self._watchdog: asyncio.Task | None = None
 
     async def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV and v != self.settings.uri}
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "training.worker", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env=env, limit=MAX_LINE, start_new_session=True)
+            env=public_env(self.settings.uri), limit=MAX_LINE, start_new_session=True)
         config = {"uri": self.settings.uri, "db": self.db_name, "work_dir": str(self.settings.home / "serving"),
                   "limits": self.settings.limits.model_dump(mode="json"), "disk_bytes": self.settings.serving_disk_bytes,
                   "memory_bytes": self.settings.serving_memory_bytes}

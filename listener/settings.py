@@ -49,7 +49,7 @@ class Settings(BaseModel):
     max_attempts: int = Field(3, ge=1, le=100, description="claims of one run or request before it is failed")
     max_run_s: float = Field(24 * 3600.0, ge=10, description="wall-clock time of one training run")
     kill_grace_s: float = Field(30.0, ge=1, le=3_600, description="SIGTERM to SIGKILL for a child told to stop")
-    request_timeout_s: float = Field(120.0, ge=1, le=86_400, description="generation time for one batch of requests")
+    request_timeout_s: float = Field(300.0, ge=1, le=86_400, description="generation time for one batch of requests")
     load_timeout_s: float = Field(600.0, ge=1, le=86_400, description="time to load one model for serving")
     serving_memory_bytes: int = Field(16 * 2**30, ge=2**26, description="memory of the serving worker")
     serving_disk_bytes: int = Field(20 * 2**30, ge=2**20, description="checkpoints unpacked on disk for serving")
