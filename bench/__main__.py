@@ -37,7 +37,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def base_model(name: str, home: Path, console: Console) -> str:
     if name == "tiny":
-        from tests import tiny_model
+        from training import tiny_model
 
         return str(tiny_model.build(home / "tiny-model"))
     from training.offline import smollm2_path

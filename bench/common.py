@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from listener import defaults
+from training import defaults
 
 DAEMON_START_TIMEOUT_S = 60.0
 

@@ -8,8 +8,7 @@ with left padding. Both sides answer one prompt first, untimed, so model loading
 
 from bench.common import Context, Row, step, wait_until
 from bench.training import COLLECTION, MODEL_ID
-from listener import defaults
-from training import checkpoints
+from training import checkpoints, defaults
 
 PROMPTS = 16
 MAX_NEW_TOKENS = 32

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from bench.common import Context, Row, step, wait_until
-from listener import defaults
+from training import defaults
 
 MODEL_ID = "bench"
 COLLECTION = "pirate_chat"

@@ -6,7 +6,7 @@ from urllib.parse import unquote
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
-from listener import defaults
+from training import defaults
 
 
 class ConnectionProblem(RuntimeError):

@@ -18,7 +18,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from bson.errors import InvalidBSON
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
-from listener import defaults, embedded, health, housekeeping, leases, schema
+from listener import embedded, health, housekeeping, leases, schema
 from listener.connection import connect, database_name, redact
 from listener.jobs import supervise
 from listener.leases import claim_model, claim_request, fail_malformed
@@ -27,7 +27,7 @@ from listener.serving import Serving
 from listener.settings import Settings
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, now, status_filter, transition
 from listener.streams import watch
-from training import ids
+from training import defaults, ids
 from training.config import SpecError, parse_model, parse_request
 
 log = logging.getLogger("mongotune.listener")

@@ -15,8 +15,8 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
-from listener import defaults
 from listener.follow import finished, follow_training, wait_for
+from training import defaults
 
 SAMPLES = ("pirate_chat", "pirate_prompt_response", "pirate_text")
 MODEL_ID = "pirate"

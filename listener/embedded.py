@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pymongo import MongoClient
 
-from listener import defaults
+from training import defaults
 
 INSTALL_HINT = "pip install 'mongotune[embedded]' (or pass --uri to use your own MongoDB replica set)"
 

@@ -18,12 +18,11 @@ from pathlib import Path
 from bson import json_util
 from pymongo.errors import PyMongoError
 
-from listener import defaults
 from listener.leases import renew
 from listener.records import BadRecord, Renewed, parse
 from listener.settings import Settings
 from listener.status import MODEL_TRANSITIONS, Status, transition
-from training import ids
+from training import defaults, ids
 
 log = logging.getLogger("mongotune.listener")
 

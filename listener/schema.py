@@ -9,8 +9,8 @@ import logging
 
 from pymongo.errors import CollectionInvalid, OperationFailure
 
-from listener import defaults
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS
+from training import defaults
 from training.config import LISTENER_FIELDS, ModelSpec, RequestSpec
 from training.limits import Limits
 

@@ -21,12 +21,11 @@ from bson import json_util
 from pydantic import ValidationError
 from pymongo.errors import PyMongoError
 
-from listener import defaults
 from listener.jobs import public_env, stop_child
 from listener.leases import lease
 from listener.settings import Settings
 from listener.status import REQUEST_TRANSITIONS, Status, now, transition
-from training import checkpoints, ids
+from training import checkpoints, defaults, ids
 from training.config import CheckpointRef, RequestSpec, SpecError, parse_model
 from training.errors import public_message
 from training.inference import normalised

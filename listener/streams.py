@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from bson.errors import InvalidBSON, InvalidDocument
 from pymongo.errors import OperationFailure, PyMongoError
 
-from listener import defaults
 from listener.records import BadRecord, ChangeEvent, ResumeRecord, parse
 from listener.status import now
+from training import defaults
 
 log = logging.getLogger("mongotune.listener")
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from listener import defaults, follow
-from listener.follow import finished  # noqa: F401  (re-exported for the tests)
+from listener import follow
 from listener.embedded import EmbeddedServer, free_port
-from tests import tiny_model
+from listener.follow import finished  # noqa: F401  (re-exported for the tests)
+from training import defaults, tiny_model
 from training.limits import Limits
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,10 +4,10 @@ The daemons here run without the $jsonSchema validators, as on a server that ref
 bad document reaches the daemon's own checks (`test_schema.py` covers the refusal at write time).
 """
 
-from listener import defaults
-from training.limits import Limits
 from listener.demo import load_samples
 from tests.conftest import finished, wait_for
+from training import defaults
+from training.limits import Limits
 
 TRAINER = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64}
 

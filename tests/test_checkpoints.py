@@ -7,8 +7,7 @@ import tarfile
 import gridfs
 import pytest
 
-from listener import defaults
-from training import checkpoints
+from training import checkpoints, defaults
 from training.checkpoints import best_of, select, to_prune
 
 FILES = {  # what a serving download gives back (the tokenizer comes from the base model)

@@ -7,10 +7,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from listener import defaults
 from listener.cli.options import connection_options
 from listener.connection import ConnectionProblem, connect, database_name, redact
 from listener.embedded import free_port
+from training import defaults
 
 # --- redact --------------------------------------------------------------------------------------
 

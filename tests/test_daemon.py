@@ -6,10 +6,10 @@ import time
 
 from click.testing import CliRunner
 
-from listener import defaults
 from listener.cli.status import status
 from listener.demo import load_samples
 from tests.conftest import ROOT, finished, wait_for
+from training import defaults
 
 QUICK = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64}
 LONG = {"max_steps": 400, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64,

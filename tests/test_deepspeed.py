@@ -4,10 +4,9 @@ import pytest
 
 from safetensors.torch import load_file
 
-from listener import defaults
-from training import checkpoints
 from listener.demo import load_samples
 from tests.conftest import finished, wait_for
+from training import checkpoints, defaults
 
 pytest.importorskip("deepspeed", reason="needs the deepspeed extra: DS_BUILD_OPS=0 pip install 'mongotune[deepspeed]'")
 

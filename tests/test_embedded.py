@@ -2,8 +2,8 @@
 
 from pymongo import MongoClient
 
-from listener import defaults
 from listener.embedded import EmbeddedServer, free_port
+from training import defaults
 
 
 def count(uri: str, marker: str) -> int:

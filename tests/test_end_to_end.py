@@ -4,10 +4,9 @@ import pytest
 from gridfs import GridFSBucket
 from safetensors.torch import load_file
 
-from listener import defaults
 from listener.demo import load_samples
 from tests.conftest import finished, wait_for
-from training import checkpoints
+from training import checkpoints, defaults
 
 TRAINER = {
     "max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 2,

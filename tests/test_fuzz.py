@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
-from listener import defaults
 from listener import schema
-from training.limits import Limits
 from tests.conftest import finished, wait_for
+from training import defaults
 from training.config import LISTENER_FIELDS, SpecError, parse_model, parse_request
+from training.limits import Limits
 
 MODEL_EXAMPLES, REQUEST_EXAMPLES = 600, 400
 FUZZ = settings(deadline=None, database=None, derandomize=True,

@@ -17,8 +17,7 @@ import pytest
 from bson import ObjectId
 from gridfs import GridFSBucket
 
-from listener import defaults
-from training import checkpoints
+from training import checkpoints, defaults
 from training.checkpoints import CheckpointRefused, LimitExceeded
 from training.config import parse_model
 from training.limits import Limits

@@ -16,12 +16,12 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from listener import defaults
 from listener.cli.main import cli
 from listener.connection import redact
 from listener.demo import load_samples
 from listener.jobs import trim_log
 from tests.conftest import finished, wait_for
+from training import defaults
 from training.checkpoints import LimitExceeded
 from training.config import SpecError, parse_model
 from training.limits import Limits

@@ -5,10 +5,10 @@ import time
 import pytest
 from pymongo import MongoClient
 
-from listener import defaults
 from listener.demo import load_samples
 from listener.embedded import EmbeddedServer, free_port
 from tests.conftest import Daemon, finished, wait_for
+from training import defaults
 
 QUICK = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64}
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from listener import defaults
 from listener.demo import load_samples
 from tests.conftest import finished, wait_for
+from training import defaults
 
 pytest.importorskip("bitsandbytes", reason="QLoRA needs the qlora extra: pip install 'mongotune[qlora]'")
 

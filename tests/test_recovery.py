@@ -5,9 +5,9 @@ import re
 import signal
 import time
 
-from listener import defaults
 from listener.demo import load_samples
 from tests.conftest import finished, job_log, wait_for
+from training import defaults
 
 STEPS = 400
 TRAINER = {"max_steps": STEPS, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64,

@@ -43,13 +43,12 @@ from click.testing import CliRunner
 from pydantic import BaseModel
 from pymongo.errors import PyMongoError
 
-from listener import defaults
 from listener.cli.status import status as status_command
 from listener.demo import load_samples
 from listener.records import BadRecord, DaemonRecord, ModelState, RequestState, ResumeRecord, parse
 from listener.status import Status, status_filter
 from tests.conftest import finished, wait_for
-from training import ids
+from training import defaults, ids
 from training.config import LISTENER_FIELDS, GenerationParams, ModelSpec, RequestSpec, SpecError, parse_model, \
     parse_request
 

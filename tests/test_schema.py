@@ -6,10 +6,10 @@ import pytest
 from pymongo import AsyncMongoClient
 from pymongo.errors import WriteError
 
-from listener import defaults
 from listener import schema
-from training.limits import Limits
+from training import defaults
 from training.config import SpecError, parse_model, parse_request
+from training.limits import Limits
 
 GOOD_MODELS = [
     {"model_name_or_path": "m", "data": {"collection": "c"}},

@@ -14,9 +14,9 @@ from gridfs import GridFSBucket
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
-from listener import defaults
 from listener.demo import load_samples
 from tests.conftest import ROOT, finished, wait_for
+from training import defaults
 
 
 class Exploit:

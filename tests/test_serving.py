@@ -8,9 +8,8 @@ import time
 import uuid
 from pathlib import Path
 
-from listener import defaults
 from tests.conftest import finished, wait_for
-from training import checkpoints
+from training import checkpoints, defaults
 
 CHAT = [{"role": "user", "content": "ahoy matey"}]
 LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"

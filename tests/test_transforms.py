@@ -2,13 +2,12 @@
 
 import pytest
 
-from listener import defaults
 from listener.demo import load_samples
 from tests.conftest import finished, wait_for
-from training import transforms
+from training import defaults, transforms
 from training.config import DataSpec, SpecError, parse_model
-from training.limits import Limits
 from training.dataset import MESSAGES, TEXT, build_datasets, detect_format
+from training.limits import Limits
 
 PLUGIN = '''
 def shout(document):

@@ -21,8 +21,7 @@ from pathlib import Path
 from bson import ObjectId
 from gridfs import GridFSBucket
 
-from listener import defaults
-from training import ids
+from training import defaults, ids
 from training.limits import Limits
 
 _SERVING = (  # what serving loads: weights as safetensors, configs as JSON (the tokenizer comes from the base)

@@ -17,8 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from listener import defaults
-from training import checkpoints, ids
+from training import checkpoints, defaults, ids
 from training.config import GenerationParams, ModelSpec
 from training.errors import public_message
 from training.limits import Limits

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from listener import defaults
-from training import checkpoints
+from training import checkpoints, defaults
 from training.config import SpecError
 from training.limits import Limits
 

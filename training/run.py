@@ -12,14 +12,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from bson import json_util
 from pymongo import MongoClient
 
-from listener import defaults
-from training import checkpoints, ids
+from training import checkpoints, defaults, ids
 from training.config import ModelSpec, SpecError, parse_model
 from training.errors import public_message
 from training.limits import Limits
@@ -58,9 +58,10 @@ def _check_gpus(spec: ModelSpec, torch) -> None:
 def _single_process_group() -> None:
     """DeepSpeed wants a process group even on one device; outside a launcher, be rank 0 of 1."""
     if "RANK" not in os.environ:
-        from listener.embedded import free_port
-
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+        with socket.socket() as sock:  # a port free now, for this process alone
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1")
 
 

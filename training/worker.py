@@ -23,7 +23,7 @@ import sys
 from bson import json_util
 from pymongo import MongoClient
 
-from listener import defaults
+from training import defaults
 from training.config import GenerationParams, SpecError, parse_model
 from training.errors import public_message
 from training.inference import DiskCache, ModelCache, answer

@@ -5,7 +5,7 @@ import logging
 import click
 from rich.logging import RichHandler
 
-from listener import defaults
+from training import defaults
 
 uri_option = click.option(
     "--uri", envvar=defaults.ENV_URI, default=None, metavar="URI",

@@ -3,9 +3,9 @@ import json
 import click
 from pymongo import MongoClient
 
-from listener import defaults
 from listener.cli.options import connection_options, resolve
 from listener.follow import finished, wait_for
+from training import defaults
 
 
 @click.command()

@@ -5,9 +5,10 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
-from listener import defaults, health
+from listener import health
 from listener.cli.options import connection_options, operator_settings, resolve
 from listener.records import BadRecord, DaemonRecord, parse
+from training import defaults
 
 
 def live_daemons(db, heartbeat_s: float) -> list[DaemonRecord]:

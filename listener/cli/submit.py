@@ -5,9 +5,9 @@ from bson import json_util
 from pymongo import MongoClient
 from rich.console import Console
 
-from listener import defaults
 from listener.cli.options import connection_options, resolve
 from listener.follow import follow_training
+from training import defaults
 
 
 @click.command()

@@ -1,4 +1,7 @@
-"""A tiny random Llama model with a locally trained tokenizer: trains in a second, needs no download."""
+"""A tiny random Llama model with a locally trained tokenizer: trains in a second, needs no download.
+
+For tests and `bench --model tiny`: a real model of the same shape as the ones users train.
+"""
 
 from pathlib import Path
 
