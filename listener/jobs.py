@@ -23,6 +23,7 @@ from listener.records import BadRecord, Renewed, parse
 from listener.settings import Settings
 from listener.status import MODEL_TRANSITIONS, Status, transition
 from training import defaults, ids
+from training.defaults import ChildExit
 
 log = logging.getLogger("mongotune.listener")
 
@@ -199,20 +200,31 @@ def _recorded_error(current: dict | None) -> dict | None:
     return None
 
 
+# How a child's exit becomes the run's status, in one place. Two exceptions: `cancel: true` on the
+# document wins over anything but success (the user asked it to stop), and a child that lost its lease leaves
+# the status to the daemon that holds the run now. An exit not listed here (a crash, a signal) fails
+# the run with the error the child wrote, or one naming its exit and its log.
+OUTCOMES = {
+    ChildExit.OK: Status.SUCCEEDED,
+    ChildExit.CANCELLED: Status.CANCELLED,
+    ChildExit.STOPPED: Status.PENDING,  # saved at SIGTERM: any daemon resumes it at once
+    ChildExit.INVALID: Status.FAILED,
+    ChildExit.FAILED: Status.FAILED,
+}
+
+
+def outcome(code: int, cancel_requested: bool) -> Status:
+    status = OUTCOMES.get(code, Status.FAILED)
+    return Status.CANCELLED if cancel_requested and status is not Status.SUCCEEDED else status
+
+
 async def _finish(models, model_id, owner: str, code: int, path: Path) -> Status:
-    if code == defaults.EXIT_LEASE_LOST:
+    if code == ChildExit.LEASE_LOST:
         log.warning("training %r stopped: another daemon holds its lease now", model_id)
         return Status.RUNNING
     current = await models.find_one({"_id": ids.eq(model_id)}, {"error": 1, "cancel": 1})
-    error = _recorded_error(current)
-    if code == defaults.EXIT_OK:
-        new, fields = Status.SUCCEEDED, {}
-    elif code == defaults.EXIT_CANCELLED or (current or {}).get("cancel") is True:
-        new, fields = Status.CANCELLED, {}  # `cancel` is honoured and cleared, so a retrain is not cancelled again
-    elif code == defaults.EXIT_STOPPED:
-        new, fields = Status.PENDING, {}
-    else:
-        new, fields = Status.FAILED, {"error": error or _crash_error(code, path)}
+    new = outcome(code, (current or {}).get("cancel") is True)
+    fields = {"error": _recorded_error(current) or _crash_error(code, path)} if new is Status.FAILED else {}
     await transition(models, model_id, Status.RUNNING, new, MODEL_TRANSITIONS,
                      match={"lease.owner": {"$eq": owner}}, fields=fields, unset=("lease", "cancel"))
     log.info("training %r ended %s (exit code %d)", model_id, new.value, code)

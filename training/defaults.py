@@ -4,6 +4,8 @@ Plain constants, so `training/` may read them without pulling in the daemon. Wha
 tunes (intervals, caps) is a field of `listener.settings.Settings`, read once at start.
 """
 
+from enum import IntEnum
+
 from bson.codec_options import DatetimeConversion
 
 # Every client (daemon, training child, serving worker) decodes with these, so no stored value can
@@ -28,11 +30,13 @@ EMBEDDED_REPLICA_SET = "secantus"  # SecantusDB presents itself as this one-node
 EMBEDDED_START_TIMEOUT_S = 60.0  # how long to wait for the embedded server to answer
 CANCEL_POLL_S = 2.0  # how often a running training looks for `cancel: true`
 
-# Exit codes of the training child (`python -m training.run`), read by the daemon's supervisor.
-EXIT_OK = 0  # trained to the end
-EXIT_FAILED = 1  # an error, written into the document's `error`
-EXIT_INVALID = 3  # the document cannot be trained as written; `error` names the field
-EXIT_CANCELLED = 4  # `cancel: true` seen; a final checkpoint was saved
-EXIT_STOPPED = 5  # SIGTERM: a checkpoint was saved and the run can be resumed by any daemon
-EXIT_ORPHANED = 6  # the daemon that started it died; the run will be resumed once its lease expires
-EXIT_LEASE_LOST = 7  # another daemon holds the run now; this child stopped writing and left
+class ChildExit(IntEnum):
+    """Exit codes of the training child (`python -m training.run`); `listener.jobs.OUTCOMES` maps them."""
+
+    OK = 0  # trained to the end
+    FAILED = 1  # an error, written into the document's `error`
+    INVALID = 3  # the document cannot be trained as written; `error` names the field
+    CANCELLED = 4  # `cancel: true` seen; a final checkpoint was saved
+    STOPPED = 5  # SIGTERM: a checkpoint was saved and the run can be resumed by any daemon
+    ORPHANED = 6  # the daemon that started it died; the run will be resumed once its lease expires
+    LEASE_LOST = 7  # another daemon holds the run now; this child stopped writing and left

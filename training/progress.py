@@ -32,7 +32,7 @@ def fence(model_id, run: int, owner: str | None) -> dict:
 
 def _lease_lost():
     log.error("another daemon holds this run now (or its document is gone); stopping without another write")
-    os._exit(defaults.EXIT_LEASE_LOST)
+    os._exit(defaults.ChildExit.LEASE_LOST)
 
 
 class MongoProgress(TrainerCallback):
@@ -93,7 +93,7 @@ class MongoProgress(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if os.getppid() != self._daemon:
             log.error("the daemon that started this training is gone; exiting so the run can be resumed once")
-            os._exit(defaults.EXIT_ORPHANED)
+            os._exit(defaults.ChildExit.ORPHANED)
         if self.stop_requested:
             log.info("stop requested at step %d: saving a checkpoint to resume from", state.global_step)
             control.should_training_stop = True

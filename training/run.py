@@ -97,8 +97,8 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits) -> int:
     )
     trainer.train(resume_from_checkpoint=_resume_point(db, document, work, spec, limits))
     if progress.stop_requested:
-        return defaults.EXIT_STOPPED
-    return defaults.EXIT_CANCELLED if progress.cancelled else defaults.EXIT_OK
+        return defaults.ChildExit.STOPPED
+    return defaults.ChildExit.CANCELLED if progress.cancelled else defaults.ChildExit.OK
 
 
 def die_with_daemon() -> int:
@@ -113,7 +113,7 @@ def die_with_daemon() -> int:
         pass  # not Linux: MongoProgress still notices the orphaning at the next step
     if os.getppid() != daemon:
         log.error("the daemon that started this training is already gone")
-        sys.exit(defaults.EXIT_ORPHANED)
+        sys.exit(defaults.ChildExit.ORPHANED)
     return daemon
 
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     document = db[defaults.MODELS].find_one({"_id": ids.eq(model_id)})
     if document is None or not isinstance(document.get("run"), int):
         log.error("model %r is not claimed for training", model_id)
-        return defaults.EXIT_FAILED
+        return defaults.ChildExit.FAILED
     match = fence(model_id, document["run"], os.environ.get(defaults.ENV_LEASE_OWNER))
     work = launch["work"] / f"{os.getpid()}"
     try:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         log.exception("training failed")
         db[defaults.MODELS].update_one(match, {"$set": {"error": failure(exc)}})
-        return defaults.EXIT_INVALID if isinstance(exc, SpecError) else defaults.EXIT_FAILED
+        return defaults.ChildExit.INVALID if isinstance(exc, SpecError) else defaults.ChildExit.FAILED
     finally:
         shutil.rmtree(work, ignore_errors=True)
         client.close()
