@@ -4,11 +4,9 @@ Each benchmark module gets a `Context` and returns `Row`s; only `__main__` print
 so the modules measure and nothing else.
 """
 
-import os
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from training import defaults
+from listener.processes import registered, start_listener, stop
 
 DAEMON_START_TIMEOUT_S = 60.0
 
@@ -64,44 +62,20 @@ def step(console: Console, label: str) -> Iterator[Timer]:
     console.log(f"{label}... {timer.seconds:.1f} s")
 
 
-def wait_until(check: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll `check` until it returns something truthy; the interval bounds what polling adds to a timing."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(interval_s)
-    raise TimeoutError(f"{what} did not happen within {timeout_s:.0f} s")
-
-
 @contextmanager
 def running_daemon(ctx: Context, name: str = "bench") -> Iterator[subprocess.Popen]:
     """A real `listener start` process, ready (registered) before the block; always stopped after it."""
     log_path = ctx.home / f"{name}-daemon.log"
-    env = {**os.environ, defaults.ENV_HOME: str(ctx.home)}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "listener", "start", "--uri", ctx.uri, "--db", ctx.db.name,
-                                    "--name", name, "--model-root", str(Path(ctx.model_path).parent)],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+    process = start_listener(ctx.uri, ctx.db.name, name, log_path, home=ctx.home,
+                             args=("--model-root", str(Path(ctx.model_path).parent)))
     try:
-        wait_until(lambda: process.poll() is not None or ctx.db[defaults.LISTENER].find_one({"pid": process.pid}),
-                   DAEMON_START_TIMEOUT_S, "the daemon's registration")
-        if process.poll() is not None:
-            raise RuntimeError(f"the daemon exited at start:\n{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            registered(ctx.db, process, DAEMON_START_TIMEOUT_S)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{log_path.read_text(errors='replace')[-3000:]}") from None
         yield process
     finally:
         stop(process)
-
-
-def stop(process: subprocess.Popen, timeout_s: float = 60) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def table(rows: list[Row], title: str) -> Table:

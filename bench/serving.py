@@ -6,7 +6,8 @@ GridFS, then call `generate` once per prompt (what a user writes first) and once
 with left padding. Both sides answer one prompt first, untimed, so model loading is excluded.
 """
 
-from bench.common import Context, Row, step, wait_until
+from bench.common import Context, Row, step
+from listener.processes import wait_until
 from bench.training import COLLECTION, MODEL_ID
 from training import checkpoints, defaults
 

@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import Context, Row, step, wait_until
+from bench.common import Context, Row, step
+from listener.processes import wait_until
 from training import defaults
 
 MODEL_ID = "bench"

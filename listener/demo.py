@@ -5,8 +5,6 @@ Everything goes through the database exactly as a user's own driver would: raw i
 """
 
 import json
-import subprocess
-import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -16,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from listener.follow import finished, follow_training, wait_for
+from listener.processes import start_listener, stop
 from training import defaults
 
 SAMPLES = ("pirate_chat", "pirate_prompt_response", "pirate_text")
@@ -65,11 +64,8 @@ def run_demo(uri: str, db_name: str, model_path: str, home: Path, console: Conso
     console.print("sample data loaded: " + ", ".join(f"{n} ({c} documents)" for n, c in counts.items()))
 
     log_path = home / "demo-listener.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        root = ["--model-root", str(Path(model_path).parent)] if Path(model_path).is_dir() else []
-        daemon = subprocess.Popen([sys.executable, "-m", "listener", "start", "--uri", uri, "--db", db_name,
-                                   "--name", "demo", *root], stdout=log, stderr=subprocess.STDOUT)
+    root = ("--model-root", str(Path(model_path).parent)) if Path(model_path).is_dir() else ()
+    daemon = start_listener(uri, db_name, "demo", log_path, args=root)
     console.print(f"listener started (pid {daemon.pid}, log {log_path})")
     try:
         db[defaults.MODELS].insert_one(model_document(model_path))
@@ -85,8 +81,7 @@ def run_demo(uri: str, db_name: str, model_path: str, home: Path, console: Conso
             answers = [wait_for(db[defaults.REQUESTS], i, finished, 300) for i in tuned + base]
         show_answers(console, answers[: len(QUESTIONS)], answers[len(QUESTIONS):])
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=60)
+        stop(daemon)
     console.print(f"demo finished in {time.monotonic() - started:.0f} s; the model and its checkpoints stay in "
                   f"database {db_name!r}")
     return 0

@@ -5,16 +5,17 @@ replica set, which gives change streams with no MongoDB to install. Its data liv
 per-user folder, so models and checkpoints survive a restart.
 """
 
+import argparse
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from pymongo import MongoClient
 
+from listener.processes import stop, wait_until
 from training import defaults
 
 INSTALL_HINT = "pip install 'mongotune[embedded]' (or pass --uri to use your own MongoDB replica set)"
@@ -78,30 +79,22 @@ class EmbeddedServer:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.folder,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + defaults.EMBEDDED_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.answering():
-                return self
-            if self.process.poll() is not None:
-                self.process = None
-                if self.answering():  # another process started it first
-                    return self
+        try:
+            wait_until(lambda: self.process.poll() is not None or self.answering(),
+                       defaults.EMBEDDED_START_TIMEOUT_S, "the embedded server's answer", poll_s=0.2)
+        except TimeoutError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}; see {self.log_path}") from None
+        if self.process.poll() is not None:
+            self.process = None
+            if not self.answering():  # unless another process started it first
                 raise RuntimeError(f"the embedded server exited at start; see {self.log_path}:\n{self.log_tail()}")
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the embedded server did not answer within {defaults.EMBEDDED_START_TIMEOUT_S:.0f} s; "
-                           f"see {self.log_path}")
+        return self
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+        if self.process is not None:
+            stop(self.process, grace_s=15)
+            self.process = None
 
     def log_tail(self, chars: int = 2000) -> str:
         try:
@@ -114,3 +107,27 @@ class EmbeddedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m listener.embedded`: start a server that outlives this command; print its URI and pid.
+
+    CI and scripts use it instead of a readiness loop of their own; stop the server with `kill PID`.
+    """
+    parser = argparse.ArgumentParser(prog="python -m listener.embedded", description=main.__doc__)
+    parser.add_argument("--folder", type=Path, required=True, help="where its log (and data, unless --memory) go")
+    parser.add_argument("--port", type=int, default=0, help="default: a free one")
+    parser.add_argument("--memory", action="store_true", help="keep the data in memory only")
+    args = parser.parse_args(argv)
+    server = EmbeddedServer(args.folder, port=args.port or free_port(), memory=args.memory)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    if server.process is None:
+        raise SystemExit(f"a server already answers on port {server.port}")
+    print(server.uri, server.process.pid)
+
+
+if __name__ == "__main__":
+    main()

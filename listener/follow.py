@@ -1,10 +1,9 @@
 """Showing a person what the database says as a document changes: the client side of the loop."""
 
-import time
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from listener.processes import wait_until
 from listener.status import FINAL
 
 
@@ -14,16 +13,19 @@ def finished(document: dict) -> bool:
 
 def wait_for(collection, doc_id, until, timeout_s: float, on_change=None, poll_s: float = 0.5) -> dict:
     """Poll one document until `until(document)`; `on_change` sees every state on the way."""
-    deadline = time.monotonic() + timeout_s
-    document = None
-    while time.monotonic() < deadline:
-        document = collection.find_one({"_id": doc_id})
+    last = None
+
+    def check():
+        nonlocal last
+        last = collection.find_one({"_id": doc_id})
         if on_change:
-            on_change(document)
-        if document and until(document):
-            return document
-        time.sleep(poll_s)
-    raise TimeoutError(f"{collection.name} {doc_id!r} not done after {timeout_s:.0f} s; last state: {document}")
+            on_change(last)
+        return last if last and until(last) else None
+
+    try:
+        return wait_until(check, timeout_s, f"{collection.name} {doc_id!r} finishing", poll_s)
+    except TimeoutError:
+        raise TimeoutError(f"{collection.name} {doc_id!r} not done after {timeout_s:.0f} s; last state: {last}") from None
 
 
 def follow_training(console: Console, models, model_id, timeout_s: float) -> dict:

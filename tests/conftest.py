@@ -5,8 +5,6 @@ Set MONGOTUNE_TEST_URI to run the same suite against a real MongoDB replica set.
 
 import os
 import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,7 +14,8 @@ from pymongo import MongoClient
 from listener import follow
 from listener.embedded import EmbeddedServer, free_port
 from listener.follow import finished  # noqa: F401  (re-exported for the tests)
-from training import defaults, tiny_model
+from listener.processes import start_listener, stop
+from training import tiny_model
 from training.limits import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,29 +73,19 @@ def limits(model_root) -> Limits:
 class Daemon:
     """A real `listener start` process on the test database."""
 
-    def __init__(self, uri: str, db_name: str, home: Path, name: str, max_jobs: int = 2, env: dict | None = None,
-                 args: tuple = (), model_root: Path | None = None):
+    def __init__(self, uri: str | None, db_name: str, home: Path, name: str, max_jobs: int = 2,
+                 env: dict | None = None, args: tuple = (), model_root: Path | None = None):
         self.home = home
         self.log_path = home / f"{name}.log"
         roots = {"MONGOTUNE_MODEL_ROOTS": str(model_root)} if model_root else {}
-        env = {**os.environ, defaults.ENV_HOME: str(home), **roots, **(env or {})}
-        env.pop(defaults.ENV_URI, None)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "listener", "start", "--uri", uri, "--db", db_name, "--name", name,
-                 "--max-jobs", str(max_jobs), *args],
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-            )
+        self.process = start_listener(uri, db_name, name, self.log_path, home=home, env={**roots, **(env or {})},
+                                      args=("--max-jobs", str(max_jobs), *args))
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        if sig == signal.SIGTERM:
+            return stop(self.process, grace_s=timeout)
+        self.process.send_signal(sig)
+        return self.process.wait(timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -2,7 +2,6 @@
 
 import asyncio
 import functools
-import time
 
 from bson.errors import BSONError
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +10,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
 from listener import schema
+from listener.processes import wait_until
 from tests.conftest import finished, wait_for
 from training import defaults
 from training.config import LISTENER_FIELDS, SpecError, parse_model, parse_request
@@ -138,10 +138,8 @@ def test_a_thousand_malformed_documents_fail_clearly_and_good_ones_still_work(db
     tried = len(bad_model_ids) + models_refused + len(bad_request_ids) + requests_refused
     assert tried >= 1000
     for collection, ids in ((models, bad_model_ids), (requests, bad_request_ids)):
-        deadline = time.monotonic() + 300
-        while collection.count_documents({"_id": {"$in": ids}, "status": "failed"}) < len(ids):
-            assert time.monotonic() < deadline, "not every malformed document ended failed"
-            time.sleep(0.5)
+        wait_until(lambda: collection.count_documents({"_id": {"$in": ids}, "status": "failed"}) == len(ids), 300,
+                   "every malformed document ending failed", poll_s=0.5)
         for document in collection.find({"_id": {"$in": ids}}, {"error": 1}):
             error = document["error"]
             assert error["message"] and "Traceback" not in error["message"]

@@ -20,6 +20,7 @@ from listener.cli.main import cli
 from listener.connection import redact
 from listener.demo import load_samples
 from listener.jobs import trim_log
+from listener.processes import wait_until
 from tests.conftest import finished, wait_for
 from training import defaults
 from training.checkpoints import LimitExceeded
@@ -208,10 +209,7 @@ def test_work_folders_of_killed_children_are_removed_at_start(db, start_daemon, 
     (dead / "output").mkdir(parents=True)
     (dead / "output" / "optimizer.pt").write_bytes(b"x" * 1000)
     start_daemon()
-    deadline = time.monotonic() + 60
-    while dead.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not dead.exists()
+    wait_until(lambda: not dead.exists(), 60, "the dead child's work folder removed")
 
 
 def test_job_logs_are_capped_keeping_the_newest_lines(tmp_path):

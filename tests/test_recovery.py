@@ -4,8 +4,10 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 from listener.demo import load_samples
+from listener.processes import wait_until
 from tests.conftest import finished, job_log, wait_for
 from training import defaults
 
@@ -62,14 +64,7 @@ def child_pid(daemon) -> int:
 
 
 def assert_gone(pid: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"training child {pid} outlived its daemon")
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout, f"the end of training child {pid}")
 
 
 def test_sigkill_mid_training_resumes_from_the_last_checkpoint(db, start_daemon, tiny_model_path):

@@ -3,8 +3,6 @@
 import io
 import os
 import pickle
-import subprocess
-import sys
 import tarfile
 import uuid
 
@@ -15,7 +13,7 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
 from listener.demo import load_samples
-from tests.conftest import ROOT, finished, wait_for
+from tests.conftest import Daemon, finished, wait_for
 from training import defaults
 
 
@@ -51,7 +49,7 @@ def test_a_pickled_checkpoint_is_never_loaded(db, start_daemon, tiny_model_path,
     assert not marker.exists()
 
 
-def test_credentials_never_appear_in_logs_or_documents(db, server_uri, tiny_model_path, tmp_path):
+def test_credentials_never_appear_in_logs_or_documents(db, server_uri, tiny_model_path, model_root, tmp_path):
     user, password = f"tuner{uuid.uuid4().hex[:6]}", f"pw-{uuid.uuid4().hex}"
     admin = MongoClient(server_uri).admin
     try:
@@ -60,10 +58,7 @@ def test_credentials_never_appear_in_logs_or_documents(db, server_uri, tiny_mode
         pytest.skip(f"this server does not let the test create a user: {exc}")
     uri = server_uri.replace("mongodb://", f"mongodb://{user}:{password}@", 1)
     load_samples(db)
-    env = {**os.environ, defaults.ENV_URI: uri, defaults.ENV_HOME: str(tmp_path)}
-    with open(tmp_path / "daemon.log", "wb") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "listener", "start", "--db", db.name], stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    daemon = Daemon(None, db.name, tmp_path, "secretive", env={defaults.ENV_URI: uri}, model_root=model_root)
     try:
         db[defaults.MODELS].insert_many([
             {"_id": "good", "model_name_or_path": tiny_model_path, "trainer": {"max_steps": 1},
@@ -75,8 +70,7 @@ def test_credentials_never_appear_in_logs_or_documents(db, server_uri, tiny_mode
             wait_for(db[defaults.MODELS], doc_id, finished, timeout=120)
         wait_for(db[defaults.REQUESTS], "r", finished, timeout=60)
     finally:
-        daemon.terminate()
-        daemon.wait(60)
+        daemon.stop()
         admin.command("dropUser", user)
     logs = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log"))
     assert f"{user}:***@" in logs, "the URI is logged, redacted"

@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
+from listener.processes import wait_until
 from tests.conftest import finished, wait_for
 from training import checkpoints, defaults
 
@@ -76,9 +77,7 @@ def test_sigterm_ends_the_daemon_mid_generation(db, start_daemon, tiny_model_pat
     db[defaults.MODELS].insert_one(served_model("loops", looping_model(tiny_model_path)))
     daemon = start_daemon(env={"MONGOTUNE_REQUEST_TIMEOUT_S": "600"})
     ask(db, "stuck", "loops")
-    deadline = time.monotonic() + 120
-    while "generating 1 answer(s)" not in daemon.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: "generating 1 answer(s)" in daemon.log(), 120, "the looping generation")
     worker_pid = int(daemon.log().split("serving worker started (pid ")[1].split(")")[0])
     started = time.monotonic()
     assert daemon.stop(signal.SIGTERM, timeout=60) == 0

@@ -71,7 +71,7 @@ def _messages(value) -> list[dict]:
         raise SpecError(
             "data.key",
             "chat messages must be a non-empty list of "
-            f"{{role: system|user|assistant, content: string}}",
+            "{role: system|user|assistant, content: string}",
         )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
