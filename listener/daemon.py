@@ -32,6 +32,8 @@ from training.config import SpecError, parse_model, parse_request
 
 log = logging.getLogger("mongotune.listener")
 
+SHUTDOWN_DB_S = 5.0  # what a stopping daemon spends giving its leases back before it exits anyway
+
 
 class Daemon:
     def __init__(self, client, settings: Settings):
@@ -78,9 +80,16 @@ class Daemon:
         for task in [*tasks, *trainings]:
             task.cancel()
         await asyncio.gather(*tasks, *trainings, self.serving.close(), return_exceptions=True)
+        self.health.remove()
+        try:  # with the database away, leases expire and the reaper hands the work on: never wait long
+            await asyncio.wait_for(self._give_back(), SHUTDOWN_DB_S)
+        except (TimeoutError, PyMongoError) as exc:
+            log.warning("could not give back leases at exit (%s); they expire within %.0f s",
+                        type(exc).__name__, self.settings.lease_s)
+
+    async def _give_back(self) -> None:
         await self._release_all()
         await self.db[defaults.LISTENER].delete_one({"_id": f"daemon:{self.owner}"})
-        self.health.remove()
 
     async def _heartbeat(self, started: bool = False) -> None:
         record = {"kind": "daemon", "name": self.settings.name, "owner": self.owner, "host": socket.gethostname(),

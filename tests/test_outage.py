@@ -1,5 +1,6 @@
 """The database goes away and comes back: daemons reconnect and resume their streams."""
 
+import signal
 import time
 
 import pytest
@@ -7,6 +8,7 @@ from pymongo import MongoClient
 
 from listener.demo import load_samples
 from listener.embedded import EmbeddedServer, free_port
+from listener.processes import registered
 from tests.conftest import Daemon, finished, wait_for
 from training import defaults
 
@@ -59,3 +61,14 @@ def test_daemons_ride_out_a_server_restart(restartable, tmp_path, tiny_model_pat
         for daemon in daemons:
             daemon.stop()
         client.close()
+
+
+def test_sigterm_ends_a_daemon_within_seconds_even_with_the_database_gone(restartable, tmp_path):
+    daemon = Daemon(restartable.uri, "outage", tmp_path, "orphaned")
+    registered(MongoClient(restartable.uri)["outage"], daemon.process)
+    restartable.stop()
+    started = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    daemon.process.wait(60)
+    assert time.monotonic() - started < 20, "a stopping daemon does not wait on an absent database"
+    assert "could not give back leases" in daemon.log()
