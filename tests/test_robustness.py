@@ -532,6 +532,8 @@ def build_reaped(db, limits, base: dict, prefix: str, kind, rng: Random, per_fie
     cases = []
 
     def expect(stored, probe):
+        if matches(probe, stored["_id"], {"status": "running", "lease.expires_at": {"$not": {"$type": "date"}}}):
+            return "failed", "lease"  # running without a dated lease: only a user writes that
         expired = matches(probe, stored["_id"], {"status": "running", "lease.expires_at": {"$lt": dt.datetime.now(
             dt.timezone.utc)}})
         return expect_reaped(stored, kind, expired, limits)
