@@ -280,15 +280,15 @@ def check_room(db, folder: Path, model_id, saves: int, limits: Limits) -> None:
         raise LimitExceeded("trainer.save_total_limit", limits.refusal("max_checkpoint_bytes", f"{total} bytes"))
 
 
-def stored(db, entry: dict, model_id) -> ObjectId:
-    """The checkpoint's GridFS id, once it is known to be one of this model's archives.
+def stored(db, entry: dict, model_id) -> Stored:
+    """The checkpoint's GridFS file, once it is known to be one of this model's archives.
 
     `checkpoints` lives in a document users can write, so its `files_id` is never trusted as a path
     or as a pointer to another model's files.
     """
     files_id = entry.get("files_id") if isinstance(entry, dict) else None
     try:
-        return verified(db, files_id, model_id).files_id
+        return verified(db, files_id, model_id)
     except CheckpointRefused as exc:
         label = f"{{run: {entry.get('run')}, step: {entry.get('step')}}}" if isinstance(entry, dict) else repr(entry)
         raise CheckpointRefused(f"checkpoint {label} of model {model_id!r}: {exc}; "

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from training import checkpoints, defaults, ids
+from training import checkpoints, ids
 from training.config import GenerationParams, ModelSpec
 from training.errors import public_message
 from training.limits import Limits
@@ -183,20 +183,20 @@ class DiskCache:
         if self.folder(files_id).exists():
             os.utime(self.folder(files_id))
 
-    def fetch(self, db, files_id) -> Path:
-        folder = self.folder(files_id)
+    def fetch(self, db, file: checkpoints.Stored) -> Path:
+        """The unpacked checkpoint; its size comes from the file document `checkpoints.stored` parsed."""
+        folder = self.folder(file.files_id)
         if folder.exists():
             os.utime(folder)
             return folder
-        length = db[f"{defaults.CHECKPOINTS}.files"].find_one({"_id": {"$eq": files_id}}, {"length": 1})["length"]
-        if length > self.budget:
-            raise LookupError(f"this checkpoint is {length:,} bytes, over the operator's serving disk budget of "
+        if file.length > self.budget:
+            raise LookupError(f"this checkpoint is {file.length:,} bytes, over the operator's serving disk budget of "
                               f"{self.budget:,} bytes (MONGOTUNE_SERVING_DISK_BYTES)")
-        self._make_room(length)
+        self._make_room(file.length)
         try:
-            return checkpoints.download(db, files_id, folder, max_bytes=self.budget)
+            return checkpoints.download(db, file.files_id, folder, max_bytes=self.budget)
         except BaseException:
-            self.discard(files_id)
+            self.discard(file.files_id)
             raise
 
     def discard(self, files_id) -> None:
@@ -225,7 +225,8 @@ class ModelCache:
         self._models: OrderedDict[str, Loaded] = OrderedDict()
 
     def get(self, spec: ModelSpec, entry: dict | None) -> Loaded:
-        files_id = checkpoints.stored(self.db, entry, spec.id) if entry else None
+        file = checkpoints.stored(self.db, entry, spec.id) if entry else None
+        files_id = file.files_id if file else None
         key = ids.key([spec.id, spec.model_name_or_path, spec.model_kwargs.model_dump(),
                        spec.tokenizer_kwargs.model_dump(), spec.trainer.bits, files_id])
         if key in self._models:
@@ -233,7 +234,7 @@ class ModelCache:
             if files_id:
                 self.disk.touch(files_id)
             return self._models[key]
-        folder = self.disk.fetch(self.db, files_id) if files_id else None
+        folder = self.disk.fetch(self.db, file) if file else None
         try:
             loaded = load(spec, self.limits, folder)
         except BaseException:
