@@ -82,20 +82,21 @@ class Settings(BaseModel):
 
 def _gather(model: type[BaseModel], options: Mapping[str, Any], environ: Mapping[str, str], skip: set) -> dict:
     values = {}
-    for name, field in model.model_fields.items():
+    for name in model.model_fields:
         if name in skip:
             continue
         variable = ENV_PREFIX + name.upper()
         if name in options:
             values[name] = (options[name], OPTION_NAMES.get(name, f"--set {name}"))
         elif environ.get(variable, "") != "":
-            raw = environ[variable]
-            is_list = "tuple" in str(field.annotation)
-            values[name] = (_split(raw, name) if is_list else raw, variable)
+            values[name] = (from_text(model, name, environ[variable]), variable)
     return values
 
 
-def _split(raw: str, name: str) -> tuple:
+def from_text(model: type[BaseModel], name: str, raw: str):
+    """A setting as typed in a variable or `--set`: lists split on ',' (folders on ':'), the rest as is."""
+    if "tuple" not in str(model.model_fields[name].annotation):
+        return raw
     separator = os.pathsep if name.endswith("roots") else ","
     return tuple(part.strip() for part in raw.split(separator) if part.strip())
 

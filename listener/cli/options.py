@@ -23,7 +23,7 @@ def connection_options(command):
 
 def operator_settings(assignments: tuple[str, ...] = (), **options):
     """The one Settings object for this command: options over environment over defaults; one line if bad."""
-    from listener.settings import Settings, SettingsError
+    from listener.settings import Settings, SettingsError, from_text
     from training.limits import Limits
 
     limits = {}
@@ -33,9 +33,8 @@ def operator_settings(assignments: tuple[str, ...] = (), **options):
         if not eq or (name not in Settings.model_fields and name not in Limits.model_fields) or name == "limits":
             raise click.BadParameter(f"{assignment!r}: use NAME=VALUE with a setting's name, e.g. max_steps=5000",
                                      param_hint="--set")
-        target = limits if name in Limits.model_fields else options
-        target[name] = tuple(value.split(",")) if "tuple" in str(
-            (Limits.model_fields.get(name) or Settings.model_fields[name]).annotation) else value
+        model, target = (Limits, limits) if name in Limits.model_fields else (Settings, options)
+        target[name] = from_text(model, name, value)
     moved = {k: options.pop(k) for k in list(options) if k in Limits.model_fields}
     limits.update({k: v for k, v in moved.items() if v not in (None, ())})
     try:
