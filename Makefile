@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= embedded,gguf,qlora,deepspeed,dev
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# The fast tier: no daemon process, no training (under a minute); `make test` runs everything.
+test-fast: install
+	$(PY) -m pytest -m "not slow and not soak"
 
 .PHONY: bench
 bench: install

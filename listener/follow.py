@@ -4,15 +4,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from listener.processes import wait_until
-from listener.status import FINAL
+from listener.status import FINAL, Status
 
 
 def finished(document: dict) -> bool:
     return document.get("status") in {status.value for status in FINAL}
 
 
-def wait_for(collection, doc_id, until, timeout_s: float, on_change=None, poll_s: float = 0.5) -> dict:
-    """Poll one document until `until(document)`; `on_change` sees every state on the way."""
+def wait_for(collection, doc_id, until, timeout_s: float = 120.0, on_change=None, poll_s: float = 0.25) -> dict:
+    """Poll one document until `until(document)`; `on_change` sees every state on the way.
+
+    The one wait on a document: the CLI, the Python API and the tests all use it. TimeoutError
+    names the document and its last state.
+    """
     last = None
 
     def check():
@@ -28,16 +32,16 @@ def wait_for(collection, doc_id, until, timeout_s: float, on_change=None, poll_s
         raise TimeoutError(f"{collection.name} {doc_id!r} not done after {timeout_s:.0f} s; last state: {last}") from None
 
 
-def follow_training(console: Console, models, model_id, timeout_s: float) -> dict:
+def follow_training(console: Console, models, model_id, timeout_s: float, waiting: str | None = None) -> dict:
     """A progress bar (step, loss, ETA) fed by the model document until its training ends."""
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("waiting for a listener", total=None, loss="-", eta="-")
+        task = bar.add_task(waiting or "waiting for a listener", total=None, loss="-", eta="-")
 
         def show(document):
             progress = (document or {}).get("progress") or {}
-            if document and document.get("status") == "running" and not progress:
+            if document and document.get("status") == Status.RUNNING and not progress:
                 bar.update(task, description="loading model and data")
             if progress.get("total_steps"):
                 loss, eta = progress.get("loss"), progress.get("eta_s")

@@ -6,7 +6,7 @@ import shutil
 
 from listener.settings import Settings
 
-log = logging.getLogger("mongotune.listener")
+log = logging.getLogger(__name__)
 
 LOG_FILES_KEPT = 200  # job logs kept in the home, newest first
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from listener.status import Status
 from training import ids
 
-log = logging.getLogger("mongotune.listener")
+log = logging.getLogger(__name__)
 
 class BadRecord(ValueError):
     def __init__(self, field: str, message: str):
@@ -91,6 +91,9 @@ class DaemonRecord(_Record):
     heartbeat_at: dt.datetime
     counters: dict[str, int] = Field(default_factory=dict)
     trainings: list[str] = Field(default_factory=list)
+    gpus: list[int] = Field(default_factory=list)  # what the daemon may give its trainings (listener.gpus)
+    gpus_free: list[int] = Field(default_factory=list)
+    waiting: list[dict[str, str]] = Field(default_factory=list)  # [{model, why}]: pending models it would take
 
 
 def parse(kind: type[BaseModel], document: Any):

@@ -4,23 +4,11 @@ Every transition is a single `find_one_and_update` filtered on the expected old 
 happens once however many daemons race for it.
 """
 
-import datetime as dt
-from enum import Enum
-
 from pymongo import ReturnDocument
 from pymongo.errors import OperationFailure
 
-from training import ids
-
-
-class Status(str, Enum):
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
+from training import events, ids
+from training.defaults import FINAL, Status, now  # noqa: F401  (the daemon's modules import them from here)
 
 S = Status
 # A model goes back to pending to retrain, or when its lease is released by a stopping daemon.
@@ -35,12 +23,23 @@ REQUEST_TRANSITIONS = {
     S.PENDING: {S.RUNNING, S.FAILED, S.CANCELLED},
     S.RUNNING: {S.DONE, S.FAILED, S.CANCELLED, S.PENDING},
 }
-FINAL = {S.SUCCEEDED, S.DONE, S.FAILED, S.CANCELLED}
 DOCUMENT_VALIDATION_FAILURE = 121
+BAD_VALUE = 2  # e.g. `$push` onto a field that is not an array
 
 
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+def model_event(old: Status, new: Status, fields: dict, given: dict) -> dict:
+    """What a model's transition means as an event: who claimed it, why it failed, who asked to retrain."""
+    details = dict(given)
+    kind = details.pop("kind", None)
+    if new is S.RUNNING:
+        kind = kind or "claimed"
+        details.setdefault("owner", (fields.get("lease") or {}).get("owner"))
+        details.setdefault("run", fields.get("run"))
+    elif new is S.PENDING:
+        kind = kind or ("released" if old is S.RUNNING else "retrain_requested")
+    elif new is S.FAILED:
+        details.setdefault("error", (fields.get("error") or {}).get("type"))
+    return events.event(kind or new.value, **details)
 
 
 def status_filter(status: Status) -> dict:
@@ -50,8 +49,11 @@ def status_filter(status: Status) -> dict:
 
 async def transition(collection, doc_id, old: Status, new: Status, table: dict, *, match: dict | None = None,
                      fields: dict | None = None, inc: dict | None = None, unset: tuple = (),
-                     push: dict | None = None) -> dict | None:
-    """Move one document from `old` to `new`; returns it after the change, or None if it was not in `old`."""
+                     push: dict | None = None, event: dict | None = None) -> dict | None:
+    """Move one document from `old` to `new`; returns it after the change, or None if it was not in `old`.
+
+    A model's transition also records an event (see `model_event`); `event` overrides its kind or adds details.
+    """
     if new not in table.get(old, ()):
         raise ValueError(f"status {old.value} -> {new.value} is not an allowed transition")
     stamp = {"finished_at": now()} if new in FINAL else {}
@@ -60,9 +62,24 @@ async def transition(collection, doc_id, old: Status, new: Status, table: dict, 
         update["$inc"] = inc
     if unset:
         update["$unset"] = {name: "" for name in unset}
+    if table is MODEL_TRANSITIONS:
+        push = {**(push or {}), **events.push(model_event(old, new, fields or {}, event or {}))}
     if push:
         update["$push"] = push
     query = {"_id": ids.eq(doc_id), **status_filter(old), **(match or {})}
+    try:
+        return await _write(collection, query, update)
+    except OperationFailure as exc:
+        if exc.code != BAD_VALUE or "'events'" not in str(exc) or "events" not in update.get("$push", {}):
+            raise
+    # A user wrote something other than a list into `events`: the listener's list replaces it.
+    update["$set"]["events"] = update["$push"].pop("events")["$each"]
+    if not update["$push"]:
+        del update["$push"]
+    return await _write(collection, query, update)
+
+
+async def _write(collection, query: dict, update: dict) -> dict | None:
     try:
         return await collection.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
     except OperationFailure as exc:

@@ -16,7 +16,7 @@ from listener.records import BadRecord, ChangeEvent, ResumeRecord, parse
 from listener.status import now
 from training import defaults
 
-log = logging.getLogger("mongotune.listener")
+log = logging.getLogger(__name__)
 
 # Only what can need action: new or replaced documents, and updates that touch `status` or `cancel`
 # (not the stream of progress and metrics writes a training makes).

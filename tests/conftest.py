@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from listener import follow
 from listener.embedded import EmbeddedServer, free_port
-from listener.follow import finished  # noqa: F401  (re-exported for the tests)
+from listener.follow import finished, wait_for  # noqa: F401  (the tests import them from here)
 from listener.processes import start_listener, stop
 from training import tiny_model
 from training.limits import Limits
@@ -70,7 +69,7 @@ def limits(model_root) -> Limits:
     return Limits(model_roots=(model_root,))
 
 
-class Daemon:
+class DaemonProcess:
     """A real `listener start` process on the test database."""
 
     def __init__(self, uri: str | None, db_name: str, home: Path, name: str, max_jobs: int = 2,
@@ -93,10 +92,10 @@ class Daemon:
 
 @pytest.fixture
 def start_daemon(server_uri, db, tmp_path, request, model_root):
-    started: list[Daemon] = []
+    started: list[DaemonProcess] = []
 
-    def start(name: str | None = None, max_jobs: int = 2, env: dict | None = None, args: tuple = ()) -> Daemon:
-        daemon = Daemon(server_uri, db.name, tmp_path, name or f"d{len(started)}", max_jobs, env, args, model_root)
+    def start(name: str | None = None, max_jobs: int = 2, env: dict | None = None, args: tuple = ()) -> DaemonProcess:
+        daemon = DaemonProcess(server_uri, db.name, tmp_path, name or f"d{len(started)}", max_jobs, env, args, model_root)
         started.append(daemon)
         return daemon
 
@@ -106,6 +105,16 @@ def start_daemon(server_uri, db, tmp_path, request, model_root):
     if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
         for daemon in started:
             print(f"--- log of {daemon.log_path.name} ---\n{daemon.log()[-6000:]}")
+
+
+# A test using one of these starts real processes or trains a model: seconds, not milliseconds.
+SLOW_FIXTURES = {"start_daemon", "tiny_model_path", "standalone_uri"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -120,11 +129,3 @@ def job_log(home: Path, run: int = 1) -> str:
     found = sorted((home / "logs").glob(f"*-run{run}.log"))
     assert found, "the daemon keeps one log per training run"
     return found[-1].read_text(errors="replace")
-
-
-def wait_for(collection, doc_id, until, timeout: float = 120.0) -> dict:
-    """Poll a document until `until(document)` holds; fail the test with the document's last state."""
-    try:
-        return follow.wait_for(collection, doc_id, until, timeout, poll_s=0.2)
-    except TimeoutError as exc:
-        raise AssertionError(str(exc)) from None

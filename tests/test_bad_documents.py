@@ -6,15 +6,10 @@ bad document reaches the daemon's own checks (`test_schema.py` covers the refusa
 
 from listener.demo import load_samples
 from tests.conftest import finished, wait_for
+from tests.documents import QUICK, model
 from training import defaults
 from training.limits import Limits
 
-TRAINER = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64}
-
-
-def model(doc_id, path, **overrides):
-    return {"_id": doc_id, "model_name_or_path": path, "data": {"collection": "pirate_chat", "key": "messages"},
-            "trainer": dict(TRAINER), **overrides}
 
 
 def test_bad_model_documents_fail_with_the_field_and_a_good_one_still_trains(db, start_daemon, tiny_model_path):
@@ -27,11 +22,11 @@ def test_bad_model_documents_fail_with_the_field_and_a_good_one_still_trains(db,
         "empty-collection": (model("x", tiny_model_path, data={"collection": "empty", "key": "text"}),
                              "data.collection"),
         "missing-key": (model("x", tiny_model_path, data={"collection": "pirate_chat", "key": "text"}), "data.key"),
-        "unknown-argument": (model("x", tiny_model_path, trainer={**TRAINER, "learnin_rate": 0.1}),
+        "unknown-argument": (model("x", tiny_model_path, trainer={**QUICK, "learnin_rate": 0.1}),
                              "trainer.learnin_rate"),
-        "wrong-type": (model("x", tiny_model_path, trainer={**TRAINER, "num_train_epochs": "three"}),
+        "wrong-type": (model("x", tiny_model_path, trainer={**QUICK, "num_train_epochs": "three"}),
                        "trainer.num_train_epochs"),
-        "wrong-own-type": (model("x", tiny_model_path, trainer={**TRAINER, "lora_r": "8"}), "trainer.lora_r"),
+        "wrong-own-type": (model("x", tiny_model_path, trainer={**QUICK, "lora_r": "8"}), "trainer.lora_r"),
         "unknown-model": (model("x", "/nowhere/such-model"), "model_name_or_path"),
         "unknown-field": (model("x", tiny_model_path, colection="typo"), "colection"),
         "javascript-filter": (model("x", tiny_model_path, data={"collection": "pirate_chat", "key": "messages",
@@ -43,12 +38,12 @@ def test_bad_model_documents_fail_with_the_field_and_a_good_one_still_trains(db,
     db[defaults.MODELS].insert_one(model("good", tiny_model_path))
 
     for name, (_, field) in bad.items():
-        document = wait_for(db[defaults.MODELS], name, finished, timeout=180)
+        document = wait_for(db[defaults.MODELS], name, finished, timeout_s=180)
         assert document["status"] == "failed", name
         assert document["error"]["field"] == field, (name, document["error"])
         assert field in document["error"]["message"]
         assert "Traceback" not in document["error"]["message"]
-    good = wait_for(db[defaults.MODELS], "good", finished, timeout=180)
+    good = wait_for(db[defaults.MODELS], "good", finished, timeout_s=180)
     assert good["status"] == "succeeded", good.get("error")
 
 
@@ -57,8 +52,8 @@ def test_bad_requests_fail_with_a_reason_and_a_good_one_is_answered(db, start_da
     start_daemon(args=("--no-validators",))
     db[defaults.MODELS].insert_one(model("untrained", tiny_model_path, data={"collection": "none", "key": "text"}))
     db[defaults.MODELS].insert_one(model("ready", tiny_model_path))
-    wait_for(db[defaults.MODELS], "untrained", finished, timeout=60)
-    assert wait_for(db[defaults.MODELS], "ready", finished, timeout=180)["status"] == "succeeded"
+    wait_for(db[defaults.MODELS], "untrained", finished, timeout_s=60)
+    assert wait_for(db[defaults.MODELS], "ready", finished, timeout_s=180)["status"] == "succeeded"
 
     requests = db[defaults.REQUESTS]
     bad = {
@@ -75,8 +70,8 @@ def test_bad_requests_fail_with_a_reason_and_a_good_one_is_answered(db, start_da
         requests.insert_one({"_id": name, **document})
     requests.insert_one({"_id": "good", "model": "ready", "input": "ahoy", "params": {"max_new_tokens": 4}})
     for name, (_, expected) in bad.items():
-        answer = wait_for(requests, name, finished, timeout=60)
+        answer = wait_for(requests, name, finished, timeout_s=60)
         assert answer["status"] == "failed", name
         assert expected in answer["error"]["message"], (name, answer["error"])
-    good = wait_for(requests, "good", finished, timeout=60)
+    good = wait_for(requests, "good", finished, timeout_s=60)
     assert good["status"] == "done" and isinstance(good["output"], str)

@@ -20,11 +20,11 @@ def test_zero_trains_checkpoints_and_serves(db, start_daemon, tiny_model_path, t
         "trainer": {"deepspeed": {"zero_optimization": {"stage": stage}}, "max_steps": 3,
                     "per_device_train_batch_size": 2, "max_seq_length": 64, "learning_rate": 1e-3},
     })
-    model = wait_for(db[defaults.MODELS], "ds", finished, timeout=300)
+    model = wait_for(db[defaults.MODELS], "ds", finished, timeout_s=300)
     assert model["status"] == "succeeded", model.get("error")
     assert model["checkpoints"][-1]["step"] == 3
     folder = checkpoints.download(db, model["checkpoints"][-1]["files_id"], tmp_path / "ckpt")
     weights = load_file(folder / "adapter_model.safetensors")
     assert weights and all(t.numel() > 0 for t in weights.values()), "ZeRO gathered the adapter before saving"
     db[defaults.REQUESTS].insert_one({"_id": "r", "model": "ds", "input": "ahoy", "params": {"max_new_tokens": 3}})
-    assert wait_for(db[defaults.REQUESTS], "r", finished, timeout=120)["status"] == "done"
+    assert wait_for(db[defaults.REQUESTS], "r", finished, timeout_s=120)["status"] == "done"

@@ -1,9 +1,12 @@
 """`listener.embedded`: the SecantusDB child process, its persistence, and reuse of a running one."""
 
+import pytest
 from pymongo import MongoClient
 
 from listener.embedded import EmbeddedServer, free_port
 from training import defaults
+
+pytestmark = pytest.mark.slow  # every test starts a server process
 
 
 def count(uri: str, marker: str) -> int:

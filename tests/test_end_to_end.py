@@ -30,7 +30,7 @@ def trained(db, start_daemon, tiny_model_path):
     for shape, data in SHAPES.items():
         db[defaults.MODELS].insert_one({"_id": shape, "model_name_or_path": tiny_model_path, "data": data,
                                         "trainer": {**TRAINER, **OLD_NAMES}})
-    return {shape: wait_for(db[defaults.MODELS], shape, finished, timeout=300) for shape in SHAPES}
+    return {shape: wait_for(db[defaults.MODELS], shape, finished, timeout_s=300) for shape in SHAPES}
 
 
 def test_every_shape_trains_to_checkpoints_in_gridfs(db, trained, tmp_path):
@@ -63,7 +63,7 @@ def test_requests_are_answered_from_checkpoints(db, trained):
                                                                                       "temperature": 0.7}},
     }
     ids = {name: requests.insert_one(doc).inserted_id for name, doc in asks.items()}
-    answers = {name: wait_for(requests, i, finished, timeout=120) for name, i in ids.items()}
+    answers = {name: wait_for(requests, i, finished, timeout_s=120) for name, i in ids.items()}
     for name, answer in answers.items():
         assert answer["status"] == "done", (name, answer.get("error"))
         assert isinstance(answer["output"], str)
@@ -83,7 +83,7 @@ def test_save_total_limit_prunes_gridfs_but_keeps_the_best(db, start_daemon, tin
                                     "data": SHAPES["messages"],
                                     "trainer": {**TRAINER, "max_steps": 8, "save_steps": 2, "eval_steps": 2,
                                                 "save_total_limit": 2}})
-    model = wait_for(db[defaults.MODELS], "pruned", finished, timeout=300)
+    model = wait_for(db[defaults.MODELS], "pruned", finished, timeout_s=300)
     assert model["status"] == "succeeded", model.get("error")
     steps = [c["step"] for c in model["checkpoints"]]
     best = model["best_checkpoint"]["step"]

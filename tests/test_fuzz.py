@@ -145,7 +145,7 @@ def test_a_thousand_malformed_documents_fail_clearly_and_good_ones_still_work(db
             assert error["message"] and "Traceback" not in error["message"]
     for collection, doc_id, status in ((models, "good-before", "succeeded"), (models, "good-between", "succeeded"),
                                        (requests, "good-between", "done"), (requests, "good-after", "done")):
-        assert wait_for(collection, doc_id, finished, timeout=180)["status"] == status
+        assert wait_for(collection, doc_id, finished, timeout_s=180)["status"] == status
     assert daemon.process.poll() is None, "the daemon survived"
     print(f"fuzz: {tried} malformed documents, {models_refused + requests_refused} refused by the server/driver, "
           f"{len(bad_model_ids) + len(bad_request_ids)} failed by the daemon")

@@ -291,7 +291,7 @@ def test_latest_is_the_highest_step_of_this_model_and_run(db, tmp_path):
 # --- forged listener fields: resume ---------------------------------------------------------------
 
 def resume_point(db, document: dict, work: Path):
-    from training.run import _resume_point
+    from training.child import _resume_point
 
     spec = parse_model({"_id": document["_id"], "model_name_or_path": "org/tiny", "data": {"collection": "c"}})
     return _resume_point(db, document, work, spec)

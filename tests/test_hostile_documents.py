@@ -22,22 +22,17 @@ from listener.demo import load_samples
 from listener.jobs import trim_log
 from listener.processes import wait_until
 from tests.conftest import finished, wait_for
+from tests.documents import QUICK, model
 from training import defaults
 from training.checkpoints import LimitExceeded
 from training.config import SpecError, parse_model
 from training.limits import Limits
 from training.models import load_model
 
-QUICK = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64}
-
-
-def model(doc_id, path, trainer=QUICK, **extra):
-    return {"_id": doc_id, "model_name_or_path": path, "data": {"collection": "pirate_chat", "key": "messages"},
-            "trainer": dict(trainer), **extra}
 
 
 def failed_on(collection, doc_id, field: str) -> dict:
-    document = wait_for(collection, doc_id, finished, timeout=120)
+    document = wait_for(collection, doc_id, finished, timeout_s=120)
     assert document["status"] == "failed", document
     assert document["error"]["field"] == field, document["error"]
     return document
@@ -59,7 +54,7 @@ def test_model_sources_are_the_operators_choice(db, start_daemon, tiny_model_pat
     for doc_id in ("outside", "own-folder", "through-a-link", "relative"):
         error = failed_on(models, doc_id, "model_name_or_path")["error"]
         assert "/etc" not in error["message"] and str(tmp_path) not in error["message"]
-    assert wait_for(models, "fine", finished, timeout=120)["status"] == "succeeded"
+    assert wait_for(models, "fine", finished, timeout_s=120)["status"] == "succeeded"
     assert daemon.process.poll() is None
 
 
@@ -114,8 +109,8 @@ def test_huge_models_fail_in_training_and_serving_while_others_go_on(db, start_d
     db[defaults.REQUESTS].insert_one({"_id": "ask-huge", "model": "huge", "input": "hi", "checkpoint": "base"})
     assert "MONGOTUNE_MAX_MODEL_PARAMS" in failed_on(db[defaults.MODELS], "huge", "model_name_or_path")["error"][
         "message"]
-    assert wait_for(db[defaults.REQUESTS], "ask-huge", finished, timeout=120)["status"] == "failed"
-    assert wait_for(db[defaults.MODELS], "fine", finished, timeout=120)["status"] == "succeeded"
+    assert wait_for(db[defaults.REQUESTS], "ask-huge", finished, timeout_s=120)["status"] == "failed"
+    assert wait_for(db[defaults.MODELS], "fine", finished, timeout_s=120)["status"] == "succeeded"
     assert daemon.process.poll() is None
 
 
@@ -126,6 +121,7 @@ def test_huge_models_fail_in_training_and_serving_while_others_go_on(db, start_d
     ({"max_seq_length": 10_000_000}, "trainer.max_seq_length", "MONGOTUNE_MAX_SEQ_LENGTH"),
     ({"save_total_limit": 10_000}, "trainer.save_total_limit", "MONGOTUNE_MAX_CHECKPOINTS"),
     ({"num_gpus": 64}, "trainer.num_gpus", "MONGOTUNE_MAX_PROCESSES"),
+    ({"num_processes": 9}, "trainer.num_processes", "MONGOTUNE_MAX_PROCESSES"),
 ])
 def test_each_cap_names_itself_and_its_setting(limits, trainer, field, setting):
     with pytest.raises(SpecError) as refused:
@@ -140,7 +136,7 @@ def test_a_run_over_the_cap_never_holds_the_slot_from_a_waiting_job(db, start_da
     models.insert_one(model("greedy", tiny_model_path, {**QUICK, "max_steps": 10**9, "save_steps": 1}))
     models.insert_one(model("waiting", tiny_model_path))
     assert "MONGOTUNE_MAX_STEPS" in failed_on(models, "greedy", "trainer.max_steps")["error"]["message"]
-    assert wait_for(models, "waiting", finished, timeout=120)["status"] == "succeeded"
+    assert wait_for(models, "waiting", finished, timeout_s=120)["status"] == "succeeded"
     assert db[f"{defaults.CHECKPOINTS}.files"].count_documents({"metadata.model": "greedy"}) == 0
 
 
@@ -149,7 +145,7 @@ def test_the_wall_clock_cap_stops_a_run_and_keeps_its_checkpoint(db, start_daemo
     start_daemon(env={"MONGOTUNE_MAX_RUN_S": "25", "MONGOTUNE_LEASE_S": "4"})
     models = db[defaults.MODELS]
     models.insert_one(model("slow", tiny_model_path, {**QUICK, "max_steps": 100_000, "save_steps": 20}))
-    document = wait_for(models, "slow", finished, timeout=180)
+    document = wait_for(models, "slow", finished, timeout_s=180)
     assert document["status"] == "failed" and document["error"]["type"] == "limit_exceeded"
     assert "MONGOTUNE_MAX_RUN_S" in document["error"]["message"]
     assert document["checkpoints"] and document["checkpoints"][-1]["step"] < 100_000, "it stopped, keeping checkpoints"
@@ -175,7 +171,7 @@ def test_ignored_settings_are_listed_in_warnings(db, start_daemon, tiny_model_pa
     start_daemon()
     models = db[defaults.MODELS]
     models.insert_one(model("copied", tiny_model_path, {**QUICK, "output_dir": "/etc/evil", "overwrite_output_dir": True}))
-    document = wait_for(models, "copied", finished, timeout=120)
+    document = wait_for(models, "copied", finished, timeout_s=120)
     assert document["status"] == "succeeded", document.get("error")
     assert [w.split(":")[0] for w in document["warnings"]] == ["trainer.output_dir", "trainer.overwrite_output_dir"]
     assert not Path("/etc/evil").exists()
@@ -186,12 +182,12 @@ def test_the_training_child_never_holds_the_uri_in_its_environment(db, server_ur
     daemon = start_daemon(env={defaults.ENV_URI: server_uri})
     models = db[defaults.MODELS]
     models.insert_one(model("slow", tiny_model_path, {**QUICK, "max_steps": 400, "save_steps": 10_000}))
-    wait_for(models, "slow", lambda d: (d.get("progress") or {}).get("step", 0) >= 1, timeout=120)
+    wait_for(models, "slow", lambda d: (d.get("progress") or {}).get("step", 0) >= 1, timeout_s=120)
     pid = int(re.search(r"run 1 started \(pid (\d+)", daemon.log()).group(1))
     environ = Path(f"/proc/{pid}/environ").read_bytes()
     assert server_uri.encode() not in environ and b"MONGOTUNE_URI=" not in environ
     models.update_one({"_id": "slow"}, {"$set": {"cancel": True}})
-    assert wait_for(models, "slow", finished, timeout=60)["status"] == "cancelled"
+    assert wait_for(models, "slow", finished, timeout_s=60)["status"] == "cancelled"
 
 
 def test_a_password_in_uri_warns_and_every_secret_option_is_redacted(tmp_path):
@@ -229,7 +225,7 @@ def test_errors_written_to_documents_carry_no_host_paths(db, start_daemon, model
     db[defaults.MODELS].insert_one(model("broken", str(empty)))
     db[defaults.REQUESTS].insert_one({"_id": "r", "model": "broken", "input": "hi", "checkpoint": "base"})
     for collection, doc_id in ((db[defaults.MODELS], "broken"), (db[defaults.REQUESTS], "r")):
-        document = wait_for(collection, doc_id, finished, timeout=120)
+        document = wait_for(collection, doc_id, finished, timeout_s=120)
         assert document["status"] == "failed"
         text = json.dumps(document["error"])
         assert str(model_root) not in text.replace(str(empty), "") and "/tmp" not in text.replace(str(empty), "")

@@ -9,10 +9,11 @@ from pymongo import MongoClient
 from listener.demo import load_samples
 from listener.embedded import EmbeddedServer, free_port
 from listener.processes import registered
-from tests.conftest import Daemon, finished, wait_for
+from tests.conftest import DaemonProcess, finished, wait_for
+from tests.documents import model, request
 from training import defaults
 
-QUICK = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64}
+pytestmark = pytest.mark.slow  # every test starts server and daemon processes
 
 
 @pytest.fixture
@@ -28,33 +29,26 @@ def test_daemons_ride_out_a_server_restart(restartable, tmp_path, tiny_model_pat
     load_samples(db)
     models, requests = db[defaults.MODELS], db[defaults.REQUESTS]
 
-    def model(doc_id):
-        return {"_id": doc_id, "model_name_or_path": tiny_model_path, "trainer": QUICK,
-                "data": {"collection": "pirate_chat", "key": "messages"}}
-
-    def ask(doc_id):
-        return {"_id": doc_id, "model": "before", "input": "ahoy", "params": {"max_new_tokens": 2}}
-
-    daemons = [Daemon(restartable.uri, "outage", tmp_path, f"outage{i}", model_root=model_root) for i in range(2)]
+    daemons = [DaemonProcess(restartable.uri, "outage", tmp_path, f"outage{i}", model_root=model_root) for i in range(2)]
     try:
-        models.insert_one(model("before"))
-        assert wait_for(models, "before", finished, timeout=120)["status"] == "succeeded"
-        requests.insert_one(ask("before"))
-        assert wait_for(requests, "before", finished, timeout=60)["status"] == "done"
+        models.insert_one(model("before", tiny_model_path))
+        assert wait_for(models, "before", finished, timeout_s=120)["status"] == "succeeded"
+        requests.insert_one(request("before", "before"))
+        assert wait_for(requests, "before", finished, timeout_s=60)["status"] == "done"
 
         restartable.stop()
         time.sleep(3)
         restartable.start()
         # Inserted at once, while the daemons are still backing off and reconnecting.
-        models.insert_one(model("during"))
-        requests.insert_one(ask("during"))
+        models.insert_one(model("during", tiny_model_path))
+        requests.insert_one(request("during", "before"))
         time.sleep(5)
-        models.insert_one(model("after"))
-        requests.insert_one(ask("after"))
+        models.insert_one(model("after", tiny_model_path))
+        requests.insert_one(request("after", "before"))
 
         for doc_id in ("during", "after"):
-            assert wait_for(models, doc_id, finished, timeout=180)["status"] == "succeeded"
-            assert wait_for(requests, doc_id, finished, timeout=60)["status"] == "done"
+            assert wait_for(models, doc_id, finished, timeout_s=180)["status"] == "succeeded"
+            assert wait_for(requests, doc_id, finished, timeout_s=60)["status"] == "done"
         assert all(d.process.poll() is None for d in daemons), "no daemon died of the outage"
         assert sum(d.log().count("training 'during' run 1 started") for d in daemons) == 1
     finally:
@@ -64,7 +58,7 @@ def test_daemons_ride_out_a_server_restart(restartable, tmp_path, tiny_model_pat
 
 
 def test_sigterm_ends_a_daemon_within_seconds_even_with_the_database_gone(restartable, tmp_path):
-    daemon = Daemon(restartable.uri, "outage", tmp_path, "orphaned")
+    daemon = DaemonProcess(restartable.uri, "outage", tmp_path, "orphaned")
     registered(MongoClient(restartable.uri)["outage"], daemon.process)
     restartable.stop()
     daemon.process.send_signal(signal.SIGTERM)

@@ -18,11 +18,11 @@ def test_a_quantized_base_trains_an_adapter_and_serves(db, start_daemon, tiny_mo
         "trainer": {"bits": bits, "max_steps": 3, "per_device_train_batch_size": 2, "max_seq_length": 64,
                     "learning_rate": 1e-3},
     })
-    model = wait_for(db[defaults.MODELS], "q", finished, timeout=300)
+    model = wait_for(db[defaults.MODELS], "q", finished, timeout_s=300)
     assert model["status"] == "succeeded", model.get("error")
     assert model["checkpoints"][-1]["step"] == 3
     db[defaults.REQUESTS].insert_one({"_id": "r", "model": "q", "input": "ahoy", "params": {"max_new_tokens": 3}})
-    answer = wait_for(db[defaults.REQUESTS], "r", finished, timeout=120)
+    answer = wait_for(db[defaults.REQUESTS], "r", finished, timeout_s=120)
     assert answer["status"] == "done", answer.get("error")
     assert answer["checkpoint_used"] == {"run": 1, "step": 3}
 

@@ -40,7 +40,7 @@ def test_sigterm_saves_releases_and_another_daemon_resumes(db, start_daemon, tin
     models = db[defaults.MODELS]
     first = start_daemon("first")
     models.insert_one(long_model(tiny_model_path))
-    wait_for(models, "long", lambda d: (d.get("progress") or {}).get("step", 0) >= 5, timeout=300)
+    wait_for(models, "long", lambda d: (d.get("progress") or {}).get("step", 0) >= 5, timeout_s=300)
 
     started = time.monotonic()
     assert first.stop(signal.SIGTERM, timeout=60) == 0
@@ -52,7 +52,7 @@ def test_sigterm_saves_releases_and_another_daemon_resumes(db, start_daemon, tin
     print(f"SIGTERM to exit: {stop_s:.1f} s, checkpoint at step {saved}")
 
     start_daemon("second")
-    done = wait_for(models, "long", finished, timeout=900)
+    done = wait_for(models, "long", finished, timeout_s=900)
     assert_resumed_not_restarted(done, saved)
     assert f"resuming run 1 from its checkpoint at step {saved}" in child_log(tmp_path)
 
@@ -72,7 +72,7 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(db, start_daemon,
     models = db[defaults.MODELS]
     victim = start_daemon("victim", env=SHORT_LEASE)
     models.insert_one(long_model(tiny_model_path))
-    wait_for(models, "long", lambda d: len(d.get("checkpoints") or []) >= 1, timeout=300)
+    wait_for(models, "long", lambda d: len(d.get("checkpoints") or []) >= 1, timeout_s=300)
     victim.stop(signal.SIGKILL)
     assert_gone(child_pid(victim))
     killed_at = models.find_one({"_id": "long"})
@@ -80,7 +80,7 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(db, start_daemon,
     last_saved = killed_at["checkpoints"][-1]["step"]
 
     start_daemon("survivor", env=SHORT_LEASE)
-    done = wait_for(models, "long", finished, timeout=900)
+    done = wait_for(models, "long", finished, timeout_s=900)
     assert_resumed_not_restarted(done, min(c["step"] for c in done["checkpoints"] if c["step"] >= last_saved))
     assert [e["event"] for e in done["history"]] == ["lease expired"]
     assert done["history"][0]["owner"].startswith("victim:")
@@ -91,12 +91,12 @@ def test_sigkill_right_after_the_claim_starts_the_run_again(db, start_daemon, ti
     models = db[defaults.MODELS]
     victim = start_daemon("early-victim", env=SHORT_LEASE)
     models.insert_one(long_model(tiny_model_path))
-    wait_for(models, "long", lambda d: d.get("status") == "running", timeout=60)
+    wait_for(models, "long", lambda d: d.get("status") == "running", timeout_s=60)
     victim.stop(signal.SIGKILL)
     assert not (models.find_one({"_id": "long"}).get("progress") or {}).get("step")
 
     start_daemon("late-survivor", env=SHORT_LEASE)
-    done = wait_for(models, "long", finished, timeout=900)
+    done = wait_for(models, "long", finished, timeout_s=900)
     assert done["status"] == "succeeded" and done["attempts"] == 2
     assert done["checkpoints"][-1]["step"] == STEPS
     listed = {c["files_id"] for c in done["checkpoints"]}
@@ -109,14 +109,14 @@ def training_under_way(db, start_daemon, path):
     load_samples(db)
     daemon = start_daemon()
     db[defaults.MODELS].insert_one(long_model(path))
-    wait_for(db[defaults.MODELS], "long", lambda d: (d.get("progress") or {}).get("step", 0) >= 2, timeout=300)
+    wait_for(db[defaults.MODELS], "long", lambda d: (d.get("progress") or {}).get("step", 0) >= 2, timeout_s=300)
     return db[defaults.MODELS], daemon
 
 
 def test_a_training_child_killed_outright_fails_with_the_signal(db, start_daemon, tiny_model_path):
     models, daemon = training_under_way(db, start_daemon, tiny_model_path)
     os.kill(child_pid(daemon), signal.SIGKILL)
-    failed = wait_for(models, "long", finished, timeout=60)
+    failed = wait_for(models, "long", finished, timeout_s=60)
     assert failed["status"] == "failed" and failed["error"]["type"] == "training_crashed"
     assert "SIGKILL" in failed["error"]["message"] and "out of memory" in failed["error"]["message"]
     assert daemon.process.poll() is None, "the daemon lives on"
@@ -129,10 +129,10 @@ def test_a_run_whose_daemons_keep_dying_fails_with_its_history(db, start_daemon,
     env = {**SHORT_LEASE, "MONGOTUNE_MAX_ATTEMPTS": "2"}
     for attempt in (1, 2):
         daemon = start_daemon(f"doomed{attempt}", env=env)
-        wait_for(models, "long", lambda d: d.get("status") == "running" and d.get("attempts") == attempt, timeout=60)
+        wait_for(models, "long", lambda d: d.get("status") == "running" and d.get("attempts") == attempt, timeout_s=60)
         daemon.stop(signal.SIGKILL)
     start_daemon("judge", env=env)
-    failed = wait_for(models, "long", finished, timeout=60)
+    failed = wait_for(models, "long", finished, timeout_s=60)
     assert failed["status"] == "failed"
     assert failed["error"]["type"] == "too_many_attempts"
     assert "doomed1" in failed["error"]["message"] and "doomed2" in failed["error"]["message"]

@@ -46,7 +46,9 @@ from pymongo.errors import PyMongoError
 from listener.cli.status import status as status_command
 from listener.demo import load_samples
 from listener.records import BadRecord, DaemonRecord, ModelState, RequestState, ResumeRecord, parse
+from listener.processes import wait_until
 from listener.status import Status, status_filter
+from tests import documents
 from tests.conftest import finished, wait_for
 from training import defaults, ids
 from training.config import LISTENER_FIELDS, GenerationParams, ModelSpec, RequestSpec, SpecError, parse_model, \
@@ -232,39 +234,32 @@ def matches(probe, doc_id, query: dict) -> bool:
     return probe.count_documents({"_id": ids.eq(doc_id), **query}) == 1
 
 
-def expect_model(stored: dict, pending: bool, limits) -> tuple[str, str | None]:
-    """What the daemon must do with this model document, by its own parsers."""
+def expect_intake(stored: dict, pending: bool, kind, parse_spec, limits) -> tuple[str, str | None] | None:
+    """What the daemon must do with a document it reads at intake, by its own parsers; `None` where it goes on."""
     if not pending:
         return "untouched", None
     try:
-        state = parse(ModelState, stored)
+        state = parse(kind, stored)
     except BadRecord as exc:
         return "failed", exc.field
     if state.cancel:
         return "cancelled", None
     try:
-        parse_model(stored, limits)
+        parse_spec(stored, limits)
     except SpecError as exc:
         return "failed", exc.field
-    return "trained", None
+    return None
+
+
+def expect_model(stored: dict, pending: bool, limits) -> tuple[str, str | None]:
+    return expect_intake(stored, pending, ModelState, parse_model, limits) or ("trained", None)
 
 
 def expect_request(stored: dict, pending: bool, limits) -> tuple[str, str | None]:
-    if not pending:
-        return "untouched", None
-    try:
-        state = parse(RequestState, stored)
-    except BadRecord as exc:
-        return "failed", exc.field
-    if state.cancel:
-        return "cancelled", None
-    try:
-        parse_request(stored, limits)
-    except SpecError as exc:
-        return "failed", exc.field
-    if state.attempts >= MAX_ATTEMPTS:
+    decided = expect_intake(stored, pending, RequestState, parse_request, limits)
+    if decided is None and parse(RequestState, stored).attempts >= MAX_ATTEMPTS:
         return "too_many_attempts", None
-    return "answered", None
+    return decided or ("answered", None)
 
 
 def expect_reaped(stored: dict, kind, expired: bool, limits) -> tuple[str, str | None]:
@@ -337,13 +332,11 @@ class Watcher(threading.Thread):
 
 
 def model_doc(doc_id, path: str, trainer: dict = TRAINER) -> dict:
-    return {"_id": doc_id, "model_name_or_path": path, "data": {"collection": "pirate_chat", "key": "messages"},
-            "trainer": dict(trainer)}
+    return documents.model(doc_id, path, trainer)
 
 
 def request_doc(doc_id, model_id, checkpoint="base") -> dict:
-    return {"_id": doc_id, "model": model_id, "input": "ahoy", "checkpoint": checkpoint,
-            "params": {"max_new_tokens": 2}}
+    return documents.request(doc_id, model_id, checkpoint=checkpoint)
 
 
 def by_key(collection) -> dict[str, dict]:
@@ -352,14 +345,17 @@ def by_key(collection) -> dict[str, dict]:
 
 def settle(db, cases: list[Case], timeout: float) -> dict[str, dict[str, dict]]:
     """Wait until every case that must end has ended; the documents as the daemon reads them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        now = {name: by_key(db[name]) for name in (defaults.MODELS, defaults.REQUESTS)}
-        waiting = [c for c in cases if c.expect != "untouched"
-                   and not finished(now[c.collection].get(ids.key(c.doc_id), {}))]
-        if not waiting or time.monotonic() > deadline:
-            return now
-        time.sleep(1.0)
+    now: dict[str, dict[str, dict]] = {}
+
+    def ended() -> bool:
+        now.update({name: by_key(db[name]) for name in (defaults.MODELS, defaults.REQUESTS)})
+        return all(c.expect == "untouched" or finished(now[c.collection].get(ids.key(c.doc_id), {})) for c in cases)
+
+    try:
+        wait_until(ended, timeout, "every case ending", poll_s=1.0)
+    except TimeoutError:
+        pass  # check_cases names each case that did not end
+    return now
 
 
 def check_cases(cases: list[Case], now: dict, limits, logs: str) -> list[str]:
@@ -473,44 +469,54 @@ def string_paths(document: dict, prefix: str = "") -> list[str]:
     return paths
 
 
-def build_model_cases(db, limits, tiny_model_path: str, rng: Random, per_field: int | None, max_trained: int,
-                      train_nested_fields: bool) -> tuple[list[Case], int]:
-    base = {**model_doc(None, tiny_model_path), "description": "a model"}
-    base.pop("_id")
+def field_cases(db, collection: str, base: dict, prefix: str, fields, dates: tuple, expect, kind, limits,
+                rng: Random, per_field: int | None) -> tuple[list[Case], int]:
+    """`base` with each field given each sampled value, then left out; each string as invalid UTF-8; each date out
+    of Python's range (in a pending document and under a lease the reaper reads); and reaped documents."""
     cases, refused = [], 0
-
-    def expect(stored, probe):
-        return expect_model(stored, matches(probe, stored["_id"], status_filter(Status.PENDING)), limits)
 
     def add(field, label, document):
         nonlocal refused
-        case = Case(defaults.MODELS, field, label, document)
+        case = Case(collection, field, label, document)
         if probe_case(db, case, expect):
             cases.append(case)
         else:
             refused += 1
 
-    for n, (path, required) in enumerate(model_fields(base)):
+    for n, (path, required) in enumerate(fields):
         for label in sample_values(rng, per_field):
             document = copy.deepcopy(base)
-            document["_id"] = f"m{n}:{path}={label}"
+            document["_id"] = f"{prefix}{n}:{path}={label}"
             set_path(document, path, POOL[label]())
             add(path, label, document)
         if required and path != "_id":  # the server gives every document an _id
             document = copy.deepcopy(base)
-            document["_id"] = f"m{n}:{path}=<missing>"
+            document["_id"] = f"{prefix}{n}:{path}=<missing>"
             set_path(document, path, None, delete=True)
             add(path, "<missing>", document)
     for path in [*string_paths({"_id": "", **base}), "<key>"]:
-        document = {"_id": f"m-utf8:{path}", **copy.deepcopy(base)}
+        document = {"_id": f"{prefix}-utf8:{path}", **copy.deepcopy(base)}
         add(path, "invalid-utf8", invalid_utf8(document, path))
-    # Listener-owned dates out of Python's range, in a pending document and under a lease the reaper reads.
-    for path in ("started_at", "finished_at", "created_at", "lease.expires_at"):
-        document = {"_id": f"m-date:{path}", **copy.deepcopy(base), "lease": {"owner": "ghost:1:x"}}
+    for path in dates:
+        document = {"_id": f"{prefix}-date:{path}", **copy.deepcopy(base), "lease": {"owner": "ghost:1:x"}}
         set_path(document, path, DatetimeMS(2**62))
         add(path, "datetime-far", document)
-    cases += build_reaped(db, limits, base, "m", ModelState, rng, per_field)
+    cases += build_reaped(db, limits, base, prefix, kind, rng, per_field)
+    db[f"probe{collection}"].drop()
+    return cases, refused
 
+
+def build_model_cases(db, limits, tiny_model_path: str, rng: Random, per_field: int | None, max_trained: int,
+                      train_nested_fields: bool) -> tuple[list[Case], int]:
+    base = {**model_doc(None, tiny_model_path), "description": "a model"}
+    base.pop("_id")
+
+    def expect(stored, probe):
+        return expect_model(stored, matches(probe, stored["_id"], status_filter(Status.PENDING)), limits)
+
+    cases, refused = field_cases(db, defaults.MODELS, base, "m", model_fields(base),
+                                 ("started_at", "finished_at", "created_at", "lease.expires_at"), expect, ModelState,
+                                 limits, rng, per_field)
     # Documents that parse will train: keep a bounded, seeded sample of them.
     targeted = [c for c in cases if c.expect == "trained" and c.label in ("invalid-utf8", "datetime-far")]
     trained = [c for c in cases if c.expect == "trained" and c not in targeted and (
@@ -518,7 +524,6 @@ def build_model_cases(db, limits, tiny_model_path: str, rng: Random, per_field: 
     rng.shuffle(trained)
     keep = {id(c) for c in targeted + trained[:max_trained]}
     dropped = [c for c in cases if c.expect == "trained" and id(c) not in keep]
-    db[f"probe{defaults.MODELS}"].drop()
     return [c for c in cases if not (c.expect == "trained" and id(c) not in keep)], refused, len(dropped)
 
 
@@ -551,40 +556,12 @@ def build_reaped(db, limits, base: dict, prefix: str, kind, rng: Random, per_fie
 def build_request_cases(db, limits, model_id, rng: Random, per_field: int | None) -> tuple[list[Case], int]:
     base = request_doc(None, model_id)
     base.pop("_id")
-    cases, refused = [], 0
 
     def expect(stored, probe):
         return expect_request(stored, matches(probe, stored["_id"], status_filter(Status.PENDING)), limits)
 
-    def add(field, label, document):
-        nonlocal refused
-        case = Case(defaults.REQUESTS, field, label, document)
-        if probe_case(db, case, expect):
-            cases.append(case)
-        else:
-            refused += 1
-
-    for n, (path, required) in enumerate(request_fields(base)):
-        for label in sample_values(rng, per_field):
-            document = copy.deepcopy(base)
-            document["_id"] = f"r{n}:{path}={label}"
-            set_path(document, path, POOL[label]())
-            add(path, label, document)
-        if required and path != "_id":
-            document = copy.deepcopy(base)
-            document["_id"] = f"r{n}:{path}=<missing>"
-            set_path(document, path, None, delete=True)
-            add(path, "<missing>", document)
-    for path in [*string_paths({"_id": "", **base}), "<key>"]:
-        document = {"_id": f"r-utf8:{path}", **copy.deepcopy(base)}
-        add(path, "invalid-utf8", invalid_utf8(document, path))
-    for path in ("started_at", "completed_at", "lease.expires_at"):
-        document = {"_id": f"r-date:{path}", **copy.deepcopy(base), "lease": {"owner": "ghost:1:x"}}
-        set_path(document, path, DatetimeMS(2**62))
-        add(path, "datetime-far", document)
-    cases += build_reaped(db, limits, base, "r", RequestState, rng, per_field)
-    db[f"probe{defaults.REQUESTS}"].drop()
-    return cases, refused
+    return field_cases(db, defaults.REQUESTS, base, "r", request_fields(base), ("started_at", "completed_at",
+                       "lease.expires_at"), expect, RequestState, limits, rng, per_field)
 
 
 def insert_cases(db, cases: list[Case]) -> list[Case]:
@@ -616,9 +593,9 @@ def normal_work(db, daemon, tiny_model_path: str, tag: str, anchor, queued: int 
     models, requests = db[defaults.MODELS], db[defaults.REQUESTS]
     models.insert_one(model_doc(f"normal-{tag}", tiny_model_path))
     requests.insert_one(request_doc(f"normal-{tag}", anchor))
-    trained = wait_for(models, f"normal-{tag}", finished, timeout=SETTLE_S + 15 * queued)
+    trained = wait_for(models, f"normal-{tag}", finished, timeout_s=SETTLE_S + 15 * queued)
     assert trained["status"] == "succeeded" and trained["run"] == 1 and trained["attempts"] == 1, trained
-    answered = wait_for(requests, f"normal-{tag}", finished, timeout=120)
+    answered = wait_for(requests, f"normal-{tag}", finished, timeout_s=120)
     assert answered["status"] == "done" and answered["checkpoint_used"] == "base", answered
     assert daemon.process.poll() is None, "the daemon is alive"
 
@@ -634,7 +611,7 @@ def run_scenario(db, server_uri, start_daemon, tiny_model_path, limits, tmp_path
     watcher.start()
     anchor = "anchor"
     db[defaults.MODELS].insert_one(model_doc(anchor, tiny_model_path))
-    assert wait_for(db[defaults.MODELS], anchor, finished, timeout=SETTLE_S)["status"] == "succeeded"
+    assert wait_for(db[defaults.MODELS], anchor, finished, timeout_s=SETTLE_S)["status"] == "succeeded"
 
     model_cases, models_refused, not_trained = build_model_cases(db, limits, tiny_model_path, rng, per_field,
                                                                  max_trained, train_nested_fields)
@@ -681,7 +658,7 @@ def test_every_field_of_every_type_through_a_restart(db, server_uri, start_daemo
                  train_nested_fields=False)
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_every_field_with_the_whole_pool(db, server_uri, start_daemon, tiny_model_path, limits, tmp_path):
     run_scenario(db, server_uri, start_daemon, tiny_model_path, limits, tmp_path, per_field=8, max_trained=12,
                  train_nested_fields=True)
@@ -703,7 +680,7 @@ def test_an_objectid_and_its_string_are_two_models_and_patterns_match_none(db, s
                         model_doc(as_str, tiny_model_path, {**TRAINER, "max_steps": 2}),
                         {**model_doc(str(only_str), tiny_model_path), "cancel": True}])
     for model_id, step in ((as_oid, 1), (as_str, 2)):
-        trained = wait_for(models, model_id, finished, timeout=SETTLE_S)
+        trained = wait_for(models, model_id, finished, timeout_s=SETTLE_S)
         assert trained["status"] == "succeeded" and [c["step"] for c in trained["checkpoints"]] == [step], trained
 
     asks = {"oid": (as_oid, {"run": 1, "step": 1}), "str": (as_str, {"run": 1, "step": 2}),
@@ -718,19 +695,19 @@ def test_an_objectid_and_its_string_are_two_models_and_patterns_match_none(db, s
     requests.insert_one(request_doc("normal", as_str))
 
     for name, (model_id, used) in asks.items():
-        answer = wait_for(requests, f"ask-{name}", finished, timeout=120)
+        answer = wait_for(requests, f"ask-{name}", finished, timeout_s=120)
         if used is None:
             assert answer["status"] == "failed" and answer["error"]["type"] == "model_unavailable", answer
         else:
             assert answer["status"] == "done" and answer["checkpoint_used"] == used, answer
     for name in patterns:
-        answer = wait_for(requests, f"pattern-{name}", finished, timeout=60)
+        answer = wait_for(requests, f"pattern-{name}", finished, timeout_s=60)
         assert answer["status"] == "failed" and answer["error"]["field"] == "model", answer
         message = answer["error"]["message"]
         if name not in ("in", "list", "doc", "dollar"):  # these hold the id themselves
             assert as_str not in message and str(only_str) not in message, message
         assert "output" not in answer
-    assert wait_for(requests, "normal", finished, timeout=60)["status"] == "done"
+    assert wait_for(requests, "normal", finished, timeout_s=60)["status"] == "done"
     assert daemon.process.poll() is None
 
 
@@ -786,9 +763,9 @@ def run_listener_records(db, server_uri, start_daemon, tmp_path, tiny_model_path
         requests.insert_one(request_doc(f"down-{i}", "served"))
         daemon = start_daemon(name, max_jobs=1, args=("--no-validators",))
         what = f"resume records {label_m} / {label_r}"
-        assert wait_for(requests, f"down-{i}", finished, timeout=120)["status"] == "done", what
+        assert wait_for(requests, f"down-{i}", finished, timeout_s=120)["status"] == "done", what
         requests.insert_one(request_doc(f"up-{i}", "served"))
-        assert wait_for(requests, f"up-{i}", finished, timeout=120)["status"] == "done", what
+        assert wait_for(requests, f"up-{i}", finished, timeout_s=120)["status"] == "done", what
         assert daemon.process.poll() is None, what
         status_prints(server_uri, db.name, tmp_path)
     assert "Traceback" not in daemon.log()
@@ -798,7 +775,7 @@ def test_bad_listener_records_never_stop_a_start(db, server_uri, start_daemon, t
     run_listener_records(db, server_uri, start_daemon, tmp_path, tiny_model_path, per_field=2)
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_every_listener_record_of_every_type(db, server_uri, start_daemon, tmp_path, tiny_model_path):
     run_listener_records(db, server_uri, start_daemon, tmp_path, tiny_model_path, per_field=None)
 
@@ -812,9 +789,9 @@ def test_listener_owned_fields_a_user_wrote_never_break_a_training(db, start_dae
     models = db[defaults.MODELS]
     models.insert_one({**model_doc("owned", tiny_model_path), **{name: "" for name in unread}})
     models.insert_one(model_doc("normal", tiny_model_path))
-    trained = wait_for(models, "owned", finished, timeout=SETTLE_S)
+    trained = wait_for(models, "owned", finished, timeout_s=SETTLE_S)
     error = trained.get("error") or {}
     assert trained["status"] == "succeeded" or error.get("field") in unread, \
         f"fields {unread} written as strings: {trained['status']} {error}"
-    assert wait_for(models, "normal", finished, timeout=SETTLE_S)["status"] == "succeeded"
+    assert wait_for(models, "normal", finished, timeout_s=SETTLE_S)["status"] == "succeeded"
     assert daemon.process.poll() is None

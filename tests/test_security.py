@@ -13,7 +13,7 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
 from listener.demo import load_samples
-from tests.conftest import Daemon, finished, wait_for
+from tests.conftest import DaemonProcess, finished, wait_for
 from training import defaults
 
 
@@ -44,7 +44,7 @@ def test_a_pickled_checkpoint_is_never_loaded(db, start_daemon, tiny_model_path,
     })
     start_daemon()
     db[defaults.REQUESTS].insert_one({"_id": "r", "model": "m", "input": "hi"})
-    answer = wait_for(db[defaults.REQUESTS], "r", finished, timeout=60)
+    answer = wait_for(db[defaults.REQUESTS], "r", finished, timeout_s=60)
     assert answer["status"] == "failed" and "safetensors" in answer["error"]["message"]
     assert not marker.exists()
 
@@ -57,8 +57,9 @@ def test_credentials_never_appear_in_logs_or_documents(db, server_uri, tiny_mode
     except OperationFailure as exc:
         pytest.skip(f"this server does not let the test create a user: {exc}")
     uri = server_uri.replace("mongodb://", f"mongodb://{user}:{password}@", 1)
+    uri += ("&" if "?" in uri else "?") + "authSource=admin"  # the user lives in admin, not the URI's database
     load_samples(db)
-    daemon = Daemon(None, db.name, tmp_path, "secretive", env={defaults.ENV_URI: uri}, model_root=model_root)
+    daemon = DaemonProcess(None, db.name, tmp_path, "secretive", env={defaults.ENV_URI: uri}, model_root=model_root)
     try:
         db[defaults.MODELS].insert_many([
             {"_id": "good", "model_name_or_path": tiny_model_path, "trainer": {"max_steps": 1},
@@ -67,8 +68,8 @@ def test_credentials_never_appear_in_logs_or_documents(db, server_uri, tiny_mode
         ])
         db[defaults.REQUESTS].insert_one({"_id": "r", "model": "nobody", "input": "hi"})
         for doc_id in ("good", "bad"):
-            wait_for(db[defaults.MODELS], doc_id, finished, timeout=120)
-        wait_for(db[defaults.REQUESTS], "r", finished, timeout=60)
+            wait_for(db[defaults.MODELS], doc_id, finished, timeout_s=120)
+        wait_for(db[defaults.REQUESTS], "r", finished, timeout_s=60)
     finally:
         daemon.stop()
         admin.command("dropUser", user)
@@ -89,6 +90,6 @@ def test_a_checkpoint_entry_cannot_point_the_listener_at_a_path(db, start_daemon
     })
     start_daemon()
     db[defaults.REQUESTS].insert_one({"_id": "r", "model": "m", "input": "hi", "checkpoint": "latest"})
-    answer = wait_for(db[defaults.REQUESTS], "r", finished, timeout=60)
+    answer = wait_for(db[defaults.REQUESTS], "r", finished, timeout_s=60)
     assert answer["status"] == "failed" and "is not in _checkpoints" in answer["error"]["message"]
     assert (victim / "optimizer.pt").read_bytes() == b"keep me"

@@ -84,4 +84,4 @@ def test_the_daemon_trains_with_an_operator_transform(db, start_daemon, tiny_mod
     db[defaults.MODELS].insert_one({"_id": "shouty", "model_name_or_path": tiny_model_path,
                                     "data": {"collection": "pirate_text", "transform": "shout"},
                                     "trainer": {"max_steps": 2, "per_device_train_batch_size": 2}})
-    assert wait_for(db[defaults.MODELS], "shouty", finished, timeout=120)["status"] == "succeeded"
+    assert wait_for(db[defaults.MODELS], "shouty", finished, timeout_s=120)["status"] == "succeeded"

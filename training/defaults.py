@@ -1,10 +1,11 @@
-"""Every collection name, variable name and exit code in one place.
+"""Every collection name, variable name, status and exit code in one place, and the one clock.
 
 Plain constants, so `training/` may read them without pulling in the daemon. What an operator
 tunes (intervals, caps) is a field of `listener.settings.Settings`, read once at start.
 """
 
-from enum import IntEnum
+import datetime as dt
+from enum import Enum, IntEnum
 
 from bson.codec_options import DatetimeConversion
 
@@ -25,13 +26,32 @@ ENV_DAEMON_PID = "MONGOTUNE_DAEMON_PID"  # set for a training child: the daemon 
 ENV_LEASE_OWNER = "MONGOTUNE_LEASE_OWNER"  # set for a training child: its writes only land while this holds
 DEFAULT_DB = "mongotune"  # database used when nothing names one
 
-EMBEDDED_PORT = 27217  # the embedded server's port, away from a real mongod's 27017
+EMBEDDED_PORT = 27217  # lowest port a home's embedded server derives (then keeps), away from mongod's 27017
 EMBEDDED_REPLICA_SET = "secantus"  # SecantusDB presents itself as this one-node replica set
 EMBEDDED_START_TIMEOUT_S = 60.0  # how long to wait for the embedded server to answer
 CANCEL_POLL_S = 2.0  # how often a running training looks for `cancel: true`
 
+class Status(str, Enum):
+    """A model's or a request's `status`; `listener.status` holds the transitions between them."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # a model trained
+    DONE = "done"  # a request answered
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset({Status.SUCCEEDED, Status.DONE, Status.FAILED, Status.CANCELLED})
+
+
+def now() -> dt.datetime:
+    """Every time the listener and its children write: timezone-aware UTC."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
 class ChildExit(IntEnum):
-    """Exit codes of the training child (`python -m training.run`); `listener.jobs.OUTCOMES` maps them."""
+    """Exit codes of the training child (`python -m training.child`); `listener.jobs.OUTCOMES` maps them."""
 
     OK = 0  # trained to the end
     FAILED = 1  # an error, written into the document's `error`

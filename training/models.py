@@ -16,7 +16,7 @@ from training.config import ModelSpec, SpecError, check_source, is_hub_id
 from training.limits import Limits
 from training.offline import dequantize
 
-log = logging.getLogger("mongotune.training")
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 

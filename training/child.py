@@ -1,4 +1,4 @@
-"""The training child: `python -m training.run MODEL_ID --db NAME`, the URI and limits on stdin.
+"""The training child: `python -m training.child MODEL_ID --db NAME`, the URI and limits on stdin.
 
 The daemon starts one per job so that a crash or an out-of-memory here never takes it down.
 The child writes progress, metrics, checkpoints and `error`; the daemon alone writes `status`,
@@ -12,20 +12,19 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 from pathlib import Path
 
 from bson import json_util
 from pymongo import MongoClient
 
-from training import checkpoints, defaults, ids
+from training import checkpoints, defaults, ids, lineage, promotion, ranks, starting
 from training.config import ModelSpec, SpecError, parse_model
 from training.errors import public_message
 from training.limits import Limits
 from training.progress import fence
 
-log = logging.getLogger("mongotune.training")
+log = logging.getLogger(__name__)
 
 
 def _resume_point(db, document: dict, work: Path, spec: ModelSpec, limits: Limits = Limits()) -> str | None:
@@ -50,18 +49,23 @@ def _resume_point(db, document: dict, work: Path, spec: ModelSpec, limits: Limit
 
 
 def _check_gpus(spec: ModelSpec, torch) -> None:
+    """The GPUs the daemon gave this job (CUDA_VISIBLE_DEVICES) are there, one per process.
+
+    On a CPU host a job of up to one GPU trains on the CPU, in as many processes as it asks for.
+    """
     wanted, have = spec.trainer.num_gpus, torch.cuda.device_count()
     if wanted > 1 and have < wanted:
         raise SpecError("trainer.num_gpus", f"asks for {wanted} GPUs; this listener's host has {have}")
+    count = ranks.processes(spec.trainer)
+    if have and wanted and count != min(wanted, have):
+        raise SpecError("trainer.num_processes", f"{count} processes on {min(wanted, have)} GPUs: on GPUs a job "
+                        "runs one process per GPU; leave num_processes out or make it equal to num_gpus")
 
 
 def _single_process_group() -> None:
     """DeepSpeed wants a process group even on one device; outside a launcher, be rank 0 of 1."""
     if "RANK" not in os.environ:
-        with socket.socket() as sock:  # a port free now, for this process alone
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ranks.free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1")
 
 
@@ -70,8 +74,8 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits) -> int:
     from peft import prepare_model_for_kbit_training
     from trl import SFTTrainer
 
-    from training.arguments import lora_config, sft_config
-    from training.dataset import build_datasets
+    from training.arguments import lora_config, resolved_arguments, to_sft_config
+    from training.dataset import check_loss_options, read_datasets
     from training.models import check_model, load_checked_model, load_tokenizer
     from training.progress import MongoProgress
 
@@ -80,25 +84,69 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits) -> int:
     check_model(spec, limits)
     if spec.trainer.deepspeed is not None:
         _single_process_group()
-    train_set, valid_set = build_datasets(db, spec.data, limits)
+    train_set, valid_set, read = read_datasets(db, spec.data, limits)
     log.info("dataset: %d training and %d validation examples", len(train_set), len(valid_set or []))
-    config = sft_config(spec.trainer, str(work / "output"), has_eval=valid_set is not None,
-                        use_cpu=not torch.cuda.is_available(), keep=limits.max_checkpoints)
+    resolved = resolved_arguments(spec.trainer, str(work / "output"), has_eval=valid_set is not None,
+                                  use_cpu=not torch.cuda.is_available(), keep=limits.max_checkpoints)
+    config = to_sft_config(resolved)
+    if spec.trainer.deepspeed is not None and ranks.world()[1] > 1:
+        ranks.join_deepspeed()
     tokenizer = load_tokenizer(spec, limits)
+    check_loss_options(bool(config.assistant_only_loss), train_set, tokenizer)
     model = load_checked_model(spec, limits)
     if spec.trainer.bits:
         model = prepare_model_for_kbit_training(model)
+    rank, world = ranks.world()
+    model, started = starting.start_model(db, spec, document, model, work / f"rank{rank}", limits)  # ranks share work
+    ranking = checkpoints.ranking(config.metric_for_best_model, config.greater_is_better)
+    serving = promotion.serving_ref(document)
     progress = MongoProgress(db, spec.id, document["run"], keep=config.save_total_limit, daemon=daemon,
-                             owner=os.environ.get(defaults.ENV_LEASE_OWNER), limits=limits)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(progress, "stop_requested", True))
+                             owner=os.environ.get(defaults.ENV_LEASE_OWNER), limits=limits, ranking=ranking,
+                             hold_best=serving is not None) if rank == 0 else None
+    if progress is not None:
+        _begin_run(db, progress.match, document, spec, resolved, read, started, limits)
+    callbacks = (ranks.callbacks(progress, daemon) if world > 1 else [progress]) + _early_stopping(spec)
+
+    def stop(*_):  # save, stop, let any daemon resume the run
+        for callback in callbacks:
+            callback.stop_requested = True
+
+    signal.signal(signal.SIGTERM, stop)
+    if ranks.is_rank():
+        ranks.forget_launch_file()
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
-        processing_class=tokenizer, peft_config=lora_config(spec.trainer), callbacks=[progress],
+        processing_class=tokenizer, peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=_resume_point(db, document, work, spec, limits))
+    own = work / f"rank{rank}" if world > 1 else work  # each rank unpacks its own copy of a resumed checkpoint
+    trainer.train(resume_from_checkpoint=_resume_point(db, document, own, spec, limits))
+    if progress is None:
+        return defaults.ChildExit.OK
     if progress.stop_requested:
         return defaults.ChildExit.STOPPED
-    return defaults.ChildExit.CANCELLED if progress.cancelled else defaults.ChildExit.OK
+    if progress.cancelled:
+        return defaults.ChildExit.CANCELLED
+    promotion.conclude(db, progress.match, spec, document["run"], serving, promotion.held_out_batches(trainer),
+                       work, limits, ranking)
+    return defaults.ChildExit.OK
+
+
+def _begin_run(db, match: dict, document: dict, spec: ModelSpec, resolved: dict, read: dict, started, limits) -> None:
+    """The run's `runs` entry, before the first step."""
+    from training.models import resolve_source
+
+    if not lineage.start(db[defaults.MODELS], match, document, spec, resolved, read, started,
+                         resolve_source(spec, limits)):
+        log.error("another daemon holds this run now (or its document is gone); stopping")
+        sys.exit(defaults.ChildExit.LEASE_LOST)
+
+
+def _early_stopping(spec: ModelSpec) -> list:
+    if not spec.trainer.early_stopping_patience:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=spec.trainer.early_stopping_patience)]
 
 
 def die_with_daemon() -> int:
@@ -106,7 +154,7 @@ def die_with_daemon() -> int:
 
     Without this a child orphaned by a SIGKILLed daemon would train on beside the run's next owner.
     """
-    daemon = int(os.environ.get(defaults.ENV_DAEMON_PID, os.getppid()))
+    daemon = int(os.environ.get(ranks.ENV_PARENT_PID) or os.environ.get(defaults.ENV_DAEMON_PID, os.getppid()))
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -119,9 +167,10 @@ def die_with_daemon() -> int:
 
 def read_launch() -> dict:
     """The daemon's one line on stdin: the URI (never in the environment, which every descendant
-    would inherit), the operator's limits and the work folder."""
-    launch = json.loads(sys.stdin.readline())
-    return {"uri": launch["uri"], "limits": Limits.model_validate(launch["limits"]), "work": Path(launch["work"])}
+    would inherit), the operator's limits and the work folder. A rank reads it from its agent's file."""
+    launch = json.loads(ranks.read_launch_file() if ranks.is_rank() else sys.stdin.readline())
+    return {"uri": launch["uri"], "limits": Limits.model_validate(launch["limits"]), "work": Path(launch["work"]),
+            "raw": launch}
 
 
 def failure(exc: Exception) -> dict:
@@ -139,12 +188,15 @@ def failure(exc: Exception) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.run")
+    parser = argparse.ArgumentParser(prog="python -m training.child")
     parser.add_argument("model_id", help="the model document's _id as extended JSON")
     parser.add_argument("--db", required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    rank = f" rank{ranks.world()[0]}" if ranks.is_rank() else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{rank} %(levelname)s %(message)s", stream=sys.stdout)
     daemon = die_with_daemon()
+    if "CUDA_VISIBLE_DEVICES" in os.environ and not ranks.is_rank():
+        log.info("GPUs given by the listener: CUDA_VISIBLE_DEVICES=%s", os.environ["CUDA_VISIBLE_DEVICES"])
     launch = read_launch()
     model_id = json_util.loads(args.model_id)
     client = MongoClient(launch["uri"], **defaults.CODEC)
@@ -154,17 +206,27 @@ def main(argv: list[str] | None = None) -> int:
         log.error("model %r is not claimed for training", model_id)
         return defaults.ChildExit.FAILED
     match = fence(model_id, document["run"], os.environ.get(defaults.ENV_LEASE_OWNER))
-    work = launch["work"] / f"{os.getpid()}"
+    shared = ranks.is_rank()  # the ranks share their agent's work folder, which the agent removes
+    work = launch["work"] if shared else launch["work"] / f"{os.getpid()}"
     try:
         work.mkdir(parents=True, exist_ok=True)
-        return train(db, document, work, daemon, launch["limits"])
+        spec = parse_model(document, launch["limits"])
+        count = 1 if shared else ranks.processes(spec.trainer)
+        if count > 1:
+            import torch
+
+            _check_gpus(spec, torch)
+            return ranks.launch(db, match, work, launch["raw"], count, [args.model_id, "--db", args.db])
+        code = train(db, document, work, daemon, launch["limits"])
     except Exception as exc:
         log.exception("training failed")
-        db[defaults.MODELS].update_one(match, {"$set": {"error": failure(exc)}})
-        return defaults.ChildExit.INVALID if isinstance(exc, SpecError) else defaults.ChildExit.FAILED
+        db[defaults.MODELS].update_one(ranks.error_match(match), {"$set": {"error": failure(exc)}})
+        code = defaults.ChildExit.INVALID if isinstance(exc, SpecError) else defaults.ChildExit.FAILED
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not shared:
+            shutil.rmtree(work, ignore_errors=True)
         client.close()
+    return ranks.exit_code(work, code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,14 @@
+"""The one factory for the documents tests insert: a model trained on the sample chats, and a request."""
+
+QUICK = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64}
+LONG = {**QUICK, "max_steps": 400, "save_steps": 10_000}  # long enough to be stopped or cancelled midway
+
+
+def model(doc_id, path: str, trainer: dict = QUICK, **extra) -> dict:
+    """A model document for `path`, trained on the `pirate_chat` samples (`listener.demo.load_samples`)."""
+    return {"_id": doc_id, "model_name_or_path": path, "data": {"collection": "pirate_chat", "key": "messages"},
+            "trainer": dict(trainer), **extra}
+
+
+def request(doc_id, model_id, text: str = "ahoy", max_new_tokens: int = 2, **extra) -> dict:
+    return {"_id": doc_id, "model": model_id, "input": text, "params": {"max_new_tokens": max_new_tokens}, **extra}
