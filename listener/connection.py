@@ -1,6 +1,7 @@
 """Finding the database: URI and name resolution, credential redaction, the replica-set check."""
 
 import os
+import re
 from urllib.parse import unquote
 
 from pymongo import AsyncMongoClient
@@ -35,7 +36,9 @@ def has_password(uri: str) -> bool:
 
 def _split(uri: str) -> tuple[str, str, str, str]:
     """scheme, user info, hosts and path, query: split by hand so a raw '@' in a password is handled."""
-    scheme, _, rest = uri.partition("://")
+    scheme, separator, rest = uri.partition("://")
+    if not separator:  # a typo such as "mongodb//host": no scheme at all
+        scheme, rest = "", uri
     rest, _, query = rest.partition("?")
     userinfo, at, hosts = rest.rpartition("@")
     return scheme, userinfo if at else "", hosts if at else rest, query
@@ -48,7 +51,20 @@ def redact(uri: str) -> str:
         user, colon, _ = userinfo.partition(":")
         hosts = f"{user}{':***' if colon else ''}@{hosts}"
     options = "&".join(_mask_option(option) for option in query.split("&")) if query else ""
-    return f"{scheme}://{hosts}" + (f"?{options}" if options else "")
+    return (f"{scheme}://" if scheme else "") + hosts + (f"?{options}" if options else "")
+
+
+def timeouts(uri: str, default_s: float) -> dict:
+    """`serverSelectionTimeoutMS` for a client: the URI's own when it names one, else `default_s`."""
+    _, _, _, query = _split(uri)
+    named = {option.partition("=")[0].lower() for option in query.split("&")}
+    return {} if "serverselectiontimeoutms" in named else {"serverSelectionTimeoutMS": int(default_s * 1000)}
+
+
+def reason(exc: Exception) -> str:
+    """Why a server could not be reached, in one line: the per-host errors without pymongo's topology dump."""
+    text = re.sub(r",? Timeout: [\d.]+s, Topology Description: .*", "", str(exc), flags=re.S)
+    return " ".join(re.sub(r" \(configured timeouts: [^)]*\)", "", text).split())
 
 
 def database_name(uri: str, db: str | None) -> str:
@@ -63,15 +79,14 @@ def database_name(uri: str, db: str | None) -> str:
 async def connect(uri: str, timeout_s: float = 10.0) -> AsyncMongoClient:
     """A client to a deployment that has change streams, or a ConnectionProblem saying what is wrong."""
     try:
-        client = AsyncMongoClient(uri, serverSelectionTimeoutMS=int(timeout_s * 1000), appname="mongotune-listener",
-                                  **defaults.CODEC)
+        client = AsyncMongoClient(uri, **timeouts(uri, timeout_s), appname="mongotune-listener", **defaults.CODEC)
     except (PyMongoError, ValueError) as exc:
         raise ConnectionProblem(f"cannot use the URI {redact(uri)}: {exc}") from None
     try:
         hello = await client.admin.command("hello")
     except Exception as exc:
         await client.close()
-        raise ConnectionProblem(f"cannot reach MongoDB at {redact(uri)}: {str(exc).split(',')[0]}") from None
+        raise ConnectionProblem(f"cannot reach MongoDB at {redact(uri)}: {reason(exc)}") from None
     if not hello.get("setName") and hello.get("msg") != "isdbgrid":
         await client.close()
         raise ConnectionProblem(

@@ -13,7 +13,7 @@ from listener.records import BadRecord, ModelState, SkipLog, parse
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, now, transition
 from training import ids
 
-log = logging.getLogger("mongotune.listener")
+log = logging.getLogger(__name__)
 
 
 def lease(owner: str, lease_s: float) -> dict:
@@ -101,4 +101,5 @@ async def _requeue(collection, table: dict, state, max_attempts: int) -> dict | 
         }
     return await transition(collection, state.id, Status.RUNNING, Status.FAILED if gave_up else Status.PENDING,
                             table, match={"lease.expires_at": state.lease.expires_at}, fields=fields,
-                            unset=("lease",), push={"history": event})
+                            unset=("lease",), push={"history": event},
+                            event=None if gave_up else {"kind": "lease_expired", "owner": state.lease.owner})

@@ -3,9 +3,12 @@
 import logging
 
 import click
+from bson import json_util
+from bson.errors import BSONError
+from pymongo.errors import PyMongoError
 from rich.logging import RichHandler
 
-from training import defaults
+from training import defaults, ids
 
 uri_option = click.option(
     "--uri", envvar=defaults.ENV_URI, default=None, metavar="URI",
@@ -19,6 +22,39 @@ db_option = click.option(
 
 def connection_options(command):
     return uri_option(db_option(command))
+
+
+class ModelId(click.ParamType):
+    """A model's `_id`: the text as a string, or extended JSON for other types: '{"$oid": "..."}'."""
+
+    name = "MODEL"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str) or not value.startswith("{"):
+            return value
+        try:
+            return ids.check(json_util.loads(value))
+        except (ValueError, BSONError) as exc:  # BadId too
+            self.fail(f"{value!r} is not a model id: {exc}", param, ctx)
+
+
+model_argument = click.argument("model", type=ModelId())
+
+
+def open_database(uri: str | None, db: str | None, timeout_s: float = 5.0):
+    """The database a command works on; the client honours the URI's own timeouts and closes with the command."""
+    from pymongo import MongoClient
+
+    from listener.cli.errors import bad_uri
+    from listener.connection import redact, timeouts
+
+    uri, name = resolve(uri, db)
+    try:
+        client = MongoClient(uri, **timeouts(uri, timeout_s), appname="mongotune-cli", **defaults.CODEC)
+    except (PyMongoError, ValueError) as exc:  # pymongo says ValueError for some URIs, e.g. a port past 65535
+        raise click.ClickException(bad_uri(redact(uri), exc)) from None
+    click.get_current_context().call_on_close(client.close)
+    return client[name]
 
 
 def operator_settings(assignments: tuple[str, ...] = (), **options):
@@ -43,22 +79,45 @@ def operator_settings(assignments: tuple[str, ...] = (), **options):
         raise click.ClickException(str(exc)) from None
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
+    """Rich lines for people; with `log_format="json"`, one JSON object per line on stderr for log shippers."""
+    handler = RichHandler(show_path=False, rich_tracebacks=True)
+    if log_format == "json":
+        from listener.jsonlog import JsonFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=True)])
+                        handlers=[handler], force=True)
     for noisy in ("pymongo", "apscheduler", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def resolve(uri: str | None, db: str | None) -> tuple[str, str]:
     """The URI and database a command should use: the embedded server when no URI is given."""
+    from listener.cli.errors import remember_uri
     from listener.connection import database_name
     from listener.embedded import EmbeddedServer
 
     if not uri:
         server = EmbeddedServer()
-        if not server.answering():
-            raise click.ClickException("no --uri given and the embedded server is not running: start it with "
-                                       "`listener start`, or pass --uri")
+        if not server.running_pid():
+            raise click.ClickException("no --uri given and this home's embedded server is not running: start it "
+                                       "with `listener server start` (or `listener start`), or pass --uri")
         uri = server.uri
+    remember_uri(uri)
     return uri, database_name(uri, db)
+
+
+def find_model(models, model_id, projection: dict | None = None) -> dict:
+    """The model document, or one line saying it is not there and where to look."""
+    document = models.find_one({"_id": ids.eq(model_id)}, projection)
+    if document is None:
+        raise click.ClickException(f"no model with _id {model_id!r} in {models.database.name}.{models.name}: "
+                                   "`listener status` lists them")
+    return document
+
+
+def id_text(model_id) -> str:
+    """The model id as a user types it back: a string as is, anything else as quoted extended JSON."""
+    return model_id if isinstance(model_id, str) else f"'{json_util.dumps(model_id)}'"

@@ -1,19 +1,19 @@
 import datetime as dt
 
 import click
-from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
 from listener import health
-from listener.cli.options import connection_options, operator_settings, resolve
+from listener.cli.options import connection_options, open_database, operator_settings
 from listener.records import BadRecord, DaemonRecord, parse
+from listener.status import Status
 from training import defaults
 
 
 def live_daemons(db, heartbeat_s: float) -> list[DaemonRecord]:
     """Daemons whose recorded heartbeat is recent, as they describe themselves (for display only)."""
-    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=3 * heartbeat_s)
+    cutoff = defaults.now() - dt.timedelta(seconds=3 * heartbeat_s)
     found = []
     for raw in db[defaults.LISTENER].find({"kind": "daemon", "heartbeat_at": {"$gte": cutoff}}):
         try:
@@ -28,7 +28,8 @@ def live_daemons(db, heartbeat_s: float) -> list[DaemonRecord]:
 @click.option("--check", is_flag=True,
               help="Print one line; exit 0 if a daemon of this home (MONGOTUNE_HOME) is alive and reached its "
                    "database lately, 1 if not. Reads only what the daemon itself wrote on this host.")
-@click.option("--name", default=None, help="With --check: that daemon only.")
+@click.option("--name", default=None, envvar="MONGOTUNE_NAME",
+              help="With --check: that daemon only (or $MONGOTUNE_NAME, as the daemon itself reads it).")
 def status(uri, db, check, name):
     """Show live daemons, models and requests.
 
@@ -42,15 +43,20 @@ def status(uri, db, check, name):
         healthy, why = health.check(settings.home, 3 * settings.heartbeat_s, name)
         click.echo(why, err=not healthy)
         raise SystemExit(0 if healthy else 1)
-    uri, name = resolve(uri, db)
-    database = MongoClient(uri, serverSelectionTimeoutMS=5000, **defaults.CODEC)[name]
+    database = open_database(uri, db)
+    name = database.name
     console = Console()
+    daemons = live_daemons(database, settings.heartbeat_s)
     table = Table(title=f"daemons on {name}")
-    for column in ("owner", "heartbeat", "trainings", "counters"):
+    # The owner is what `_listener` and leases name: shown whole, however narrow the terminal.
+    table.add_column("owner", no_wrap=True, min_width=max((len(d.owner) for d in daemons), default=5))
+    for column in ("heartbeat", "trainings", "gpus free", "waiting", "counters"):
         table.add_column(column)
-    for d in live_daemons(database, settings.heartbeat_s):
+    for d in daemons:
         counters = " ".join(f"{k}={v}" for k, v in d.counters.items() if v)
-        table.add_row(d.owner, f"{d.heartbeat_at:%H:%M:%S}", ", ".join(d.trainings), counters)
+        gpus = f"{len(d.gpus_free)}/{len(d.gpus)}" if d.gpus else "cpu"
+        waiting = "; ".join(f"{w.get('model')}: {w.get('why')}" for w in d.waiting)
+        table.add_row(d.owner, f"{d.heartbeat_at:%H:%M:%S}", ", ".join(d.trainings), gpus, waiting, counters)
     console.print(table)
     models = Table(title="models")
     for column in ("_id", "status", "run", "progress", "best checkpoint", "error"):
@@ -60,10 +66,10 @@ def status(uri, db, check, name):
         p = m.get("progress") if isinstance(m.get("progress"), dict) else {}
         best = m.get("best_checkpoint") if isinstance(m.get("best_checkpoint"), dict) else None
         error = m.get("error") if isinstance(m.get("error"), dict) else {}
-        models.add_row(str(m["_id"]), str(m.get("status", "pending")), str(m.get("run", "")),
+        models.add_row(str(m["_id"]), str(m.get("status", Status.PENDING.value)), str(m.get("run", "")),
                        f"{p.get('step', 0)}/{p.get('total_steps', '?')}" if p else "",
                        f"run {best.get('run')} step {best.get('step')}" if best else "",
                        str(error.get("message", ""))[:80])
     console.print(models)
     counts = database[defaults.REQUESTS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
-    console.print("requests: " + (", ".join(f"{c['_id'] or 'pending'}={c['n']}" for c in counts) or "none"))
+    console.print("requests: " + (", ".join(f"{c['_id'] or Status.PENDING.value}={c['n']}" for c in counts) or "none"))

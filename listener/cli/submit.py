@@ -1,13 +1,34 @@
+import json
 from pathlib import Path
 
 import click
+import yaml
 from bson import json_util
-from pymongo import MongoClient
+from pymongo.errors import DuplicateKeyError
 from rich.console import Console
 
-from listener.cli.options import connection_options, resolve
+from listener.cli.alive import no_daemon
+from listener.cli.options import connection_options, open_database, operator_settings
 from listener.follow import follow_training
+from listener.status import Status
 from training import defaults
+from training.config import parse_model
+
+# A folder in `model_name_or_path` names a path on the daemon's host, which this one may not be: that check
+# is the daemon's; names, types, bounds and the hub allowlist are checked here as the daemon checks them.
+ANY_FOLDER = {"model_roots": (Path("/"),), "private_roots": ()}
+
+
+def read_definition(path: Path) -> dict:
+    """A model document from a JSON (MongoDB extended JSON) or YAML file; extended JSON works in YAML too."""
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            return json_util.loads(json.dumps(yaml.safe_load(text), default=str))
+        return json_util.loads(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
+        raise click.BadParameter(f"not {kind}: {' '.join(str(exc).split())}", param_hint="DEFINITION") from None
 
 
 @click.command()
@@ -15,17 +36,30 @@ from training import defaults
 @click.argument("definition", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--follow/--no-follow", default=True, show_default=True, help="Show progress until training ends.")
 def submit(uri, db, definition, follow):
-    """Insert a model document from a JSON file (MongoDB extended JSON), as any driver would."""
+    """Insert a model document from a JSON or YAML file, checked first with the daemon's own parser.
+
+    \b
+    Example:
+      listener submit model.yaml --db mydb
+    """
+    settings = operator_settings(uri=uri, db=db)
+    document = read_definition(definition)
+    parse_model(document, settings.limits.model_copy(update=ANY_FOLDER))
+    database = open_database(uri, db)
+    models = database[defaults.MODELS]
     try:
-        document = json_util.loads(definition.read_text())
-    except ValueError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="DEFINITION") from None
-    uri, name = resolve(uri, db)
-    models = MongoClient(uri)[name][defaults.MODELS]
-    model_id = models.insert_one(document).inserted_id
+        model_id = models.insert_one(document).inserted_id
+    except DuplicateKeyError:
+        raise click.ClickException(
+            f"a model with _id {document.get('_id')!r} is already in {database.name}.{defaults.MODELS}: choose "
+            f"another _id, or see `listener retrain` and `listener delete`") from None
     console = Console()
-    console.print(f"inserted model {model_id!r} into {name}.{defaults.MODELS}")
+    console.print(f"inserted model {model_id!r} into {database.name}.{defaults.MODELS}")
+    idle = no_daemon(database, settings.heartbeat_s)
+    if idle:
+        click.echo(f"warning: {idle}; the model waits until then", err=True)
     if follow:
-        result = follow_training(console, models, model_id, timeout_s=7 * 24 * 3600)
+        waiting = "waiting for a daemon (none alive: start one with `listener start`)" if idle else None
+        result = follow_training(console, models, model_id, timeout_s=7 * 24 * 3600, waiting=waiting)
         console.print(f"{result['status']}" + (f": {result['error']['message']}" if result.get("error") else ""))
-        raise SystemExit(0 if result["status"] == "succeeded" else 1)
+        raise SystemExit(0 if result["status"] == Status.SUCCEEDED else 1)
