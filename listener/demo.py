@@ -4,9 +4,7 @@ Everything goes through the database exactly as a user's own driver would: raw i
 `_models` and `_requests`, and a real `listener start` process doing the work.
 """
 
-import json
 import time
-from importlib import resources
 from pathlib import Path
 
 from pymongo import MongoClient
@@ -14,10 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from listener.follow import finished, follow_training, wait_for
+from listener.imports import SAMPLES, insert, sample_parts
 from listener.processes import start_listener, stop
+from listener.status import Status
 from training import defaults
 
-SAMPLES = ("pirate_chat", "pirate_prompt_response", "pirate_text")
 MODEL_ID = "pirate"
 QUESTIONS = ["What is the capital of Italy?", "What is 12 plus 30?", "Name a colour of the sky."]
 
@@ -25,11 +24,9 @@ QUESTIONS = ["What is the capital of Italy?", "What is 12 plus 30?", "Name a col
 def load_samples(db) -> dict[str, int]:
     """Put the shipped sample datasets into collections of the same names, fresh each time."""
     counts = {}
-    for name in SAMPLES:
-        text = resources.files("listener").joinpath("samples", f"{name}.jsonl").read_text(encoding="utf-8")
-        db[name].drop()
-        db[name].insert_many([json.loads(line) for line in text.splitlines() if line.strip()])
-        counts[name] = db[name].count_documents({})
+    for part in sample_parts(SAMPLES, fold=None):
+        db[part.name].drop()
+        counts[part.name] = insert(db[part.name], part)
     return counts
 
 
@@ -71,7 +68,7 @@ def run_demo(uri: str, db_name: str, model_path: str, home: Path, console: Conso
         db[defaults.MODELS].insert_one(model_document(model_path))
         console.print(f"inserted model document {MODEL_ID!r} into {defaults.MODELS}")
         model = follow_training(console, db[defaults.MODELS], MODEL_ID, timeout_s)
-        if model["status"] != "succeeded":
+        if model["status"] != Status.SUCCEEDED:
             console.print(f"[red]training {model['status']}: {model.get('error')}")
             return 1
         show_checkpoints(console, model)

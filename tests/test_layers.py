@@ -2,7 +2,8 @@
 
 `training/` is the bottom layer (documents, models, checkpoints, the shared names in
 `training/defaults.py`) and never imports `listener/`; `listener/` drives training through child
-processes and may import it; `bench/` may import both; no package imports `tests/`.
+processes and may import it; `mongotune/` (the Python API) and `bench/` may import both, and nothing
+below imports them; no package imports `tests/`.
 """
 
 import ast
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FORBIDDEN = {"training": {"listener", "bench", "tests"}, "listener": {"bench", "tests"}, "bench": {"tests"}}
+FORBIDDEN = {"training": {"listener", "mongotune", "bench", "tests"}, "listener": {"mongotune", "bench", "tests"},
+             "mongotune": {"bench", "tests"}, "bench": {"tests"}}
 
 
 def imported_packages(path: Path) -> set[str]:

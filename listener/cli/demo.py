@@ -24,7 +24,7 @@ def demo(uri, db, model_path):
         raise SystemExit(run_demo(uri, db, model_path, home(), console))
     with console.status("starting the embedded MongoDB-compatible server..."):
         server = EmbeddedServer().start()
-    console.print(f"embedded server at {server.uri} (data in {server.folder})")
+    console.print(f"embedded server at {server.uri_for(db)} (data in {server.folder})")
     try:
         code = run_demo(server.uri, db, model_path, home(), console)
     finally:
