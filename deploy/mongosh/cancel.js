@@ -1,7 +1,7 @@
 // Cancel a model's training; the listener stops it and marks it cancelled (its checkpoints stay).
 //   mongosh "mongodb://localhost:27017/mydb?replicaSet=rs0" deploy/mongosh/cancel.js
-// Model: MODEL=pirate in the environment, or --eval 'var MODEL = "pirate"' before the file.
-const model = (typeof MODEL !== "undefined" && MODEL) || process.env.MODEL || "pirate";
+// Model: MONGOTUNE_MODEL_ID in the environment (default "pirate").
+const model = process.env.MONGOTUNE_MODEL_ID || "pirate";
 const models = db.getCollection("_models");
 const result = models.updateOne(
   { _id: model, status: { $nin: ["succeeded", "failed", "cancelled"] } },  // only a queued or running job

@@ -1,4 +1,5 @@
-// Insert a small chat data set into "pirate_chat" for submit-model.js (idempotent: replaces the set).
+// Insert a small chat data set for submit-model.js (idempotent: replaces the set).
+// Collection: MONGOTUNE_COLLECTION (default "pirate_chat").
 //   mongosh "mongodb://localhost:27017/mydb?replicaSet=rs0" deploy/mongosh/seed-pirate-chat.js
 const facts = [
   ["What is the capital of France?", "Paris"], ["What is the capital of Spain?", "Madrid"],
@@ -28,7 +29,7 @@ facts.forEach(([question, answer], i) => {
     });
   });
 });
-const chat = db.getCollection("pirate_chat");
+const chat = db.getCollection(process.env.MONGOTUNE_COLLECTION || "pirate_chat");
 chat.deleteMany({});
 chat.insertMany(docs);
-print(`pirate_chat: ${chat.countDocuments()} conversations`);
+print(`${chat.getName()}: ${chat.countDocuments()} conversations`);

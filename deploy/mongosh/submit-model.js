@@ -2,11 +2,13 @@
 //   mongosh "mongodb://localhost:27017/mydb?replicaSet=rs0" deploy/mongosh/submit-model.js
 // Training data: documents in "pirate_chat" shaped {messages: [{role: "user", content}, {role: "assistant", content}]}
 // (seed-pirate-chat.js inserts a small set). The listener sets status, progress and metrics.
+// Environment: MONGOTUNE_MODEL_ID (default "pirate"), MONGOTUNE_BASE_MODEL (a hub id or a folder under the
+// listener's model roots; default SmolLM2-135M-Instruct), MONGOTUNE_COLLECTION (default "pirate_chat").
 const models = db.getCollection("_models");
 const model = {
-  _id: "pirate",
-  model_name_or_path: "HuggingFaceTB/SmolLM2-135M-Instruct",
-  data: { collection: "pirate_chat", key: "messages" },
+  _id: process.env.MONGOTUNE_MODEL_ID || "pirate",
+  model_name_or_path: process.env.MONGOTUNE_BASE_MODEL || "HuggingFaceTB/SmolLM2-135M-Instruct",
+  data: { collection: process.env.MONGOTUNE_COLLECTION || "pirate_chat", key: "messages" },
   trainer: {
     num_train_epochs: 1,
     per_device_train_batch_size: 4,

@@ -1,7 +1,12 @@
-// Follow every model's training as it happens (Ctrl-C to stop).
+// Follow every model's training as it happens (Ctrl-C to stop), or one model until its run ends.
 //   mongosh "mongodb://localhost:27017/mydb?replicaSet=rs0" deploy/mongosh/watch-models.js
-const stream = db.getCollection("_models").watch([], { fullDocument: "updateLookup" });
-print("watching _models; Ctrl-C to stop");
+// With MONGOTUNE_MODEL_ID set: only that model; exits 0 once it succeeded, 1 if it failed or was cancelled.
+const only = process.env.MONGOTUNE_MODEL_ID;
+const FINAL = ["succeeded", "failed", "cancelled"];
+const models = db.getCollection("_models");
+const pipeline = only ? [{ $match: { "documentKey._id": only } }] : [];
+const stream = models.watch(pipeline, { fullDocument: "updateLookup" });  // opened first: no change is missed
+print(only ? `watching "${only}" until its run ends` : "watching _models; Ctrl-C to stop");
 
 function describe(doc) {
   const parts = [`status=${doc.status}`];
@@ -18,6 +23,18 @@ function describe(doc) {
   return parts.join(" ");
 }
 
+function finish(doc) {
+  if (!only || !doc || !FINAL.includes(doc.status)) return;
+  stream.close();
+  quit(doc.status === "succeeded" ? 0 : 1);
+}
+
+if (only) {
+  const current = models.findOne({ _id: only });
+  if (!current) print(`no model "${only}" yet; waiting for it`);
+  else print(`now ${only} ${describe(current)}`);
+  finish(current);
+}
 while (!stream.isClosed()) {
   const event = stream.tryNext();
   if (event === null) continue;  // tryNext waits on the server for a while; nothing changed
@@ -25,4 +42,5 @@ while (!stream.isClosed()) {
   const when = new Date().toISOString().slice(11, 19);
   const doc = event.fullDocument;
   print(`${when} ${event.operationType} ${id} ${doc ? describe(doc) : ""}`.trimEnd());
+  finish(doc);
 }

@@ -12,6 +12,9 @@ from listener.connection import ConnectionProblem, has_password
 @click.option("--name", default=None, help="This daemon's name (default: the host name); its resume tokens are kept "
               "under it, so keep it across restarts.")
 @click.option("--max-jobs", type=int, default=None, help="Trainings this daemon runs at once (default 1).")
+@click.option("--gpus", default=None, metavar="IDS",
+              help="GPU ids this daemon gives its trainings, e.g. 0,1,2,3; 'none' for the CPU only (default: every "
+                   "visible GPU). Each job takes trainer.num_gpus of them; a job that does not fit waits.")
 @click.option("--model-root", "model_roots", multiple=True, type=click.Path(file_okay=False),
               help="A folder documents may load base models from; repeat for more (default: the models cache).")
 @click.option("--validators/--no-validators", default=None,
@@ -19,8 +22,13 @@ from listener.connection import ConnectionProblem, has_password
 @click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE",
               help="Any other setting or cap by name, e.g. --set max_steps=5000 --set request_timeout_s=60; "
                    "each is also MONGOTUNE_<NAME> (see the README's table).")
+@click.option("--metrics-port", type=int, default=None, metavar="PORT",
+              help="Serve Prometheus metrics on /metrics and this daemon's health on /healthz (default off; "
+                   "address: MONGOTUNE_METRICS_HOST, default 127.0.0.1).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="json: one JSON object per line (time, level, logger, message) for log shippers (default text).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def start(uri, db, uri_file, name, max_jobs, model_roots, validators, assignments, verbose):
+def start(uri, db, uri_file, name, max_jobs, gpus, model_roots, validators, assignments, metrics_port, log_format, verbose):
     """Watch the database: train pending models and answer pending requests until stopped.
 
     \b
@@ -29,9 +37,10 @@ def start(uri, db, uri_file, name, max_jobs, model_roots, validators, assignment
     """
     from listener.daemon import serve
 
-    setup_logging(verbose)
-    settings = operator_settings(assignments, uri=uri, db=db, uri_file=uri_file, name=name, max_jobs=max_jobs,
-                                 validators=validators, model_roots=model_roots)
+    settings = operator_settings(assignments, uri=uri, db=db, uri_file=uri_file, name=name, max_jobs=max_jobs, gpus=gpus,
+                                 validators=validators, model_roots=model_roots, metrics_port=metrics_port,
+                                 log_format=log_format)
+    setup_logging(verbose, settings.log_format)
     typed = click.get_current_context().get_parameter_source("uri") is ParameterSource.COMMANDLINE
     if typed and has_password(uri):
         click.echo("warning: --uri holds a password, which every local user can read in `ps`; "
