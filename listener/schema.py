@@ -9,12 +9,12 @@ import logging
 
 from pymongo.errors import CollectionInvalid, OperationFailure
 
-from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS
+from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status
 from training import defaults
 from training.config import LISTENER_FIELDS, ModelSpec, RequestSpec
 from training.limits import Limits
 
-log = logging.getLogger("mongotune.listener")
+log = logging.getLogger(__name__)
 
 BSON_TYPES = {
     "string": "string", "integer": ["int", "long"], "number": ["int", "long", "double", "decimal"],
@@ -65,6 +65,7 @@ CAPS = [
     (defaults.MODELS, "trainer.save_total_limit", "maximum", "max_checkpoints"),
     (defaults.MODELS, "trainer.dataloader_num_workers", "maximum", "max_dataloader_workers"),
     (defaults.MODELS, "trainer.num_gpus", "maximum", "max_processes"),
+    (defaults.MODELS, "trainer.num_processes", "maximum", "max_processes"),
     (defaults.REQUESTS, "params.max_new_tokens", "maximum", "max_new_tokens"),
     (defaults.REQUESTS, "input", "maxLength", "max_input_chars"),
     (defaults.REQUESTS, "input", "maxItems", "max_messages"),
@@ -83,7 +84,7 @@ def validators(limits: Limits) -> dict[str, dict]:
     schemas = {
         defaults.MODELS: document_schema(ModelSpec, [s.value for s in MODEL_TRANSITIONS]),
         defaults.REQUESTS: document_schema(RequestSpec, sorted({s.value for v in REQUEST_TRANSITIONS.values()
-                                                                for s in v} | {"pending"})),
+                                                                for s in v} | {Status.PENDING.value})),
     }
     for collection, path, keyword, cap in CAPS:
         _apply_cap(schemas[collection], path, keyword, getattr(limits, cap))
@@ -103,3 +104,22 @@ async def install(db, limits: Limits) -> bool:
                     (exc.details or {}).get("errmsg", exc))
         return False
     return True
+
+
+TTL_INDEX = "requests_ttl"
+
+
+async def expire_requests(db, ttl_s: int | None) -> None:
+    """Make the TTL index on answered requests' `completed_at` match the operator's `requests_ttl_s`: made,
+    changed or dropped; a server that refuses it only keeps the documents."""
+    requests = db[defaults.REQUESTS]
+    try:
+        existing = (await requests.index_information()).get(TTL_INDEX)
+        if existing and existing.get("expireAfterSeconds") != ttl_s:
+            await requests.drop_index(TTL_INDEX)
+            existing = None
+        if ttl_s and not existing:
+            await requests.create_index("completed_at", name=TTL_INDEX, expireAfterSeconds=ttl_s)
+    except OperationFailure as exc:
+        log.warning("could not set the TTL index on %s (%s); answered requests are kept", defaults.REQUESTS,
+                    (exc.details or {}).get("errmsg", exc))

@@ -5,7 +5,19 @@ command to it is awaited with a wall-clock limit while a watchdog reads its memo
 limit, or whose worker died, fails with an error naming the cap and its setting; the worker is
 killed and the next batch gets a fresh one. Requests wait in one queue per model (keyed by
 `ids.key`), oldest first; models take turns, one batch each, and a batch holds only requests that
-generate alike (same checkpoint, same normalised parameters).
+generate alike (same normalised parameters, same `timeout_s`). Once a model's base is known (its
+document has been read once), the batch is topped up with alike requests of other models of the
+same base: the worker answers those as one mixed-adapter batch (peft's `adapter_names`) when their
+LoRA adapters share one loaded base, and one `generate` per checkpoint otherwise.
+
+Streaming (`stream: true`) does not split batches: a batch holding any streamed request streams
+as a whole, because the worker's streamer follows every row of one `generate` call at no extra
+cost, and generating streamed requests alone would give up batching exactly when clients are
+waiting. Only the streamed requests' documents get the partial `output` writes, in chunks (every
+few tokens or about 200 ms, see `training.inference.Chunks`); `done` with `usage` comes last.
+A request's own `timeout_s` is capped by the operator's `request_timeout_s`; past the smaller one
+the worker is killed, so it is never left wedged, and the request fails as `timeout` (its own
+limit) or `request_timeout` (the operator's).
 """
 
 import asyncio
@@ -19,10 +31,12 @@ from dataclasses import dataclass, field
 
 from bson import json_util
 from pydantic import ValidationError
+from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
 from listener.jobs import public_env, stop_child
 from listener.leases import lease
+from listener.preload import watch_promotions
 from listener.settings import Settings
 from listener.status import REQUEST_TRANSITIONS, Status, now, transition
 from training import checkpoints, defaults, ids
@@ -30,7 +44,7 @@ from training.config import CheckpointRef, RequestSpec, SpecError, parse_model
 from training.errors import public_message
 from training.inference import normalised
 
-log = logging.getLogger("mongotune.listener")
+log = logging.getLogger(__name__)
 
 MAX_LINE = 2**26  # bytes of one reply line from the worker: max_batch outputs of max_new_tokens each
 WATCH_S = 0.5  # how often the watchdog reads the worker's resident memory
@@ -52,9 +66,13 @@ class Queued:
 
     @property
     def batch_key(self) -> str:
-        """Requests with equal keys are answered by one `generate` call."""
+        """Requests with equal keys may be answered by one `generate` call, whatever their checkpoints."""
+        return json.dumps([normalised(self.spec.params), self.spec.timeout_s], sort_keys=True)
+
+    @property
+    def checkpoint_key(self) -> str:
         ref = self.spec.checkpoint if isinstance(self.spec.checkpoint, str) else self.spec.checkpoint.model_dump()
-        return json.dumps([ref, normalised(self.spec.params)], sort_keys=True)
+        return ids.key([self.spec.model, ref])
 
     @property
     def prompt(self):
@@ -94,16 +112,15 @@ class Worker:
                 return
             await asyncio.sleep(WATCH_S)
 
-    async def call(self, command: dict, timeout: float, doing: str, setting: str) -> dict:
-        """Send one command and wait for its reply; past `timeout` (the operator's `setting`), a memory
-        kill or the worker's death kill it and raise `Failure`."""
+    async def call(self, command: dict, timeout: float, late: Failure, doing: str,
+                   on_partial: Callable[[list], Awaitable[None]] | None = None) -> dict:
+        """Send one command and wait for its reply, handing any partial answers to `on_partial`; past
+        `timeout` (raising `late`), a memory kill or the worker's death kill it and raise `Failure`."""
         try:
-            line = await asyncio.wait_for(self._exchange(command), timeout)
-            reply = json_util.loads(line) if line else None
+            reply = await asyncio.wait_for(self._exchange(command, on_partial), timeout)
         except TimeoutError:
             await self.kill()
-            raise Failure("request_timeout", f"{doing} took longer than the operator's limit of {timeout:g} s "
-                                             f"(MONGOTUNE_{setting})") from None
+            raise late from None
         except ValueError:  # a reply line over MAX_LINE, or not JSON
             await self.kill()
             raise Failure("worker_crashed", f"the serving worker's reply was unreadable while {doing}") from None
@@ -115,14 +132,20 @@ class Worker:
             raise self._death(doing)
         return reply
 
-    async def _exchange(self, command: dict) -> bytes:
-        """The reply line; empty when the worker is gone."""
+    async def _exchange(self, command: dict, on_partial) -> dict | None:
+        """The reply; None when the worker is gone. Partial answers before it go to `on_partial`."""
         try:
             self.process.stdin.write(json_util.dumps(command).encode() + b"\n")
             await self.process.stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
-            return b""
-        return await self.process.stdout.readline()
+            return None
+        while True:
+            line = await self.process.stdout.readline()
+            reply = json_util.loads(line) if line else None
+            if reply is None or "partial" not in reply:
+                return reply
+            if on_partial is not None:
+                await on_partial(reply["partial"])
 
     def _death(self, doing: str) -> Failure:
         if self.over_memory:
@@ -165,6 +188,15 @@ class Serving:
         self._held: dict[str, tuple[str, object]] = {}  # queued or generating: request key -> (model key, _id)
         self._ready = asyncio.Event()
         self._worker: Worker | None = None
+        self._preloads: dict[str, object] = {}  # model ids whose best checkpoint to load when idle, by ids.key
+        self._jobs: dict[str, asyncio.Task] = {}  # predictions over a collection, by request key
+        self._turn = asyncio.Lock()  # one command at a time to the worker: batches, preloads, collection chunks
+        self._bases: dict[str, str] = {}  # model key -> key of its base (source, kwargs, quantisation), once read
+        self.on_answered: Callable[[float], None] | None = None  # metrics: seconds from claim to done
+
+    def queued(self) -> dict[str, int]:
+        """Requests waiting here, by model key (for metrics)."""
+        return {model: len(queue) for model, queue in self._queues.items()}
 
     def has_room(self, model_id) -> bool:
         """Whether to claim another request for this model; if not it stays pending for a daemon that can."""
@@ -175,6 +207,9 @@ class Serving:
     def submit(self, spec: RequestSpec) -> None:
         model = ids.key(spec.model)
         self._held[ids.key(spec.id)] = (model, spec.id)
+        if spec.collection is not None:
+            self._start_job(spec)
+            return
         if model not in self._queues:
             self._queues[model] = deque()
             self._turns.append(model)
@@ -190,15 +225,56 @@ class Serving:
                 {"$set": {"lease.expires_at": lease(self.owner, self.settings.lease_s)["expires_at"]}},
             )
 
-    async def run(self) -> None:
-        """Batch by batch until cancelled; the worker never outlives this loop."""
+    def _start_job(self, spec: RequestSpec) -> None:
+        """Predictions over a collection run beside the batches, sharing the worker through `generate`."""
+        from listener.batch_predictions import predict_collection  # it builds on this module
+
+        key = ids.key(spec.id)
+
+        async def job() -> None:
+            try:
+                await predict_collection(self, spec)
+            finally:
+                self._held.pop(key, None)
+                self._jobs.pop(key, None)
+                await self._room()
+
+        self._jobs[key] = asyncio.create_task(job())
+
+    async def generate(self, model: dict, entry: dict | None, prompts: list, params: dict) -> list[dict]:
+        """Answers for `prompts` from the shared worker, in turn with the request batches; `Failure` if it fails."""
+        async with self._turn:
+            command = {"model": model, "checkpoint": entry}
+            await self._ask({**command, "op": "load"}, "loading the model", "load_timeout_s")
+            reply = await self._ask({**command, "op": "generate", "prompts": prompts, "params": params},
+                                    "generating the answers", "request_timeout_s")
+        return reply["results"]
+
+    async def resolve(self, model_id, checkpoint) -> tuple[dict, dict | None]:
+        """The parsed model document and the checkpoint entry `checkpoint` selects; `Failure` if unusable."""
+        return await self._model(model_id, checkpoint)
+
+    def preload(self, model_id) -> None:
+        """Load this model's best checkpoint once no request waits (the operator's `preload_best`)."""
+        self._preloads[ids.key(model_id)] = model_id
+        self._ready.set()
+
+    async def serve(self) -> None:
+        """Batch by batch until cancelled, preloads when idle; the worker never outlives this loop."""
+        promotions = (asyncio.create_task(watch_promotions(self.db, self.preload))
+                      if self.settings.preload_best else None)
         try:
             while True:
                 await self._ready.wait()
                 await asyncio.sleep(self.settings.batch_window_s)  # requests inserted together batch together
+                if not self._turns:
+                    async with self._turn:
+                        await self._preload_next()
+                    continue
                 batch = self._next_batch()
                 try:
-                    await self._answer(batch)
+                    async with self._turn:
+                        await self._answer(batch)
                 except PyMongoError as exc:  # the answers' leases run out and the reaper requeues them
                     log.warning("could not record answers for %d request(s): %s", len(batch), exc)
                 finally:
@@ -206,6 +282,9 @@ class Serving:
                         self._held.pop(ids.key(item.spec.id), None)
                 await self._room()
         finally:
+            for task in [promotions, *self._jobs.values()]:
+                if task:
+                    task.cancel()
             await self.close()
 
     async def close(self) -> None:
@@ -230,9 +309,45 @@ class Serving:
         if rest:
             self._queues[model] = rest
             self._turns.append(model)
-        if not self._turns:
+        batch += self._same_base(model, key, self.settings.max_batch - len(batch))
+        if not self._turns and not self._preloads:
             self._ready.clear()
         return batch
+
+    def _same_base(self, model: str, key: str, room: int) -> list[Queued]:
+        """Up to `room` requests of other models of `model`'s base that generate alike, oldest model first."""
+        base, taken = self._bases.get(model), []
+        for other in list(self._turns):
+            if base is None or len(taken) >= room:
+                break
+            if other == model or self._bases.get(other) != base:
+                continue
+            queue = self._queues[other]
+            mine = [item for item in queue if item.batch_key == key][: room - len(taken)]
+            taken += mine
+            left = deque(item for item in queue if item not in mine)
+            if left:
+                self._queues[other] = left
+            else:
+                del self._queues[other]
+                self._turns.remove(other)
+        return taken
+
+    async def _preload_next(self) -> None:
+        model_id = self._preloads.pop(next(iter(self._preloads)))
+        if not self._preloads:
+            self._ready.clear()
+        try:
+            model, entry = await self._model(model_id, "best")
+            if entry is not None:
+                await self._ask({"op": "load", "model": model, "checkpoint": entry}, "preloading the model",
+                                "load_timeout_s")
+                log.info("preloaded model %s, checkpoint run %d step %d", ids.key(model_id), entry["run"],
+                         entry["step"])
+        except Failure as exc:
+            log.info("nothing preloaded for model %s: %s", ids.key(model_id), exc.message)
+        except PyMongoError as exc:
+            log.warning("cannot read model %s to preload it: %s", ids.key(model_id), exc)
 
     async def _room(self) -> None:
         if self.on_room:
@@ -243,40 +358,79 @@ class Serving:
 
     async def _answer(self, batch: list[Queued]) -> None:
         """Answer one batch; each way it can fail ends its requests with an error that says why."""
+        streamed = [item.spec.stream for item in batch]
+        keys = list(dict.fromkeys(item.checkpoint_key for item in batch))  # one group per model and checkpoint
         try:
-            model, entry = await self._model(batch[0].spec)
-            command = {"model": model, "checkpoint": entry}
-            await self._ask({**command, "op": "load"}, "loading the model", "load_timeout_s")
-            log.info("generating %d answer(s) for model %s", len(batch), ids.key(batch[0].spec.model))
+            groups = []
+            for key in keys:
+                spec = next(item.spec for item in batch if item.checkpoint_key == key)
+                model, entry = await self._model(spec.model, spec.checkpoint)
+                groups.append({"model": model, "checkpoint": entry})
+                await self._ask({**groups[-1], "op": "load"}, "loading the model", "load_timeout_s")
+            log.info("generating %d answer(s) for model %s%s", len(batch), ids.key(batch[0].spec.model),
+                     f" and {len(keys) - 1} other checkpoint(s) of its base" if len(keys) > 1 else "")
+            command = {"groups": groups, "rows": [keys.index(item.checkpoint_key) for item in batch]}
+            started = time.monotonic()
             reply = await self._ask({**command, "op": "generate", "prompts": [item.prompt for item in batch],
-                                     "params": normalised(batch[0].spec.params)},
-                                    "generating the answer", "request_timeout_s")
+                                     "params": normalised(batch[0].spec.params), "stream": any(streamed)},
+                                    "generating the answer", "request_timeout_s", batch[0].spec.timeout_s,
+                                    self._writer(batch) if any(streamed) else None)
+            generation_s = time.monotonic() - started
         except Failure as exc:
             if exc.kind == "generation_failed" and len(batch) > 1:  # one bad request must not fail the others
-                for item in batch:
-                    await self._answer([item])
+                parts = [[item] for item in batch]
+            else:  # nor one unusable model the other models of its base
+                parts = [[item for item in batch if item.checkpoint_key == key] for key in keys]
+            if len(parts) > 1:
+                for part in parts:
+                    await self._answer(part)
                 return
             for item in batch:
                 await self.fail(item.spec.id, exc.message, exc.kind)
             return
-        used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
         for item, result in zip(batch, reply["results"]):
+            entry = groups[keys.index(item.checkpoint_key)]["checkpoint"]
+            used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
             if "error" in result:
                 await self.fail(item.spec.id, result["error"]["message"], result["error"]["type"])
             else:
-                await self._done(item, result, used, len(batch))
+                await self._done(item, result, used, len(batch), {
+                    "queued_s": round(started - item.since, 3), "generation_s": round(generation_s, 3)})
 
-    async def _done(self, item: Queued, result: dict, used, batch_size: int) -> None:
+    def _writer(self, batch: list[Queued]) -> Callable[[list], Awaitable[None]]:
+        """Writes the growing `output` of the batch's streamed requests, each only when its text changed."""
+        written: dict[int, str] = {}
+
+        async def write(texts: list) -> None:
+            updates = []
+            for n, (item, text) in enumerate(zip(batch, texts)):
+                if item.spec.stream and text and written.get(n) != text:
+                    written[n] = text
+                    updates.append(UpdateOne({"_id": ids.eq(item.spec.id), "status": Status.RUNNING.value,
+                                              "lease.owner": {"$eq": self.owner}}, {"$set": {"output": text}}))
+            if updates:
+                try:
+                    await self.db[defaults.REQUESTS].bulk_write(updates, ordered=False)
+                except PyMongoError as exc:  # a lost partial write costs nothing: the full answer follows
+                    log.warning("could not write partial answers: %s", exc)
+        return write
+
+    async def _done(self, item: Queued, result: dict, used, batch_size: int, timing: dict) -> None:
         self.counters["requests_done"] += 1
+        latency_s = time.monotonic() - item.since
+        if self.on_answered:
+            self.on_answered(latency_s)
         await transition(self.db[defaults.REQUESTS], item.spec.id, Status.RUNNING, Status.DONE, REQUEST_TRANSITIONS,
                          match={"lease.owner": {"$eq": self.owner}},
                          fields={"output": result["output"], "usage": result["usage"], "checkpoint_used": used,
-                                 "batch_size": batch_size, "completed_at": now(),
-                                 "latency_ms": round((time.monotonic() - item.since) * 1000, 1)},
+                                 "batch_size": batch_size, "completed_at": now(), "timing": timing,
+                                 "latency_ms": round(latency_s * 1000, 1)},
                          unset=("lease",))
 
-    async def _ask(self, command: dict, doing: str, timeout_setting: str) -> dict:
-        """One command to the worker (started if there is none); a reply that says it failed raises `Failure`."""
+    async def _ask(self, command: dict, doing: str, timeout_setting: str, asked_s: float | None = None,
+                   on_partial: Callable[[list], Awaitable[None]] | None = None) -> dict:
+        """One command to the worker (started if there is none) within the operator's `timeout_setting`, or the
+        request's own `asked_s` when smaller; a reply that says it failed raises `Failure`."""
         if self._worker is None or not self._worker.alive:
             await self.close()
             self._worker = Worker(self.settings, self.db.name)
@@ -285,28 +439,36 @@ class Serving:
             except OSError as exc:
                 raise Failure("worker_crashed", f"the serving worker could not start ({exc.strerror})") from None
         timeout = getattr(self.settings, timeout_setting)
-        reply = await self._worker.call(command, timeout, doing, timeout_setting.upper())
+        if asked_s is not None and asked_s < timeout:
+            timeout, late = asked_s, Failure("timeout", f"{doing} took longer than the request's timeout_s of "
+                                                        f"{asked_s:g} s")
+        else:
+            late = Failure("request_timeout", f"{doing} took longer than the operator's limit of {timeout:g} s "
+                                              f"(MONGOTUNE_{timeout_setting.upper()})")
+        reply = await self._worker.call(command, timeout, late, doing, on_partial)
         if not reply.get("ok"):
             raise Failure(reply["error"]["type"], reply["error"]["message"])
         return reply
 
-    async def _model(self, spec: RequestSpec) -> tuple[dict, dict | None]:
-        """The model definition (as parsed) and the checkpoint entry the request asks for."""
-        document = await self.db[defaults.MODELS].find_one({"_id": ids.eq(spec.model)})
+    async def _model(self, model_id, checkpoint: str | CheckpointRef) -> tuple[dict, dict | None]:
+        """The model definition (as parsed) and the checkpoint entry a request asks for."""
+        document = await self.db[defaults.MODELS].find_one({"_id": ids.eq(model_id)})
         if document is None:
-            raise Failure("model_unavailable", f"model: no document with _id {spec.model!r} in {defaults.MODELS}")
+            raise Failure("model_unavailable", f"model: no document with _id {model_id!r} in {defaults.MODELS}")
         try:
             model = parse_model(document, self.settings.limits)
-            ref = spec.checkpoint if isinstance(spec.checkpoint, str) else spec.checkpoint.model_dump()
+            self._bases[ids.key(model_id)] = ids.key([model.model_name_or_path, model.model_kwargs.model_dump(),
+                                                      model.tokenizer_kwargs.model_dump(), model.trainer.bits])
+            ref = checkpoint if isinstance(checkpoint, str) else checkpoint.model_dump()
             entry = checkpoints.select(document, ref)
             if entry is not None:
                 entry = {**CheckpointRef.model_validate({"run": entry["run"], "step": entry["step"]}).model_dump(),
                          "files_id": entry.get("files_id")}
         except SpecError as exc:
-            raise Failure("model_unavailable", f"model {spec.model!r} is not a usable model definition "
+            raise Failure("model_unavailable", f"model {model_id!r} is not a usable model definition "
                                                f"(its field {exc.field or '_id'} is not); see its own error") from None
         except (KeyError, TypeError, AttributeError, ValidationError):
-            raise Failure("model_unavailable", f"model {spec.model!r} lists checkpoints the listener cannot "
+            raise Failure("model_unavailable", f"model {model_id!r} lists checkpoints the listener cannot "
                                                "read") from None
         except LookupError as exc:
             raise Failure("model_unavailable", public_message(str(exc))) from None

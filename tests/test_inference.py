@@ -2,13 +2,14 @@
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
 
 from training import checkpoints
 from training.config import GenerationParams, parse_model
-from training.inference import DiskCache, ModelCache, answer, generation_kwargs, load, normalised
+from training.inference import DiskCache, ModelCache, answer, answer_rows, generation_kwargs, load, normalised
 from training.limits import Limits
 
 BIG = 2**40  # a budget nothing here reaches
@@ -49,27 +50,93 @@ def full_checkpoint(tmp_path: Path, tiny_model_path: str, name: str, generation:
     return folder
 
 
+def other_base(tiny_model_path: str, name: str) -> str:
+    """A copy of the tiny model under another path: another base, which the cache cannot share."""
+    folder = Path(tiny_model_path).parent / f"{name}-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(tiny_model_path, folder)
+    return str(folder)
+
+
+def adapter_entries(db, tmp_path: Path, tiny_model_path: str, model_ids: list) -> list[dict]:
+    """One stored LoRA checkpoint per model id, each with its own random (non-zero) weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    entries = []
+    for n, model_id in enumerate(model_ids):
+        torch.manual_seed(n)
+        adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                                 LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                                            init_lora_weights=False))
+        adapter.save_pretrained(tmp_path / f"adapter-{n}")
+        entries.append(checkpoints.upload(db, tmp_path / f"adapter-{n}", model_id=model_id, run=1, step=1))
+    return entries
+
+
 def test_cache_returns_the_same_object_and_evicts_by_bytes(db, tmp_path, tiny_model_path):
-    cache = cache_for(db, tmp_path, tiny_model_path, budget=1)  # room for one model, however small
+    cache = cache_for(db, tmp_path, tiny_model_path, budget=1)  # room for one base, however small
     first = cache.get(spec_for(tiny_model_path), None)
     assert cache.get(spec_for(tiny_model_path), None) is first
     assert first.tokenizer.padding_side == "left"
     assert not first.model.training
     assert first.nbytes > 0
-    other = cache.get(spec_for(tiny_model_path, model_id="other"), None)
-    assert other is not first and len(cache._models) == 1
+    other = cache.get(spec_for(other_base(tiny_model_path, "other"), model_id="other"), None)
+    assert other.model is not first.model and len(cache._bases) == 1
     assert cache.get(spec_for(tiny_model_path), None) is not first
 
 
 def test_cache_keeps_the_most_recently_used(db, tmp_path, tiny_model_path):
     one = load(spec_for(tiny_model_path), limits_for(tiny_model_path), None).nbytes
     cache = cache_for(db, tmp_path, tiny_model_path, budget=2 * one)
-    a = cache.get(spec_for(tiny_model_path, "a"), None)
-    b = cache.get(spec_for(tiny_model_path, "b"), None)
-    assert cache.get(spec_for(tiny_model_path, "a"), None) is a  # a is now the most recent
-    cache.get(spec_for(tiny_model_path, "c"), None)  # evicts b, the least recently used
-    assert cache.get(spec_for(tiny_model_path, "a"), None) is a
-    assert cache.get(spec_for(tiny_model_path, "b"), None) is not b
+    paths = {name: other_base(tiny_model_path, name) for name in "abc"}
+    a = cache.get(spec_for(paths["a"], "a"), None)
+    b = cache.get(spec_for(paths["b"], "b"), None)
+    assert cache.get(spec_for(paths["a"], "a"), None) is a  # a is now the most recent
+    cache.get(spec_for(paths["c"], "c"), None)  # evicts b, the least recently used
+    assert cache.get(spec_for(paths["a"], "a"), None) is a
+    assert cache.get(spec_for(paths["b"], "b"), None) is not b
+
+
+def test_models_of_one_base_share_it(db, tmp_path, tiny_model_path):
+    cache = cache_for(db, tmp_path, tiny_model_path)
+    a, b = cache.get(spec_for(tiny_model_path, "a"), None), cache.get(spec_for(tiny_model_path, "b"), None)
+    assert a is not b and a.model is b.model and cache.nbytes == a.nbytes
+
+
+def test_ten_adapters_of_one_base_cost_well_under_two_bases(db, tmp_path, tiny_model_path):
+    names = [f"m{n}" for n in range(10)]
+    entries = adapter_entries(db, tmp_path, tiny_model_path, names)
+    cache = cache_for(db, tmp_path / "work", tiny_model_path)
+    params = GenerationParams(max_new_tokens=6)
+    served = [cache.get(spec_for(tiny_model_path, name), entry) for name, entry in zip(names, entries)]
+    bare = cache.get(spec_for(tiny_model_path), None)
+    one_base = bare.base.nbytes
+    assert len(cache._bases) == 1 and len(bare.base.adapters) == 10
+    assert cache.nbytes < 1.3 * one_base
+    # switching adapters on the shared base answers exactly as each checkpoint loaded alone
+    for name, entry in zip(names[:3], entries[:3]):
+        alone = load(spec_for(tiny_model_path, name), limits_for(tiny_model_path),
+                     cache.disk.folder(entry["files_id"]))
+        assert answer(served[names.index(name)], PROMPTS, params) == answer(alone, PROMPTS, params)
+    plain = load(spec_for(tiny_model_path), limits_for(tiny_model_path), None)
+    assert answer(bare, PROMPTS, params) == answer(plain, PROMPTS, params)
+    assert answer(served[0], PROMPTS, params) != answer(served[1], PROMPTS, params)
+
+
+def test_the_least_recently_used_adapter_goes_first(db, tmp_path, tiny_model_path):
+    names = ["x", "y", "z"]
+    entries = adapter_entries(db, tmp_path, tiny_model_path, names)
+    probe = cache_for(db, tmp_path / "probe", tiny_model_path).get(spec_for(tiny_model_path, "x"), entries[0])
+    adapter_bytes = probe.nbytes - probe.base.nbytes
+    cache = cache_for(db, tmp_path / "work", tiny_model_path, budget=probe.base.nbytes + 2 * adapter_bytes)
+    x = cache.get(spec_for(tiny_model_path, "x"), entries[0])
+    cache.get(spec_for(tiny_model_path, "y"), entries[1])
+    assert cache.get(spec_for(tiny_model_path, "x"), entries[0]) is x  # x is now more recent than y
+    cache.get(spec_for(tiny_model_path, "z"), entries[2])  # y goes, not the base
+    assert sorted(x.base.adapters) == sorted(f"adapter_{e['files_id']}" for e in (entries[0], entries[2]))
+    y = cache.get(spec_for(tiny_model_path, "y"), entries[1])  # loaded again, into the same base
+    assert y.model is x.model and answer(y, ["ahoy"], GenerationParams(max_new_tokens=3))
 
 
 def test_ids_of_different_types_are_different_models(db, tmp_path, tiny_model_path):
@@ -194,3 +261,18 @@ def test_batching_does_not_change_greedy_answers(loaded):
     batched = answer(loaded, PROMPTS, params)
     alone = [answer(loaded, [prompt], params)[0] for prompt in PROMPTS]
     assert batched == alone
+
+
+def test_a_mixed_adapter_batch_answers_as_each_adapter_alone(db, tmp_path, tiny_model_path):
+    entries = adapter_entries(db, tmp_path, tiny_model_path, ["x", "y"])
+    cache = cache_for(db, tmp_path / "work", tiny_model_path)
+    views = [cache.get(spec_for(tiny_model_path, name), entry) for name, entry in zip("xy", entries)]
+    views.append(cache.get(spec_for(tiny_model_path), None))
+    params = GenerationParams(max_new_tokens=6)
+    rows = [0, 1, 2, 1, 0, 2]
+    prompts = [PROMPTS[n % len(PROMPTS)] for n in range(len(rows))]
+    alone = [answer(views[row], [prompt], params)[0] for row, prompt in zip(rows, prompts)]
+    assert answer_rows(views, rows, prompts, params) == alone
+    other = cache.get(spec_for(other_base(tiny_model_path, "other"), "other"), None)  # not shared: one generate each
+    assert answer_rows([views[0], other], [1, 0], prompts[:2], params) == [answer(other, [prompts[0]], params)[0],
+                                                                           answer(views[0], [prompts[1]], params)[0]]

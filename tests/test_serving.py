@@ -55,7 +55,7 @@ def ask(db, doc_id, model, checkpoint="base", **params) -> None:
 
 
 def answer(db, doc_id, timeout: float = 120) -> dict:
-    return wait_for(db[defaults.REQUESTS], doc_id, finished, timeout=timeout)
+    return wait_for(db[defaults.REQUESTS], doc_id, finished, timeout_s=timeout)
 
 
 def test_a_looping_template_times_out_and_other_models_go_on(db, start_daemon, tiny_model_path):
@@ -142,3 +142,23 @@ def test_unpacked_checkpoints_stay_within_the_disk_budget(db, start_daemon, tiny
         assert answer(db, f"r{n}")["status"] == "done"
     unpacked = {p.name for p in (daemon.home / "serving").iterdir() if not p.name.startswith(".")}
     assert unpacked == {str(entries[0]["files_id"]), str(entries[2]["files_id"])}
+
+
+def test_models_of_one_base_are_answered_in_one_mixed_batch(db, start_daemon, tiny_model_path, tmp_path):
+    from tests.test_inference import adapter_entries
+
+    entries = adapter_entries(db, tmp_path, tiny_model_path, ["x", "y"])
+    db[defaults.MODELS].insert_many([served_model(name, tiny_model_path, (entry,))
+                                     for name, entry in zip(("x", "y"), entries)])
+    start_daemon(env={"MONGOTUNE_BATCH_WINDOW_S": "1"})  # both inserts surely arrive within the window
+    alone = {}
+    for name in ("x", "y"):  # one at a time first: each answered alone, and the daemon learns their base
+        ask(db, f"{name}-alone", name, "best", max_new_tokens=6)
+        alone[name] = answer(db, f"{name}-alone")
+        assert alone[name]["status"] == "done" and alone[name]["batch_size"] == 1
+    db[defaults.REQUESTS].insert_many([{"_id": f"{name}-mixed", "model": name, "input": CHAT, "checkpoint": "best",
+                                        "params": {"max_new_tokens": 6}} for name in ("x", "y")])
+    for name in ("x", "y"):
+        mixed = answer(db, f"{name}-mixed")
+        assert mixed["batch_size"] == 2 and mixed["checkpoint_used"] == {"run": 1, "step": 1}
+        assert mixed["output"] == alone[name]["output"]

@@ -7,9 +7,13 @@ JSON document (bson.json_util) per line:
 - stdin, first line: `{uri, db, work_dir, limits, disk_bytes, memory_bytes}`; the URI comes this
   way so it is never in the environment, where the worker's descendants could read it.
 - stdin, then one command per line: `{op: "load" | "generate", model, checkpoint, prompts, params}`,
-  `model` being the parsed model document, `checkpoint` its selected entry or null.
+  `model` being the parsed model document, `checkpoint` its selected entry or null. A generate command
+  for several models of one base names them in `groups: [{model, checkpoint}]` instead, and each
+  prompt's group in `rows: [index]` (a mixed-adapter batch, see `inference.answer_rows`).
 - stdout, one reply per command: `{ok: true}` for a load, `{ok: true, results: [{output, usage} |
   {error}]}` for a generation, `{ok: false, error: {type, message}}` when the whole command failed.
+  A generate command with `stream: true` is answered first by any number of `{partial: [text | null]}`
+  lines, the answers so far, one per prompt.
 
 stdout carries only the protocol: file descriptor 1 is pointed at stderr, where logs go.
 """
@@ -26,10 +30,10 @@ from pymongo import MongoClient
 from training import defaults
 from training.config import GenerationParams, SpecError, parse_model
 from training.errors import public_message
-from training.inference import DiskCache, ModelCache, answer
+from training.inference import DiskCache, ModelCache, answer_rows
 from training.limits import Limits
 
-log = logging.getLogger("mongotune.worker")
+log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # Linux prctl option: a signal for this process when its parent dies
 MODEL_SHARE = 0.5  # of the worker's memory budget, for cached weights; the rest is torch, tokenizers, activations
 
@@ -59,18 +63,22 @@ def failure(kind: str, exc: BaseException) -> dict:
     return {"ok": False, "error": {"type": kind, "message": public_message(message)}}
 
 
-def handle(cache: ModelCache, command: dict) -> dict:
-    """One command: loading fails as `model_unavailable`, generating as `generation_failed`."""
+def handle(cache: ModelCache, command: dict, send=None) -> dict:
+    """One command: loading fails as `model_unavailable`, generating as `generation_failed`; partial answers
+    of a streamed generation go to `send` before the reply is returned."""
+    groups = command.get("groups") or [{"model": command.get("model"), "checkpoint": command.get("checkpoint")}]
     try:
-        loaded = cache.get(parse_model(command["model"], cache.limits), command.get("checkpoint"))
+        views = [cache.get(parse_model(group["model"], cache.limits), group.get("checkpoint")) for group in groups]
     except Exception as exc:
-        log.warning("cannot load model %r", command.get("model", {}).get("_id"), exc_info=True)
+        log.warning("cannot load model %r", (groups[0].get("model") or {}).get("_id"), exc_info=True)
         return failure("model_unavailable", exc)
     if command["op"] == "load":
         return {"ok": True}
     try:
         params = GenerationParams.model_validate(command["params"])
-        return {"ok": True, "results": answer(loaded, command["prompts"], params)}
+        on_partial = (lambda texts: send({"partial": texts})) if command.get("stream") and send else None
+        rows = command.get("rows") or [0] * len(command["prompts"])
+        return {"ok": True, "results": answer_rows(views, rows, command["prompts"], params, on_partial)}
     except Exception as exc:
         log.warning("generation failed", exc_info=True)
         return failure("generation_failed", exc)
@@ -85,10 +93,13 @@ def main() -> None:
     limits = Limits.model_validate(config["limits"])
     cache = ModelCache(db, limits, DiskCache(config["work_dir"], config["disk_bytes"]),
                        int(config["memory_bytes"] * MODEL_SHARE))
-    for line in sys.stdin:
-        reply = handle(cache, json_util.loads(line))
+
+    def send(reply: dict) -> None:
         replies.write(json_util.dumps(reply) + "\n")
         replies.flush()
+
+    for line in sys.stdin:
+        send(handle(cache, json_util.loads(line), send))
 
 
 if __name__ == "__main__":
