@@ -1,6 +1,6 @@
 """Supervising one training child: start it, keep its lease, watch for cancel, record how it ended.
 
-The child is its own interpreter (`python -m training.run`), so a crash, an out-of-memory kill
+The child is its own interpreter (`python -m training.child`), so a crash, an out-of-memory kill
 or a CUDA error ends the job, not the daemon. The supervisor is a bounded loop:
 wait -> renew the lease -> check cancel and the wall-clock cap -> kill past the grace period.
 Whatever the database says meanwhile, the supervisor returns only once the child has exited, so a
@@ -18,14 +18,15 @@ from pathlib import Path
 from bson import json_util
 from pymongo.errors import PyMongoError
 
+from listener.gpus import cuda_env
 from listener.leases import renew
 from listener.records import BadRecord, Renewed, parse
 from listener.settings import Settings
 from listener.status import MODEL_TRANSITIONS, Status, transition
-from training import defaults, ids
+from training import defaults, ids, lineage
 from training.defaults import ChildExit
 
-log = logging.getLogger("mongotune.listener")
+log = logging.getLogger(__name__)
 
 # Never handed to a child: it gets the URI on its stdin, where its own descendants cannot read it.
 PRIVATE_ENV = ("MONGOTUNE_URI", "MONGOTUNE_URI_FILE")
@@ -81,14 +82,17 @@ async def stop_child(process: asyncio.subprocess.Process, grace_s: float) -> Non
             await process.wait()
 
 
-async def supervise(db, settings: Settings, model_id, run: int, owner: str) -> Status:
-    """Run one claimed training to its end and write its final status; returns that status."""
+async def supervise(db, settings: Settings, model_id, run: int, owner: str,
+                    devices: tuple[int, ...] | None = None) -> Status:
+    """Run one claimed training to its end and write its final status; returns that status.
+
+    `devices`: the GPUs the daemon gave this job (`listener.gpus`); None on a CPU host."""
     path = log_path(settings, db.name, model_id, run)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as out:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "training.run", json_util.dumps(model_id), "--db", db.name,
-            stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.PIPE, env=child_env(settings.uri, owner),
+            sys.executable, "-m", "training.child", json_util.dumps(model_id), "--db", db.name,
+            stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.PIPE, env={**child_env(settings.uri, owner), **cuda_env(devices)},
             start_new_session=True,  # a Ctrl-C meant for the daemon must not kill the child mid-save
         )
     launch = {"uri": settings.uri, "limits": settings.limits.model_dump(mode="json"), "work": str(settings.home / "work")}
@@ -100,9 +104,10 @@ async def supervise(db, settings: Settings, model_id, run: int, owner: str) -> S
         outcome = await _watch_child(db[defaults.MODELS], settings, model_id, owner, process, path)
     finally:
         await stop_child(process, settings.kill_grace_s)  # also on cancellation: the child never outlives this
-    if outcome is not None:
-        return outcome
-    return await _finish(db[defaults.MODELS], model_id, owner, process.returncode, path)
+    if outcome is None:
+        outcome = await _finish(db[defaults.MODELS], model_id, owner, process.returncode, path)
+    await lineage.record_outcome(db[defaults.MODELS], model_id, run, outcome.value)
+    return outcome
 
 
 async def _watch_child(models, settings: Settings, model_id, owner: str, process, path: Path) -> Status | None:

@@ -47,6 +47,28 @@ def sft_config(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: b
 
     `keep` is the operator's cap on checkpoints kept per run, the default `save_total_limit`.
     """
+    return to_sft_config(resolved_arguments(spec, output_dir, has_eval=has_eval, use_cpu=use_cpu, keep=keep))
+
+
+def to_sft_config(kwargs: dict) -> SFTConfig:
+    try:
+        return SFTConfig(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise SpecError("trainer", f"the training arguments do not fit together: {exc}") from None
+
+
+def _early_stopping(spec: TrainerSpec, has_eval: bool) -> dict:
+    """What transformers' EarlyStoppingCallback needs: the best model tracked, by eval loss unless named."""
+    if not spec.early_stopping_patience:
+        return {}
+    if not has_eval:
+        raise SpecError("trainer.early_stopping_patience", "needs held-out documents to evaluate on: select at least "
+                        "10 documents, or mark some with the fold field set to 'valid'")
+    return {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss"}
+
+
+def resolved_arguments(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: bool, keep: int = 10) -> dict:
+    """The keyword arguments `SFTConfig` gets: the user's on top of our defaults (the run's entry records both)."""
     user = translate(spec.training_arguments())
     kwargs = {
         "max_length": 512,
@@ -63,6 +85,7 @@ def sft_config(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: b
         "report_to": "none",
         "use_cpu": use_cpu,
         **({"bf16": False, "fp16": False} if use_cpu else {}),
+        **_early_stopping(spec, has_eval),
         **user,
         "output_dir": output_dir,
     }
@@ -70,10 +93,7 @@ def sft_config(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: b
         kwargs["eval_strategy"] = "no"
     if spec.deepspeed is not None:
         kwargs["deepspeed"] = deepspeed_config(spec.deepspeed)
-    try:
-        return SFTConfig(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise SpecError("trainer", f"the training arguments do not fit together: {exc}") from None
+    return kwargs
 
 
 def lora_config(spec: TrainerSpec) -> LoraConfig | None:

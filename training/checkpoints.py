@@ -9,7 +9,6 @@ plus the optimizer, scheduler, scaler and RNG states that transformers' Trainer 
 `torch.load(weights_only=True)` to resume. Nothing pickled is stored for serving, none is unpickled.
 """
 
-import datetime as dt
 import math
 import re
 import shutil
@@ -102,7 +101,7 @@ def upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
                 tar.add(path, arcname=path.name)
     return {
         "run": run, "step": step, "files_id": stream._id, "size": stream.length,
-        "created_at": dt.datetime.now(dt.timezone.utc),
+        "created_at": defaults.now(),
     }
 
 
@@ -309,6 +308,14 @@ def delete(db, files_id, *, model_id, run: int | None = None) -> None:
     _bucket(db).delete(verified(db, files_id, model_id, run).files_id)
 
 
+def delete_all(db, model_id) -> int:
+    """Delete every stored checkpoint of this model (all runs), found by GridFS metadata; how many."""
+    doomed = _of_model(db, model_id)
+    for found in doomed:
+        _bucket(db).delete(found.files_id)
+    return len(doomed)
+
+
 def listed(entries) -> list[dict]:
     """The entries of a `checkpoints` list with an integer run and step; anything else is ignored."""
     if not isinstance(entries, list):
@@ -316,29 +323,40 @@ def listed(entries) -> list[dict]:
     return [c for c in entries if isinstance(c, dict) and _is_int(c.get("run")) and _is_int(c.get("step"))]
 
 
-def _eval_loss(entry: dict):
-    metrics = entry.get("metrics")
-    return metrics.get("eval_loss") if isinstance(metrics, dict) else None
-
-
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def best_of(checkpoints: list[dict]) -> dict | None:
-    """The checkpoint with the lowest eval loss; the latest one when none was evaluated."""
-    scored = [c for c in checkpoints if _finite(_eval_loss(c))]
+def ranking(metric_for_best_model: str | None, greater_is_better: bool | None) -> tuple[str, bool]:
+    """The metric that picks the best checkpoint and its direction, as transformers reads the two arguments."""
+    metric = metric_for_best_model or "eval_loss"
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    return metric, (not metric.endswith("loss")) if greater_is_better is None else greater_is_better
+
+
+def score(entry: dict, metric: str = "eval_loss"):
+    """The entry's `metric`; None when it has none, or not a finite number."""
+    metrics = entry.get("metrics")
+    value = metrics.get(metric) if isinstance(metrics, dict) else None
+    return value if _finite(value) else None
+
+
+def best_of(checkpoints: list[dict], metric: str = "eval_loss", greater: bool = False) -> dict | None:
+    """The checkpoint best by `metric` (lowest unless `greater`); the latest one when none was evaluated."""
+    scored = [c for c in checkpoints if score(c, metric) is not None]
     if scored:
-        return min(scored, key=_eval_loss)
+        return (max if greater else min)(scored, key=lambda c: score(c, metric))
     return checkpoints[-1] if checkpoints else None
 
 
-def to_prune(checkpoints: list[dict], run: int, keep: int | None) -> list[dict]:
-    """Checkpoints of `run` beyond the `keep` most recent, never the best one."""
+def to_prune(checkpoints: list[dict], run: int, keep: int | None, metric: str = "eval_loss",
+             greater: bool = False) -> list[dict]:
+    """Checkpoints of `run` beyond the `keep` most recent, never the run's best; other runs' are never touched
+    (an earlier run's promoted checkpoint serves until a later run is promoted)."""
     if not keep:
         return []
-    best = best_of(checkpoints)
     of_run = [c for c in checkpoints if c["run"] == run]
+    best = best_of(of_run, metric, greater)
     return [c for c in of_run[:-keep] if c is not best]
 
 

@@ -6,10 +6,12 @@ against the `data.*` field a user would change.
 """
 
 import random
+import re
 
 from datasets import Dataset
 
 from training.config import DataSpec, SpecError
+from training.lineage import data_read
 from training.limits import Limits
 from training.template import render, template_fields
 from training.transforms import load as load_transform
@@ -40,7 +42,8 @@ def load_documents(db, data: DataSpec, limits: Limits) -> list[dict]:
     """The selected documents, at most the operator's cap; errors never show other documents' contents."""
     projection = {name: 1 for name in needed_fields(data)} or None
     cap = min(data.limit or limits.max_documents, limits.max_documents)
-    documents = list(db[data.collection].find(data.filter, projection, limit=cap + 1))
+    # In `_id` order, so the same documents always make the same dataset (and the run can be redone).
+    documents = list(db[data.collection].find(data.filter, projection, limit=cap + 1, sort=[("_id", 1)]))
     if len(documents) > cap and not data.limit:
         raise SpecError("data.limit", limits.refusal("max_documents", "the selection holds more documents, which")
                         + "; select fewer with data.filter or data.limit")
@@ -126,6 +129,11 @@ def split_folds(documents: list[dict], data: DataSpec) -> tuple[list[dict], list
 
 
 def build_datasets(db, data: DataSpec, limits: Limits) -> tuple[Dataset, Dataset | None]:
+    return read_datasets(db, data, limits)[:2]
+
+
+def read_datasets(db, data: DataSpec, limits: Limits) -> tuple[Dataset, Dataset | None, dict]:
+    """The datasets, and what was read for them (`training.lineage.data_read`) for the run's entry."""
     documents = load_documents(db, data, limits)
     _missing(documents, data)
     train, valid = split_folds(documents, data)
@@ -138,4 +146,21 @@ def build_datasets(db, data: DataSpec, limits: Limits) -> tuple[Dataset, Dataset
     if len(formats) > 1:
         raise SpecError("data.key", f"the documents mix shapes {sorted(formats)}; select one shape with data.filter")
     train_set = Dataset.from_list(examples[0])
-    return train_set, Dataset.from_list(examples[1]) if examples[1] else None
+    read = data_read(data.collection, data.filter, documents)
+    return train_set, Dataset.from_list(examples[1]) if examples[1] else None, read
+
+
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # how a chat template marks the assistant's tokens
+
+
+def check_loss_options(assistant_only_loss: bool, train_set: Dataset, tokenizer) -> None:
+    """`assistant_only_loss` needs chat data and a chat template that marks the assistant's turns."""
+    if not assistant_only_loss:
+        return
+    field = "trainer.assistant_only_loss"
+    if detect_format(train_set[0]) != MESSAGES:
+        raise SpecError(field, "applies to chat data only (data.key naming a list of messages); remove it, or "
+                               "use completion_only_loss for prompt/response data")
+    if not GENERATION_BLOCK.search(tokenizer.chat_template or ""):
+        raise SpecError(field, "this model's chat template does not mark the assistant's turns with "
+                               "{% generation %}, so the loss cannot be limited to them; remove assistant_only_loss")

@@ -5,7 +5,6 @@ and then listed; `cancel: true` on the document stops training after a final che
 Every write is filtered on the job's `run`, so a stale child can never touch a newer run.
 """
 
-import datetime as dt
 import logging
 import math
 import os
@@ -14,11 +13,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from training import checkpoints, defaults
+from training import checkpoints, defaults, events
 from training.config import SpecError
 from training.limits import Limits
 
-log = logging.getLogger("mongotune.training")
+log = logging.getLogger(__name__)
 
 
 def fence(model_id, run: int, owner: str | None) -> dict:
@@ -37,8 +36,11 @@ def _lease_lost():
 
 class MongoProgress(TrainerCallback):
     def __init__(self, db, model_id, run: int, keep: int | None, daemon: int, owner: str,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), ranking: tuple[str, bool] = ("eval_loss", False), hold_best: bool = False):
+        """`ranking` picks the run's best checkpoint (`checkpoints.ranking`); with `hold_best`, an earlier run's
+        checkpoint serves and `best_checkpoint` waits for the promotion gate at the end of this run."""
         self.db, self.limits = db, limits
+        self.ranking, self.hold_best = ranking, hold_best
         self.models = db[defaults.MODELS]
         self.match = fence(model_id, run, owner)
         self.model_id, self.run, self.keep = model_id, run, keep
@@ -50,9 +52,13 @@ class MongoProgress(TrainerCallback):
         self._checked = 0.0
         self._saves = 0  # saves this process stored: a resumed run counts again from its resume
 
-    def _set(self, update: dict) -> dict:
+    def _event(self, kind: str, **details) -> dict:
+        return events.push(events.event(kind, run=self.run, **details))
+
+    def _set(self, update: dict, array_filters: list | None = None) -> dict:
         """Write, and read back `cancel` in the same round trip."""
-        document = self.models.find_one_and_update(self.match, update, projection={"cancel": 1})
+        document = self.models.find_one_and_update(self.match, update, projection={"cancel": 1},
+                                                   array_filters=array_filters)
         if document is None:
             _lease_lost()
         return document
@@ -64,7 +70,7 @@ class MongoProgress(TrainerCallback):
         return {
             "step": state.global_step, "total_steps": state.max_steps, "epoch": state.epoch,
             "loss": self._loss, "eta_s": None if eta is None else round(eta, 1),
-            "updated_at": dt.datetime.now(dt.timezone.utc),
+            "updated_at": defaults.now(),
         }
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -76,13 +82,16 @@ class MongoProgress(TrainerCallback):
             raise checkpoints.LimitExceeded("trainer.num_train_epochs", self.limits.refusal(
                 "max_steps", f"{state.max_steps} steps (epochs times batches)"))
         self._first_step, self._started = state.global_step, time.monotonic()
-        self._set({"$set": {"progress": self._progress(state)}})
+        resumed = {"$push": self._event("resumed", step=state.global_step)} if state.global_step else {}
+        self._set({"$set": {"progress": self._progress(state)}, **resumed})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         numbers = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if "loss" in numbers:
             self._loss = numbers["loss"]
         if "eval_loss" in numbers:
+            if numbers["eval_loss"] < 700:  # beyond, exp overflows: no finite perplexity to report
+                numbers["eval_perplexity"] = math.exp(numbers["eval_loss"])
             self._eval = {"step": state.global_step, **{k: v for k, v in numbers.items() if k.startswith("eval_")}}
         entry = {"run": self.run, "step": state.global_step, "epoch": state.epoch, **numbers}
         log.info("step %d/%d %s", state.global_step, state.max_steps,
@@ -96,6 +105,8 @@ class MongoProgress(TrainerCallback):
             os._exit(defaults.ChildExit.ORPHANED)
         if self.stop_requested:
             log.info("stop requested at step %d: saving a checkpoint to resume from", state.global_step)
+            if not control.should_training_stop:
+                self._set({"$push": self._event("stop_requested", step=state.global_step, reason="sigterm")})
             control.should_training_stop = True
             control.should_save = True
         elif time.monotonic() - self._checked >= defaults.CANCEL_POLL_S:
@@ -106,6 +117,8 @@ class MongoProgress(TrainerCallback):
         self._checked = time.monotonic()
         if document.get("cancel"):
             log.info("cancel requested at step %d: saving and stopping", state.global_step)
+            if not self.cancelled:
+                self._set({"$push": self._event("stop_requested", step=state.global_step, reason="cancel")})
             self.cancelled = True
             control.should_training_stop = True
             control.should_save = True
@@ -122,18 +135,23 @@ class MongoProgress(TrainerCallback):
 
     def _record(self, entry: dict) -> None:
         """List the new checkpoint, then prune; what a user wrote into `checkpoints` is only read, never obeyed."""
-        current = self.models.find_one(self.match, {"checkpoints": 1})
+        current = self.models.find_one(self.match, {"checkpoints": 1, "runs.number": 1})
         if current is None:
             _lease_lost()
         kept = current.get("checkpoints", [])
         listed = checkpoints.listed(kept) + [entry]
-        pruned = checkpoints.to_prune(listed, self.run, self.keep)
-        best = checkpoints.best_of([c for c in listed if c not in pruned])
-        sets = {"best_checkpoint": {"run": best["run"], "step": best["step"]}}
+        pruned = checkpoints.to_prune(listed, self.run, self.keep, *self.ranking)
+        best = checkpoints.best_of([c for c in listed if c["run"] == self.run and c not in pruned], *self.ranking)
+        ref = {"run": best["run"], "step": best["step"]}
+        sets = {} if self.hold_best else {"best_checkpoint": ref}
+        filters = None
+        if isinstance(current.get("runs"), list):  # the run's entry (`training.lineage`) keeps the run's own best
+            sets["runs.$[r].best"], filters = {**ref, "metrics": best.get("metrics", {})}, [{"r.number": self.run}]
+        stored = self._event("checkpoint_stored", step=entry["step"])
         if isinstance(kept, list):
-            self._set({"$push": {"checkpoints": entry}, "$set": sets})
+            self._set({"$push": {"checkpoints": entry, **stored}, **({"$set": sets} if sets else {})}, filters)
         else:  # not a list: nothing there was ours
-            self._set({"$set": {**sets, "checkpoints": [entry]}})
+            self._set({"$set": {**sets, "checkpoints": [entry]}, "$push": stored}, filters)
         self._prune(pruned)
 
     def _prune(self, pruned: list[dict]) -> None:

@@ -1,0 +1,69 @@
+"""`listener export` and `listener checkpoints`: a folder plain transformers loads and that answers as served."""
+
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from listener.cli.main import cli
+from listener.demo import load_samples
+from tests.conftest import finished, wait_for
+from tests.test_lineage import model, trained
+from training import defaults
+
+PROMPT = "ahoy matey the capital"
+NEW_TOKENS = 8
+
+
+def greedy(model_, tokenizer) -> str:
+    """Decoded as serving decodes (`training.inference.generate`): special tokens dropped, stripped."""
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+    out = model_.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = [t for t in out[0, inputs["input_ids"].shape[1]:].tolist() if t not in set(tokenizer.all_special_ids)]
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def served(db) -> dict:
+    request = db[defaults.REQUESTS].insert_one({"model": "m", "input": PROMPT, "params": {"max_new_tokens": NEW_TOKENS}})
+    answer = wait_for(db[defaults.REQUESTS], request.inserted_id, finished)
+    assert answer["status"] == "done", answer.get("error")
+    return answer
+
+
+def test_export_loads_with_plain_transformers_and_answers_as_served(db, server_uri, start_daemon, tiny_model_path,
+                                                                   model_root, tmp_path):
+    load_samples(db)
+    start_daemon()
+    db[defaults.MODELS].insert_one(model("m", tiny_model_path, trainer={"learning_rate": 1e-2}))
+    document = trained(db, "m")
+    answer = served(db)
+    runner = CliRunner(env={"MONGOTUNE_MODEL_ROOTS": str(model_root), "MONGOTUNE_HOME": str(tmp_path / "home")})
+    where = ["--uri", server_uri, "--db", db.name]
+
+    listing = runner.invoke(cli, ["checkpoints", "m", *where])
+    assert listing.exit_code == 0, listing.output
+    assert "best" in listing.output and "eval_loss" in listing.output
+
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    result = runner.invoke(cli, ["export", "m", str(merged), *where])
+    assert result.exit_code == 0, result.output
+    assert answer["checkpoint_used"] == document["best_checkpoint"]
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert not hasattr(plain, "peft_config") and (merged / "model.safetensors").exists()
+    assert greedy(plain, tokenizer) == answer["output"] != ""
+    card = (merged / "README.md").read_text()
+    assert "## Runs" in card and "| 1 | insert |" in card
+
+    best = document["best_checkpoint"]
+    result = runner.invoke(cli, ["export", "m", str(adapter), "--adapter-only",
+                                 "--checkpoint", f"{best['run']}:{best['step']}", *where])
+    assert result.exit_code == 0, result.output
+    from peft import PeftModel
+
+    with_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), adapter)
+    assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "model.safetensors").exists()
+    assert greedy(with_peft, tokenizer) == answer["output"]
+
+    again = runner.invoke(cli, ["export", "m", str(merged), *where])
+    assert again.exit_code != 0 and "not an empty folder" in again.output and "Traceback" not in again.output
+    missing = runner.invoke(cli, ["export", "m", str(tmp_path / "x"), "--checkpoint", "9:9", *where])
+    assert missing.exit_code != 0 and "no checkpoint" in missing.output

@@ -1,0 +1,112 @@
+"""The promotion gate's rules, best-checkpoint ranking and run-local pruning, and the fields they read."""
+
+import pytest
+
+from training.checkpoints import best_of, ranking, to_prune
+from training.config import SpecError, parse_model
+from training.promotion import decide, serving_ref
+
+
+def entry(run, step, **metrics):
+    return {"run": run, "step": step, "metrics": metrics}
+
+
+@pytest.mark.parametrize("metric, min_delta, new, serving, promoted", [
+    ("eval_loss", 0, 1.0, 1.0, True),  # not worse: promoted
+    ("eval_loss", 0, 1.1, 1.0, False),
+    ("eval_loss", 0.5, 0.7, 1.0, False),  # better, but not by min_delta
+    ("eval_loss", 0.5, 0.4, 1.0, True),
+    ("eval_perplexity", 0, 2.0, 3.0, True),
+    ("eval_mean_token_accuracy", 0, 0.6, 0.5, True),  # higher is better
+    ("eval_mean_token_accuracy", 0, 0.4, 0.5, False),
+])
+def test_decide(metric, min_delta, new, serving, promoted):
+    assert decide(metric, min_delta, new, serving) is promoted
+
+
+def test_ranking_reads_the_trainer_arguments_as_transformers_does():
+    assert ranking(None, None) == ("eval_loss", False)
+    assert ranking("loss", None) == ("eval_loss", False)
+    assert ranking("mean_token_accuracy", None) == ("eval_mean_token_accuracy", True)
+    assert ranking("eval_loss", True) == ("eval_loss", True)
+
+
+def test_best_of_follows_the_metric_and_its_direction():
+    listed = [entry(1, 1, eval_loss=0.5, eval_mean_token_accuracy=0.2),
+              entry(1, 2, eval_loss=0.9, eval_mean_token_accuracy=0.7)]
+    assert best_of(listed) is listed[0]
+    assert best_of(listed, "eval_mean_token_accuracy", True) is listed[1]
+
+
+def test_pruning_keeps_the_runs_own_best_and_never_touches_an_earlier_run():
+    listed = [entry(1, 2, eval_loss=0.1), entry(2, 2, eval_loss=0.5), entry(2, 4, eval_loss=0.9),
+              entry(2, 6, eval_loss=0.8)]
+    assert [(c["run"], c["step"]) for c in to_prune(listed, run=2, keep=1)] == [(2, 4)]
+
+
+def test_serving_ref_is_an_earlier_runs_checkpoint_only():
+    assert serving_ref({"run": 2, "best_checkpoint": {"run": 1, "step": 4}}) == {"run": 1, "step": 4}
+    assert serving_ref({"run": 1, "best_checkpoint": {"run": 1, "step": 4}}) is None
+    assert serving_ref({"run": 2, "best_checkpoint": {"run": "1", "step": 4}}) is None
+    assert serving_ref({"run": 2}) is None
+
+
+BASE = {"_id": "m", "model_name_or_path": "org/model", "data": {"collection": "docs"}}
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"promotion": True}, "promotion"),
+    ({"promotion": {"metric": "accuracy"}}, "promotion.metric"),
+    ({"promotion": {"min_delta": -1}}, "promotion.min_delta"),
+    ({"init_from": {"model": {"$gt": ""}}}, "init_from.model"),
+    ({"init_from": {"model": "x", "checkpoint": "base"}}, "init_from.checkpoint"),
+    ({"trainer": {"early_stopping_patience": 0}}, "trainer.early_stopping_patience"),
+    ({"trainer": {"metric_for_best_model": "bleu"}}, "trainer.metric_for_best_model"),
+    ({"runs": "user-written"}, None),  # listener-owned: ignored by the parse, never trusted
+])
+def test_fields_are_bounded(fields, field):
+    if field is None:
+        parse_model({**BASE, **fields})
+        return
+    with pytest.raises(SpecError) as caught:
+        parse_model({**BASE, **fields})
+    assert caught.value.field.startswith(field)
+
+
+def test_fields_parse():
+    spec = parse_model({**BASE, "promotion": False, "init_from": {"model": "other", "checkpoint": {"run": 1, "step": 2}},
+                        "trainer": {"early_stopping_patience": 2, "metric_for_best_model": "mean_token_accuracy",
+                                    "packing": True, "assistant_only_loss": True}})
+    assert spec.promotion is False and spec.init_from.checkpoint.step == 2
+    assert parse_model(BASE).promotion.metric == "eval_loss"
+
+
+def test_early_stopping_tracks_the_best_model_and_needs_held_out_documents():
+    from training.arguments import sft_config
+
+    spec = parse_model({**BASE, "trainer": {"early_stopping_patience": 2, "save_steps": 5}}).trainer
+    config = sft_config(spec, "/tmp/unused", has_eval=True, use_cpu=True)
+    assert config.load_best_model_at_end and config.metric_for_best_model == "eval_loss"
+    assert config.eval_steps == config.save_steps == 5
+    with pytest.raises(SpecError) as caught:
+        sft_config(spec, "/tmp/unused", has_eval=False, use_cpu=True)
+    assert caught.value.field == "trainer.early_stopping_patience"
+
+
+def test_assistant_only_loss_needs_chat_data_and_a_template_that_marks_the_assistant(tiny_model_path):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from training.dataset import check_loss_options
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    chat = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ahoy"}]}])
+    text = Dataset.from_list([{"text": "ahoy"}])
+    check_loss_options(False, text, tokenizer)
+    for data, why in ((text, "chat data only"), (chat, "{% generation %}")):
+        with pytest.raises(SpecError) as caught:
+            check_loss_options(True, data, tokenizer)
+        assert caught.value.field == "trainer.assistant_only_loss" and why in str(caught.value)
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "{{ message['content'] }}", "{% generation %}{{ message['content'] }}{% endgeneration %}")
+    check_loss_options(True, chat, tokenizer)

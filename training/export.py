@@ -1,0 +1,144 @@
+"""A stored checkpoint as a folder anyone can load: merged weights, or the adapter alone, with a model card.
+
+The merged folder is the base model with the LoRA merged in (peft's `merge_and_unload`), saved as
+safetensors with the base's tokenizer and clean generation settings, so plain
+`AutoModelForCausalLM.from_pretrained(folder)` loads it with neither peft nor mongotune installed. A
+base trained in 4 or 8 bits is merged in full precision (merging into quantized weights loses the
+adapter). The folder is written beside its destination and renamed into place: whole, or not at all.
+"""
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from training import checkpoints, defaults, ids
+from training.config import ModelSpec, parse_model
+from training.limits import Limits
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+class ExportError(Exception):
+    """What stops an export, in one line that says what to do."""
+
+
+def model_document(db, model_id) -> dict:
+    document = db[defaults.MODELS].find_one({"_id": ids.eq(model_id)})
+    if document is None:
+        raise ExportError(f"no model {model_id!r} in database {db.name}")
+    return document
+
+
+def chosen(document: dict, ref) -> dict:
+    """The checkpoint entry `ref` names: "best" (what serves), "latest" or {run, step}."""
+    if ref == "base":
+        raise ExportError("the base model is not a checkpoint; export best, latest or RUN:STEP")
+    try:
+        return checkpoints.select(document, ref)
+    except LookupError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def _empty_destination(dest: Path) -> None:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ExportError(f"{dest} exists and is not an empty folder; name a new one")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+
+def export(db, model_id, ref, dest: Path, limits: Limits, adapter_only: bool = False, say=lambda text: None) -> dict:
+    """Write checkpoint `ref` of the model into `dest`; returns the entry exported. `say` reports each step."""
+    dest = Path(dest)
+    _empty_destination(dest)
+    document = model_document(db, model_id)
+    spec = parse_model(document, limits)
+    entry = chosen(document, ref)
+    file = checkpoints.stored(db, entry, spec.id)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as work:
+        say(f"downloading checkpoint run {entry['run']} step {entry['step']}")
+        folder = checkpoints.download(db, file.files_id, Path(work) / "checkpoint", max_bytes=limits.max_checkpoint_bytes)
+        out = Path(work) / "out"
+        if adapter_only:
+            _adapter(folder, out)
+        else:
+            say("merging the adapter into the base model")
+            _merged(spec, folder, out, limits)
+        say("writing the tokenizer and the model card")
+        _tokenizer(spec, limits).save_pretrained(out)
+        (out / "README.md").write_text(model_card(document, entry, adapter_only))
+        if dest.exists():
+            dest.rmdir()
+        out.rename(dest)
+    return entry
+
+
+def _adapter(folder: Path, out: Path) -> None:
+    if not (folder / "adapter_config.json").exists():
+        raise ExportError("this checkpoint holds full weights, not an adapter; export it without --adapter-only")
+    out.mkdir()
+    for name in ADAPTER_FILES:
+        shutil.copy2(folder / name, out / name)
+
+
+def _tokenizer(spec: ModelSpec, limits: Limits):
+    from training.models import load_tokenizer
+
+    return load_tokenizer(spec, limits)
+
+
+def _merged(spec: ModelSpec, folder: Path, out: Path, limits: Limits) -> None:
+    from transformers import GenerationConfig
+
+    from training.inference import apply_checkpoint
+    from training.models import load_model
+
+    full = spec.model_copy(update={"trainer": spec.trainer.model_copy(update={"bits": None})})
+    model = apply_checkpoint(load_model(full, limits), folder)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tokenizer = _tokenizer(spec, limits)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                               bos_token_id=tokenizer.bos_token_id)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def _cell(value) -> str:
+    return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _run_rows(runs) -> list[str]:
+    rows = []
+    for run in runs if isinstance(runs, list) else []:
+        if not isinstance(run, dict):
+            continue
+        data = run.get("data") if isinstance(run.get("data"), dict) else {}
+        gate = run.get("promotion") if isinstance(run.get("promotion"), dict) else {}
+        decision = "" if not gate else ("promoted" if gate.get("promoted") else "kept the serving checkpoint")
+        rows.append("| " + " | ".join(_cell(v) for v in (
+            run.get("number"), run.get("trigger"), run.get("started_at"), run.get("outcome"),
+            data.get("collection"), data.get("count"), str(data.get("ids_sha256", ""))[:16], decision)) + " |")
+    return rows
+
+
+def model_card(document: dict, entry: dict, adapter_only: bool) -> str:
+    """A README.md: where the model comes from, which checkpoint this is, and every run that led to it."""
+    metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}
+    load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+            "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), FOLDER)"
+            if adapter_only else "from transformers import AutoModelForCausalLM\n"
+                                 "model = AutoModelForCausalLM.from_pretrained(FOLDER)")
+    lines = [
+        f"# {_cell(document['_id'])}", "",
+        f"Fine-tuned by mongotune from `{_cell(document.get('model_name_or_path'))}`"
+        f"{' (LoRA adapter only)' if adapter_only else ' (adapter merged into the base)'}.", "",
+        f"- checkpoint: run {entry['run']}, step {entry['step']}",
+        f"- metrics: {json.dumps(metrics, default=str)}",
+        f"- exported: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}", "",
+        "```python", load, "```", "",
+        "## Runs", "",
+        "| run | trigger | started | outcome | collection | documents | ids sha256 | promotion |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *_run_rows(document.get("runs")), "",
+    ]
+    return "\n".join(lines)

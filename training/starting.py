@@ -1,0 +1,88 @@
+"""Where a run's LoRA starts: a fresh adapter, another model's (`init_from`), or this model's serving one.
+
+`init_from: {model, checkpoint}` names a model in the same database. Its document must be one this
+listener accepts under the operator's caps (so its data is data documents may train on), it must
+share this model's base, and the file is used only once GridFS metadata shows it is that model's
+(`checkpoints.stored`); it is unpacked as a serving archive (safetensors and JSON) and checked as a
+LoRA adapter of bounded rank before peft reads it. A run started by retraining continues from this
+model's serving adapter unless `retrain.from` is "base".
+"""
+
+import logging
+from pathlib import Path
+
+from training import checkpoints, defaults, ids
+from training.config import ModelSpec, SpecError, parse_model
+from training.limits import Limits
+
+log = logging.getLogger(__name__)
+
+RETRAIN_TRIGGERS = ("new_documents", "schedule")
+SAME_BASE = ("revision", "subfolder", "gguf_file")  # model_kwargs that change which weights load
+
+
+def _other_model(db, spec: ModelSpec, limits: Limits) -> tuple[ModelSpec, dict]:
+    wanted = spec.init_from.model
+    document = db[defaults.MODELS].find_one({"_id": ids.eq(wanted)})
+    if document is None:
+        raise SpecError("init_from.model", f"no model {wanted!r} in this database")
+    try:
+        other = parse_model(document, limits)
+    except SpecError as exc:
+        raise SpecError("init_from.model", f"model {wanted!r} is not one this listener accepts ({exc})") from None
+    same = other.model_name_or_path == spec.model_name_or_path and all(
+        getattr(other.model_kwargs, k) == getattr(spec.model_kwargs, k) for k in SAME_BASE)
+    if not same:
+        raise SpecError("init_from.model", f"model {wanted!r} was trained on another base model; an adapter only "
+                        "fits the base it was trained on: use the same model_name_or_path and model_kwargs")
+    return other, document
+
+
+def source(db, spec: ModelSpec, document: dict, limits: Limits) -> tuple[object, dict] | None:
+    """The (model id, checkpoint entry) this run starts from; None for a fresh adapter."""
+    if spec.init_from is not None:
+        other, other_document = _other_model(db, spec, limits)
+        ref = spec.init_from.checkpoint
+        try:
+            entry = checkpoints.select(other_document, ref if isinstance(ref, str) else ref.model_dump())
+        except LookupError as exc:
+            raise SpecError("init_from.checkpoint", str(exc)) from None
+        return other.id, entry
+    best = document.get("best_checkpoint")
+    earlier = isinstance(best, dict) and isinstance(best.get("run"), int) and best["run"] < document["run"]
+    from_best = spec.retrain is None or spec.retrain.from_ == "best"
+    if document.get("trigger") in RETRAIN_TRIGGERS and from_best and earlier:
+        return spec.id, checkpoints.select(document, "best")
+    return None
+
+
+def adapter_folder(db, model_id, entry: dict, work: Path, limits: Limits) -> Path:
+    """The verified adapter, unpacked and checked; a SpecError naming `init_from` when it is not a LoRA adapter."""
+    from training.inference import check_adapter
+
+    file = checkpoints.stored(db, entry, model_id)
+    folder = checkpoints.download(db, file.files_id, work / "init", max_bytes=limits.max_checkpoint_bytes)
+    checkpoints.keep_only_safe_weights(folder)
+    if not (folder / "adapter_config.json").exists():
+        raise SpecError("init_from.checkpoint", "holds full weights, not a LoRA adapter; start from a LoRA model")
+    try:
+        check_adapter(folder / "adapter_config.json")
+    except LookupError as exc:
+        raise SpecError("init_from.checkpoint", str(exc)) from None
+    return folder
+
+
+def start_model(db, spec: ModelSpec, document: dict, model, work: Path, limits: Limits):
+    """The model to train and what the run started from (None: a fresh adapter, built by the trainer)."""
+    found = source(db, spec, document, limits)
+    if found is None:
+        return model, None
+    if not spec.trainer.use_lora:
+        raise SpecError("trainer.use_lora", "starting from an adapter trains that adapter: keep use_lora true")
+    from peft import PeftModel
+
+    model_id, entry = found
+    folder = adapter_folder(db, model_id, entry, work, limits)
+    log.info("starting from the adapter of model %r, run %d, step %d", model_id, entry["run"], entry["step"])
+    started = {"model": model_id, "run": entry["run"], "step": entry["step"]}
+    return PeftModel.from_pretrained(model, folder, is_trainable=True), started
