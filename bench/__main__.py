@@ -39,7 +39,7 @@ def base_model(name: str, home: Path, console: Console) -> str:
     if name == "tiny":
         from training import tiny_model
 
-        return str(tiny_model.build(home / "tiny-model"))
+        return str(tiny_model.build(home / "models" / "tiny"))
     from training.offline import smollm2_path
 
     return str(smollm2_path(log=console.log))

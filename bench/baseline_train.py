@@ -36,7 +36,8 @@ def main() -> None:
     result = trainer.train()
     trainer.save_model(args.output)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    print(json.dumps({"train_runtime": result.metrics["train_runtime"], "loss": losses[-1]}))
+    tokens = max(entry.get("num_tokens", 0) for entry in trainer.state.log_history)
+    print(json.dumps({"train_runtime": result.metrics["train_runtime"], "loss": losses[-1], "tokens": tokens}))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def step(console: Console, label: str) -> Iterator[Timer]:
 def running_daemon(ctx: Context, name: str = "bench") -> Iterator[subprocess.Popen]:
     """A real `listener start` process, ready (registered) before the block; always stopped after it."""
     log_path = ctx.home / f"{name}-daemon.log"
-    process = start_listener(ctx.uri, ctx.db.name, name, log_path, home=ctx.home,
+    # its own home below the scratch folder: a daemon refuses models inside its home, and the tiny one is built there
+    process = start_listener(ctx.uri, ctx.db.name, name, log_path, home=ctx.home / "listener",
                              args=("--model-root", str(Path(ctx.model_path).parent)))
     try:
         try:

@@ -2,14 +2,24 @@
 
 Both train the same documents with the same settings, and each is timed as a user waits for it:
 mongotune from the insert to `succeeded`, the script from launch to exit. The trainer's own
-`train_runtime` splits each total into the training loop and everything around it. mongotune runs
-first, so whatever a warm file cache is worth goes to the baseline.
+`train_runtime` splits each total into the training loop and everything around it. The two run in
+`PAIRS` pairs, which side goes first alternating, so a warm file cache or a busy neighbour favours
+neither; every row is the median over the pairs, its note the spread. The job keeps the listener's
+own defaults (LoRA dropout included), the script peft's and trl's.
+
+CPU use is counted for every process involved: the daemon, its training child (with the ranks it
+starts, counted once the daemon has reaped it) and the database server on mongotune's side; the
+script on the other.
 """
 
 import json
+import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 from bench.common import Context, Row, step
 from listener.processes import wait_until
@@ -23,58 +33,110 @@ JOB = {
     "filter": {"_fold": "train"},  # the training fold only, so neither side evaluates
     "trainer": {"max_steps": 20, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 256,
                 "logging_steps": 5},
-    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},  # dropout: each side's default
 }
+PAIRS = 3
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
-def model_document(model_path: str) -> dict:
+def model_document(model_path: str, model_id=MODEL_ID) -> dict:
     """`JOB` in the document's own words: LoRA settings are `lora_*` trainer fields."""
     lora = JOB["lora"]
     return {
-        "_id": MODEL_ID, "model_name_or_path": model_path,
+        "_id": model_id, "model_name_or_path": model_path,
         "data": {"collection": COLLECTION, "key": "messages", "filter": JOB["filter"]},
         "trainer": {**JOB["trainer"], "save_steps": JOB["trainer"]["max_steps"],  # one save, at the end
-                    "lora_r": lora["r"], "lora_alpha": lora["lora_alpha"], "lora_dropout": lora["lora_dropout"],
+                    "lora_r": lora["r"], "lora_alpha": lora["lora_alpha"],
                     "lora_target_modules": lora["target_modules"]},
     }
 
 
-def via_mongotune(ctx: Context) -> dict:
+def _cpu(process: psutil.Process) -> tuple[float, float]:
+    """CPU seconds of a process itself, and of the children it has reaped."""
+    times = process.cpu_times()
+    return times.user + times.system, times.children_user + times.children_system
+
+
+def _processes(ctx: Context) -> tuple[psutil.Process, psutil.Process | None]:
+    """The bench's daemon (from its heartbeat) and the database server (the process listening on the URI's port)."""
+    record = ctx.db[defaults.LISTENER].find_one({"kind": "daemon"})
+    port = ctx.uri.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1].split("?")[0]
+    server = next((p for p in psutil.process_iter(["cmdline"])
+                   if "--port" in (p.info["cmdline"] or []) and port in p.info["cmdline"]), None)
+    return psutil.Process(record["pid"]), server
+
+
+def via_mongotune(ctx: Context, model_id=MODEL_ID) -> dict:
     models = ctx.db[defaults.MODELS]
-    with step(ctx.console, "training via mongotune (insert to succeeded)") as timer:
-        models.insert_one(model_document(ctx.model_path))
-        document = wait_until(lambda: models.find_one({"_id": MODEL_ID, "status": {"$in": FINISHED}}), TIMEOUT_S,
-                              "training via mongotune", interval_s=0.25)
+    daemon, server = _processes(ctx)
+    before = _cpu(daemon), server and _cpu(server)
+    with step(ctx.console, f"training {model_id} via mongotune (insert to succeeded)") as timer:
+        models.insert_one(model_document(ctx.model_path, model_id))
+        document = wait_until(lambda: models.find_one({"_id": model_id, "status": {"$in": FINISHED}}), TIMEOUT_S,
+                              "training via mongotune", poll_s=0.25)
+    after = _cpu(daemon), server and _cpu(server)
     if document["status"] != "succeeded":
         raise RuntimeError(f"training via mongotune {document['status']}: {document.get('error')}")
     metrics = document["metrics"]
+    cpu = {"daemon": after[0][0] - before[0][0], "training child": after[0][1] - before[0][1],
+           **({"database server": after[1][0] - before[1][0]} if server else {})}
     return {"seconds": timer.seconds, "loss": [m["loss"] for m in metrics if "loss" in m][-1],
-            "train_runtime": next(m["train_runtime"] for m in metrics if "train_runtime" in m)}
+            "train_runtime": next(m["train_runtime"] for m in metrics if "train_runtime" in m),
+            "tokens": max(m.get("num_tokens", 0) for m in metrics), "cpu": cpu}
 
 
 def via_script(ctx: Context, output: Path) -> dict:
     command = [sys.executable, str(SCRIPT), "--uri", ctx.uri, "--db", ctx.db.name, "--collection", COLLECTION,
                "--model", ctx.model_path, "--output", str(output), "--job", json.dumps(JOB)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with step(ctx.console, "training via a plain trl script (launch to exit)") as timer:
         done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     (ctx.home / "baseline-train.log").write_text(done.stdout + done.stderr)
     if done.returncode:
         raise RuntimeError(f"the baseline training script failed:\n{done.stderr[-3000:]}")
-    return {"seconds": timer.seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"seconds": timer.seconds, "cpu": {"script": cpu}, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def _median(values: list[float]) -> tuple[float, str]:
+    """The median and the spread, as the row shows them."""
+    return statistics.median(values), f"{min(values):.3g}–{max(values):.3g}"
+
+
+def _row(name: str, unit: str, ours: list[float], theirs: list[float], note: str = "") -> Row:
+    (m, m_spread), (b, b_spread) = _median(ours), _median(theirs)
+    return Row(name, unit, m, b, f"spread {m_spread} vs {b_spread}" + (f"; {note}" if note else ""))
 
 
 def run(ctx: Context) -> tuple[list[Row], Path]:
     """The rows, and the baseline's saved adapter folder (a real checkpoint for the storage benchmark)."""
     output = ctx.home / "baseline-adapter"
-    ours, theirs = via_mongotune(ctx), via_script(ctx, output)
-    around = {side: r["seconds"] - r["train_runtime"] for side, r in (("ours", ours), ("theirs", theirs))}
+    ours, theirs = [], []
+    for number in range(PAIRS):
+        folder = output if number == 0 else ctx.home / f"baseline-{number}"
+        if number % 2:  # every other pair, the script goes first
+            theirs.append(via_script(ctx, folder))
+        ours.append(via_mongotune(ctx, MODEL_ID if number == 0 else f"{MODEL_ID}-{number}"))
+        if not number % 2:
+            theirs.append(via_script(ctx, folder))
     steps = JOB["trainer"]["max_steps"]
+    ratios = [o["seconds"] / t["seconds"] for o, t in zip(ours, theirs)]
+    train_ratios = [o["train_runtime"] / t["train_runtime"] for o, t in zip(ours, theirs)]
+    ratio, spread = _median(ratios)
+    train_ratio, train_spread = _median(train_ratios)
     rows = [
-        Row("training: end to end", "s", ours["seconds"], theirs["seconds"],
-            f"overhead {ours['seconds'] - theirs['seconds']:+.1f} s"),
-        Row("training: inside trainer.train()", "s", ours["train_runtime"], theirs["train_runtime"],
-            f"outside it: {around['ours']:.1f} s vs {around['theirs']:.1f} s"),
-        Row(f"training: loss at step {steps}", "loss", ours["loss"], theirs["loss"]),
+        _row("training: end to end", "s", [r["seconds"] for r in ours], [r["seconds"] for r in theirs],
+             f"whole-job ratio {ratio:.2f} ({spread}) over {PAIRS} pairs"),
+        _row("training: inside trainer.train()", "s", [r["train_runtime"] for r in ours],
+             [r["train_runtime"] for r in theirs], f"training-phase ratio {train_ratio:.2f} ({train_spread})"),
+        _row("training: seconds per step", "s", [r["train_runtime"] / steps for r in ours],
+             [r["train_runtime"] / steps for r in theirs]),
+        _row("training: trained tokens per second", "tok/s", [r["tokens"] / r["train_runtime"] for r in ours],
+             [r["tokens"] / r["train_runtime"] for r in theirs]),
+        _row("training: CPU, all processes", "cpu s", [sum(r["cpu"].values()) for r in ours],
+             [sum(r["cpu"].values()) for r in theirs], "mongotune: " + ", ".join(
+                 f"{k} {statistics.median(r['cpu'][k] for r in ours):.1f}" for k in ours[0]["cpu"])),
+        _row(f"training: loss at step {steps}", "loss", [r["loss"] for r in ours], [r["loss"] for r in theirs]),
     ]
     return rows, output

@@ -1,6 +1,6 @@
 """The daemon: watch `_models` and `_requests`, claim what is pending, train and answer.
 
-Read `Daemon.run` top to bottom: clean up after killed children -> register -> start periodic
+Read `Daemon.work` top to bottom: clean up after killed children -> register -> start periodic
 work -> open the streams (each scans for pending documents once it is open) -> wait for a stop
 signal -> stop training children and the serving worker, give back their leases, deregister.
 Every document read is parsed where it is read (`listener.records`); one bad document is failed
@@ -13,16 +13,18 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from bson.errors import InvalidBSON
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
-from listener import embedded, health, housekeeping, leases, schema
+from listener import embedded, gpus, health, housekeeping, leases, metrics, schema
 from listener.connection import connect, database_name, redact
 from listener.jobs import supervise
+from listener.periodic import Periodic
 from listener.leases import claim_model, claim_request, fail_malformed
 from listener.records import BadRecord, ModelState, RequestState, SkipLog, parse
+from listener.retrain import Retrainer
 from listener.serving import Serving
 from listener.settings import Settings
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, now, status_filter, transition
@@ -30,17 +32,23 @@ from listener.streams import watch
 from training import defaults, ids
 from training.config import SpecError, parse_model, parse_request
 
-log = logging.getLogger("mongotune.listener")
+log = logging.getLogger(__name__)
 
 SHUTDOWN_DB_S = 5.0  # what a stopping daemon spends giving its leases back before it exits anyway
 
+# Runs one claimed training to its end and records its final status: `supervise` starts the real
+# child; the fast tests pass a stand-in so claim, slot and release logic run in milliseconds.
+TrainingRunner = Callable[..., Awaitable[Status]]
+
 
 class Daemon:
-    def __init__(self, client, settings: Settings):
+    def __init__(self, client, settings: Settings, train: TrainingRunner = supervise):
         self.settings = settings
+        self.train = train
         self.db = client[settings.db]
         self.owner = f"{settings.name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.trainings: dict[str, asyncio.Task | None] = {}  # by ids.key of the model
+        self.gpus = gpus.GpuPool(gpus.visible() if settings.gpus is None else settings.gpus)
         self.counters = {k: 0 for k in ("trainings_started", "trainings_succeeded", "trainings_failed",
                                         "requests_done", "requests_failed", "invalid_documents")}
         self.stop_event = asyncio.Event()
@@ -48,34 +56,42 @@ class Daemon:
         self.health = health.Health(settings.home, settings.name, self.owner)
         self._room = asyncio.Event()  # set by serving when it can take more requests
         self.serving = Serving(self.db, settings, self.owner, self.counters, on_room=self._room_freed)
+        self.periodic = Periodic()  # the one owner of timed work; `_shutdown` awaits it
+        self.retrainer = Retrainer(self.db, settings, self.owner, self.periodic, self.skipped)
+        self.metrics: metrics.Metrics | None = None  # with --metrics-port, from `work`
 
-    async def run(self) -> None:
+    async def work(self) -> None:
+        self.metrics = metrics.attach(self, self.periodic)  # first: a taken port stops the start
         housekeeping.clean(self.settings)
         if self.settings.validators:
             await schema.install(self.db, self.settings.limits)
+        await schema.expire_requests(self.db, self.settings.requests_ttl_s)
         await self._heartbeat(started=True)
-        scheduler = AsyncIOScheduler()
-        scheduler.add_job(self._heartbeat, "interval", seconds=self.settings.heartbeat_s)
-        scheduler.add_job(self.scan, "interval", seconds=self.settings.scan_s)
-        scheduler.add_job(self.reap, "interval", seconds=max(1.0, self.settings.lease_s / 2))
-        scheduler.add_job(self.serving.renew, "interval", seconds=self.settings.lease_s / 4)
-        scheduler.start()
+        self.periodic.every(self.settings.heartbeat_s, self._heartbeat)
+        self.periodic.every(self.settings.scan_s, self.scan)
+        self.periodic.every(max(1.0, self.settings.lease_s / 2), self.reap)
+        self.periodic.every(self.settings.lease_s / 4, self.serving.renew)
+        self.retrainer.start()
+        self.periodic.start()
         tasks = [
             asyncio.create_task(watch_collection(self, defaults.MODELS, self.consider_model, self._scan_models)),
             asyncio.create_task(watch_collection(self, defaults.REQUESTS, self.consider_request, self._scan_requests)),
-            asyncio.create_task(self.serving.run()),
+            asyncio.create_task(self.serving.serve()),
             asyncio.create_task(self._rescan_when_room()),
         ]
         log.info("listening on %s, database %r, as %s", redact(self.settings.uri), self.settings.db, self.owner)
         stop = asyncio.create_task(self.stop_event.wait())
         done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        scheduler.shutdown(wait=False)
         await self._shutdown(tasks)
         for task in done:
             if task is not stop and task.exception():
                 raise task.exception()
 
     async def _shutdown(self, tasks: list[asyncio.Task]) -> None:
+        await self.periodic.close(SHUTDOWN_DB_S)
+        await self.retrainer.close()
+        if self.metrics:
+            self.metrics.close()
         trainings = [task for task in self.trainings.values() if task is not None]
         for task in [*tasks, *trainings]:
             task.cancel()
@@ -94,7 +110,7 @@ class Daemon:
     async def _heartbeat(self, started: bool = False) -> None:
         record = {"kind": "daemon", "name": self.settings.name, "owner": self.owner, "host": socket.gethostname(),
                   "pid": os.getpid(), "heartbeat_at": now(), "counters": self.counters,
-                  "trainings": list(self.trainings)}
+                  "trainings": list(self.trainings), **self.gpus.heartbeat()}
         if started:
             record["started_at"] = now()
         try:
@@ -165,6 +181,7 @@ class Daemon:
             return
         key = ids.key(state.id)
         if state.status not in (None, Status.PENDING) or key in self.trainings:
+            self.gpus.forget(key)
             return
         if state.cancel:
             await transition(models, state.id, Status.PENDING, Status.CANCELLED, MODEL_TRANSITIONS, unset=("cancel",))
@@ -182,23 +199,30 @@ class Daemon:
         self.trainings[key] = None  # the slot is taken before the await, so no other task can take it too
         claimed = None
         try:
-            claimed = await claim_model(models, state, self.owner, self.settings.lease_s, spec.warnings())
+            placed = await gpus.reserve(self.gpus, self.db, key, spec.trainer.num_gpus, self.settings.heartbeat_s)
+            if placed.error:
+                await transition(models, state.id, Status.PENDING, Status.FAILED, MODEL_TRANSITIONS,
+                                 fields={"error": placed.error})
+            elif not placed.wait:
+                claimed = await claim_model(models, state, self.owner, self.settings.lease_s, spec.warnings())
         finally:
             if claimed is None:
                 self.trainings.pop(key, None)
+                self.gpus.give_back(key)
         if claimed is not None:
             self.counters["trainings_started"] += 1
-            self.trainings[key] = asyncio.create_task(self._train(key, state.id, claimed["run"]))
+            self.trainings[key] = asyncio.create_task(self._train(key, state.id, claimed["run"], placed.devices))
 
-    async def _train(self, key: str, model_id, run: int) -> None:
+    async def _train(self, key: str, model_id, run: int, devices: tuple[int, ...] | None = None) -> None:
         try:
-            outcome = await supervise(self.db, self.settings, model_id, run, self.owner)
+            outcome = await self.train(self.db, self.settings, model_id, run, self.owner, devices=devices)
             if outcome is Status.SUCCEEDED:
                 self.counters["trainings_succeeded"] += 1
             elif outcome is Status.FAILED:
                 self.counters["trainings_failed"] += 1
         finally:
             self.trainings.pop(key, None)  # supervise returns only once the child has exited
+            self.gpus.give_back(key)
         if not self.stop_event.is_set():
             await self._scan_models()
 
@@ -278,7 +302,7 @@ async def _serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, daemon.stop_event.set)
     try:
-        await daemon.run()
+        await daemon.work()
     finally:
         await client.close()
 
@@ -288,7 +312,11 @@ def serve(settings: Settings) -> None:
     if settings.uri:
         asyncio.run(_serve(settings.model_copy(update={"db": database_name(settings.uri, settings.db)})))
         return
-    with embedded.EmbeddedServer(settings.home / "embedded") as server:
-        log.info("embedded server at %s (data in %s)", server.uri, server.folder)
-        asyncio.run(_serve(settings.model_copy(update={"uri": server.uri,
-                                                       "db": database_name(server.uri, settings.db)})))
+    # The home's server outlives this daemon: other daemons and mongosh sessions may use it.
+    server = embedded.EmbeddedServer(settings.home / "embedded").start(f"daemon {settings.name} (pid {os.getpid()})")
+    db = database_name(server.uri, settings.db)
+    log.info("embedded server at %s (data in %s)", server.uri_for(db), server.folder)
+    try:
+        asyncio.run(_serve(settings.model_copy(update={"uri": server.uri, "db": db})))
+    finally:
+        log.info("the embedded server at %s keeps running; `listener server stop` stops it", server.uri_for(db))

@@ -9,17 +9,18 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from training.limits import ENV_PREFIX, Limits
 from training.offline import cache_root
 
 
 # Settings `listener start` has an option of its own for; every other one is `--set NAME=VALUE`.
-OPTION_NAMES = {"uri": "--uri", "uri_file": "--uri-file", "db": "--db", "name": "--name", "max_jobs": "--max-jobs",
-                "validators": "--validators", "model_roots": "--model-root"}
+OPTION_NAMES = {"uri": "--uri", "uri_file": "--uri-file", "db": "--db", "name": "--name", "max_jobs": "--max-jobs", "gpus": "--gpus",
+                "validators": "--validators", "model_roots": "--model-root", "metrics_port": "--metrics-port",
+                "log_format": "--log-format"}
 
 
 class SettingsError(ValueError):
@@ -42,10 +43,14 @@ class Settings(BaseModel):
     name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200,
                       description="this daemon's name; its resume tokens are kept under it")
     max_jobs: int = Field(1, ge=1, le=64, description="trainings this daemon runs at once")
+    gpus: tuple[int, ...] | None = Field(None, description="GPU ids this daemon may give its trainings (0,1,2,3); "
+                                         "unset: every visible GPU; 'none': run on the CPU (listener.gpus)")
     validators: bool = Field(True, description="install $jsonSchema validators at start")
     lease_s: float = Field(60.0, ge=1.0, le=86_400, description="a claim's lifetime; renewed every quarter of it")
     scan_s: float = Field(30.0, ge=0.5, le=86_400, description="catch-up scan for pending documents")
     heartbeat_s: float = Field(5.0, ge=0.5, le=3_600, description="how often the daemon records that it lives")
+    retrain_check_s: float = Field(5.0, ge=0.2, le=3_600, description="how often the daemon looks for models to "
+                                   "retrain and for new ones whose data it must watch")
     max_attempts: int = Field(3, ge=1, le=100, description="claims of one run or request before it is failed")
     max_run_s: float = Field(24 * 3600.0, ge=10, description="wall-clock time of one training run")
     kill_grace_s: float = Field(30.0, ge=1, le=3_600, description="SIGTERM to SIGKILL for a child told to stop")
@@ -58,7 +63,26 @@ class Settings(BaseModel):
     batch_window_s: float = Field(0.05, ge=0, le=10, description="wait after a request for others to batch with it")
     max_queue_per_model: int = Field(64, ge=1, description="requests one daemon holds for one model")
     max_queued_requests: int = Field(256, ge=1, description="requests one daemon holds in all")
+    metrics_port: int | None = Field(None, ge=1, le=65_535,
+                                     description="serve Prometheus metrics and /healthz on this port; none: off")
+    metrics_host: str = Field("127.0.0.1", min_length=1, max_length=255,
+                              description="address the metrics port listens on (0.0.0.0 for probes from outside)")
+    log_format: Literal["text", "json"] = Field("text", description="'json': one JSON object per log line")
+    preload_best: bool = Field(False, description="load a model's best checkpoint for serving as soon as it is "
+                                                   "promoted or its run ends, before the first request")
+    requests_ttl_s: int | None = Field(None, ge=1, le=10 * 365 * 86_400,
+                                       description="answered requests are deleted this long after; none: kept")
     limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _no_gpus(cls, value):
+        """`--gpus none` (or an empty list): declare no GPU at all."""
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, (tuple, list)) and [str(v).lower() for v in value] in ([], ["none"]):
+            return ()
+        return value
 
     @property
     def job_logs(self) -> Path:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training import ids, transforms
+from training import ids, schedule, transforms
 from training.limits import Limits
 from training.template import TemplateError, template_fields
 
@@ -23,10 +23,13 @@ from training.template import TemplateError, template_fields
 LISTENER_FIELDS = frozenset({
     "status", "run", "attempts", "progress", "metrics", "checkpoints", "best_checkpoint", "error",
     "lease", "created_at", "started_at", "finished_at", "output", "usage", "latency_ms",
-    "completed_at", "history", "checkpoint_used", "batch_size", "warnings",
+    "completed_at", "history", "checkpoint_used", "batch_size", "warnings", "timing", "events", "runs",
+    "trigger",
 })
 # Server-side JavaScript: a real MongoDB would run it, so a user-supplied filter may not hold it.
 FORBIDDEN_OPERATORS = frozenset({"$where", "$function", "$accumulator"})
+FIELD_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"  # a dotted field name, never an operator
+TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\}")
 # Accepted so a reference workflow's arguments work as copied, and ignored: written to `warnings`.
 IGNORED = {
     "output_dir": "ignored: checkpoints go to GridFS, never to a folder a document names",
@@ -149,6 +152,21 @@ class TokenizerKwargs(_Strict):
 Steps = Annotated[int | float, Field(gt=0, le=10_000_000)]  # a count, or below 1 a fraction of the run
 
 
+class FsdpConfig(_Strict):
+    """FSDP settings a document may give (TrainingArguments.fsdp_config): no paths, no XLA, full state dicts only,
+    since a checkpoint stored in GridFS must load whole on any host."""
+
+    version: Literal[1, 2] | None = None
+    reshard_after_forward: bool | None = None
+    cpu_offload: bool | None = None
+    activation_checkpointing: bool | None = None
+    cpu_ram_efficient_loading: bool | None = None
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] | None = None
+    transformer_layer_cls_to_wrap: list[Annotated[str, Field(pattern=FIELD_NAME)]] | None = Field(default=None,
+                                                                                                   max_length=20)
+    min_num_params: int | None = Field(default=None, ge=0, le=10**12)
+
+
 class TrainingArgs(_Strict):
     """The TrainingArguments/SFTConfig names a document may set, each bounded; every other name is refused.
 
@@ -196,7 +214,7 @@ class TrainingArgs(_Strict):
     label_smoothing_factor: float | None = Field(default=None, ge=0, lt=1)
     neftune_noise_alpha: float | None = Field(default=None, ge=0, le=100)
     load_best_model_at_end: bool | None = None
-    metric_for_best_model: Literal["loss", "eval_loss"] | None = None
+    metric_for_best_model: Literal["loss", "eval_loss", "mean_token_accuracy", "eval_mean_token_accuracy"] | None = None
     greater_is_better: bool | None = None
     eval_on_start: bool | None = None
     use_cpu: bool | None = None
@@ -209,6 +227,8 @@ class TrainingArgs(_Strict):
     assistant_only_loss: bool | None = None
     padding_free: bool | None = None
     dataset_num_proc: int | None = Field(default=None, ge=1)
+    fsdp: bool | Literal["full_shard", "shard_grad_op", "full_shard auto_wrap", "shard_grad_op auto_wrap"] | None = None
+    fsdp_config: FsdpConfig | None = None  # FSDP runs only with trainer.num_processes above 1 (training.ranks)
     # Accepted so the reference workflow's arguments work as copied, and ignored (see `warnings`).
     output_dir: str | None = Field(default=None, max_length=1000)
     overwrite_output_dir: bool | None = None
@@ -271,16 +291,27 @@ class DeepSpeedSpec(_Strict):
 
 
 class TrainerSpec(TrainingArgs):
-    """mongotune's own trainer fields beside the allowed TrainingArguments names."""
+    """mongotune's own trainer fields beside the allowed TrainingArguments names.
+
+    `lora_dropout` defaults to 0.0, peft's own default, not the reference workflow's 0.05: at 0.0 peft
+    leaves the dropout module out of every adapted layer, and the dropout costs on every step. On this
+    2-core CPU (SmolLM2-135M, r=8, batch 2, 128 tokens, one thread, two alternating pairs of 4 steps) it
+    took 1.63-1.69 CPU s a step against 1.43-1.56 without, for the same training loss (3.016 against
+    3.011); the issue's held-out run measured 53.7 s against 35.0 s for 30 steps. What it buys is
+    regularization over many epochs of small data, which a document asks for with `lora_dropout: 0.05`.
+    The value used is recorded in the run's entry (`runs[].arguments.trainer`).
+    """
 
     use_lora: bool = True
     lora_r: int = Field(default=8, gt=0, le=1024)
     lora_alpha: int = Field(default=16, gt=0, le=65_536)
-    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     lora_target_modules: str | list[Annotated[str, Field(pattern=FIELD_NAME)]] = Field(default="all-linear", max_length=200)
     bits: Literal[4, 8] | None = None
     deepspeed: DeepSpeedSpec | None = None
     num_gpus: int = Field(default=1, ge=0, le=64)
+    num_processes: int | None = Field(default=None, ge=1, le=64)  # None: num_gpus, else 1 (training.ranks)
+    early_stopping_patience: int | None = Field(default=None, ge=1, le=10_000)  # evaluations without improvement
     training_kwargs: TrainingArgs = Field(default_factory=TrainingArgs)
 
     def training_arguments(self) -> dict:
@@ -299,6 +330,47 @@ def _plain_id(value):
 PlainId = Annotated[Any, AfterValidator(_plain_id)]  # a model's id: a value, never a pattern or a document
 
 
+class CheckpointRef(_Strict):
+    run: int = Field(ge=1, le=2**31)
+    step: int = Field(ge=0, le=2**62)
+
+
+class Promotion(_Strict):
+    """When a finished run replaces the serving checkpoint: only if it is better by at least `min_delta`."""
+
+    metric: Literal["eval_loss", "eval_perplexity", "eval_mean_token_accuracy"] = "eval_loss"
+    min_delta: float = Field(default=0.0, ge=0, le=1e6)
+
+
+class InitFrom(_Strict):
+    """Start from another model's adapter (same base, same database): its `best`, `latest` or `{run, step}`."""
+
+    model: PlainId
+    checkpoint: Literal["best", "latest"] | CheckpointRef = "best"
+
+
+class RetrainSpec(_Strict):
+    """When the daemons start a new run by themselves (`listener.retrain`); either trigger, or both.
+
+    `on_new_documents`: after that many inserts matching `data.filter` since the last run started.
+    `schedule`: a cron expression in UTC (`training.schedule`). `from`: what a retrain continues from.
+    """
+
+    on_new_documents: int | None = Field(default=None, ge=1, le=10**9)
+    schedule: str | None = Field(default=None, min_length=1, max_length=200)
+    from_: Literal["best", "base"] = Field(default="best", alias="from")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                schedule.trigger(value)
+            except schedule.ScheduleError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
 class ModelSpec(_Strict):
     id: PlainId = Field(alias="_id")
     model_name_or_path: str = Field(min_length=1, max_length=1000)
@@ -308,6 +380,9 @@ class ModelSpec(_Strict):
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     description: str | None = Field(default=None, max_length=10_000)
     cancel: bool = False
+    promotion: Promotion | Literal[False] = Field(default_factory=Promotion)  # false: every finished run serves
+    init_from: InitFrom | None = None
+    retrain: RetrainSpec | None = None
 
     def warnings(self) -> list[str]:
         """Settings accepted for compatibility but not used, and why: written to the document at claim."""
@@ -329,11 +404,6 @@ class GenerationParams(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
 
 
-class CheckpointRef(_Strict):
-    run: int = Field(ge=1, le=2**31)
-    step: int = Field(ge=0, le=2**62)
-
-
 class RequestSpec(_Strict):
     id: Any = Field(alias="_id")
     model: PlainId
@@ -341,6 +411,20 @@ class RequestSpec(_Strict):
     params: GenerationParams = Field(default_factory=GenerationParams)
     checkpoint: Literal["best", "latest", "base"] | CheckpointRef = "best"
     cancel: bool = False
+    stream: bool = False  # `output` grows in place while generating; `done` and `usage` come last
+    timeout_s: float | None = Field(default=None, ge=1, le=86_400)  # generation time; the operator's cap still holds
+    # Predictions over a collection (listener.batch_predictions): `input` names a field or is a "{field}" template.
+    collection: str | None = Field(default=None, min_length=1, max_length=255)
+    filter: dict | None = None
+    output_field: str | None = Field(default=None, pattern=FIELD_PATH, max_length=200)
+    watch: bool = False
+
+    @field_validator("filter")
+    @classmethod
+    def _no_javascript(cls, value: dict | None) -> dict | None:
+        if value is not None:
+            _check_filter(value, "filter")
+        return value
 
     @field_validator("input")
     @classmethod
@@ -449,7 +533,9 @@ def check_model(spec: ModelSpec, limits: Limits) -> None:
     _cap(limits, "trainer.dataloader_num_workers", "max_dataloader_workers", args.get("dataloader_num_workers"))
     _cap(limits, "trainer.dataset_num_proc", "max_processes", args.get("dataset_num_proc"))
     _cap(limits, "trainer.num_gpus", "max_processes", spec.trainer.num_gpus)
+    _cap(limits, "trainer.num_processes", "max_processes", spec.trainer.num_processes)
     _cap(limits, "data.limit", "max_documents", spec.data.limit)
+    check_retrain(spec.retrain, limits)
     if not limits.trust_remote_code:
         for section in ("model_kwargs", "tokenizer_kwargs"):
             if getattr(spec, section).trust_remote_code:
@@ -459,11 +545,48 @@ def check_model(spec: ModelSpec, limits: Limits) -> None:
     check_source(spec.model_name_or_path, limits)
 
 
+def check_retrain(retrain: RetrainSpec | None, limits: Limits) -> None:
+    """A retrain may not ask for more documents than a run may read, nor fire more often than the operator allows."""
+    if retrain is None:
+        return
+    _cap(limits, "retrain.on_new_documents", "max_documents", retrain.on_new_documents)
+    if retrain.schedule is not None:
+        try:
+            schedule.check(retrain.schedule, limits.min_retrain_interval_s)
+        except schedule.ScheduleError as exc:
+            raise SpecError("retrain.schedule", f"{exc} (the operator sets the minimum with "
+                            f"{Limits.setting('min_retrain_interval_s')})") from None
+
+
 def check_request(spec: RequestSpec, limits: Limits) -> None:
     _cap(limits, "params.max_new_tokens", "max_new_tokens", spec.params.max_new_tokens)
     _cap(limits, "input", "max_input_chars", spec.prompt_chars())
     if isinstance(spec.input, list):
         _cap(limits, "input", "max_messages", len(spec.input))
+    if spec.collection is None:
+        given = [name for name in ("filter", "output_field", "watch") if getattr(spec, name) not in (None, False)]
+        if given:
+            raise SpecError(given[0], "only for predictions over a collection; name the collection too")
+        return
+    try:
+        check_collection(spec.collection, limits)
+    except SpecError as exc:
+        raise SpecError("collection", exc.message) from None
+    if spec.output_field is None:
+        raise SpecError("output_field", "name the field each document's answer is written to")
+    if spec.stream:
+        raise SpecError("stream", "predictions over a collection write each answer once; leave stream out")
+    if not isinstance(spec.input, str) or not input_fields(spec.input):
+        raise SpecError("input", 'name the field to answer, or write a template such as "{title}: {body}"')
+    roots = {name.split(".")[0] for name in input_fields(spec.input)}
+    if spec.output_field.split(".")[0] in roots | {"_id"}:
+        raise SpecError("output_field", "must differ from the input fields and _id, or answers would feed themselves")
+
+
+def input_fields(text: str) -> list[str]:
+    """The fields a collection request reads: its "{field}" placeholders, or the one field it names."""
+    names = TEMPLATE_FIELD.findall(text)
+    return names if names else [text] if re.fullmatch(FIELD_PATH, text) else []
 
 
 def check_collection(name: str, limits: Limits) -> None:

@@ -1,0 +1,333 @@
+"""Retraining the daemons start by themselves: when new documents arrive, and on a schedule.
+
+One rule makes it safe with any number of daemons: a retrain is the transition `succeeded -> pending`
+filtered on the model's `run` (`start`). The first daemon to write it starts the run; every other
+attempt for that run finds the model no longer `succeeded`. So a retrain never starts while a run is
+pending or going, nor after one that failed or was cancelled (a person looks at those first).
+
+New documents (`retrain.on_new_documents: N`): each daemon watches the data collection of each such
+model through a change stream of inserts matching `data.filter` (an update that makes an old document
+match does not count: it did not arrive) and keeps a tally in `_listener` (`retrain:<daemon>:<model>`):
+the count, the run it counts toward and the resume token of the last counted insert, written in one
+update, so a restarted daemon resumes after the last insert it counted and neither loses nor counts
+one twice. Every daemon counts every insert, so whichever reaches N first starts the run. Counting
+toward run R starts once R is claimed, a little before R reads its data: an insert in between is
+trained on and also counted, so a retrain comes early rather than late. Inserts during a run count
+toward the next one.
+
+Schedule (`retrain.schedule`, `training.schedule`): every daemon's scheduler fires at each tick, and
+the tick is claimed in `_listener` (`retrain-tick:<model>`, whose `tick` only moves forward), so one
+daemon per tick acts on it, even when the run it started has already finished by the time another
+daemon's job fires. A tick that finds a run pending or going is skipped, with a log line.
+
+The set of models followed is refreshed every `retrain_check_s`: a model given `retrain` later starts
+being watched, a deleted one stops. The same pass starts what is due, e.g. a run that ended after N
+documents had already arrived while it trained.
+"""
+
+import asyncio
+import datetime as dt
+import functools
+import hashlib
+import logging
+
+from bson import json_util
+from pydantic import BaseModel, ConfigDict, Field
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+
+from listener.periodic import Periodic
+from listener.records import BadRecord, ModelState, SkipLog, parse
+from listener.settings import Settings
+from listener.status import DOCUMENT_VALIDATION_FAILURE, FINAL, MODEL_TRANSITIONS, Status, now, transition
+from listener.streams import LOST_TOKEN_CODES
+from training import defaults, ids, schedule
+from training.config import LISTENER_FIELDS, ModelSpec, SpecError, parse_model
+
+log = logging.getLogger(__name__)
+
+TALLY = "retrain_tally"  # `kind` of a daemon's count of new documents for one model
+TICK = "retrain_tick"  # `kind` of a model's last claimed schedule tick
+TICKS_KEPT = 20  # recent ticks kept on a tick record: when, which daemon took it, what came of it
+TICK_LOOKBACK_S = 60.0  # how late a schedule job may run and still find the tick it fired for
+LOGICAL = frozenset({"$and", "$or", "$nor"})
+STATE_FIELDS = {"status": 1, "run": 1, "started_at": 1, "finished_at": 1}
+
+
+class Tally(BaseModel):
+    """A daemon's count of inserts toward one model's next run, as stored in `_listener`."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    collection: str
+    run: int = Field(ge=0)
+    count: int = Field(ge=0)
+    token: dict | None = None
+
+
+class TickRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    tick: dt.datetime
+
+
+async def start(models, model_id, run: int, trigger: str) -> bool:
+    """Start the run after `run` if the model is `succeeded` at `run`; of all callers for one run, one wins."""
+    moved = await transition(models, model_id, Status.SUCCEEDED, Status.PENDING, MODEL_TRANSITIONS,
+                             match={"run": run}, fields={"trigger": trigger}, event={"trigger": trigger})
+    if moved is not None:
+        log.info("retraining %.200r after run %d (%s)", model_id, run, trigger)
+    return moved is not None
+
+
+async def claim_tick(records, model_id, tick: dt.datetime, owner: str) -> bool:
+    """True for exactly one caller per model and tick: the one that moves the model's tick record to `tick`."""
+    key = f"retrain-tick:{ids.key(model_id)}"
+    try:
+        result = await records.update_one(
+            {"_id": key, "tick": {"$lt": tick}},
+            {"$set": {"kind": TICK, "model": model_id, "tick": tick, "owner": owner, "at": now()}}, upsert=True)
+    except DuplicateKeyError:  # the record holds this tick or a later one: another daemon took it
+        await _drop_if_unreadable(records, key)
+        return False
+    return result.upserted_id is not None or result.modified_count == 1
+
+
+async def _drop_if_unreadable(records, key: str) -> None:
+    """A tick record someone overwrote would block every later claim: remove it, the next tick claims afresh."""
+    try:
+        parse(TickRecord, await records.find_one({"_id": key}))
+    except BadRecord as exc:
+        log.warning("tick record %s is unusable (%s); removing it", key, exc)
+        await records.delete_one({"_id": key})
+
+
+def on_full_document(query: dict) -> dict | None:
+    """`query` applied to a change event's inserted document; None when an operator cannot be moved there."""
+    moved = {}
+    for name, value in query.items():
+        if name in LOGICAL and isinstance(value, list) and all(isinstance(q, dict) for q in value):
+            inner = [on_full_document(q) for q in value]
+            if any(q is None for q in inner):
+                return None
+            moved[name] = inner
+        elif name == "$comment":
+            moved[name] = value
+        elif name.startswith("$"):  # $expr, $text, $jsonSchema...: the server checks each insert instead
+            return None
+        else:
+            moved[f"fullDocument.{name}"] = value
+    return moved
+
+
+def insert_pipeline(query: dict | None) -> tuple[list[dict], bool]:
+    """The change-stream pipeline for new documents matching `query`, and whether each needs a check by `_id`.
+
+    `query=None` streams every insert, each then checked by `_id`: for a filter the stream itself refused.
+    """
+    moved = None if query is None else on_full_document(query)
+    match = {"operationType": "insert", **(moved or {})}
+    return [{"$match": match}, {"$project": {"documentKey": 1}}], moved is None
+
+
+class Retrainer:
+    """Follows the models with `retrain`; the daemon starts it with its `Periodic` and awaits `close`."""
+
+    def __init__(self, db, settings: Settings, owner: str, periodic: Periodic, skipped: SkipLog):
+        self.db, self.settings, self.owner, self.periodic, self.skipped = db, settings, owner, periodic, skipped
+        self.specs: dict[str, tuple[str, ModelSpec]] = {}  # by model key: a fingerprint of the document, its parse
+        self.watchers: dict[str, tuple[tuple, asyncio.Task]] = {}  # by model key: what it watches, the stream task
+        self.schedules: dict[str, str] = {}  # by model key: the cron expression scheduled
+        self.tallies: dict[str, Tally] = {}  # by model key: this daemon's tallies, as last written
+
+    def start(self) -> None:
+        self.periodic.every(self.settings.retrain_check_s, self.check, "retrain")
+
+    async def close(self) -> None:
+        tasks = [task for _, task in self.watchers.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.watchers.clear()
+
+    async def check(self) -> None:
+        """Follow the models with `retrain` as they are now, and start the runs that are due."""
+        await self._forget_used_triggers()
+        models = await self._models()
+        await self._follow_data(models)
+        self._follow_schedules(models)
+        for key, (spec, state) in models.items():
+            await self._start_if_due(key, spec, state)
+
+    async def _models(self) -> dict[str, tuple[ModelSpec, ModelState]]:
+        found = {}
+        async for document in self.db[defaults.MODELS].find({"retrain": {"$type": "object"}}):
+            try:
+                state, spec = parse(ModelState, document), self._spec(document)
+            except (BadRecord, SpecError) as exc:  # the daemon's own pass fails the document where it must
+                self.skipped.skip("retrain", document.get("_id"), exc)
+                continue
+            if spec.retrain is not None and (spec.retrain.on_new_documents or spec.retrain.schedule):
+                found[ids.key(spec.id)] = (spec, state)
+        self.specs = {key: self.specs[key] for key in found}
+        return found
+
+    def _spec(self, document: dict) -> ModelSpec:
+        """The document's parse, redone only when what the user wrote has changed (a cron check is not free)."""
+        user_part = {k: v for k, v in document.items() if k not in LISTENER_FIELDS}
+        fingerprint = hashlib.sha256(json_util.dumps(user_part).encode()).hexdigest()
+        key = ids.key(document.get("_id"))
+        cached = self.specs.get(key)
+        if cached is None or cached[0] != fingerprint:
+            cached = self.specs[key] = (fingerprint, parse_model(document, self.settings.limits))
+        return cached[1]
+
+    async def _forget_used_triggers(self) -> None:
+        """`trigger` is read when its run starts; once the run has ended it must not name the next one."""
+        used = {"trigger": {"$exists": True}, "status": {"$in": [s.value for s in FINAL]}}
+        try:
+            await self.db[defaults.MODELS].update_many(used, {"$unset": {"trigger": ""}})
+        except OperationFailure as exc:
+            if exc.code != DOCUMENT_VALIDATION_FAILURE:  # else a document predates a stricter validator
+                raise
+            await self.db[defaults.MODELS].update_many(used, {"$unset": {"trigger": ""}},
+                                                       bypass_document_validation=True)
+
+    async def _follow_data(self, models: dict) -> None:
+        wanted = {key: (spec.data.collection, json_util.dumps(spec.data.filter))
+                  for key, (spec, _) in models.items() if spec.retrain.on_new_documents}
+        for key, (watched, task) in list(self.watchers.items()):
+            if wanted.get(key) != watched or task.done():
+                if task.done() and not task.cancelled() and task.exception():
+                    log.warning("counting new documents stopped (%r); starting again", task.exception())
+                task.cancel()
+                del self.watchers[key]
+                self.tallies.pop(key, None)
+        for key, watched in wanted.items():
+            if key not in self.watchers:
+                spec, state = models[key]
+                self.watchers[key] = (watched, asyncio.create_task(self._watch(key, spec, state.run)))
+        await self.db[defaults.LISTENER].delete_many(
+            {"kind": TALLY, "daemon": self.settings.name, "model_key": {"$nin": list(wanted)}})
+
+    def _follow_schedules(self, models: dict) -> None:
+        wanted = {key: spec.retrain.schedule for key, (spec, _) in models.items() if spec.retrain.schedule}
+        for key, expression in list(self.schedules.items()):
+            if wanted.get(key) != expression:
+                self.periodic.remove(f"retrain-schedule:{key}")
+                del self.schedules[key]
+        for key, expression in wanted.items():
+            if key not in self.schedules:
+                cron = schedule.trigger(expression)
+                job = functools.partial(self._tick, models[key][0].id, cron)
+                self.periodic.add(cron, job, f"retrain-schedule:{key}")
+                self.schedules[key] = expression
+
+    async def _start_if_due(self, key: str, spec: ModelSpec, state: ModelState) -> None:
+        tally, wanted = self.tallies.get(key), spec.retrain.on_new_documents
+        if wanted and state.status is Status.SUCCEEDED and tally and tally.run == state.run and tally.count >= wanted:
+            await start(self.db[defaults.MODELS], state.id, state.run, "new_documents")
+
+    async def _state(self, model_id) -> ModelState | None:
+        document = await self.db[defaults.MODELS].find_one({"_id": ids.eq(model_id)}, STATE_FIELDS)
+        return None if document is None else parse(ModelState, document)
+
+    async def _watch(self, key: str, spec: ModelSpec, run: int) -> None:
+        """Count the model's new documents forever (cancel to stop); reconnects like the daemon's own streams."""
+        pipeline, by_id = insert_pipeline(spec.data.filter)
+        backoff = 0.5
+        while True:
+            opened = False
+            try:
+                tally = self.tallies[key] = await self._load_tally(key, spec.data.collection, run)
+                async with await self.db[spec.data.collection].watch(pipeline, resume_after=tally.token) as stream:
+                    opened = True
+                    if tally.token is None:
+                        await self._save(key, spec.id, tally.model_copy(update={"token": stream.resume_token}))
+                    backoff = 0.5
+                    async for change in stream:
+                        await self._arrived(key, change, stream.resume_token, by_id)
+            except PyMongoError as exc:
+                refused = isinstance(exc, OperationFailure) and (exc.code in LOST_TOKEN_CODES or not opened)
+                token = self.tallies[key].token if key in self.tallies else None
+                if refused and token:  # the saved token first; if the stream is refused again, the filter
+                    log.warning("cannot resume counting new documents of %.200r (%s); counting from now on",
+                                spec.id, exc.code)
+                    await self._save(key, spec.id, self.tallies[key].model_copy(update={"token": None}))
+                    continue
+                if refused and not by_id:
+                    log.warning("the server refused data.filter of %.200r in a change stream (%s); checking each "
+                                "insert by _id instead", spec.id, exc.code)
+                    pipeline, by_id = insert_pipeline(None)
+                    continue
+                log.warning("stream on %s broke (%s); reconnecting in %.1f s", spec.data.collection, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def _load_tally(self, key: str, collection: str, run: int) -> Tally:
+        """This daemon's stored tally; a fresh one when there is none, or it counts another collection."""
+        fresh = Tally(collection=collection, run=run, count=0)
+        record = await self.db[defaults.LISTENER].find_one({"_id": self._tally_id(key)})
+        if record is None:
+            return fresh
+        try:
+            stored = parse(Tally, record)
+        except BadRecord as exc:
+            log.warning("tally %s is unusable (%s); counting afresh", self._tally_id(key), exc)
+            return fresh
+        return stored if stored.collection == collection else fresh
+
+    def _tally_id(self, key: str) -> str:
+        return f"retrain:{self.settings.name}:{key}"
+
+    async def _save(self, key: str, model_id, tally: Tally) -> None:
+        record = {"kind": TALLY, "daemon": self.settings.name, "model": model_id, "model_key": key, "at": now(),
+                  **tally.model_dump()}
+        await self.db[defaults.LISTENER].update_one({"_id": self._tally_id(key)}, {"$set": record}, upsert=True)
+        self.tallies[key] = tally
+
+    async def _arrived(self, key: str, change: dict, token: dict, by_id: bool) -> None:
+        """One matching insert: count it toward the model's current run, with its token, and start a run if due."""
+        cached = self.specs.get(key)
+        doc_id = (change.get("documentKey") or {}).get("_id")
+        if cached is None or key not in self.tallies:
+            return
+        spec = cached[1]
+        if by_id and not await self._matches(spec, doc_id):
+            return
+        try:
+            state = await self._state(spec.id)
+        except BadRecord as exc:  # the daemon's own pass fails the model; nothing to count toward
+            self.skipped.skip("retrain", spec.id, exc)
+            return
+        if state is None:
+            return
+        tally = self.tallies[key]
+        count = (tally.count if tally.run == state.run else 0) + 1
+        await self._save(key, spec.id, Tally(collection=tally.collection, run=state.run, count=count, token=token))
+        await self._start_if_due(key, spec, state)
+
+    async def _matches(self, spec: ModelSpec, doc_id) -> bool:
+        try:
+            return await self.db[spec.data.collection].find_one(
+                {"$and": [{"_id": ids.eq(doc_id)}, spec.data.filter]}, {"_id": 1}) is not None
+        except OperationFailure as exc:  # the training run meets the same refusal and fails with it
+            self.skipped.skip("retrain filter", spec.id, exc)
+            return False
+
+    async def _tick(self, model_id, cron) -> None:
+        """A schedule tick: the daemon that claims it starts a run, unless one is pending or going."""
+        tick = schedule.latest_tick(cron, now(), TICK_LOOKBACK_S)
+        records = self.db[defaults.LISTENER]
+        if tick is None or not await claim_tick(records, model_id, tick, self.owner):
+            return
+        state, models = await self._state(model_id), self.db[defaults.MODELS]
+        if state is None:
+            outcome = "skipped: the model is gone"
+        elif state.status is Status.SUCCEEDED and await start(models, model_id, state.run, "schedule"):
+            outcome = f"started run {state.run + 1}"
+        else:
+            outcome = f"skipped: the model is {state.status.value if state.status else 'pending'}"
+            log.info("scheduled retrain of %.200r at %s %s", model_id, tick.isoformat(), outcome)
+        entry = {"tick": tick, "owner": self.owner, "outcome": outcome}
+        await records.update_one({"_id": f"retrain-tick:{ids.key(model_id)}", "tick": tick},
+                                 {"$push": {"ticks": {"$each": [entry], "$slice": -TICKS_KEPT}}})

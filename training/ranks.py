@@ -1,0 +1,188 @@
+"""Several training processes for one job, started by torchrun (`torch.distributed.run`).
+
+With `trainer.num_processes` above one, the training child becomes torchrun's agent in its own
+process (so the daemon supervises, signals and outlives the same pid as for one process) and
+torchrun starts the ranks, each `python -m training.child` again. What holds for one process holds
+for the group:
+
+- The URI never enters an environment or a command line: the agent writes the daemon's launch
+  line to a 0600 file in its own work folder (named by its pid, so housekeeping knows it), the
+  ranks read it, and rank 0 deletes it once every rank has.
+- Rank 0 alone writes progress, metrics and checkpoints; every rank writes `error` when it fails,
+  only if none is set yet, so the job fails with the first rank's error.
+- Every rank stops at the same step: cancel (seen by rank 0) and SIGTERM (which torchrun forwards
+  to every rank) are agreed on with an all-reduce at every step end and log, then all ranks save
+  one checkpoint together and stop.
+- The agent dies with the daemon and every rank with the agent (PR_SET_PDEATHSIG, and the parent
+  check at each step), so a SIGKILLed daemon leaves nothing training.
+- Rank 0 records its exit code for the agent, which exits with it: torchrun's own exit code says
+  only whether some worker failed.
+"""
+
+import json
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from training import defaults
+
+log = logging.getLogger(__name__)
+
+ENV_LAUNCH = "MONGOTUNE_LAUNCH_FILE"  # set for a rank: the file holding the daemon's launch line
+ENV_PARENT_PID = "MONGOTUNE_PARENT_PID"  # set for a rank: the torchrun agent it must not outlive
+LAUNCH_FILE = "launch.json"
+EXIT_FILE = "exit-code"
+
+
+def free_port() -> int:
+    """A port free now on the loopback, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def world() -> tuple[int, int]:
+    """This process's rank and the number of ranks (0 and 1 outside a launcher)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_rank() -> bool:
+    """Started by torchrun for a job (not the single child the daemon starts)."""
+    return ENV_LAUNCH in os.environ
+
+
+def processes(trainer) -> int:
+    """`trainer.num_processes`, else one per GPU asked for, else one."""
+    return trainer.num_processes or max(trainer.num_gpus, 1)
+
+
+def read_launch_file() -> str:
+    return Path(os.environ[ENV_LAUNCH]).read_text()
+
+
+def error_match(match: dict) -> dict:
+    """Where a rank may write `error`: the run's fence, and only while no rank has written one."""
+    return {**match, "error": {"$exists": False}} if is_rank() else match
+
+
+def exit_code(work: Path, code: int) -> int:
+    """A rank's exit: rank 0 records its code for the agent; an orderly end is 0 to torchrun."""
+    if not is_rank():
+        return code
+    if world()[0] == 0:
+        (work / EXIT_FILE).write_text(str(int(code)))
+    ended = code in (defaults.ChildExit.OK, defaults.ChildExit.CANCELLED, defaults.ChildExit.STOPPED)
+    return 0 if ended else code
+
+
+def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str]) -> int:
+    """Be torchrun's agent for `count` ranks of `python -m training.child ARGV`; the job's exit code.
+
+    `raw` is the daemon's launch line; the ranks get it with this work folder as their shared one.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    path = work / LAUNCH_FILE
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(json.dumps({**raw, "work": str(work)}))
+    os.environ.update({ENV_LAUNCH: str(path), ENV_PARENT_PID: str(os.getpid())})
+    log.info("starting %d training processes through torchrun", count)
+    failures = {}
+    try:
+        torchrun(["--nnodes=1", f"--nproc-per-node={count}", "--master-addr=127.0.0.1",
+                  f"--master-port={free_port()}", "--max-restarts=0", "-m", "training.child", *argv])
+    except ChildFailedError as exc:
+        failures = exc.failures
+    except Exception as exc:  # torchrun turns SIGTERM into an exception once the ranks are stopped
+        log.info("torchrun stopped: %s", type(exc).__name__)
+    finally:
+        path.unlink(missing_ok=True)
+    if failures:
+        _record_crash(db, match, failures, count)
+    recorded = work / EXIT_FILE
+    if recorded.exists():
+        return int(recorded.read_text())
+    first = failures.get(0)  # rank 0 left without recording: its own exit (lease lost, orphaned) is the job's
+    return first.exitcode if first is not None and first.exitcode > 0 else defaults.ChildExit.FAILED
+
+
+def _record_crash(db, match: dict, failures: dict, count: int) -> None:
+    """A rank killed by a signal wrote nothing, and the others then failed on its broken connection:
+    its death is the job's error. Otherwise each failed rank wrote its own, and the first one stays."""
+    killed = sorted((rank, f) for rank, f in failures.items()  # torchrun itself stops the others with SIGTERM
+                    if f.exitcode < 0 and f.exitcode != -signal.SIGTERM)
+    rank, failure = killed[0] if killed else min(failures.items(), key=lambda item: item[1].timestamp)
+    if failure.exitcode < 0:
+        name = signal.Signals(-failure.exitcode).name
+        why = f"was killed by {name}" + (" (often: out of memory)" if name == "SIGKILL" else "")
+    else:
+        why = f"exited with code {failure.exitcode}"
+    error = {"type": "training_crashed", "message": f"training process rank {rank} of {count} {why}; "
+             "the listener's job log says more"}
+    where = match if killed else {**match, "error": {"$exists": False}}
+    db[defaults.MODELS].update_one(where, {"$set": {"error": error}})
+
+
+def callbacks(progress, parent: int) -> list:
+    """The trainer callbacks of a rank: rank 0's `progress` between the two that keep ranks in step."""
+    from transformers import TrainerCallback
+
+    class SavedEverywhere(TrainerCallback):
+        """Every rank has written its part of a checkpoint (its RNG state) before rank 0 uploads it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    class Agreement(TrainerCallback):
+        """All ranks take the same stop decision at the same points, or the next collective would hang."""
+
+        def __init__(self):
+            self.stop_requested = False  # set by this rank's SIGTERM handler
+
+        def _agree(self, control) -> None:
+            import torch
+            import torch.distributed as dist
+
+            flags = torch.tensor([float(self.stop_requested), float(bool(progress and progress.cancelled)),
+                                  float(control.should_training_stop)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, cancelled, stopping = (bool(f) for f in flags.tolist())
+            if progress is not None:
+                progress.stop_requested = progress.stop_requested or stop
+            if stop or cancelled or stopping:
+                control.should_training_stop = True
+                control.should_save = control.should_save or stop or cancelled
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if os.getppid() != parent:
+                log.error("the torchrun agent of this rank is gone; exiting")
+                os._exit(defaults.ChildExit.ORPHANED)
+            self._agree(control)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self._agree(control)
+
+    return [SavedEverywhere(), *([progress] if progress is not None else []), Agreement()]
+
+
+def join_deepspeed() -> None:
+    """DeepSpeed's own view of the process group the trainer's arguments opened; without it ZeRO-3's
+    `zero.Init` at model load counts one rank and refuses the batch size computed for all of them."""
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
+def forget_launch_file() -> None:
+    """Rank 0, once the process group is up (every rank has read the file): remove the URI from disk."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if world()[0] == 0:
+        Path(os.environ[ENV_LAUNCH]).unlink(missing_ok=True)
+
