@@ -21,7 +21,7 @@ from pymongo.errors import PyMongoError
 
 from listener import health
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status
-from training import defaults
+from training import defaults, ids
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,11 @@ class Metrics:
             step, at = progress.get("step"), progress.get("updated_at")
             if not isinstance(step, int) or not hasattr(at, "timestamp"):
                 continue
-            model, now = str(doc["_id"]), (step, at.timestamp())
-            seen[model] = before = self._steps.get(model, now)
+            key, now = ids.key(doc["_id"]), (step, at.timestamp())  # an ObjectId and its hex are two models
+            seen[key] = before = self._steps.get(key, now)
             if now[1] > before[1] and now[0] >= before[0]:
-                family.add_metric([model], (now[0] - before[0]) / (now[1] - before[1]))
-                seen[model] = now
+                family.add_metric([str(doc["_id"])], (now[0] - before[0]) / (now[1] - before[1]))
+                seen[key] = now
         self._steps = seen
         return family
 
