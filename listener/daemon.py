@@ -171,29 +171,41 @@ class Daemon:
             except (OperationFailure, KeyError):
                 pass  # nothing can be written to it (an _id the server will not update): logged once above
 
+    async def _admit(self, name: str, document: dict, state_type, parse_spec, counter: str):
+        """The (state, spec) of a pending document that is valid and not cancelled; None once handled.
+
+        A malformed or invalid document ends `failed` and a cancelled one `cancelled`, here, for both collections.
+        """
+        collection = self.db[name]
+        table = MODEL_TRANSITIONS if name == defaults.MODELS else REQUEST_TRANSITIONS
+        try:
+            state = parse(state_type, document)
+        except BadRecord as exc:
+            await fail_malformed(collection, table, document.get("_id"), Status.PENDING, exc, self.skipped)
+            return None
+        if state.status not in (None, Status.PENDING):
+            return None
+        if state.cancel:
+            await transition(collection, state.id, Status.PENDING, Status.CANCELLED, table, unset=("cancel",))
+            return None
+        try:
+            spec = parse_spec(document, self.settings.limits)
+        except SpecError as exc:
+            self.counters[counter] += 1
+            await transition(collection, state.id, Status.PENDING, Status.FAILED, table, fields={"error": exc.as_error()})
+            log.info("%s %r is invalid: %s", name, state.id, exc)
+            return None
+        return state, spec
+
     async def consider_model(self, document: dict) -> None:
         """Validate, then claim a pending model if this daemon has room for another training."""
         models = self.db[defaults.MODELS]
-        try:
-            state = parse(ModelState, document)
-        except BadRecord as exc:
-            await fail_malformed(models, MODEL_TRANSITIONS, document.get("_id"), Status.PENDING, exc, self.skipped)
+        admitted = await self._admit(defaults.MODELS, document, ModelState, parse_model, "invalid_documents")
+        key = ids.key(document.get("_id"))
+        if admitted is None or key in self.trainings:
+            self.gpus.forget(key)  # cancelled, failed, taken elsewhere or already training here: not waiting
             return
-        key = ids.key(state.id)
-        if state.status not in (None, Status.PENDING) or key in self.trainings:
-            self.gpus.forget(key)
-            return
-        if state.cancel:
-            await transition(models, state.id, Status.PENDING, Status.CANCELLED, MODEL_TRANSITIONS, unset=("cancel",))
-            return
-        try:
-            spec = parse_model(document, self.settings.limits)
-        except SpecError as exc:
-            self.counters["invalid_documents"] += 1
-            await transition(models, state.id, Status.PENDING, Status.FAILED, MODEL_TRANSITIONS,
-                             fields={"error": exc.as_error()})
-            log.info("model %r is invalid: %s", state.id, exc)
-            return
+        state, spec = admitted
         if len(self.trainings) >= self.settings.max_jobs or self.stop_event.is_set():
             return
         self.trainings[key] = None  # the slot is taken before the await, so no other task can take it too
@@ -228,23 +240,10 @@ class Daemon:
 
     async def consider_request(self, document: dict) -> None:
         requests = self.db[defaults.REQUESTS]
-        try:
-            state = parse(RequestState, document)
-        except BadRecord as exc:
-            await fail_malformed(requests, REQUEST_TRANSITIONS, document.get("_id"), Status.PENDING, exc, self.skipped)
+        admitted = await self._admit(defaults.REQUESTS, document, RequestState, parse_request, "requests_failed")
+        if admitted is None:
             return
-        if state.status not in (None, Status.PENDING):
-            return
-        if state.cancel:
-            await transition(requests, state.id, Status.PENDING, Status.CANCELLED, REQUEST_TRANSITIONS)
-            return
-        try:
-            spec = parse_request(document, self.settings.limits)
-        except SpecError as exc:
-            self.counters["requests_failed"] += 1
-            await transition(requests, state.id, Status.PENDING, Status.FAILED, REQUEST_TRANSITIONS,
-                             fields={"error": exc.as_error()})
-            return
+        state, spec = admitted
         if state.attempts >= self.settings.max_attempts:
             await self._give_up(state)
             return

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from listener.demo import load_samples
 from listener.processes import wait_until
+from tests import documents
 from tests.conftest import finished, job_log, wait_for
 from training import checkpoints, defaults
 
@@ -17,9 +18,8 @@ SHORT_LEASE = {"MONGOTUNE_LEASE_S": "3", "MONGOTUNE_SCAN_S": "2"}
 
 
 def model(path, _id: str, processes: int, steps: int, **trainer) -> dict:
-    return {"_id": _id, "model_name_or_path": path, "data": {"collection": "pirate_chat", "key": "messages"},
-            "trainer": {"num_processes": processes, "max_steps": steps, "per_device_train_batch_size": 2,
-                        "logging_steps": 1, "max_seq_length": 64, "learning_rate": 1e-3, "save_steps": 4, **trainer}}
+    return documents.model(_id, path, {**documents.QUICK, "num_processes": processes, "max_steps": steps,
+                                       "learning_rate": 1e-3, "save_steps": 4, **trainer})
 
 
 def epochs(document) -> dict[int, float]:
@@ -54,6 +54,29 @@ def assert_gone(pids: list[int]) -> None:
     wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in pids), 30, f"the end of processes {pids}")
 
 
+def training_in_two_ranks(db, start_daemon, path, _id: str, steps_done: int):
+    """A long two-rank job started on a fresh daemon, once it has trained `steps_done` steps: (daemon, rank pids)."""
+    load_samples(db)
+    daemon = start_daemon()
+    db[defaults.MODELS].insert_one(model(path, _id, 2, 100_000, save_steps=100_000))
+    pids = ranks_of(daemon)
+    wait_for(db[defaults.MODELS], _id, lambda d: (d.get("progress") or {}).get("step", 0) >= steps_done,
+             timeout_s=300)
+    return daemon, pids
+
+
+def trained_adapter(db, start_daemon, document: dict, tmp_path) -> dict:
+    """The last checkpoint's adapter weights of a short job that must succeed."""
+    load_samples(db)
+    start_daemon()
+    db[defaults.MODELS].insert_one(document)
+    done = wait_for(db[defaults.MODELS], document["_id"], finished, timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    assert done["checkpoints"][-1]["step"] == document["trainer"]["max_steps"]
+    return load_file(checkpoints.download(db, done["checkpoints"][-1]["files_id"], tmp_path / "c")
+                     / "adapter_model.safetensors")
+
+
 def test_two_processes_double_the_batch_learn_and_store_whole_checkpoints(db, start_daemon, tiny_model_path,
                                                                            tmp_path):
     load_samples(db)
@@ -75,12 +98,8 @@ def test_two_processes_double_the_batch_learn_and_store_whole_checkpoints(db, st
 
 
 def test_cancel_stops_both_ranks_after_one_checkpoint(db, start_daemon, tiny_model_path):
-    load_samples(db)
-    daemon = start_daemon()
+    _, pids = training_in_two_ranks(db, start_daemon, tiny_model_path, "c", steps_done=3)
     models = db[defaults.MODELS]
-    models.insert_one(model(tiny_model_path, "c", 2, 100_000, save_steps=100_000))
-    pids = ranks_of(daemon)
-    wait_for(models, "c", lambda d: (d.get("progress") or {}).get("step", 0) >= 3, timeout_s=300)
     models.update_one({"_id": "c"}, {"$set": {"cancel": True}})
     done = wait_for(models, "c", finished, timeout_s=120)
     assert done["status"] == "cancelled", done.get("error")
@@ -120,15 +139,10 @@ def test_sigterm_then_sigkill_of_daemons_and_the_run_still_finishes_once(db, sta
 
 
 def test_a_rank_killed_outright_fails_the_job_naming_it(db, start_daemon, tiny_model_path):
-    load_samples(db)
-    daemon = start_daemon()
-    models = db[defaults.MODELS]
-    models.insert_one(model(tiny_model_path, "k", 2, 100_000, save_steps=100_000))
-    pids = ranks_of(daemon)
-    wait_for(models, "k", lambda d: (d.get("progress") or {}).get("step", 0) >= 2, timeout_s=300)
+    daemon, pids = training_in_two_ranks(db, start_daemon, tiny_model_path, "k", steps_done=2)
     victim = next(p for p in pids if "RANK=1\0" in Path(f"/proc/{p}/environ").read_text())
     os.kill(victim, signal.SIGKILL)
-    failed = wait_for(models, "k", finished, timeout_s=120)
+    failed = wait_for(db[defaults.MODELS], "k", finished, timeout_s=120)
     assert failed["status"] == "failed"
     assert "rank 1 of 2 was killed by SIGKILL" in failed["error"]["message"], failed["error"]
     assert_gone(pids)
@@ -138,26 +152,12 @@ def test_a_rank_killed_outright_fails_the_job_naming_it(db, start_daemon, tiny_m
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_in_two_processes(db, start_daemon, tiny_model_path, tmp_path, stage):
     pytest.importorskip("deepspeed", reason="needs the deepspeed extra")
-    load_samples(db)
-    start_daemon()
-    models = db[defaults.MODELS]
-    models.insert_one(model(tiny_model_path, "ds", 2, 4, deepspeed={"zero_optimization": {"stage": stage}}))
-    done = wait_for(models, "ds", finished, timeout_s=600)
-    assert done["status"] == "succeeded", done.get("error")
-    assert done["checkpoints"][-1]["step"] == 4
-    weights = load_file(checkpoints.download(db, done["checkpoints"][-1]["files_id"], tmp_path / "c")
-                        / "adapter_model.safetensors")
+    document = model(tiny_model_path, "ds", 2, 4, deepspeed={"zero_optimization": {"stage": stage}})
+    weights = trained_adapter(db, start_daemon, document, tmp_path)
     assert weights and all(t.numel() > 0 for t in weights.values()), "ZeRO gathered the adapter before saving"
 
 
 def test_fsdp_in_two_processes(db, start_daemon, tiny_model_path, tmp_path):
-    load_samples(db)
-    start_daemon()
-    models = db[defaults.MODELS]
-    models.insert_one(model(tiny_model_path, "fsdp", 2, 4, fsdp=True, fsdp_config={"version": 2}))
-    done = wait_for(models, "fsdp", finished, timeout_s=600)
-    assert done["status"] == "succeeded", done.get("error")
-    assert done["checkpoints"][-1]["step"] == 4
-    weights = load_file(checkpoints.download(db, done["checkpoints"][-1]["files_id"], tmp_path / "c")
-                        / "adapter_model.safetensors")
+    document = model(tiny_model_path, "fsdp", 2, 4, fsdp=True, fsdp_config={"version": 2})
+    weights = trained_adapter(db, start_daemon, document, tmp_path)
     assert weights and all(t.numel() > 0 for t in weights.values()), "the adapter was gathered whole"

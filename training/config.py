@@ -52,6 +52,15 @@ class SpecError(Exception):
         return {"type": "invalid_document", "field": self.field, "message": str(self)}
 
 
+def _reported(check, value, error: type[Exception]):
+    """`value` once `check(value)` accepts it; its complaint becomes the ValueError pydantic reports under the field."""
+    try:
+        check(value)
+    except error as exc:
+        raise ValueError(str(exc.args[0]) if exc.args else type(exc).__name__) from None
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
@@ -96,12 +105,7 @@ class DataSpec(_Strict):
     @field_validator("transform")
     @classmethod
     def _registered(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                transforms.check(value)
-            except KeyError as exc:
-                raise ValueError(exc.args[0]) from None
-        return value
+        return value if value is None else _reported(transforms.check, value, KeyError)
 
     @model_validator(mode="after")
     def _one_way_to_shape(self) -> "DataSpec":
@@ -112,12 +116,7 @@ class DataSpec(_Strict):
     @field_validator("template")
     @classmethod
     def _plain_template(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                template_fields(value)
-            except TemplateError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return value if value is None else _reported(template_fields, value, TemplateError)
 
 
 class ModelKwargs(_Strict):
@@ -321,10 +320,7 @@ class TrainerSpec(TrainingArgs):
 
 
 def _plain_id(value):
-    try:
-        return ids.check(value)
-    except ids.BadId as exc:
-        raise ValueError(str(exc)) from None
+    return _reported(ids.check, value, ids.BadId)
 
 
 PlainId = Annotated[Any, AfterValidator(_plain_id)]  # a model's id: a value, never a pattern or a document
@@ -363,12 +359,7 @@ class RetrainSpec(_Strict):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                schedule.trigger(value)
-            except schedule.ScheduleError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return value if value is None else _reported(schedule.trigger, value, schedule.ScheduleError)
 
 
 class ModelSpec(_Strict):
