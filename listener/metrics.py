@@ -26,6 +26,8 @@ from training import defaults, ids
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)  # seconds, claim to done
+MIB = 2**20  # nvidia-smi reports memory in MiB
+MAX_GPUS = 64  # more lines than any host has GPUs is not nvidia-smi talking
 BY_STATUS = [{"$group": {"_id": "$status", "n": {"$sum": 1}}}]
 
 
@@ -159,22 +161,51 @@ def _gpu_reader():
 
     Not torch.cuda: reading memory through it opens a CUDA context on every GPU in the daemon, which
     costs each GPU a few hundred MiB that training could use, and imports torch into the daemon.
+    A driver problem leaves the GPU series out, with one warning until nvidia-smi answers again.
     """
     binary = shutil.which("nvidia-smi")
     if binary is None:
         return list
+    failing = False
 
     def read():
+        nonlocal failing
         try:
-            query = [binary, "--query-gpu=index,memory.used,memory.total", "--format=csv,noheader,nounits"]
-            rows = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
-            return [(int(index), int(used) * 2**20, int(total) * 2**20)
-                    for index, used, total in (row.split(",") for row in rows.strip().splitlines())]
-        except (OSError, subprocess.SubprocessError, ValueError) as exc:  # a driver problem: no GPU numbers, no failure
-            log.warning("metrics: nvidia-smi gave no GPU memory: %s", exc)
+            found = parse_gpu_memory(_query(binary))
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            if not failing:
+                log.warning("metrics: no GPU memory from %s (%s); left out until it answers", binary, exc)
+            failing = True
             return []
+        if failing:
+            log.info("metrics: %s answers again; GPU memory is back", binary)
+        failing = False
+        return found
 
     return read
+
+
+def _query(binary: str) -> str:
+    query = [binary, "--query-gpu=index,memory.used,memory.total", "--format=csv,noheader,nounits"]
+    done = subprocess.run(query, capture_output=True, text=True, timeout=10)
+    if done.returncode:
+        said = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        raise subprocess.SubprocessError(f"exit status {done.returncode}" + (f": {said[0][:200]}" if said else ""))
+    return done.stdout
+
+
+def parse_gpu_memory(text: str) -> list[tuple[int, int, int]]:
+    """(index, used bytes, total bytes) from nvidia-smi's CSV in MiB; ValueError on anything else ("[N/A]" too)."""
+    rows = []
+    for line in text.strip().splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) != 3 or not all(field.isascii() and field.isdigit() for field in fields):
+            raise ValueError(f"unexpected nvidia-smi line {line[:80]!r}")
+        index, used, total = map(int, fields)
+        rows.append((index, used * MIB, total * MIB))
+    if len(rows) > MAX_GPUS:
+        raise ValueError(f"{len(rows)} GPUs listed, more than the {MAX_GPUS} a host can have")
+    return rows
 
 
 def attach(daemon, periodic) -> Metrics | None:

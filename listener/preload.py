@@ -4,43 +4,37 @@ before anyone asks, so the first request after a promotion or a finished run pay
 Best effort by design: this stream keeps no resume token, because a missed event costs one cold
 start and nothing else, and `Serving` runs a preload only while no request waits. A swap never
 touches requests in flight: the worker answers one batch at a time, each batch with the checkpoint
-it resolved, and the new one is simply the most recently used entry of its cache.
+it resolved, and the new one is simply the most recently used entry of its cache. Events come
+through `listener.streams.watch`, so an unreadable or malformed one is skipped with a log line and
+the stream goes on.
 """
 
-import asyncio
 import logging
 from collections.abc import Callable
 
-from pymongo.errors import PyMongoError
-
+from listener import streams
 from listener.status import Status
 from training import defaults
 
 log = logging.getLogger(__name__)
 
-PIPELINE = [{"$match": {"operationType": {"$in": ["update", "replace"]}}}]
-
-
-def promoted(change: dict) -> bool:
-    """A new best checkpoint (any write under `best_checkpoint`) or a run that ended well."""
-    if change["operationType"] == "replace":
-        return True
-    fields = (change.get("updateDescription") or {}).get("updatedFields") or {}
-    return fields.get("status") == Status.SUCCEEDED or any(name.split(".")[0] == "best_checkpoint" for name in fields)
+# Matched by the server, so the stream carries promotions only, not every progress write of a training.
+# A write inside `best_checkpoint` (a dotted name such as `best_checkpoint.step`) is not matched: the
+# listener always sets the whole field.
+PIPELINE = [{"$match": {"$or": [
+    {"operationType": "replace"},
+    {"operationType": "update", "updateDescription.updatedFields.best_checkpoint": {"$exists": True}},
+    {"operationType": "update", "updateDescription.updatedFields.status": Status.SUCCEEDED.value},
+]}}]
 
 
 async def watch_promotions(db, preload: Callable[[object], None]) -> None:
     """Hand the id of every promoted model to `preload`, forever; cancel the task to stop."""
-    backoff = 0.5
-    while True:
-        try:
-            async with await db[defaults.MODELS].watch(PIPELINE) as stream:
-                log.info("watching %s for promoted checkpoints to preload", defaults.MODELS)
-                backoff = 0.5
-                async for change in stream:
-                    if promoted(change):
-                        preload(change["documentKey"]["_id"])
-        except PyMongoError as exc:
-            log.warning("preload stream on %s broke (%s); reconnecting in %.1f s", defaults.MODELS, exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+
+    async def promoted(document: dict) -> None:
+        preload(document["_id"])
+
+    async def opened() -> None:
+        log.info("watching %s for promoted checkpoints to preload", defaults.MODELS)
+
+    await streams.watch(db, defaults.MODELS, None, promoted, opened, PIPELINE)

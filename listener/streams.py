@@ -30,24 +30,30 @@ PIPELINE = [{"$match": {"$or": [
 LOST_TOKEN_CODES = {286, 260, 280}
 
 
-async def watch(db, collection: str, daemon_name: str, handle: Callable[[dict], Awaitable[None]],
-                on_gap: Callable[[], Awaitable[None]]) -> None:
-    """Deliver every insert/update of `collection` to `handle`, forever; cancel the task to stop."""
+async def watch(db, collection: str, daemon_name: str | None, handle: Callable[[dict], Awaitable[None]],
+                on_gap: Callable[[], Awaitable[None]] | None = None, pipeline: list = PIPELINE) -> None:
+    """Deliver the full document of every change of `collection` that `pipeline` passes to `handle`, forever.
+
+    Cancel the task to stop. `daemon_name` None keeps no resume token: each stream, reopened after a
+    break or an unreadable event, starts from now (for best-effort work that a missed event only delays).
+    """
     tokens = db[defaults.LISTENER]
-    key = f"resume:{daemon_name}:{collection}"
+    key = f"resume:{daemon_name}:{collection}" if daemon_name is not None else None
     backoff = 0.5
     while True:
         resume, opened = None, False
         try:
-            resume = await _saved_token(tokens, key)
-            async with await db[collection].watch(PIPELINE, full_document="updateLookup", resume_after=resume) as stream:
+            resume = await _saved_token(tokens, key) if key else None
+            async with await db[collection].watch(pipeline, full_document="updateLookup", resume_after=resume) as stream:
                 opened = True
-                await on_gap()
+                if on_gap:
+                    await on_gap()
                 backoff = 0.5
                 async for change in stream:
                     await _deliver(change, handle)
-                    await tokens.update_one({"_id": key}, {"$set": {"token": stream.resume_token, "at": now()}},
-                                            upsert=True)
+                    if key:
+                        await tokens.update_one({"_id": key}, {"$set": {"token": stream.resume_token, "at": now()}},
+                                                upsert=True)
         except PyMongoError as exc:
             refused = isinstance(exc, OperationFailure) and (exc.code in LOST_TOKEN_CODES or resume and not opened)
             if refused:
@@ -59,8 +65,8 @@ async def watch(db, collection: str, daemon_name: str, handle: Callable[[dict], 
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
         except (InvalidBSON, InvalidDocument, ValueError, TypeError) as exc:
-            # An event that cannot be read at all: start a fresh stream; the scan covers what it hid.
-            log.warning("unreadable event on %s (%s); opening a fresh stream and scanning", collection, exc)
+            # An event that cannot be read at all: start a fresh stream; the scan (if any) covers what it hid.
+            log.warning("unreadable event on %s skipped (%s); opening a fresh stream", collection, exc)
             await _forget(tokens, key)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
@@ -79,7 +85,9 @@ async def _saved_token(tokens, key: str) -> dict | None:
         return None
 
 
-async def _forget(tokens, key: str) -> None:
+async def _forget(tokens, key: str | None) -> None:
+    if key is None:
+        return
     try:
         await tokens.delete_one({"_id": key})
     except PyMongoError as exc:

@@ -13,7 +13,9 @@ from bson import ObjectId
 from pymongo import MongoClient
 from rich.console import Console
 
+from listener.cli.alive import waiting_note
 from listener.follow import finished, follow_training, wait_for
+from listener.settings import Settings
 from training import checkpoints as stored_checkpoints
 from training import defaults, ids
 from training.defaults import Status
@@ -90,7 +92,8 @@ class Client:
         """
         models = self.db[defaults.MODELS]
         if progress:
-            document = follow_training(Console(), models, model_id, timeout)
+            note = waiting_note(self.db, Settings.load().heartbeat_s)
+            document = follow_training(Console(), models, model_id, timeout, note=note)
         else:
             document = wait_for(models, model_id, finished, timeout)
         if document["status"] != Status.SUCCEEDED:

@@ -3,18 +3,20 @@
 import asyncio
 import datetime as dt
 import json
+import os
 import re
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
+import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
 from listener.cli.main import cli
 from listener.embedded import free_port
-from listener.metrics import Metrics
+from listener.metrics import Metrics, parse_gpu_memory
 from listener.processes import wait_until
 from tests.conftest import finished, wait_for
 from training import defaults
@@ -71,7 +73,7 @@ def test_a_scrape_shows_documents_by_status_latency_and_health(db, start_daemon,
 
     daemon.stop()
     lines = daemon.log().splitlines()
-    records = [json.loads(line) for line in lines if line.startswith("{")]
+    records = log_records(daemon)
     assert any(r["message"].startswith("listening on") and r["level"] == "info" and r["logger"] and r["time"]
                for r in records)
     assert not [line for line in lines if re.match(r"\[\d\d:\d\d:\d\d\]", line)], "no Rich lines with json logs"
@@ -114,3 +116,56 @@ def test_steps_per_second_come_from_the_progress_this_daemon_writes(client, db):
     assert samples[("mongotune_models", (("status", "running"),))] == 2
     assert {labels for name, labels in samples if name == "mongotune_models"} == {
         (("status", status),) for status in ("pending", "running", "succeeded", "failed", "cancelled")}
+
+
+STAND_IN = """#!/bin/sh
+echo call >> "{folder}/calls"
+case "$(cat "{folder}/mode")" in
+  good) printf '0, 1024, 81559\\n1, 0, 81559\\n' ;;
+  garbage) printf '0, [N/A], [N/A]\\n' ;;
+  *) echo "Failed to initialize NVML: Driver/library version mismatch"; exit 18 ;;
+esac
+"""
+
+
+def test_gpu_memory_comes_from_nvidia_smi_and_a_broken_one_is_left_out_with_one_warning(db, start_daemon, tmp_path):
+    """A stand-in nvidia-smi first on the daemon's PATH: the CSV the real one prints, a failure, garbage."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "calls").write_text("")
+    (folder / "nvidia-smi").write_text(STAND_IN.format(folder=folder))
+    (folder / "nvidia-smi").chmod(0o755)
+    port = free_port()
+    (folder / "mode").write_text("good")
+    daemon = start_daemon(env={"PATH": f"{folder}:{os.environ['PATH']}"},
+                          args=("--metrics-port", str(port), "--set", "heartbeat_s=1", "--log-format", "json"))
+    wait_until(lambda: scrape(port), 60, "the metrics endpoint")
+    for mode in ("good", "exit", "good", "garbage"):
+        (folder / "mode").write_text(mode)
+        seen = len((folder / "calls").read_text().splitlines())
+        wait_until(lambda: len((folder / "calls").read_text().splitlines()) >= seen + 3, 60, f"3 calls, {mode}")
+        found = scrape(port)
+        gpu = {labels: value for (name, labels), value in found.items() if name == "mongotune_gpu_memory_bytes"}
+        assert found[("mongotune_daemon_trainings", ())] == 0, "the scrape answers whatever nvidia-smi does"
+        assert gpu == ({(("device", "0"), ("kind", "used")): 1024 * 2**20, (("device", "1"), ("kind", "used")): 0,
+                        (("device", "0"), ("kind", "total")): 81559 * 2**20,
+                        (("device", "1"), ("kind", "total")): 81559 * 2**20} if mode == "good" else {}), mode
+    warnings = [r["message"] for r in log_records(daemon) if r["level"] == "warning" and "GPU memory" in r["message"]]
+    assert len(warnings) == 2, warnings  # one per failure, not one per refresh
+    assert "(exit status 18: Failed to initialize NVML: Driver/library version mismatch)" in warnings[0]
+    assert "(unexpected nvidia-smi line '0, [N/A], [N/A]')" in warnings[1]
+    assert len([r for r in log_records(daemon) if "answers again" in r["message"]]) == 1
+
+
+def log_records(daemon) -> list[dict]:
+    """The daemon's `--log-format json` lines."""
+    return [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("text", ["0, 1024", "0, 1024, 81559, 3", "0, -1, 81559", "0, 1.5, 81559", "x, 1, 2",
+                                  "0, [N/A], 81559", "\n".join(["0, 1, 2"] * 65)])
+def test_gpu_memory_refuses_what_nvidia_smi_does_not_print(text):
+    with pytest.raises(ValueError):
+        parse_gpu_memory(text)
+    assert parse_gpu_memory("0, 1024, 81559\n 1,0,81559 \n") == [(0, 2**30, 81559 * 2**20), (1, 0, 81559 * 2**20)]
+    assert parse_gpu_memory("") == []

@@ -7,7 +7,7 @@ from bson import json_util
 from pymongo.errors import DuplicateKeyError
 from rich.console import Console
 
-from listener.cli.alive import no_daemon
+from listener.cli.alive import no_daemon, waiting_note
 from listener.cli.options import connection_options, open_database, operator_settings
 from listener.follow import follow_training
 from listener.status import Status
@@ -59,7 +59,7 @@ def submit(uri, db, definition, follow):
     if idle:
         click.echo(f"warning: {idle}; the model waits until then", err=True)
     if follow:
-        waiting = "waiting for a daemon (none alive: start one with `listener start`)" if idle else None
-        result = follow_training(console, models, model_id, timeout_s=7 * 24 * 3600, waiting=waiting)
+        note = waiting_note(database, settings.heartbeat_s)
+        result = follow_training(console, models, model_id, timeout_s=7 * 24 * 3600, note=note)
         console.print(f"{result['status']}" + (f": {result['error']['message']}" if result.get("error") else ""))
         raise SystemExit(0 if result["status"] == Status.SUCCEEDED else 1)
