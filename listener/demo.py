@@ -97,12 +97,18 @@ def show_checkpoints(console: Console, model: dict) -> None:
     console.print(table)
 
 
+def _cell(request: dict) -> str:
+    if request.get("status") != Status.DONE:
+        return f"[red]{request.get('status')}: {request.get('error')}"
+    return request.get("output") or "[dim](an empty answer)"
+
+
 def show_answers(console: Console, tuned: list[dict], base: list[dict]) -> None:
     table = Table(title="the same prompts, before and after fine-tuning", show_lines=True)
     for column in ("prompt", "base model", "fine-tuned"):
         table.add_column(column, overflow="fold")
     for question, b, t in zip(QUESTIONS, base, tuned):
-        table.add_row(question, b.get("output") or f"[red]{b.get('error')}", t.get("output") or f"[red]{t.get('error')}")
+        table.add_row(question, _cell(b), _cell(t))
     console.print(table)
     latency = [d["latency_ms"] for d in tuned + base if "latency_ms" in d]
     if latency:

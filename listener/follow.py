@@ -1,5 +1,12 @@
-"""Showing a person what the database says as a document changes: the client side of the loop."""
+"""Showing a person what the database says as a document changes: the client side of the loop.
 
+Two ways to wait, one for each need: `wait_for` polls one document until a condition holds (the
+CLI's quiet waits, the Python API, the tests); `follow_training` shows a model's training as it
+happens (progress bar, loss, eval loss, ETA, new events), driven by the document's change stream
+from any host. `submit`, `logs --follow`, the demo and `Client.wait` all show training through it.
+"""
+
+import time
 from collections.abc import Callable
 
 from rich.console import Console
@@ -7,6 +14,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from listener.processes import wait_until
 from listener.status import FINAL, Status
+from training import ids
+
+Note = Callable[[dict], str | None]  # what the wait depends on now (is a daemon alive?), or None
+
+
+class Gone(LookupError):
+    """The model followed is not there: never inserted, or deleted while followed."""
 
 
 def finished(document: dict) -> bool:
@@ -16,8 +30,7 @@ def finished(document: dict) -> bool:
 def wait_for(collection, doc_id, until, timeout_s: float = 120.0, on_change=None, poll_s: float = 0.25) -> dict:
     """Poll one document until `until(document)`; `on_change` sees every state on the way.
 
-    The one wait on a document: the CLI, the Python API and the tests all use it. TimeoutError
-    names the document and its last state.
+    TimeoutError names the document and its last state.
     """
     last = None
 
@@ -34,41 +47,105 @@ def wait_for(collection, doc_id, until, timeout_s: float = 120.0, on_change=None
         raise TimeoutError(f"{collection.name} {doc_id!r} not done after {timeout_s:.0f} s; last state: {last}") from None
 
 
-def follow_training(console: Console, models, model_id, timeout_s: float,
-                    note: Callable[[dict], str | None] | None = None) -> dict:
-    """A progress bar (step, loss, ETA) fed by the model document until its training ends.
+def number(value, digits: int = 4) -> str:
+    return f"{value:.{digits}g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
-    `note(document)` says what the wait depends on (e.g. whether a daemon is alive) and takes the
-    bar's description while it has something to say. Output that is not redrawn live (a pipe, a
-    file) gets each new description as a plain line instead, when it happens.
+
+def eval_loss(document: dict):
+    """The newest eval loss among the document's metrics, with its step; (None, None) before the first eval."""
+    metrics = document.get("metrics") if isinstance(document.get("metrics"), list) else []
+    for entry in reversed(metrics):
+        if isinstance(entry, dict) and "eval_loss" in entry:
+            return entry["eval_loss"], entry.get("step")
+    return None, None
+
+
+def events_of(document: dict) -> list[dict]:
+    found = document.get("events") if isinstance(document.get("events"), list) else []
+    return [e for e in found if isinstance(e, dict)]
+
+
+def event_line(event: dict) -> str:
+    at = event.get("at")
+    when = at.strftime("%Y-%m-%d %H:%M:%S") if hasattr(at, "strftime") else str(at)
+    details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("at", "kind") and v is not None)
+    return f"{when}  {event.get('kind', '?'):<18} {details}".rstrip()
+
+
+def _stage(document: dict, progress: dict) -> str:
+    status = document.get("status") or Status.PENDING.value
+    if status == Status.PENDING:
+        return "waiting for a daemon"
+    if status == Status.RUNNING:
+        return "training" if progress.get("total_steps") else "loading model and data"
+    return status
+
+
+class Follower:
+    """A progress bar and the model's new events, redrawn from each state of its document.
+
+    `note(document)` takes the bar's description while it has something to say. Output that is not
+    redrawn live (a pipe, a file) gets each new description as a plain line instead, when it happens.
     """
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn()]
-    plain = not (console.is_terminal or console.is_jupyter)
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("waiting for a daemon", total=None, loss="-", eta="-")
-        shown = None
 
-        def show(document):
-            nonlocal shown
-            if not document:
-                return
-            progress = document.get("progress") if isinstance(document.get("progress"), dict) else {}
-            line = (note(document) if note else None) or _stage(document, progress)
-            if line and line != shown:
-                shown = line
-                bar.update(task, description=line)
-                if plain:
-                    console.print(line, highlight=False, soft_wrap=True)
-            if progress.get("total_steps"):
-                loss, eta = progress.get("loss"), progress.get("eta_s")
-                bar.update(task, total=progress["total_steps"], completed=progress["step"],
-                           loss="-" if loss is None else f"{loss:.3f}", eta="-" if eta is None else f"{eta:.0f}s")
+    def __init__(self, console: Console, note: Note | None = None):
+        self.note = note
+        self.seen: set[str] = set()
+        self.shown: str | None = None
+        self.plain = not (console.is_terminal or console.is_jupyter)
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval]}"),
+                            TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn(), console=console)
+        self.task = self.bar.add_task("waiting for a daemon", total=None, loss="-", eval="-", eta="-")
 
-        return wait_for(models, model_id, finished, timeout_s, show)
+    def show(self, document: dict) -> None:
+        for event in events_of(document):
+            if ids.key(event) not in self.seen:
+                self.seen.add(ids.key(event))
+                self.bar.console.print(event_line(event), highlight=False)
+        progress = document.get("progress") if isinstance(document.get("progress"), dict) else {}
+        line = (self.note(document) if self.note else None) or _stage(document, progress)
+        if line != self.shown:
+            self.shown = line
+            self.bar.update(self.task, description=line)
+            if self.plain:
+                self.bar.console.print(line, highlight=False, soft_wrap=True)
+        if isinstance(progress.get("total_steps"), int):
+            eta = progress.get("eta_s")
+            self.bar.update(self.task, total=progress["total_steps"], completed=progress.get("step") or 0,
+                            loss=number(progress.get("loss")), eval=number(eval_loss(document)[0]),
+                            eta="-" if not isinstance(eta, (int, float)) else f"{eta:.0f}s")
 
 
-def _stage(document: dict, progress: dict) -> str | None:
-    if document.get("status") != Status.RUNNING:
-        return None
-    return "training" if progress.get("total_steps") else "loading model and data"
+def follow_training(console: Console, models, model_id, timeout_s: float, note: Note | None = None) -> dict:
+    """Show a model's training until its status is final; its last state.
+
+    The change stream is opened before the first read, so no change between the two is missed; it
+    wakes at least once a second, so `note` stays current while nothing changes.
+    """
+    deadline = time.monotonic() + timeout_s
+    changes = models.watch([{"$match": {"documentKey._id": ids.eq(model_id)}}], full_document="updateLookup",
+                           max_await_time_ms=1000)
+    follower = Follower(console, note)
+    with changes, follower.bar:
+        document = _read(models, model_id)
+        while True:
+            follower.show(document)
+            if finished(document):
+                return document
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"model {model_id!r} still {document.get('status')} after {timeout_s:.0f} s")
+            change = changes.try_next()
+            if change is None:
+                continue
+            if change.get("operationType") == "delete":
+                raise Gone(f"model {model_id!r} was deleted")
+            document = change.get("fullDocument") or _read(models, model_id)
+
+
+def _read(models, model_id) -> dict:
+    document = models.find_one({"_id": ids.eq(model_id)})
+    if document is None:
+        raise Gone(f"no model with _id {model_id!r} in {models.database.name}.{models.name}: "
+                   "`listener status` lists them")
+    return document

@@ -9,6 +9,7 @@ from bson import json_util
 from pymongo.errors import ConfigurationError, ConnectionFailure, OperationFailure, PyMongoError
 
 from listener.connection import reason, redact
+from listener.follow import Gone
 from listener.settings import SettingsError
 from listener.status import DOCUMENT_VALIDATION_FAILURE
 from training.config import SpecError
@@ -40,7 +41,7 @@ def one_line(exc: BaseException, uri: str | None) -> str:
                 f"{refused_field(exc.details)}; the daemon's operator sets its bounds: change the document")
     if isinstance(exc, PyMongoError):
         return f"MongoDB at {where} refused: {' '.join(str(exc).split())[:300]}"
-    if isinstance(exc, TimeoutError | OSError):
+    if isinstance(exc, TimeoutError | OSError | Gone):
         return " ".join(str(exc).split()) or type(exc).__name__
     return (f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
             "(run `listener --verbose ...` for the traceback)")
