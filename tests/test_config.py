@@ -207,6 +207,19 @@ def test_operator_opt_in_allows_trust_remote_code():
     assert spec.model_kwargs.trust_remote_code is True
 
 
+@pytest.mark.parametrize("value", ["false", "0"])
+def test_the_operator_can_turn_init_from_off(value):
+    from listener.settings import Settings
+
+    starting = model_doc(init_from={"model": "other", "checkpoint": "latest"})
+    assert parse_model(starting).init_from.model == "other"
+    off = Settings.load({}, {"MONGOTUNE_ALLOW_INIT_FROM": value}).limits
+    assert off.allow_init_from is False and Settings.load({}, {}).limits.allow_init_from is True
+    error = refused(lambda document: parse_model(document, off), starting)
+    assert error.field == "init_from" and "MONGOTUNE_ALLOW_INIT_FROM=1" in error.message
+    assert parse_model(model_doc(), off).init_from is None
+
+
 @pytest.mark.parametrize("params, field", [
     ({"max_new_tokens": 0}, "params.max_new_tokens"),
     ({"max_new_tokens": CAPS.max_new_tokens + 1}, "params.max_new_tokens"),

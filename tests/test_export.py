@@ -1,5 +1,6 @@
 """`listener export` and `listener checkpoints`: a folder plain transformers loads and that answers as served."""
 
+import pytest
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,3 +68,44 @@ def test_export_loads_with_plain_transformers_and_answers_as_served(db, server_u
     assert again.exit_code != 0 and "not an empty folder" in again.output and "Traceback" not in again.output
     missing = runner.invoke(cli, ["export", "m", str(tmp_path / "x"), "--checkpoint", "9:9", *where])
     assert missing.exit_code != 0 and "no checkpoint" in missing.output
+
+
+def test_a_4_bit_model_serves_in_4_bits_and_exports_dequantized_or_as_its_adapter(db, server_uri, start_daemon,
+                                                                                 tiny_model_path, model_root, limits,
+                                                                                 tmp_path):
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the qlora extra: pip install 'mongotune[qlora]'")
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig
+
+    from training import checkpoints
+    from training.config import parse_model
+    from training.inference import load
+
+    load_samples(db)
+    start_daemon()
+    db[defaults.MODELS].insert_one(model("m", tiny_model_path, trainer={"bits": 4, "learning_rate": 1e-2}))
+    document = trained(db, "m")
+    answer = served(db)
+    folder = checkpoints.download(db, checkpoints.select(document, "best")["files_id"], tmp_path / "best")
+    serving = load(parse_model(document, limits), limits, folder).model
+    assert any(isinstance(module, bnb.nn.Linear4bit) for module in serving.modules()), "served in 4 bits"
+
+    runner = CliRunner(env={"MONGOTUNE_MODEL_ROOTS": str(model_root), "MONGOTUNE_HOME": str(tmp_path / "home")})
+    where = ["--uri", server_uri, "--db", db.name]
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    result = runner.invoke(cli, ["export", "m", str(merged), *where])
+    assert result.exit_code == 0, result.output
+    assert "note: trained and served on a 4-bit base: merged into the full-precision base" in result.output
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert not any(isinstance(module, bnb.nn.Linear4bit) for module in plain.modules())
+    assert greedy(plain, AutoTokenizer.from_pretrained(merged)) != ""
+    assert "4-bit base: merged into the full-precision base" in (merged / "README.md").read_text()
+
+    result = runner.invoke(cli, ["export", "m", str(adapter), "--adapter-only", *where])
+    assert result.exit_code == 0, result.output
+    assert "BitsAndBytesConfig(load_in_4bit=True" in result.output
+    quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, quantization_config=quantized)
+    with_peft = PeftModel.from_pretrained(base, adapter)
+    assert greedy(with_peft, AutoTokenizer.from_pretrained(adapter)) == answer["output"]

@@ -127,3 +127,11 @@ def test_a_run_redone_from_its_entry_and_a_model_started_from_its_adapter(db, st
     refused = wait_for(db[defaults.MODELS], "c", finished)
     assert refused["status"] == "failed" and refused["error"]["field"] == "init_from.model"
     assert [(r["number"], r["outcome"]) for r in refused["runs"]] == [(1, "failed")], "a failed run has its entry too"
+
+
+def test_an_operator_who_turns_init_from_off_fails_such_a_document(db, start_daemon, tiny_model_path):
+    start_daemon(env={"MONGOTUNE_ALLOW_INIT_FROM": "0"})
+    db[defaults.MODELS].insert_one(model("c", tiny_model_path, init_from={"model": "a"}))
+    refused = wait_for(db[defaults.MODELS], "c", finished)
+    assert refused["status"] == "failed" and refused["error"]["field"] == "init_from"
+    assert "MONGOTUNE_ALLOW_INIT_FROM" in refused["error"]["message"]

@@ -110,3 +110,63 @@ def test_assistant_only_loss_needs_chat_data_and_a_template_that_marks_the_assis
     tokenizer.chat_template = tokenizer.chat_template.replace(
         "{{ message['content'] }}", "{% generation %}{{ message['content'] }}{% endgeneration %}")
     check_loss_options(True, chat, tokenizer)
+
+
+def test_the_gate_scores_every_checkpoint_on_one_base_as_it_would_alone(tiny_model_path, limits, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.inference import apply_checkpoint
+    from training.models import load_checked_model
+    from training.promotion import GateModel, measure
+
+    spec = parse_model({**BASE, "model_name_or_path": tiny_model_path}, limits)
+    folders = []
+    for seed in (1, 2):  # two adapters with different, non-zero weights
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), lora).save_pretrained(tmp_path / f"a{seed}")
+        folders.append(tmp_path / f"a{seed}")
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.no_grad():
+        full.lm_head.weight.mul_(1.5)
+    full.save_pretrained(tmp_path / "full")
+    folders.append(tmp_path / "full")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    ids = tokenizer(["ahoy matey the capital of france", "arr what is two plus two"], padding=True,
+                    return_tensors="pt")
+    batches = [{**ids, "labels": ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)}]
+
+    alone = [measure(apply_checkpoint(load_checked_model(spec, limits), folder), batches) for folder in folders]
+    gate = GateModel(spec, limits)
+    shared = [gate.score(folder, f"c{i}", batches) for i, folder in enumerate(folders + folders[:1])]
+    assert len({round(s["eval_loss"], 6) for s in alone}) == 3, "the three checkpoints score differently"
+    expected = alone + alone[:1]  # the last adapter comes after full weights: the base is loaded afresh for it
+    assert [s["eval_loss"] for s in shared] == pytest.approx([s["eval_loss"] for s in expected], rel=1e-6)
+    assert [s["tokens"] for s in shared] == [s["tokens"] for s in expected]
+
+
+@pytest.mark.parametrize("options", [{}, {"packing": True}])
+def test_the_gate_counts_the_tokens_the_trainer_evaluates(tiny_model_path, tmp_path, options):
+    """Prompt/completion data: only the completion is scored; packed rows: each example apart, as the trainer."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from training.promotion import examples, held_out_batches, measure
+
+    pairs = Dataset.from_list([{"prompt": f"what is {i} plus {i}?", "completion": f"ahoy, {2 * i} it be"}
+                               for i in range(12)])
+    config = SFTConfig(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none", use_cpu=True,
+                       bf16=False, max_length=64, **options)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_path), args=config, train_dataset=pairs,
+                         eval_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(tiny_model_path),
+                         peft_config=LoraConfig(r=4, task_type="CAUSAL_LM"))
+    batches = held_out_batches(trainer)
+    scored = measure(trainer.model, batches)
+    assert sum(map(examples, batches)) == len(pairs)
+    completions = sum(sum(label != -100 for label in row["labels"]) for row in trainer.eval_dataset)
+    assert scored["tokens"] == completions  # the whole sequences would count the prompts too
+    assert scored["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-3)

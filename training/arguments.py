@@ -8,6 +8,7 @@ objects. Users copy keyword arguments from older tutorials, so the old names sti
 from peft import LoraConfig
 from trl import SFTConfig
 
+from training import packing
 from training.config import IGNORED, DeepSpeedSpec, SpecError, TrainerSpec
 
 RENAMED = {
@@ -81,11 +82,15 @@ def resolved_arguments(spec: TrainerSpec, output_dir: str, *, has_eval: bool, us
         # (left alone, transformers evaluates at every logging step).
         "eval_steps": user.get("save_steps", 500),
         "activation_checkpointing": not use_cpu,  # on a CPU it costs time and saves little
+        # A batch's sequences end to end, no step spent on padding (`training.padding`), when a batch holds several
+        # and trl does not pack them already; the child turns it off for a model that would mix them.
+        "padding_free": not user.get("packing") and user.get("per_device_train_batch_size", 8) > 1,
         "disable_tqdm": True,
         "report_to": "none",
         "use_cpu": use_cpu,
         **({"bf16": False, "fp16": False} if use_cpu else {}),
         **_early_stopping(spec, has_eval),
+        **packing.arguments(user),
         **user,
         "output_dir": output_dir,
     }

@@ -7,6 +7,7 @@ reading the outcome from the exit code.
 
 import argparse
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 from bson import json_util
 from pymongo import MongoClient
 
-from training import checkpoints, defaults, ids, lineage, promotion, ranks, starting
+from training import checkpoints, defaults, ids, lineage, packing, padding, promotion, ranks, starting
 from training.config import ModelSpec, SpecError, parse_model
 from training.errors import public_message
 from training.limits import Limits
@@ -77,23 +78,31 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits) -> int:
     from training.arguments import lora_config, resolved_arguments, to_sft_config
     from training.dataset import check_loss_options, read_datasets
     from training.models import check_model, load_checked_model, load_tokenizer
+    from training.phases import Phases
     from training.progress import MongoProgress
 
+    phases = Phases()
     spec = parse_model(document, limits)
     _check_gpus(spec, torch)
     check_model(spec, limits)
+    phases.lap("check")
     if spec.trainer.deepspeed is not None:
         _single_process_group()
     train_set, valid_set, read = read_datasets(db, spec.data, limits)
     log.info("dataset: %d training and %d validation examples", len(train_set), len(valid_set or []))
+    phases.lap("data")
     resolved = resolved_arguments(spec.trainer, str(work / "output"), has_eval=valid_set is not None,
                                   use_cpu=not torch.cuda.is_available(), keep=limits.max_checkpoints)
-    config = to_sft_config(resolved)
+    config = to_sft_config(padding.for_trl(resolved))
     if spec.trainer.deepspeed is not None and ranks.world()[1] > 1:
         ranks.join_deepspeed()
     tokenizer = load_tokenizer(spec, limits)
     check_loss_options(bool(config.assistant_only_loss), train_set, tokenizer)
     model = load_checked_model(spec, limits)
+    if padding.flattened_here(resolved):  # recorded as decided: the run's entry says whether batches were flat
+        resolved["padding_free"] = padding.decide(model, asked="padding_free" in spec.trainer.training_arguments())
+    if resolved.get("packing"):
+        packing.check(model)
     if spec.trainer.bits:
         model = prepare_model_for_kbit_training(model)
     rank, world = ranks.world()
@@ -103,6 +112,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits) -> int:
     progress = MongoProgress(db, spec.id, document["run"], keep=config.save_total_limit, daemon=daemon,
                              owner=os.environ.get(defaults.ENV_LEASE_OWNER), limits=limits, ranking=ranking,
                              hold_best=serving is not None) if rank == 0 else None
+    phases.lap("model")
     if progress is not None:
         _begin_run(db, progress.match, document, spec, resolved, read, started, limits)
     callbacks = (ranks.callbacks(progress, daemon) if world > 1 else [progress]) + _early_stopping(spec)
@@ -118,16 +128,24 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits) -> int:
         model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
         processing_class=tokenizer, peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
     )
+    if padding.flattened_here(resolved):
+        padding.flatten_batches(trainer)
+    phases.lap("trainer")
     own = work / f"rank{rank}" if world > 1 else work  # each rank unpacks its own copy of a resumed checkpoint
     trainer.train(resume_from_checkpoint=_resume_point(db, document, own, spec, limits))
+    phases.lap("train")
     if progress is None:
         return defaults.ChildExit.OK
     if progress.stop_requested:
         return defaults.ChildExit.STOPPED
     if progress.cancelled:
         return defaults.ChildExit.CANCELLED
-    promotion.conclude(db, progress.match, spec, document["run"], serving, promotion.held_out_batches(trainer),
-                       work, limits, ranking)
+    batches = promotion.held_out_batches(trainer)
+    del trainer, model  # the gate loads the base once for both checkpoints: never beside the trained model
+    gc.collect()
+    promotion.conclude(db, progress.match, spec, document["run"], serving, batches, work, limits, ranking)
+    phases.lap("end")
+    _record_phases(db, progress, phases)
     return defaults.ChildExit.OK
 
 
@@ -139,6 +157,14 @@ def _begin_run(db, match: dict, document: dict, spec: ModelSpec, resolved: dict,
                          resolve_source(spec, limits)):
         log.error("another daemon holds this run now (or its document is gone); stopping")
         sys.exit(defaults.ChildExit.LEASE_LOST)
+
+
+def _record_phases(db, progress, phases) -> None:
+    """The run's time by phase, with what its callbacks spent writing and uploading inside `train`."""
+    seconds = {**phases.seconds, **progress.seconds()}
+    log.info("phases (s): %s", " ".join(f"{k}={v}" for k, v in seconds.items()))
+    update, filters = lineage.set_fields(progress.run, {"phases": seconds})
+    db[defaults.MODELS].update_one(progress.match, update, array_filters=filters)
 
 
 def _early_stopping(spec: ModelSpec) -> list:

@@ -224,7 +224,7 @@ class TrainingArgs(_Strict):
     dataset_text_field: str | None = Field(default=None, pattern=FIELD_NAME)
     completion_only_loss: bool | None = None
     assistant_only_loss: bool | None = None
-    padding_free: bool | None = None
+    padding_free: bool | None = None  # unset: flat batches when the model keeps them apart (training.padding)
     dataset_num_proc: int | None = Field(default=None, ge=1)
     fsdp: bool | Literal["full_shard", "shard_grad_op", "full_shard auto_wrap", "shard_grad_op auto_wrap"] | None = None
     fsdp_config: FsdpConfig | None = None  # FSDP runs only with trainer.num_processes above 1 (training.ranks)
@@ -527,6 +527,9 @@ def check_model(spec: ModelSpec, limits: Limits) -> None:
     _cap(limits, "trainer.num_processes", "max_processes", spec.trainer.num_processes)
     _cap(limits, "data.limit", "max_documents", spec.data.limit)
     check_retrain(spec.retrain, limits)
+    if spec.init_from is not None and not limits.allow_init_from:
+        raise SpecError("init_from", "starting from another model's adapter is off on this listener; remove "
+                        f"init_from, or the operator enables it with {Limits.setting('allow_init_from')}=1")
     if not limits.trust_remote_code:
         for section in ("model_kwargs", "tokenizer_kwargs"):
             if getattr(spec, section).trust_remote_code:

@@ -5,6 +5,8 @@ safetensors with the base's tokenizer and clean generation settings, so plain
 `AutoModelForCausalLM.from_pretrained(folder)` loads it with neither peft nor mongotune installed. A
 base trained in 4 or 8 bits is merged in full precision (merging into quantized weights loses the
 adapter). The folder is written beside its destination and renamed into place: whole, or not at all.
+A merged export of a quantized model therefore answers from dequantized weights, not exactly as served:
+the card and `note` say so.
 """
 
 import datetime as dt
@@ -18,6 +20,8 @@ from training.config import ModelSpec, parse_model
 from training.limits import Limits
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# The BitsAndBytesConfig arguments `training.models` serves a quantized base with, for the model card.
+QUANTIZED = {4: 'load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True', 8: "load_in_8bit=True"}
 
 
 class ExportError(Exception):
@@ -47,8 +51,11 @@ def _empty_destination(dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
 
 
-def export(db, model_id, ref, dest: Path, limits: Limits, adapter_only: bool = False, say=lambda text: None) -> dict:
-    """Write checkpoint `ref` of the model into `dest`; returns the entry exported. `say` reports each step."""
+def export(db, model_id, ref, dest: Path, limits: Limits, adapter_only: bool = False, say=lambda text: None,
+           note=lambda text: None) -> dict:
+    """Write checkpoint `ref` of the model into `dest`; returns the entry exported.
+
+    `say` reports each step; `note` gets what the user must know about the result (a quantized base)."""
     dest = Path(dest)
     _empty_destination(dest)
     document = model_document(db, model_id)
@@ -66,11 +73,22 @@ def export(db, model_id, ref, dest: Path, limits: Limits, adapter_only: bool = F
             _merged(spec, folder, out, limits)
         say("writing the tokenizer and the model card")
         _tokenizer(spec, limits).save_pretrained(out)
-        (out / "README.md").write_text(model_card(document, entry, adapter_only))
+        (out / "README.md").write_text(model_card(document, entry, adapter_only, spec.trainer.bits))
         if dest.exists():
             dest.rmdir()
         out.rename(dest)
+    if spec.trainer.bits:
+        note(quantized_note(spec.trainer.bits, adapter_only))
     return entry
+
+
+def quantized_note(bits: int, adapter_only: bool) -> str:
+    """One line on how an export of a model trained and served on a `bits`-bit base differs from what serves."""
+    if adapter_only:
+        return (f"trained and served on a {bits}-bit base: load the base with quantization_config="
+                f"BitsAndBytesConfig({QUANTIZED[bits]}) to answer as served")
+    return (f"trained and served on a {bits}-bit base: merged into the full-precision base (merging into quantized "
+            "weights would lose the adapter), so answers can differ slightly from the served model")
 
 
 def _adapter(folder: Path, out: Path) -> None:
@@ -121,7 +139,7 @@ def _run_rows(runs) -> list[str]:
     return rows
 
 
-def model_card(document: dict, entry: dict, adapter_only: bool) -> str:
+def model_card(document: dict, entry: dict, adapter_only: bool, bits: int | None = None) -> str:
     """A README.md: where the model comes from, which checkpoint this is, and every run that led to it."""
     metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}
     load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
@@ -134,7 +152,8 @@ def model_card(document: dict, entry: dict, adapter_only: bool) -> str:
         f"{' (LoRA adapter only)' if adapter_only else ' (adapter merged into the base)'}.", "",
         f"- checkpoint: run {entry['run']}, step {entry['step']}",
         f"- metrics: {json.dumps(metrics, default=str)}",
-        f"- exported: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}", "",
+        f"- exported: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        *([f"- {quantized_note(bits, adapter_only)}"] if bits else []), "",
         "```python", load, "```", "",
         "## Runs", "",
         "| run | trigger | started | outcome | collection | documents | ids sha256 | promotion |",

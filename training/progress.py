@@ -51,14 +51,21 @@ class MongoProgress(TrainerCallback):
         self._loss = None
         self._checked = 0.0
         self._saves = 0  # saves this process stored: a resumed run counts again from its resume
+        self._writing_s = self._uploading_s = 0.0  # time the training loop spent on the database (`seconds`)
+
+    def seconds(self) -> dict:
+        """What the callbacks cost the training loop: document writes, and checkpoint uploads with their listing."""
+        return {"progress_writes": round(self._writing_s, 2), "checkpoint_uploads": round(self._uploading_s, 2)}
 
     def _event(self, kind: str, **details) -> dict:
         return events.push(events.event(kind, run=self.run, **details))
 
     def _set(self, update: dict, array_filters: list | None = None) -> dict:
         """Write, and read back `cancel` in the same round trip."""
+        started = time.perf_counter()
         document = self.models.find_one_and_update(self.match, update, projection={"cancel": 1},
                                                    array_filters=array_filters)
+        self._writing_s += time.perf_counter() - started
         if document is None:
             _lease_lost()
         return document
@@ -124,6 +131,7 @@ class MongoProgress(TrainerCallback):
             control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
+        started, writing = time.perf_counter(), self._writing_s
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         self._saves += 1
         checkpoints.check_room(self.db, folder, self.model_id, self._saves, self.limits)
@@ -132,6 +140,7 @@ class MongoProgress(TrainerCallback):
         entry["metrics"] = {**({"loss": self._loss} if self._loss is not None else {}), **metrics}
         self._record(entry)
         log.info("checkpoint step %d stored in GridFS (%.1f MB)", state.global_step, entry["size"] / 1e6)
+        self._uploading_s += time.perf_counter() - started - (self._writing_s - writing)
 
     def _record(self, entry: dict) -> None:
         """List the new checkpoint, then prune; what a user wrote into `checkpoints` is only read, never obeyed."""

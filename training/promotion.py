@@ -5,6 +5,9 @@ fold, as the trainer tokenized it), so the comparison is fair whatever each run'
 Until the gate decides, `best_checkpoint` keeps pointing at the earlier run's promoted checkpoint
 (`training.progress` keeps the run's own best in its `runs` entry). The decision, both scores and the
 number of documents are recorded on the run's entry; a promotion also becomes a `promoted` event.
+
+The training child frees its trained model before the gate, which then loads the base once for both
+checkpoints (`GateModel`): never two bases, nor a base beside the trained model, in memory at once.
 """
 
 import gc
@@ -17,7 +20,7 @@ from training.config import ModelSpec
 
 log = logging.getLogger(__name__)
 
-LOSS_COLUMNS = ("input_ids", "completion_mask", "assistant_masks")  # what trl's collator reads
+LOSS_COLUMNS = ("input_ids", "labels", "seq_lengths")  # what trl's collator reads: the loss's labels, packed lengths
 
 
 def serving_ref(document: dict) -> dict | None:
@@ -51,7 +54,7 @@ def measure(model, batches) -> dict:
         for batch in batches:
             labels = batch["labels"][:, 1:].to(device)
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-            logits = model(**inputs).logits[:, :-1].float()
+            logits = model(**inputs, use_cache=False).logits[:, :-1].float()  # a cache hides packed sequences
             mask = labels != -100
             loss_sum += torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum").item()
             correct += (logits.argmax(-1)[mask] == labels[mask]).sum().item()
@@ -71,23 +74,65 @@ def held_out_batches(trainer) -> list | None:
                            collate_fn=trainer.data_collator))
 
 
-def evaluate(db, spec: ModelSpec, entry: dict, batches: list, work: Path, limits) -> dict:
-    """Load the base with one stored checkpoint of this model and measure it on `batches`."""
-    import torch
+def examples(batch: dict) -> int:
+    """The held-out examples in one batch: a packed or padding-free batch is one row of several."""
+    bounds = batch.get("cu_seq_lens_q")  # trl's sequence boundaries in a padding-free row
+    return len(bounds) - 1 if bounds is not None else len(batch["input_ids"])
 
-    from training.inference import apply_checkpoint
-    from training.models import load_checked_model
 
+def fetch(db, spec: ModelSpec, entry: dict, work: Path, limits) -> Path:
+    """One stored checkpoint of this model, unpacked, safetensors only; LookupError when refused or gone."""
     file = checkpoints.stored(db, entry, spec.id)
     folder = checkpoints.download(db, file.files_id, work / f"gate-{file.files_id}", max_bytes=limits.max_checkpoint_bytes)
-    model = apply_checkpoint(load_checked_model(spec, limits), folder)
-    if torch.cuda.is_available() and not spec.trainer.bits:
-        model.to("cuda")
-    try:
-        return measure(model, batches)
-    finally:
-        del model
+    checkpoints.keep_only_safe_weights(folder)
+    return folder
+
+
+class GateModel:
+    """The base loaded once for every checkpoint the gate scores.
+
+    Each adapter loads beside the others under its own name and is made the active one, which gives the
+    same logits as the base with that adapter alone. Full weights load in place, over the base's; an
+    adapter after them gets the base loaded afresh.
+    """
+
+    def __init__(self, spec: ModelSpec, limits):
+        self.spec, self.limits = spec, limits
+        self.model, self.overwritten = None, False
+
+    def score(self, folder: Path, name: str, batches: list) -> dict:
+        return measure(self._with(folder, name), batches)
+
+    def _base(self):
+        import torch
+
+        from training.models import load_checked_model
+
+        self.model, self.overwritten = None, False
         gc.collect()
+        model = load_checked_model(self.spec, self.limits)
+        return model.to("cuda") if torch.cuda.is_available() and not self.spec.trainer.bits else model
+
+    def _with(self, folder: Path, name: str):
+        from peft import PeftModel
+
+        from training.inference import apply_checkpoint, check_adapter
+
+        adapter = (folder / "adapter_config.json").exists()
+        if self.model is None or (adapter and self.overwritten):
+            self.model = self._base()
+        if not adapter:
+            if isinstance(self.model, PeftModel):
+                self.model = self.model.unload()
+            self.overwritten = True
+            return apply_checkpoint(self.model, folder)
+        check_adapter(folder / "adapter_config.json")
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(folder, adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name)
+        self.model.set_adapter(name)
+        return self.model
 
 
 def judge(db, spec: ModelSpec, new: dict, serving: dict | None, batches: list | None, work: Path, limits) -> dict:
@@ -100,9 +145,10 @@ def judge(db, spec: ModelSpec, new: dict, serving: dict | None, batches: list | 
     if not batches:
         return {"promoted": True, "checkpoint": ref, "reason": "this run has no held-out documents to compare on"}
     metric, min_delta = spec.promotion.metric, spec.promotion.min_delta
-    new_scores = evaluate(db, spec, new, batches, work, limits)
+    gate = GateModel(spec, limits)
+    new_scores = gate.score(fetch(db, spec, new, work, limits), "candidate", batches)
     try:
-        old_scores = evaluate(db, spec, serving, batches, work, limits)
+        old_scores = gate.score(fetch(db, spec, serving, work, limits), "serving", batches)
     except LookupError as exc:  # refused or gone from GridFS: it cannot serve either
         return {"promoted": True, "checkpoint": ref, "reason": f"the serving checkpoint cannot be loaded: {exc}"}
     promoted = (new_scores[metric] is not None and old_scores[metric] is not None
@@ -110,7 +156,7 @@ def judge(db, spec: ModelSpec, new: dict, serving: dict | None, batches: list | 
     return {"promoted": promoted, "checkpoint": ref, "metric": metric, "min_delta": min_delta,
             "score": new_scores[metric], "serving_score": old_scores[metric],
             "serving": {"run": serving["run"], "step": serving["step"]},
-            "documents": sum(len(b["input_ids"]) for b in batches), "tokens": new_scores["tokens"],
+            "documents": sum(map(examples, batches)), "tokens": new_scores["tokens"],
             "reason": "better by at least min_delta" if promoted else "not better than the serving checkpoint by min_delta"}
 
 

@@ -44,7 +44,8 @@ def export(uri, db, model, dest, checkpoint, adapter_only):
     console = Console(stderr=True)
     try:
         with console.status("exporting") as status:
-            entry = write(database, model, ref, dest, limits, adapter_only, say=lambda text: status.update(text))
+            entry = write(database, model, ref, dest, limits, adapter_only, say=lambda text: status.update(text),
+                          note=lambda text: click.echo(f"note: {text}", err=True))
     except (ExportError, SpecError, CheckpointRefused, LookupError) as exc:
         raise click.ClickException(str(exc)) from None
     kind = "adapter" if adapter_only else "merged model"
