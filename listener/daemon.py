@@ -14,6 +14,7 @@ import signal
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 
 from bson.errors import InvalidBSON
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
@@ -148,7 +149,8 @@ class Daemon:
         await scan_pending(self, defaults.MODELS, self.consider_model)
 
     async def _scan_requests(self) -> None:
-        await scan_pending(self, defaults.REQUESTS, self.consider_request)
+        with self.serving.arrivals:  # requests a scan claims batch together, as those a stream delivers
+            await scan_pending(self, defaults.REQUESTS, self.consider_request)
 
     async def isolated(self, name: str, document: dict, handle) -> None:
         """One document's problem fails that document, never the stream, the scan or the daemon.
@@ -272,7 +274,8 @@ async def watch_collection(daemon: Daemon, name: str, consider, scan) -> None:
     async def handle(document: dict) -> None:
         await daemon.isolated(name, document, consider)
 
-    await watch(daemon.db, name, daemon.settings.name, handle, scan)
+    arrivals = daemon.serving.arrivals if name == defaults.REQUESTS else nullcontext()  # batches wait for claims
+    await watch(daemon.db, name, daemon.settings.name, handle, scan, handling=arrivals)
 
 
 async def scan_pending(daemon: Daemon, name: str, consider) -> None:

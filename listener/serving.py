@@ -8,7 +8,9 @@ killed and the next batch gets a fresh one. Requests wait in one queue per model
 generate alike (same normalised parameters, same `timeout_s`). Once a model's base is known (its
 document has been read once), the batch is topped up with alike requests of other models of the
 same base: the worker answers those as one mixed-adapter batch (peft's `adapter_names`) when their
-LoRA adapters share one loaded base, and one `generate` per checkpoint otherwise.
+LoRA adapters share one loaded base, and one `generate` per checkpoint otherwise. A batch starts as
+soon as the requests inserted with its first one are claimed (`Arrivals`), never later than the
+operator's `batch_window_s`; requests claimed while it generates make the next batch, right after it.
 
 Streaming (`stream: true`) does not split batches: a batch holding any streamed request streams
 as a whole, because the worker's streamer follows every row of one `generate` call at no extra
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_LINE = 2**26  # bytes of one reply line from the worker: max_batch outputs of max_new_tokens each
 WATCH_S = 0.5  # how often the watchdog reads the worker's resident memory
 KILL_GRACE_S = 2.0  # SIGTERM to SIGKILL for the worker
+ARRIVAL_GAP_S = 0.02  # a pause in request arrivals this long ends a batch's wait for more (see `Arrivals`)
 
 
 class Failure(Exception):
@@ -77,6 +80,58 @@ class Queued:
     @property
     def prompt(self):
         return self.spec.input if isinstance(self.spec.input, str) else [m.model_dump() for m in self.spec.input]
+
+
+class Arrivals:
+    """Change events on `_requests` being handled now (entered by `streams.watch` and the daemon's scans).
+
+    A batch waits until no event is being handled and none has arrived for a gap, instead of a fixed
+    pause: a server may deliver the events of one `insert_many` a getMore apart (the embedded one does,
+    milliseconds each, more on a busy machine), so the batch holds every request inserted together, and a
+    lone one starts after `ARRIVAL_GAP_S` rather than the whole window. The gap is twice the longest pause
+    seen so far in this wait, if longer, so a slow stream does not split a burst.
+    """
+
+    def __init__(self):
+        self._handling = 0
+        self._settled, self._arrived = asyncio.Event(), asyncio.Event()
+        self._settled.set()
+
+    def __enter__(self) -> None:
+        self._handling += 1
+        self._settled.clear()
+        self._arrived.set()
+
+    def __exit__(self, *exc) -> None:
+        self._handling -= 1
+        if not self._handling:
+            self._settled.set()
+
+    async def settled(self, window_s: float) -> None:
+        """Once the arrivals pause, or after `window_s` (the operator's batching wait) at most."""
+        deadline, gap = time.monotonic() + window_s, ARRIVAL_GAP_S
+        while await _within(self._settled, deadline - time.monotonic()):
+            self._arrived.clear()
+            paused = time.monotonic()
+            if not await _within(self._arrived, min(gap, deadline - time.monotonic())):
+                return
+            gap = max(gap, 2 * (time.monotonic() - paused))
+
+
+async def _within(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` is set within `seconds`."""
+    try:
+        await asyncio.wait_for(event.wait(), max(seconds, 0.0))
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _all(writes: list[Awaitable]) -> None:
+    """Await every write, even when one fails; then raise the first failure (the batch's caller logs it)."""
+    failures = [r for r in await asyncio.gather(*writes, return_exceptions=True) if isinstance(r, BaseException)]
+    if failures:
+        raise failures[0]
 
 
 def _size(n: int) -> str:
@@ -187,6 +242,7 @@ class Serving:
         self._turns: deque[str] = deque()  # models with queued requests, the next to be served first
         self._held: dict[str, tuple[str, object]] = {}  # queued or generating: request key -> (model key, _id)
         self._ready = asyncio.Event()
+        self.arrivals = Arrivals()  # a batch starts once the requests inserted with its first are claimed
         self._worker: Worker | None = None
         self._preloads: dict[str, object] = {}  # model ids whose best checkpoint to load when idle, by ids.key
         self._jobs: dict[str, asyncio.Task] = {}  # predictions over a collection, by request key
@@ -266,7 +322,7 @@ class Serving:
         try:
             while True:
                 await self._ready.wait()
-                await asyncio.sleep(self.settings.batch_window_s)  # requests inserted together batch together
+                await self.arrivals.settled(self.settings.batch_window_s)  # requests inserted together batch together
                 if not self._turns:
                     async with self._turn:
                         await self._preload_next()
@@ -388,14 +444,16 @@ class Serving:
             for item in batch:
                 await self.fail(item.spec.id, exc.message, exc.kind)
             return
+        endings = []  # written at once: one write's round trip, not one per request, before the last is done
         for item, result in zip(batch, reply["results"]):
             entry = groups[keys.index(item.checkpoint_key)]["checkpoint"]
             used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
             if "error" in result:
-                await self.fail(item.spec.id, result["error"]["message"], result["error"]["type"])
+                endings.append(self.fail(item.spec.id, result["error"]["message"], result["error"]["type"]))
             else:
-                await self._done(item, result, used, len(batch), {
-                    "queued_s": round(started - item.since, 3), "generation_s": round(generation_s, 3)})
+                endings.append(self._done(item, result, used, len(batch), {
+                    "queued_s": round(started - item.since, 3), "generation_s": round(generation_s, 3)}))
+        await _all(endings)
 
     def _writer(self, batch: list[Queued]) -> Callable[[list], Awaitable[None]]:
         """Writes the growing `output` of the batch's streamed requests, each only when its text changed."""

@@ -60,7 +60,8 @@ class Settings(BaseModel):
     serving_disk_bytes: int = Field(20 * 2**30, ge=2**20, description="checkpoints unpacked on disk for serving")
     max_log_bytes: int = Field(20 * 2**20, ge=2**16, description="one training job's log file")
     max_batch: int = Field(16, ge=1, le=1024, description="requests generated together")
-    batch_window_s: float = Field(0.05, ge=0, le=10, description="wait after a request for others to batch with it")
+    batch_window_s: float = Field(0.5, ge=0, le=10,
+                                  description="longest wait after a request for those inserted with it to be claimed")
     max_queue_per_model: int = Field(64, ge=1, description="requests one daemon holds for one model")
     max_queued_requests: int = Field(256, ge=1, description="requests one daemon holds in all")
     metrics_port: int | None = Field(None, ge=1, le=65_535,

@@ -8,6 +8,7 @@ pending documents covers whatever the gap hid.
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 
 from bson.errors import InvalidBSON, InvalidDocument
 from pymongo.errors import OperationFailure, PyMongoError
@@ -31,11 +32,14 @@ LOST_TOKEN_CODES = {286, 260, 280}
 
 
 async def watch(db, collection: str, daemon_name: str | None, handle: Callable[[dict], Awaitable[None]],
-                on_gap: Callable[[], Awaitable[None]] | None = None, pipeline: list = PIPELINE) -> None:
+                on_gap: Callable[[], Awaitable[None]] | None = None, pipeline: list = PIPELINE,
+                handling: AbstractContextManager = nullcontext()) -> None:
     """Deliver the full document of every change of `collection` that `pipeline` passes to `handle`, forever.
 
     Cancel the task to stop. `daemon_name` None keeps no resume token: each stream, reopened after a
     break or an unreadable event, starts from now (for best-effort work that a missed event only delays).
+    `handling` is entered around each event; between events already received it is re-entered without
+    yielding to the event loop, so other tasks see it exited only while the stream waits on the server.
     """
     tokens = db[defaults.LISTENER]
     key = f"resume:{daemon_name}:{collection}" if daemon_name is not None else None
@@ -50,10 +54,11 @@ async def watch(db, collection: str, daemon_name: str | None, handle: Callable[[
                     await on_gap()
                 backoff = 0.5
                 async for change in stream:
-                    await _deliver(change, handle)
-                    if key:
-                        await tokens.update_one({"_id": key}, {"$set": {"token": stream.resume_token, "at": now()}},
-                                                upsert=True)
+                    with handling:
+                        await _deliver(change, handle)
+                        if key:
+                            await tokens.update_one({"_id": key}, {"$set": {"token": stream.resume_token,
+                                                                            "at": now()}}, upsert=True)
         except PyMongoError as exc:
             refused = isinstance(exc, OperationFailure) and (exc.code in LOST_TOKEN_CODES or resume and not opened)
             if refused:

@@ -1,5 +1,6 @@
 """`listener.serving` through real daemons: nothing a document does wedges serving, fills the disk or jumps the queue."""
 
+import asyncio
 import json
 import os
 import shutil
@@ -162,3 +163,29 @@ def test_models_of_one_base_are_answered_in_one_mixed_batch(db, start_daemon, ti
         mixed = answer(db, f"{name}-mixed")
         assert mixed["batch_size"] == 2 and mixed["checkpoint_used"] == {"run": 1, "step": 1}
         assert mixed["output"] == alone[name]["output"]
+
+
+def test_a_batch_waits_for_claims_in_progress_and_no_longer():
+    from listener.serving import Arrivals
+
+    async def body() -> None:
+        arrivals = Arrivals()
+        with arrivals:  # an event being handled: its request and those received with it are still being claimed
+            waiting = asyncio.create_task(arrivals.settled(window_s=60))
+            await asyncio.sleep(0.2)
+            assert not waiting.done()
+        await asyncio.wait_for(waiting, 30)  # far sooner than the window, once the claims are done
+        with arrivals:  # a claim that never ends is waited for only as long as the window
+            await asyncio.wait_for(arrivals.settled(window_s=0.1), 30)
+
+    asyncio.run(body())
+
+
+def test_a_lone_request_is_not_held_for_the_batching_window(db, start_daemon, tiny_model_path):
+    db[defaults.MODELS].insert_one(served_model("m", tiny_model_path))
+    start_daemon(env={"MONGOTUNE_BATCH_WINDOW_S": "10"})
+    for n in range(2):  # the first loads the model; both start long before the 10 s window ends
+        ask(db, f"lone-{n}", "m")
+        done = answer(db, f"lone-{n}")
+        assert done["status"] == "done" and done["batch_size"] == 1
+    assert done["timing"]["queued_s"] < 5, done["timing"]
