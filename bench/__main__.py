@@ -25,6 +25,7 @@ from listener.demo import load_samples
 from listener.embedded import EmbeddedServer, free_port
 
 RESULTS = Path(__file__).with_name("results") / "latest.json"
+PARTS = ("training", "serving", "storage")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +33,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
                         help="smollm2: the offline SmolLM2-135M-Instruct (a few minutes on a CPU); "
                              "tiny: a tiny random model, to check the harness in under a minute")
+    parser.add_argument("--only", choices=PARTS, action="append",
+                        help="run only this benchmark (repeatable); without training, serving and storage use "
+                             "one untimed training run through the daemon for their adapter")
     return parser.parse_args(argv)
 
 
@@ -57,7 +61,7 @@ def machine() -> dict:
             "peft": peft.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def measure(console: Console, model: str) -> list[Row]:
+def measure(console: Console, model: str, parts: tuple[str, ...] = PARTS) -> list[Row]:
     from transformers.utils import logging as transformers_logging
 
     # Progress bars and deprecation notices from the libraries would break the console's status lines.
@@ -70,8 +74,9 @@ def measure(console: Console, model: str) -> list[Row]:
         ctx = Context(console, client["bench"], server.uri, home, base_model(model, home, console))
         load_samples(ctx.db)
         stack.enter_context(running_daemon(ctx))
-        training_rows, adapter = training.run(ctx)
-        return [*training_rows, *serving.run(ctx), *storage.run(ctx, adapter)]
+        training_rows, adapter = training.run(ctx) if "training" in parts else ([], training.adapter_only(ctx))
+        return [*training_rows, *(serving.run(ctx) if "serving" in parts else []),
+                *(storage.run(ctx, adapter) if "storage" in parts else [])]
 
 
 def busy_cpus(console: Console) -> float:
@@ -93,12 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     busy = busy_cpus(console)
     started = time.perf_counter()
-    rows = measure(console, args.model)
+    parts = tuple(args.only or PARTS)
+    rows = measure(console, args.model, parts)
     wall = time.perf_counter() - started
     console.print(table(rows, f"mongotune vs baseline ({args.model}, {os.cpu_count()} CPUs)"))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": args.model,
+        "parts": parts,
         "wall_s": round(wall, 1), "machine": {**machine(), "cpu_busy_percent_at_start": busy},
         "rows": [row.as_json() for row in rows],
     }, indent=2) + "\n")

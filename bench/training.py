@@ -1,8 +1,10 @@
 """Training: one LoRA SFT job through a `_models` document and through a plain trl script.
 
 Both train the same documents with the same settings, and each is timed as a user waits for it:
-mongotune from the insert to `succeeded`, the script from launch to exit. The trainer's own
-`train_runtime` splits each total into the training loop and everything around it. The two run in
+mongotune from the insert to `succeeded`, the script from launch to exit. Both evaluate once on the
+valid fold at the last step, with trl's own evaluation, so the eval losses compare; the trainer's
+`train_runtime` less that `eval_runtime` is the training phase, and each total splits into that,
+the evaluation and everything around them (the job's phases come from its run's entry). The two run in
 `PAIRS` pairs, which side goes first alternating, so a warm file cache or a busy neighbour favours
 neither; every row is the median over the pairs, its note the spread. The job keeps the listener's
 own defaults (LoRA dropout included), the script peft's and trl's.
@@ -22,20 +24,22 @@ from pathlib import Path
 import psutil
 
 from bench.common import Context, Row, step
+from bench.trainer_log import summary
 from listener.processes import wait_until
-from training import defaults
+from training import checkpoints, defaults
 
 MODEL_ID = "bench"
 COLLECTION = "pirate_chat"
 SCRIPT = Path(__file__).with_name("baseline_train.py")
 TIMEOUT_S = 600.0
 JOB = {
-    "filter": {"_fold": "train"},  # the training fold only, so neither side evaluates
-    "trainer": {"max_steps": 20, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 256,
+    "filter": {},  # both folds: `_fold` splits them, "valid" for the evaluation at the end
+    "trainer": {"max_steps": 30, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 256,
                 "logging_steps": 5},
     "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},  # dropout: each side's default
 }
 PAIRS = 3
+INSIDE_TRAIN = ("progress_writes", "checkpoint_uploads")  # phases of the job counted within its `train` phase
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -80,9 +84,8 @@ def via_mongotune(ctx: Context, model_id=MODEL_ID) -> dict:
     metrics = document["metrics"]
     cpu = {"daemon": after[0][0] - before[0][0], "training child": after[0][1] - before[0][1],
            **({"database server": after[1][0] - before[1][0]} if server else {})}
-    return {"seconds": timer.seconds, "loss": [m["loss"] for m in metrics if "loss" in m][-1],
-            "train_runtime": next(m["train_runtime"] for m in metrics if "train_runtime" in m),
-            "tokens": max(m.get("num_tokens", 0) for m in metrics), "cpu": cpu}
+    return {"seconds": timer.seconds, "cpu": cpu, "phases": document["runs"][-1].get("phases", {}),
+            **summary(metrics)}
 
 
 def via_script(ctx: Context, output: Path) -> dict:
@@ -104,9 +107,32 @@ def _median(values: list[float]) -> tuple[float, str]:
     return statistics.median(values), f"{min(values):.3g}–{max(values):.3g}"
 
 
+def _steps_s(result: dict) -> float:
+    """The training phase: the trainer's loop less its evaluation."""
+    return result["train_runtime"] - result["eval_runtime"]
+
+
+def _in_process(result: dict) -> float:
+    """The process's own time, phase by phase; the writes and uploads are inside `train` already."""
+    return sum(v for k, v in result["phases"].items() if k not in INSIDE_TRAIN)
+
+
+def _phases(results: list[dict]) -> str:
+    return ", ".join(f"{name} {statistics.median(r['phases'].get(name, 0.0) for r in results):.2f}"
+                     for name in results[0]["phases"])
+
+
 def _row(name: str, unit: str, ours: list[float], theirs: list[float], note: str = "") -> Row:
     (m, m_spread), (b, b_spread) = _median(ours), _median(theirs)
     return Row(name, unit, m, b, f"spread {m_spread} vs {b_spread}" + (f"; {note}" if note else ""))
+
+
+def adapter_only(ctx: Context) -> Path:
+    """One untimed training run through the daemon, for benchmarks that need the bench model but not its timing;
+    its best checkpoint unpacked, as the adapter folder the storage benchmark copies."""
+    via_mongotune(ctx)
+    document = ctx.db[defaults.MODELS].find_one({"_id": MODEL_ID})
+    return checkpoints.download(ctx.db, checkpoints.select(document, "best")["files_id"], ctx.home / "bench-adapter")
 
 
 def run(ctx: Context) -> tuple[list[Row], Path]:
@@ -122,21 +148,25 @@ def run(ctx: Context) -> tuple[list[Row], Path]:
             theirs.append(via_script(ctx, folder))
     steps = JOB["trainer"]["max_steps"]
     ratios = [o["seconds"] / t["seconds"] for o, t in zip(ours, theirs)]
-    train_ratios = [o["train_runtime"] / t["train_runtime"] for o, t in zip(ours, theirs)]
+    train_ratios = [_steps_s(o) / _steps_s(t) for o, t in zip(ours, theirs)]
     ratio, spread = _median(ratios)
     train_ratio, train_spread = _median(train_ratios)
     rows = [
         _row("training: end to end", "s", [r["seconds"] for r in ours], [r["seconds"] for r in theirs],
              f"whole-job ratio {ratio:.2f} ({spread}) over {PAIRS} pairs"),
-        _row("training: inside trainer.train()", "s", [r["train_runtime"] for r in ours],
-             [r["train_runtime"] for r in theirs], f"training-phase ratio {train_ratio:.2f} ({train_spread})"),
-        _row("training: seconds per step", "s", [r["train_runtime"] / steps for r in ours],
-             [r["train_runtime"] / steps for r in theirs]),
-        _row("training: trained tokens per second", "tok/s", [r["tokens"] / r["train_runtime"] for r in ours],
-             [r["tokens"] / r["train_runtime"] for r in theirs]),
+        _row("training: training phase (loop less eval)", "s", [_steps_s(r) for r in ours],
+             [_steps_s(r) for r in theirs], f"training-phase ratio {train_ratio:.2f} ({train_spread})"),
+        _row("training: evaluation on the valid fold", "s", [r["eval_runtime"] for r in ours],
+             [r["eval_runtime"] for r in theirs]),
+        _row("training: seconds per step", "s", [_steps_s(r) / steps for r in ours], [_steps_s(r) / steps for r in theirs]),
+        _row("training: trained tokens per second", "tok/s", [r["tokens"] / _steps_s(r) for r in ours],
+             [r["tokens"] / _steps_s(r) for r in theirs]),
         _row("training: CPU, all processes", "cpu s", [sum(r["cpu"].values()) for r in ours],
              [sum(r["cpu"].values()) for r in theirs], "mongotune: " + ", ".join(
                  f"{k} {statistics.median(r['cpu'][k] for r in ours):.1f}" for k in ours[0]["cpu"])),
         _row(f"training: loss at step {steps}", "loss", [r["loss"] for r in ours], [r["loss"] for r in theirs]),
+        _row("training: eval loss, valid fold", "loss", [r["eval_loss"] for r in ours], [r["eval_loss"] for r in theirs]),
+        _row("training: phases in the process (mongotune | script)", "s", [_in_process(r) for r in ours],
+             [_in_process(r) for r in theirs], f"{_phases(ours)} | {_phases(theirs)}"),
     ]
     return rows, output
