@@ -9,22 +9,28 @@ from tests.test_serving import answer, looping_model, served_model
 from training import defaults
 
 
-def test_a_streamed_answer_grows_in_the_document_before_done(db, start_daemon, tiny_model_path):
+def states_until_done(db, tiny_model_path, doc_id: str, **fields) -> list[dict]:
+    """Every state of a request for 48 tokens that a change stream shows, until it is done."""
     db[defaults.MODELS].insert_one(served_model("llm", tiny_model_path))
-    start_daemon()
     requests = db[defaults.REQUESTS]
-    with requests.watch([{"$match": {"documentKey._id": "streamed"}}], full_document="updateLookup") as stream:
-        requests.insert_one({"_id": "streamed", "model": "llm", "input": "ahoy", "checkpoint": "base",
-                             "stream": True, "params": {"max_new_tokens": 48}})
-        seen = []
+    states = []
+    with requests.watch([{"$match": {"documentKey._id": doc_id}}], full_document="updateLookup") as stream:
+        requests.insert_one({"_id": doc_id, "model": "llm", "input": "ahoy", "checkpoint": "base",
+                             "params": {"max_new_tokens": 48}, **fields})
         for change in stream:
-            document = change.get("fullDocument") or {}
-            if document.get("status") == "done":
-                break
-            if document.get("output") and document["output"] not in seen:
-                assert "usage" not in document
-                seen.append(document["output"])
-    done = answer(db, "streamed")
+            states.append(change.get("fullDocument") or {})
+            if states[-1].get("status") == "done":
+                return states
+
+
+def test_a_streamed_answer_grows_in_the_document_before_done(db, start_daemon, tiny_model_path):
+    start_daemon()
+    *partial, done = states_until_done(db, tiny_model_path, "streamed", stream=True)
+    seen = []
+    for document in partial:
+        if document.get("output") and document["output"] not in seen:
+            assert "usage" not in document
+            seen.append(document["output"])
     assert len(seen) >= 2, f"partial outputs seen before done: {seen}"
     assert done["usage"]["completion_tokens"] > 8
     assert done["output"] and isinstance(done["output"], str)
@@ -32,20 +38,9 @@ def test_a_streamed_answer_grows_in_the_document_before_done(db, start_daemon, t
 
 
 def test_a_request_without_stream_is_written_once(db, start_daemon, tiny_model_path):
-    db[defaults.MODELS].insert_one(served_model("llm", tiny_model_path))
     start_daemon()
-    requests = db[defaults.REQUESTS]
-    with requests.watch([{"$match": {"documentKey._id": "plain"}}], full_document="updateLookup") as stream:
-        requests.insert_one({"_id": "plain", "model": "llm", "input": "ahoy", "checkpoint": "base",
-                             "params": {"max_new_tokens": 48}})
-        outputs = []
-        for change in stream:
-            document = change.get("fullDocument") or {}
-            if "output" in document:
-                outputs.append(document["status"])
-            if document.get("status") == "done":
-                break
-    assert outputs == ["done"]
+    states = states_until_done(db, tiny_model_path, "plain")
+    assert [d["status"] for d in states if "output" in d] == ["done"]
 
 
 def test_timeout_s_fails_the_request_and_the_worker_goes_on(db, start_daemon, tiny_model_path):
