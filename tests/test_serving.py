@@ -151,12 +151,14 @@ def test_models_of_one_base_are_answered_in_one_mixed_batch(db, start_daemon, ti
     entries = adapter_entries(db, tmp_path, tiny_model_path, ["x", "y"])
     db[defaults.MODELS].insert_many([served_model(name, tiny_model_path, (entry,))
                                      for name, entry in zip(("x", "y"), entries)])
-    start_daemon(env={"MONGOTUNE_BATCH_WINDOW_S": "1"})  # both inserts surely arrive within the window
+    start_daemon()
     alone = {}
     for name in ("x", "y"):  # one at a time first: each answered alone, and the daemon learns their base
         ask(db, f"{name}-alone", name, "best", max_new_tokens=6)
         alone[name] = answer(db, f"{name}-alone")
         assert alone[name]["status"] == "done" and alone[name]["batch_size"] == 1
+    ask(db, "busy", "x", "best", max_new_tokens=256)  # generates alone while both below are claimed and queued
+    wait_until(lambda: db[defaults.REQUESTS].find_one({"_id": "busy", "status": "running"}), 60, "the busy request")
     db[defaults.REQUESTS].insert_many([{"_id": f"{name}-mixed", "model": name, "input": CHAT, "checkpoint": "best",
                                         "params": {"max_new_tokens": 6}} for name in ("x", "y")])
     for name in ("x", "y"):
