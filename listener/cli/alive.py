@@ -5,6 +5,7 @@ import time
 from collections.abc import Callable
 
 from listener.cli.status import live_daemons
+from listener.records import BadRecord, Lease, parse
 from listener.status import Status
 from training import defaults
 
@@ -47,8 +48,9 @@ def waiting_note(database, heartbeat_s: float) -> Callable[[dict], str | None]:
 
 
 def lease_expired(document: dict) -> bool:
-    lease = document.get("lease") if isinstance(document.get("lease"), dict) else {}
-    expires = lease.get("expires_at")
-    if not isinstance(expires, dt.datetime):
+    """Whether the model's lease (typed as the daemon reads it) has run out; False when it has none."""
+    try:
+        expires = parse(Lease, document.get("lease")).expires_at
+    except BadRecord:
         return False
     return (expires if expires.tzinfo else expires.replace(tzinfo=dt.timezone.utc)) < defaults.now()
