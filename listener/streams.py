@@ -1,8 +1,9 @@
 """Change streams that survive restarts: resume tokens saved in `_listener`, a scan after any gap.
 
 A token is saved only after its event was handled, so a crash re-delivers rather than loses
-(handling is idempotent: claims are atomic). When a stream cannot resume, the caller's scan for
-pending documents covers whatever the gap hid.
+(handling is idempotent: claims are atomic). Saves run beside the handling of the next events and
+coalesce (`Tokens`): a burst of inserts costs one claim each, not a claim and a save each. When a
+stream cannot resume, the caller's scan for pending documents covers whatever the gap hid.
 """
 
 import asyncio
@@ -45,7 +46,7 @@ async def watch(db, collection: str, daemon_name: str | None, handle: Callable[[
     key = f"resume:{daemon_name}:{collection}" if daemon_name is not None else None
     backoff = 0.5
     while True:
-        resume, opened = None, False
+        resume, opened, saver = None, False, Tokens(tokens, key)
         try:
             resume = await _saved_token(tokens, key) if key else None
             async with await db[collection].watch(pipeline, full_document="updateLookup", resume_after=resume) as stream:
@@ -56,14 +57,13 @@ async def watch(db, collection: str, daemon_name: str | None, handle: Callable[[
                 async for change in stream:
                     with handling:
                         await _deliver(change, handle)
-                        if key:
-                            await tokens.update_one({"_id": key}, {"$set": {"token": stream.resume_token,
-                                                                            "at": now()}}, upsert=True)
+                    saver.handled(stream.resume_token)
         except PyMongoError as exc:
             refused = isinstance(exc, OperationFailure) and (exc.code in LOST_TOKEN_CODES or resume and not opened)
             if refused:
                 log.warning("resume token for %s can no longer be used (%s); scanning for pending work instead",
                             collection, exc.details.get("codeName", exc.code) if exc.details else exc.code)
+                await saver.settled()
                 await _forget(tokens, key)
                 continue
             log.warning("stream on %s broke (%s); reconnecting in %.1f s", collection, exc, backoff)
@@ -72,9 +72,46 @@ async def watch(db, collection: str, daemon_name: str | None, handle: Callable[[
         except (InvalidBSON, InvalidDocument, ValueError, TypeError) as exc:
             # An event that cannot be read at all: start a fresh stream; the scan (if any) covers what it hid.
             log.warning("unreadable event on %s skipped (%s); opening a fresh stream", collection, exc)
+            await saver.settled()
             await _forget(tokens, key)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+
+class Tokens:
+    """Saves a stream's resume token once its event was handled, beside the next events' handling.
+
+    One save is in flight at a time; events handled meanwhile are covered by the next save, of the
+    newest token, so a burst costs one or two writes. A failed save is logged and retried with the
+    next event; a crash before it re-delivers events already handled, which is harmless.
+    """
+
+    def __init__(self, tokens, key: str | None):
+        self.tokens, self.key = tokens, key
+        self._newest = self._saved = None
+        self._saving: asyncio.Task | None = None
+
+    def handled(self, token: dict | None) -> None:
+        if self.key is None or token is None:
+            return
+        self._newest = token
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.create_task(self._save())
+
+    async def settled(self) -> None:
+        """Once no save is in flight: a token forgotten now stays forgotten."""
+        if self._saving is not None:
+            await self._saving
+
+    async def _save(self) -> None:
+        while self._saved is not self._newest:
+            token = self._newest
+            try:
+                await self.tokens.update_one({"_id": self.key}, {"$set": {"token": token, "at": now()}}, upsert=True)
+            except PyMongoError as exc:
+                log.warning("resume token for %s not saved: %s", self.key, exc)
+                return
+            self._saved = token
 
 
 async def _saved_token(tokens, key: str) -> dict | None:
