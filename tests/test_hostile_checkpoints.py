@@ -396,3 +396,62 @@ def test_bytes_past_max_checkpoint_bytes_stop_training(db, tmp_path):
     assert info.value.field == "trainer.save_total_limit"
     assert "bytes of checkpoints stored per model" in str(info.value)
     assert files_of(db, "m") == [1]
+
+
+# --- DeepSpeed's tag folder: one level, its states by name, and a `latest` that names it ----------
+
+DS_MODEL = "global_step7/mp_rank_00_model_states.pt"
+DS_OPTIM = "global_step7/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+
+
+def test_deepspeed_states_are_unpacked_in_their_tag_folder_for_resuming_only(db, tmp_path):
+    files_id = store(db, archive(member("adapter_model.safetensors", SAFE), member("latest", b"global_step7\n"),
+                                 member(DS_MODEL, b"model"), member(DS_OPTIM, b"optim")))
+    served = checkpoints.download(db, files_id, tmp_path / "served")
+    assert sorted(p.name for p in served.iterdir()) == ["adapter_model.safetensors"]
+    resume = checkpoints.download(db, files_id, tmp_path / "resume", kind="resume")
+    assert sorted(p.relative_to(resume).as_posix() for p in resume.rglob("*") if p.is_file()) == [
+        "adapter_model.safetensors", DS_OPTIM, DS_MODEL, "latest"]
+    assert (resume / DS_OPTIM).read_bytes() == b"optim"  # DeepSpeed reads it under weights_only_loads
+
+
+@pytest.mark.parametrize("name", [
+    "global_step7/../config.json", "global_step7/sub/mp_rank_00_model_states.pt", "other/mp_rank_00_model_states.pt",
+    "global_step7/zero_to_fp32.py", "global_step7/evil.pt", "../global_step7/mp_rank_00_model_states.pt",
+    "/global_step7/mp_rank_00_model_states.pt", "global_step7\\mp_rank_00_model_states.pt",
+    "global_step/mp_rank_00_model_states.pt", "global_step7/latest", "mp_rank_00_model_states.pt",
+])
+def test_deepspeed_states_outside_their_tag_folder_are_refused(db, tmp_path, name):
+    files_id = store(db, archive(member("latest", b"global_step7"), member(DS_MODEL, b"model"), member(name, b"x")))
+    refused(db, files_id, tmp_path, "path|may hold", kind="resume")
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"../../etc", "names no global_stepN"), (b"global_step7/../..", "names no global_stepN"),
+    (b"/tmp", "names no global_stepN"), (b"global_step7\x00", "names no global_stepN"),
+    (b"global_step" + b"7" * 80, "cap of 64 bytes"),
+])
+def test_a_latest_that_names_a_path_is_refused(db, tmp_path, content, why):
+    files_id = store(db, archive(member(DS_MODEL, b"model"), member("latest", content)))
+    refused(db, files_id, tmp_path, why, kind="resume")
+
+
+def test_a_link_in_the_tag_folder_is_refused(db, tmp_path):
+    link = member(DS_MODEL, None, tarfile.SYMTYPE, linkname="../../../../etc/passwd")
+    refused(db, store(db, archive(member("latest", b"global_step7"), link)), tmp_path, "symbolic link", kind="resume")
+
+
+def test_upload_stores_the_tag_folder_and_nothing_it_links_to(db, tmp_path):
+    folder = checkpoint_folder(tmp_path)
+    (folder / "latest").write_text("global_step7")
+    (folder / "zero_to_fp32.py").write_text("print('run me')")
+    (folder / "global_step7").mkdir()
+    (folder / DS_MODEL).write_bytes(b"model")
+    (folder / "global_step7" / "notes.txt").write_bytes(b"x")
+    (tmp_path / "secret").write_bytes(b"secret")
+    (folder / DS_OPTIM).symlink_to(tmp_path / "secret")
+    (folder / "global_step8").symlink_to(folder / "global_step7")
+    entry = checkpoints.upload(db, folder, model_id="m", run=1, step=7)
+    resume = checkpoints.download(db, entry["files_id"], tmp_path / "resume", kind="resume")
+    assert sorted(p.relative_to(resume).as_posix() for p in resume.rglob("*") if p.is_file()) == [
+        "adapter_config.json", "adapter_model.safetensors", DS_MODEL, "latest", "optimizer.pt"]

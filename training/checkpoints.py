@@ -6,14 +6,18 @@ model document, and may be able to insert into the `_checkpoints` bucket. So a f
 resumed from, deleted) only once its GridFS metadata shows it is this model's (and run's), and an
 archive is unpacked by an allowlist of bare file names: safetensors weights and JSON for serving,
 plus the optimizer, scheduler, scaler and RNG states that transformers' Trainer reads back with
-`torch.load(weights_only=True)` to resume. Nothing pickled is stored for serving, none is unpickled.
+`torch.load(weights_only=True)` to resume, and DeepSpeed's tag folder (`global_stepN/`, one level,
+its states by name) with the `latest` file naming it, which DeepSpeed reads only under
+`weights_only_loads`. Nothing pickled is stored for serving, none is unpickled.
 """
 
 import math
+import os
 import re
 import shutil
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +36,19 @@ _RESUME = _SERVING + (  # what Trainer reads to resume, each with torch.load(wei
     r"optimizer\.pt", r"scheduler\.pt", r"scaler\.pt", r"rng_state(_[0-9]{1,5})?\.pth", r"trainer_state\.json",
     r"tokenizer\.json", r"tokenizer_config\.json", r"special_tokens_map\.json", r"chat_template\.jinja",
 )
-KINDS = {"serving": re.compile("|".join(_SERVING)), "resume": re.compile("|".join(_RESUME))}
+_TAG = r"global_step[0-9]{1,12}"  # the folder DeepSpeed saves a checkpoint's states in, named after its step
+_DEEPSPEED = (  # DeepSpeed's states, one level down in the tag folder, and the file naming that folder
+    _TAG + r"/(mp_rank_[0-9]{2,5}|(bf16_)?zero_pp_rank_[0-9]{1,5}_mp_rank_[0-9]{2,5})_model_states\.pt",
+    _TAG + r"/(bf16_)?zero_pp_rank_[0-9]{1,5}_mp_rank_[0-9]{2,5}_optim_states\.pt", r"latest",
+)
+KINDS = {"serving": re.compile("|".join(_SERVING)), "resume": re.compile("|".join(_RESUME + _DEEPSPEED))}
+TAG = re.compile(_TAG)
+LATEST = "latest"
 PICKLED = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}  # never loaded for serving
 
 TEXT_FILE_BYTES = 256 * 2**20  # a JSON or Jinja file: far above any real config or trainer state, far below RAM
+LATEST_BYTES = 64  # DeepSpeed's `latest`: one tag folder's name
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it at every call, whatever the caller passes
 HEADER_BYTES = 4 * 2**20  # what tarfile may read for one member's headers (PAX and GNU long-name records)
 CHUNK = 2**20  # bytes copied at a time while counting
 _MEMBER_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.DIRTYPE: "a directory",
@@ -82,9 +95,13 @@ def _is_int(value) -> bool:
 
 
 def _archived(folder: Path) -> list[Path]:
-    """The files of a trainer's checkpoint folder that are stored: regular files a resume may read."""
-    return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and not p.is_symlink() and KINDS["resume"].fullmatch(p.name))
+    """The files of a trainer's checkpoint folder that are stored: regular files a resume may read, at the
+    top or in DeepSpeed's tag folder (a real folder, not a link), named as `download` accepts them."""
+    folder = Path(folder)
+    tags = [d for d in folder.iterdir() if d.is_dir() and not d.is_symlink() and TAG.fullmatch(d.name)]
+    found = [*folder.iterdir(), *(p for d in tags for p in d.iterdir())]
+    return sorted(p for p in found if p.is_file() and not p.is_symlink()
+                  and KINDS["resume"].fullmatch(p.relative_to(folder).as_posix()))
 
 
 def upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
@@ -93,12 +110,12 @@ def upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
     Only allowlisted names go in (peft's README.md and the pickled training_args.bin never do), so
     every stored archive is one that `download` accepts.
     """
-    files = _archived(folder)
-    metadata = {"model": model_id, "run": run, "step": step, "files": [p.name for p in files]}
+    names = [p.relative_to(folder).as_posix() for p in _archived(folder)]
+    metadata = {"model": model_id, "run": run, "step": step, "files": names}
     with _bucket(db).open_upload_stream(f"{model_id}/run-{run}/step-{step}.tar", metadata=metadata) as stream:
         with tarfile.open(fileobj=stream, mode="w|") as tar:
-            for path in files:
-                tar.add(path, arcname=path.name)
+            for name in names:
+                tar.add(Path(folder) / name, arcname=name)
     return {
         "run": run, "step": step, "files_id": stream._id, "size": stream.length,
         "created_at": defaults.now(),
@@ -136,16 +153,18 @@ def _shown(name: str) -> str:
 
 
 def _check_member(member: tarfile.TarInfo, seen: set[str]) -> None:
-    """Refuse a member that is not a bare, allowlisted, first-seen name of a plain regular file."""
+    """Refuse a member that is not an allowlisted, first-seen name of a plain regular file: a bare name, or
+    one of DeepSpeed's states in its tag folder (the one path the allowlist's patterns can match)."""
     name = member.name
     if not member.isreg():
         what = _MEMBER_KINDS.get(member.type, "not a regular file")
         raise _refused(f"{_shown(name)} is {what}; only regular files are unpacked")
     if member.issparse():
         raise _refused(f"{_shown(name)} is a sparse file")
-    if "/" in name or "\\" in name or name in ("", ".", ".."):
+    if ("/" in name or "\\" in name or name in ("", ".", "..")) and not KINDS["resume"].fullmatch(name):
         last = name.replace("\\", "/").rsplit("/", 1)[-1]  # the path itself may be a host's: not repeated
-        raise _refused(f"a member named {_shown(last)} has a path; members are bare file names")
+        raise _refused(f"a member named {_shown(last)} has a path; members are bare file names, "
+                       "or DeepSpeed's states in its global_stepN folder")
     if not KINDS["resume"].fullmatch(name):
         raise _refused(f"{_shown(name)} is not a file a checkpoint may hold: weights as .safetensors, configs and "
                        "tokenizer as JSON, and the trainer's optimizer, scheduler, scaler and RNG states")
@@ -166,7 +185,15 @@ def _copy(source, target, cap: int) -> int | None:
 
 
 def _file_cap(name: str, max_file_bytes: int) -> int:
+    if name == LATEST:
+        return min(max_file_bytes, LATEST_BYTES)
     return min(max_file_bytes, TEXT_FILE_BYTES) if name.endswith((".json", ".jinja")) else max_file_bytes
+
+
+def _check_latest(path: Path) -> None:
+    """DeepSpeed joins what `latest` says to the checkpoint folder: it must name a tag folder, never a path."""
+    if not TAG.fullmatch(path.read_bytes().strip().decode("ascii", errors="replace")):
+        raise _refused(f"{LATEST!r} names no global_stepN folder")
 
 
 def _unpack(stream, staging: Path, kind: str, max_bytes: int, max_file_bytes: int) -> None:
@@ -185,12 +212,15 @@ def _unpack(stream, staging: Path, kind: str, max_bytes: int, max_file_bytes: in
             cap = _file_cap(member.name, max_file_bytes)
             over = f"{cap} bytes per file" if cap <= left else f"{max_bytes} bytes per archive"
             total += _extract(tar, member, staging / member.name, meter, min(cap, left), over)
+            if member.name == LATEST:
+                _check_latest(staging / member.name)
             meter.allow(HEADER_BYTES)
 
 
 def _extract(tar, member, path: Path, meter: _Metered, cap: int, over: str) -> int:
     """Write one member, counting its bytes against `cap`; the bytes written."""
     meter.allow(cap + HEADER_BYTES)
+    path.parent.mkdir(exist_ok=True)  # a tag folder: one component the allowlist matched, inside staging
     with open(path, "xb") as target:
         copied = _copy(tar.extractfile(member), target, cap)
     if copied is None:
@@ -301,6 +331,42 @@ def keep_only_safe_weights(folder: Path) -> None:
             path.unlink()
     if not any(Path(folder).glob("*.safetensors")):
         raise LookupError(f"checkpoint {Path(folder).name} holds no .safetensors weights; nothing else is loaded")
+
+
+def _deepspeed_state_types() -> list[type]:
+    """The classes DeepSpeed pickles into its states (seen in ZeRO-2 and ZeRO-3 files, deepspeed 0.19; the
+    dynamic scaler is fp16's): each only stores numbers once built (`__init__` sets attributes; the enum
+    looks a member up)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads():
+    """Every `torch.load` in this process is weights-only while inside, whatever its caller asks.
+
+    DeepSpeed loads its states with `weights_only=False`; forced, its unpickler is torch's
+    weights-only one, which builds only tensors, containers and primitive values and refuses any
+    other global, so a crafted file fails to load instead of running code. The classes DeepSpeed
+    pickles are allowed by exact class, never a function or a module: the unpickler may only call
+    such a class with values from the file or fill its `__dict__`, and none of them runs code
+    doing so. One environment variable, since DeepSpeed's loads are scattered through its modules.
+    """
+    import torch
+
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_state_types()):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = before
 
 
 def delete(db, files_id, *, model_id, run: int | None = None) -> None:

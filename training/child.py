@@ -6,6 +6,7 @@ reading the outcome from the exit code.
 """
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -33,16 +34,12 @@ def _resume_point(db, document: dict, work: Path, spec: ModelSpec, limits: Limit
 
     It is found by its GridFS metadata (exactly this model and run), never through `checkpoints`,
     which users can write, and unpacked as a resume archive: safetensors, JSON and the states the
-    trainer reads with `torch.load(weights_only=True)`.
+    trainer reads with `torch.load(weights_only=True)`, and DeepSpeed's, read under `_loads`.
     """
     if not isinstance(document.get("attempts"), int) or document["attempts"] < 2:
         return None  # a fresh claim: files of an earlier model with this id and run number are not ours to resume
     last = checkpoints.latest(db, spec.id, document.get("run"))
     if last is None:
-        return None
-    if spec.trainer.deepspeed is not None:
-        log.warning("DeepSpeed keeps its optimizer state in pickles, which are never stored; run %d starts over",
-                    last.run)
         return None
     log.info("resuming run %d from its checkpoint at step %d", last.run, last.step)
     folder = work / "resume" / f"checkpoint-{last.step}"
@@ -61,6 +58,12 @@ def _check_gpus(spec: ModelSpec, torch) -> None:
     if have and wanted and count != min(wanted, have):
         raise SpecError("trainer.num_processes", f"{count} processes on {min(wanted, have)} GPUs: on GPUs a job "
                         "runs one process per GPU; leave num_processes out or make it equal to num_gpus")
+
+
+def _loads(spec: ModelSpec):
+    """DeepSpeed reads its states from a resumed checkpoint with `torch.load(weights_only=False)`: in
+    its runs every load is forced weights-only (`checkpoints.weights_only_loads`)."""
+    return checkpoints.weights_only_loads() if spec.trainer.deepspeed is not None else contextlib.nullcontext()
 
 
 def _single_process_group() -> None:
@@ -132,7 +135,8 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits) -> int:
         padding.flatten_batches(trainer)
     phases.lap("trainer")
     own = work / f"rank{rank}" if world > 1 else work  # each rank unpacks its own copy of a resumed checkpoint
-    trainer.train(resume_from_checkpoint=_resume_point(db, document, own, spec, limits))
+    with _loads(spec):
+        trainer.train(resume_from_checkpoint=_resume_point(db, document, own, spec, limits))
     phases.lap("train")
     if progress is None:
         return defaults.ChildExit.OK
