@@ -13,6 +13,7 @@ its states by name) with the `latest` file naming it, which DeepSpeed reads only
 
 import math
 import os
+import pickle
 import re
 import shutil
 import tarfile
@@ -362,6 +363,10 @@ def weights_only_loads():
     try:
         with torch.serialization.safe_globals(_deepspeed_state_types()):
             yield
+    except pickle.UnpicklingError:
+        raise CheckpointRefused("checkpoint refused: a DeepSpeed state of the checkpoint this run resumes from holds "
+                                "more than tensors and numbers, so none of it was loaded; `listener retrain` starts "
+                                "the model over in a new run") from None
     finally:
         if before is None:
             os.environ.pop(FORCE_WEIGHTS_ONLY, None)
