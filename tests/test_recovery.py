@@ -11,9 +11,9 @@ from listener.processes import wait_until
 from tests.conftest import finished, job_log, wait_for
 from training import defaults
 
-STEPS = 400
+STEPS = 160
 TRAINER = {"max_steps": STEPS, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64,
-           "save_steps": 40}
+           "save_steps": 20}
 SHORT_LEASE = {"MONGOTUNE_LEASE_S": "3", "MONGOTUNE_SCAN_S": "2"}
 
 
