@@ -2,7 +2,8 @@
 before anyone asks, so the first request after a promotion or a finished run pays no load.
 
 Best effort by design: this stream keeps no resume token, because a missed event costs one cold
-start and nothing else, and `Serving` runs a preload only while no request waits. A swap never
+start and nothing else, and `Serving` gives a preload the next turn between batches (or runs it at
+once when idle), so a model under steady load delays it by one batch at most. A swap never
 touches requests in flight: the worker answers one batch at a time, each batch with the checkpoint
 it resolved, and the new one is simply the most recently used entry of its cache. Events come
 through `listener.streams.watch`, so an unreadable or malformed one is skipped with a log line and

@@ -5,12 +5,13 @@ command to it is awaited with a wall-clock limit while a watchdog reads its memo
 limit, or whose worker died, fails with an error naming the cap and its setting; the worker is
 killed and the next batch gets a fresh one. Requests wait in one queue per model (keyed by
 `ids.key`), oldest first; models take turns, one batch each, and a batch holds only requests that
-generate alike (same normalised parameters, same `timeout_s`). Once a model's base is known (its
-document has been read once), the batch is topped up with alike requests of other models of the
-same base: the worker answers those as one mixed-adapter batch (peft's `adapter_names`) when their
-LoRA adapters share one loaded base, and one `generate` per checkpoint otherwise. A batch starts as
-soon as the requests inserted with its first one are claimed (`Arrivals`), never later than the
-operator's `batch_window_s`; requests claimed while it generates make the next batch, right after it.
+generate alike (same normalised parameters, same `timeout_s`); a promoted checkpoint to preload takes
+a turn too. Once a model's base is known (its document has been read once), the batch is topped up
+with alike requests of other models of the same base: the worker answers those as one mixed-adapter
+batch (peft's `adapter_names`) when their LoRA adapters share one loaded base, and one `generate` per
+checkpoint otherwise. A batch starts as soon as the requests inserted with its first one are claimed
+(`Arrivals`), never later than the operator's `batch_window_s`; requests claimed while it generates
+make the next batch, right after it.
 
 Streaming (`stream: true`) does not split batches: a batch holding any streamed request streams
 as a whole, because the worker's streamer follows every row of one `generate` call at no extra
@@ -311,7 +312,7 @@ class Serving:
         return await self._model(model_id, checkpoint)
 
     def preload(self, model_id) -> None:
-        """Load this model's best checkpoint once no request waits (the operator's `preload_best`)."""
+        """Load this model's best checkpoint at its turn: when idle, else between two batches (`preload_best`)."""
         self._preloads[ids.key(model_id)] = model_id
         self._ready.set()
 
@@ -319,15 +320,17 @@ class Serving:
         """Batch by batch until cancelled, preloads when idle; the worker never outlives this loop."""
         promotions = (asyncio.create_task(watch_promotions(self.db, self.preload))
                       if self.settings.preload_best else None)
+        preload_due = False  # a waiting preload takes the turn after each batch: steady load never starves it
         try:
             while True:
                 await self._ready.wait()
                 await self.arrivals.settled(self.settings.batch_window_s)  # requests inserted together batch together
-                if not self._turns:
+                if not self._turns or (self._preloads and preload_due):
+                    preload_due = False
                     async with self._turn:
                         await self._preload_next()
                     continue
-                batch = self._next_batch()
+                batch, preload_due = self._next_batch(), True
                 try:
                     async with self._turn:
                         await self._answer(batch)
@@ -391,7 +394,7 @@ class Serving:
 
     async def _preload_next(self) -> None:
         model_id = self._preloads.pop(next(iter(self._preloads)))
-        if not self._preloads:
+        if not self._preloads and not self._turns:
             self._ready.clear()
         try:
             model, entry = await self._model(model_id, "best")

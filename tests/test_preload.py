@@ -30,6 +30,25 @@ def test_a_promoted_checkpoint_is_loaded_before_the_first_request(db, start_daem
     assert daemon.log().count(f"with checkpoint {entry['files_id']}") == 1  # loaded once, by the preload
 
 
+def test_a_promotion_is_preloaded_between_the_batches_of_a_steady_load(db, start_daemon, tiny_model_path):
+    """Another model's requests never stop coming while the promotion arrives: its preload takes the next turn."""
+    db[defaults.MODELS].insert_many([served_model("busy", tiny_model_path), served_model("llm", tiny_model_path)])
+    daemon = start_daemon(env={"MONGOTUNE_PRELOAD_BEST": "1", "MONGOTUNE_MAX_BATCH": "1"})
+    wait_until(lambda: "for promoted checkpoints to preload" in daemon.log(), 60, "the preload stream")
+    load = [f"busy-{n}" for n in range(60)]
+    db[defaults.REQUESTS].insert_many([{"_id": rid, "model": "busy", "input": "ahoy", "checkpoint": "base",
+                                        "params": {"max_new_tokens": 8}} for rid in load])
+    answer(db, load[0])
+    entry = stored_checkpoint(db, tiny_model_path, "llm", step=1)
+    db[defaults.MODELS].update_one({"_id": "llm"}, {"$set": {"checkpoints": [entry],
+                                                             "best_checkpoint": {"run": 1, "step": 1}}})
+    wait_until(lambda: 'preloaded model "llm"' in daemon.log(), 120, "the preload")
+    assert all(answer(db, rid)["status"] == "done" for rid in load)
+    log = daemon.log()
+    assert log.index('preloaded model "llm"') < log.rindex('generating 1 answer(s) for model "busy"'), \
+        "the preload ran while the load went on, not after it"
+
+
 def test_a_model_in_training_answers_from_its_best_checkpoint_so_far(db, start_daemon, tiny_model_path):
     entries = [stored_checkpoint(db, tiny_model_path, "llm", step=step) for step in (1, 2)]
     training = {**served_model("llm", tiny_model_path, entries), "status": "running", "run": 1,
