@@ -21,7 +21,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from listener import embedded, gpus, health, housekeeping, leases, metrics, schema
 from listener.connection import connect, database_name, redact
-from listener.jobs import supervise
+from listener.jobs import Children, supervise
 from listener.periodic import Periodic
 from listener.leases import claim_model, claim_request, fail_malformed
 from listener.records import BadRecord, ModelState, RequestState, SkipLog, parse
@@ -50,6 +50,7 @@ class Daemon:
         self.owner = f"{settings.name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.trainings: dict[str, asyncio.Task | None] = {}  # by ids.key of the model
         self.gpus = gpus.GpuPool(gpus.visible() if settings.gpus is None else settings.gpus)
+        self.children = Children(settings, self.owner)  # starts training children, one ahead of its job
         self.counters = {k: 0 for k in ("trainings_started", "trainings_succeeded", "trainings_failed",
                                         "requests_done", "requests_failed", "invalid_documents")}
         self.stop_event = asyncio.Event()
@@ -96,7 +97,7 @@ class Daemon:
         trainings = [task for task in self.trainings.values() if task is not None]
         for task in [*tasks, *trainings]:
             task.cancel()
-        await asyncio.gather(*tasks, *trainings, self.serving.close(), return_exceptions=True)
+        await asyncio.gather(*tasks, *trainings, self.serving.close(), self.children.close(), return_exceptions=True)
         self.health.remove()
         try:  # with the database away, leases expire and the reaper hands the work on: never wait long
             await asyncio.wait_for(self._give_back(), SHUTDOWN_DB_S)
@@ -229,7 +230,8 @@ class Daemon:
 
     async def _train(self, key: str, model_id, run: int, devices: tuple[int, ...] | None = None) -> None:
         try:
-            outcome = await self.train(self.db, self.settings, model_id, run, self.owner, devices=devices)
+            outcome = await self.train(self.db, self.settings, model_id, run, self.owner, devices=devices,
+                                       children=self.children)
             if outcome is Status.SUCCEEDED:
                 self.counters["trainings_succeeded"] += 1
             elif outcome is Status.FAILED:

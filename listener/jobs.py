@@ -1,7 +1,8 @@
 """Supervising one training child: start it, keep its lease, watch for cancel, record how it ended.
 
 The child is its own interpreter (`python -m training.child`), so a crash, an out-of-memory kill
-or a CUDA error ends the job, not the daemon. The supervisor is a bounded loop:
+or a CUDA error ends the job, not the daemon. `Children` starts it, or hands over one started ahead
+(`warm_child`), and the job's line on its stdin says which job it runs. The supervisor is a bounded loop:
 wait -> renew the lease -> check cancel and the wall-clock cap -> kill past the grace period.
 Whatever the database says meanwhile, the supervisor returns only once the child has exited, so a
 training slot is never freed while its child still runs.
@@ -82,23 +83,68 @@ async def stop_child(process: asyncio.subprocess.Process, grace_s: float) -> Non
             await process.wait()
 
 
+class Children:
+    """Starts training children, keeping one started ahead when the operator allows (`warm_child`).
+
+    A child spends about five seconds of a CPU importing torch, transformers, peft and trl, as long
+    as a short job's training; one started ahead does it while the daemon waits for work, then reads
+    its job's line. It is started when a training ends (a daemon that only serves never holds one),
+    never while one starts, so its imports do not compete with a job's first steps. Only a job without GPUs takes it: CUDA reads
+    CUDA_VISIBLE_DEVICES once, so a job given devices gets a child started with them.
+    """
+
+    def __init__(self, settings: Settings, owner: str):
+        self.settings, self.owner = settings, owner
+        self._ahead: asyncio.subprocess.Process | None = None
+
+    async def start(self, devices: tuple[int, ...] | None) -> asyncio.subprocess.Process:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.returncode is None and devices is None:
+            return ahead
+        if ahead is not None:
+            self._ahead = ahead if ahead.returncode is None else None  # kept for a later job without GPUs
+        return await self._spawn(devices)
+
+    async def refill(self) -> None:
+        if self.settings.warm_child and (self._ahead is None or self._ahead.returncode is not None):
+            self._ahead = await self._spawn(None)
+            log.info("training child started ahead of the next job (pid %d)", self._ahead.pid)
+
+    async def close(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            await stop_child(ahead, self.settings.kill_grace_s)
+
+    async def _spawn(self, devices: tuple[int, ...] | None) -> asyncio.subprocess.Process:
+        """A child whose output goes to a shared start-up log until its job's line names the job's own."""
+        path = self.settings.job_logs / "starting.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trim_log(path, self.settings.max_log_bytes)
+        with open(path, "ab") as out:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "training.child", stdout=out, stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.PIPE, env={**child_env(self.settings.uri, self.owner), **cuda_env(devices)},
+                start_new_session=True,  # a Ctrl-C meant for the daemon must not kill the child mid-save
+            )
+
+
 async def supervise(db, settings: Settings, model_id, run: int, owner: str,
-                    devices: tuple[int, ...] | None = None) -> Status:
+                    devices: tuple[int, ...] | None = None, children: Children | None = None) -> Status:
     """Run one claimed training to its end and write its final status; returns that status.
 
-    `devices`: the GPUs the daemon gave this job (`listener.gpus`); None on a CPU host."""
+    `devices`: the GPUs the daemon gave this job (`listener.gpus`); None on a CPU host.
+    `children`: the daemon's, which may hold a child started ahead."""
     path = log_path(settings, db.name, model_id, run)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "training.child", json_util.dumps(model_id), "--db", db.name,
-            stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.PIPE, env={**child_env(settings.uri, owner), **cuda_env(devices)},
-            start_new_session=True,  # a Ctrl-C meant for the daemon must not kill the child mid-save
-        )
-    launch = {"uri": settings.uri, "limits": settings.limits.model_dump(mode="json"), "work": str(settings.home / "work")}
-    process.stdin.write(json_util.dumps(launch).encode() + b"\n")
-    await process.stdin.drain()
-    process.stdin.close()
+    process = await (children or Children(settings, owner)).start(devices)
+    job = {"uri": settings.uri, "limits": settings.limits.model_dump(mode="json"), "work": str(settings.home / "work"),
+           "model_id": json_util.dumps(model_id), "db": db.name, "log": str(path)}
+    try:
+        process.stdin.write(json_util.dumps(job).encode() + b"\n")
+        await process.stdin.drain()
+        process.stdin.close()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # it died waiting: its exit code fails the run below
     log.info("training %r run %d started (pid %d, log %s)", model_id, run, process.pid, path.name)
     try:
         outcome = await _watch_child(db[defaults.MODELS], settings, model_id, owner, process, path)
@@ -107,6 +153,8 @@ async def supervise(db, settings: Settings, model_id, run: int, owner: str,
     if outcome is None:
         outcome = await _finish(db[defaults.MODELS], model_id, owner, process.returncode, path)
     await lineage.record_outcome(db[defaults.MODELS], model_id, run, outcome.value)
+    if children is not None:
+        await children.refill()  # now, not when this job started: its imports would have slowed the job
     return outcome
 
 

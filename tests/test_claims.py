@@ -28,7 +28,7 @@ class StandIn:
         self.runs: list[tuple] = []
         self.finish = asyncio.Event()
 
-    async def __call__(self, db, settings, model_id, run: int, owner: str, devices=None) -> Status:
+    async def __call__(self, db, settings, model_id, run: int, owner: str, devices=None, children=None) -> Status:
         self.runs.append((model_id, run, owner))
         await self.finish.wait()
         await transition(db[defaults.MODELS], model_id, Status.RUNNING, self.outcome, MODEL_TRANSITIONS,

@@ -1,6 +1,9 @@
-"""The training child: `python -m training.child MODEL_ID --db NAME`, the URI and limits on stdin.
+"""The training child: `python -m training.child`, its job (model, database, URI, limits, log) on stdin.
 
-The daemon starts one per job so that a crash or an out-of-memory here never takes it down.
+The daemon starts one per job so that a crash or an out-of-memory here never takes it down. A child
+imports the training libraries before it reads its job, so one started ahead of its job (the
+daemon's `warm_child`) starts training the moment the job arrives. Ranks get the model and database
+as arguments (`python -m training.child MODEL_ID --db NAME`) and their job from their agent's file.
 The child writes progress, metrics, checkpoints and `error`; the daemon alone writes `status`,
 reading the outcome from the exit code.
 """
@@ -9,6 +12,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib
 import json
 import logging
 import os
@@ -196,11 +200,31 @@ def die_with_daemon() -> int:
 
 
 def read_launch() -> dict:
-    """The daemon's one line on stdin: the URI (never in the environment, which every descendant
+    """The daemon's one line on stdin: the job, the URI (never in the environment, which every descendant
     would inherit), the operator's limits and the work folder. A rank reads it from its agent's file."""
-    launch = json.loads(ranks.read_launch_file() if ranks.is_rank() else sys.stdin.readline())
+    line = ranks.read_launch_file() if ranks.is_rank() else sys.stdin.readline()
+    if not line:
+        sys.exit(defaults.ChildExit.ORPHANED)  # started ahead, and the daemon stopped before giving it a job
+    launch = json.loads(line)
     return {"uri": launch["uri"], "limits": Limits.model_validate(launch["limits"]), "work": Path(launch["work"]),
-            "raw": launch}
+            "model_id": launch.get("model_id"), "db": launch.get("db"), "log": launch.get("log"), "raw": launch}
+
+
+def import_libraries() -> None:
+    """What `train` imports, imported before the job arrives: about five seconds of a CPU."""
+    for name in ("peft", "trl", "training.arguments", "training.dataset", "training.models", "training.phases",
+                 "training.progress"):
+        importlib.import_module(name)
+
+
+def log_to(path: str) -> None:
+    """From now on this process writes to its job's log (the daemon names it; the file is the daemon's)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def failure(exc: Exception) -> dict:
@@ -219,15 +243,20 @@ def failure(exc: Exception) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.child")
-    parser.add_argument("model_id", help="the model document's _id as extended JSON")
-    parser.add_argument("--db", required=True)
+    parser.add_argument("model_id", nargs="?", help="a rank's model: the document's _id as extended JSON")
+    parser.add_argument("--db", help="a rank's database")
     args = parser.parse_args(argv)
     rank = f" rank{ranks.world()[0]}" if ranks.is_rank() else ""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{rank} %(levelname)s %(message)s", stream=sys.stdout)
     daemon = die_with_daemon()
+    if not ranks.is_rank():
+        import_libraries()
+    launch = read_launch()
+    if launch["log"] and not ranks.is_rank():
+        log_to(launch["log"])
     if "CUDA_VISIBLE_DEVICES" in os.environ and not ranks.is_rank():
         log.info("GPUs given by the listener: CUDA_VISIBLE_DEVICES=%s", os.environ["CUDA_VISIBLE_DEVICES"])
-    launch = read_launch()
+    args.model_id, args.db = args.model_id or launch["model_id"], args.db or launch["db"]
     model_id = json_util.loads(args.model_id)
     client = MongoClient(launch["uri"], **defaults.CODEC)
     db = client[args.db]

@@ -1,0 +1,60 @@
+"""A training child started ahead (`MONGOTUNE_WARM_CHILD`, on by default): it imports the training
+libraries while the daemon waits, runs the next job, writes that job's log, and never outlives its daemon."""
+
+import re
+import signal
+from pathlib import Path
+
+from listener.demo import load_samples
+from listener.processes import wait_until
+from tests import documents
+from tests.conftest import finished, wait_for
+from tests.test_recovery import assert_gone
+from training import defaults
+
+WARM = {"MONGOTUNE_WARM_CHILD": "1"}
+
+
+def ahead(daemon) -> list[int]:
+    return [int(pid) for pid in re.findall(r"training child started ahead of the next job \(pid (\d+)\)", daemon.log())]
+
+
+def started(daemon, model_id: str) -> int:
+    return int(re.search(rf"training '{model_id}' run 1 started \(pid (\d+)", daemon.log()).group(1))
+
+
+def trained(db, model_id: str, path: str) -> dict:
+    db[defaults.MODELS].insert_one(documents.model(model_id, path))
+    done = wait_for(db[defaults.MODELS], model_id, finished, timeout_s=300)
+    assert done["status"] == "succeeded", done.get("error")
+    return done
+
+
+def test_the_child_started_ahead_runs_the_next_job_into_its_own_log(db, start_daemon, tiny_model_path, tmp_path):
+    load_samples(db)
+    daemon = start_daemon("warm", env=WARM)
+    trained(db, "first", tiny_model_path)
+    wait_until(lambda: ahead(daemon), 30, "a child started ahead once the first training ended")
+    waiting = ahead(daemon)[0]
+    assert started(daemon, "first") != waiting, "the first job's child was started for it"
+
+    trained(db, "second", tiny_model_path)
+    assert started(daemon, "second") == waiting, "the next job ran in the child started ahead"
+    logs = {p.name: p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.log")}
+    second = next(text for name, text in logs.items() if ".second-" in name)
+    assert "dataset: " in second, "the job's lines are in its own log"
+    assert "dataset: " not in logs["starting.log"], "nothing of a job goes to the start-up log"
+
+    wait_until(lambda: len(ahead(daemon)) == 2, 30, "the next child started ahead")
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert_gone(ahead(daemon)[1], timeout=60)
+
+
+def test_a_killed_daemon_takes_its_waiting_child_with_it(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    daemon = start_daemon("doomed", env=WARM)
+    trained(db, "only", tiny_model_path)
+    wait_until(lambda: ahead(daemon), 30, "a child started ahead")
+    assert Path(f"/proc/{ahead(daemon)[0]}").exists()
+    daemon.stop(signal.SIGKILL)
+    assert_gone(ahead(daemon)[0], timeout=60)  # at once, or once its imports end and it finds no daemon
