@@ -2,7 +2,8 @@
 
 The child is its own interpreter (`python -m training.child`), so a crash, an out-of-memory kill
 or a CUDA error ends the job, not the daemon. `Children` starts it, or hands over one started ahead
-(`warm_child`), and the job's line on its stdin says which job it runs. The supervisor is a bounded loop:
+(`warm_child`), and the job's line on its stdin says which job it runs. The supervisor is a bounded
+loop:
 wait -> renew the lease -> check cancel and the wall-clock cap -> kill past the grace period.
 Whatever the database says meanwhile, the supervisor returns only once the child has exited, so a
 training slot is never freed while its child still runs.
@@ -89,8 +90,9 @@ class Children:
     A child spends about five seconds of a CPU importing torch, transformers, peft and trl, as long
     as a short job's training; one started ahead does it while the daemon waits for work, then reads
     its job's line. It is started when a training ends (a daemon that only serves never holds one),
-    never while one starts, so its imports do not compete with a job's first steps. Only a job without GPUs takes it: CUDA reads
-    CUDA_VISIBLE_DEVICES once, so a job given devices gets a child started with them.
+    never while one starts, so its imports do not compete with a job's first steps. Only a job
+    without GPUs takes it: CUDA reads CUDA_VISIBLE_DEVICES once, so a job given devices gets a child
+    started with them, and the waiting one stays for a later job.
     """
 
     def __init__(self, settings: Settings, owner: str):
@@ -98,11 +100,9 @@ class Children:
         self._ahead: asyncio.subprocess.Process | None = None
 
     async def start(self, devices: tuple[int, ...] | None) -> asyncio.subprocess.Process:
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.returncode is None and devices is None:
+        if devices is None and self._ahead is not None and self._ahead.returncode is None:
+            ahead, self._ahead = self._ahead, None
             return ahead
-        if ahead is not None:
-            self._ahead = ahead if ahead.returncode is None else None  # kept for a later job without GPUs
         return await self._spawn(devices)
 
     async def refill(self) -> None:
