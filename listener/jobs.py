@@ -89,8 +89,9 @@ class Children:
 
     A child spends about five seconds of a CPU importing torch, transformers, peft and trl, as long
     as a short job's training; one started ahead does it while the daemon waits for work, then reads
-    its job's line. It is started when a training ends (a daemon that only serves never holds one),
-    never while one starts, so its imports do not compete with a job's first steps. Only a job
+    its job's line. It is started with the daemon and again when a training ends, never while one
+    starts, so its imports do not compete with a job's first steps (a daemon that only serves is
+    started with `warm_child` off and holds none). Only a job
     without GPUs takes it: CUDA reads CUDA_VISIBLE_DEVICES once, so a job given devices gets a child
     started with them, and the waiting one stays for a later job.
     """
@@ -138,7 +139,7 @@ async def supervise(db, settings: Settings, model_id, run: int, owner: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     process = await (children or Children(settings, owner)).start(devices)
     job = {"uri": settings.uri, "limits": settings.limits.model_dump(mode="json"), "work": str(settings.home / "work"),
-           "model_id": json_util.dumps(model_id), "db": db.name, "log": str(path)}
+           "model_id": json_util.dumps(model_id), "db": db.name, "log": str(path), "sent": time.time()}
     try:
         process.stdin.write(json_util.dumps(job).encode() + b"\n")
         await process.stdin.drain()

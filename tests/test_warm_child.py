@@ -33,28 +33,33 @@ def trained(db, model_id: str, path: str) -> dict:
 def test_the_child_started_ahead_runs_the_next_job_into_its_own_log(db, start_daemon, tiny_model_path, tmp_path):
     load_samples(db)
     daemon = start_daemon("warm", env=WARM)
+    wait_until(lambda: ahead(daemon), 30, "a child started with the daemon")
     trained(db, "first", tiny_model_path)
-    wait_until(lambda: ahead(daemon), 30, "a child started ahead once the first training ended")
-    waiting = ahead(daemon)[0]
-    assert started(daemon, "first") != waiting, "the first job's child was started for it"
+    assert started(daemon, "first") == ahead(daemon)[0], "the first job ran in the child started with the daemon"
 
+    wait_until(lambda: len(ahead(daemon)) == 2, 30, "a child started ahead once the first training ended")
     trained(db, "second", tiny_model_path)
-    assert started(daemon, "second") == waiting, "the next job ran in the child started ahead"
+    assert started(daemon, "second") == ahead(daemon)[1], "the next job ran in the child started after the first"
     logs = {p.name: p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.log")}
     second = next(text for name, text in logs.items() if ".second-" in name)
     assert "dataset: " in second, "the job's lines are in its own log"
     assert "dataset: " not in logs["starting.log"], "nothing of a job goes to the start-up log"
 
-    wait_until(lambda: len(ahead(daemon)) == 2, 30, "the next child started ahead")
+    wait_until(lambda: len(ahead(daemon)) == 3, 30, "the next child started ahead")
     assert daemon.stop(signal.SIGTERM) == 0
-    assert_gone(ahead(daemon)[1], timeout=60)
+    assert_gone(ahead(daemon)[2], timeout=60)
 
 
-def test_a_killed_daemon_takes_its_waiting_child_with_it(db, start_daemon, tiny_model_path):
+def test_a_daemon_without_warm_children_starts_a_child_per_job(db, start_daemon, tiny_model_path):
     load_samples(db)
-    daemon = start_daemon("doomed", env=WARM)
+    daemon = start_daemon("cold", env={"MONGOTUNE_WARM_CHILD": "0"})
     trained(db, "only", tiny_model_path)
-    wait_until(lambda: ahead(daemon), 30, "a child started ahead")
+    assert not ahead(daemon) and started(daemon, "only")
+
+
+def test_a_killed_daemon_takes_its_waiting_child_with_it(start_daemon):
+    daemon = start_daemon("doomed", env=WARM)
+    wait_until(lambda: ahead(daemon), 30, "a child started with the daemon")
     assert Path(f"/proc/{ahead(daemon)[0]}").exists()
     daemon.stop(signal.SIGKILL)
     assert_gone(ahead(daemon)[0], timeout=60)  # at once, or once its imports end and it finds no daemon

@@ -77,7 +77,7 @@ def _single_process_group() -> None:
                           WORLD_SIZE="1")
 
 
-def train(db, document: dict, work: Path, daemon: int, limits: Limits) -> int:
+def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: float = 0.0) -> int:
     import torch
     from peft import prepare_model_for_kbit_training
     from trl import SFTTrainer
@@ -88,7 +88,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits) -> int:
     from training.phases import Phases
     from training.progress import MongoProgress
 
-    phases = Phases()
+    phases = Phases(sent)
     spec = parse_model(document, limits)
     _check_gpus(spec, torch)
     check_model(spec, limits)
@@ -207,7 +207,8 @@ def read_launch() -> dict:
         sys.exit(defaults.ChildExit.ORPHANED)  # started ahead, and the daemon stopped before giving it a job
     launch = json.loads(line)
     return {"uri": launch["uri"], "limits": Limits.model_validate(launch["limits"]), "work": Path(launch["work"]),
-            "model_id": launch.get("model_id"), "db": launch.get("db"), "log": launch.get("log"), "raw": launch}
+            "model_id": launch.get("model_id"), "db": launch.get("db"), "log": launch.get("log"),
+            "sent": launch.get("sent", 0.0), "raw": launch}
 
 
 def import_libraries() -> None:
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
             _check_gpus(spec, torch)
             return ranks.launch(db, match, work, launch["raw"], count, [args.model_id, "--db", args.db])
-        code = train(db, document, work, daemon, launch["limits"])
+        code = train(db, document, work, daemon, launch["limits"], launch["sent"])
     except Exception as exc:
         log.exception("training failed")
         db[defaults.MODELS].update_one(ranks.error_match(match), {"$set": {"error": failure(exc)}})
