@@ -40,17 +40,18 @@ JOB = {
     "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},  # dropout: each side's default
 }
 PAIRS = 3
+SEED = 42  # pair n trains with seed 42 + n on both sides, so the eval losses compare over orders, not one order
 INSIDE_TRAIN = ("progress_writes", "checkpoint_uploads")  # phases of the job counted within its `train` phase
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
-def model_document(model_path: str, model_id=MODEL_ID) -> dict:
+def model_document(model_path: str, model_id=MODEL_ID, seed=SEED) -> dict:
     """`JOB` in the document's own words: LoRA settings are `lora_*` trainer fields."""
     lora = JOB["lora"]
     return {
         "_id": model_id, "model_name_or_path": model_path,
         "data": {"collection": COLLECTION, "key": "messages", "filter": JOB["filter"]},
-        "trainer": {**JOB["trainer"], "save_steps": JOB["trainer"]["max_steps"],  # one save, at the end
+        "trainer": {**JOB["trainer"], "seed": seed, "save_steps": JOB["trainer"]["max_steps"],  # one save, at the end
                     "lora_r": lora["r"], "lora_alpha": lora["lora_alpha"],
                     "lora_target_modules": lora["target_modules"]},
     }
@@ -90,13 +91,13 @@ def _busy(process: psutil.Process) -> float:
         return 0.0
 
 
-def via_mongotune(ctx: Context, model_id=MODEL_ID) -> dict:
+def via_mongotune(ctx: Context, model_id=MODEL_ID, seed=SEED) -> dict:
     models = ctx.db[defaults.MODELS]
     daemon, server = _processes(ctx)
     _idle(daemon)
     before = _cpu(daemon), server and _cpu(server)
     with step(ctx.console, f"training {model_id} via mongotune (insert to succeeded)") as timer:
-        models.insert_one(model_document(ctx.model_path, model_id))
+        models.insert_one(model_document(ctx.model_path, model_id, seed))
         document = wait_until(lambda: models.find_one({"_id": model_id, "status": {"$in": FINISHED}}), TIMEOUT_S,
                               "training via mongotune", poll_s=0.25)
     after = _cpu(daemon), server and _cpu(server)
@@ -109,9 +110,10 @@ def via_mongotune(ctx: Context, model_id=MODEL_ID) -> dict:
             **summary(metrics)}
 
 
-def via_script(ctx: Context, output: Path) -> dict:
+def via_script(ctx: Context, output: Path, seed=SEED) -> dict:
+    job = {**JOB, "trainer": {**JOB["trainer"], "seed": seed}}
     command = [sys.executable, "-m", "bench.baseline_train", "--uri", ctx.uri, "--db", ctx.db.name, "--collection", COLLECTION,
-               "--model", ctx.model_path, "--output", str(output), "--job", json.dumps(JOB)]
+               "--model", ctx.model_path, "--output", str(output), "--job", json.dumps(job)]
     _idle(_processes(ctx)[0])
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with step(ctx.console, "training via a plain trl script (launch to exit)") as timer:
@@ -163,11 +165,12 @@ def run(ctx: Context) -> tuple[list[Row], Path]:
     ours, theirs = [], []
     for number in range(PAIRS):
         folder = output if number == 0 else ctx.home / f"baseline-{number}"
+        seed = SEED + number
         if number % 2:  # every other pair, the script goes first
-            theirs.append(via_script(ctx, folder))
-        ours.append(via_mongotune(ctx, MODEL_ID if number == 0 else f"{MODEL_ID}-{number}"))
+            theirs.append(via_script(ctx, folder, seed))
+        ours.append(via_mongotune(ctx, MODEL_ID if number == 0 else f"{MODEL_ID}-{number}", seed))
         if not number % 2:
-            theirs.append(via_script(ctx, folder))
+            theirs.append(via_script(ctx, folder, seed))
     steps = JOB["trainer"]["max_steps"]
     ratios = [o["seconds"] / t["seconds"] for o, t in zip(ours, theirs)]
     train_ratios = [_steps_s(o) / _steps_s(t) for o, t in zip(ours, theirs)]
@@ -187,7 +190,9 @@ def run(ctx: Context) -> tuple[list[Row], Path]:
              [sum(r["cpu"].values()) for r in theirs], "mongotune: " + ", ".join(
                  f"{k} {statistics.median(r['cpu'][k] for r in ours):.1f}" for k in ours[0]["cpu"])),
         _row(f"training: loss at step {steps}", "loss", [r["loss"] for r in ours], [r["loss"] for r in theirs]),
-        _row("training: eval loss, valid fold", "loss", [r["eval_loss"] for r in ours], [r["eval_loss"] for r in theirs]),
+        _row("training: eval loss, valid fold", "loss", [r["eval_loss"] for r in ours], [r["eval_loss"] for r in theirs],
+             "seeds {}-{}, one a pair; eval-loss ratio {:.3f}".format(SEED, SEED + PAIRS - 1, statistics.median(
+                 r["eval_loss"] for r in ours) / statistics.median(r["eval_loss"] for r in theirs))),
         _row("training: phases in the process (mongotune | script)", "s", [_in_process(r) for r in ours],
              [_in_process(r) for r in theirs], f"{_phases(ours)} | {_phases(theirs)}"),
     ]
