@@ -39,6 +39,7 @@ class StandIn:
 @contextlib.asynccontextmanager
 async def daemon(uri: str, db_name: str, home, stand_in: StandIn, name: str = "fast", **options):
     settings = Settings.load({"uri": uri, "db": db_name, "home": home, "name": name, "validators": False,
+                              "warm_child": False,  # a stand-in trains here: a real child started ahead is waste
                               "limits": {"model_roots": ("/models",)}, **options}, environ={})
     client = await connect(uri)
     try:
