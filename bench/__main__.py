@@ -19,13 +19,14 @@ from pathlib import Path
 from pymongo import MongoClient
 from rich.console import Console
 
-from bench import serving, storage, training
+from bench import sampling, serving, storage, training
 from bench.common import Context, Row, running_daemon, table
 from listener.demo import load_samples
 from listener.embedded import EmbeddedServer, free_port
 
 RESULTS = Path(__file__).with_name("results") / "latest.json"
-PARTS = ("training", "serving", "storage")
+PARTS = ("training", "serving", "storage")  # `make bench`
+STUDIES = ("sampling",)  # the evidence behind a default, run on request
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -33,9 +34,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
                         help="smollm2: the offline SmolLM2-135M-Instruct (a few minutes on a CPU); "
                              "tiny: a tiny random model, to check the harness in under a minute")
-    parser.add_argument("--only", choices=PARTS, action="append",
+    parser.add_argument("--only", choices=PARTS + STUDIES, action="append",
                         help="run only this benchmark (repeatable); without training, serving and storage use "
-                             "one untimed training run through the daemon for their adapter")
+                             "one untimed training run through the daemon for their adapter; sampling (not run "
+                             "by default): eval loss of length-grouped against random order over several seeds")
     return parser.parse_args(argv)
 
 
@@ -74,9 +76,12 @@ def measure(console: Console, model: str, parts: tuple[str, ...] = PARTS) -> lis
         ctx = Context(console, client["bench"], server.uri, home, base_model(model, home, console))
         load_samples(ctx.db)
         stack.enter_context(running_daemon(ctx))
-        training_rows, adapter = training.run(ctx) if "training" in parts else ([], training.adapter_only(ctx))
+        training_rows, adapter = training.run(ctx) if "training" in parts else ([], None)
+        if adapter is None and {"serving", "storage"} & set(parts):
+            adapter = training.adapter_only(ctx)
         return [*training_rows, *(serving.run(ctx) if "serving" in parts else []),
-                *(storage.run(ctx, adapter) if "storage" in parts else [])]
+                *(storage.run(ctx, adapter) if "storage" in parts else []),
+                *(sampling.run(ctx) if "sampling" in parts else [])]
 
 
 def busy_cpus(console: Console) -> float:

@@ -110,8 +110,9 @@ def via_mongotune(ctx: Context, model_id=MODEL_ID, seed=SEED) -> dict:
             **summary(metrics)}
 
 
-def via_script(ctx: Context, output: Path, seed=SEED) -> dict:
-    job = {**JOB, "trainer": {**JOB["trainer"], "seed": seed}}
+def via_script(ctx: Context, output: Path, seed=SEED, trainer: dict | None = None) -> dict:
+    """`trainer`: arguments the script adds to the job's (`bench.sampling` sets the order)."""
+    job = {**JOB, "trainer": {**JOB["trainer"], "seed": seed, **(trainer or {})}}
     command = [sys.executable, "-m", "bench.baseline_train", "--uri", ctx.uri, "--db", ctx.db.name, "--collection", COLLECTION,
                "--model", ctx.model_path, "--output", str(output), "--job", json.dumps(job)]
     _idle(_processes(ctx)[0])
@@ -131,7 +132,7 @@ def _median(values: list[float]) -> tuple[float, str]:
     return statistics.median(values), f"{min(values):.3g}–{max(values):.3g}"
 
 
-def _steps_s(result: dict) -> float:
+def steps_s(result: dict) -> float:
     """The training phase: the trainer's loop less its evaluation."""
     return result["train_runtime"] - result["eval_runtime"]
 
@@ -173,19 +174,19 @@ def run(ctx: Context) -> tuple[list[Row], Path]:
             theirs.append(via_script(ctx, folder, seed))
     steps = JOB["trainer"]["max_steps"]
     ratios = [o["seconds"] / t["seconds"] for o, t in zip(ours, theirs)]
-    train_ratios = [_steps_s(o) / _steps_s(t) for o, t in zip(ours, theirs)]
+    train_ratios = [steps_s(o) / steps_s(t) for o, t in zip(ours, theirs)]
     ratio, spread = _median(ratios)
     train_ratio, train_spread = _median(train_ratios)
     rows = [
         _row("training: end to end", "s", [r["seconds"] for r in ours], [r["seconds"] for r in theirs],
              f"whole-job ratio {ratio:.2f} ({spread}) over {PAIRS} pairs"),
-        _row("training: training phase (loop less eval)", "s", [_steps_s(r) for r in ours],
-             [_steps_s(r) for r in theirs], f"training-phase ratio {train_ratio:.2f} ({train_spread})"),
+        _row("training: training phase (loop less eval)", "s", [steps_s(r) for r in ours],
+             [steps_s(r) for r in theirs], f"training-phase ratio {train_ratio:.2f} ({train_spread})"),
         _row("training: evaluation on the valid fold", "s", [r["eval_runtime"] for r in ours],
              [r["eval_runtime"] for r in theirs]),
-        _row("training: seconds per step", "s", [_steps_s(r) / steps for r in ours], [_steps_s(r) / steps for r in theirs]),
-        _row("training: trained tokens per second", "tok/s", [r["tokens"] / _steps_s(r) for r in ours],
-             [r["tokens"] / _steps_s(r) for r in theirs]),
+        _row("training: seconds per step", "s", [steps_s(r) / steps for r in ours], [steps_s(r) / steps for r in theirs]),
+        _row("training: trained tokens per second", "tok/s", [r["tokens"] / steps_s(r) for r in ours],
+             [r["tokens"] / steps_s(r) for r in theirs]),
         _row("training: CPU, all processes", "cpu s", [sum(r["cpu"].values()) for r in ours],
              [sum(r["cpu"].values()) for r in theirs], "mongotune: " + ", ".join(
                  f"{k} {statistics.median(r['cpu'][k] for r in ours):.1f}" for k in ours[0]["cpu"])),

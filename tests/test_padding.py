@@ -4,6 +4,7 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
 from listener.demo import load_samples
@@ -31,13 +32,18 @@ def test_llama_keeps_packed_sequences_apart_and_opt_does_not():
     assert not padding.keeps_sequences_apart(opt())
 
 
-def test_a_model_that_mixes_sequences_trains_padded_or_is_refused_when_asked(caplog):
+def test_a_model_that_mixes_sequences_trains_padded_or_is_refused_when_asked():
     assert padding.decide(opt(), asked=False) is False
-    assert "padding-free batches off" in caplog.text
     with pytest.raises(SpecError) as info:
         padding.decide(opt(), asked=True)
     assert info.value.field == "trainer.padding_free"
     assert padding.decide(llama(), asked=True) is True
+
+
+def test_padding_free_is_off_by_default_where_attention_masks_the_whole_row():
+    model = llama()
+    assert model.config._attn_implementation == "sdpa" and not padding.varlen(model)
+    assert padding.decide(model, asked=False) is False
 
 
 def test_the_probe_leaves_the_model_in_training_mode():
@@ -52,6 +58,33 @@ def test_padding_free_is_the_default_for_batches_of_several_and_can_be_turned_of
     resolved = resolved_arguments(TrainerSpec(**given), str(tmp_path), has_eval=False, use_cpu=True)
     assert padding.flattened_here(resolved) is flat
     assert to_sft_config(padding.for_trl(resolved)).padding_free is False  # trl builds padded; the child flattens
+
+
+@pytest.mark.parametrize("given, grouped", [({}, False), ({"padding_free": False}, True),
+                                            ({"padding_free": False, "train_sampling_strategy": "random"}, False),
+                                            ({"padding_free": False, "per_device_train_batch_size": 1}, False),
+                                            ({"packing": True}, False)])
+def test_padded_batches_of_several_are_grouped_by_length_unless_the_document_names_a_sampler(given, grouped, tmp_path):
+    resolved = resolved_arguments(TrainerSpec(**given), str(tmp_path), has_eval=False, use_cpu=True)
+    strategy = to_sft_config(padding.for_trl(resolved)).train_sampling_strategy
+    assert (strategy == "group_by_length") is grouped
+
+
+def test_a_run_that_falls_back_to_padded_batches_gets_grouped_ones(tiny_model_path, tmp_path):
+    """The model is checked after the trainer's arguments are built (flat, the default where attention is varlen):
+    the trainer still gets the grouped sampler."""
+    resolved = resolved_arguments(TrainerSpec(per_device_train_batch_size=2), str(tmp_path), has_eval=False,
+                                  use_cpu=True)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                         args=to_sft_config(padding.for_trl(resolved)),
+                         train_dataset=Dataset.from_list([{"text": "ahoy " * n} for n in range(1, 9)]),
+                         processing_class=AutoTokenizer.from_pretrained(tiny_model_path))
+    resolved["padding_free"] = padding.decide(llama(), asked=False)
+    assert padding.sampling(resolved, {"train_sampling_strategy": "random"}) == {}
+    resolved.update(padding.sampling(resolved, {}))
+    padding.arrange(trainer, resolved)
+    assert not trainer.data_collator.padding_free
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
 
 
 def test_flat_batches_give_the_padded_loss_and_keep_the_truncation(tiny_model_path, tmp_path):
@@ -77,24 +110,24 @@ def test_flat_batches_give_the_padded_loss_and_keep_the_truncation(tiny_model_pa
 
 
 
-def test_a_job_records_its_batches_and_its_phases_and_a_document_turns_padding_free_off(db, start_daemon,
-                                                                                      tiny_model_path):
+def test_a_job_records_its_batches_and_its_phases_and_a_document_overrides_them(db, start_daemon, tiny_model_path):
     load_samples(db)
     start_daemon(max_jobs=2)
     trainer = {"max_steps": 3, "per_device_train_batch_size": 4, "save_steps": 3, "lora_r": 4}
-    for model_id, extra in (("flat", {}), ("padded", {"padding_free": False})):
+    for model_id, extra in (("padded", {}), ("flat", {"padding_free": True, "train_sampling_strategy": "random"})):
         db[defaults.MODELS].insert_one({"_id": model_id, "model_name_or_path": tiny_model_path,
                                         "data": {"collection": "pirate_chat", "key": "messages"},
                                         "trainer": {**trainer, **extra}})
     runs = {}
-    for model_id in ("flat", "padded"):
+    for model_id in ("padded", "flat"):
         done = wait_for(db[defaults.MODELS], model_id, finished, timeout_s=300)
         assert done["status"] == "succeeded", done.get("error")
-        runs[model_id] = done["runs"][-1]
-    assert runs["flat"]["arguments"]["defaults"]["padding_free"] is True
-    assert runs["padded"]["arguments"]["given"]["padding_free"] is False
-    assert "padding_free" not in runs["padded"]["arguments"]["defaults"]
-    phases = runs["flat"]["phases"]
+        runs[model_id] = done["runs"][-1]["arguments"], done["runs"][-1]["phases"]
+    (padded, _), (flat, phases) = runs["padded"], runs["flat"]
+    assert padded["defaults"]["padding_free"] is False  # sdpa: flat rows would cost a mask over the whole row
+    assert padded["defaults"]["train_sampling_strategy"] == "group_by_length"
+    assert (flat["given"]["padding_free"], flat["given"]["train_sampling_strategy"]) == (True, "random")
+    assert not {"padding_free", "train_sampling_strategy"} & set(flat["defaults"])
     assert set(phases) == {"start", "check", "data", "model", "trainer", "train", "end", "progress_writes",
                            "checkpoint_uploads"}
     assert all(seconds >= 0 for seconds in phases.values()) and phases["train"] >= phases["checkpoint_uploads"]

@@ -8,7 +8,7 @@ objects. Users copy keyword arguments from older tutorials, so the old names sti
 from peft import LoraConfig
 from trl import SFTConfig
 
-from training import packing
+from training import packing, padding
 from training.config import IGNORED, DeepSpeedSpec, SpecError, TrainerSpec
 
 RENAMED = {
@@ -83,7 +83,8 @@ def resolved_arguments(spec: TrainerSpec, output_dir: str, *, has_eval: bool, us
         "eval_steps": user.get("save_steps", 500),
         "activation_checkpointing": not use_cpu,  # on a CPU it costs time and saves little
         # A batch's sequences end to end, no step spent on padding (`training.padding`), when a batch holds several
-        # and trl does not pack them already; the child turns it off for a model that would mix them.
+        # and trl does not pack them already; the child turns it off unless the attention is varlen (flash) and
+        # for a model that would mix them.
         "padding_free": not user.get("packing") and user.get("per_device_train_batch_size", 8) > 1,
         "disable_tqdm": True,
         "report_to": "none",
@@ -96,6 +97,7 @@ def resolved_arguments(spec: TrainerSpec, output_dir: str, *, has_eval: bool, us
     }
     if not has_eval:
         kwargs["eval_strategy"] = "no"
+    kwargs.update(padding.sampling(kwargs, user))  # padded batches grouped by length (`training.padding`)
     if spec.deepspeed is not None:
         kwargs["deepspeed"] = deepspeed_config(spec.deepspeed)
     return kwargs

@@ -107,7 +107,9 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     check_loss_options(bool(config.assistant_only_loss), train_set, tokenizer)
     model = load_checked_model(spec, limits)
     if padding.flattened_here(resolved):  # recorded as decided: the run's entry says whether batches were flat
-        resolved["padding_free"] = padding.decide(model, asked="padding_free" in spec.trainer.training_arguments())
+        given = spec.trainer.training_arguments()
+        resolved["padding_free"] = padding.decide(model, asked="padding_free" in given)
+        resolved.update(padding.sampling(resolved, given))
     if resolved.get("packing"):
         packing.check(model)
     if spec.trainer.bits:
@@ -135,8 +137,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
         processing_class=tokenizer, peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
     )
-    if padding.flattened_here(resolved):
-        padding.flatten_batches(trainer)
+    padding.arrange(trainer, resolved)
     phases.lap("trainer")
     own = work / f"rank{rank}" if world > 1 else work  # each rank unpacks its own copy of a resumed checkpoint
     with _loads(spec):

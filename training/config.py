@@ -225,6 +225,8 @@ class TrainingArgs(_Strict):
     completion_only_loss: bool | None = None
     assistant_only_loss: bool | None = None
     padding_free: bool | None = None  # unset: flat batches when the model keeps them apart (training.padding)
+    # unset: grouped by length where batches stay padded, else random (training.padding.sampling)
+    train_sampling_strategy: Literal["random", "sequential", "group_by_length"] | None = None
     dataset_num_proc: int | None = Field(default=None, ge=1)
     fsdp: bool | Literal["full_shard", "shard_grad_op", "full_shard auto_wrap", "shard_grad_op auto_wrap"] | None = None
     fsdp_config: FsdpConfig | None = None  # FSDP runs only with trainer.num_processes above 1 (training.ranks)

@@ -10,11 +10,15 @@ another (OPT, which counts positions from the attention mask, fails; Llama, GPT-
 trl refuses `padding_free` together with `max_length` unless packing, although it truncates the
 dataset itself; so the trainer is built padded (truncating as asked) and its collator then flattens.
 The loss is the same either way: the same examples in the same order, the same tokens counted.
+
+By default batches go flat only where that is cheap, with flash attention (`varlen`); elsewhere they stay
+padded and are grouped by length (`sampling`), which saves most of the padding without the whole-row mask.
 """
 
 import logging
 
 import torch
+from transformers.utils.generic import is_flash_attention_requested
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from training.config import SpecError
@@ -55,11 +59,26 @@ def for_trl(arguments: dict) -> dict:
     return {**arguments, "padding_free": False} if flattened_here(arguments) else arguments
 
 
+def varlen(model) -> bool:
+    """Whether the model's attention takes a flat row as sequence lengths (flash attention's varlen kernels).
+
+    sdpa and eager attention instead mask the whole row: a batch of B sequences of L tokens costs (B*L)^2 there
+    against B*L^2 padded. On this 2-core CPU (SmolLM2-135M, LoRA r=8, batch 4, sdpa) flat steps took 1.34-1.39 s
+    against 1.30-1.34 s padded and grouped by length on 42-74-token chats, and 12.9 s against 3.9 s on 110-256-token ones.
+    """
+    return is_flash_attention_requested(model.config)
+
+
 def decide(model, asked: bool) -> bool:
-    """Padding-free for this run when the model keeps packed sequences apart; padded (with a warning) otherwise.
+    """Padding-free for this run when the model keeps packed sequences apart and, unless the document asked for
+    flat batches, its attention is varlen; padded otherwise (with a warning when the model would mix sequences).
 
     `asked` is the document's explicit `padding_free: true`: then a model that cannot is an error, not a fallback.
     """
+    if not asked and not varlen(model):
+        log.info("padding-free batches off: %s attention would mask the whole flat row",
+                 model.config._attn_implementation)
+        return False
     try:
         apart = keeps_sequences_apart(model)
     except Exception as exc:  # a model that cannot run the probe trains padded, as a plain script would
@@ -71,6 +90,27 @@ def decide(model, asked: bool) -> bool:
     if not apart:
         log.warning("padding-free batches off: this model does not keep packed sequences apart")
     return apart
+
+
+def sampling(arguments: dict, given: dict) -> dict:
+    """Length-grouped sampling where batches of several sequences stay padded, unless the document names a sampler.
+
+    Each batch then holds sequences of about one length, so little of it is padding: on the bench's chats (42 to
+    74 tokens, batch 4, 10% padding in random order, 2% grouped) a step took 1.30-1.34 s grouped against 1.47-1.48 s
+    in random order. Flat batches have no padding to save, so they keep the random order.
+    """
+    several = arguments.get("per_device_train_batch_size", 8) > 1 and not arguments.get("packing")
+    if "train_sampling_strategy" in given or not several or arguments.get("padding_free"):
+        return {}
+    return {"train_sampling_strategy": "group_by_length"}
+
+
+def arrange(trainer, arguments: dict) -> None:
+    """The batches as decided once the model was checked: flat, or padded in the order `arguments` names (the
+    trainer's arguments were built before the model was loaded, so they may still name the random order)."""
+    if flattened_here(arguments):
+        flatten_batches(trainer)
+    trainer.args.train_sampling_strategy = arguments.get("train_sampling_strategy", "random")
 
 
 def flatten_batches(trainer) -> None:
