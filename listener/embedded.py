@@ -90,8 +90,9 @@ class EmbeddedServer:
     """
 
     def __init__(self, folder: Path | None = None, port: int | None = None, *, memory: bool = False,
-                 standalone: bool = False):
-        """`standalone` presents it as a plain server with no change streams, as some deployments are."""
+                 standalone: bool = False, failpoints: bool = False):
+        """`standalone` presents it as a plain server with no change streams, as some deployments are;
+        `failpoints` accepts mongod's `configureFailPoint`, so that tests can fail a command on the wire."""
         self.folder = Path(folder or home() / "embedded")
         self.record_path = self.folder / RECORD
         self.bound = port is None
@@ -99,6 +100,7 @@ class EmbeddedServer:
         self.port = port or (recorded if isinstance(recorded, int) else home_port(self.folder))
         self.memory = memory
         self.standalone = standalone
+        self.failpoints = failpoints
         self.process: subprocess.Popen | None = None
         self.log_path = self.folder / "server.log"
 
@@ -155,7 +157,8 @@ class EmbeddedServer:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [_binary(), "--host", "127.0.0.1", "--port", str(self.port), "--storage-path", storage,
-                 *(["--standalone"] if self.standalone else [])],
+                 *(["--standalone"] if self.standalone else []),
+                 *(["--enable-test-commands"] if self.failpoints else [])],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.folder,
                 start_new_session=True,
             )

@@ -6,7 +6,9 @@ import tarfile
 
 import gridfs
 import pytest
+from pymongo import MongoClient
 
+from listener.embedded import EmbeddedServer, free_port
 from training import checkpoints, defaults
 from training.checkpoints import best_of, select, to_prune
 
@@ -39,6 +41,23 @@ def test_upload_download_round_trip(db, tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == sorted(FILES)
     for name, content in FILES.items():
         assert (dest / name).read_bytes() == content
+
+
+def test_an_upload_the_server_fails_starts_over_and_leaves_one_whole_archive(tmp_path, caplog):
+    """The server fails the first chunk write on the wire (as the embedded one once did with an internal error):
+    the upload starts over as a new file, so a checkpoint save costs a retry, not the run."""
+    with EmbeddedServer(tmp_path / "server", port=free_port(), memory=True, failpoints=True) as server, \
+            MongoClient(server.uri) as client:
+        db = client["flaky"]
+        client.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                              "data": {"failCommands": ["insert"], "errorCode": 1}})
+        entry = checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="llm", run=1, step=10)
+        assert "starting it over (2 of 3)" in caplog.text
+        files = list(db[f"{defaults.CHECKPOINTS}.files"].find())
+        assert [f["_id"] for f in files] == [entry["files_id"]]
+        assert set(db[f"{defaults.CHECKPOINTS}.chunks"].distinct("files_id")) == {entry["files_id"]}
+        dest = checkpoints.download(db, entry["files_id"], tmp_path / "ckpt")
+        assert {p.name: p.read_bytes() for p in dest.iterdir()} == FILES
 
 
 def test_resume_download_adds_the_trainer_states(db, tmp_path):

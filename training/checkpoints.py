@@ -11,6 +11,7 @@ its states by name) with the `latest` file naming it, which DeepSpeed reads only
 `weights_only_loads`. Nothing pickled is stored for serving, none is unpickled.
 """
 
+import logging
 import math
 import os
 import pickle
@@ -18,12 +19,14 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from bson import ObjectId
 from gridfs import GridFSBucket
+from pymongo.errors import PyMongoError
 
 from training import defaults, ids
 from training.limits import Limits
@@ -52,6 +55,9 @@ LATEST_BYTES = 64  # DeepSpeed's `latest`: one tag folder's name
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it at every call, whatever the caller passes
 HEADER_BYTES = 4 * 2**20  # what tarfile may read for one member's headers (PAX and GNU long-name records)
 CHUNK = 2**20  # bytes copied at a time while counting
+UPLOAD_ATTEMPTS = 3  # a server that fails one chunk write (a step-down, a restart, an internal error) fails no run
+
+log = logging.getLogger(__name__)
 _MEMBER_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.DIRTYPE: "a directory",
                  tarfile.CHRTYPE: "a device", tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a FIFO"}
 
@@ -109,8 +115,22 @@ def upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
     """Archive a checkpoint folder into GridFS; returns the entry to list in the model document.
 
     Only allowlisted names go in (peft's README.md and the pickled training_args.bin never do), so
-    every stored archive is one that `download` accepts.
+    every stored archive is one that `download` accepts. A database error starts the archive over as
+    a new file, up to `UPLOAD_ATTEMPTS` times: a write cut short leaves an orphan nobody lists, and
+    GridFS removes its chunks.
     """
+    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+        try:
+            return _upload(db, folder, model_id=model_id, run=run, step=step)
+        except PyMongoError as exc:
+            if attempt == UPLOAD_ATTEMPTS:
+                raise
+            log.warning("checkpoint step %d: upload failed (%s); starting it over (%d of %d)", step, exc,
+                        attempt + 1, UPLOAD_ATTEMPTS)
+            time.sleep(attempt)
+
+
+def _upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
     names = [p.relative_to(folder).as_posix() for p in _archived(folder)]
     metadata = {"model": model_id, "run": run, "step": step, "files": names}
     with _bucket(db).open_upload_stream(f"{model_id}/run-{run}/step-{step}.tar", metadata=metadata) as stream:
