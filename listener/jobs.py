@@ -2,9 +2,8 @@
 
 The child is its own interpreter (`python -m training.child`), so a crash, an out-of-memory kill
 or a CUDA error ends the job, not the daemon. `Children` starts it, or hands over one started ahead
-(`warm_child`), and the job's line on its stdin says which job it runs. The supervisor is a bounded
-loop:
-wait -> renew the lease -> check cancel and the wall-clock cap -> kill past the grace period.
+(`warm_child`), and the job's line on its stdin says which job it runs. The supervisor is a
+bounded loop: wait -> renew the lease -> check cancel and the wall-clock cap -> kill past the grace period.
 Whatever the database says meanwhile, the supervisor returns only once the child has exited, so a
 training slot is never freed while its child still runs.
 """
@@ -91,9 +90,9 @@ class Children:
     as a short job's training; one started ahead does it while the daemon waits for work, then reads
     its job's line. It is started with the daemon and again when a training ends, never while one
     starts, so its imports do not compete with a job's first steps (a daemon that only serves is
-    started with `warm_child` off and holds none). Only a job
-    without GPUs takes it: CUDA reads CUDA_VISIBLE_DEVICES once, so a job given devices gets a child
-    started with them, and the waiting one stays for a later job.
+    started with `warm_child` off and holds none). Only a job without GPUs takes it: CUDA reads
+    CUDA_VISIBLE_DEVICES once, so a job given devices gets a child started with them, and the
+    waiting one stays for a later job.
     """
 
     def __init__(self, settings: Settings, owner: str):
