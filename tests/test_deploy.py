@@ -80,8 +80,9 @@ def image_entrypoint() -> list[str]:
     return exec_form(dockerfile()["ENTRYPOINT"][-1])
 
 
-def makefile_torch() -> str:
-    return re.search(r"^TORCH \?= (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
+def locked_torch() -> str:
+    """The lock's torch, without its build label: the image takes that version from its own index."""
+    return re.search(r"^(torch==[^+\s]+)", (ROOT / "requirements.lock").read_text(), re.MULTILINE).group(1)
 
 
 def compose() -> dict:
@@ -125,10 +126,11 @@ def test_the_image_runs_listener_start_and_checks_its_own_daemon():
 
 def test_the_image_pins_the_torch_the_tests_run():
     args = dict(arg.split("=", 1) for arg in dockerfile()["ARG"] if "=" in arg)
-    assert args["TORCH"] == makefile_torch()
+    assert args["TORCH"] == locked_torch()
     assert args["TORCH_INDEX_URL"].endswith("/cpu"), "the default build is the CPU one"
     installs = " ".join(dockerfile()["RUN"])
     assert '"${TORCH}"' in installs and "PIP_CONSTRAINT" in installs, "the project install may not swap torch"
+    assert "requirements.lock" in installs, "the image installs the versions the tests run"
 
 
 def test_compose_has_a_cpu_and_a_gpu_profile_of_one_listener():
