@@ -1,6 +1,6 @@
 """deploy/mongosh/ run by the real mongosh against the test server and a real daemon training the tiny model.
 
-`.ci/run` installs mongosh into .mongosh/ (`npm install --prefix .mongosh mongosh@2`); a mongosh on
+`.ci/run` installs mongosh into .mongosh/ (`npm install --prefix .mongosh mongosh@2.12.0`); a mongosh on
 PATH does too. Without either, these tests skip and say how to install it.
 """
 
@@ -23,7 +23,7 @@ def mongosh_binary() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(
-    mongosh_binary() is None, reason="mongosh is not installed: npm install --prefix .mongosh mongosh@2 (.ci/run does)")
+    mongosh_binary() is None, reason="mongosh is not installed: npm install --prefix .mongosh mongosh@2.12.0 (.ci/run does)")
 
 
 def with_database(uri: str, name: str) -> str:
