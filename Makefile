@@ -37,12 +37,13 @@ lock: install
 demo: install
 	$(VENV)/bin/listener demo
 
+# One pytest-xdist worker per core: most of a slow test is one process importing or training.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 # The fast tier: no daemon process, no training (under a minute); `make test` runs everything.
 test-fast: install
-	$(PY) -m pytest -m "not slow and not soak"
+	$(PY) -m pytest -n auto -m "not slow and not soak"
 
 .PHONY: bench
 bench: install

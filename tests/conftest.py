@@ -8,6 +8,12 @@ import signal
 import uuid
 from pathlib import Path
 
+# Side by side (`make test` runs one pytest-xdist worker per core), each worker's torch, and that of every
+# daemon, child and worker it starts, keeps to one thread, so workers share the cores instead of fighting
+# (set before anything imports torch, which reads it once).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 from pymongo import MongoClient
 

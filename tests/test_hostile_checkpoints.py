@@ -104,7 +104,8 @@ def test_a_pax_sparse_member_expanding_to_a_terabyte_is_refused(db, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../config.json", "../x", "sub/config.json", "./config.json",
-                                  f"/etc/mongotune-{uuid.uuid4().hex}.json", "..\\config.json"])
+                                  pytest.param(f"/etc/mongotune-{uuid.uuid4().hex}.json", id="absolute"),
+                                  "..\\config.json"])
 def test_only_bare_names(db, tmp_path, name):
     files_id = store(db, archive(member("config.json"), member(name)))
     refused(db, files_id, tmp_path, "path")
