@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from listener.processes import wait_until
 from listener.status import FINAL, Status
 from training import ids
+from training.inert import inert
 
 Note = Callable[[dict], str | None]  # what the wait depends on now (is a daemon alive?), or None
 
@@ -67,9 +68,9 @@ def events_of(document: dict) -> list[dict]:
 
 def event_line(event: dict) -> str:
     at = event.get("at")
-    when = at.strftime("%Y-%m-%d %H:%M:%S") if hasattr(at, "strftime") else str(at)
-    details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("at", "kind") and v is not None)
-    return f"{when}  {event.get('kind', '?'):<18} {details}".rstrip()
+    when = at.strftime("%Y-%m-%d %H:%M:%S") if hasattr(at, "strftime") else inert(at)
+    details = " ".join(f"{inert(k)}={inert(v)}" for k, v in event.items() if k not in ("at", "kind") and v is not None)
+    return f"{when}  {inert(event.get('kind', '?')):<18} {details}".rstrip()
 
 
 def _stage(document: dict, progress: dict) -> str:
@@ -104,7 +105,7 @@ class Follower:
                 self.seen.add(ids.key(event))
                 self.bar.console.print(event_line(event), highlight=False)
         progress = document.get("progress") if isinstance(document.get("progress"), dict) else {}
-        line = (self.note(document) if self.note else None) or _stage(document, progress)
+        line = inert((self.note(document) if self.note else None) or _stage(document, progress))
         if line != self.shown:
             self.shown = line
             self.bar.update(self.task, description=line)

@@ -45,10 +45,11 @@ def stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int:
 
 
 def start_listener(uri: str | None, db: str, name: str, log_path: Path, *, home: Path | None = None,
-                   args: Sequence[str] = (), env: dict | None = None) -> subprocess.Popen:
+                   args: Sequence[str] = (), env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     """A `listener start` process writing to `log_path`; `uri=None` passes it through the environment instead.
 
-    `home` becomes its MONGOTUNE_HOME; `env` is added to this process's environment.
+    `home` becomes its MONGOTUNE_HOME; `env` is added to this process's environment; `cwd` is its working
+    directory (this one's by default).
     """
     environ = {**os.environ, **({defaults.ENV_HOME: str(home)} if home else {}), **(env or {})}
     command = [sys.executable, "-m", "listener", "start", "--db", db, "--name", name, *args]
@@ -57,7 +58,8 @@ def start_listener(uri: str | None, db: str, name: str, log_path: Path, *, home:
         environ.pop(defaults.ENV_URI, None)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ,
+                                cwd=cwd)
 
 
 def registered(database, process: subprocess.Popen, timeout_s: float = 60.0) -> None:

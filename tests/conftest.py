@@ -79,14 +79,14 @@ class DaemonProcess:
     """A real `listener start` process on the test database."""
 
     def __init__(self, uri: str | None, db_name: str, home: Path, name: str, max_jobs: int = 2,
-                 env: dict | None = None, args: tuple = (), model_root: Path | None = None):
+                 env: dict | None = None, args: tuple = (), model_root: Path | None = None, cwd: Path | None = None):
         self.home = home
         self.log_path = home / f"{name}.log"
         roots = {"MONGOTUNE_MODEL_ROOTS": str(model_root)} if model_root else {}
         cold = {"MONGOTUNE_WARM_CHILD": "0"}  # a child started ahead costs seconds of CPU; tests/test_warm_child.py
         self.process = start_listener(uri, db_name, name, self.log_path, home=home,
                                       env={**roots, **cold, **(env or {})},
-                                      args=("--max-jobs", str(max_jobs), *args))
+                                      args=("--max-jobs", str(max_jobs), *args), cwd=cwd)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int | None:
         if sig == signal.SIGTERM:
@@ -102,8 +102,10 @@ class DaemonProcess:
 def start_daemon(server_uri, db, tmp_path, request, model_root):
     started: list[DaemonProcess] = []
 
-    def start(name: str | None = None, max_jobs: int = 2, env: dict | None = None, args: tuple = ()) -> DaemonProcess:
-        daemon = DaemonProcess(server_uri, db.name, tmp_path, name or f"d{len(started)}", max_jobs, env, args, model_root)
+    def start(name: str | None = None, max_jobs: int = 2, env: dict | None = None, args: tuple = (),
+              cwd: Path | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(server_uri, db.name, tmp_path, name or f"d{len(started)}", max_jobs, env, args,
+                               model_root, cwd)
         started.append(daemon)
         return daemon
 

@@ -27,7 +27,7 @@ from training import defaults
 from training.checkpoints import LimitExceeded
 from training.config import SpecError, parse_model
 from training.limits import Limits
-from training.models import load_model
+from training.models import load_model, load_tokenizer
 
 
 
@@ -65,6 +65,68 @@ def test_hub_ids_can_be_restricted_by_the_operator(limits):
     with pytest.raises(SpecError) as refused:
         parse_model({**document, "model_name_or_path": "someone/evil-model"}, strict)
     assert refused.value.field == "model_name_or_path" and "MONGOTUNE_HUB_MODELS" in refused.value.message
+
+
+def hub_cache_with(tmp_path: Path, repo_id: str, folder: str) -> Path:
+    """A Hugging Face hub cache holding `folder` as `repo_id`'s main revision, laid out as the hub client lays it."""
+    cache = tmp_path / "hub"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+def test_confined_a_hub_id_never_loads_a_folder_from_the_working_directory(db, start_daemon, tiny_model_path,
+                                                                            tmp_path):
+    load_samples(db)
+    cwd = tmp_path / "cwd"
+    shutil.copytree(tiny_model_path, cwd / "org" / "name")
+    shutil.copytree(tiny_model_path, cwd / "solo")
+    cache = hub_cache_with(tmp_path, "org/cached", tiny_model_path)
+    start_daemon(env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}, cwd=cwd)
+    models = db[defaults.MODELS]
+    models.insert_many([model("in-cwd", "org/name"), model("solo-in-cwd", "solo"), model("hub", "org/cached")])
+    for doc_id in ("in-cwd", "solo-in-cwd"):
+        assert str(cwd) not in failed_on(models, doc_id, "model_name_or_path")["error"]["message"]
+    assert wait_for(models, "hub", finished, timeout_s=120)["status"] == "succeeded"
+
+
+def test_confined_a_tokenizer_named_by_hub_id_is_not_read_from_the_working_directory(tiny_model_path, tmp_path,
+                                                                                      monkeypatch, limits):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_path, tmp_path / "org" / "name")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    spec = parse_model({"_id": "m", "model_name_or_path": "org/name", "data": {"collection": "c"}}, limits)
+    with pytest.raises(SpecError) as refused:
+        load_tokenizer(spec, limits)
+    assert refused.value.field == "model_name_or_path"
+
+
+@pytest.mark.parametrize(("source", "kwargs", "field"), [
+    ("~/models/tiny", {}, "model_name_or_path"),
+    ("~root", {}, "model_name_or_path"),
+    ("./tiny", {}, "model_name_or_path"),
+    ("tiny/../tiny", {}, "model_name_or_path"),
+    ("/etc", {}, "model_name_or_path"),
+    ("org/name\n", {}, "model_name_or_path"),
+    ("org/na\x1b[31mme", {}, "model_name_or_path"),
+    ("ROOT/tiny\0/etc", {}, "model_name_or_path"),
+    ("ROOT/tiny\n", {}, "model_name_or_path"),
+    ("ROOT/../etc", {}, "model_name_or_path"),
+    ("org/name", {"revision": "main/../../../etc"}, "model_kwargs.revision"),
+    ("ROOT/tiny", {"subfolder": ".."}, "model_kwargs.subfolder"),
+    ("ROOT/tiny", {"gguf_file": "../x.gguf"}, "model_kwargs.gguf_file"),
+])
+def test_confined_every_form_of_a_path_is_refused_naming_its_field(source, kwargs, field, tiny_model_path,
+                                                                   model_root, limits):
+    source = source.replace("ROOT", str(model_root))
+    document = {"_id": "m", "model_name_or_path": source, "data": {"collection": "c"}, "model_kwargs": kwargs}
+    with pytest.raises(SpecError) as refused:
+        load_model(parse_model(document, limits), limits)
+    assert refused.value.field == field
 
 
 def huge_config_folder(root: Path) -> Path:

@@ -27,6 +27,7 @@ from pymongo import MongoClient
 from training import checkpoints, defaults, ids, lineage, packing, padding, promotion, ranks, starting
 from training.config import ModelSpec, SpecError, parse_model
 from training.errors import public_message
+from training.inert import inert_logging
 from training.limits import Limits
 from training.progress import fence
 
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank = f" rank{ranks.world()[0]}" if ranks.is_rank() else ""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{rank} %(levelname)s %(message)s", stream=sys.stdout)
+    inert_logging()
     daemon = die_with_daemon()
     if not ranks.is_rank():
         import_libraries()

@@ -35,7 +35,7 @@ IGNORED = {
     "output_dir": "ignored: checkpoints go to GridFS, never to a folder a document names",
     "overwrite_output_dir": "ignored: every run writes to a fresh folder of the listener's",
 }
-REVISION = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$"  # a branch, tag or commit hash
+REVISION = r"^[A-Za-z0-9](\.?[A-Za-z0-9_/-])*\.?$"  # a branch, tag or commit hash: never "..", which git refuses too
 PLAIN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$"  # one file or folder name inside the model, never a path
 FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$"
 
@@ -124,7 +124,7 @@ class ModelKwargs(_Strict):
 
     dtype: Literal["float32", "float16", "bfloat16", "auto"] | None = None
     torch_dtype: Literal["float32", "float16", "bfloat16", "auto"] | None = None
-    revision: str | None = Field(default=None, pattern=REVISION)
+    revision: str | None = Field(default=None, pattern=REVISION, max_length=100)
     subfolder: str | None = Field(default=None, pattern=PLAIN_NAME)
     gguf_file: str | None = Field(default=None, pattern=PLAIN_NAME)
     attn_implementation: Literal["eager", "sdpa"] | None = None
@@ -136,7 +136,7 @@ class ModelKwargs(_Strict):
 class TokenizerKwargs(_Strict):
     """What `AutoTokenizer.from_pretrained` may get from a document."""
 
-    revision: str | None = Field(default=None, pattern=REVISION)
+    revision: str | None = Field(default=None, pattern=REVISION, max_length=100)
     subfolder: str | None = Field(default=None, pattern=PLAIN_NAME)
     gguf_file: str | None = Field(default=None, pattern=PLAIN_NAME)
     use_fast: bool | None = None
@@ -598,21 +598,19 @@ def check_collection(name: str, limits: Limits) -> None:
                         f"they may with {Limits.setting('collections')}")
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
 
 
 def is_hub_id(source: str) -> bool:
-    return bool(HUB_ID.match(source)) and ".." not in source and not os.path.isabs(source)
+    return bool(HUB_ID.fullmatch(source)) and ".." not in source
 
 
 def check_source(source: str, limits: Limits) -> None:
     """A hub id the operator allows, or a folder under one of the operator's model roots, outside the listener's own."""
     field = "model_name_or_path"
     if os.path.isabs(source):
-        resolved = os.path.realpath(source)
-        inside = [root for root in limits.model_roots if _within(resolved, root)]
-        if not inside or any(_within(resolved, root) for root in limits.private_roots):
-            raise SpecError(field, "this folder is not under a model root the operator allows; the operator adds "
+        if not source.isprintable() or not in_model_root(source, limits):
+            raise SpecError(field, "this is not a folder under a model root the operator allows; the operator adds "
                             f"roots with {Limits.setting('model_roots')} or --model-root")
         return
     if not is_hub_id(source):
@@ -621,6 +619,13 @@ def check_source(source: str, limits: Limits) -> None:
     if not any(fnmatch.fnmatchcase(source, pattern) for pattern in limits.hub_models):
         raise SpecError(field, f"the operator does not allow this hub model; allowed: {', '.join(limits.hub_models)} "
                         f"({Limits.setting('hub_models')})")
+
+
+def in_model_root(path, limits: Limits) -> bool:
+    """Whether `path`, links followed, lies under a model root and under none of the listener's own folders."""
+    resolved = os.path.realpath(path)
+    return (any(_within(resolved, root) for root in limits.model_roots)
+            and not any(_within(resolved, root) for root in limits.private_roots))
 
 
 def _within(path: str, root) -> bool:

@@ -7,12 +7,13 @@ is allocated, and reads only from where the operator allows (`training.limits.Li
 import fnmatch
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from training.config import ModelSpec, SpecError, check_source, is_hub_id
+from training.config import ModelKwargs, ModelSpec, SpecError, TokenizerKwargs, check_source, in_model_root, is_hub_id
 from training.limits import Limits
 from training.offline import dequantize
 
@@ -21,21 +22,46 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
 
-def resolve_source(spec: ModelSpec, limits: Limits) -> str:
-    """Where to load from: a hub id found in a model root (converted or downloaded once) is used offline."""
+HUB_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")  # configuration and tokenizer files, any depth
+
+
+def resolve_source(spec: ModelSpec, limits: Limits, section: ModelKwargs | TokenizerKwargs | None = None) -> str:
+    """The absolute folder to load from: under a model root, or a hub id's snapshot in the hub cache.
+
+    transformers loads a name that is a folder under the working directory before it asks the hub, so
+    a hub id never reaches it as written; a hub id found in a model root (converted or downloaded
+    once) is used offline.
+    """
     source = spec.model_name_or_path
     check_source(source, limits)
-    if is_hub_id(source):
-        for root in limits.model_roots:
-            for candidate in (Path(root) / source, Path(root) / source.rsplit("/", 1)[-1]):
-                if (candidate / "config.json").is_file():
-                    return str(candidate)
-    return source
+    if not is_hub_id(source):
+        return os.path.realpath(source)
+    for root in limits.model_roots:
+        for candidate in (Path(root) / source, Path(root) / source.rsplit("/", 1)[-1]):
+            if (candidate / "config.json").is_file() and in_model_root(candidate, limits):
+                return os.path.realpath(candidate)
+    return _hub_snapshot(source, section or spec.model_kwargs, limits)
+
+
+def _hub_snapshot(source: str, section: ModelKwargs | TokenizerKwargs, limits: Limits) -> str:
+    """The snapshot folder of a hub id, sized before it is fetched; offline, what the hub cache holds."""
+    from huggingface_hub import snapshot_download
+
+    hub = _hub_kwargs(source, limits)
+    check_download(source, section.revision, limits, hub)
+    prefix = f"{section.subfolder}/" if section.subfolder else ""
+    wanted = [*HUB_FILES, f"{prefix}model.safetensors", f"{prefix}model-*-of-*.safetensors",
+              *([f"{prefix}{section.gguf_file}"] if section.gguf_file else []),
+              *(["*.py"] if section.trust_remote_code else [])]
+    try:
+        return snapshot_download(source, revision=section.revision, allow_patterns=wanted, **hub)
+    except Exception as exc:  # offline and not cached, unknown, unreachable: any of a dozen hub errors
+        raise _cannot_load(source, exc) from None
 
 
 def _hub_kwargs(source: str, limits: Limits) -> dict:
     """The host's hub token goes only to hub ids the operator lists for it."""
-    allowed = is_hub_id(source) and any(fnmatch.fnmatchcase(source, p) for p in limits.hub_token_models)
+    allowed = any(fnmatch.fnmatchcase(source, p) for p in limits.hub_token_models)
     return {} if allowed else {"token": False}
 
 
@@ -69,21 +95,21 @@ def _bits_config(bits: int):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _cannot_load(spec: ModelSpec, exc: Exception) -> SpecError:
+def _cannot_load(source: str, exc: Exception) -> SpecError:
     """What went wrong, for the document: the reason goes to the log, where host paths may appear."""
-    log.warning("cannot load %r: %s", spec.model_name_or_path, exc)
+    log.warning("cannot load %r: %s", source, exc)
     return SpecError(
         "model_name_or_path",
-        f"cannot load {spec.model_name_or_path!r}: it is neither a model folder with safetensors weights on the "
+        f"cannot load {source!r}: it is neither a model folder with safetensors weights on the "
         "listener's host nor a Hugging Face Hub id the host can reach (the listener's log says more)",
     )
 
 
-def parameter_count(source: str, spec: ModelSpec, hub: dict) -> int:
+def parameter_count(source: str, spec: ModelSpec) -> int:
     """Parameters the configuration describes, counted on the meta device: nothing is allocated."""
     config_kwargs = {k: v for k, v in _common_kwargs(spec.model_kwargs).items()
                      if k in {"revision", "subfolder", "gguf_file", "trust_remote_code"}}
-    config = AutoConfig.from_pretrained(source, **config_kwargs, **hub)
+    config = AutoConfig.from_pretrained(source, **config_kwargs)
     rough = _rough_count(config)
     if rough is not None:
         return rough
@@ -113,11 +139,11 @@ def _rough_count(config) -> int | None:
     return rough if rough > 2**40 else None
 
 
-def check_size(source: str, spec: ModelSpec, limits: Limits, hub: dict) -> int:
+def check_size(source: str, spec: ModelSpec, limits: Limits) -> int:
     try:
-        count = parameter_count(source, spec, hub)
+        count = parameter_count(source, spec)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise _cannot_load(spec, exc) from None
+        raise _cannot_load(spec.model_name_or_path, exc) from None
     except (RuntimeError, OverflowError, MemoryError) as exc:
         raise SpecError("model_name_or_path", f"its configuration does not describe a model that can be built ({exc.__class__.__name__})") from None
     if count > limits.max_model_params:
@@ -126,25 +152,22 @@ def check_size(source: str, spec: ModelSpec, limits: Limits, hub: dict) -> int:
 
 
 def load_tokenizer(spec: ModelSpec, limits: Limits):
-    source = resolve_source(spec, limits)
+    source = resolve_source(spec, limits, spec.tokenizer_kwargs)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **_common_kwargs(spec.tokenizer_kwargs),
-                                                  **_hub_kwargs(source, limits))
+        tokenizer = AutoTokenizer.from_pretrained(source, **_common_kwargs(spec.tokenizer_kwargs))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise _cannot_load(spec, exc) from None
+        raise _cannot_load(spec.model_name_or_path, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def check_download(source: str, spec: ModelSpec, limits: Limits, hub: dict) -> None:
+def check_download(source: str, revision: str | None, limits: Limits, hub: dict) -> None:
     """A hub model's files are summed before anything is fetched; offline, the local cache decides."""
-    if not is_hub_id(source):
-        return
     from huggingface_hub import HfApi
 
     try:
-        info = HfApi().model_info(source, revision=spec.model_kwargs.revision, files_metadata=True, **hub)
+        info = HfApi().model_info(source, revision=revision, files_metadata=True, **hub)
     except Exception as exc:  # offline, unreachable, unknown: any of a dozen transport errors
         log.info("cannot size %r on the hub (%s); loading from the local cache if it is there", source, exc)
         return
@@ -159,10 +182,7 @@ def check_model(spec: ModelSpec, limits: Limits) -> None:
     Training calls this before its arguments switch on DeepSpeed ZeRO-3 (which changes how models
     are built), then `load_checked_model`; serving calls `load_model`, which does both.
     """
-    source = resolve_source(spec, limits)
-    hub = _hub_kwargs(source, limits)
-    check_download(source, spec, limits, hub)
-    check_size(source, spec, limits, hub)
+    check_size(resolve_source(spec, limits), spec, limits)
 
 
 def load_checked_model(spec: ModelSpec, limits: Limits):
@@ -172,9 +192,9 @@ def load_checked_model(spec: ModelSpec, limits: Limits):
     if "gguf_file" not in kwargs:
         kwargs["use_safetensors"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **_hub_kwargs(source, limits))
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise _cannot_load(spec, exc) from None
+        raise _cannot_load(spec.model_name_or_path, exc) from None
     except TypeError as exc:
         raise SpecError("model_kwargs", f"not accepted by from_pretrained: {exc}") from None
     if "gguf_file" in kwargs:

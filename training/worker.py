@@ -30,6 +30,7 @@ from pymongo import MongoClient
 from training import defaults
 from training.config import GenerationParams, SpecError, parse_model
 from training.errors import public_message
+from training.inert import inert_logging
 from training.inference import DiskCache, ModelCache, answer_rows
 from training.limits import Limits
 
@@ -86,6 +87,7 @@ def handle(cache: ModelCache, command: dict, send=None) -> dict:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s worker %(levelname)s %(message)s")
+    inert_logging()
     _die_with_parent()
     replies = _protocol_stream()
     config = json_util.loads(sys.stdin.readline())

@@ -3,6 +3,7 @@ import click
 from listener.cli.options import connection_options, find_model, id_text, model_argument, open_database
 from listener.status import FINAL, Status
 from training import defaults, ids
+from training.inert import MAX_LINE_CHARS, inert
 
 
 @click.command()
@@ -28,4 +29,5 @@ def cancel(uri, db, model):
         raise click.ClickException(f"model {model!r} has status {status!r}, which no daemon works on")
     was = before.get("status") or Status.PENDING.value
     then = "stops after saving a checkpoint" if was == Status.RUNNING.value else "is cancelled by the next daemon"
-    click.echo(f"cancel requested: model {model!r} ({was}) {then}; `listener logs {id_text(model)} --follow` shows it")
+    click.echo(inert(f"cancel requested: model {model!r} ({was}) {then}; `listener logs {id_text(model)} --follow` "
+                     "shows it", MAX_LINE_CHARS))

@@ -5,6 +5,7 @@ from rich.table import Table
 from listener.cli.options import connection_options, find_model, model_argument, open_database
 from training import checkpoints as stored
 from training import defaults
+from training.inert import inert
 
 SHOWN = ("loss", "eval_loss", "eval_perplexity", "eval_mean_token_accuracy")
 
@@ -38,7 +39,7 @@ def checkpoints(uri, db, model):
     """
     document = find_model(open_database(uri, db)[defaults.MODELS], model,
                           {"checkpoints": 1, "best_checkpoint": 1, "run": 1})
-    table = Table(title=f"checkpoints of {model!r}")
+    table = Table(title=f"checkpoints of {inert(repr(model))}")
     for column in ("run", "step", *SHOWN, "size", "serves"):
         table.add_column(column, justify="left" if column == "serves" else "right")
     for run, step, *metrics, size, serves in rows(document):

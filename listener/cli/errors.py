@@ -13,6 +13,7 @@ from listener.follow import Gone
 from listener.settings import SettingsError
 from listener.status import DOCUMENT_VALIDATION_FAILURE
 from training.config import SpecError
+from training.inert import MAX_LINE_CHARS, inert
 
 URI_KEY = "mongotune.uri"  # ctx.meta entry: the URI a command resolved, for messages about it
 
@@ -78,12 +79,13 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except click.UsageError as exc:
-            exc.ctx = None  # shown without the usage block: one line, whose message names the option
+        except click.ClickException as exc:
+            exc.ctx = None  # a usage error is shown without the usage block: one line, whose message names the option
+            exc.message = inert(exc.message, MAX_LINE_CHARS)  # messages quote documents
             raise
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+        except (click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
             if ctx.params.get("verbose"):
                 raise
-            raise click.ClickException(one_line(exc, ctx.meta.get(URI_KEY))) from None
+            raise click.ClickException(inert(one_line(exc, ctx.meta.get(URI_KEY)), MAX_LINE_CHARS)) from None

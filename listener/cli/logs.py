@@ -6,6 +6,7 @@ from listener.cli.options import connection_options, find_model, model_argument,
 from listener.follow import eval_loss, event_line, events_of, follow_training, number
 from listener.status import Status
 from training import defaults
+from training.inert import inert
 
 FOLLOW_S = 7 * 24 * 3600  # as long as a person keeps watching
 
@@ -14,7 +15,7 @@ def summary(document: dict) -> str:
     """One line: status, run, step, losses and ETA, as the document says now."""
     progress = document.get("progress") if isinstance(document.get("progress"), dict) else {}
     loss, step = eval_loss(document)
-    parts = [f"status {document.get('status') or 'pending'}", f"run {document.get('run', 0)}"]
+    parts = [f"status {inert(document.get('status') or 'pending')}", f"run {inert(document.get('run', 0))}"]
     if progress:
         parts += [f"step {progress.get('step', 0)}/{progress.get('total_steps', '?')}",
                   f"loss {number(progress.get('loss'))}", f"ETA {number(progress.get('eta_s'), 3)} s"]
@@ -22,7 +23,7 @@ def summary(document: dict) -> str:
         parts.append(f"eval loss {number(loss)} (step {step})")
     error = document.get("error") if isinstance(document.get("error"), dict) else None
     if error:
-        parts.append(f"error {error.get('type')}: {error.get('message')}")
+        parts.append(f"error {inert(error.get('type'))}: {inert(error.get('message'))}")
     return ", ".join(parts)
 
 

@@ -9,6 +9,7 @@ from pymongo.errors import PyMongoError
 from rich.logging import RichHandler
 
 from training import defaults, ids
+from training.inert import inert_logging
 
 uri_option = click.option(
     "--uri", envvar=defaults.ENV_URI, default=None, metavar="URI",
@@ -89,6 +90,7 @@ def setup_logging(verbose: bool = False, log_format: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[handler], force=True)
+    inert_logging()
     for noisy in ("pymongo", "apscheduler", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

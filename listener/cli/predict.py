@@ -10,6 +10,7 @@ from listener.processes import wait_until
 from listener.status import Status
 from training import defaults
 from training.config import parse_request
+from training.inert import MAX_ANSWER_CHARS, MAX_LINE_CHARS, inert
 
 
 @click.command()
@@ -46,9 +47,9 @@ def predict(uri, db, model, prompt, chat, checkpoint, max_new_tokens, timeout, s
     if answer["status"] != Status.DONE:
         raise click.ClickException(f"request {answer['status']}: {(answer.get('error') or {}).get('message')}")
     if not shown:
-        click.echo(answer["output"])
-    click.echo(json.dumps({"usage": answer["usage"], "latency_ms": answer["latency_ms"],
-                           "checkpoint": answer["checkpoint_used"]}), err=True)
+        click.echo(inert(answer["output"], MAX_ANSWER_CHARS, newlines=True))
+    click.echo(inert(json.dumps({"usage": answer["usage"], "latency_ms": answer["latency_ms"],
+                                 "checkpoint": answer["checkpoint_used"]}, default=str), MAX_LINE_CHARS), err=True)
 
 
 def streamed(requests, document: dict, timeout_s: float) -> dict:
@@ -63,7 +64,8 @@ def streamed(requests, document: dict, timeout_s: float) -> dict:
         current = ((changes.try_next() or {}).get("fullDocument")) or {}  # waits up to max_await_time_ms
         text = current.get("output")
         if isinstance(text, str) and text != printed:
-            click.echo(text[len(printed):] if text.startswith(printed) else f"\n{text}", nl=False)
+            click.echo(inert(text[len(printed):] if text.startswith(printed) else f"\n{text}", MAX_ANSWER_CHARS,
+                             newlines=True), nl=False)
             printed = text
         return current if finished(current) else None
 

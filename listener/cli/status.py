@@ -9,6 +9,7 @@ from listener.cli.options import connection_options, open_database, operator_set
 from listener.records import BadRecord, DaemonRecord, parse
 from listener.status import Status
 from training import defaults
+from training.inert import inert
 
 
 def live_daemons(db, heartbeat_s: float) -> list[DaemonRecord]:
@@ -49,14 +50,15 @@ def status(uri, db, check, name):
     daemons = live_daemons(database, settings.heartbeat_s)
     table = Table(title=f"daemons on {name}")
     # The owner is what `_listener` and leases name: shown whole, however narrow the terminal.
-    table.add_column("owner", no_wrap=True, min_width=max((len(d.owner) for d in daemons), default=5))
+    table.add_column("owner", no_wrap=True, min_width=max((len(inert(d.owner)) for d in daemons), default=5))
     for column in ("heartbeat", "trainings", "gpus free", "waiting", "counters"):
         table.add_column(column)
     for d in daemons:
         counters = " ".join(f"{k}={v}" for k, v in d.counters.items() if v)
         gpus = f"{len(d.gpus_free)}/{len(d.gpus)}" if d.gpus else "cpu"
         waiting = "; ".join(f"{w.get('model')}: {w.get('why')}" for w in d.waiting)
-        table.add_row(d.owner, f"{d.heartbeat_at:%H:%M:%S}", ", ".join(d.trainings), gpus, waiting, counters)
+        table.add_row(*map(inert, (d.owner, f"{d.heartbeat_at:%H:%M:%S}", ", ".join(d.trainings), gpus, waiting,
+                                    counters)))
     console.print(table)
     models = Table(title="models")
     for column in ("_id", "status", "run", "progress", "best checkpoint", "error"):
@@ -66,10 +68,11 @@ def status(uri, db, check, name):
         p = m.get("progress") if isinstance(m.get("progress"), dict) else {}
         best = m.get("best_checkpoint") if isinstance(m.get("best_checkpoint"), dict) else None
         error = m.get("error") if isinstance(m.get("error"), dict) else {}
-        models.add_row(str(m["_id"]), str(m.get("status", Status.PENDING.value)), str(m.get("run", "")),
-                       f"{p.get('step', 0)}/{p.get('total_steps', '?')}" if p else "",
-                       f"run {best.get('run')} step {best.get('step')}" if best else "",
-                       str(error.get("message", ""))[:80])
+        models.add_row(*map(inert, (m["_id"], m.get("status", Status.PENDING.value), m.get("run", ""),
+                                    f"{p.get('step', 0)}/{p.get('total_steps', '?')}" if p else "",
+                                    f"run {best.get('run')} step {best.get('step')}" if best else "")),
+                       inert(error.get("message", ""), 80))
     console.print(models)
     counts = database[defaults.REQUESTS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
-    console.print("requests: " + (", ".join(f"{c['_id'] or Status.PENDING.value}={c['n']}" for c in counts) or "none"))
+    console.print("requests: " + (", ".join(inert(f"{c['_id'] or Status.PENDING.value}={c['n']}") for c in counts)
+                                  or "none"))

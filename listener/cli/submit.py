@@ -13,6 +13,7 @@ from listener.follow import follow_training
 from listener.status import Status
 from training import defaults
 from training.config import parse_model
+from training.inert import MAX_LINE_CHARS, inert
 
 # A folder in `model_name_or_path` names a path on the daemon's host, which this one may not be: that check
 # is the daemon's; names, types, bounds and the hub allowlist are checked here as the daemon checks them.
@@ -54,12 +55,13 @@ def submit(uri, db, definition, follow):
             f"a model with _id {document.get('_id')!r} is already in {database.name}.{defaults.MODELS}: choose "
             f"another _id, or see `listener retrain` and `listener delete`") from None
     console = Console()
-    console.print(f"inserted model {model_id!r} into {database.name}.{defaults.MODELS}")
+    console.print(f"inserted model {inert(repr(model_id))} into {database.name}.{defaults.MODELS}")
     idle = no_daemon(database, settings.heartbeat_s)
     if idle:
         click.echo(f"warning: {idle}; the model waits until then", err=True)
     if follow:
         note = waiting_note(database, settings.heartbeat_s)
         result = follow_training(console, models, model_id, timeout_s=7 * 24 * 3600, note=note)
-        console.print(f"{result['status']}" + (f": {result['error']['message']}" if result.get("error") else ""))
+        error = result.get("error") if isinstance(result.get("error"), dict) else {}
+        console.print(inert(f"{result['status']}" + (f": {error.get('message')}" if error else ""), MAX_LINE_CHARS))
         raise SystemExit(0 if result["status"] == Status.SUCCEEDED else 1)

@@ -1,0 +1,98 @@
+"""Document text reaches terminals and logs inert: control characters and rich markup escaped, length bounded.
+
+Whoever writes documents is untrusted; what they write is shown by `listener status`, `logs`,
+`checkpoints`, `predict`, `submit` and written to the daemon's log. Each test feeds escape sequences,
+carriage returns, NUL, rich markup and megabyte strings through the real commands or a real daemon.
+"""
+
+import datetime as dt
+import json
+import logging
+import re
+
+from click.testing import CliRunner
+from rich.text import Text
+
+from listener.cli.main import cli
+from listener.cli.options import setup_logging
+from listener.demo import load_samples
+from tests.conftest import finished, wait_for
+from tests.documents import model
+from training import defaults
+from training.inert import MAX_LINE_CHARS, inert
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\r\0\x7f\x9b[/red][bold]"
+BIG = "x" * 2**20
+RAW = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # every control character but the newline between lines
+LONGEST_LINE = MAX_LINE_CHARS + 200
+
+
+def assert_inert(text: str) -> None:
+    assert not RAW.search(text), repr(RAW.search(text).group())
+    assert "[/red]" in text, "markup shown as written, not interpreted"
+    assert max(len(line) for line in text.splitlines()) <= LONGEST_LINE
+
+
+def invoke(server_uri, db, *args):
+    return CliRunner().invoke(cli, [args[0], "--uri", server_uri, "--db", db.name, *args[1:]])
+
+
+def test_inert_escapes_every_control_character_and_markup_and_cuts_long_values():
+    shown = inert(HOSTILE + "\ud800\u202e\u2028" + BIG)
+    assert shown.isprintable() and len(shown) < 2000
+    assert shown.endswith(f"…(+{len(HOSTILE) + 3 + len(BIG) - 1000} chars)")
+    assert "\\x1b]0;pwned\\x07" in shown and "\\ud800" in shown
+    assert Text.from_markup(shown).plain.startswith(inert(HOSTILE).replace("\\[", "["))
+    assert inert("plain text [1, 2]") == "plain text [1, 2]"
+
+
+def test_inert_status_logs_and_checkpoints_show_hostile_documents(db, server_uri):
+    db[defaults.MODELS].insert_one({
+        "_id": HOSTILE, "status": HOSTILE, "run": HOSTILE, "error": {"type": HOSTILE, "message": HOSTILE + BIG},
+        "events": [{"at": dt.datetime.now(dt.timezone.utc), "kind": HOSTILE, "detail": HOSTILE + BIG}],
+    })
+    db[defaults.REQUESTS].insert_one({"model": HOSTILE, "status": HOSTILE})
+    for args in (("status",), ("logs", HOSTILE)):
+        shown = invoke(server_uri, db, *args)
+        assert shown.exit_code == 0, shown.output
+        assert_inert(shown.output)
+    missing = invoke(server_uri, db, "checkpoints", HOSTILE)
+    assert missing.exit_code == 1
+    assert_inert(missing.output)
+
+
+def test_inert_a_refusal_before_submit_is_one_bounded_line(db, server_uri, tmp_path):
+    definition = tmp_path / "model.json"
+    definition.write_text(json.dumps(model("m", "org/name", trainer={HOSTILE + BIG: 1})))
+    refused = invoke(server_uri, db, "submit", str(definition))
+    assert refused.exit_code == 1 and len(refused.output.splitlines()) == 1
+    assert_inert(refused.output)
+
+
+def test_inert_the_daemons_log_the_follow_view_and_predict(db, server_uri, start_daemon, tmp_path):
+    load_samples(db)
+    daemon = start_daemon(args=("--no-validators",))
+    db[defaults.MODELS].insert_one(model("bad", "org/name", trainer={HOSTILE.replace("\0", "") + BIG: 1}))
+    definition = tmp_path / "model.json"
+    definition.write_text(json.dumps(model(HOSTILE, "/no/such/model[/red]")))
+    followed = invoke(server_uri, db, "submit", str(definition))
+    assert followed.exit_code == 1 and "failed" in followed.output
+    assert_inert(followed.output)
+    asked = invoke(server_uri, db, "predict", HOSTILE + "?", "ahoy", "--timeout", "60")
+    assert asked.exit_code == 1
+    assert_inert(asked.output)
+    assert wait_for(db[defaults.MODELS], "bad", finished)["status"] == "failed"
+    assert_inert(daemon.log())
+    assert len(daemon.log()) < 100_000
+
+
+def test_inert_json_log_lines_are_bounded(capsys):
+    setup_logging(log_format="json")
+    try:
+        logging.getLogger("listener.test").warning("model %r is invalid: %s", HOSTILE, HOSTILE + BIG)
+    finally:
+        setup_logging()
+    line = capsys.readouterr().err.strip()
+    assert len(line) <= LONGEST_LINE and "\n" not in line
+    message = json.loads(line)["message"]
+    assert message.isprintable() and "[/red]" in message

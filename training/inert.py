@@ -1,0 +1,45 @@
+"""Document text made inert before a person or a log sees it: printable, markup-free, bounded.
+
+Whoever writes documents is untrusted, and what they write reaches terminals (`listener status`,
+`logs`, `predict`, ...) and the daemon's log. A control character there can move the cursor,
+rewrite a line or retitle the terminal; a rich tag restyles, hides or crashes what is printed; a
+megabyte value floods both. Every document-supplied string goes through `inert` on its way out,
+and every log line through `InertRecords`.
+"""
+
+import logging
+
+from rich.markup import escape
+
+MAX_SHOWN_CHARS = 1000  # one value on a terminal
+MAX_LINE_CHARS = 4000  # one log or error line, all its values together
+MAX_ANSWER_CHARS = 100_000  # a model's answer as `listener predict` prints it
+
+
+def inert(value, limit: int = MAX_SHOWN_CHARS, newlines: bool = False) -> str:
+    """`value` as text with each unprintable character escaped as Python writes it (`\\x1b`, `\\r`, `\\ud800`),
+    rich markup escaped, and cut after `limit` characters with the count left out; `newlines` keeps line
+    breaks (a model's answer)."""
+    text = value if isinstance(value, str) else str(value)
+    head, rest = text[:limit], len(text) - limit
+    if not head.isprintable():
+        head = "".join(c if c.isprintable() or (newlines and c == "\n") else _escaped(c) for c in head)
+    return escape(head) + (f"…(+{rest} chars)" if rest > 0 else "")
+
+
+def _escaped(char: str) -> str:
+    return char.encode("unicode_escape").decode("ascii")
+
+
+def inert_logging() -> None:
+    """Every line the root logger's handlers write, inert: called once logging is set up in a process."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(InertRecords())
+
+
+class InertRecords(logging.Filter):
+    """A handler's filter that makes each record's message one inert, bounded line, whatever its arguments held."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = inert(record.getMessage(), MAX_LINE_CHARS), ()
+        return True
