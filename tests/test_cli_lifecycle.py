@@ -146,10 +146,20 @@ def test_cancel_retrain_and_delete_act_on_the_document(server_uri, db, client):
 
     assert_one_line(on(server_uri, db, "retrain", "busy"), "is training now", "listener cancel busy")
     assert_one_line(on(server_uri, db, "retrain", "waiting"), "already waits")
-    assert on(server_uri, db, "retrain", "done").exit_code == 0
+    retrained = on(server_uri, db, "retrain", "done")
+    assert retrained.output == "model 'done' is pending again: run 3 starts from the base model, when a daemon " \
+                               "claims it\n", retrained.output
     requeued = models.find_one({"_id": "done"})
     assert requeued["status"] == "pending" and requeued["trigger"] == "user" and "cancel" not in requeued
     assert [(e["kind"], e["trigger"]) for e in requeued["events"]] == [("retrain_requested", "user")]
+
+    served = {"status": "succeeded", "run": 2, "best_checkpoint": {"run": 2, "step": 20},
+              "checkpoints": [{"run": 1, "step": 10}, {"run": 2, "step": 20}, {"run": 2, "step": 30}]}
+    models.insert_many([{"_id": "served", **served}, {"_id": "anew", **served, "retrain": {"from": "base"}}])
+    for model_id, start in (("served", "run 2's best checkpoint (step 20)"),
+                            ("anew", "the base model (retrain.from is base)")):
+        retrained = on(server_uri, db, "retrain", model_id)
+        assert f"is pending again: run 3 starts from {start}, when" in retrained.output, retrained.output
 
     assert_one_line(on(server_uri, db, "delete", "busy", "--yes"), "is training now", "--force")
     assert run("delete", "--uri", server_uri, "--db", db.name, "done", input="n\n").exit_code == 1
