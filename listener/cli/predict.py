@@ -47,8 +47,11 @@ def predict(uri, db, model, prompt, chat, checkpoint, max_new_tokens, timeout, s
         raise click.ClickException(f"request {answer['status']}: {(answer.get('error') or {}).get('message')}")
     if not shown:
         click.echo(answer["output"])
-    click.echo(json.dumps({"usage": answer["usage"], "latency_ms": answer["latency_ms"],
-                           "checkpoint": answer["checkpoint_used"]}), err=True)
+    if answer.get("finish_reason") == "length":
+        click.echo(f"(cut at the token limit, {answer['usage']['completion_tokens']} tokens: ask again with a larger "
+                   "--max-new-tokens, within the operator's MONGOTUNE_MAX_NEW_TOKENS)", err=True)
+    click.echo(json.dumps({"usage": answer["usage"], "finish_reason": answer.get("finish_reason"),
+                           "latency_ms": answer["latency_ms"], "checkpoint": answer["checkpoint_used"]}), err=True)
 
 
 def streamed(requests, document: dict, timeout_s: float) -> dict:
