@@ -92,7 +92,7 @@ def test_submit_checks_with_the_daemons_parser_then_for_a_daemon_then_the_id(ser
     misspelt = definition(tmp_path, tiny_yaml("m", tiny_model_path, "{max_step: 2}"))
     assert_one_line(on(server_uri, db, "submit", misspelt), "trainer.max_step", "did you mean 'max_steps'")
     good = definition(tmp_path, tiny_yaml("m", tiny_model_path))
-    for follow in ("--follow", "--no-follow"):
+    for follow in ("--no-follow", "--follow"):  # --follow first would wait without end where submit inserts
         refused = on(server_uri, db, "submit", good, follow)
         assert refused.exit_code == 1
         assert assert_one_line(refused) == (
