@@ -483,7 +483,8 @@ class Serving:
             self.on_answered(latency_s)
         await transition(self.db[defaults.REQUESTS], item.spec.id, Status.RUNNING, Status.DONE, REQUEST_TRANSITIONS,
                          match={"lease.owner": {"$eq": self.owner}},
-                         fields={"output": result["output"], "usage": result["usage"], "checkpoint_used": used,
+                         fields={"output": result["output"], "finish_reason": result["finish_reason"],
+                                 "usage": result["usage"], "checkpoint_used": used,
                                  "batch_size": batch_size, "completed_at": now(), "timing": timing,
                                  "latency_ms": round(latency_s * 1000, 1)},
                          unset=("lease",))

@@ -78,12 +78,14 @@ class Client:
         """Insert a model definition once the daemon's parser accepts it; returns its `_id`.
 
         A definition without `_id` gets an ObjectId. Raises `training.config.SpecError` naming the
-        field to change, before anything is written.
+        field to change (`_id` when a model has it already), with nothing written.
         """
+        from listener.cli.options import insert_model
+
         document = dict(definition)
         document.setdefault("_id", ObjectId())
         parse_model(document, self.limits)
-        return self.db[defaults.MODELS].insert_one(document).inserted_id
+        return insert_model(self.db[defaults.MODELS], document)
 
     def wait(self, model_id, progress: bool = True, timeout: float = WEEK_S) -> dict:
         """Wait until training ends (a progress bar with step, loss and ETA); returns the final document.

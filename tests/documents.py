@@ -1,4 +1,6 @@
-"""The one factory for the documents tests insert: a model trained on the sample chats, and a request."""
+"""The one factory for the documents tests insert: a model trained on the sample chats, a request, a heartbeat."""
+
+from training import defaults
 
 QUICK = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64}
 LONG = {**QUICK, "max_steps": 400, "save_steps": 10_000}  # long enough to be stopped or cancelled midway
@@ -12,3 +14,9 @@ def model(doc_id, path: str, trainer: dict = QUICK, **extra) -> dict:
 
 def request(doc_id, model_id, text: str = "ahoy", max_new_tokens: int = 2, **extra) -> dict:
     return {"_id": doc_id, "model": model_id, "input": text, "params": {"max_new_tokens": max_new_tokens}, **extra}
+
+
+def heartbeat(db, owner: str = "d0:1") -> None:
+    """A daemon's `_listener` record with a heartbeat now: what clients read to know a daemon serves `db`."""
+    db[defaults.LISTENER].insert_one({"_id": owner, "kind": "daemon", "owner": owner, "name": owner, "host": "h",
+                                      "pid": 1, "heartbeat_at": defaults.now()})

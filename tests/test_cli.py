@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 from listener.cli.main import cli
 from listener.demo import load_samples
+from listener.processes import registered
 
 
 def invoke(server_uri, db, *args):
@@ -15,7 +16,7 @@ def invoke(server_uri, db, *args):
 def test_submit_follows_training_and_predict_prints_the_answer(db, server_uri, start_daemon, tiny_model_path,
                                                               tmp_path):
     load_samples(db)
-    start_daemon()
+    registered(db, start_daemon().process)  # submit and predict refuse to go on while no daemon is alive
     definition = tmp_path / "model.json"
     definition.write_text(json.dumps({
         "_id": "cli", "model_name_or_path": tiny_model_path, "data": {"collection": "pirate_chat", "key": "messages"},

@@ -10,8 +10,11 @@ from pymongo.errors import ServerSelectionTimeoutError
 from listener.cli.main import cli
 from listener.connection import timeouts
 from listener.demo import load_samples
+from listener.processes import registered
 from listener.schema import validators
 from tests.conftest import finished, wait_for
+from tests import documents
+from tests.documents import heartbeat
 from training import checkpoints, defaults, tiny_model
 from training.limits import Limits
 
@@ -83,25 +86,38 @@ def test_a_bad_setting_in_the_environment_is_one_line_and_help_still_works(serve
         assert_one_line(on(server_uri, db, command, *args, env=bad), "MONGOTUNE_HEARTBEAT_S")
 
 
-def test_submit_checks_with_the_daemons_parser_and_warns_without_a_daemon(server_uri, db, tmp_path, tiny_model_path):
+def test_submit_checks_with_the_daemons_parser_then_for_a_daemon_then_the_id(server_uri, db, tmp_path,
+                                                                             tiny_model_path):
+    """Each mistake is one line, exit 1, and nothing inserted; the README's list of them."""
     misspelt = definition(tmp_path, tiny_yaml("m", tiny_model_path, "{max_step: 2}"))
     assert_one_line(on(server_uri, db, "submit", misspelt), "trainer.max_step", "did you mean 'max_steps'")
+    good = definition(tmp_path, tiny_yaml("m", tiny_model_path))
+    for follow in ("--no-follow", "--follow"):  # --follow first would wait without end where submit inserts
+        refused = on(server_uri, db, "submit", good, follow)
+        assert refused.exit_code == 1
+        assert assert_one_line(refused) == (
+            f"Error: no daemon is alive on database {db.name!r} (no heartbeat in _listener for 15 s): start one "
+            f"with `listener start --db {db.name}`, then submit again; nothing was inserted")
     assert db[defaults.MODELS].count_documents({}) == 0
 
-    submitted = on(server_uri, db, "submit", definition(tmp_path, tiny_yaml("m", tiny_model_path)), "--no-follow")
-    assert submitted.exit_code == 0, submitted.output
-    assert "no daemon is alive" in submitted.output
+    heartbeat(db)
+    submitted = on(server_uri, db, "submit", good, "--no-follow")
+    assert submitted.exit_code == 0 and "no daemon" not in submitted.output, submitted.output
     stored = db[defaults.MODELS].find_one({"_id": "m"})
     assert stored["trainer"] == {"max_steps": 2, "per_device_train_batch_size": 2}
 
-    again = on(server_uri, db, "submit", definition(tmp_path, tiny_yaml("m", tiny_model_path)), "--no-follow")
-    assert_one_line(again, "_id 'm' is already in", "listener retrain")
+    again = on(server_uri, db, "submit", good, "--no-follow")
+    assert again.exit_code == 1
+    assert assert_one_line(again) == (
+        f"Error: refused before anything was written: _id: a model with _id 'm' is already in {db.name}._models: "
+        "choose another _id, or train that one again (`listener retrain m`) or remove it first (`listener delete m`)")
 
 
 def test_a_document_the_servers_validator_refuses_is_one_line(server_uri, db, tmp_path, tiny_model_path, client):
     """The daemon's operator capped max_steps lower than this host's default: the server refuses."""
     for name, schema in validators(Limits(max_steps=10)).items():
         db.create_collection(name, validator=schema)
+    heartbeat(db)
     too_long = definition(tmp_path, tiny_yaml("m", tiny_model_path, "{max_steps: 50}"))
     assert_one_line(on(server_uri, db, "submit", too_long, "--no-follow"),
                     "$jsonSchema validator refused the document at trainer.max_steps", "got 50")
@@ -130,10 +146,20 @@ def test_cancel_retrain_and_delete_act_on_the_document(server_uri, db, client):
 
     assert_one_line(on(server_uri, db, "retrain", "busy"), "is training now", "listener cancel busy")
     assert_one_line(on(server_uri, db, "retrain", "waiting"), "already waits")
-    assert on(server_uri, db, "retrain", "done").exit_code == 0
+    retrained = on(server_uri, db, "retrain", "done")
+    assert retrained.output == "model 'done' is pending again: run 3 starts from the base model, when a daemon " \
+                               "claims it\n", retrained.output
     requeued = models.find_one({"_id": "done"})
     assert requeued["status"] == "pending" and requeued["trigger"] == "user" and "cancel" not in requeued
     assert [(e["kind"], e["trigger"]) for e in requeued["events"]] == [("retrain_requested", "user")]
+
+    served = {"status": "succeeded", "run": 2, "best_checkpoint": {"run": 2, "step": 20},
+              "checkpoints": [{"run": 1, "step": 10}, {"run": 2, "step": 20}, {"run": 2, "step": 30}]}
+    models.insert_many([{"_id": "served", **served}, {"_id": "anew", **served, "retrain": {"from": "base"}}])
+    for model_id, start in (("served", "run 2's best checkpoint (step 20)"),
+                            ("anew", "the base model (retrain.from is base)")):
+        retrained = on(server_uri, db, "retrain", model_id)
+        assert f"is pending again: run 3 starts from {start}, when" in retrained.output, retrained.output
 
     assert_one_line(on(server_uri, db, "delete", "busy", "--yes"), "is training now", "--force")
     assert run("delete", "--uri", server_uri, "--db", db.name, "done", input="n\n").exit_code == 1
@@ -154,7 +180,7 @@ def test_delete_removes_the_models_checkpoints_and_no_other(server_uri, db, tmp_
 def test_logs_follows_a_real_training_to_its_end_with_its_events(server_uri, db, start_daemon, tiny_model_path,
                                                                  tmp_path):
     load_samples(db)
-    start_daemon()
+    registered(db, start_daemon().process)
     model = definition(tmp_path, tiny_yaml("followed", tiny_model_path,
                                            "{max_steps: 4, per_device_train_batch_size: 2, save_steps: 2, "
                                            "logging_steps: 1, max_seq_length: 64}"))
@@ -177,8 +203,7 @@ def test_a_model_cancelled_before_it_starts_can_be_retrained(server_uri, db, sta
                                                                tmp_path):
     load_samples(db)
     models = db[defaults.MODELS]
-    model = definition(tmp_path, tiny_yaml("stopped", tiny_model_path))
-    assert on(server_uri, db, "submit", model, "--no-follow").exit_code == 0
+    models.insert_one(documents.model("stopped", tiny_model_path))  # from any driver, before a daemon runs
     assert on(server_uri, db, "cancel", "stopped").exit_code == 0
     start_daemon()
     assert wait_for(models, "stopped", finished)["status"] == "cancelled"

@@ -212,7 +212,7 @@ def test_generate_a_mixed_batch(loaded):
     results = answer(loaded, PROMPTS, params)
     assert len(results) == 3
     for result in results:
-        assert set(result) == {"output", "usage"}
+        assert set(result) == {"output", "finish_reason", "usage"}
         assert isinstance(result["output"], str)
         assert result["usage"]["prompt_tokens"] > 0
         assert 0 < result["usage"]["completion_tokens"] <= params.max_new_tokens
@@ -229,6 +229,18 @@ def test_a_prompt_the_template_refuses_fails_alone(tiny_model_path):
     results = answer(served, [PROMPTS[0], "ahoy", PROMPTS[2]], GenerationParams(max_new_tokens=2))
     assert results[0]["error"]["type"] == "invalid_request" and "one only" in results[0]["error"]["message"]
     assert "output" in results[1] and "output" in results[2]
+
+
+def test_an_answer_says_whether_it_ended_or_was_cut_at_max_new_tokens(tiny_model_path):
+    """A model whose logits are all equal always says token 0: cut at the limit, until token 0 is its end."""
+    served = load(spec_for(tiny_model_path), limits_for(tiny_model_path), None)
+    served.model.get_output_embeddings().weight.data.zero_()
+    params = GenerationParams(max_new_tokens=3)
+    cut = answer(served, PROMPTS[1:], params)
+    assert [(r["finish_reason"], r["usage"]["completion_tokens"]) for r in cut] == [("length", 3)] * 2
+    served.tokenizer.eos_token = served.tokenizer.convert_ids_to_tokens(0)
+    ended = answer(served, PROMPTS[1:], params)
+    assert [(r["finish_reason"], r["usage"]["completion_tokens"]) for r in ended] == [("stop", 1)] * 2
 
 
 def test_greedy_generation_is_deterministic(loaded):

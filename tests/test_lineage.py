@@ -76,7 +76,8 @@ def test_runs_record_lineage_and_the_gate_promotes_only_a_better_run(db, start_d
 
     better = retrain(db, "m", 3, **{"promotion.min_delta": 0, "trainer.save_total_limit": 1})
     gate = better["runs"][2]["promotion"]
-    assert better["runs"][2]["trigger"] == "user" and better["runs"][2]["init_from"] is None
+    assert better["runs"][2]["trigger"] == "user", "a status set back to pending by hand"
+    assert better["runs"][2]["init_from"] == {"model": "m", **served}, "run 2 was not promoted: run 1's still serves"
     assert gate["promoted"] and gate["score"] <= gate["serving_score"]
     assert better["best_checkpoint"] == gate["checkpoint"] and gate["checkpoint"]["run"] == 3
     assert any(e["kind"] == "promoted" and e["run"] == 3 for e in better["events"])

@@ -52,6 +52,9 @@ def test_export_then_apply_gives_the_definition_with_the_new_values(server_uri, 
     same = invoke(server_uri, db, "apply", str(folder), "--id", "same")
     assert same.exit_code == 0, same.output
     assert db[defaults.MODELS].find_one({"_id": "same"}) == {**definition(original), "_id": "same"}
+    taken = invoke(server_uri, db, "apply", str(folder), "--id", "same")
+    assert taken.exit_code == 1 and taken.output.startswith(
+        "Error: refused before anything was written: _id: a model with _id 'same' is already in"), taken.output
 
     other = str(model_root / "other")
     applied = invoke(server_uri, db, "apply", str(folder), "--set", "collection=sea_shanties",

@@ -11,17 +11,22 @@ def entry(run, step, **metrics):
     return {"run": run, "step": step, "metrics": metrics}
 
 
-@pytest.mark.parametrize("metric, min_delta, new, serving, promoted", [
-    ("eval_loss", 0, 1.0, 1.0, True),  # not worse: promoted
-    ("eval_loss", 0, 1.1, 1.0, False),
-    ("eval_loss", 0.5, 0.7, 1.0, False),  # better, but not by min_delta
-    ("eval_loss", 0.5, 0.4, 1.0, True),
-    ("eval_perplexity", 0, 2.0, 3.0, True),
-    ("eval_mean_token_accuracy", 0, 0.6, 0.5, True),  # higher is better
-    ("eval_mean_token_accuracy", 0, 0.4, 0.5, False),
+@pytest.mark.parametrize("metric, min_delta, new, serving, promoted, reason", [
+    ("eval_loss", 0, 1.0, 1.0, True, "eval_loss equal to the serving checkpoint's (1); min_delta 0 allows not worse"),
+    ("eval_loss", 0.1, 1.0, 1.0, False,
+     "eval_loss equal to the serving checkpoint's (1); min_delta 0.1 asks for better"),
+    ("eval_loss", 0, 1.1, 1.0, False, "eval_loss worse by 0.1 (1.1 against 1)"),
+    ("eval_loss", 0.5, 0.7, 1.0, False, "eval_loss better by 0.3 (0.7 against 1), less than min_delta 0.5"),
+    ("eval_loss", 0.5, 0.4, 1.0, True, "eval_loss better by 0.6 (0.4 against 1), at least min_delta 0.5"),
+    ("eval_perplexity", 0, 2.0, 3.0, True, "eval_perplexity better by 1 (2 against 3), at least min_delta 0"),
+    ("eval_mean_token_accuracy", 0, 0.6, 0.5, True,  # higher is better
+     "eval_mean_token_accuracy better by 0.1 (0.6 against 0.5), at least min_delta 0"),
+    ("eval_mean_token_accuracy", 0, 0.4, 0.5, False, "eval_mean_token_accuracy worse by 0.1 (0.4 against 0.5)"),
+    ("eval_perplexity", 0, None, 3.0, False, "eval_perplexity could not be computed for both checkpoints "
+                                             "(the loss overflows): kept"),
 ])
-def test_decide(metric, min_delta, new, serving, promoted):
-    assert decide(metric, min_delta, new, serving) is promoted
+def test_decide_says_why_in_words(metric, min_delta, new, serving, promoted, reason):
+    assert decide(metric, min_delta, new, serving) == (promoted, reason)
 
 
 def test_ranking_reads_the_trainer_arguments_as_transformers_does():

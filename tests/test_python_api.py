@@ -26,6 +26,14 @@ def greedy(model, tokenizer, messages, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def test_a_taken_id_is_a_spec_error_and_writes_nothing(db, server_uri, limits):
+    db[defaults.MODELS].insert_one({"_id": "taken", "status": "succeeded"})
+    with Client(server_uri, db.name, limits=limits) as tune:
+        with pytest.raises(SpecError, match=r"^_id: a model with _id 'taken' is already in .*`listener retrain taken`"):
+            tune.submit(definition("taken", "HuggingFaceTB/SmolLM2-135M-Instruct"))
+    assert db[defaults.MODELS].find_one({"_id": "taken"}) == {"_id": "taken", "status": "succeeded"}
+
+
 def test_submit_wait_predict_list_and_load_locally(db, server_uri, start_daemon, tiny_model_path, limits, tmp_path):
     for part in imports.sample_parts(["pirate_chat"], fold=None):
         imports.insert(db["pirate_chat"], part)

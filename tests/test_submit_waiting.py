@@ -1,24 +1,19 @@
-"""While `submit` waits, its line says whether a daemon is alive to take the model, and changes when that does."""
+"""`submit` inserts only while a daemon is alive; while it waits, its line says what the daemons mean for the model."""
 
 import datetime as dt
 import os
 import subprocess
 import sys
-import threading
 
 from listener.cli.alive import waiting_note
 from listener.demo import load_samples
 from listener.leases import lease
-from listener.processes import stop, wait_until
+from listener.processes import registered
+from tests.documents import heartbeat
 from tests.test_cli_lifecycle import definition, tiny_yaml
 from training import defaults
 
 NONE_ALIVE = "waiting for a daemon (none alive: start one with `listener start --db {db}`)"
-
-
-def heartbeat(db, owner: str) -> None:
-    db[defaults.LISTENER].insert_one({"_id": owner, "kind": "daemon", "owner": owner, "name": owner, "host": "h",
-                                      "pid": 1, "heartbeat_at": defaults.now()})
 
 
 def test_the_note_follows_the_heartbeats_once_an_interval_and_the_lease(db):
@@ -39,27 +34,20 @@ def test_the_note_follows_the_heartbeats_once_an_interval_and_the_lease(db):
     assert note({"_id": "m", "status": "succeeded"}) is None
 
 
-def test_submit_says_no_daemon_is_alive_until_one_starts_then_follows_it_to_the_end(
+def test_submit_without_a_daemon_inserts_nothing_and_the_same_command_succeeds_once_one_runs(
         server_uri, db, start_daemon, tiny_model_path, tmp_path):
     load_samples(db)
     fast = {"MONGOTUNE_HEARTBEAT_S": "1"}
     command = [sys.executable, "-m", "listener", "submit", "--uri", server_uri, "--db", db.name,
                definition(tmp_path, tiny_yaml("waits", tiny_model_path))]
-    environ = {k: v for k, v in os.environ.items() if k != defaults.ENV_URI}
-    submit = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**environ, **fast})
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(line.rstrip() for line in submit.stdout), daemon=True)
-    reader.start()
-    try:
-        none_alive = NONE_ALIVE.format(db=db.name)
-        wait_until(lambda: none_alive in lines or submit.poll() is not None, 60, "submit's first line")
-        assert none_alive in lines, lines
-        start_daemon(env=fast)
-        assert submit.wait(300) == 0, lines
-    finally:
-        stop(submit)
-    reader.join(10)
-    after = lines[lines.index(none_alive) + 1:]
-    assert {"waiting for a daemon to claim it (1 alive)", "loading model and data"} & set(after), lines
-    assert none_alive not in after and after[-1] == "succeeded", lines
+    environ = {**{k: v for k, v in os.environ.items() if k != defaults.ENV_URI}, **fast}
+    refused = subprocess.run(command, capture_output=True, text=True, env=environ, timeout=120)
+    assert refused.returncode == 1 and refused.stdout == "", refused
+    assert refused.stderr.splitlines()[0].startswith(f"Error: no daemon is alive on database {db.name!r}"), refused
+    assert db[defaults.MODELS].count_documents({}) == 0
+
+    registered(db, start_daemon(env=fast).process)
+    followed = subprocess.run(command, capture_output=True, text=True, env=environ, timeout=300)
+    assert followed.returncode == 0, followed
+    lines = followed.stdout.splitlines()
+    assert NONE_ALIVE.format(db=db.name) not in lines and lines[-1] == "succeeded", lines

@@ -73,7 +73,9 @@ def resolved_arguments(spec: TrainerSpec, output_dir: str, *, has_eval: bool, us
     user = translate(spec.training_arguments())
     kwargs = {
         "max_length": 512,
-        "logging_steps": 10,
+        # A fraction of the run's steps, which transformers turns into steps once it knows how many: every step up
+        # to 40, then 20-40 points a run however long (a fixed 10 gave a 10-step run two).
+        "logging_steps": 0.025,
         "logging_first_step": True,
         "save_strategy": "steps",
         "save_total_limit": keep,

@@ -87,7 +87,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     from training.dataset import check_loss_options, read_datasets
     from training.models import check_model, load_checked_model, load_tokenizer
     from training.phases import Phases
-    from training.progress import MongoProgress
+    from training.progress import LogAtSaves, MongoProgress
 
     phases = Phases(sent)
     spec = parse_model(document, limits)
@@ -125,7 +125,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     phases.lap("model")
     if progress is not None:
         _begin_run(db, progress.match, document, spec, resolved, read, started, limits)
-    callbacks = (ranks.callbacks(progress, daemon) if world > 1 else [progress]) + _early_stopping(spec)
+    callbacks = [*(ranks.callbacks(progress, daemon) if world > 1 else [progress]), *_early_stopping(spec), LogAtSaves()]
 
     def stop(*_):  # save, stop, let any daemon resume the run
         for callback in callbacks:

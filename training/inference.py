@@ -212,7 +212,11 @@ def answer_rows(views: list[Loaded], rows: list[int], prompts: list, params: Gen
 
 def answer(loaded: Loaded, prompts: list, params: GenerationParams, on_partial=None,
            adapters: list[str] | None = None) -> list[dict]:
-    """One result per prompt, in order: `{output, usage}`, or `{error}` for a prompt the template refuses.
+    """One result per prompt, in order: `{output, finish_reason, usage}`, or `{error}` for a prompt the template
+    refuses.
+
+    `finish_reason` is "stop" when the answer ended at the end-of-sequence token, "length" when `max_new_tokens`
+    cut it (the names chat APIs use).
 
     `on_partial`, if given, gets the answers so far as they grow: one text per prompt, None for refused ones.
     `adapters`, if given, names each prompt's adapter of the shared base (a mixed-adapter batch).
@@ -254,9 +258,9 @@ def generate(loaded: Loaded, token_ids: list[list[int]], params: GenerationParam
     results = []
     for row, mask in zip(out, batch["attention_mask"]):
         new = row[width:].tolist()
-        ended = next((i + 1 for i, t in enumerate(new) if t == tokenizer.eos_token_id), len(new))
-        results.append({"output": text(tokenizer, new),
-                        "usage": {"prompt_tokens": int(mask.sum()), "completion_tokens": ended}})
+        ended = next((i + 1 for i, t in enumerate(new) if t == tokenizer.eos_token_id), None)
+        results.append({"output": text(tokenizer, new), "finish_reason": "length" if ended is None else "stop",
+                        "usage": {"prompt_tokens": int(mask.sum()), "completion_tokens": ended or len(new)}})
     return results
 
 

@@ -48,7 +48,7 @@ class MongoProgress(TrainerCallback):
         self.stop_requested = False  # set by SIGTERM: save, stop, let any daemon resume the run
         self._daemon = daemon
         self._eval: dict = {}
-        self._loss = None
+        self._loss, self._loss_step = None, None  # the latest training loss logged, and its step
         self._checked = 0.0
         self._saves = 0  # saves this process stored: a resumed run counts again from its resume
         self._writing_s = self._uploading_s = 0.0  # time the training loop spent on the database (`seconds`)
@@ -95,7 +95,7 @@ class MongoProgress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         numbers = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if "loss" in numbers:
-            self._loss = numbers["loss"]
+            self._loss, self._loss_step = numbers["loss"], state.global_step
         if "eval_loss" in numbers:
             if numbers["eval_loss"] < 700:  # beyond, exp overflows: no finite perplexity to report
                 numbers["eval_perplexity"] = math.exp(numbers["eval_loss"])
@@ -137,7 +137,8 @@ class MongoProgress(TrainerCallback):
         checkpoints.check_room(self.db, folder, self.model_id, self._saves, self.limits)
         entry = checkpoints.upload(self.db, folder, model_id=self.model_id, run=self.run, step=state.global_step)
         metrics = {k: v for k, v in self._eval.items() if k != "step"} if self._eval.get("step") == state.global_step else {}
-        entry["metrics"] = {**({"loss": self._loss} if self._loss is not None else {}), **metrics}
+        own_loss = {"loss": self._loss} if self._loss_step == state.global_step else {}  # never an older step's
+        entry["metrics"] = {**own_loss, **metrics}
         self._record(entry)
         log.info("checkpoint step %d stored in GridFS (%.1f MB)", state.global_step, entry["size"] / 1e6)
         self._uploading_s += time.perf_counter() - started - (self._writing_s - writing)
@@ -175,3 +176,15 @@ class MongoProgress(TrainerCallback):
             self._set({"$pull": {"checkpoints": {"files_id": {"$in": doomed}}}})
             for files_id in doomed:
                 checkpoints.delete(self.db, files_id, model_id=self.model_id, run=self.run)
+
+
+class LogAtSaves(TrainerCallback):
+    """A step that saves also logs, so every checkpoint carries the training loss of its own step.
+
+    It goes on every rank (logging gathers the loss from all of them) and after the callbacks that decide
+    to save: it only reads `should_save`.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True

@@ -31,10 +31,21 @@ def serving_ref(document: dict) -> dict | None:
     return {"run": best["run"], "step": best["step"]} if best["run"] < run else None
 
 
-def decide(metric: str, min_delta: float, new: float, serving: float) -> bool:
-    """Promote when the new score is better than the serving one by at least `min_delta` (0: not worse)."""
+def decide(metric: str, min_delta: float, new: float | None, serving: float | None) -> tuple[bool, str]:
+    """Whether the new score beats the serving one by at least `min_delta` (0: not worse), and why, in words."""
+    if new is None or serving is None:
+        return False, f"{metric} could not be computed for both checkpoints (the loss overflows): kept"
     gain = new - serving if metric == "eval_mean_token_accuracy" else serving - new
-    return gain >= min_delta
+    scores = f"{new:.4g} against {serving:.4g}"
+    if gain == 0 and min_delta == 0:
+        return True, f"{metric} equal to the serving checkpoint's ({new:.4g}); min_delta 0 allows not worse"
+    if gain == 0:
+        return False, f"{metric} equal to the serving checkpoint's ({new:.4g}); min_delta {min_delta:g} asks for better"
+    if gain < 0:
+        return False, f"{metric} worse by {-gain:.4g} ({scores})"
+    enough = gain >= min_delta
+    return enough, (f"{metric} better by {gain:.4g} ({scores}), {'at least' if enough else 'less than'} "
+                    f"min_delta {min_delta:g}")
 
 
 def scores(loss_sum: float, correct: int, tokens: int) -> dict:
@@ -151,13 +162,12 @@ def judge(db, spec: ModelSpec, new: dict, serving: dict | None, batches: list | 
         old_scores = gate.score(fetch(db, spec, serving, work, limits), "serving", batches)
     except LookupError as exc:  # refused or gone from GridFS: it cannot serve either
         return {"promoted": True, "checkpoint": ref, "reason": f"the serving checkpoint cannot be loaded: {exc}"}
-    promoted = (new_scores[metric] is not None and old_scores[metric] is not None
-                and decide(metric, min_delta, new_scores[metric], old_scores[metric]))
+    promoted, reason = decide(metric, min_delta, new_scores[metric], old_scores[metric])
     return {"promoted": promoted, "checkpoint": ref, "metric": metric, "min_delta": min_delta,
             "score": new_scores[metric], "serving_score": old_scores[metric],
             "serving": {"run": serving["run"], "step": serving["step"]},
             "documents": sum(map(examples, batches)), "tokens": new_scores["tokens"],
-            "reason": "better by at least min_delta" if promoted else "not better than the serving checkpoint by min_delta"}
+            "reason": reason}
 
 
 def conclude(db, match: dict, spec: ModelSpec, run: int, serving: dict | None, batches: list | None, work: Path,

@@ -4,8 +4,8 @@
 listener accepts under the operator's caps (so its data is data documents may train on), it must
 share this model's base, and the file is used only once GridFS metadata shows it is that model's
 (`checkpoints.stored`); it is unpacked as a serving archive (safetensors and JSON) and checked as a
-LoRA adapter of bounded rank before peft reads it. A run started by retraining continues from this
-model's serving adapter unless `retrain.from` is "base".
+LoRA adapter of bounded rank before peft reads it. Every run after the first continues from this
+model's serving adapter unless `retrain.from` is "base", whether a trigger or a person started it.
 """
 
 import logging
@@ -17,7 +17,6 @@ from training.limits import Limits
 
 log = logging.getLogger(__name__)
 
-RETRAIN_TRIGGERS = ("new_documents", "schedule")
 SAME_BASE = ("revision", "subfolder", "gguf_file")  # model_kwargs that change which weights load
 
 
@@ -48,12 +47,36 @@ def source(db, spec: ModelSpec, document: dict, limits: Limits) -> tuple[object,
         except LookupError as exc:
             raise SpecError("init_from.checkpoint", str(exc)) from None
         return other.id, entry
+    own = continued(document, spec.retrain.from_ if spec.retrain else "best")
+    return None if own is None else (spec.id, own)
+
+
+def continued(document: dict, retrain_from: str) -> dict | None:
+    """The checkpoint of this model that run `document["run"]` continues from: the one serving `best`, from an
+    earlier run, unless `retrain.from` is "base". Every later run follows it, whoever started it (a trigger, a
+    person); None for a fresh adapter (the first run, or nothing of an earlier run is listed)."""
     best = document.get("best_checkpoint")
     earlier = isinstance(best, dict) and isinstance(best.get("run"), int) and best["run"] < document["run"]
-    from_best = spec.retrain is None or spec.retrain.from_ == "best"
-    if document.get("trigger") in RETRAIN_TRIGGERS and from_best and earlier:
-        return spec.id, checkpoints.select(document, "best")
-    return None
+    if retrain_from != "best" or not earlier or not checkpoints.listed(document.get("checkpoints")):
+        return None
+    return checkpoints.select(document, "best")
+
+
+def next_start(document: dict) -> str:
+    """What the next run of `document` starts from, in words, as `source` will decide it (`listener retrain`)."""
+    run = int(document.get("run") or 0) + 1
+    init_from = document.get("init_from")
+    if isinstance(init_from, dict):
+        ref = init_from.get("checkpoint", "best")
+        return f"run {run} starts from checkpoint {ref} of model {init_from.get('model')!r} (init_from)"
+    retrain = document.get("retrain") if isinstance(document.get("retrain"), dict) else {}
+    retrain_from = retrain.get("from", "best")
+    entry = continued({**document, "run": run}, retrain_from)
+    if entry is None:
+        return f"run {run} starts from the base model" + (" (retrain.from is base)" if retrain_from == "base" else "")
+    best = document["best_checkpoint"]
+    which = "best" if (entry["run"], entry["step"]) == (best["run"], best.get("step")) else "latest"
+    return f"run {run} starts from run {entry['run']}'s {which} checkpoint (step {entry['step']})"
 
 
 def adapter_folder(db, model_id, entry: dict, work: Path, limits: Limits) -> Path:

@@ -10,7 +10,7 @@ JSON document (bson.json_util) per line:
   `model` being the parsed model document, `checkpoint` its selected entry or null. A generate command
   for several models of one base names them in `groups: [{model, checkpoint}]` instead, and each
   prompt's group in `rows: [index]` (a mixed-adapter batch, see `inference.answer_rows`).
-- stdout, one reply per command: `{ok: true}` for a load, `{ok: true, results: [{output, usage} |
+- stdout, one reply per command: `{ok: true}` for a load, `{ok: true, results: [{output, finish_reason, usage} |
   {error}]}` for a generation, `{ok: false, error: {type, message}}` when the whole command failed.
   A generate command with `stream: true` is answered first by any number of `{partial: [text | null]}`
   lines, the answers so far, one per prompt.

@@ -5,10 +5,11 @@ import logging
 import click
 from bson import json_util
 from bson.errors import BSONError
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 from rich.logging import RichHandler
 
 from training import defaults, ids
+from training.config import SpecError
 from training.inert import inert_logging
 
 uri_option = click.option(
@@ -118,6 +119,18 @@ def find_model(models, model_id, projection: dict | None = None) -> dict:
         raise click.ClickException(f"no model with _id {model_id!r} in {models.database.name}.{models.name}: "
                                    "`listener status` lists them")
     return document
+
+
+def insert_model(models, document: dict):
+    """Insert a checked model definition; its `_id`. A taken `_id` is a SpecError, as a misspelt field is: nothing
+    was written, and the message says what to do (every client inserts here, so they all say the same)."""
+    try:
+        return models.insert_one(document).inserted_id
+    except DuplicateKeyError:
+        shown = id_text(document.get("_id"))
+        raise SpecError("_id", f"a model with _id {document.get('_id')!r} is already in {models.database.name}."
+                        f"{models.name}: choose another _id, or train that one again (`listener retrain {shown}`) "
+                        f"or remove it first (`listener delete {shown}`)") from None
 
 
 def id_text(model_id) -> str:

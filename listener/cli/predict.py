@@ -48,8 +48,12 @@ def predict(uri, db, model, prompt, chat, checkpoint, max_new_tokens, timeout, s
         raise click.ClickException(f"request {answer['status']}: {(answer.get('error') or {}).get('message')}")
     if not shown:
         click.echo(inert(answer["output"], MAX_ANSWER_CHARS, newlines=True))
-    click.echo(inert(json.dumps({"usage": answer["usage"], "latency_ms": answer["latency_ms"],
-                                 "checkpoint": answer["checkpoint_used"]}, default=str), MAX_LINE_CHARS), err=True)
+    if answer.get("finish_reason") == "length":
+        click.echo(f"(cut at the token limit, {answer['usage']['completion_tokens']} tokens: ask again with a larger "
+                   "--max-new-tokens, within the operator's MONGOTUNE_MAX_NEW_TOKENS)", err=True)
+    click.echo(inert(json.dumps({"usage": answer["usage"], "finish_reason": answer.get("finish_reason"),
+                                 "latency_ms": answer["latency_ms"], "checkpoint": answer["checkpoint_used"]},
+                                default=str), MAX_LINE_CHARS), err=True)
 
 
 def streamed(requests, document: dict, timeout_s: float) -> dict:

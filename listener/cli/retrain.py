@@ -7,6 +7,7 @@ from listener.cli.options import connection_options, find_model, id_text, model_
 from listener.connection import timeouts
 from listener.status import FINAL, MODEL_TRANSITIONS, Status, transition
 from training import defaults
+from training.starting import next_start
 
 TRIGGER = {"trigger": "user"}  # why the next run starts: on the document (for its `runs` entry) and the event
 
@@ -17,7 +18,8 @@ TRIGGER = {"trigger": "user"}  # why the next run starts: on the document (for i
 def retrain(uri, db, model):
     """Train MODEL again: a finished model (succeeded, failed or cancelled) goes back to `pending`.
 
-    The next daemon starts a new run on the data as it is now; earlier runs' checkpoints stay.
+    The next daemon starts a new run on the data as it is now, from the checkpoint serving `best` (from
+    the base model with `retrain.from: base`); earlier runs' checkpoints stay.
 
     \b
     Example:
@@ -35,8 +37,7 @@ def retrain(uri, db, model):
     moved = asyncio.run(_requeue(uri, name, model, Status(status)))
     if moved is None:
         raise click.ClickException(f"model {model!r} changed while this ran; look again with `listener status`")
-    click.echo(f"model {model!r} is pending again: run {int(moved.get('run') or 0) + 1} starts when a daemon "
-               "claims it")
+    click.echo(f"model {model!r} is pending again: {next_start(moved)}, when a daemon claims it")
 
 
 async def _requeue(uri: str, name: str, model, status: Status) -> dict | None:

@@ -4,11 +4,10 @@ from pathlib import Path
 import click
 import yaml
 from bson import json_util
-from pymongo.errors import DuplicateKeyError
 from rich.console import Console
 
 from listener.cli.alive import no_daemon, waiting_note
-from listener.cli.options import connection_options, open_database, operator_settings
+from listener.cli.options import connection_options, insert_model, open_database, operator_settings
 from listener.follow import follow_training
 from listener.status import Status
 from training import defaults
@@ -39,6 +38,8 @@ def read_definition(path: Path) -> dict:
 def submit(uri, db, definition, follow):
     """Insert a model document from a JSON or YAML file, checked first with the daemon's own parser.
 
+    Refused, with nothing inserted, while no daemon is alive on the database: start one first.
+
     \b
     Example:
       listener submit model.yaml --db mydb
@@ -47,18 +48,13 @@ def submit(uri, db, definition, follow):
     document = read_definition(definition)
     parse_model(document, settings.limits.model_copy(update=ANY_FOLDER))
     database = open_database(uri, db)
+    idle = no_daemon(database, settings.heartbeat_s)
+    if idle:  # checked first: a model inserted now would wait unseen, and a second submit would find its _id taken
+        raise click.ClickException(f"{idle}, then submit again; nothing was inserted")
     models = database[defaults.MODELS]
-    try:
-        model_id = models.insert_one(document).inserted_id
-    except DuplicateKeyError:
-        raise click.ClickException(
-            f"a model with _id {document.get('_id')!r} is already in {database.name}.{defaults.MODELS}: choose "
-            f"another _id, or see `listener retrain` and `listener delete`") from None
+    model_id = insert_model(models, document)
     console = Console()
     console.print(f"inserted model {inert(repr(model_id))} into {database.name}.{defaults.MODELS}")
-    idle = no_daemon(database, settings.heartbeat_s)
-    if idle:
-        click.echo(f"warning: {idle}; the model waits until then", err=True)
     if follow:
         note = waiting_note(database, settings.heartbeat_s)
         result = follow_training(console, models, model_id, timeout_s=7 * 24 * 3600, note=note)

@@ -6,10 +6,9 @@ import click
 import yaml
 from bson import ObjectId
 from pymongo import MongoClient
-from pymongo.errors import DuplicateKeyError
 
 from listener import model_templates as templates
-from listener.cli.options import connection_options, operator_settings, resolve
+from listener.cli.options import connection_options, insert_model, operator_settings, resolve
 from training import defaults, ids
 from training.config import SpecError, parse_model
 
@@ -84,9 +83,6 @@ def apply(uri, db, folder, assignments, model_id, dry_run):
     if dry_run:
         click.echo(yaml.safe_dump({**document, "_id": str(document["_id"])}, sort_keys=False, allow_unicode=True))
         return
-    try:
-        database, name = _database(uri, db)
-        database[defaults.MODELS].insert_one(document)
-    except DuplicateKeyError:
-        raise click.ClickException(f"a model with _id {document['_id']!r} exists already: pick another --id") from None
+    database, name = _database(uri, db)
+    insert_model(database[defaults.MODELS], document)
     click.echo(f"inserted model {document['_id']!r} into {name}.{defaults.MODELS}")
