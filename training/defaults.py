@@ -30,6 +30,7 @@ EMBEDDED_PORT = 27217  # lowest port a home's embedded server derives (then keep
 EMBEDDED_REPLICA_SET = "secantus"  # SecantusDB presents itself as this one-node replica set
 EMBEDDED_START_TIMEOUT_S = 60.0  # how long to wait for the embedded server to answer
 CANCEL_POLL_S = 2.0  # how often a running training looks for `cancel: true`
+PROGRESS_WRITE_S = 1.0  # a training writes the metrics it logged at most this often (and at each eval and save)
 
 class Status(str, Enum):
     """A model's or a request's `status`; `listener.status` holds the transitions between them."""
