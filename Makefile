@@ -37,9 +37,10 @@ lock: install
 demo: install
 	$(VENV)/bin/listener demo
 
-# One pytest-xdist worker per core: most of a slow test is one process importing or training.
+# One pytest-xdist worker per core: most of a slow test is one process importing or training. The ten slowest
+# are listed at the end.
 test: install
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n auto --durations=10
 
 # The fast tier: no daemon process, no training (under a minute); `make test` runs everything.
 test-fast: install

@@ -50,12 +50,22 @@ def client(server_uri):
     client.close()
 
 
+def fresh_database(client, prefix: str):
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    yield client[name]
+    client.drop_database(name)
+
+
 @pytest.fixture
 def db(client):
     """A fresh database per test, dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    yield client[name]
-    client.drop_database(name)
+    yield from fresh_database(client, "t")
+
+
+@pytest.fixture(scope="module")
+def module_db(client):
+    """One database for a module's tests, which each use their own model and request ids in it."""
+    yield from fresh_database(client, "m")
 
 
 @pytest.fixture(scope="session")
@@ -117,14 +127,31 @@ def start_daemon(server_uri, db, tmp_path, request, model_root):
             print(f"--- log of {daemon.log_path.name} ---\n{daemon.log()[-6000:]}")
 
 
+@pytest.fixture(scope="module")
+def module_daemon(server_uri, module_db, tmp_path_factory, model_root, request):
+    """One daemon on `module_db` for a whole module, for tests that neither stop it nor need settings of
+    their own: it saves each test a daemon, a serving worker and often a training. Side by side, each
+    pytest-xdist worker that runs one of the module's tests starts its own."""
+    daemon = DaemonProcess(server_uri, module_db.name, tmp_path_factory.mktemp("daemon"), "shared", 4,
+                           model_root=model_root)
+    failed = request.session.testsfailed
+    yield daemon
+    daemon.stop()
+    if request.session.testsfailed > failed:
+        print(f"--- log of the daemon shared by {request.module.__name__} ---\n{daemon.log()[-6000:]}")
+
+
 # A test using one of these starts real processes or trains a model: seconds, not milliseconds.
-SLOW_FIXTURES = {"start_daemon", "tiny_model_path", "standalone_uri"}
+SLOW_FIXTURES = {"start_daemon", "module_daemon", "tiny_model_path", "standalone_uri"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # Slow tests first: side by side, the many short ones then fill the workers up evenly at the end
+    # instead of one worker finishing the last long test alone.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

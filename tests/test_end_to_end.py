@@ -1,4 +1,8 @@
-"""The whole loop through raw pymongo inserts, as any driver would make them, with a real daemon."""
+"""The whole loop through raw pymongo inserts, as any driver would make them, with a real daemon.
+
+The module's tests share one daemon and database (each its own model ids): the four shapes are
+trained once and then read.
+"""
 
 import pytest
 from gridfs import GridFSBucket
@@ -23,17 +27,23 @@ SHAPES = {
 OLD_NAMES = {"evaluation_strategy": "steps", "max_seq_length": 96, "overwrite_output_dir": True}
 
 
-@pytest.fixture
-def trained(db, start_daemon, tiny_model_path):
-    load_samples(db)
-    start_daemon(max_jobs=len(SHAPES))
+@pytest.fixture(scope="module")
+def samples(module_db):
+    load_samples(module_db)
+    return module_db
+
+
+@pytest.fixture(scope="module")
+def trained(samples, module_daemon, tiny_model_path):
+    db = samples
     for shape, data in SHAPES.items():
         db[defaults.MODELS].insert_one({"_id": shape, "model_name_or_path": tiny_model_path, "data": data,
                                         "trainer": {**TRAINER, **OLD_NAMES}})
     return {shape: wait_for(db[defaults.MODELS], shape, finished, timeout_s=300) for shape in SHAPES}
 
 
-def test_every_shape_trains_to_checkpoints_in_gridfs(db, trained, tmp_path):
+def test_every_shape_trains_to_checkpoints_in_gridfs(module_db, trained, tmp_path):
+    db = module_db
     for shape, model in trained.items():
         assert model["status"] == "succeeded", (shape, model.get("error"))
         assert model["run"] == 1 and model["attempts"] == 1
@@ -52,8 +62,8 @@ def test_every_shape_trains_to_checkpoints_in_gridfs(db, trained, tmp_path):
         assert not (folder / "training_args.bin").exists()
 
 
-def test_requests_are_answered_from_checkpoints(db, trained):
-    requests = db[defaults.REQUESTS]
+def test_requests_are_answered_from_checkpoints(module_db, trained):
+    requests = module_db[defaults.REQUESTS]
     asks = {
         "chat": {"model": "messages", "input": [{"role": "user", "content": "ahoy what is the capital"}]},
         "text": {"model": "text", "input": "Captain's log", "params": {"max_new_tokens": 8}},
@@ -76,9 +86,8 @@ def test_requests_are_answered_from_checkpoints(db, trained):
     assert answers["base"]["checkpoint_used"] == "base"
 
 
-def test_save_total_limit_prunes_gridfs_but_keeps_the_best(db, start_daemon, tiny_model_path):
-    load_samples(db)
-    start_daemon()
+def test_save_total_limit_prunes_gridfs_but_keeps_the_best(samples, module_daemon, tiny_model_path):
+    db = samples
     db[defaults.MODELS].insert_one({"_id": "pruned", "model_name_or_path": tiny_model_path,
                                     "data": SHAPES["messages"],
                                     "trainer": {**TRAINER, "max_steps": 8, "save_steps": 2, "eval_steps": 2,

@@ -11,9 +11,9 @@ from listener.processes import wait_until
 from tests.conftest import finished, job_log, wait_for
 from training import defaults
 
-STEPS = 160
+STEPS = 80  # long enough that a kill lands mid-run (the first checkpoint is at step 10)
 TRAINER = {"max_steps": STEPS, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64,
-           "save_steps": 20}
+           "save_steps": 10}
 SHORT_LEASE = {"MONGOTUNE_LEASE_S": "3", "MONGOTUNE_SCAN_S": "2"}
 
 
