@@ -32,6 +32,7 @@ from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, now,
 from listener.streams import watch
 from training import defaults, ids
 from training.config import SpecError, parse_model, parse_request
+from training.lineage import versions
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class Daemon:
                   "pid": os.getpid(), "heartbeat_at": now(), "counters": self.counters,
                   "trainings": list(self.trainings), **self.gpus.heartbeat()}
         if started:
-            record["started_at"] = now()
+            record.update(started_at=now(), versions=versions())
         try:
             await self.db[defaults.LISTENER].update_one({"_id": f"daemon:{self.owner}"}, {"$set": record}, upsert=True)
         except PyMongoError as exc:

@@ -94,6 +94,7 @@ class DaemonRecord(_Record):
     gpus: list[int] = Field(default_factory=list)  # what the daemon may give its trainings (listener.gpus)
     gpus_free: list[int] = Field(default_factory=list)
     waiting: list[dict[str, str]] = Field(default_factory=list)  # [{model, why}]: pending models it would take
+    versions: dict[str, str] = Field(default_factory=dict)  # Python's and the libraries' (`training.lineage`)
 
 
 def parse(kind: type[BaseModel], document: Any):

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from importlib import metadata
 
 import pytest
 from click.testing import CliRunner
@@ -32,6 +33,9 @@ def test_heartbeat_status_check_and_a_bounded_graceful_exit(db, server_uri, star
     assert checked.exit_code == 0 and "'beating'" in checked.output
     shown = runner.invoke(status, ["--uri", server_uri, "--db", db.name])
     assert shown.exit_code == 0 and record["owner"] in shown.output
+    words = " ".join(shown.output.split())  # however the terminal wrapped it
+    for library in ("mongotune", "torch", "transformers", "trl", "peft"):
+        assert f"{library} {metadata.version(library)}" in words, "status shows what the daemon runs with"
     assert daemon.stop(timeout=30) == 0  # 0: it stopped on SIGTERM, never killed
     assert db[defaults.LISTENER].count_documents({"kind": "daemon"}) == 0
     assert runner.invoke(status, ["--check"]).exit_code == 1

@@ -23,7 +23,7 @@ from training.defaults import Status, now
 
 log = logging.getLogger(__name__)
 
-LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "deepspeed")
+LIBRARIES = ("mongotune", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "deepspeed")
 TRIGGERS = ("insert", "new_documents", "schedule", "user")
 FINAL_OUTCOMES = tuple(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED))
 

@@ -9,7 +9,12 @@ from listener.cli.options import connection_options, open_database, operator_set
 from listener.records import BadRecord, DaemonRecord, parse
 from listener.status import Status
 from training import defaults
-from training.inert import inert
+from training.inert import MAX_LINE_CHARS, inert
+
+
+def version_line(versions: dict[str, str]) -> str:
+    """What a daemon runs with: the versions its runs record in `runs[].versions`."""
+    return "versions: " + ", ".join(f"{name} {version}" for name, version in versions.items())
 
 
 def live_daemons(db, heartbeat_s: float) -> list[DaemonRecord]:
@@ -60,6 +65,8 @@ def status(uri, db, check, name):
         table.add_row(*map(inert, (d.owner, f"{d.heartbeat_at:%H:%M:%S}", ", ".join(d.trainings), gpus, waiting,
                                     counters)))
     console.print(table)
+    for line in sorted({version_line(d.versions) for d in daemons if d.versions}):
+        console.print(inert(line, MAX_LINE_CHARS))
     models = Table(title="models")
     for column in ("_id", "status", "run", "progress", "best checkpoint", "error"):
         models.add_column(column)
