@@ -76,7 +76,6 @@ class Daemon:
         self.periodic.every(self.settings.lease_s / 4, self.serving.renew)
         self.retrainer.start()
         self.periodic.start()
-        await self.children.refill()  # before the streams, so that a job already pending finds it importing
         tasks = [
             asyncio.create_task(watch_collection(self, defaults.MODELS, self.consider_model, self._scan_models)),
             asyncio.create_task(watch_collection(self, defaults.REQUESTS, self.consider_request, self._scan_requests)),

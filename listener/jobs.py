@@ -88,9 +88,9 @@ class Children:
 
     A child spends about five seconds of a CPU importing torch, transformers, peft and trl, as long
     as a short job's training; one started ahead does it while the daemon waits for work, then reads
-    its job's line. It is started with the daemon and again when a training ends, never while one
-    starts, so its imports do not compete with a job's first steps (a daemon that only serves is
-    started with `warm_child` off and holds none). Only a job without GPUs takes it: CUDA reads
+    its job's line. It is started when a training ends, never while one starts, so its imports do
+    not compete with a job's first steps, and never before this daemon has trained: a daemon that
+    only serves, or has nothing to train, pays nothing for it. Only a job without GPUs takes it: CUDA reads
     CUDA_VISIBLE_DEVICES once, so a job given devices gets a child started with them, and the
     waiting one stays for a later job.
     """
