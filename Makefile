@@ -37,8 +37,8 @@ lock: install
 demo: install
 	$(VENV)/bin/listener demo
 
-# One pytest-xdist worker per core: most of a slow test is one process importing or training. The ten slowest
-# are listed at the end.
+# pytest-xdist workers, one per core and one more (tests/conftest.py): most of a slow test is one process
+# importing or training. The ten slowest are listed at the end.
 test: install
 	$(PY) -m pytest -n auto --durations=10
 

@@ -147,18 +147,18 @@ async def supervise(db, settings: Settings, model_id, run: int, owner: str,
         pass  # it died waiting: its exit code fails the run below
     log.info("training %r run %d started (pid %d, log %s)", model_id, run, process.pid, path.name)
     try:
-        outcome = await _watch_child(db[defaults.MODELS], settings, model_id, owner, process, path)
+        outcome = await _watch_child(db[defaults.MODELS], settings, model_id, run, owner, process, path)
     finally:
         await stop_child(process, settings.kill_grace_s)  # also on cancellation: the child never outlives this
     if outcome is None:
-        outcome = await _finish(db[defaults.MODELS], model_id, owner, process.returncode, path)
-    await lineage.record_outcome(db[defaults.MODELS], model_id, run, outcome.value)
+        outcome = await _finish(db[defaults.MODELS], model_id, run, owner, process.returncode, path)
     if children is not None:
         await children.refill()  # now, not when this job started: its imports would have slowed the job
     return outcome
 
 
-async def _watch_child(models, settings: Settings, model_id, owner: str, process, path: Path) -> Status | None:
+async def _watch_child(models, settings: Settings, model_id, run: int, owner: str, process,
+                       path: Path) -> Status | None:
     """Wait for the child while keeping its lease; a status when the supervisor itself decided the end."""
     watch = _Watch(time.monotonic())
     while process.returncode is None:
@@ -178,7 +178,7 @@ async def _watch_child(models, settings: Settings, model_id, owner: str, process
         if decided is not None:
             return decided
     if watch.over_time:
-        return await _fail_over_time(models, settings, model_id, owner)
+        return await _fail_over_time(models, settings, model_id, run, owner)
     return None
 
 
@@ -235,14 +235,23 @@ def _log_progress(model_id, state: Renewed, last_step: int | None) -> int | None
     return progress.step
 
 
-async def _fail_over_time(models, settings: Settings, model_id, owner: str) -> Status:
+async def _fail_over_time(models, settings: Settings, model_id, run: int, owner: str) -> Status:
     error = {"type": "limit_exceeded", "field": "trainer",
              "message": f"the run took longer than the operator's cap of {settings.max_run_s:.0f} s of wall-clock "
                         "time; its last checkpoint is kept. Train fewer steps (trainer.max_steps, "
                         "trainer.num_train_epochs), or the operator raises MONGOTUNE_MAX_RUN_S"}
-    await transition(models, model_id, Status.RUNNING, Status.FAILED, MODEL_TRANSITIONS,
-                     match={"lease.owner": {"$eq": owner}}, fields={"error": error}, unset=("lease", "cancel"))
-    return Status.FAILED
+    return await _end(models, model_id, run, owner, Status.FAILED, {"error": error})
+
+
+async def _end(models, model_id, run: int, owner: str, new: Status, fields: dict) -> Status:
+    """The run's outcome on its `runs` entry first, then the status: whoever sees the run over sees its outcome.
+
+    A run that ends also clears `trigger`, so that it never names the next run."""
+    await lineage.record_outcome(models, model_id, run, new.value)
+    over = ("trigger",) if new.value in lineage.FINAL_OUTCOMES else ()
+    await transition(models, model_id, Status.RUNNING, new, MODEL_TRANSITIONS, match={"lease.owner": {"$eq": owner}},
+                     fields=fields, unset=("lease", "cancel", *over))
+    return new
 
 
 def _recorded_error(current: dict | None) -> dict | None:
@@ -271,14 +280,13 @@ def outcome(code: int, cancel_requested: bool) -> Status:
     return Status.CANCELLED if cancel_requested and status is not Status.SUCCEEDED else status
 
 
-async def _finish(models, model_id, owner: str, code: int, path: Path) -> Status:
+async def _finish(models, model_id, run: int, owner: str, code: int, path: Path) -> Status:
     if code == ChildExit.LEASE_LOST:
         log.warning("training %r stopped: another daemon holds its lease now", model_id)
         return Status.RUNNING
     current = await models.find_one({"_id": ids.eq(model_id)}, {"error": 1, "cancel": 1})
     new = outcome(code, (current or {}).get("cancel") is True)
     fields = {"error": _recorded_error(current) or _crash_error(code, path)} if new is Status.FAILED else {}
-    await transition(models, model_id, Status.RUNNING, new, MODEL_TRANSITIONS,
-                     match={"lease.owner": {"$eq": owner}}, fields=fields, unset=("lease", "cancel"))
+    await _end(models, model_id, run, owner, new, fields)
     log.info("training %r ended %s (exit code %d)", model_id, new.value, code)
     return new

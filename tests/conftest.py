@@ -8,9 +8,9 @@ import signal
 import uuid
 from pathlib import Path
 
-# Side by side (`make test` runs one pytest-xdist worker per core), each worker's torch, and that of every
-# daemon, child and worker it starts, keeps to one thread, so workers share the cores instead of fighting
-# (set before anything imports torch, which reads it once).
+# Side by side (`make test` runs a pytest-xdist worker per core and one more), each worker's torch, and
+# that of every daemon, child and worker it starts, keeps to one thread, so workers share the cores
+# instead of fighting (set before anything imports torch, which reads it once).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -139,6 +139,12 @@ def module_daemon(server_uri, module_db, tmp_path_factory, model_root, request):
     daemon.stop()
     if request.session.testsfailed > failed:
         print(f"--- log of the daemon shared by {request.module.__name__} ---\n{daemon.log()[-6000:]}")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core and one more, which runs while the others wait on a lease, a poll or a
+    process start (one worker per core left a 2-core machine a quarter idle)."""
+    return (os.cpu_count() or 1) + 1
 
 
 # A test using one of these starts real processes or trains a model: seconds, not milliseconds.

@@ -16,6 +16,7 @@ from rich.text import Text
 from listener.cli.main import cli
 from listener.cli.options import setup_logging
 from listener.demo import load_samples
+from listener.processes import registered
 from tests.conftest import finished, wait_for
 from tests.documents import model
 from training import defaults
@@ -72,6 +73,7 @@ def test_inert_a_refusal_before_submit_is_one_bounded_line(db, server_uri, tmp_p
 def test_inert_the_daemons_log_the_follow_view_and_predict(db, server_uri, start_daemon, tmp_path):
     load_samples(db)
     daemon = start_daemon(args=("--no-validators",))
+    registered(db, daemon.process)  # submit refuses while no daemon is alive
     db[defaults.MODELS].insert_one(model("bad", "org/name", trainer={HOSTILE.replace("\0", "") + BIG: 1}))
     definition = tmp_path / "model.json"
     definition.write_text(json.dumps(model(HOSTILE, "/no/such/model[/red]")))

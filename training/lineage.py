@@ -105,8 +105,8 @@ def set_fields(run: int, fields: dict) -> tuple[dict, list[dict]]:
 
 
 async def record_outcome(models, model_id, run: int, outcome: str) -> None:
-    """The daemon's write when a run has ended: its outcome (an entry of its own if the child wrote none, as when
-    it failed before its first step), and `trigger` cleared once the model rests, so it never names the next run."""
+    """The daemon's write when a run has ended, just before the status that says so: its outcome (an entry of its
+    own if the child wrote none, as when it failed before its first step)."""
     if outcome not in FINAL_OUTCOMES:
         return  # not over: it resumes later
     fields = {"outcome": outcome, "ended_at": now()}
@@ -116,7 +116,6 @@ async def record_outcome(models, model_id, run: int, outcome: str) -> None:
         done = await models.update_one({**query, "runs.number": run}, update, array_filters=filters)
         if not done.matched_count:
             await models.update_one({**query, "runs.number": {"$ne": run}}, {"$push": {"runs": {"number": run, **fields}}})
-        await models.update_one({"_id": ids.eq(model_id), "status": outcome}, {"$unset": {"trigger": ""}})
     except PyMongoError as exc:  # lineage is a record, never a reason for the daemon to stop
         log.warning("could not record the outcome of run %d of %r: %s", run, model_id, exc)
 
