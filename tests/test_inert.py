@@ -96,3 +96,19 @@ def test_inert_json_log_lines_are_bounded(capsys):
     assert len(line) <= LONGEST_LINE and "\n" not in line
     message = json.loads(line)["message"]
     assert message.isprintable() and "[/red]" in message
+
+
+def test_inert_logs_and_its_follow_bar_show_hostile_progress(db, server_uri):
+    """`progress` is the listener's, but a user can $set it: `logs` printed its step as rich markup (a '[/red]'
+    failed the command, an escape sequence reached the terminal) and a step that is not a count stopped the
+    follow view's bar."""
+    db[defaults.MODELS].insert_one({"_id": "p", "status": "failed", "run": 1, "progress": {
+        "step": HOSTILE, "total_steps": 5, "loss": HOSTILE, "eta_s": HOSTILE}, "metrics": [{"eval_loss": 1.5, "step": HOSTILE}]})
+    shown = invoke(server_uri, db, "logs", "p")
+    assert shown.exit_code == 0, shown.output
+    assert shown.output == "status failed, run 1, step 0/5, loss -, ETA - s, eval loss 1.5 (step -)\n"
+    for step, total in ((HOSTILE, 5), ([1], 5), (float("nan"), 5), (2**63 - 1, 1), (-1, -5)):
+        db[defaults.MODELS].update_one({"_id": "p"}, {"$set": {"progress.step": step, "progress.total_steps": total}})
+        followed = invoke(server_uri, db, "logs", "p", "--follow")
+        assert followed.exit_code == 1 and "status failed, run 1" in followed.output, (step, followed.output)
+        assert not RAW.search(followed.output.replace("\r", ""))
