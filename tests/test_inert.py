@@ -112,3 +112,19 @@ def test_inert_logs_and_its_follow_bar_show_hostile_progress(db, server_uri):
         followed = invoke(server_uri, db, "logs", "p", "--follow")
         assert followed.exit_code == 1 and "status failed, run 1" in followed.output, (step, followed.output)
         assert not RAW.search(followed.output.replace("\r", ""))
+
+
+def test_inert_retrain_says_what_the_next_run_starts_from_whatever_the_document_holds(db, server_uri):
+    """`listener retrain` printed init_from's checkpoint as written (escape sequences reached the terminal), and a
+    `run` that is not a count failed the command after the model was already set back to pending."""
+    db[defaults.MODELS].insert_many([
+        {"_id": "a", "status": "failed", "run": 1, "init_from": {"model": HOSTILE + BIG, "checkpoint": HOSTILE + BIG}},
+        {"_id": "b", "status": "failed", "run": HOSTILE, "best_checkpoint": {"run": HOSTILE}, "checkpoints": HOSTILE},
+    ])
+    shown = invoke(server_uri, db, "retrain", "a")
+    assert shown.exit_code == 0, shown.output
+    assert_inert(shown.output)
+    assert len(shown.output) <= LONGEST_LINE
+    shown = invoke(server_uri, db, "retrain", "b")
+    assert shown.exit_code == 0, shown.output
+    assert "pending again: run 1 starts from the base model" in shown.output
