@@ -128,3 +128,24 @@ def test_inert_retrain_says_what_the_next_run_starts_from_whatever_the_document_
     shown = invoke(server_uri, db, "retrain", "b")
     assert shown.exit_code == 0, shown.output
     assert "pending again: run 1 starts from the base model" in shown.output
+
+
+def test_inert_a_logged_exception_is_inert_and_bounded(capsys):
+    """The filter made a record's message inert but not its traceback: an exception quoting a document (a
+    KeyError naming a field, a value pyarrow could not convert) reached the log raw and whole, in both formats."""
+    for log_format in ("text", "json"):
+        setup_logging(log_format=log_format)
+        try:
+            try:
+                raise ValueError(HOSTILE + "x" * 2**17)  # rich took minutes for this, hours for a megabyte
+            except ValueError:
+                logging.getLogger("listener.test").exception("listener error on %s", "m")
+        finally:
+            setup_logging()
+        written = capsys.readouterr()
+        shown = written.out + written.err  # rich logs to stdout, JSON lines to stderr
+        assert len(shown) < 3 * LONGEST_LINE, (log_format, len(shown))
+        if log_format == "json":
+            shown = json.loads(shown)["exception"]
+        assert "ValueError" in shown and "pwned" in shown
+        assert_inert(re.sub("\x1b\\[[0-9;]*m", "", shown))  # rich's own colours only
