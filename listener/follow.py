@@ -52,6 +52,11 @@ def number(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
+def count(value) -> int | None:
+    """A step count as a document holds it: a non-negative integer, else None (users can write `progress`)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def eval_loss(document: dict):
     """The newest eval loss among the document's metrics, with its step; (None, None) before the first eval."""
     metrics = document.get("metrics") if isinstance(document.get("metrics"), list) else []
@@ -78,7 +83,7 @@ def _stage(document: dict, progress: dict) -> str:
     if status == Status.PENDING:
         return "waiting for a daemon"
     if status == Status.RUNNING:
-        return "training" if progress.get("total_steps") else "loading model and data"
+        return "training" if count(progress.get("total_steps")) else "loading model and data"
     return status
 
 
@@ -111,9 +116,10 @@ class Follower:
             self.bar.update(self.task, description=line)
             if self.plain:
                 self.bar.console.print(line, highlight=False, soft_wrap=True)
-        if isinstance(progress.get("total_steps"), int):
+        total = count(progress.get("total_steps"))
+        if total:
             eta = progress.get("eta_s")
-            self.bar.update(self.task, total=progress["total_steps"], completed=progress.get("step") or 0,
+            self.bar.update(self.task, total=total, completed=min(count(progress.get("step")) or 0, total),
                             loss=number(progress.get("loss")), eval=number(eval_loss(document)[0]),
                             eta="-" if not isinstance(eta, (int, float)) else f"{eta:.0f}s")
 

@@ -15,4 +15,6 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # made inert by `training.inert.InertRecords`
+            line["exception"] = record.exc_text
         return json.dumps(line, default=str)

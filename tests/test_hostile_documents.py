@@ -129,6 +129,26 @@ def test_confined_every_form_of_a_path_is_refused_naming_its_field(source, kwarg
     assert refused.value.field == field
 
 
+def test_confined_a_hub_download_is_sized_by_every_file_it_fetches(limits):
+    """Sizing counted .safetensors and .json only, while the snapshot also fetches tokenizer files at any depth
+    and the GGUF file a document names: a hub repo whose 'q4.gguf' or 'notes.txt' held 100 GB passed
+    max_download_bytes. The sum now matches the fetched files by the same patterns snapshot_download uses."""
+    from huggingface_hub.hf_api import RepoSibling
+
+    from training.config import ModelKwargs
+    from training.models import download_bytes, hub_files
+
+    huge = 100 * 2**30
+    siblings = [RepoSibling("config.json", 600), RepoSibling("model.safetensors", 10**6),
+                RepoSibling("pytorch_model.bin", huge), RepoSibling("other.gguf", huge), RepoSibling("modeling.py", huge)]
+    plain = hub_files(ModelKwargs())
+    assert download_bytes(siblings, plain) == 600 + 10**6
+    assert download_bytes([*siblings, RepoSibling("deep/notes.txt", huge)], plain) > limits.max_download_bytes
+    gguf = hub_files(ModelKwargs(gguf_file="q4.gguf"))
+    assert download_bytes([*siblings, RepoSibling("q4.gguf", huge)], gguf) == 600 + 10**6 + huge
+    assert not any(pattern.endswith(".py") for pattern in plain)
+
+
 def huge_config_folder(root: Path) -> Path:
     """A few hundred bytes claiming a model of about a trillion parameters."""
     folder = root / f"huge-{uuid.uuid4().hex[:6]}"

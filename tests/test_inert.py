@@ -98,3 +98,56 @@ def test_inert_json_log_lines_are_bounded(capsys):
     assert len(line) <= LONGEST_LINE and "\n" not in line
     message = json.loads(line)["message"]
     assert message.isprintable() and "[/red]" in message
+
+
+def test_inert_logs_and_its_follow_bar_show_hostile_progress(db, server_uri):
+    """`progress` is the listener's, but a user can $set it: `logs` printed its step as rich markup (a '[/red]'
+    failed the command, an escape sequence reached the terminal) and a step that is not a count stopped the
+    follow view's bar."""
+    db[defaults.MODELS].insert_one({"_id": "p", "status": "failed", "run": 1, "progress": {
+        "step": HOSTILE, "total_steps": 5, "loss": HOSTILE, "eta_s": HOSTILE}, "metrics": [{"eval_loss": 1.5, "step": HOSTILE}]})
+    shown = invoke(server_uri, db, "logs", "p")
+    assert shown.exit_code == 0, shown.output
+    assert shown.output == "status failed, run 1, step 0/5, loss -, ETA - s, eval loss 1.5 (step -)\n"
+    for step, total in ((HOSTILE, 5), ([1], 5), (float("nan"), 5), (2**63 - 1, 1), (-1, -5)):
+        db[defaults.MODELS].update_one({"_id": "p"}, {"$set": {"progress.step": step, "progress.total_steps": total}})
+        followed = invoke(server_uri, db, "logs", "p", "--follow")
+        assert followed.exit_code == 1 and "status failed, run 1" in followed.output, (step, followed.output)
+        assert not RAW.search(followed.output.replace("\r", ""))
+
+
+def test_inert_retrain_says_what_the_next_run_starts_from_whatever_the_document_holds(db, server_uri):
+    """`listener retrain` printed init_from's checkpoint as written (escape sequences reached the terminal), and a
+    `run` that is not a count failed the command after the model was already set back to pending."""
+    db[defaults.MODELS].insert_many([
+        {"_id": "a", "status": "failed", "run": 1, "init_from": {"model": HOSTILE + BIG, "checkpoint": HOSTILE + BIG}},
+        {"_id": "b", "status": "failed", "run": HOSTILE, "best_checkpoint": {"run": HOSTILE}, "checkpoints": HOSTILE},
+    ])
+    shown = invoke(server_uri, db, "retrain", "a")
+    assert shown.exit_code == 0, shown.output
+    assert_inert(shown.output)
+    assert len(shown.output) <= LONGEST_LINE
+    shown = invoke(server_uri, db, "retrain", "b")
+    assert shown.exit_code == 0, shown.output
+    assert "pending again: run 1 starts from the base model" in shown.output
+
+
+def test_inert_a_logged_exception_is_inert_and_bounded(capsys):
+    """The filter made a record's message inert but not its traceback: an exception quoting a document (a
+    KeyError naming a field, a value pyarrow could not convert) reached the log raw and whole, in both formats."""
+    for log_format in ("text", "json"):
+        setup_logging(log_format=log_format)
+        try:
+            try:
+                raise ValueError(HOSTILE + "x" * 2**17)  # rich took minutes for this, hours for a megabyte
+            except ValueError:
+                logging.getLogger("listener.test").exception("listener error on %s", "m")
+        finally:
+            setup_logging()
+        written = capsys.readouterr()
+        shown = written.out + written.err  # rich logs to stdout, JSON lines to stderr
+        assert len(shown) < 3 * LONGEST_LINE, (log_format, len(shown))
+        if log_format == "json":
+            shown = json.loads(shown)["exception"]
+        assert "ValueError" in shown and "pwned" in shown
+        assert_inert(re.sub("\x1b\\[[0-9;]*m", "", shown))  # rich's own colours only

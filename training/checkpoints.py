@@ -414,6 +414,11 @@ def listed(entries) -> list[dict]:
     return [c for c in entries if isinstance(c, dict) and _is_int(c.get("run")) and _is_int(c.get("step"))]
 
 
+def counted(value) -> bool:
+    """Whether a run or step number read from a document is one: a non-negative integer."""
+    return _is_int(value) and value >= 0
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -8,6 +8,7 @@ and every log line through `InertRecords`.
 """
 
 import logging
+import traceback
 
 from rich.markup import escape
 
@@ -38,8 +39,16 @@ def inert_logging() -> None:
 
 
 class InertRecords(logging.Filter):
-    """A handler's filter that makes each record's message one inert, bounded line, whatever its arguments held."""
+    """A handler's filter that makes each record's message one inert, bounded line, whatever its arguments held,
+    and its traceback inert text (`exc_text`), each frame and exception message bounded: an exception's message
+    quotes documents too, and rich renders a long one in time quadratic in its length."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = inert(record.getMessage(), MAX_LINE_CHARS), ()
+        if record.exc_info and record.exc_info[0] is not None:
+            chunks = traceback.TracebackException(*record.exc_info).format()
+            record.exc_text = "".join(inert(chunk, MAX_LINE_CHARS, newlines=True) for chunk in chunks).rstrip("\n")
+        record.exc_info = None
+        if record.stack_info:
+            record.stack_info = inert(record.stack_info, MAX_LINE_CHARS * 4, newlines=True)
         return True

@@ -48,15 +48,29 @@ def _hub_snapshot(source: str, section: ModelKwargs | TokenizerKwargs, limits: L
     from huggingface_hub import snapshot_download
 
     hub = _hub_kwargs(source, limits)
-    check_download(source, section.revision, limits, hub)
-    prefix = f"{section.subfolder}/" if section.subfolder else ""
-    wanted = [*HUB_FILES, f"{prefix}model.safetensors", f"{prefix}model-*-of-*.safetensors",
-              *([f"{prefix}{section.gguf_file}"] if section.gguf_file else []),
-              *(["*.py"] if section.trust_remote_code else [])]
+    wanted = hub_files(section)
+    sized = check_download(source, section.revision, limits, hub, wanted)
     try:
-        return snapshot_download(source, revision=section.revision, allow_patterns=wanted, **hub)
+        return snapshot_download(source, revision=section.revision, allow_patterns=wanted,
+                                 local_files_only=not sized, **hub)
     except Exception as exc:  # offline and not cached, unknown, unreachable: any of a dozen hub errors
         raise _cannot_load(source, exc) from None
+
+
+def hub_files(section: ModelKwargs | TokenizerKwargs) -> list[str]:
+    """The patterns of the files fetched for a hub model: configuration, tokenizer, safetensors weights, the one
+    GGUF file named, and Python only where its code may run."""
+    prefix = f"{section.subfolder}/" if section.subfolder else ""
+    return [*HUB_FILES, f"{prefix}model.safetensors", f"{prefix}model-*-of-*.safetensors",
+            *([f"{prefix}{section.gguf_file}"] if section.gguf_file else []),
+            *(["*.py"] if section.trust_remote_code else [])]
+
+
+def download_bytes(siblings, wanted: list[str]) -> int:
+    """What fetching `wanted` of a repo's files costs: the same patterns `snapshot_download` matches."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    return sum(f.size or 0 for f in filter_repo_objects(siblings or [], allow_patterns=wanted, key=lambda f: f.rfilename))
 
 
 def _hub_kwargs(source: str, limits: Limits) -> dict:
@@ -162,18 +176,20 @@ def load_tokenizer(spec: ModelSpec, limits: Limits):
     return tokenizer
 
 
-def check_download(source: str, revision: str | None, limits: Limits, hub: dict) -> None:
-    """A hub model's files are summed before anything is fetched; offline, the local cache decides."""
+def check_download(source: str, revision: str | None, limits: Limits, hub: dict, wanted: list[str]) -> bool:
+    """Whether the hub sized the files `wanted` before anything is fetched (a SpecError when they are too
+    large); False offline or unreachable, when only the local cache may be used."""
     from huggingface_hub import HfApi
 
     try:
         info = HfApi().model_info(source, revision=revision, files_metadata=True, **hub)
     except Exception as exc:  # offline, unreachable, unknown: any of a dozen transport errors
         log.info("cannot size %r on the hub (%s); loading from the local cache if it is there", source, exc)
-        return
-    total = sum(f.size or 0 for f in info.siblings or [] if f.rfilename.endswith((".safetensors", ".json")))
+        return False
+    total = download_bytes(info.siblings, wanted)
     if total > limits.max_download_bytes:
         raise SpecError("model_name_or_path", limits.refusal("max_download_bytes", f"{total:,} bytes"))
+    return True
 
 
 def check_model(spec: ModelSpec, limits: Limits) -> None:

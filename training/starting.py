@@ -64,7 +64,7 @@ def continued(document: dict, retrain_from: str) -> dict | None:
 
 def next_start(document: dict) -> str:
     """What the next run of `document` starts from, in words, as `source` will decide it (`listener retrain`)."""
-    run = int(document.get("run") or 0) + 1
+    run = (document["run"] if checkpoints.counted(document.get("run")) else 0) + 1  # users can write `run`
     init_from = document.get("init_from")
     if isinstance(init_from, dict):
         ref = init_from.get("checkpoint", "best")

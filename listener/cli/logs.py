@@ -3,7 +3,7 @@ from rich.console import Console
 
 from listener.cli.alive import waiting_note
 from listener.cli.options import connection_options, find_model, model_argument, open_database, operator_settings
-from listener.follow import eval_loss, event_line, events_of, follow_training, number
+from listener.follow import count, eval_loss, event_line, events_of, follow_training, number
 from listener.status import Status
 from training import defaults
 from training.inert import inert
@@ -17,10 +17,10 @@ def summary(document: dict) -> str:
     loss, step = eval_loss(document)
     parts = [f"status {inert(document.get('status') or 'pending')}", f"run {inert(document.get('run', 0))}"]
     if progress:
-        parts += [f"step {progress.get('step', 0)}/{progress.get('total_steps', '?')}",
+        parts += [f"step {count(progress.get('step')) or 0}/{count(progress.get('total_steps')) or '?'}",
                   f"loss {number(progress.get('loss'))}", f"ETA {number(progress.get('eta_s'), 3)} s"]
     if loss is not None:
-        parts.append(f"eval loss {number(loss)} (step {step})")
+        parts.append(f"eval loss {number(loss)} (step {number(count(step))})")
     error = document.get("error") if isinstance(document.get("error"), dict) else None
     if error:
         parts.append(f"error {inert(error.get('type'))}: {inert(error.get('message'))}")

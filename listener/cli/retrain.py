@@ -7,6 +7,7 @@ from listener.cli.options import connection_options, find_model, id_text, model_
 from listener.connection import timeouts
 from listener.status import FINAL, MODEL_TRANSITIONS, Status, transition
 from training import defaults
+from training.inert import MAX_LINE_CHARS, inert
 from training.starting import next_start
 
 TRIGGER = {"trigger": "user"}  # why the next run starts: on the document (for its `runs` entry) and the event
@@ -37,7 +38,7 @@ def retrain(uri, db, model):
     moved = asyncio.run(_requeue(uri, name, model, Status(status)))
     if moved is None:
         raise click.ClickException(f"model {model!r} changed while this ran; look again with `listener status`")
-    click.echo(f"model {model!r} is pending again: {next_start(moved)}, when a daemon claims it")
+    click.echo(inert(f"model {model!r} is pending again: {next_start(moved)}, when a daemon claims it", MAX_LINE_CHARS))
 
 
 async def _requeue(uri: str, name: str, model, status: Status) -> dict | None:
