@@ -335,6 +335,21 @@ def test_operator_caps_come_from_options_over_environment_over_defaults():
     assert Settings.load({"limits": {"max_steps": 7}}, {"MONGOTUNE_MAX_STEPS": "50"}).limits.max_steps == 7
 
 
+def test_the_metrics_a_document_keeps_are_bounded(db, monkeypatch):
+    """`logging_steps: 1` over the cap's 100,000 steps would pass MongoDB's 16 MB a document: the newest are kept."""
+    from training.progress import MongoProgress
+
+    monkeypatch.setattr(defaults, "MAX_METRICS", 5)
+    db[defaults.MODELS].insert_one({"_id": "m", "run": 1, "metrics": [{"step": -1}] * 3})
+    progress = MongoProgress(db, "m", 1, keep=1, daemon=os.getppid(), owner=None)
+    state, control = SimpleNamespace(max_steps=50, global_step=0, epoch=0.0), SimpleNamespace()
+    progress.on_train_begin(None, state, control)
+    for step in range(1, 9):
+        state.global_step = step
+        progress.on_log(None, state, control, logs={"loss": 1.0, "eval_loss": 1.0})  # an eval: written at once
+    assert [m["step"] for m in db[defaults.MODELS].find_one({"_id": "m"})["metrics"]] == [4, 5, 6, 7, 8]
+
+
 @pytest.mark.parametrize(("steps", "error", "field"), [
     (0, SpecError, "trainer.num_train_epochs"), (Limits().max_steps + 1, LimitExceeded, "trainer.num_train_epochs")])
 def test_the_steps_epochs_come_to_are_held_to_the_caps_when_training_begins(db, steps, error, field):

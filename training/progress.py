@@ -113,7 +113,7 @@ class MongoProgress(TrainerCallback):
         """Progress and the metrics logged since the last write, reading `cancel` back: one round trip."""
         update = {"$set": {"progress": self._progress(state)}}
         if self._unwritten:
-            update["$push"] = {"metrics": {"$each": self._unwritten}}
+            update["$push"] = {"metrics": {"$each": self._unwritten, "$slice": -defaults.MAX_METRICS}}
         written = self._set(update)
         self._unwritten = []
         self._stop_if_cancelled(written, state, control)
