@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from listener.processes import wait_until
 from listener.status import FINAL, Status
-from training import ids
+from training import checkpoints, ids
 from training.inert import inert
 
 Note = Callable[[dict], str | None]  # what the wait depends on now (is a daemon alive?), or None
@@ -54,7 +54,7 @@ def number(value, digits: int = 4) -> str:
 
 def count(value) -> int | None:
     """A step count as a document holds it: a non-negative integer, else None (users can write `progress`)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if checkpoints.counted(value) else None
 
 
 def eval_loss(document: dict):
