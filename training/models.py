@@ -5,6 +5,7 @@ is allocated, and reads only from where the operator allows (`training.limits.Li
 """
 
 import fnmatch
+import functools
 import importlib.util
 import logging
 import os
@@ -45,14 +46,20 @@ def resolve_source(spec: ModelSpec, limits: Limits, section: ModelKwargs | Token
 
 def _hub_snapshot(source: str, section: ModelKwargs | TokenizerKwargs, limits: Limits) -> str:
     """The snapshot folder of a hub id, sized before it is fetched; offline, what the hub cache holds."""
+    return _snapshot(source, section.revision, tuple(hub_files(section)), limits)
+
+
+@functools.lru_cache(maxsize=32)
+def _snapshot(source: str, revision: str | None, wanted: tuple[str, ...], limits: Limits) -> str:
+    """Once per process and hub model: a job resolves its source for the size check, the model, the tokenizer
+    and its lineage, and each resolution would otherwise ask the hub twice (sizes, then the snapshot)."""
     from huggingface_hub import snapshot_download
 
     hub = _hub_kwargs(source, limits)
-    wanted = hub_files(section)
-    sized = check_download(source, section.revision, limits, hub, wanted)
+    sized = check_download(source, revision, limits, hub, list(wanted))
     try:
-        return snapshot_download(source, revision=section.revision, allow_patterns=wanted,
-                                 local_files_only=not sized, **hub)
+        return snapshot_download(source, revision=revision, allow_patterns=list(wanted), local_files_only=not sized,
+                                 **hub)
     except Exception as exc:  # offline and not cached, unknown, unreachable: any of a dozen hub errors
         raise _cannot_load(source, exc) from None
 
