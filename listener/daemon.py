@@ -128,12 +128,16 @@ class Daemon:
         await self._scan_requests()
 
     async def reap(self) -> None:
-        """Requeue what dead daemons held; a requeued document then goes through the usual claim."""
+        """Requeue what dead daemons held; a requeued document then goes through the usual claim.
+
+        What this daemon still trains or answers is left alone even if its lease ran out while the daemon
+        was paused: its own supervisor renews it (`leases.reap`)."""
         s = self.settings
-        if await leases.reap(self.db[defaults.MODELS], MODEL_TRANSITIONS, ModelState, s.max_attempts, self.skipped):
+        if await leases.reap(self.db[defaults.MODELS], MODEL_TRANSITIONS, ModelState, s.max_attempts, self.skipped,
+                             self.owner, self.trainings):
             await self._scan_models()
         if await leases.reap(self.db[defaults.REQUESTS], REQUEST_TRANSITIONS, RequestState, s.max_attempts,
-                             self.skipped):
+                             self.skipped, self.owner, self.serving.held()):
             await self._scan_requests()
 
     async def _room_freed(self) -> None:

@@ -49,7 +49,9 @@ def child_env(uri: str, owner: str) -> dict:
 
 
 def trim_log(path: Path, max_bytes: int) -> None:
-    """Keep a job log under `max_bytes`: the child appends, so cutting the file keeps its newest half."""
+    """Keep a job log under `max_bytes`: the child appends, so cutting the file keeps its newest half.
+
+    A log not there yet is nothing to trim: a child opens its own only once its imports are done."""
     try:
         if path.stat().st_size <= max_bytes:
             return
@@ -59,6 +61,8 @@ def trim_log(path: Path, max_bytes: int) -> None:
             f.seek(0)
             f.truncate()
             f.write(b"[... earlier lines trimmed: the log is capped by MONGOTUNE_MAX_LOG_BYTES ...]\n" + tail)
+    except FileNotFoundError:
+        return
     except OSError as exc:
         log.warning("cannot trim %s: %s", path.name, exc)
 
@@ -167,7 +171,8 @@ async def _watch_child(models, settings: Settings, model_id, run: int, owner: st
             break
         except TimeoutError:
             pass
-        trim_log(path, settings.max_log_bytes)
+        # In a thread: cutting a log near its cap reads and rewrites megabytes, never on the loop that renews leases.
+        await asyncio.to_thread(trim_log, path, settings.max_log_bytes)
         try:
             decided = await _tick(models, settings, model_id, owner, process, watch)
         except PyMongoError as exc:
@@ -246,11 +251,17 @@ async def _fail_over_time(models, settings: Settings, model_id, run: int, owner:
 async def _end(models, model_id, run: int, owner: str, new: Status, fields: dict) -> Status:
     """The run's outcome on its `runs` entry first, then the status: whoever sees the run over sees its outcome.
 
-    A run that ends also clears `trigger`, so that it never names the next run."""
-    await lineage.record_outcome(models, model_id, run, new.value)
+    A run that ends also clears `trigger`, so that it never names the next run. Both writes need this daemon's
+    lease: one that passed to another daemon (this one was paused past it) leaves the run, and its outcome, to
+    that daemon, which resumes it; the status returned is then `running`."""
+    await lineage.record_outcome(models, model_id, run, new.value, owner)
     over = ("trigger",) if new.value in lineage.FINAL_OUTCOMES else ()
-    await transition(models, model_id, Status.RUNNING, new, MODEL_TRANSITIONS, match={"lease.owner": {"$eq": owner}},
-                     fields=fields, unset=("lease", "cancel", *over))
+    moved = await transition(models, model_id, Status.RUNNING, new, MODEL_TRANSITIONS,
+                             match={"lease.owner": {"$eq": owner}}, fields=fields, unset=("lease", "cancel", *over))
+    if moved is None:
+        log.warning("training %r would have ended %s, but another daemon holds its lease now: it is that one's",
+                    model_id, new.value)
+        return Status.RUNNING
     return new
 
 
@@ -287,6 +298,7 @@ async def _finish(models, model_id, run: int, owner: str, code: int, path: Path)
     current = await models.find_one({"_id": ids.eq(model_id)}, {"error": 1, "cancel": 1})
     new = outcome(code, (current or {}).get("cancel") is True)
     fields = {"error": _recorded_error(current) or _crash_error(code, path)} if new is Status.FAILED else {}
-    await _end(models, model_id, run, owner, new, fields)
-    log.info("training %r ended %s (exit code %d)", model_id, new.value, code)
-    return new
+    ended = await _end(models, model_id, run, owner, new, fields)
+    if ended is new:
+        log.info("training %r ended %s (exit code %d)", model_id, new.value, code)
+    return ended

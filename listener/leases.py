@@ -6,6 +6,7 @@ owner, sets the lease expiry and counts the attempt, so a crashed attempt still 
 
 import datetime as dt
 import logging
+from collections.abc import Container
 
 from pymongo.errors import OperationFailure
 
@@ -49,11 +50,17 @@ async def renew(collection, doc_id, owner: str, lease_s: float, projection: dict
     )
 
 
-async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: SkipLog) -> int:
+async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: SkipLog, owner: str | None = None,
+               held: Container[str] = ()) -> int:
     """Hand back work whose daemon died (its lease expired); fail it after `max_attempts` expiries.
 
     Only expiries count: a daemon stopped cleanly gives its work back and costs it no attempt. A
     document of an unexpected shape is skipped (logged once); the pass goes on to the next.
+    What the reaping daemon (`owner`) still works on (`held`: the `ids.key` of each) is never reaped
+    here, expired or not: that daemon is alive and renews it at its next tick. A daemon paused past
+    its lease (a loaded host, a stopped process) would otherwise requeue its own live training, stop it
+    and claim it again, an attempt and an expiry counted against the run for nothing (a request would
+    be claimed and answered twice). Another daemon still reaps it: that is what a lease is for.
     """
     reaped = 0
     expired = {"status": Status.RUNNING.value, "lease.expires_at": {"$lt": now()}}
@@ -62,6 +69,8 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
             state = parse(state_kind, document)
         except BadRecord as exc:
             await fail_malformed(collection, table, document["_id"], Status.RUNNING, exc, skipped)
+            continue
+        if owner is not None and state.lease is not None and state.lease.owner == owner and ids.key(state.id) in held:
             continue
         try:
             reaped += bool(await _requeue(collection, table, state, max_attempts))
@@ -99,7 +108,11 @@ async def _requeue(collection, table: dict, state, max_attempts: int) -> dict | 
                        f"without finishing (daemons: {', '.join(str(e.get('owner')) for e in past)}); "
                        "look at those hosts' logs, then set status back to 'pending' to try again",
         }
-    return await transition(collection, state.id, Status.RUNNING, Status.FAILED if gave_up else Status.PENDING,
+    done = await transition(collection, state.id, Status.RUNNING, Status.FAILED if gave_up else Status.PENDING,
                             table, match={"lease.expires_at": state.lease.expires_at}, fields=fields,
                             unset=("lease",), push={"history": event},
                             event=None if gave_up else {"kind": "lease_expired", "owner": state.lease.owner})
+    if done is not None:
+        log.warning("the lease of %.100s on %s %.200r expired (attempt %d); %s", state.lease.owner, collection.name,
+                    state.id, state.attempts, "failed: too many attempts" if gave_up else "handed back as pending")
+    return done

@@ -29,7 +29,7 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 
 from bson import json_util
@@ -254,6 +254,10 @@ class Serving:
     def queued(self) -> dict[str, int]:
         """Requests waiting here, by model key (for metrics)."""
         return {model: len(queue) for model, queue in self._queues.items()}
+
+    def held(self) -> Container[str]:
+        """The requests queued or generating here, by `ids.key`: their leases are this daemon's to renew."""
+        return self._held.keys()
 
     def has_room(self, model_id) -> bool:
         """Whether to claim another request for this model; if not it stays pending for a daemon that can."""

@@ -150,6 +150,38 @@ def test_a_dead_daemons_run_is_reaped_and_resumed_as_the_same_run(server_uri, db
     assert [e["event"] for e in document["history"]] == ["lease expired"]
 
 
+def test_a_daemon_paused_past_its_lease_keeps_the_training_it_still_supervises(server_uri, db, tmp_path):
+    """Its own reaper leaves alone what it trains, however late the renewal; a lease of its own that nothing here
+    renews any more (a supervisor that gave up on an unreachable database) is reaped like any other."""
+    db[defaults.MODELS].insert_one(model("m", PATH))
+    stand_in = StandIn()
+    past = now() - dt.timedelta(seconds=5)
+
+    async def body():
+        async with daemon(server_uri, db.name, tmp_path, stand_in, max_jobs=2) as d:
+            await d.scan()
+            await until(lambda: bool(stand_in.runs))
+            # Paused past its lease: no renewal for longer than the lease, which a reaper sees as expired.
+            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"lease.expires_at": past}})
+            db[defaults.MODELS].insert_one({**model("left", PATH), "status": "running", "run": 1, "attempts": 1,
+                                            "started_at": now(), "lease": {"owner": d.owner, "expires_at": past}})
+            await d.reap()
+            kept = read(db, "m")
+            assert kept["status"] == "running" and kept["lease"]["owner"] == d.owner and "history" not in kept
+            await until(lambda: len(stand_in.runs) == 2)  # "left" was handed back, then claimed as the same run
+            stand_in.finish.set()
+            await until(lambda: not d.trainings)
+            return d.owner
+
+    owner = asyncio.run(body())
+    assert [(m, run) for m, run, _ in stand_in.runs] == [("m", 1), ("left", 1)]
+    trained = read(db, "m")
+    assert trained["status"] == "succeeded" and trained["attempts"] == 1 and "history" not in trained
+    left = read(db, "left")
+    assert left["status"] == "succeeded" and left["attempts"] == 2
+    assert [(e["event"], e["owner"]) for e in left["history"]] == [("lease expired", owner)]
+
+
 def test_a_run_whose_lease_expired_too_often_fails_instead_of_looping(server_uri, db, tmp_path):
     past = [{"at": now(), "event": "lease expired", "owner": f"dead{i}", "attempt": i} for i in (1, 2)]
     expired = {"owner": "dead3", "expires_at": now() - dt.timedelta(seconds=5)}

@@ -298,6 +298,12 @@ def test_job_logs_are_capped_keeping_the_newest_lines(tmp_path):
     assert len(text) <= 64 * 1024 and text.endswith(b"newest line\n") and b"trimmed" in text
 
 
+def test_a_job_log_its_child_has_not_opened_yet_is_left_alone_quietly(tmp_path, caplog):
+    """The supervisor trims at every lease renewal, from before the child (importing) has opened its log."""
+    trim_log(tmp_path / "not-yet.log", 64 * 1024)
+    assert not (tmp_path / "not-yet.log").exists() and not caplog.records
+
+
 def test_errors_written_to_documents_carry_no_host_paths(db, start_daemon, model_root):
     load_samples(db)
     empty = Path(model_root) / f"empty-{uuid.uuid4().hex[:6]}"

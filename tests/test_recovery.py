@@ -14,6 +14,8 @@ from training import defaults
 STEPS = 80  # long enough that a kill lands mid-run (the first checkpoint is at step 10)
 TRAINER = {"max_steps": STEPS, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64,
            "save_steps": 10}
+# A dead daemon's run is handed on within seconds. Short is safe on a loaded host: a live daemon starved or paused
+# past its lease never reaps what it still supervises (`leases.reap`), and no test keeps two daemons alive at once.
 SHORT_LEASE = {"MONGOTUNE_LEASE_S": "3", "MONGOTUNE_SCAN_S": "2"}
 
 

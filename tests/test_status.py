@@ -227,6 +227,29 @@ def test_renew(server_uri, db):
     assert stored["lease"]["expires_at"] >= claimed["lease"]["expires_at"]
 
 
+def test_a_run_whose_lease_passed_on_ends_only_for_the_daemon_holding_it(server_uri, db):
+    """A daemon paused past its lease while its child finished: the next owner resumes the run, so the late one
+    writes neither its outcome nor its status, and says the run is still running."""
+    from listener.jobs import _end
+
+    lease = {"owner": "daemon-b", "expires_at": dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1)}
+    db.models.insert_one({"_id": "m", "status": "running", "run": 1, "runs": [{"number": 1}], "lease": lease})
+
+    async def late(adb):
+        return await _end(adb.models, "m", 1, "daemon-a", S.SUCCEEDED, {})
+
+    assert run_with(server_uri, db.name, late) is S.RUNNING
+    kept = db.models.find_one({"_id": "m"})
+    assert kept["status"] == "running" and kept["lease"]["owner"] == "daemon-b" and kept["runs"] == [{"number": 1}]
+
+    async def holder(adb):
+        return await _end(adb.models, "m", 1, "daemon-b", S.SUCCEEDED, {})
+
+    assert run_with(server_uri, db.name, holder) is S.SUCCEEDED
+    ended = db.models.find_one({"_id": "m"})
+    assert ended["status"] == "succeeded" and ended["runs"][0]["outcome"] == "succeeded" and "lease" not in ended
+
+
 def test_renew_after_the_job_finished_is_none(server_uri, db):
     db.models.insert_one({"_id": "m", "status": "succeeded", "lease": {"owner": "daemon-a"}})
 

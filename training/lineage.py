@@ -104,13 +104,14 @@ def set_fields(run: int, fields: dict) -> tuple[dict, list[dict]]:
     return {"$set": {f"runs.$[r].{name}": value for name, value in fields.items()}}, [{"r.number": run}]
 
 
-async def record_outcome(models, model_id, run: int, outcome: str) -> None:
+async def record_outcome(models, model_id, run: int, outcome: str, owner: str | None = None) -> None:
     """The daemon's write when a run has ended, just before the status that says so: its outcome (an entry of its
-    own if the child wrote none, as when it failed before its first step)."""
+    own if the child wrote none, as when it failed before its first step). With `owner`, only while that daemon
+    holds the run's lease: one that lost it writes no outcome for a run another daemon goes on with."""
     if outcome not in FINAL_OUTCOMES:
         return  # not over: it resumes later
     fields = {"outcome": outcome, "ended_at": now()}
-    query = {"_id": ids.eq(model_id), "run": run}
+    query = {"_id": ids.eq(model_id), "run": run, **({"lease.owner": {"$eq": owner}} if owner is not None else {})}
     update, filters = set_fields(run, fields)
     try:
         done = await models.update_one({**query, "runs.number": run}, update, array_filters=filters)
