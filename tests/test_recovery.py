@@ -88,6 +88,35 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(db, start_daemon,
     assert done["history"][0]["owner"].startswith("victim:")
 
 
+def test_a_run_lost_after_its_last_checkpoint_trains_no_step_past_its_end(db, start_daemon, tiny_model_path, tmp_path):
+    """The daemon died between the final checkpoint and the end of the run (the gate, the outcome): the next attempt
+    resumes at the last step, where transformers would train and save one more step; it only finishes the run."""
+    load_samples(db)
+    models = db[defaults.MODELS]
+    last = 4  # midway through the first epoch (90 batches of 2): a resume there is where the extra step came from
+    trainer = {**TRAINER, "max_steps": last, "save_steps": 2}
+    first = start_daemon("first")
+    models.insert_one({**long_model(tiny_model_path), "trainer": trainer})
+    trained = wait_for(models, "long", finished, timeout_s=300)
+    assert trained["status"] == "succeeded" and trained["checkpoints"][-1]["step"] == last
+    assert first.stop() == 0
+    # As a SIGKILL after the last checkpoint was listed leaves it: running, an expired lease, no outcome yet.
+    dead = {"owner": "gone:1:abc", "expires_at": trained["started_at"]}
+    models.update_one({"_id": "long"}, {"$set": {"status": "running", "lease": dead},
+                                        "$unset": {"finished_at": "", "runs.0.outcome": "", "runs.0.ended_at": ""}})
+
+    start_daemon("survivor", env=SHORT_LEASE)
+    done = wait_for(models, "long", lambda d: d.get("attempts") == 2 and finished(d), timeout_s=300)
+    assert done["status"] == "succeeded", done.get("error")
+    assert done["progress"]["step"] == done["progress"]["total_steps"] == last
+    assert [c["step"] for c in done["checkpoints"]][-1] == last, "no checkpoint past the last step"
+    assert max(m["step"] for m in done["metrics"]) == last, "no step trained past the last"
+    assert [e["event"] for e in done["history"]] == ["lease expired"]
+    log = child_log(tmp_path)
+    assert f"resuming run 1 from its checkpoint at step {last}" in log
+    assert f"already trained to its last step ({last})" in log
+
+
 def test_sigkill_right_after_the_claim_starts_the_run_again(db, start_daemon, tiny_model_path):
     load_samples(db)
     models = db[defaults.MODELS]

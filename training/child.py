@@ -87,7 +87,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     from training.dataset import check_loss_options, read_datasets
     from training.models import check_model, load_checked_model, load_tokenizer
     from training.phases import Phases
-    from training.progress import LogAtSaves, MongoProgress
+    from training.progress import LogAtSaves, MongoProgress, NothingPastTheLastStep, Trained
 
     phases = Phases(sent)
     spec = parse_model(document, limits)
@@ -125,7 +125,8 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     phases.lap("model")
     if progress is not None:
         _begin_run(db, progress.match, document, spec, resolved, read, started, limits)
-    callbacks = [*(ranks.callbacks(progress, daemon) if world > 1 else [progress]), *_early_stopping(spec), LogAtSaves()]
+    callbacks = [*(ranks.callbacks(progress, daemon) if world > 1 else [progress]), *_early_stopping(spec),
+                 LogAtSaves(), NothingPastTheLastStep()]
 
     def stop(*_):  # save, stop, let any daemon resume the run
         for callback in callbacks:
@@ -142,7 +143,10 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     phases.lap("trainer")
     own = work / f"rank{rank}" if world > 1 else work  # each rank unpacks its own copy of a resumed checkpoint
     with _loads(spec):
-        trainer.train(resume_from_checkpoint=_resume_point(db, document, own, spec, limits))
+        try:
+            trainer.train(resume_from_checkpoint=_resume_point(db, document, own, spec, limits))
+        except Trained as trained:  # interrupted after its last checkpoint: only the end of the run is left
+            log.info("run %d already trained to its last step (%d); finishing it", document["run"], trained.step)
     phases.lap("train")
     if progress is None:
         return defaults.ChildExit.OK

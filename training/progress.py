@@ -206,3 +206,27 @@ class LogAtSaves(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save:
             control.should_log = True
+
+
+class Trained(Exception):
+    """The checkpoint this run resumed from is its last step's: there is nothing left to train."""
+
+    def __init__(self, step: int):
+        super().__init__(f"resumed at step {step}, the run's last")
+        self.step = step
+
+
+class NothingPastTheLastStep(TrainerCallback):
+    """A run resumed from the checkpoint of its last step trains no further step.
+
+    transformers checks `max_steps` only after a step: resumed at `global_step == max_steps` midway
+    through an epoch, it trains step max_steps + 1 (reported as step 81 of 80, with a negative ETA)
+    and saves it, since a step past the end saves. That happens when a daemon loses a run between
+    its final checkpoint and its end (the promotion gate): its next attempt has only the end left.
+    This callback stops `train` before any step, raising `Trained`; it goes on every rank (each reads
+    the same state, so all stop together) and after `MongoProgress`, which records the resume first.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step and state.global_step >= state.max_steps:
+            raise Trained(state.global_step)
