@@ -21,7 +21,8 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from listener import embedded, gpus, health, housekeeping, leases, metrics, schema
 from listener.connection import connect, database_name, redact
-from listener.jobs import Children, supervise
+from listener.forks import Forks, forget_connection_environment
+from listener.jobs import supervise
 from listener.periodic import Periodic
 from listener.leases import claim_model, claim_request, fail_malformed
 from listener.records import BadRecord, ModelState, RequestState, SkipLog, parse
@@ -51,14 +52,14 @@ class Daemon:
         self.owner = f"{settings.name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.trainings: dict[str, asyncio.Task | None] = {}  # by ids.key of the model
         self.gpus = gpus.GpuPool(gpus.visible() if settings.gpus is None else settings.gpus)
-        self.children = Children(settings, self.owner)  # starts training children, one ahead of its job
+        self.forks = Forks(gpus=bool(self.gpus.devices))  # starts training children and serving workers
         self.counters = {k: 0 for k in ("trainings_started", "trainings_succeeded", "trainings_failed",
                                         "requests_done", "requests_failed", "invalid_documents")}
         self.stop_event = asyncio.Event()
         self.skipped = SkipLog()
         self.health = health.Health(settings.home, settings.name, self.owner)
         self._room = asyncio.Event()  # set by serving when it can take more requests
-        self.serving = Serving(self.db, settings, self.owner, self.counters, on_room=self._room_freed)
+        self.serving = Serving(self.db, settings, self.owner, self.counters, self.forks, on_room=self._room_freed)
         self.periodic = Periodic()  # the one owner of timed work; `_shutdown` awaits it
         self.retrainer = Retrainer(self.db, settings, self.owner, self.periodic, self.skipped)
         self.metrics: metrics.Metrics | None = None  # with --metrics-port, from `work`
@@ -98,7 +99,7 @@ class Daemon:
         trainings = [task for task in self.trainings.values() if task is not None]
         for task in [*tasks, *trainings]:
             task.cancel()
-        await asyncio.gather(*tasks, *trainings, self.serving.close(), self.children.close(), return_exceptions=True)
+        await asyncio.gather(*tasks, *trainings, self.serving.close(), return_exceptions=True)
         self.health.remove()
         try:  # with the database away, leases expire and the reaper hands the work on: never wait long
             await asyncio.wait_for(self._give_back(), SHUTDOWN_DB_S)
@@ -235,8 +236,7 @@ class Daemon:
 
     async def _train(self, key: str, model_id, run: int, devices: tuple[int, ...] | None = None) -> None:
         try:
-            outcome = await self.train(self.db, self.settings, model_id, run, self.owner, devices=devices,
-                                       children=self.children)
+            outcome = await self.train(self.db, self.settings, model_id, run, self.owner, self.forks, devices=devices)
             if outcome is Status.SUCCEEDED:
                 self.counters["trainings_succeeded"] += 1
             elif outcome is Status.FAILED:
@@ -318,6 +318,7 @@ async def _serve(settings: Settings) -> None:
 
 def serve(settings: Settings) -> None:
     """Run a daemon until SIGTERM/SIGINT; with no URI, on the embedded server."""
+    forget_connection_environment(settings.uri)  # what this daemon starts inherits its environment
     if settings.uri:
         asyncio.run(_serve(settings.model_copy(update={"db": database_name(settings.uri, settings.db)})))
         return

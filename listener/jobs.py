@@ -1,24 +1,24 @@
 """Supervising one training child: start it, keep its lease, watch for cancel, record how it ended.
 
-The child is its own interpreter (`python -m training.child`), so a crash, an out-of-memory kill
-or a CUDA error ends the job, not the daemon. `Children` starts it, or hands over one started ahead
-(`warm_child`), and the job's line on its stdin says which job it runs. The supervisor is a
-bounded loop: wait -> renew the lease -> check cancel and the wall-clock cap -> kill past the grace period.
+The child is its own process (`training.child.run`, started by `listener.forks`), so a crash, an
+out-of-memory kill or a CUDA error ends the job, not the daemon. The supervisor is a bounded loop:
+wait -> renew the lease -> check cancel and the wall-clock cap -> kill past the grace period.
 Whatever the database says meanwhile, the supervisor returns only once the child has exited, so a
 training slot is never freed while its child still runs.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 from bson import json_util
 from pymongo.errors import PyMongoError
 
+from listener.forks import Forks, Started
 from listener.gpus import cuda_env
 from listener.leases import renew
 from listener.records import BadRecord, Renewed, parse
@@ -29,29 +29,15 @@ from training.defaults import ChildExit
 
 log = logging.getLogger(__name__)
 
-# Never handed to a child: it gets the URI on its stdin, where its own descendants cannot read it.
-PRIVATE_ENV = ("MONGOTUNE_URI", "MONGOTUNE_URI_FILE")
-
-
 def log_path(settings: Settings, db_name: str, model_id, run: int) -> Path:
     """One file per database, model and run; distinct for ids that read alike ("a/b", "a_b", 1, "1")."""
     return settings.job_logs / f"{db_name}.{ids.file_name(model_id)}-run{run}.log"  # "." never appears in a db name
 
 
-def public_env(uri: str) -> dict:
-    """The daemon's environment less anything that holds the connection string, for a child to inherit."""
-    return {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV and uri not in v}
-
-
-def child_env(uri: str, owner: str) -> dict:
-    return {**public_env(uri), defaults.ENV_DAEMON_PID: str(os.getpid()), defaults.ENV_LEASE_OWNER: owner,
-            "PYTHONUNBUFFERED": "1"}
-
-
 def trim_log(path: Path, max_bytes: int) -> None:
     """Keep a job log under `max_bytes`: the child appends, so cutting the file keeps its newest half.
 
-    A log not there yet is nothing to trim: a child opens its own only once its imports are done."""
+    A log not there yet is nothing to trim: a child opens its own as it starts."""
     try:
         if path.stat().st_size <= max_bytes:
             return
@@ -76,7 +62,7 @@ def _crash_error(code: int, path: Path) -> dict:
     return {"type": "training_crashed", "message": f"{why}; the listener's job log {path.name} says more"}
 
 
-async def stop_child(process: asyncio.subprocess.Process, grace_s: float) -> None:
+async def stop_child(process: Started, grace_s: float) -> None:
     """SIGTERM (the child saves a checkpoint), then SIGKILL past `grace_s`; returns once it has exited."""
     if process.returncode is None:
         process.terminate()
@@ -87,68 +73,18 @@ async def stop_child(process: asyncio.subprocess.Process, grace_s: float) -> Non
             await process.wait()
 
 
-class Children:
-    """Starts training children, keeping one started ahead when the operator allows (`warm_child`).
-
-    A child spends about five seconds of a CPU importing torch, transformers, peft and trl, as long
-    as a short job's training; one started ahead does it while the daemon waits for work, then reads
-    its job's line. It is started when a training ends, never while one starts, so its imports do
-    not compete with a job's first steps, and never before this daemon has trained: a daemon that
-    only serves, or has nothing to train, pays nothing for it. Only a job without GPUs takes it: CUDA reads
-    CUDA_VISIBLE_DEVICES once, so a job given devices gets a child started with them, and the
-    waiting one stays for a later job.
-    """
-
-    def __init__(self, settings: Settings, owner: str):
-        self.settings, self.owner = settings, owner
-        self._ahead: asyncio.subprocess.Process | None = None
-
-    async def start(self, devices: tuple[int, ...] | None) -> asyncio.subprocess.Process:
-        if devices is None and self._ahead is not None and self._ahead.returncode is None:
-            ahead, self._ahead = self._ahead, None
-            return ahead
-        return await self._spawn(devices)
-
-    async def refill(self) -> None:
-        if self.settings.warm_child and (self._ahead is None or self._ahead.returncode is not None):
-            self._ahead = await self._spawn(None)
-            log.info("training child started ahead of the next job (pid %d)", self._ahead.pid)
-
-    async def close(self) -> None:
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            await stop_child(ahead, self.settings.kill_grace_s)
-
-    async def _spawn(self, devices: tuple[int, ...] | None) -> asyncio.subprocess.Process:
-        """A child whose output goes to a shared start-up log until its job's line names the job's own."""
-        path = self.settings.job_logs / "starting.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        trim_log(path, self.settings.max_log_bytes)
-        with open(path, "ab") as out:
-            return await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "training.child", stdout=out, stderr=asyncio.subprocess.STDOUT,
-                stdin=asyncio.subprocess.PIPE, env={**child_env(self.settings.uri, self.owner), **cuda_env(devices)},
-                start_new_session=True,  # a Ctrl-C meant for the daemon must not kill the child mid-save
-            )
-
-
-async def supervise(db, settings: Settings, model_id, run: int, owner: str,
-                    devices: tuple[int, ...] | None = None, children: Children | None = None) -> Status:
+async def supervise(db, settings: Settings, model_id, run: int, owner: str, forks: Forks,
+                    devices: tuple[int, ...] | None = None) -> Status:
     """Run one claimed training to its end and write its final status; returns that status.
 
-    `devices`: the GPUs the daemon gave this job (`listener.gpus`); None on a CPU host.
-    `children`: the daemon's, which may hold a child started ahead."""
+    `devices`: the GPUs the daemon gave this job (`listener.gpus`); None on a CPU host."""
     path = log_path(settings, db.name, model_id, run)
     path.parent.mkdir(parents=True, exist_ok=True)
-    process = await (children or Children(settings, owner)).start(devices)
     job = {"uri": settings.uri, "limits": settings.limits.model_dump(mode="json"), "work": str(settings.home / "work"),
            "model_id": json_util.dumps(model_id), "db": db.name, "log": str(path), "sent": time.time()}
-    try:
-        process.stdin.write(json_util.dumps(job).encode() + b"\n")
-        await process.stdin.drain()
-        process.stdin.close()
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # it died waiting: its exit code fails the run below
+    env = {defaults.ENV_LEASE_OWNER: owner, **cuda_env(devices)}
+    starting = asyncio.ensure_future(forks.start("training.child:run", job, env))
+    process = await _keeping_lease(db[defaults.MODELS], settings, model_id, owner, starting)
     log.info("training %r run %d started (pid %d, log %s)", model_id, run, process.pid, path.name)
     try:
         outcome = await _watch_child(db[defaults.MODELS], settings, model_id, run, owner, process, path)
@@ -156,9 +92,26 @@ async def supervise(db, settings: Settings, model_id, run: int, owner: str,
         await stop_child(process, settings.kill_grace_s)  # also on cancellation: the child never outlives this
     if outcome is None:
         outcome = await _finish(db[defaults.MODELS], model_id, run, owner, process.returncode, path)
-    if children is not None:
-        await children.refill()  # now, not when this job started: its imports would have slowed the job
     return outcome
+
+
+async def _keeping_lease(models, settings: Settings, model_id, owner: str, starting: asyncio.Future) -> Started:
+    """The child once started, the lease renewed meanwhile: the first child of a daemon on a CPU host waits for
+    the fork server's imports, seconds a short lease may not have. Cancelled meanwhile, the child is killed
+    as soon as it exists: it has not trained yet."""
+    try:
+        while not (await asyncio.wait({starting}, timeout=settings.lease_s / 4))[0]:
+            with contextlib.suppress(PyMongoError):
+                await renew(models, model_id, owner, settings.lease_s)
+    except asyncio.CancelledError:
+        starting.add_done_callback(_kill_started)
+        raise
+    return starting.result()
+
+
+def _kill_started(starting: asyncio.Future) -> None:
+    if not starting.cancelled() and starting.exception() is None:
+        starting.result().kill()
 
 
 async def _watch_child(models, settings: Settings, model_id, run: int, owner: str, process,

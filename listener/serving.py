@@ -1,6 +1,6 @@
 """Answering `_requests`: claimed requests queue here, fairly across models, and a killable worker answers them.
 
-Serving cannot be wedged: rendering and generation run in `python -m training.worker`, and every
+Serving cannot be wedged: rendering and generation run in a worker process (`training.worker`), and every
 command to it is awaited with a wall-clock limit while a watchdog reads its memory. A batch past a
 limit, or whose worker died, fails with an error naming the cap and its setting; the worker is
 killed and the next batch gets a fresh one. Requests wait in one queue per model (keyed by
@@ -26,7 +26,7 @@ limit) or `request_timeout` (the operator's).
 import asyncio
 import json
 import logging
-import sys
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Container
@@ -37,7 +37,8 @@ from pydantic import ValidationError
 from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
-from listener.jobs import public_env, stop_child
+from listener.forks import Forks, Started
+from listener.jobs import stop_child
 from listener.leases import lease
 from listener.preload import watch_promotions
 from listener.settings import Settings
@@ -142,20 +143,24 @@ def _size(n: int) -> str:
 class Worker:
     """One worker process and its memory watchdog; after any failure it is killed, never reused."""
 
-    def __init__(self, settings: Settings, db_name: str):
-        self.settings, self.db_name = settings, db_name
-        self.process: asyncio.subprocess.Process | None = None
+    def __init__(self, settings: Settings, db_name: str, forks: Forks):
+        self.settings, self.db_name, self.forks = settings, db_name, forks
+        self.process: Started | None = None
         self.over_memory = False
         self._watchdog: asyncio.Task | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
 
     async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "training.worker", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env=public_env(self.settings.uri), limit=MAX_LINE, start_new_session=True)
         config = {"uri": self.settings.uri, "db": self.db_name, "work_dir": str(self.settings.home / "serving"),
                   "limits": self.settings.limits.model_dump(mode="json"), "disk_bytes": self.settings.serving_disk_bytes,
                   "memory_bytes": self.settings.serving_memory_bytes}
-        self.process.stdin.write(json_util.dumps(config).encode() + b"\n")
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = await self.forks.start("training.worker:serve", theirs, config, {})
+        finally:
+            theirs.close()  # the worker holds its end: when it dies, reads here end
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=MAX_LINE)
         self._watchdog = asyncio.create_task(self._watch())
         log.info("serving worker started (pid %d)", self.process.pid)
 
@@ -191,12 +196,15 @@ class Worker:
     async def _exchange(self, command: dict, on_partial) -> dict | None:
         """The reply; None when the worker is gone. Partial answers before it go to `on_partial`."""
         try:
-            self.process.stdin.write(json_util.dumps(command).encode() + b"\n")
-            await self.process.stdin.drain()
+            self._writer.write(json_util.dumps(command).encode() + b"\n")
+            await self._writer.drain()
         except (BrokenPipeError, ConnectionResetError):
             return None
         while True:
-            line = await self.process.stdout.readline()
+            try:
+                line = await self._reader.readline()
+            except ConnectionResetError:  # a socket, unlike a pipe, may say so when the worker dies
+                return None
             reply = json_util.loads(line) if line else None
             if reply is None or "partial" not in reply:
                 return reply
@@ -222,6 +230,8 @@ class Worker:
             self._watchdog.cancel()
         if self.process:
             await stop_child(self.process, KILL_GRACE_S)
+        if self._writer:
+            self._writer.close()
 
 
 def _resident_bytes(pid: int) -> int:
@@ -236,9 +246,10 @@ def _resident_bytes(pid: int) -> int:
 class Serving:
     """The queues of claimed requests, the worker that answers them, and the leases on both."""
 
-    def __init__(self, db, settings: Settings, owner: str, counters: dict,
+    def __init__(self, db, settings: Settings, owner: str, counters: dict, forks: Forks,
                  on_room: Callable[[], Awaitable[None]] | None = None):
         self.db, self.settings, self.owner, self.counters, self.on_room = db, settings, owner, counters, on_room
+        self.forks = forks
         self._queues: dict[str, deque[Queued]] = {}  # by ids.key of the model, oldest first
         self._turns: deque[str] = deque()  # models with queued requests, the next to be served first
         self._held: dict[str, tuple[str, object]] = {}  # queued or generating: request key -> (model key, _id)
@@ -499,7 +510,7 @@ class Serving:
         request's own `asked_s` when smaller; a reply that says it failed raises `Failure`."""
         if self._worker is None or not self._worker.alive:
             await self.close()
-            self._worker = Worker(self.settings, self.db.name)
+            self._worker = Worker(self.settings, self.db.name, self.forks)
             try:
                 await self._worker.start()
             except OSError as exc:

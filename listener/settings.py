@@ -71,9 +71,6 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = Field("text", description="'json': one JSON object per log line")
     preload_best: bool = Field(False, description="load a model's best checkpoint for serving as soon as it is "
                                                    "promoted or its run ends, before the first request")
-    warm_child: bool = Field(True, description="once a training ends, keep one training child started ahead, its "
-                                               "libraries imported, so the next job on the CPU starts at once "
-                                               "(about 1 GiB of memory while idle)")
     requests_ttl_s: int | None = Field(None, ge=1, le=10 * 365 * 86_400,
                                        description="answered requests are deleted this long after; none: kept")
     limits: Limits = Field(default_factory=Limits)

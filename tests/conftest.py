@@ -93,9 +93,8 @@ class DaemonProcess:
         self.home = home
         self.log_path = home / f"{name}.log"
         roots = {"MONGOTUNE_MODEL_ROOTS": str(model_root)} if model_root else {}
-        cold = {"MONGOTUNE_WARM_CHILD": "0"}  # a child started ahead costs seconds of CPU; tests/test_warm_child.py
         self.process = start_listener(uri, db_name, name, self.log_path, home=home,
-                                      env={**roots, **cold, **(env or {})},
+                                      env={**roots, **(env or {})},
                                       args=("--max-jobs", str(max_jobs), *args), cwd=cwd)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int | None:

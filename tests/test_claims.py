@@ -28,7 +28,7 @@ class StandIn:
         self.runs: list[tuple] = []
         self.finish = asyncio.Event()
 
-    async def __call__(self, db, settings, model_id, run: int, owner: str, devices=None, children=None) -> Status:
+    async def __call__(self, db, settings, model_id, run: int, owner: str, forks=None, devices=None) -> Status:
         self.runs.append((model_id, run, owner))
         await self.finish.wait()
         await transition(db[defaults.MODELS], model_id, Status.RUNNING, self.outcome, MODEL_TRANSITIONS,
@@ -39,7 +39,6 @@ class StandIn:
 @contextlib.asynccontextmanager
 async def daemon(uri: str, db_name: str, home, stand_in: StandIn, name: str = "fast", **options):
     settings = Settings.load({"uri": uri, "db": db_name, "home": home, "name": name, "validators": False,
-                              "warm_child": False,  # a stand-in trains here: a real child started ahead is waste
                               "limits": {"model_roots": ("/models",)}, **options}, environ={})
     client = await connect(uri)
     try:

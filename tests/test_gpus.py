@@ -21,7 +21,7 @@ class Placed(StandIn):
         super().__init__()
         self.devices: dict = {}
 
-    async def __call__(self, db, settings, model_id, run, owner, devices=None, children=None):
+    async def __call__(self, db, settings, model_id, run, owner, forks=None, devices=None):
         self.devices[model_id] = devices
         return await super().__call__(db, settings, model_id, run, owner)
 

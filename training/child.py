@@ -1,18 +1,16 @@
-"""The training child: `python -m training.child`, its job (model, database, URI, limits, log) on stdin.
+"""The training child: one per job, started by the daemon (`listener.forks`), its job as an argument.
 
-The daemon starts one per job so that a crash or an out-of-memory here never takes it down. A child
-imports the training libraries before it reads its job, so one started ahead of its job (the
-daemon's `warm_child`) starts training the moment the job arrives. Ranks get the model and database
-as arguments (`python -m training.child MODEL_ID --db NAME`) and their job from their agent's file.
-The child writes progress, metrics, checkpoints and `error`; the daemon alone writes `status`,
-reading the outcome from the exit code.
+The daemon starts one per job so that a crash or an out-of-memory here never takes it down; on a
+host without GPUs it is forked from a process that has imported the training libraries already
+(`training.preload`), so it starts training at once. `run` is that entry point. Ranks of a job of
+several processes are torchrun's: `python -m training.child MODEL_ID --db NAME`, their job read from
+their agent's file (`main`). The child writes progress, metrics, checkpoints and `error`; the daemon
+alone writes `status`, reading the outcome from the exit code.
 """
 
 import argparse
 import contextlib
-import ctypes
 import gc
-import importlib
 import json
 import logging
 import os
@@ -24,7 +22,7 @@ from pathlib import Path
 from bson import json_util
 from pymongo import MongoClient
 
-from training import checkpoints, defaults, ids, lineage, packing, padding, promotion, ranks, starting
+from training import checkpoints, defaults, ids, lifeline, lineage, packing, padding, promotion, ranks, starting
 from training.config import ModelSpec, SpecError, parse_model
 from training.errors import public_message
 from training.inert import inert_logging
@@ -189,39 +187,12 @@ def _early_stopping(spec: ModelSpec) -> list:
     return [EarlyStoppingCallback(early_stopping_patience=spec.trainer.early_stopping_patience)]
 
 
-def die_with_daemon() -> int:
-    """The daemon's pid; on Linux the kernel also kills this process the moment the daemon dies.
-
-    Without this a child orphaned by a SIGKILLed daemon would train on beside the run's next owner.
-    """
-    daemon = int(os.environ.get(ranks.ENV_PARENT_PID) or os.environ.get(defaults.ENV_DAEMON_PID, os.getppid()))
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: MongoProgress still notices the orphaning at the next step
-    if os.getppid() != daemon:
-        log.error("the daemon that started this training is already gone")
-        sys.exit(defaults.ChildExit.ORPHANED)
-    return daemon
-
-
-def read_launch() -> dict:
-    """The daemon's one line on stdin: the job, the URI (never in the environment, which every descendant
-    would inherit), the operator's limits and the work folder. A rank reads it from its agent's file."""
-    line = ranks.read_launch_file() if ranks.is_rank() else sys.stdin.readline()
-    if not line:
-        sys.exit(defaults.ChildExit.ORPHANED)  # started ahead, and the daemon stopped before giving it a job
-    launch = json.loads(line)
+def parse_launch(launch: dict) -> dict:
+    """The daemon's launch: the job, the URI (never in the environment, which every descendant would
+    inherit), the operator's limits and the work folder. A rank reads it from its agent's file."""
     return {"uri": launch["uri"], "limits": Limits.model_validate(launch["limits"]), "work": Path(launch["work"]),
             "model_id": launch.get("model_id"), "db": launch.get("db"), "log": launch.get("log"),
             "sent": launch.get("sent", 0.0), "raw": launch}
-
-
-def import_libraries() -> None:
-    """What `train` imports, imported before the job arrives: about five seconds of a CPU."""
-    for name in ("peft", "trl", "training.arguments", "training.dataset", "training.models", "training.phases",
-                 "training.progress"):
-        importlib.import_module(name)
 
 
 def log_to(path: str) -> None:
@@ -248,49 +219,66 @@ def failure(exc: Exception) -> dict:
     return {"type": "training_failed", "message": f"{type(exc).__name__}: {message}"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.child")
-    parser.add_argument("model_id", nargs="?", help="a rank's model: the document's _id as extended JSON")
-    parser.add_argument("--db", help="a rank's database")
-    args = parser.parse_args(argv)
-    rank = f" rank{ranks.world()[0]}" if ranks.is_rank() else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{rank} %(levelname)s %(message)s", stream=sys.stdout)
+def _logging(rank: str = "") -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{rank} %(levelname)s %(message)s", stream=sys.stdout,
+                        force=True)
     inert_logging()
-    daemon = die_with_daemon()
-    if not ranks.is_rank():
-        import_libraries()
-    launch = read_launch()
-    if launch["log"] and not ranks.is_rank():
-        log_to(launch["log"])
-    if "CUDA_VISIBLE_DEVICES" in os.environ and not ranks.is_rank():
+
+
+def run(launch: dict, env: dict[str, str]) -> None:
+    """The daemon's job, in a process `listener.forks` started: its log is the job's own from the first line."""
+    parent = lifeline.adopt(env)
+    log_to(launch["log"])
+    _logging()
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
         log.info("GPUs given by the listener: CUDA_VISIBLE_DEVICES=%s", os.environ["CUDA_VISIBLE_DEVICES"])
-    args.model_id, args.db = args.model_id or launch["model_id"], args.db or launch["db"]
-    model_id = json_util.loads(args.model_id)
+    launch = parse_launch(launch)
+    sys.exit(_job(launch, json_util.loads(launch["model_id"]), launch["db"], parent, rank=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A rank of a job of several processes, started by torchrun on its agent's behalf."""
+    parser = argparse.ArgumentParser(prog="python -m training.child")
+    parser.add_argument("model_id", help="the document's _id as extended JSON")
+    parser.add_argument("--db", required=True)
+    args = parser.parse_args(argv)
+    _logging(f" rank{ranks.world()[0]}")
+    parent = int(os.environ[ranks.ENV_PARENT_PID])
+    lifeline.die_with_parent()
+    if os.getppid() != parent:
+        log.error("the torchrun agent that started this rank is already gone")
+        return defaults.ChildExit.ORPHANED
+    launch = parse_launch(json.loads(ranks.read_launch_file()))
+    return _job(launch, json_util.loads(args.model_id), args.db, parent, rank=True)
+
+
+def _job(launch: dict, model_id, db_name: str, parent: int, rank: bool) -> int:
+    """Train the claimed model, or as a rank's agent start its ranks; the exit code tells the daemon how it ended."""
     client = MongoClient(launch["uri"], **defaults.CODEC)
-    db = client[args.db]
+    db = client[db_name]
     document = db[defaults.MODELS].find_one({"_id": ids.eq(model_id)})
     if document is None or not isinstance(document.get("run"), int):
         log.error("model %r is not claimed for training", model_id)
+        client.close()
         return defaults.ChildExit.FAILED
     match = fence(model_id, document["run"], os.environ.get(defaults.ENV_LEASE_OWNER))
-    shared = ranks.is_rank()  # the ranks share their agent's work folder, which the agent removes
-    work = launch["work"] if shared else launch["work"] / f"{os.getpid()}"
+    work = launch["work"] if rank else launch["work"] / f"{os.getpid()}"  # ranks share their agent's, which it removes
     try:
         work.mkdir(parents=True, exist_ok=True)
         spec = parse_model(document, launch["limits"])
-        count = 1 if shared else ranks.processes(spec.trainer)
+        count = 1 if rank else ranks.processes(spec.trainer)
         if count > 1:
             import torch
 
             _check_gpus(spec, torch)
-            return ranks.launch(db, match, work, launch["raw"], count, [args.model_id, "--db", args.db])
-        code = train(db, document, work, daemon, launch["limits"], launch["sent"])
+            return ranks.launch(db, match, work, launch["raw"], count, [launch["model_id"], "--db", db_name])
+        code = train(db, document, work, parent, launch["limits"], launch["sent"])
     except Exception as exc:
         log.exception("training failed")
         db[defaults.MODELS].update_one(ranks.error_match(match), {"$set": {"error": failure(exc)}})
         code = defaults.ChildExit.INVALID if isinstance(exc, SpecError) else defaults.ChildExit.FAILED
     finally:
-        if not shared:
+        if not rank:
             shutil.rmtree(work, ignore_errors=True)
         client.close()
     return ranks.exit_code(work, code)

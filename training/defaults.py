@@ -22,7 +22,6 @@ LISTENER = "_listener"  # resume tokens and live daemons' heartbeats
 ENV_URI = "MONGOTUNE_URI"  # the MongoDB URI when --uri is not given
 ENV_DB = "MONGOTUNE_DB"  # the database when neither --db nor the URI path names one
 ENV_HOME = "MONGOTUNE_HOME"  # working folder: embedded server data, job logs, model caches
-ENV_DAEMON_PID = "MONGOTUNE_DAEMON_PID"  # set for a training child: the daemon it must not outlive
 ENV_LEASE_OWNER = "MONGOTUNE_LEASE_OWNER"  # set for a training child: its writes only land while this holds
 DEFAULT_DB = "mongotune"  # database used when nothing names one
 
@@ -53,7 +52,7 @@ def now() -> dt.datetime:
 
 
 class ChildExit(IntEnum):
-    """Exit codes of the training child (`python -m training.child`); `listener.jobs.OUTCOMES` maps them."""
+    """Exit codes of the training child (`training.child`); `listener.jobs.OUTCOMES` maps them."""
 
     OK = 0  # trained to the end
     FAILED = 1  # an error, written into the document's `error`

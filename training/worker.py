@@ -1,33 +1,32 @@
-"""The serving worker: `python -m training.worker`, started, timed and killed by `listener.serving`.
+"""The serving worker: started, timed and killed by `listener.serving` (through `listener.forks`).
 
 Rendering chat templates and generating run here, in a process of their own, so a template that
-loops or a model that eats memory costs one killable process, never the daemon. The protocol is one
-JSON document (bson.json_util) per line:
+loops or a model that eats memory costs one killable process, never the daemon. The protocol runs
+over a socket the daemon keeps the other end of, one JSON document (bson.json_util) per line:
 
-- stdin, first line: `{uri, db, work_dir, limits, disk_bytes, memory_bytes}`; the URI comes this
-  way so it is never in the environment, where the worker's descendants could read it.
-- stdin, then one command per line: `{op: "load" | "generate", model, checkpoint, prompts, params}`,
+- in, one command per line: `{op: "load" | "generate", model, checkpoint, prompts, params}`,
   `model` being the parsed model document, `checkpoint` its selected entry or null. A generate command
   for several models of one base names them in `groups: [{model, checkpoint}]` instead, and each
   prompt's group in `rows: [index]` (a mixed-adapter batch, see `inference.answer_rows`).
-- stdout, one reply per command: `{ok: true}` for a load, `{ok: true, results: [{output, finish_reason, usage} |
+- out, one reply per command: `{ok: true}` for a load, `{ok: true, results: [{output, finish_reason, usage} |
   {error}]}` for a generation, `{ok: false, error: {type, message}}` when the whole command failed.
   A generate command with `stream: true` is answered first by any number of `{partial: [text | null]}`
   lines, the answers so far, one per prompt.
 
-stdout carries only the protocol: file descriptor 1 is pointed at stderr, where logs go.
+Its configuration (`{uri, db, work_dir, limits, disk_bytes, memory_bytes}`) is an argument, so the
+URI is never in the environment, where the worker's descendants could read it. Logs go to stderr,
+and so does anything a library prints.
 """
 
-import ctypes
 import logging
 import os
-import signal
+import socket
 import sys
 
 from bson import json_util
 from pymongo import MongoClient
 
-from training import defaults
+from training import defaults, lifeline
 from training.config import GenerationParams, SpecError, parse_model
 from training.errors import public_message
 from training.inert import inert_logging
@@ -35,24 +34,7 @@ from training.inference import DiskCache, ModelCache, answer_rows
 from training.limits import Limits
 
 log = logging.getLogger(__name__)
-PR_SET_PDEATHSIG = 1  # Linux prctl option: a signal for this process when its parent dies
 MODEL_SHARE = 0.5  # of the worker's memory budget, for cached weights; the rest is torch, tokenizers, activations
-
-
-def _die_with_parent() -> None:
-    """A daemon killed with SIGKILL cannot stop its worker, so the kernel does."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        log.warning("cannot ask to be stopped with the daemon on this platform")
-
-
-def _protocol_stream():
-    """The real stdout for replies; anything a library prints to fd 1 lands in stderr instead."""
-    stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return stream
 
 
 def failure(kind: str, exc: BaseException) -> dict:
@@ -85,24 +67,23 @@ def handle(cache: ModelCache, command: dict, send=None) -> dict:
         return failure("generation_failed", exc)
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s worker %(levelname)s %(message)s")
+def serve(connection: socket.socket, config: dict, env: dict[str, str]) -> None:
+    """Answer the daemon's commands on `connection` until it closes it."""
+    lifeline.adopt(env)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s worker %(levelname)s %(message)s",
+                        force=True)
     inert_logging()
-    _die_with_parent()
-    replies = _protocol_stream()
-    config = json_util.loads(sys.stdin.readline())
     db = MongoClient(config["uri"], **defaults.CODEC)[config["db"]]
     limits = Limits.model_validate(config["limits"])
     cache = ModelCache(db, limits, DiskCache(config["work_dir"], config["disk_bytes"]),
                        int(config["memory_bytes"] * MODEL_SHARE))
+    commands, replies = connection.makefile("rb"), connection.makefile("w", encoding="utf-8")
 
     def send(reply: dict) -> None:
         replies.write(json_util.dumps(reply) + "\n")
         replies.flush()
 
-    for line in sys.stdin:
+    for line in commands:
         send(handle(cache, json_util.loads(line), send))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,17 @@
+"""What the fork server imports once, so that every training child and serving worker forked from it
+starts without the five seconds of a CPU that torch, transformers, peft and trl take (`listener.forks`).
+
+Importing is all it does besides one thing: no thread, no CUDA, no connection, nothing a fork could
+copy half-made. The one thing: the fork server dies with its daemon. Every child forked from it holds
+the pipe whose end would tell it the daemon is gone, so it would outlive a SIGKILLed daemon, and
+its children with it; the kernel's parent-death signal ends it instead, and theirs ends them.
+"""
+
+from training import lifeline
+
+lifeline.die_with_parent()
+
+import peft  # noqa: F401
+import trl  # noqa: F401
+
+from training import arguments, child, dataset, inference, models, phases, progress, worker  # noqa: F401
