@@ -31,6 +31,7 @@ from listener.serving import Serving
 from listener.settings import Settings
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, now, status_filter, transition
 from listener.streams import watch
+from listener.tasks import cancel_and_wait
 from training import defaults, ids
 from training.config import SpecError, parse_model, parse_request
 from training.lineage import versions
@@ -77,29 +78,34 @@ class Daemon:
         self.periodic.every(self.settings.lease_s / 4, self.serving.renew)
         self.retrainer.start()
         self.periodic.start()
-        tasks = [
-            asyncio.create_task(watch_collection(self, defaults.MODELS, self.consider_model, self._scan_models)),
-            asyncio.create_task(watch_collection(self, defaults.REQUESTS, self.consider_request, self._scan_requests)),
-            asyncio.create_task(self.serving.serve()),
-            asyncio.create_task(self._rescan_when_room()),
+        loops = [  # ended by cancellation alone, with nothing to clean up
+            asyncio.create_task(watch_collection(self, defaults.MODELS, self.consider_model, self._scan_models),
+                                name=f"stream:{defaults.MODELS}"),
+            asyncio.create_task(watch_collection(self, defaults.REQUESTS, self.consider_request, self._scan_requests),
+                                name=f"stream:{defaults.REQUESTS}"),
+            asyncio.create_task(self._rescan_when_room(), name="rescan"),
         ]
+        serving = asyncio.create_task(self.serving.serve(), name="serving")
         log.info("listening on %s, database %r, as %s", redact(self.settings.uri), self.settings.db, self.owner)
         stop = asyncio.create_task(self.stop_event.wait())
-        done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        await self._shutdown(tasks)
+        done, _ = await asyncio.wait([stop, *loops, serving], return_when=asyncio.FIRST_COMPLETED)
+        await self._shutdown(loops, serving)
         for task in done:
             if task is not stop and task.exception():
                 raise task.exception()
 
-    async def _shutdown(self, tasks: list[asyncio.Task]) -> None:
+    async def _shutdown(self, loops: list[asyncio.Task], serving: asyncio.Task) -> None:
         await self.periodic.close(SHUTDOWN_DB_S)
-        await self.retrainer.close()
+        await self.retrainer.close(SHUTDOWN_DB_S)
         if self.metrics:
             self.metrics.close()
         trainings = [task for task in self.trainings.values() if task is not None]
-        for task in [*tasks, *trainings]:
+        # Serving and trainings stop a process once cancelled, which a second cancel would cut short: they are
+        # cancelled once. The loops are cancelled until they end: a cancel can be lost (`listener.tasks`).
+        for task in [serving, *trainings]:
             task.cancel()
-        await asyncio.gather(*tasks, *trainings, self.serving.close(), return_exceptions=True)
+        await asyncio.gather(cancel_and_wait(loops, SHUTDOWN_DB_S, "streams"), serving, *trainings,
+                             self.serving.close(), return_exceptions=True)
         self.health.remove()
         try:  # with the database away, leases expire and the reaper hands the work on: never wait long
             await asyncio.wait_for(self._give_back(), SHUTDOWN_DB_S)
@@ -313,7 +319,10 @@ async def _serve(settings: Settings) -> None:
     try:
         await daemon.work()
     finally:
-        await client.close()
+        try:  # ends sessions and kills cursors on the server: bounded like every other write at exit
+            await asyncio.wait_for(client.close(), SHUTDOWN_DB_S)
+        except (TimeoutError, PyMongoError) as exc:
+            log.warning("could not close the connection to MongoDB cleanly at exit (%s)", type(exc).__name__)
 
 
 def serve(settings: Settings) -> None:

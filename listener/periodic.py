@@ -3,7 +3,7 @@
 APScheduler's own shutdown cancels the coroutines it started and never awaits them, so a heartbeat
 or a reap could be cut off mid-write at exit. Here the scheduler only fires: each firing starts a
 task this owner tracks, a job still running when it fires again is skipped, and `close` stops the
-firing, then waits for what is running (cancelling it past a deadline).
+firing, then waits for what is running (cancelling it past a deadline, until it has ended).
 """
 
 import asyncio
@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+
+from listener.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +62,11 @@ class Periodic:
         self.scheduler.start()
 
     async def close(self, timeout_s: float) -> None:
-        """Stop firing, then wait up to `timeout_s` for running jobs; cancel and await what is left."""
+        """Stop firing, then wait up to `timeout_s` for running jobs; cancel what is left, for as long again."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         tasks = list(self.running.values())
         if not tasks:
             return
         _, late = await asyncio.wait(tasks, timeout=timeout_s)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
+        await cancel_and_wait(late, timeout_s, "periodic jobs")  # a cancel can be lost: `listener.tasks`

@@ -40,6 +40,7 @@ from listener.records import BadRecord, ModelState, SkipLog, parse
 from listener.settings import Settings
 from listener.status import DOCUMENT_VALIDATION_FAILURE, FINAL, MODEL_TRANSITIONS, Status, now, transition
 from listener.streams import LOST_TOKEN_CODES
+from listener.tasks import cancel_and_wait
 from training import defaults, ids, schedule
 from training.config import LISTENER_FIELDS, ModelSpec, SpecError, parse_model
 
@@ -51,6 +52,7 @@ TICKS_KEPT = 20  # recent ticks kept on a tick record: when, which daemon took i
 TICK_LOOKBACK_S = 60.0  # how late a schedule job may run and still find the tick it fired for
 LOGICAL = frozenset({"$and", "$or", "$nor"})
 STATE_FIELDS = {"status": 1, "run": 1, "started_at": 1, "finished_at": 1}
+CLOSE_S = 5.0  # how long `close` waits for the watchers to end before it leaves them
 
 
 class Tally(BaseModel):
@@ -138,16 +140,16 @@ class Retrainer:
         self.watchers: dict[str, tuple[tuple, asyncio.Task]] = {}  # by model key: what it watches, the stream task
         self.schedules: dict[str, str] = {}  # by model key: the cron expression scheduled
         self.tallies: dict[str, Tally] = {}  # by model key: this daemon's tallies, as last written
+        self.stopping: set[asyncio.Task] = set()  # watchers cancelled by `check` that have not ended yet
 
     def start(self) -> None:
         self.periodic.every(self.settings.retrain_check_s, self.check, "retrain")
 
-    async def close(self) -> None:
-        tasks = [task for _, task in self.watchers.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def close(self, timeout_s: float = CLOSE_S) -> None:
+        """Stop counting: each watcher is cancelled until it has ended (a cancel can be lost, `listener.tasks`)."""
+        tasks = [task for _, task in self.watchers.values()] + list(self.stopping)
         self.watchers.clear()
+        await cancel_and_wait(tasks, timeout_s, "retrain watchers")
 
     async def check(self) -> None:
         """Follow the models with `retrain` as they are now, and start the runs that are due."""
@@ -195,17 +197,23 @@ class Retrainer:
     async def _follow_data(self, models: dict) -> None:
         wanted = {key: (spec.data.collection, json_util.dumps(spec.data.filter))
                   for key, (spec, _) in models.items() if spec.retrain.on_new_documents}
+        stale = []
         for key, (watched, task) in list(self.watchers.items()):
             if wanted.get(key) != watched or task.done():
                 if task.done() and not task.cancelled() and task.exception():
                     log.warning("counting new documents stopped (%r); starting again", task.exception())
-                task.cancel()
+                stale.append(task)
+                self.stopping.add(task)
+                task.add_done_callback(self.stopping.discard)
                 del self.watchers[key]
-                self.tallies.pop(key, None)
+        await cancel_and_wait(stale, CLOSE_S, "retrain watchers")  # ended before a new one counts for its model
+        for key in set(self.tallies) - set(self.watchers):
+            self.tallies.pop(key, None)
         for key, watched in wanted.items():
             if key not in self.watchers:
                 spec, state = models[key]
-                self.watchers[key] = (watched, asyncio.create_task(self._watch(key, spec, state.run)))
+                task = asyncio.create_task(self._watch(key, spec, state.run), name=f"retrain-watch:{key}")
+                self.watchers[key] = (watched, task)
         await self.db[defaults.LISTENER].delete_many(
             {"kind": TALLY, "daemon": self.settings.name, "model_key": {"$nin": list(wanted)}})
 

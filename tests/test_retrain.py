@@ -7,12 +7,13 @@ going, and a count that a daemon restart neither loses nor repeats.
 import asyncio
 import contextlib
 import datetime as dt
+import sys
 import time
 
 import pytest
 from pymongo import AsyncMongoClient
 
-from listener import retrain
+from listener import retrain, tasks
 from listener.connection import connect
 from listener.periodic import Periodic
 from listener.processes import wait_until
@@ -147,6 +148,35 @@ async def until(check):
         while not (found := check()):
             await asyncio.sleep(0.05)
     return found
+
+
+def test_a_watcher_that_lost_its_cancellation_is_cancelled_again_until_it_ends():
+    """How `Retrainer.close` hung: a watcher cancelled in the loop tick in which PyMongo's connect completed.
+
+    PyMongo opens a socket inside `asyncio.wait_for`, which before Python 3.12 returns the result and drops
+    a cancellation arriving in that tick (python/cpython#86296): the watcher carried on, stream open, getMore
+    after getMore, and `close`'s gather awaited it forever. Here the same `wait_for` loses the same cancel.
+    """
+    async def scenario():
+        connected = asyncio.get_running_loop().create_future()
+        carried_on = []
+
+        async def watcher():
+            await asyncio.wait_for(connected, 60)  # as pool_shared._async_create_connection does
+            carried_on.append(True)
+            while True:  # as a change stream waits for changes
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(watcher())
+        await asyncio.sleep(0)  # it awaits its connection
+        connected.set_result(None)
+        task.cancel()  # in the same tick
+        left = await tasks.cancel_and_wait([task], timeout_s=20, what="watchers")
+        return task, left, carried_on
+
+    task, left, carried_on = asyncio.run(scenario())
+    assert not left and task.cancelled()
+    assert carried_on == ([True] if sys.version_info < (3, 12) else [])  # the first cancel was lost before 3.12
 
 
 def test_a_filter_the_stream_cannot_hold_is_checked_per_insert_and_counts_the_same(db, server_uri, tmp_path):
