@@ -44,6 +44,8 @@ def test_workers_and_children_fork_from_one_preloaded_process_that_dies_with_the
     child = logged_pid(daemon, r"training 'long' run 1 started \(pid (\d+)")
     assert parent(child) == server, "the training child was forked from the same process as the worker"
 
+    assert "trust_remote_code" not in daemon.log(), "no 4-bit kernel warning where nothing uses 4 bits"
+
     daemon.stop(signal.SIGKILL)
     for pid in (child, worker, server):
         assert_gone(pid, timeout=60)
