@@ -19,7 +19,8 @@ import logging
 from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
-from listener.serving import Failure, Serving
+from listener.serving import Serving
+from listener.serving_worker import Failure
 from listener.status import REQUEST_TRANSITIONS, Status, now, transition
 from training import defaults, ids
 from training.config import TEMPLATE_FIELD, RequestSpec, input_fields

@@ -20,6 +20,7 @@ from bson.errors import InvalidBSON
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from listener import embedded, gpus, health, housekeeping, leases, metrics, schema
+from listener.batch_predictions import predict_collection
 from listener.connection import connect, database_name, redact
 from listener.forks import Forks, forget_connection_environment
 from listener.jobs import supervise
@@ -60,7 +61,8 @@ class Daemon:
         self.skipped = SkipLog()
         self.health = health.Health(settings.home, settings.name, self.owner)
         self._room = asyncio.Event()  # set by serving when it can take more requests
-        self.serving = Serving(self.db, settings, self.owner, self.counters, self.forks, on_room=self._room_freed)
+        self.serving = Serving(self.db, settings, self.owner, self.counters, self.forks, predict_collection,
+                               on_room=self._room_freed)
         self.periodic = Periodic()  # the one owner of timed work; `_shutdown` awaits it
         self.retrainer = Retrainer(self.db, settings, self.owner, self.periodic, self.skipped)
         self.metrics: metrics.Metrics | None = None  # with --metrics-port, from `work`
