@@ -13,6 +13,7 @@ never through its environment or command line.
 
 import asyncio
 import contextlib
+import errno
 import importlib
 import logging
 import multiprocessing
@@ -86,9 +87,12 @@ class Forks:
 
     async def start(self, entry: str, *args) -> Started:
         """Run `entry(*args)` ("module:function") in a new process; the first start on a CPU host waits for
-        the fork server's imports (in a thread: the daemon's loop goes on)."""
+        the fork server's imports (in a thread: the daemon's loop goes on). OSError when it cannot start."""
         process = self._context.Process(target=_run, args=(entry, *args), name=entry)
-        await asyncio.to_thread(process.start)
+        try:
+            await asyncio.to_thread(process.start)
+        except EOFError:  # the fork server ended before it answered: its imports failed, or it was killed
+            raise OSError(errno.ECHILD, "the fork server stopped before it started the process") from None
         return Started(process)
 
 

@@ -84,7 +84,13 @@ async def supervise(db, settings: Settings, model_id, run: int, owner: str, fork
            "model_id": json_util.dumps(model_id), "db": db.name, "log": str(path), "sent": time.time()}
     env = {defaults.ENV_LEASE_OWNER: owner, **cuda_env(devices)}
     starting = asyncio.ensure_future(forks.start("training.child:run", job, env))
-    process = await _keeping_lease(db[defaults.MODELS], settings, model_id, owner, starting)
+    try:
+        process = await _keeping_lease(db[defaults.MODELS], settings, model_id, owner, starting)
+    except OSError as exc:
+        log.error("training %r could not start: %s", model_id, exc)
+        error = {"type": "training_crashed", "message": f"the training process could not start ({exc.strerror or exc}); "
+                                                        "the listener's log says more"}
+        return await _end(db[defaults.MODELS], model_id, run, owner, Status.FAILED, {"error": error})
     log.info("training %r run %d started (pid %d, log %s)", model_id, run, process.pid, path.name)
     try:
         outcome = await _watch_child(db[defaults.MODELS], settings, model_id, run, owner, process, path)
