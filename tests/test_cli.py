@@ -31,7 +31,7 @@ def test_submit_follows_training_and_predict_prints_the_answer(db, server_uri, s
     assert '"checkpoint": {"run": 1, "step": 2}' in answered.output
 
     unknown = invoke(server_uri, db, "predict", "nobody", "ahoy", "--timeout", "60")
-    assert unknown.exit_code == 1 and "no document with _id 'nobody'" in unknown.output
+    assert unknown.exit_code == 1 and "no model with _id 'nobody'" in unknown.output
 
 
 def test_bad_arguments_are_refused_before_anything_is_written(db, server_uri, tmp_path):

@@ -50,7 +50,7 @@ def test_a_model_without_metrics_is_one_line(server_uri, db, tmp_path):
     db[defaults.MODELS].insert_one({"_id": "fresh", "status": "pending"})
     target = tmp_path / "loss.png"
     for model, message in (("fresh", "model 'fresh' has no loss in its metrics yet (status: pending)"),
-                           ("nobody", "no model 'nobody' in")):
+                           ("nobody", "no model with _id 'nobody' in")):
         result = plot(server_uri, db, model, "-o", str(target))
         assert result.exit_code == 1 and message in result.output
         assert len(result.output.strip().splitlines()) == 1

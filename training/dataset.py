@@ -5,16 +5,21 @@ pair (optionally joined by a template into text), or chat `messages`. Every prob
 against the `data.*` field a user would change.
 """
 
+from __future__ import annotations
+
 import random
 import re
-
-from datasets import Dataset
+from typing import TYPE_CHECKING
 
 from training.config import DataSpec, SpecError
+from training.hints import did_you_mean, fields_hint, user_collections
 from training.lineage import data_read
 from training.limits import Limits
 from training.template import render, template_fields
 from training.transforms import load as load_transform
+
+if TYPE_CHECKING:  # `datasets` is imported where a dataset is built: `listener apply --dry-run` checks without it
+    from datasets import Dataset
 
 TEXT, PROMPT_COMPLETION, MESSAGES = "text", "prompt_completion", "messages"
 ROLES = {"system", "user", "assistant"}
@@ -51,19 +56,33 @@ def load_documents(db, data: DataSpec, limits: Limits) -> list[dict]:
         where = f"collection {data.collection!r}"
         if data.filter:
             raise SpecError("data.filter", f"no document in {where} matches the filter {data.filter}")
-        raise SpecError("data.collection", f"{where} has no documents (check the name and the database)")
+        names = user_collections(db)  # None: not ours to list
+        hint = did_you_mean(data.collection, names)
+        if names is not None and data.collection not in names:
+            raise SpecError("data.collection", f"there is no {where} in database {db.name!r}{hint}")
+        raise SpecError("data.collection", f"{where} has no documents (check the name and the database){hint}")
     return documents[:cap]
 
 
-def _missing(documents: list[dict], data: DataSpec) -> None:
+def _missing(db, documents: list[dict], data: DataSpec) -> None:
     for name in needed_fields(data)[:-1]:
         lacking = [doc for doc in documents if name not in doc]
         if lacking:
             field = "data.template" if data.template and name in template_fields(data.template) else "data.key"
+            # When no document has it, the name is likely wrong: say which fields the documents do have.
+            hint = fields_hint(db[data.collection], data.filter) if len(lacking) == len(documents) else ""
             raise SpecError(
                 field,
-                f"{len(lacking)} of {len(documents)} selected documents have no field {name!r}",
+                f"{len(lacking)} of {len(documents)} selected documents have no field {name!r}{hint}",
             )
+
+
+def check_documents(db, data: DataSpec, limits: Limits) -> int:
+    """What the daemon's training child checks first, without building a dataset: the selection has documents and
+    the fields `data` names; how many documents it selects. Raises the same SpecError the training would."""
+    documents = load_documents(db, data, limits)
+    _missing(db, documents, data)
+    return len(documents)
 
 
 def _messages(value) -> list[dict]:
@@ -134,8 +153,10 @@ def build_datasets(db, data: DataSpec, limits: Limits) -> tuple[Dataset, Dataset
 
 def read_datasets(db, data: DataSpec, limits: Limits) -> tuple[Dataset, Dataset | None, dict]:
     """The datasets, and what was read for them (`training.lineage.data_read`) for the run's entry."""
+    from datasets import Dataset
+
     documents = load_documents(db, data, limits)
-    _missing(documents, data)
+    _missing(db, documents, data)
     train, valid = split_folds(documents, data)
     transform = load_transform(data.transform) if data.transform else None
     examples = [[e for e in (to_example(doc, data, transform) for doc in fold) if e is not None]

@@ -3,7 +3,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from listener.cli.options import connection_options, model_argument, open_database, operator_settings
+from listener.cli.options import connection_options, find_model, model_argument, open_database, operator_settings
+from training import defaults
 from training.checkpoints import CheckpointRefused
 from training.config import SpecError
 
@@ -41,6 +42,7 @@ def export(uri, db, model, dest, checkpoint, adapter_only):
     ref = checkpoint_ref(checkpoint)
     limits = operator_settings(uri=uri, db=db).limits
     database = open_database(uri, db)
+    find_model(database[defaults.MODELS], model, {"_id": 1})
     console = Console(stderr=True)
     try:
         with console.status("exporting") as status:

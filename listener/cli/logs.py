@@ -54,6 +54,7 @@ def logs(uri, db, model, keep_following, count):
             console.print(event_line(event), highlight=False)
         console.print(summary(document), highlight=False)
         return
+    find_model(models, model, {"_id": 1})
     note = waiting_note(database, settings.heartbeat_s)
     document = follow_training(console, models, model, timeout_s=FOLLOW_S, note=note)
     console.print(summary(document), highlight=False)

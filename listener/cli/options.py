@@ -10,7 +10,8 @@ from rich.logging import RichHandler
 
 from training import defaults, ids
 from training.config import SpecError
-from training.inert import inert_logging
+from training.hints import closest_model_id, shown
+from training.inert import inert, inert_logging
 
 uri_option = click.option(
     "--uri", envvar=defaults.ENV_URI, default=None, metavar="URI",
@@ -113,11 +114,15 @@ def resolve(uri: str | None, db: str | None) -> tuple[str, str]:
 
 
 def find_model(models, model_id, projection: dict | None = None) -> dict:
-    """The model document, or one line saying it is not there and where to look."""
+    """The model document, or one line saying it is not there: "did you mean" the closest `_id` there is, or where to
+    look. Every command that takes a model id looks it up here."""
     document = models.find_one({"_id": ids.eq(model_id)}, projection)
     if document is None:
+        close = closest_model_id(models, model_id)
+        named = shown(close) if isinstance(close, str) else inert(id_text(close), 200)
+        hint = f"did you mean {named}?" if close is not None else "`listener status` lists them"
         raise click.ClickException(f"no model with _id {model_id!r} in {models.database.name}.{models.name}: "
-                                   "`listener status` lists them")
+                                   f"{hint}")
     return document
 
 

@@ -4,7 +4,7 @@ import click
 from bson import ObjectId
 
 from listener.cli.alive import no_daemon
-from listener.cli.options import connection_options, model_argument, open_database, operator_settings
+from listener.cli.options import connection_options, find_model, model_argument, open_database, operator_settings
 from listener.follow import finished, wait_for
 from listener.processes import wait_until
 from listener.status import Status
@@ -39,6 +39,7 @@ def predict(uri, db, model, prompt, chat, checkpoint, max_new_tokens, timeout, s
     idle = no_daemon(database, settings.heartbeat_s)
     if idle:
         raise click.ClickException(f"{idle}; nothing would answer this request")
+    find_model(database[defaults.MODELS], model, {"_id": 1})  # a misspelt id fails here, with the closest one
     if stream:
         answer, shown = streamed(requests, document, timeout), True
     else:

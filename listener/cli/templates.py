@@ -8,9 +8,11 @@ from bson import ObjectId
 from pymongo import MongoClient
 
 from listener import model_templates as templates
-from listener.cli.options import connection_options, insert_model, operator_settings, resolve
-from training import defaults, ids
+from listener.cli.options import (connection_options, find_model, insert_model, open_database, operator_settings,
+                                  resolve)
+from training import defaults
 from training.config import SpecError, parse_model
+from training.hints import shown
 
 DEFAULTS = ", ".join(f"{name}={path}" for name, path in templates.DEFAULT_VARIABLES.items())
 
@@ -40,10 +42,8 @@ def export_template(uri, db, model, folder, variables):
     """
     try:
         chosen = dict(templates.parse_assignment(v) for v in variables) or templates.DEFAULT_VARIABLES
-        database, name = _database(uri, db)
-        document = database[defaults.MODELS].find_one({"_id": ids.eq(model)})
-        if document is None:
-            raise click.ClickException(f"no model {model!r} in {name}.{defaults.MODELS}")
+        database, _ = _database(uri, db)
+        document = find_model(database[defaults.MODELS], model)
         template, described = templates.export(document, chosen)
         templates.write(folder, template, described)
     except templates.TemplateProblem as exc:
@@ -63,7 +63,8 @@ Example:
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE", help="A variable's value (repeatable).")
 @click.option("--id", "model_id", metavar="ID", help="The new model's _id (default: a new ObjectId).")
-@click.option("--dry-run", is_flag=True, help="Print the filled-in definition instead of inserting it.")
+@click.option("--dry-run", is_flag=True, help="Check the data it would train on and print the filled-in definition "
+                                              "instead of inserting it.")
 def apply(uri, db, folder, assignments, model_id, dry_run):
     """Fill in the model template in FOLDER and insert it into `_models` as a new model.
 
@@ -75,14 +76,29 @@ def apply(uri, db, folder, assignments, model_id, dry_run):
         template, variables = templates.read(folder)
         given = dict(templates.parse_assignment(a) for a in assignments)
         document = {"_id": model_id or ObjectId(), **templates.apply(template, variables, given)}
-        parse_model(document, operator_settings().limits)
+        limits = operator_settings().limits
+        spec = parse_model(document, limits)
     except templates.TemplateProblem as exc:
         raise click.ClickException(str(exc)) from None
     except SpecError as exc:
         raise click.ClickException(f"the filled-in template is not a valid model: {exc}") from None
     if dry_run:
+        selected = _check_data(open_database(uri, db), spec.data, limits)
         click.echo(yaml.safe_dump({**document, "_id": str(document["_id"])}, sort_keys=False, allow_unicode=True))
+        click.echo(f"checked the data: {selected} selected document(s) in collection {shown(spec.data.collection)} "
+                   "have the fields it names; nothing was inserted", err=True)
         return
     database, name = _database(uri, db)
     insert_model(database[defaults.MODELS], document)
     click.echo(f"inserted model {document['_id']!r} into {name}.{defaults.MODELS}")
+
+
+def _check_data(database, data, limits) -> int:
+    """The training's first checks on `data` (the collection has the selected documents, with the fields named):
+    how many documents it selects, or the one line the training would fail with."""
+    from training.dataset import check_documents
+
+    try:
+        return check_documents(database, data, limits)
+    except SpecError as exc:
+        raise click.ClickException(f"the data it would train on does not fit: {exc}") from None

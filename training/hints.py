@@ -1,0 +1,83 @@
+""""Did you mean" hints from the names already in the database: collections, model ids, fields.
+
+Every name here was written by someone untrusted (a collection's or a field's name, a model's `_id`),
+so each is made inert and cut short, and a hint shows one name, or a few fields, never a listing.
+"""
+
+import difflib
+
+from pymongo.errors import PyMongoError
+
+from training.inert import inert
+
+MAX_NAME_CHARS = 60  # one name as shown
+MAX_CANDIDATES = 10_000  # names compared: difflib is linear in their count
+MAX_COMPARED_CHARS = 255  # longer names are not compared (difflib is quadratic in length)
+SAMPLE_DOCUMENTS = 20  # documents whose top-level fields a hint lists
+MAX_FIELDS = 12  # fields listed, the rest counted
+MAX_FIELDS_PER_DOCUMENT = 200  # field names read from one document
+
+
+def shown(name) -> str:
+    """A name quoted for a message: inert and bounded."""
+    return f"'{inert(name if isinstance(name, str) else str(name), MAX_NAME_CHARS)}'"
+
+
+def closest(name: str, names) -> str | None:
+    """The one name in `names` closest to `name`, if any is close enough to be the one meant."""
+    if not isinstance(name, str) or len(name) > MAX_COMPARED_CHARS:
+        return None
+    candidates = [n for n in names if isinstance(n, str) and n != name and len(n) <= MAX_COMPARED_CHARS]
+    matches = difflib.get_close_matches(name, candidates[:MAX_CANDIDATES], n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def user_collections(db) -> list[str] | None:
+    """The database's collections a user's data could be in: not `system.*`, not mongotune's own `_`-prefixed ones;
+    None if the server would not list them."""
+    try:
+        names = db.list_collection_names(authorizedCollections=True)
+    except PyMongoError:
+        return None
+    return sorted(n for n in names if not n.startswith(("system.", "_")))
+
+
+def did_you_mean(name: str, names) -> str:
+    """'; did you mean 'X'?' naming the one of `names` closest to `name`, or ''."""
+    close = closest(name, names or ())
+    return f"; did you mean {shown(close)}?" if close else ""
+
+
+def closest_model_id(models, model_id):
+    """The `_id` in `models` closest to `model_id` (compared as text), or None."""
+    try:
+        ids = [d["_id"] for d in models.find({}, {"_id": 1}, limit=MAX_CANDIDATES)]
+    except PyMongoError:
+        return None
+    by_text = {}
+    for value in ids:
+        by_text.setdefault(value if isinstance(value, str) else str(value), value)
+    close = closest(model_id if isinstance(model_id, str) else str(model_id), by_text)
+    return by_text[close] if close is not None else None
+
+
+def field_names(collection, selection: dict) -> list[str]:
+    """The top-level field names (not `_id`) of the first few selected documents, sorted; only names are read."""
+    names = {"$map": {"input": {"$objectToArray": "$$ROOT"}, "in": "$$this.k"}}
+    pipeline = [{"$match": selection}, {"$sort": {"_id": 1}}, {"$limit": SAMPLE_DOCUMENTS},
+                {"$project": {"_id": 0, "names": {"$slice": [names, MAX_FIELDS_PER_DOCUMENT]}}}]
+    try:
+        found = {name for doc in collection.aggregate(pipeline) for name in doc.get("names") or ()}
+    except PyMongoError:
+        return []
+    return sorted(name for name in found if isinstance(name, str) and name != "_id")
+
+
+def fields_hint(collection, selection: dict) -> str:
+    """'; the documents have fields 'a', 'b' (and N more)', from a sample of the selected documents, or ''."""
+    names = field_names(collection, selection)
+    if not names:
+        return ""
+    listed = ", ".join(shown(name) for name in names[:MAX_FIELDS])
+    more = f" and {len(names) - MAX_FIELDS} more" if len(names) > MAX_FIELDS else ""
+    return f"; the documents have fields {listed}{more}"
