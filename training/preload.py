@@ -11,6 +11,7 @@ from training import lifeline
 
 lifeline.die_with_parent()
 
+import datasets  # noqa: F401
 import peft  # noqa: F401
 import trl  # noqa: F401
 
