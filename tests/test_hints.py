@@ -132,3 +132,17 @@ def test_a_daemon_writes_the_hint_into_the_failed_models_error(db, start_daemon,
     assert document["status"] == "failed"
     assert document["error"]["field"] == "data.collection"
     assert document["error"]["message"].endswith("did you mean 'pirate_chat'?")
+
+
+def test_a_hint_names_only_collections_the_operator_lets_documents_train_on(db):
+    """With MONGOTUNE_COLLECTIONS set, a hint is an oracle for the names of collections outside it (another
+    team's): a document naming an allowed but missing collection must not learn the closest forbidden one."""
+    db.team_b_payroll.insert_one({"text": "salary"})
+    db.team_a_chat.insert_one({"text": "arr"})
+    limits = Limits(collections=("team_a_*",))
+    with pytest.raises(SpecError) as info:
+        check_documents(db, DataSpec.model_validate({"collection": "team_a_payroll"}), limits)
+    assert "team_b" not in info.value.message, info.value.message
+    with pytest.raises(SpecError) as info:
+        check_documents(db, DataSpec.model_validate({"collection": "team_a_caht"}), limits)
+    assert info.value.message.endswith("did you mean 'team_a_chat'?"), info.value.message

@@ -585,15 +585,18 @@ def input_fields(text: str) -> list[str]:
     return names if names else [text] if re.fullmatch(FIELD_PATH, text) else []
 
 
+def collection_allowed(name: str, limits: Limits) -> bool:
+    """Whether a document may train on collection `name`: one the operator lists, else not ours or the system's."""
+    if limits.collections:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in limits.collections)
+    return not name.startswith(("_", "system."))
+
+
 def check_collection(name: str, limits: Limits) -> None:
     """Only collections the operator lets documents train on: by default none of the listener's or the system's."""
     if "$" in name or "\0" in name or name.startswith("."):
         raise SpecError("data.collection", "not a valid collection name")
-    if limits.collections:
-        allowed = any(fnmatch.fnmatchcase(name, pattern) for pattern in limits.collections)
-    else:
-        allowed = not name.startswith(("_", "system."))
-    if not allowed:
+    if not collection_allowed(name, limits):
         raise SpecError("data.collection", "documents may not train on this collection; the operator lists the ones "
                         f"they may with {Limits.setting('collections')}")
 

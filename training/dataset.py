@@ -56,7 +56,7 @@ def load_documents(db, data: DataSpec, limits: Limits) -> list[dict]:
         where = f"collection {data.collection!r}"
         if data.filter:
             raise SpecError("data.filter", f"no document in {where} matches the filter {data.filter}")
-        names = user_collections(db)  # None: not ours to list
+        names = user_collections(db, limits)  # None: not ours to list
         hint = did_you_mean(data.collection, names)
         if names is not None and data.collection not in names:
             raise SpecError("data.collection", f"there is no {where} in database {db.name!r}{hint}")

@@ -32,14 +32,17 @@ def closest(name: str, names) -> str | None:
     return matches[0] if matches else None
 
 
-def user_collections(db) -> list[str] | None:
-    """The database's collections a user's data could be in: not `system.*`, not mongotune's own `_`-prefixed ones;
-    None if the server would not list them."""
+def user_collections(db, limits) -> list[str] | None:
+    """The database's collections a document may train on (`MONGOTUNE_COLLECTIONS`; by default not `system.*`, not
+    mongotune's own `_`-prefixed ones): a hint never names one outside them, another team's say; None if the server
+    would not list them."""
+    from training.config import collection_allowed
+
     try:
         names = db.list_collection_names(authorizedCollections=True)
     except PyMongoError:
         return None
-    return sorted(n for n in names if not n.startswith(("system.", "_")))
+    return sorted(n for n in names if isinstance(n, str) and collection_allowed(n, limits))
 
 
 def did_you_mean(name: str, names) -> str:
