@@ -146,3 +146,13 @@ def test_a_hint_names_only_collections_the_operator_lets_documents_train_on(db):
     with pytest.raises(SpecError) as info:
         check_documents(db, DataSpec.model_validate({"collection": "team_a_caht"}), limits)
     assert info.value.message.endswith("did you mean 'team_a_chat'?"), info.value.message
+
+
+def test_field_names_are_cut_where_they_are_read(db):
+    """Twenty documents with a 4 MB field name each would be 80 MB read into the training child for a hint that
+    shows 60 characters of one: names are cut by the server."""
+    from training.hints import MAX_COMPARED_CHARS, field_names
+
+    db.huge.insert_many([{"_id": i, "body": "b", f"{i:02}" + "n" * 4_000_000: 1} for i in range(20)])
+    names = field_names(db.huge, {})
+    assert len(names) == 21 and max(len(name) for name in names) <= MAX_COMPARED_CHARS

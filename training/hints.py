@@ -66,7 +66,8 @@ def closest_model_id(models, model_id):
 
 def field_names(collection, selection: dict) -> list[str]:
     """The top-level field names (not `_id`) of the first few selected documents, sorted; only names are read."""
-    names = {"$map": {"input": {"$objectToArray": "$$ROOT"}, "in": "$$this.k"}}
+    # Cut by the server: a field name may be megabytes long, and only a few characters of it are shown.
+    names = {"$map": {"input": {"$objectToArray": "$$ROOT"}, "in": {"$substrCP": ["$$this.k", 0, MAX_COMPARED_CHARS]}}}
     pipeline = [{"$match": selection}, {"$sort": {"_id": 1}}, {"$limit": SAMPLE_DOCUMENTS},
                 {"$project": {"_id": 0, "names": {"$slice": [names, MAX_FIELDS_PER_DOCUMENT]}}}]
     try:
