@@ -75,3 +75,56 @@ def test_a_started_process_can_be_stopped_and_waited_for_twice():
         return first, second, started.returncode
 
     assert asyncio.run(scenario()) == (-signal.SIGTERM,) * 3
+
+
+def _adopt_once_orphaned(out: str) -> None:
+    """A child forked while its daemon lives that reaches `lifeline.adopt` only after the daemon (and so its fork
+    server) died: the window between the fork and the parent-death signal, made wide."""
+    import os
+    import time
+
+    from training import lifeline
+
+    server = os.getppid()
+    Path(out).write_text("waiting")
+    while os.getppid() == server:
+        time.sleep(0.05)
+    try:
+        lifeline.adopt({})
+    except SystemExit as exc:
+        Path(out).write_text(f"exited {exc.code}")
+        raise
+    Path(out).write_text("survived")
+
+
+DAEMON_FORKING = """
+import asyncio, sys
+from listener.forks import Forks
+
+async def main():
+    await Forks(gpus=False).start("tests.test_forks:_adopt_once_orphaned", sys.argv[1])
+    await asyncio.sleep(600)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_a_child_whose_daemon_died_before_it_asked_to_die_with_it_exits(tmp_path):
+    """Its parent is the fork server: once that died, the child's parent is init, and comparing the parent pid
+    before and after asking for the parent-death signal sees no change, so it would train on as an orphan."""
+    import subprocess
+    import sys
+
+    from listener.processes import wait_until
+
+    script, out = tmp_path / "daemon.py", tmp_path / "out"
+    script.write_text(DAEMON_FORKING)
+    daemon = subprocess.Popen([sys.executable, str(script), str(out)], cwd=Path(__file__).parent.parent)
+    try:
+        wait_until(lambda: out.exists() and out.read_text() == "waiting", 120, "the forked child")
+    finally:
+        daemon.kill()
+        daemon.wait()
+    wait_until(lambda: out.read_text() != "waiting", 60, "the orphaned child's adopt")
+    assert out.read_text() == f"exited {defaults.ChildExit.ORPHANED}"

@@ -9,9 +9,11 @@ the run's next owner.
 
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import sys
+from pathlib import Path
 
 from training import defaults
 
@@ -30,9 +32,29 @@ def adopt(env: dict[str, str]) -> int:
     os.environ.update(env)
     os.setsid()
     die_with_parent()
-    if os.getppid() != parent:  # the parent died before the kernel was asked
+    if os.getppid() != parent or _daemon_gone(parent):  # the parent died before the kernel was asked
         sys.exit(defaults.ChildExit.ORPHANED)
     return parent
+
+
+def _daemon_gone(parent: int) -> bool:
+    """Whether the daemon that started this process is gone although `parent` is still this process's parent.
+
+    A child forked from the fork server whose daemon (and so fork server) died before it asked for the
+    parent-death signal already has init, or a subreaper, for its parent: the parent did not change while it
+    asked, and it would train on beside the run's next owner. The daemon's pid is multiprocessing's record of
+    who started this process: it must be the parent (spawned) or the parent's parent (forked).
+    """
+    started_by = multiprocessing.parent_process()
+    if started_by is None or started_by.pid == parent:
+        return False
+    try:
+        grandparent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except FileNotFoundError:
+        return True  # the parent itself is gone
+    except (OSError, ValueError, IndexError):
+        return False  # no /proc here: the parent pid check above is all there is
+    return grandparent != started_by.pid
 
 
 def die_with_parent() -> None:
