@@ -17,6 +17,7 @@ import errno
 import importlib
 import logging
 import multiprocessing
+from multiprocessing import forkserver
 import os
 import signal
 
@@ -89,6 +90,11 @@ class Forks:
         """Run `entry(*args)` ("module:function") in a new process; the first start on a CPU host waits for
         the fork server's imports (in a thread: the daemon's loop goes on). OSError when it cannot start."""
         process = self._context.Process(target=_run, args=(entry, *args), name=entry)
+        if self.forking:
+            # Here, not in the thread below: the fork server dies when the thread that started it ends
+            # (Linux's parent-death signal follows the thread), and this loop's thread lasts as long as the
+            # daemon. Starting it takes milliseconds; its imports run on while `process.start` waits.
+            forkserver.ensure_running()
         try:
             await asyncio.to_thread(process.start)
         except EOFError:  # the fork server ended before it answered: its imports failed, or it was killed

@@ -1,6 +1,7 @@
 """Training children and serving workers start from one process per daemon that has imported torch,
 transformers, peft and trl once (`listener.forks`), and none of them outlives its daemon."""
 
+import os
 import re
 import signal
 from pathlib import Path
@@ -120,7 +121,9 @@ def test_a_child_whose_daemon_died_before_it_asked_to_die_with_it_exits(tmp_path
 
     script, out = tmp_path / "daemon.py", tmp_path / "out"
     script.write_text(DAEMON_FORKING)
-    daemon = subprocess.Popen([sys.executable, str(script), str(out)], cwd=Path(__file__).parent.parent)
+    root = Path(__file__).parent.parent  # where the child imports this module from, as `tests.test_forks`
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    daemon = subprocess.Popen([sys.executable, str(script), str(out)], cwd=root, env=env)
     try:
         wait_until(lambda: out.exists() and out.read_text() == "waiting", 120, "the forked child")
     finally:
