@@ -5,13 +5,31 @@ import re
 from urllib.parse import unquote
 
 from pymongo import AsyncMongoClient
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
 from training import defaults
 
 
 class ConnectionProblem(RuntimeError):
     pass
+
+
+AUTHENTICATION_FAILED = 18  # the server's code for a wrong user, password, authSource or mechanism
+
+
+def authentication_failed(exc: BaseException, uri: str) -> str | None:
+    """One line for a refused login, or None for any other error.
+
+    pymongo's text for it ends with the server's whole reply, signature bytes and all, and the server
+    does not say which part was wrong (by design): name the user and where the password comes from,
+    never the password.
+    """
+    if not (isinstance(exc, OperationFailure) and exc.code == AUTHENTICATION_FAILED):
+        return None
+    _, userinfo, _, _ = _split(uri)
+    user = unquote(userinfo.partition(":")[0])
+    return (f"MongoDB at {redact(uri)} refused the login: authentication failed for user {user!r}; check the "
+            "password (and authSource) in --uri or MONGOTUNE_URI, or in the file `listener start --uri-file` reads")
 
 
 # URI options shown in logs as they are; every other option's value is masked, since some carry secrets
@@ -86,7 +104,8 @@ async def connect(uri: str, timeout_s: float = 10.0) -> AsyncMongoClient:
         hello = await client.admin.command("hello")
     except Exception as exc:
         await client.close()
-        raise ConnectionProblem(f"cannot reach MongoDB at {redact(uri)}: {reason(exc)}") from None
+        raise ConnectionProblem(authentication_failed(exc, uri)
+                                or f"cannot reach MongoDB at {redact(uri)}: {reason(exc)}") from None
     if not hello.get("setName") and hello.get("msg") != "isdbgrid":
         await client.close()
         raise ConnectionProblem(

@@ -84,7 +84,16 @@ def _stage(document: dict, progress: dict) -> str:
         return "waiting for a daemon"
     if status == Status.RUNNING:
         return "training" if count(progress.get("total_steps")) else "loading model and data"
-    return status
+    step, total = count(progress.get("step")), count(progress.get("total_steps"))
+    return f"{status} at step {step or 0}/{total}" if total else status
+
+
+class EndingSpinner(SpinnerColumn):
+    """A spinner that stops once the run has ended, however it ended (`task.finished` is only a full bar:
+    a cancelled or failed run's bar never fills, and a spinner there says it still works)."""
+
+    def render(self, task):
+        return self.finished_text if task.fields.get("ended") else super().render(task)
 
 
 class Follower:
@@ -99,10 +108,10 @@ class Follower:
         self.seen: set[str] = set()
         self.shown: str | None = None
         self.plain = not (console.is_terminal or console.is_jupyter)
-        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.bar = Progress(EndingSpinner(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval]}"),
-                            TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn(), console=console)
-        self.task = self.bar.add_task("waiting for a daemon", total=None, loss="-", eval="-", eta="-")
+                            TextColumn("{task.fields[eta]}"), TimeElapsedColumn(), console=console)
+        self.task = self.bar.add_task("waiting for a daemon", total=None, loss="-", eval="-", eta="ETA -", ended=False)
 
     def show(self, document: dict) -> None:
         for event in events_of(document):
@@ -110,7 +119,8 @@ class Follower:
                 self.seen.add(ids.key(event))
                 self.bar.console.print(event_line(event), highlight=False)
         progress = document.get("progress") if isinstance(document.get("progress"), dict) else {}
-        line = inert((self.note(document) if self.note else None) or _stage(document, progress))
+        ended = finished(document)
+        line = inert((self.note(document) if self.note and not ended else None) or _stage(document, progress))
         if line != self.shown:
             self.shown = line
             self.bar.update(self.task, description=line)
@@ -121,7 +131,10 @@ class Follower:
             eta = progress.get("eta_s")
             self.bar.update(self.task, total=total, completed=min(count(progress.get("step")) or 0, total),
                             loss=number(progress.get("loss")), eval=number(eval_loss(document)[0]),
-                            eta="-" if not isinstance(eta, (int, float)) else f"{eta:.0f}s")
+                            eta="ETA -" if not isinstance(eta, (int, float)) else f"ETA {eta:.0f}s")
+        if ended:  # an ended run has no time left to estimate, and its clock stops where it ended
+            self.bar.update(self.task, eta="", ended=True)
+            self.bar.stop_task(self.task)
 
 
 def follow_training(console: Console, models, model_id, timeout_s: float, note: Note | None = None) -> dict:
@@ -134,20 +147,21 @@ def follow_training(console: Console, models, model_id, timeout_s: float, note: 
     changes = models.watch([{"$match": {"documentKey._id": ids.eq(model_id)}}], full_document="updateLookup",
                            max_await_time_ms=1000)
     follower = Follower(console, note)
-    with changes, follower.bar:
+    with changes:
         document = _read(models, model_id)
-        while True:
-            follower.show(document)
-            if finished(document):
-                return document
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"model {model_id!r} still {document.get('status')} after {timeout_s:.0f} s")
-            change = changes.try_next()
-            if change is None:
-                continue
-            if change.get("operationType") == "delete":
-                raise Gone(f"model {model_id!r} was deleted")
-            document = change.get("fullDocument") or _read(models, model_id)
+        follower.show(document)  # before the bar's first frame, which would otherwise show a placeholder
+        with follower.bar:
+            while not finished(document):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"model {model_id!r} still {document.get('status')} after {timeout_s:.0f} s")
+                change = changes.try_next()
+                if change is None:
+                    continue
+                if change.get("operationType") == "delete":
+                    raise Gone(f"model {model_id!r} was deleted")
+                document = change.get("fullDocument") or _read(models, model_id)
+                follower.show(document)
+    return document
 
 
 def _read(models, model_id) -> dict:

@@ -1,6 +1,10 @@
 """`listener export` and `listener checkpoints`: a folder plain transformers loads and that answers as served."""
 
+import os
+import stat
+
 import pytest
+import yaml
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,6 +33,17 @@ def served(db) -> dict:
     return answer
 
 
+def assert_hub_folder(folder, library: str) -> None:
+    """Every file with the mode the umask gives a new file (the weights too), and a card the Hub reads."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+    header = yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
+    assert header["library_name"] == library and "mongotune" in header["tags"], header
+    assert "base_model" not in header, "a folder on the daemon's host is no Hub id"
+
+
 def test_export_loads_with_plain_transformers_and_answers_as_served(db, server_uri, start_daemon, tiny_model_path,
                                                                    model_root, tmp_path):
     load_samples(db)
@@ -53,6 +68,7 @@ def test_export_loads_with_plain_transformers_and_answers_as_served(db, server_u
     assert greedy(plain, tokenizer) == answer["output"] != ""
     card = (merged / "README.md").read_text()
     assert "## Runs" in card and "| 1 | insert |" in card
+    assert_hub_folder(merged, "transformers")
 
     best = document["best_checkpoint"]
     result = runner.invoke(cli, ["export", "m", str(adapter), "--adapter-only",
@@ -63,6 +79,7 @@ def test_export_loads_with_plain_transformers_and_answers_as_served(db, server_u
     with_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), adapter)
     assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "model.safetensors").exists()
     assert greedy(with_peft, tokenizer) == answer["output"]
+    assert_hub_folder(adapter, "peft")
 
     again = runner.invoke(cli, ["export", "m", str(merged), *where])
     assert again.exit_code != 0 and "not an empty folder" in again.output and "Traceback" not in again.output

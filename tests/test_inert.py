@@ -108,7 +108,7 @@ def test_inert_logs_and_its_follow_bar_show_hostile_progress(db, server_uri):
         "step": HOSTILE, "total_steps": 5, "loss": HOSTILE, "eta_s": HOSTILE}, "metrics": [{"eval_loss": 1.5, "step": HOSTILE}]})
     shown = invoke(server_uri, db, "logs", "p")
     assert shown.exit_code == 0, shown.output
-    assert shown.output == "status failed, run 1, step 0/5, loss -, ETA - s, eval loss 1.5 (step -)\n"
+    assert shown.output == "status failed, run 1, step 0/5, loss -, eval loss 1.5 (step -)\n"
     for step, total in ((HOSTILE, 5), ([1], 5), (float("nan"), 5), (2**63 - 1, 1), (-1, -5)):
         db[defaults.MODELS].update_one({"_id": "p"}, {"$set": {"progress.step": step, "progress.total_steps": total}})
         followed = invoke(server_uri, db, "logs", "p", "--follow")

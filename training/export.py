@@ -11,12 +11,15 @@ the card and `note` say so.
 
 import datetime as dt
 import json
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from training import checkpoints, defaults, ids
 from training.config import ModelSpec, parse_model
+from training.inert import MAX_SHOWN_CHARS, printable
 from training.limits import Limits
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -74,6 +77,7 @@ def export(db, model_id, ref, dest: Path, limits: Limits, adapter_only: bool = F
         say("writing the tokenizer and the model card")
         _tokenizer(spec, limits).save_pretrained(out)
         (out / "README.md").write_text(model_card(document, entry, adapter_only, spec.trainer.bits))
+        _umask_modes(out)
         if dest.exists():
             dest.rmdir()
         out.rename(dest)
@@ -99,6 +103,18 @@ def _adapter(folder: Path, out: Path) -> None:
         shutil.copy2(folder / name, out / name)
 
 
+def _umask_modes(out: Path) -> None:
+    """Every file and folder of the export with the modes a new one gets here (0666/0777 less the umask).
+
+    Some writers (safetensors' weights, a copy of a downloaded file) leave 0600 beside 0644 files, so
+    a folder shared with a group, or served to other users, loads its config but not its weights.
+    """
+    umask = os.umask(0o022)  # reading the umask means setting it: put back at once
+    os.umask(umask)
+    for path in [out, *out.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _tokenizer(spec: ModelSpec, limits: Limits):
     from training.models import load_tokenizer
 
@@ -121,8 +137,24 @@ def _merged(spec: ModelSpec, folder: Path, out: Path, limits: Limits) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#!|~&])")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
 def _cell(value) -> str:
-    return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+    """A document's value as inert markdown text on one line: every character markdown or HTML gives a
+    meaning written escaped, so a document cannot add links, images, headings, tags or table cells."""
+    return "" if value is None else MARKDOWN.sub(r"\\\1", printable(" ".join(str(value).split())[:MAX_SHOWN_CHARS]))
+
+
+def _front_matter(base: str | None, adapter_only: bool) -> list[str]:
+    """The Hub's metadata block. Values are JSON strings, which YAML reads as quoted scalars, so no value
+    can add a key; `base_model` is written only when it is a Hub id (a folder on the daemon's host is not)."""
+    tags = ["mongotune", "lora", *([] if adapter_only else ["merged"])]
+    shown = base if isinstance(base, str) and HUB_ID.fullmatch(base) and ".." not in base else None
+    return ["---", *([f"base_model: {json.dumps(shown)}"] if shown else []),
+            f"library_name: {'peft' if adapter_only else 'transformers'}", "pipeline_tag: text-generation",
+            "tags:", *(f"- {tag}" for tag in tags), "---", ""]
 
 
 def _run_rows(runs) -> list[str]:
@@ -147,8 +179,9 @@ def model_card(document: dict, entry: dict, adapter_only: bool, bits: int | None
             if adapter_only else "from transformers import AutoModelForCausalLM\n"
                                  "model = AutoModelForCausalLM.from_pretrained(FOLDER)")
     lines = [
+        *_front_matter(document.get("model_name_or_path"), adapter_only),
         f"# {_cell(document['_id'])}", "",
-        f"Fine-tuned by mongotune from `{_cell(document.get('model_name_or_path'))}`"
+        f"Fine-tuned by mongotune from {_cell(document.get('model_name_or_path'))}"
         f"{' (LoRA adapter only)' if adapter_only else ' (adapter merged into the base)'}.", "",
         f"- checkpoint: run {entry['run']}, step {entry['step']}",
         f"- metrics: {json.dumps(metrics, default=str)}",

@@ -23,9 +23,15 @@ def inert(value, limit: int = MAX_SHOWN_CHARS, newlines: bool = False) -> str:
     breaks (a model's answer)."""
     text = value if isinstance(value, str) else str(value)
     head, rest = text[:limit], len(text) - limit
-    if not head.isprintable():
-        head = "".join(c if c.isprintable() or (newlines and c == "\n") else _escaped(c) for c in head)
-    return escape(head) + (f"…(+{rest} chars)" if rest > 0 else "")
+    return escape(printable(head, newlines)) + (f"…(+{rest} chars)" if rest > 0 else "")
+
+
+def printable(text: str, newlines: bool = False) -> str:
+    """`text` with each unprintable character escaped as Python writes it; for text that is not rich markup
+    (a model card escapes markdown instead)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or (newlines and c == "\n") else _escaped(c) for c in text)
 
 
 def _escaped(char: str) -> str:

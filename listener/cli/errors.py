@@ -4,11 +4,13 @@
 what went wrong and what to do; `listener --verbose COMMAND` shows the traceback instead.
 """
 
+from contextlib import contextmanager
+
 import click
 from bson import json_util
 from pymongo.errors import ConfigurationError, ConnectionFailure, OperationFailure, PyMongoError
 
-from listener.connection import reason, redact
+from listener.connection import authentication_failed, reason, redact
 from listener.follow import Gone
 from listener.settings import SettingsError
 from listener.status import DOCUMENT_VALIDATION_FAILURE
@@ -40,12 +42,32 @@ def one_line(exc: BaseException, uri: str | None) -> str:
     if isinstance(exc, OperationFailure) and exc.code == DOCUMENT_VALIDATION_FAILURE:
         return ("the server's $jsonSchema validator refused the document"
                 f"{refused_field(exc.details)}; the daemon's operator sets its bounds: change the document")
+    refused_login = authentication_failed(exc, uri or "")
+    if refused_login:
+        return refused_login
     if isinstance(exc, PyMongoError):
         return f"MongoDB at {where} refused: {' '.join(str(exc).split())[:300]}"
     if isinstance(exc, TimeoutError | OSError | Gone):
         return " ".join(str(exc).split()) or type(exc).__name__
     return (f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
             "(run `listener --verbose ...` for the traceback)")
+
+
+@contextmanager
+def stopped_following(model_id):
+    """Ctrl-C while following a model stops the watching only: say so in one line, as a shell's 130.
+
+    Without this a person sees click's bare "Aborted!" and may think the training was stopped too;
+    the daemon goes on whatever this process does, and `listener cancel` is how to stop it.
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, click.Abort):
+        shown = inert(str(model_id))
+        click.echo(f"stopped following {inert(repr(model_id))}; its training goes on in the daemon "
+                   f"(`listener cancel {shown}` cancels it, `listener logs {shown} --follow` follows it again)",
+                   err=True)
+        raise click.exceptions.Exit(130) from None
 
 
 def bad_uri(shown_uri: str, exc: Exception) -> str:

@@ -2,8 +2,9 @@ import click
 from rich.console import Console
 
 from listener.cli.alive import waiting_note
+from listener.cli.errors import stopped_following
 from listener.cli.options import connection_options, find_model, model_argument, open_database, operator_settings
-from listener.follow import count, eval_loss, event_line, events_of, follow_training, number
+from listener.follow import count, eval_loss, event_line, events_of, finished, follow_training, number
 from listener.status import Status
 from training import defaults
 from training.inert import inert
@@ -18,7 +19,9 @@ def summary(document: dict) -> str:
     parts = [f"status {inert(document.get('status') or 'pending')}", f"run {inert(document.get('run', 0))}"]
     if progress:
         parts += [f"step {count(progress.get('step')) or 0}/{count(progress.get('total_steps')) or '?'}",
-                  f"loss {number(progress.get('loss'))}", f"ETA {number(progress.get('eta_s'), 3)} s"]
+                  f"loss {number(progress.get('loss'))}"]
+        if not finished(document):  # an ended run's last estimate is not time left
+            parts.append(f"ETA {number(progress.get('eta_s'), 3)} s")
     if loss is not None:
         parts.append(f"eval loss {number(loss)} (step {number(count(step))})")
     error = document.get("error") if isinstance(document.get("error"), dict) else None
@@ -56,6 +59,7 @@ def logs(uri, db, model, keep_following, count):
         return
     find_model(models, model, {"_id": 1})
     note = waiting_note(database, settings.heartbeat_s)
-    document = follow_training(console, models, model, timeout_s=FOLLOW_S, note=note)
+    with stopped_following(model):
+        document = follow_training(console, models, model, timeout_s=FOLLOW_S, note=note)
     console.print(summary(document), highlight=False)
     raise SystemExit(0 if document.get("status") == Status.SUCCEEDED else 1)

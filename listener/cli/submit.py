@@ -7,6 +7,7 @@ from bson import json_util
 from rich.console import Console
 
 from listener.cli.alive import no_daemon, waiting_note
+from listener.cli.errors import stopped_following
 from listener.cli.options import connection_options, insert_model, open_database, operator_settings
 from listener.follow import follow_training
 from listener.status import Status
@@ -53,11 +54,13 @@ def submit(uri, db, definition, follow):
         raise click.ClickException(f"{idle}, then submit again; nothing was inserted")
     models = database[defaults.MODELS]
     model_id = insert_model(models, document)
-    console = Console()
-    console.print(f"inserted model {inert(repr(model_id))} into {database.name}.{defaults.MODELS}")
-    if follow:
+    with stopped_following(model_id):  # from here on a Ctrl-C leaves a model in the database that trains
+        console = Console()
+        console.print(f"inserted model {inert(repr(model_id))} into {database.name}.{defaults.MODELS}")
+        if not follow:
+            return
         note = waiting_note(database, settings.heartbeat_s)
         result = follow_training(console, models, model_id, timeout_s=7 * 24 * 3600, note=note)
-        error = result.get("error") if isinstance(result.get("error"), dict) else {}
-        console.print(inert(f"{result['status']}" + (f": {error.get('message')}" if error else ""), MAX_LINE_CHARS))
-        raise SystemExit(0 if result["status"] == Status.SUCCEEDED else 1)
+    error = result.get("error") if isinstance(result.get("error"), dict) else {}
+    console.print(inert(f"{result['status']}" + (f": {error.get('message')}" if error else ""), MAX_LINE_CHARS))
+    raise SystemExit(0 if result["status"] == Status.SUCCEEDED else 1)

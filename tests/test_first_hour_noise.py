@@ -1,0 +1,107 @@
+"""A newcomer's loose ends (issue 23 §6): Ctrl-C while following, an ended run's bar, a refused login, an export's
+files and card. Each is a person's session: real commands against the real server, exit code and first line."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from urllib.parse import quote
+
+import yaml
+from pymongo import MongoClient
+from pymongo.errors import OperationFailure
+
+from listener.cli.errors import one_line
+from tests.documents import heartbeat
+from tests.test_cli_lifecycle import definition, on, tiny_yaml
+from training import defaults
+from training.export import model_card
+
+STOPPED = "stopped following 'm'; its training goes on in the daemon (`listener cancel m` cancels it"
+
+
+def interrupted(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a `listener` command as a person would, press Ctrl-C once its first line is out, and collect the rest."""
+    environ = {k: v for k, v in os.environ.items() if k != defaults.ENV_URI}
+    process = subprocess.Popen([sys.executable, "-m", "listener", *command], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=environ)
+    first = process.stdout.readline()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, first + out, err)
+
+
+def test_ctrl_c_on_logs_follow_says_the_training_goes_on_and_how_to_cancel_it(server_uri, db):
+    db[defaults.MODELS].insert_one({"_id": "m", "model_name_or_path": "x", "data": {"collection": "c"}})
+    stopped = interrupted(["logs", "m", "--follow", "--uri", server_uri, "--db", db.name])
+    assert stopped.returncode == 130, stopped
+    assert stopped.stdout.splitlines()[0].startswith("waiting for a daemon"), stopped
+    assert stopped.stderr.splitlines() == [STOPPED + ", `listener logs m --follow` follows it again)"], stopped
+    assert db[defaults.MODELS].find_one({"_id": "m"}).get("status") is None, "following stopped, the model did not"
+
+
+def test_ctrl_c_on_submit_follow_says_the_same_once_the_model_is_in(server_uri, db, tiny_model_path, tmp_path):
+    heartbeat(db)  # a daemon's record: submit inserts only while one is alive
+    stopped = interrupted(["submit", definition(tmp_path, tiny_yaml("m", tiny_model_path)),
+                           "--uri", server_uri, "--db", db.name])
+    assert stopped.returncode == 130, stopped
+    assert stopped.stdout.splitlines()[0] == f"inserted model 'm' into {db.name}.{defaults.MODELS}", stopped
+    assert stopped.stderr.splitlines()[0].startswith(STOPPED), stopped
+    assert db[defaults.MODELS].count_documents({"_id": "m"}) == 1
+
+
+def test_a_cancelled_or_failed_runs_bar_stops_and_says_how_it_ended_without_an_eta(server_uri, db):
+    progress = {"step": 3, "total_steps": 10, "loss": 1.5, "eta_s": 40.0}
+    db[defaults.MODELS].insert_many([
+        {"_id": "c", "status": "cancelled", "run": 1, "progress": progress},
+        {"_id": "f", "status": "failed", "run": 1, "progress": progress,
+         "error": {"type": "RuntimeError", "message": "out of memory"}},
+    ])
+    for model_id, status in (("c", "cancelled"), ("f", "failed")):
+        for terminal in ({}, {"FORCE_COLOR": "1", "COLUMNS": "200"}):
+            followed = on(server_uri, db, "logs", model_id, "--follow", env=terminal)
+            assert followed.exit_code == 1, followed.output
+            lines = [line for line in re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", followed.output).splitlines() if line.strip()]
+            assert lines[0].strip().startswith(f"{status} at step 3/10"), followed.output
+            assert not re.search("[\u2800-\u28ff]", followed.output), "no spinner frame: the run has ended"
+            assert "ETA" not in followed.output, followed.output
+            assert lines[-1].startswith(f"status {status}, run 1, step 3/10, loss 1.5"), followed.output
+
+
+def test_a_wrong_password_is_one_line_naming_the_user_never_the_password(server_uri, db):
+    admin = MongoClient(server_uri)
+    admin[db.name].command("createUser", "alice", pwd="right-password", roles=["readWrite"])
+    host = server_uri.split("://", 1)[1].split("/")[0].split("?")[0]
+    wrong = f"mongodb://alice:{quote('wrong-pässword')}@{host}/{db.name}?authSource={db.name}"
+    refused = on(wrong, db, "status")
+    assert refused.exit_code == 1, refused.output
+    lines = refused.output.splitlines()
+    assert len(lines) == 1, refused.output
+    assert lines[0].startswith("Error: MongoDB at mongodb://alice:***@"), lines[0]
+    assert "authentication failed for user 'alice'" in lines[0] and "MONGOTUNE_URI" in lines[0], lines[0]
+    assert "wrong" not in lines[0] and "b'" not in lines[0] and "full error" not in lines[0], lines[0]
+
+    try:  # what the daemon's side sees: the server's own refusal, as pymongo raises it
+        MongoClient(wrong, serverSelectionTimeoutMS=5000)[db.name].command("ping")
+    except OperationFailure as exc:
+        assert exc.code == 18 and "full error" in str(exc)
+        assert one_line(exc, wrong) == lines[0].removeprefix("Error: ")
+    else:
+        raise AssertionError("the server took a wrong password")
+
+
+def test_a_model_card_carries_the_hubs_metadata_and_no_document_can_add_keys_or_markup():
+    hostile = {"_id": "m<img src=x onerror=alert(1)>", "runs": [{"number": 1, "data": {"collection": "a|b\n# x"}}],
+               "model_name_or_path": "org/x\nlicense: mit\n---\n# [click](http://evil)"}
+    entry = {"run": 1, "step": 2, "metrics": {}}
+    for adapter_only, library in ((True, "peft"), (False, "transformers")):
+        card = model_card(hostile, entry, adapter_only)
+        _, header, body = card.split("---\n", 2)
+        assert yaml.safe_load(header) == {"library_name": library, "pipeline_tag": "text-generation",
+                                          "tags": ["mongotune", "lora", *([] if adapter_only else ["merged"])]}
+        assert "# m\\<img src=x onerror=alert\\(1\\)\\>\n" in body, body
+        assert "from org/x license: mit --- \\# \\[click\\]\\(http://evil\\) (" in body, body
+        assert "| 1 |  |  |  | a\\|b \\# x |" in body, body
+    hub = model_card({**hostile, "model_name_or_path": "Qwen/Qwen2.5-0.5B"}, entry, True)
+    assert yaml.safe_load(hub.split("---\n")[1])["base_model"] == "Qwen/Qwen2.5-0.5B"
