@@ -28,7 +28,8 @@ def authentication_failed(exc: BaseException, uri: str) -> str | None:
         return None
     _, userinfo, _, _ = _split(uri)
     user = unquote(userinfo.partition(":")[0])
-    return (f"MongoDB at {redact(uri)} refused the login: authentication failed for user {user!r}; check the "
+    return (f"MongoDB at {redact(uri)} refused the login: authentication failed"
+            f"{f' for user {user!r}' if user else ''}; check the "
             "password (and authSource) in --uri or MONGOTUNE_URI, or in the file `listener start --uri-file` reads")
 
 

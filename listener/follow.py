@@ -155,12 +155,11 @@ def follow_training(console: Console, models, model_id, timeout_s: float, note: 
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"model {model_id!r} still {document.get('status')} after {timeout_s:.0f} s")
                 change = changes.try_next()
-                if change is None:
-                    continue
-                if change.get("operationType") == "delete":
+                if change is not None and change.get("operationType") == "delete":
                     raise Gone(f"model {model_id!r} was deleted")
-                document = change.get("fullDocument") or _read(models, model_id)
-                follower.show(document)
+                if change is not None:
+                    document = change.get("fullDocument") or _read(models, model_id)
+                follower.show(document)  # also when nothing changed: the note may have
     return document
 
 
