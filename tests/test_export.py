@@ -2,6 +2,8 @@
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -59,8 +61,13 @@ def test_export_loads_with_plain_transformers_and_answers_as_served(db, server_u
     assert "best" in listing.output and "eval_loss" in listing.output
 
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
-    result = runner.invoke(cli, ["export", "m", str(merged), *where])
-    assert result.exit_code == 0, result.output
+    environ = {**os.environ, "MONGOTUNE_MODEL_ROOTS": str(model_root), "MONGOTUNE_HOME": str(tmp_path / "home")}
+    exported = subprocess.run([sys.executable, "-m", "listener", "export", "m", str(merged), *where],
+                              capture_output=True, text=True, env=environ, timeout=300)
+    assert exported.returncode == 0, exported
+    assert exported.stdout.splitlines() == [f"wrote the merged model of 'm' run 1 step {document['best_checkpoint']['step']} "
+                                            f"to {merged}"], exported
+    assert "accelerator" not in exported.stderr + exported.stdout, "no DeepSpeed guess on a machine without a GPU"
     assert answer["checkpoint_used"] == document["best_checkpoint"]
     plain = AutoModelForCausalLM.from_pretrained(merged)
     tokenizer = AutoTokenizer.from_pretrained(merged)
