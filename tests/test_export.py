@@ -68,6 +68,7 @@ def test_export_loads_with_plain_transformers_and_answers_as_served(db, server_u
     assert exported.stdout.splitlines() == [f"wrote the merged model of 'm' run 1 step {document['best_checkpoint']['step']} "
                                             f"to {merged}"], exported
     assert "accelerator" not in exported.stderr + exported.stdout, "no DeepSpeed guess on a machine without a GPU"
+    assert "it/s" not in exported.stderr, "no tqdm bar drawn over the command's own spinner"
     assert answer["checkpoint_used"] == document["best_checkpoint"]
     plain = AutoModelForCausalLM.from_pretrained(merged)
     tokenizer = AutoTokenizer.from_pretrained(merged)

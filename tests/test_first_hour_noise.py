@@ -105,3 +105,15 @@ def test_a_model_card_carries_the_hubs_metadata_and_no_document_can_add_keys_or_
         assert "| 1 |  |  |  | a\\|b \\# x |" in body, body
     hub = model_card({**hostile, "model_name_or_path": "Qwen/Qwen2.5-0.5B"}, entry, True)
     assert yaml.safe_load(hub.split("---\n")[1])["base_model"] == "Qwen/Qwen2.5-0.5B"
+
+
+def test_the_demos_first_model_conversion_draws_no_tqdm_bars(tmp_path):
+    """The first `listener demo` converts the offline model; transformers' bars came out crushed beside its line."""
+    environ = {**{k: v for k, v in os.environ.items() if k != defaults.ENV_URI}, "XDG_CACHE_HOME": str(tmp_path)}
+    unreachable = "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=300&connectTimeoutMS=300"
+    demo = subprocess.run([sys.executable, "-m", "listener", "demo", "--uri", unreachable], capture_output=True,
+                          text=True, env=environ, timeout=300)
+    assert demo.returncode == 1, demo
+    assert demo.stdout.startswith("Converting ") and "(once, about 20 s)" in " ".join(demo.stdout.split()), demo
+    assert "it/s" not in demo.stderr and "%|" not in demo.stderr, demo.stderr
+    assert demo.stderr.splitlines()[-1].startswith(f"Error: cannot reach MongoDB at {unreachable}: "), demo.stderr

