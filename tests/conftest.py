@@ -140,6 +140,15 @@ def module_daemon(server_uri, module_db, tmp_path_factory, model_root, request):
         print(f"--- log of the daemon shared by {request.module.__name__} ---\n{daemon.log()[-6000:]}")
 
 
+@pytest.fixture(scope="module")
+def module_samples(module_db):
+    """The sample datasets loaded once into `module_db`, for the module's tests that train on them."""
+    from listener.demo import load_samples
+
+    load_samples(module_db)
+    return module_db
+
+
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: a worker per core and one more, which runs while the others wait on a lease, a poll or a
     process start (one worker per core left a 2-core machine a quarter idle)."""

@@ -1,7 +1,8 @@
 """Attacks a writer of documents can make, made for real against a real daemon on the test server.
 
 Each test asserts the attack did nothing outside the listener's rules, that ordinary work beside it
-was done, and that the daemon stayed up.
+was done, and that the daemon stayed up. Tests that need no setting of their own share the module's
+daemon and database, each with its own model and request ids.
 """
 
 import json
@@ -38,24 +39,23 @@ def failed_on(collection, doc_id, field: str) -> dict:
     return document
 
 
-def test_model_sources_are_the_operators_choice(db, start_daemon, tiny_model_path, tmp_path, model_root):
-    load_samples(db)
+def test_model_sources_are_the_operators_choice(module_samples, module_daemon, tiny_model_path, model_root):
     escape = Path(model_root) / f"link-{uuid.uuid4().hex[:6]}"
     escape.symlink_to("/etc")
-    daemon = start_daemon()
-    models = db[defaults.MODELS]
+    home = module_daemon.home
+    models = module_samples[defaults.MODELS]
     models.insert_many([
         model("outside", "/etc"),
-        model("own-folder", str(tmp_path / "serving")),  # the listener's home, where the serving cache lives
+        model("own-folder", str(home / "serving")),  # the listener's home, where the serving cache lives
         model("through-a-link", str(escape)),
         model("relative", "../../etc/passwd"),
-        model("fine", tiny_model_path),
+        model("fine-source", tiny_model_path),
     ])
     for doc_id in ("outside", "own-folder", "through-a-link", "relative"):
         error = failed_on(models, doc_id, "model_name_or_path")["error"]
-        assert "/etc" not in error["message"] and str(tmp_path) not in error["message"]
-    assert wait_for(models, "fine", finished, timeout_s=120)["status"] == "succeeded"
-    assert daemon.process.poll() is None
+        assert "/etc" not in error["message"] and str(home) not in error["message"]
+    assert wait_for(models, "fine-source", finished, timeout_s=120)["status"] == "succeeded"
+    assert module_daemon.process.poll() is None
 
 
 def test_hub_ids_can_be_restricted_by_the_operator(limits):
@@ -183,17 +183,17 @@ def test_a_config_claiming_a_million_layers_is_refused_at_once(model_root, limit
     assert "MONGOTUNE_MAX_MODEL_PARAMS" in refused.value.message
 
 
-def test_huge_models_fail_in_training_and_serving_while_others_go_on(db, start_daemon, tiny_model_path, model_root):
-    load_samples(db)
+def test_huge_models_fail_in_training_and_serving_while_others_go_on(module_samples, module_daemon, tiny_model_path,
+                                                                    model_root):
+    db = module_samples
     folder = huge_config_folder(model_root)
-    daemon = start_daemon()
-    db[defaults.MODELS].insert_many([model("huge", str(folder)), model("fine", tiny_model_path)])
+    db[defaults.MODELS].insert_many([model("huge", str(folder)), model("fine-beside-huge", tiny_model_path)])
     db[defaults.REQUESTS].insert_one({"_id": "ask-huge", "model": "huge", "input": "hi", "checkpoint": "base"})
     assert "MONGOTUNE_MAX_MODEL_PARAMS" in failed_on(db[defaults.MODELS], "huge", "model_name_or_path")["error"][
         "message"]
     assert wait_for(db[defaults.REQUESTS], "ask-huge", finished, timeout_s=120)["status"] == "failed"
-    assert wait_for(db[defaults.MODELS], "fine", finished, timeout_s=120)["status"] == "succeeded"
-    assert daemon.process.poll() is None
+    assert wait_for(db[defaults.MODELS], "fine-beside-huge", finished, timeout_s=120)["status"] == "succeeded"
+    assert module_daemon.process.poll() is None
 
 
 @pytest.mark.parametrize(("trainer", "field", "setting"), [
@@ -248,10 +248,8 @@ def test_the_operator_lists_the_collections_documents_may_read(limits):
     assert "MONGOTUNE_COLLECTIONS" in refused.value.message
 
 
-def test_ignored_settings_are_listed_in_warnings(db, start_daemon, tiny_model_path):
-    load_samples(db)
-    start_daemon()
-    models = db[defaults.MODELS]
+def test_ignored_settings_are_listed_in_warnings(module_samples, module_daemon, tiny_model_path):
+    models = module_samples[defaults.MODELS]
     models.insert_one(model("copied", tiny_model_path, {**QUICK, "output_dir": "/etc/evil", "overwrite_output_dir": True}))
     document = wait_for(models, "copied", finished, timeout_s=120)
     assert document["status"] == "succeeded", document.get("error")
@@ -304,15 +302,14 @@ def test_a_job_log_its_child_has_not_opened_yet_is_left_alone_quietly(tmp_path, 
     assert not (tmp_path / "not-yet.log").exists() and not caplog.records
 
 
-def test_errors_written_to_documents_carry_no_host_paths(db, start_daemon, model_root):
-    load_samples(db)
+def test_errors_written_to_documents_carry_no_host_paths(module_samples, module_daemon, model_root):
+    db = module_samples
     empty = Path(model_root) / f"empty-{uuid.uuid4().hex[:6]}"
     empty.mkdir()
     (empty / "config.json").write_text("{not json")
-    start_daemon()
     db[defaults.MODELS].insert_one(model("broken", str(empty)))
-    db[defaults.REQUESTS].insert_one({"_id": "r", "model": "broken", "input": "hi", "checkpoint": "base"})
-    for collection, doc_id in ((db[defaults.MODELS], "broken"), (db[defaults.REQUESTS], "r")):
+    db[defaults.REQUESTS].insert_one({"_id": "ask-broken", "model": "broken", "input": "hi", "checkpoint": "base"})
+    for collection, doc_id in ((db[defaults.MODELS], "broken"), (db[defaults.REQUESTS], "ask-broken")):
         document = wait_for(collection, doc_id, finished, timeout_s=120)
         assert document["status"] == "failed"
         text = json.dumps(document["error"])

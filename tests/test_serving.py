@@ -1,4 +1,8 @@
-"""`listener.serving` through real daemons: nothing a document does wedges serving, fills the disk or jumps the queue."""
+"""`listener.serving` through real daemons: nothing a document does wedges serving, fills the disk or jumps the queue.
+
+Tests that need no setting of their own share the module's daemon and database (each its own model and
+request ids); those that set a limit, stop the daemon or queue work before it starts start their own.
+"""
 
 import asyncio
 import json
@@ -91,16 +95,16 @@ def test_sigterm_ends_the_daemon_mid_generation(db, start_daemon, tiny_model_pat
     assert db[defaults.REQUESTS].find_one({"_id": "stuck"})["status"] == "pending"  # handed back, not lost
 
 
-def test_a_checkpoints_generation_settings_never_apply(db, start_daemon, tiny_model_path):
-    clean = stored_checkpoint(db, tiny_model_path, "llm", step=1)
-    hostile = stored_checkpoint(db, tiny_model_path, "llm", step=2,
+def test_a_checkpoints_generation_settings_never_apply(module_db, module_daemon, tiny_model_path):
+    db = module_db
+    clean = stored_checkpoint(db, tiny_model_path, "generation", step=1)
+    hostile = stored_checkpoint(db, tiny_model_path, "generation", step=2,
                                 generation={"num_beams": 96, "num_return_sequences": 4, "do_sample": True,
                                             "temperature": 3.0, "min_new_tokens": 50})
-    db[defaults.MODELS].insert_one(served_model("llm", tiny_model_path, (clean, hostile)))
-    start_daemon()
-    ask(db, "clean", "llm", {"run": 1, "step": 1}, max_new_tokens=8)
-    ask(db, "hostile", "llm", {"run": 1, "step": 2}, max_new_tokens=8)
-    clean_answer, hostile_answer = answer(db, "clean"), answer(db, "hostile")
+    db[defaults.MODELS].insert_one(served_model("generation", tiny_model_path, (clean, hostile)))
+    ask(db, "generation-clean", "generation", {"run": 1, "step": 1}, max_new_tokens=8)
+    ask(db, "generation-hostile", "generation", {"run": 1, "step": 2}, max_new_tokens=8)
+    clean_answer, hostile_answer = answer(db, "generation-clean"), answer(db, "generation-hostile")
     assert clean_answer["status"] == hostile_answer["status"] == "done"
     assert hostile_answer["checkpoint_used"] == {"run": 1, "step": 2}
     assert isinstance(hostile_answer["output"], str)
@@ -145,23 +149,25 @@ def test_unpacked_checkpoints_stay_within_the_disk_budget(db, start_daemon, tiny
     assert unpacked == {str(entries[0]["files_id"]), str(entries[2]["files_id"])}
 
 
-def test_models_of_one_base_are_answered_in_one_mixed_batch(db, start_daemon, tiny_model_path, tmp_path):
+def test_models_of_one_base_are_answered_in_one_mixed_batch(module_db, module_daemon, tiny_model_path, tmp_path):
     from tests.test_inference import adapter_entries
 
-    entries = adapter_entries(db, tmp_path, tiny_model_path, ["x", "y"])
+    db = module_db
+    names = ("mixed-x", "mixed-y")
+    entries = adapter_entries(db, tmp_path, tiny_model_path, list(names))
     db[defaults.MODELS].insert_many([served_model(name, tiny_model_path, (entry,))
-                                     for name, entry in zip(("x", "y"), entries)])
-    start_daemon()
+                                     for name, entry in zip(names, entries)])
     alone = {}
-    for name in ("x", "y"):  # one at a time first: each answered alone, and the daemon learns their base
+    for name in names:  # one at a time first: each answered alone, and the daemon learns their base
         ask(db, f"{name}-alone", name, "best", max_new_tokens=6)
         alone[name] = answer(db, f"{name}-alone")
         assert alone[name]["status"] == "done" and alone[name]["batch_size"] == 1
-    ask(db, "busy", "x", "best", max_new_tokens=256)  # generates alone while both below are claimed and queued
-    wait_until(lambda: db[defaults.REQUESTS].find_one({"_id": "busy", "status": "running"}), 60, "the busy request")
+    ask(db, "mixed-busy", "mixed-x", "best", max_new_tokens=256)  # generates alone while both below are queued
+    wait_until(lambda: db[defaults.REQUESTS].find_one({"_id": "mixed-busy", "status": "running"}), 60,
+               "the busy request")
     db[defaults.REQUESTS].insert_many([{"_id": f"{name}-mixed", "model": name, "input": CHAT, "checkpoint": "best",
-                                        "params": {"max_new_tokens": 6}} for name in ("x", "y")])
-    for name in ("x", "y"):
+                                        "params": {"max_new_tokens": 6}} for name in names])
+    for name in names:
         mixed = answer(db, f"{name}-mixed")
         assert mixed["batch_size"] == 2 and mixed["checkpoint_used"] == {"run": 1, "step": 1}
         assert mixed["output"] == alone[name]["output"]

@@ -1,4 +1,8 @@
-"""Streamed answers, per-request time limits, timing and the TTL index, through a real daemon."""
+"""Streamed answers, per-request time limits, timing and the TTL index, through a real daemon.
+
+Tests that need no setting of their own share the module's daemon and database, each with its own model
+and request ids.
+"""
 
 from click.testing import CliRunner
 
@@ -10,12 +14,13 @@ from training import defaults
 
 
 def states_until_done(db, tiny_model_path, doc_id: str, **fields) -> list[dict]:
-    """Every state of a request for 48 tokens that a change stream shows, until it is done."""
-    db[defaults.MODELS].insert_one(served_model("llm", tiny_model_path))
+    """Every state of a request for 48 tokens (to a model of its own, of the same id) that a change stream
+    shows, until it is done."""
+    db[defaults.MODELS].insert_one(served_model(doc_id, tiny_model_path))
     requests = db[defaults.REQUESTS]
     states = []
     with requests.watch([{"$match": {"documentKey._id": doc_id}}], full_document="updateLookup") as stream:
-        requests.insert_one({"_id": doc_id, "model": "llm", "input": "ahoy", "checkpoint": "base",
+        requests.insert_one({"_id": doc_id, "model": doc_id, "input": "ahoy", "checkpoint": "base",
                              "params": {"max_new_tokens": 48}, **fields})
         for change in stream:
             states.append(change.get("fullDocument") or {})
@@ -23,9 +28,8 @@ def states_until_done(db, tiny_model_path, doc_id: str, **fields) -> list[dict]:
                 return states
 
 
-def test_a_streamed_answer_grows_in_the_document_before_done(db, start_daemon, tiny_model_path):
-    start_daemon()
-    *partial, done = states_until_done(db, tiny_model_path, "streamed", stream=True)
+def test_a_streamed_answer_grows_in_the_document_before_done(module_db, module_daemon, tiny_model_path):
+    *partial, done = states_until_done(module_db, tiny_model_path, "streamed", stream=True)
     seen = []
     for document in partial:
         if document.get("output") and document["output"] not in seen:
@@ -37,9 +41,8 @@ def test_a_streamed_answer_grows_in_the_document_before_done(db, start_daemon, t
     assert done["timing"]["queued_s"] >= 0 and done["timing"]["generation_s"] > 0
 
 
-def test_a_request_without_stream_is_written_once(db, start_daemon, tiny_model_path):
-    start_daemon()
-    states = states_until_done(db, tiny_model_path, "plain")
+def test_a_request_without_stream_is_written_once(module_db, module_daemon, tiny_model_path):
+    states = states_until_done(module_db, tiny_model_path, "unstreamed")
     assert [d["status"] for d in states if "output" in d] == ["done"]
 
 
@@ -78,11 +81,12 @@ def test_the_ttl_index_follows_the_operator_setting(db, start_daemon):
     wait_until(lambda: TTL_INDEX not in requests.index_information(), 60, "the TTL index dropped")
 
 
-def test_predict_stream_prints_the_answer_as_it_grows(db, server_uri, start_daemon, tiny_model_path):
-    db[defaults.MODELS].insert_one(served_model("llm", tiny_model_path))
-    registered(db, start_daemon().process)  # predict refuses to ask when no daemon is alive
-    result = CliRunner().invoke(cli, ["predict", "--uri", server_uri, "--db", db.name, "llm", "ahoy", "--stream",
-                                      "--checkpoint", "base", "--max-new-tokens", "32"])
+def test_predict_stream_prints_the_answer_as_it_grows(module_db, server_uri, module_daemon, tiny_model_path):
+    db = module_db
+    db[defaults.MODELS].insert_one(served_model("predicted", tiny_model_path))
+    registered(db, module_daemon.process)  # predict refuses to ask when no daemon is alive
+    result = CliRunner().invoke(cli, ["predict", "--uri", server_uri, "--db", db.name, "predicted", "ahoy",
+                                      "--stream", "--checkpoint", "base", "--max-new-tokens", "32"])
     assert result.exit_code == 0, result.output
-    done = db[defaults.REQUESTS].find_one({"stream": True})
+    done = db[defaults.REQUESTS].find_one({"model": "predicted", "stream": True})
     assert done["status"] == "done" and done["output"] in result.output
