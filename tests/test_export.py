@@ -1,4 +1,7 @@
-"""`listener export` and `listener checkpoints`: a folder plain transformers loads and that answers as served."""
+"""`listener export` and `listener checkpoints`: a folder plain transformers loads and that answers as served.
+
+The module's tests share one daemon and database, each with its own model id.
+"""
 
 import os
 import stat
@@ -11,7 +14,6 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from listener.cli.main import cli
-from listener.demo import load_samples
 from tests.conftest import finished, wait_for
 from tests.test_lineage import model, trained
 from training import defaults
@@ -28,8 +30,9 @@ def greedy(model_, tokenizer) -> str:
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-def served(db) -> dict:
-    request = db[defaults.REQUESTS].insert_one({"model": "m", "input": PROMPT, "params": {"max_new_tokens": NEW_TOKENS}})
+def served(db, model_id) -> dict:
+    request = db[defaults.REQUESTS].insert_one({"model": model_id, "input": PROMPT,
+                                                "params": {"max_new_tokens": NEW_TOKENS}})
     answer = wait_for(db[defaults.REQUESTS], request.inserted_id, finished)
     assert answer["status"] == "done", answer.get("error")
     return answer
@@ -46,13 +49,12 @@ def assert_hub_folder(folder, library: str) -> None:
     assert "base_model" not in header, "a folder on the daemon's host is no Hub id"
 
 
-def test_export_loads_with_plain_transformers_and_answers_as_served(db, server_uri, start_daemon, tiny_model_path,
-                                                                   model_root, tmp_path):
-    load_samples(db)
-    start_daemon()
+def test_export_loads_with_plain_transformers_and_answers_as_served(module_samples, server_uri, module_daemon,
+                                                                   tiny_model_path, model_root, tmp_path):
+    db = module_samples
     db[defaults.MODELS].insert_one(model("m", tiny_model_path, trainer={"learning_rate": 1e-2}))
     document = trained(db, "m")
-    answer = served(db)
+    answer = served(db, "m")
     runner = CliRunner(env={"MONGOTUNE_MODEL_ROOTS": str(model_root), "MONGOTUNE_HOME": str(tmp_path / "home")})
     where = ["--uri", server_uri, "--db", db.name]
 
@@ -95,9 +97,9 @@ def test_export_loads_with_plain_transformers_and_answers_as_served(db, server_u
     assert missing.exit_code != 0 and "no checkpoint" in missing.output
 
 
-def test_a_4_bit_model_serves_in_4_bits_and_exports_dequantized_or_as_its_adapter(db, server_uri, start_daemon,
-                                                                                 tiny_model_path, model_root, limits,
-                                                                                 tmp_path):
+def test_a_4_bit_model_serves_in_4_bits_and_exports_dequantized_or_as_its_adapter(module_samples, server_uri,
+                                                                                 module_daemon, tiny_model_path,
+                                                                                 model_root, limits, tmp_path):
     bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the qlora extra: pip install 'mongotune[qlora]'")
     from peft import PeftModel
     from transformers import BitsAndBytesConfig
@@ -106,11 +108,10 @@ def test_a_4_bit_model_serves_in_4_bits_and_exports_dequantized_or_as_its_adapte
     from training.config import parse_model
     from training.inference import load
 
-    load_samples(db)
-    start_daemon()
-    db[defaults.MODELS].insert_one(model("m", tiny_model_path, trainer={"bits": 4, "learning_rate": 1e-2}))
-    document = trained(db, "m")
-    answer = served(db)
+    db = module_samples
+    db[defaults.MODELS].insert_one(model("m4", tiny_model_path, trainer={"bits": 4, "learning_rate": 1e-2}))
+    document = trained(db, "m4")
+    answer = served(db, "m4")
     folder = checkpoints.download(db, checkpoints.select(document, "best")["files_id"], tmp_path / "best")
     serving = load(parse_model(document, limits), limits, folder).model
     assert any(isinstance(module, bnb.nn.Linear4bit) for module in serving.modules()), "served in 4 bits"
@@ -118,7 +119,7 @@ def test_a_4_bit_model_serves_in_4_bits_and_exports_dequantized_or_as_its_adapte
     runner = CliRunner(env={"MONGOTUNE_MODEL_ROOTS": str(model_root), "MONGOTUNE_HOME": str(tmp_path / "home")})
     where = ["--uri", server_uri, "--db", db.name]
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
-    result = runner.invoke(cli, ["export", "m", str(merged), *where])
+    result = runner.invoke(cli, ["export", "m4", str(merged), *where])
     assert result.exit_code == 0, result.output
     assert "note: trained and served on a 4-bit base: merged into the full-precision base" in result.output
     plain = AutoModelForCausalLM.from_pretrained(merged)
@@ -127,7 +128,7 @@ def test_a_4_bit_model_serves_in_4_bits_and_exports_dequantized_or_as_its_adapte
     assert greedy(plain, AutoTokenizer.from_pretrained(merged)) != ""
     assert "4-bit base: merged into the full-precision base" in (merged / "README.md").read_text()
 
-    result = runner.invoke(cli, ["export", "m", str(adapter), "--adapter-only", *where])
+    result = runner.invoke(cli, ["export", "m4", str(adapter), "--adapter-only", *where])
     assert result.exit_code == 0, result.output
     assert "BitsAndBytesConfig(load_in_4bit=True" in result.output
     quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)

@@ -1,4 +1,7 @@
-"""Runs and lineage, the promotion gate and starting from another adapter, through a real daemon."""
+"""Runs and lineage, the promotion gate and starting from another adapter, through a real daemon.
+
+A test that needs no setting of its own shares the module's daemon and database (its own model ids).
+"""
 
 import math
 
@@ -43,11 +46,11 @@ def ask_best(db, model_id) -> dict:
     return answer["checkpoint_used"]
 
 
-def test_runs_record_lineage_and_the_gate_promotes_only_a_better_run(db, start_daemon, tiny_model_path):
-    load_samples(db)
-    start_daemon()
-    db[defaults.MODELS].insert_one(model("m", tiny_model_path, trainer={"learning_rate": 1e-7}))
-    first = trained(db, "m")
+def test_runs_record_lineage_and_the_gate_promotes_only_a_better_run(module_samples, module_daemon,
+                                                                    tiny_model_path):
+    db = module_samples
+    db[defaults.MODELS].insert_one(model("gated", tiny_model_path, trainer={"learning_rate": 1e-7}))
+    first = trained(db, "gated")
     entry = first["runs"][0]
     assert entry["number"] == 1 and entry["trigger"] == "insert" and entry["outcome"] == "succeeded"
     assert entry["started_at"] <= entry["ended_at"]
@@ -66,22 +69,22 @@ def test_runs_record_lineage_and_the_gate_promotes_only_a_better_run(db, start_d
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
 
     # What `listener.retrain` writes when new documents arrive: the run continues from the serving adapter.
-    worse = retrain(db, "m", 2, trigger="new_documents", **{"promotion.min_delta": 1e6, "trainer.learning_rate": 5e-3})
+    worse = retrain(db, "gated", 2, trigger="new_documents", **{"promotion.min_delta": 1e6, "trainer.learning_rate": 5e-3})
     gate = worse["runs"][1]["promotion"]
     assert worse["runs"][1]["trigger"] == "new_documents" and not gate["promoted"]
-    assert worse["runs"][1]["init_from"] == {"model": "m", **served}
+    assert worse["runs"][1]["init_from"] == {"model": "gated", **served}
     assert gate["documents"] > 0 and gate["score"] < gate["serving_score"]  # better, yet not by a million
     assert worse["best_checkpoint"] == served and worse["runs"][1]["best"]["run"] == 2
-    assert ask_best(db, "m") == served
+    assert ask_best(db, "gated") == served
 
-    better = retrain(db, "m", 3, **{"promotion.min_delta": 0, "trainer.save_total_limit": 1})
+    better = retrain(db, "gated", 3, **{"promotion.min_delta": 0, "trainer.save_total_limit": 1})
     gate = better["runs"][2]["promotion"]
     assert better["runs"][2]["trigger"] == "user", "a status set back to pending by hand"
-    assert better["runs"][2]["init_from"] == {"model": "m", **served}, "run 2 was not promoted: run 1's still serves"
+    assert better["runs"][2]["init_from"] == {"model": "gated", **served}, "run 2 was not promoted: run 1's still serves"
     assert gate["promoted"] and gate["score"] <= gate["serving_score"]
     assert better["best_checkpoint"] == gate["checkpoint"] and gate["checkpoint"]["run"] == 3
     assert any(e["kind"] == "promoted" and e["run"] == 3 for e in better["events"])
-    assert ask_best(db, "m") == gate["checkpoint"]
+    assert ask_best(db, "gated") == gate["checkpoint"]
     assert [r["number"] for r in better["runs"]] == [1, 2, 3]
     kept = {(c["run"], c["step"]) for c in better["checkpoints"]}
     assert (served["run"], served["step"]) in kept, "pruning never deletes an earlier run's promoted checkpoint"

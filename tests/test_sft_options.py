@@ -1,11 +1,13 @@
-"""trl's options that change what a step trains on, end to end: packing, and loss on the assistant's turns only."""
+"""trl's options that change what a step trains on, end to end: packing, and loss on the assistant's turns only.
+
+The trainings share the module's daemon and database, each with its own model ids.
+"""
 
 import math
 import shutil
 
 import pytest
 
-from listener.demo import load_samples
 from tests.conftest import finished, wait_for
 from training import defaults, packing
 
@@ -36,9 +38,8 @@ def test_packing_is_allowed_only_for_a_model_that_keeps_packed_examples_apart(ti
     assert packing.arguments({"packing": False}) == {}
 
 
-def test_packing_trains_fewer_fuller_rows_and_the_run_records_it(db, start_daemon, tiny_model_path):
-    load_samples(db)
-    start_daemon()
+def test_packing_trains_fewer_fuller_rows_and_the_run_records_it(module_samples, module_daemon, tiny_model_path):
+    db = module_samples
     data = {"collection": "pirate_text", "key": "text"}
     db[defaults.MODELS].insert_many([
         {"_id": "unpacked", "model_name_or_path": tiny_model_path, "data": data, "trainer": EPOCH},
@@ -54,7 +55,8 @@ def test_packing_trains_fewer_fuller_rows_and_the_run_records_it(db, start_daemo
     assert packed["checkpoints"][-1]["metrics"]["eval_loss"] > 0
 
 
-def test_assistant_only_loss_trains_on_the_assistants_turns(db, start_daemon, tiny_model_path, model_root):
+def test_assistant_only_loss_trains_on_the_assistants_turns(module_samples, module_daemon, tiny_model_path,
+                                                            model_root):
     from transformers import AutoTokenizer
 
     marked = model_root / "tiny-marked"
@@ -63,8 +65,7 @@ def test_assistant_only_loss_trains_on_the_assistants_turns(db, start_daemon, ti
         tokenizer = AutoTokenizer.from_pretrained(marked)
         tokenizer.chat_template = MARKED
         tokenizer.save_pretrained(marked)
-    load_samples(db)
-    start_daemon()
+    db = module_samples
     trainer = {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "max_length": 128, "lora_r": 4}
     for model_id, only in (("whole", False), ("assistant", True)):
         db[defaults.MODELS].insert_one({"_id": model_id, "model_name_or_path": str(marked),
