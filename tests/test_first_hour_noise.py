@@ -8,6 +8,7 @@ import subprocess
 import sys
 from urllib.parse import quote
 
+import pytest
 import yaml
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure
@@ -107,6 +108,8 @@ def test_a_model_card_carries_the_hubs_metadata_and_no_document_can_add_keys_or_
     assert yaml.safe_load(hub.split("---\n")[1])["base_model"] == "Qwen/Qwen2.5-0.5B"
 
 
+# converts the offline model in a real `listener demo`: seconds
+@pytest.mark.slow
 def test_the_demos_first_model_conversion_draws_no_tqdm_bars(tmp_path):
     """The first `listener demo` converts the offline model; transformers' bars came out crushed beside its line."""
     environ = {**{k: v for k, v in os.environ.items() if k != defaults.ENV_URI}, "XDG_CACHE_HOME": str(tmp_path)}

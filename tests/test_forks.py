@@ -111,6 +111,8 @@ if __name__ == "__main__":
 """
 
 
+# a real daemon process and its fork server's imports: seconds
+@pytest.mark.slow
 def test_a_child_whose_daemon_died_before_it_asked_to_die_with_it_exits(tmp_path):
     """Its parent is the fork server: once that died, the child's parent is init, and comparing the parent pid
     before and after asking for the parent-death signal sees no change, so it would train on as an orphan."""
