@@ -14,7 +14,6 @@ import signal
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
 
 from bson.errors import InvalidBSON
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
@@ -23,18 +22,19 @@ from listener import embedded, gpus, health, housekeeping, leases, metrics, sche
 from listener.batch_predictions import predict_collection
 from listener.connection import connect, database_name, redact
 from listener.forks import Forks, forget_connection_environment
+from listener.intake import Intake
 from listener.jobs import supervise
 from listener.periodic import Periodic
-from listener.leases import claim_model, claim_request, fail_malformed
+from listener.leases import claim_model, fail_malformed
 from listener.records import BadRecord, ModelState, RequestState, SkipLog, parse
 from listener.retrain import Retrainer
 from listener.serving import Serving
 from listener.settings import Settings
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, now, status_filter, transition
-from listener.streams import watch
+from listener.streams import REQUEST_EVENTS, watch
 from listener.tasks import cancel_and_wait
 from training import defaults, ids
-from training.config import SpecError, parse_model, parse_request
+from training.config import SpecError, parse_model
 from training.lineage import versions
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,10 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.skipped = SkipLog()
         self.health = health.Health(settings.home, settings.name, self.owner)
-        self._room = asyncio.Event()  # set by serving when it can take more requests
-        self.serving = Serving(self.db, settings, self.owner, self.counters, self.forks, predict_collection,
-                               on_room=self._room_freed)
+        self.serving = Serving(self.db, settings, self.owner, self.counters, self.forks, predict_collection)
+        self.intake = Intake(self.db, settings, self.owner, self.serving, self.counters, self.skipped,
+                             stopping=self.stop_event.is_set)
+        self.serving.on_room = self.intake.wake
         self.periodic = Periodic()  # the one owner of timed work; `_shutdown` awaits it
         self.retrainer = Retrainer(self.db, settings, self.owner, self.periodic, self.skipped)
         self.metrics: metrics.Metrics | None = None  # with --metrics-port, from `work`
@@ -76,16 +77,18 @@ class Daemon:
         await self._heartbeat(started=True)
         self.periodic.every(self.settings.heartbeat_s, self._heartbeat)
         self.periodic.every(self.settings.scan_s, self.scan)
-        self.periodic.every(max(1.0, self.settings.lease_s / 2), self.reap)
-        self.periodic.every(self.settings.lease_s / 4, self.serving.renew)
+        self.periodic.every(max(1.0, self.settings.lease_s / 2), self.reap_models)
+        self.periodic.every(self.settings.heartbeat_s, self.reap_requests)
+        self.periodic.every(self.settings.request_lease_s / 3, self.serving.renew)
         self.retrainer.start()
         self.periodic.start()
         loops = [  # ended by cancellation alone, with nothing to clean up
             asyncio.create_task(watch_collection(self, defaults.MODELS, self.consider_model, self._scan_models),
                                 name=f"stream:{defaults.MODELS}"),
-            asyncio.create_task(watch_collection(self, defaults.REQUESTS, self.consider_request, self._scan_requests),
-                                name=f"stream:{defaults.REQUESTS}"),
-            asyncio.create_task(self._rescan_when_room(), name="rescan"),
+            asyncio.create_task(watch(self.db, defaults.REQUESTS, self.settings.name, self._request_event,
+                                      self._scan_requests, pipeline=REQUEST_EVENTS, lookup=False,
+                                      handling=self.serving.arrivals), name=f"stream:{defaults.REQUESTS}"),
+            asyncio.create_task(self.intake.run(), name="intake"),
         ]
         serving = asyncio.create_task(self.serving.serve(), name="serving")
         log.info("listening on %s, database %r, as %s", redact(self.settings.uri), self.settings.db, self.owner)
@@ -121,7 +124,8 @@ class Daemon:
 
     async def _heartbeat(self, started: bool = False) -> None:
         record = {"kind": "daemon", "name": self.settings.name, "owner": self.owner, "host": socket.gethostname(),
-                  "pid": os.getpid(), "heartbeat_at": now(), "counters": self.counters,
+                  "pid": os.getpid(), "heartbeat_at": now(), "alive_until": leases.alive_until(self.settings.heartbeat_s),
+                  "counters": self.counters,
                   "trainings": list(self.trainings), **self.gpus.heartbeat()}
         if started:
             record.update(started_at=now(), versions=versions())
@@ -136,36 +140,37 @@ class Daemon:
         await self._scan_models()
         await self._scan_requests()
 
-    async def reap(self) -> None:
-        """Requeue what dead daemons held; a requeued document then goes through the usual claim.
+    async def reap_models(self) -> None:
+        """Requeue the runs of dead daemons, once their lease ran out; a requeued run then goes through the usual claim.
 
-        What this daemon still trains or answers is left alone even if its lease ran out while the daemon
-        was paused: its own supervisor renews it (`leases.reap`)."""
-        s = self.settings
-        if await leases.reap(self.db[defaults.MODELS], MODEL_TRANSITIONS, ModelState, s.max_attempts, self.skipped,
-                             self.owner, self.trainings):
+        What this daemon still trains is left alone even if its lease ran out while the daemon was paused:
+        its own supervisor renews it (`leases.reap`). A run is not taken from a daemon for a missed
+        heartbeat alone: its training child may still be at work."""
+        if await leases.reap(self.db[defaults.MODELS], MODEL_TRANSITIONS, ModelState, self.settings.max_attempts,
+                             self.skipped, self.owner, self.trainings):
             await self._scan_models()
-        if await leases.reap(self.db[defaults.REQUESTS], REQUEST_TRANSITIONS, RequestState, s.max_attempts,
-                             self.skipped, self.owner, self.serving.held()):
-            await self._scan_requests()
 
-    async def _room_freed(self) -> None:
-        self._room.set()
+    async def reap_requests(self) -> None:
+        """Requeue the requests of daemons whose heartbeat stopped, at once, and any whose lease ran out.
 
-    async def _rescan_when_room(self) -> None:
-        """Requests left pending for lack of room are taken once serving frees some, at most once a second."""
-        while True:
-            await self._room.wait()
-            self._room.clear()
-            await self._scan_requests()
-            await asyncio.sleep(1.0)
+        Requests are short and their answers are written fenced on owner and lease, so a daemon that
+        was only paused loses its requests and its late answers are never written (`leases.take_over`)."""
+        requests, s = self.db[defaults.REQUESTS], self.settings
+        requeued = await leases.take_over(requests, REQUEST_TRANSITIONS, RequestState, s.max_attempts, self.skipped,
+                                          self.db[defaults.LISTENER], self.owner)
+        requeued += await leases.reap(requests, REQUEST_TRANSITIONS, RequestState, s.max_attempts, self.skipped,
+                                      self.owner, self.serving.held())
+        if requeued:
+            self.intake.wake()
 
     async def _scan_models(self) -> None:
         await scan_pending(self, defaults.MODELS, self.consider_model)
 
     async def _scan_requests(self) -> None:
-        with self.serving.arrivals:  # requests a scan claims batch together, as those a stream delivers
-            await scan_pending(self, defaults.REQUESTS, self.consider_request)
+        self.intake.wake()
+
+    async def _request_event(self, change: dict) -> None:
+        self.intake.wake()
 
     async def isolated(self, name: str, document: dict, handle) -> None:
         """One document's problem fails that document, never the stream, the scan or the daemon.
@@ -228,7 +233,7 @@ class Daemon:
         self.trainings[key] = None  # the slot is taken before the await, so no other task can take it too
         claimed = None
         try:
-            placed = await gpus.reserve(self.gpus, self.db, key, spec.trainer.num_gpus, self.settings.heartbeat_s)
+            placed = await gpus.reserve(self.gpus, self.db, key, spec.trainer.num_gpus)
             if placed.error:
                 await transition(models, state.id, Status.PENDING, Status.FAILED, MODEL_TRANSITIONS,
                                  fields={"error": placed.error})
@@ -255,26 +260,6 @@ class Daemon:
         if not self.stop_event.is_set():
             await self._scan_models()
 
-    async def consider_request(self, document: dict) -> None:
-        requests = self.db[defaults.REQUESTS]
-        admitted = await self._admit(defaults.REQUESTS, document, RequestState, parse_request, "requests_failed")
-        if admitted is None:
-            return
-        state, spec = admitted
-        if state.attempts >= self.settings.max_attempts:
-            await self._give_up(state)
-            return
-        if self.stop_event.is_set() or not self.serving.has_room(spec.model):
-            return  # left pending: this daemon takes it once it can answer soon, or another daemon does
-        if await claim_request(requests, state.id, self.owner, self.settings.lease_s) is not None:
-            self.serving.submit(spec)
-
-    async def _give_up(self, state: RequestState) -> None:
-        error = {"type": "too_many_attempts", "message": f"{state.attempts} attempts to answer this request did not "
-                 "finish (each time its daemon stopped or its worker was killed); insert a new request to try again"}
-        await transition(self.db[defaults.REQUESTS], state.id, Status.PENDING, Status.FAILED, REQUEST_TRANSITIONS,
-                         fields={"error": error})
-
     async def _release_all(self) -> None:
         """Give back what this daemon holds, so any daemon resumes or answers it at once."""
         for name, table in ((defaults.MODELS, MODEL_TRANSITIONS), (defaults.REQUESTS, REQUEST_TRANSITIONS)):
@@ -289,8 +274,7 @@ async def watch_collection(daemon: Daemon, name: str, consider, scan) -> None:
     async def handle(document: dict) -> None:
         await daemon.isolated(name, document, consider)
 
-    arrivals = daemon.serving.arrivals if name == defaults.REQUESTS else nullcontext()  # batches wait for claims
-    await watch(daemon.db, name, daemon.settings.name, handle, scan, handling=arrivals)
+    await watch(daemon.db, name, daemon.settings.name, handle, scan)
 
 
 async def scan_pending(daemon: Daemon, name: str, consider) -> None:

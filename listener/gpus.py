@@ -12,10 +12,10 @@ A daemon with no GPUs runs jobs on the CPU as it always has: there is nothing to
 GPU on a host that has fewer.
 """
 
-import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
+from listener.leases import alive
 from training import defaults
 
 
@@ -78,11 +78,11 @@ class Decision:
     error: dict | None = None
 
 
-async def reserve(pool: GpuPool, db, key: str, num_gpus: int, heartbeat_s: float) -> Decision:
+async def reserve(pool: GpuPool, db, key: str, num_gpus: int) -> Decision:
     """Devices for job `key` from this daemon's pool; on a CPU host a job of up to one GPU runs on the CPU."""
     have = len(pool.devices)
     if num_gpus > have and (have or num_gpus > 1):
-        host = await largest_host(db, heartbeat_s)
+        host = await largest_host(db)
         if host[1] < num_gpus:
             return Decision(error=too_big(num_gpus, host))
         pool.waiting[key] = f"needs {num_gpus} GPUs, this listener has {have}: left for {host[0]}"
@@ -98,12 +98,10 @@ def cuda_env(devices: tuple[int, ...] | None) -> dict:
     return {} if devices is None else {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
 
 
-async def largest_host(db, heartbeat_s: float) -> tuple[str, int]:
-    """The live daemon (heartbeat within three intervals) declaring the most GPUs: its name and count."""
-    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=3 * heartbeat_s)
+async def largest_host(db) -> tuple[str, int]:
+    """The live daemon (`leases.alive`) declaring the most GPUs: its name and count."""
     best = ("none", 0)
-    async for record in db[defaults.LISTENER].find({"kind": "daemon", "heartbeat_at": {"$gte": cutoff}},
-                                                  {"name": 1, "gpus": 1}):
+    async for record in db[defaults.LISTENER].find(alive(), {"name": 1, "gpus": 1}):
         gpus = record.get("gpus")
         if isinstance(gpus, list) and len(gpus) > best[1]:
             best = (str(record.get("name")), len(gpus))

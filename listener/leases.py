@@ -1,7 +1,10 @@
-"""Claims and leases: who works on a document, and until when.
+"""Claims and leases: who works on a document, and until when; who is alive to do it.
 
-A claim is one atomic `find_one_and_update` that moves the document to `running`, names the
-owner, sets the lease expiry and counts the attempt, so a crashed attempt still counts.
+A claim is atomic: it moves the document to `running`, names the owner, sets the lease expiry and
+counts the attempt, so a crashed attempt still counts. A model's claim is one `find_one_and_update`;
+requests are claimed in batches (`listener.intake`). Work comes back two ways: a lease that ran out
+(`reap`), and, for requests, a daemon whose heartbeat stopped (`take_over`), seconds after its death
+instead of a lease later. Clocks of the daemons' hosts are assumed in step, as for every lease.
 """
 
 import datetime as dt
@@ -11,14 +14,27 @@ from collections.abc import Container
 from pymongo.errors import OperationFailure
 
 from listener.records import BadRecord, ModelState, SkipLog, parse
-from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, now, transition
+from listener.settings import ALIVE_BEATS
+from listener.status import MODEL_TRANSITIONS, Status, now, transition
 from training import ids
 
 log = logging.getLogger(__name__)
 
+LEASE_EXPIRED, HEARTBEAT_STOPPED = "lease expired", "heartbeat stopped"  # why work was handed back (`history`)
+
 
 def lease(owner: str, lease_s: float) -> dict:
     return {"owner": owner, "expires_at": now() + dt.timedelta(seconds=lease_s)}
+
+
+def alive_until(heartbeat_s: float) -> dt.datetime:
+    """What a heartbeat written now promises: this daemon lives until then unless it beats again."""
+    return now() + dt.timedelta(seconds=ALIVE_BEATS * heartbeat_s)
+
+
+def alive() -> dict:
+    """The `_listener` records of daemons alive now, each judged by its own heartbeat interval."""
+    return {"kind": "daemon", "alive_until": {"$gte": now()}}
 
 
 async def claim_model(models, state: ModelState, owner: str, lease_s: float, warnings: list[str]) -> dict | None:
@@ -31,13 +47,6 @@ async def claim_model(models, state: ModelState, owner: str, lease_s: float, war
         match={"run": state.run or {"$in": [None, 0]}, "cancel": {"$ne": True}},
         fields=fields, inc={"attempts": 1} if resume else None,
         unset=() if resume else ("error", "finished_at", "cancel", "progress", "history"),
-    )
-
-
-async def claim_request(requests, request_id, owner: str, lease_s: float) -> dict | None:
-    return await transition(
-        requests, request_id, Status.PENDING, Status.RUNNING, REQUEST_TRANSITIONS,
-        fields={"lease": lease(owner, lease_s), "started_at": now()}, inc={"attempts": 1},
     )
 
 
@@ -73,7 +82,7 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
         if owner is not None and state.lease is not None and state.lease.owner == owner and ids.key(state.id) in held:
             continue
         try:
-            reaped += bool(await _requeue(collection, table, state, max_attempts))
+            reaped += bool(await _requeue(collection, table, state, max_attempts, LEASE_EXPIRED))
         except OperationFailure as exc:
             skipped.skip(f"reap {collection.name}", state.id, exc)
     # A claim writes status and lease together, so `running` without a dated lease was written by a user.
@@ -82,6 +91,29 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
         await fail_malformed(collection, table, document["_id"], Status.RUNNING,
                              BadRecord("lease", "a running document without a lease that expires"), skipped)
     return reaped
+
+
+async def take_over(collection, table: dict, state_kind, max_attempts: int, skipped: SkipLog, listener,
+                    owner: str) -> int:
+    """Hand back at once what daemons no longer alive hold (`alive`), whatever their leases say.
+
+    Two reads when nobody died: the live daemons, and whether anything running belongs to another
+    owner. A requeue is fenced on the lease it read, like `reap`'s, and counts toward `max_attempts`
+    the same way; the dead daemon, should it only have been paused, finds its answers' writes fenced
+    out (they match on owner and status).
+    """
+    live = [record["owner"] async for record in listener.find(alive(), {"owner": 1})
+            if isinstance(record.get("owner"), str)]
+    orphaned = {"status": Status.RUNNING.value, "lease.owner": {"$nin": [owner, *live]},
+                "lease.expires_at": {"$type": "date"}}
+    requeued = 0
+    async for document in collection.find(orphaned, {"attempts": 1, "lease": 1, "history": 1}):
+        try:
+            requeued += bool(await _requeue(collection, table, parse(state_kind, document), max_attempts,
+                                            HEARTBEAT_STOPPED))
+        except (BadRecord, OperationFailure) as exc:
+            skipped.skip(f"take over {collection.name}", document.get("_id"), exc)
+    return requeued
 
 
 async def fail_malformed(collection, table: dict, doc_id, old: Status, exc: BadRecord, skipped: SkipLog) -> None:
@@ -94,11 +126,11 @@ async def fail_malformed(collection, table: dict, doc_id, old: Status, exc: BadR
         skipped.skip(collection.name, doc_id, again)
 
 
-async def _requeue(collection, table: dict, state, max_attempts: int) -> dict | None:
+async def _requeue(collection, table: dict, state, max_attempts: int, why: str) -> dict | None:
     if state.lease is None:
         raise BadRecord("lease", "a running document without a lease")
-    event = {"at": now(), "event": "lease expired", "owner": state.lease.owner, "attempt": state.attempts}
-    past = [e for e in state.history if e.get("event") == "lease expired"] + [event]
+    event = {"at": now(), "event": why, "owner": state.lease.owner, "attempt": state.attempts}
+    past = [e for e in state.history if e.get("event") in (LEASE_EXPIRED, HEARTBEAT_STOPPED)] + [event]
     gave_up = len(past) >= max_attempts
     fields = {}
     if gave_up:
@@ -111,8 +143,8 @@ async def _requeue(collection, table: dict, state, max_attempts: int) -> dict | 
     done = await transition(collection, state.id, Status.RUNNING, Status.FAILED if gave_up else Status.PENDING,
                             table, match={"lease.expires_at": state.lease.expires_at}, fields=fields,
                             unset=("lease",), push={"history": event},
-                            event=None if gave_up else {"kind": "lease_expired", "owner": state.lease.owner})
+                            event=None if gave_up else {"kind": why.replace(" ", "_"), "owner": state.lease.owner})
     if done is not None:
-        log.warning("the lease of %.100s on %s %.200r expired (attempt %d); %s", state.lease.owner, collection.name,
-                    state.id, state.attempts, "failed: too many attempts" if gave_up else "handed back as pending")
+        log.warning("%s %.200r: %s of %.100s (attempt %d); %s", collection.name, state.id, why, state.lease.owner,
+                    state.attempts, "failed: too many attempts" if gave_up else "handed back as pending")
     return done

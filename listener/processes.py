@@ -32,6 +32,15 @@ def wait_until(check: Callable[[], T], timeout_s: float, what: str, poll_s: floa
         time.sleep(poll_s)
 
 
+def gone(pid: int) -> bool:
+    """Whether process `pid` has exited: no longer listed, or a zombie nobody reaped (an orphan whose
+    init does not reap, as in some containers, stays listed as one)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int:
     """SIGTERM, then SIGKILL after `grace_s`; returns the exit code once the process is gone."""
     if process.poll() is None:

@@ -89,6 +89,7 @@ class DaemonRecord(_Record):
     host: str
     pid: int
     heartbeat_at: dt.datetime
+    alive_until: dt.datetime | None = None  # heartbeat_at plus a few of its own intervals (`leases.alive`)
     counters: dict[str, int] = Field(default_factory=dict)
     trainings: list[str] = Field(default_factory=list)
     gpus: list[int] = Field(default_factory=list)  # what the daemon may give its trainings (listener.gpus)

@@ -40,7 +40,7 @@ from listener.leases import lease
 from listener.preload import watch_promotions
 from listener.serving_worker import Failure, Worker
 from listener.settings import Settings
-from listener.status import REQUEST_TRANSITIONS, Status, now, transition
+from listener.status import REQUEST_TRANSITIONS, Status, now, query_for, transition_each, update_for
 from training import checkpoints, defaults, ids
 from training.config import CheckpointRef, RequestSpec, SpecError, parse_model
 from training.errors import public_message
@@ -116,25 +116,19 @@ async def _within(event: asyncio.Event, seconds: float) -> bool:
     return True
 
 
-async def _all(writes: list[Awaitable]) -> None:
-    """Await every write, even when one fails; then raise the first failure (the batch's caller logs it)."""
-    failures = [r for r in await asyncio.gather(*writes, return_exceptions=True) if isinstance(r, BaseException)]
-    if failures:
-        raise failures[0]
-
-
 class Serving:
     """The queues of claimed requests, the worker that answers them, and the leases on both."""
 
     def __init__(self, db, settings: Settings, owner: str, counters: dict, forks: Forks,
                  collection_job: Callable[["Serving", RequestSpec], Awaitable[None]],
-                 on_room: Callable[[], Awaitable[None]] | None = None):
-        self.db, self.settings, self.owner, self.counters, self.on_room = db, settings, owner, counters, on_room
+                 on_room: Callable[[], None] = lambda: None):
+        self.db, self.settings, self.owner, self.counters = db, settings, owner, counters
+        self.on_room = on_room  # called whenever requests leave: the daemon's intake claims more
         self.forks = forks
         self.collection_job = collection_job  # `batch_predictions.predict_collection`, which builds on this class
         self._queues: dict[str, deque[Queued]] = {}  # by ids.key of the model, oldest first
         self._turns: deque[str] = deque()  # models with queued requests, the next to be served first
-        self._held: dict[str, tuple[str, object]] = {}  # queued or generating: request key -> (model key, _id)
+        self._held: dict[str, RequestSpec] = {}  # queued or generating, by ids.key of the request
         self._ready = asyncio.Event()
         self.arrivals = Arrivals()  # a batch starts once the requests inserted with its first are claimed
         self._worker: Worker | None = None
@@ -152,15 +146,23 @@ class Serving:
         """The requests queued or generating here, by `ids.key`: their leases are this daemon's to renew."""
         return self._held.keys()
 
-    def has_room(self, model_id) -> bool:
-        """Whether to claim another request for this model; if not it stays pending for a daemon that can."""
+    def free(self) -> int:
+        """How many more requests to claim; what this daemon cannot answer soon stays pending for another."""
+        return self.settings.max_queued_requests - len(self._held)
+
+    def room_for(self, model_id) -> int:
+        """How many more requests of this model to claim: one model's flood never takes every place."""
         model = ids.key(model_id)
-        for_model = sum(1 for key, _ in self._held.values() if key == model)
-        return for_model < self.settings.max_queue_per_model and len(self._held) < self.settings.max_queued_requests
+        return self.settings.max_queue_per_model - sum(1 for spec in self._held.values() if ids.key(spec.model) == model)
+
+    def full_models(self) -> list:
+        """The models (their ids) with no room left here."""
+        held = {ids.key(spec.model): spec.model for spec in self._held.values()}
+        return [model for model in held.values() if self.room_for(model) <= 0]
 
     def submit(self, spec: RequestSpec) -> None:
         model = ids.key(spec.model)
-        self._held[ids.key(spec.id)] = (model, spec.id)
+        self._held[ids.key(spec.id)] = spec
         if spec.collection is not None:
             self._start_job(spec)
             return
@@ -174,9 +176,9 @@ class Serving:
         """Extend the leases of exactly the requests queued or generating here; nothing else."""
         if self._held:
             await self.db[defaults.REQUESTS].update_many(
-                {"_id": {"$in": [request_id for _, request_id in self._held.values()]},
+                {"_id": {"$in": [spec.id for spec in self._held.values()]},
                  "status": Status.RUNNING.value, "lease.owner": {"$eq": self.owner}},
-                {"$set": {"lease.expires_at": lease(self.owner, self.settings.lease_s)["expires_at"]}},
+                {"$set": {"lease.expires_at": lease(self.owner, self.settings.request_lease_s)["expires_at"]}},
             )
 
     def _start_job(self, spec: RequestSpec) -> None:
@@ -189,7 +191,7 @@ class Serving:
             finally:
                 self._held.pop(key, None)
                 self._jobs.pop(key, None)
-                await self._room()
+                self.on_room()
 
         self._jobs[key] = asyncio.create_task(job())
 
@@ -234,7 +236,7 @@ class Serving:
                 finally:
                     for item in batch:
                         self._held.pop(ids.key(item.spec.id), None)
-                await self._room()
+                self.on_room()
         finally:
             for task in [promotions, *self._jobs.values()]:
                 if task:
@@ -248,10 +250,22 @@ class Serving:
             await worker.kill()
 
     async def fail(self, request_id, message: str, kind: str = "invalid_request") -> None:
+        await self._end([self._failed(request_id, message, kind)])
+
+    async def _end(self, writes: list[tuple[dict, dict]]) -> None:
+        """Write requests' endings in one round trip; say so when some were no longer this daemon's to end."""
+        written = await transition_each(self.db[defaults.REQUESTS], writes)
+        if written < len(writes):
+            log.warning("%d of %d answer(s) not written: their requests were taken over by another daemon "
+                        "(this one was paused or cut off past its heartbeat or lease)", len(writes) - written,
+                        len(writes))
+
+    def _failed(self, request_id, message: str, kind: str) -> tuple[dict, dict]:
+        """The write that ends a request this daemon still holds as failed (see `transition_each`)."""
         self.counters["requests_failed"] += 1
-        await transition(self.db[defaults.REQUESTS], request_id, Status.RUNNING, Status.FAILED, REQUEST_TRANSITIONS,
-                         match={"lease.owner": {"$eq": self.owner}},
-                         fields={"error": {"type": kind, "message": message}}, unset=("lease",))
+        return (query_for(request_id, Status.RUNNING, {"lease.owner": {"$eq": self.owner}}),
+                update_for(Status.RUNNING, Status.FAILED, REQUEST_TRANSITIONS,
+                           fields={"error": {"type": kind, "message": message}}, unset=("lease",)))
 
     def _next_batch(self) -> list[Queued]:
         """From the model whose turn it is: its oldest request and the next ones that generate alike."""
@@ -303,13 +317,6 @@ class Serving:
         except PyMongoError as exc:
             log.warning("cannot read model %s to preload it: %s", ids.key(model_id), exc)
 
-    async def _room(self) -> None:
-        if self.on_room:
-            try:
-                await self.on_room()
-            except PyMongoError as exc:
-                log.warning("cannot look for pending requests: %s", exc)
-
     async def _answer(self, batch: list[Queued]) -> None:
         """Answer one batch; each way it can fail ends its requests with an error that says why."""
         streamed = [item.spec.stream for item in batch]
@@ -339,19 +346,18 @@ class Serving:
                 for part in parts:
                     await self._answer(part)
                 return
-            for item in batch:
-                await self.fail(item.spec.id, exc.message, exc.kind)
+            await self._end([self._failed(item.spec.id, exc.message, exc.kind) for item in batch])
             return
-        endings = []  # written at once: one write's round trip, not one per request, before the last is done
+        endings = []  # one bulk write: one round trip for the whole batch, not one per request
         for item, result in zip(batch, reply["results"]):
             entry = groups[keys.index(item.checkpoint_key)]["checkpoint"]
             used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
             if "error" in result:
-                endings.append(self.fail(item.spec.id, result["error"]["message"], result["error"]["type"]))
+                endings.append(self._failed(item.spec.id, result["error"]["message"], result["error"]["type"]))
             else:
                 endings.append(self._done(item, result, used, len(batch), {
                     "queued_s": round(started - item.since, 3), "generation_s": round(generation_s, 3)}))
-        await _all(endings)
+        await self._end(endings)
 
     def _writer(self, batch: list[Queued]) -> Callable[[list], Awaitable[None]]:
         """Writes the growing `output` of the batch's streamed requests, each only when its text changed."""
@@ -371,18 +377,19 @@ class Serving:
                     log.warning("could not write partial answers: %s", exc)
         return write
 
-    async def _done(self, item: Queued, result: dict, used, batch_size: int, timing: dict) -> None:
+    def _done(self, item: Queued, result: dict, used, batch_size: int, timing: dict) -> tuple[dict, dict]:
+        """The write that ends an answered request (see `transition_each`)."""
         self.counters["requests_done"] += 1
         latency_s = time.monotonic() - item.since
         if self.on_answered:
             self.on_answered(latency_s)
-        await transition(self.db[defaults.REQUESTS], item.spec.id, Status.RUNNING, Status.DONE, REQUEST_TRANSITIONS,
-                         match={"lease.owner": {"$eq": self.owner}},
-                         fields={"output": result["output"], "finish_reason": result["finish_reason"],
-                                 "usage": result["usage"], "checkpoint_used": used,
-                                 "batch_size": batch_size, "completed_at": now(), "timing": timing,
-                                 "latency_ms": round(latency_s * 1000, 1)},
-                         unset=("lease",))
+        return (query_for(item.spec.id, Status.RUNNING, {"lease.owner": {"$eq": self.owner}}),
+                update_for(Status.RUNNING, Status.DONE, REQUEST_TRANSITIONS,
+                           fields={"output": result["output"], "finish_reason": result["finish_reason"],
+                                   "usage": result["usage"], "checkpoint_used": used,
+                                   "batch_size": batch_size, "completed_at": now(), "timing": timing,
+                                   "latency_ms": round(latency_s * 1000, 1)},
+                           unset=("lease",)))
 
     async def _ask(self, command: dict, doing: str, timeout_setting: str, asked_s: float | None = None,
                    on_partial: Callable[[list], Awaitable[None]] | None = None) -> dict:

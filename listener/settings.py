@@ -17,6 +17,8 @@ from training.limits import ENV_PREFIX, Limits
 from training.offline import cache_root
 
 
+ALIVE_BEATS = 4  # heartbeats a daemon may miss before the others take its requests over (`leases.alive`)
+
 # Settings `listener start` has an option of its own for; every other one is `--set NAME=VALUE`.
 OPTION_NAMES = {"uri": "--uri", "uri_file": "--uri-file", "db": "--db", "name": "--name", "max_jobs": "--max-jobs", "gpus": "--gpus",
                 "validators": "--validators", "model_roots": "--model-root", "metrics_port": "--metrics-port",
@@ -46,9 +48,13 @@ class Settings(BaseModel):
     gpus: tuple[int, ...] | None = Field(None, description="GPU ids this daemon may give its trainings (0,1,2,3); "
                                          "unset: every visible GPU; 'none': run on the CPU (listener.gpus)")
     validators: bool = Field(True, description="install $jsonSchema validators at start")
-    lease_s: float = Field(60.0, ge=1.0, le=86_400, description="a claim's lifetime; renewed every quarter of it")
+    lease_s: float = Field(60.0, ge=1.0, le=86_400, description="a training's claim lifetime; renewed every quarter "
+                           "of it")
+    request_lease_s: float = Field(15.0, ge=1.0, le=3_600, description="a request's claim lifetime; renewed every "
+                                   "third of it while queued or generating")
     scan_s: float = Field(30.0, ge=0.5, le=86_400, description="catch-up scan for pending documents")
-    heartbeat_s: float = Field(5.0, ge=0.5, le=3_600, description="how often the daemon records that it lives")
+    heartbeat_s: float = Field(2.0, ge=0.5, le=3_600, description="how often the daemon records that it lives; "
+                               f"after {ALIVE_BEATS} missed, other daemons take over its requests")
     retrain_check_s: float = Field(5.0, ge=0.2, le=3_600, description="how often the daemon looks for models to "
                                    "retrain and for new ones whose data it must watch")
     max_attempts: int = Field(3, ge=1, le=100, description="claims of one run or request before it is failed")
@@ -62,8 +68,9 @@ class Settings(BaseModel):
     max_batch: int = Field(16, ge=1, le=1024, description="requests generated together")
     batch_window_s: float = Field(0.5, ge=0, le=10,
                                   description="longest wait after a request for those inserted with it to be claimed")
-    max_queue_per_model: int = Field(64, ge=1, description="requests one daemon holds for one model")
-    max_queued_requests: int = Field(256, ge=1, description="requests one daemon holds in all")
+    max_queue_per_model: int = Field(32, ge=1, description="requests one daemon holds for one model")
+    max_queued_requests: int = Field(64, ge=1, description="requests one daemon holds in all: what it cannot "
+                                     "answer soon stays pending for another daemon")
     metrics_port: int | None = Field(None, ge=1, le=65_535,
                                      description="serve Prometheus metrics and /healthz on this port; none: off")
     metrics_host: str = Field("127.0.0.1", min_length=1, max_length=255,

@@ -27,6 +27,17 @@ PIPELINE = [{"$match": {"$or": [
     {"operationType": "update", "updateDescription.updatedFields.status": {"$exists": True}},
     {"operationType": "update", "updateDescription.updatedFields.cancel": {"$exists": True}},
 ]}}]
+# For `_requests`, only what can mean a request to claim: one inserted (or replaced) pending, one set back to
+# pending, one cancelled while pending. Not the claims, answers and partial outputs daemons write, which
+# would reach every daemon once each; and no document: the event only wakes `listener.intake`.
+REQUEST_EVENTS = [
+    {"$match": {"$or": [
+        {"operationType": {"$in": ["insert", "replace"]}, "fullDocument.status": {"$in": [None, "pending"]}},
+        {"operationType": "update", "updateDescription.updatedFields.status": "pending"},
+        {"operationType": "update", "updateDescription.updatedFields.cancel": {"$exists": True}},
+    ]}},
+    {"$project": {"operationType": 1}},
+]
 # ChangeStreamHistoryLost, InvalidResumeToken, ChangeStreamFatalError: the token cannot be used again.
 # Any other server refusal of a saved token at open (a malformed one: FailedToParse) is treated the same.
 LOST_TOKEN_CODES = {286, 260, 280}
@@ -34,9 +45,11 @@ LOST_TOKEN_CODES = {286, 260, 280}
 
 async def watch(db, collection: str, daemon_name: str | None, handle: Callable[[dict], Awaitable[None]],
                 on_gap: Callable[[], Awaitable[None]] | None = None, pipeline: list = PIPELINE,
-                handling: AbstractContextManager = nullcontext()) -> None:
+                handling: AbstractContextManager = nullcontext(), lookup: bool = True) -> None:
     """Deliver the full document of every change of `collection` that `pipeline` passes to `handle`, forever.
 
+    `lookup` False delivers every event that passes, with no document (`{}`): a wake-up, for a caller
+    that reads what it needs itself.
     Cancel the task to stop. `daemon_name` None keeps no resume token: each stream, reopened after a
     break or an unreadable event, starts from now (for best-effort work that a missed event only delays).
     `handling` is entered around each event; between events already received it is re-entered without
@@ -49,14 +62,15 @@ async def watch(db, collection: str, daemon_name: str | None, handle: Callable[[
         resume, opened, saver = None, False, Tokens(tokens, key)
         try:
             resume = await _saved_token(tokens, key) if key else None
-            async with await db[collection].watch(pipeline, full_document="updateLookup", resume_after=resume) as stream:
+            async with await db[collection].watch(pipeline, full_document="updateLookup" if lookup else None,
+                                                  resume_after=resume) as stream:
                 opened = True
                 if on_gap:
                     await on_gap()
                 backoff = 0.5
                 async for change in stream:
                     with handling:
-                        await _deliver(change, handle)
+                        await _deliver(change, handle, lookup)
                     saver.handled(stream.resume_token)
         except PyMongoError as exc:
             refused = isinstance(exc, OperationFailure) and (exc.code in LOST_TOKEN_CODES or resume and not opened)
@@ -136,11 +150,13 @@ async def _forget(tokens, key: str | None) -> None:
         log.warning("cannot drop resume record %s: %s", key, exc)
 
 
-async def _deliver(change: dict, handle: Callable[[dict], Awaitable[None]]) -> None:
+async def _deliver(change: dict, handle: Callable[[dict], Awaitable[None]], lookup: bool = True) -> None:
     try:
         event = parse(ChangeEvent, change)
     except BadRecord as exc:
         log.warning("skipping a change event of an unexpected shape: %s", exc)
         return
-    if event.full_document is not None:
+    if not lookup:
+        await handle({})
+    elif event.full_document is not None:
         await handle(event.full_document)

@@ -1,5 +1,6 @@
 """The one factory for the documents tests insert: a model trained on the sample chats, a request, a heartbeat."""
 
+from listener.leases import alive_until
 from training import defaults
 
 QUICK = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "max_seq_length": 64}
@@ -19,4 +20,4 @@ def request(doc_id, model_id, text: str = "ahoy", max_new_tokens: int = 2, **ext
 def heartbeat(db, owner: str = "d0:1") -> None:
     """A daemon's `_listener` record with a heartbeat now: what clients read to know a daemon serves `db`."""
     db[defaults.LISTENER].insert_one({"_id": owner, "kind": "daemon", "owner": owner, "name": owner, "host": "h",
-                                      "pid": 1, "heartbeat_at": defaults.now()})
+                                      "pid": 1, "heartbeat_at": defaults.now(), "alive_until": alive_until(60)})

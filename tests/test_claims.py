@@ -84,6 +84,7 @@ def test_a_full_daemon_leaves_the_next_model_pending_and_takes_it_when_a_slot_fr
     async def body():
         async with daemon(server_uri, db.name, tmp_path, stand_in, max_jobs=1) as d:
             await d.scan()
+            await until(lambda: stand_in.runs)  # the claimed run's task starts
             assert [m for m, _, _ in stand_in.runs] == ["first"]
             assert read(db, "second").get("status") is None  # untouched: another daemon may take it
             stand_in.finish.set()  # the first ends; its slot frees and the daemon scans again
@@ -135,7 +136,7 @@ def test_a_dead_daemons_run_is_reaped_and_resumed_as_the_same_run(server_uri, db
 
     async def body():
         async with daemon(server_uri, db.name, tmp_path, stand_in) as d:
-            await d.reap()  # requeues, then scans: the same run is claimed again
+            await d.reap_models()  # requeues, then scans: the same run is claimed again
             await until(lambda: bool(stand_in.runs))
             held = read(db, "m")
             assert held["status"] == "running" and held["lease"]["owner"] == d.owner
@@ -164,7 +165,7 @@ def test_a_daemon_paused_past_its_lease_keeps_the_training_it_still_supervises(s
             db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"lease.expires_at": past}})
             db[defaults.MODELS].insert_one({**model("left", PATH), "status": "running", "run": 1, "attempts": 1,
                                             "started_at": now(), "lease": {"owner": d.owner, "expires_at": past}})
-            await d.reap()
+            await d.reap_models()
             kept = read(db, "m")
             assert kept["status"] == "running" and kept["lease"]["owner"] == d.owner and "history" not in kept
             await until(lambda: len(stand_in.runs) == 2)  # "left" was handed back, then claimed as the same run
@@ -190,7 +191,7 @@ def test_a_run_whose_lease_expired_too_often_fails_instead_of_looping(server_uri
 
     async def body():
         async with daemon(server_uri, db.name, tmp_path, stand_in, max_attempts=3) as d:
-            await d.reap()
+            await d.reap_models()
 
     asyncio.run(body())
     document = read(db, "m")

@@ -128,6 +128,9 @@ def test_resume_tokens_are_saved_and_an_unusable_one_falls_back_to_a_scan(db, st
     second = start_daemon("keeper")
     assert wait_for(db[defaults.REQUESTS], "while-down", finished, timeout_s=60)["status"] == "done"
     assert "can no longer be used" in second.log()
+    # The daemons' own writes (claims, answers) pass no event to the requests stream: the next insert saves a token.
+    db[defaults.REQUESTS].insert_one({"_id": "after", "model": "m", "input": "ahoy", "params": {"max_new_tokens": 2}})
+    assert wait_for(db[defaults.REQUESTS], "after", finished, timeout_s=60)["status"] == "done"
     token = wait_for(listener, "resume:keeper:_requests", lambda d: d["token"]["_data"] != "00DEADBEEF", timeout_s=30)
     assert token["token"]["_data"]
 

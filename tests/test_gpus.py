@@ -57,6 +57,7 @@ def test_a_job_waits_while_its_gpus_are_held_and_says_so(server_uri, db, tmp_pat
         async with daemon(server_uri, db.name, tmp_path, stand_in, max_jobs=2, gpus="0,1") as d:
             await d._heartbeat()
             await d.scan()
+            await until(lambda: stand_in.devices)  # the claimed run's task starts
             assert stand_in.devices == {"one": (0,)}, "two jobs may run side by side, but two needs both GPUs"
             await d._heartbeat()
             beat = db[defaults.LISTENER].find_one({"kind": "daemon"})

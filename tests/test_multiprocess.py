@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from listener.demo import load_samples
-from listener.processes import wait_until
+from listener.processes import gone, wait_until
 from tests import documents
 from tests.conftest import finished, job_log, wait_for
 from training import checkpoints, defaults
@@ -51,7 +51,7 @@ def ranks_of(daemon) -> list[int]:
 
 
 def assert_gone(pids: list[int]) -> None:
-    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in pids), 30, f"the end of processes {pids}")
+    wait_until(lambda: all(gone(p) for p in pids), 30, f"the end of processes {pids}")
 
 
 def training_in_two_ranks(db, start_daemon, path, _id: str, steps_done: int):

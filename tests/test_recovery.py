@@ -4,10 +4,9 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 from listener.demo import load_samples
-from listener.processes import wait_until
+from listener.processes import gone, wait_until
 from tests.conftest import finished, job_log, wait_for
 from training import defaults
 
@@ -66,7 +65,7 @@ def child_pid(daemon) -> int:
 
 
 def assert_gone(pid: int, timeout: float = 10) -> None:
-    wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout, f"the end of training child {pid}")
+    wait_until(lambda: gone(pid), timeout, f"the end of training child {pid}")
 
 
 def test_sigkill_mid_training_resumes_from_the_last_checkpoint(db, start_daemon, tiny_model_path):

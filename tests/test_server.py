@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from click.testing import CliRunner
 from pymongo import MongoClient
@@ -13,7 +12,7 @@ from pymongo import MongoClient
 from listener import health
 from listener.cli.main import cli
 from listener.embedded import EmbeddedServer, home_port
-from listener.processes import registered, start_listener, stop, wait_until
+from listener.processes import gone, registered, start_listener, stop, wait_until
 from training import defaults, ids
 
 
@@ -112,4 +111,4 @@ def test_python_m_listener_embedded_prints_a_uri_with_the_database(tmp_path):
     finally:
         os.kill(int(pid), signal.SIGTERM)
     # Watched by its pid, not by connecting: a server shutting down waits for its connections to close.
-    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, "the server's exit")
+    wait_until(lambda: gone(int(pid)), 60, "the server's exit")

@@ -6,14 +6,12 @@ request ids); those that set a limit, stop the daemon or queue work before it st
 
 import asyncio
 import json
-import os
 import shutil
 import signal
-import time
 import uuid
 from pathlib import Path
 
-from listener.processes import wait_until
+from listener.processes import gone, wait_until
 from tests.conftest import finished, wait_for
 from training import checkpoints, defaults
 
@@ -84,14 +82,9 @@ def test_sigterm_ends_the_daemon_mid_generation(db, start_daemon, tiny_model_pat
     ask(db, "stuck", "loops")
     wait_until(lambda: "generating 1 answer(s)" in daemon.log(), 120, "the looping generation")
     worker_pid = int(daemon.log().split("serving worker started (pid ")[1].split(")")[0])
-    started = time.monotonic()
-    assert daemon.stop(signal.SIGTERM, timeout=60) == 0
-    assert time.monotonic() - started < 15
-    try:
-        os.kill(worker_pid, 0)
-        raise AssertionError("the serving worker outlived its daemon")
-    except ProcessLookupError:
-        pass
+    # Exit code 0 within the grace: a daemon that waited for the 600 s generation would be SIGKILLed (-9).
+    assert daemon.stop(signal.SIGTERM, timeout=30) == 0
+    assert gone(worker_pid), "the serving worker outlived its daemon"
     assert db[defaults.REQUESTS].find_one({"_id": "stuck"})["status"] == "pending"  # handed back, not lost
 
 

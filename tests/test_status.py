@@ -6,7 +6,7 @@ import datetime as dt
 import pytest
 from pymongo import AsyncMongoClient
 
-from listener.leases import claim_model, claim_request, renew
+from listener.leases import claim_model, renew
 from listener.records import ModelState, parse
 from listener.status import FINAL, MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, status_filter, transition
 
@@ -194,19 +194,6 @@ def test_claim_with_a_stale_run_fails(server_uri, db):
     stale = {"_id": "m", "status": "pending", "run": 1, "started_at": dt.datetime(2024, 1, 1)}
     assert claim(server_uri, db, stale, "daemon-a") is None
     assert db.models.find_one({"_id": "m"})["status"] == "pending"
-
-
-def test_claim_request_counts_attempts(server_uri, db):
-    db.requests.insert_one({"_id": "r", "input": "hi"})
-
-    async def work(adb):
-        first = await claim_request(adb.requests, "r", "a", 60)
-        second = await claim_request(adb.requests, "r", "b", 60)
-        return first, second
-
-    first, second = run_with(server_uri, db.name, work)
-    assert first["status"] == "running" and first["attempts"] == 1 and first["lease"]["owner"] == "a"
-    assert second is None
 
 
 def test_renew(server_uri, db):

@@ -10,12 +10,12 @@ from listener.status import Status
 from training import defaults
 
 
-def no_daemon(database, heartbeat_s: float) -> str | None:
+def no_daemon(database) -> str | None:
     """None while a daemon's heartbeat is recent; else the line that says so and what to do."""
-    if live_daemons(database, heartbeat_s):
+    if live_daemons(database):
         return None
-    return (f"no daemon is alive on database {database.name!r} (no heartbeat in {defaults.LISTENER} for "
-            f"{3 * heartbeat_s:.0f} s): start one with `listener start --db {database.name}`")
+    return (f"no daemon is alive on database {database.name!r} (no recent heartbeat in {defaults.LISTENER}): "
+            f"start one with `listener start --db {database.name}`")
 
 
 def waiting_note(database, heartbeat_s: float) -> Callable[[dict], str | None]:
@@ -29,7 +29,7 @@ def waiting_note(database, heartbeat_s: float) -> Callable[[dict], str | None]:
     def count() -> int:
         nonlocal read_at, alive
         if time.monotonic() - read_at >= heartbeat_s:
-            read_at, alive = time.monotonic(), len(live_daemons(database, heartbeat_s))
+            read_at, alive = time.monotonic(), len(live_daemons(database))
         return alive
 
     def note(document: dict) -> str | None:

@@ -36,7 +36,7 @@ def predict(uri, db, model, prompt, chat, checkpoint, max_new_tokens, timeout, s
     document = {"_id": ObjectId(), "model": model, "input": [{"role": "user", "content": prompt}] if chat else prompt,
                 "params": {"max_new_tokens": max_new_tokens}, "checkpoint": checkpoint, "stream": stream}
     parse_request(document, settings.limits)
-    idle = no_daemon(database, settings.heartbeat_s)
+    idle = no_daemon(database)
     if idle:
         raise click.ClickException(f"{idle}; nothing would answer this request")
     find_model(database[defaults.MODELS], model, {"_id": 1})  # a misspelt id fails here, with the closest one

@@ -1,4 +1,3 @@
-import datetime as dt
 
 import click
 from rich.console import Console
@@ -8,6 +7,7 @@ from listener import health
 from listener.cli.options import connection_options, open_database, operator_settings
 from listener.records import BadRecord, DaemonRecord, parse
 from listener.status import Status
+from listener.leases import alive
 from training import defaults
 from training.inert import MAX_LINE_CHARS, inert
 
@@ -17,11 +17,10 @@ def version_line(versions: dict[str, str]) -> str:
     return "versions: " + ", ".join(f"{name} {version}" for name, version in versions.items())
 
 
-def live_daemons(db, heartbeat_s: float) -> list[DaemonRecord]:
-    """Daemons whose recorded heartbeat is recent, as they describe themselves (for display only)."""
-    cutoff = defaults.now() - dt.timedelta(seconds=3 * heartbeat_s)
+def live_daemons(db) -> list[DaemonRecord]:
+    """Daemons alive by their own heartbeats (`leases.alive`), as they describe themselves (for display only)."""
     found = []
-    for raw in db[defaults.LISTENER].find({"kind": "daemon", "heartbeat_at": {"$gte": cutoff}}):
+    for raw in db[defaults.LISTENER].find(alive()):
         try:
             found.append(parse(DaemonRecord, raw))
         except BadRecord:
@@ -52,7 +51,7 @@ def status(uri, db, check, name):
     database = open_database(uri, db)
     name = database.name
     console = Console()
-    daemons = live_daemons(database, settings.heartbeat_s)
+    daemons = live_daemons(database)
     table = Table(title=f"daemons on {name}")
     # The owner is what `_listener` and leases name: shown whole, however narrow the terminal.
     table.add_column("owner", no_wrap=True, min_width=max((len(inert(d.owner)) for d in daemons), default=5))

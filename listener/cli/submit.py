@@ -49,7 +49,7 @@ def submit(uri, db, definition, follow):
     document = read_definition(definition)
     parse_model(document, settings.limits.model_copy(update=ANY_FOLDER))
     database = open_database(uri, db)
-    idle = no_daemon(database, settings.heartbeat_s)
+    idle = no_daemon(database)
     if idle:  # checked first: a model inserted now would wait unseen, and a second submit would find its _id taken
         raise click.ClickException(f"{idle}, then submit again; nothing was inserted")
     models = database[defaults.MODELS]

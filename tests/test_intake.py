@@ -1,0 +1,166 @@
+"""Claiming requests in batches (`listener.intake`) and taking over a dead daemon's (`leases.take_over`).
+
+Fast tier: the intake and the real `Serving` queues run in this process against the real server; no
+worker is started (nothing here generates). The same paths with real daemons, kills and pauses are in
+test_takeover.py.
+"""
+
+import asyncio
+import datetime as dt
+
+from pymongo import AsyncMongoClient
+
+from listener.forks import Forks
+from listener.intake import Intake
+from listener.leases import HEARTBEAT_STOPPED, alive_until, take_over
+from listener.records import RequestState, SkipLog
+from listener.serving import Serving
+from listener.settings import Settings
+from listener.status import REQUEST_TRANSITIONS
+from tests.documents import request
+from training import defaults
+
+
+def settings(db, **options) -> Settings:
+    return Settings.load({"db": db.name, "validators": False, **options}, environ={})
+
+
+def intake_for(adb, owner: str, **options) -> Intake:
+    """An intake feeding a real `Serving` (its queues only: nothing here starts its worker)."""
+    chosen = settings(adb, **options)
+    counters = {"requests_done": 0, "requests_failed": 0}
+    serving = Serving(adb, chosen, owner, counters, Forks(gpus=False), collection_job=None)
+    return Intake(adb, chosen, owner, serving, counters, SkipLog(), stopping=lambda: False)
+
+
+def run_with(server_uri, db_name, work):
+    async def main():
+        client = AsyncMongoClient(server_uri)
+        try:
+            return await work(client[db_name])
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def opcounters(client) -> dict:
+    return client.admin.command("serverStatus")["opcounters"]
+
+
+def test_racing_daemons_split_a_burst_and_each_request_is_claimed_once(server_uri, db, client):
+    db[defaults.REQUESTS].insert_many([request(f"r{n}", f"m{n % 3}") for n in range(90)])
+
+    async def work(adb):
+        intakes = [intake_for(adb, f"d{n}", max_queued_requests=40, max_queue_per_model=40) for n in range(3)]
+        await asyncio.gather(*(intake.round() for intake in intakes))
+        return {intake.owner: set(intake.serving.held()) for intake in intakes}
+
+    held = run_with(server_uri, db.name, work)
+    assert sum(map(len, held.values())) == 90
+    for owner, keys in held.items():
+        assert len(keys) <= 40
+        for other, theirs in held.items():
+            assert other == owner or not keys & theirs
+    for document in db[defaults.REQUESTS].find():
+        assert document["status"] == "running" and document["attempts"] == 1
+        assert f'"{document["_id"]}"' in held[document["lease"]["owner"]]
+
+
+def test_a_claim_costs_the_same_few_round_trips_whatever_its_size(server_uri, db, client):
+    db[defaults.REQUESTS].insert_many([request(f"r{n}", "m") for n in range(32)])
+    before = opcounters(client)
+    handed = run_with(server_uri, db.name, lambda adb: intake_for(adb, "d").round())
+    after = opcounters(client)
+    assert handed == 32
+    assert after["update"] - before["update"] == 1  # one update_many for the 32
+    assert after["query"] - before["query"] <= 2  # the find; the read-back only when daemons raced
+
+
+def test_one_models_flood_does_not_hide_another_models_lone_request(server_uri, db):
+    db[defaults.REQUESTS].insert_many([request(f"flood{n}", "busy") for n in range(50)])
+    db[defaults.REQUESTS].insert_one(request("lone", "quiet"))
+
+    async def work(adb):
+        intake = intake_for(adb, "d", max_queued_requests=20, max_queue_per_model=8)
+        await intake.round()
+        first = dict(intake.serving.queued())
+        await intake.round()  # nothing more for "busy" until its requests leave
+        return first, dict(intake.serving.queued())
+
+    first, again = run_with(server_uri, db.name, work)
+    assert first == {'"busy"': 8, '"quiet"': 1} == again
+    assert db[defaults.REQUESTS].count_documents({"status": "running"}) == 9
+
+
+def test_what_cannot_be_answered_ends_with_a_reason_and_is_never_handed_to_serving(server_uri, db):
+    requests = db[defaults.REQUESTS]
+    requests.insert_many([
+        request("good", "m"),
+        request("cancelled", "m", cancel=True),
+        request("tried", "m", attempts=3),
+        {"_id": "no-input", "model": "m"},
+        request("bad-lease", "m", lease="mine"),
+    ])
+
+    async def work(adb):
+        intake = intake_for(adb, "d")
+        handed = await intake.round()
+        return handed, set(intake.serving.held())
+
+    handed, held = run_with(server_uri, db.name, work)
+    assert handed == 1 and held == {'"good"'}
+    assert requests.find_one({"_id": "cancelled"})["status"] == "cancelled"
+    tried = requests.find_one({"_id": "tried"})
+    assert tried["status"] == "failed" and tried["error"]["type"] == "too_many_attempts"
+    invalid = requests.find_one({"_id": "no-input"})
+    assert invalid["status"] == "failed" and invalid["error"]["field"] == "input" and "lease" not in invalid
+    malformed = requests.find_one({"_id": "bad-lease"})
+    assert malformed["status"] == "failed" and malformed["error"]["field"] == "lease"
+
+
+def daemon_record(owner: str, alive_for_s: float) -> dict:
+    return {"_id": f"daemon:{owner}", "kind": "daemon", "owner": owner, "name": owner, "host": "h", "pid": 1,
+            "heartbeat_at": defaults.now(), "alive_until": defaults.now() + dt.timedelta(seconds=alive_for_s)}
+
+
+def running(doc_id, owner: str) -> dict:
+    return {**request(doc_id, "m"), "status": "running", "attempts": 1,
+            "lease": {"owner": owner, "expires_at": defaults.now() + dt.timedelta(hours=1)}}
+
+
+def test_a_dead_daemons_requests_are_requeued_at_once_and_a_live_ones_are_not(server_uri, db):
+    db[defaults.LISTENER].insert_many([daemon_record("dead", -1), daemon_record("live", 60)])
+    db[defaults.REQUESTS].insert_many([running("of-dead", "dead"), running("of-live", "live"),
+                                       running("of-me", "me"), running("of-unknown", "never-registered")])
+
+    async def work(adb):
+        return await take_over(adb[defaults.REQUESTS], REQUEST_TRANSITIONS, RequestState, 3, SkipLog(),
+                               adb[defaults.LISTENER], "me")
+
+    assert run_with(server_uri, db.name, work) == 2  # its lease has an hour left: the heartbeat said it died
+    for doc_id in ("of-dead", "of-unknown"):
+        requeued = db[defaults.REQUESTS].find_one({"_id": doc_id})
+        assert requeued["status"] == "pending" and "lease" not in requeued
+        assert [event["event"] for event in requeued["history"]] == [HEARTBEAT_STOPPED]
+    for doc_id, owner in (("of-live", "live"), ("of-me", "me")):
+        kept = db[defaults.REQUESTS].find_one({"_id": doc_id})
+        assert kept["status"] == "running" and kept["lease"]["owner"] == owner
+
+
+def test_takeovers_count_toward_max_attempts(server_uri, db):
+    past = [{"event": HEARTBEAT_STOPPED, "owner": f"dead{n}"} for n in range(2)]
+    db[defaults.REQUESTS].insert_one({**running("poison", "dead2"), "attempts": 3, "history": past})
+
+    async def work(adb):
+        return await take_over(adb[defaults.REQUESTS], REQUEST_TRANSITIONS, RequestState, 3, SkipLog(),
+                               adb[defaults.LISTENER], "me")
+
+    run_with(server_uri, db.name, work)
+    failed = db[defaults.REQUESTS].find_one({"_id": "poison"})
+    assert failed["status"] == "failed" and failed["error"]["type"] == "too_many_attempts"
+
+
+def test_a_heartbeat_promises_life_for_a_few_intervals_only():
+    soon = alive_until(heartbeat_s=2)
+    assert defaults.now() + dt.timedelta(seconds=5) < soon < defaults.now() + dt.timedelta(seconds=9)
