@@ -14,6 +14,7 @@ from pymongo import MongoClient
 from rich.console import Console
 
 from listener.cli.alive import waiting_note
+from listener.definitions import insert_model, replace_model
 from listener.follow import finished, follow_training, wait_for
 from listener.settings import Settings
 from training import checkpoints as stored_checkpoints
@@ -74,17 +75,20 @@ class Client:
             raise LookupError(f"no model {model_id!r} in {self.db.name}.{defaults.MODELS}")
         return document
 
-    def submit(self, definition: dict):
+    def submit(self, definition: dict, replace: bool = False):
         """Insert a model definition once the daemon's parser accepts it; returns its `_id`.
 
         A definition without `_id` gets an ObjectId. Raises `training.config.SpecError` naming the
-        field to change (`_id` when a model has it already), with nothing written.
+        field to change (`_id` when a model has it already), with nothing written. `replace=True`
+        makes the definition the next run of the model with its `_id` (its runs and checkpoints
+        stay, the run's entry says what changed); `listener.definitions.Busy` while that model
+        trains.
         """
-        from listener.cli.options import insert_model
-
         document = dict(definition)
         document.setdefault("_id", ObjectId())
         parse_model(document, self.limits)
+        if replace:
+            return replace_model(self.db[defaults.MODELS], document)[0]["_id"]
         return insert_model(self.db[defaults.MODELS], document)
 
     def wait(self, model_id, progress: bool = True, timeout: float = WEEK_S) -> dict:

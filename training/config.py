@@ -24,7 +24,7 @@ LISTENER_FIELDS = frozenset({
     "status", "run", "attempts", "progress", "metrics", "checkpoints", "best_checkpoint", "error",
     "lease", "created_at", "started_at", "finished_at", "output", "usage", "latency_ms",
     "completed_at", "history", "checkpoint_used", "batch_size", "warnings", "timing", "events", "runs",
-    "trigger", "finish_reason",
+    "trigger", "finish_reason", "changed",
 })
 # Server-side JavaScript: a real MongoDB would run it, so a user-supplied filter may not hold it.
 FORBIDDEN_OPERATORS = frozenset({"$where", "$function", "$accumulator"})

@@ -24,7 +24,7 @@ from training.defaults import Status, now
 log = logging.getLogger(__name__)
 
 LIBRARIES = ("mongotune", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "deepspeed")
-TRIGGERS = ("insert", "new_documents", "schedule", "user")
+TRIGGERS = ("insert", "new_documents", "schedule", "user", "definition")
 FINAL_OUTCOMES = tuple(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED))
 
 
@@ -84,9 +84,13 @@ def trigger_of(document: dict) -> str:
 
 
 def entry(document: dict, **recorded) -> dict:
-    """A new run entry; `recorded` holds what `training.child` measured (data, arguments, base, init_from...)."""
-    return {"number": document["run"], "trigger": trigger_of(document), "started_at": now(),
-            "versions": versions(), "host": host(), **recorded}
+    """A new run entry; `recorded` holds what `training.child` measured (data, arguments, base, init_from...).
+
+    A run started by a replaced definition records which fields changed (`listener.definitions`)."""
+    trigger = trigger_of(document)
+    changed = {"changed": document.get("changed")} if trigger == "definition" else {}
+    return {"number": document["run"], "trigger": trigger, "started_at": now(), "versions": versions(),
+            "host": host(), **changed, **recorded}
 
 
 def begin(models, match: dict, document: dict, new_entry: dict) -> bool:

@@ -18,6 +18,9 @@ from training.limits import Limits
 log = logging.getLogger(__name__)
 
 SAME_BASE = ("revision", "subfolder", "gguf_file")  # model_kwargs that change which weights load
+# Fields whose change, in a replaced definition, makes the serving adapter no longer fit: such a run starts fresh.
+REFITS = ("model_name_or_path", *(f"model_kwargs.{name}" for name in SAME_BASE), "trainer.use_lora", "trainer.lora_r",
+          "trainer.lora_target_modules")
 
 
 def _other_model(db, spec: ModelSpec, limits: Limits) -> tuple[ModelSpec, dict]:
@@ -57,9 +60,17 @@ def continued(document: dict, retrain_from: str) -> dict | None:
     person); None for a fresh adapter (the first run, or nothing of an earlier run is listed)."""
     best = document.get("best_checkpoint")
     earlier = isinstance(best, dict) and isinstance(best.get("run"), int) and best["run"] < document["run"]
-    if retrain_from != "best" or not earlier or not checkpoints.listed(document.get("checkpoints")):
+    if retrain_from != "best" or not earlier or not checkpoints.listed(document.get("checkpoints")) or refits(document):
         return None
     return checkpoints.select(document, "best")
+
+
+def refits(document: dict) -> bool:
+    """Whether this run's definition was replaced with another base or LoRA shape (`listener.definitions`)."""
+    changed = document.get("changed") if document.get("trigger") == "definition" else None
+    return isinstance(changed, list) and any(
+        isinstance(path, str) and (path == field or field.startswith(f"{path}.") or path.startswith(f"{field}."))
+        for path in changed for field in REFITS)
 
 
 def next_start(document: dict) -> str:
@@ -73,7 +84,9 @@ def next_start(document: dict) -> str:
     retrain_from = retrain.get("from", "best")
     entry = continued({**document, "run": run}, retrain_from)
     if entry is None:
-        return f"run {run} starts from the base model" + (" (retrain.from is base)" if retrain_from == "base" else "")
+        why = (" (retrain.from is base)" if retrain_from == "base" else
+               " (the definition changed its base or LoRA shape)" if refits(document) else "")
+        return f"run {run} starts from the base model{why}"
     best = document["best_checkpoint"]
     which = "best" if (entry["run"], entry["step"]) == (best["run"], best.get("step")) else "latest"
     return f"run {run} starts from run {entry['run']}'s {which} checkpoint (step {entry['step']})"

@@ -1,6 +1,7 @@
 import click
 
-from listener.cli.options import connection_options, find_model, id_text, model_argument, open_database
+from listener.definitions import id_text
+from listener.cli.options import connection_options, find_model, model_argument, open_database
 from listener.status import FINAL, Status
 from training import defaults, ids
 from training.inert import MAX_LINE_CHARS, inert

@@ -1,6 +1,7 @@
 import click
 
-from listener.cli.options import connection_options, find_model, id_text, model_argument, open_database
+from listener.definitions import id_text
+from listener.cli.options import connection_options, find_model, model_argument, open_database
 from listener.follow import wait_for
 from listener.status import Status
 from training import checkpoints, defaults, ids

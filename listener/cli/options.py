@@ -5,11 +5,11 @@ import logging
 import click
 from bson import json_util
 from bson.errors import BSONError
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import PyMongoError
 from rich.logging import RichHandler
 
+from listener.definitions import id_text
 from training import defaults, ids
-from training.config import SpecError
 from training.hints import closest_model_id, shown
 from training.inert import inert, inert_logging
 
@@ -126,18 +126,3 @@ def find_model(models, model_id, projection: dict | None = None) -> dict:
     return document
 
 
-def insert_model(models, document: dict):
-    """Insert a checked model definition; its `_id`. A taken `_id` is a SpecError, as a misspelt field is: nothing
-    was written, and the message says what to do (every client inserts here, so they all say the same)."""
-    try:
-        return models.insert_one(document).inserted_id
-    except DuplicateKeyError:
-        shown = id_text(document.get("_id"))
-        raise SpecError("_id", f"a model with _id {document.get('_id')!r} is already in {models.database.name}."
-                        f"{models.name}: choose another _id, or train that one again (`listener retrain {shown}`) "
-                        f"or remove it first (`listener delete {shown}`)") from None
-
-
-def id_text(model_id) -> str:
-    """The model id as a user types it back: a string as is, anything else as quoted extended JSON."""
-    return model_id if isinstance(model_id, str) else f"'{json_util.dumps(model_id)}'"

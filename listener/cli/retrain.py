@@ -3,7 +3,8 @@ import asyncio
 import click
 from pymongo import AsyncMongoClient
 
-from listener.cli.options import connection_options, find_model, id_text, model_argument, open_database, resolve
+from listener.definitions import id_text
+from listener.cli.options import connection_options, find_model, model_argument, open_database, resolve
 from listener.connection import timeouts
 from listener.status import FINAL, MODEL_TRANSITIONS, Status, transition
 from training import defaults

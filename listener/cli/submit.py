@@ -8,7 +8,8 @@ from rich.console import Console
 
 from listener.cli.alive import no_daemon, waiting_note
 from listener.cli.errors import stopped_following
-from listener.cli.options import connection_options, insert_model, open_database, operator_settings
+from listener.cli.options import connection_options, open_database, operator_settings
+from listener.definitions import Busy, insert_model, replace_model, replaced
 from listener.follow import follow_training
 from listener.status import Status
 from training import defaults
@@ -36,14 +37,18 @@ def read_definition(path: Path) -> dict:
 @connection_options
 @click.argument("definition", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--follow/--no-follow", default=True, show_default=True, help="Show progress until training ends.")
-def submit(uri, db, definition, follow):
+@click.option("--replace", is_flag=True, help="A model with this _id exists: make this definition its next run "
+              "(its runs and checkpoints stay; the run records what changed).")
+def submit(uri, db, definition, follow, replace):
     """Insert a model document from a JSON or YAML file, checked first with the daemon's own parser.
 
-    Refused, with nothing inserted, while no daemon is alive on the database: start one first.
+    Refused, with nothing inserted, while no daemon is alive on the database: start one first. To
+    correct a model already submitted, edit the file and submit it again with --replace.
 
     \b
-    Example:
+    Examples:
       listener submit model.yaml --db mydb
+      listener submit model.yaml --db mydb --replace
     """
     settings = operator_settings(uri=uri, db=db)
     document = read_definition(definition)
@@ -53,10 +58,19 @@ def submit(uri, db, definition, follow):
     if idle:  # checked first: a model inserted now would wait unseen, and a second submit would find its _id taken
         raise click.ClickException(f"{idle}, then submit again; nothing was inserted")
     models = database[defaults.MODELS]
-    model_id = insert_model(models, document)
-    with stopped_following(model_id):  # from here on a Ctrl-C leaves a model in the database that trains
-        console = Console()
+    console = Console()
+    if replace and "_id" in document:
+        try:
+            stored, changed = replace_model(models, document)
+        except Busy as exc:
+            raise click.ClickException(str(exc)) from None
+        model_id = stored["_id"]
+        console.print(inert(replaced(stored, changed, f"{database.name}.{defaults.MODELS}"), MAX_LINE_CHARS),
+                      soft_wrap=True)
+    else:
+        model_id = insert_model(models, document)
         console.print(f"inserted model {inert(repr(model_id))} into {database.name}.{defaults.MODELS}")
+    with stopped_following(model_id):  # from here on a Ctrl-C leaves a model in the database that trains
         if not follow:
             return
         note = waiting_note(database, settings.heartbeat_s)

@@ -8,7 +8,8 @@ from bson import ObjectId
 from pymongo import MongoClient
 
 from listener import model_templates as templates
-from listener.cli.options import (connection_options, find_model, insert_model, open_database, operator_settings,
+from listener.definitions import insert_model
+from listener.cli.options import (connection_options, find_model, open_database, operator_settings,
                                   resolve)
 from training import defaults
 from training.config import SpecError, parse_model
