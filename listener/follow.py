@@ -18,6 +18,7 @@ from training import checkpoints, ids
 from training.inert import inert
 
 Note = Callable[[dict], str | None]  # what the wait depends on now (is a daemon alive?), or None
+PLAIN_EVERY_S = 10.0  # output that is not a terminal: the figures of a moving bar at most this often
 
 
 class Gone(LookupError):
@@ -100,7 +101,8 @@ class Follower:
     """A progress bar and the model's new events, redrawn from each state of its document.
 
     `note(document)` takes the bar's description while it has something to say. Output that is not
-    redrawn live (a pipe, a file) gets each new description as a plain line instead, when it happens.
+    redrawn live (a pipe, a file) gets each new description as a plain line instead, when it happens,
+    and the bar's step, loss and ETA as a line every `PLAIN_EVERY_S` while they change (and at the end).
     """
 
     def __init__(self, console: Console, note: Note | None = None):
@@ -108,6 +110,7 @@ class Follower:
         self.seen: set[str] = set()
         self.shown: str | None = None
         self.plain = not (console.is_terminal or console.is_jupyter)
+        self.step_shown, self.step_shown_at = None, -float("inf")
         self.bar = Progress(EndingSpinner(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval]}"),
                             TextColumn("{task.fields[eta]}"), TimeElapsedColumn(), console=console)
@@ -129,12 +132,24 @@ class Follower:
         total = count(progress.get("total_steps"))
         if total:
             eta = progress.get("eta_s")
-            self.bar.update(self.task, total=total, completed=min(count(progress.get("step")) or 0, total),
-                            loss=number(progress.get("loss")), eval=number(eval_loss(document)[0]),
-                            eta="ETA -" if not isinstance(eta, (int, float)) else f"ETA {eta:.0f}s")
+            step = min(count(progress.get("step")) or 0, total)
+            fields = {"loss": number(progress.get("loss")), "eval": number(eval_loss(document)[0]),
+                      "eta": "ETA -" if not isinstance(eta, (int, float)) else f"ETA {eta:.0f}s"}
+            self.bar.update(self.task, total=total, completed=step, **fields)
+            if self.plain and not ended:  # an ended run's last line says where it ended
+                self._plain_step(step, total, fields)
         if ended:  # an ended run has no time left to estimate, and its clock stops where it ended
             self.bar.update(self.task, eta="", ended=True)
             self.bar.stop_task(self.task)
+
+
+    def _plain_step(self, step: int, total: int, fields: dict) -> None:
+        """A line with the bar's figures, when the step moved and a while has passed (or it reached the total)."""
+        if step == self.step_shown or (step < total and time.monotonic() - self.step_shown_at < PLAIN_EVERY_S):
+            return
+        self.step_shown, self.step_shown_at = step, time.monotonic()
+        self.bar.console.print(f"step {step}/{total}  loss {fields['loss']}  eval {fields['eval']}  {fields['eta']}",
+                               highlight=False, soft_wrap=True)
 
 
 def follow_training(console: Console, models, model_id, timeout_s: float, note: Note | None = None) -> dict:

@@ -70,6 +70,27 @@ def test_a_cancelled_or_failed_runs_bar_stops_and_says_how_it_ended_without_an_e
             assert lines[-1].startswith(f"status {status}, run 1, step 3/10, loss 1.5"), followed.output
 
 
+def test_output_that_is_not_a_terminal_gets_the_bars_figures_as_lines_while_training_moves(monkeypatch):
+    """A piped `make demo` or `submit` log shows training move: a line when the step moved and a while has passed."""
+    import io
+
+    from rich.console import Console
+
+    from listener import follow
+
+    clock = iter(range(0, 1000, 4))  # each document arrives 4 s after the one before
+    monkeypatch.setattr(follow.time, "monotonic", lambda: next(clock))
+    out = io.StringIO()
+    follower = follow.Follower(Console(file=out, width=200))
+    assert follower.plain
+    for step in range(1, 11):
+        follower.show({"_id": "m", "status": "running", "run": 1,
+                       "progress": {"step": step, "total_steps": 10, "loss": 2.0 - step / 10, "eta_s": 10 - step}})
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("step ")]
+    assert lines[0] == "step 1/10  loss 1.9  eval -  ETA 9s"
+    assert [line.split()[1] for line in lines] == ["1/10", "4/10", "7/10", "10/10"]  # every 10 s, and the last
+
+
 def test_a_wrong_password_is_one_line_naming_the_user_never_the_password(server_uri, db):
     admin = MongoClient(server_uri)
     admin[db.name].command("createUser", "alice", pwd="right-password", roles=["readWrite"])
