@@ -110,7 +110,7 @@ def test_cancel_stops_both_ranks_after_one_checkpoint(db, start_daemon, tiny_mod
 def test_sigterm_then_sigkill_of_daemons_and_the_run_still_finishes_once(db, start_daemon, tiny_model_path):
     load_samples(db)
     models = db[defaults.MODELS]
-    steps, every = 80, 10  # long enough that both stops land mid-run
+    steps, every = 40, 5  # long enough that both stops land mid-run
     models.insert_one(model(tiny_model_path, "r", 2, steps, save_steps=every))
     first = start_daemon("first", env=SHORT_LEASE)
     pids = ranks_of(first)

@@ -94,6 +94,8 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     phases.lap("check")
     if spec.trainer.deepspeed is not None:
         _single_process_group()
+        if not torch.cuda.is_available():
+            ranks.no_cpu_kernel_builds()
     train_set, valid_set, read = read_datasets(db, spec.data, limits)
     log.info("dataset: %d training and %d validation examples", len(train_set), len(valid_set or []))
     phases.lap("data")

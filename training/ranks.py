@@ -170,6 +170,17 @@ def callbacks(progress, parent: int) -> list:
     return [SavedEverywhere(), *([progress] if progress is not None else []), Agreement()]
 
 
+def no_cpu_kernel_builds() -> None:
+    """On a host without a GPU, DeepSpeed's communication backend probes every op it knows (compiler runs in each
+    rank) and builds its shared-memory all-reduce kernel with the host's C++ compiler the first time in each
+    environment: about a minute of CPU, and a compiler the host must have, for an optimisation of CPU
+    inference. Its answer is read for that kernel alone (deepspeed 0.19, `comm.torch.build_shm_op`): an empty
+    answer keeps torch's own gloo all-reduce, which ZeRO on a CPU uses anyway."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {}
+
+
 def join_deepspeed() -> None:
     """DeepSpeed's own view of the process group the trainer's arguments opened; without it ZeRO-3's
     `zero.Init` at model load counts one rank and refuses the batch size computed for all of them."""
