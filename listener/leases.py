@@ -21,6 +21,7 @@ from training import ids
 log = logging.getLogger(__name__)
 
 LEASE_EXPIRED, HEARTBEAT_STOPPED = "lease expired", "heartbeat stopped"  # why work was handed back (`history`)
+OLDER_RELEASE_S = 30.0  # how long a heartbeat without `alive_until` counts (`alive`)
 
 
 def lease(owner: str, lease_s: float) -> dict:
@@ -33,8 +34,14 @@ def alive_until(heartbeat_s: float) -> dt.datetime:
 
 
 def alive() -> dict:
-    """The `_listener` records of daemons alive now, each judged by its own heartbeat interval."""
-    return {"kind": "daemon", "alive_until": {"$gte": now()}}
+    """The `_listener` records of daemons alive now, each judged by its own heartbeat interval.
+
+    A record without `alive_until` was written by an older release, still running during an upgrade: it
+    counts while its heartbeat is under `OLDER_RELEASE_S` old, so its requests are not taken from it."""
+    return {"kind": "daemon", "$or": [
+        {"alive_until": {"$gte": now()}},
+        {"alive_until": {"$exists": False}, "heartbeat_at": {"$gte": now() - dt.timedelta(seconds=OLDER_RELEASE_S)}},
+    ]}
 
 
 async def claim_model(models, state: ModelState, owner: str, lease_s: float, warnings: list[str]) -> dict | None:

@@ -161,6 +161,22 @@ def test_takeovers_count_toward_max_attempts(server_uri, db):
     assert failed["status"] == "failed" and failed["error"]["type"] == "too_many_attempts"
 
 
+def test_a_daemon_of_an_older_release_keeps_its_requests_while_it_beats(server_uri, db):
+    """During an upgrade, a daemon whose record has no `alive_until` is alive by its recent heartbeat."""
+    older = {k: v for k, v in daemon_record("older", 0).items() if k != "alive_until"}
+    db[defaults.LISTENER].insert_many([older, {**older, "_id": "daemon:gone", "owner": "gone",
+                                               "heartbeat_at": defaults.now() - dt.timedelta(minutes=5)}])
+    db[defaults.REQUESTS].insert_many([running("of-older", "older"), running("of-gone", "gone")])
+
+    async def work(adb):
+        return await take_over(adb[defaults.REQUESTS], REQUEST_TRANSITIONS, RequestState, 3, SkipLog(),
+                               adb[defaults.LISTENER], "me")
+
+    assert run_with(server_uri, db.name, work) == 1
+    assert db[defaults.REQUESTS].find_one({"_id": "of-older"})["status"] == "running"
+    assert db[defaults.REQUESTS].find_one({"_id": "of-gone"})["status"] == "pending"
+
+
 def test_a_heartbeat_promises_life_for_a_few_intervals_only():
     soon = alive_until(heartbeat_s=2)
     assert defaults.now() + dt.timedelta(seconds=5) < soon < defaults.now() + dt.timedelta(seconds=9)
