@@ -156,3 +156,19 @@ def test_field_names_are_cut_where_they_are_read(db):
     db.huge.insert_many([{"_id": i, "body": "b", f"{i:02}" + "n" * 4_000_000: 1} for i in range(20)])
     names = field_names(db.huge, {})
     assert len(names) == 21 and max(len(name) for name in names) <= MAX_COMPARED_CHARS
+
+
+def test_model_ids_are_cut_where_they_are_read(db):
+    """Models with 4 MB `_id`s would be read whole for a "did you mean" that compares 255 characters: the server
+    sends only ids short enough to compare, and ObjectIds as their hex."""
+    from bson import ObjectId
+
+    from training.hints import closest_model_id
+
+    oid = ObjectId()
+    db[defaults.MODELS].insert_many([{"_id": f"{i}" + "x" * 4_000_000} for i in range(3)] + [{"_id": "pirate"},
+                                                                                           {"_id": oid}])
+    assert closest_model_id(db[defaults.MODELS], "pirat") == "pirate"
+    typo = str(oid)[:-1] + ("1" if str(oid).endswith("0") else "0")
+    assert closest_model_id(db[defaults.MODELS], typo) == oid
+    assert closest_model_id(db[defaults.MODELS], "0" + "x" * 300) is None

@@ -52,14 +52,22 @@ def did_you_mean(name: str, names) -> str:
 
 
 def closest_model_id(models, model_id):
-    """The `_id` in `models` closest to `model_id` (compared as text), or None."""
+    """The `_id` in `models` closest to `model_id` (compared as text), or None.
+
+    Only ids short enough to compare come back from the server, each at most `MAX_COMPARED_CHARS`
+    long: a document's `_id` may be megabytes, and thousands of them would be read for one hint.
+    """
+    as_text = {"$toString": "$_id"}
+    pipeline = [{"$match": {"_id": {"$type": ["string", "objectId", "int", "long"]}}}, {"$limit": MAX_CANDIDATES},
+                {"$project": {"_id": 0, "text": {"$substrCP": [as_text, 0, MAX_COMPARED_CHARS + 1]},
+                              "value": {"$cond": [{"$lte": [{"$strLenCP": as_text}, MAX_COMPARED_CHARS]}, "$_id", None]}}}]
     try:
-        ids = [d["_id"] for d in models.find({}, {"_id": 1}, limit=MAX_CANDIDATES)]
+        found = [d for d in models.aggregate(pipeline) if d.get("value") is not None]
     except PyMongoError:
         return None
     by_text = {}
-    for value in ids:
-        by_text.setdefault(value if isinstance(value, str) else str(value), value)
+    for row in found:
+        by_text.setdefault(row["text"], row["value"])
     close = closest(model_id if isinstance(model_id, str) else str(model_id), by_text)
     return by_text[close] if close is not None else None
 
