@@ -11,6 +11,7 @@ from bson import json_util
 from pymongo.errors import ConfigurationError, ConnectionFailure, OperationFailure, PyMongoError
 
 from listener.connection import authentication_failed, reason, redact
+from listener.definitions import id_text
 from listener.follow import Gone
 from listener.settings import SettingsError
 from listener.status import DOCUMENT_VALIDATION_FAILURE
@@ -63,7 +64,7 @@ def stopped_following(model_id):
     try:
         yield
     except (KeyboardInterrupt, click.Abort):
-        shown = inert(str(model_id))
+        shown = inert(id_text(model_id))  # as a person types it back into the commands named
         click.echo(f"stopped following {inert(repr(model_id))}; its training goes on in the daemon "
                    f"(`listener cancel {shown}` cancels it, `listener logs {shown} --follow` follows it again)",
                    err=True)

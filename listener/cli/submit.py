@@ -58,19 +58,19 @@ def submit(uri, db, definition, follow, replace):
     if idle:  # checked first: a model inserted now would wait unseen, and a second submit would find its _id taken
         raise click.ClickException(f"{idle}, then submit again; nothing was inserted")
     models = database[defaults.MODELS]
-    console = Console()
+    where = f"{database.name}.{defaults.MODELS}"
     if replace and "_id" in document:
         try:
             stored, changed = replace_model(models, document)
         except Busy as exc:
             raise click.ClickException(str(exc)) from None
-        model_id = stored["_id"]
-        console.print(inert(replaced(stored, changed, f"{database.name}.{defaults.MODELS}"), MAX_LINE_CHARS),
-                      soft_wrap=True)
+        model_id, done = stored["_id"], replaced(stored, changed, where)
     else:
         model_id = insert_model(models, document)
-        console.print(f"inserted model {inert(repr(model_id))} into {database.name}.{defaults.MODELS}")
+        done = f"inserted model {model_id!r} into {where}"
     with stopped_following(model_id):  # from here on a Ctrl-C leaves a model in the database that trains
+        console = Console()
+        console.print(inert(done, MAX_LINE_CHARS), soft_wrap=True)
         if not follow:
             return
         note = waiting_note(database, settings.heartbeat_s)
