@@ -19,26 +19,31 @@ from pathlib import Path
 from pymongo import MongoClient
 from rich.console import Console
 
-from bench import sampling, serving, storage, training
+from bench import load, sampling, serving, storage, training
 from bench.common import Context, Row, running_daemon, table
 from listener.demo import load_samples
 from listener.embedded import EmbeddedServer, free_port
 
 RESULTS = Path(__file__).with_name("results") / "latest.json"
 PARTS = ("training", "serving", "storage")  # `make bench`
-STUDIES = ("sampling",)  # the evidence behind a default, run on request
+ON_REQUEST = ("sampling", "load")  # long studies, run only when named
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
-                        help="smollm2: the offline SmolLM2-135M-Instruct (a few minutes on a CPU); "
-                             "tiny: a tiny random model, to check the harness in under a minute")
-    parser.add_argument("--only", choices=PARTS + STUDIES, action="append",
+    parser.add_argument("--model", choices=("smollm2", "tiny"),
+                        help="smollm2 (the default): the offline SmolLM2-135M-Instruct (a few minutes on a CPU); "
+                             "tiny: a tiny random model, to check the harness in under a minute, and the default "
+                             "of `--only load`, which measures daemons and database rather than generation")
+    parser.add_argument("--only", choices=PARTS + ON_REQUEST, action="append",
                         help="run only this benchmark (repeatable); without training, serving and storage use "
-                             "one untimed training run through the daemon for their adapter; sampling (not run "
-                             "by default): eval loss of length-grouped against random order over several seeds")
-    return parser.parse_args(argv)
+                             "one untimed training run through the daemon for their adapter; not run by default: "
+                             "sampling (eval loss of length-grouped against random order over several seeds) and "
+                             "load (1, 2 and 3 daemons on one database, and daemons SIGKILLed under load)")
+    args = parser.parse_args(argv)
+    args.only = tuple(args.only or PARTS)
+    args.model = args.model or ("tiny" if args.only == ("load",) else "smollm2")
+    return args
 
 
 def base_model(name: str, home: Path, console: Console) -> str:
@@ -75,13 +80,14 @@ def measure(console: Console, model: str, parts: tuple[str, ...] = PARTS) -> lis
         client = stack.enter_context(MongoClient(server.uri))
         ctx = Context(console, client["bench"], server.uri, home, base_model(model, home, console))
         load_samples(ctx.db)
-        stack.enter_context(running_daemon(ctx))
+        if set(parts) - {"load"}:  # load starts its own daemons, and this one's work would count in its figures
+            stack.enter_context(running_daemon(ctx))
         training_rows, adapter = training.run(ctx) if "training" in parts else ([], None)
         if adapter is None and {"serving", "storage"} & set(parts):
             adapter = training.adapter_only(ctx)
         return [*training_rows, *(serving.run(ctx) if "serving" in parts else []),
                 *(storage.run(ctx, adapter) if "storage" in parts else []),
-                *(sampling.run(ctx) if "sampling" in parts else [])]
+                *(sampling.run(ctx) if "sampling" in parts else []), *(load.run(ctx) if "load" in parts else [])]
 
 
 def busy_cpus(console: Console) -> float:
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     busy = busy_cpus(console)
     started = time.perf_counter()
-    parts = tuple(args.only or PARTS)
+    parts = args.only
     rows = measure(console, args.model, parts)
     wall = time.perf_counter() - started
     console.print(table(rows, f"mongotune vs baseline ({args.model}, {os.cpu_count()} CPUs)"))
