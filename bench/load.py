@@ -23,6 +23,7 @@ generation. Not part of `make bench`: `python -m bench --only load` (about 5 min
 
 import os
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -48,6 +49,7 @@ MAX_NEW_TOKENS = 4
 SAMPLE_S = 0.5  # CPU sampling interval
 ANSWER_TIMEOUT_S = 240.0  # after the last insert; covers a killed daemon's lease (60 s) and the reap (30 s)
 WARM_TIMEOUT_S = 300.0
+LEFTOVER_WAIT_S = 10.0
 GRACE_S = 1.0  # watched after the last answer, so a second `done` for a request would be seen
 MODEL_ID = "load"
 PROMPTS = ("hello", "what is a database?", "say yes", "count to three")
@@ -82,6 +84,7 @@ class Outcome:
     failed: int
     reclaimed: int  # claimed more than once: its first daemon died holding it
     kills: int
+    inside: str  # where a done request's time went in the daemon, from what it wrote
 
 
 def served_model(ctx: Context) -> dict:
@@ -182,15 +185,18 @@ class Fleet:
         self.start()
 
 
-def _proc_stats() -> dict[int, tuple[int, int, int]]:
-    """Every process's (parent, CPU ticks in user and kernel mode, start time) from /proc."""
+def _proc_stats() -> dict[int, tuple[int, int, int, bool]]:
+    """Every process's (parent, CPU ticks in user and kernel mode, start time, whether it runs) from /proc.
+
+    An exited process nobody reaped (here an orphan: this machine's init does not reap) is listed as a zombie."""
     found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # gone meanwhile
-        found[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19]))
+        found[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19]),
+                                        fields[0] not in ("Z", "X"))
     return found
 
 
@@ -233,7 +239,7 @@ class CpuSampler:
 
     def sample(self, baseline: bool = False) -> None:
         stats = _proc_stats()
-        for pid, (_, ticks, started) in stats.items():
+        for pid, (_, ticks, started, _) in stats.items():
             key = (pid, started)
             kind = self.kinds.get(key) or self._kind(pid, stats)
             if kind:
@@ -260,12 +266,20 @@ class CpuSampler:
         return {kind: sum(self.last[key] - self.first[key] for key, k in self.kinds.items() if k == kind) / CLOCK_TICKS
                 for kind in CLASSES}
 
+    def running(self) -> list[tuple[int, str]]:
+        """This run's daemons and workers that still run, with their class."""
+        stats = _proc_stats()
+        return [(pid, kind) for (pid, started), kind in self.kinds.items()
+                if kind in ("daemons", "workers") and stats.get(pid, (0, 0, None, False))[2:] == (started, True)]
+
     def stop_leftovers(self, console) -> None:
-        """SIGKILL daemons' processes that outlived their daemon (they should die with it): the run leaves none."""
-        alive = _proc_stats()
-        for (pid, started), kind in self.kinds.items():
-            if kind in ("daemons", "workers") and alive.get(pid, (0, 0, None))[2] == started:
-                console.log(f"[yellow]{kind[:-1]} process {pid} outlived its scenario: killed")
+        """SIGKILL what outlived its daemon by `LEFTOVER_WAIT_S` (a worker dies with its daemon): the run leaves none."""
+        try:
+            wait_until(lambda: not self.running(), LEFTOVER_WAIT_S, "the end of the scenario's processes")
+        except TimeoutError:
+            for pid, kind in self.running():
+                console.log(f"[yellow]a process of the {kind} ({pid}) outlived its scenario by "
+                            f"{LEFTOVER_WAIT_S:g} s: killed")
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -282,9 +296,10 @@ def arrive(requests, documents: list[dict], inserted: dict) -> None:
 
 
 def kill_while(fleet: Fleet, every_s: float, arrived: threading.Event) -> int:
-    """Replace a daemon every `every_s` until the last request is inserted; how many were killed."""
-    kills = 0
-    while not arrived.wait(every_s):
+    """Replace a daemon every `every_s` (on a schedule: a replacement's start-up does not push the next kill back)
+    until the last request is inserted; how many were killed."""
+    kills, began = 0, time.monotonic()
+    while not arrived.wait(max(0.0, began + (kills + 1) * every_s - time.monotonic())):
         fleet.replace_oldest()
         kills += 1
     return kills
@@ -326,8 +341,11 @@ def measure(ctx: Context, scenario: Scenario, fleet: Fleet, cpu: CpuSampler) -> 
 
 def outcome(requests, documents, inserted: dict, answers: Answers, ops: dict, cpu_s: dict, kills: int) -> Outcome:
     ids = [d["_id"] for d in documents]
-    stored = {d["_id"]: d for d in requests.find({"_id": {"$in": ids}}, {"status": 1, "attempts": 1})}
+    stored = {d["_id"]: d for d in requests.find({"_id": {"$in": ids}},
+                                                 {"status": 1, "attempts": 1, "batch_size": 1, "timing": 1})}
     done = [i for i in ids if stored[i]["status"] == "done"]
+    queued, generating = (statistics.median(stored[i]["timing"][key] * 1000 for i in done)
+                          for key in ("queued_s", "generation_s"))
     first, last = min(inserted.values()), max(answers.answered_at(i) for i in ids)
     return Outcome(
         answered_per_s=len(done) / (last - first),
@@ -335,7 +353,9 @@ def outcome(requests, documents, inserted: dict, answers: Answers, ops: dict, cp
         ops=ops, cpu_s=cpu_s, done=len(done),
         once=sum([status for status, _ in answers.seen[i]].count("done") == 1 for i in done),
         failed=sum(stored[i]["status"] == "failed" for i in ids),
-        reclaimed=sum(stored[i].get("attempts", 1) > 1 for i in ids), kills=kills)
+        reclaimed=sum(stored[i].get("attempts", 1) > 1 for i in ids), kills=kills,
+        inside=f"claim to generate p50 {queued:.0f} ms, generate p50 {generating:.0f} ms, "
+               f"batches of {statistics.mean(stored[i]['batch_size'] for i in done):.1f} on average")
 
 
 def scenario_db(ctx: Context, name: str) -> Context:
@@ -386,7 +406,8 @@ def rows(scenario: Scenario, result: Outcome, one: Outcome) -> list[Row]:
     return [
         Row(f"load: answered/s, {scenario.label}", "req/s", result.answered_per_s, rate_base,
             f"{rate_note}; {result.once}/{n} done exactly once, {result.failed} failed{killed}"),
-        Row(f"load: insert to done p50, {scenario.label}", "ms", p50, one_p50, "seen through a change stream"),
+        Row(f"load: insert to done p50, {scenario.label}", "ms", p50, one_p50,
+            f"seen through a change stream; in the daemon: {result.inside}"),
         Row(f"load: insert to done p99, {scenario.label}", "ms", p99, one_p99, f"max {max(result.latencies_ms):.0f} ms"),
         Row(f"load: database ops per answer, {scenario.label}", "ops", ops / result.done,
             sum(one.ops.values()) / one.done,
