@@ -54,7 +54,7 @@ GRACE_S = 1.0  # watched after the last answer, so a second `done` for a request
 MODEL_ID = "load"
 PROMPTS = ("hello", "what is a database?", "say yes", "count to three")
 OPS = ("insert", "query", "update", "delete", "getmore", "command")
-CLASSES = ("daemons", "workers", "server", "client")
+CLASSES = ("daemons", "workers", "server", "client")  # this run's processes; `elsewhere` is the rest of the machine
 WORKER_STARTED = "serving worker started"  # a daemon's log line once its worker runs
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -200,6 +200,13 @@ def _proc_stats() -> dict[int, tuple[int, int, int, bool]]:
     return found
 
 
+def _busy_ticks() -> int:
+    """CPU ticks the whole machine has spent busy, from /proc/stat: user to steal less idle and I/O wait (the guest
+    columns after steal are counted in user already)."""
+    ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(ticks) - ticks[3] - ticks[4]
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -212,7 +219,8 @@ class CpuSampler:
 
     A process is classed once, by the child of this process it descends from: the server, a daemon of
     `db_name` (itself, or a worker: its fork server and what that forks), and kept by (pid, start time),
-    so a daemon killed later, or a worker orphaned, still counts with what was read last.
+    so a daemon killed later, or a worker orphaned, still counts with what was read last. What the rest of the
+    machine spent meanwhile (other people's work on a shared host) is reported beside them as `elsewhere`.
     """
 
     def __init__(self, db_name: str):
@@ -222,8 +230,10 @@ class CpuSampler:
         self.last: dict[tuple[int, int], int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.machine = [0, 0]  # busy ticks at enter and exit
 
     def __enter__(self) -> "CpuSampler":
+        self.machine[0] = _busy_ticks()
         self.sample(baseline=True)
         self._thread.start()
         return self
@@ -232,6 +242,7 @@ class CpuSampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+        self.machine[1] = _busy_ticks()
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
@@ -263,8 +274,9 @@ class CpuSampler:
         return None
 
     def seconds(self) -> dict[str, float]:
-        return {kind: sum(self.last[key] - self.first[key] for key, k in self.kinds.items() if k == kind) / CLOCK_TICKS
+        ours = {kind: sum(self.last[key] - self.first[key] for key, k in self.kinds.items() if k == kind) / CLOCK_TICKS
                 for kind in CLASSES}
+        return {**ours, "elsewhere": (self.machine[1] - self.machine[0]) / CLOCK_TICKS - sum(ours.values())}
 
     def running(self) -> list[tuple[int, str]]:
         """This run's daemons and workers that still run, with their class."""
@@ -402,7 +414,7 @@ def rows(scenario: Scenario, result: Outcome, one: Outcome) -> list[Row]:
     n = scenario.total
     killed = f"; {result.kills} daemons killed, {result.reclaimed} requests claimed again" if scenario.kill_every_s else ""
     rate_base, rate_note = (RATE, "baseline: the offered rate") if result is one else (one.answered_per_s, "vs 1 daemon")
-    ops, cpu = sum(result.ops.values()), sum(result.cpu_s.values())
+    ops, cpu = sum(result.ops.values()), sum(result.cpu_s[kind] for kind in CLASSES)
     return [
         Row(f"load: answered/s, {scenario.label}", "req/s", result.answered_per_s, rate_base,
             f"{rate_note}; {result.once}/{n} done exactly once, {result.failed} failed{killed}"),
@@ -414,7 +426,7 @@ def rows(scenario: Scenario, result: Outcome, one: Outcome) -> list[Row]:
             "serverStatus opcounters, server-wide: " + ", ".join(f"{op} {count / result.done:.2f}"
                                                                  for op, count in result.ops.items())),
         Row(f"load: CPU per answer, {scenario.label}", "ms", cpu * 1000 / result.done,
-            sum(one.cpu_s.values()) * 1000 / one.done,
+            sum(one.cpu_s[kind] for kind in CLASSES) * 1000 / one.done,
             "CPU s: " + ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in result.cpu_s.items())),
     ]
 
