@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import tempfile
 import time
 import warnings
@@ -104,7 +105,14 @@ def busy_cpus(console: Console) -> float:
     return busy
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM (`timeout`, a CI job cancelled) unwinds like Ctrl-C, so the server and daemons this run started are
+    stopped; Python's default would end the process at once and leave them running."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = parse(argv)
     console = Console()
     busy = busy_cpus(console)
