@@ -18,7 +18,7 @@ lease expires (`lease_s`, 60 s by default, reaped every half of it), so that sce
 the lease. Also: `listener start` to the first answer, on a database with one pending request.
 
 Always the tiny model unless `--model` says otherwise: this measures daemons and database, not
-generation. Not part of `make bench`: `python -m bench --only load` (about 5 minutes on 2 CPUs).
+generation. Not part of `make bench`: `python -m bench --only load` (5 minutes on 2 CPUs that other work kept busy).
 """
 
 import os
