@@ -78,6 +78,7 @@ SCENARIOS = (Scenario("one", "1 daemon", 1, TOTAL), Scenario("two", "2 daemons",
 @dataclass
 class Outcome:
     answered_per_s: float
+    inserted_per_s: float  # below `RATE` when this client, starved of CPU, fell behind its schedule
     latencies_ms: list[float]
     ops: dict[str, int]
     cpu_s: dict[str, float]
@@ -363,6 +364,7 @@ def outcome(requests, documents, inserted: dict, answers: Answers, ops: dict, cp
     first, last = min(inserted.values()), max(answers.answered_at(i) for i in ids)
     return Outcome(
         answered_per_s=len(done) / (last - first),
+        inserted_per_s=len(ids) / (max(inserted.values()) - first + WAVE_S),
         latencies_ms=[(answers.answered_at(i) - inserted[i]) * 1000 for i in ids],
         ops=ops, cpu_s=cpu_s, done=len(done),
         once=sum([status for status, _ in answers.seen[i]].count("done") == 1 for i in done),
@@ -419,7 +421,8 @@ def rows(scenario: Scenario, result: Outcome, one: Outcome) -> list[Row]:
     ops, cpu = sum(result.ops.values()), sum(result.cpu_s[kind] for kind in CLASSES)
     return [
         Row(f"load: answered/s, {scenario.label}", "req/s", result.answered_per_s, rate_base,
-            f"{rate_note}; {result.once}/{n} done exactly once, {result.failed} failed{killed}"),
+            f"{rate_note}; inserted at {result.inserted_per_s:.0f}/s; {result.once}/{n} done exactly once, "
+            f"{result.failed} failed{killed}"),
         Row(f"load: insert to done p50, {scenario.label}", "ms", p50, one_p50,
             f"seen through a change stream; in the daemon: {result.inside}"),
         Row(f"load: insert to done p99, {scenario.label}", "ms", p99, one_p99, f"max {max(result.latencies_ms):.0f} ms"),
