@@ -13,9 +13,9 @@ client's inserts and change stream), and CPU seconds per process class (daemons,
 serving workers below them, the server, this client) from /proc, sampled every `SAMPLE_S` in a thread so
 a killed daemon's CPU is read shortly before it dies (a process living less than that is missed). In
 the kill scenario the oldest daemon is SIGKILLed every `KILL_EVERY_S` while requests are inserted and a
-replacement started at once; what a killed one had claimed is answered by another daemon once its
-lease expires (`lease_s`, 60 s by default, reaped every half of it), so that scenario's tail latency is
-the lease. Also: `listener start` to the first answer, on a database with one pending request.
+replacement started at once; what a killed one had claimed is requeued by another daemon once its
+heartbeat has stopped for four intervals (`leases.take_over`, about 8 s by default), so that scenario's
+tail latency is about that. Also: `listener start` to the first answer, on a database with one pending request.
 
 Always the tiny model unless `--model` says otherwise: this measures daemons and database, not
 generation. Not part of `make bench`: `python -m bench --only load` (5 minutes on 2 CPUs that other work kept busy).
@@ -49,7 +49,7 @@ KILL_TOTAL = 540  # with kills: 9 s of arrivals, one kill at the default interva
 KILL_EVERY_S = 8.0
 MAX_NEW_TOKENS = 4
 SAMPLE_S = 0.5  # CPU sampling interval
-ANSWER_TIMEOUT_S = 240.0  # after the last insert; covers a killed daemon's lease (60 s) and the reap (30 s)
+ANSWER_TIMEOUT_S = 240.0  # after the last insert; covers a killed daemon's takeover, or its request lease
 WARM_TIMEOUT_S = 300.0
 LEFTOVER_WAIT_S = 10.0
 GRACE_S = 1.0  # watched after the last answer, so a second `done` for a request would be seen
