@@ -1,0 +1,169 @@
+"""A writer of `_requests` documents against the batch intake (`listener.intake`): nothing one writes may stop,
+wedge or starve the claims of everyone else's requests.
+
+Fast tier: the intake and the real `Serving` queues in this process against the real server, as in
+test_intake.py; no worker is started.
+"""
+
+import asyncio
+
+import bson
+import pytest
+from bson import ObjectId
+from bson.raw_bson import RawBSONDocument
+from pymongo.errors import OperationFailure
+
+from listener.status import Status
+from tests.documents import request
+from tests.test_intake import intake_for, run_with
+from training import defaults
+
+GOOD = "good"
+
+
+async def run_until(intake, held_key: str, seconds: float) -> tuple[bool, BaseException | None]:
+    """Run the intake's loop as the daemon does (woken once, as by the good request's insert event) until
+    `held_key` is handed to serving or `seconds` pass; whether it was, and how the loop ended if it did."""
+    task = asyncio.create_task(intake.run())
+    intake.wake()
+    deadline = asyncio.get_running_loop().time() + seconds
+    try:
+        while asyncio.get_running_loop().time() < deadline:
+            if held_key in intake.serving.held() or task.done():
+                break
+            await asyncio.sleep(0.05)
+        return held_key in intake.serving.held(), (task.exception() if task.done() else None)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_requests_with_huge_ids_never_end_the_intake_loop(server_uri, db):
+    """32 pending requests with 600 kB string ids (the validator allows any `_id`; `RequestSpec.id` is Any):
+    one claim's `$in` of their ids is over 16 MB, pymongo raises DocumentTooLarge (not a PyMongoError)
+    client-side, `Intake.run` does not catch it, and the task ends; in a daemon that ends the daemon, at
+    every start while the documents are there."""
+    requests = db[defaults.REQUESTS]
+    for n in range(32):
+        requests.insert_one(request(f"{n:02}" + "x" * 600_000, "big"))
+    requests.insert_one(request(GOOD, "other"))
+
+    async def work(adb):
+        return await run_until(intake_for(adb, "d"), f'"{GOOD}"', 5)
+
+    held, ended = run_with(server_uri, db.name, work)
+    assert ended is None, f"the intake loop ended: {ended!r}"
+    assert held
+
+
+def test_a_request_the_server_cannot_grow_never_blocks_the_claims_of_others(server_uri, db):
+    """A pending request padded to just under 16 MB (in `output`, a listener field the validator allows in any
+    shape): the claim's `update_many` cannot add `lease` and `started_at` to it, fails for the whole batch, and
+    the round ends; every round finds it first again, so nobody's request is ever claimed."""
+    requests = db[defaults.REQUESTS]
+    requests.insert_one(request(GOOD + "-before", "other"))
+    document = request("fat", "m")
+    room = 16 * 1024 * 1024 - len(bson.encode({**document, "output": ""})) - 40
+    requests.insert_one({**document, "output": "x" * room})
+    requests.insert_one(request(GOOD, "other"))
+
+    async def work(adb):
+        intake = intake_for(adb, "d")
+        for _ in range(2):
+            try:
+                await intake.round()
+            except Exception as exc:  # noqa: BLE001  (as `Intake.run` would log it and wait for the next wake-up)
+                print(f"round failed: {exc!r}")
+        return set(intake.serving.held())
+
+    held = run_with(server_uri, db.name, work)
+    assert {f'"{GOOD}-before"', f'"{GOOD}"'} <= held
+    for doc_id in (GOOD + "-before", GOOD):
+        assert requests.find_one({"_id": doc_id}, {"status": 1})["status"] == "running"
+
+
+def test_a_cancelled_request_the_server_cannot_grow_never_blocks_the_claims_of_others(server_uri, db):
+    """The same with `cancel: true`: its transition to `cancelled` raises out of `_choose`, before any claim."""
+    requests = db[defaults.REQUESTS]
+    document = request("fat", "m", cancel=True)
+    room = 16 * 1024 * 1024 - len(bson.encode({**document, "output": ""})) - 8
+    requests.insert_one({**document, "output": "x" * room})
+    requests.insert_one(request(GOOD, "other"))
+
+    async def work(adb):
+        intake = intake_for(adb, "d")
+        for _ in range(2):
+            try:
+                await intake.round()
+            except Exception as exc:  # noqa: BLE001
+                print(f"round failed: {exc!r}")
+        return set(intake.serving.held())
+
+    assert f'"{GOOD}"' in run_with(server_uri, db.name, work)
+
+
+def unaddressable(n: int) -> RawBSONDocument:
+    """A pending request whose string `_id` is not UTF-8: the daemon's codec reads it with replacement
+    characters, so no query by the id it read matches it (claim, cancel or fail)."""
+    raw = bson.encode(request(f"QQQQ{n:04}", "junk"))
+    return RawBSONDocument(raw.replace(b"QQQQ", b"Q\xff\xfeQ", 1))
+
+
+def test_requests_no_query_can_address_never_fill_every_find(server_uri, db):
+    """As many such documents as the intake has room for sit at the head of every find: none can be claimed
+    or ended, each find returns only them, and no other request is ever claimed."""
+    requests = db[defaults.REQUESTS]
+    try:
+        for n in range(8):
+            requests.insert_one(unaddressable(n))
+    except OperationFailure as exc:  # the embedded server checks UTF-8; MongoDB does not (MONGOTUNE_TEST_URI)
+        pytest.skip(f"this server refuses strings that are not UTF-8: {exc}")
+    requests.insert_one(request(GOOD, "other"))
+
+    async def work(adb):
+        intake = intake_for(adb, "d", max_queued_requests=8)
+        await intake.round()
+        await intake.round()
+        return set(intake.serving.held())
+
+    assert f'"{GOOD}"' in run_with(server_uri, db.name, work)
+
+
+def test_look_alikes_of_a_full_models_id_never_hide_other_models(server_uri, db):
+    """`{"$oid": "<hex>"}` is a document, not an id, but `ids.key` writes it exactly as it writes
+    `ObjectId("<hex>")`. While that model is full here, such requests count against its share, are not plain
+    so `$nin` cannot leave them out, and are neither claimed nor failed: every find returns them again, and
+    the lone request of another model is never claimed."""
+    requests = db[defaults.REQUESTS]
+    busy = ObjectId()
+    requests.insert_many([request(f"busy{n}", busy) for n in range(2)])
+
+    async def work(adb):
+        intake = intake_for(adb, "d", max_queued_requests=6, max_queue_per_model=2)
+        await intake.round()  # the busy model's share is now full
+        requests.insert_many([{**request(f"look-alike{n}", None), "model": {"$oid": str(busy)}} for n in range(4)])
+        requests.insert_one(request(GOOD, "quiet"))
+        await intake.round()
+        await intake.round()
+        return set(intake.serving.held())
+
+    held = run_with(server_uri, db.name, work)
+    assert f'"{GOOD}"' in held
+
+
+def test_a_flood_of_invalid_requests_is_drained_without_waiting_for_the_scan(server_uri, db):
+    """600 requests that fail once claimed (a model that is a document, which the validator allows), then a
+    good one: a round ends after MAX_FINDS finds with the flood not drained, nothing wakes the intake again
+    (the failed ones never reach serving, so no room is freed) and the good request waits for the periodic
+    scan (`scan_s`, 30 s), once for every 256 such documents ahead of it."""
+    requests = db[defaults.REQUESTS]
+    requests.insert_many([{**request(f"bad{n:04}", None), "model": {"n": n}} for n in range(600)])
+    requests.insert_one(request(GOOD, "other"))
+
+    async def work(adb):
+        return await run_until(intake_for(adb, "d"), f'"{GOOD}"', 15)
+
+    held, ended = run_with(server_uri, db.name, work)
+    assert ended is None
+    assert held, "the good request was not claimed within 15 s"
+    assert requests.count_documents({"status": Status.PENDING.value}) == 0
