@@ -14,26 +14,35 @@ one each. A round costs the database the same whatever its size:
 
 So daemons that race split a burst between them instead of each wasting a claim per request, and a
 daemon whose serving is full claims nothing: it leaves the work to daemons that can answer it soon.
-A request is parsed once claimed; an invalid one fails naming its field.
+A request is parsed once claimed; an invalid one fails naming its field. Before the claim, only what the
+claim itself needs is checked: an id over 1 kB fails at once (a batch's ids travel in one command), a
+request naming anything but a plain model id is claimed whatever that value's share (it fails once
+claimed; `$nin` could not leave it out), and a request the server refuses to change (one just under
+16 MB cannot take a lease) is logged once and left out of this daemon's finds for a while. A round
+whose finds came back full to the last, and that ended or claimed some, wakes the loop again: requests
+that fail free no room in serving, and nothing else would wake it before the periodic scan.
 """
 
 import asyncio
 import logging
+import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
 from listener.leases import fail_malformed, lease
 from listener.records import BadRecord, RequestState, SkipLog, parse
 from listener.status import REQUEST_TRANSITIONS, Status, now, status_filter, transition, transition_many
 from training import defaults, ids
-from training.config import RequestSpec, SpecError, parse_request
+from training.config import RequestSpec, SpecError, check_request_id, parse_request
 
 log = logging.getLogger(__name__)
 
 MAX_FINDS = 4  # per round: a burst raced by other daemons, or full models to leave out, then the next wake-up
+MAX_STUCK = 1_000  # pending requests the server refused to change, left out of this daemon's finds (ids <= 1 kB)
+STUCK_S = 60.0  # for this long, then tried again (the refusal may have been the server's passing trouble)
 
 
 class Intake:
@@ -45,6 +54,9 @@ class Intake:
         self.settings, self.owner, self.serving, self.counters, self.skipped = settings, owner, serving, counters, skipped
         self.stopping = stopping
         self._woken = asyncio.Event()
+        # Pending requests no write could move (one just under 16 MB cannot take a lease): every find would
+        # return them first again, so they are left out for a while, by id, oldest forgotten first.
+        self._stuck: OrderedDict[str, tuple[object, float]] = OrderedDict()
 
     def wake(self) -> None:
         self._woken.set()
@@ -64,68 +76,126 @@ class Intake:
 
     async def round(self) -> int:
         """Claim what serving has room for; how many requests this round handed it."""
-        handed, full = 0, {ids.key(model): model for model in self.serving.full_models()}
+        handed, progressed, full = 0, False, {ids.key(model): model for model in self.serving.full_models()}
         for _ in range(MAX_FINDS):
             free = self.serving.free()
             if free <= 0:
                 break
             query = status_filter(Status.PENDING)
+            if self._stuck:
+                query["_id"] = {"$nin": self._left_out()}
             if full:
                 query = {**query, "model": {"$nin": list(full.values())}}
             documents = await self.requests.find(query).limit(free).to_list()
-            chosen = await self._choose(documents, full)
+            chosen, ended = await self._choose(documents, full)
             claimed = await self._claim(chosen) if chosen else []
             for document in claimed:
                 handed += await self._hand_over(document)
+            progressed = progressed or bool(ended or claimed)
             if len(documents) < free and len(claimed) == len(chosen):
                 break  # every pending request was seen and nobody raced for them
+        else:
+            # Finds came back full to the last: more may be pending. Requests that ended here (invalid,
+            # cancelled, out of attempts) free no room in serving, so nothing else would wake this loop
+            # before the periodic scan: another round, for as long as rounds make progress.
+            if progressed:
+                self.wake()
         return handed
 
-    async def _choose(self, documents: list[dict], full: dict) -> list[dict]:
-        """The documents to claim; those that end here (malformed, cancelled, out of attempts) end now.
+    async def _choose(self, documents: list[dict], full: dict) -> tuple[list[dict], int]:
+        """The documents to claim, and how many ended here instead (malformed, cancelled, out of attempts).
 
         A model whose share is reached joins `full` (by `ids.key`), which the next find leaves out; only
         plain ids can be left out, and a request naming anything else fails once claimed.
         """
-        chosen, taking = [], Counter()
+        chosen, taking, ended = [], Counter(), 0
         for document in documents:
             try:
                 state = parse(RequestState, document)
             except BadRecord as exc:
-                await fail_malformed(self.requests, REQUEST_TRANSITIONS, document.get("_id"), Status.PENDING, exc,
-                                     self.skipped)
+                ended += await fail_malformed(self.requests, REQUEST_TRANSITIONS, document.get("_id"), Status.PENDING,
+                                              exc, self.skipped)
                 continue
-            if state.cancel:
-                await transition(self.requests, state.id, Status.PENDING, Status.CANCELLED, REQUEST_TRANSITIONS,
-                                 unset=("cancel",))
-                continue
-            if state.attempts >= self.settings.max_attempts:
-                await self._give_up(state)
+            try:
+                if state.cancel:
+                    ended += await transition(self.requests, state.id, Status.PENDING, Status.CANCELLED,
+                                              REQUEST_TRANSITIONS, unset=("cancel",)) is not None
+                    continue
+                if state.attempts >= self.settings.max_attempts:
+                    ended += await self._give_up(state)
+                    continue
+                try:
+                    check_request_id(state.id)  # before the claim, which lists every id of the batch
+                except SpecError as exc:
+                    ended += await transition(self.requests, state.id, Status.PENDING, Status.FAILED,
+                                              REQUEST_TRANSITIONS, fields={"error": exc.as_error()}) is not None
+                    continue
+            except OperationFailure as exc:
+                self._refused(state.id, exc)
                 continue
             model = document.get("model")
-            key = ids.key(model)
-            if taking[key] >= self.serving.room_for(model):
-                if _plain(model):
+            if _plain(model):  # anything else fails once claimed: it takes no share, and `$nin` could not skip it
+                key = ids.key(model)
+                if taking[key] >= self.serving.room_for(model):
                     full[key] = model
-                continue
-            taking[key] += 1
+                    continue
+                taking[key] += 1
             chosen.append(document)
-        return chosen
+        return chosen, ended
 
     async def _claim(self, documents: list[dict]) -> list[dict]:
         """The documents this daemon now holds (as read before the claim), out of `documents`."""
         claim, wanted = uuid.uuid4().hex, [document["_id"] for document in documents]
-        moved = await transition_many(
-            self.requests, wanted, Status.PENDING, Status.RUNNING, REQUEST_TRANSITIONS,
-            match={"cancel": {"$ne": True}, "attempts": {"$not": {"$gte": self.settings.max_attempts}}},
-            fields={"lease": {**lease(self.owner, self.settings.request_lease_s), "claim": claim},
-                    "started_at": now()},
-            inc={"attempts": 1})
+        change = {"match": {"cancel": {"$ne": True}, "attempts": {"$not": {"$gte": self.settings.max_attempts}}},
+                  "fields": {"lease": {**lease(self.owner, self.settings.request_lease_s), "claim": claim},
+                             "started_at": now()},
+                  "inc": {"attempts": 1}}
+        try:
+            moved = await transition_many(self.requests, wanted, Status.PENDING, Status.RUNNING, REQUEST_TRANSITIONS,
+                                          **change)
+        except OperationFailure as exc:
+            # One document the server cannot change ends the update_many there, the ones before it moved:
+            # keep those, and claim the others one at a time, leaving out any the server refuses again.
+            log.info("claiming %d request(s) one at a time: %.300s", len(documents), exc)
+            moved = None
+            got = await self._claimed(documents, claim)
+            held = {ids.key(document["_id"]) for document in got}
+            for document in documents:
+                if ids.key(document["_id"]) in held:
+                    continue
+                try:
+                    if await transition(self.requests, document["_id"], Status.PENDING, Status.RUNNING,
+                                        REQUEST_TRANSITIONS, **change) is not None:
+                        got.append(document)
+                except OperationFailure as again:
+                    self._refused(document["_id"], again)
+            return got
         if moved == len(documents):  # ids are unique: every one moved, so every one is this claim's
             return documents
+        return await self._claimed(documents, claim)
+
+    async def _claimed(self, documents: list[dict], claim: str) -> list[dict]:
+        """Those of `documents` that claim `claim` moved (read back)."""
         by_key = {ids.key(document["_id"]): document for document in documents}
-        got = self.requests.find({"_id": {"$in": wanted}, "lease.claim": claim}, {"_id": 1})
+        got = self.requests.find({"_id": {"$in": [document["_id"] for document in documents]}, "lease.claim": claim},
+                                 {"_id": 1})
         return [by_key[ids.key(row["_id"])] async for row in got]
+
+    def _refused(self, doc_id, exc: OperationFailure) -> None:
+        """A pending request the server refused to change: logged once, and left out of this daemon's finds."""
+        self.skipped.skip(f"claim {defaults.REQUESTS}", doc_id, exc)
+        key = ids.key(doc_id)
+        self._stuck.pop(key, None)
+        self._stuck[key] = (doc_id, time.monotonic() + STUCK_S)
+        while len(self._stuck) > MAX_STUCK:
+            self._stuck.popitem(last=False)
+
+    def _left_out(self) -> list:
+        """The ids of the stuck requests to leave out of a find now."""
+        clock = time.monotonic()
+        while self._stuck and next(iter(self._stuck.values()))[1] <= clock:
+            self._stuck.popitem(last=False)
+        return [doc_id for doc_id, _ in self._stuck.values()]
 
     async def _hand_over(self, document: dict) -> int:
         """Give a claimed request to serving, or fail it if it is not a valid request; 1 if handed over."""
@@ -141,11 +211,11 @@ class Intake:
         self.serving.submit(spec)
         return 1
 
-    async def _give_up(self, state: RequestState) -> None:
+    async def _give_up(self, state: RequestState) -> bool:
         error = {"type": "too_many_attempts", "message": f"{state.attempts} attempts to answer this request did not "
                  "finish (each time its daemon stopped or its worker was killed); insert a new request to try again"}
-        await transition(self.requests, state.id, Status.PENDING, Status.FAILED, REQUEST_TRANSITIONS,
-                         fields={"error": error})
+        return await transition(self.requests, state.id, Status.PENDING, Status.FAILED, REQUEST_TRANSITIONS,
+                                fields={"error": error}) is not None
 
 
 def _plain(model) -> bool:

@@ -123,14 +123,17 @@ async def take_over(collection, table: dict, state_kind, max_attempts: int, skip
     return requeued
 
 
-async def fail_malformed(collection, table: dict, doc_id, old: Status, exc: BadRecord, skipped: SkipLog) -> None:
-    """A document whose listener-owned fields were overwritten with the wrong shape ends `failed`, naming the field."""
+async def fail_malformed(collection, table: dict, doc_id, old: Status, exc: BadRecord, skipped: SkipLog) -> bool:
+    """A document whose listener-owned fields were overwritten with the wrong shape ends `failed`, naming the field;
+    whether it did now."""
     error = {"type": "invalid_document", "field": exc.field,
              "message": f"{exc}: this field is written by the listener; remove it, then set status to 'pending'"}
     try:
-        await transition(collection, doc_id, old, Status.FAILED, table, fields={"error": error}, unset=("lease",))
+        return await transition(collection, doc_id, old, Status.FAILED, table, fields={"error": error},
+                                unset=("lease",)) is not None
     except OperationFailure as again:
         skipped.skip(collection.name, doc_id, again)
+        return False
 
 
 async def _requeue(collection, table: dict, state, max_attempts: int, why: str) -> dict | None:

@@ -13,6 +13,7 @@ import re
 import typing
 from typing import Annotated, Any, Literal
 
+import bson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from training import ids, schedule, transforms
@@ -397,8 +398,30 @@ class GenerationParams(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
 
 
+MAX_REQUEST_ID_BYTES = 1024  # a claim lists a batch's ids in one command, which the server caps at 16 MB
+
+
+def check_request_id(value):
+    """A request's id, any BSON type, if it is small; SpecError naming `_id` otherwise."""
+    try:
+        size = len(bson.encode({"_id": value}))
+    except (bson.errors.BSONError, TypeError, ValueError, OverflowError):
+        raise SpecError("_id", "cannot be written back as BSON") from None
+    if size > MAX_REQUEST_ID_BYTES:
+        raise SpecError("_id", f"takes {size:,} bytes as BSON, more than {MAX_REQUEST_ID_BYTES:,}: use an ObjectId "
+                        "(the default), a number or a short string")
+    return value
+
+
+def _request_id(value):
+    try:
+        return check_request_id(value)
+    except SpecError as exc:
+        raise ValueError(exc.message) from None
+
+
 class RequestSpec(_Strict):
-    id: Any = Field(alias="_id")
+    id: Annotated[Any, AfterValidator(_request_id)] = Field(alias="_id")
     model: PlainId
     input: str | list[Message]
     params: GenerationParams = Field(default_factory=GenerationParams)
