@@ -167,3 +167,17 @@ def test_a_flood_of_invalid_requests_is_drained_without_waiting_for_the_scan(ser
     assert ended is None
     assert held, "the good request was not claimed within 15 s"
     assert requests.count_documents({"status": Status.PENDING.value}) == 0
+
+
+def test_a_gpu_daemons_heartbeat_stays_small_whatever_waits():
+    """On a GPU host, every pending model that finds too few GPUs free adds a line to the heartbeat's `waiting`
+    (`GpuPool.take`), with no bound: 30,000 models with 512-character ids make the `_listener` record larger
+    than 16 MB, the heartbeat is never written again (DocumentTooLarge, logged by `Periodic`), `alive_until`
+    lapses, and every other daemon takes over this live daemon's requests every 2 s (`leases.take_over`),
+    counting an attempt each time: after 3, other users' requests fail as `too_many_attempts`."""
+    from listener.gpus import GpuPool
+
+    pool = GpuPool((0,))
+    for n in range(30_000):
+        pool.take(f"{n:06}".ljust(512, "m"), 2)
+    assert len(bson.encode(pool.heartbeat())) < 1024 * 1024
