@@ -12,11 +12,14 @@ A daemon with no GPUs runs jobs on the CPU as it always has: there is nothing to
 GPU on a host that has fewer.
 """
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 from listener.leases import alive
 from training import defaults
+
+MAX_WAITING_LISTED = 100  # waiting models a heartbeat names (each key up to about 520 characters)
 
 
 def visible() -> tuple[int, ...]:
@@ -64,9 +67,12 @@ class GpuPool:
         self.waiting.pop(key, None)
 
     def heartbeat(self) -> dict:
-        """For the `_listener` record; a list, since a model's key may hold '.' or '$'."""
+        """For the `_listener` record; a list, since a model's key may hold '.' or '$'. Only the first
+        `MAX_WAITING_LISTED` waiting models are listed (and how many wait): any writer can make thousands
+        wait, and a record past 16 MB would stop the heartbeat, so others would take this daemon's work."""
+        listed = itertools.islice(self.waiting.items(), MAX_WAITING_LISTED)
         return {"gpus": list(self.devices), "gpus_free": self.free(),
-                "waiting": [{"model": key, "why": why} for key, why in self.waiting.items()]}
+                "waiting": [{"model": key, "why": why} for key, why in listed], "waiting_count": len(self.waiting)}
 
 
 @dataclass(frozen=True)
