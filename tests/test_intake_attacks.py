@@ -181,3 +181,24 @@ def test_a_gpu_daemons_heartbeat_stays_small_whatever_waits():
     for n in range(30_000):
         pool.take(f"{n:06}".ljust(512, "m"), 2)
     assert len(bson.encode(pool.heartbeat())) < 1024 * 1024
+
+
+def test_a_request_set_back_to_pending_while_held_is_queued_once(server_uri, db):
+    """Its writer sets a request that this daemon holds (queued or generating) back to `pending`, with
+    `attempts: 0`, again and again: each time the intake claims it again and `Serving.submit` queues it once
+    more, while `_held` (by id) counts it once. The copies bypass `max_queue_per_model` and
+    `max_queued_requests` (a batch of 16 copies of one request, each generated, all but one answer
+    dropped) and the queue grows with each write, without bound."""
+    requests = db[defaults.REQUESTS]
+    requests.insert_one(request("again", "m"))
+
+    async def work(adb):
+        intake = intake_for(adb, "d", max_queued_requests=4, max_queue_per_model=2)
+        for _ in range(6):
+            await intake.round()
+            await adb[defaults.REQUESTS].update_one({"_id": "again"}, {"$set": {"status": "pending", "attempts": 0}})
+        return dict(intake.serving.queued()), len(intake.serving.held())
+
+    queued, held = run_with(server_uri, db.name, work)
+    assert held == 1
+    assert queued == {'"m"': 1}
