@@ -161,8 +161,13 @@ class Serving:
         return [model for model in held.values() if self.room_for(model) <= 0]
 
     def submit(self, spec: RequestSpec) -> None:
-        model = ids.key(spec.model)
-        self._held[ids.key(spec.id)] = spec
+        """Queue a claimed request; one already queued or generating here (its writer set it back to pending,
+        and this daemon claimed it again) is not queued twice: the copy here answers it, under the same lease."""
+        model, key = ids.key(spec.model), ids.key(spec.id)
+        if key in self._held:
+            log.info("%s %.200r is already queued here; not queued again", defaults.REQUESTS, spec.id)
+            return
+        self._held[key] = spec
         if spec.collection is not None:
             self._start_job(spec)
             return
