@@ -30,6 +30,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 
+from bson.errors import BSONError
 from pymongo.errors import OperationFailure, PyMongoError
 
 from listener.leases import fail_malformed, lease
@@ -71,7 +72,7 @@ class Intake:
             try:
                 with self.serving.arrivals:  # a batch waits for the requests a claim in progress brings
                     await self.round()
-            except PyMongoError as exc:
+            except (PyMongoError, BSONError) as exc:  # BSONError: a command too large for the server (DocumentTooLarge)
                 log.warning("cannot claim pending requests: %s", exc)
 
     async def round(self) -> int:
@@ -157,7 +158,6 @@ class Intake:
             # One document the server cannot change ends the update_many there, the ones before it moved:
             # keep those, and claim the others one at a time, leaving out any the server refuses again.
             log.info("claiming %d request(s) one at a time: %.300s", len(documents), exc)
-            moved = None
             got = await self._claimed(documents, claim)
             held = {ids.key(document["_id"]) for document in got}
             for document in documents:
@@ -184,6 +184,10 @@ class Intake:
     def _refused(self, doc_id, exc: OperationFailure) -> None:
         """A pending request the server refused to change: logged once, and left out of this daemon's finds."""
         self.skipped.skip(f"claim {defaults.REQUESTS}", doc_id, exc)
+        try:
+            check_request_id(doc_id)  # an id too long for a find to list stays where it is
+        except SpecError:
+            return
         key = ids.key(doc_id)
         self._stuck.pop(key, None)
         self._stuck[key] = (doc_id, time.monotonic() + STUCK_S)
