@@ -96,7 +96,7 @@ def test_submit_checks_with_the_daemons_parser_then_for_a_daemon_then_the_id(ser
         refused = on(server_uri, db, "submit", good, follow)
         assert refused.exit_code == 1
         assert assert_one_line(refused) == (
-            f"Error: no daemon is alive on database {db.name!r} (no heartbeat in _listener for 15 s): start one "
+            f"Error: no daemon is alive on database {db.name!r} (no recent heartbeat in _listener): start one "
             f"with `listener start --db {db.name}`, then submit again; nothing was inserted")
     assert db[defaults.MODELS].count_documents({}) == 0
 
@@ -110,7 +110,8 @@ def test_submit_checks_with_the_daemons_parser_then_for_a_daemon_then_the_id(ser
     assert again.exit_code == 1
     assert assert_one_line(again) == (
         f"Error: refused before anything was written: _id: a model with _id 'm' is already in {db.name}._models: "
-        "choose another _id, or train that one again (`listener retrain m`) or remove it first (`listener delete m`)")
+        "submit it with --replace (replace=True in Python) to make this definition its next run, choose another _id, "
+        "or remove it first (`listener delete m`)")
 
 
 def test_a_document_the_servers_validator_refuses_is_one_line(server_uri, db, tmp_path, tiny_model_path, client):

@@ -29,7 +29,7 @@ def greedy(model, tokenizer, messages, max_new_tokens: int) -> str:
 def test_a_taken_id_is_a_spec_error_and_writes_nothing(db, server_uri, limits):
     db[defaults.MODELS].insert_one({"_id": "taken", "status": "succeeded"})
     with Client(server_uri, db.name, limits=limits) as tune:
-        with pytest.raises(SpecError, match=r"^_id: a model with _id 'taken' is already in .*`listener retrain taken`"):
+        with pytest.raises(SpecError, match=r"^_id: a model with _id 'taken' is already in .*--replace.*`listener delete taken`"):
             tune.submit(definition("taken", "HuggingFaceTB/SmolLM2-135M-Instruct"))
     assert db[defaults.MODELS].find_one({"_id": "taken"}) == {"_id": "taken", "status": "succeeded"}
 

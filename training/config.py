@@ -592,7 +592,7 @@ def check_request(spec: RequestSpec, limits: Limits) -> None:
     except SpecError as exc:
         raise SpecError("collection", exc.message) from None
     if spec.output_field is None:
-        raise SpecError("output_field", "name the field each document's answer is written to")
+        raise SpecError("output_field", "a request over a `collection` names the field each document's answer is written to")
     if spec.stream:
         raise SpecError("stream", "predictions over a collection write each answer once; leave stream out")
     if not isinstance(spec.input, str) or not input_fields(spec.input):
