@@ -2,7 +2,8 @@
 
 Each scenario gets a fresh database on the bench's own server, one served model (its base model, no
 training) and its own `listener start` daemons, warmed up first (each has answered a request, so its
-serving worker runs and start-up is not timed). Requests then arrive at a fixed rate (`RATE` a second,
+serving worker runs and start-up is not timed). Requests then arrive at a fixed rate (`RATE` a second, above
+one daemon's capacity, so more daemons can show what they add; the kill scenario at `KILL_RATE`, which they keep up with,
 a wave every `WAVE_S`) whatever the daemons manage, as users insert them; each is timed from the moment
 this client inserts it to the moment a change stream on `_requests` shows it final (no polling).
 
@@ -40,13 +41,12 @@ from bench.serving import FINAL, spread
 from listener.processes import wait_until
 from training import defaults
 
-RATE = 60  # requests a second
+RATE = 200  # requests a second: above what one daemon answers here (about 100 a second with the tiny model)
+KILL_RATE = 60  # with kills: what the daemons keep up with, so latency shows the kills and not a backlog
 WAVE_S = 0.5  # inserted together every this often
-# Smaller than the 600 and 900 first planned: on the shared 2-core machine three daemons answered about 5 a second,
-# and the whole run must stay near 6 minutes.
-TOTAL = 300  # requests per scenario without faults (5 s of arrivals)
-KILL_TOTAL = 540  # with kills: 9 s of arrivals, one kill at the default interval
-KILL_EVERY_S = 8.0
+TOTAL = 1_200  # requests per scenario without faults (6 s of arrivals)
+KILL_TOTAL = 720  # with kills: 12 s of arrivals, three kills at the default interval
+KILL_EVERY_S = 3.0
 MAX_NEW_TOKENS = 4
 SAMPLE_S = 0.5  # CPU sampling interval
 ANSWER_TIMEOUT_S = 240.0  # after the last insert; covers a killed daemon's takeover, or its request lease
@@ -67,12 +67,14 @@ class Scenario:
     label: str
     daemons: int
     total: int
+    rate: int = RATE
     kill_every_s: float | None = None
 
 
 SCENARIOS = (Scenario("one", "1 daemon", 1, TOTAL), Scenario("two", "2 daemons", 2, TOTAL),
              Scenario("three", "3 daemons", 3, TOTAL),
-             Scenario("kill", f"3 daemons, one SIGKILLed every {KILL_EVERY_S:g} s", 3, KILL_TOTAL, KILL_EVERY_S))
+             Scenario("kill", f"3 daemons, one SIGKILLed every {KILL_EVERY_S:g} s", 3, KILL_TOTAL, KILL_RATE,
+                      KILL_EVERY_S))
 
 
 @dataclass
@@ -298,10 +300,10 @@ class CpuSampler:
                 os.kill(pid, signal.SIGKILL)
 
 
-def arrive(requests, documents: list[dict], inserted: dict) -> None:
-    """Insert `documents` in waves of `RATE * WAVE_S` every `WAVE_S`, as a steady stream of users would: a late
+def arrive(requests, documents: list[dict], inserted: dict, rate: int) -> None:
+    """Insert `documents` in waves of `rate * WAVE_S` every `WAVE_S`, as a steady stream of users would: a late
     wave goes at once and the next keeps the schedule. `inserted` gets each request's insert time."""
-    size = round(RATE * WAVE_S)
+    size = round(rate * WAVE_S)
     began = time.monotonic()
     for n, at in enumerate(range(0, len(documents), size)):
         time.sleep(max(0.0, began + n * WAVE_S - time.monotonic()))
@@ -335,7 +337,7 @@ def opcounters(client) -> dict[str, int]:
 
 
 def measure(ctx: Context, scenario: Scenario, fleet: Fleet, cpu: CpuSampler) -> Outcome:
-    """The scenario's requests at `RATE`, with kills if it has them, until every one is final."""
+    """The scenario's requests at its rate, with kills if it has them, until every one is final."""
     requests, documents, inserted = ctx.db[defaults.REQUESTS], requests_for(scenario.total), {}
     arrived = threading.Event()
     before = opcounters(ctx.db.client)
@@ -343,7 +345,7 @@ def measure(ctx: Context, scenario: Scenario, fleet: Fleet, cpu: CpuSampler) -> 
         with cpu:
             killer = pool.submit(kill_while, fleet, scenario.kill_every_s, arrived) if scenario.kill_every_s else None
             try:
-                arrive(requests, documents, inserted)
+                arrive(requests, documents, inserted, scenario.rate)
             finally:
                 arrived.set()
             kills = killer.result() if killer else 0
@@ -391,7 +393,7 @@ def run_scenario(ctx: Context, scenario: Scenario) -> Outcome:
                 for _ in range(scenario.daemons):
                     fleet.start()
                 warm_up(fleet, ctx.db)
-            with step(ctx.console, f"load: {scenario.total} requests at {RATE}/s, {scenario.label}"):
+            with step(ctx.console, f"load: {scenario.total} requests at {scenario.rate}/s, {scenario.label}"):
                 return measure(ctx, scenario, fleet, cpu)
     finally:
         cpu.stop_leftovers(ctx.console)
