@@ -38,13 +38,14 @@ demo: install
 	$(VENV)/bin/listener demo
 
 # pytest-xdist workers, one per core and one more (tests/conftest.py): most of a slow test is one process
-# importing or training. The ten slowest are listed at the end.
+# importing or training. A module's tests on its shared daemon go to one worker (loadgroup). The ten
+# slowest are listed at the end.
 test: install
-	$(PY) -m pytest -n auto --durations=10
+	$(PY) -m pytest -n auto --dist loadgroup --durations=10
 
 # The fast tier: no daemon process, no training (under a minute); `make test` runs everything.
 test-fast: install
-	$(PY) -m pytest -n auto -m "not slow and not soak"
+	$(PY) -m pytest -n auto --dist loadgroup -m "not slow and not soak"
 
 .PHONY: bench
 bench: install

@@ -129,8 +129,8 @@ def start_daemon(server_uri, db, tmp_path, request, model_root):
 @pytest.fixture(scope="module")
 def module_daemon(server_uri, module_db, tmp_path_factory, model_root, request):
     """One daemon on `module_db` for a whole module, for tests that neither stop it nor need settings of
-    their own: it saves each test a daemon, a serving worker and often a training. Side by side, each
-    pytest-xdist worker that runs one of the module's tests starts its own."""
+    their own: it saves each test a daemon, a serving worker and often a training. Its tests run on one
+    pytest-xdist worker (`pytest_collection_modifyitems`, `--dist loadgroup`)."""
     daemon = DaemonProcess(server_uri, module_db.name, tmp_path_factory.mktemp("daemon"), "shared", 4,
                            model_root=model_root)
     failed = request.session.testsfailed
@@ -163,6 +163,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if "module_daemon" in getattr(item, "fixturenames", ()):
+            # One pytest-xdist worker runs all of a module's tests on its daemon (`--dist loadgroup`): spread
+            # over the workers, each would start a daemon and a fork server of its own, seconds of CPU each.
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     # Slow tests first: side by side, the many short ones then fill the workers up evenly at the end
     # instead of one worker finishing the last long test alone.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -17,26 +17,6 @@ from training import checkpoints, defaults
 pytest.importorskip("deepspeed", reason="needs the deepspeed extra: DS_BUILD_OPS=0 pip install 'mongotune[deepspeed]'")
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_trains_checkpoints_and_serves(db, start_daemon, tiny_model_path, tmp_path, stage):
-    load_samples(db)
-    start_daemon()
-    db[defaults.MODELS].insert_one({
-        "_id": "ds", "model_name_or_path": tiny_model_path, "data": {"collection": "pirate_chat", "key": "messages"},
-        "trainer": {"deepspeed": {"zero_optimization": {"stage": stage}}, "max_steps": 3,
-                    "per_device_train_batch_size": 2, "max_seq_length": 64, "learning_rate": 1e-3},
-    })
-    model = wait_for(db[defaults.MODELS], "ds", finished, timeout_s=300)
-    assert model["status"] == "succeeded", model.get("error")
-    assert model["checkpoints"][-1]["step"] == 3
-    folder = checkpoints.download(db, model["checkpoints"][-1]["files_id"], tmp_path / "ckpt")
-    weights = load_file(folder / "adapter_model.safetensors")
-    assert weights and all(t.numel() > 0 for t in weights.values()), "ZeRO gathered the adapter before saving"
-    assert "shm_comm" not in job_log(tmp_path), "no C++ kernel built on a CPU host (`ranks.no_cpu_kernel_builds`)"
-    db[defaults.REQUESTS].insert_one({"_id": "r", "model": "ds", "input": "ahoy", "params": {"max_new_tokens": 3}})
-    assert wait_for(db[defaults.REQUESTS], "r", finished, timeout_s=120)["status"] == "done"
-
-
 def test_deepspeed_reads_its_states_weights_only(tmp_path):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -79,9 +59,10 @@ def killed_after_its_first_checkpoint(db, start_daemon, path, stage: int, proces
     return saved
 
 
-@pytest.mark.parametrize("stage, processes", [(3, 1), (2, 2)])  # ZeRO-2 alone: the crafted-state test below
-def test_a_killed_daemons_deepspeed_run_resumes_from_its_last_checkpoint(db, start_daemon, tiny_model_path, stage,
-                                                                          processes):
+# ZeRO-2 alone: the crafted-state test below; ZeRO-3 in two processes: tests/test_multiprocess.py.
+@pytest.mark.parametrize("stage, processes", [(3, 1), (2, 2)])
+def test_a_killed_daemons_deepspeed_run_resumes_from_its_last_checkpoint_and_serves(db, start_daemon, tiny_model_path,
+                                                                                     tmp_path, stage, processes):
     saved = killed_after_its_first_checkpoint(db, start_daemon, tiny_model_path, stage, processes)
     start_daemon("survivor", env=SHORT_LEASE)
     done = wait_for(db[defaults.MODELS], "ds", finished, timeout_s=900)
@@ -94,6 +75,12 @@ def test_a_killed_daemons_deepspeed_run_resumes_from_its_last_checkpoint(db, sta
     trained = [m["step"] for m in done["metrics"] if "loss" in m]
     assert trained.count(1) == 1, "never started over"
     assert min(s for s in trained if s > resumed[0]) == resumed[0] + 1
+    folder = checkpoints.download(db, done["checkpoints"][-1]["files_id"], tmp_path / "ckpt")
+    weights = load_file(folder / "adapter_model.safetensors")
+    assert weights and all(t.numel() > 0 for t in weights.values()), "ZeRO gathered the adapter before saving"
+    assert "shm_comm" not in job_log(tmp_path), "no C++ kernel built on a CPU host (`ranks.no_cpu_kernel_builds`)"
+    db[defaults.REQUESTS].insert_one({"_id": "r", "model": "ds", "input": "ahoy", "params": {"max_new_tokens": 3}})
+    assert wait_for(db[defaults.REQUESTS], "r", finished, timeout_s=120)["status"] == "done"
 
 
 def test_a_crafted_deepspeed_state_fails_the_resume_without_running(db, start_daemon, tiny_model_path, tmp_path):

@@ -27,7 +27,8 @@ class Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_pickled_checkpoint_is_never_loaded(db, start_daemon, tiny_model_path, tmp_path):
+def test_a_pickled_checkpoint_is_never_loaded(module_db, module_daemon, tiny_model_path, tmp_path):
+    db = module_db
     marker = tmp_path / "pwned"
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
@@ -37,14 +38,13 @@ def test_a_pickled_checkpoint_is_never_loaded(db, start_daemon, tiny_model_path,
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     files_id = GridFSBucket(db, defaults.CHECKPOINTS).upload_from_stream("evil.tar", archive.getvalue(),
-                                                                         metadata={"model": "m", "run": 1, "step": 1})
+                                                                         metadata={"model": "pickled", "run": 1, "step": 1})
     db[defaults.MODELS].insert_one({
-        "_id": "m", "model_name_or_path": tiny_model_path, "data": {"collection": "c"}, "status": "succeeded",
+        "_id": "pickled", "model_name_or_path": tiny_model_path, "data": {"collection": "c"}, "status": "succeeded",
         "run": 1, "checkpoints": [{"run": 1, "step": 1, "files_id": files_id}], "best_checkpoint": {"run": 1, "step": 1},
     })
-    start_daemon()
-    db[defaults.REQUESTS].insert_one({"_id": "r", "model": "m", "input": "hi"})
-    answer = wait_for(db[defaults.REQUESTS], "r", finished, timeout_s=60)
+    db[defaults.REQUESTS].insert_one({"_id": "pickled", "model": "pickled", "input": "hi"})
+    answer = wait_for(db[defaults.REQUESTS], "pickled", finished, timeout_s=60)
     assert answer["status"] == "failed" and "safetensors" in answer["error"]["message"]
     assert not marker.exists()
 
@@ -80,16 +80,16 @@ def test_credentials_never_appear_in_logs_or_documents(db, server_uri, tiny_mode
     assert password not in logs and password not in written
 
 
-def test_a_checkpoint_entry_cannot_point_the_listener_at_a_path(db, start_daemon, tiny_model_path, tmp_path):
+def test_a_checkpoint_entry_cannot_point_the_listener_at_a_path(module_db, module_daemon, tiny_model_path, tmp_path):
+    db = module_db
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "optimizer.pt").write_bytes(b"keep me")
     db[defaults.MODELS].insert_one({
-        "_id": "m", "model_name_or_path": tiny_model_path, "data": {"collection": "c"}, "status": "succeeded",
+        "_id": "pathed", "model_name_or_path": tiny_model_path, "data": {"collection": "c"}, "status": "succeeded",
         "run": 1, "checkpoints": [{"run": 1, "step": 1, "files_id": str(victim)}],
     })
-    start_daemon()
-    db[defaults.REQUESTS].insert_one({"_id": "r", "model": "m", "input": "hi", "checkpoint": "latest"})
-    answer = wait_for(db[defaults.REQUESTS], "r", finished, timeout_s=60)
+    db[defaults.REQUESTS].insert_one({"_id": "pathed", "model": "pathed", "input": "hi", "checkpoint": "latest"})
+    answer = wait_for(db[defaults.REQUESTS], "pathed", finished, timeout_s=60)
     assert answer["status"] == "failed" and "is not in _checkpoints" in answer["error"]["message"]
     assert (victim / "optimizer.pt").read_bytes() == b"keep me"
