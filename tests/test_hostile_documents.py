@@ -224,7 +224,7 @@ def test_a_run_over_the_cap_never_holds_the_slot_from_a_waiting_job(db, start_da
 
 def test_the_wall_clock_cap_stops_a_run_and_keeps_its_checkpoint(db, start_daemon, tiny_model_path):
     load_samples(db)
-    start_daemon(env={"MONGOTUNE_MAX_RUN_S": "25", "MONGOTUNE_LEASE_S": "4"})
+    start_daemon(env={"MONGOTUNE_MAX_RUN_S": "12", "MONGOTUNE_LEASE_S": "4"})
     models = db[defaults.MODELS]
     models.insert_one(model("slow", tiny_model_path, {**QUICK, "max_steps": 100_000, "save_steps": 20}))
     document = wait_for(models, "slow", finished, timeout_s=180)
