@@ -8,7 +8,6 @@ test_takeover.py.
 import asyncio
 import datetime as dt
 
-from pymongo import AsyncMongoClient
 
 from listener.forks import Forks
 from listener.intake import Intake
@@ -18,6 +17,7 @@ from listener.serving import Serving
 from listener.settings import Settings
 from listener.status import REQUEST_TRANSITIONS
 from tests.documents import request
+from tests.test_status import run_with
 from training import defaults
 
 
@@ -31,17 +31,6 @@ def intake_for(adb, owner: str, **options) -> Intake:
     counters = {"requests_done": 0, "requests_failed": 0}
     serving = Serving(adb, chosen, owner, counters, Forks(gpus=False), collection_job=None)
     return Intake(adb, chosen, owner, serving, counters, SkipLog(), stopping=lambda: False)
-
-
-def run_with(server_uri, db_name, work):
-    async def main():
-        client = AsyncMongoClient(server_uri)
-        try:
-            return await work(client[db_name])
-        finally:
-            await client.close()
-
-    return asyncio.run(main())
 
 
 def opcounters(client) -> dict:

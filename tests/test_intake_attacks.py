@@ -56,6 +56,18 @@ def test_requests_with_huge_ids_never_end_the_intake_loop(server_uri, db):
     assert held
 
 
+async def two_rounds(adb) -> set:
+    """Two claim rounds of one intake, a failed round printed and passed over as `Intake.run` logs it and waits
+    for the next wake-up; what it then holds."""
+    intake = intake_for(adb, "d")
+    for _ in range(2):
+        try:
+            await intake.round()
+        except Exception as exc:  # noqa: BLE001
+            print(f"round failed: {exc!r}")
+    return set(intake.serving.held())
+
+
 def test_a_request_the_server_cannot_grow_never_blocks_the_claims_of_others(server_uri, db):
     """A pending request padded to just under 16 MB (in `output`, a listener field the validator allows in any
     shape): the claim's `update_many` cannot add `lease` and `started_at` to it, fails for the whole batch, and
@@ -67,16 +79,7 @@ def test_a_request_the_server_cannot_grow_never_blocks_the_claims_of_others(serv
     requests.insert_one({**document, "output": "x" * room})
     requests.insert_one(request(GOOD, "other"))
 
-    async def work(adb):
-        intake = intake_for(adb, "d")
-        for _ in range(2):
-            try:
-                await intake.round()
-            except Exception as exc:  # noqa: BLE001  (as `Intake.run` would log it and wait for the next wake-up)
-                print(f"round failed: {exc!r}")
-        return set(intake.serving.held())
-
-    held = run_with(server_uri, db.name, work)
+    held = run_with(server_uri, db.name, two_rounds)
     assert {f'"{GOOD}-before"', f'"{GOOD}"'} <= held
     for doc_id in (GOOD + "-before", GOOD):
         assert requests.find_one({"_id": doc_id}, {"status": 1})["status"] == "running"
@@ -90,16 +93,8 @@ def test_a_cancelled_request_the_server_cannot_grow_never_blocks_the_claims_of_o
     requests.insert_one({**document, "output": "x" * room})
     requests.insert_one(request(GOOD, "other"))
 
-    async def work(adb):
-        intake = intake_for(adb, "d")
-        for _ in range(2):
-            try:
-                await intake.round()
-            except Exception as exc:  # noqa: BLE001
-                print(f"round failed: {exc!r}")
-        return set(intake.serving.held())
 
-    assert f'"{GOOD}"' in run_with(server_uri, db.name, work)
+    assert f'"{GOOD}"' in run_with(server_uri, db.name, two_rounds)
 
 
 def unaddressable(n: int) -> RawBSONDocument:
@@ -126,7 +121,7 @@ def test_requests_no_query_can_address_never_fill_every_find(server_uri, db):
         await intake.round()
         return set(intake.serving.held())
 
-    assert f'"{GOOD}"' in run_with(server_uri, db.name, work)
+    assert f'"{GOOD}"' in run_with(server_uri, db.name, two_rounds)
 
 
 def test_look_alikes_of_a_full_models_id_never_hide_other_models(server_uri, db):
