@@ -103,3 +103,15 @@ def test_a_corrected_definition_trains_as_the_next_run_and_records_what_changed(
     done = wait_for(models, "fixme", lambda d: finished(d) and d.get("run") == 2, timeout_s=180)
     assert done["status"] == "succeeded", done.get("error")
     assert done["runs"][-1]["trigger"] == "definition" and done["runs"][-1]["changed"] == ["data.key"]
+
+
+def test_a_changed_list_anyone_wrote_is_read_as_bounded_field_paths():
+    """`changed` is on the document, which any writer may set; the run's entry copies it, so only paths, bounded."""
+    from training.lineage import MAX_CHANGED, MAX_PATH_CHARS, changed_fields
+
+    written = {"run": 2, "trigger": "definition", "changed": [{"$x": 1}, 7, "p" * 10_000, *["trainer.lora_r"] * 500]}
+    fields = changed_fields(written)
+    assert len(fields) == MAX_CHANGED and fields[0] == "p" * MAX_PATH_CHARS and set(fields[1:]) == {"trainer.lora_r"}
+    assert changed_fields({**written, "trigger": "user"}) == [] == changed_fields({**written, "changed": "x"})
+    assert next_start({**written, "run": 1, "best_checkpoint": {"run": 1, "step": 2}, "checkpoints": [CHECKPOINT]}) \
+        == "run 2 starts from the base model (the definition changed its base or LoRA shape)"

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 LIBRARIES = ("mongotune", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "deepspeed")
 TRIGGERS = ("insert", "new_documents", "schedule", "user", "definition")
+MAX_CHANGED, MAX_PATH_CHARS = 100, 200  # a replaced definition's changed fields, as a run's entry records them
 FINAL_OUTCOMES = tuple(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED))
 
 
@@ -83,12 +84,21 @@ def trigger_of(document: dict) -> str:
     return "insert" if document.get("run") == 1 else "user"
 
 
+def changed_fields(document: dict) -> list[str]:
+    """The fields a replaced definition changed (`listener.definitions`), for a run it started; only what reads as
+    field paths, bounded: anyone who may write the document may write `changed`, and it goes into the run's entry."""
+    changed = document.get("changed") if trigger_of(document) == "definition" else None
+    if not isinstance(changed, list):
+        return []
+    return [path[:MAX_PATH_CHARS] for path in changed if isinstance(path, str)][:MAX_CHANGED]
+
+
 def entry(document: dict, **recorded) -> dict:
     """A new run entry; `recorded` holds what `training.child` measured (data, arguments, base, init_from...).
 
     A run started by a replaced definition records which fields changed (`listener.definitions`)."""
     trigger = trigger_of(document)
-    changed = {"changed": document.get("changed")} if trigger == "definition" else {}
+    changed = {"changed": changed_fields(document)} if trigger == "definition" else {}
     return {"number": document["run"], "trigger": trigger, "started_at": now(), "versions": versions(),
             "host": host(), **changed, **recorded}
 

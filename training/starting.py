@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from training import checkpoints, defaults, ids
+from training.lineage import changed_fields
 from training.config import ModelSpec, SpecError, parse_model
 from training.limits import Limits
 
@@ -67,10 +68,8 @@ def continued(document: dict, retrain_from: str) -> dict | None:
 
 def refits(document: dict) -> bool:
     """Whether this run's definition was replaced with another base or LoRA shape (`listener.definitions`)."""
-    changed = document.get("changed") if document.get("trigger") == "definition" else None
-    return isinstance(changed, list) and any(
-        isinstance(path, str) and (path == field or field.startswith(f"{path}.") or path.startswith(f"{field}."))
-        for path in changed for field in REFITS)
+    return any(path == field or field.startswith(f"{path}.") or path.startswith(f"{field}.")
+               for path in changed_fields(document) for field in REFITS)
 
 
 def next_start(document: dict) -> str:
