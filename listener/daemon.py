@@ -159,7 +159,7 @@ class Daemon:
         requeued = await leases.take_over(requests, REQUEST_TRANSITIONS, RequestState, s.max_attempts, self.skipped,
                                           self.db[defaults.LISTENER], self.owner)
         requeued += await leases.reap(requests, REQUEST_TRANSITIONS, RequestState, s.max_attempts, self.skipped,
-                                      self.owner, self.serving.held())
+                                      self.owner, self.serving.queues.held())
         if requeued:
             self.intake.wake()
 

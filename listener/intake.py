@@ -35,9 +35,10 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from listener.leases import fail_malformed, lease
 from listener.records import BadRecord, RequestState, SkipLog, parse
-from listener.status import REQUEST_TRANSITIONS, Status, now, status_filter, transition, transition_many
+from listener.status import (REQUEST_TRANSITIONS, Status, now, query_for, status_filter, transition, transition_each,
+                             transition_many, update_for)
 from training import defaults, ids
-from training.config import RequestSpec, SpecError, check_request_id, parse_request
+from training.config import SpecError, check_request_id, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,9 @@ class Intake:
 
     async def round(self) -> int:
         """Claim what serving has room for; how many requests this round handed it."""
-        handed, progressed, full = 0, False, {ids.key(model): model for model in self.serving.full_models()}
+        handed, progressed, full = 0, False, {ids.key(model): model for model in self.serving.queues.full_models()}
         for _ in range(MAX_FINDS):
-            free = self.serving.free()
+            free = self.serving.queues.free()
             if free <= 0:
                 break
             query = status_filter(Status.PENDING)
@@ -90,8 +91,7 @@ class Intake:
             documents = await self.requests.find(query).limit(free).to_list()
             chosen, ended = await self._choose(documents, full)
             claimed = await self._claim(chosen) if chosen else []
-            for document in claimed:
-                handed += await self._hand_over(document)
+            handed += await self._hand_over(claimed)
             progressed = progressed or bool(ended or claimed)
             if len(documents) < free and len(claimed) == len(chosen):
                 break  # every pending request was seen and nobody raced for them
@@ -137,7 +137,7 @@ class Intake:
             model = document.get("model")
             if _plain(model):  # anything else fails once claimed: it takes no share, and `$nin` could not skip it
                 key = ids.key(model)
-                if taking[key] >= self.serving.room_for(model):
+                if taking[key] >= self.serving.queues.room_for(model):
                     full[key] = model
                     continue
                 taking[key] += 1
@@ -201,19 +201,23 @@ class Intake:
             self._stuck.popitem(last=False)
         return [doc_id for doc_id, _ in self._stuck.values()]
 
-    async def _hand_over(self, document: dict) -> int:
-        """Give a claimed request to serving, or fail it if it is not a valid request; 1 if handed over."""
-        try:
-            spec: RequestSpec = parse_request(document, self.settings.limits)
-        except SpecError as exc:
-            self.counters["requests_failed"] += 1
-            await transition(self.requests, document["_id"], Status.RUNNING, Status.FAILED, REQUEST_TRANSITIONS,
-                             match={"lease.owner": {"$eq": self.owner}}, fields={"error": exc.as_error()},
-                             unset=("lease",))
-            log.info("%s %.200r is invalid: %s", defaults.REQUESTS, document["_id"], exc)
-            return 0
-        self.serving.submit(spec)
-        return 1
+    async def _hand_over(self, claimed: list[dict]) -> int:
+        """Give claimed requests to serving, and fail those that are not valid requests, in one bulk write;
+        how many were handed over."""
+        specs, invalid = [], []
+        for document in claimed:
+            try:
+                specs.append(parse_request(document, self.settings.limits))
+            except SpecError as exc:
+                log.info("%s %.200r is invalid: %s", defaults.REQUESTS, document["_id"], exc)
+                invalid.append((query_for(document["_id"], Status.RUNNING, {"lease.owner": {"$eq": self.owner}}),
+                                update_for(Status.RUNNING, Status.FAILED, REQUEST_TRANSITIONS,
+                                           fields={"error": exc.as_error()}, unset=("lease",))))
+        self.counters["requests_failed"] += len(invalid)
+        for spec in specs:
+            self.serving.submit(spec)
+        await transition_each(self.requests, invalid)
+        return len(specs)
 
     async def _give_up(self, state: RequestState) -> bool:
         error = {"type": "too_many_attempts", "message": f"{state.attempts} attempts to answer this request did not "

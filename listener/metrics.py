@@ -110,7 +110,7 @@ class Metrics:
     def _queue_depth(self) -> GaugeMetricFamily:
         family = GaugeMetricFamily("mongotune_serving_queue_depth", "Claimed requests waiting in this daemon, "
                                    "by model", labels=["model"])
-        for model, depth in self.daemon.serving.queued().items():
+        for model, depth in self.daemon.serving.queues.queued().items():
             family.add_metric([model], depth)
         return family
 

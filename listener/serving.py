@@ -1,17 +1,13 @@
-"""Answering `_requests`: claimed requests queue here, fairly across models, and a killable worker answers them.
+"""Answering `_requests`: claimed requests are batched (`listener.batching`) and a killable worker answers them.
 
 Serving cannot be wedged: rendering and generation run in a worker process (`listener.serving_worker`),
 every command to it awaited with a wall-clock limit while a watchdog reads its memory. A batch past a
 limit, or whose worker died, fails with an error naming the cap and its setting; the worker is
-killed and the next batch gets a fresh one. Requests wait in one queue per model (keyed by
-`ids.key`), oldest first; models take turns, one batch each, and a batch holds only requests that
-generate alike (same normalised parameters, same `timeout_s`); a promoted checkpoint to preload takes
-a turn too. Once a model's base is known (its document has been read once), the batch is topped up
-with alike requests of other models of the same base: the worker answers those as one mixed-adapter
-batch (peft's `adapter_names`) when their LoRA adapters share one loaded base, and one `generate` per
-checkpoint otherwise. A batch starts as soon as the requests inserted with its first one are claimed
-(`Arrivals`), never later than the operator's `batch_window_s`; requests claimed while it generates
-make the next batch, right after it.
+killed and the next batch gets a fresh one. Which requests make a batch, and when it starts, is
+`listener.batching`'s; a promoted checkpoint to preload takes a turn between batches too. A batch of
+models of one base is answered as one mixed-adapter batch (peft's `adapter_names`) when their LoRA
+adapters share one loaded base, and one `generate` per checkpoint otherwise; requests claimed while
+it generates make the next batch, right after it. A batch's endings are written in one `bulk_write`.
 
 Streaming (`stream: true`) does not split batches: a batch holding any streamed request streams
 as a whole, because the worker's streamer follows every row of one `generate` call at no extra
@@ -24,17 +20,15 @@ limit) or `request_timeout` (the operator's).
 """
 
 import asyncio
-import json
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Container
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
 from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
+from listener.batching import Arrivals, Queued, Queues
 from listener.forks import Forks
 from listener.leases import lease
 from listener.preload import watch_promotions
@@ -48,76 +42,8 @@ from training.inference import normalised
 
 log = logging.getLogger(__name__)
 
-ARRIVAL_GAP_S = 0.02  # a pause in request arrivals this long ends a batch's wait for more (see `Arrivals`)
-
-
-@dataclass(eq=False)
-class Queued:
-    spec: RequestSpec
-    since: float = field(default_factory=time.monotonic)
-
-    @property
-    def batch_key(self) -> str:
-        """Requests with equal keys may be answered by one `generate` call, whatever their checkpoints."""
-        return json.dumps([normalised(self.spec.params), self.spec.timeout_s], sort_keys=True)
-
-    @property
-    def checkpoint_key(self) -> str:
-        ref = self.spec.checkpoint if isinstance(self.spec.checkpoint, str) else self.spec.checkpoint.model_dump()
-        return ids.key([self.spec.model, ref])
-
-    @property
-    def prompt(self):
-        return self.spec.input if isinstance(self.spec.input, str) else [m.model_dump() for m in self.spec.input]
-
-
-class Arrivals:
-    """Change events on `_requests` being handled now (entered by `streams.watch` and the daemon's scans).
-
-    A batch waits until no event is being handled and none has arrived for a gap, instead of a fixed
-    pause: a server may deliver the events of one `insert_many` a getMore apart (the embedded one does,
-    milliseconds each, more on a busy machine), so the batch holds every request inserted together, and a
-    lone one starts after `ARRIVAL_GAP_S` rather than the whole window. The gap is twice the longest pause
-    seen so far in this wait, if longer, so a slow stream does not split a burst.
-    """
-
-    def __init__(self):
-        self._handling = 0
-        self._settled, self._arrived = asyncio.Event(), asyncio.Event()
-        self._settled.set()
-
-    def __enter__(self) -> None:
-        self._handling += 1
-        self._settled.clear()
-        self._arrived.set()
-
-    def __exit__(self, *exc) -> None:
-        self._handling -= 1
-        if not self._handling:
-            self._settled.set()
-
-    async def settled(self, window_s: float) -> None:
-        """Once the arrivals pause, or after `window_s` (the operator's batching wait) at most."""
-        deadline, gap = time.monotonic() + window_s, ARRIVAL_GAP_S
-        while await _within(self._settled, deadline - time.monotonic()):
-            self._arrived.clear()
-            paused = time.monotonic()
-            if not await _within(self._arrived, min(gap, deadline - time.monotonic())):
-                return
-            gap = max(gap, 2 * (time.monotonic() - paused))
-
-
-async def _within(event: asyncio.Event, seconds: float) -> bool:
-    """Whether `event` is set within `seconds`."""
-    try:
-        await asyncio.wait_for(event.wait(), max(seconds, 0.0))
-    except TimeoutError:
-        return False
-    return True
-
-
 class Serving:
-    """The queues of claimed requests, the worker that answers them, and the leases on both."""
+    """The worker that answers claimed requests, batch by batch, and the leases on what it holds."""
 
     def __init__(self, db, settings: Settings, owner: str, counters: dict, forks: Forks,
                  collection_job: Callable[["Serving", RequestSpec], Awaitable[None]],
@@ -126,62 +52,33 @@ class Serving:
         self.on_room = on_room  # called whenever requests leave: the daemon's intake claims more
         self.forks = forks
         self.collection_job = collection_job  # `batch_predictions.predict_collection`, which builds on this class
-        self._queues: dict[str, deque[Queued]] = {}  # by ids.key of the model, oldest first
-        self._turns: deque[str] = deque()  # models with queued requests, the next to be served first
-        self._held: dict[str, RequestSpec] = {}  # queued or generating, by ids.key of the request
+        self.queues = Queues(settings)  # what is held here, and which batch is next
         self._ready = asyncio.Event()
         self.arrivals = Arrivals()  # a batch starts once the requests inserted with its first are claimed
         self._worker: Worker | None = None
         self._preloads: dict[str, object] = {}  # model ids whose best checkpoint to load when idle, by ids.key
         self._jobs: dict[str, asyncio.Task] = {}  # predictions over a collection, by request key
         self._turn = asyncio.Lock()  # one command at a time to the worker: batches, preloads, collection chunks
-        self._bases: dict[str, str] = {}  # model key -> key of its base (source, kwargs, quantisation), once read
         self.on_answered: Callable[[float], None] | None = None  # metrics: seconds from claim to done
-
-    def queued(self) -> dict[str, int]:
-        """Requests waiting here, by model key (for metrics)."""
-        return {model: len(queue) for model, queue in self._queues.items()}
-
-    def held(self) -> Container[str]:
-        """The requests queued or generating here, by `ids.key`: their leases are this daemon's to renew."""
-        return self._held.keys()
-
-    def free(self) -> int:
-        """How many more requests to claim; what this daemon cannot answer soon stays pending for another."""
-        return self.settings.max_queued_requests - len(self._held)
-
-    def room_for(self, model_id) -> int:
-        """How many more requests of this model to claim: one model's flood never takes every place."""
-        model = ids.key(model_id)
-        return self.settings.max_queue_per_model - sum(1 for spec in self._held.values() if ids.key(spec.model) == model)
-
-    def full_models(self) -> list:
-        """The models (their ids) with no room left here."""
-        held = {ids.key(spec.model): spec.model for spec in self._held.values()}
-        return [model for model in held.values() if self.room_for(model) <= 0]
 
     def submit(self, spec: RequestSpec) -> None:
         """Queue a claimed request; one already queued or generating here (its writer set it back to pending,
         and this daemon claimed it again) is not queued twice: the copy here answers it, under the same lease."""
-        model, key = ids.key(spec.model), ids.key(spec.id)
-        if key in self._held:
+        if not self.queues.hold(spec):
             log.info("%s %.200r is already queued here; not queued again", defaults.REQUESTS, spec.id)
             return
-        self._held[key] = spec
         if spec.collection is not None:
             self._start_job(spec)
             return
-        if model not in self._queues:
-            self._queues[model] = deque()
-            self._turns.append(model)
-        self._queues[model].append(Queued(spec))
+        self.queues.enqueue(spec)
         self._ready.set()
 
     async def renew(self) -> None:
         """Extend the leases of exactly the requests queued or generating here; nothing else."""
-        if self._held:
+        held = self.queues.held_ids()
+        if held:
             await self.db[defaults.REQUESTS].update_many(
-                {"_id": {"$in": [spec.id for spec in self._held.values()]},
+                {"_id": {"$in": held},
                  "status": Status.RUNNING.value, "lease.owner": {"$eq": self.owner}},
                 {"$set": {"lease.expires_at": lease(self.owner, self.settings.request_lease_s)["expires_at"]}},
             )
@@ -194,7 +91,7 @@ class Serving:
             try:
                 await self.collection_job(self, spec)
             finally:
-                self._held.pop(key, None)
+                self.queues.release(spec.id)
                 self._jobs.pop(key, None)
                 self.on_room()
 
@@ -227,12 +124,14 @@ class Serving:
             while True:
                 await self._ready.wait()
                 await self.arrivals.settled(self.settings.batch_window_s)  # requests inserted together batch together
-                if not self._turns or (self._preloads and preload_due):
+                if not self.queues.waiting() or (self._preloads and preload_due):
                     preload_due = False
                     async with self._turn:
                         await self._preload_next()
                     continue
-                batch, preload_due = self._next_batch(), True
+                batch, preload_due = self.queues.next_batch(), True
+                if not self.queues.waiting() and not self._preloads:
+                    self._ready.clear()
                 try:
                     async with self._turn:
                         await self._answer(batch)
@@ -240,7 +139,7 @@ class Serving:
                     log.warning("could not record answers for %d request(s): %s", len(batch), exc)
                 finally:
                     for item in batch:
-                        self._held.pop(ids.key(item.spec.id), None)
+                        self.queues.release(item.spec.id)
                 self.on_room()
         finally:
             for task in [promotions, *self._jobs.values()]:
@@ -272,43 +171,9 @@ class Serving:
                 update_for(Status.RUNNING, Status.FAILED, REQUEST_TRANSITIONS,
                            fields={"error": {"type": kind, "message": message}}, unset=("lease",)))
 
-    def _next_batch(self) -> list[Queued]:
-        """From the model whose turn it is: its oldest request and the next ones that generate alike."""
-        model = self._turns.popleft()
-        queue = self._queues.pop(model)
-        key = queue[0].batch_key
-        batch = [item for item in queue if item.batch_key == key][: self.settings.max_batch]
-        rest = deque(item for item in queue if item not in batch)
-        if rest:
-            self._queues[model] = rest
-            self._turns.append(model)
-        batch += self._same_base(model, key, self.settings.max_batch - len(batch))
-        if not self._turns and not self._preloads:
-            self._ready.clear()
-        return batch
-
-    def _same_base(self, model: str, key: str, room: int) -> list[Queued]:
-        """Up to `room` requests of other models of `model`'s base that generate alike, oldest model first."""
-        base, taken = self._bases.get(model), []
-        for other in list(self._turns):
-            if base is None or len(taken) >= room:
-                break
-            if other == model or self._bases.get(other) != base:
-                continue
-            queue = self._queues[other]
-            mine = [item for item in queue if item.batch_key == key][: room - len(taken)]
-            taken += mine
-            left = deque(item for item in queue if item not in mine)
-            if left:
-                self._queues[other] = left
-            else:
-                del self._queues[other]
-                self._turns.remove(other)
-        return taken
-
     async def _preload_next(self) -> None:
         model_id = self._preloads.pop(next(iter(self._preloads)))
-        if not self._preloads and not self._turns:
+        if not self._preloads and not self.queues.waiting():
             self._ready.clear()
         try:
             model, entry = await self._model(model_id, "best")
@@ -426,7 +291,7 @@ class Serving:
             raise Failure("model_unavailable", f"model: no document with _id {model_id!r} in {defaults.MODELS}")
         try:
             model = parse_model(document, self.settings.limits)
-            self._bases[ids.key(model_id)] = ids.key([model.model_name_or_path, model.model_kwargs.model_dump(),
+            self.queues.bases[ids.key(model_id)] = ids.key([model.model_name_or_path, model.model_kwargs.model_dump(),
                                                       model.tokenizer_kwargs.model_dump(), model.trainer.bits])
             ref = checkpoint if isinstance(checkpoint, str) else checkpoint.model_dump()
             entry = checkpoints.select(document, ref)

@@ -98,7 +98,7 @@ def test_steps_per_second_come_from_the_progress_this_daemon_writes(client, db):
         async_client = AsyncMongoClient(client.address[0], client.address[1], directConnection=True)
         try:
             stand_in = SimpleNamespace(db=async_client[db.name], owner=owner, counters={}, trainings={},
-                                       serving=SimpleNamespace(queued=lambda: {"mine": 3}))
+                                       serving=SimpleNamespace(queues=SimpleNamespace(queued=lambda: {"mine": 3})))
             metrics = Metrics(stand_in)
             await metrics.refresh()
             models.update_one({"_id": "mine"}, {"$set": {"progress.step": 30,

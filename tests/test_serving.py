@@ -167,7 +167,7 @@ def test_models_of_one_base_are_answered_in_one_mixed_batch(module_db, module_da
 
 
 def test_a_batch_waits_for_claims_in_progress_and_no_longer():
-    from listener.serving import Arrivals
+    from listener.batching import Arrivals
 
     async def body() -> None:
         arrivals = Arrivals()

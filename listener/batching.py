@@ -1,0 +1,177 @@
+"""Which claimed requests generate together, and when a batch starts: the serving loop's scheduling.
+
+Requests wait in one queue per model (keyed by `ids.key`), oldest first; models take turns, one batch
+each, and a batch holds only requests that generate alike (same normalised parameters, same
+`timeout_s`). Once a model's base is known (`Queues.bases`, filled when its document is read), the batch
+is topped up with alike requests of other models of the same base. What is held here (queued or
+generating) is what this daemon claims more against: `free` in all, `room_for` one model, so one
+model's flood never takes every place. A batch starts as soon as the requests inserted with its first
+one are claimed (`Arrivals`), never later than the operator's `batch_window_s`.
+"""
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import Container
+from dataclasses import dataclass, field
+
+from listener.settings import Settings
+from training import ids
+from training.config import RequestSpec
+from training.inference import normalised
+
+ARRIVAL_GAP_S = 0.02  # a pause in request arrivals this long ends a batch's wait for more (see `Arrivals`)
+
+
+@dataclass(eq=False)
+class Queued:
+    spec: RequestSpec
+    since: float = field(default_factory=time.monotonic)
+
+    @property
+    def batch_key(self) -> str:
+        """Requests with equal keys may be answered by one `generate` call, whatever their checkpoints."""
+        return json.dumps([normalised(self.spec.params), self.spec.timeout_s], sort_keys=True)
+
+    @property
+    def checkpoint_key(self) -> str:
+        ref = self.spec.checkpoint if isinstance(self.spec.checkpoint, str) else self.spec.checkpoint.model_dump()
+        return ids.key([self.spec.model, ref])
+
+    @property
+    def prompt(self):
+        return self.spec.input if isinstance(self.spec.input, str) else [m.model_dump() for m in self.spec.input]
+
+
+class Arrivals:
+    """Change events on `_requests` being handled now (entered by `streams.watch` and the daemon's scans).
+
+    A batch waits until no event is being handled and none has arrived for a gap, instead of a fixed
+    pause: a server may deliver the events of one `insert_many` a getMore apart (the embedded one does,
+    milliseconds each, more on a busy machine), so the batch holds every request inserted together, and a
+    lone one starts after `ARRIVAL_GAP_S` rather than the whole window. The gap is twice the longest pause
+    seen so far in this wait, if longer, so a slow stream does not split a burst.
+    """
+
+    def __init__(self):
+        self._handling = 0
+        self._settled, self._arrived = asyncio.Event(), asyncio.Event()
+        self._settled.set()
+
+    def __enter__(self) -> None:
+        self._handling += 1
+        self._settled.clear()
+        self._arrived.set()
+
+    def __exit__(self, *exc) -> None:
+        self._handling -= 1
+        if not self._handling:
+            self._settled.set()
+
+    async def settled(self, window_s: float) -> None:
+        """Once the arrivals pause, or after `window_s` (the operator's batching wait) at most."""
+        deadline, gap = time.monotonic() + window_s, ARRIVAL_GAP_S
+        while await _within(self._settled, deadline - time.monotonic()):
+            self._arrived.clear()
+            paused = time.monotonic()
+            if not await _within(self._arrived, min(gap, deadline - time.monotonic())):
+                return
+            gap = max(gap, 2 * (time.monotonic() - paused))
+
+
+async def _within(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` is set within `seconds`."""
+    try:
+        await asyncio.wait_for(event.wait(), max(seconds, 0.0))
+    except TimeoutError:
+        return False
+    return True
+
+
+class Queues:
+    """The requests held here: queued per model, taking turns, or generating."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._queues: dict[str, deque[Queued]] = {}  # by ids.key of the model, oldest first
+        self._turns: deque[str] = deque()  # models with queued requests, the next to be served first
+        self._held: dict[str, RequestSpec] = {}  # queued or generating, by ids.key of the request
+        self.bases: dict[str, str] = {}  # model key -> key of its base (source, kwargs, quantisation), once read
+
+    def queued(self) -> dict[str, int]:
+        """Requests waiting here, by model key (for metrics)."""
+        return {model: len(queue) for model, queue in self._queues.items()}
+
+    def held(self) -> Container[str]:
+        """The requests queued or generating here, by `ids.key`: their leases are this daemon's to renew."""
+        return self._held.keys()
+
+    def held_ids(self) -> list:
+        return [spec.id for spec in self._held.values()]
+
+    def free(self) -> int:
+        """How many more requests to claim; what this daemon cannot answer soon stays pending for another."""
+        return self.settings.max_queued_requests - len(self._held)
+
+    def room_for(self, model_id) -> int:
+        """How many more requests of this model to claim: one model's flood never takes every place."""
+        model = ids.key(model_id)
+        return self.settings.max_queue_per_model - sum(1 for spec in self._held.values() if ids.key(spec.model) == model)
+
+    def full_models(self) -> list:
+        """The models (their ids) with no room left here."""
+        held = {ids.key(spec.model): spec.model for spec in self._held.values()}
+        return [model for model in held.values() if self.room_for(model) <= 0]
+
+    def hold(self, spec: RequestSpec) -> bool:
+        """Count a claimed request as held here; False if it already is (claimed again while held)."""
+        key = ids.key(spec.id)
+        if key in self._held:
+            return False
+        self._held[key] = spec
+        return True
+
+    def release(self, request_id) -> None:
+        self._held.pop(ids.key(request_id), None)
+
+    def enqueue(self, spec: RequestSpec) -> None:
+        model = ids.key(spec.model)
+        if model not in self._queues:
+            self._queues[model] = deque()
+            self._turns.append(model)
+        self._queues[model].append(Queued(spec))
+
+    def waiting(self) -> bool:
+        return bool(self._turns)
+
+    def next_batch(self) -> list[Queued]:
+        """From the model whose turn it is: its oldest request and the next ones that generate alike."""
+        model = self._turns.popleft()
+        queue = self._queues.pop(model)
+        key = queue[0].batch_key
+        batch = [item for item in queue if item.batch_key == key][: self.settings.max_batch]
+        rest = deque(item for item in queue if item not in batch)
+        if rest:
+            self._queues[model] = rest
+            self._turns.append(model)
+        return batch + self._same_base(model, key, self.settings.max_batch - len(batch))
+
+    def _same_base(self, model: str, key: str, room: int) -> list[Queued]:
+        """Up to `room` requests of other models of `model`'s base that generate alike, oldest model first."""
+        base, taken = self.bases.get(model), []
+        for other in list(self._turns):
+            if base is None or len(taken) >= room:
+                break
+            if other == model or self.bases.get(other) != base:
+                continue
+            queue = self._queues[other]
+            mine = [item for item in queue if item.batch_key == key][: room - len(taken)]
+            taken += mine
+            left = deque(item for item in queue if item not in mine)
+            if left:
+                self._queues[other] = left
+            else:
+                del self._queues[other]
+                self._turns.remove(other)
+        return taken
