@@ -70,9 +70,9 @@ def test_events_someone_overwrote_do_not_block_a_replace(db, tiny_model_path):
 
 def test_many_fields_another_writer_left_do_not_make_the_replace_too_large(db, tiny_model_path):
     """Each field left on the document is a changed path, written twice (`changed` and the event): a document
-    of 6 MB of short fields made a 20 MB update, refused, so its owner could not correct it; `changed` is bounded."""
+    of 7 MB of fields made a 21 MB update, refused, so its owner could not correct it; `changed` is bounded."""
     models = db[defaults.MODELS]
-    junk = {f"{i:06d}" + "x" * 84: None for i in range(70_000)}
+    junk = {f"{i:05d}" + "x" * 995: None for i in range(7_000)}
     models.insert_one({**finished_model("m", tiny_model_path), **junk})
     stored, changed = replace_model(models, model("m", tiny_model_path, {**QUICK, "max_steps": 3}))
     assert stored["status"] == "pending" and not set(junk) & set(stored)
