@@ -17,6 +17,7 @@ from pathlib import Path
 
 from training import checkpoints, defaults, events, lineage
 from training.config import ModelSpec
+from training.starting import refits
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ LOSS_COLUMNS = ("input_ids", "labels", "seq_lengths")  # what trl's collator rea
 def serving_ref(document: dict) -> dict | None:
     """The checkpoint an earlier run promoted, as the document stood when this run started; None for none."""
     best, run = document.get("best_checkpoint"), document.get("run")
+    if refits(document):  # a replaced definition changed the base or LoRA shape: the serving adapter no longer fits
+        return None
     if not isinstance(best, dict) or not all(isinstance(best.get(k), int) for k in ("run", "step")):
         return None
     return {"run": best["run"], "step": best["step"]} if best["run"] < run else None

@@ -68,8 +68,13 @@ def continued(document: dict, retrain_from: str) -> dict | None:
 
 def refits(document: dict) -> bool:
     """Whether this run's definition was replaced with another base or LoRA shape (`listener.definitions`)."""
+    return refitting(changed_fields(document))
+
+
+def refitting(paths: list[str]) -> bool:
+    """Whether any of these changed field paths changes the base or the LoRA shape (`REFITS`)."""
     return any(path == field or field.startswith(f"{path}.") or path.startswith(f"{field}.")
-               for path in changed_fields(document) for field in REFITS)
+               for path in paths for field in REFITS)
 
 
 def next_start(document: dict) -> str:
