@@ -103,28 +103,19 @@ class Stale:
         return getattr(self.models, name)
 
 
-def test_two_replaces_of_a_model_not_yet_claimed_do_not_merge(db, tiny_model_path):
-    """Both read the same pending document; the second's fence (status, run, started_at) still matched after the
-    first wrote, so the result held the second definition plus what only the first added, and `changed` said
-    neither."""
+@pytest.mark.parametrize("finished", [False, True], ids=["not-yet-claimed", "finished"])
+def test_two_replaces_of_one_model_do_not_merge(db, tiny_model_path, finished):
+    """Both read the same document. Not yet claimed: the second's fence (status, run, started_at) still matched
+    after the first wrote, so the result held the second definition plus what only the first added, and
+    `changed` said neither; the whole document as read is the fence now. Finished: the status the first moved."""
     models = db[defaults.MODELS]
-    models.insert_one(model("m", tiny_model_path))
+    models.insert_one(finished_model("m", tiny_model_path) if finished else model("m", tiny_model_path))
     seen = models.find_one({"_id": "m"})
     replace_model(models, model("m", tiny_model_path, description="the first"))
     with pytest.raises(Busy, match="changed while this ran"):
         replace_model(Stale(models, seen), model("m", tiny_model_path, {**QUICK, "max_steps": 3}))
     after = models.find_one({"_id": "m"})
     assert after["description"] == "the first" and after["trainer"]["max_steps"] == QUICK["max_steps"]
-
-
-def test_two_replaces_of_a_finished_model_do_not_merge(db, tiny_model_path):
-    """Held: the finished path's fence is the status, which the first replace moved."""
-    models = db[defaults.MODELS]
-    models.insert_one(finished_model("m", tiny_model_path))
-    seen = models.find_one({"_id": "m"})
-    replace_model(models, model("m", tiny_model_path, description="the first"))
-    with pytest.raises(Busy, match="changed while this ran"):
-        replace_model(Stale(models, seen), model("m", tiny_model_path, {**QUICK, "max_steps": 3}))
 
 
 def test_a_document_nested_as_deep_as_the_server_allows_is_compared(db, tiny_model_path):
