@@ -64,7 +64,8 @@ class Intake:
         self._woken.set()
 
     async def run(self) -> None:
-        """Claim rounds until cancelled; a round that fails on the database waits for the next wake-up."""
+        """Claim rounds until cancelled; a round that fails, on the database or on one document, waits for the next
+        wake-up (the periodic scan is one)."""
         while True:
             await self._woken.wait()
             self._woken.clear()
@@ -75,6 +76,8 @@ class Intake:
                     await self.round()
             except (PyMongoError, BSONError) as exc:  # BSONError: a command too large for the server (DocumentTooLarge)
                 log.warning("cannot claim pending requests: %s", exc)
+            except Exception:  # whatever one document makes a round raise ends that round, never the daemon's intake
+                log.exception("a claim round failed; the next wake-up tries again")
 
     async def round(self) -> int:
         """Claim what serving has room for; how many requests this round handed it."""

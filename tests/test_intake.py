@@ -191,3 +191,35 @@ def test_a_daemon_of_an_older_release_keeps_its_requests_while_it_beats(server_u
 def test_a_heartbeat_promises_life_for_a_few_intervals_only():
     soon = alive_until(heartbeat_s=2)
     assert defaults.now() + dt.timedelta(seconds=5) < soon < defaults.now() + dt.timedelta(seconds=9)
+
+
+def test_a_round_that_raises_anything_ends_the_round_not_the_intake(server_uri, db):
+    """The loop's boundary holds whatever one document makes a round raise: the next wake-up claims again."""
+    db[defaults.REQUESTS].insert_one(request("after", "m"))
+
+    async def work(adb):
+        intake = intake_for(adb, "d")
+        real, raised = intake.round, []
+
+        async def round_once_broken():
+            if not raised:
+                raised.append(True)
+                raise ValueError("what one document made this round raise")
+            return await real()
+
+        intake.round = round_once_broken
+        task = asyncio.create_task(intake.run())
+        try:
+            intake.wake()
+            await asyncio.sleep(0.2)
+            assert not task.done(), "the intake loop ended"
+            intake.wake()
+            async with asyncio.timeout(30):
+                while '"after"' not in intake.serving.queues.held():
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return raised
+
+    assert run_with(server_uri, db.name, work) == [True]
