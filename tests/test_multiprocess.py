@@ -110,7 +110,7 @@ def test_cancel_stops_both_ranks_after_one_checkpoint(db, start_daemon, tiny_mod
 def test_sigterm_then_sigkill_of_daemons_and_the_run_still_finishes_once(db, start_daemon, tiny_model_path):
     load_samples(db)
     models = db[defaults.MODELS]
-    steps, every = 40, 5  # long enough that both stops land mid-run
+    steps, every = 24, 5  # long enough that both stops land mid-run
     models.insert_one(model(tiny_model_path, "r", 2, steps, save_steps=every))
     first = start_daemon("first", env=SHORT_LEASE)
     pids = ranks_of(first)
@@ -140,7 +140,8 @@ def test_sigterm_then_sigkill_of_daemons_and_the_run_still_finishes_once(db, sta
 
 def test_a_rank_killed_outright_fails_the_job_naming_it(db, start_daemon, tiny_model_path):
     daemon, pids = training_in_two_ranks(db, start_daemon, tiny_model_path, "k", steps_done=2)
-    victim = next(p for p in pids if "RANK=1\0" in Path(f"/proc/{p}/environ").read_text())
+    victim = int(re.search(r"rank 1 of 2: pid (\d+)", job_log(daemon.home)).group(1))
+    assert victim in pids
     os.kill(victim, signal.SIGKILL)
     failed = wait_for(db[defaults.MODELS], "k", finished, timeout_s=120)
     assert failed["status"] == "failed"

@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_id", help="the document's _id as extended JSON")
     parser.add_argument("--db", required=True)
     args = parser.parse_args(argv)
-    _logging(f" rank{ranks.world()[0]}")
+    rank, world = ranks.world()
+    _logging(f" rank{rank}")
+    log.info("rank %d of %d: pid %d", rank, world, os.getpid())
     parent = int(os.environ[ranks.ENV_PARENT_PID])
     lifeline.die_with_parent()
     if os.getppid() != parent:
@@ -252,6 +254,16 @@ def main(argv: list[str] | None = None) -> int:
         return defaults.ChildExit.ORPHANED
     launch = parse_launch(json.loads(ranks.read_launch_file()))
     return _job(launch, json_util.loads(args.model_id), args.db, parent, rank=True)
+
+
+def forked_rank(argv: list[str]) -> None:
+    """A rank forked from its agent (`ranks.launch` on a host without GPUs): `main`, as `python -m
+    training.child` runs it, with the thread count torchrun gives each rank (OMP_NUM_THREADS, which this
+    process's OpenMP read before torchrun set it)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    sys.exit(main(argv))
 
 
 def _job(launch: dict, model_id, db_name: str, parent: int, rank: bool) -> int:
@@ -273,7 +285,8 @@ def _job(launch: dict, model_id, db_name: str, parent: int, rank: bool) -> int:
             import torch
 
             _check_gpus(spec, torch)
-            return ranks.launch(db, match, work, launch["raw"], count, [launch["model_id"], "--db", db_name])
+            return ranks.launch(db, match, work, launch["raw"], count, [launch["model_id"], "--db", db_name],
+                                forked=None if torch.cuda.device_count() else forked_rank)
         code = train(db, document, work, parent, launch["limits"], launch["sent"])
     except Exception as exc:
         log.exception("training failed")

@@ -2,8 +2,10 @@
 
 With `trainer.num_processes` above one, the training child becomes torchrun's agent in its own
 process (so the daemon supervises, signals and outlives the same pid as for one process) and
-torchrun starts the ranks, each `python -m training.child` again. What holds for one process holds
-for the group:
+torchrun starts the ranks: on a host without GPUs forked from the agent, which has torch,
+transformers, peft and trl imported already (a fresh interpreter spends about seven seconds of a CPU
+on them, per rank); with GPUs each is `python -m training.child` again, since CUDA must not be
+initialised in a process that forks. What holds for one process holds for the group:
 
 - The URI never enters an environment or a command line: the agent writes the daemon's launch
   line to a 0600 file in its own work folder (named by its pid, so housekeeping knows it), the
@@ -24,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from training import defaults
@@ -77,13 +80,15 @@ def exit_code(work: Path, code: int) -> int:
     return 0 if ended else code
 
 
-def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str]) -> int:
-    """Be torchrun's agent for `count` ranks of `python -m training.child ARGV`; the job's exit code.
+def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str], forked: Callable | None) -> int:
+    """Be torchrun's agent for `count` ranks: each forked from this process to run `forked(ARGV)`, or
+    without `forked` each `python -m training.child ARGV`; the job's exit code.
 
     `raw` is the daemon's launch line; the ranks get it with this work folder as their shared one.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
 
     path = work / LAUNCH_FILE
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
@@ -91,9 +96,14 @@ def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str]) 
     os.environ.update({ENV_LAUNCH: str(path), ENV_PARENT_PID: str(os.getpid())})
     log.info("starting %d training processes through torchrun", count)
     failures = {}
+    # torchrun's own command line and defaults (OMP_NUM_THREADS=1 per rank among them), whichever way ranks start
+    config, entrypoint, args = config_from_args(parse_args([
+        "--nnodes=1", f"--nproc-per-node={count}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+        "--max-restarts=0", "-m", "training.child", *argv]))
+    if forked is not None:
+        config.start_method, entrypoint, args = "fork", forked, [argv]
     try:
-        torchrun(["--nnodes=1", f"--nproc-per-node={count}", "--master-addr=127.0.0.1",
-                  f"--master-port={free_port()}", "--max-restarts=0", "-m", "training.child", *argv])
+        elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as exc:
         failures = exc.failures
     except Exception as exc:  # torchrun turns SIGTERM into an exception once the ranks are stopped
