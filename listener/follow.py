@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from listener.processes import wait_until
 from listener.status import FINAL, Status
 from training import checkpoints, ids
-from training.inert import inert
+from training.inert import MAX_LINE_CHARS, inert
 
 Note = Callable[[dict], str | None]  # what the wait depends on now (is a daemon alive?), or None
 PLAIN_EVERY_S = 10.0  # output that is not a terminal: the figures of a moving bar at most this often
@@ -75,8 +75,8 @@ def events_of(document: dict) -> list[dict]:
 def event_line(event: dict) -> str:
     at = event.get("at")
     when = at.strftime("%Y-%m-%d %H:%M:%S") if hasattr(at, "strftime") else inert(at)
-    details = " ".join(f"{inert(k)}={inert(v)}" for k, v in event.items() if k not in ("at", "kind") and v is not None)
-    return f"{when}  {inert(event.get('kind', '?')):<18} {details}".rstrip()
+    details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("at", "kind") and v is not None)
+    return f"{when}  {inert(event.get('kind', '?')):<18} {inert(details, MAX_LINE_CHARS)}".rstrip()
 
 
 def _stage(document: dict, progress: dict) -> str:

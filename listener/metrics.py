@@ -140,7 +140,7 @@ class Metrics:
             key, now = ids.key(doc["_id"]), (step, at.timestamp())  # an ObjectId and its hex are two models
             seen[key] = before = self._steps.get(key, now)
             if now[1] > before[1] and now[0] >= before[0]:
-                family.add_metric([str(doc["_id"])], (now[0] - before[0]) / (now[1] - before[1]))
+                family.add_metric([key], (now[0] - before[0]) / (now[1] - before[1]))
                 seen[key] = now
         self._steps = seen
         return family

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
+from bson import ObjectId
 from pymongo import AsyncMongoClient
 
 from listener.cli.main import cli
@@ -19,7 +20,7 @@ from listener.embedded import free_port
 from listener.metrics import Metrics, parse_gpu_memory
 from listener.processes import wait_until
 from tests.conftest import finished, wait_for
-from training import defaults
+from training import defaults, ids
 
 
 def scrape(port: int) -> dict[tuple, float]:
@@ -98,7 +99,7 @@ def test_steps_per_second_come_from_the_progress_this_daemon_writes(client, db):
         async_client = AsyncMongoClient(client.address[0], client.address[1], directConnection=True)
         try:
             stand_in = SimpleNamespace(db=async_client[db.name], owner=owner, counters={}, trainings={},
-                                       serving=SimpleNamespace(queues=SimpleNamespace(queued=lambda: {"mine": 3})))
+                                       serving=SimpleNamespace(queues=SimpleNamespace(queued=lambda: {ids.key("mine"): 3})))
             metrics = Metrics(stand_in)
             await metrics.refresh()
             models.update_one({"_id": "mine"}, {"$set": {"progress.step": 30,
@@ -110,9 +111,10 @@ def test_steps_per_second_come_from_the_progress_this_daemon_writes(client, db):
             await async_client.close()
 
     samples = asyncio.run(two_refreshes())
-    assert samples[("mongotune_training_steps_per_second", (("model", "mine"),))] == 2.0
-    assert not [key for key in samples if key[1] == (("model", "theirs"),)]
-    assert samples[("mongotune_serving_queue_depth", (("model", "mine"),))] == 3
+    mine = (("model", ids.key("mine")),)  # the id as canonical extended JSON, as the queue keys it
+    assert samples[("mongotune_training_steps_per_second", mine)] == 2.0
+    assert not [key for key in samples if key[1] == (("model", ids.key("theirs")),)]
+    assert samples[("mongotune_serving_queue_depth", mine)] == 3
     assert samples[("mongotune_models", (("status", "running"),))] == 2
     assert {labels for name, labels in samples if name == "mongotune_models"} == {
         (("status", status),) for status in ("pending", "running", "succeeded", "failed", "cancelled")}
@@ -169,3 +171,34 @@ def test_gpu_memory_refuses_what_nvidia_smi_does_not_print(text):
         parse_gpu_memory(text)
     assert parse_gpu_memory("0, 1024, 81559\n 1,0,81559 \n") == [(0, 2**30, 81559 * 2**20), (1, 0, 81559 * 2**20)]
     assert parse_gpu_memory("") == []
+
+
+def test_class7_two_models_whose_ids_print_alike_are_two_series_in_metrics(client, db):
+    """`_step_rates` keys its state by `ids.key` (ObjectId("h") and "h" are two models) but labels each series
+    `str(_id)`: two models a writer named ObjectId("h") and "h", training on one daemon, give two samples with
+    the same labels, a scrape Prometheus rejects whole ("duplicate sample"): every metric of the daemon is lost
+    while they train."""
+    oid = ObjectId()
+    owner = "metrics-21"
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    models = db[defaults.MODELS]
+    models.insert_many([{"_id": doc_id, "status": "running", "lease": {"owner": owner},
+                         "progress": {"step": 10, "updated_at": start}} for doc_id in (oid, str(oid))])
+
+    async def two_refreshes() -> list:
+        async_client = AsyncMongoClient(client.address[0], client.address[1], directConnection=True)
+        try:
+            stand_in = SimpleNamespace(db=async_client[db.name], owner=owner, counters={}, trainings={},
+                                       serving=SimpleNamespace(queues=SimpleNamespace(queued=lambda: {})))
+            metrics = Metrics(stand_in)
+            await metrics.refresh()
+            models.update_many({}, {"$set": {"progress.step": 30, "progress.updated_at": start + dt.timedelta(seconds=10)}})
+            await metrics.refresh()
+            return [tuple(sorted(s.labels.items())) for family in metrics.registry.collect() for s in family.samples
+                    if s.name == "mongotune_training_steps_per_second"]
+        finally:
+            await async_client.close()
+
+    labels = asyncio.run(two_refreshes())
+    assert len(labels) == 2, labels
+    assert len(set(labels)) == 2, f"two models, one series name and labels: {labels}"

@@ -46,14 +46,16 @@ def predict(uri, db, model, prompt, chat, checkpoint, max_new_tokens, timeout, s
         requests.insert_one(document)
         answer, shown = wait_for(requests, document["_id"], finished, timeout), False
     if answer["status"] != Status.DONE:
-        raise click.ClickException(f"request {answer['status']}: {(answer.get('error') or {}).get('message')}")
+        error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
+        raise click.ClickException(f"request {inert(answer['status'])}: {inert(error.get('message'), MAX_LINE_CHARS)}")
     if not shown:
-        click.echo(inert(answer["output"], MAX_ANSWER_CHARS, newlines=True))
+        click.echo(inert(answer.get("output", ""), MAX_ANSWER_CHARS, newlines=True))
+    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
     if answer.get("finish_reason") == "length":
-        click.echo(f"(cut at the token limit, {answer['usage']['completion_tokens']} tokens: ask again with a larger "
-                   "--max-new-tokens, within the operator's MONGOTUNE_MAX_NEW_TOKENS)", err=True)
-    click.echo(inert(json.dumps({"usage": answer["usage"], "finish_reason": answer.get("finish_reason"),
-                                 "latency_ms": answer["latency_ms"], "checkpoint": answer["checkpoint_used"]},
+        click.echo(f"(cut at the token limit, {inert(usage.get('completion_tokens'), 20)} tokens: ask again with a "
+                   "larger --max-new-tokens, within the operator's MONGOTUNE_MAX_NEW_TOKENS)", err=True)
+    click.echo(inert(json.dumps({"usage": usage, "finish_reason": answer.get("finish_reason"),
+                                 "latency_ms": answer.get("latency_ms"), "checkpoint": answer.get("checkpoint_used")},
                                 default=str), MAX_LINE_CHARS), err=True)
 
 

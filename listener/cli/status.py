@@ -79,6 +79,14 @@ def status(uri, db, check, name):
                                     f"run {best.get('run')} step {best.get('step')}" if best else "")),
                        inert(error.get("message", ""), 80))
     console.print(models)
-    counts = database[defaults.REQUESTS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
-    console.print("requests: " + (", ".join(inert(f"{c['_id'] or Status.PENDING.value}={c['n']}") for c in counts)
-                                  or "none"))
+    console.print("requests: " + (", ".join(f"{s}={n}" for s, n in request_counts(database).items()) or "none"))
+
+
+def request_counts(database) -> dict[str, int]:
+    """Requests by status; statuses users made up are counted together as `other` (a line stays short)."""
+    counts: dict[str, int] = {}
+    for row in database[defaults.REQUESTS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}]):
+        status = Status.PENDING.value if row["_id"] is None else row["_id"]
+        name = status if isinstance(status, str) and status in {s.value for s in Status} else "other"
+        counts[name] = counts.get(name, 0) + row["n"]
+    return counts

@@ -1,0 +1,69 @@
+"""What the CLI prints from documents anyone may write is inert and small (issue 21, class 5): every line is
+bounded whatever a document holds, and no control character reaches the terminal."""
+
+import datetime as dt
+import threading
+
+from click.testing import CliRunner
+
+from listener.cli.main import cli
+from tests.documents import heartbeat
+from training import defaults
+from training.inert import MAX_LINE_CHARS
+
+
+def test_class5_an_event_line_of_listener_logs_is_bounded(db, server_uri):
+    """`event_line` cuts each key and value at 1,000 characters but joins every key of the event: anyone who may
+    update a model document writes one event with as many keys as 16 MB holds, and `listener logs -n 1` prints
+    megabytes for it (here 60 keys: 54 kB for one event, where a line is bounded at 4,000 characters)."""
+    event = {"kind": "claimed", "at": dt.datetime(2026, 1, 1), **{f"k{n:04}": "v" * 900 for n in range(60)}}
+    db[defaults.MODELS].insert_one({"_id": "noisy", "model_name_or_path": "org/m", "data": {"collection": "c"},
+                                    "status": "succeeded", "events": [event]})
+    shown = CliRunner().invoke(cli, ["logs", "noisy", "--uri", server_uri, "--db", db.name, "-n", "1"])
+    assert shown.exit_code == 0, shown.output
+    printed = len(shown.output.replace("\n", ""))  # rich wraps a long line at the console's width
+    assert printed <= 2 * MAX_LINE_CHARS, f"one event and the summary took {printed:,} characters"
+
+
+def test_class5_predict_prints_no_raw_control_characters_from_the_answer(db, server_uri):
+    """`listener predict` prints `usage.completion_tokens` as the request document holds it, unescaped, when
+    `finish_reason` is `"length"`: anyone who may update `_requests` (every user may) writes that answer, and
+    the asker's terminal gets the escape sequence (here: retitle the terminal, clear the screen)."""
+    heartbeat(db)
+    db[defaults.MODELS].insert_one({"_id": "m", "model_name_or_path": "org/m", "data": {"collection": "c"}})
+    hostile = "\x1b]0;owned\x07\x1b[2J"
+    stop = threading.Event()
+
+    def answer_as_someone_else():
+        while not stop.is_set():
+            found = db[defaults.REQUESTS].find_one({"model": "m", "status": {"$ne": "done"}})
+            if found:
+                db[defaults.REQUESTS].update_one({"_id": found["_id"]}, {"$set": {
+                    "status": "done", "output": "arr", "finish_reason": "length", "latency_ms": 1,
+                    "checkpoint_used": "base", "usage": {"prompt_tokens": 1, "completion_tokens": hostile}}})
+                return
+            stop.wait(0.05)
+
+    writer = threading.Thread(target=answer_as_someone_else, daemon=True)
+    writer.start()
+    try:
+        shown = CliRunner().invoke(cli, ["predict", "m", "ahoy", "--uri", server_uri, "--db", db.name,
+                                         "--timeout", "60"])
+    finally:
+        stop.set()
+        writer.join(5)
+    printed = shown.output  # stdout and stderr, as a terminal shows them
+    assert "cut at the token limit" in printed, printed
+    assert "\x1b" not in printed and "\x07" not in printed, repr(printed)
+
+
+def test_class5_listener_status_prints_a_bounded_requests_line(db, server_uri):
+    """`listener status` joins one `status=count` per distinct `status` of `_requests` into one line: each value is
+    cut at 1,000 characters, the line never. Any user may write any status on their own requests; 300 of them
+    give a line of 60 kB (as many as 16 MB documents hold give megabytes)."""
+    db[defaults.REQUESTS].insert_many([{"_id": n, "model": "m", "input": "hi", "status": f"s{n:03}" + "x" * 200}
+                                       for n in range(300)])
+    shown = CliRunner().invoke(cli, ["status", "--uri", server_uri, "--db", db.name])
+    assert shown.exit_code == 0, shown.output
+    requests_line = shown.output[shown.output.index("requests:"):].replace("\n", "")  # rich wraps it at the width
+    assert len(requests_line) <= MAX_LINE_CHARS, f"one line of {len(requests_line):,} characters"
