@@ -748,12 +748,14 @@ def run_listener_records(db, server_uri, start_daemon, tmp_path, tiny_model_path
             listener.insert_one({"_id": f"daemon:bad{n}", **record})
         except PyMongoError:
             pass
-    # A model that exists without training (cancelled), so "base" answers prove the daemon serves.
+    # A model that exists without training (cancelled), so "base" answers prove the daemon serves; until the
+    # last start the requests name no model, which the daemon answers (fails) without starting a serving worker.
     db[defaults.MODELS].insert_one({**model_doc("served", tiny_model_path), "cancel": True})
     variants = listener_record_variants(rng, per_field)
     name, daemon = "records", None
     pairs = list(zip(variants[::2], variants[1::2] + [variants[0]]))
     for i, ((label_m, bad_m), (label_r, bad_r)) in enumerate(pairs):
+        model_id, ending = ("served", ("done", None)) if i == len(pairs) - 1 else ("nobody", ("failed", "model_unavailable"))
         if daemon is not None:
             daemon.stop()
         for collection, bad in ((defaults.MODELS, bad_m), (defaults.REQUESTS, bad_r)):
@@ -761,12 +763,14 @@ def run_listener_records(db, server_uri, start_daemon, tmp_path, tiny_model_path
                 listener.replace_one({"_id": f"resume:{name}:{collection}"}, bad, upsert=True)
             except PyMongoError:  # refused by the server (a date it cannot store): nothing for the daemon to read
                 listener.delete_one({"_id": f"resume:{name}:{collection}"})
-        requests.insert_one(request_doc(f"down-{i}", "served"))
+        requests.insert_one(request_doc(f"down-{i}", model_id))  # found by the start's scan
         daemon = start_daemon(name, max_jobs=1, args=("--no-validators",))
         what = f"resume records {label_m} / {label_r}"
-        assert wait_for(requests, f"down-{i}", finished, timeout_s=120)["status"] == "done", what
-        requests.insert_one(request_doc(f"up-{i}", "served"))
-        assert wait_for(requests, f"up-{i}", finished, timeout_s=120)["status"] == "done", what
+        for request_id in (f"down-{i}", f"up-{i}"):
+            if request_id.startswith("up"):
+                requests.insert_one(request_doc(request_id, model_id))  # seen on the stream
+            answered = wait_for(requests, request_id, finished, timeout_s=120)
+            assert (answered["status"], (answered.get("error") or {}).get("type")) == ending, (what, answered)
         assert daemon.process.poll() is None, what
         status_prints(server_uri, db.name, tmp_path)
     assert "Traceback" not in daemon.log()
