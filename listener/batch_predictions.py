@@ -23,7 +23,7 @@ from listener.serving import Serving
 from listener.serving_worker import Failure
 from listener.status import REQUEST_TRANSITIONS, Status, now, transition
 from training import defaults, ids
-from training.config import TEMPLATE_FIELD, RequestSpec, input_fields
+from training.config import TEMPLATE_FIELD, RequestSpec, SpecError, check_collection_type, input_fields
 from training.inference import normalised
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,11 @@ class CollectionJob:
             used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
             base = self.spec.filter or {}
             todo = {"$and": [base, {f"{self.spec.output_field}.checkpoint": {"$ne": used}}]}
+            await self._check_collection()
             total = await self.target.count_documents(base)
             done = total - await self.target.count_documents(todo)
             await self._progress(done, total)
-            while batch := await self.target.find(todo).sort("_id", 1).limit(self.serving.settings.max_batch).to_list():
+            while batch := await self._next(todo):
                 await self._answer(batch, model, entry, used)
                 done += len(batch)
                 await self._progress(min(done, total), total)
@@ -80,6 +81,18 @@ class CollectionJob:
                              unset=("lease",))
         except Failure as exc:
             await self.serving.fail(self.spec.id, exc.message, exc.kind)
+        except SpecError as exc:
+            await self.serving.refuse(self.spec.id, exc)
+
+    async def _check_collection(self) -> None:
+        """The collection is still a collection: a view created under its name would read ours with our rights."""
+        listed = await (await self.db.list_collections(filter={"name": self.spec.collection})).to_list()
+        check_collection_type(listed, "collection")
+
+    async def _next(self, todo: dict) -> list[dict]:
+        """The next chunk to answer, read only from a collection (checked before each chunk: the job is long)."""
+        await self._check_collection()
+        return await self.target.find(todo).sort("_id", 1).limit(self.serving.settings.max_batch).to_list()
 
     async def _answer(self, batch: list[dict], model: dict, entry: dict | None, used) -> None:
         prompts, writes = [], {}

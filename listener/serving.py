@@ -156,6 +156,10 @@ class Serving:
     async def fail(self, request_id, message: str, kind: str = "invalid_request") -> None:
         await self._end([self._failed(request_id, message, kind)])
 
+    async def refuse(self, request_id, exc: SpecError) -> None:
+        """End a request whose document names what it may not, with the error intake writes for one it cannot parse."""
+        await self._end([self._failed(request_id, **exc.as_error())])
+
     async def _end(self, writes: list[tuple[dict, dict]]) -> None:
         """Write requests' endings in one round trip; say so when some were no longer this daemon's to end."""
         written = await transition_each(self.db[defaults.REQUESTS], writes)
@@ -164,12 +168,13 @@ class Serving:
                         "(this one was paused or cut off past its heartbeat or lease)", len(writes) - written,
                         len(writes))
 
-    def _failed(self, request_id, message: str, kind: str) -> tuple[dict, dict]:
-        """The write that ends a request this daemon still holds as failed (see `transition_each`)."""
+    def _failed(self, request_id, message: str, type: str, **error) -> tuple[dict, dict]:
+        """The write that ends a request this daemon still holds as failed (see `transition_each`); `error` may
+        name the `field` to change."""
         self.counters["requests_failed"] += 1
         return (query_for(request_id, Status.RUNNING, {"lease.owner": {"$eq": self.owner}}),
                 update_for(Status.RUNNING, Status.FAILED, REQUEST_TRANSITIONS,
-                           fields={"error": {"type": kind, "message": message}}, unset=("lease",)))
+                           fields={"error": {"type": type, "message": message, **error}}, unset=("lease",)))
 
     async def _preload_next(self) -> None:
         model_id = self._preloads.pop(next(iter(self._preloads)))

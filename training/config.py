@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import bson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training import ids, schedule, transforms
+from training import defaults, ids, schedule, transforms
 from training.limits import Limits
 from training.template import TemplateError, template_fields
 
@@ -66,15 +66,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
-def _check_filter(value: Any, path: str = "data.filter") -> None:
+MAX_FILTER_BYTES = 16 * 2**10  # a filter goes with every count, find and watched event of the run or request
+
+
+def _bounded_filter(value: dict) -> dict:
+    """A filter that is small as BSON and runs no JavaScript; ValueError, reported under the field, otherwise."""
+    try:
+        size = len(bson.encode(value))
+    except (bson.errors.BSONError, TypeError, ValueError, OverflowError):
+        raise ValueError("cannot be sent to the server as BSON") from None
+    if size > MAX_FILTER_BYTES:
+        raise ValueError(f"takes {size:,} bytes as BSON, more than {MAX_FILTER_BYTES:,}: select with fewer, "
+                         "shorter conditions (or mark the documents with a field and filter on it)")
+    _check_filter(value)
+    return value
+
+
+def _check_filter(value: Any) -> None:
     if isinstance(value, dict):
         for key, inner in value.items():
             if key in FORBIDDEN_OPERATORS:
                 raise ValueError(f"{key} runs JavaScript on the server and is not allowed in a filter")
-            _check_filter(inner, path)
+            _check_filter(inner)
     elif isinstance(value, list):
         for inner in value:
-            _check_filter(inner, path)
+            _check_filter(inner)
 
 
 class DataSpec(_Strict):
@@ -90,9 +106,8 @@ class DataSpec(_Strict):
 
     @field_validator("filter")
     @classmethod
-    def _no_javascript(cls, value: dict) -> dict:
-        _check_filter(value)
-        return value
+    def _bounded(cls, value: dict) -> dict:
+        return _bounded_filter(value)
 
     @field_validator("key")
     @classmethod
@@ -437,10 +452,8 @@ class RequestSpec(_Strict):
 
     @field_validator("filter")
     @classmethod
-    def _no_javascript(cls, value: dict | None) -> dict | None:
-        if value is not None:
-            _check_filter(value, "filter")
-        return value
+    def _bounded(cls, value: dict | None) -> dict | None:
+        return value if value is None else _bounded_filter(value)
 
     @field_validator("input")
     @classmethod
@@ -608,20 +621,48 @@ def input_fields(text: str) -> list[str]:
     return names if names else [text] if re.fullmatch(FIELD_PATH, text) else []
 
 
+# The listener's own collections (and its GridFS bucket's) and the server's: never a document's data.
+LISTENER_COLLECTIONS = frozenset({defaults.MODELS, defaults.REQUESTS, defaults.LISTENER, defaults.CHECKPOINTS})
+RESERVED_PREFIXES = (defaults.CHECKPOINTS + ".", "system.")
+# What a document's collection may be: a view runs its own pipeline (a `$lookup` into `_requests` included)
+# with the daemon's rights, so it is never read or written on a document's behalf.
+COLLECTION_TYPES = ("collection", "timeseries")
+
+
+def reserved_collection(name: str) -> bool:
+    """One of the listener's or the server's collections, which no operator pattern opens to documents."""
+    return name in LISTENER_COLLECTIONS or name.startswith(RESERVED_PREFIXES)
+
+
 def collection_allowed(name: str, limits: Limits) -> bool:
-    """Whether a document may train on collection `name`: one the operator lists, else not ours or the system's."""
+    """Whether a document may train on collection `name`: one the operator lists, else not `_*` or `system.*`;
+    never ours or the server's."""
+    if reserved_collection(name):
+        return False
     if limits.collections:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in limits.collections)
-    return not name.startswith(("_", "system."))
+    return not name.startswith("_")
 
 
 def check_collection(name: str, limits: Limits) -> None:
-    """Only collections the operator lets documents train on: by default none of the listener's or the system's."""
+    """Only collections the operator lets documents train on: never the listener's or the server's."""
     if "$" in name or "\0" in name or name.startswith("."):
         raise SpecError("data.collection", "not a valid collection name")
+    if reserved_collection(name):
+        raise SpecError("data.collection", "is one of the listener's or the server's own collections, which documents "
+                        "never read or write")
     if not collection_allowed(name, limits):
         raise SpecError("data.collection", "documents may not train on this collection; the operator lists the ones "
                         f"they may with {Limits.setting('collections')}")
+
+
+def check_collection_type(listed: list[dict], field: str) -> None:
+    """What `listCollections` says of the collection a document names (nothing: it does not exist yet) must be a
+    collection: checked where the daemon reads or writes it, since a view may be created under any name."""
+    for info in listed:
+        if info.get("type") not in COLLECTION_TYPES:
+            raise SpecError(field, f"is a {info.get('type') or 'namespace of unknown type'}; documents may name "
+                            "collections only, never a view")
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")

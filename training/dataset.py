@@ -11,7 +11,7 @@ import random
 import re
 from typing import TYPE_CHECKING
 
-from training.config import DataSpec, SpecError
+from training.config import DataSpec, SpecError, check_collection_type
 from training.hints import did_you_mean, fields_hint, user_collections
 from training.lineage import data_read
 from training.limits import Limits
@@ -45,6 +45,7 @@ def needed_fields(data: DataSpec) -> list[str]:
 
 def load_documents(db, data: DataSpec, limits: Limits) -> list[dict]:
     """The selected documents, at most the operator's cap; errors never show other documents' contents."""
+    check_collection_type(db.list_collections(filter={"name": data.collection}).to_list(), "data.collection")
     projection = {name: 1 for name in needed_fields(data)} or None
     cap = min(data.limit or limits.max_documents, limits.max_documents)
     # In `_id` order, so the same documents always make the same dataset (and the run can be redone).

@@ -33,13 +33,13 @@ def closest(name: str, names) -> str | None:
 
 
 def user_collections(db, limits) -> list[str] | None:
-    """The database's collections a document may train on (`MONGOTUNE_COLLECTIONS`; by default not `system.*`, not
-    mongotune's own `_`-prefixed ones): a hint never names one outside them, another team's say; None if the server
+    """The database's collections a document may train on (`MONGOTUNE_COLLECTIONS`; never `system.*` or
+    mongotune's own, nor a view): a hint never names one outside them, another team's say; None if the server
     would not list them."""
-    from training.config import collection_allowed
+    from training.config import COLLECTION_TYPES, collection_allowed
 
     try:
-        names = db.list_collection_names(authorizedCollections=True)
+        names = db.list_collection_names(filter={"type": {"$in": list(COLLECTION_TYPES)}}, authorizedCollections=True)
     except PyMongoError:
         return None
     return sorted(n for n in names if isinstance(n, str) and collection_allowed(n, limits))

@@ -36,7 +36,8 @@ class Limits(BaseModel):
     hub_models: tuple[str, ...] = Field(("*",), description="hub ids (fnmatch patterns) a document may name")
     hub_token_models: tuple[str, ...] = Field((), description="hub ids (patterns) that may use the host's hub token")
     collections: tuple[str, ...] = Field((), description="data collections (patterns) a document may train on; "
-                                                          "empty: any not starting with '_' or 'system.'")
+                                                          "empty: any not starting with '_' or 'system.'; "
+                                                          "never the listener's own or the server's")
     trust_remote_code: bool = Field(False, description="let a model run the Python code it ships")
     allow_init_from: bool = Field(True, description="let a model start from another model's adapter (init_from)")
 
