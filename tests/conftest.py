@@ -129,10 +129,11 @@ def start_daemon(server_uri, db, tmp_path, request, model_root):
 @pytest.fixture(scope="module")
 def module_daemon(server_uri, module_db, tmp_path_factory, model_root, request):
     """One daemon on `module_db` for a whole module, for tests that neither stop it nor need settings of
-    their own: it saves each test a daemon, a serving worker and often a training. Its tests run on one
+    their own (a module's `DAEMON_ENV` gives the operator's settings it needs): it saves each test a daemon, a
+    serving worker and often a training. Its tests run on one
     pytest-xdist worker (`pytest_collection_modifyitems`, `--dist loadgroup`)."""
     daemon = DaemonProcess(server_uri, module_db.name, tmp_path_factory.mktemp("daemon"), "shared", 4,
-                           model_root=model_root)
+                           env=getattr(request.module, "DAEMON_ENV", None), model_root=model_root)
     failed = request.session.testsfailed
     yield daemon
     daemon.stop()

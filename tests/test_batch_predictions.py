@@ -8,6 +8,7 @@ from tests.conftest import wait_for
 from tests.test_serving import answer, served_model
 from training import defaults
 
+DAEMON_ENV = {"MONGOTUNE_ANSWER_COLLECTIONS": "*"}  # the operator lets answers be written into any data collection
 KEPT = {"text": "kept", "checkpoint": "base"}
 
 

@@ -613,6 +613,10 @@ def check_request(spec: RequestSpec, limits: Limits) -> None:
     roots = {name.split(".")[0] for name in input_fields(spec.input)}
     if spec.output_field.split(".")[0] in roots | {"_id"}:
         raise SpecError("output_field", "must differ from the input fields and _id, or answers would feed themselves")
+    if not any(fnmatch.fnmatchcase(spec.collection, pattern) for pattern in limits.answer_collections):
+        raise SpecError("collection", "answers may not be written into this collection: reading it for training "
+                        "grants no writes; the operator lists the collections answers may be written into with "
+                        f"{Limits.setting('answer_collections')}")
 
 
 def input_fields(text: str) -> list[str]:

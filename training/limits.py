@@ -38,6 +38,8 @@ class Limits(BaseModel):
     collections: tuple[str, ...] = Field((), description="data collections (patterns) a document may train on; "
                                                           "empty: any not starting with '_' or 'system.'; "
                                                           "never the listener's own or the server's")
+    answer_collections: tuple[str, ...] = Field((), description="collections (patterns) a request over a collection "
+                                                "may write its answers into; empty: none")
     trust_remote_code: bool = Field(False, description="let a model run the Python code it ships")
     allow_init_from: bool = Field(True, description="let a model start from another model's adapter (init_from)")
 
