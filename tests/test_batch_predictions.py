@@ -9,7 +9,7 @@ from tests.test_serving import answer, served_model
 from training import defaults
 
 DAEMON_ENV = {"MONGOTUNE_ANSWER_COLLECTIONS": "*"}  # the operator lets answers be written into any data collection
-KEPT = {"text": "kept", "checkpoint": "base"}
+KEPT = {"text": "kept", "checkpoint": "base", "request": "all-a"}
 
 
 def collection_request(doc_id, model_id, collection, **fields) -> dict:
@@ -24,11 +24,12 @@ def test_matching_documents_are_answered_and_answers_of_this_checkpoint_are_kept
     db.notes.insert_many([{"_id": n, "text": f"ahoy {n}", "kind": "a"} for n in range(5)]
                          + [{"_id": 5, "text": "other", "kind": "b"}, {"_id": 6, "kind": "a"}])
     db.notes.update_one({"_id": 0}, {"$set": {"answer": KEPT}})  # answered before a crash: not again
-    db.notes.update_one({"_id": 1}, {"$set": {"answer": {"text": "old", "checkpoint": {"run": 9, "step": 9}}}})
+    db.notes.update_one({"_id": 1}, {"$set": {"answer": {"text": "old", "checkpoint": {"run": 9, "step": 9},
+                                                         "request": "all-a"}}})
     db[defaults.REQUESTS].insert_one(collection_request("all-a", "resumed", "notes", filter={"kind": "a"}))
     done = answer(db, "all-a")
     assert done["status"] == "done", done.get("error")
-    assert done["progress"] == {"done": 6, "total": 6} and done["checkpoint_used"] == "base"
+    assert done["progress"] == {"done": 6, "total": 6, "skipped": 0} and done["checkpoint_used"] == "base"
     notes = {d["_id"]: d for d in db.notes.find()}
     assert notes[0]["answer"] == KEPT
     for n in (1, 2, 3, 4):
@@ -43,13 +44,13 @@ def test_watch_answers_new_and_changed_documents_until_cancelled(module_db, modu
     db.watched.insert_one({"_id": "old", "text": "ahoy"})
     db[defaults.REQUESTS].insert_one(collection_request("watching", "watcher", "watched", watch=True))
     wait_for(db.watched, "old", lambda d: "answer" in d)
-    wait_for(db[defaults.REQUESTS], "watching", lambda d: d.get("progress") == {"done": 1, "total": 1})
+    wait_for(db[defaults.REQUESTS], "watching", lambda d: d.get("progress") == {"done": 1, "total": 1, "skipped": 0})
     wait_until(lambda: "watching watched for request" in module_daemon.log(), 60, "the watch on watched")
     db.watched.insert_one({"_id": "new", "text": "matey"})
     assert isinstance(wait_for(db.watched, "new", lambda d: "answer" in d)["answer"]["text"], str)
-    db.watched.update_one({"_id": "old"}, {"$set": {"text": "changed", "answer": {"stale": True}}})
-    changed = wait_for(db.watched, "old", lambda d: "text" in d["answer"])
-    assert changed["answer"]["checkpoint"] == "base"
+    db.watched.update_one({"_id": "old"}, {"$set": {"text": "changed"}})
+    wait_for(db[defaults.REQUESTS], "watching", lambda d: d["progress"] == {"done": 3, "total": 3, "skipped": 0})
+    assert db.watched.find_one({"_id": "old"})["answer"]["checkpoint"] == "base"
     db[defaults.REQUESTS].update_one({"_id": "watching"}, {"$set": {"cancel": True}})
     assert answer(db, "watching")["status"] == "cancelled"
 

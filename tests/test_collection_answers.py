@@ -8,15 +8,18 @@ real server, with only generation stood in for (what they check is what is writt
 """
 
 import asyncio
+import logging
+import threading
 
 import pytest
 from pymongo import AsyncMongoClient
 
 from listener.batch_predictions import CollectionJob
 from listener.forks import Forks
+from listener.processes import wait_until
 from listener.serving import Serving
 from listener.settings import Settings
-from tests.conftest import DaemonProcess, fresh_database
+from tests.conftest import DaemonProcess, fresh_database, wait_for
 from tests.test_serving import answer, served_model
 from training import defaults
 from training.config import SpecError, parse_request
@@ -110,6 +113,101 @@ def test_class1_answers_are_refused_by_default_and_allowed_where_the_operator_li
     assert elsewhere.value.field == "collection"
 
 
+def test_class1_the_listener_writes_only_fields_it_wrote_for_the_same_request(client, db):
+    """Each answer names its request; a field absent, or holding this request's answer, is the only one written.
+    The owner's own value, another request's answer and a value a person writes while the model generates are
+    left as they are and counted as skipped."""
+    theirs = {"text": "another request's", "checkpoint": "base", "request": "another"}
+    db.notes.insert_many([{"_id": 0, "text": "fresh"},
+                          {"_id": 1, "text": "owned", "answer": "the owner's own"},
+                          {"_id": 2, "text": "other request", "answer": theirs},
+                          {"_id": 3, "text": "older", "answer": {"text": "old", "checkpoint": {"run": 9, "step": 9},
+                                                                  "request": "mine"}},
+                          {"_id": 4, "text": "raced"}])
+    ended = run_job(client, db, collection_request("mine", "m", "notes"),
+                    meanwhile=lambda: db.notes.update_one({"_id": 4}, {"$set": {"answer": "a person's, meanwhile"}}))
+    notes = {d["_id"]: d["answer"] for d in db.notes.find()}
+    assert notes[0] == {"text": "re: fresh", "checkpoint": "base", "request": "mine"}
+    assert notes[3] == {"text": "re: older", "checkpoint": "base", "request": "mine"}
+    assert notes[1] == "the owner's own" and notes[2] == theirs and notes[4] == "a person's, meanwhile"
+    assert ended["status"] == "done" and ended["progress"] == {"done": 2, "total": 5, "skipped": 3}, ended
+
+
+def test_class2_a_document_gone_before_its_answer_lands_ends_the_job(client, db):
+    """A write that matches nothing (the document deleted while the model generated; on MongoDB also `_id`s the
+    driver cannot send back as read, or a view) is skipped and counted: the job never fetches it again."""
+    db.notes.insert_many([{"_id": n, "text": f"ahoy {n}"} for n in range(3)])
+    ended = run_job(client, db, collection_request("gone", "m", "notes"),
+                    meanwhile=lambda: db.notes.delete_one({"_id": 1}))
+    assert ended["status"] == "done" and ended["progress"] == {"done": 2, "total": 3, "skipped": 1}, ended
+    assert sorted(d["_id"] for d in db.notes.find({"answer.request": "gone"})) == [0, 2]
+
+
+def test_class3_documents_that_cannot_take_the_answer_are_skipped_once(client, db, caplog):
+    """Whatever shape a person gives the answer's parent (a string, a number, an array), the others are answered,
+    each odd document is logged once and counted, and the request ends `done`."""
+    caplog.set_level(logging.WARNING, logger="listener.batch_predictions")
+    odd = {0: "a string", 7: 5, 13: [1, 2]}
+    db.odd.insert_many([{"_id": n, "text": f"ahoy {n}", **({"out": odd[n]} if n in odd else {})} for n in range(20)])
+    ended = run_job(client, db, collection_request("past-odd", "m", "odd", output_field="out.answer"), max_batch=4)
+    assert ended["status"] == "done" and ended["progress"] == {"done": 17, "total": 20, "skipped": 3}, ended
+    assert db.odd.count_documents({"out.answer.request": "past-odd"}) == 17
+    assert {d["_id"]: d["out"] for d in db.odd.find({"_id": {"$in": list(odd)}})} == odd
+    logged = [r.getMessage() for r in caplog.records if "not answered for request" in r.getMessage()]
+    assert len(logged) == 3, logged
+
+
+def test_class3_a_job_past_the_documents_it_can_skip_fails_naming_the_field(client, db, monkeypatch):
+    """Each skipped document stays in every later query of the job, so their number is bounded: past it, the
+    request fails saying what to change, and has written nothing over what it could not."""
+    monkeypatch.setattr("listener.batch_predictions.MAX_UNWRITABLE", 4)
+    db.odd.insert_many([{"_id": n, "text": f"ahoy {n}", "out": "taken"} for n in range(10)])
+    ended = run_job(client, db, collection_request("all-odd", "m", "odd", output_field="out.answer"), max_batch=2)
+    assert ended["status"] == "failed" and "'out.answer'" in ended["error"]["message"], ended
+    assert db.odd.count_documents({"out": "taken"}) == 10
+
+
+def watch_in_thread(client, db, document: dict, errors: list) -> threading.Thread:
+    """Run a watching collection request in a thread of its own; what it raises goes into `errors`."""
+    def run():
+        try:
+            run_job(client, db, document)
+        except Exception as exc:  # noqa: BLE001 (the test reports it)
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_class2_a_watched_collection_dropped_ends_its_request(client, db, caplog):
+    """Dropping (or renaming) the collection ends the change stream with an `invalidate` event, which names no
+    document: the request fails saying so, and the job ends."""
+    caplog.set_level(logging.INFO, logger="listener.batch_predictions")
+    db.dropped.insert_one({"_id": 1, "text": "ahoy"})
+    errors: list = []
+    thread = watch_in_thread(client, db, collection_request("watch-dropped", "m", "dropped", watch=True), errors)
+    wait_until(lambda: "watching dropped" in caplog.text, 60, "the watch on dropped")
+    db.dropped.drop()
+    thread.join(60)
+    assert not thread.is_alive() and errors == []
+    ended = db[defaults.REQUESTS].find_one({"_id": "watch-dropped"})
+    assert ended["status"] == "failed" and "dropped" in ended["error"]["message"], ended
+
+
+def test_class2_a_lease_of_the_wrong_shape_ends_a_watch_as_not_this_daemons(client, db, caplog):
+    """`lease` written as an array (any writer may): the watch reads it as not its own and stops, never raises."""
+    caplog.set_level(logging.INFO, logger="listener.batch_predictions")
+    db.leased.insert_one({"_id": 1, "text": "ahoy"})
+    errors: list = []
+    thread = watch_in_thread(client, db, collection_request("odd-lease", "m", "leased", watch=True), errors)
+    wait_until(lambda: "watching leased" in caplog.text, 60, "the watch on leased")
+    db[defaults.REQUESTS].update_one({"_id": "odd-lease"}, {"$set": {"lease": ["in-process"]}})
+    thread.join(60)
+    assert not thread.is_alive() and errors == []
+    assert db.leased.find_one({"_id": 1})["answer"]["request"] == "odd-lease"
+
+
 def test_class1_answers_are_written_into_a_collection_only_where_the_operator_allows(db, start_daemon,
                                                                                       tiny_model_path):
     """No allowlist of collections answers may be written into exists: a daemon with default settings lets anyone
@@ -124,3 +222,83 @@ def test_class1_answers_are_written_into_a_collection_only_where_the_operator_al
     written = [d["_id"] for d in db.shared_notes.find({"answer": {"$exists": True}})]
     assert written == [], f"answers were written into shared_notes on a document's say-so: {written}"
     assert ended["status"] == "failed", ended
+
+
+def test_class1_an_answer_never_replaces_a_field_the_listener_did_not_write(answers_db, answering_daemon,
+                                                                             tiny_model_path):
+    """`output_field` may name any field that is not an input: `"text"`, which every document's owner wrote, or
+    `"answer"` where a person (or another request) wrote one. The answer `$set`s over it on every matching
+    document (`todo` selects whatever lacks `output_field.checkpoint`)."""
+    db = answers_db
+    db[defaults.MODELS].insert_one(served_model("clobber", tiny_model_path))
+    db.clobbered.insert_many([{"_id": n, "title": f"ahoy {n}", "text": f"the owner's own text {n}",
+                               "answer": f"the owner's own answer {n}"} for n in range(3)])
+    db[defaults.REQUESTS].insert_many([
+        collection_request("over-text", "clobber", "clobbered", input="{title}", output_field="text"),
+        collection_request("over-answer", "clobber", "clobbered", input="{title}", output_field="answer"),
+    ])
+    ended = [settled(db, "over-text"), settled(db, "over-answer")]
+    assert all(e.get("status") in ("done", "failed") for e in ended), ended
+    notes = {d["_id"]: d for d in db.clobbered.find()}
+    replaced = [(n, field, notes[n][field]) for n in range(3) for field in ("text", "answer")
+                if notes[n][field] != f"the owner's own {field} {n}"]
+    assert replaced == [], f"answers replaced fields the listener never wrote: {replaced}"
+
+
+def test_class4_an_answer_the_listener_writes_never_triggers_another_answer(answers_db, answering_daemon,
+                                                                            tiny_model_path):
+    """A watching request refuses only its own output as input (roots compared per request). Another request's
+    answer is an update like any other: request B (`watch`, input `{y.text}`) answers again every time request
+    A writes `y`; two such requests feeding each other (A: x -> y, B: y -> x) answer each other for ever."""
+    db = answers_db
+    db[defaults.MODELS].insert_one(served_model("chain", tiny_model_path))
+    db.chained.insert_one({"_id": "d", "x": "ahoy matey"})
+    requests = db[defaults.REQUESTS]
+    requests.insert_one(collection_request("b-watches-y", "chain", "chained", input="{y.text}", output_field="z",
+                                           filter={"y.text": {"$exists": True}}, watch=True))
+    wait_until(lambda: "watching chained for request" in answering_daemon.log(), 120, "request B's watch")
+    requests.insert_one(collection_request("a-writes-y", "chain", "chained", input="{x}", output_field="y",
+                                           filter={"_id": "d"}))
+    assert settled(db, "a-writes-y")["status"] == "done"
+    assert "text" in db.chained.find_one({"_id": "d"})["y"]
+    # A person's insert after A's answer: once B has answered it, B has seen every event before it.
+    db.chained.insert_one({"_id": "marker", "y": {"text": "a person wrote this"}})
+    wait_for(db.chained, "marker", lambda d: "z" in d, timeout_s=120)
+    requests.update_one({"_id": "b-watches-y"}, {"$set": {"cancel": True}})
+    assert "z" not in db.chained.find_one({"_id": "d"}), "request A's answer triggered an answer of request B"
+
+
+def test_class3_one_odd_document_never_stops_a_collections_answers_for_the_others(answers_db, answering_daemon,
+                                                                                  tiny_model_path):
+    """A document whose `out` is a string cannot take `out.answer`: its `UpdateOne` fails inside the chunk's
+    unordered `bulk_write`, which raises `BulkWriteError` after the others landed; `predict_collection` logs
+    "stopped" and leaves the request to the reaper. Every retry starts with the same document (in `_id` order, it
+    still lacks an answer), answers one more chunk and stops again, until `too_many_attempts`: documents past
+    the third chunk are never answered, and the request fails for everyone because of one document anyone may
+    insert into a shared collection."""
+    db = answers_db
+    db[defaults.MODELS].insert_one(served_model("odd", tiny_model_path))
+    db.with_odd.insert_one({"_id": 0, "text": "ahoy", "out": "a person's string where the answer's parent goes"})
+    db.with_odd.insert_many([{"_id": n, "text": f"ahoy {n}"} for n in range(1, 61)])
+    db[defaults.REQUESTS].insert_one(collection_request("past-odd", "odd", "with_odd", output_field="out.answer"))
+    ended = settled(db, "past-odd", timeout=240)
+    unanswered = [d["_id"] for d in db.with_odd.find({"_id": {"$ne": 0}, "out.answer.text": {"$exists": False}})]
+    assert unanswered == [], f"{len(unanswered)} documents were never answered; the request ended {ended}"
+    assert ended["status"] == "done", ended
+
+
+def test_class2_a_collection_job_whose_answers_cannot_land_still_ends(answers_db, answering_daemon, tiny_model_path):
+    """`CollectionJob._answer` never looks at what its `bulk_write` matched: a document the answer's write cannot
+    address keeps matching `todo`, and `answer_all` fetches it, generates for it and writes again, for ever, taking
+    the shared worker's turn each time. Here the documents are read through a view (the embedded server takes the
+    write and matches nothing); on MongoDB a string `_id` that is not UTF-8 (read back with replacement
+    characters by the daemon's codec) or a DBPointer `_id` (read back as a DBRef) does the same. The job must end,
+    each such document reported, never loop."""
+    db = answers_db
+    db[defaults.MODELS].insert_one(served_model("endless", tiny_model_path))
+    db.plain_notes.insert_one({"_id": 1, "text": "ahoy"})
+    db.create_collection("notes_view", viewOn="plain_notes", pipeline=[])
+    db[defaults.REQUESTS].insert_one(collection_request("never-lands", "endless", "notes_view"))
+    ended = settled(db, "never-lands", timeout=90)
+    db[defaults.REQUESTS].update_one({"_id": "never-lands"}, {"$set": {"cancel": True}})
+    assert ended.get("status") in ("done", "failed"), f"the job still runs after 90 s: {ended}"
