@@ -1,9 +1,10 @@
 """Document ids as exact values: one type and value, never a pattern, never confused with a look-alike.
 
-`ObjectId("...")` and the string of its hex are two models; so are `1` and `"1"`. Everything that
-keys, batches, caches, locks or names by id goes through `key` (canonical extended JSON keeps the
-BSON type) or `file_name` (a readable prefix plus a hash of that key, so names are one-to-one).
-Ids enter queries only through `eq`, as literals.
+`ObjectId("...")` and the string of its hex are two models; so are `1` and `"1"`. But `5` and
+`Int64(5)` are one: the server's `$eq` and its unique `_id` index take integers by value, whatever
+their width, so `key` does too. Everything that keys, batches, caches, locks or names by id goes
+through `key` (canonical extended JSON keeps every other BSON type) or `file_name` (a readable
+prefix plus a hash of that key, so names are one-to-one). Ids enter queries only through `eq`, as literals.
 """
 
 import hashlib
@@ -36,8 +37,19 @@ def check(value):
 
 
 def key(value) -> str:
-    """A string that differs whenever the BSON type or the value differs."""
-    return json_util.dumps(value, json_options=CANONICAL_JSON_OPTIONS)
+    """A string that differs whenever the value differs, or its BSON type (integers of either width are one type)."""
+    return json_util.dumps(_one_integer_type(value), json_options=CANONICAL_JSON_OPTIONS)
+
+
+def _one_integer_type(value):
+    """`value` with every Int64 as a plain int, at any depth: json_util then writes each integer alike."""
+    if type(value) is Int64:
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [_one_integer_type(item) for item in value]
+    if isinstance(value, dict):
+        return {name: _one_integer_type(item) for name, item in value.items()}
+    return value
 
 
 def file_name(value, suffix: str = "") -> str:
