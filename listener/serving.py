@@ -14,9 +14,10 @@ as a whole, because the worker's streamer follows every row of one `generate` ca
 cost, and generating streamed requests alone would give up batching exactly when clients are
 waiting. Only the streamed requests' documents get the partial `output` writes, in chunks (every
 few tokens or about 200 ms, see `training.inference.Chunks`); `done` with `usage` comes last.
-A request's own `timeout_s` is capped by the operator's `request_timeout_s`; past the smaller one
-the worker is killed, so it is never left wedged, and the request fails as `timeout` (its own
-limit) or `request_timeout` (the operator's).
+A request's own `timeout_s` travels with its batch's generate command: past it the worker ends those
+answers as `timeout` and goes on (`training.inference.Deadline`), so one writer's deadline never
+throws away the bases and adapters the shared worker holds for everyone. Only the operator's
+`request_timeout_s` kills the worker, so it is never left wedged; its batch fails as `request_timeout`.
 """
 
 import asyncio
@@ -208,8 +209,9 @@ class Serving:
             command = {"groups": groups, "rows": [keys.index(item.checkpoint_key) for item in batch]}
             started = time.monotonic()
             reply = await self._ask({**command, "op": "generate", "prompts": [item.prompt for item in batch],
-                                     "params": normalised(batch[0].spec.params), "stream": any(streamed)},
-                                    "generating the answer", "request_timeout_s", batch[0].spec.timeout_s,
+                                     "params": normalised(batch[0].spec.params), "stream": any(streamed),
+                                     "timeout_s": batch[0].spec.timeout_s},
+                                    "generating the answer", "request_timeout_s",
                                     self._writer(batch) if any(streamed) else None)
             generation_s = time.monotonic() - started
         except Failure as exc:
@@ -266,10 +268,10 @@ class Serving:
                                    "latency_ms": round(latency_s * 1000, 1)},
                            unset=("lease",)))
 
-    async def _ask(self, command: dict, doing: str, timeout_setting: str, asked_s: float | None = None,
+    async def _ask(self, command: dict, doing: str, timeout_setting: str,
                    on_partial: Callable[[list], Awaitable[None]] | None = None) -> dict:
-        """One command to the worker (started if there is none) within the operator's `timeout_setting`, or the
-        request's own `asked_s` when smaller; a reply that says it failed raises `Failure`."""
+        """One command to the worker (started if there is none) within the operator's `timeout_setting`, past which
+        the worker is killed; a reply that says it failed raises `Failure`."""
         if self._worker is None or not self._worker.alive:
             await self.close()
             self._worker = Worker(self.settings, self.db.name, self.forks)
@@ -278,12 +280,8 @@ class Serving:
             except OSError as exc:
                 raise Failure("worker_crashed", f"the serving worker could not start ({exc.strerror})") from None
         timeout = getattr(self.settings, timeout_setting)
-        if asked_s is not None and asked_s < timeout:
-            timeout, late = asked_s, Failure("timeout", f"{doing} took longer than the request's timeout_s of "
-                                                        f"{asked_s:g} s")
-        else:
-            late = Failure("request_timeout", f"{doing} took longer than the operator's limit of {timeout:g} s "
-                                              f"(MONGOTUNE_{timeout_setting.upper()})")
+        late = Failure("request_timeout", f"{doing} took longer than the operator's limit of {timeout:g} s "
+                                          f"(MONGOTUNE_{timeout_setting.upper()})")
         reply = await self._worker.call(command, timeout, late, doing, on_partial)
         if not reply.get("ok"):
             raise Failure(reply["error"]["type"], reply["error"]["message"])

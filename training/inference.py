@@ -6,6 +6,11 @@ settings with a clean `GenerationConfig`, so no `generation_config.json` (a base
 that a hostile writer forged) turns on beam search, extra sequences or anything else. The tokenizer
 always comes from the base model, never from a checkpoint archive. torch and transformers are
 imported where they are used, so the daemon can import `normalised` without them.
+
+A request's own `timeout_s` (`Deadline`) ends only its own answer, never the worker: rendering its
+prompt stops at the deadline (`alarm`: a chat template that loops is Python code), and so does the
+batch's `generate` (`max_time`), after which rows that had not ended fail as `timeout` and the
+others are answered. The operator's limit stays the hard stop: the daemon kills a worker past it.
 """
 
 import contextlib
@@ -14,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -76,6 +82,49 @@ class Loaded:
             return self.model.disable_adapter()
         self.model.set_adapter(self.adapter)
         return contextlib.nullcontext()
+
+
+class TimeUp(BaseException):
+    """The request's deadline passed; a BaseException, so no library's `except Exception` swallows it."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A request's own `timeout_s`, counted from when its generate command arrived (`time.monotonic`)."""
+
+    timeout_s: float
+    at: float
+
+    @classmethod
+    def after(cls, timeout_s: float) -> "Deadline":
+        return cls(timeout_s, time.monotonic() + timeout_s)
+
+    def left(self) -> float:
+        return max(self.at - time.monotonic(), 0.0)
+
+    def error(self, doing: str) -> dict:
+        return {"error": {"type": "timeout",
+                          "message": f"{doing} took longer than the request's timeout_s of {self.timeout_s:g} s"}}
+
+
+@contextlib.contextmanager
+def alarm(deadline: Deadline | None):
+    """Raise `TimeUp` in the body once `deadline` passes (SIGALRM, so only in a main thread): for Python code that
+    may be abandoned anywhere, such as rendering a chat template, which a writer's template may make loop."""
+    if deadline is None:
+        yield
+        return
+
+    def ring(signum, frame):
+        raise TimeUp
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, max(deadline.left(), 1e-6))  # 0 would disarm it
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def normalised(params: GenerationParams) -> dict:
@@ -185,7 +234,7 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 def answer_rows(views: list[Loaded], rows: list[int], prompts: list, params: GenerationParams,
-                on_partial=None) -> list[dict]:
+                on_partial=None, deadline: Deadline | None = None) -> list[dict]:
     """Answers for prompts that each name their view (`rows[i]` indexes `views`), in order.
 
     Views of one shared base whose adapters are all loaded generate as one batch, peft's mixed-adapter
@@ -195,7 +244,8 @@ def answer_rows(views: list[Loaded], rows: list[int], prompts: list, params: Gen
     first = views[0]
     if all(v.base is first.base and (v.adapter == BASE or v.adapter in v.base.adapters) for v in views):
         mixed = len({v.adapter for v in views}) > 1
-        return answer(first, prompts, params, on_partial, [views[r].adapter for r in rows] if mixed else None)
+        return answer(first, prompts, params, on_partial, [views[r].adapter for r in rows] if mixed else None,
+                      deadline)
     results: list = [None] * len(prompts)
     for n, view in enumerate(views):
         mine = [i for i, row in enumerate(rows) if row == n]
@@ -204,14 +254,14 @@ def answer_rows(views: list[Loaded], rows: list[int], prompts: list, params: Gen
             by_prompt = dict(zip(mine, texts))
             on_partial([by_prompt.get(i) for i in range(len(prompts))])
 
-        answered = answer(view, [prompts[i] for i in mine], params, emit if on_partial else None)
+        answered = answer(view, [prompts[i] for i in mine], params, emit if on_partial else None, None, deadline)
         for i, result in zip(mine, answered):
             results[i] = result
     return results
 
 
 def answer(loaded: Loaded, prompts: list, params: GenerationParams, on_partial=None,
-           adapters: list[str] | None = None) -> list[dict]:
+           adapters: list[str] | None = None, deadline: Deadline | None = None) -> list[dict]:
     """One result per prompt, in order: `{output, finish_reason, usage}`, or `{error}` for a prompt the template
     refuses.
 
@@ -220,35 +270,42 @@ def answer(loaded: Loaded, prompts: list, params: GenerationParams, on_partial=N
 
     `on_partial`, if given, gets the answers so far as they grow: one text per prompt, None for refused ones.
     `adapters`, if given, names each prompt's adapter of the shared base (a mixed-adapter batch).
+    Past `deadline`, a prompt still rendering, or an answer still generating, is `{error}` of type `timeout`.
     """
     rendered = []
     for prompt in prompts:
         try:
-            rendered.append(prompt_ids(loaded.tokenizer, prompt))
+            with alarm(deadline):
+                tokens = prompt_ids(loaded.tokenizer, prompt)
+        except TimeUp:
+            rendered.append(deadline.error("rendering the prompt"))
         except Exception as exc:  # the model's own template, on this input only: the others still go on
             rendered.append({"error": {"type": "invalid_request", "message": public_message(
                 f"the model's chat template cannot render this input: {type(exc).__name__}: {exc}")}})
+        else:
+            rendered.append(tokens)
     good = [item for item in rendered if isinstance(item, list)]
     names = [name for item, name in zip(rendered, adapters) if isinstance(item, list)] if adapters else None
     def emit(texts: list[str]) -> None:
         partial = iter(texts)
         on_partial([next(partial) if isinstance(item, list) else None for item in rendered])
 
-    results = iter(generate(loaded, good, params, emit if on_partial else None, names) if good else [])
+    results = iter(generate(loaded, good, params, emit if on_partial else None, names, deadline) if good else [])
     return [next(results) if isinstance(item, list) else item for item in rendered]
 
 
 def generate(loaded: Loaded, token_ids: list[list[int]], params: GenerationParams, on_partial=None,
-             adapters: list[str] | None = None) -> list[dict]:
+             adapters: list[str] | None = None, deadline: Deadline | None = None) -> list[dict]:
     """Answer several tokenized prompts with one `generate` call; `on_partial` sees the texts as they grow,
-    `adapters` (peft's `adapter_names`) picks each row's adapter of a shared base."""
+    `adapters` (peft's `adapter_names`) picks each row's adapter of a shared base. Generation stops at `deadline`:
+    a row that had ended by then is answered, the others fail as `timeout`."""
     import torch
     from transformers import GenerationConfig
 
     tokenizer = loaded.tokenizer
     batch = tokenizer.pad({"input_ids": token_ids}, return_tensors="pt")
     device = next(loaded.model.parameters()).device
-    config = GenerationConfig(**generation_kwargs(params, tokenizer))
+    config = GenerationConfig(**generation_kwargs(params, tokenizer), max_time=deadline.left() if deadline else None)
     streamer = Chunks(tokenizer, len(token_ids), on_partial) if on_partial else None
     mixed = {"adapter_names": adapters} if adapters else {}
     with torch.inference_mode(), contextlib.nullcontext() if adapters else loaded.selected():
@@ -259,6 +316,9 @@ def generate(loaded: Loaded, token_ids: list[list[int]], params: GenerationParam
     for row, mask in zip(out, batch["attention_mask"]):
         new = row[width:].tolist()
         ended = next((i + 1 for i, t in enumerate(new) if t == tokenizer.eos_token_id), None)
+        if deadline and ended is None and len(new) < params.max_new_tokens:  # stopped by `max_time`
+            results.append(deadline.error("generating the answer"))
+            continue
         results.append({"output": text(tokenizer, new), "finish_reason": "length" if ended is None else "stop",
                         "usage": {"prompt_tokens": int(mask.sum()), "completion_tokens": ended or len(new)}})
     return results

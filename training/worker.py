@@ -4,8 +4,9 @@ Rendering chat templates and generating run here, in a process of their own, so 
 loops or a model that eats memory costs one killable process, never the daemon. The protocol runs
 over a socket the daemon keeps the other end of, one JSON document (bson.json_util) per line:
 
-- in, one command per line: `{op: "load" | "generate", model, checkpoint, prompts, params}`,
-  `model` being the parsed model document, `checkpoint` its selected entry or null. A generate command
+- in, one command per line: `{op: "load" | "generate", model, checkpoint, prompts, params, timeout_s}`,
+  `model` being the parsed model document, `checkpoint` its selected entry or null, `timeout_s` the
+  requests' own limit or null (past it, their answers end as `timeout` errors; the worker goes on). A generate command
   for several models of one base names them in `groups: [{model, checkpoint}]` instead, and each
   prompt's group in `rows: [index]` (a mixed-adapter batch, see `inference.answer_rows`).
 - out, one reply per command: `{ok: true}` for a load, `{ok: true, results: [{output, finish_reason, usage} |
@@ -30,7 +31,7 @@ from training import defaults, lifeline
 from training.config import GenerationParams, SpecError, parse_model
 from training.errors import public_message
 from training.inert import inert_logging
-from training.inference import DiskCache, ModelCache, answer_rows
+from training.inference import Deadline, DiskCache, ModelCache, answer_rows
 from training.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def failure(kind: str, exc: BaseException) -> dict:
 def handle(cache: ModelCache, command: dict, send=None) -> dict:
     """One command: loading fails as `model_unavailable`, generating as `generation_failed`; partial answers
     of a streamed generation go to `send` before the reply is returned."""
+    deadline = Deadline.after(command["timeout_s"]) if command.get("timeout_s") else None
     groups = command.get("groups") or [{"model": command.get("model"), "checkpoint": command.get("checkpoint")}]
     try:
         views = [cache.get(parse_model(group["model"], cache.limits), group.get("checkpoint")) for group in groups]
@@ -61,7 +63,7 @@ def handle(cache: ModelCache, command: dict, send=None) -> dict:
         params = GenerationParams.model_validate(command["params"])
         on_partial = (lambda texts: send({"partial": texts})) if command.get("stream") and send else None
         rows = command.get("rows") or [0] * len(command["prompts"])
-        return {"ok": True, "results": answer_rows(views, rows, command["prompts"], params, on_partial)}
+        return {"ok": True, "results": answer_rows(views, rows, command["prompts"], params, on_partial, deadline)}
     except Exception as exc:
         log.warning("generation failed", exc_info=True)
         return failure("generation_failed", exc)
