@@ -5,8 +5,12 @@ each, and a batch holds only requests that generate alike (same normalised param
 `timeout_s`). Once a model's base is known (`Queues.bases`, filled when its document is read), the batch
 is topped up with alike requests of other models of the same base. What is held here (queued or
 generating) is what this daemon claims more against: `free` in all, `room_for` one model, so one
-model's flood never takes every place. A batch starts as soon as the requests inserted with its first
-one are claimed (`Arrivals`), never later than the operator's `batch_window_s`.
+model's flood never takes every place. Requests over a collection (`collection` given) run for as
+long as they have documents to answer, and watching ones until cancelled, so they count against
+places of their own (`max_collection_jobs`, per model `max_collection_jobs_per_model`): long-lived
+work never takes an interactive request's place, nor the other way round. A batch starts as soon as
+the requests inserted with its first one are claimed (`Arrivals`), never later than the operator's
+`batch_window_s`.
 """
 
 import asyncio
@@ -110,19 +114,25 @@ class Queues:
     def held_ids(self) -> list:
         return [spec.id for spec in self._held.values()]
 
-    def free(self) -> int:
-        """How many more requests to claim; what this daemon cannot answer soon stays pending for another."""
-        return self.settings.max_queued_requests - len(self._held)
+    def free(self, collection: bool = False) -> int:
+        """How many more requests of this kind (over a collection or not) to claim; what this daemon cannot answer
+        soon stays pending for another."""
+        cap = self.settings.max_collection_jobs if collection else self.settings.max_queued_requests
+        return cap - len(self._of_kind(collection))
 
-    def room_for(self, model_id) -> int:
-        """How many more requests of this model to claim: one model's flood never takes every place."""
+    def room_for(self, model_id, collection: bool = False) -> int:
+        """How many more requests of this kind and model to claim: one model's flood never takes every place."""
+        cap = self.settings.max_collection_jobs_per_model if collection else self.settings.max_queue_per_model
         model = ids.key(model_id)
-        return self.settings.max_queue_per_model - sum(1 for spec in self._held.values() if ids.key(spec.model) == model)
+        return cap - sum(1 for spec in self._of_kind(collection) if ids.key(spec.model) == model)
 
-    def full_models(self) -> list:
-        """The models (their ids) with no room left here."""
-        held = {ids.key(spec.model): spec.model for spec in self._held.values()}
-        return [model for model in held.values() if self.room_for(model) <= 0]
+    def full_models(self, collection: bool = False) -> list:
+        """The models (their ids) with no room left here for requests of this kind."""
+        held = {ids.key(spec.model): spec.model for spec in self._of_kind(collection)}
+        return [model for model in held.values() if self.room_for(model, collection) <= 0]
+
+    def _of_kind(self, collection: bool) -> list[RequestSpec]:
+        return [spec for spec in self._held.values() if (spec.collection is not None) == collection]
 
     def hold(self, spec: RequestSpec) -> bool:
         """Count a claimed request as held here; False if it already is (claimed again while held)."""

@@ -6,7 +6,9 @@ one each. A round costs the database the same whatever its size:
 
 1. one `find` of pending requests, at most as many as serving has room for, leaving out the models
    whose share of this daemon is full (`$nin`), so one model's flood never hides another model's
-   lone request;
+   lone request. Requests over a collection, which run long (watching ones until cancelled), are
+   claimed against places of their own (`Queues.free(collection=True)`): one `$or` branch per kind
+   of request with room, so they never take an interactive request's place;
 2. one `update_many` that moves those still pending, not cancelled and not out of attempts to
    `running` under this daemon's lease, marked with this claim's id;
 3. only if that moved fewer than it was given (another daemon took some first): one `find` of
@@ -43,6 +45,9 @@ from training.config import SpecError, check_request_id, parse_request
 log = logging.getLogger(__name__)
 
 MAX_FINDS = 4  # per round: a burst raced by other daemons, or full models to leave out, then the next wake-up
+# A request over a collection or not, as the server tells them apart (an array holding a string is a `string`);
+# each kind is claimed against its own places in serving. A value other than a string fails once claimed.
+KINDS = {False: {"collection": {"$not": {"$type": "string"}}}, True: {"collection": {"$type": "string"}}}
 MAX_STUCK = 1_000  # pending requests the server refused to change, left out of this daemon's finds (ids <= 1 kB)
 STUCK_S = 60.0  # for this long, then tried again (the refusal may have been the server's passing trouble)
 
@@ -81,22 +86,21 @@ class Intake:
 
     async def round(self) -> int:
         """Claim what serving has room for; how many requests this round handed it."""
-        handed, progressed, full = 0, False, {ids.key(model): model for model in self.serving.queues.full_models()}
+        queues, handed, progressed = self.serving.queues, 0, False
+        full = {kind: {ids.key(model): model for model in queues.full_models(kind)} for kind in KINDS}
         for _ in range(MAX_FINDS):
-            free = self.serving.queues.free()
-            if free <= 0:
+            free = {kind: places for kind in KINDS if (places := queues.free(kind)) > 0}
+            if not free:
                 break
-            query = status_filter(Status.PENDING)
+            query = {**status_filter(Status.PENDING), "$or": [_of_kind(kind, full[kind]) for kind in free]}
             if self._stuck:
                 query["_id"] = {"$nin": self._left_out()}
-            if full:
-                query = {**query, "model": {"$nin": list(full.values())}}
-            documents = await self.requests.find(query).limit(free).to_list()
-            chosen, ended = await self._choose(documents, full)
+            documents = await self.requests.find(query).limit(sum(free.values())).to_list()
+            chosen, ended = await self._choose(documents, full, free)
             claimed = await self._claim(chosen) if chosen else []
             handed += await self._hand_over(claimed)
             progressed = progressed or bool(ended or claimed)
-            if len(documents) < free and len(claimed) == len(chosen):
+            if len(documents) < sum(free.values()) and len(claimed) == len(chosen):
                 break  # every pending request was seen and nobody raced for them
         else:
             # Finds came back full to the last: more may be pending. Requests that ended here (invalid,
@@ -106,11 +110,12 @@ class Intake:
                 self.wake()
         return handed
 
-    async def _choose(self, documents: list[dict], full: dict) -> tuple[list[dict], int]:
+    async def _choose(self, documents: list[dict], full: dict, free: dict) -> tuple[list[dict], int]:
         """The documents to claim, and how many ended here instead (malformed, cancelled, out of attempts).
 
-        A model whose share is reached joins `full` (by `ids.key`), which the next find leaves out; only
-        plain ids can be left out, and a request naming anything else fails once claimed.
+        Each kind of request takes at most its `free` places. A model whose share of its kind is reached
+        joins `full[kind]` (by `ids.key`), which the next find leaves out; only plain ids can be left out,
+        and a request naming anything else fails once claimed.
         """
         chosen, taking, ended = [], Counter(), 0
         for document in documents:
@@ -137,13 +142,17 @@ class Intake:
             except OperationFailure as exc:
                 self._refused(state.id, exc)
                 continue
+            kind = _over_collection(document)
+            if taking[kind] >= free.get(kind, 0):
+                continue  # its kind has no more places here: it stays pending
             model = document.get("model")
             if _plain(model):  # anything else fails once claimed: it takes no share, and `$nin` could not skip it
                 key = ids.key(model)
-                if taking[key] >= self.serving.queues.room_for(model):
-                    full[key] = model
+                if taking[kind, key] >= self.serving.queues.room_for(model, kind):
+                    full[kind][key] = model
                     continue
-                taking[key] += 1
+                taking[kind, key] += 1
+            taking[kind] += 1
             chosen.append(document)
         return chosen, ended
 
@@ -227,6 +236,17 @@ class Intake:
                  "finish (each time its daemon stopped or its worker was killed); insert a new request to try again"}
         return await transition(self.requests, state.id, Status.PENDING, Status.FAILED, REQUEST_TRANSITIONS,
                                 fields={"error": error}) is not None
+
+
+def _of_kind(kind: bool, full: dict) -> dict:
+    """The pending requests of one kind (see `KINDS`) to find, leaving out the models whose share is full."""
+    return {**KINDS[kind], **({"model": {"$nin": list(full.values())}} if full else {})}
+
+
+def _over_collection(document: dict) -> bool:
+    """Whether `KINDS[True]` matches the document: the server takes an array holding a string for a string."""
+    value = document.get("collection")
+    return isinstance(value, str) or isinstance(value, list) and any(isinstance(item, str) for item in value)
 
 
 def _plain(model) -> bool:
