@@ -61,7 +61,7 @@ def answering_daemon(server_uri, answers_db, tmp_path_factory, model_root, reque
 # --- long-lived work has a budget of its own ------------------------------------------------------------------------
 
 def spec(doc_id, model, **fields):
-    return parse_request({"_id": doc_id, "model": model, "input": "hi", **fields}, Limits())
+    return parse_request({"_id": doc_id, "model": model, "input": "hi", **fields}, Limits(answer_collections=("*",)))
 
 
 def test_requests_over_a_collection_count_against_places_of_their_own():
@@ -89,7 +89,7 @@ def test_a_claim_takes_each_kind_of_request_within_its_own_places(server_uri, db
     async def work(adb):
         settings = Settings.load({"db": adb.name, "validators": False, "max_queued_requests": 2,
                                   "max_queue_per_model": 1, "max_collection_jobs": 2,
-                                  "max_collection_jobs_per_model": 1}, environ={})
+                                  "max_collection_jobs_per_model": 1}, environ=ANSWERS)
         counters = {"requests_done": 0, "requests_failed": 0}
         serving = Serving(adb, settings, "d", counters, Forks(gpus=False),
                           collection_job=lambda serving, spec: asyncio.Event().wait())  # runs until cancelled
