@@ -95,10 +95,15 @@ def database_name(uri: str, db: str | None) -> str:
     return unquote(path) if slash and path else os.environ.get(defaults.ENV_DB) or defaults.DEFAULT_DB
 
 
-async def connect(uri: str, timeout_s: float = 10.0) -> AsyncMongoClient:
-    """A client to a deployment that has change streams, or a ConnectionProblem saying what is wrong."""
+async def connect(uri: str, timeout_s: float = 10.0, role: str | None = None) -> AsyncMongoClient:
+    """A client to a deployment that has change streams, or a ConnectionProblem saying what is wrong.
+
+    `role` names a client the daemon keeps beside its main one (in the server's `appname`): each client
+    has a pool of its own, `maxPoolSize` connections whatever the others hold.
+    """
+    appname = "mongotune-listener" + (f"-{role}" if role else "")
     try:
-        client = AsyncMongoClient(uri, **timeouts(uri, timeout_s), appname="mongotune-listener", **defaults.CODEC)
+        client = AsyncMongoClient(uri, **timeouts(uri, timeout_s), appname=appname, **defaults.CODEC)
     except (PyMongoError, ValueError) as exc:
         raise ConnectionProblem(f"cannot use the URI {redact(uri)}: {exc}") from None
     try:

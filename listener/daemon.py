@@ -40,6 +40,7 @@ from training.lineage import versions
 log = logging.getLogger(__name__)
 
 SHUTDOWN_DB_S = 5.0  # what a stopping daemon spends giving its leases back before it exits anyway
+CLIENT_ROLES = (None, "bookkeeping", "retrain")  # the daemon's clients: its work, its bookkeeping, users' streams
 
 # Runs one claimed training to its end and records its final status: `supervise` starts the real
 # child; the fast tests pass a stand-in so claim, slot and release logic run in milliseconds.
@@ -47,10 +48,15 @@ TrainingRunner = Callable[..., Awaitable[Status]]
 
 
 class Daemon:
-    def __init__(self, client, settings: Settings, train: TrainingRunner = supervise):
+    def __init__(self, client, settings: Settings, train: TrainingRunner = supervise, bookkeeping=None,
+                 retraining=None):
+        """`bookkeeping` (heartbeats, claims, leases) and `retraining` (the change streams users' models ask
+        for) are clients beside `client`, each with a pool of its own, so that no number of users' streams
+        delays a heartbeat or a claim; both are `client` when not given."""
         self.settings = settings
         self.train = train
         self.db = client[settings.db]
+        self.books = (bookkeeping or client)[settings.db]
         self.owner = f"{settings.name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.trainings: dict[str, asyncio.Task | None] = {}  # by ids.key of the model
         self.gpus = gpus.GpuPool(gpus.visible() if settings.gpus is None else settings.gpus)
@@ -61,11 +67,11 @@ class Daemon:
         self.skipped = SkipLog()
         self.health = health.Health(settings.home, settings.name, self.owner)
         self.serving = Serving(self.db, settings, self.owner, self.counters, self.forks, predict_collection)
-        self.intake = Intake(self.db, settings, self.owner, self.serving, self.counters, self.skipped,
+        self.intake = Intake(self.books, settings, self.owner, self.serving, self.counters, self.skipped,
                              stopping=self.stop_event.is_set)
         self.serving.on_room = self.intake.wake
         self.periodic = Periodic()  # the one owner of timed work; `_shutdown` awaits it
-        self.retrainer = Retrainer(self.db, settings, self.owner, self.periodic, self.skipped)
+        self.retrainer = Retrainer((retraining or client)[settings.db], settings, self.owner, self.periodic, self.skipped)
         self.metrics: metrics.Metrics | None = None  # with --metrics-port, from `work`
 
     async def work(self) -> None:
@@ -120,7 +126,7 @@ class Daemon:
 
     async def _give_back(self) -> None:
         await self._release_all()
-        await self.db[defaults.LISTENER].delete_one({"_id": f"daemon:{self.owner}"})
+        await self.books[defaults.LISTENER].delete_one({"_id": f"daemon:{self.owner}"})
 
     async def _heartbeat(self, started: bool = False) -> None:
         record = {"kind": "daemon", "name": self.settings.name, "owner": self.owner, "host": socket.gethostname(),
@@ -130,7 +136,7 @@ class Daemon:
         if started:
             record.update(started_at=now(), versions=versions())
         try:
-            await self.db[defaults.LISTENER].update_one({"_id": f"daemon:{self.owner}"}, {"$set": record}, upsert=True)
+            await self.books[defaults.LISTENER].update_one({"_id": f"daemon:{self.owner}"}, {"$set": record}, upsert=True)
         except PyMongoError as exc:
             log.warning("heartbeat not recorded: %s", exc)
             return
@@ -146,7 +152,7 @@ class Daemon:
         What this daemon still trains is left alone even if its lease ran out while the daemon was paused:
         its own supervisor renews it (`leases.reap`). A run is not taken from a daemon for a missed
         heartbeat alone: its training child may still be at work."""
-        if await leases.reap(self.db[defaults.MODELS], MODEL_TRANSITIONS, ModelState, self.settings.max_attempts,
+        if await leases.reap(self.books[defaults.MODELS], MODEL_TRANSITIONS, ModelState, self.settings.max_attempts,
                              self.skipped, self.owner, self.trainings):
             await self._scan_models()
 
@@ -155,9 +161,9 @@ class Daemon:
 
         Requests are short and their answers are written fenced on owner and lease, so a daemon that
         was only paused loses its requests and its late answers are never written (`leases.take_over`)."""
-        requests, s = self.db[defaults.REQUESTS], self.settings
+        requests, s = self.books[defaults.REQUESTS], self.settings
         requeued = await leases.take_over(requests, REQUEST_TRANSITIONS, RequestState, s.max_attempts, self.skipped,
-                                          self.db[defaults.LISTENER], self.owner)
+                                          self.books[defaults.LISTENER], self.owner)
         requeued += await leases.reap(requests, REQUEST_TRANSITIONS, RequestState, s.max_attempts, self.skipped,
                                       self.owner, self.serving.queues.held())
         if requeued:
@@ -221,7 +227,7 @@ class Daemon:
 
     async def consider_model(self, document: dict) -> None:
         """Validate, then claim a pending model if this daemon has room for another training."""
-        models = self.db[defaults.MODELS]
+        models = self.books[defaults.MODELS]
         admitted = await self._admit(defaults.MODELS, document, ModelState, parse_model, "invalid_documents")
         key = ids.key(document.get("_id"))
         if admitted is None or key in self.trainings:
@@ -249,7 +255,7 @@ class Daemon:
 
     async def _train(self, key: str, model_id, run: int, devices: tuple[int, ...] | None = None) -> None:
         try:
-            outcome = await self.train(self.db, self.settings, model_id, run, self.owner, self.forks, devices=devices)
+            outcome = await self.train(self.books, self.settings, model_id, run, self.owner, self.forks, devices=devices)
             if outcome is Status.SUCCEEDED:
                 self.counters["trainings_succeeded"] += 1
             elif outcome is Status.FAILED:
@@ -263,9 +269,10 @@ class Daemon:
     async def _release_all(self) -> None:
         """Give back what this daemon holds, so any daemon resumes or answers it at once."""
         for name, table in ((defaults.MODELS, MODEL_TRANSITIONS), (defaults.REQUESTS, REQUEST_TRANSITIONS)):
-            held = self.db[name].find({"status": Status.RUNNING.value, "lease.owner": {"$eq": self.owner}}, {"_id": 1})
+            held = self.books[name].find({"status": Status.RUNNING.value, "lease.owner": {"$eq": self.owner}},
+                                         {"_id": 1})
             async for document in held:
-                await transition(self.db[name], document["_id"], Status.RUNNING, Status.PENDING, table,
+                await transition(self.books[name], document["_id"], Status.RUNNING, Status.PENDING, table,
                                  match={"lease.owner": {"$eq": self.owner}}, unset=("lease",))
                 log.info("released %s %r for another daemon", name, document["_id"])
 
@@ -297,16 +304,19 @@ async def scan_pending(daemon: Daemon, name: str, consider) -> None:
 
 
 async def _serve(settings: Settings) -> None:
-    client = await connect(settings.uri)
-    daemon = Daemon(client, settings)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, daemon.stop_event.set)
+    clients = []
     try:
+        for role in CLIENT_ROLES:
+            clients.append(await connect(settings.uri, role=role))
+        client, bookkeeping, retraining = clients
+        daemon = Daemon(client, settings, bookkeeping=bookkeeping, retraining=retraining)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, daemon.stop_event.set)
         await daemon.work()
     finally:
         try:  # ends sessions and kills cursors on the server: bounded like every other write at exit
-            await asyncio.wait_for(client.close(), SHUTDOWN_DB_S)
+            await asyncio.wait_for(asyncio.gather(*(client.close() for client in clients)), SHUTDOWN_DB_S)
         except (TimeoutError, PyMongoError) as exc:
             log.warning("could not close the connection to MongoDB cleanly at exit (%s)", type(exc).__name__)
 
