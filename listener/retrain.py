@@ -5,15 +5,18 @@ filtered on the model's `run` (`start`). The first daemon to write it starts the
 attempt for that run finds the model no longer `succeeded`. So a retrain never starts while a run is
 pending or going, nor after one that failed or was cancelled (a person looks at those first).
 
-New documents (`retrain.on_new_documents: N`): each daemon watches the data collection of each such
-model through a change stream of inserts matching `data.filter` (an update that makes an old document
-match does not count: it did not arrive) and keeps a tally in `_listener` (`retrain:<daemon>:<model>`):
-the count, the run it counts toward and the resume token of the last counted insert, written in one
-update, so a restarted daemon resumes after the last insert it counted and neither loses nor counts
-one twice. Every daemon counts every insert, so whichever reaches N first starts the run. Counting
-toward run R starts once R is claimed, a little before R reads its data: an insert in between is
-trained on and also counted, so a retrain comes early rather than late. Inserts during a run count
-toward the next one.
+New documents (`retrain.on_new_documents: N`): each daemon watches each data collection that such models
+follow through one change stream, shared by them all, of the inserts matching their `data.filter`s (an
+update that makes an old document match does not count: it did not arrive). It keeps a tally per
+collection in `_listener` (`retrain:<daemon>:<collection>`): for each model the count and the run it
+counts toward, and the resume token of the last insert counted, written in one update, so a restarted
+daemon resumes after the last insert it counted and neither loses nor counts one twice. Every daemon
+counts every insert, so whichever reaches N first starts the run. Counting toward run R starts once R
+is claimed, a little before R reads its data: an insert in between is trained on and also counted, so a
+retrain comes early rather than late. Inserts during a run count toward the next one. A failed or
+cancelled model is not followed (it never retrains by itself); it is again once set back to pending.
+Users decide how many models follow; the operator bounds what that costs a daemon: at most
+`retrain_max_collections` streams, on a client of their own, for at most `retrain_max_models` models.
 
 Schedule (`retrain.schedule`, `training.schedule`): every daemon's scheduler fires at each tick, and
 the tick is claimed in `_listener` (`retrain-tick:<model>`, whose `tick` only moves forward), so one
@@ -30,6 +33,7 @@ import datetime as dt
 import functools
 import hashlib
 import logging
+from typing import Any
 
 from bson import json_util
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,24 +50,49 @@ from training.config import LISTENER_FIELDS, ModelSpec, SpecError, parse_model
 
 log = logging.getLogger(__name__)
 
-TALLY = "retrain_tally"  # `kind` of a daemon's count of new documents for one model
+TALLY = "retrain_tally"  # `kind` of a daemon's counts of new documents in one collection
 TICK = "retrain_tick"  # `kind` of a model's last claimed schedule tick
 TICKS_KEPT = 20  # recent ticks kept on a tick record: when, which daemon took it, what came of it
 TICK_LOOKBACK_S = 60.0  # how late a schedule job may run and still find the tick it fired for
 LOGICAL = frozenset({"$and", "$or", "$nor"})
 STATE_FIELDS = {"status": 1, "run": 1, "started_at": 1, "finished_at": 1}
 CLOSE_S = 5.0  # how long `close` waits for the watchers to end before it leaves them
+EVERY_INSERT = [{"$match": {"operationType": "insert"}}, {"$project": {"documentKey": 1}}]
+NOT_FOLLOWED = (Status.FAILED, Status.CANCELLED)  # a person looks at those first: no retrain starts by itself
+
+
+class Count(BaseModel):
+    """One model's count of inserts toward its next run."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    key: str
+    model: Any
+    run: int = Field(ge=0)
+    count: int = Field(ge=0)
 
 
 class Tally(BaseModel):
-    """A daemon's count of inserts toward one model's next run, as stored in `_listener`."""
+    """A daemon's counts for the models following one collection, as stored in `_listener`."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
     collection: str
-    run: int = Field(ge=0)
-    count: int = Field(ge=0)
     token: dict | None = None
+    counts: list[Count] = Field(default_factory=list)
+
+    def of(self, key: str) -> Count | None:
+        return next((c for c in self.counts if c.key == key), None)
+
+
+Members = dict[str, tuple[ModelSpec, int]]  # the models counting inserts of one collection: spec, run when seen
+
+
+def reconciled(tally: Tally, members: Members) -> Tally:
+    """`tally` with a count for each of `members` and for no other model (a new member starts at 0)."""
+    kept = {c.key: c for c in tally.counts if c.key in members}
+    counts = [kept.get(key) or Count(key=key, model=spec.id, run=run, count=0) for key, (spec, run) in members.items()]
+    return tally.model_copy(update={"counts": counts})
 
 
 class TickRecord(BaseModel):
@@ -121,14 +150,20 @@ def on_full_document(query: dict) -> dict | None:
     return moved
 
 
-def insert_pipeline(query: dict | None) -> tuple[list[dict], bool]:
-    """The change-stream pipeline for new documents matching `query`, and whether each needs a check by `_id`.
+def insert_pipeline(filters: list[dict | None]) -> tuple[list[dict], bool]:
+    """The pipeline of one stream for the inserts matching any of `filters`, and whether each insert must then be
+    checked against each filter by `_id` (when the stream cannot tell which filter it matched, or holds none)."""
+    moved = [on_full_document(query or {}) for query in filters]
+    if len(moved) == 1 and moved[0] is not None:
+        return [{"$match": {"operationType": "insert", **moved[0]}}, EVERY_INSERT[1]], False
+    if all(moved):  # each filter moved and none is empty
+        return [{"$match": {"operationType": "insert", "$or": moved}}, EVERY_INSERT[1]], True
+    return EVERY_INSERT, True
 
-    `query=None` streams every insert, each then checked by `_id`: for a filter the stream itself refused.
-    """
-    moved = None if query is None else on_full_document(query)
-    match = {"operationType": "insert", **(moved or {})}
-    return [{"$match": match}, {"$project": {"documentKey": 1}}], moved is None
+
+def filters_of(members: Members) -> dict[str, dict | None]:
+    """The distinct filters of a collection's members, by their text."""
+    return {json_util.dumps(spec.data.filter): spec.data.filter for spec, _ in members.values()}
 
 
 class Retrainer:
@@ -137,9 +172,11 @@ class Retrainer:
     def __init__(self, db, settings: Settings, owner: str, periodic: Periodic, skipped: SkipLog):
         self.db, self.settings, self.owner, self.periodic, self.skipped = db, settings, owner, periodic, skipped
         self.specs: dict[str, tuple[str, ModelSpec]] = {}  # by model key: a fingerprint of the document, its parse
-        self.watchers: dict[str, tuple[tuple, asyncio.Task]] = {}  # by model key: what it watches, the stream task
+        self.following: dict[str, Members] = {}  # by collection: the models counting its inserts
+        self.watchers: dict[str, tuple[tuple, asyncio.Task]] = {}  # by collection: its filters, the stream task
         self.schedules: dict[str, str] = {}  # by model key: the cron expression scheduled
-        self.tallies: dict[str, Tally] = {}  # by model key: this daemon's tallies, as last written
+        self.tallies: dict[str, Tally] = {}  # by collection: this daemon's tally, as last written
+        self.locks: dict[str, asyncio.Lock] = {}  # by collection: one writer of its tally at a time
         self.stopping: set[asyncio.Task] = set()  # watchers cancelled by `check` that have not ended yet
 
     def start(self) -> None:
@@ -194,28 +231,56 @@ class Retrainer:
             await self.db[defaults.MODELS].update_many(used, {"$unset": {"trigger": ""}},
                                                        bypass_document_validation=True)
 
+    def _counted(self, models: dict) -> dict[str, Members]:
+        """The models that count new documents, by collection: those that can retrain by themselves, in the
+        order of their keys, within the operator's bounds (the others wait until some stop following)."""
+        followed: dict[str, Members] = {}
+        total, s = 0, self.settings
+        for key in sorted(models):
+            spec, state = models[key]
+            if not spec.retrain.on_new_documents or state.status in NOT_FOLLOWED:
+                continue
+            collection = spec.data.collection
+            if total >= s.retrain_max_models or (collection not in followed
+                                                 and len(followed) >= s.retrain_max_collections):
+                if self.skipped.first("retrain bound", spec.id):
+                    log.warning("not counting new documents for %.200r: this daemon already follows %d models "
+                                "in %d collections, its bounds (MONGOTUNE_RETRAIN_MAX_MODELS, "
+                                "MONGOTUNE_RETRAIN_MAX_COLLECTIONS)", spec.id, total, len(followed))
+                continue
+            followed.setdefault(collection, {})[key] = (spec, state.run)
+            total += 1
+        return followed
+
     async def _follow_data(self, models: dict) -> None:
-        wanted = {key: (spec.data.collection, json_util.dumps(spec.data.filter))
-                  for key, (spec, _) in models.items() if spec.retrain.on_new_documents}
+        wanted = self._counted(models)
         stale = []
-        for key, (watched, task) in list(self.watchers.items()):
-            if wanted.get(key) != watched or task.done():
+        for collection, (filters, task) in list(self.watchers.items()):
+            if collection not in wanted or tuple(sorted(filters_of(wanted[collection]))) != filters or task.done():
                 if task.done() and not task.cancelled() and task.exception():
                     log.warning("counting new documents stopped (%r); starting again", task.exception())
                 stale.append(task)
                 self.stopping.add(task)
                 task.add_done_callback(self.stopping.discard)
-                del self.watchers[key]
-        await cancel_and_wait(stale, CLOSE_S, "retrain watchers")  # ended before a new one counts for its model
-        for key in set(self.tallies) - set(self.watchers):
-            self.tallies.pop(key, None)
-        for key, watched in wanted.items():
-            if key not in self.watchers:
-                spec, state = models[key]
-                task = asyncio.create_task(self._watch(key, spec, state.run), name=f"retrain-watch:{key}")
-                self.watchers[key] = (watched, task)
+                del self.watchers[collection]
+        await cancel_and_wait(stale, CLOSE_S, "retrain watchers")  # ended before a new one counts for its models
+        self.following = wanted
+        for collection in set(self.tallies) - set(wanted):
+            del self.tallies[collection]
+            self.locks.pop(collection, None)
+        for collection, members in wanted.items():
+            if collection in self.watchers and collection in self.tallies:
+                async with self._lock(collection):
+                    tally = self.tallies[collection]
+                    if reconciled(tally, members) != tally:
+                        await self._save(reconciled(tally, members))
+            elif collection not in self.watchers:
+                filters = filters_of(members)
+                task = asyncio.create_task(self._watch(collection, list(filters.values())),
+                                           name=f"retrain-watch:{collection}")
+                self.watchers[collection] = (tuple(sorted(filters)), task)
         await self.db[defaults.LISTENER].delete_many(
-            {"kind": TALLY, "daemon": self.settings.name, "model_key": {"$nin": list(wanted)}})
+            {"kind": TALLY, "daemon": self.settings.name, "_id": {"$nin": [self._tally_id(c) for c in wanted]}})
 
     def _follow_schedules(self, models: dict) -> None:
         wanted = {key: spec.retrain.schedule for key, (spec, _) in models.items() if spec.retrain.schedule}
@@ -231,95 +296,119 @@ class Retrainer:
                 self.schedules[key] = expression
 
     async def _start_if_due(self, key: str, spec: ModelSpec, state: ModelState) -> None:
-        tally, wanted = self.tallies.get(key), spec.retrain.on_new_documents
-        if wanted and state.status is Status.SUCCEEDED and tally and tally.run == state.run and tally.count >= wanted:
+        tally, wanted = self.tallies.get(spec.data.collection), spec.retrain.on_new_documents
+        count = tally.of(key) if tally else None
+        if wanted and state.status is Status.SUCCEEDED and count and count.run == state.run and count.count >= wanted:
             await start(self.db[defaults.MODELS], state.id, state.run, "new_documents")
 
     async def _state(self, model_id) -> ModelState | None:
         document = await self.db[defaults.MODELS].find_one({"_id": ids.eq(model_id)}, STATE_FIELDS)
         return None if document is None else parse(ModelState, document)
 
-    async def _watch(self, key: str, spec: ModelSpec, run: int) -> None:
-        """Count the model's new documents forever (cancel to stop); reconnects like the daemon's own streams."""
-        pipeline, by_id = insert_pipeline(spec.data.filter)
+    async def _states(self, members: Members) -> dict[str, ModelState]:
+        """The state of each of `members` still there and readable, by key, in one query."""
+        found = {}
+        async for document in self.db[defaults.MODELS].find(
+                {"_id": {"$in": [spec.id for spec, _ in members.values()]}}, STATE_FIELDS):
+            key = ids.key(document.get("_id"))
+            if key not in members:  # the server's numeric equality: 5 for Int64(5), another model
+                continue
+            try:
+                found[key] = parse(ModelState, document)
+            except BadRecord as exc:  # the daemon's own pass fails the model; nothing to count toward
+                self.skipped.skip("retrain", document.get("_id"), exc)
+        return found
+
+    def _lock(self, collection: str) -> asyncio.Lock:
+        return self.locks.setdefault(collection, asyncio.Lock())
+
+    async def _watch(self, collection: str, filters: list[dict | None]) -> None:
+        """Count the inserts of `collection` for its members forever (cancel to stop); reconnects like the
+        daemon's own streams."""
+        pipeline, checked = insert_pipeline(filters)
         backoff = 0.5
         while True:
             opened = False
             try:
-                tally = self.tallies[key] = await self._load_tally(key, spec.data.collection, run)
-                async with await self.db[spec.data.collection].watch(pipeline, resume_after=tally.token) as stream:
+                tally = self.tallies[collection] = await self._load_tally(collection)
+                async with await self.db[collection].watch(pipeline, resume_after=tally.token) as stream:
                     opened = True
-                    if tally.token is None:
-                        await self._save(key, spec.id, tally.model_copy(update={"token": stream.resume_token}))
+                    async with self._lock(collection):
+                        tally = reconciled(self.tallies[collection], self.following.get(collection, {}))
+                        await self._save(tally.model_copy(update={"token": tally.token or stream.resume_token}))
                     backoff = 0.5
                     async for change in stream:
-                        await self._arrived(key, change, stream.resume_token, by_id)
+                        await self._arrived(collection, change, stream.resume_token, checked)
             except PyMongoError as exc:
                 refused = isinstance(exc, OperationFailure) and (exc.code in LOST_TOKEN_CODES or not opened)
-                token = self.tallies[key].token if key in self.tallies else None
-                if refused and token:  # the saved token first; if the stream is refused again, the filter
-                    log.warning("cannot resume counting new documents of %.200r (%s); counting from now on",
-                                spec.id, exc.code)
-                    await self._save(key, spec.id, self.tallies[key].model_copy(update={"token": None}))
+                token = self.tallies[collection].token if collection in self.tallies else None
+                if refused and token:  # the saved token first; if the stream is refused again, the filters
+                    log.warning("cannot resume counting new documents of %s (%s); counting from now on",
+                                collection, exc.code)
+                    async with self._lock(collection):
+                        await self._save(self.tallies[collection].model_copy(update={"token": None}))
                     continue
-                if refused and not by_id:
-                    log.warning("the server refused data.filter of %.200r in a change stream (%s); checking each "
-                                "insert by _id instead", spec.id, exc.code)
-                    pipeline, by_id = insert_pipeline(None)
+                if refused and pipeline is not EVERY_INSERT:
+                    log.warning("the server refused the data.filter of a model on %s in a change stream (%s); "
+                                "checking each insert by _id instead", collection, exc.code)
+                    pipeline, checked = EVERY_INSERT, True
                     continue
-                log.warning("stream on %s broke (%s); reconnecting in %.1f s", spec.data.collection, exc, backoff)
+                log.warning("stream on %s broke (%s); reconnecting in %.1f s", collection, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
-    async def _load_tally(self, key: str, collection: str, run: int) -> Tally:
-        """This daemon's stored tally; a fresh one when there is none, or it counts another collection."""
-        fresh = Tally(collection=collection, run=run, count=0)
-        record = await self.db[defaults.LISTENER].find_one({"_id": self._tally_id(key)})
+    async def _load_tally(self, collection: str) -> Tally:
+        """This daemon's stored tally of `collection`; a fresh one when there is none."""
+        fresh = Tally(collection=collection)
+        record = await self.db[defaults.LISTENER].find_one({"_id": self._tally_id(collection)})
         if record is None:
             return fresh
         try:
             stored = parse(Tally, record)
         except BadRecord as exc:
-            log.warning("tally %s is unusable (%s); counting afresh", self._tally_id(key), exc)
+            log.warning("tally %s is unusable (%s); counting afresh", self._tally_id(collection), exc)
             return fresh
         return stored if stored.collection == collection else fresh
 
-    def _tally_id(self, key: str) -> str:
-        return f"retrain:{self.settings.name}:{key}"
+    def _tally_id(self, collection: str) -> str:
+        return f"retrain:{self.settings.name}:{collection}"
 
-    async def _save(self, key: str, model_id, tally: Tally) -> None:
-        record = {"kind": TALLY, "daemon": self.settings.name, "model": model_id, "model_key": key, "at": now(),
-                  **tally.model_dump()}
-        await self.db[defaults.LISTENER].update_one({"_id": self._tally_id(key)}, {"$set": record}, upsert=True)
-        self.tallies[key] = tally
+    async def _save(self, tally: Tally) -> None:
+        """Write the tally whole, counts and token together; callers hold the collection's lock."""
+        record = {"kind": TALLY, "daemon": self.settings.name, "at": now(), **tally.model_dump()}
+        await self.db[defaults.LISTENER].update_one({"_id": self._tally_id(tally.collection)}, {"$set": record},
+                                                    upsert=True)
+        self.tallies[tally.collection] = tally
 
-    async def _arrived(self, key: str, change: dict, token: dict, by_id: bool) -> None:
-        """One matching insert: count it toward the model's current run, with its token, and start a run if due."""
-        cached = self.specs.get(key)
+    async def _arrived(self, collection: str, change: dict, token: dict, checked: bool) -> None:
+        """One insert: count it toward the current run of each member it matches, with its token, in one write,
+        and start the runs that are due."""
         doc_id = (change.get("documentKey") or {}).get("_id")
-        if cached is None or key not in self.tallies:
-            return
-        spec = cached[1]
-        if by_id and not await self._matches(spec, doc_id):
-            return
-        try:
-            state = await self._state(spec.id)
-        except BadRecord as exc:  # the daemon's own pass fails the model; nothing to count toward
-            self.skipped.skip("retrain", spec.id, exc)
-            return
-        if state is None:
-            return
-        tally = self.tallies[key]
-        count = (tally.count if tally.run == state.run else 0) + 1
-        await self._save(key, spec.id, Tally(collection=tally.collection, run=state.run, count=count, token=token))
-        await self._start_if_due(key, spec, state)
+        members = self.following.get(collection, {})
+        matched = {}
+        for text, query in filters_of(members).items():
+            if not checked or not query or await self._matches(collection, query, doc_id):
+                matched.update({key: member for key, member in members.items()
+                                if json_util.dumps(member[0].data.filter) == text})
+        states = await self._states(matched) if matched else {}
+        async with self._lock(collection):
+            counts = []
+            for count in reconciled(self.tallies[collection], members).counts:
+                state = states.get(count.key)
+                if state is not None:
+                    count = count.model_copy(update={
+                        "run": state.run, "count": (count.count if count.run == state.run else 0) + 1})
+                counts.append(count)
+            await self._save(Tally(collection=collection, token=token, counts=counts))
+        for key, state in states.items():
+            await self._start_if_due(key, matched[key][0], state)
 
-    async def _matches(self, spec: ModelSpec, doc_id) -> bool:
+    async def _matches(self, collection: str, query: dict, doc_id) -> bool:
         try:
-            return await self.db[spec.data.collection].find_one(
-                {"$and": [{"_id": ids.eq(doc_id)}, spec.data.filter]}, {"_id": 1}) is not None
+            return await self.db[collection].find_one(
+                {"$and": [{"_id": ids.eq(doc_id)}, query]}, {"_id": 1}) is not None
         except OperationFailure as exc:  # the training run meets the same refusal and fails with it
-            self.skipped.skip("retrain filter", spec.id, exc)
+            self.skipped.skip("retrain filter", collection, exc)
             return False
 
     async def _tick(self, model_id, cron) -> None:

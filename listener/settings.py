@@ -57,6 +57,10 @@ class Settings(BaseModel):
                                f"after {ALIVE_BEATS} missed, other daemons take over its requests")
     retrain_check_s: float = Field(5.0, ge=0.2, le=3_600, description="how often the daemon looks for models to "
                                    "retrain and for new ones whose data it must watch")
+    retrain_max_collections: int = Field(16, ge=1, le=1_000, description="data collections one daemon follows for "
+                                         "`retrain.on_new_documents`: one change stream each, on a client of its own")
+    retrain_max_models: int = Field(1_000, ge=1, le=10_000, description="models one daemon counts new documents "
+                                    "for; the rest wait, in order of their ids, until others stop following")
     max_attempts: int = Field(3, ge=1, le=100, description="claims of one run or request before it is failed")
     max_run_s: float = Field(24 * 3600.0, ge=10, description="wall-clock time of one training run")
     kill_grace_s: float = Field(30.0, ge=1, le=3_600, description="SIGTERM to SIGKILL for a child told to stop")
