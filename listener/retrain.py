@@ -391,6 +391,8 @@ class Retrainer:
                 matched.update({key: member for key, member in members.items()
                                 if json_util.dumps(member[0].data.filter) == text})
         states = await self._states(matched) if matched else {}
+        if not states:  # nothing to count: a restart may see this insert again, and count it for no one again
+            return
         async with self._lock(collection):
             counts = []
             for count in reconciled(self.tallies[collection], members).counts:
