@@ -20,7 +20,7 @@ from pymongo import MongoClient
 from listener.embedded import EmbeddedServer, free_port
 from listener.follow import finished, wait_for  # noqa: F401  (the tests import them from here)
 from listener.processes import start_listener, stop
-from training import tiny_model
+from training import defaults, tiny_model
 from training.limits import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +48,14 @@ def client(server_uri):
     client = MongoClient(server_uri)
     yield client
     client.close()
+
+
+def settled(db, doc_id, timeout: float = 120) -> dict:
+    """A request once finished, or as it is after `timeout` (so a test can say what it still is)."""
+    try:
+        return wait_for(db[defaults.REQUESTS], doc_id, finished, timeout_s=timeout)
+    except TimeoutError:
+        return db[defaults.REQUESTS].find_one({"_id": doc_id})
 
 
 def fresh_database(client, prefix: str):

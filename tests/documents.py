@@ -21,3 +21,12 @@ def heartbeat(db, owner: str = "d0:1") -> None:
     """A daemon's `_listener` record with a heartbeat now: what clients read to know a daemon serves `db`."""
     db[defaults.LISTENER].insert_one({"_id": owner, "kind": "daemon", "owner": owner, "name": owner, "host": "h",
                                       "pid": 1, "heartbeat_at": defaults.now(), "alive_until": alive_until(60)})
+
+
+ANSWERS = {"MONGOTUNE_ANSWER_COLLECTIONS": "*"}  # an operator who lets answers be written into any data collection
+
+
+def collection_request(doc_id, model_id, collection, **fields) -> dict:
+    """A request over `collection` answering each document's `text` into `answer`, from the base model."""
+    return {"_id": doc_id, "model": model_id, "collection": collection, "input": "{text}", "output_field": "answer",
+            "checkpoint": "base", "params": {"max_new_tokens": 2}, **fields}

@@ -5,10 +5,11 @@ The module's tests share one daemon and database, each with its own model, reque
 
 from listener.processes import wait_until
 from tests.conftest import wait_for
+from tests.documents import ANSWERS
 from tests.test_serving import answer, served_model
 from training import defaults
 
-DAEMON_ENV = {"MONGOTUNE_ANSWER_COLLECTIONS": "*"}  # the operator lets answers be written into any data collection
+DAEMON_ENV = ANSWERS  # the operator lets answers be written into any data collection
 KEPT = {"text": "kept", "checkpoint": "base", "request": "all-a"}
 
 

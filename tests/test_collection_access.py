@@ -8,45 +8,16 @@ document's behalf, since it reads whatever its pipeline names with the daemon's 
 
 import pytest
 
-from tests.conftest import DaemonProcess, fresh_database
-from tests.test_serving import answer, served_model
+from tests.conftest import settled
+from tests.documents import ANSWERS, collection_request
+from tests.test_serving import served_model
 from training import defaults
 from training.config import MAX_FILTER_BYTES, SpecError, parse_model, parse_request
 from training.dataset import check_documents
 from training.hints import user_collections
 
-ANSWERS = {"MONGOTUNE_ANSWER_COLLECTIONS": "*"}  # the operator lets answers be written into any data collection
 
-
-def collection_request(doc_id, model_id, collection, **fields) -> dict:
-    return {"_id": doc_id, "model": model_id, "collection": collection, "input": "{text}", "output_field": "answer",
-            "checkpoint": "base", "params": {"max_new_tokens": 2}, **fields}
-
-
-def settled(db, doc_id, timeout: float = 120) -> dict:
-    """The request once finished, or as it is after `timeout` (so a test can say what it still is)."""
-    try:
-        return answer(db, doc_id, timeout)
-    except TimeoutError:
-        return db[defaults.REQUESTS].find_one({"_id": doc_id})
-
-
-@pytest.fixture(scope="module")
-def answers_db(client):
-    yield from fresh_database(client, "acc")
-
-
-@pytest.fixture(scope="module")
-def answering_daemon(server_uri, answers_db, tmp_path_factory, model_root, request):
-    """One daemon for the module's tests that write answers into collections: the operator allows every data
-    collection."""
-    daemon = DaemonProcess(server_uri, answers_db.name, tmp_path_factory.mktemp("answering"), "answering", 2,
-                           env={**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3"}, model_root=model_root)
-    failed = request.session.testsfailed
-    yield daemon
-    daemon.stop()
-    if request.session.testsfailed > failed:
-        print(f"--- log of the answering daemon ---\n{daemon.log()[-8000:]}")
+DAEMON_ENV = {**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3"}  # the operator allows answers into every data collection (conftest.module_daemon)
 
 
 # --- class 1: no confused deputy ---------------------------------------------------------------------------------
@@ -129,14 +100,14 @@ def test_class1_a_view_with_a_lookup_is_refused_like_any_view(db, limits):
     assert check_documents(db, plain.data, limits) == 1
 
 
-def test_class1_predictions_never_count_or_read_the_listeners_collections_through_a_view(answers_db,
-                                                                                       answering_daemon,
+def test_class1_predictions_never_count_or_read_the_listeners_collections_through_a_view(module_db,
+                                                                                       module_daemon,
                                                                                        tiny_model_path):
     """The same view, named in a request over a collection: the daemon counted `_listener` with the request's
     filter and wrote the count into `progress.total` (an oracle: how many daemon records, resume tokens or
     tallies match any filter), and generated over its documents, before the answers' writes failed on the
     read-only view."""
-    db = answers_db
+    db = module_db
     db[defaults.MODELS].insert_one(served_model("peek", tiny_model_path))
     db.create_collection("peephole", viewOn=defaults.LISTENER, pipeline=[])
     db[defaults.REQUESTS].insert_one(collection_request("through-view", "peek", "peephole", input="{owner}",

@@ -19,45 +19,13 @@ from listener.forks import Forks
 from listener.processes import wait_until
 from listener.serving import Serving
 from listener.settings import Settings
-from tests.conftest import DaemonProcess, fresh_database, wait_for
-from tests.test_serving import answer, served_model
+from tests.conftest import settled, wait_for
+from tests.documents import ANSWERS, collection_request
+from tests.test_serving import served_model
 from training import defaults
 from training.config import SpecError, parse_request
 
-ANSWERS = {"MONGOTUNE_ANSWER_COLLECTIONS": "*"}  # the operator lets answers be written into any data collection
 OWNER = "in-process"
-
-
-def collection_request(doc_id, model_id, collection, **fields) -> dict:
-    return {"_id": doc_id, "model": model_id, "collection": collection, "input": "{text}", "output_field": "answer",
-            "checkpoint": "base", "params": {"max_new_tokens": 2}, **fields}
-
-
-def settled(db, doc_id, timeout: float = 120) -> dict:
-    """The request once finished, or as it is after `timeout` (so a test can say what it still is)."""
-    try:
-        return answer(db, doc_id, timeout)
-    except TimeoutError:
-        return db[defaults.REQUESTS].find_one({"_id": doc_id})
-
-
-@pytest.fixture(scope="module")
-def answers_db(client):
-    yield from fresh_database(client, "a21")
-
-
-@pytest.fixture(scope="module")
-def answering_daemon(server_uri, answers_db, tmp_path_factory, model_root, request):
-    """One daemon for the module's tests that write answers into collections: the operator allows every data
-    collection, and request leases are short so a stopped collection job is retried within seconds."""
-    daemon = DaemonProcess(server_uri, answers_db.name, tmp_path_factory.mktemp("answering"), "answering", 2,
-                           env={**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3", "MONGOTUNE_MAX_NEW_TOKENS": "2000"},
-                           model_root=model_root)
-    failed = request.session.testsfailed
-    yield daemon
-    daemon.stop()
-    if request.session.testsfailed > failed:
-        print(f"--- log of the answering daemon ---\n{daemon.log()[-8000:]}")
 
 
 class Answering(Serving):
@@ -76,6 +44,8 @@ class Answering(Serving):
     async def generate(self, model, entry, prompts, params):
         self.meanwhile()
         return [{"output": f"re: {prompt}"} for prompt in prompts]
+
+DAEMON_ENV = {**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3", "MONGOTUNE_MAX_NEW_TOKENS": "2000"}  # the operator allows answers into every data collection; short request leases retry a stopped collection job within seconds (conftest.module_daemon)
 
 
 def run_job(client, db, document: dict, meanwhile=None, **options) -> dict:
@@ -224,12 +194,12 @@ def test_class1_answers_are_written_into_a_collection_only_where_the_operator_al
     assert ended["status"] == "failed", ended
 
 
-def test_class1_an_answer_never_replaces_a_field_the_listener_did_not_write(answers_db, answering_daemon,
+def test_class1_an_answer_never_replaces_a_field_the_listener_did_not_write(module_db, module_daemon,
                                                                              tiny_model_path):
     """`output_field` may name any field that is not an input: `"text"`, which every document's owner wrote, or
     `"answer"` where a person (or another request) wrote one. The answer `$set`s over it on every matching
     document (`todo` selects whatever lacks `output_field.checkpoint`)."""
-    db = answers_db
+    db = module_db
     db[defaults.MODELS].insert_one(served_model("clobber", tiny_model_path))
     db.clobbered.insert_many([{"_id": n, "title": f"ahoy {n}", "text": f"the owner's own text {n}",
                                "answer": f"the owner's own answer {n}"} for n in range(3)])
@@ -245,18 +215,18 @@ def test_class1_an_answer_never_replaces_a_field_the_listener_did_not_write(answ
     assert replaced == [], f"answers replaced fields the listener never wrote: {replaced}"
 
 
-def test_class4_an_answer_the_listener_writes_never_triggers_another_answer(answers_db, answering_daemon,
+def test_class4_an_answer_the_listener_writes_never_triggers_another_answer(module_db, module_daemon,
                                                                             tiny_model_path):
     """A watching request refuses only its own output as input (roots compared per request). Another request's
     answer is an update like any other: request B (`watch`, input `{y.text}`) answers again every time request
     A writes `y`; two such requests feeding each other (A: x -> y, B: y -> x) answer each other for ever."""
-    db = answers_db
+    db = module_db
     db[defaults.MODELS].insert_one(served_model("chain", tiny_model_path))
     db.chained.insert_one({"_id": "d", "x": "ahoy matey"})
     requests = db[defaults.REQUESTS]
     requests.insert_one(collection_request("b-watches-y", "chain", "chained", input="{y.text}", output_field="z",
                                            filter={"y.text": {"$exists": True}}, watch=True))
-    wait_until(lambda: "watching chained for request" in answering_daemon.log(), 120, "request B's watch")
+    wait_until(lambda: "watching chained for request" in module_daemon.log(), 120, "request B's watch")
     requests.insert_one(collection_request("a-writes-y", "chain", "chained", input="{x}", output_field="y",
                                            filter={"_id": "d"}))
     assert settled(db, "a-writes-y")["status"] == "done"
@@ -268,7 +238,7 @@ def test_class4_an_answer_the_listener_writes_never_triggers_another_answer(answ
     assert "z" not in db.chained.find_one({"_id": "d"}), "request A's answer triggered an answer of request B"
 
 
-def test_class3_one_odd_document_never_stops_a_collections_answers_for_the_others(answers_db, answering_daemon,
+def test_class3_one_odd_document_never_stops_a_collections_answers_for_the_others(module_db, module_daemon,
                                                                                   tiny_model_path):
     """A document whose `out` is a string cannot take `out.answer`: its `UpdateOne` fails inside the chunk's
     unordered `bulk_write`, which raises `BulkWriteError` after the others landed; `predict_collection` logs
@@ -276,7 +246,7 @@ def test_class3_one_odd_document_never_stops_a_collections_answers_for_the_other
     still lacks an answer), answers one more chunk and stops again, until `too_many_attempts`: documents past
     the third chunk are never answered, and the request fails for everyone because of one document anyone may
     insert into a shared collection."""
-    db = answers_db
+    db = module_db
     db[defaults.MODELS].insert_one(served_model("odd", tiny_model_path))
     db.with_odd.insert_one({"_id": 0, "text": "ahoy", "out": "a person's string where the answer's parent goes"})
     db.with_odd.insert_many([{"_id": n, "text": f"ahoy {n}"} for n in range(1, 61)])
@@ -287,14 +257,14 @@ def test_class3_one_odd_document_never_stops_a_collections_answers_for_the_other
     assert ended["status"] == "done", ended
 
 
-def test_class2_a_collection_job_whose_answers_cannot_land_still_ends(answers_db, answering_daemon, tiny_model_path):
+def test_class2_a_collection_job_whose_answers_cannot_land_still_ends(module_db, module_daemon, tiny_model_path):
     """`CollectionJob._answer` never looks at what its `bulk_write` matched: a document the answer's write cannot
     address keeps matching `todo`, and `answer_all` fetches it, generates for it and writes again, for ever, taking
     the shared worker's turn each time. Here the documents are read through a view (the embedded server takes the
     write and matches nothing); on MongoDB a string `_id` that is not UTF-8 (read back with replacement
     characters by the daemon's codec) or a DBPointer `_id` (read back as a DBRef) does the same. The job must end,
     each such document reported, never loop."""
-    db = answers_db
+    db = module_db
     db[defaults.MODELS].insert_one(served_model("endless", tiny_model_path))
     db.plain_notes.insert_one({"_id": 1, "text": "ahoy"})
     db.create_collection("notes_view", viewOn="plain_notes", pipeline=[])

@@ -4,7 +4,6 @@ ends only its own generation, and one model named by two integer types is one mo
 import asyncio
 import time
 
-import pytest
 from bson import Int64
 
 from listener.batching import Queues
@@ -13,49 +12,19 @@ from listener.intake import Intake
 from listener.records import SkipLog
 from listener.serving import Serving
 from listener.settings import Settings
-from tests.conftest import DaemonProcess, fresh_database, wait_for
-from tests.documents import request
+from tests.conftest import settled, wait_for
+from tests.documents import ANSWERS, collection_request, request
 from tests.test_inference import PROMPTS, limits_for, spec_for
-from tests.test_serving import LOOP, answer, served_model
+from tests.test_serving import LOOP, served_model
 from tests.test_status import run_with
 from training import defaults, ids
 from training.config import GenerationParams, parse_request
 from training.inference import Deadline, answer as answer_prompts, generate, load, prompt_ids
 from training.limits import Limits
 
-ANSWERS = {"MONGOTUNE_ANSWER_COLLECTIONS": "*"}  # the operator lets answers be written into any data collection
 WORKER_STARTED = "serving worker started"
 
-
-def collection_request(doc_id, model_id, collection, **fields) -> dict:
-    return {"_id": doc_id, "model": model_id, "collection": collection, "input": "{text}", "output_field": "answer",
-            "checkpoint": "base", "params": {"max_new_tokens": 2}, **fields}
-
-
-def settled(db, doc_id, timeout: float = 120) -> dict:
-    """The request once finished, or as it is after `timeout` (so a test can say what it still is)."""
-    try:
-        return answer(db, doc_id, timeout)
-    except TimeoutError:
-        return db[defaults.REQUESTS].find_one({"_id": doc_id})
-
-
-@pytest.fixture(scope="module")
-def answers_db(client):
-    yield from fresh_database(client, "budgets")
-
-
-@pytest.fixture(scope="module")
-def answering_daemon(server_uri, answers_db, tmp_path_factory, model_root, request):
-    """One daemon for the module's tests that share it: long generations allowed."""
-    daemon = DaemonProcess(server_uri, answers_db.name, tmp_path_factory.mktemp("answering"), "answering", 2,
-                           env={**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3", "MONGOTUNE_MAX_NEW_TOKENS": "2000"},
-                           model_root=model_root)
-    failed = request.session.testsfailed
-    yield daemon
-    daemon.stop()
-    if request.session.testsfailed > failed:
-        print(f"--- log of the answering daemon ---\n{daemon.log()[-8000:]}")
+DAEMON_ENV = {**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3", "MONGOTUNE_MAX_NEW_TOKENS": "2000"}  # the operator allows answers into every data collection and long generations (conftest.module_daemon)
 
 
 # --- long-lived work has a budget of its own ------------------------------------------------------------------------
@@ -125,17 +94,17 @@ def test_class3_watching_requests_never_take_every_place_of_a_daemon(db, start_d
 
 # --- a request's own deadline -------------------------------------------------------------------------------------
 
-def test_class3_a_requests_own_timeout_never_kills_the_shared_serving_worker(answers_db, answering_daemon,
+def test_class3_a_requests_own_timeout_never_kills_the_shared_serving_worker(module_db, module_daemon,
                                                                             tiny_model_path):
     """`timeout_s` is the request's own limit: past it a request fails as `timeout`, and the shared worker, with
     every base and adapter it holds for everyone, goes on. Only the operator's limit may kill the worker."""
-    db = answers_db
+    db = module_db
     db[defaults.MODELS].insert_one(served_model("deadline", tiny_model_path))
     requests = db[defaults.REQUESTS]
     requests.insert_one({"_id": "warm", "model": "deadline", "input": "ahoy", "checkpoint": "base",
                          "params": {"max_new_tokens": 2}})
     assert settled(db, "warm")["status"] == "done"
-    started = answering_daemon.log().count(WORKER_STARTED)
+    started = module_daemon.log().count(WORKER_STARTED)
     assert started >= 1
     # 16 requests generating alike make one batch; 16 x 1,500 tokens take the tiny model several seconds (one alone
     # about two: 500 took 0.75 s on a quiet 2-core machine).
@@ -147,7 +116,7 @@ def test_class3_a_requests_own_timeout_never_kills_the_shared_serving_worker(ans
     requests.insert_one({"_id": "after", "model": "deadline", "input": "ahoy", "checkpoint": "base",
                          "params": {"max_new_tokens": 2}})
     assert settled(db, "after")["status"] == "done"
-    assert answering_daemon.log().count(WORKER_STARTED) == started, "a request's own timeout_s killed the worker"
+    assert module_daemon.log().count(WORKER_STARTED) == started, "a request's own timeout_s killed the worker"
 
 
 def test_past_its_deadline_a_batch_fails_only_the_answers_still_generating(tiny_model_path):
