@@ -139,7 +139,7 @@ def test_a_thousand_malformed_documents_fail_clearly_and_good_ones_still_work(db
     assert tried >= 1000
     for collection, ids in ((models, bad_model_ids), (requests, bad_request_ids)):
         wait_until(lambda: collection.count_documents({"_id": {"$in": ids}, "status": "failed"}) == len(ids), 300,
-                   "every malformed document ending failed", poll_s=0.5)
+                   "every malformed document ending failed", poll_s=2)  # a count over 500 ids loads the shared server
         for document in collection.find({"_id": {"$in": ids}}, {"error": 1}):
             error = document["error"]
             assert error["message"] and "Traceback" not in error["message"]
