@@ -182,9 +182,9 @@ def test_a_watcher_that_lost_its_cancellation_is_cancelled_again_until_it_ends()
 
 
 def test_a_filter_the_stream_cannot_hold_is_checked_per_insert_and_counts_the_same(db, server_uri, tmp_path):
-    """A `$expr` filter: every insert streams and the server checks it; the third match starts the run."""
+    """A `$jsonSchema` filter: every insert streams and the server checks it; the third match starts the run."""
     document = retraining("scored", "/models/never-loaded", on_new_documents=3)
-    document["data"]["filter"] = {"$expr": {"$gt": ["$score", 5]}}
+    document["data"]["filter"] = {"$jsonSchema": {"required": ["score"], "properties": {"score": {"minimum": 6}}}}
     db[defaults.MODELS].insert_one({**document, "status": "succeeded", "run": 1})
 
     async def scenario() -> None:

@@ -27,8 +27,13 @@ LISTENER_FIELDS = frozenset({
     "completed_at", "history", "checkpoint_used", "batch_size", "warnings", "timing", "events", "runs",
     "trigger", "finish_reason", "changed",
 })
-# Server-side JavaScript: a real MongoDB would run it, so a user-supplied filter may not hold it.
-FORBIDDEN_OPERATORS = frozenset({"$where", "$function", "$accumulator"})
+# What a user-supplied filter may not hold: a filter selects documents, it never computes. JavaScript runs code on
+# the server; `$expr` evaluates aggregation expressions (`$range`, `$reduce`...), whose cost no size bound limits.
+FORBIDDEN_OPERATORS = {
+    **dict.fromkeys(("$where", "$function", "$accumulator"), "runs JavaScript on the server"),
+    "$expr": "evaluates aggregation expressions, whose cost has no bound; select with query operators "
+             "($eq, $in, $gt, $exists, $regex...)",
+}
 FIELD_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"  # a dotted field name, never an operator
 TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\}")
 # Accepted so a reference workflow's arguments work as copied, and ignored: written to `warnings`.
@@ -70,7 +75,8 @@ MAX_FILTER_BYTES = 16 * 2**10  # a filter goes with every count, find and watche
 
 
 def _bounded_filter(value: dict) -> dict:
-    """A filter that is small as BSON and runs no JavaScript; ValueError, reported under the field, otherwise."""
+    """A filter that is small as BSON and only selects (no JavaScript, no `$expr`); ValueError, reported under the
+    field, otherwise."""
     try:
         size = len(bson.encode(value))
     except (bson.errors.BSONError, TypeError, ValueError, OverflowError):
@@ -83,11 +89,12 @@ def _bounded_filter(value: dict) -> dict:
 
 
 def _check_filter(value: Any) -> None:
+    """Refuses a forbidden operator at any depth, the innermost first: `$expr` around `$function` is JavaScript."""
     if isinstance(value, dict):
         for key, inner in value.items():
-            if key in FORBIDDEN_OPERATORS:
-                raise ValueError(f"{key} runs JavaScript on the server and is not allowed in a filter")
             _check_filter(inner)
+            if key in FORBIDDEN_OPERATORS:
+                raise ValueError(f"{key} {FORBIDDEN_OPERATORS[key]} and is not allowed in a filter")
     elif isinstance(value, list):
         for inner in value:
             _check_filter(inner)
