@@ -19,13 +19,17 @@ Generation goes through the daemon's serving worker (`Serving.generate`), one ch
 
 import logging
 
+import bson
+from bson.errors import BSONError
+from bson.raw_bson import RawBSONDocument, _RawArrayBSONDocument
 from pymongo.errors import PyMongoError, WriteError
 
 from listener.serving import Serving
 from listener.serving_worker import Failure
 from listener.status import REQUEST_TRANSITIONS, Status, now, transition
 from training import defaults, ids
-from training.config import TEMPLATE_FIELD, RequestSpec, SpecError, check_collection_type, input_fields
+from training.config import (TEMPLATE_FIELD, UNCHECKED, RequestSpec, SpecError, check_collection_type,
+                             input_fields)
 from training.inference import normalised
 
 log = logging.getLogger(__name__)
@@ -52,12 +56,16 @@ def render(spec: RequestSpec, document: dict, max_chars: int) -> str:
     return text
 
 
-MAX_UNWRITABLE = 1_000  # documents one job may fail to write before it fails: each stays in every later query
+# Documents one job may fail to write (or read) before it fails: each `_id` stays in every later query, which the
+# server caps at 16 MB, so their ids' size is bounded as well as their number.
+MAX_UNWRITABLE = 1_000
+MAX_UNWRITABLE_BYTES = 2**20
+ANSWER_KEYS = ({"text", "checkpoint", "request"}, {"error", "checkpoint", "request"})
 
 
 def is_answer(value) -> bool:
-    """Whether a field's value is an answer this listener wrote: it names the request that wrote it."""
-    return isinstance(value, dict) and {"checkpoint", "request"} <= value.keys()
+    """Whether a value has exactly the fields of an answer this listener writes (whose request is then looked up)."""
+    return isinstance(value, dict) and set(value) in ANSWER_KEYS
 
 
 class CollectionJob:
@@ -69,23 +77,23 @@ class CollectionJob:
         self.target = self.db[spec.collection]
         self.requests = self.db[defaults.REQUESTS]
         self.unwritable: list = []  # ids of documents whose answer could not be written, left out of `todo`
+        self.unwritable_bytes = 0
+        self.uuid = None  # the collection's, once the job has found it: the name must keep naming that one
 
     async def answer_all(self) -> None:
         try:
             model, entry = await self.serving.resolve(self.spec.model, self.spec.checkpoint)
             used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
             base = self.spec.filter or {}
-            await self._check_collection()
-            total = await self.target.count_documents(base)
-            skipped = await self.target.count_documents({"$and": [base, {"$nor": [self._ours()]}]})
-            done = total - skipped - await self.target.count_documents(self._todo(base, used))
+            done, total, skipped = await self._read(lambda: self._counts(base, used))
             await self._progress(done, total, skipped)
-            while batch := await self._next(self._todo(base, used)):
-                missed = await self._answer(batch, model, entry, used)
-                self.unwritable += missed
-                done, skipped = done + len(batch) - len(missed), skipped + len(missed)
+            while chunk := await self._next(self._todo(base, used)):
+                batch, unreadable = self._decoded(chunk)
+                missed = unreadable + await self._answer(batch, model, entry, used)
+                self._leave_out(missed)
+                done, skipped = done + len(chunk) - len(missed), skipped + len(missed)
                 await self._progress(min(done, total), total, skipped)
-                if len(self.unwritable) > MAX_UNWRITABLE:
+                if len(self.unwritable) > MAX_UNWRITABLE or self.unwritable_bytes > MAX_UNWRITABLE_BYTES:
                     await self.serving.fail(self.spec.id, self._too_many_unwritable())
                     return
             if self.spec.watch:
@@ -99,20 +107,72 @@ class CollectionJob:
         except SpecError as exc:
             await self.serving.refuse(self.spec.id, exc)
 
-    async def _check_collection(self) -> None:
-        """The collection is still a collection: a view created under its name would read ours with our rights."""
-        listed = await (await self.db.list_collections(filter={"name": self.spec.collection})).to_list()
-        check_collection_type(listed, "collection")
+    async def _counts(self, base: dict, used) -> tuple[int, int, int]:
+        """How many documents match: answered already, in all, and someone else's (skipped)."""
+        total = await self.target.count_documents(base)
+        skipped = await self.target.count_documents({"$and": [base, {"$nor": [self._ours()]}]})
+        return total - skipped - await self.target.count_documents(self._todo(base, used)), total, skipped
 
-    async def _next(self, todo: dict) -> list[dict]:
-        """The next chunk to answer, read only from a collection (checked before each chunk: the job is long)."""
-        await self._check_collection()
-        return await self.target.find(todo).sort("_id", 1).limit(self.serving.settings.max_batch).to_list()
+    async def _read(self, read):
+        """What `read()` returns, read only from a collection: the name is checked to name the same collection
+        before and after (a view created under it meanwhile would read anything with our rights), and the one the
+        job first found, once it exists. Checked for each read: the job is long."""
+        before = await self._uuid(self.uuid if self.uuid is not None else UNCHECKED)
+        result = await read()
+        self.uuid = await self._uuid(before)
+        return result
+
+    async def _uuid(self, same_as) -> object:
+        listed = await (await self.db.list_collections(filter={"name": self.spec.collection})).to_list()
+        return check_collection_type(listed, "collection", same_as)
+
+    async def _next(self, todo: dict) -> list[RawBSONDocument]:
+        """The next chunk to answer, as raw BSON: one document the driver cannot decode must not fail the chunk."""
+        found = self._raw().find(todo).sort("_id", 1).limit(self.serving.settings.max_batch)
+        return await self._read(found.to_list)
+
+    def _raw(self, document_class=RawBSONDocument):
+        """The collection read as raw BSON, decoded one document at a time (`_decoded`)."""
+        return self.target.with_options(self.target.codec_options.with_options(document_class=document_class))
+
+    def _decode(self, raw: RawBSONDocument) -> dict | None:
+        """A raw document decoded with the daemon's codec; None where the driver cannot (nested too deep, say)."""
+        try:
+            return bson.decode(raw.raw, self.target.codec_options)
+        except (BSONError, RecursionError):
+            return None
+
+    def _decoded(self, chunk: list[RawBSONDocument]) -> tuple[list[dict], list]:
+        """The chunk's documents decoded one by one, and the ids of those the driver cannot decode (nested deeper
+        than it recurses, say), which are logged and skipped like documents that cannot take an answer."""
+        decoded, unreadable = [], []
+        for raw in chunk:
+            document = self._decode(raw)
+            if document is None:  # its `_id` is read decoding the top level only, nested documents and arrays left raw
+                doc_id = _RawArrayBSONDocument(raw.raw, self._raw(_RawArrayBSONDocument).codec_options)["_id"]
+                unreadable.append(doc_id)
+                log.warning("document %.200r of %s not answered for request %s: the driver cannot decode it",
+                            doc_id, self.spec.collection, ids.key(self.spec.id))
+            else:
+                decoded.append(document)
+        return decoded, unreadable
+
+    def _leave_out(self, missed: list) -> None:
+        """Leave documents out of every later query: counted, by number and by the size their ids add to it."""
+        self.unwritable += missed
+        self.unwritable_bytes += sum(len(bson.encode({"_id": doc_id})) for doc_id in missed)
 
     def _ours(self) -> dict:
-        """Documents this request may write: `output_field` absent, or holding this request's own answer."""
+        """Documents this request may write: `output_field` absent, or holding this request's own answer (a
+        `request` present and equal: `$eq: null` alone matches a missing one), under parents that are objects or
+        absent (any other parent takes no answer: such a document is someone else's shape, skipped up front)."""
         field = self.spec.output_field
-        return {"$or": [{field: {"$exists": False}}, {f"{field}.request": {"$eq": self.spec.id}}]}
+        parts = field.split(".")
+        parents = [".".join(parts[:n]) for n in range(1, len(parts))]
+        return {"$and": [*({"$or": [{parent: {"$exists": False}},
+                                    {parent: {"$type": "object", "$not": {"$type": "array"}}}]} for parent in parents),
+                         {"$or": [{field: {"$exists": False}},
+                                  {f"{field}.request": {"$exists": True, "$eq": self.spec.id}}]}]}
 
     def _todo(self, base: dict, used) -> dict:
         """What is left: documents it may write that lack an answer from `used`, past those that failed."""
@@ -120,9 +180,9 @@ class CollectionJob:
         return {"$and": todo + ([{"_id": {"$nin": self.unwritable}}] if self.unwritable else [])}
 
     def _too_many_unwritable(self) -> str:
-        return (f"over {MAX_UNWRITABLE:,} documents of {self.spec.collection!r} cannot take an answer at "
-                f"{self.spec.output_field!r} (the daemon's log names them): choose another output_field, or a "
-                "filter that leaves them out")
+        return (f"over {MAX_UNWRITABLE:,} documents of {self.spec.collection!r}, or documents whose ids take over "
+                f"{MAX_UNWRITABLE_BYTES:,} bytes, cannot take an answer at {self.spec.output_field!r} (the daemon's "
+                "log names them): choose another output_field, or a filter that leaves them out")
 
     async def _answer(self, batch: list[dict], model: dict, entry: dict | None, used) -> list:
         """Answer the documents of `batch` and write each answer; the ids of those it could not write."""
@@ -160,9 +220,8 @@ class CollectionJob:
 
         An answer written by this listener, for this request or another, never counts as a change: answers
         never trigger answers, so no two requests can feed each other."""
-        roots = {name.split(".")[0] for name in input_fields(self.spec.input)}
         pipeline = [{"$match": {"operationType": {"$in": ["insert", "update", "replace", "invalidate"]}}}]
-        async with await self.target.watch(pipeline, max_await_time_ms=int(CANCEL_CHECK_S * 1000)) as changes:
+        async with await self._raw().watch(pipeline, max_await_time_ms=int(CANCEL_CHECK_S * 1000)) as changes:
             log.info("watching %s for request %s", self.spec.collection, ids.key(self.spec.id))
             while not await self._cancelled():
                 change = await changes.try_next()
@@ -172,16 +231,51 @@ class CollectionJob:
                                                 "renamed while watched: nothing is left to watch")
                         return
                     continue
-                if change["operationType"] == "update" and not _touched(change) & roots:
+                if change["operationType"] == "update" and not await self._touched(change["updateDescription"]):
                     continue  # an answer written, or another field: nothing to answer again
-                document = await self.target.find_one({"$and": [{"_id": ids.eq(change["documentKey"]["_id"])},
-                                                                self.spec.filter or {}, self._ours()]})
-                if document is not None:
-                    missed = len(await self._answer([document], model, entry, used))
+                chunk = await self._next({"$and": [{"_id": ids.eq(change["documentKey"]["_id"])},
+                                                   self.spec.filter or {}, self._ours()]})
+                if chunk:
+                    batch, unreadable = self._decoded(chunk)
+                    missed = len(unreadable + await self._answer(batch, model, entry, used))
                     await self.requests.update_one({"_id": ids.eq(self.spec.id), **self._mine()}, {"$inc": {
                         "progress.done": 1 - missed, "progress.skipped": missed, "progress.total": 1}})
         await transition(self.requests, self.spec.id, Status.RUNNING, Status.CANCELLED, REQUEST_TRANSITIONS,
                          match=self._mine(), unset=("lease",))
+
+    async def _touched(self, raw: RawBSONDocument) -> bool:
+        """Whether an update (its raw `updateDescription`) changed an input field. An answer is no change, wherever
+        it sits along the input's path: written at `x.y` where `x` was absent, the stream reports `x: {y: <answer>}`.
+        An update too deep to decode holds no answer: a change (the document's own read then skips it, if need be)."""
+        description = self._decode(raw)
+        if description is None:
+            return True
+        fields = [name.split(".") for name in input_fields(self.spec.input)]
+        roots = {field[0] for field in fields}
+        if any(name.split(".")[0] in roots for name in description.get("removedFields") or []):
+            return True
+        for name, value in (description.get("updatedFields") or {}).items():
+            path = name.split(".")
+            for field in fields:
+                under = field[len(path):] if field[:len(path)] == path else []  # the input's path inside `value`
+                if path[0] == field[0] and not await self._holds_answer(path, value, under):
+                    return True
+        return False
+
+    async def _holds_answer(self, path: list[str], value, under: list[str]) -> bool:
+        """Whether `value`, written at `path`, is an answer, or holds one along `under`."""
+        while not (is_answer(value) and await self._answered_at(".".join(path), value["request"])):
+            if not under or not isinstance(value, dict):
+                return False
+            path, value, under = [*path, under[0]], value.get(under[0]), under[1:]
+        return True
+
+    async def _answered_at(self, path: str, request_id) -> bool:
+        """An answer's `request` names a request over this collection that writes at `path`: only such a request
+        writes an answer there, so a person's object with the same fields is a change like any other."""
+        found = await self.requests.find_one({"_id": ids.eq(request_id), "collection": {"$eq": self.spec.collection},
+                                              "output_field": {"$eq": path}}, {"_id": 1})
+        return found is not None
 
     async def _cancelled(self) -> bool:
         """Cancelled, or no longer this daemon's (a lease of any shape but its own is not)."""
@@ -196,16 +290,9 @@ class CollectionJob:
         return {"status": Status.RUNNING.value, "lease.owner": {"$eq": self.owner}}
 
 
-def _touched(change: dict) -> set[str]:
-    """The top-level fields an update changed, answers the listener wrote left out."""
-    description = change.get("updateDescription") or {}
-    updated = [name for name, value in (description.get("updatedFields") or {}).items() if not is_answer(value)]
-    return {name.split(".")[0] for name in [*updated, *(description.get("removedFields") or [])]}
-
-
 async def predict_collection(serving: Serving, spec: RequestSpec) -> None:
     """Run one collection request to its end; database trouble leaves it to the lease reaper, which retries it."""
     try:
         await CollectionJob(serving, spec).answer_all()
-    except PyMongoError as exc:
+    except (PyMongoError, BSONError) as exc:  # BSONError: a reply the driver cannot decode, a query it cannot send
         log.warning("predictions over %s for request %s stopped: %s", spec.collection, ids.key(spec.id), exc)

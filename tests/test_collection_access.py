@@ -6,10 +6,16 @@ server's `system.*` are never a document's data, whatever pattern the operator l
 document's behalf, since it reads whatever its pipeline names with the daemon's rights.
 """
 
-import pytest
+import asyncio
 
+import pytest
+from pymongo import AsyncMongoClient, MongoClient, monitoring
+
+from listener.batch_predictions import CollectionJob
+from listener.settings import Settings
 from tests.conftest import settled
 from tests.documents import ANSWERS, collection_request
+from tests.test_collection_answers import OWNER, Answering
 from tests.test_serving import served_model
 from training import defaults
 from training.config import MAX_FILTER_BYTES, SpecError, parse_model, parse_request
@@ -141,3 +147,140 @@ def test_class3_a_models_data_filter_is_bounded_too(limits):
     small = {"$or": [{"text": str(n)} for n in range(100)]}
     assert parse_model({"_id": "m", "model_name_or_path": "org/m",
                         "data": {"collection": "notes", "filter": small}}, limits).data.filter == small
+
+
+# --- re-attack on issue 21: what a document's filter and collection cost the server ------------------------
+
+EXPENSIVE = {"$expr": {"$gt": [{"$reduce": {"input": {"$range": [0, 10**9]}, "initialValue": 0,
+                                            "in": {"$add": ["$$value", 1]}}}, 0]}}  # 155 bytes as BSON
+
+
+def test_class1_a_small_filter_never_makes_a_job_that_runs_unbounded_on_the_server(client, db):
+    """16 KiB bounds a filter's size, not its cost: `EXPENSIVE` is 155 bytes and makes the server count to 10**9
+    for every document (on the embedded server 10**6 took 21 s for 3 documents). The job's counts and finds carry
+    no `maxTimeMS`, and a running job over a collection never looks at `cancel` before its first pass ends, so such
+    a request holds a collection place (and the server's CPU) for as long as the server takes, and its writer
+    cannot even cancel it. Either the filter is refused, or every read the job sends is bounded in time.
+    (The job is not run: the commands it would send are recorded from a filter that matches at once.)"""
+    document = collection_request("costly", "m", "notes", filter=EXPENSIVE)
+    limits = Settings.load({}, environ=ANSWERS).limits
+    try:
+        parse_request(document, limits)
+    except SpecError:
+        return  # refused: fine
+    db.notes.insert_many([{"_id": n, "text": f"ahoy {n}"} for n in range(3)])
+    cheap = {**document, "filter": {"$expr": {"$gt": [{"$reduce": {"input": {"$range": [0, 3]}, "initialValue": 0,
+                                                                   "in": {"$add": ["$$value", 1]}}}, 0]}}}
+    spec = parse_request(cheap, limits)
+    db[defaults.REQUESTS].insert_one({**cheap, "status": "running", "lease": {"owner": OWNER}})
+
+    class Reads(monitoring.CommandListener):
+        def __init__(self):
+            self.unbounded = []
+
+        def started(self, event):
+            command = event.command
+            if event.command_name in ("find", "aggregate", "count") and command.get(event.command_name) == "notes":
+                if "maxTimeMS" not in command:
+                    self.unbounded.append(event.command_name)
+
+        def succeeded(self, event):
+            pass
+
+        def failed(self, event):
+            pass
+
+    reads = Reads()
+
+    async def job():
+        async_client = AsyncMongoClient(client.address[0], client.address[1], directConnection=True,
+                                        event_listeners=[reads])
+        try:
+            await asyncio.wait_for(CollectionJob(Answering(async_client[db.name]), spec).answer_all(), 60)
+        finally:
+            await async_client.close()
+
+    asyncio.run(job())
+    assert db[defaults.REQUESTS].find_one({"_id": "costly"})["status"] == "done"
+    assert reads.unbounded == [], f"reads of the document's collection with no time bound: {reads.unbounded}"
+
+
+class SwapForView(monitoring.CommandListener):
+    """A writer who may drop and create collections replaces `notes` by a view over a collection documents may not
+    use (`secret`) the moment `command` is first sent on `notes` (as another user would: the listener only
+    watches the commands, for timing)."""
+
+    def __init__(self, db, command: str):
+        self.db, self.command, self.swapped = db, command, False
+
+    def started(self, event):
+        if not self.swapped and event.command_name == self.command and event.command.get(self.command) == "notes":
+            self.swapped = True
+            self.db.notes.drop()
+            self.db.command("create", "notes", viewOn="secret", pipeline=[])
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+@pytest.mark.parametrize("command", ["aggregate", "find"])
+def test_class1_a_collection_swapped_for_a_view_after_the_check_never_reads_through_the_view(client, db, command):
+    """`answer_all` checks the collection's type once, then runs three counts and writes them as `progress`
+    before `_next` checks again. A writer who may drop and create collections replaces `notes` by a view over a
+    collection documents may not use (`secret`) right after the check (here: the moment the first count is sent,
+    as another user would, through a command listener that only watches): the counts run through the view with
+    the daemon's rights, and `progress` tells the writer how many of `secret`'s documents match their filter.
+    The same swap at a chunk's `find` must not have the model generate over `secret`'s documents."""
+    db.secret.insert_many([{"_id": n, "text": f"salary {n}"} for n in range(7)])
+    db.notes.insert_many([{"_id": n, "text": f"ahoy {n}"} for n in range(3)])
+    document = collection_request("swapped", "m", "notes")
+    spec = parse_request(document, Settings.load({}, environ=ANSWERS).limits)
+    db[defaults.REQUESTS].insert_one({**document, "status": "running", "lease": {"owner": OWNER}})
+    swap, generated = SwapForView(db, command), []
+
+    async def job():
+        async_client = AsyncMongoClient(client.address[0], client.address[1], directConnection=True,
+                                        event_listeners=[swap])
+        try:
+            serving = Answering(async_client[db.name], meanwhile=lambda: generated.append(1))
+            await asyncio.wait_for(CollectionJob(serving, spec).answer_all(), 60)
+        finally:
+            await async_client.close()
+
+    asyncio.run(job())
+    assert swap.swapped
+    ended = db[defaults.REQUESTS].find_one({"_id": "swapped"})
+    assert (ended.get("progress") or {}).get("total") != 7, f"counted through the view: {ended.get('progress')}"
+    assert generated == [] and ended["status"] == "failed" and ended["error"]["field"] == "collection", ended
+
+
+def test_class1_a_collection_swapped_for_a_view_while_training_reads_it_is_refused(client, db, limits):
+    """The same swap at the `find` that reads a model's training documents: the run never gets them."""
+    db.secret.insert_many([{"_id": n, "text": f"salary {n}"} for n in range(7)])
+    db.notes.insert_many([{"_id": n, "text": f"ahoy {n}"} for n in range(3)])
+    swap = SwapForView(db, "find")
+    swapping = MongoClient(client.address[0], client.address[1], directConnection=True, event_listeners=[swap])
+    try:
+        model = parse_model({"_id": "m", "model_name_or_path": "org/m", "data": {"collection": "notes"}}, limits)
+        with pytest.raises(SpecError) as refused:
+            check_documents(swapping[db.name], model.data, limits)
+    finally:
+        swapping.close()
+    assert swap.swapped and refused.value.field == "data.collection"
+
+
+@pytest.mark.parametrize("filter_", [EXPENSIVE, {"$and": [{"lang": "en"}, {"$expr": {"$gt": ["$a", "$b"]}}]},
+                                     {"items": {"$elemMatch": {"$expr": {"$eq": ["$n", 1]}}}}])
+def test_class1_a_filter_selects_and_never_computes(limits, filter_):
+    """`$expr` anywhere in a request's or a model's filter is refused naming the field: a filter selects documents
+    with query operators; aggregation expressions cost the server without a bound its size could set."""
+    with pytest.raises(SpecError) as request:
+        parse_request(collection_request("r", "m", "notes", filter=filter_), limits)
+    with pytest.raises(SpecError) as model:
+        parse_model({"_id": "m", "model_name_or_path": "org/m", "data": {"collection": "notes", "filter": filter_}},
+                    limits)
+    assert (request.value.field, model.value.field) == ("filter", "data.filter")
+    assert "$expr" in request.value.message and "$expr" in model.value.message

@@ -667,13 +667,22 @@ def check_collection(name: str, limits: Limits) -> None:
                         f"they may with {Limits.setting('collections')}")
 
 
-def check_collection_type(listed: list[dict], field: str) -> None:
+UNCHECKED = object()  # check_collection_type's `same_as` when any collection will do
+
+
+def check_collection_type(listed: list[dict], field: str, same_as=UNCHECKED):
     """What `listCollections` says of the collection a document names (nothing: it does not exist yet) must be a
-    collection: checked where the daemon reads or writes it, since a view may be created under any name."""
+    collection: checked where the daemon reads or writes it, since a view may be created under any name. Returns
+    its UUID (None while there is none), which must be `same_as` when given: checked before and after a read, it
+    tells that the name named one collection throughout, never a view swapped in meanwhile."""
     for info in listed:
         if info.get("type") not in COLLECTION_TYPES:
             raise SpecError(field, f"is a {info.get('type') or 'namespace of unknown type'}; documents may name "
                             "collections only, never a view")
+    found = (listed[0].get("info") or {}).get("uuid") if listed else None
+    if same_as is not UNCHECKED and found != same_as:
+        raise SpecError(field, "was dropped, renamed or replaced while the listener read it; submit it again")
+    return found
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")

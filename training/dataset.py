@@ -44,12 +44,17 @@ def needed_fields(data: DataSpec) -> list[str]:
 
 
 def load_documents(db, data: DataSpec, limits: Limits) -> list[dict]:
-    """The selected documents, at most the operator's cap; errors never show other documents' contents."""
-    check_collection_type(db.list_collections(filter={"name": data.collection}).to_list(), "data.collection")
+    """The selected documents, at most the operator's cap; errors never show other documents' contents. Read from a
+    collection only: the name names the same one before and after the read, never a view swapped in meanwhile."""
+    def listed():
+        return db.list_collections(filter={"name": data.collection}).to_list()
+
+    uuid = check_collection_type(listed(), "data.collection")
     projection = {name: 1 for name in needed_fields(data)} or None
     cap = min(data.limit or limits.max_documents, limits.max_documents)
     # In `_id` order, so the same documents always make the same dataset (and the run can be redone).
     documents = list(db[data.collection].find(data.filter, projection, limit=cap + 1, sort=[("_id", 1)]))
+    check_collection_type(listed(), "data.collection", uuid)
     if len(documents) > cap and not data.limit:
         raise SpecError("data.limit", limits.refusal("max_documents", "the selection holds more documents, which")
                         + "; select fewer with data.filter or data.limit")
