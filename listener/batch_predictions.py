@@ -96,6 +96,9 @@ class CollectionJob:
                 if len(self.unwritable) > MAX_UNWRITABLE or self.unwritable_bytes > MAX_UNWRITABLE_BYTES:
                     await self.serving.fail(self.spec.id, self._too_many_unwritable())
                     return
+                if await self._cancelled():  # looked for at each chunk: a long first pass can be stopped too
+                    await self._end_cancelled()
+                    return
             if self.spec.watch:
                 await self._watch(model, entry, used)
                 return
@@ -240,6 +243,9 @@ class CollectionJob:
                     missed = len(unreadable + await self._answer(batch, model, entry, used))
                     await self.requests.update_one({"_id": ids.eq(self.spec.id), **self._mine()}, {"$inc": {
                         "progress.done": 1 - missed, "progress.skipped": missed, "progress.total": 1}})
+        await self._end_cancelled()
+
+    async def _end_cancelled(self) -> None:
         await transition(self.requests, self.spec.id, Status.RUNNING, Status.CANCELLED, REQUEST_TRANSITIONS,
                          match=self._mine(), unset=("lease",))
 

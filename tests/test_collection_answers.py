@@ -127,6 +127,17 @@ def test_class3_documents_that_cannot_take_the_answer_are_skipped_once(client, d
     assert not [r.getMessage() for r in caplog.records if "not answered for request" in r.getMessage()]
 
 
+def test_class2_a_long_first_pass_stops_when_cancelled(client, db):
+    """A request over a collection (watching or not) looks for `cancel: true` at each chunk of its first pass, so
+    its writer can stop it before it has answered every document."""
+    db.many.insert_many([{"_id": n, "text": f"ahoy {n}"} for n in range(10)])
+    def cancel():
+        db[defaults.REQUESTS].update_one({"_id": "stopped"}, {"$set": {"cancel": True}})
+
+    ended = run_job(client, db, collection_request("stopped", "m", "many"), meanwhile=cancel, max_batch=2)
+    assert ended["status"] == "cancelled" and db.many.count_documents({"answer.request": "stopped"}) == 2, ended
+
+
 @pytest.mark.parametrize("bound", [("MAX_UNWRITABLE", 4), ("MAX_UNWRITABLE_BYTES", 100)])
 def test_class3_a_job_past_the_documents_it_can_skip_fails_naming_the_field(client, db, monkeypatch, bound):
     """Each document whose write the server refuses (here: the collection's validator) stays in every later query
@@ -339,19 +350,22 @@ def test_class2_two_odd_documents_with_large_ids_never_stop_the_others(client, d
     assert ended["status"] == "done" and ended["progress"]["skipped"] == 2, {k: ended[k] for k in ("status",)}
 
 
-def test_class2_a_real_change_to_an_input_object_is_never_taken_for_an_answer(client, db, caplog):
+@pytest.mark.parametrize("key, request_id", [("title", "GET /x"), ("text", "W")])
+def test_class2_a_real_change_to_an_input_object_is_never_taken_for_an_answer(client, db, caplog, key, request_id):
     """`is_answer` takes any object with `checkpoint` and `request` keys for an answer the listener wrote. An
     input under an object that has such keys (a log line's `{title, request, checkpoint}`, or a writer who adds
-    them) is then never answered again when that object is set anew: the watch skips the real change."""
+    them) is then never answered again when that object is set anew: the watch skips the real change. Even an
+    object with exactly an answer's fields, naming a request that exists, is a change where that request does
+    not write (W writes `summary`, not `meta`)."""
     caplog.set_level(logging.INFO, logger="listener.batch_predictions")
-    db.logs.insert_one({"_id": 1, "meta": {"title": "first", "request": "GET /", "checkpoint": "v1"}})
+    db.logs.insert_one({"_id": 1, "meta": {key: "first", "request": "GET /", "checkpoint": "v1"}})
     errors: list = []
-    watching = collection_request("W", "m", "logs", input="{meta.title}", output_field="summary", watch=True)
+    watching = collection_request("W", "m", "logs", input=f"{{meta.{key}}}", output_field="summary", watch=True)
     thread = watch_in_thread(client, db, watching, errors)
     wait_until(lambda: "watching logs" in caplog.text, 60, "the watch on logs")
     assert db.logs.find_one({"_id": 1})["summary"]["text"] == "re: first"
-    db.logs.update_one({"_id": 1}, {"$set": {"meta": {"title": "second", "request": "GET /x", "checkpoint": "v2"}}})
-    db.logs.insert_one({"_id": 2, "meta": {"title": "sentinel"}})  # after the change in the stream
+    db.logs.update_one({"_id": 1}, {"$set": {"meta": {key: "second", "request": request_id, "checkpoint": "base"}}})
+    db.logs.insert_one({"_id": 2, "meta": {key: "sentinel"}})  # after the change in the stream
     wait_until(lambda: "summary" in db.logs.find_one({"_id": 2}), 60, "the answer to the sentinel")
     db[defaults.REQUESTS].update_one({"_id": "W"}, {"$set": {"cancel": True}})
     thread.join(60)
