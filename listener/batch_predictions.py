@@ -134,9 +134,9 @@ class CollectionJob:
         found = self._raw().find(todo).sort("_id", 1).limit(self.serving.settings.max_batch)
         return await self._read(found.to_list)
 
-    def _raw(self, document_class=RawBSONDocument):
+    def _raw(self):
         """The collection read as raw BSON, decoded one document at a time (`_decoded`)."""
-        return self.target.with_options(self.target.codec_options.with_options(document_class=document_class))
+        return self.target.with_options(self.target.codec_options.with_options(document_class=RawBSONDocument))
 
     def _decode(self, raw: RawBSONDocument) -> dict | None:
         """A raw document decoded with the daemon's codec; None where the driver cannot (nested too deep, say)."""
@@ -152,7 +152,8 @@ class CollectionJob:
         for raw in chunk:
             document = self._decode(raw)
             if document is None:  # its `_id` is read decoding the top level only, nested documents and arrays left raw
-                doc_id = _RawArrayBSONDocument(raw.raw, self._raw(_RawArrayBSONDocument).codec_options)["_id"]
+                top_level = self.target.codec_options.with_options(document_class=_RawArrayBSONDocument)
+                doc_id = _RawArrayBSONDocument(raw.raw, top_level)["_id"]
                 unreadable.append(doc_id)
                 log.warning("document %.200r of %s not answered for request %s: the driver cannot decode it",
                             doc_id, self.spec.collection, ids.key(self.spec.id))

@@ -257,11 +257,14 @@ def test_class1_a_collection_swapped_for_a_view_after_the_check_never_reads_thro
     assert generated == [] and ended["status"] == "failed" and ended["error"]["field"] == "collection", ended
 
 
-def test_class1_a_collection_swapped_for_a_view_while_training_reads_it_is_refused(client, db, limits):
-    """The same swap at the `find` that reads a model's training documents: the run never gets them."""
-    db.secret.insert_many([{"_id": n, "text": f"salary {n}"} for n in range(7)])
-    db.notes.insert_many([{"_id": n, "text": f"ahoy {n}"} for n in range(3)])
-    swap = SwapForView(db, "find")
+@pytest.mark.parametrize("command", ["find", "aggregate"])
+def test_class1_a_collection_swapped_for_a_view_while_training_reads_it_is_refused(client, db, limits, command):
+    """The same swap at the `find` that reads a model's training documents (the run never gets them), or at the
+    `aggregate` that names the fields the documents have when none has `data.key` (the error never names
+    another collection's fields)."""
+    db.secret.insert_many([{"_id": n, "text": f"salary {n}", "salary": n} for n in range(7)])
+    db.notes.insert_many([{"_id": n, "body": f"ahoy {n}"} for n in range(3)])
+    swap = SwapForView(db, command)
     swapping = MongoClient(client.address[0], client.address[1], directConnection=True, event_listeners=[swap])
     try:
         model = parse_model({"_id": "m", "model_name_or_path": "org/m", "data": {"collection": "notes"}}, limits)
@@ -269,7 +272,7 @@ def test_class1_a_collection_swapped_for_a_view_while_training_reads_it_is_refus
             check_documents(swapping[db.name], model.data, limits)
     finally:
         swapping.close()
-    assert swap.swapped and refused.value.field == "data.collection"
+    assert swap.swapped and refused.value.field == "data.collection", refused.value
 
 
 @pytest.mark.parametrize("filter_", [EXPENSIVE, {"$and": [{"lang": "en"}, {"$expr": {"$gt": ["$a", "$b"]}}]},

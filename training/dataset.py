@@ -43,18 +43,25 @@ def needed_fields(data: DataSpec) -> list[str]:
     return [*dict.fromkeys(fields), data.fold_field]
 
 
-def load_documents(db, data: DataSpec, limits: Limits) -> list[dict]:
-    """The selected documents, at most the operator's cap; errors never show other documents' contents. Read from a
-    collection only: the name names the same one before and after the read, never a view swapped in meanwhile."""
+def read_collection(db, data: DataSpec, read):
+    """What `read()` returns, read only from a collection: the name names the same collection before and after the
+    read, never a view swapped in meanwhile (which would read anything with the daemon's rights)."""
     def listed():
         return db.list_collections(filter={"name": data.collection}).to_list()
 
     uuid = check_collection_type(listed(), "data.collection")
+    result = read()
+    check_collection_type(listed(), "data.collection", uuid)
+    return result
+
+
+def load_documents(db, data: DataSpec, limits: Limits) -> list[dict]:
+    """The selected documents, at most the operator's cap; errors never show other documents' contents."""
     projection = {name: 1 for name in needed_fields(data)} or None
     cap = min(data.limit or limits.max_documents, limits.max_documents)
     # In `_id` order, so the same documents always make the same dataset (and the run can be redone).
-    documents = list(db[data.collection].find(data.filter, projection, limit=cap + 1, sort=[("_id", 1)]))
-    check_collection_type(listed(), "data.collection", uuid)
+    documents = read_collection(db, data, lambda: list(db[data.collection].find(data.filter, projection,
+                                                                                limit=cap + 1, sort=[("_id", 1)])))
     if len(documents) > cap and not data.limit:
         raise SpecError("data.limit", limits.refusal("max_documents", "the selection holds more documents, which")
                         + "; select fewer with data.filter or data.limit")
@@ -76,7 +83,8 @@ def _missing(db, documents: list[dict], data: DataSpec) -> None:
         if lacking:
             field = "data.template" if data.template and name in template_fields(data.template) else "data.key"
             # When no document has it, the name is likely wrong: say which fields the documents do have.
-            hint = fields_hint(db[data.collection], data.filter) if len(lacking) == len(documents) else ""
+            hint = (read_collection(db, data, lambda: fields_hint(db[data.collection], data.filter))
+                    if len(lacking) == len(documents) else "")
             raise SpecError(
                 field,
                 f"{len(lacking)} of {len(documents)} selected documents have no field {name!r}{hint}",
