@@ -6,9 +6,10 @@ template whose "{field}" placeholders are replaced by those fields' values (a su
 `output_field: {text, checkpoint: {run, step} | "base", request}` (or `{error, checkpoint, request}` when
 its input cannot be used), so a crash resumes with exactly the documents that lack an answer from this
 checkpoint. The answer names its request, and is written only where `output_field` is absent or holds
-that request's answer: never over a value anyone else wrote (the operator allows the collection itself
-with `MONGOTUNE_ANSWER_COLLECTIONS`). A document the write cannot land on is skipped, logged and counted,
-never fetched again by the job. The request shows `progress: {done, total, skipped}` and ends `done`; with
+that request's answer, under parents that are objects or absent: never over a value anyone else wrote (the
+operator allows the collection itself with `MONGOTUNE_ANSWER_COLLECTIONS`). A document the write cannot land
+on, or the driver cannot decode, is skipped, logged and counted, never fetched again by the job. Every read
+is bracketed by checks that the name still names the same collection, never a view swapped in. The request shows `progress: {done, total, skipped}` and ends `done`; with
 `watch: true` it stays `running` and answers documents inserted, or whose input fields change, through a
 change stream on the collection, until it is cancelled (`cancel: true`). An answer written, by any request,
 never triggers an answer: only other changes to an input field do, so requests cannot feed each other.
