@@ -15,7 +15,6 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 
-from bson.errors import InvalidBSON
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from listener import embedded, gpus, health, housekeeping, leases, metrics, schema
@@ -25,8 +24,8 @@ from listener.forks import Forks, forget_connection_environment
 from listener.intake import Intake
 from listener.jobs import supervise
 from listener.periodic import Periodic
-from listener.leases import claim_model, fail_malformed
-from listener.records import BadRecord, ModelState, RequestState, SkipLog, parse
+from listener.leases import claim_model, fail_malformed, fail_undecodable
+from listener.records import BadRecord, ModelState, RequestState, SkipLog, decoded, parse, raw
 from listener.retrain import Retrainer
 from listener.serving import Serving
 from listener.settings import Settings
@@ -285,22 +284,20 @@ async def watch_collection(daemon: Daemon, name: str, consider, scan) -> None:
 
 
 async def scan_pending(daemon: Daemon, name: str, consider) -> None:
-    """Every pending document, one at a time; a batch the driver cannot decode is read document by document."""
-    collection = daemon.db[name]
-    try:
-        async for document in collection.find(status_filter(Status.PENDING)):
-            await daemon.isolated(name, document, consider)
-        return
-    except InvalidBSON as exc:
-        log.warning("a pending %s document cannot be decoded (%s); reading them one by one", name, exc)
-    async for row in collection.find(status_filter(Status.PENDING), {"_id": 1}):
+    """Every pending document, one at a time, read raw: one nested deeper than the listener reads (which the driver
+    may not even decode) fails by its id (or is skipped where the server cannot change it), and the others are
+    considered."""
+    table = MODEL_TRANSITIONS if name == defaults.MODELS else REQUEST_TRANSITIONS
+    async for document in raw(daemon.db[name]).find(status_filter(Status.PENDING)):
         try:
-            document = await collection.find_one({"_id": ids.eq(row["_id"])})
-        except InvalidBSON as exc:
-            daemon.skipped.skip(name, row["_id"], exc)
+            value = decoded(document)
+        except SpecError as exc:
+            try:
+                await fail_undecodable(daemon.db[name], table, document, exc, daemon.skipped)
+            except OperationFailure as again:  # it had an id: logged once, and read again by the next scan
+                daemon.skipped.skip(name, document["_id"], again)
             continue
-        if document is not None:
-            await daemon.isolated(name, document, consider)
+        await daemon.isolated(name, value, consider)
 
 
 async def _serve(settings: Settings) -> None:

@@ -4,11 +4,11 @@ Anything that may mean new pending requests (a change event, a stream opened aga
 serving, the periodic scan, a requeue) calls `wake`; wake-ups during a round make one more round, not
 one each. A round costs the database the same whatever its size:
 
-1. one `find` of pending requests, at most as many as serving has room for, leaving out the models
-   whose share of this daemon is full (`$nin`), so one model's flood never hides another model's
-   lone request. Requests over a collection, which run long (watching ones until cancelled), are
-   claimed against places of their own (`Queues.free(collection=True)`): one `$or` branch per kind
-   of request with room, so they never take an interactive request's place;
+1. one `find` of pending requests per kind of request with room, at most as many as serving has room
+   for, leaving out the models whose share of this daemon is full (`$nin`), so one model's flood never
+   hides another model's lone request. Requests over a collection, which run long (watching ones until
+   cancelled), are claimed against places of their own (`Queues.free(collection=True)`), in a find of
+   their own, so a flood of them (junk included) never fills the finds of interactive requests;
 2. one `update_many` that moves those still pending, not cancelled and not out of attempts to
    `running` under this daemon's lease, marked with this claim's id;
 3. only if that moved fewer than it was given (another daemon took some first): one `find` of
@@ -16,8 +16,10 @@ one each. A round costs the database the same whatever its size:
 
 So daemons that race split a burst between them instead of each wasting a claim per request, and a
 daemon whose serving is full claims nothing: it leaves the work to daemons that can answer it soon.
-A request is parsed once claimed; an invalid one fails naming its field. Before the claim, only what the
-claim itself needs is checked: an id over 1 kB fails at once (a batch's ids travel in one command), a
+Finds read raw BSON and decode each document on its own, so one nested deeper than the listener reads
+(which the driver may not even decode) fails alone, by its id, before the claim. A request is parsed
+once claimed; an invalid one fails naming its field. Before the claim, only what the claim itself needs
+is checked: an id over 1 kB fails at once (a batch's ids travel in one command), a
 request naming anything but a plain model id is claimed whatever that value's share (it fails once
 claimed; `$nin` could not leave it out), and a request the server refuses to change (one just under
 16 MB cannot take a lease) is logged once and left out of this daemon's finds for a while. A round
@@ -33,10 +35,11 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 from bson.errors import BSONError
+from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure, PyMongoError
 
-from listener.leases import fail_malformed, lease
-from listener.records import BadRecord, RequestState, SkipLog, parse
+from listener.leases import fail_malformed, fail_undecodable, lease
+from listener.records import BadRecord, RequestState, SkipLog, decoded, parse, raw
 from listener.status import (REQUEST_TRANSITIONS, Status, now, query_for, status_filter, transition, transition_each,
                              transition_many, update_for)
 from training import defaults, ids
@@ -58,6 +61,7 @@ class Intake:
     def __init__(self, db, settings, owner: str, serving, counters: dict, skipped: SkipLog,
                  stopping: Callable[[], bool]):
         self.requests = db[defaults.REQUESTS]
+        self.raw_requests = raw(self.requests)  # read undecoded: see `_pending`
         self.settings, self.owner, self.serving, self.counters, self.skipped = settings, owner, serving, counters, skipped
         self.stopping = stopping
         self._woken = asyncio.Event()
@@ -88,19 +92,19 @@ class Intake:
         """Claim what serving has room for; how many requests this round handed it."""
         queues, handed, progressed = self.serving.queues, 0, False
         full = {kind: {ids.key(model): model for model in queues.full_models(kind)} for kind in KINDS}
+        more = set(KINDS)  # the kinds that may have pending requests this round has not seen
         for _ in range(MAX_FINDS):
-            free = {kind: places for kind in KINDS if (places := queues.free(kind)) > 0}
+            free = {kind: places for kind in more if (places := queues.free(kind)) > 0}
             if not free:
                 break
-            query = {**status_filter(Status.PENDING), "$or": [_of_kind(kind, full[kind]) for kind in free]}
-            if self._stuck:
-                query["_id"] = {"$nin": self._left_out()}
-            documents = await self.requests.find(query).limit(sum(free.values())).to_list()
-            chosen, ended = await self._choose(documents, full, free)
+            found = {kind: await self._pending(kind, places, full[kind]) for kind, places in free.items()}
+            chosen, ended = await self._choose([document for kind in free for document in found[kind]], full, free)
             claimed = await self._claim(chosen) if chosen else []
             handed += await self._hand_over(claimed)
             progressed = progressed or bool(ended or claimed)
-            if len(documents) < sum(free.values()) and len(claimed) == len(chosen):
+            raced = len(claimed) < len(chosen)  # another daemon took some: their places are still free here
+            more = {kind for kind, places in free.items() if len(found[kind]) == places or raced}
+            if not more:
                 break  # every pending request was seen and nobody raced for them
         else:
             # Finds came back full to the last: more may be pending. Requests that ended here (invalid,
@@ -110,15 +114,29 @@ class Intake:
                 self.wake()
         return handed
 
-    async def _choose(self, documents: list[dict], full: dict, free: dict) -> tuple[list[dict], int]:
-        """The documents to claim, and how many ended here instead (malformed, cancelled, out of attempts).
+    async def _pending(self, kind: bool, places: int, full: dict) -> list[RawBSONDocument]:
+        """Up to `places` pending requests of one kind, undecoded: a kind's flood (junk included) fills only its own
+        find, and one document the driver cannot decode fails alone in `_choose`."""
+        query = {**status_filter(Status.PENDING), **_of_kind(kind, full)}
+        if self._stuck:
+            query["_id"] = {"$nin": self._left_out()}
+        return await self.raw_requests.find(query).limit(places).to_list()
+
+    async def _choose(self, documents: list[RawBSONDocument], full: dict, free: dict) -> tuple[list[dict], int]:
+        """The documents to claim (decoded), and how many ended here instead (undecodable, malformed, cancelled,
+        out of attempts).
 
         Each kind of request takes at most its `free` places. A model whose share of its kind is reached
         joins `full[kind]` (by `ids.key`), which the next find leaves out; only plain ids can be left out,
         and a request naming anything else fails once claimed.
         """
         chosen, taking, ended = [], Counter(), 0
-        for document in documents:
+        for raw_document in documents:
+            try:
+                document = decoded(raw_document)
+            except SpecError as exc:
+                ended += await self._fail_undecodable(raw_document, exc)
+                continue
             try:
                 state = parse(RequestState, document)
             except BadRecord as exc:
@@ -230,6 +248,13 @@ class Intake:
             self.serving.submit(spec)
         await transition_each(self.requests, invalid)
         return len(specs)
+
+    async def _fail_undecodable(self, document: RawBSONDocument, exc: SpecError) -> bool:
+        try:
+            return await fail_undecodable(self.requests, REQUEST_TRANSITIONS, document, exc, self.skipped)
+        except OperationFailure as again:  # it had an id: left out of the finds instead
+            self._refused(document["_id"], again)
+            return False
 
     async def _give_up(self, state: RequestState) -> bool:
         error = {"type": "too_many_attempts", "message": f"{state.attempts} attempts to answer this request did not "

@@ -11,12 +11,15 @@ import datetime as dt
 import logging
 from collections.abc import Container
 
+from bson.errors import InvalidBSON
+from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure
 
-from listener.records import BadRecord, ModelState, SkipLog, parse
+from listener.records import BadRecord, ModelState, SkipLog, parse, raw
 from listener.settings import ALIVE_BEATS
 from listener.status import MODEL_TRANSITIONS, Status, now, transition
 from training import ids
+from training.config import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,21 @@ async def fail_malformed(collection, table: dict, doc_id, old: Status, exc: BadR
     except OperationFailure as again:
         skipped.skip(collection.name, doc_id, again)
         return False
+
+
+async def fail_undecodable(collection, table: dict, document: RawBSONDocument, exc: SpecError,
+                           skipped: SkipLog) -> bool:
+    """A pending document nested deeper than the listener reads (`records.decoded`) ends `failed` by its id, naming
+    the field; written and read back raw, so nothing decodes it again. Whether it did now. OperationFailure where
+    the server cannot change it either (the embedded one, past some 900 levels): the caller leaves it out."""
+    try:
+        doc_id = document["_id"]
+    except (InvalidBSON, RecursionError):  # not even its top level decodes (a deep array there): no id to fail it by
+        skipped.skip(f"read {collection.name}", None, exc)
+        return False
+    log.info("%s %.200r cannot be read: %s", collection.name, doc_id, exc)
+    return await transition(raw(collection), doc_id, Status.PENDING, Status.FAILED, table,
+                            fields={"error": exc.as_error()}) is not None
 
 
 async def _requeue(collection, table: dict, state, max_attempts: int, why: str) -> dict | None:

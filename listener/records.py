@@ -10,10 +10,15 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+import bson
+from bson.codec_options import CodecOptions
+from bson.errors import InvalidBSON
+from bson.raw_bson import RawBSONDocument
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from listener.status import Status
-from training import ids
+from training import defaults, ids
+from training.config import SpecError, check_depth, too_deep
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +113,59 @@ def parse(kind: type[BaseModel], document: Any):
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "json-or-python")))
         raise BadRecord(field, err["msg"]) from None
+
+
+CODEC = CodecOptions(**defaults.CODEC)
+
+
+def raw(collection):
+    """`collection`, its documents read as raw BSON: the driver decodes none of a batch, so one it cannot decode
+    (nested deeper than Python's recursion limit, which the embedded server stores) stops no loop; see `decoded`."""
+    return collection.with_options(codec_options=collection.codec_options.with_options(document_class=RawBSONDocument))
+
+
+def decoded(document: RawBSONDocument) -> dict:
+    """A raw document as every other read gives it, or SpecError (`training.config.too_deep`) naming the top-level
+    field nested past `MAX_DEPTH` levels (whether the driver could decode it here or not: that depends on how
+    deep its caller's stack already is)."""
+    try:
+        value = bson.decode(document.raw, CODEC)
+    except (InvalidBSON, RecursionError):
+        raise too_deep(_undecodable_field(document)) from None
+    check_depth(value)
+    return value
+
+
+async def readable(cursor, skipped: "SkipLog", where: str):
+    """The documents of a raw cursor (`raw`) decoded, those nested deeper than the listener reads skipped (logged
+    once each): for reads that fail nothing, so one document never ends the loop reading them."""
+    async for document in cursor:
+        try:
+            yield decoded(document)
+        except SpecError as exc:
+            skipped.skip(where, raw_id(document), exc)
+
+
+def raw_id(document: RawBSONDocument):
+    """A raw document's `_id`; None where not even its top level decodes (an array nested too deep there)."""
+    try:
+        return document.get("_id")
+    except (InvalidBSON, RecursionError):
+        return None
+
+
+def _undecodable_field(document: RawBSONDocument) -> str:
+    """The first top-level field the driver cannot decode; "" where even the top level cannot be read."""
+    try:
+        fields = list(document.items())  # sub-documents stay raw here
+    except (InvalidBSON, RecursionError):
+        return ""
+    for field, value in fields:
+        try:
+            bson.decode(bson.encode({field: value}), CODEC)
+        except (InvalidBSON, RecursionError):
+            return field
+    return ""
 
 
 class SkipLog:

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from listener.periodic import Periodic
-from listener.records import BadRecord, ModelState, SkipLog, parse
+from listener.records import BadRecord, ModelState, SkipLog, parse, raw, readable
 from listener.settings import Settings
 from listener.status import DOCUMENT_VALIDATION_FAILURE, FINAL, MODEL_TRANSITIONS, Status, now, transition
 from listener.streams import LOST_TOKEN_CODES
@@ -199,7 +199,8 @@ class Retrainer:
 
     async def _models(self) -> dict[str, tuple[ModelSpec, ModelState]]:
         found = {}
-        async for document in self.db[defaults.MODELS].find({"retrain": {"$type": "object"}}):
+        async for document in readable(raw(self.db[defaults.MODELS]).find({"retrain": {"$type": "object"}}),
+                                       self.skipped, "retrain"):
             try:
                 state, spec = parse(ModelState, document), self._spec(document)
             except (BadRecord, SpecError) as exc:  # the daemon's own pass fails the document where it must

@@ -1,5 +1,7 @@
 """The one factory for the documents tests insert: a model trained on the sample chats, a request, a heartbeat."""
 
+import sys
+
 from listener.leases import alive_until
 from training import defaults
 
@@ -30,3 +32,21 @@ def collection_request(doc_id, model_id, collection, **fields) -> dict:
     """A request over `collection` answering each document's `text` into `answer`, from the base model."""
     return {"_id": doc_id, "model": model_id, "collection": collection, "input": "{text}", "output_field": "answer",
             "checkpoint": "base", "params": {"max_new_tokens": 2}, **fields}
+
+
+def nested(levels: int, value="x"):
+    """`value` inside `levels` arrays: deeper than MongoDB stores (100), as the embedded server still stores it."""
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def insert_nested(collection, document: dict) -> None:
+    """Insert a document nested far deeper than Python's recursion limit lets the driver encode it by default (a
+    writer's own tools encode it: any driver, mongosh)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    try:
+        collection.insert_one(document)
+    finally:
+        sys.setrecursionlimit(limit)

@@ -13,10 +13,18 @@ from bson import ObjectId
 from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure
 
+from listener.follow import wait_for
+from listener.forks import Forks
+from listener.intake import Intake
+from listener.records import SkipLog, raw
+from listener.serving import Serving
+from listener.settings import Settings
 from listener.status import Status
-from tests.documents import request
+from tests.documents import insert_nested, model, nested, request
+from tests.test_claims import PATH, StandIn, daemon, until
 from tests.test_intake import intake_for, run_with
-from training import defaults
+from training import defaults, ids
+from training.config import MAX_DEPTH
 
 GOOD = "good"
 
@@ -197,3 +205,125 @@ def test_a_request_set_back_to_pending_while_held_is_queued_once(server_uri, db)
     queued, held = run_with(server_uri, db.name, work)
     assert held == 1
     assert queued == {'"m"': 1}
+
+
+def intake_beside_collection_jobs(adb, environ: dict | None = None, **options) -> Intake:
+    """An intake whose serving would start a collection job that only waits (none starts here unless claimed)."""
+    chosen = Settings.load({"db": adb.name, "validators": False, **options}, environ=environ or {})
+    counters = {"requests_done": 0, "requests_failed": 0}
+    serving = Serving(adb, chosen, "d", counters, Forks(gpus=False),
+                      collection_job=lambda serving, spec: asyncio.Event().wait())
+    return Intake(adb, chosen, "d", serving, counters, SkipLog(), stopping=lambda: False)
+
+
+def test_class3_a_flood_of_junk_collection_requests_never_hides_a_lone_interactive_request(server_uri, db):
+    """Re-attack 21, finding 6. The intake's one find took `sum(free)` documents for both kinds together, in
+    natural order: requests over a collection inserted first filled the whole limit, the claim took only as many
+    as the collection places (the rest were skipped as "its kind has no more places"), and junk ones (invalid once
+    claimed) freed those places again at once. So a writer's flood of N junk collection requests kept a lone
+    interactive request pending for about N / (max_collection_jobs * MAX_FINDS) rounds although every
+    interactive place was free."""
+    requests = db[defaults.REQUESTS]
+    junk = [{"_id": f"junk{n}", "model": f"m{n}", "collection": "notes", "input": "{text}", "checkpoint": "base"}
+            for n in range(40)]  # no output_field: each fails once claimed
+    requests.insert_many(junk)
+    requests.insert_one(request("plain", "a"))
+
+    async def work(adb):
+        intake = intake_beside_collection_jobs(adb, {"MONGOTUNE_ANSWER_COLLECTIONS": "*"}, max_queued_requests=8,
+                                               max_queue_per_model=8, max_collection_jobs=1,
+                                               max_collection_jobs_per_model=1)
+        await intake.round()
+        return [ids.key(doc_id) for doc_id in intake.serving.queues.held_ids()]
+
+    held = run_with(server_uri, db.name, work)
+    failed = requests.count_documents({"status": "failed"})
+    assert ids.key("plain") in held, (f"all 8 interactive places were free, yet the round claimed only {failed} junk "
+                                      f"collection requests and left the interactive one pending; held: {held}")
+
+
+def test_class3_a_request_nested_deeper_than_the_driver_decodes_never_starves_the_others(server_uri, db):
+    """Re-attack 21, finding 1. The embedded server stores documents nested far deeper than MongoDB's 100 levels
+    (it took 975 here), while the daemon's driver decodes a reply with Python's recursion limit: a pending request
+    with a filter of ~975 nested arrays made every intake `find` that reached it fail as InvalidBSON. It stayed
+    pending (nothing could read it to fail it) and was found first by every round: no other request was ever
+    claimed again. Now it fails alone, by its id, naming the limit."""
+    insert_nested(db[defaults.REQUESTS], {"_id": "deep", "model": "a", "input": "hi",
+                                          "filter": {"x": {"$in": nested(975)}}})
+    db[defaults.REQUESTS].insert_one(request("plain", "b"))
+
+    async def work(adb):
+        intake = intake_beside_collection_jobs(adb)
+        for _ in range(3):  # as the daemon's loop does at each wake-up: a failed round waits for the next
+            try:
+                await intake.round()
+            except Exception as exc:  # noqa: BLE001 (Intake.run logs it and waits)
+                failures.append(f"{type(exc).__name__}: {str(exc)[:80]}")
+        return [ids.key(doc_id) for doc_id in intake.serving.queues.held_ids()]
+
+    failures: list = []
+    held = run_with(server_uri, db.name, work)
+    assert ids.key("plain") in held, f"three rounds claimed nothing: held {held}, rounds failed with {failures}"
+    assert_failed_or_left_out(db[defaults.REQUESTS], "filter")
+
+
+@pytest.mark.parametrize("field", ["filter", "input", "params"])
+def test_a_request_nested_deeper_than_mongodb_stores_fails_naming_its_field(server_uri, db, field):
+    """The class, below what breaks the driver: a value nested past MongoDB's own 100 levels (which the embedded
+    server stores) fails once claimed, naming its field and the limit, and is never handed to serving."""
+    document = {**request("deep", "a"), field: {"x": nested(150)}}
+    db[defaults.REQUESTS].insert_one(document)
+
+    async def work(adb):
+        intake = intake_for(adb, "d")
+        return await intake.round()
+
+    assert run_with(server_uri, db.name, work) == 0
+    deep = db[defaults.REQUESTS].find_one({"_id": "deep"})
+    assert deep["status"] == "failed" and deep["error"]["field"] == field and f"{MAX_DEPTH}" in deep["error"]["message"]
+
+
+def test_class3_a_daemon_still_answers_requests_beside_one_nested_deeper_than_it_decodes(db, start_daemon):
+    """Re-attack 21, finding 1, against a real `listener start`: with the deep request pending, a request for a
+    model that does not exist was never even claimed (it should fail at once, naming the model). Both are
+    inserted before the daemon starts, so its first scan finds them together."""
+    insert_nested(db[defaults.REQUESTS], {"_id": "deep", "model": "a", "input": "hi",
+                                          "filter": {"x": {"$in": nested(975)}}})
+    db[defaults.REQUESTS].insert_one(request("plain", "no-such-model"))
+    daemon = start_daemon()
+    try:
+        ended = wait_for(db[defaults.REQUESTS], "plain", lambda d: d.get("status") not in (None, "pending"), 90)
+    except TimeoutError:
+        log = daemon.log()
+        pytest.fail("the request was never claimed; the daemon's log says: "
+                    + " | ".join(line[:160] for line in log.splitlines() if "claim" in line)[-1500:])
+    assert ended["status"] == "failed"
+
+
+def test_a_model_nested_deeper_than_the_driver_decodes_fails_alone_and_the_next_is_claimed(server_uri, db, tmp_path):
+    """Re-attack 21, finding 1, on the models' scan: a pending model nested ~975 deep made the scan's batch fail to
+    decode; read one by one, it was skipped and stayed pending, read again at every scan. Now it fails by its id,
+    naming its field and the limit, and the next model is claimed."""
+    deep = model("deep", PATH, data={"collection": "c", "filter": {"x": {"$in": nested(975)}}})
+    insert_nested(db[defaults.MODELS], deep)
+    db[defaults.MODELS].insert_one(model("good", PATH))
+    stand_in = StandIn()
+    stand_in.finish.set()
+
+    async def body():
+        async with daemon(server_uri, db.name, tmp_path, stand_in) as d:
+            await d.scan()
+            await until(lambda: not d.trainings)
+
+    asyncio.run(body())
+    assert [m for m, _, _ in stand_in.runs] == ["good"]
+    assert_failed_or_left_out(db[defaults.MODELS], "data")
+
+
+def assert_failed_or_left_out(collection, field: str) -> None:
+    """The document "deep" failed naming `field` and the limit; or, where the server cannot change it either (the
+    embedded one cannot update a document ~975 deep), it stays pending, left out. Read without decoding the rest."""
+    document = raw(collection).find_one({"_id": "deep"})
+    status, error = document.get("status"), document.get("error")
+    assert status == "failed" and error["field"] == field and f"{MAX_DEPTH}" in error["message"] or (
+        status is None or status == "pending") and error is None, (status, error)

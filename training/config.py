@@ -527,9 +527,31 @@ NOT_FROM_DOCUMENTS = {
 }
 
 
+MAX_DEPTH = 100  # levels of objects and arrays in one document: what MongoDB itself stores at most
+
+
+def too_deep(field: str) -> SpecError:
+    return SpecError(field, f"nested deeper than the listener reads: at most {MAX_DEPTH} levels of objects and "
+                            "arrays (MongoDB's own limit)")
+
+
+def check_depth(document: dict) -> None:
+    """SpecError naming the top-level field nested past `MAX_DEPTH` levels. Another server (the embedded one) may
+    store such a document where MongoDB refuses it; every reader after this one (pydantic, the driver, a
+    worker's JSON) recurses over it. Level by level, so this check itself never recurses."""
+    for field, value in document.items():
+        level, depth = [value], 1
+        while level := [inner for item in level if isinstance(item, (dict, list))
+                        for inner in (item.values() if isinstance(item, dict) else item)]:
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise too_deep(field)
+
+
 def _parse(cls: type[BaseModel], document: dict):
     if not isinstance(document, dict):
         raise SpecError("", "a document must be an object")
+    check_depth(document)
     user_part = {k: v for k, v in document.items() if k not in LISTENER_FIELDS}
     try:
         return cls.model_validate(user_part)
