@@ -7,7 +7,7 @@ import threading
 from click.testing import CliRunner
 
 from listener.cli.main import cli
-from tests.documents import heartbeat
+from tests.documents import heartbeat, insert_nested, nested
 from training import defaults
 from training.inert import MAX_LINE_CHARS
 
@@ -67,3 +67,20 @@ def test_class5_listener_status_prints_a_bounded_requests_line(db, server_uri):
     assert shown.exit_code == 0, shown.output
     requests_line = shown.output[shown.output.index("requests:"):].replace("\n", "")  # rich wraps it at the width
     assert len(requests_line) <= MAX_LINE_CHARS, f"one line of {len(requests_line):,} characters"
+
+
+def test_class5_listener_status_survives_one_model_nested_deeper_than_the_driver_decodes(db, server_uri):
+    """Re-attack 21, finding 10. `listener status` reads every model's `progress`: one model whose `progress` nests
+    ~975 deep (the embedded server stores it) made the whole command fail for everyone: the server's own
+    projection of it fails (`InternalError`, code 1; read without a projection the driver fails instead,
+    InvalidBSON), and the command exited 1 after the daemons table. It shows the others, and that one as
+    unreadable, on one line."""
+    db[defaults.MODELS].insert_one({"_id": "fine", "status": "succeeded"})
+    insert_nested(db[defaults.MODELS], {"_id": "deep", "status": "running", "progress": {"step": nested(975)}})
+    db[defaults.MODELS].insert_one({"_id": "after", "status": "pending"})
+    shown = CliRunner().invoke(cli, ["status", "--uri", server_uri, "--db", db.name])
+    assert shown.exit_code == 0 and "fine" in shown.output, (shown.exit_code, repr(shown.exception)[:200],
+                                                            shown.output[-300:])
+    rows = {line.split("│")[1].strip(): line for line in shown.output.splitlines() if line.count("│") > 2}
+    assert {"fine", "deep", "after"} <= set(rows), shown.output
+    assert "unreadable" in rows["deep"], rows["deep"]

@@ -1,14 +1,18 @@
+from typing import Any
 
 import click
+from bson.errors import InvalidBSON
+from pymongo.errors import OperationFailure
 from rich.console import Console
 from rich.table import Table
 
 from listener import health
 from listener.cli.options import connection_options, open_database, operator_settings
-from listener.records import BadRecord, DaemonRecord, parse
+from listener.records import BadRecord, DaemonRecord, decoded, parse, raw
 from listener.status import Status
 from listener.leases import alive
-from training import defaults
+from training import defaults, ids
+from training.config import MAX_DEPTH, SpecError
 from training.inert import MAX_LINE_CHARS, inert
 
 
@@ -20,9 +24,9 @@ def version_line(versions: dict[str, str]) -> str:
 def live_daemons(db) -> list[DaemonRecord]:
     """Daemons alive by their own heartbeats (`leases.alive`), as they describe themselves (for display only)."""
     found = []
-    for raw in db[defaults.LISTENER].find(alive()):
+    for record in db[defaults.LISTENER].find(alive()):
         try:
-            found.append(parse(DaemonRecord, raw))
+            found.append(parse(DaemonRecord, record))
         except BadRecord:
             continue
     return found
@@ -69,17 +73,51 @@ def status(uri, db, check, name):
     models = Table(title="models")
     for column in ("_id", "status", "run", "progress", "best checkpoint", "error"):
         models.add_column(column)
-    for m in database[defaults.MODELS].find({}, {"status": 1, "run": 1, "progress": 1, "best_checkpoint": 1,
-                                                 "error": 1}):
+    for doc_id, m in shown_models(database):
+        if m is None:
+            models.add_row(inert(doc_id), "unreadable", "", "", "", inert(UNREADABLE, 80))
+            continue
         p = m.get("progress") if isinstance(m.get("progress"), dict) else {}
         best = m.get("best_checkpoint") if isinstance(m.get("best_checkpoint"), dict) else None
         error = m.get("error") if isinstance(m.get("error"), dict) else {}
-        models.add_row(*map(inert, (m["_id"], m.get("status", Status.PENDING.value), m.get("run", ""),
+        models.add_row(*map(inert, (doc_id, m.get("status", Status.PENDING.value), m.get("run", ""),
                                     f"{p.get('step', 0)}/{p.get('total_steps', '?')}" if p else "",
                                     f"run {best.get('run')} step {best.get('step')}" if best else "")),
                        inert(error.get("message", ""), 80))
     console.print(models)
     console.print("requests: " + (", ".join(f"{s}={n}" for s, n in request_counts(database).items()) or "none"))
+
+
+SHOWN = {"status": 1, "run": 1, "progress": 1, "best_checkpoint": 1, "error": 1}
+UNREADABLE = f"nested deeper than {MAX_DEPTH} levels"
+
+
+def shown_models(database) -> list[tuple[Any, dict | None]]:
+    """Each model's id and `SHOWN` fields; None for one nested deeper than the listener reads, which hides no other.
+
+    Read raw and decoded one by one (the driver fails on the whole batch otherwise); should the server itself fail
+    to project one, or the driver to find an id beside a deep array, each model is read on its own.
+    """
+    models = raw(database[defaults.MODELS])
+    try:
+        return [(document["_id"], _readable(document)) for document in models.find({}, SHOWN)]
+    except (OperationFailure, InvalidBSON, RecursionError):
+        return [(row["_id"], _read_alone(models, row["_id"])) for row in models.find({}, {"_id": 1})]
+
+
+def _read_alone(models, doc_id) -> dict | None:
+    try:
+        document = models.find_one({"_id": ids.eq(doc_id)}, SHOWN)
+    except OperationFailure:
+        return None
+    return {} if document is None else _readable(document)  # {}: deleted meanwhile
+
+
+def _readable(document) -> dict | None:
+    try:
+        return decoded(document)
+    except SpecError:
+        return None
 
 
 def request_counts(database) -> dict[str, int]:
