@@ -15,7 +15,7 @@ from bson.errors import InvalidBSON
 from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure
 
-from listener.records import BadRecord, ModelState, SkipLog, parse, raw
+from listener.records import BadRecord, ModelState, SkipLog, parse, raw, read_each
 from listener.settings import ALIVE_BEATS
 from listener.status import MODEL_TRANSITIONS, Status, now, transition
 from training import ids
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 LEASE_EXPIRED, HEARTBEAT_STOPPED = "lease expired", "heartbeat stopped"  # why work was handed back (`history`)
 OLDER_RELEASE_S = 30.0  # how long a heartbeat without `alive_until` counts (`alive`)
+STATE_FIELDS = {"attempts": 1, "lease": 1, "history": 1}  # what a requeue reads
 
 
 def lease(owner: str, lease_s: float) -> dict:
@@ -83,7 +84,7 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
     """
     reaped = 0
     expired = {"status": Status.RUNNING.value, "lease.expires_at": {"$lt": now()}}
-    async for document in collection.find(expired, {"attempts": 1, "lease": 1, "history": 1}):
+    for document in await read_each(collection, expired, STATE_FIELDS, skipped, f"reap {collection.name}"):
         try:
             state = parse(state_kind, document)
         except BadRecord as exc:
@@ -117,7 +118,7 @@ async def take_over(collection, table: dict, state_kind, max_attempts: int, skip
     orphaned = {"status": Status.RUNNING.value, "lease.owner": {"$nin": [owner, *live]},
                 "lease.expires_at": {"$type": "date"}}
     requeued = 0
-    async for document in collection.find(orphaned, {"attempts": 1, "lease": 1, "history": 1}):
+    for document in await read_each(collection, orphaned, STATE_FIELDS, skipped, f"take over {collection.name}"):
         try:
             requeued += bool(await _requeue(collection, table, parse(state_kind, document), max_attempts,
                                             HEARTBEAT_STOPPED))

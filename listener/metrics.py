@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pymongo.errors import PyMongoError
 
 from listener import health
+from listener.records import SkipLog, read_each
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status
 from training import defaults, ids
 
@@ -53,6 +54,7 @@ class Snapshot:
 class Metrics:
     def __init__(self, daemon):
         self.daemon = daemon
+        self.skipped = SkipLog()  # models it cannot read, logged once each
         self.registry = CollectorRegistry()
         self.snapshot = Snapshot()
         self.registry.register(self.snapshot)
@@ -132,7 +134,7 @@ class Metrics:
                                    labels=["model"])
         seen = {}
         running = {"status": Status.RUNNING.value, "lease.owner": {"$eq": self.daemon.owner}}
-        async for doc in self.daemon.db[defaults.MODELS].find(running, {"progress": 1}):
+        for doc in await read_each(self.daemon.db[defaults.MODELS], running, {"progress": 1}, self.skipped, "metrics"):
             progress = doc.get("progress") if isinstance(doc.get("progress"), dict) else {}
             step, at = progress.get("step"), progress.get("updated_at")
             if not isinstance(step, int) or not hasattr(at, "timestamp"):

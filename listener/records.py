@@ -14,6 +14,7 @@ import bson
 from bson.codec_options import CodecOptions
 from bson.errors import InvalidBSON
 from bson.raw_bson import RawBSONDocument
+from pymongo.errors import OperationFailure
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from listener.status import Status
@@ -140,10 +141,27 @@ async def readable(cursor, skipped: "SkipLog", where: str):
     """The documents of a raw cursor (`raw`) decoded, those nested deeper than the listener reads skipped (logged
     once each): for reads that fail nothing, so one document never ends the loop reading them."""
     async for document in cursor:
-        try:
-            yield decoded(document)
-        except SpecError as exc:
-            skipped.skip(where, raw_id(document), exc)
+        if (value := _decoded_or_skipped(document, skipped, where)) is not None:
+            yield value
+
+
+async def read_each(collection, query: dict, projection: dict, skipped: "SkipLog", where: str) -> list[dict]:
+    """`readable` for a small set (expired leases, a daemon's trainings): read whole where the server cannot
+    project one of them (the embedded one fails a projection that reaches ~900 levels deep)."""
+    documents = raw(collection)
+    try:
+        found = await documents.find(query, projection).to_list()
+    except OperationFailure:
+        found = await documents.find(query).to_list()
+    return [value for document in found if (value := _decoded_or_skipped(document, skipped, where)) is not None]
+
+
+def _decoded_or_skipped(document: RawBSONDocument, skipped: "SkipLog", where: str) -> dict | None:
+    try:
+        return decoded(document)
+    except SpecError as exc:
+        skipped.skip(where, raw_id(document), exc)
+        return None
 
 
 def raw_id(document: RawBSONDocument):

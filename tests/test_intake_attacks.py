@@ -6,6 +6,7 @@ test_intake.py; no worker is started.
 """
 
 import asyncio
+import datetime as dt
 
 import bson
 import pytest
@@ -16,10 +17,11 @@ from pymongo.errors import OperationFailure
 from listener.follow import wait_for
 from listener.forks import Forks
 from listener.intake import Intake
-from listener.records import SkipLog, raw
+from listener.leases import reap, take_over
+from listener.records import RequestState, SkipLog, raw
 from listener.serving import Serving
 from listener.settings import Settings
-from listener.status import Status
+from listener.status import REQUEST_TRANSITIONS, Status
 from tests.documents import insert_nested, model, nested, request
 from tests.test_claims import PATH, StandIn, daemon, until
 from tests.test_intake import intake_for, run_with
@@ -327,3 +329,24 @@ def assert_failed_or_left_out(collection, field: str) -> None:
     status, error = document.get("status"), document.get("error")
     assert status == "failed" and error["field"] == field and f"{MAX_DEPTH}" in error["message"] or (
         status is None or status == "pending") and error is None, (status, error)
+
+
+@pytest.mark.parametrize("hand_back", ["reap", "take_over"])
+def test_a_running_request_nested_deeper_than_the_server_projects_never_stops_handing_back_the_others(
+        server_uri, db, hand_back):
+    """The class of finding 1 on the reaper and the take-over: a running request of a dead daemon whose `history`
+    (written by its user) nests ~975 deep made their find fail (the server cannot project it; read whole, the
+    driver cannot decode it), so no other request of any dead daemon was handed back. Now that one is skipped."""
+    expires = defaults.now() + dt.timedelta(hours=-1 if hand_back == "reap" else 1)
+    running = {"status": "running", "attempts": 1, "lease": {"owner": "gone", "expires_at": expires}}
+    insert_nested(db[defaults.REQUESTS], {**request("deep", "m"), **running, "history": [{"x": nested(975)}]})
+    db[defaults.REQUESTS].insert_one({**request("other", "m"), **running})
+
+    async def work(adb):
+        requests, skipped = adb[defaults.REQUESTS], SkipLog()
+        if hand_back == "reap":
+            return await reap(requests, REQUEST_TRANSITIONS, RequestState, 3, skipped)
+        return await take_over(requests, REQUEST_TRANSITIONS, RequestState, 3, skipped, adb[defaults.LISTENER], "me")
+
+    assert run_with(server_uri, db.name, work) == 1
+    assert db[defaults.REQUESTS].find_one({"_id": "other"})["status"] == "pending"
