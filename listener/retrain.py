@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from listener.periodic import Periodic
-from listener.records import BadRecord, ModelState, SkipLog, parse, raw, readable
+from listener.records import BadRecord, ModelState, SkipLog, parse, raw, read_each, readable
 from listener.settings import Settings
 from listener.status import DOCUMENT_VALIDATION_FAILURE, FINAL, MODEL_TRANSITIONS, Status, now, transition
 from listener.streams import LOST_TOKEN_CODES
@@ -309,8 +309,8 @@ class Retrainer:
     async def _states(self, members: Members) -> dict[str, ModelState]:
         """The state of each of `members` still there and readable, by key, in one query."""
         found = {}
-        async for document in self.db[defaults.MODELS].find(
-                {"_id": {"$in": [spec.id for spec, _ in members.values()]}}, STATE_FIELDS):
+        wanted = {"_id": {"$in": [spec.id for spec, _ in members.values()]}}
+        for document in await read_each(self.db[defaults.MODELS], wanted, STATE_FIELDS, self.skipped, "retrain"):
             key = ids.key(document.get("_id"))
             if key not in members:  # the server's numeric equality: 5 for Int64(5), another model
                 continue
