@@ -168,16 +168,15 @@ class CollectionJob:
         self.unwritable_bytes += sum(len(bson.encode({"_id": doc_id})) for doc_id in missed)
 
     def _ours(self) -> dict:
-        """Documents this request may write: `output_field` absent, or holding this request's own answer (a
-        `request` present and equal: `$eq: null` alone matches a missing one), under parents that are objects or
-        absent (any other parent takes no answer: such a document is someone else's shape, skipped up front)."""
+        """Documents this request may write: `output_field` and every parent of it absent (an answer never goes
+        into, over or beside what anyone else wrote, an owner's object or another request's answer included), or
+        the field holding this request's own answer (a `request` present and equal: `$eq: null` alone matches a
+        missing one). Any other document is someone else's shape, skipped up front."""
         field = self.spec.output_field
         parts = field.split(".")
-        parents = [".".join(parts[:n]) for n in range(1, len(parts))]
-        return {"$and": [*({"$or": [{parent: {"$exists": False}},
-                                    {parent: {"$type": "object", "$not": {"$type": "array"}}}]} for parent in parents),
-                         {"$or": [{field: {"$exists": False}},
-                                  {f"{field}.request": {"$exists": True, "$eq": self.spec.id}}]}]}
+        paths = [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
+        return {"$or": [{"$and": [{path: {"$exists": False}} for path in paths]},
+                        {f"{field}.request": {"$exists": True, "$eq": self.spec.id}}]}
 
     def _todo(self, base: dict, used) -> dict:
         """What is left: documents it may write that lack an answer from `used`, past those that failed."""

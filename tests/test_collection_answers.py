@@ -83,6 +83,22 @@ def test_class1_answers_are_refused_by_default_and_allowed_where_the_operator_li
     assert elsewhere.value.field == "collection"
 
 
+def test_class1_an_answer_never_goes_inside_what_someone_else_wrote(client, db):
+    """An `output_field` below an existing object (the owner's `meta`, another request's answer) would add a key
+    inside a value someone else wrote: such documents are skipped; where every parent is absent, the answer
+    creates them."""
+    theirs = {"text": "kept", "checkpoint": "base", "request": "other"}
+    db.inside.insert_many([{"_id": 0, "text": "a", "meta": {"lang": "en"}, "b_answer": theirs},
+                           {"_id": 1, "text": "b"}])
+    for request_id, field in (("in-meta", "meta.fresh"), ("in-answer", "b_answer.fresh")):
+        ended = run_job(client, db, collection_request(request_id, "m", "inside", output_field=field))
+        assert ended["status"] == "done" and ended["progress"] == {"done": 1, "total": 2, "skipped": 1}, ended
+    first = db.inside.find_one({"_id": 0})
+    assert first["meta"] == {"lang": "en"} and first["b_answer"] == theirs, first
+    second = db.inside.find_one({"_id": 1})
+    assert second["meta"]["fresh"]["request"] == "in-meta" and second["b_answer"]["fresh"]["request"] == "in-answer"
+
+
 def test_class1_the_listener_writes_only_fields_it_wrote_for_the_same_request(client, db):
     """Each answer names its request; a field absent, or holding this request's answer, is the only one written.
     The owner's own value, another request's answer and a value a person writes while the model generates are
