@@ -22,9 +22,10 @@ import logging
 
 import bson
 from bson.errors import BSONError
-from bson.raw_bson import RawBSONDocument, _RawArrayBSONDocument
+from bson.raw_bson import RawBSONDocument
 from pymongo.errors import PyMongoError, WriteError
 
+from listener import records
 from listener.serving import Serving
 from listener.serving_worker import Failure
 from listener.status import REQUEST_TRANSITIONS, Status, now, transition
@@ -132,34 +133,20 @@ class CollectionJob:
 
     async def _next(self, todo: dict) -> list[RawBSONDocument]:
         """The next chunk to answer, as raw BSON: one document the driver cannot decode must not fail the chunk."""
-        found = self._raw().find(todo).sort("_id", 1).limit(self.serving.settings.max_batch)
+        found = records.raw(self.target).find(todo).sort("_id", 1).limit(self.serving.settings.max_batch)
         return await self._read(found.to_list)
 
-    def _raw(self):
-        """The collection read as raw BSON, decoded one document at a time (`_decoded`)."""
-        return self.target.with_options(self.target.codec_options.with_options(document_class=RawBSONDocument))
-
-    def _decode(self, raw: RawBSONDocument) -> dict | None:
-        """A raw document decoded with the daemon's codec; None where the driver cannot (nested too deep, say)."""
-        try:
-            return bson.decode(raw.raw, self.target.codec_options)
-        except (BSONError, RecursionError):
-            return None
-
     def _decoded(self, chunk: list[RawBSONDocument]) -> tuple[list[dict], list]:
-        """The chunk's documents decoded one by one, and the ids of those the driver cannot decode (nested deeper
-        than it recurses, say), which are logged and skipped like documents that cannot take an answer."""
+        """The chunk's documents decoded one by one, and the ids of those the listener cannot read (nested deeper
+        than it decodes, say), which are logged and skipped like documents that cannot take an answer."""
         decoded, unreadable = [], []
-        for raw in chunk:
-            document = self._decode(raw)
-            if document is None:  # its `_id` is read decoding the top level only, nested documents and arrays left raw
-                top_level = self.target.codec_options.with_options(document_class=_RawArrayBSONDocument)
-                doc_id = _RawArrayBSONDocument(raw.raw, top_level)["_id"]
-                unreadable.append(doc_id)
-                log.warning("document %.200r of %s not answered for request %s: the driver cannot decode it",
-                            doc_id, self.spec.collection, ids.key(self.spec.id))
-            else:
-                decoded.append(document)
+        for document in chunk:
+            try:
+                decoded.append(records.decoded(document))
+            except SpecError as exc:
+                unreadable.append(records.raw_id(document))
+                log.warning("document %.200r of %s not answered for request %s: %s", unreadable[-1],
+                            self.spec.collection, ids.key(self.spec.id), exc)
         return decoded, unreadable
 
     def _leave_out(self, missed: list) -> None:
@@ -225,7 +212,7 @@ class CollectionJob:
         An answer written by this listener, for this request or another, never counts as a change: answers
         never trigger answers, so no two requests can feed each other."""
         pipeline = [{"$match": {"operationType": {"$in": ["insert", "update", "replace", "invalidate"]}}}]
-        async with await self._raw().watch(pipeline, max_await_time_ms=int(CANCEL_CHECK_S * 1000)) as changes:
+        async with await records.raw(self.target).watch(pipeline, max_await_time_ms=int(CANCEL_CHECK_S * 1000)) as changes:
             log.info("watching %s for request %s", self.spec.collection, ids.key(self.spec.id))
             while not await self._cancelled():
                 change = await changes.try_next()
@@ -254,8 +241,9 @@ class CollectionJob:
         """Whether an update (its raw `updateDescription`) changed an input field. An answer is no change, wherever
         it sits along the input's path: written at `x.y` where `x` was absent, the stream reports `x: {y: <answer>}`.
         An update too deep to decode holds no answer: a change (the document's own read then skips it, if need be)."""
-        description = self._decode(raw)
-        if description is None:
+        try:
+            description = records.decoded(raw)
+        except SpecError:
             return True
         fields = [name.split(".") for name in input_fields(self.spec.input)]
         roots = {field[0] for field in fields}

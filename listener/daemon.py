@@ -25,7 +25,7 @@ from listener.intake import Intake
 from listener.jobs import supervise
 from listener.periodic import Periodic
 from listener.leases import claim_model, fail_malformed, fail_undecodable
-from listener.records import BadRecord, ModelState, RequestState, SkipLog, decoded, parse, raw
+from listener.records import BadRecord, ModelState, RequestState, SkipLog, decoded, parse, raw, raw_id
 from listener.retrain import Retrainer
 from listener.serving import Serving
 from listener.settings import Settings
@@ -295,7 +295,7 @@ async def scan_pending(daemon: Daemon, name: str, consider) -> None:
             try:
                 await fail_undecodable(daemon.db[name], table, document, exc, daemon.skipped)
             except OperationFailure as again:  # it had an id: logged once, and read again by the next scan
-                daemon.skipped.skip(name, document["_id"], again)
+                daemon.skipped.skip(name, raw_id(document), again)
             continue
         await daemon.isolated(name, value, consider)
 

@@ -39,7 +39,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure, PyMongoError
 
 from listener.leases import fail_malformed, fail_undecodable, lease
-from listener.records import BadRecord, RequestState, SkipLog, decoded, parse, raw
+from listener.records import BadRecord, RequestState, SkipLog, decoded, parse, raw, raw_id
 from listener.status import (REQUEST_TRANSITIONS, Status, now, query_for, status_filter, transition, transition_each,
                              transition_many, update_for)
 from training import defaults, ids
@@ -253,7 +253,7 @@ class Intake:
         try:
             return await fail_undecodable(self.requests, REQUEST_TRANSITIONS, document, exc, self.skipped)
         except OperationFailure as again:  # it had an id: left out of the finds instead
-            self._refused(document["_id"], again)
+            self._refused(raw_id(document), again)
             return False
 
     async def _give_up(self, state: RequestState) -> bool:

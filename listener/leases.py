@@ -11,11 +11,10 @@ import datetime as dt
 import logging
 from collections.abc import Container
 
-from bson.errors import InvalidBSON
 from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure
 
-from listener.records import BadRecord, ModelState, SkipLog, parse, raw, read_each
+from listener.records import BadRecord, ModelState, SkipLog, parse, raw, raw_id, read_each
 from listener.settings import ALIVE_BEATS
 from listener.status import MODEL_TRANSITIONS, Status, now, transition
 from training import ids
@@ -145,9 +144,8 @@ async def fail_undecodable(collection, table: dict, document: RawBSONDocument, e
     """A pending document nested deeper than the listener reads (`records.decoded`) ends `failed` by its id, naming
     the field; written and read back raw, so nothing decodes it again. Whether it did now. OperationFailure where
     the server cannot change it either (the embedded one, past some 900 levels): the caller leaves it out."""
-    try:
-        doc_id = document["_id"]
-    except (InvalidBSON, RecursionError):  # not even its top level decodes (a deep array there): no id to fail it by
+    doc_id = raw_id(document)
+    if doc_id is None:  # not even its top level decodes: no id to fail it by
         skipped.skip(f"read {collection.name}", None, exc)
         return False
     log.info("%s %.200r cannot be read: %s", collection.name, doc_id, exc)

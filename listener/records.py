@@ -13,7 +13,7 @@ from typing import Any
 import bson
 from bson.codec_options import CodecOptions
 from bson.errors import InvalidBSON
-from bson.raw_bson import RawBSONDocument
+from bson.raw_bson import RawBSONDocument, _RawArrayBSONDocument  # pymongo pinned (requirements.lock)
 from pymongo.errors import OperationFailure
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,6 +22,7 @@ from training import defaults, ids
 from training.config import SpecError, check_depth, too_deep
 
 log = logging.getLogger(__name__)
+
 
 class BadRecord(ValueError):
     def __init__(self, field: str, message: str):
@@ -117,6 +118,7 @@ def parse(kind: type[BaseModel], document: Any):
 
 
 CODEC = CodecOptions(**defaults.CODEC)
+TOP_LEVEL = CODEC.with_options(document_class=_RawArrayBSONDocument)  # nested values stay raw (`raw_id`)
 
 
 def raw(collection):
@@ -165,10 +167,11 @@ def _decoded_or_skipped(document: RawBSONDocument, skipped: "SkipLog", where: st
 
 
 def raw_id(document: RawBSONDocument):
-    """A raw document's `_id`; None where not even its top level decodes (an array nested too deep there)."""
+    """A raw document's `_id`, decoding its top level only (documents and arrays there stay raw, so one nested too
+    deep at the top level still gives its id); None where even that fails."""
     try:
-        return document.get("_id")
-    except (InvalidBSON, RecursionError):
+        return _RawArrayBSONDocument(document.raw, TOP_LEVEL)["_id"]
+    except (InvalidBSON, RecursionError, KeyError):
         return None
 
 

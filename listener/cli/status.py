@@ -8,7 +8,7 @@ from rich.table import Table
 
 from listener import health
 from listener.cli.options import connection_options, open_database, operator_settings
-from listener.records import BadRecord, DaemonRecord, decoded, parse, raw
+from listener.records import BadRecord, DaemonRecord, decoded, parse, raw, raw_id
 from listener.status import Status
 from listener.leases import alive
 from training import defaults, ids
@@ -100,7 +100,7 @@ def shown_models(database) -> list[tuple[Any, dict | None]]:
     """
     models = raw(database[defaults.MODELS])
     try:
-        return [(document["_id"], _readable(document)) for document in models.find({}, SHOWN)]
+        return [(raw_id(document), _readable(document)) for document in models.find({}, SHOWN)]
     except (OperationFailure, InvalidBSON, RecursionError):
         return [(row["_id"], _read_alone(models, row["_id"])) for row in models.find({}, {"_id": 1})]
 
