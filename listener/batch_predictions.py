@@ -5,11 +5,12 @@ template whose "{field}" placeholders are replaced by those fields' values (a su
 `str.format`, so no attribute or index lookups). Each answered document gets
 `output_field: {text, checkpoint: {run, step} | "base", request}` (or `{error, checkpoint, request}` when
 its input cannot be used), so a crash resumes with exactly the documents that lack an answer from this
-checkpoint. The answer names its request, and is written only where `output_field` is absent or holds
-that request's answer, under parents that are objects or absent: never over a value anyone else wrote (the
+checkpoint. The answer names its request, and is written only where `output_field` and every parent of it are
+absent, or where it holds that request's answer: never over nor inside a value anyone else wrote (the
 operator allows the collection itself with `MONGOTUNE_ANSWER_COLLECTIONS`). A document the write cannot land
 on, or the driver cannot decode, is skipped, logged and counted, never fetched again by the job. Every read
-is bracketed by checks that the name still names the same collection, never a view swapped in. The request shows `progress: {done, total, skipped}` and ends `done`; with
+is bracketed by checks that the name still names the same collection, never a view swapped in. The request
+shows `progress: {done, total, skipped}` and ends `done`; with
 `watch: true` it stays `running` and answers documents inserted, or whose input fields change, through a
 change stream on the collection, until it is cancelled (`cancel: true`). An answer written, by any request,
 never triggers an answer: only other changes to an input field do, so requests cannot feed each other.
@@ -21,9 +22,8 @@ Generation goes through the daemon's serving worker (`Serving.generate`), one ch
 import logging
 
 import bson
-from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
-from pymongo.errors import PyMongoError, WriteError
+from pymongo.errors import WriteError
 
 from listener import records
 from listener.serving import Serving
@@ -286,8 +286,11 @@ class CollectionJob:
 
 
 async def predict_collection(serving: Serving, spec: RequestSpec) -> None:
-    """Run one collection request to its end; database trouble leaves it to the lease reaper, which retries it."""
+    """Run one collection request to its end; whatever stops it (database trouble, a reply the driver cannot
+    decode, anything one document raises) is logged once and leaves it to the lease reaper, which retries it up
+    to the operator's max attempts: the job's task is its boundary, so nothing it meets ends the daemon's."""
     try:
         await CollectionJob(serving, spec).answer_all()
-    except (PyMongoError, BSONError) as exc:  # BSONError: a reply the driver cannot decode, a query it cannot send
-        log.warning("predictions over %s for request %s stopped: %s", spec.collection, ids.key(spec.id), exc)
+    except Exception as exc:  # noqa: BLE001 (the boundary of one document's job)
+        log.warning("predictions over %s for request %s stopped: %s: %.300s", spec.collection, ids.key(spec.id),
+                    type(exc).__name__, exc)

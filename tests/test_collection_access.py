@@ -23,7 +23,7 @@ from training.dataset import check_documents
 from training.hints import user_collections
 
 
-DAEMON_ENV = {**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3"}  # the operator allows answers into every data collection (conftest.module_daemon)
+DAEMON_ENV = {**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3"}  # answers allowed anywhere (conftest.module_daemon)
 
 
 # --- class 1: no confused deputy ---------------------------------------------------------------------------------

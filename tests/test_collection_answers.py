@@ -14,7 +14,7 @@ import threading
 import pytest
 from pymongo import AsyncMongoClient
 
-from listener.batch_predictions import CollectionJob
+from listener.batch_predictions import CollectionJob, predict_collection
 from listener.forks import Forks
 from listener.processes import wait_until
 from listener.serving import Serving
@@ -45,7 +45,10 @@ class Answering(Serving):
         self.meanwhile()
         return [{"output": f"re: {prompt}"} for prompt in prompts]
 
-DAEMON_ENV = {**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3", "MONGOTUNE_MAX_NEW_TOKENS": "2000"}  # the operator allows answers into every data collection; short request leases retry a stopped collection job within seconds (conftest.module_daemon)
+
+# the operator allows answers into every data collection; short request leases retry a stopped collection job
+# within seconds (conftest.module_daemon)
+DAEMON_ENV = {**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3", "MONGOTUNE_MAX_NEW_TOKENS": "2000"}
 
 
 def run_job(client, db, document: dict, meanwhile=None, **options) -> dict:
@@ -411,3 +414,28 @@ def test_class2_one_document_nested_deeper_than_the_driver_decodes_never_stops_t
         pytest.fail(f"the job died on one odd document: {type(exc).__name__}: {str(exc)[:120]}")
     assert db.notes.count_documents({"answer.request": "deep-doc"}) == 3
     assert ended["status"] == "done", ended["status"]
+
+
+def test_class2_whatever_one_collection_job_raises_ends_that_job_alone(client, db, caplog):
+    """The job's task is its boundary: an error of a type nobody listed (here a KeyError from generation) is
+    logged once and leaves the request to the lease reaper, never an exception out of `predict_collection`."""
+    caplog.set_level(logging.WARNING, logger="listener.batch_predictions")
+    db.notes.insert_one({"_id": 0, "text": "ahoy"})
+    document = collection_request("raises", "m", "notes")
+    db[defaults.REQUESTS].insert_one({**document, "status": "running", "lease": {"owner": OWNER}})
+    spec = parse_request(document, Settings.load({}, environ=ANSWERS).limits)
+
+    class Raising(Answering):
+        async def generate(self, model, entry, prompts, params):
+            raise KeyError("an unexpected one")
+
+    async def job():
+        async_client = AsyncMongoClient(client.address[0], client.address[1], directConnection=True)
+        try:
+            await asyncio.wait_for(predict_collection(Raising(async_client[db.name]), spec), 60)
+        finally:
+            await async_client.close()
+
+    asyncio.run(job())  # returns: nothing escapes the job
+    assert [r for r in caplog.records if "KeyError" in r.getMessage() and "raises" in r.getMessage()]
+    assert db[defaults.REQUESTS].find_one({"_id": "raises"})["status"] == "running"  # the reaper's to retry

@@ -24,7 +24,8 @@ from training.limits import Limits
 
 WORKER_STARTED = "serving worker started"
 
-DAEMON_ENV = {**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3", "MONGOTUNE_MAX_NEW_TOKENS": "2000"}  # the operator allows answers into every data collection and long generations (conftest.module_daemon)
+# the operator allows answers into every data collection and long generations (conftest.module_daemon)
+DAEMON_ENV = {**ANSWERS, "MONGOTUNE_REQUEST_LEASE_S": "3", "MONGOTUNE_MAX_NEW_TOKENS": "2000"}
 
 
 # --- long-lived work has a budget of its own ------------------------------------------------------------------------
