@@ -14,7 +14,7 @@ from bson import ObjectId
 from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure
 
-from listener.follow import wait_for
+from listener.follow import finished, wait_for
 from listener.forks import Forks
 from listener.intake import Intake
 from listener.leases import reap, take_over
@@ -297,7 +297,7 @@ def test_class3_a_daemon_still_answers_requests_beside_one_nested_deeper_than_it
     db[defaults.REQUESTS].insert_one(request("plain", "no-such-model"))
     daemon = start_daemon()
     try:
-        ended = wait_for(db[defaults.REQUESTS], "plain", lambda d: d.get("status") not in (None, "pending"), 90)
+        ended = wait_for(db[defaults.REQUESTS], "plain", finished, 90)  # claimed (running), then failed
     except TimeoutError:
         log = daemon.log()
         pytest.fail("the request was never claimed; the daemon's log says: "
