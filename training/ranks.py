@@ -17,8 +17,8 @@ initialised in a process that forks. What holds for one process holds for the gr
   one checkpoint together and stop.
 - The agent dies with the daemon and every rank with the agent (PR_SET_PDEATHSIG, and the parent
   check at each step), so a SIGKILLed daemon leaves nothing training.
-- Rank 0 records its exit code for the agent, which exits with it: torchrun's own exit code says
-  only whether some worker failed.
+- Every rank records its exit code for the agent, which exits with rank 0's: torchrun's own exit
+  code says only whether some worker failed, and a rank with none recorded died outright.
 """
 
 import json
@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 ENV_LAUNCH = "MONGOTUNE_LAUNCH_FILE"  # set for a rank: the file holding the daemon's launch line
 ENV_PARENT_PID = "MONGOTUNE_PARENT_PID"  # set for a rank: the torchrun agent it must not outlive
 LAUNCH_FILE = "launch.json"
-EXIT_FILE = "exit-code"
+EXIT_FILE = "exit-code"  # the job's, written by rank 0
+PEER_GRACE_S = 2.0  # how long a failing rank waits to exit, so that torchrun sees a peer that died outright first
 
 
 def free_port() -> int:
@@ -70,13 +72,25 @@ def error_match(match: dict) -> dict:
     return {**match, "error": {"$exists": False}} if is_rank() else match
 
 
+def _exit_file(work: Path, rank: int) -> Path:
+    return work / f"{EXIT_FILE}.{rank}"
+
+
 def exit_code(work: Path, code: int) -> int:
-    """A rank's exit: rank 0 records its code for the agent; an orderly end is 0 to torchrun."""
+    """A rank's exit: every rank records its code (a rank without one died outright), rank 0's is the
+    job's; an orderly end is 0 to torchrun.
+
+    A failing rank waits a moment first: when a peer is killed outright the others fail at once on its
+    broken connection, and on a host without GPUs torchrun reports only the first failure it polls."""
     if not is_rank():
         return code
-    if world()[0] == 0:
-        (work / EXIT_FILE).write_text(str(int(code)))
+    rank = world()[0]
     ended = code in (defaults.ChildExit.OK, defaults.ChildExit.CANCELLED, defaults.ChildExit.STOPPED)
+    if not ended:
+        time.sleep(PEER_GRACE_S)
+    _exit_file(work, rank).write_text(str(int(code)))
+    if rank == 0:
+        (work / EXIT_FILE).write_text(str(int(code)))
     return 0 if ended else code
 
 
@@ -111,7 +125,7 @@ def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str], 
     finally:
         path.unlink(missing_ok=True)
     if failures:
-        _record_crash(db, match, failures, count)
+        _record_crash(db, match, failures, [r for r in range(count) if not _exit_file(work, r).exists()], count)
     recorded = work / EXIT_FILE
     if recorded.exists():
         return int(recorded.read_text())
@@ -119,20 +133,25 @@ def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str], 
     return first.exitcode if first is not None and first.exitcode > 0 else defaults.ChildExit.FAILED
 
 
-def _record_crash(db, match: dict, failures: dict, count: int) -> None:
-    """A rank killed by a signal wrote nothing, and the others then failed on its broken connection:
-    its death is the job's error. Otherwise each failed rank wrote its own, and the first one stays."""
-    killed = sorted((rank, f) for rank, f in failures.items()  # torchrun itself stops the others with SIGTERM
+def _record_crash(db, match: dict, failures: dict, silent: list[int], count: int) -> None:
+    """A rank that died outright (`silent`: it recorded no exit code) wrote nothing, and the others then
+    failed on its broken connection: its death is the job's error. Otherwise each failed rank wrote its
+    own, and the first one stays. torchrun may report only one failure, not necessarily the silent one's."""
+    killed = sorted((rank, f.exitcode) for rank, f in failures.items()  # torchrun stops the others with SIGTERM
                     if f.exitcode < 0 and f.exitcode != -signal.SIGTERM)
-    rank, failure = killed[0] if killed else min(failures.items(), key=lambda item: item[1].timestamp)
-    if failure.exitcode < 0:
-        name = signal.Signals(-failure.exitcode).name
+    outright = [(rank, 0) for rank in silent if rank not in failures]
+    rank, exitcode = (killed + outright)[0] if killed or outright else \
+        min(((r, f.exitcode) for r, f in failures.items()), key=lambda item: failures[item[0]].timestamp)
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name
         why = f"was killed by {name}" + (" (often: out of memory)" if name == "SIGKILL" else "")
+    elif exitcode == 0:
+        why = "was killed by a signal (SIGKILL often means out of memory)"
     else:
-        why = f"exited with code {failure.exitcode}"
+        why = f"exited with code {exitcode}"
     error = {"type": "training_crashed", "message": f"training process rank {rank} of {count} {why}; "
              "the listener's job log says more"}
-    where = match if killed else {**match, "error": {"$exists": False}}
+    where = match if exitcode <= 0 else {**match, "error": {"$exists": False}}
     db[defaults.MODELS].update_one(where, {"$set": {"error": error}})
 
 
