@@ -33,7 +33,7 @@ from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status, now,
 from listener.streams import REQUEST_EVENTS, watch
 from listener.tasks import cancel_and_wait
 from training import defaults, ids
-from training.config import SpecError, parse_model
+from training.config import ModelSpec, SpecError, parse_model
 from training.lineage import versions
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Daemon:
         self.retrainer.start()
         self.periodic.start()
         loops = [  # ended by cancellation alone, with nothing to clean up
-            asyncio.create_task(watch_collection(self, defaults.MODELS, self.consider_model, self._scan_models),
+            asyncio.create_task(watch(self.db, defaults.MODELS, self.settings.name, self.isolated, self._scan_models),
                                 name=f"stream:{defaults.MODELS}"),
             asyncio.create_task(watch(self.db, defaults.REQUESTS, self.settings.name, self._request_event,
                                       self._scan_requests, pipeline=REQUEST_EVENTS, lookup=False,
@@ -169,7 +169,7 @@ class Daemon:
             self.intake.wake()
 
     async def _scan_models(self) -> None:
-        await scan_pending(self, defaults.MODELS, self.consider_model)
+        await scan_pending(self)
 
     async def _scan_requests(self) -> None:
         self.intake.wake()
@@ -177,57 +177,56 @@ class Daemon:
     async def _request_event(self, change: dict) -> None:
         self.intake.wake()
 
-    async def isolated(self, name: str, document: dict, handle) -> None:
-        """One document's problem fails that document, never the stream, the scan or the daemon.
+    async def isolated(self, document: dict) -> None:
+        """One model document's problem fails that document, never the stream, the scan or the daemon.
 
         Network errors still propagate, so the stream reconnects and the event is delivered again.
         """
         try:
-            await handle(document)
+            await self.consider_model(document)
         except ConnectionFailure:
             raise
         except Exception as exc:
-            if self.skipped.first(f"error {name}", document.get("_id")):  # once per document, not per scan
-                log.exception("listener error on %s %.200r", name, document.get("_id"))
+            if self.skipped.first("error models", document.get("_id")):  # once per document, not per scan
+                log.exception("listener error on model %.200r", document.get("_id"))
             error = {"type": "listener_error", "message": f"the listener failed on this document "
                      f"({type(exc).__name__}); the operator's log says more. Set status to 'pending' to retry"}
-            table = MODEL_TRANSITIONS if name == defaults.MODELS else REQUEST_TRANSITIONS
             try:
-                await transition(self.db[name], document["_id"], Status.PENDING, Status.FAILED, table,
-                                 fields={"error": error})
+                await transition(self.db[defaults.MODELS], document["_id"], Status.PENDING, Status.FAILED,
+                                 MODEL_TRANSITIONS, fields={"error": error})
             except (OperationFailure, KeyError):
                 pass  # nothing can be written to it (an _id the server will not update): logged once above
 
-    async def _admit(self, name: str, document: dict, state_type, parse_spec, counter: str):
-        """The (state, spec) of a pending document that is valid and not cancelled; None once handled.
+    async def _admit(self, document: dict) -> tuple[ModelState, ModelSpec] | None:
+        """The (state, spec) of a pending model that is valid and not cancelled; None once handled.
 
-        A malformed or invalid document ends `failed` and a cancelled one `cancelled`, here, for both collections.
+        A malformed or invalid document ends `failed` and a cancelled one `cancelled`, here.
         """
-        collection = self.db[name]
-        table = MODEL_TRANSITIONS if name == defaults.MODELS else REQUEST_TRANSITIONS
+        models = self.db[defaults.MODELS]
         try:
-            state = parse(state_type, document)
+            state = parse(ModelState, document)
         except BadRecord as exc:
-            await fail_malformed(collection, table, document.get("_id"), Status.PENDING, exc, self.skipped)
+            await fail_malformed(models, MODEL_TRANSITIONS, document.get("_id"), Status.PENDING, exc, self.skipped)
             return None
         if state.status not in (None, Status.PENDING):
             return None
         if state.cancel:
-            await transition(collection, state.id, Status.PENDING, Status.CANCELLED, table, unset=("cancel",))
+            await transition(models, state.id, Status.PENDING, Status.CANCELLED, MODEL_TRANSITIONS, unset=("cancel",))
             return None
         try:
-            spec = parse_spec(document, self.settings.limits)
+            spec = parse_model(document, self.settings.limits)
         except SpecError as exc:
-            self.counters[counter] += 1
-            await transition(collection, state.id, Status.PENDING, Status.FAILED, table, fields={"error": exc.as_error()})
-            log.info("%s %r is invalid: %s", name, state.id, exc)
+            self.counters["invalid_documents"] += 1
+            await transition(models, state.id, Status.PENDING, Status.FAILED, MODEL_TRANSITIONS,
+                             fields={"error": exc.as_error()})
+            log.info("model %r is invalid: %s", state.id, exc)
             return None
         return state, spec
 
     async def consider_model(self, document: dict) -> None:
         """Validate, then claim a pending model if this daemon has room for another training."""
         models = self.books[defaults.MODELS]
-        admitted = await self._admit(defaults.MODELS, document, ModelState, parse_model, "invalid_documents")
+        admitted = await self._admit(document)
         key = ids.key(document.get("_id"))
         if admitted is None or key in self.trainings:
             self.gpus.forget(key)  # cancelled, failed, taken elsewhere or already training here: not waiting
@@ -276,28 +275,21 @@ class Daemon:
                 log.info("released %s %r for another daemon", name, document["_id"])
 
 
-async def watch_collection(daemon: Daemon, name: str, consider, scan) -> None:
-    async def handle(document: dict) -> None:
-        await daemon.isolated(name, document, consider)
-
-    await watch(daemon.db, name, daemon.settings.name, handle, scan)
-
-
-async def scan_pending(daemon: Daemon, name: str, consider) -> None:
-    """Every pending document, one at a time, read raw: one nested deeper than the listener reads (which the driver
+async def scan_pending(daemon: Daemon) -> None:
+    """Every pending model, one at a time, read raw: one nested deeper than the listener reads (which the driver
     may not even decode) fails by its id (or is skipped where the server cannot change it), and the others are
     considered."""
-    table = MODEL_TRANSITIONS if name == defaults.MODELS else REQUEST_TRANSITIONS
-    async for document in raw(daemon.db[name]).find(status_filter(Status.PENDING)):
+    models = daemon.db[defaults.MODELS]
+    async for document in raw(models).find(status_filter(Status.PENDING)):
         try:
             value = decoded(document)
         except SpecError as exc:
             try:
-                await fail_undecodable(daemon.db[name], table, document, exc, daemon.skipped)
+                await fail_undecodable(models, MODEL_TRANSITIONS, document, exc, daemon.skipped)
             except OperationFailure as again:  # it had an id: logged once, and read again by the next scan
-                daemon.skipped.skip(name, raw_id(document), again)
+                daemon.skipped.skip(defaults.MODELS, raw_id(document), again)
             continue
-        await daemon.isolated(name, value, consider)
+        await daemon.isolated(value)
 
 
 async def _serve(settings: Settings) -> None:
