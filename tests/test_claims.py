@@ -110,22 +110,28 @@ def test_a_model_cancelled_before_any_claim_is_never_trained(server_uri, db, tmp
     assert document["status"] == "cancelled" and "cancel" not in document and "run" not in document
 
 
-def test_an_invalid_model_fails_naming_its_field_and_the_next_one_is_claimed(server_uri, db, tmp_path):
-    db[defaults.MODELS].insert_many([model("bad", PATH, trainer={"learnin_rate": 0.1}), model("good", PATH)])
+def one_scan(uri: str, db_name: str, home) -> tuple[list, dict]:
+    """The models one scan of a daemon (whose trainings end at once) claims, in order, and its counters."""
     stand_in = StandIn()
     stand_in.finish.set()
 
     async def body():
-        async with daemon(server_uri, db.name, tmp_path, stand_in) as d:
+        async with daemon(uri, db_name, home, stand_in) as d:
             await d.scan()
             await until(lambda: not d.trainings)
-            assert d.counters["invalid_documents"] == 1
+            return dict(d.counters)
 
-    asyncio.run(body())
+    counters = asyncio.run(body())
+    return [m for m, _, _ in stand_in.runs], counters
+
+
+def test_an_invalid_model_fails_naming_its_field_and_the_next_one_is_claimed(server_uri, db, tmp_path):
+    db[defaults.MODELS].insert_many([model("bad", PATH, trainer={"learnin_rate": 0.1}), model("good", PATH)])
+    claimed, counters = one_scan(server_uri, db.name, tmp_path)
+    assert claimed == ["good"] and counters["invalid_documents"] == 1
     bad = read(db, "bad")
     assert bad["status"] == "failed" and bad["error"]["field"] == "trainer.learnin_rate"
     assert "learning_rate" in bad["error"]["message"]  # did you mean
-    assert [m for m, _, _ in stand_in.runs] == ["good"]
 
 
 def test_a_dead_daemons_run_is_reaped_and_resumed_as_the_same_run(server_uri, db, tmp_path):

@@ -23,7 +23,7 @@ from listener.serving import Serving
 from listener.settings import Settings
 from listener.status import REQUEST_TRANSITIONS, Status
 from tests.documents import insert_nested, model, nested, request
-from tests.test_claims import PATH, StandIn, daemon, until
+from tests.test_claims import PATH, one_scan
 from tests.test_intake import intake_for, run_with
 from training import defaults, ids
 from training.config import MAX_DEPTH
@@ -312,16 +312,7 @@ def test_a_model_nested_deeper_than_the_driver_decodes_fails_alone_and_the_next_
     deep = model("deep", PATH, data={"collection": "c", "filter": {"x": {"$in": nested(975)}}})
     insert_nested(db[defaults.MODELS], deep)
     db[defaults.MODELS].insert_one(model("good", PATH))
-    stand_in = StandIn()
-    stand_in.finish.set()
-
-    async def body():
-        async with daemon(server_uri, db.name, tmp_path, stand_in) as d:
-            await d.scan()
-            await until(lambda: not d.trainings)
-
-    asyncio.run(body())
-    assert [m for m, _, _ in stand_in.runs] == ["good"]
+    assert one_scan(server_uri, db.name, tmp_path)[0] == ["good"]
     assert_failed_or_left_out(db[defaults.MODELS], "data")
 
 
