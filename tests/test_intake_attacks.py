@@ -316,6 +316,42 @@ def test_a_model_nested_deeper_than_the_driver_decodes_fails_alone_and_the_next_
     assert_failed_or_left_out(db[defaults.MODELS], "data")
 
 
+def test_models_whose_id_itself_nests_deep_fail_or_are_left_out_and_every_scan_claims_the_next(server_uri, db,
+                                                                                              tmp_path):
+    """The class of finding 1 on `_id` itself: an id that is a document nested deeper than the driver decodes made
+    the scan raise while it logged the skip (keying the id decoded it), so no model after it was considered."""
+    for levels in (50, 150, 975):
+        insert_nested(db[defaults.MODELS], {**model("unused", PATH), "_id": deep_document(levels)})
+    db[defaults.MODELS].insert_one(model("good", PATH))
+    claimed, counters = one_scan(server_uri, db.name, tmp_path)
+    assert claimed == ["good"] and counters["invalid_documents"] >= 1  # an id of 50 levels is decoded, then refused
+    assert one_scan(server_uri, db.name, tmp_path)[0] == []  # the next scan too passes them without raising
+    statuses = [d.get("status") for d in db[defaults.MODELS].find({}, {"_id": 0, "status": 1})]
+    assert sorted(statuses, key=str) == [None, "failed", "failed", "succeeded"]  # 975 deep: the server cannot update it
+
+
+def test_requests_whose_id_itself_nests_deep_never_stop_the_intake(server_uri, db):
+    """The same class on `_requests`: pending requests whose `_id` nests deeper than the driver decodes beside a
+    good one; the good one is held and the loop goes on."""
+    for levels in (150, 975):
+        insert_nested(db[defaults.REQUESTS], {**request("unused", "m"), "_id": deep_document(levels)})
+    db[defaults.REQUESTS].insert_one(request(GOOD, "other"))
+
+    async def work(adb):
+        return await run_until(intake_for(adb, "d"), f'"{GOOD}"', 60)
+
+    held, ended = run_with(server_uri, db.name, work)
+    assert ended is None, f"the intake loop ended: {ended!r}"
+    assert held
+
+
+def deep_document(levels: int) -> dict:
+    value = "x"
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
 def assert_failed_or_left_out(collection, field: str) -> None:
     """The document "deep" failed naming `field` and the limit; or, where the server cannot change it either (the
     embedded one cannot update a document ~975 deep), it stays pending, left out. Read without the deep field."""

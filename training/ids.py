@@ -13,6 +13,7 @@ import uuid
 
 from bson import Int64, ObjectId, json_util
 from bson.binary import Binary
+from bson.raw_bson import RawBSONDocument
 from bson.json_util import CANONICAL_JSON_OPTIONS
 
 PLAIN_ID_TYPES = (str, int, Int64, ObjectId, uuid.UUID)
@@ -37,7 +38,11 @@ def check(value):
 
 
 def key(value) -> str:
-    """A string that differs whenever the value differs, or its BSON type (integers of either width are one type)."""
+    """A string that differs whenever the value differs, or its BSON type (integers of either width are one type).
+
+    An id read raw (a document or array, perhaps nested deeper than the driver decodes) is keyed by its bytes."""
+    if isinstance(value, RawBSONDocument):
+        return f"raw:{hashlib.sha256(value.raw).hexdigest()}"
     return json_util.dumps(_one_integer_type(value), json_options=CANONICAL_JSON_OPTIONS)
 
 
