@@ -175,6 +175,13 @@ def raw_id(document: RawBSONDocument):
         return None
 
 
+def only(document: RawBSONDocument, fields: dict) -> RawBSONDocument:
+    """`document` with only its `_id` and the top-level `fields`, still raw: the projection done here, for a
+    document the server itself cannot project (the embedded one fails on an `_id` ~975 levels deep)."""
+    top = _RawArrayBSONDocument(document.raw, TOP_LEVEL)
+    return RawBSONDocument(bson.encode({name: top[name] for name in ("_id", *fields) if name in top}))
+
+
 def _undecodable_field(document: RawBSONDocument) -> str:
     """The first top-level field the driver cannot decode; "" where even the top level cannot be read."""
     try:

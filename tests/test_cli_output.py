@@ -84,3 +84,22 @@ def test_class5_listener_status_survives_one_model_nested_deeper_than_the_driver
     rows = {line.split("│")[1].strip(): line for line in shown.output.splitlines() if line.count("│") > 2}
     assert {"fine", "deep", "after"} <= set(rows), shown.output
     assert "unreadable" in rows["deep"], rows["deep"]
+
+
+def test_class5_listener_status_survives_ids_nested_deeper_than_the_server_projects(db, server_uri):
+    """The class of finding 10 on `_id` itself: models and requests whose `_id` nests 150 and ~975 levels deep.
+    The server fails to project the deepest (`InternalError`) and `listener status` exited 1; it shows every model,
+    a deep id named as such, on one line each."""
+    db[defaults.MODELS].insert_one({"_id": "fine", "status": "succeeded"})
+    for levels in (150, 975):
+        deep = "x"
+        for _ in range(levels):
+            deep = {"a": deep}
+        insert_nested(db[defaults.MODELS], {"_id": deep, "status": "running"})
+        insert_nested(db[defaults.REQUESTS], {"_id": deep, "status": "pending", "model": "fine", "input": "x"})
+    shown = CliRunner().invoke(cli, ["status", "--uri", server_uri, "--db", db.name])
+    assert shown.exit_code == 0, (repr(shown.exception)[:200], shown.output[-300:])
+    rows = [line for line in shown.output.splitlines() if line.count("│") > 2]
+    assert any("fine" in row for row in rows) and sum("(id too deep)" in row for row in rows) == 2, shown.output
+    assert all(len(row) <= MAX_LINE_CHARS for row in rows)
+    assert "requests: pending=2" in shown.output

@@ -1,17 +1,18 @@
 from typing import Any
 
+import bson
 import click
-from bson.errors import InvalidBSON
+from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure
 from rich.console import Console
 from rich.table import Table
 
 from listener import health
 from listener.cli.options import connection_options, open_database, operator_settings
-from listener.records import BadRecord, DaemonRecord, decoded, parse, raw, raw_id
+from listener.records import BadRecord, DaemonRecord, decoded, only, parse, raw, raw_id
 from listener.status import Status
 from listener.leases import alive
-from training import defaults, ids
+from training import defaults
 from training.config import MAX_DEPTH, SpecError
 from training.inert import MAX_LINE_CHARS, inert
 
@@ -96,21 +97,25 @@ def shown_models(database) -> list[tuple[Any, dict | None]]:
     """Each model's id and `SHOWN` fields; None for one nested deeper than the listener reads, which hides no other.
 
     Read raw and decoded one by one (the driver fails on the whole batch otherwise); should the server itself fail
-    to project one, or the driver to find an id beside a deep array, each model is read on its own.
+    to project one, every model is read whole and projected here.
     """
     models = raw(database[defaults.MODELS])
     try:
-        return [(raw_id(document), _readable(document)) for document in models.find({}, SHOWN)]
-    except (OperationFailure, InvalidBSON, RecursionError):
-        return [(row["_id"], _read_alone(models, row["_id"])) for row in models.find({}, {"_id": 1})]
-
-
-def _read_alone(models, doc_id) -> dict | None:
-    try:
-        document = models.find_one({"_id": ids.eq(doc_id)}, SHOWN)
+        found = models.find({}, SHOWN).to_list()
     except OperationFailure:
-        return None
-    return {} if document is None else _readable(document)  # {}: deleted meanwhile
+        found = [only(document, SHOWN) for document in models.find({})]
+    return [(_shown_id(document), _readable(document)) for document in found]
+
+
+def _shown_id(document):
+    """The id to print: one nested too deep to decode is named as such."""
+    doc_id = raw_id(document)
+    if not isinstance(doc_id, RawBSONDocument):
+        return doc_id
+    try:
+        return decoded(RawBSONDocument(bson.encode({"_id": doc_id})))["_id"]
+    except SpecError:
+        return "(id too deep)"
 
 
 def _readable(document) -> dict | None:
