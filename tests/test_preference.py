@@ -1,0 +1,245 @@
+"""`method: "dpo" | "kto"`: preference runs on trl's own trainers, parsed, trained and recorded like SFT's."""
+
+import dataclasses
+import math
+
+import pytest
+from trl import DPOConfig, KTOConfig
+
+from tests.conftest import finished, wait_for
+from training import defaults
+from training.arguments import resolved_arguments, to_config
+from training.config import DPO_LOSSES, KTO_LOSSES, METHOD_ONLY, SpecError, TrainerSpec, parse_model
+from training.preferences import Skipped, label, one_shape, to_row
+
+TINY = "/models/tiny"
+DPO_KEY, KTO_KEY = ["question", "good", "bad"], ["question", "answer", "thumb"]
+
+
+def document(method=None, key=DPO_KEY, trainer=None, **extra) -> dict:
+    return {"_id": "m", "model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "data": {"collection": "prefs", "key": key}, **({"method": method} if method else {}),
+            **({"trainer": trainer} if trainer is not None else {}), **extra}
+
+
+def refusal(doc: dict) -> SpecError:
+    with pytest.raises(SpecError) as caught:
+        parse_model(doc)
+    return caught.value
+
+
+# --- parse: method, data.key, trainer names -------------------------------------------------------------------
+
+def test_method_is_sft_unless_given():
+    assert parse_model(document(key="text")).method == "sft"
+    assert parse_model(document("dpo")).method == "dpo"
+    assert parse_model(document("kto", KTO_KEY)).method == "kto"
+    assert refusal(document("ppo")).field == "method"
+
+
+@pytest.mark.parametrize("method, key", [
+    ("dpo", "text"), ("dpo", ["prompt", "chosen"]), ("kto", ["prompt", "completion"]), ("kto", "messages"),
+    ("sft", DPO_KEY), ("dpo", ["prompt", "chosen", "rejected", "extra"]), ("dpo", ["prompt", "", "rejected"]),
+])
+def test_a_data_key_of_the_wrong_length_for_the_method_is_refused_naming_it(method, key):
+    assert refusal(document(method, key)).field == "data.key"
+
+
+@pytest.mark.parametrize("field, value", [("template", "{question}"), ("transform", "chat_from_pairs")])
+def test_a_template_or_transform_is_for_sft_only(field, value):
+    doc = document("dpo")
+    doc["data"][field] = value
+    error = refusal(doc)
+    assert error.field == f"data.{field}" and "sft only" in error.message
+
+
+@pytest.mark.parametrize("method, name, value", [
+    ("sft", "beta", 0.1), ("sft", "loss_type", "sigmoid"), ("sft", "precompute_ref_log_probs", True),
+    ("dpo", "desirable_weight", 2.0), ("dpo", "undesirable_weight", 2.0), ("kto", "label_smoothing", 0.1),
+    ("dpo", "packing", True), ("kto", "completion_only_loss", True), ("dpo", "assistant_only_loss", True),
+    ("kto", "dataset_text_field", "text"), ("dpo", "padding_free", True),
+])
+def test_a_name_for_another_method_is_refused_naming_it(method, name, value):
+    key = {"sft": "text", "dpo": DPO_KEY, "kto": KTO_KEY}[method]
+    error = refusal(document(method, key, {name: value}))
+    assert error.field == f"trainer.{name}" and f"method is {method!r}" in error.message
+    nested = refusal(document(method, key, {"training_kwargs": {name: value}}))
+    assert nested.field == f"trainer.training_kwargs.{name}"
+
+
+@pytest.mark.parametrize("method, trainer", [
+    ("dpo", {"beta": 0.5, "loss_type": "ipo", "label_smoothing": 0.1, "precompute_ref_log_probs": True}),
+    ("dpo", {"loss_type": ["sigmoid", "sft"]}),
+    ("kto", {"beta": 100, "loss_type": "apo_zero_unpaired", "desirable_weight": 1.33, "undesirable_weight": 0.5,
+             "per_device_train_batch_size": 1}),
+])
+def test_the_methods_own_names_are_accepted(method, trainer):
+    spec = parse_model(document(method, DPO_KEY if method == "dpo" else KTO_KEY, trainer))
+    assert spec.trainer.training_arguments() == trainer
+
+
+@pytest.mark.parametrize("method, name, value", [
+    ("dpo", "beta", 0), ("dpo", "beta", 100.5), ("kto", "beta", -1), ("dpo", "label_smoothing", 0.5),
+    ("kto", "desirable_weight", 0), ("kto", "undesirable_weight", 101), ("dpo", "loss_type", "kto"),
+    ("kto", "loss_type", "sigmoid"), ("kto", "loss_type", ["kto"]), ("dpo", "loss_type", ["sigmoid", "made_up"]),
+    ("dpo", "loss_type", "made_up"), ("dpo", "precompute_ref_log_probs", "yes"),
+])
+def test_preference_names_are_bounded(method, name, value):
+    error = refusal(document(method, DPO_KEY if method == "dpo" else KTO_KEY, {name: value}))
+    assert error.field.split(".")[:2] == ["trainer", name]  # a list's item is named by its index
+
+
+@pytest.mark.parametrize("trainer, field", [
+    ({"num_processes": 2}, "trainer.num_processes"), ({"num_gpus": 2}, "trainer.num_gpus"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "trainer.deepspeed"),
+])
+def test_several_processes_are_refused_for_preference_runs(trainer, field):
+    error = refusal(document("dpo", DPO_KEY, trainer))
+    assert error.field == field and "one process" in error.message
+
+
+def test_kto_needs_batches_of_two_in_a_fixed_order_for_its_kl_term():
+    assert refusal(document("kto", KTO_KEY, {"per_device_train_batch_size": 1})).field == \
+        "trainer.per_device_train_batch_size"
+    assert refusal(document("kto", KTO_KEY, {"train_sampling_strategy": "random"})).field == \
+        "trainer.train_sampling_strategy"
+
+
+def test_every_preference_name_is_a_field_of_the_trainers_config_and_the_loss_lists_match_trl():
+    fields = {"dpo": {f.name for f in dataclasses.fields(DPOConfig)}, "kto": {f.name for f in dataclasses.fields(KTOConfig)}}
+    for name, methods in METHOD_ONLY.items():
+        for method in set(methods) - {"sft"}:
+            assert name in fields[method], (name, method)
+    assert set(KTO_LOSSES) == set(KTOConfig.__dataclass_fields__["loss_type"].metadata["choices"])
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    assert all(f"'{loss}'" in help_text for loss in DPO_LOSSES)
+
+
+# --- arguments: each method's trl configuration ---------------------------------------------------------------
+
+def test_a_dpo_run_gets_a_dpo_config_without_sfts_batch_arrangement(tmp_path):
+    spec = TrainerSpec(beta=0.2, loss_type=["sigmoid", "sft"], per_device_train_batch_size=4)
+    resolved = resolved_arguments(spec, str(tmp_path), has_eval=False, use_cpu=True, method="dpo")
+    assert "padding_free" not in resolved and "train_sampling_strategy" not in resolved
+    config = to_config("dpo", resolved)
+    assert isinstance(config, DPOConfig) and config.beta == 0.2 and config.loss_type == ["sigmoid", "sft"]
+
+
+def test_a_kto_run_keeps_trls_sequential_order(tmp_path):
+    spec = TrainerSpec(desirable_weight=2.0, per_device_train_batch_size=4)
+    config = to_config("kto", resolved_arguments(spec, str(tmp_path), has_eval=False, use_cpu=True, method="kto"))
+    assert isinstance(config, KTOConfig) and config.train_sampling_strategy == "sequential"
+    assert config.desirable_weight == 2.0
+
+
+# --- rows: the method's shape, or skipped -------------------------------------------------------------------
+
+def test_a_dpo_row_reads_the_named_fields_as_text_or_chat():
+    assert to_row({"question": "q", "good": "a", "bad": "b"}, "dpo", DPO_KEY) == \
+        {"prompt": "q", "chosen": "a", "rejected": "b"}
+    chat = [{"role": "user", "content": "q", "extra": 1}]
+    row = to_row({"question": chat, "good": "a", "bad": "b"}, "dpo", DPO_KEY)
+    assert row["prompt"] == [{"role": "user", "content": "q"}]
+    assert one_shape([row, {"prompt": "p", "chosen": "c", "rejected": "r"}])[1] == {
+        "prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "c"}],
+        "rejected": [{"role": "assistant", "content": "r"}]}
+
+
+@pytest.mark.parametrize("doc, reason", [
+    ({"question": "q", "good": "a"}, "no field 'bad'"),
+    ({"question": "q", "good": "a", "bad": 3}, "field 'bad' is neither"),
+    ({"question": "  ", "good": "a", "bad": "b"}, "field 'question' is neither"),
+    ({"question": "q", "good": "a", "bad": [{"role": "wizard", "content": "x"}]}, "field 'bad' is neither"),
+    ({"question": "q", "good": "same", "bad": "same"}, "chosen and rejected are the same"),
+])
+def test_a_document_not_of_the_dpo_shape_is_skipped_with_its_reason(doc, reason):
+    with pytest.raises(Skipped, match=reason):
+        to_row(doc, "dpo", DPO_KEY)
+
+
+@pytest.mark.parametrize("value, good", [(True, True), (False, False), (1, True), (-1, False), (0.25, True),
+                                         (-3.5, False)])
+def test_a_kto_label_is_a_bool_or_the_sign_of_a_number(value, good):
+    assert label(value) is good
+    assert to_row({"question": "q", "answer": "a", "thumb": value}, "kto", KTO_KEY)["label"] is good
+
+
+@pytest.mark.parametrize("value", [0, 0.0, math.nan, math.inf, "up", None, [1]])
+def test_a_kto_label_without_a_sign_is_skipped(value):
+    with pytest.raises(Skipped):
+        to_row({"question": "q", "answer": "a", "thumb": value}, "kto", KTO_KEY)
+
+
+# --- runs through a daemon ------------------------------------------------------------------------------------
+
+PROMPTS = [f"what is {n} plus one" for n in range(24)]
+CHOSEN, REJECTED = "ahoy matey", "the sea be blue"
+# Enough steps at a high learning rate for the tiny model to learn one fixed preference (a few seconds).
+PREFERENCE_TRAINER = {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 5e-3, "logging_steps": 1,
+                      "max_seq_length": 64}
+
+
+def preference_model(doc_id, path, method, collection, trainer=PREFERENCE_TRAINER, **extra) -> dict:
+    return {"_id": doc_id, "model_name_or_path": path, "method": method,
+            "data": {"collection": collection, "key": DPO_KEY if method == "dpo" else KTO_KEY},
+            "trainer": dict(trainer), **extra}
+
+
+def logged(document: dict, name: str) -> list:
+    return [m[name] for m in document["metrics"] if name in m]
+
+
+def test_a_dpo_run_learns_the_preference_and_records_it(module_db, module_daemon, tiny_model_path):
+    module_db["pairs"].insert_many([{"question": p, "good": CHOSEN, "bad": REJECTED} for p in PROMPTS])
+    models = module_db[defaults.MODELS]
+    models.insert_one(preference_model("dpo", tiny_model_path, "dpo", "pairs"))
+    done = wait_for(models, "dpo", finished, timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    accuracies, margins = logged(done, "rewards/accuracies"), logged(done, "rewards/margins")
+    assert logged(done, "rewards/chosen") and logged(done, "rewards/rejected")
+    # The policy starts as its reference (every reward 0): by the end it ranks chosen over rejected.
+    assert accuracies[0] < accuracies[-1] == 1.0 and margins[-1] > margins[0]
+    run = done["runs"][0]
+    assert run["method"] == "dpo" and run["reference"]["model"] == "base" and run["data"]["skipped"]["count"] == 0
+    assert run["promotion"]["promoted"] and run["outcome"] == "succeeded"
+
+    # A retrain starts from the serving adapter, which is then its frozen reference; the SFT gate does not apply.
+    models.update_one({"_id": "dpo"}, {"$set": {"status": "pending"}})
+    again = wait_for(models, "dpo", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert again["status"] == "succeeded", again.get("error")
+    second = again["runs"][1]
+    assert second["init_from"] == {"model": "dpo", "run": 1, "step": done["best_checkpoint"]["step"]}
+    assert second["reference"] == {"model": "start", "adapter": second["init_from"],
+                                   "how": "a frozen copy of the adapter the run starts from (trl's 'ref' adapter)"}
+    assert second["promotion"]["gate"] == "skipped" and "method dpo" in second["promotion"]["reason"]
+    assert logged(again, "rewards/margins")[0] == 0  # each run compares against where it started
+
+
+def test_a_kto_run_trains_on_thumbs_and_skips_what_is_not_one(module_db, module_daemon, tiny_model_path):
+    thumbs = [{"question": p, "answer": CHOSEN if n % 2 else REJECTED, "thumb": 1 if n % 2 else -1}
+              for n, p in enumerate(PROMPTS)]
+    malformed = [{"question": "q", "answer": "a", "thumb": 0}, {"question": "q", "answer": 5, "thumb": True},
+                 {"question": "q", "thumb": True}]
+    module_db["thumbs"].insert_many(thumbs + malformed)
+    models = module_db[defaults.MODELS]
+    models.insert_one(preference_model("kto", tiny_model_path, "kto", "thumbs"))
+    done = wait_for(models, "kto", finished, timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    assert logged(done, "kl") and logged(done, "rewards/chosen") and logged(done, "rewards/rejected")
+    assert logged(done, "rewards/margins")[-1] > 0
+    skipped = done["runs"][0]["data"]["skipped"]
+    assert skipped["count"] == 3 and {r["reason"] for r in skipped["reasons"]} == {
+        "label is neither a bool nor a nonzero number", "no field 'answer'",
+        "field 'answer' is neither non-empty text nor a list of {role, content} messages"}
+    assert done["runs"][0]["data"]["count"] == 27
+
+
+def test_too_few_usable_rows_fail_naming_the_key(module_db, module_daemon, tiny_model_path):
+    module_db["few"].insert_many([{"question": "q", "good": "a", "bad": "b"}, {"question": "q", "good": "a"},
+                                  {"question": "q", "good": "a", "bad": "a"}])
+    models = module_db[defaults.MODELS]
+    models.insert_one(preference_model("few", tiny_model_path, "dpo", "few"))
+    failed = wait_for(models, "few", finished, timeout_s=300)
+    assert failed["status"] == "failed" and failed["error"]["field"] == "data.key"
+    assert "only 1 of 3 selected documents are usable for method dpo" in failed["error"]["message"]
+    assert "no field 'bad'" in failed["error"]["message"]
