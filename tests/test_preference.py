@@ -2,11 +2,14 @@
 
 import dataclasses
 import math
+import signal
 
 import pytest
 from trl import DPOConfig, KTOConfig
 
-from tests.conftest import finished, wait_for
+from tests.conftest import finished, job_log, wait_for
+from tests.test_cli import invoke
+from tests.test_recovery import SHORT_LEASE, assert_gone, child_pid
 from training import defaults
 from training.arguments import resolved_arguments, to_config
 from training.config import DPO_LOSSES, KTO_LOSSES, METHOD_ONLY, SpecError, TrainerSpec, parse_model
@@ -189,7 +192,7 @@ def logged(document: dict, name: str) -> list:
     return [m[name] for m in document["metrics"] if name in m]
 
 
-def test_a_dpo_run_learns_the_preference_and_records_it(module_db, module_daemon, tiny_model_path):
+def test_a_dpo_run_learns_the_preference_and_records_it(module_db, module_daemon, tiny_model_path, server_uri):
     module_db["pairs"].insert_many([{"question": p, "good": CHOSEN, "bad": REJECTED} for p in PROMPTS])
     models = module_db[defaults.MODELS]
     models.insert_one(preference_model("dpo", tiny_model_path, "dpo", "pairs"))
@@ -202,6 +205,8 @@ def test_a_dpo_run_learns_the_preference_and_records_it(module_db, module_daemon
     run = done["runs"][0]
     assert run["method"] == "dpo" and run["reference"]["model"] == "base" and run["data"]["skipped"]["count"] == 0
     assert run["promotion"]["promoted"] and run["outcome"] == "succeeded"
+    shown = invoke(server_uri, module_db, "logs", "dpo")
+    assert shown.exit_code == 0 and f"accuracy 1 margin {margins[-1]:.4g} (step 12)" in shown.output, shown.output
 
     # A retrain starts from the serving adapter, which is then its frozen reference; the SFT gate does not apply.
     models.update_one({"_id": "dpo"}, {"$set": {"status": "pending"}})
@@ -243,3 +248,38 @@ def test_too_few_usable_rows_fail_naming_the_key(module_db, module_daemon, tiny_
     assert failed["status"] == "failed" and failed["error"]["field"] == "data.key"
     assert "only 1 of 3 selected documents are usable for method dpo" in failed["error"]["message"]
     assert "no field 'bad'" in failed["error"]["message"]
+
+
+LONG_PREFERENCE = {**PREFERENCE_TRAINER, "max_steps": 60, "per_device_train_batch_size": 4, "save_steps": 5}
+
+
+def test_a_dpo_run_cancelled_midway_stops_after_a_checkpoint(module_db, module_daemon, tiny_model_path):
+    module_db["pairs_cancel"].insert_many([{"question": p, "good": CHOSEN, "bad": REJECTED} for p in PROMPTS])
+    models = module_db[defaults.MODELS]
+    models.insert_one(preference_model("dpo_cancel", tiny_model_path, "dpo", "pairs_cancel", LONG_PREFERENCE))
+    wait_for(models, "dpo_cancel", lambda d: (d.get("progress") or {}).get("step", 0) >= 2, timeout_s=300)
+    models.update_one({"_id": "dpo_cancel"}, {"$set": {"cancel": True}})
+    done = wait_for(models, "dpo_cancel", finished, timeout_s=300)
+    assert done["status"] == "cancelled" and done["checkpoints"]
+    assert done["checkpoints"][-1]["step"] < LONG_PREFERENCE["max_steps"]
+
+
+def test_a_dpo_run_killed_midway_resumes_from_its_checkpoint(db, start_daemon, tiny_model_path, tmp_path):
+    db["pairs"].insert_many([{"question": p, "good": CHOSEN, "bad": REJECTED} for p in PROMPTS])
+    models = db[defaults.MODELS]
+    victim = start_daemon("victim", env=SHORT_LEASE)
+    models.insert_one(preference_model("long", tiny_model_path, "dpo", "pairs", LONG_PREFERENCE))
+    wait_for(models, "long", lambda d: len(d.get("checkpoints") or []) >= 1, timeout_s=300)
+    victim.stop(signal.SIGKILL)
+    assert_gone(child_pid(victim))
+    saved = models.find_one({"_id": "long"})["checkpoints"][-1]["step"]
+
+    start_daemon("survivor", env=SHORT_LEASE)
+    done = wait_for(models, "long", finished, timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    assert done["attempts"] == 2 and done["checkpoints"][-1]["step"] == LONG_PREFERENCE["max_steps"]
+    steps = [m["step"] for m in done["metrics"] if "rewards/margins" in m]
+    assert steps.count(1) == 1, "step 1 was trained once: the second attempt resumed"
+    assert "resuming run 1 from its checkpoint at step" in job_log(tmp_path)
+    resumed = min(c["step"] for c in done["checkpoints"] if c["step"] >= saved)
+    assert min(s for s in steps if s > resumed) == resumed + 1
