@@ -283,3 +283,15 @@ def test_a_dpo_run_killed_midway_resumes_from_its_checkpoint(db, start_daemon, t
     assert "resuming run 1 from its checkpoint at step" in job_log(tmp_path)
     resumed = min(c["step"] for c in done["checkpoints"] if c["step"] >= saved)
     assert min(s for s in steps if s > resumed) == resumed + 1
+
+
+def test_a_dpo_run_on_a_4_bit_base_trains(module_db, module_daemon, tiny_model_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs the qlora extra: pip install 'mongotune[qlora]'")
+    module_db["pairs_bits"].insert_many([{"question": p, "good": CHOSEN, "bad": REJECTED} for p in PROMPTS[:8]])
+    models = module_db[defaults.MODELS]
+    models.insert_one(preference_model("dpo_bits", tiny_model_path, "dpo", "pairs_bits",
+                                       {**PREFERENCE_TRAINER, "max_steps": 3, "per_device_train_batch_size": 4,
+                                        "bits": 4}))
+    done = wait_for(models, "dpo_bits", finished, timeout_s=300)
+    assert done["status"] == "succeeded", done.get("error")
+    assert done["checkpoints"][-1]["step"] == 3 and logged(done, "rewards/margins")
