@@ -13,7 +13,9 @@ from tests.test_recovery import SHORT_LEASE, assert_gone, child_pid
 from training import defaults
 from training.arguments import resolved_arguments, to_config
 from training.config import DPO_LOSSES, KTO_LOSSES, METHOD_ONLY, SpecError, TrainerSpec, parse_model
-from training.preferences import Skipped, label, one_shape, to_row
+from training.config import DataSpec
+from training.limits import Limits
+from training.preferences import Skipped, check_documents, label, one_shape, read_datasets, to_row
 
 TINY = "/models/tiny"
 DPO_KEY, KTO_KEY = ["question", "good", "bad"], ["question", "answer", "thumb"]
@@ -171,6 +173,34 @@ def test_a_kto_label_is_a_bool_or_the_sign_of_a_number(value, good):
 def test_a_kto_label_without_a_sign_is_skipped(value):
     with pytest.raises(Skipped):
         to_row({"question": "q", "answer": "a", "thumb": value}, "kto", KTO_KEY)
+
+
+def test_the_dataset_holds_the_usable_rows_and_the_read_counts_the_skipped(db):
+    chat = [{"role": "user", "content": "hello"}]
+    db["prefs"].insert_many([{"_id": n, "question": f"q{n}", "good": "yes", "bad": "no"} for n in range(11)]
+                            + [{"_id": 11, "question": chat, "good": "yes", "bad": "no"},
+                               {"_id": 12, "question": "q", "good": "yes"}, {"_id": 13, "question": "q", "good": 1,
+                                                                           "bad": "no"}])
+    data = DataSpec(collection="prefs", key=DPO_KEY)
+    train, valid, read = read_datasets(db, data, "dpo", Limits())
+    assert len(train) + len(valid) == 12 and len(valid) == 1  # the seeded 10% of the usable rows
+    assert all(isinstance(row["prompt"], list) for row in train)  # one chat row makes every row chat
+    assert read["count"] == 14 and read["first_id"] == 0 and read["last_id"] == 13
+    assert read["skipped"] == {"count": 2, "reasons": [
+        {"reason": "no field 'bad'", "count": 1},
+        {"reason": "field 'good' is neither non-empty text nor a list of {role, content} messages", "count": 1}]}
+    assert check_documents(db, data, "dpo", Limits()) == 14
+
+
+def test_too_few_usable_rows_are_refused_with_the_fields_the_documents_have(db):
+    db["prefs"].insert_many([{"question": "q", "answer": "a", "rating": 1}, {"question": "q", "answer": "a"}])
+    data = DataSpec(collection="prefs", key=KTO_KEY)
+    for read in (lambda: read_datasets(db, data, "kto", Limits()), lambda: check_documents(db, data, "kto", Limits())):
+        with pytest.raises(SpecError) as caught:
+            read()
+        error = caught.value
+        assert error.field == "data.key" and "only 0 of 2 selected documents are usable for method kto" in error.message
+        assert "2 with no field 'thumb'" in error.message and "the documents have fields" in error.message
 
 
 # --- runs through a daemon ------------------------------------------------------------------------------------

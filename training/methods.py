@@ -22,6 +22,14 @@ def read_datasets(db, spec: ModelSpec, limits: Limits):
     return preferences.read_datasets(db, spec.data, spec.method, limits)
 
 
+def check_documents(db, spec: ModelSpec, limits: Limits) -> int:
+    """What the run checks first, without building a dataset (`listener apply --dry-run`): how many documents it
+    selects; the SpecError the run would fail with otherwise."""
+    if spec.method == SFT:
+        return dataset.check_documents(db, spec.data, limits)
+    return preferences.check_documents(db, spec.data, spec.method, limits)
+
+
 def trainer_class(method: str):
     from trl import DPOTrainer, KTOTrainer, SFTTrainer
 

@@ -103,6 +103,15 @@ def _too_few(db, data: DataSpec, method: str, documents: list[dict], usable: int
                      f"{method} ({names}), and a run needs at least {MIN_ROWS} to train on; skipped: {why}{hint}")
 
 
+def check_documents(db, data: DataSpec, method: str, limits: Limits) -> int:
+    """How many documents the selection holds; the run's SpecError when too few of them are of `method`'s shape."""
+    documents = load_documents(db, data, limits)
+    usable, reasons = _rows(documents, method, data.key)
+    if len(usable) < MIN_ROWS:
+        raise _too_few(db, data, method, documents, len(usable), reasons)
+    return len(documents)
+
+
 def read_datasets(db, data: DataSpec, method: str, limits: Limits) -> tuple[Dataset, Dataset | None, dict]:
     """The train and valid datasets of `method`'s rows, and what was read (`lineage.data_read`, with `skipped`)."""
     from datasets import Dataset
