@@ -2,8 +2,8 @@
 
 `ModelSpec` is a `_models` document and `RequestSpec` a `_requests` document. Parsing either
 raises `SpecError` naming the field and saying what to change; nothing downstream re-checks.
-Trainer argument names are checked against trl's `SFTConfig` in `training.arguments`, where trl
-is imported anyway.
+Trainer argument names are checked against trl's `SFTConfig` (`DPOConfig`, `KTOConfig` for the
+preference methods) in `training.arguments`, where trl is imported anyway.
 """
 
 import difflib
