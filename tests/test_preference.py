@@ -62,7 +62,7 @@ def test_a_template_or_transform_is_for_sft_only(field, value):
     ("sft", "beta", 0.1), ("sft", "loss_type", "sigmoid"), ("sft", "precompute_ref_log_probs", True),
     ("dpo", "desirable_weight", 2.0), ("dpo", "undesirable_weight", 2.0), ("kto", "label_smoothing", 0.1),
     ("dpo", "packing", True), ("kto", "completion_only_loss", True), ("dpo", "assistant_only_loss", True),
-    ("kto", "dataset_text_field", "text"), ("dpo", "padding_free", True),
+    ("kto", "dataset_text_field", "text"), ("dpo", "padding_free", True), ("dpo", "label_smoothing_factor", 0.1),
 ])
 def test_a_name_for_another_method_is_refused_naming_it(method, name, value):
     key = {"sft": "text", "dpo": DPO_KEY, "kto": KTO_KEY}[method]
@@ -101,6 +101,19 @@ def test_preference_names_are_bounded(method, name, value):
 def test_several_processes_are_refused_for_preference_runs(trainer, field):
     error = refusal(document("dpo", DPO_KEY, trainer))
     assert error.field == field and "one process" in error.message
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_rows_of_several_sequences_are_not_grouped_by_length(method):
+    error = refusal(document(method, DPO_KEY if method == "dpo" else KTO_KEY,
+                             {"train_sampling_strategy": "group_by_length"}))
+    assert error.field == "trainer.train_sampling_strategy" and "no single length" in error.message
+
+
+def test_kto_has_no_token_accuracy_to_pick_its_best_checkpoint_by():
+    assert refusal(document("kto", KTO_KEY, {"metric_for_best_model": "eval_mean_token_accuracy"})).field == \
+        "trainer.metric_for_best_model"
+    assert parse_model(document("dpo", DPO_KEY, {"metric_for_best_model": "eval_mean_token_accuracy"}))
 
 
 def test_kto_needs_batches_of_two_in_a_fixed_order_for_its_kl_term():

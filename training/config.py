@@ -112,8 +112,9 @@ KEYS = {DPO: ("prompt", "chosen", "rejected"), KTO: ("prompt", "completion", "la
 METHOD_ONLY = {
     **dict.fromkeys(("beta", "loss_type", "precompute_ref_log_probs"), PREFERENCE_METHODS), "label_smoothing": (DPO,),
     **dict.fromkeys(("desirable_weight", "undesirable_weight"), (KTO,)),
-    **dict.fromkeys(("packing", "dataset_text_field", "completion_only_loss", "assistant_only_loss", "padding_free"),
-                    (SFT,)),
+    # SFT's batch arrangements, and transformers' label smoothing, which only SFT's loss applies
+    **dict.fromkeys(("packing", "dataset_text_field", "completion_only_loss", "assistant_only_loss", "padding_free",
+                     "label_smoothing_factor"), (SFT,)),
 }
 
 
@@ -407,6 +408,11 @@ def _preference_trainer(trainer: TrainerSpec, method: str) -> None:
         if asked:
             raise SpecError(f"trainer.{name}", f"method {method} trains in one process on one device for now, "
                             "without DeepSpeed or FSDP: remove it")
+    if given.get("train_sampling_strategy") == "group_by_length":  # transformers measures `input_ids` alone
+        raise SpecError("trainer.train_sampling_strategy", f"method {method}'s rows have no single length to group "
+                        "by: give random or sequential")
+    if method == KTO and "mean_token_accuracy" in (given.get("metric_for_best_model") or ""):
+        raise SpecError("trainer.metric_for_best_model", "method kto logs no token accuracy: give loss or eval_loss")
     loss = given.get("loss_type")
     allowed = KTO_LOSSES if method == KTO else DPO_LOSSES
     if loss is not None and any(item not in allowed for item in (loss if isinstance(loss, list) else [loss])):
