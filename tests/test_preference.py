@@ -339,3 +339,17 @@ def test_a_dpo_run_on_a_4_bit_base_trains(module_db, module_daemon, tiny_model_p
     done = wait_for(models, "dpo_bits", finished, timeout_s=300)
     assert done["status"] == "succeeded", done.get("error")
     assert done["checkpoints"][-1]["step"] == 3 and logged(done, "rewards/margins")
+
+
+def test_a_full_fine_tuning_dpo_run_compares_against_a_second_copy_of_the_base(module_db, module_daemon,
+                                                                               tiny_model_path):
+    module_db["pairs_full"].insert_many([{"question": p, "good": CHOSEN, "bad": REJECTED} for p in PROMPTS[:8]])
+    models = module_db[defaults.MODELS]
+    models.insert_one(preference_model("dpo_full", tiny_model_path, "dpo", "pairs_full",
+                                       {**PREFERENCE_TRAINER, "max_steps": 3, "per_device_train_batch_size": 4,
+                                        "use_lora": False}))
+    done = wait_for(models, "dpo_full", finished, timeout_s=300)
+    assert done["status"] == "succeeded", done.get("error")
+    assert done["runs"][0]["reference"] == {"model": "base",
+                                            "how": "a second, frozen copy of the base model (full fine-tuning)"}
+    assert logged(done, "rewards/margins")
