@@ -294,7 +294,7 @@ def test_too_few_usable_rows_fail_naming_the_key(module_db, module_daemon, tiny_
     assert "no field 'bad'" in failed["error"]["message"]
 
 
-LONG_PREFERENCE = {**PREFERENCE_TRAINER, "max_steps": 60, "per_device_train_batch_size": 4, "save_steps": 5}
+LONG_PREFERENCE = {**PREFERENCE_TRAINER, "max_steps": 30, "per_device_train_batch_size": 4, "save_steps": 5}
 
 
 def test_a_dpo_run_cancelled_midway_stops_after_a_checkpoint(module_db, module_daemon, tiny_model_path):
