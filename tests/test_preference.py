@@ -95,12 +95,13 @@ def test_preference_names_are_bounded(method, name, value):
 
 
 @pytest.mark.parametrize("trainer, field", [
-    ({"num_processes": 2}, "trainer.num_processes"), ({"num_gpus": 2}, "trainer.num_gpus"),
-    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "trainer.deepspeed"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "trainer.deepspeed"), ({"fsdp": True}, "trainer.fsdp"),
+    ({"fsdp_config": {"version": 2}}, "trainer.fsdp_config"),
 ])
-def test_several_processes_are_refused_for_preference_runs(trainer, field):
-    error = refusal(document("dpo", DPO_KEY, trainer))
-    assert error.field == field and "one process" in error.message
+def test_deepspeed_and_fsdp_are_refused_for_preference_runs(trainer, field):
+    error = refusal(document("dpo", DPO_KEY, {**trainer, "num_processes": 2}))
+    assert error.field == field and "without DeepSpeed or FSDP" in error.message
+    assert parse_model(document("kto", KTO_KEY, {"num_processes": 2})).trainer.num_processes == 2
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto"])
@@ -264,14 +265,16 @@ def test_a_dpo_run_learns_the_preference_and_records_it(module_db, module_daemon
     assert second_margins[0] == 0  # each run compares against where it started: its first step's rewards are 0
 
 
-def test_a_kto_run_trains_on_thumbs_and_skips_what_is_not_one(module_db, module_daemon, tiny_model_path):
+def test_a_kto_run_in_two_processes_trains_on_thumbs_and_skips_what_is_not_one(module_db, module_daemon, tiny_model_path):
     thumbs = [{"question": p, "answer": CHOSEN if n % 2 else REJECTED, "thumb": 1 if n % 2 else -1}
               for n, p in enumerate(PROMPTS)]
     malformed = [{"question": "q", "answer": "a", "thumb": 0}, {"question": "q", "answer": 5, "thumb": True},
                  {"question": "q", "thumb": True}]
     module_db["thumbs"].insert_many(thumbs + malformed)
     models = module_db[defaults.MODELS]
-    models.insert_one(preference_model("kto", tiny_model_path, "kto", "thumbs"))
+    # In two processes through torchrun: KTO's KL term is estimated within each rank's batch.
+    models.insert_one(preference_model("kto", tiny_model_path, "kto", "thumbs",
+                                       {**PREFERENCE_TRAINER, "per_device_train_batch_size": 4, "num_processes": 2}))
     done = wait_for(models, "kto", finished, timeout_s=600)
     assert done["status"] == "succeeded", done.get("error")
     assert logged(done, "kl") and logged(done, "rewards/chosen") and logged(done, "rewards/rejected")
@@ -281,6 +284,7 @@ def test_a_kto_run_trains_on_thumbs_and_skips_what_is_not_one(module_db, module_
         "label is neither a bool nor a nonzero number", "no field 'answer'",
         "field 'answer' is neither non-empty text nor a list of {role, content} messages"}
     assert done["runs"][0]["data"]["count"] == 27
+    assert done["runs"][0]["host"]["world_size"] == 2
 
 
 def test_too_few_usable_rows_fail_naming_the_key(module_db, module_daemon, tiny_model_path):

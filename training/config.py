@@ -398,16 +398,16 @@ def _data_key(data: "DataSpec", method: str) -> None:
 
 
 def _preference_trainer(trainer: TrainerSpec, method: str) -> None:
-    """What trl's preference trainers cannot do here yet, refused before a run starts: several processes (the
-    launcher's ranks were built and tested with SFT only), and the loss types and KTO settings trl would refuse."""
+    """What trl's preference trainers cannot do here yet, refused before a run starts: DeepSpeed and FSDP (never
+    tried with them; several processes through torchrun, which were, are allowed), and the loss types and KTO
+    settings trl would refuse, or trip on once training."""
     given = trainer.training_arguments()
-    several = {"num_processes": trainer.num_processes not in (None, 1), "num_gpus": trainer.num_gpus > 1,
-               "deepspeed": trainer.deepspeed is not None, "fsdp": bool(given.get("fsdp")),
+    sharded = {"deepspeed": trainer.deepspeed is not None, "fsdp": bool(given.get("fsdp")),
                "fsdp_config": "fsdp_config" in given}
-    for name, asked in several.items():
+    for name, asked in sharded.items():
         if asked:
-            raise SpecError(f"trainer.{name}", f"method {method} trains in one process on one device for now, "
-                            "without DeepSpeed or FSDP: remove it")
+            raise SpecError(f"trainer.{name}", f"method {method} trains without DeepSpeed or FSDP for now (several "
+                            "processes through trainer.num_processes work): remove it")
     if given.get("train_sampling_strategy") == "group_by_length":  # transformers measures `input_ids` alone
         raise SpecError("trainer.train_sampling_strategy", f"method {method}'s rows have no single length to group "
                         "by: give random or sequential")
