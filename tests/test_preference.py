@@ -94,14 +94,11 @@ def test_preference_names_are_bounded(method, name, value):
     assert error.field.split(".")[:2] == ["trainer", name]  # a list's item is named by its index
 
 
-@pytest.mark.parametrize("trainer, field", [
-    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "trainer.deepspeed"), ({"fsdp": True}, "trainer.fsdp"),
-    ({"fsdp_config": {"version": 2}}, "trainer.fsdp_config"),
-])
-def test_deepspeed_and_fsdp_are_refused_for_preference_runs(trainer, field):
-    error = refusal(document("dpo", DPO_KEY, {**trainer, "num_processes": 2}))
-    assert error.field == field and "without DeepSpeed or FSDP" in error.message
-    assert parse_model(document("kto", KTO_KEY, {"num_processes": 2})).trainer.num_processes == 2
+@pytest.mark.parametrize("trainer", [{"num_processes": 2}, {"deepspeed": {"zero_optimization": {"stage": 3}}},
+                                     {"num_processes": 2, "fsdp": True, "fsdp_config": {"version": 2}}])
+def test_preference_runs_take_the_launchers_settings(trainer):
+    assert parse_model(document("dpo", DPO_KEY, trainer)).trainer.training_arguments() == {
+        k: v for k, v in trainer.items() if k not in ("num_processes", "deepspeed")}
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto"])
@@ -357,3 +354,14 @@ def test_a_full_fine_tuning_dpo_run_compares_against_a_second_copy_of_the_base(m
     assert done["runs"][0]["reference"] == {"model": "base",
                                             "how": "a second, frozen copy of the base model (full fine-tuning)"}
     assert logged(done, "rewards/margins")
+
+
+def test_a_dpo_run_under_deepspeed_zero_3_in_two_processes_trains(module_db, module_daemon, tiny_model_path):
+    module_db["pairs_zero"].insert_many([{"question": p, "good": CHOSEN, "bad": REJECTED} for p in PROMPTS])
+    models = module_db[defaults.MODELS]
+    models.insert_one(preference_model("dpo_zero", tiny_model_path, "dpo", "pairs_zero",
+                                       {**PREFERENCE_TRAINER, "per_device_train_batch_size": 4, "num_processes": 2,
+                                        "deepspeed": {"zero_optimization": {"stage": 3}}}))
+    done = wait_for(models, "dpo_zero", finished, timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    assert done["runs"][0]["host"]["world_size"] == 2 and logged(done, "rewards/accuracies")[-1] == 1.0

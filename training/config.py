@@ -398,16 +398,9 @@ def _data_key(data: "DataSpec", method: str) -> None:
 
 
 def _preference_trainer(trainer: TrainerSpec, method: str) -> None:
-    """What trl's preference trainers cannot do here yet, refused before a run starts: DeepSpeed and FSDP (never
-    tried with them; several processes through torchrun, which were, are allowed), and the loss types and KTO
-    settings trl would refuse, or trip on once training."""
+    """What trl's preference trainers would refuse, or trip on once training, refused before a run starts. Several
+    processes, DeepSpeed (ZeRO-2 and 3) and FSDP run them as they run SFT (tried on the CPU, in one and two ranks)."""
     given = trainer.training_arguments()
-    sharded = {"deepspeed": trainer.deepspeed is not None, "fsdp": bool(given.get("fsdp")),
-               "fsdp_config": "fsdp_config" in given}
-    for name, asked in sharded.items():
-        if asked:
-            raise SpecError(f"trainer.{name}", f"method {method} trains without DeepSpeed or FSDP for now (several "
-                            "processes through trainer.num_processes work): remove it")
     if given.get("train_sampling_strategy") == "group_by_length":  # transformers measures `input_ids` alone
         raise SpecError("trainer.train_sampling_strategy", f"method {method}'s rows have no single length to group "
                         "by: give random or sequential")
