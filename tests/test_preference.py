@@ -260,6 +260,11 @@ def test_a_dpo_run_learns_the_preference_and_records_it(module_db, module_daemon
     assert second["promotion"]["gate"] == "skipped" and "method dpo" in second["promotion"]["reason"]
     second_margins = [m["rewards/margins"] for m in again["metrics"] if m.get("run") == 2 and "rewards/margins" in m]
     assert second_margins[0] == 0  # each run compares against where it started: its first step's rewards are 0
+    # Its adapter serves like an SFT run's (the frozen 'ref' copy trl saved beside it is never stored).
+    module_db[defaults.REQUESTS].insert_one({"_id": "ask_dpo", "model": "dpo", "input": PROMPTS[0],
+                                             "params": {"max_new_tokens": 3}})
+    answer = wait_for(module_db[defaults.REQUESTS], "ask_dpo", finished, timeout_s=300)
+    assert answer["status"] == "done" and answer["checkpoint_used"] == again["best_checkpoint"], answer.get("error")
 
 
 def test_a_kto_run_in_two_processes_trains_on_thumbs_and_skips_what_is_not_one(module_db, module_daemon, tiny_model_path):
