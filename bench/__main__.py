@@ -20,14 +20,14 @@ from pathlib import Path
 from pymongo import MongoClient
 from rich.console import Console
 
-from bench import load, sampling, serving, storage, training
+from bench import load, preference, sampling, serving, storage, training
 from bench.common import Context, Row, running_daemon, table
 from listener.demo import load_samples
 from listener.embedded import EmbeddedServer, free_port
 
 RESULTS = Path(__file__).with_name("results") / "latest.json"
 PARTS = ("training", "serving", "storage")  # `make bench`
-ON_REQUEST = ("sampling", "load")  # long studies, run only when named
+ON_REQUEST = ("sampling", "load", "dpo")  # long studies and the DPO comparison, run only when named
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +40,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="run only this benchmark (repeatable); without training, serving and storage use "
                              "one untimed training run through the daemon for their adapter; not run by default: "
                              "sampling (eval loss of length-grouped against random order over several seeds) and "
-                             "load (1, 2 and 3 daemons on one database, and daemons SIGKILLed under load)")
+                             "load (1, 2 and 3 daemons on one database, and daemons SIGKILLed under load) and dpo "
+                             "(a DPO job against the plain trl DPOTrainer script)")
     args = parser.parse_args(argv)
     args.only = tuple(args.only or PARTS)
     args.model = args.model or ("tiny" if args.only == ("load",) else "smollm2")
@@ -88,7 +89,8 @@ def measure(console: Console, model: str, parts: tuple[str, ...] = PARTS) -> lis
             adapter = training.adapter_only(ctx)
         return [*training_rows, *(serving.run(ctx) if "serving" in parts else []),
                 *(storage.run(ctx, adapter) if "storage" in parts else []),
-                *(sampling.run(ctx) if "sampling" in parts else []), *(load.run(ctx) if "load" in parts else [])]
+                *(sampling.run(ctx) if "sampling" in parts else []), *(load.run(ctx) if "load" in parts else []),
+                *(preference.run(ctx) if "dpo" in parts else [])]
 
 
 def busy_cpus(console: Console) -> float:

@@ -63,7 +63,7 @@ def _cpu(process: psutil.Process) -> tuple[float, float]:
     return times.user + times.system, times.children_user + times.children_system
 
 
-def _processes(ctx: Context) -> tuple[psutil.Process, psutil.Process | None]:
+def processes(ctx: Context) -> tuple[psutil.Process, psutil.Process | None]:
     """The bench's daemon (from its heartbeat) and the database server (the process listening on the URI's port)."""
     record = ctx.db[defaults.LISTENER].find_one({"kind": "daemon"})
     port = ctx.uri.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1].split("?")[0]
@@ -72,7 +72,7 @@ def _processes(ctx: Context) -> tuple[psutil.Process, psutil.Process | None]:
     return psutil.Process(record["pid"]), server
 
 
-def _idle(daemon: psutil.Process, timeout_s: float = 60.0) -> None:
+def idle(daemon: psutil.Process, timeout_s: float = 60.0) -> None:
     """Until the daemon and its descendants (the training child it starts ahead, importing its libraries
     after a job) use under a tenth of a CPU: neither side of a pair is timed beside the other's leftovers."""
     deadline = time.monotonic() + timeout_s
@@ -93,8 +93,8 @@ def _busy(process: psutil.Process) -> float:
 
 def via_mongotune(ctx: Context, model_id=MODEL_ID, seed=SEED) -> dict:
     models = ctx.db[defaults.MODELS]
-    daemon, server = _processes(ctx)
-    _idle(daemon)
+    daemon, server = processes(ctx)
+    idle(daemon)
     before = _cpu(daemon), server and _cpu(server)
     with step(ctx.console, f"training {model_id} via mongotune (insert to succeeded)") as timer:
         models.insert_one(model_document(ctx.model_path, model_id, seed))
@@ -115,7 +115,7 @@ def via_script(ctx: Context, output: Path, seed=SEED, trainer: dict | None = Non
     job = {**JOB, "trainer": {**JOB["trainer"], "seed": seed, **(trainer or {})}}
     command = [sys.executable, "-m", "bench.baseline_train", "--uri", ctx.uri, "--db", ctx.db.name, "--collection", COLLECTION,
                "--model", ctx.model_path, "--output", str(output), "--job", json.dumps(job)]
-    _idle(_processes(ctx)[0])
+    idle(processes(ctx)[0])
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with step(ctx.console, "training via a plain trl script (launch to exit)") as timer:
         done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)

@@ -67,6 +67,21 @@ def eval_loss(document: dict):
     return None, None
 
 
+# The preference trainers' reward metrics (`method` dpo or kto), as logged, and the words they are shown with.
+PREFERENCE = (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"), ("rewards/accuracies", "accuracy"),
+              ("rewards/margins", "margin"))
+
+
+def preference(document: dict) -> str:
+    """The newest logged rewards of a preference run, in words ('rewards: chosen 0.3 ... (step 12)'); '' for none."""
+    metrics = document.get("metrics") if isinstance(document.get("metrics"), list) else []
+    for entry in reversed(metrics):
+        if isinstance(entry, dict) and any(name in entry for name, _ in PREFERENCE):
+            shown = " ".join(f"{word} {number(entry[name])}" for name, word in PREFERENCE if name in entry)
+            return f"rewards: {shown} (step {number(count(entry.get('step')))})"
+    return ""
+
+
 def events_of(document: dict) -> list[dict]:
     found = document.get("events") if isinstance(document.get("events"), list) else []
     return [e for e in found if isinstance(e, dict)]
@@ -113,8 +128,10 @@ class Follower:
         self.step_shown, self.step_shown_at = None, -float("inf")
         self.bar = Progress(EndingSpinner(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval]}"),
-                            TextColumn("{task.fields[eta]}"), TimeElapsedColumn(), console=console)
-        self.task = self.bar.add_task("waiting for a daemon", total=None, loss="-", eval="-", eta="ETA -", ended=False)
+                            TextColumn("{task.fields[eta]}"), TimeElapsedColumn(), TextColumn("{task.fields[rewards]}"),
+                            console=console)
+        self.task = self.bar.add_task("waiting for a daemon", total=None, loss="-", eval="-", eta="ETA -", rewards="",
+                                      ended=False)
 
     def show(self, document: dict) -> None:
         for event in events_of(document):
@@ -134,7 +151,8 @@ class Follower:
             eta = progress.get("eta_s")
             step = min(count(progress.get("step")) or 0, total)
             fields = {"loss": number(progress.get("loss")), "eval": number(eval_loss(document)[0]),
-                      "eta": "ETA -" if not isinstance(eta, (int, float)) else f"ETA {eta:.0f}s"}
+                      "eta": "ETA -" if not isinstance(eta, (int, float)) else f"ETA {eta:.0f}s",
+                      "rewards": inert(preference(document))}
             self.bar.update(self.task, total=total, completed=step, **fields)
             if self.plain and not ended:  # an ended run's last line says where it ended
                 self._plain_step(step, total, fields)
@@ -148,8 +166,8 @@ class Follower:
         if step == self.step_shown or (step < total and time.monotonic() - self.step_shown_at < PLAIN_EVERY_S):
             return
         self.step_shown, self.step_shown_at = step, time.monotonic()
-        self.bar.console.print(f"step {step}/{total}  loss {fields['loss']}  eval {fields['eval']}  {fields['eta']}",
-                               highlight=False, soft_wrap=True)
+        line = f"step {step}/{total}  loss {fields['loss']}  eval {fields['eval']}  {fields['eta']}  {fields['rewards']}"
+        self.bar.console.print(line.rstrip(), highlight=False, soft_wrap=True)
 
 
 def follow_training(console: Console, models, model_id, timeout_s: float, note: Note | None = None) -> dict:

@@ -3,10 +3,10 @@
 import dataclasses
 
 import pytest
-from trl import SFTConfig
+from trl import DPOConfig, KTOConfig, SFTConfig
 
 from training.arguments import RENAMED, lora_config, sft_config, translate
-from training.config import IGNORED, NOT_FROM_DOCUMENTS, SpecError, TrainerSpec, TrainingArgs, parse_model
+from training.config import IGNORED, METHOD_ONLY, NOT_FROM_DOCUMENTS, SpecError, TrainerSpec, TrainingArgs, parse_model
 
 
 def trainer_error(trainer: dict) -> SpecError:
@@ -36,8 +36,10 @@ def test_translate_keeps_current_names_and_drops_the_ignored_ones():
 
 def test_every_allowed_name_is_a_current_sft_config_field_or_a_translated_one():
     fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+    preference = {f.name for config in (DPOConfig, KTOConfig) for f in dataclasses.fields(config) if f.init}
     for name in TrainingArgs.model_fields:
-        assert name in fields or name in RENAMED or name in IGNORED, name
+        sft = "sft" in METHOD_ONLY.get(name, ("sft",))
+        assert name in (fields if sft else preference) or name in RENAMED or name in IGNORED, name
     for new in RENAMED.values():
         assert new in fields
 

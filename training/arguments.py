@@ -1,4 +1,4 @@
-"""Turn the document's `trainer` section into trl's `SFTConfig` and peft's `LoraConfig`.
+"""Turn the document's `trainer` section into trl's `SFTConfig` (or `DPOConfig`, `KTOConfig`) and peft's `LoraConfig`.
 
 What a document may set is the allowlist in `training.config.TrainingArgs`; this module only
 translates names that transformers/trl renamed, applies the listener's defaults and builds the
@@ -6,10 +6,12 @@ objects. Users copy keyword arguments from older tutorials, so the old names sti
 """
 
 from peft import LoraConfig
-from trl import SFTConfig
+from trl import DPOConfig, KTOConfig, SFTConfig
 
 from training import packing, padding
-from training.config import IGNORED, DeepSpeedSpec, SpecError, TrainerSpec
+from training.config import DPO, IGNORED, KTO, SFT, DeepSpeedSpec, SpecError, TrainerSpec
+
+CONFIGS = {SFT: SFTConfig, DPO: DPOConfig, KTO: KTOConfig}  # each method's trl configuration
 
 RENAMED = {
     "evaluation_strategy": "eval_strategy",
@@ -52,8 +54,13 @@ def sft_config(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: b
 
 
 def to_sft_config(kwargs: dict) -> SFTConfig:
+    return to_config(SFT, kwargs)
+
+
+def to_config(method: str, kwargs: dict):
+    """The trl configuration of `method`'s trainer; a SpecError when trl refuses the combination."""
     try:
-        return SFTConfig(**kwargs)
+        return CONFIGS[method](**kwargs)
     except (ValueError, TypeError) as exc:
         raise SpecError("trainer", f"the training arguments do not fit together: {exc}") from None
 
@@ -68,8 +75,19 @@ def _early_stopping(spec: TrainerSpec, has_eval: bool) -> dict:
     return {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss"}
 
 
-def resolved_arguments(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: bool, keep: int = 10) -> dict:
-    """The keyword arguments `SFTConfig` gets: the user's on top of our defaults (the run's entry records both)."""
+def _sft_defaults(user: dict) -> dict:
+    """Batch arrangement that only SFT's trainer and collator know (`training.padding`, `training.packing`)."""
+    # A batch's sequences end to end, no step spent on padding (`training.padding`), when a batch holds several
+    # and trl does not pack them already; the child turns it off unless the attention is varlen (flash) and
+    # for a model that would mix them.
+    return {"padding_free": not user.get("packing") and user.get("per_device_train_batch_size", 8) > 1,
+            **packing.arguments(user)}
+
+
+def resolved_arguments(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: bool, keep: int = 10,
+                       method: str = SFT) -> dict:
+    """The keyword arguments `method`'s trl configuration gets: the user's on top of our defaults (the run's entry
+    records both). trl's own defaults stay for the rest, the preference trainers' `learning_rate` of 1e-6 too."""
     user = translate(spec.training_arguments())
     kwargs = {
         "max_length": 512,
@@ -84,22 +102,19 @@ def resolved_arguments(spec: TrainerSpec, output_dir: str, *, has_eval: bool, us
         # (left alone, transformers evaluates at every logging step).
         "eval_steps": user.get("save_steps", 500),
         "activation_checkpointing": not use_cpu,  # on a CPU it costs time and saves little
-        # A batch's sequences end to end, no step spent on padding (`training.padding`), when a batch holds several
-        # and trl does not pack them already; the child turns it off unless the attention is varlen (flash) and
-        # for a model that would mix them.
-        "padding_free": not user.get("packing") and user.get("per_device_train_batch_size", 8) > 1,
+        **(_sft_defaults(user) if method == SFT else {}),
         "disable_tqdm": True,
         "report_to": "none",
         "use_cpu": use_cpu,
         **({"bf16": False, "fp16": False} if use_cpu else {}),
         **_early_stopping(spec, has_eval),
-        **packing.arguments(user),
         **user,
         "output_dir": output_dir,
     }
     if not has_eval:
         kwargs["eval_strategy"] = "no"
-    kwargs.update(padding.sampling(kwargs, user))  # padded batches grouped by length (`training.padding`)
+    if method == SFT:
+        kwargs.update(padding.sampling(kwargs, user))  # padded batches grouped by length (`training.padding`)
     if spec.deepspeed is not None:
         kwargs["deepspeed"] = deepspeed_config(spec.deepspeed)
     return kwargs

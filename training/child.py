@@ -22,8 +22,9 @@ from pathlib import Path
 from bson import json_util
 from pymongo import MongoClient
 
-from training import checkpoints, defaults, ids, lifeline, lineage, packing, padding, promotion, ranks, starting
-from training.config import ModelSpec, SpecError, parse_model
+from training import (checkpoints, defaults, ids, lifeline, lineage, methods, packing, padding, promotion, ranks,
+                      starting)
+from training.config import SFT, ModelSpec, SpecError, parse_model
 from training.errors import public_message
 from training.inert import inert_logging
 from training.limits import Limits
@@ -79,10 +80,9 @@ def _single_process_group() -> None:
 def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: float = 0.0) -> int:
     import torch
     from peft import prepare_model_for_kbit_training
-    from trl import SFTTrainer
 
-    from training.arguments import lora_config, resolved_arguments, to_sft_config
-    from training.dataset import check_loss_options, read_datasets
+    from training.arguments import lora_config, resolved_arguments, to_config
+    from training.dataset import check_loss_options
     from training.models import check_model, load_checked_model, load_tokenizer
     from training.phases import Phases
     from training.progress import LogAtSaves, MongoProgress, NothingPastTheLastStep, Trained
@@ -96,16 +96,17 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         _single_process_group()
         if not torch.cuda.is_available():
             ranks.no_cpu_kernel_builds()
-    train_set, valid_set, read = read_datasets(db, spec.data, limits)
+    train_set, valid_set, read = methods.read_datasets(db, spec, limits)
     log.info("dataset: %d training and %d validation examples", len(train_set), len(valid_set or []))
     phases.lap("data")
     resolved = resolved_arguments(spec.trainer, str(work / "output"), has_eval=valid_set is not None,
-                                  use_cpu=not torch.cuda.is_available(), keep=limits.max_checkpoints)
-    config = to_sft_config(padding.for_trl(resolved))
+                                  use_cpu=not torch.cuda.is_available(), keep=limits.max_checkpoints,
+                                  method=spec.method)
+    config = to_config(spec.method, padding.for_trl(resolved))
     if spec.trainer.deepspeed is not None and ranks.world()[1] > 1:
         ranks.join_deepspeed()
     tokenizer = load_tokenizer(spec, limits)
-    check_loss_options(bool(config.assistant_only_loss), train_set, tokenizer)
+    check_loss_options(bool(resolved.get("assistant_only_loss")), train_set, tokenizer)
     model = load_checked_model(spec, limits)
     if padding.flattened_here(resolved):  # recorded as decided: the run's entry says whether batches were flat
         given = spec.trainer.training_arguments()
@@ -135,11 +136,14 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     signal.signal(signal.SIGTERM, stop)
     if ranks.is_rank():
         ranks.forget_launch_file()
-    trainer = SFTTrainer(
-        model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
+    trainer = methods.build_trainer(
+        spec, limits, model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
         processing_class=tokenizer, peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
     )
-    padding.arrange(trainer, resolved)
+    if spec.method == SFT:
+        padding.arrange(trainer, resolved)
+    elif progress is not None:
+        _record(db, progress, {"reference": methods.reference(trainer, started)})
     phases.lap("trainer")
     own = work / f"rank{rank}" if world > 1 else work  # each rank unpacks its own copy of a resumed checkpoint
     with _loads(spec):
@@ -154,7 +158,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         return defaults.ChildExit.STOPPED
     if progress.cancelled:
         return defaults.ChildExit.CANCELLED
-    batches = promotion.held_out_batches(trainer)
+    batches = promotion.held_out_batches(trainer) if spec.method == SFT else None
     del trainer, model  # the gate loads the base once for both checkpoints: never beside the trained model
     gc.collect()
     promotion.conclude(db, progress.match, spec, document["run"], serving, batches, work, limits, ranking)
@@ -177,7 +181,12 @@ def _record_phases(db, progress, phases) -> None:
     """The run's time by phase, with what its callbacks spent writing and uploading inside `train`."""
     seconds = {**phases.seconds, **progress.seconds()}
     log.info("phases (s): %s", " ".join(f"{k}={v}" for k, v in seconds.items()))
-    update, filters = lineage.set_fields(progress.run, {"phases": seconds})
+    _record(db, progress, {"phases": seconds})
+
+
+def _record(db, progress, fields: dict) -> None:
+    """`fields` on the run's entry."""
+    update, filters = lineage.set_fields(progress.run, fields)
     db[defaults.MODELS].update_one(progress.match, update, array_filters=filters)
 
 

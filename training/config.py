@@ -2,8 +2,8 @@
 
 `ModelSpec` is a `_models` document and `RequestSpec` a `_requests` document. Parsing either
 raises `SpecError` naming the field and saying what to change; nothing downstream re-checks.
-Trainer argument names are checked against trl's `SFTConfig` in `training.arguments`, where trl
-is imported anyway.
+Trainer argument names are checked against trl's `SFTConfig` (`DPOConfig`, `KTOConfig` for the
+preference methods) in `training.arguments`, where trl is imported anyway.
 """
 
 import difflib
@@ -100,6 +100,24 @@ def _check_filter(value: Any) -> None:
             _check_filter(inner)
 
 
+SFT, DPO, KTO = "sft", "dpo", "kto"  # what a model's runs train with (`ModelSpec.method`)
+PREFERENCE_METHODS = (DPO, KTO)
+# The loss types trl 1.16 accepts: DPOConfig.loss_type (one, or several combined) and KTOConfig.loss_type.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+# The fields `data.key` names for each method, in order.
+KEYS = {DPO: ("prompt", "chosen", "rejected"), KTO: ("prompt", "completion", "label")}
+# Trainer names that apply to some methods only: given with another method, they are refused naming the field.
+METHOD_ONLY = {
+    **dict.fromkeys(("beta", "loss_type", "precompute_ref_log_probs"), PREFERENCE_METHODS), "label_smoothing": (DPO,),
+    **dict.fromkeys(("desirable_weight", "undesirable_weight"), (KTO,)),
+    # SFT's batch arrangements, and transformers' label smoothing, which only SFT's loss applies
+    **dict.fromkeys(("packing", "dataset_text_field", "completion_only_loss", "assistant_only_loss", "padding_free",
+                     "label_smoothing_factor"), (SFT,)),
+}
+
+
 class DataSpec(_Strict):
     collection: str = Field(min_length=1, max_length=255)
     filter: dict = Field(default_factory=dict)
@@ -119,8 +137,9 @@ class DataSpec(_Strict):
     @field_validator("key")
     @classmethod
     def _key_shape(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and (len(value) != 2 or not all(value)):
-            raise ValueError('a list key names two fields, the prompt and the response: ["prompt", "response"]')
+        if isinstance(value, list) and (len(value) not in (2, 3) or not all(value)):
+            raise ValueError('a list key names two fields, the prompt and the response: ["prompt", "response"] (or, '
+                             'for method dpo or kto, three: see `method`)')
         if isinstance(value, str) and not value:
             raise ValueError('name the field holding the text, e.g. "text" or "messages"')
         return value
@@ -253,6 +272,13 @@ class TrainingArgs(_Strict):
     dataset_num_proc: int | None = Field(default=None, ge=1)
     fsdp: bool | Literal["full_shard", "shard_grad_op", "full_shard auto_wrap", "shard_grad_op auto_wrap"] | None = None
     fsdp_config: FsdpConfig | None = None  # FSDP runs only with trainer.num_processes above 1 (training.ranks)
+    # Preference trainers' names (trl's DPOConfig / KTOConfig): each applies to the methods `METHOD_ONLY` names.
+    beta: float | None = Field(default=None, gt=0, le=100)
+    loss_type: Literal[DPO_LOSSES + KTO_LOSSES] | list[Literal[DPO_LOSSES]] | None = None
+    label_smoothing: float | None = Field(default=None, ge=0, lt=0.5)
+    desirable_weight: float | None = Field(default=None, gt=0, le=100)
+    undesirable_weight: float | None = Field(default=None, gt=0, le=100)
+    precompute_ref_log_probs: bool | None = None
     # Accepted so the reference workflow's arguments work as copied, and ignored (see `warnings`).
     output_dir: str | None = Field(default=None, max_length=1000)
     overwrite_output_dir: bool | None = None
@@ -344,6 +370,64 @@ class TrainerSpec(TrainingArgs):
         return {**own, **self.training_kwargs.model_dump(exclude_unset=True)}
 
 
+def _method_names(trainer: TrainerSpec, method: str) -> None:
+    """Trainer names for another method are refused, never silently ignored."""
+    nested = trainer.training_kwargs.model_dump(exclude_unset=True)
+    for name in trainer.training_arguments():
+        methods = METHOD_ONLY.get(name, (method,))
+        if method not in methods:
+            where = f"trainer.training_kwargs.{name}" if name in nested else f"trainer.{name}"
+            raise SpecError(where, f"applies to method {' or '.join(methods)} only, and this model's method is "
+                            f"{method!r}: remove it")
+
+
+def _data_key(data: "DataSpec", method: str) -> None:
+    if method == SFT:
+        if isinstance(data.key, list) and len(data.key) != 2:
+            raise SpecError("data.key", 'for method sft a list key names two fields, the prompt and the response: '
+                            '["prompt", "response"]')
+        return
+    shape = ", ".join(f'"{name}"' for name in KEYS[method])
+    if not isinstance(data.key, list) or len(data.key) != 3:
+        raise SpecError("data.key", f"method {method} reads three fields of each document, named in this order: "
+                        f"[{shape}] (the names are your documents' field names)")
+    for name in ("template", "transform"):
+        if getattr(data, name) is not None:
+            raise SpecError(f"data.{name}", f"applies to method sft only; method {method} reads the three fields "
+                            "data.key names: remove it")
+
+
+def _preference_trainer(trainer: TrainerSpec, method: str) -> None:
+    """What trl's preference trainers would refuse, or trip on once training, refused before a run starts. Several
+    processes, DeepSpeed (ZeRO-2 and 3) and FSDP run them as they run SFT (tried on the CPU, in one and two ranks)."""
+    given = trainer.training_arguments()
+    if given.get("train_sampling_strategy") == "group_by_length":  # transformers measures `input_ids` alone
+        raise SpecError("trainer.train_sampling_strategy", f"method {method}'s rows have no single length to group "
+                        "by: give random or sequential")
+    if method == KTO and "mean_token_accuracy" in (given.get("metric_for_best_model") or ""):
+        raise SpecError("trainer.metric_for_best_model", "method kto logs no token accuracy: give loss or eval_loss")
+    loss = given.get("loss_type")
+    allowed = KTO_LOSSES if method == KTO else DPO_LOSSES
+    if loss is not None and any(item not in allowed for item in (loss if isinstance(loss, list) else [loss])):
+        raise SpecError("trainer.loss_type", f"method {method} takes one of {', '.join(allowed)}"
+                        + (" (or a list of them, combined with equal weights)" if method == DPO else ""))
+    if method == KTO and loss != "apo_zero_unpaired":  # KTO's KL term pairs each example with its batch neighbours
+        if given.get("per_device_train_batch_size") == 1:
+            raise SpecError("trainer.per_device_train_batch_size", "method kto estimates its KL term within a batch: "
+                            "give at least 2 (or loss_type apo_zero_unpaired)")
+        if given.get("train_sampling_strategy", "sequential") != "sequential":
+            raise SpecError("trainer.train_sampling_strategy", "method kto estimates its KL term from neighbours in "
+                            "a batch of fixed order: leave it out or give sequential (or loss_type apo_zero_unpaired)")
+
+
+def check_method(spec: "ModelSpec") -> None:
+    """The data shape and trainer names fit the model's `method`; SpecError naming the field otherwise."""
+    _data_key(spec.data, spec.method)
+    _method_names(spec.trainer, spec.method)
+    if spec.method in PREFERENCE_METHODS:
+        _preference_trainer(spec.trainer, spec.method)
+
+
 def _plain_id(value):
     return _reported(ids.check, value, ids.BadId)
 
@@ -399,6 +483,12 @@ class ModelSpec(_Strict):
     promotion: Promotion | Literal[False] = Field(default_factory=Promotion)  # false: every finished run serves
     init_from: InitFrom | None = None
     retrain: RetrainSpec | None = None
+    method: Literal["sft", "dpo", "kto"] = SFT  # what the runs train with: trl's SFT, DPO or KTO trainer
+
+    @model_validator(mode="after")
+    def _fits_method(self) -> "ModelSpec":
+        check_method(self)
+        return self
 
     def warnings(self) -> list[str]:
         """Settings accepted for compatibility but not used, and why: written to the document at claim."""

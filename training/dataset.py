@@ -99,11 +99,15 @@ def check_documents(db, data: DataSpec, limits: Limits) -> int:
     return len(documents)
 
 
-def _messages(value) -> list[dict]:
-    ok = isinstance(value, list) and value and all(
+def is_messages(value) -> bool:
+    """A non-empty list of {role: system|user|assistant, content: string}: chat as trl reads it."""
+    return isinstance(value, list) and bool(value) and all(
         isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value
     )
-    if not ok:
+
+
+def _messages(value) -> list[dict]:
+    if not is_messages(value):
         raise SpecError(
             "data.key",
             "chat messages must be a non-empty list of "

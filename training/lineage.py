@@ -149,6 +149,6 @@ def start(models, match: dict, document: dict, spec, resolved: dict, read: dict,
           source: str) -> bool:
     """Write the run's entry at its start (rank 0 alone); False when the fence no longer matches."""
     read = {**read, "filter": json_util.dumps(read["filter"])}  # "$" operators cannot be field names in an update
-    recorded = entry(document, data=read, arguments=arguments(spec, resolved), init_from=started,
-                     base=base_fingerprint(spec.model_name_or_path, source, spec.model_kwargs.revision))
+    recorded = entry(document, method=spec.method, data=read, arguments=arguments(spec, resolved),
+                     init_from=started, base=base_fingerprint(spec.model_name_or_path, source, spec.model_kwargs.revision))
     return begin(models, match, document, recorded)

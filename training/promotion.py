@@ -4,7 +4,8 @@ Both checkpoints are measured here, by the same code on the same held-out docume
 fold, as the trainer tokenized it), so the comparison is fair whatever each run's own evaluation said.
 Until the gate decides, `best_checkpoint` keeps pointing at the earlier run's promoted checkpoint
 (`training.progress` keeps the run's own best in its `runs` entry). The decision, both scores and the
-number of documents are recorded on the run's entry; a promotion also becomes a `promoted` event.
+number of documents are recorded on the run's entry; a promotion also becomes a `promoted` event. A
+preference run (`method` dpo or kto) has no such measure yet: its entry says the gate was skipped, and why.
 
 The training child frees its trained model before the gate, which then loads the base once for both
 checkpoints (`GateModel`): never two bases, nor a base beside the trained model, in memory at once.
@@ -16,7 +17,7 @@ import math
 from pathlib import Path
 
 from training import checkpoints, defaults, events, lineage
-from training.config import ModelSpec
+from training.config import SFT, ModelSpec
 from training.starting import refits
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,11 @@ def judge(db, spec: ModelSpec, new: dict, serving: dict | None, batches: list | 
         return {"promoted": True, "checkpoint": ref, "reason": "promotion is false: every finished run serves"}
     if serving is None:
         return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves"}
+    if spec.method != SFT:
+        return {"promoted": True, "checkpoint": ref, "gate": "skipped", "reason": (
+            f"the gate was skipped for method {spec.method}: its measure, the loss on held-out documents, does not "
+            f"score a preference run, and no preference gate exists yet; every finished {spec.method} run serves "
+            "(promotion: false says the same)")}
     if not batches:
         return {"promoted": True, "checkpoint": ref, "reason": "this run has no held-out documents to compare on"}
     metric, min_delta = spec.promotion.metric, spec.promotion.min_delta

@@ -4,7 +4,7 @@ from rich.console import Console
 from listener.cli.alive import waiting_note
 from listener.cli.errors import stopped_following
 from listener.cli.options import connection_options, find_model, model_argument, open_database, operator_settings
-from listener.follow import count, eval_loss, event_line, events_of, finished, follow_training, number
+from listener.follow import count, eval_loss, event_line, events_of, finished, follow_training, number, preference
 from listener.status import Status
 from training import defaults
 from training.inert import inert
@@ -24,6 +24,8 @@ def summary(document: dict) -> str:
             parts.append(f"ETA {number(progress.get('eta_s'), 3)} s")
     if loss is not None:
         parts.append(f"eval loss {number(loss)} (step {number(count(step))})")
+    if preference(document):
+        parts.append(inert(preference(document)))
     error = document.get("error") if isinstance(document.get("error"), dict) else None
     if error:
         parts.append(f"error {inert(error.get('type'))}: {inert(error.get('message'))}")
@@ -38,7 +40,7 @@ def summary(document: dict) -> str:
 @click.option("-n", "--events", "count", default=20, show_default=True, type=click.IntRange(min=0),
               help="How many of the newest events to show (without --follow).")
 def logs(uri, db, model, keep_following, count):
-    """Show MODEL's status, progress, loss, eval loss, ETA and events, read from its document.
+    """Show MODEL's status, progress, loss, eval loss, ETA, a preference run's rewards and events, from its document.
 
     Works from any host that reaches the database; --follow is driven by a change stream.
 

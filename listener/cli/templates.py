@@ -84,7 +84,7 @@ def apply(uri, db, folder, assignments, model_id, dry_run):
     except SpecError as exc:
         raise click.ClickException(f"the filled-in template is not a valid model: {exc}") from None
     if dry_run:
-        selected = _check_data(open_database(uri, db), spec.data, limits)
+        selected = _check_data(open_database(uri, db), spec, limits)
         click.echo(yaml.safe_dump({**document, "_id": str(document["_id"])}, sort_keys=False, allow_unicode=True))
         click.echo(f"checked the data: {selected} selected document(s) in collection {shown(spec.data.collection)} "
                    "have the fields it names; nothing was inserted", err=True)
@@ -94,12 +94,12 @@ def apply(uri, db, folder, assignments, model_id, dry_run):
     click.echo(f"inserted model {document['_id']!r} into {name}.{defaults.MODELS}")
 
 
-def _check_data(database, data, limits) -> int:
-    """The training's first checks on `data` (the collection has the selected documents, with the fields named):
-    how many documents it selects, or the one line the training would fail with."""
-    from training.dataset import check_documents
+def _check_data(database, spec, limits) -> int:
+    """The training's first checks on `spec.data` (the collection has the selected documents, with the fields
+    named): how many documents it selects, or the one line the training would fail with."""
+    from training.methods import check_documents
 
     try:
-        return check_documents(database, data, limits)
+        return check_documents(database, spec, limits)
     except SpecError as exc:
         raise click.ClickException(f"the data it would train on does not fit: {exc}") from None

@@ -1,0 +1,55 @@
+"""What a model's `method` changes in a run: its dataset, its trl trainer, and the frozen reference.
+
+`sft` trains on text, prompt-response or chat documents with `SFTTrainer`; `dpo` and `kto` train on
+preference rows (`training.preferences`) with `DPOTrainer` and `KTOTrainer`. With LoRA the reference
+these compare against is trl's choice when no `ref_model` is given: a fresh adapter's run compares
+against the base (the adapter disabled), and a run that starts from an adapter (`init_from`, or the
+serving adapter on a retrain) against a frozen copy of that adapter, which trl adds as `ref`. Without
+LoRA the listener loads a second copy of the base itself, through the same checks as the first, so
+that trl never loads a model by a name from the document. `reference` reads which from the built
+trainer and the run's entry records it.
+"""
+
+from training import dataset, preferences
+from training.config import SFT, ModelSpec
+from training.limits import Limits
+
+
+def read_datasets(db, spec: ModelSpec, limits: Limits):
+    """(train, valid or None, what was read) in the shape `spec.method` trains on."""
+    if spec.method == SFT:
+        return dataset.read_datasets(db, spec.data, limits)
+    return preferences.read_datasets(db, spec.data, spec.method, limits)
+
+
+def check_documents(db, spec: ModelSpec, limits: Limits) -> int:
+    """What the run checks first, without building a dataset (`listener apply --dry-run`): how many documents it
+    selects; the SpecError the run would fail with otherwise."""
+    if spec.method == SFT:
+        return dataset.check_documents(db, spec.data, limits)
+    return preferences.check_documents(db, spec.data, spec.method, limits)
+
+
+def trainer_class(method: str):
+    from trl import DPOTrainer, KTOTrainer, SFTTrainer
+
+    return {"sft": SFTTrainer, "dpo": DPOTrainer, "kto": KTOTrainer}[method]
+
+
+def build_trainer(spec: ModelSpec, limits: Limits, **kwargs):
+    """`spec.method`'s trainer; a preference run without LoRA gets the base again as its frozen reference."""
+    if spec.method != SFT and not spec.trainer.use_lora:
+        from training.models import load_checked_model
+
+        kwargs["ref_model"] = load_checked_model(spec, limits)
+    return trainer_class(spec.method)(**kwargs)
+
+
+def reference(trainer, started: dict | None) -> dict:
+    """What the built preference trainer compares its policy against, as the run's entry records it."""
+    if trainer.ref_model is not None:
+        return {"model": "base", "how": "a second, frozen copy of the base model (full fine-tuning)"}
+    if "ref" in getattr(trainer.model, "peft_config", {}):
+        return {"model": "start", "adapter": started,
+                "how": "a frozen copy of the adapter the run starts from (trl's 'ref' adapter)"}
+    return {"model": "base", "how": "the base model: the run's new LoRA adapter disabled"}

@@ -1,0 +1,133 @@
+"""Documents in a collection become a preference dataset: DPO pairs or KTO's labelled examples.
+
+`data.key` names three fields of each document, in the order of `training.config.KEYS`: the prompt and
+the two answers (`dpo`: chosen, rejected), or the prompt, one answer and its label (`kto`: a bool, or
+a number whose sign says good or bad). Each field is text, or chat messages as SFT reads them; when any
+usable document is chat, every example is (a text prompt becomes the user's turn, a text answer the
+assistant's), so trl sees one shape. A document of another shape is skipped and counted by reason, for
+the run's entry; a run left with fewer than `MIN_ROWS` usable training examples fails naming `data.key`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from training.config import DPO, KEYS, DataSpec, SpecError
+from training.dataset import is_messages, load_documents, split_folds
+from training.hints import fields_hint
+from training.lineage import data_read
+from training.limits import Limits
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS = 2  # usable training examples a run needs at least: KTO's KL term pairs each with a neighbour
+MAX_REASONS = 20  # distinct skip reasons kept in the run's entry
+
+
+class Skipped(Exception):
+    """One document that is not of the method's shape; the message is the reason counted."""
+
+
+def _part(doc: dict, field: str):
+    if field not in doc:
+        raise Skipped(f"no field {field!r}")
+    value = doc[field]
+    if isinstance(value, str) and value.strip():
+        return value
+    if is_messages(value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise Skipped(f"field {field!r} is neither non-empty text nor a list of {{role, content}} messages")
+
+
+def label(value) -> bool:
+    """KTO's label: a bool, or a finite nonzero number whose sign says good (positive) or bad."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value != 0:
+        return value > 0
+    raise Skipped("label is neither a bool nor a nonzero number")
+
+
+def to_row(doc: dict, method: str, key: list[str]) -> dict:
+    """One document as a row of trl's preference format; `Skipped` when it is not of the method's shape."""
+    names = KEYS[method]
+    if method == DPO:
+        row = {name: _part(doc, field) for name, field in zip(names, key)}
+        if row["chosen"] == row["rejected"]:
+            raise Skipped("chosen and rejected are the same")
+        return row
+    prompt, completion, rated = key
+    if rated not in doc:
+        raise Skipped(f"no field {rated!r}")
+    return {"prompt": _part(doc, prompt), "completion": _part(doc, completion), "label": label(doc[rated])}
+
+
+def _as_chat(row: dict) -> dict:
+    """A row whose text parts become turns: the prompt the user's, each answer the assistant's."""
+    def turn(name, value):
+        if not isinstance(value, str) or name == "label":
+            return value
+        return [{"role": "user" if name == "prompt" else "assistant", "content": value}]
+
+    return {name: turn(name, value) for name, value in row.items()}
+
+
+def one_shape(rows: list[dict]) -> list[dict]:
+    """All text, or all chat when any row is chat."""
+    if any(isinstance(value, list) for row in rows for value in row.values()):
+        return [_as_chat(row) for row in rows]
+    return rows
+
+
+def _rows(documents: list[dict], method: str, key: list[str]) -> tuple[list[tuple[dict, dict]], Counter]:
+    usable, reasons = [], Counter()
+    for doc in documents:
+        try:
+            usable.append((doc, to_row(doc, method, key)))
+        except Skipped as why:
+            reasons[str(why)] += 1
+    return usable, reasons
+
+
+def _too_few(db, data: DataSpec, method: str, documents: list[dict], usable: int, reasons: Counter) -> SpecError:
+    names = ", ".join(f"{part}={field!r}" for part, field in zip(KEYS[method], data.key))
+    why = "; ".join(f"{n} with {reason}" for reason, n in reasons.most_common(3))
+    hint = fields_hint(db[data.collection], data.filter) if not usable else ""
+    return SpecError("data.key", f"only {usable} of {len(documents)} selected documents are usable for method "
+                     f"{method} ({names}), and a run needs at least {MIN_ROWS} to train on; skipped: {why}{hint}")
+
+
+def check_documents(db, data: DataSpec, method: str, limits: Limits) -> int:
+    """How many documents the selection holds; the run's SpecError when too few of them are of `method`'s shape."""
+    documents = load_documents(db, data, limits)
+    usable, reasons = _rows(documents, method, data.key)
+    if len(usable) < MIN_ROWS:
+        raise _too_few(db, data, method, documents, len(usable), reasons)
+    return len(documents)
+
+
+def read_datasets(db, data: DataSpec, method: str, limits: Limits) -> tuple[Dataset, Dataset | None, dict]:
+    """The train and valid datasets of `method`'s rows, and what was read (`lineage.data_read`, with `skipped`)."""
+    from datasets import Dataset
+
+    documents = load_documents(db, data, limits)
+    usable, reasons = _rows(documents, method, data.key)
+    row_of = {id(doc): row for doc, row in usable}
+    train, valid = split_folds([doc for doc, _ in usable], data) if usable else ([], [])
+    if len(train) < MIN_ROWS:
+        raise _too_few(db, data, method, documents, len(usable), reasons)
+    if reasons:
+        log.warning("skipped %d of %d documents not of method %s's shape: %s", sum(reasons.values()),
+                    len(documents), method, dict(reasons))
+    rows = one_shape([row_of[id(doc)] for doc in train + valid])
+    train_rows, valid_rows = rows[:len(train)], rows[len(train):]
+    read = {**data_read(data.collection, data.filter, documents),
+            "skipped": {"count": sum(reasons.values()),
+                        "reasons": [{"reason": r, "count": n} for r, n in reasons.most_common(MAX_REASONS)]}}
+    return Dataset.from_list(train_rows), Dataset.from_list(valid_rows) if valid_rows else None, read
