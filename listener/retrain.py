@@ -173,6 +173,11 @@ def filters_of(members: Members) -> dict[str, dict | None]:
     return {json_util.dumps(spec.data.filter): spec.data.filter for spec, _ in members.values()}
 
 
+def filter_check(spec: ModelSpec) -> tuple[str, str]:
+    """What a verdict on a model's filter is kept under: its collection and its text."""
+    return spec.data.collection, json_util.dumps(spec.data.filter)
+
+
 def said(exc: OperationFailure) -> str:
     """The server's own words for a refusal, short enough for a model's `warnings`."""
     return str((exc.details or {}).get("errmsg") or exc)[:300]
@@ -289,14 +294,7 @@ class Retrainer:
         return followed
 
     async def _follow_data(self, models: dict) -> None:
-        eligible = {}
-        for key, (spec, state) in models.items():
-            if spec.retrain.on_new_documents and state.status not in NOT_FOLLOWED and await self._filter_works(spec):
-                eligible[key] = (spec, state)
-        self.filter_checks = {check: self.filter_checks[check] for check in
-                              {(spec.data.collection, json_util.dumps(spec.data.filter)) for spec, _ in eligible.values()}
-                              if check in self.filter_checks}
-        wanted = self._counted(eligible, await self._counted_before())
+        wanted = self._counted(await self._eligible(models), await self._counted_before())
         stale = []
         for collection, (filters, task) in list(self.watchers.items()):
             if collection not in wanted or tuple(sorted(filters_of(wanted[collection]))) != filters or task.done():
@@ -325,6 +323,15 @@ class Retrainer:
         await self.db[defaults.LISTENER].delete_many(
             {"kind": TALLY, "daemon": self.settings.name, "_id": {"$nin": [self._tally_id(c) for c in wanted]}})
 
+    async def _eligible(self, models: dict) -> dict:
+        """The models that may count new documents: with `on_new_documents`, neither failed nor cancelled, and with
+        a filter the server runs (a verdict kept while some such model has that filter)."""
+        candidates = {key: (spec, state) for key, (spec, state) in models.items()
+                      if spec.retrain.on_new_documents and state.status not in NOT_FOLLOWED}
+        current = {filter_check(spec) for spec, _ in candidates.values()}
+        self.filter_checks = {check: refusal for check, refusal in self.filter_checks.items() if check in current}
+        return {key: (spec, state) for key, (spec, state) in candidates.items() if await self._filter_works(spec)}
+
     async def _counted_before(self) -> set[str]:
         """The models this daemon counts for: those it follows, or on its first pass those its tallies hold."""
         if self.following:
@@ -337,8 +344,8 @@ class Retrainer:
         """Whether the server runs the model's `data.filter` on its collection, tried once per collection and filter
         before it joins a stream shared with other models (one the server fails on would stop counting for all);
         a refusal is logged and added to the model's `warnings`."""
-        text = json_util.dumps(spec.data.filter)
-        check = (spec.data.collection, text)
+        check = filter_check(spec)
+        text = check[1]
         if check not in self.filter_checks:
             self.filter_checks[check] = await self._refusal(spec.data.collection, spec.data.filter)
         refusal = self.filter_checks[check]
