@@ -16,7 +16,10 @@ is claimed, a little before R reads its data: an insert in between is trained on
 retrain comes early rather than late. Inserts during a run count toward the next one. A failed or
 cancelled model is not followed (it never retrains by itself); it is again once set back to pending.
 Users decide how many models follow; the operator bounds what that costs a daemon: at most
-`retrain_max_collections` streams, on a client of their own, for at most `retrain_max_models` models.
+`retrain_max_collections` streams, on a client of their own, for at most `retrain_max_models` models, those
+counted already keeping their places (a newcomer never takes one, whatever its id). One document costs only its
+own model: a filter is tried before it joins a shared stream, and a stream goes on past an insert the server
+cannot deliver.
 
 Schedule (`retrain.schedule`, `training.schedule`): every daemon's scheduler fires at each tick, and
 the tick is claimed in `_listener` (`retrain-tick:<model>`, whose `tick` only moves forward), so one
@@ -35,6 +38,7 @@ import hashlib
 import logging
 from typing import Any
 
+import bson
 from bson import json_util
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
@@ -47,6 +51,7 @@ from listener.streams import LOST_TOKEN_CODES
 from listener.tasks import cancel_and_wait
 from training import defaults, ids, schedule
 from training.config import LISTENER_FIELDS, ModelSpec, SpecError, parse_model
+from training.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,8 @@ STATE_FIELDS = {"status": 1, "run": 1, "started_at": 1, "finished_at": 1}
 CLOSE_S = 5.0  # how long `close` waits for the watchers to end before it leaves them
 EVERY_INSERT = [{"$match": {"operationType": "insert"}}, {"$project": {"documentKey": 1}}]
 NOT_FOLLOWED = (Status.FAILED, Status.CANCELLED)  # a person looks at those first: no retrain starts by itself
+FILTER_CHECK_MS = 1000  # how long the server may look for a document to try a model's data.filter on
+MAX_TIME_EXPIRED = 50  # the server's code for a read that ran out of its time: no verdict on the filter
 
 
 class Count(BaseModel):
@@ -166,6 +173,24 @@ def filters_of(members: Members) -> dict[str, dict | None]:
     return {json_util.dumps(spec.data.filter): spec.data.filter for spec, _ in members.values()}
 
 
+def filter_check(spec: ModelSpec) -> tuple[str, str]:
+    """What a verdict on a model's filter is kept under: its collection and its text."""
+    return spec.data.collection, json_util.dumps(spec.data.filter)
+
+
+def said(exc: OperationFailure) -> str:
+    """The server's own words for a refusal, short enough for a model's `warnings`."""
+    return str((exc.details or {}).get("errmsg") or exc)[:300]
+
+
+def parse_outcome(document: dict, limits: Limits) -> ModelSpec | SpecError:
+    """`parse_model`, its refusal returned rather than raised, to be kept."""
+    try:
+        return parse_model(document, limits)
+    except SpecError as exc:
+        return exc
+
+
 class Retrainer:
     """Follows the models with `retrain`; the daemon starts it with its `Periodic` and awaits `close`."""
 
@@ -178,6 +203,10 @@ class Retrainer:
         self.tallies: dict[str, Tally] = {}  # by collection: this daemon's tally, as last written
         self.locks: dict[str, asyncio.Lock] = {}  # by collection: one writer of its tally at a time
         self.stopping: set[asyncio.Task] = set()  # watchers cancelled by `check` that have not ended yet
+        self.seen: dict[str, int] = {}  # by model key: when this daemon first saw it follow new documents
+        self.sightings = 0  # the number the next model seen gets
+        self.past_bound = 0  # how many models the bounds left uncounted at the last pass: logged when it changes
+        self.filter_checks: dict[tuple[str, str], str | None] = {}  # by collection and filter: the server's refusal
 
     def start(self) -> None:
         self.periodic.every(self.settings.retrain_check_s, self.check, "retrain")
@@ -198,27 +227,32 @@ class Retrainer:
             await self._start_if_due(key, spec, state)
 
     async def _models(self) -> dict[str, tuple[ModelSpec, ModelState]]:
-        found = {}
+        found, parsed = {}, {}
         async for document in readable(raw(self.db[defaults.MODELS]).find({"retrain": {"$type": "object"}}),
                                        self.skipped, "retrain"):
             try:
-                state, spec = parse(ModelState, document), self._spec(document)
+                state, spec = parse(ModelState, document), await self._spec(document, parsed)
             except (BadRecord, SpecError) as exc:  # the daemon's own pass fails the document where it must
                 self.skipped.skip("retrain", document.get("_id"), exc)
                 continue
             if spec.retrain is not None and (spec.retrain.on_new_documents or spec.retrain.schedule):
                 found[ids.key(spec.id)] = (spec, state)
-        self.specs = {key: self.specs[key] for key in found}
+        self.specs = parsed
         return found
 
-    def _spec(self, document: dict) -> ModelSpec:
-        """The document's parse, redone only when what the user wrote has changed (a cron check is not free)."""
+    async def _spec(self, document: dict, parsed: dict) -> ModelSpec:
+        """The document's parse, redone only when what the user wrote has changed, and then off the event loop (a
+        cron check costs up to ~25 ms of CPU); a refusal is kept as well, so a document refused costs one parse,
+        not one at each pass."""
         user_part = {k: v for k, v in document.items() if k not in LISTENER_FIELDS}
-        fingerprint = hashlib.sha256(json_util.dumps(user_part).encode()).hexdigest()
+        fingerprint = hashlib.sha256(bson.encode(user_part)).hexdigest()
         key = ids.key(document.get("_id"))
         cached = self.specs.get(key)
         if cached is None or cached[0] != fingerprint:
-            cached = self.specs[key] = (fingerprint, parse_model(document, self.settings.limits))
+            cached = (fingerprint, await asyncio.to_thread(parse_outcome, document, self.settings.limits))
+        parsed[key] = cached
+        if isinstance(cached[1], SpecError):
+            raise SpecError(cached[1].field, cached[1].message)
         return cached[1]
 
     async def _forget_used_triggers(self) -> None:
@@ -232,29 +266,35 @@ class Retrainer:
             await self.db[defaults.MODELS].update_many(used, {"$unset": {"trigger": ""}},
                                                        bypass_document_validation=True)
 
-    def _counted(self, models: dict) -> dict[str, Members]:
-        """The models that count new documents, by collection: those that can retrain by themselves, in the
-        order of their keys, within the operator's bounds (the others wait until some stop following)."""
+    def _counted(self, eligible: dict, counted: set[str]) -> dict[str, Members]:
+        """The models that count new documents, by collection: those that can retrain by themselves, within the
+        operator's bounds. Those counted already come first, then the others in the order this daemon first saw
+        them, so a newcomer (whatever its id) never takes the place of a model or collection followed before it;
+        the others wait until some stop following."""
+        for key in sorted(eligible):
+            if key not in self.seen:
+                self.seen[key], self.sightings = self.sightings, self.sightings + 1
+        self.seen = {key: n for key, n in self.seen.items() if key in eligible}
         followed: dict[str, Members] = {}
-        total, s = 0, self.settings
-        for key in sorted(models):
-            spec, state = models[key]
-            if not spec.retrain.on_new_documents or state.status in NOT_FOLLOWED:
-                continue
+        total, past, s = 0, [], self.settings
+        for key in sorted(eligible, key=lambda k: (k not in counted, self.seen[k])):
+            spec, state = eligible[key]
             collection = spec.data.collection
             if total >= s.retrain_max_models or (collection not in followed
                                                  and len(followed) >= s.retrain_max_collections):
-                if self.skipped.first("retrain bound", spec.id):
-                    log.warning("not counting new documents for %.200r: this daemon already follows %d models "
-                                "in %d collections, its bounds (MONGOTUNE_RETRAIN_MAX_MODELS, "
-                                "MONGOTUNE_RETRAIN_MAX_COLLECTIONS)", spec.id, total, len(followed))
+                past.append(spec.id)
                 continue
             followed.setdefault(collection, {})[key] = (spec, state.run)
             total += 1
+        if len(past) != self.past_bound and past:
+            log.warning("not counting new documents for %d models (the first: %.200r): this daemon follows %d "
+                        "models in %d collections, its bounds (MONGOTUNE_RETRAIN_MAX_MODELS, "
+                        "MONGOTUNE_RETRAIN_MAX_COLLECTIONS)", len(past), past[0], total, len(followed))
+        self.past_bound = len(past)
         return followed
 
     async def _follow_data(self, models: dict) -> None:
-        wanted = self._counted(models)
+        wanted = self._counted(await self._eligible(models), await self._counted_before())
         stale = []
         for collection, (filters, task) in list(self.watchers.items()):
             if collection not in wanted or tuple(sorted(filters_of(wanted[collection]))) != filters or task.done():
@@ -283,6 +323,55 @@ class Retrainer:
         await self.db[defaults.LISTENER].delete_many(
             {"kind": TALLY, "daemon": self.settings.name, "_id": {"$nin": [self._tally_id(c) for c in wanted]}})
 
+    async def _eligible(self, models: dict) -> dict:
+        """The models that may count new documents: with `on_new_documents`, neither failed nor cancelled, and with
+        a filter the server runs (a verdict kept while some such model has that filter)."""
+        candidates = {key: (spec, state) for key, (spec, state) in models.items()
+                      if spec.retrain.on_new_documents and state.status not in NOT_FOLLOWED}
+        current = {filter_check(spec) for spec, _ in candidates.values()}
+        self.filter_checks = {check: refusal for check, refusal in self.filter_checks.items() if check in current}
+        return {key: (spec, state) for key, (spec, state) in candidates.items() if await self._filter_works(spec)}
+
+    async def _counted_before(self) -> set[str]:
+        """The models this daemon counts for: those it follows, or on its first pass those its tallies hold."""
+        if self.following:
+            return {key for members in self.following.values() for key in members}
+        records = self.db[defaults.LISTENER].find({"kind": TALLY, "daemon": self.settings.name}, {"counts.key": 1})
+        return {count.get("key") for record in await records.to_list() for count in record.get("counts") or []
+                if isinstance(count, dict)}
+
+    async def _filter_works(self, spec: ModelSpec) -> bool:
+        """Whether the server runs the model's `data.filter` on its collection, tried once per collection and filter
+        before it joins a stream shared with other models (one the server fails on would stop counting for all);
+        a refusal is logged and added to the model's `warnings`."""
+        check = filter_check(spec)
+        text = check[1]
+        if check not in self.filter_checks:
+            self.filter_checks[check] = await self._refusal(spec.data.collection, spec.data.filter)
+        refusal = self.filter_checks[check]
+        if refusal is not None and self.skipped.first(f"retrain filter {hashlib.sha256(text.encode()).hexdigest()}",
+                                                      spec.id):
+            warning = f"not counting new documents for retrain: the server refuses data.filter ({refusal})"
+            log.warning("%s: %.200r", warning, spec.id)
+            try:
+                await self.db[defaults.MODELS].update_one({"_id": ids.eq(spec.id)},
+                                                          {"$addToSet": {"warnings": warning}})
+            except OperationFailure as exc:  # `warnings` is not an array, or the model is too large: the log says it
+                log.warning("cannot add a warning to %.200r (%s)", spec.id, exc)
+        return refusal is None
+
+    async def _refusal(self, collection: str, query: dict | None) -> str | None:
+        """What the server says of `query` on `collection`, reading at most one document (raw: any `_id`), for at
+        most FILTER_CHECK_MS (a filter that matches nothing may scan the whole collection; the stream still
+        contains a filter that passes and fails later)."""
+        if not query:
+            return None
+        try:
+            await raw(self.db[collection]).find_one(query, max_time_ms=FILTER_CHECK_MS)
+        except OperationFailure as exc:
+            return None if exc.code == MAX_TIME_EXPIRED else said(exc)
+        return None
+
     def _follow_schedules(self, models: dict) -> None:
         wanted = {key: spec.retrain.schedule for key, (spec, _) in models.items() if spec.retrain.schedule}
         for key, expression in list(self.schedules.items()):
@@ -297,10 +386,15 @@ class Retrainer:
                 self.schedules[key] = expression
 
     async def _start_if_due(self, key: str, spec: ModelSpec, state: ModelState) -> None:
+        """Start the model's next run if enough new documents arrived; a model the server refuses to update (one
+        just under 16 MB) is logged once and left, so it stops neither the pass nor the stream that called."""
         tally, wanted = self.tallies.get(spec.data.collection), spec.retrain.on_new_documents
         count = tally.of(key) if tally else None
         if wanted and state.status is Status.SUCCEEDED and count and count.run == state.run and count.count >= wanted:
-            await start(self.db[defaults.MODELS], state.id, state.run, "new_documents")
+            try:
+                await start(self.db[defaults.MODELS], state.id, state.run, "new_documents")
+            except OperationFailure as exc:
+                self.skipped.skip("retrain start", state.id, exc)
 
     async def _state(self, model_id) -> ModelState | None:
         document = await self.db[defaults.MODELS].find_one({"_id": ids.eq(model_id)}, STATE_FIELDS)
@@ -325,38 +419,75 @@ class Retrainer:
 
     async def _watch(self, collection: str, filters: list[dict | None]) -> None:
         """Count the inserts of `collection` for its members forever (cancel to stop); reconnects like the
-        daemon's own streams."""
+        daemon's own streams. A stream the server fails twice at the same point is taken past the one insert it
+        cannot deliver (`_pass_over`), or, where the filters are what fails, opened without them; only a point the
+        server no longer has makes it count from now on, never anything a model's document holds."""
         pipeline, checked = insert_pipeline(filters)
-        backoff = 0.5
+        backoff, position, failed_at = 0.5, None, {}  # {}: no point has failed yet
         while True:
-            opened = False
             try:
-                tally = self.tallies[collection] = await self._load_tally(collection)
-                async with await self.db[collection].watch(pipeline, resume_after=tally.token) as stream:
-                    opened = True
+                if position is None:
+                    self.tallies[collection] = await self._load_tally(collection)
+                    position = self.tallies[collection].token
+                async with await self.db[collection].watch(pipeline, resume_after=position) as stream:
                     async with self._lock(collection):
                         tally = reconciled(self.tallies[collection], self.following.get(collection, {}))
                         await self._save(tally.model_copy(update={"token": tally.token or stream.resume_token}))
+                    position = position or stream.resume_token
                     backoff = 0.5
                     async for change in stream:
                         await self._arrived(collection, change, stream.resume_token, checked)
+                        position = stream.resume_token
+            except OperationFailure as exc:
+                if exc.code in LOST_TOKEN_CODES and position:
+                    await self._count_from_now(collection, exc)
+                    position = None
+                    continue
+                if position != failed_at:  # once may be passing; twice at one point is not
+                    failed_at = position
+                    log.warning("stream on %s failed (%s); opening it again", collection, exc)
+                    continue
+                try:
+                    position = await self._pass_over(collection, pipeline, position)
+                except OperationFailure as refused:
+                    if pipeline is not EVERY_INSERT:
+                        log.warning("the server fails the data.filters of the models on %s in a change stream (%s); "
+                                    "checking each insert by _id instead", collection, refused.code)
+                        pipeline, checked = EVERY_INSERT, True
+                    else:
+                        await self._count_from_now(collection, refused)
+                        position = None
+                    continue
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
             except PyMongoError as exc:
-                refused = isinstance(exc, OperationFailure) and (exc.code in LOST_TOKEN_CODES or not opened)
-                token = self.tallies[collection].token if collection in self.tallies else None
-                if refused and token:  # the saved token first; if the stream is refused again, the filters
-                    log.warning("cannot resume counting new documents of %s (%s); counting from now on",
-                                collection, exc.code)
-                    async with self._lock(collection):
-                        await self._save(self.tallies[collection].model_copy(update={"token": None}))
-                    continue
-                if refused and pipeline is not EVERY_INSERT:
-                    log.warning("the server refused the data.filter of a model on %s in a change stream (%s); "
-                                "checking each insert by _id instead", collection, exc.code)
-                    pipeline, checked = EVERY_INSERT, True
-                    continue
                 log.warning("stream on %s broke (%s); reconnecting in %.1f s", collection, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
+
+    async def _pass_over(self, collection: str, pipeline: list[dict], position: dict) -> dict:
+        """The point just past the next insert after `position` that `pipeline` selects, found by a stream that
+        carries only its time (an insert whose `_id` nests deeper than the server puts in a change event fails
+        any stream that carries the `_id`); it is not counted. `position` where there is none yet. Raises the
+        server's refusal of the stream itself."""
+        probe = [pipeline[0], {"$project": {"clusterTime": 1}}]
+        async with await self.db[collection].watch(probe, resume_after=position) as stream:
+            change = await stream.try_next()
+            if change is None:
+                return position
+            log.warning("passing over one insert into %s at %s: the server cannot put it in a change event",
+                        collection, change.get("clusterTime"))
+            async with self._lock(collection):
+                await self._save(self._tally(collection).model_copy(update={"token": stream.resume_token}))
+            return stream.resume_token
+
+    async def _count_from_now(self, collection: str, exc: OperationFailure) -> None:
+        log.warning("cannot resume counting new documents of %s (%s); counting from now on", collection, exc.code)
+        async with self._lock(collection):
+            await self._save(self._tally(collection).model_copy(update={"token": None}))
+
+    def _tally(self, collection: str) -> Tally:
+        return self.tallies.get(collection) or Tally(collection=collection)
 
     async def _load_tally(self, collection: str) -> Tally:
         """This daemon's stored tally of `collection`; a fresh one when there is none."""
@@ -410,8 +541,8 @@ class Retrainer:
         try:
             return await self.db[collection].find_one(
                 {"$and": [{"_id": ids.eq(doc_id)}, query]}, {"_id": 1}) is not None
-        except OperationFailure as exc:  # the training run meets the same refusal and fails with it
-            self.skipped.skip("retrain filter", collection, exc)
+        except OperationFailure as exc:  # the training run meets the same refusal and fails with it; the next pass
+            self.filter_checks[(collection, json_util.dumps(query))] = said(exc)  # stops following it
             return False
 
     async def _tick(self, model_id, cron) -> None:

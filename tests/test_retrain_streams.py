@@ -7,12 +7,20 @@ claims and leases on a client of their own, so no number of users' streams makes
 
 import asyncio
 import datetime as dt
+import logging
 import threading
 
+import bson
+import pytest
+from bson import json_util
+
 from listener import retrain
+from listener.records import SkipLog
 from tests.conftest import DaemonProcess, wait_for
+from tests.documents import insert_nested
 from tests.test_retrain import notes, retraining, solo, until
-from training import defaults
+from training import defaults, ids, schedule
+from training.config import SpecError
 
 
 def test_class3_users_change_streams_never_make_a_live_daemon_look_dead(db, server_uri, tmp_path, model_root,
@@ -75,3 +83,234 @@ def test_models_on_one_collection_share_one_stream_each_counting_what_matches_it
     assert status == {"en3": ("pending", "new_documents"), "fr2": ("pending", "new_documents"),
                       "all5": ("pending", "new_documents"), "en9": ("succeeded", None),
                       "gave-up": ("failed", None), "elsewhere": ("succeeded", None)}
+
+
+def nested_id(levels: int) -> dict:
+    """An `_id` nested `levels` objects deep: the embedded server stores it, and then fails any change stream
+    whose event carries it (`internal server error`, code 1)."""
+    value = "x"
+    for _ in range(levels):
+        value = {"k": value}
+    return value
+
+
+async def wait(check, retrainer=None, timeout_s: float = 20) -> None:
+    """Until `check()`, running the retrainer's periodic pass each second where given (as a daemon does)."""
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            if retrainer is not None:
+                await retrainer.check()
+            await asyncio.sleep(1 if retrainer is not None else 0.05)
+
+
+def all_counts(db) -> dict:
+    """The solo daemon's counts, over all its tallies (one per collection)."""
+    return {c["model"]: c["count"] for record in db[defaults.LISTENER].find({"kind": retrain.TALLY, "daemon": "solo"})
+            for c in record["counts"]}
+
+
+def test_class3_one_odd_insert_never_loses_the_inserts_after_it(db, server_uri, tmp_path):
+    """A model retrains after 3 new English notes. Someone inserts one document whose `_id` the server cannot put
+    in a change event: the stream fails and cannot resume past that event. The odd insert must be passed over,
+    the others counted (counting "from now on" would lose them, and one such insert now and then would keep the
+    model from ever retraining)."""
+    db[defaults.MODELS].insert_one({**retraining("en3", "/models/never-loaded", on_new_documents=3),
+                                    "status": "succeeded", "run": 1})
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            await wait(lambda: counts(db, "solo") == {"en3": 0})
+            insert_nested(db.notes, {"_id": nested_id(975), "text": "odd", "lang": "en"})
+            db.notes.insert_many(notes("en", 3))
+            await wait(lambda: db[defaults.MODELS].find_one({"_id": "en3"})["status"] == "pending", retrainer)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("bad", [{"$regex": "("}, {"$type": "no-such-alias"}, {"$mod": [0, 0]}],
+                         ids=["regex", "type", "mod"])
+def test_class2_one_models_filter_never_stops_counting_for_the_others_on_its_collection(db, server_uri, tmp_path,
+                                                                                         bad):
+    """A edits the `data.filter` of A's succeeded model on the collection B's model follows to one the embedded
+    server accepts when a stream opens but fails on each event. A's filter must cost only A's model its count:
+    B's model retrains after its 3 notes, and A's model is not followed, its `warnings` saying why."""
+    db[defaults.MODELS].insert_many([
+        {**retraining("b", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1},
+        {**retraining("a", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1,
+         "data": {"collection": "notes", "key": "text", "filter": {"x": bad}}}])
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            await wait(lambda: counts(db, "solo") == {"b": 0})
+            db.notes.insert_many(notes("en", 3))
+            try:
+                await wait(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
+            except TimeoutError:
+                pytest.fail(f"B's model never counted its 3 notes: {counts(db, 'solo')}")
+
+    asyncio.run(scenario())
+    a_model = db[defaults.MODELS].find_one({"_id": "a"})
+    assert a_model["status"] == "succeeded" and "data.filter" in str(a_model.get("warnings")), a_model
+
+
+def test_class2_a_filter_the_server_fails_on_only_while_counting_costs_only_its_model(db, server_uri, tmp_path):
+    """The filter check passes (on MongoDB a filter can pass it and fail on the documents inserted later; here the
+    check is taken as passed): the shared stream fails at each insert, is opened without the filters, each
+    insert is checked per filter, and the one that fails stops counting for its own model at the next pass."""
+    bad = {"x": {"$regex": "("}}
+    db[defaults.MODELS].insert_many([
+        {**retraining("b", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1},
+        {**retraining("a", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1,
+         "data": {"collection": "notes", "key": "text", "filter": bad}}])
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            retrainer.filter_checks[("notes", json_util.dumps(bad))] = None
+            await retrainer.check()
+            await wait(lambda: counts(db, "solo") == {"a": 0, "b": 0})
+            db.notes.insert_many(notes("en", 3))
+            await wait(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
+            await wait(lambda: "data.filter" in str(db[defaults.MODELS].find_one({"_id": "a"}).get("warnings")),
+                       retrainer)
+            await retrainer.check()
+            assert [spec.id for members in retrainer.following.values() for spec, _ in members.values()] == ["b"]
+
+    asyncio.run(scenario())
+
+
+def test_class3_one_writers_models_never_push_anothers_out_of_being_followed(db, server_uri, tmp_path):
+    """The daemon follows at most `retrain_max_collections` collections: a writer who gives models ids that sort
+    first ("!0"...) on collections of their own must not take the place of a collection already followed. Here
+    the bound is 2, B's model follows `notes`, and A's two models arrive later: B's model must still retrain
+    after its 3 new notes."""
+    db[defaults.MODELS].insert_one({**retraining("b", "/models/never-loaded", on_new_documents=3),
+                                    "status": "succeeded", "run": 1})
+    a_models = [{**retraining(f"!{n}", "/models/never-loaded", on_new_documents=1), "status": "succeeded", "run": 1,
+                 "data": {"collection": f"a_{n}", "key": "text"}} for n in range(2)]
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path,
+                        environ={"MONGOTUNE_RETRAIN_MAX_COLLECTIONS": "2"}) as retrainer:
+            await retrainer.check()
+            db[defaults.MODELS].insert_many(a_models)
+            await retrainer.check()
+            db.notes.insert_many(notes("en", 3))
+            try:
+                await wait(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
+            except TimeoutError:
+                pytest.fail(f"B's model was never counted: the daemon follows only {sorted(retrainer.watchers)}")
+            assert sorted(retrainer.watchers) == ["a_0", "notes"]  # the first newcomer took the free place
+
+    async def restarted() -> None:  # its tallies say which models it counted: they keep their places
+        async with solo(server_uri, db.name, tmp_path,
+                        environ={"MONGOTUNE_RETRAIN_MAX_COLLECTIONS": "2"}) as retrainer:
+            await retrainer.check()
+            assert sorted(retrainer.watchers) == ["a_0", "notes"]
+
+    asyncio.run(scenario())
+    asyncio.run(restarted())
+
+
+def test_class2_models_past_the_bound_are_logged_once_however_many_there_are(db, server_uri, tmp_path, caplog):
+    """Models the daemon does not count for (past `retrain_max_models`) are logged as one summary line when their
+    number changes, not one line per model (with more of them than the `SkipLog` remembers, every pass would log
+    them all again). Here the log remembers 5 and 7 models are past the bound."""
+    caplog.set_level(logging.WARNING, logger="listener.retrain")
+    db[defaults.MODELS].insert_many([{**retraining(f"m{n}", "/models/never-loaded", on_new_documents=1),
+                                      "status": "succeeded", "run": 1} for n in range(8)])
+
+    def bound_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "not counting new documents" in r.getMessage()]
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path, environ={"MONGOTUNE_RETRAIN_MAX_MODELS": "1"}) as retrainer:
+            retrainer.skipped = SkipLog(capacity=5)
+            await retrainer.check()
+            assert len(bound_lines()) == 1 and "7 models" in bound_lines()[0], bound_lines()
+            caplog.clear()
+            await retrainer.check()
+            assert bound_lines() == [], f"the second pass logged {len(bound_lines())} lines again"
+            db[defaults.MODELS].delete_one({"_id": "m7"})
+            await retrainer.check()
+            assert len(bound_lines()) == 1 and "6 models" in bound_lines()[0], bound_lines()
+
+    asyncio.run(scenario())
+
+
+def test_class3_one_writers_schedules_never_make_a_live_daemon_look_dead(db, start_daemon):
+    """A writer's 100 models with a rare `retrain.schedule` ("0 0 1 1 mon") and a source outside the model roots:
+    each retrain pass parses the models on the daemon's one event loop. The heartbeat's `alive_until` must never
+    be seen past, or the other daemons take a live daemon for dead (its requests are requeued)."""
+    daemon = start_daemon()
+    record = wait_for(db[defaults.LISTENER], {"$regex": "^daemon:"}, lambda d: True, timeout_s=60)
+    db[defaults.MODELS].insert_many([{**retraining(f"rare{n}", "/outside/the/model/roots", schedule="0 0 1 1 mon"),
+                                      "status": "failed"} for n in range(100)])
+    lapsed = []
+    deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=45)
+    while dt.datetime.now(dt.timezone.utc) < deadline and daemon.process.poll() is None:
+        beat = db[defaults.LISTENER].find_one({"_id": record["_id"]})
+        now = dt.datetime.now(dt.timezone.utc)
+        if beat["alive_until"].replace(tzinfo=dt.timezone.utc) < now:
+            lapsed.append(now - beat["alive_until"].replace(tzinfo=dt.timezone.utc))
+        threading.Event().wait(0.5)
+    assert daemon.process.poll() is None, daemon.log()[-3000:]
+    assert lapsed == [], (f"a live daemon's heartbeat lapsed {len(lapsed)} times (by up to {max(lapsed)}): "
+                          "the others take it for dead")
+
+
+def test_a_refused_model_is_parsed_once_per_version_and_its_source_before_its_schedule(db, server_uri, tmp_path):
+    """What keeps a pass cheap whatever the models: a refusal is kept until the document changes, and the
+    schedule, the costly check, comes after the source; any schedule's check searches a bounded span."""
+    db[defaults.MODELS].insert_one({**retraining("rare", "/outside/the/model/roots", schedule="0 0 1 1 mon"),
+                                    "status": "failed"})
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            first = retrainer.specs[ids.key("rare")][1]
+            assert isinstance(first, SpecError) and first.field == "model_name_or_path"
+            await retrainer.check()
+            assert retrainer.specs[ids.key("rare")][1] is first
+            db[defaults.MODELS].update_one({"_id": "rare"}, {"$set": {"retrain.schedule": "0 0 31 2 *"}})
+            await retrainer.check()
+            assert retrainer.specs[ids.key("rare")][1] is not first
+
+    asyncio.run(scenario())
+    six_years = (dt.datetime(2007, 1, 1) - dt.datetime(2001, 1, 1)).total_seconds()  # its first two firings only
+    assert schedule.shortest_gap_s(schedule.trigger("0 0 1 1 mon", year=schedule.CYCLE), 300) == six_years
+    with pytest.raises(schedule.ScheduleError, match="never fires"):
+        schedule.check("0 0 30 2 mon", 300)
+
+
+def test_class2_one_model_the_server_cannot_update_never_stops_the_retrain_pass(db, server_uri, tmp_path):
+    """A's model is due and just under 16 MB (a large `events` entry, a field the model's parse ignores): starting
+    its retrain adds an event and the server refuses the update. The pass must skip A's model and go on to B's,
+    whose run ended after its 3 new notes arrived."""
+    a_model = {**retraining("a", "/models/never-loaded", on_new_documents=1), "status": "succeeded", "run": 1,
+               "data": {"collection": "a_notes", "key": "text"}, "events": [{"pad": ""}]}
+    a_model["events"][0]["pad"] = "x" * (16 * 2**20 - len(bson.encode(a_model)) - 20)
+    db[defaults.MODELS].insert_one(a_model)
+    db[defaults.MODELS].insert_one({**retraining("b", "/models/never-loaded", on_new_documents=3),
+                                    "status": "running", "run": 2})
+    raised = []
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            await wait(lambda: all_counts(db) == {"a": 0, "b": 0})
+            db.a_notes.insert_one({"text": "A's one new document"})
+            db.notes.insert_many(notes("en", 3))
+            await wait(lambda: all_counts(db) == {"a": 1, "b": 3})
+            db[defaults.MODELS].update_one({"_id": "b"}, {"$set": {"status": "succeeded"}})  # B's run 2 ended
+            for _ in range(3):
+                try:
+                    await retrainer.check()
+                except Exception as exc:  # noqa: BLE001 (the daemon's Periodic would log it, every pass)
+                    raised.append(f"{type(exc).__name__}: {str(exc)[:80]}")
+                await asyncio.sleep(0.5)
+
+    asyncio.run(scenario())
+    b_status = db[defaults.MODELS].find_one({"_id": "b"})["status"]
+    assert (b_status, raised) == ("pending", []), f"B is {b_status}; the pass raised {raised}"

@@ -683,7 +683,6 @@ def check_model(spec: ModelSpec, limits: Limits) -> None:
     _cap(limits, "trainer.num_gpus", "max_processes", spec.trainer.num_gpus)
     _cap(limits, "trainer.num_processes", "max_processes", spec.trainer.num_processes)
     _cap(limits, "data.limit", "max_documents", spec.data.limit)
-    check_retrain(spec.retrain, limits)
     if spec.init_from is not None and not limits.allow_init_from:
         raise SpecError("init_from", "starting from another model's adapter is off on this listener; remove "
                         f"init_from, or the operator enables it with {Limits.setting('allow_init_from')}=1")
@@ -694,6 +693,7 @@ def check_model(spec: ModelSpec, limits: Limits) -> None:
                                 f"enables it with {Limits.setting('trust_remote_code')}=1")
     check_collection(spec.data.collection, limits)
     check_source(spec.model_name_or_path, limits)
+    check_retrain(spec.retrain, limits)  # last: a schedule's check costs CPU, the others next to none
 
 
 def check_retrain(retrain: RetrainSpec | None, limits: Limits) -> None:
