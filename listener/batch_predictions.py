@@ -46,16 +46,23 @@ def _value(document: dict, path: str):
 
 
 def render(spec: RequestSpec, document: dict, max_chars: int) -> str:
-    """The prompt for one document; ValueError naming the field when it cannot be used."""
-    fields = input_fields(spec.input)
-    for name in fields:
-        if not isinstance(_value(document, name), (str, int, float)) or isinstance(_value(document, name), bool):
+    """The prompt for one document; ValueError naming the field when it cannot be used. Its length is counted
+    from the fields' lengths before it is built: a template repeating a large field never builds more than the
+    operator's limit."""
+    values = {}
+    for name in input_fields(spec.input):
+        value = _value(document, name)
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"field {name!r} is missing or not text")
-    text = (TEMPLATE_FIELD.sub(lambda m: str(_value(document, m.group(1))), spec.input)
-            if TEMPLATE_FIELD.search(spec.input) else str(_value(document, fields[0])))
-    if len(text) > max_chars:
-        raise ValueError(f"the input is {len(text):,} characters, over the operator's limit of {max_chars:,}")
-    return text
+        values[name] = str(value)
+    if TEMPLATE_FIELD.search(spec.input):  # text, field, text, ..., text: the pieces refer to the values, unbuilt
+        pieces = [values[part] if n % 2 else part for n, part in enumerate(TEMPLATE_FIELD.split(spec.input))]
+    else:
+        pieces = [values[spec.input]]
+    length = sum(map(len, pieces))
+    if length > max_chars:
+        raise ValueError(f"the input is {length:,} characters, over the operator's limit of {max_chars:,}")
+    return "".join(pieces)
 
 
 # Documents one job may fail to write (or read) before it fails: each `_id` stays in every later query, which the
