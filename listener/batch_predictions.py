@@ -20,6 +20,7 @@ Generation goes through the daemon's serving worker (`Serving.generate`), one ch
 """
 
 import logging
+import uuid
 
 import bson
 from bson.raw_bson import RawBSONDocument
@@ -69,12 +70,25 @@ def render(spec: RequestSpec, document: dict, max_chars: int) -> str:
 # server caps at 16 MB, so their ids' size is bounded as well as their number.
 MAX_UNWRITABLE = 1_000
 MAX_UNWRITABLE_BYTES = 2**20
-ANSWER_KEYS = ({"text", "checkpoint", "request"}, {"error", "checkpoint", "request"})
+TOKEN = "answers_token"  # the request's field: a token its first job draws, which its answers carry (`_token`)
+TOKEN_SHAPE = "^[0-9a-f]{32}$"  # as drawn (`uuid4().hex`); a value of any other shape is replaced at the job's start
+ANSWER_KEYS = ({"text", "checkpoint", "request", "token"}, {"error", "checkpoint", "request", "token"})
 
 
 def is_answer(value) -> bool:
     """Whether a value has exactly the fields of an answer this listener writes (whose request is then looked up)."""
     return isinstance(value, dict) and set(value) in ANSWER_KEYS
+
+
+def answer_schema(path: str) -> dict:
+    """A `$jsonSchema` query for documents holding exactly an answer's shape at `path`: an object with exactly an
+    answer's keys, under objects only (never an array, whose elements a dotted path would match)."""
+    schema = {"bsonType": "object", "additionalProperties": False, "required": ["checkpoint", "request", "token"],
+              "properties": {key: {} for keys in ANSWER_KEYS for key in keys},
+              "oneOf": [{"required": ["text"]}, {"required": ["error"]}]}
+    for part in reversed(path.split(".")):
+        schema = {"bsonType": "object", "required": [part], "properties": {part: schema}}
+    return schema
 
 
 class CollectionJob:
@@ -88,9 +102,13 @@ class CollectionJob:
         self.unwritable: list = []  # ids of documents whose answer could not be written, left out of `todo`
         self.unwritable_bytes = 0
         self.uuid = None  # the collection's, once the job has found it: the name must keep naming that one
+        self.token = None  # the request's answers token, once the job has it (`_token`)
 
     async def answer_all(self) -> None:
         try:
+            self.token = await self._token()
+            if self.token is None:
+                return  # no longer this daemon's to run
             model, entry = await self.serving.resolve(self.spec.model, self.spec.checkpoint)
             used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
             base = self.spec.filter or {}
@@ -161,16 +179,30 @@ class CollectionJob:
         self.unwritable += missed
         self.unwritable_bytes += sum(len(bson.encode({"_id": doc_id})) for doc_id in missed)
 
+    async def _token(self):
+        """The request's answers token: drawn by the first job that runs it and kept for its retries, so a job
+        resumes over its own answers. Answers name their request by it as well as by `_id`: a request the TTL
+        deleted lends its `_id` to whoever inserts the next one, which then has another token (or one copied from
+        the first one's document, which whoever may update `_requests` could rewrite anyway). None when the
+        request is no longer this daemon's."""
+        mine = {"_id": ids.eq(self.spec.id), **self._mine()}
+        await self.requests.update_one({**mine, TOKEN: {"$not": {"$regex": TOKEN_SHAPE}}},
+                                       {"$set": {TOKEN: uuid.uuid4().hex}})
+        found = await self.requests.find_one(mine, {TOKEN: 1})
+        return found and found.get(TOKEN)
+
     def _ours(self) -> dict:
         """Documents this request may write: `output_field` and every parent of it absent (an answer never goes
         into, over or beside what anyone else wrote, an owner's object or another request's answer included), or
-        the field holding this request's own answer (a `request` present and equal: `$eq: null` alone matches a
-        missing one). Any other document is someone else's shape, skipped up front."""
+        the field holding this request's own answer: exactly an answer's shape, under objects only, naming this
+        request and its token (a request with the same `_id` inserted after this one was deleted has another).
+        Any other document is someone else's shape, skipped up front."""
         field = self.spec.output_field
         parts = field.split(".")
         paths = [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
         return {"$or": [{"$and": [{path: {"$exists": False}} for path in paths]},
-                        {f"{field}.request": {"$exists": True, "$eq": self.spec.id}}]}
+                        {"$jsonSchema": answer_schema(field), f"{field}.request": {"$eq": self.spec.id},
+                         f"{field}.token": {"$eq": self.token}}]}
 
     def _todo(self, base: dict, used) -> dict:
         """What is left: documents it may write that lack an answer from `used`, past those that failed."""
@@ -197,16 +229,19 @@ class CollectionJob:
                 writes[ids.key(doc_id)] = (doc_id, {"text": result["output"]} if "output" in result else
                                            {"error": result["error"]["message"]})
         return [doc_id for doc_id, answer in writes.values()
-                if not await self._write(doc_id, {**answer, "checkpoint": used, "request": self.spec.id})]
+                if not await self._write(doc_id, {**answer, "checkpoint": used, "request": self.spec.id,
+                                                  "token": self.token})]
 
     async def _write(self, doc_id, answer: dict) -> bool:
-        """Write one answer where this request still may; a document it cannot land on is logged and skipped."""
+        """Write one answer where this request still may, into a document that still matches its filter (one its
+        owner took out of it while the model generated gets none); one it cannot land on is logged and skipped."""
         try:
-            result = await self.target.update_one({"$and": [{"_id": ids.eq(doc_id)}, self._ours()]},
+            result = await self.target.update_one({"$and": [{"_id": ids.eq(doc_id)}, self.spec.filter or {},
+                                                            self._ours()]},
                                                   {"$set": {self.spec.output_field: answer}})
             if result.matched_count:
                 return True
-            reason = "it is gone, or its field was written by someone else meanwhile"
+            reason = "it is gone, left the request's filter, or its field was written by someone else meanwhile"
         except WriteError as exc:
             reason = f"the server refused the write (code {exc.code})"
         log.warning("document %s of %s not answered for request %s: %s", ids.key(doc_id), self.spec.collection,
@@ -266,16 +301,19 @@ class CollectionJob:
 
     async def _holds_answer(self, path: list[str], value, under: list[str]) -> bool:
         """Whether `value`, written at `path`, is an answer, or holds one along `under`."""
-        while not (is_answer(value) and await self._answered_at(".".join(path), value["request"])):
+        while not (is_answer(value) and await self._answered_at(".".join(path), value["request"], value["token"])):
             if not under or not isinstance(value, dict):
                 return False
             path, value, under = [*path, under[0]], value.get(under[0]), under[1:]
         return True
 
-    async def _answered_at(self, path: str, request_id) -> bool:
-        """An answer's `request` names a request over this collection that writes at `path`: only such a request
-        writes an answer there, so a person's object with the same fields is a change like any other."""
-        found = await self.requests.find_one({"_id": ids.eq(request_id), "collection": {"$eq": self.spec.collection},
+    async def _answered_at(self, path: str, request_id, token) -> bool:
+        """An answer's `request` and `token` name a request over this collection that writes at `path`: only such
+        a request writes an answer there, so a person's object with the same fields is a change like any other."""
+        if not isinstance(token, str):
+            return False
+        found = await self.requests.find_one({"_id": ids.eq(request_id), TOKEN: {"$eq": token},
+                                              "collection": {"$eq": self.spec.collection},
                                               "output_field": {"$eq": path}}, {"_id": 1})
         return found is not None
 
