@@ -19,12 +19,13 @@ Generation goes through the daemon's serving worker (`Serving.generate`), one ch
 `max_batch` documents at a time, so interactive requests wait at most one chunk.
 """
 
+import asyncio
 import logging
 import uuid
 
 import bson
 from bson.raw_bson import RawBSONDocument
-from pymongo.errors import WriteError
+from pymongo.errors import OperationFailure, WriteError
 
 from listener import records
 from listener.serving import Serving
@@ -38,6 +39,7 @@ from training.inference import normalised
 log = logging.getLogger(__name__)
 
 CANCEL_CHECK_S = 2.0  # how often a watching request looks for `cancel: true`
+WATCHED = [{"$match": {"operationType": {"$in": ["insert", "update", "replace", "invalidate"]}}}]
 
 
 def _value(document: dict, path: str):
@@ -111,21 +113,8 @@ class CollectionJob:
                 return  # no longer this daemon's to run
             model, entry = await self.serving.resolve(self.spec.model, self.spec.checkpoint)
             used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
-            base = self.spec.filter or {}
-            done, total, skipped = await self._read(lambda: self._counts(base, used))
-            await self._progress(done, total, skipped)
-            while chunk := await self._next(self._todo(base, used)):
-                batch, unreadable = self._decoded(chunk)
-                missed = unreadable + await self._answer(batch, model, entry, used)
-                self._leave_out(missed)
-                done, skipped = done + len(chunk) - len(missed), skipped + len(missed)
-                await self._progress(min(done, total), total, skipped)
-                if len(self.unwritable) > MAX_UNWRITABLE or self.unwritable_bytes > MAX_UNWRITABLE_BYTES:
-                    await self.serving.fail(self.spec.id, self._too_many_unwritable())
-                    return
-                if await self._cancelled():  # looked for at each chunk: a long first pass can be stopped too
-                    await self._end_cancelled()
-                    return
+            if not await self._pass(model, entry, used):
+                return
             if self.spec.watch:
                 await self._watch(model, entry, used)
                 return
@@ -136,6 +125,26 @@ class CollectionJob:
             await self.serving.fail(self.spec.id, exc.message, exc.kind)
         except SpecError as exc:
             await self.serving.refuse(self.spec.id, exc)
+
+    async def _pass(self, model: dict, entry: dict | None, used) -> bool:
+        """Answer every matching document that lacks an answer from `used`; False if the job ended meanwhile
+        (cancelled, or failed past the documents it may skip)."""
+        base = self.spec.filter or {}
+        done, total, skipped = await self._read(lambda: self._counts(base, used))
+        await self._progress(done, total, skipped)
+        while chunk := await self._next(self._todo(base, used)):
+            batch, unreadable = self._decoded(chunk)
+            missed = unreadable + await self._answer(batch, model, entry, used)
+            self._leave_out(missed)
+            done, skipped = done + len(chunk) - len(missed), skipped + len(missed)
+            await self._progress(min(done, total), total, skipped)
+            if len(self.unwritable) > MAX_UNWRITABLE or self.unwritable_bytes > MAX_UNWRITABLE_BYTES:
+                await self.serving.fail(self.spec.id, self._too_many_unwritable())
+                return False
+            if await self._cancelled():  # looked for at each chunk: a long first pass can be stopped too
+                await self._end_cancelled()
+                return False
+        return True
 
     async def _counts(self, base: dict, used) -> tuple[int, int, int]:
         """How many documents match: answered already, in all, and someone else's (skipped)."""
@@ -252,28 +261,62 @@ class CollectionJob:
         """Answer inserted documents and those whose input fields changed, until the request is cancelled.
 
         An answer written by this listener, for this request or another, never counts as a change: answers
-        never trigger answers, so no two requests can feed each other."""
-        pipeline = [{"$match": {"operationType": {"$in": ["insert", "update", "replace", "invalidate"]}}}]
-        async with await records.raw(self.target).watch(pipeline, max_await_time_ms=int(CANCEL_CHECK_S * 1000)) as changes:
-            log.info("watching %s for request %s", self.spec.collection, ids.key(self.spec.id))
-            while not await self._cancelled():
+        never trigger answers, so no two requests can feed each other. A stream the server fails at an event
+        (one whose `_id` nests deeper than it can put in an event, history it no longer holds) is opened again
+        from now, and a pass answers what lacks an answer meanwhile: one writer's insert never ends the watch.
+        Only changes to the input fields of documents already answered, between that event and the new stream,
+        go unanswered."""
+        caught_up, wait_ms = True, int(CANCEL_CHECK_S * 1000)  # the first pass has just run
+        while True:
+            async with await records.raw(self.target).watch(WATCHED, max_await_time_ms=wait_ms) as changes:
+                if not caught_up and not await self._pass(model, entry, used):
+                    return
+                log.info("watching %s for request %s", self.spec.collection, ids.key(self.spec.id))
+                if not await self._follow(changes, model, entry, used):
+                    return
+            await asyncio.sleep(CANCEL_CHECK_S)  # at most one new stream and pass this often, whatever fails
+            caught_up = False
+
+    async def _follow(self, changes, model: dict, entry: dict | None, used) -> bool:
+        """Answer what the stream reports until the request is cancelled or the collection goes (the request
+        ended: False), or the server fails the stream (True: open another)."""
+        while not await self._cancelled():
+            try:
                 change = await changes.try_next()
-                if change is None or change["operationType"] == "invalidate":
-                    if not changes.alive:  # the collection was dropped or renamed: the server ended the stream
-                        await self.serving.fail(self.spec.id, f"collection {self.spec.collection!r} was dropped or "
-                                                "renamed while watched: nothing is left to watch")
-                        return
-                    continue
-                if change["operationType"] == "update" and not await self._touched(change["updateDescription"]):
-                    continue  # an answer written, or another field: nothing to answer again
-                chunk = await self._next({"$and": [{"_id": ids.eq(change["documentKey"]["_id"])},
-                                                   self.spec.filter or {}, self._ours()]})
-                if chunk:
-                    batch, unreadable = self._decoded(chunk)
-                    missed = len(unreadable + await self._answer(batch, model, entry, used))
-                    await self.requests.update_one({"_id": ids.eq(self.spec.id), **self._mine()}, {"$inc": {
-                        "progress.done": 1 - missed, "progress.skipped": missed, "progress.total": 1}})
+            except OperationFailure as exc:
+                log.warning("the change stream on %s failed for request %s (%.300s): opened again, and what lacks "
+                            "an answer is answered", self.spec.collection, ids.key(self.spec.id), exc)
+                return True
+            if change is None or change["operationType"] == "invalidate":
+                if not changes.alive:  # the collection was dropped or renamed: the server ended the stream
+                    await self.serving.fail(self.spec.id, f"collection {self.spec.collection!r} was dropped or "
+                                            "renamed while watched: nothing is left to watch")
+                    return False
+                continue
+            try:
+                await self._changed(change, model, entry, used)
+            except OperationFailure as exc:  # the server cannot read this one document (an `_id` nested too deep)
+                log.warning("a change to %s not answered for request %s: %.300s", self.spec.collection,
+                            ids.key(self.spec.id), exc)
+                await self._count(done=0, skipped=1)
         await self._end_cancelled()
+        return False
+
+    async def _changed(self, change: RawBSONDocument, model: dict, entry: dict | None, used) -> None:
+        """Answer the document one change names, if it changed an input field and still takes this answer."""
+        if change["operationType"] == "update" and not await self._touched(change["updateDescription"]):
+            return  # an answer written, or another field: nothing to answer again
+        chunk = await self._next({"$and": [{"_id": ids.eq(change["documentKey"]["_id"])},
+                                           self.spec.filter or {}, self._ours()]})
+        if chunk:
+            batch, unreadable = self._decoded(chunk)
+            missed = len(unreadable + await self._answer(batch, model, entry, used))
+            await self._count(done=1 - missed, skipped=missed)
+
+    async def _count(self, done: int, skipped: int) -> None:
+        """Count one watched document in the request's progress: answered, or skipped."""
+        await self.requests.update_one({"_id": ids.eq(self.spec.id), **self._mine()}, {"$inc": {
+            "progress.done": done, "progress.skipped": skipped, "progress.total": 1}})
 
     async def _end_cancelled(self) -> None:
         await transition(self.requests, self.spec.id, Status.RUNNING, Status.CANCELLED, REQUEST_TRANSITIONS,
