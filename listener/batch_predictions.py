@@ -3,11 +3,13 @@
 `{model, collection, filter, input, output_field, watch}`: `input` names a field, or is a plain
 template whose "{field}" placeholders are replaced by those fields' values (a substitution, never
 `str.format`, so no attribute or index lookups). Each answered document gets
-`output_field: {text, checkpoint: {run, step} | "base", request}` (or `{error, checkpoint, request}` when
-its input cannot be used), so a crash resumes with exactly the documents that lack an answer from this
-checkpoint. The answer names its request, and is written only where `output_field` and every parent of it are
-absent, or where it holds that request's answer: never over nor inside a value anyone else wrote (the
-operator allows the collection itself with `MONGOTUNE_ANSWER_COLLECTIONS`). A document the write cannot land
+`output_field: {text, checkpoint: {run, step} | "base", request, token}` (or `{error, checkpoint, request,
+token}` when its input cannot be used), so a crash resumes with exactly the documents that lack an answer from
+this checkpoint. The answer names its request by `_id` and by the token its first job drew (a later request
+reusing a deleted one's `_id` has another), and is written only where `output_field` and every parent of it are
+absent, or where it holds exactly that request's answer, and only while the document matches the request's
+filter: never over nor inside a value anyone else wrote (the operator allows the collection itself with
+`MONGOTUNE_ANSWER_COLLECTIONS`). A document the write cannot land
 on, or the driver cannot decode, is skipped, logged and counted, never fetched again by the job. Every read
 is bracketed by checks that the name still names the same collection, never a view swapped in. The request
 shows `progress: {done, total, skipped}` and ends `done`; with
