@@ -3,11 +3,13 @@
 `{model, collection, filter, input, output_field, watch}`: `input` names a field, or is a plain
 template whose "{field}" placeholders are replaced by those fields' values (a substitution, never
 `str.format`, so no attribute or index lookups). Each answered document gets
-`output_field: {text, checkpoint: {run, step} | "base", request}` (or `{error, checkpoint, request}` when
-its input cannot be used), so a crash resumes with exactly the documents that lack an answer from this
-checkpoint. The answer names its request, and is written only where `output_field` and every parent of it are
-absent, or where it holds that request's answer: never over nor inside a value anyone else wrote (the
-operator allows the collection itself with `MONGOTUNE_ANSWER_COLLECTIONS`). A document the write cannot land
+`output_field: {text, checkpoint: {run, step} | "base", request, token}` (or `{error, checkpoint, request,
+token}` when its input cannot be used), so a crash resumes with exactly the documents that lack an answer from
+this checkpoint. The answer names its request by `_id` and by the token its first job drew (a later request
+reusing a deleted one's `_id` has another), and is written only where `output_field` and every parent of it are
+absent, or where it holds exactly that request's answer, and only while the document matches the request's
+filter: never over nor inside a value anyone else wrote (the operator allows the collection itself with
+`MONGOTUNE_ANSWER_COLLECTIONS`). A document the write cannot land
 on, or the driver cannot decode, is skipped, logged and counted, never fetched again by the job. Every read
 is bracketed by checks that the name still names the same collection, never a view swapped in. The request
 shows `progress: {done, total, skipped}` and ends `done`; with
@@ -19,11 +21,13 @@ Generation goes through the daemon's serving worker (`Serving.generate`), one ch
 `max_batch` documents at a time, so interactive requests wait at most one chunk.
 """
 
+import asyncio
 import logging
+import uuid
 
 import bson
 from bson.raw_bson import RawBSONDocument
-from pymongo.errors import WriteError
+from pymongo.errors import OperationFailure, WriteError
 
 from listener import records
 from listener.serving import Serving
@@ -37,6 +41,7 @@ from training.inference import normalised
 log = logging.getLogger(__name__)
 
 CANCEL_CHECK_S = 2.0  # how often a watching request looks for `cancel: true`
+WATCHED = [{"$match": {"operationType": {"$in": ["insert", "update", "replace", "invalidate"]}}}]
 
 
 def _value(document: dict, path: str):
@@ -46,28 +51,48 @@ def _value(document: dict, path: str):
 
 
 def render(spec: RequestSpec, document: dict, max_chars: int) -> str:
-    """The prompt for one document; ValueError naming the field when it cannot be used."""
-    fields = input_fields(spec.input)
-    for name in fields:
-        if not isinstance(_value(document, name), (str, int, float)) or isinstance(_value(document, name), bool):
+    """The prompt for one document; ValueError naming the field when it cannot be used. Its length is counted
+    from the fields' lengths before it is built: a template repeating a large field never builds more than the
+    operator's limit."""
+    values = {}
+    for name in input_fields(spec.input):
+        value = _value(document, name)
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"field {name!r} is missing or not text")
-    text = (TEMPLATE_FIELD.sub(lambda m: str(_value(document, m.group(1))), spec.input)
-            if TEMPLATE_FIELD.search(spec.input) else str(_value(document, fields[0])))
-    if len(text) > max_chars:
-        raise ValueError(f"the input is {len(text):,} characters, over the operator's limit of {max_chars:,}")
-    return text
+        values[name] = str(value)
+    if TEMPLATE_FIELD.search(spec.input):  # text, field, text, ..., text: the pieces refer to the values, unbuilt
+        pieces = [values[part] if n % 2 else part for n, part in enumerate(TEMPLATE_FIELD.split(spec.input))]
+    else:
+        pieces = [values[spec.input]]
+    length = sum(map(len, pieces))
+    if length > max_chars:
+        raise ValueError(f"the input is {length:,} characters, over the operator's limit of {max_chars:,}")
+    return "".join(pieces)
 
 
 # Documents one job may fail to write (or read) before it fails: each `_id` stays in every later query, which the
 # server caps at 16 MB, so their ids' size is bounded as well as their number.
 MAX_UNWRITABLE = 1_000
 MAX_UNWRITABLE_BYTES = 2**20
-ANSWER_KEYS = ({"text", "checkpoint", "request"}, {"error", "checkpoint", "request"})
+TOKEN = "answers_token"  # the request's field: a token its first job draws, which its answers carry (`_token`)
+TOKEN_SHAPE = "^[0-9a-f]{32}$"  # as drawn (`uuid4().hex`); a value of any other shape is replaced at the job's start
+ANSWER_KEYS = ({"text", "checkpoint", "request", "token"}, {"error", "checkpoint", "request", "token"})
 
 
 def is_answer(value) -> bool:
     """Whether a value has exactly the fields of an answer this listener writes (whose request is then looked up)."""
     return isinstance(value, dict) and set(value) in ANSWER_KEYS
+
+
+def answer_schema(path: str) -> dict:
+    """A `$jsonSchema` query for documents holding exactly an answer's shape at `path`: an object with exactly an
+    answer's keys, under objects only (never an array, whose elements a dotted path would match)."""
+    schema = {"bsonType": "object", "additionalProperties": False, "required": ["checkpoint", "request", "token"],
+              "properties": {key: {} for keys in ANSWER_KEYS for key in keys},
+              "oneOf": [{"required": ["text"]}, {"required": ["error"]}]}
+    for part in reversed(path.split(".")):
+        schema = {"bsonType": "object", "required": [part], "properties": {part: schema}}
+    return schema
 
 
 class CollectionJob:
@@ -81,26 +106,17 @@ class CollectionJob:
         self.unwritable: list = []  # ids of documents whose answer could not be written, left out of `todo`
         self.unwritable_bytes = 0
         self.uuid = None  # the collection's, once the job has found it: the name must keep naming that one
+        self.token = None  # the request's answers token, once the job has it (`_token`)
 
     async def answer_all(self) -> None:
         try:
+            self.token = await self._token()
+            if self.token is None:
+                return  # no longer this daemon's to run
             model, entry = await self.serving.resolve(self.spec.model, self.spec.checkpoint)
             used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
-            base = self.spec.filter or {}
-            done, total, skipped = await self._read(lambda: self._counts(base, used))
-            await self._progress(done, total, skipped)
-            while chunk := await self._next(self._todo(base, used)):
-                batch, unreadable = self._decoded(chunk)
-                missed = unreadable + await self._answer(batch, model, entry, used)
-                self._leave_out(missed)
-                done, skipped = done + len(chunk) - len(missed), skipped + len(missed)
-                await self._progress(min(done, total), total, skipped)
-                if len(self.unwritable) > MAX_UNWRITABLE or self.unwritable_bytes > MAX_UNWRITABLE_BYTES:
-                    await self.serving.fail(self.spec.id, self._too_many_unwritable())
-                    return
-                if await self._cancelled():  # looked for at each chunk: a long first pass can be stopped too
-                    await self._end_cancelled()
-                    return
+            if not await self._pass(model, entry, used):
+                return
             if self.spec.watch:
                 await self._watch(model, entry, used)
                 return
@@ -111,6 +127,26 @@ class CollectionJob:
             await self.serving.fail(self.spec.id, exc.message, exc.kind)
         except SpecError as exc:
             await self.serving.refuse(self.spec.id, exc)
+
+    async def _pass(self, model: dict, entry: dict | None, used) -> bool:
+        """Answer every matching document that lacks an answer from `used`; False if the job ended meanwhile
+        (cancelled, or failed past the documents it may skip)."""
+        base = self.spec.filter or {}
+        done, total, skipped = await self._read(lambda: self._counts(base, used))
+        await self._progress(done, total, skipped)
+        while chunk := await self._next(self._todo(base, used)):
+            batch, unreadable = self._decoded(chunk)
+            missed = unreadable + await self._answer(batch, model, entry, used)
+            self._leave_out(missed)
+            done, skipped = done + len(chunk) - len(missed), skipped + len(missed)
+            await self._progress(min(done, total), total, skipped)
+            if len(self.unwritable) > MAX_UNWRITABLE or self.unwritable_bytes > MAX_UNWRITABLE_BYTES:
+                await self.serving.fail(self.spec.id, self._too_many_unwritable())
+                return False
+            if await self._cancelled():  # looked for at each chunk: a long first pass can be stopped too
+                await self._end_cancelled()
+                return False
+        return True
 
     async def _counts(self, base: dict, used) -> tuple[int, int, int]:
         """How many documents match: answered already, in all, and someone else's (skipped)."""
@@ -154,16 +190,30 @@ class CollectionJob:
         self.unwritable += missed
         self.unwritable_bytes += sum(len(bson.encode({"_id": doc_id})) for doc_id in missed)
 
+    async def _token(self):
+        """The request's answers token: drawn by the first job that runs it and kept for its retries, so a job
+        resumes over its own answers. Answers name their request by it as well as by `_id`: a request the TTL
+        deleted lends its `_id` to whoever inserts the next one, which then has another token (or one copied from
+        the first one's document, which whoever may update `_requests` could rewrite anyway). None when the
+        request is no longer this daemon's."""
+        mine = {"_id": ids.eq(self.spec.id), **self._mine()}
+        await self.requests.update_one({**mine, TOKEN: {"$not": {"$regex": TOKEN_SHAPE}}},
+                                       {"$set": {TOKEN: uuid.uuid4().hex}})
+        found = await self.requests.find_one(mine, {TOKEN: 1})
+        return found and found.get(TOKEN)
+
     def _ours(self) -> dict:
         """Documents this request may write: `output_field` and every parent of it absent (an answer never goes
         into, over or beside what anyone else wrote, an owner's object or another request's answer included), or
-        the field holding this request's own answer (a `request` present and equal: `$eq: null` alone matches a
-        missing one). Any other document is someone else's shape, skipped up front."""
+        the field holding this request's own answer: exactly an answer's shape, under objects only, naming this
+        request and its token (a request with the same `_id` inserted after this one was deleted has another).
+        Any other document is someone else's shape, skipped up front."""
         field = self.spec.output_field
         parts = field.split(".")
         paths = [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
         return {"$or": [{"$and": [{path: {"$exists": False}} for path in paths]},
-                        {f"{field}.request": {"$exists": True, "$eq": self.spec.id}}]}
+                        {"$jsonSchema": answer_schema(field), f"{field}.request": {"$eq": self.spec.id},
+                         f"{field}.token": {"$eq": self.token}}]}
 
     def _todo(self, base: dict, used) -> dict:
         """What is left: documents it may write that lack an answer from `used`, past those that failed."""
@@ -190,16 +240,19 @@ class CollectionJob:
                 writes[ids.key(doc_id)] = (doc_id, {"text": result["output"]} if "output" in result else
                                            {"error": result["error"]["message"]})
         return [doc_id for doc_id, answer in writes.values()
-                if not await self._write(doc_id, {**answer, "checkpoint": used, "request": self.spec.id})]
+                if not await self._write(doc_id, {**answer, "checkpoint": used, "request": self.spec.id,
+                                                  "token": self.token})]
 
     async def _write(self, doc_id, answer: dict) -> bool:
-        """Write one answer where this request still may; a document it cannot land on is logged and skipped."""
+        """Write one answer where this request still may, into a document that still matches its filter (one its
+        owner took out of it while the model generated gets none); one it cannot land on is logged and skipped."""
         try:
-            result = await self.target.update_one({"$and": [{"_id": ids.eq(doc_id)}, self._ours()]},
+            result = await self.target.update_one({"$and": [{"_id": ids.eq(doc_id)}, self.spec.filter or {},
+                                                            self._ours()]},
                                                   {"$set": {self.spec.output_field: answer}})
             if result.matched_count:
                 return True
-            reason = "it is gone, or its field was written by someone else meanwhile"
+            reason = "it is gone, left the request's filter, or its field was written by someone else meanwhile"
         except WriteError as exc:
             reason = f"the server refused the write (code {exc.code})"
         log.warning("document %s of %s not answered for request %s: %s", ids.key(doc_id), self.spec.collection,
@@ -210,28 +263,62 @@ class CollectionJob:
         """Answer inserted documents and those whose input fields changed, until the request is cancelled.
 
         An answer written by this listener, for this request or another, never counts as a change: answers
-        never trigger answers, so no two requests can feed each other."""
-        pipeline = [{"$match": {"operationType": {"$in": ["insert", "update", "replace", "invalidate"]}}}]
-        async with await records.raw(self.target).watch(pipeline, max_await_time_ms=int(CANCEL_CHECK_S * 1000)) as changes:
-            log.info("watching %s for request %s", self.spec.collection, ids.key(self.spec.id))
-            while not await self._cancelled():
+        never trigger answers, so no two requests can feed each other. A stream the server fails at an event
+        (one whose `_id` nests deeper than it can put in an event, history it no longer holds) is opened again
+        from now, and a pass answers what lacks an answer meanwhile: one writer's insert never ends the watch.
+        Only changes to the input fields of documents already answered, between that event and the new stream,
+        go unanswered."""
+        caught_up, wait_ms = True, int(CANCEL_CHECK_S * 1000)  # the first pass has just run
+        while True:
+            async with await records.raw(self.target).watch(WATCHED, max_await_time_ms=wait_ms) as changes:
+                if not caught_up and not await self._pass(model, entry, used):
+                    return
+                log.info("watching %s for request %s", self.spec.collection, ids.key(self.spec.id))
+                if not await self._follow(changes, model, entry, used):
+                    return
+            await asyncio.sleep(CANCEL_CHECK_S)  # at most one new stream and pass this often, whatever fails
+            caught_up = False
+
+    async def _follow(self, changes, model: dict, entry: dict | None, used) -> bool:
+        """Answer what the stream reports until the request is cancelled or the collection goes (the request
+        ended: False), or the server fails the stream (True: open another)."""
+        while not await self._cancelled():
+            try:
                 change = await changes.try_next()
-                if change is None or change["operationType"] == "invalidate":
-                    if not changes.alive:  # the collection was dropped or renamed: the server ended the stream
-                        await self.serving.fail(self.spec.id, f"collection {self.spec.collection!r} was dropped or "
-                                                "renamed while watched: nothing is left to watch")
-                        return
-                    continue
-                if change["operationType"] == "update" and not await self._touched(change["updateDescription"]):
-                    continue  # an answer written, or another field: nothing to answer again
-                chunk = await self._next({"$and": [{"_id": ids.eq(change["documentKey"]["_id"])},
-                                                   self.spec.filter or {}, self._ours()]})
-                if chunk:
-                    batch, unreadable = self._decoded(chunk)
-                    missed = len(unreadable + await self._answer(batch, model, entry, used))
-                    await self.requests.update_one({"_id": ids.eq(self.spec.id), **self._mine()}, {"$inc": {
-                        "progress.done": 1 - missed, "progress.skipped": missed, "progress.total": 1}})
+            except OperationFailure as exc:
+                log.warning("the change stream on %s failed for request %s (%.300s): opened again, and what lacks "
+                            "an answer is answered", self.spec.collection, ids.key(self.spec.id), exc)
+                return True
+            if change is None or change["operationType"] == "invalidate":
+                if not changes.alive:  # the collection was dropped or renamed: the server ended the stream
+                    await self.serving.fail(self.spec.id, f"collection {self.spec.collection!r} was dropped or "
+                                            "renamed while watched: nothing is left to watch")
+                    return False
+                continue
+            try:
+                await self._changed(change, model, entry, used)
+            except OperationFailure as exc:  # the server cannot read this one document (an `_id` nested too deep)
+                log.warning("a change to %s not answered for request %s: %.300s", self.spec.collection,
+                            ids.key(self.spec.id), exc)
+                await self._count(done=0, skipped=1)
         await self._end_cancelled()
+        return False
+
+    async def _changed(self, change: RawBSONDocument, model: dict, entry: dict | None, used) -> None:
+        """Answer the document one change names, if it changed an input field and still takes this answer."""
+        if change["operationType"] == "update" and not await self._touched(change["updateDescription"]):
+            return  # an answer written, or another field: nothing to answer again
+        chunk = await self._next({"$and": [{"_id": ids.eq(change["documentKey"]["_id"])},
+                                           self.spec.filter or {}, self._ours()]})
+        if chunk:
+            batch, unreadable = self._decoded(chunk)
+            missed = len(unreadable + await self._answer(batch, model, entry, used))
+            await self._count(done=1 - missed, skipped=missed)
+
+    async def _count(self, done: int, skipped: int) -> None:
+        """Count one watched document in the request's progress: answered, or skipped."""
+        await self.requests.update_one({"_id": ids.eq(self.spec.id), **self._mine()}, {"$inc": {
+            "progress.done": done, "progress.skipped": skipped, "progress.total": 1}})
 
     async def _end_cancelled(self) -> None:
         await transition(self.requests, self.spec.id, Status.RUNNING, Status.CANCELLED, REQUEST_TRANSITIONS,
@@ -259,16 +346,19 @@ class CollectionJob:
 
     async def _holds_answer(self, path: list[str], value, under: list[str]) -> bool:
         """Whether `value`, written at `path`, is an answer, or holds one along `under`."""
-        while not (is_answer(value) and await self._answered_at(".".join(path), value["request"])):
+        while not (is_answer(value) and await self._answered_at(".".join(path), value["request"], value["token"])):
             if not under or not isinstance(value, dict):
                 return False
             path, value, under = [*path, under[0]], value.get(under[0]), under[1:]
         return True
 
-    async def _answered_at(self, path: str, request_id) -> bool:
-        """An answer's `request` names a request over this collection that writes at `path`: only such a request
-        writes an answer there, so a person's object with the same fields is a change like any other."""
-        found = await self.requests.find_one({"_id": ids.eq(request_id), "collection": {"$eq": self.spec.collection},
+    async def _answered_at(self, path: str, request_id, token) -> bool:
+        """An answer's `request` and `token` name a request over this collection that writes at `path`: only such
+        a request writes an answer there, so a person's object with the same fields is a change like any other."""
+        if not isinstance(token, str):
+            return False
+        found = await self.requests.find_one({"_id": ids.eq(request_id), TOKEN: {"$eq": token},
+                                              "collection": {"$eq": self.spec.collection},
                                               "output_field": {"$eq": path}}, {"_id": 1})
         return found is not None
 

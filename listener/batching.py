@@ -4,11 +4,13 @@ Requests wait in one queue per model (keyed by `ids.key`), oldest first; models 
 each, and a batch holds only requests that generate alike (same normalised parameters, same
 `timeout_s`). Once a model's base is known (`Queues.bases`, filled when its document is read), the batch
 is topped up with alike requests of other models of the same base. What is held here (queued or
-generating) is what this daemon claims more against: `free` in all, `room_for` one model, so one
+generating) is what this daemon claims more against: `free` in all, `room_for` one share, so one
 model's flood never takes every place. Requests over a collection (`collection` given) run for as
 long as they have documents to answer, and watching ones until cancelled, so they count against
-places of their own (`max_collection_jobs`, per model `max_collection_jobs_per_model`): long-lived
-work never takes an interactive request's place, nor the other way round. A batch starts as soon as
+places of their own (`max_collection_jobs`, and `max_collection_jobs_per_model` for one model over one
+collection: anyone may name any model, so requests over one writer's collections never take the places
+of requests over another's): long-lived work never takes an interactive request's place, nor the other
+way round. A batch starts as soon as
 the requests inserted with its first one are claimed (`Arrivals`), never later than the operator's
 `batch_window_s`.
 """
@@ -93,6 +95,12 @@ async def _within(event: asyncio.Event, seconds: float) -> bool:
     return True
 
 
+def share_of(spec: RequestSpec):
+    """Whose places a request takes: its model's, and for a request over a collection, its model's over that
+    collection (the collection being whose data it is)."""
+    return spec.model if spec.collection is None else [spec.model, spec.collection]
+
+
 class Queues:
     """The requests held here: queued per model, taking turns, or generating."""
 
@@ -120,16 +128,17 @@ class Queues:
         cap = self.settings.max_collection_jobs if collection else self.settings.max_queued_requests
         return cap - len(self._of_kind(collection))
 
-    def room_for(self, model_id, collection: bool = False) -> int:
-        """How many more requests of this kind and model to claim: one model's flood never takes every place."""
+    def room_for(self, share, collection: bool = False) -> int:
+        """How many more requests of this kind and share (`share_of`) to claim: one model's flood never takes
+        every place, nor one collection's every place of a model."""
         cap = self.settings.max_collection_jobs_per_model if collection else self.settings.max_queue_per_model
-        model = ids.key(model_id)
-        return cap - sum(1 for spec in self._of_kind(collection) if ids.key(spec.model) == model)
+        wanted = ids.key(share)
+        return cap - sum(1 for spec in self._of_kind(collection) if ids.key(share_of(spec)) == wanted)
 
-    def full_models(self, collection: bool = False) -> list:
-        """The models (their ids) with no room left here for requests of this kind."""
-        held = {ids.key(spec.model): spec.model for spec in self._of_kind(collection)}
-        return [model for model in held.values() if self.room_for(model, collection) <= 0]
+    def full(self, collection: bool = False) -> list:
+        """The shares (`share_of`) with no room left here for requests of this kind."""
+        held = {ids.key(share_of(spec)): share_of(spec) for spec in self._of_kind(collection)}
+        return [share for share in held.values() if self.room_for(share, collection) <= 0]
 
     def _of_kind(self, collection: bool) -> list[RequestSpec]:
         return [spec for spec in self._held.values() if (spec.collection is not None) == collection]

@@ -8,7 +8,9 @@ one each. A round costs the database the same whatever its size:
    for, leaving out the models whose share of this daemon is full (`$nin`), so one model's flood never
    hides another model's lone request. Requests over a collection, which run long (watching ones until
    cancelled), are claimed against places of their own (`Queues.free(collection=True)`), in a find of
-   their own, so a flood of them (junk included) never fills the finds of interactive requests;
+   their own, so a flood of them (junk included) never fills the finds of interactive requests; their
+   shares are a model's over one collection (`$nor` of the full pairs), so requests over one writer's
+   collections naming another's model never hide that model's requests over other collections;
 2. one `update_many` that moves those still pending, not cancelled and not out of attempts to
    `running` under this daemon's lease, marked with this claim's id;
 3. only if that moved fewer than it was given (another daemon took some first): one `find` of
@@ -91,7 +93,7 @@ class Intake:
     async def round(self) -> int:
         """Claim what serving has room for; how many requests this round handed it."""
         queues, handed, progressed = self.serving.queues, 0, False
-        full = {kind: {ids.key(model): model for model in queues.full_models(kind)} for kind in KINDS}
+        full = {kind: {ids.key(share): share for share in queues.full(kind)} for kind in KINDS}
         more = set(KINDS)  # the kinds that may have pending requests this round has not seen
         for _ in range(MAX_FINDS):
             free = {kind: places for kind in more if (places := queues.free(kind)) > 0}
@@ -126,9 +128,10 @@ class Intake:
         """The documents to claim (decoded), and how many ended here instead (undecodable, malformed, cancelled,
         out of attempts).
 
-        Each kind of request takes at most its `free` places. A model whose share of its kind is reached
-        joins `full[kind]` (by `ids.key`), which the next find leaves out; only plain ids can be left out,
-        and a request naming anything else fails once claimed.
+        Each kind of request takes at most its `free` places. A share (`batching.share_of`: a model, or a model
+        over a collection) whose places of its kind are taken joins `full[kind]` (by `ids.key`), which the next
+        find leaves out; only plain ids and collection names can be left out, and a request naming anything
+        else fails once claimed.
         """
         chosen, taking, ended = [], Counter(), 0
         for raw_document in documents:
@@ -163,11 +166,11 @@ class Intake:
             kind = _over_collection(document)
             if taking[kind] >= free.get(kind, 0):
                 continue  # its kind has no more places here: it stays pending
-            model = document.get("model")
-            if _plain(model):  # anything else fails once claimed: it takes no share, and `$nin` could not skip it
-                key = ids.key(model)
-                if taking[kind, key] >= self.serving.queues.room_for(model, kind):
-                    full[kind][key] = model
+            share = _share(document, kind)
+            if share is not None:  # anything else fails once claimed: it takes no share, and a find could not skip it
+                key = ids.key(share)
+                if taking[kind, key] >= self.serving.queues.room_for(share, kind):
+                    full[kind][key] = share
                     continue
                 taking[kind, key] += 1
             taking[kind] += 1
@@ -264,8 +267,23 @@ class Intake:
 
 
 def _of_kind(kind: bool, full: dict) -> dict:
-    """The pending requests of one kind (see `KINDS`) to find, leaving out the models whose share is full."""
-    return {**KINDS[kind], **({"model": {"$nin": list(full.values())}} if full else {})}
+    """The pending requests of one kind (see `KINDS`) to find, leaving out the shares that are full: models, or
+    models over a collection (at most `max_collection_jobs` of them)."""
+    if not full:
+        return KINDS[kind]
+    if not kind:
+        return {**KINDS[kind], "model": {"$nin": list(full.values())}}
+    return {**KINDS[kind], "$nor": [{"model": {"$eq": model}, "collection": {"$eq": collection}}
+                                    for model, collection in full.values()]}
+
+
+def _share(document: dict, kind: bool):
+    """The share (`batching.share_of`) a pending request would take, or None where it names no plain model (or,
+    over a collection, no plain collection name): such a request fails once claimed."""
+    model, collection = document.get("model"), document.get("collection")
+    if not _plain(model) or kind and not isinstance(collection, str):
+        return None
+    return [model, collection] if kind else model
 
 
 def _over_collection(document: dict) -> bool:

@@ -77,8 +77,8 @@ class Settings(BaseModel):
                                      "answer soon stays pending for another daemon")
     max_collection_jobs: int = Field(4, ge=1, description="requests over a collection (watching ones too) one "
                                      "daemon runs at once, apart from the places of other requests")
-    max_collection_jobs_per_model: int = Field(2, ge=1, description="requests over a collection one daemon runs "
-                                               "at once for one model")
+    max_collection_jobs_per_model: int = Field(2, ge=1, description="requests over one collection one daemon "
+                                               "runs at once for one model")
     metrics_port: int | None = Field(None, ge=1, le=65_535,
                                      description="serve Prometheus metrics and /healthz on this port; none: off")
     metrics_host: str = Field("127.0.0.1", min_length=1, max_length=255,

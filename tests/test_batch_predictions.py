@@ -10,7 +10,8 @@ from tests.test_serving import answer, served_model
 from training import defaults
 
 DAEMON_ENV = ANSWERS  # the operator lets answers be written into any data collection
-KEPT = {"text": "kept", "checkpoint": "base", "request": "all-a"}
+TOKEN = "0123456789abcdef" * 2  # the request's answers token, as its first job, before a crash, drew it
+KEPT = {"text": "kept", "checkpoint": "base", "request": "all-a", "token": TOKEN}
 
 
 def collection_request(doc_id, model_id, collection, **fields) -> dict:
@@ -26,8 +27,9 @@ def test_matching_documents_are_answered_and_answers_of_this_checkpoint_are_kept
                          + [{"_id": 5, "text": "other", "kind": "b"}, {"_id": 6, "kind": "a"}])
     db.notes.update_one({"_id": 0}, {"$set": {"answer": KEPT}})  # answered before a crash: not again
     db.notes.update_one({"_id": 1}, {"$set": {"answer": {"text": "old", "checkpoint": {"run": 9, "step": 9},
-                                                         "request": "all-a"}}})
-    db[defaults.REQUESTS].insert_one(collection_request("all-a", "resumed", "notes", filter={"kind": "a"}))
+                                                         "request": "all-a", "token": TOKEN}}})
+    db[defaults.REQUESTS].insert_one({**collection_request("all-a", "resumed", "notes", filter={"kind": "a"}),
+                                      "answers_token": TOKEN})
     done = answer(db, "all-a")
     assert done["status"] == "done", done.get("error")
     assert done["progress"] == {"done": 6, "total": 6, "skipped": 0} and done["checkpoint_used"] == "base"

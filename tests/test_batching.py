@@ -46,6 +46,6 @@ def test_what_is_held_caps_what_is_claimed_in_all_and_per_model():
     for request in (spec("a1", "a"), spec("a2", "a"), spec("b1", "b")):
         assert q.hold(request)
     assert not q.hold(spec("a1", "a")), "a request claimed again while held is held once"
-    assert q.free() == 0 and q.room_for("a") == 0 and q.room_for("b") == 1 and q.full_models() == ["a"]
+    assert q.free() == 0 and q.room_for("a") == 0 and q.room_for("b") == 1 and q.full() == ["a"]
     q.release("a1")
-    assert q.free() == 1 and q.room_for("a") == 1 and q.full_models() == []
+    assert q.free() == 1 and q.room_for("a") == 1 and q.full() == []

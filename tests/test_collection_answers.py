@@ -10,22 +10,25 @@ real server, with only generation stood in for (what they check is what is writt
 import asyncio
 import logging
 import threading
+import tracemalloc
 
 import pytest
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, MongoClient
 
-from listener.batch_predictions import CollectionJob, predict_collection
+from listener.batch_predictions import CollectionJob, predict_collection, render
+from listener.embedded import EmbeddedServer, free_port
 from listener.forks import Forks
 from listener.processes import wait_until
 from listener.serving import Serving
 from listener.settings import Settings
 from tests.conftest import settled, wait_for
-from tests.documents import ANSWERS, collection_request
+from tests.documents import ANSWERS, collection_request, insert_nested
 from tests.test_serving import served_model
 from training import defaults
 from training.config import SpecError, parse_request
 
 OWNER = "in-process"
+TOKEN = "0123456789abcdef" * 2  # a request's answers token, as its first job would have drawn it
 
 
 class Answering(Serving):
@@ -103,21 +106,21 @@ def test_class1_an_answer_never_goes_inside_what_someone_else_wrote(client, db):
 
 
 def test_class1_the_listener_writes_only_fields_it_wrote_for_the_same_request(client, db):
-    """Each answer names its request; a field absent, or holding this request's answer, is the only one written.
-    The owner's own value, another request's answer and a value a person writes while the model generates are
-    left as they are and counted as skipped."""
-    theirs = {"text": "another request's", "checkpoint": "base", "request": "another"}
+    """Each answer names its request (by `_id` and the token its first job drew); a field absent, or holding this
+    request's answer, is the only one written. The owner's own value, another request's answer and a value a
+    person writes while the model generates are left as they are and counted as skipped."""
+    theirs = {"text": "another request's", "checkpoint": "base", "request": "another", "token": TOKEN}
     db.notes.insert_many([{"_id": 0, "text": "fresh"},
                           {"_id": 1, "text": "owned", "answer": "the owner's own"},
                           {"_id": 2, "text": "other request", "answer": theirs},
                           {"_id": 3, "text": "older", "answer": {"text": "old", "checkpoint": {"run": 9, "step": 9},
-                                                                  "request": "mine"}},
+                                                                  "request": "mine", "token": TOKEN}},
                           {"_id": 4, "text": "raced"}])
-    ended = run_job(client, db, collection_request("mine", "m", "notes"),
+    ended = run_job(client, db, {**collection_request("mine", "m", "notes"), "answers_token": TOKEN},  # a retry
                     meanwhile=lambda: db.notes.update_one({"_id": 4}, {"$set": {"answer": "a person's, meanwhile"}}))
     notes = {d["_id"]: d["answer"] for d in db.notes.find()}
-    assert notes[0] == {"text": "re: fresh", "checkpoint": "base", "request": "mine"}
-    assert notes[3] == {"text": "re: older", "checkpoint": "base", "request": "mine"}
+    assert notes[0] == {"text": "re: fresh", "checkpoint": "base", "request": "mine", "token": TOKEN}
+    assert notes[3] == {"text": "re: older", "checkpoint": "base", "request": "mine", "token": TOKEN}
     assert notes[1] == "the owner's own" and notes[2] == theirs and notes[4] == "a person's, meanwhile"
     assert ended["status"] == "done" and ended["progress"] == {"done": 2, "total": 5, "skipped": 3}, ended
 
@@ -439,3 +442,152 @@ def test_class2_whatever_one_collection_job_raises_ends_that_job_alone(client, d
     asyncio.run(job())  # returns: nothing escapes the job
     assert [r for r in caplog.records if "KeyError" in r.getMessage() and "raises" in r.getMessage()]
     assert db[defaults.REQUESTS].find_one({"_id": "raises"})["status"] == "running"  # the reaper's to retry
+
+
+# --- attack on issue 21 (b): answers by shape and identity, the watch's boundary, apportioned places ----------
+
+def nested_id(levels: int) -> dict:
+    """An `_id` nested `levels` objects deep: the embedded server stores it, and then fails any change stream
+    whose event carries it (`internal server error`, code 1)."""
+    value = "x"
+    for _ in range(levels):
+        value = {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("owners", [{"request": "GET /", "status": 200, "bytes": 5120},
+                                    [{"request": "GET /", "status": 200}, {"request": "POST /x", "status": 201}]],
+                         ids=["object", "array"])
+def test_class1_an_owners_value_with_a_request_key_is_replaced_by_a_request_of_that_id(client, db, owners):
+    """A log collection's documents hold `meta: {request: "GET /", ...}` (or an array of such), the owner's own
+    value. Another writer inserts a request whose `_id` is "GET /" and whose `output_field` is `meta`: the answer
+    rule takes any `meta.request` equal to the request's id for "this request's answer", so the owner's value is
+    replaced. A value that is not an answer's shape is no answer of the listener's: it must be left as it is."""
+    db.access_log.insert_one({"_id": 1, "text": "a line", "meta": owners})
+    ended = run_job(client, db, collection_request("GET /", "m", "access_log", output_field="meta"))
+    assert db.access_log.find_one({"_id": 1})["meta"] == owners, ended["progress"]
+
+
+def test_class1_a_request_deleted_by_the_ttl_lends_its_id_to_another_writer_over_its_answers(client, db):
+    """With `MONGOTUNE_REQUESTS_TTL_S` the server deletes answered requests; their answers stay, naming the
+    request only by `_id`. Another writer then inserts a request with that `_id` (free again) and a template of
+    their own: the answer rule takes B's answers for its own and replaces them with whatever A's request says.
+    An answer another request wrote must be left as it is, whatever that request's id."""
+    b_answers = {n: {"text": f"B's summary {n}", "checkpoint": {"run": 1, "step": 2}, "request": "summaries"}
+                 for n in range(2)}  # what B's request wrote from B's model, before the TTL deleted the request
+    db.notes.insert_many([{"_id": n, "text": f"note {n}", "title": "A's words", "answer": b_answers[n]}
+                          for n in range(2)])
+    run_job(client, db, collection_request("summaries", "m", "notes", input="{title}"))
+    assert {d["_id"]: d["answer"] for d in db.notes.find()} == b_answers
+
+
+def test_class1_answers_a_deleted_request_wrote_are_never_a_later_requests_of_the_same_id(client, db):
+    """The class of the above, with answers the listener itself wrote: B's request answers, is deleted (as the
+    TTL does), and A's request of the same `_id` finds B's answers someone else's (another token): left as they
+    are and counted as skipped, even an error answer, and even where A's output shape is B's exactly."""
+    db.notes.insert_many([{"_id": n, "text": f"note {n}", "title": "A's words"} for n in range(2)])
+    db.notes.update_one({"_id": 1}, {"$unset": {"text": ""}})  # B answers it with an error
+    run_job(client, db, collection_request("summaries", "m", "notes"))
+    b_answers = {d["_id"]: d["answer"] for d in db.notes.find()}
+    assert b_answers[0]["text"] == "re: note 0" and "error" in b_answers[1]
+    db[defaults.REQUESTS].delete_one({"_id": "summaries"})
+    ended = run_job(client, db, collection_request("summaries", "m", "notes", input="{title}"))
+    assert {d["_id"]: d["answer"] for d in db.notes.find()} == b_answers
+    assert ended["status"] == "done" and ended["progress"] == {"done": 0, "total": 2, "skipped": 2}, ended
+
+
+def test_class1_a_document_that_leaves_the_filter_while_generating_gets_no_answer(client, db):
+    """The answer's write is fenced on `output_field` alone, not on the request's `filter`: a document whose owner
+    marks it private (out of the request's filter) while the model generates still gets the answer written into
+    it, computed from what it held before. Nothing may be written into a document that no longer matches."""
+    db.notes.insert_many([{"_id": 0, "text": "public note", "private": False},
+                          {"_id": 1, "text": "soon private", "private": False}])
+    ended = run_job(client, db, collection_request("public-only", "m", "notes", filter={"private": False}),
+                    meanwhile=lambda: db.notes.update_one({"_id": 1}, {"$set": {"private": True}}))
+    assert "answer" not in db.notes.find_one({"_id": 1}), ended["progress"]
+
+
+def test_class2_one_odd_insert_never_ends_another_writers_watching_request(client, db, caplog):
+    """B watches a collection others may write into. A inserts one document whose `_id` the server cannot put in
+    a change event (nested ~975 deep, which the embedded server stores): the stream's getMore fails with an
+    OperationFailure that `_watch` does not contain, the job ends, and in a daemon the reaper reclaims it until
+    B's request fails `too_many_attempts`. The watch must go past that event and answer the next insert."""
+    caplog.set_level(logging.INFO, logger="listener.batch_predictions")
+    db.shared.insert_one({"_id": 0, "text": "first"})
+    errors: list = []
+    thread = watch_in_thread(client, db, collection_request("B", "m", "shared", watch=True), errors)
+    wait_until(lambda: "watching shared" in caplog.text, 60, "B's watch")
+    insert_nested(db.shared, {"_id": nested_id(975), "text": "A's odd document"})
+    db.shared.insert_one({"_id": 2, "text": "sentinel"})
+    try:
+        wait_until(lambda: errors or "answer" in db.shared.find_one({"_id": 2}), 60, "B's answer or its end")
+    finally:
+        db[defaults.REQUESTS].update_one({"_id": "B"}, {"$set": {"cancel": True}})
+        thread.join(60)
+    assert errors == [], f"B's watch ended on A's insert: {str(errors[0])[:100]}"
+
+
+def test_class2_a_change_stream_the_server_fails_is_opened_again_and_the_watch_goes_on(tmp_path, caplog):
+    """The class of the above at the stream itself: a getMore the server fails (history it no longer holds, an
+    event it cannot build) opens the stream again from then, and a pass answers what lacks an answer, so an
+    insert whichever side of the failure it falls is answered, and the request still watches."""
+    caplog.set_level(logging.INFO, logger="listener.batch_predictions")
+    with EmbeddedServer(tmp_path / "server", port=free_port(), memory=True, failpoints=True) as server, \
+            MongoClient(server.uri) as client:
+        db = client["flaky"]
+        db.shared.insert_one({"_id": 0, "text": "first"})
+        errors: list = []
+        thread = watch_in_thread(client, db, collection_request("B", "m", "shared", watch=True), errors)
+        wait_until(lambda: "watching shared" in caplog.text, 60, "B's watch")
+        client.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                              "data": {"failCommands": ["getMore"], "errorCode": 1}})
+        db.shared.insert_one({"_id": 1, "text": "about the failure"})
+        wait_until(lambda: "opened again" in caplog.text, 60, "the failed stream")
+        db.shared.insert_one({"_id": 2, "text": "after it"})
+        try:
+            wait_until(lambda: errors or db.shared.count_documents({"answer.request": "B"}) == 3, 60, "B's answers")
+        finally:
+            db[defaults.REQUESTS].update_one({"_id": "B"}, {"$set": {"cancel": True}})
+            thread.join(60)
+        assert errors == [] and db[defaults.REQUESTS].find_one({"_id": "B"})["status"] == "cancelled"
+
+
+def test_class2_a_template_never_builds_more_than_the_input_cap(limits):
+    """`render` substitutes every placeholder before it compares the prompt's length with `max_input_chars`: a
+    template of 32,000 characters ("{a}" 10,666 times) over a document whose `a` is a 15 MB string builds a
+    160 GB string in the daemon's own process (MemoryError, or the OOM killer ends the daemon where it fits in
+    memory). Here 6,400 placeholders over 50 kB: the refusal must come without building 320 MB."""
+    spec = parse_request(collection_request("big", "m", "notes", input="{a}" * 6_400),
+                         Settings.load({}, environ=ANSWERS).limits)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="over the operator's limit"):
+            render(spec, {"_id": 1, "a": "x" * 50_000}, 32_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"rendering one over-long prompt took {peak / 2**20:.0f} MiB"
+
+
+def test_class3_another_writers_requests_never_take_a_models_places(module_db, module_daemon, tiny_model_path):
+    """Requests over a collection are bounded per model (`max_collection_jobs_per_model`, 2), but any writer may
+    name any model: A's two watching requests over A's own collection, naming B's model, take both of its places
+    on the daemon for as long as A likes, and B's own request over B's collection on B's model is never claimed.
+    B's request must be answered."""
+    db = module_db
+    db[defaults.MODELS].insert_one(served_model("b-model", tiny_model_path))
+    db.a_feed.insert_one({"_id": 1, "text": "ahoy"})
+    db.b_notes.insert_one({"_id": 1, "text": "ahoy"})
+    requests = db[defaults.REQUESTS]
+    requests.insert_many([collection_request(f"a-watch-{n}", "b-model", "a_feed", output_field=f"out{n}",
+                                             watch=True) for n in range(2)])
+    wait_until(lambda: requests.count_documents({"_id": {"$regex": "^a-watch"}, "status": "running"}) == 2, 120,
+               "A's two watches running")
+    requests.insert_one(collection_request("b-once", "b-model", "b_notes"))
+    try:
+        ended = settled(db, "b-once", timeout=60)
+    finally:
+        requests.update_many({"_id": {"$regex": "^a-watch"}}, {"$set": {"cancel": True}})
+    if ended.get("status") != "done":  # what freed B: A's cancel, so A's watches held it back
+        after = settled(db, "b-once", timeout=60).get("status")
+        pytest.fail(f"B's request was {ended.get('status', 'pending')} after 60 s, {after} once A cancelled")

@@ -40,12 +40,13 @@ def test_requests_over_a_collection_count_against_places_of_their_own():
     for held in (spec("w1", "a", collection="notes", output_field="x", watch=True),
                  spec("w2", "b", collection="notes", output_field="x", watch=True)):
         assert q.hold(held)
-    assert q.free(collection=True) == 0 and q.full_models(collection=True) == ["a", "b"]
-    assert q.free() == 2 and q.room_for("a") == 1 and q.full_models() == [], "jobs took interactive places"
+    assert q.free(collection=True) == 0 and q.full(collection=True) == [["a", "notes"], ["b", "notes"]]
+    assert q.free() == 2 and q.room_for("a") == 1 and q.full() == [], "jobs took interactive places"
     assert q.hold(spec("plain", "a"))
-    assert q.free() == 1 and q.room_for("a") == 0 and q.room_for("a", collection=True) == 0
+    assert q.free() == 1 and q.room_for("a") == 0 and q.room_for(["a", "notes"], collection=True) == 0
+    assert q.room_for(["a", "theirs"], collection=True) == 1, "a model's places over one collection are all of it"
     q.release("w1")
-    assert q.free(collection=True) == 1 and q.room_for("a", collection=True) == 1 and q.room_for("a") == 0
+    assert q.free(collection=True) == 1 and q.room_for(["a", "notes"], collection=True) == 1 and q.room_for("a") == 0
 
 
 def test_a_claim_takes_each_kind_of_request_within_its_own_places(server_uri, db):
@@ -70,6 +71,28 @@ def test_a_claim_takes_each_kind_of_request_within_its_own_places(server_uri, db
     held = run_with(server_uri, db.name, work)
     assert sorted(held) == sorted(ids.key(doc_id) for doc_id in ("job0", "job2", "plain0", "plain2"))
     assert requests.count_documents({"status": "running"}) == 4
+
+
+def test_a_models_places_are_per_collection_so_one_writers_requests_never_take_anothers(server_uri, db):
+    """Any writer may name any model: requests over one collection take that model's places over it alone, and a
+    request over another collection on the same model is claimed beside them (the find leaves out only the full
+    model-and-collection pair)."""
+    requests = db[defaults.REQUESTS]
+    requests.insert_many([collection_request(f"a{n}", "b-model", "a_feed", watch=True) for n in range(3)])
+    requests.insert_one(collection_request("b-once", "b-model", "b_notes"))
+
+    async def work(adb):
+        settings = Settings.load({"db": adb.name, "validators": False, "max_collection_jobs": 4,
+                                  "max_collection_jobs_per_model": 1}, environ=ANSWERS)
+        counters = {"requests_done": 0, "requests_failed": 0}
+        serving = Serving(adb, settings, "d", counters, Forks(gpus=False),
+                          collection_job=lambda serving, spec: asyncio.Event().wait())  # runs until cancelled
+        intake = Intake(adb, settings, "d", serving, counters, SkipLog(), stopping=lambda: False)
+        await intake.round()
+        return [ids.key(doc_id) for doc_id in serving.queues.held_ids()]
+
+    held = run_with(server_uri, db.name, work)
+    assert ids.key("b-once") in held and len(held) == 2, held
 
 
 
@@ -156,7 +179,7 @@ def test_integers_of_either_width_are_one_id_at_any_depth():
 def test_requests_for_one_model_named_by_either_integer_width_share_its_places():
     q = Queues(Settings.load({"max_queue_per_model": 2}, environ={}))
     assert q.hold(spec("as-int32", 5)) and q.hold(spec("as-int64", Int64(5)))
-    assert q.room_for(5) == 0 and q.room_for(Int64(5)) == 0 and len(q.full_models()) == 1
+    assert q.room_for(5) == 0 and q.room_for(Int64(5)) == 0 and len(q.full()) == 1
     assert q.hold(spec(Int64(7), "m")) and not q.hold(spec(7, "m")), "one request named by two widths is one"
 
 

@@ -25,7 +25,7 @@ LISTENER_FIELDS = frozenset({
     "status", "run", "attempts", "progress", "metrics", "checkpoints", "best_checkpoint", "error",
     "lease", "created_at", "started_at", "finished_at", "output", "usage", "latency_ms",
     "completed_at", "history", "checkpoint_used", "batch_size", "warnings", "timing", "events", "runs",
-    "trigger", "finish_reason", "changed",
+    "trigger", "finish_reason", "changed", "answers_token",
 })
 # What a user-supplied filter may not hold: a filter selects documents, it never computes. JavaScript runs code on
 # the server; `$expr` evaluates aggregation expressions (`$range`, `$reduce`...), whose cost no size bound limits.
