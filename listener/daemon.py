@@ -188,7 +188,7 @@ class Daemon:
             raise
         except Exception as exc:
             if self.skipped.first("error models", document.get("_id")):  # once per document, not per scan
-                log.exception("listener error on model %.200r", document.get("_id"))
+                log.exception("listener error on %s %.200r", defaults.MODELS, document.get("_id"))
             error = {"type": "listener_error", "message": f"the listener failed on this document "
                      f"({type(exc).__name__}); the operator's log says more. Set status to 'pending' to retry"}
             try:
