@@ -4,6 +4,7 @@ bounded whatever a document holds, and no control character reaches the terminal
 import datetime as dt
 import threading
 
+from bson import Code
 from click.testing import CliRunner
 
 from listener.cli.main import cli
@@ -67,6 +68,17 @@ def test_class5_listener_status_prints_a_bounded_requests_line(db, server_uri):
     assert shown.exit_code == 0, shown.output
     requests_line = shown.output[shown.output.index("requests:"):].replace("\n", "")  # rich wraps it at the width
     assert len(requests_line) <= MAX_LINE_CHARS, f"one line of {len(requests_line):,} characters"
+
+
+def test_class5_listener_status_counts_statuses_of_any_bson_type_as_other(db, server_uri):
+    """A status of a str subclass the driver cannot hash (bson `Code`, with and without scope) made `listener status`
+    exit 1 with a TypeError; it is a status users made up, counted as `other`."""
+    db[defaults.REQUESTS].insert_many([{"_id": 1, "model": "m", "input": "hi", "status": Code("done")},
+                                       {"_id": 2, "model": "m", "input": "hi", "status": Code("x", {"a": 1})},
+                                       {"_id": 3, "model": "m", "input": "hi", "status": "done"}])
+    shown = CliRunner().invoke(cli, ["status", "--uri", server_uri, "--db", db.name])
+    assert shown.exit_code == 0, (repr(shown.exception), shown.output[-300:])
+    assert {"done=1", "other=2"} <= set(shown.output[shown.output.index("requests: ") + 10:].strip().split(", "))
 
 
 def test_class5_listener_status_survives_one_model_nested_deeper_than_the_driver_decodes(db, server_uri):

@@ -130,6 +130,6 @@ def request_counts(database) -> dict[str, int]:
     counts: dict[str, int] = {}
     for row in database[defaults.REQUESTS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}]):
         status = Status.PENDING.value if row["_id"] is None else row["_id"]
-        name = status if isinstance(status, str) and status in {s.value for s in Status} else "other"
+        name = status if type(status) is str and status in {s.value for s in Status} else "other"
         counts[name] = counts.get(name, 0) + row["n"]
     return counts
