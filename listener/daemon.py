@@ -67,7 +67,7 @@ class Daemon:
         self.health = health.Health(settings.home, settings.name, self.owner)
         self.serving = Serving(self.db, settings, self.owner, self.counters, self.forks, predict_collection)
         self.intake = Intake(self.books, settings, self.owner, self.serving, self.counters, self.skipped,
-                             stopping=self.stop_event.is_set)
+                             stopping=self.stop_event.is_set, warm_first=True)
         self.serving.on_room = self.intake.wake
         self.periodic = Periodic()  # the one owner of timed work; `_shutdown` awaits it
         self.retrainer = Retrainer((retraining or client)[settings.db], settings, self.owner, self.periodic, self.skipped)
