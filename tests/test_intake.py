@@ -160,6 +160,38 @@ def test_a_dead_daemons_requests_are_requeued_at_once_and_a_live_ones_are_not(se
         assert kept["status"] == "running" and kept["lease"]["owner"] == owner
 
 
+def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pending_request(server_uri, db):
+    """`warm_first` (every daemon's intake): a pending request starts serving's worker (here a stand-in that
+    records the call) and stays pending until the worker runs; then it is claimed."""
+    async def work(adb):
+        intake = intake_for(adb, "d")
+        intake.warm_first, warm_ups = True, []
+        intake.serving.warm_up = lambda: warm_ups.append(True)
+        task = asyncio.create_task(intake.run())
+        try:
+            intake.wake()
+            await asyncio.sleep(0.2)
+            nothing_pending = list(warm_ups)  # woken with nothing pending: no worker started
+            await adb[defaults.REQUESTS].insert_one(request("lone", "m"))
+            intake.wake()
+            async with asyncio.timeout(30):
+                while not warm_ups:
+                    await asyncio.sleep(0.02)
+            claimed_early = bool(intake.serving.queues.held()) or await adb[defaults.REQUESTS].find_one(
+                {"_id": "lone", "lease": {"$exists": True}}) is not None
+            intake.serving.ready = True  # what `Serving.warm_up` does once the worker runs, before waking the intake
+            intake.wake()
+            async with asyncio.timeout(30):
+                while '"lone"' not in intake.serving.queues.held():
+                    await asyncio.sleep(0.02)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return nothing_pending, claimed_early
+
+    assert run_with(server_uri, db.name, work) == ([], False)
+
+
 def test_takeovers_count_toward_max_attempts(server_uri, db):
     past = [{"event": HEARTBEAT_STOPPED, "owner": f"dead{n}"} for n in range(2)]
     db[defaults.REQUESTS].insert_one({**running("poison", "dead2"), "attempts": 3, "history": past})
