@@ -117,6 +117,7 @@ class Intake:
             raced = len(claimed) < len(chosen)  # another daemon took some: their places are still free here
             more = {kind for kind, places in free.items() if len(found[kind]) == places or raced}
             if not more:
+                self.serving.arrivals.all_claimed()  # nothing inserted with them is left to wait for
                 break  # every pending request was seen and nobody raced for them
         else:
             # Finds came back full to the last: more may be pending. Requests that ended here (invalid,

@@ -143,7 +143,8 @@ class Serving:
         try:
             while True:
                 await self._ready.wait()
-                await self.arrivals.settled(self.settings.batch_window_s)  # requests inserted together batch together
+                if not self.queues.full_batch():  # requests inserted together batch together; a full batch is one
+                    await self.arrivals.settled(self.settings.batch_window_s)
                 if not self.queues.waiting() or (self._preloads and preload_due):
                     preload_due = False
                     async with self._turn:
