@@ -17,7 +17,7 @@ one each. A round costs the database the same whatever its size:
 So daemons that race split a burst between them instead of each wasting a claim per request, and a
 daemon whose serving is full claims nothing: it leaves the work to daemons that can answer it soon. Nor
 does a daemon whose serving worker has not started yet (`warm_first`): the first pending request it sees
-starts the worker, and it claims once that runs.
+(not cancelled) starts the worker, and it claims once that runs.
 Finds read raw BSON and decode each document on its own, so one nested deeper than the listener reads
 (which the driver may not even decode) fails alone, by its id, before the claim. A request is parsed
 once claimed; an invalid one fails naming its field. Before the claim, only what the claim itself needs
@@ -84,8 +84,7 @@ class Intake:
             if self.stopping():
                 continue
             try:
-                if self.warm_first and not self.serving.ready:
-                    await self._warm_up()
+                if self.warm_first and not self.serving.ready and await self._warm_up():
                     continue
                 with self.serving.arrivals:  # a batch waits for the requests a claim in progress brings
                     await self.round()
@@ -94,11 +93,15 @@ class Intake:
             except Exception:  # whatever one document makes a round raise ends that round, never the daemon's intake
                 log.exception("a claim round failed; the next wake-up tries again")
 
-    async def _warm_up(self) -> None:
-        """Start serving's worker once anything is pending (one read), and claim nothing before it runs: serving
-        wakes this loop then. A daemon that never sees a request never starts a worker."""
-        if await self.raw_requests.find_one(status_filter(Status.PENDING), {"_id": 1}) is not None:
-            self.serving.warm_up()
+    async def _warm_up(self) -> bool:
+        """Whether serving's worker is starting: once a request that is not cancelled is pending (one read), and then
+        nothing is claimed before the worker runs (serving wakes this loop then). A daemon that never sees a request
+        never starts a worker; one that sees only cancelled ones ends them at once, in a round."""
+        waiting = {**status_filter(Status.PENDING), "cancel": {"$ne": True}}
+        if await self.raw_requests.find_one(waiting, {"_id": 1}) is None:
+            return False
+        self.serving.warm_up()
+        return True
 
     async def round(self) -> int:
         """Claim what serving has room for; how many requests this round handed it."""

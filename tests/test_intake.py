@@ -200,7 +200,10 @@ def test_a_daemon_whose_process_is_gone_loses_its_requests_before_its_heartbeat_
 
 def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pending_request(server_uri, db):
     """`warm_first` (every daemon's intake): a pending request starts serving's worker (here a stand-in that
-    records the call) and stays pending until the worker runs; then it is claimed."""
+    records the call) and stays pending until the worker runs; then it is claimed. A cancelled one starts
+    nothing and ends at once."""
+    db[defaults.REQUESTS].insert_one({**request("cancelled", "m"), "cancel": True})
+
     async def work(adb):
         intake = intake_for(adb, "d")
         intake.warm_first, warm_ups = True, []
@@ -208,8 +211,10 @@ def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pend
         task = asyncio.create_task(intake.run())
         try:
             intake.wake()
-            await asyncio.sleep(0.2)
-            nothing_pending = list(warm_ups)  # woken with nothing pending: no worker started
+            async with asyncio.timeout(30):
+                while await adb[defaults.REQUESTS].find_one({"_id": "cancelled", "status": "cancelled"}) is None:
+                    await asyncio.sleep(0.02)
+            nothing_pending = list(warm_ups)  # only a cancelled request was pending: no worker started
             await adb[defaults.REQUESTS].insert_one(request("lone", "m"))
             intake.wake()
             async with asyncio.timeout(30):
