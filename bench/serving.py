@@ -130,20 +130,26 @@ def batching(ctx: Context) -> Row:
 
 
 def lone_latency(ctx: Context, model, tokenizer, prompt) -> Row:
-    ours, direct = [], []
+    """Where a lone request's time goes, from what the daemon wrote: claim to generate (`queued_s`), the worker's
+    generate command (`generation_s`), and the rest (insert, change streams both ways, claim, answer's write)."""
+    ours, direct, queued, generating = [], [], [], []
     with step(ctx.console, f"a lone request vs a direct generate, {REPEATS} times each, interleaved"):
         for _ in range(REPEATS):
             started = time.perf_counter()
-            ask(ctx.db, [prompt])
+            [answered] = ask(ctx.db, [prompt])
             ours.append((time.perf_counter() - started) * 1000)
+            queued.append(answered["timing"]["queued_s"] * 1000)
+            generating.append(answered["timing"]["generation_s"] * 1000)
             started = time.perf_counter()
             generate(model, tokenizer, [prompt])
             direct.append((time.perf_counter() - started) * 1000)
     (m_ours, p_ours, iqr_ours), (m_direct, p_direct, iqr_direct) = spread(ours), spread(direct)
-    met = "met" if m_ours <= 1.1 * m_direct + 20 else "missed"
+    rest = statistics.median(o - q - g for o, q, g in zip(ours, queued, generating))
+    met = "met" if m_ours <= 1.05 * m_direct + 20 else "missed"
     return Row("serving: lone request vs direct generate (median)", "ms", m_ours, m_direct,
-               f"p99 {p_ours:.0f} vs {p_direct:.0f} ms, IQR {iqr_ours:.0f} vs {iqr_direct:.0f} ms; "
-               f"target median <= 1.1x + 20 ms: {met}")
+               f"p99 {p_ours:.0f} vs {p_direct:.0f} ms, IQR {iqr_ours:.0f} vs {iqr_direct:.0f} ms; medians in the "
+               f"daemon: claim to generate {statistics.median(queued):.0f} ms, worker's generate "
+               f"{statistics.median(generating):.0f} ms, the rest {rest:.0f} ms; target median <= 1.05x + 20 ms: {met}")
 
 
 def simultaneous(ctx: Context, model, tokenizer, prompts) -> Row:

@@ -12,7 +12,7 @@ collection: anyone may name any model, so requests over one writer's collections
 of requests over another's): long-lived work never takes an interactive request's place, nor the other
 way round. A batch starts as soon as
 the requests inserted with its first one are claimed (`Arrivals`), never later than the operator's
-`batch_window_s`.
+`batch_window_s`, and at once when it is full already.
 """
 
 import asyncio
@@ -57,18 +57,27 @@ class Arrivals:
     pause: a server may deliver the events of one `insert_many` a getMore apart (the embedded one does,
     milliseconds each, more on a busy machine), so the batch holds every request inserted together, and a
     lone one starts after `ARRIVAL_GAP_S` rather than the whole window. The gap is twice the longest pause
-    seen so far in this wait, if longer, so a slow stream does not split a burst.
+    seen so far in this wait, if longer, so a slow stream does not split a burst. No gap at all once the
+    last claim round saw every pending request (`all_claimed`, until the next event): the requests inserted
+    with the batch's are in it already (an `insert_many` is visible whole on the embedded server), so a
+    lone request is generated as soon as it is claimed.
     """
 
     def __init__(self):
         self._handling = 0
         self._settled, self._arrived = asyncio.Event(), asyncio.Event()
         self._settled.set()
+        self._all_claimed = False
 
     def __enter__(self) -> None:
         self._handling += 1
         self._settled.clear()
         self._arrived.set()
+        self._all_claimed = False
+
+    def all_claimed(self) -> None:
+        """The claim round now ending saw every pending request (its finds came back short of their limits)."""
+        self._all_claimed = True
 
     def __exit__(self, *exc) -> None:
         self._handling -= 1
@@ -79,6 +88,8 @@ class Arrivals:
         """Once the arrivals pause, or after `window_s` (the operator's batching wait) at most."""
         deadline, gap = time.monotonic() + window_s, ARRIVAL_GAP_S
         while await _within(self._settled, deadline - time.monotonic()):
+            if self._all_claimed:
+                return
             self._arrived.clear()
             paused = time.monotonic()
             if not await _within(self._arrived, min(gap, deadline - time.monotonic())):
@@ -163,6 +174,14 @@ class Queues:
 
     def waiting(self) -> bool:
         return bool(self._turns)
+
+    def full_batch(self) -> bool:
+        """Whether the next batch is whole already (`max_batch` requests that generate alike): more arrivals would
+        only make the batch after it, so it need not wait for them."""
+        if not self._turns:
+            return False
+        queue = self._queues[self._turns[0]]
+        return sum(item.batch_key == queue[0].batch_key for item in queue) >= self.settings.max_batch
 
     def next_batch(self) -> list[Queued]:
         """From the model whose turn it is: its oldest request and the next ones that generate alike."""

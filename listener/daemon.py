@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
-from listener import embedded, gpus, health, housekeeping, leases, metrics, schema
+from listener import embedded, gpus, health, housekeeping, leases, liveness, metrics, schema
 from listener.batch_predictions import predict_collection
 from listener.connection import connect, database_name, redact
 from listener.forks import Forks, forget_connection_environment
@@ -67,7 +67,7 @@ class Daemon:
         self.health = health.Health(settings.home, settings.name, self.owner)
         self.serving = Serving(self.db, settings, self.owner, self.counters, self.forks, predict_collection)
         self.intake = Intake(self.books, settings, self.owner, self.serving, self.counters, self.skipped,
-                             stopping=self.stop_event.is_set)
+                             stopping=self.stop_event.is_set, warm_first=True)
         self.serving.on_room = self.intake.wake
         self.periodic = Periodic()  # the one owner of timed work; `_shutdown` awaits it
         self.retrainer = Retrainer((retraining or client)[settings.db], settings, self.owner, self.periodic, self.skipped)
@@ -129,7 +129,7 @@ class Daemon:
 
     async def _heartbeat(self, started: bool = False) -> None:
         record = {"kind": "daemon", "name": self.settings.name, "owner": self.owner, "host": socket.gethostname(),
-                  "pid": os.getpid(), "heartbeat_at": now(), "alive_until": leases.alive_until(self.settings.heartbeat_s),
+                  **liveness.identity(), "heartbeat_at": now(), "alive_until": leases.alive_until(self.settings.heartbeat_s),
                   "counters": self.counters,
                   "trainings": list(self.trainings), **self.gpus.heartbeat()}
         if started:

@@ -17,7 +17,9 @@ one each. A round costs the database the same whatever its size:
    the ids this claim got.
 
 So daemons that race split a burst between them instead of each wasting a claim per request, and a
-daemon whose serving is full claims nothing: it leaves the work to daemons that can answer it soon.
+daemon whose serving is full claims nothing: it leaves the work to daemons that can answer it soon. Nor
+does a daemon whose serving worker has not started yet (`warm_first`): the first pending request it sees
+(not cancelled) starts the worker, and it claims once that runs.
 Finds read raw BSON and decode each document on its own, so one nested deeper than the listener reads
 (which the driver may not even decode) fails alone, by its id, before the claim. A request is parsed
 once claimed; an invalid one fails naming its field. Before the claim, only what the claim itself needs
@@ -61,11 +63,12 @@ class Intake:
     """Claims pending requests for `serving` whenever woken, while it has room."""
 
     def __init__(self, db, settings, owner: str, serving, counters: dict, skipped: SkipLog,
-                 stopping: Callable[[], bool]):
+                 stopping: Callable[[], bool], warm_first: bool = False):
         self.requests = db[defaults.REQUESTS]
         self.raw_requests = raw(self.requests)  # read undecoded: see `_pending`
         self.settings, self.owner, self.serving, self.counters, self.skipped = settings, owner, serving, counters, skipped
         self.stopping = stopping
+        self.warm_first = warm_first  # claim nothing before serving's worker runs (`Serving.warm_up`), as daemons do
         self._woken = asyncio.Event()
         # Pending requests no write could move (one just under 16 MB cannot take a lease): every find would
         # return them first again, so they are left out for a while, by id, oldest forgotten first.
@@ -83,12 +86,24 @@ class Intake:
             if self.stopping():
                 continue
             try:
+                if self.warm_first and not self.serving.ready and await self._warm_up():
+                    continue
                 with self.serving.arrivals:  # a batch waits for the requests a claim in progress brings
                     await self.round()
             except (PyMongoError, BSONError) as exc:  # BSONError: a command too large for the server (DocumentTooLarge)
                 log.warning("cannot claim pending requests: %s", exc)
             except Exception:  # whatever one document makes a round raise ends that round, never the daemon's intake
                 log.exception("a claim round failed; the next wake-up tries again")
+
+    async def _warm_up(self) -> bool:
+        """Whether serving's worker is starting: once a request that is not cancelled is pending (one read), and then
+        nothing is claimed before the worker runs (serving wakes this loop then). A daemon that never sees a request
+        never starts a worker; one that sees only cancelled ones ends them at once, in a round."""
+        waiting = {**status_filter(Status.PENDING), "cancel": {"$ne": True}}
+        if await self.raw_requests.find_one(waiting, {"_id": 1}) is None:
+            return False
+        self.serving.warm_up()
+        return True
 
     async def round(self) -> int:
         """Claim what serving has room for; how many requests this round handed it."""
@@ -107,6 +122,7 @@ class Intake:
             raced = len(claimed) < len(chosen)  # another daemon took some: their places are still free here
             more = {kind for kind, places in free.items() if len(found[kind]) == places or raced}
             if not more:
+                self.serving.arrivals.all_claimed()  # nothing inserted with them is left to wait for
                 break  # every pending request was seen and nobody raced for them
         else:
             # Finds came back full to the last: more may be pending. Requests that ended here (invalid,

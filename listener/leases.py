@@ -4,7 +4,8 @@ A claim is atomic: it moves the document to `running`, names the owner, sets the
 counts the attempt, so a crashed attempt still counts. A model's claim is one `find_one_and_update`;
 requests are claimed in batches (`listener.intake`). Work comes back two ways: a lease that ran out
 (`reap`), and, for requests, a daemon whose heartbeat stopped (`take_over`), seconds after its death
-instead of a lease later. Clocks of the daemons' hosts are assumed in step, as for every lease.
+instead of a lease later; at the next tick when its process, on this host, is certainly gone
+(`listener.liveness`). Clocks of the daemons' hosts are assumed in step, as for every lease.
 """
 
 import datetime as dt
@@ -14,6 +15,7 @@ from collections.abc import Container
 from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure
 
+from listener import liveness
 from listener.records import BadRecord, ModelState, SkipLog, parse, raw, raw_id, read_each
 from listener.settings import ALIVE_BEATS
 from listener.status import MODEL_TRANSITIONS, Status, now, transition
@@ -22,7 +24,9 @@ from training.config import SpecError
 
 log = logging.getLogger(__name__)
 
-LEASE_EXPIRED, HEARTBEAT_STOPPED = "lease expired", "heartbeat stopped"  # why work was handed back (`history`)
+# Why work was handed back (`history`): a lease ran out, a heartbeat stopped, or a daemon's process is gone.
+LEASE_EXPIRED, HEARTBEAT_STOPPED, PROCESS_GONE = "lease expired", "heartbeat stopped", "process gone"
+HANDED_BACK = (LEASE_EXPIRED, HEARTBEAT_STOPPED, PROCESS_GONE)  # each counts as an attempt that did not finish
 OLDER_RELEASE_S = 30.0  # how long a heartbeat without `alive_until` counts (`alive`)
 STATE_FIELDS = {"attempts": 1, "lease": 1, "history": 1}  # what a requeue reads
 
@@ -105,22 +109,26 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
 
 async def take_over(collection, table: dict, state_kind, max_attempts: int, skipped: SkipLog, listener,
                     owner: str) -> int:
-    """Hand back at once what daemons no longer alive hold (`alive`), whatever their leases say.
+    """Hand back at once what daemons no longer alive hold (`alive`, less those of this host whose process is
+    gone: `liveness.dead`), whatever their leases say.
 
     Two reads when nobody died: the live daemons, and whether anything running belongs to another
     owner. A requeue is fenced on the lease it read, like `reap`'s, and counts toward `max_attempts`
     the same way; the dead daemon, should it only have been paused, finds its answers' writes fenced
     out (they match on owner and status).
     """
-    live = [record["owner"] async for record in listener.find(alive(), {"owner": 1})
-            if isinstance(record.get("owner"), str)]
+    here, live, gone = liveness.identity(), [], set()
+    async for record in listener.find(alive(), {"owner": 1, **dict.fromkeys(liveness.FIELDS, 1)}):
+        if isinstance(record.get("owner"), str):
+            (gone.add if liveness.dead(record, here) else live.append)(record["owner"])
     orphaned = {"status": Status.RUNNING.value, "lease.owner": {"$nin": [owner, *live]},
                 "lease.expires_at": {"$type": "date"}}
     requeued = 0
     for document in await read_each(collection, orphaned, STATE_FIELDS, skipped, f"take over {collection.name}"):
         try:
-            requeued += bool(await _requeue(collection, table, parse(state_kind, document), max_attempts,
-                                            HEARTBEAT_STOPPED))
+            state = parse(state_kind, document)
+            why = PROCESS_GONE if state.lease is not None and state.lease.owner in gone else HEARTBEAT_STOPPED
+            requeued += bool(await _requeue(collection, table, state, max_attempts, why))
         except (BadRecord, OperationFailure) as exc:
             skipped.skip(f"take over {collection.name}", document.get("_id"), exc)
     return requeued
@@ -157,7 +165,7 @@ async def _requeue(collection, table: dict, state, max_attempts: int, why: str) 
     if state.lease is None:
         raise BadRecord("lease", "a running document without a lease")
     event = {"at": now(), "event": why, "owner": state.lease.owner, "attempt": state.attempts}
-    past = [e for e in state.history if e.get("event") in (LEASE_EXPIRED, HEARTBEAT_STOPPED)] + [event]
+    past = [e for e in state.history if e.get("event") in HANDED_BACK] + [event]
     gave_up = len(past) >= max_attempts
     fields = {}
     if gave_up:

@@ -57,6 +57,8 @@ class Serving:
         self._ready = asyncio.Event()
         self.arrivals = Arrivals()  # a batch starts once the requests inserted with its first are claimed
         self._worker: Worker | None = None
+        self.ready = False  # a worker has started here (or could not): see `warm_up`
+        self._warming: asyncio.Task | None = None
         self._preloads: dict[str, object] = {}  # model ids whose best checkpoint to load when idle, by ids.key
         self._jobs: dict[str, asyncio.Task] = {}  # predictions over a collection, by request key
         self._turn = asyncio.Lock()  # one command at a time to the worker: batches, preloads, collection chunks
@@ -116,6 +118,23 @@ class Serving:
         self._preloads[ids.key(model_id)] = model_id
         self._ready.set()
 
+    def warm_up(self) -> None:
+        """Start the worker before the first claim, then wake the intake (`on_room`), which claims nothing until
+        `ready`: a request claimed by a daemon still starting its worker (seconds of imports, more on a busy host)
+        would wait that long while another daemon could answer it at once. A worker that cannot start makes
+        this daemon ready all the same, so its requests fail saying why instead of staying pending."""
+        if self._warming is None:
+            self._warming = asyncio.create_task(self._warm())
+
+    async def _warm(self) -> None:
+        try:
+            async with self._turn:
+                await self._running_worker()
+        except Failure as exc:
+            log.warning("%s; claiming requests anyway, so that they fail saying so", exc.message)
+            self.ready = True
+        self.on_room()
+
     async def serve(self) -> None:
         """Batch by batch until cancelled, preloads when idle; the worker never outlives this loop."""
         promotions = (asyncio.create_task(watch_promotions(self.db, self.preload))
@@ -124,7 +143,8 @@ class Serving:
         try:
             while True:
                 await self._ready.wait()
-                await self.arrivals.settled(self.settings.batch_window_s)  # requests inserted together batch together
+                if not self.queues.full_batch():  # requests inserted together batch together; a full batch is one
+                    await self.arrivals.settled(self.settings.batch_window_s)
                 if not self.queues.waiting() or (self._preloads and preload_due):
                     preload_due = False
                     async with self._turn:
@@ -143,7 +163,7 @@ class Serving:
                         self.queues.release(item.spec.id)
                 self.on_room()
         finally:
-            for task in [promotions, *self._jobs.values()]:
+            for task in [promotions, self._warming, *self._jobs.values()]:
                 if task:
                     task.cancel()
             await self.close()
@@ -272,6 +292,16 @@ class Serving:
                    on_partial: Callable[[list], Awaitable[None]] | None = None) -> dict:
         """One command to the worker (started if there is none) within the operator's `timeout_setting`, past which
         the worker is killed; a reply that says it failed raises `Failure`."""
+        timeout = getattr(self.settings, timeout_setting)
+        late = Failure("request_timeout", f"{doing} took longer than the operator's limit of {timeout:g} s "
+                                          f"(MONGOTUNE_{timeout_setting.upper()})")
+        reply = await (await self._running_worker()).call(command, timeout, late, doing, on_partial)
+        if not reply.get("ok"):
+            raise Failure(reply["error"]["type"], reply["error"]["message"])
+        return reply
+
+    async def _running_worker(self) -> Worker:
+        """The worker, started if there is none or it died; `Failure` if it cannot start."""
         if self._worker is None or not self._worker.alive:
             await self.close()
             self._worker = Worker(self.settings, self.db.name, self.forks)
@@ -279,13 +309,8 @@ class Serving:
                 await self._worker.start()
             except OSError as exc:
                 raise Failure("worker_crashed", f"the serving worker could not start ({exc.strerror})") from None
-        timeout = getattr(self.settings, timeout_setting)
-        late = Failure("request_timeout", f"{doing} took longer than the operator's limit of {timeout:g} s "
-                                          f"(MONGOTUNE_{timeout_setting.upper()})")
-        reply = await self._worker.call(command, timeout, late, doing, on_partial)
-        if not reply.get("ok"):
-            raise Failure(reply["error"]["type"], reply["error"]["message"])
-        return reply
+            self.ready = True
+        return self._worker
 
     async def _model(self, model_id, checkpoint: str | CheckpointRef) -> tuple[dict, dict | None]:
         """The model definition (as parsed) and the checkpoint entry a request asks for."""

@@ -1,7 +1,10 @@
 """Which claimed requests make a batch (`listener.batching.Queues`): turns across models, alike requests
-together, other models of one base topping a batch up, and the room that caps what a daemon claims."""
+together, other models of one base topping a batch up, the room that caps what a daemon claims, and when a
+batch starts (`Arrivals`)."""
 
-from listener.batching import Queues
+import asyncio
+
+from listener.batching import Arrivals, Queues
 from listener.settings import Settings
 from training.config import parse_request
 from training.limits import Limits
@@ -31,6 +34,20 @@ def test_models_take_turns_and_a_batch_holds_only_requests_that_generate_alike()
     assert ids_of(q.next_batch()) == ["a4"] and not q.waiting()
 
 
+def test_a_full_batch_is_known_whole_and_waits_for_no_more_arrivals():
+    """`full_batch` is what lets the serving loop skip the arrival gap: only `max_batch` requests that generate
+    alike, of the model whose turn it is, make one."""
+    q = queues(max_batch=2)
+    assert not q.full_batch()
+    for request in (spec("a1", "a"), spec("a2", "a", 0.7)):
+        q.hold(request)
+        q.enqueue(request)
+    assert not q.full_batch()  # two requests, but they do not generate alike
+    q.enqueue(spec("a3", "a"))
+    assert q.full_batch()
+    assert ids_of(q.next_batch()) == ["a1", "a3"] and not q.full_batch()
+
+
 def test_other_models_of_the_same_base_top_a_batch_up_once_the_base_is_known():
     q = queues(max_batch=3)
     for request in (spec("a1", "a"), spec("b1", "b"), spec("b2", "b"), spec("c1", "c")):
@@ -49,3 +66,29 @@ def test_what_is_held_caps_what_is_claimed_in_all_and_per_model():
     assert q.free() == 0 and q.room_for("a") == 0 and q.room_for("b") == 1 and q.full() == ["a"]
     q.release("a1")
     assert q.free() == 1 and q.room_for("a") == 1 and q.full() == []
+
+
+def test_once_a_claim_round_saw_every_pending_request_the_batch_starts_without_the_arrival_gap():
+    """A lone request is generated as soon as its claim ends: `settled` returns on the next turns of the loop, no
+    timer involved. An event after it is waited for again."""
+    async def turns(n: int = 50) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0)
+
+    async def body() -> tuple[bool, bool, bool]:
+        arrivals = Arrivals()
+        with arrivals:  # the claim round: it saw every pending request
+            waiting = asyncio.create_task(arrivals.settled(window_s=60))
+            await turns()
+            during = waiting.done()
+            arrivals.all_claimed()
+        await turns()
+        after_complete_round = waiting.done()
+        with arrivals:  # an event arrives after it: its round may bring more, and is waited for
+            gap = asyncio.create_task(arrivals.settled(window_s=60))
+            await turns()
+            waits_again = not gap.done()
+        await asyncio.wait_for(gap, 30)
+        return during, after_complete_round, waits_again
+
+    assert asyncio.run(body()) == (False, True, True)

@@ -7,14 +7,19 @@ test_takeover.py.
 
 import asyncio
 import datetime as dt
+import signal
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 from pymongo import AsyncMongoClient, monitoring
 
 
 from listener.forks import Forks
 from listener.intake import Intake
-from listener.leases import HEARTBEAT_STOPPED, alive_until, take_over
+from listener import liveness
+from listener.leases import HEARTBEAT_STOPPED, PROCESS_GONE, alive_until, take_over
 from listener.records import RequestState, SkipLog
 from listener.serving import Serving
 from listener.settings import Settings
@@ -158,6 +163,76 @@ def test_a_dead_daemons_requests_are_requeued_at_once_and_a_live_ones_are_not(se
     for doc_id, owner in (("of-live", "live"), ("of-me", "me")):
         kept = db[defaults.REQUESTS].find_one({"_id": doc_id})
         assert kept["status"] == "running" and kept["lease"]["owner"] == owner
+
+
+def test_a_daemon_whose_process_is_gone_loses_its_requests_before_its_heartbeat_stops(server_uri, db):
+    """A heartbeat that still promises life, written by a process of this host that has exited, is not believed:
+    its requests are requeued at once (`liveness.dead`). A paused process, or one on another host, keeps them."""
+    here = liveness.identity()
+    exited, paused = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2))
+    try:
+        paused.send_signal(signal.SIGSTOP)
+        records = {}
+        for name, process in (("exited", exited), ("paused", paused)):
+            started = int(Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+            records[name] = {**daemon_record(name, 60), **here, "pid": process.pid, "pid_started": started}
+        records["elsewhere"] = {**records["exited"], "_id": "daemon:elsewhere", "owner": "elsewhere",
+                                "boot_id": "another host"}
+        exited.kill()
+        exited.wait()
+        db[defaults.LISTENER].insert_many(list(records.values()))
+        db[defaults.REQUESTS].insert_many([running(f"of-{name}", name) for name in records])
+
+        async def work(adb):
+            return await take_over(adb[defaults.REQUESTS], REQUEST_TRANSITIONS, RequestState, 3, SkipLog(),
+                                   adb[defaults.LISTENER], "me")
+
+        assert run_with(server_uri, db.name, work) == 1
+    finally:
+        for process in (exited, paused):
+            process.kill()
+            process.wait()
+    requeued = db[defaults.REQUESTS].find_one({"_id": "of-exited"})
+    assert requeued["status"] == "pending" and [e["event"] for e in requeued["history"]] == [PROCESS_GONE]
+    for name in ("paused", "elsewhere"):
+        assert db[defaults.REQUESTS].find_one({"_id": f"of-{name}"})["status"] == "running"
+
+
+def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pending_request(server_uri, db):
+    """`warm_first` (every daemon's intake): a pending request starts serving's worker (here a stand-in that
+    records the call) and stays pending until the worker runs; then it is claimed. A cancelled one starts
+    nothing and ends at once."""
+    db[defaults.REQUESTS].insert_one({**request("cancelled", "m"), "cancel": True})
+
+    async def work(adb):
+        intake = intake_for(adb, "d")
+        intake.warm_first, warm_ups = True, []
+        intake.serving.warm_up = lambda: warm_ups.append(True)
+        task = asyncio.create_task(intake.run())
+        try:
+            intake.wake()
+            async with asyncio.timeout(30):
+                while await adb[defaults.REQUESTS].find_one({"_id": "cancelled", "status": "cancelled"}) is None:
+                    await asyncio.sleep(0.02)
+            nothing_pending = list(warm_ups)  # only a cancelled request was pending: no worker started
+            await adb[defaults.REQUESTS].insert_one(request("lone", "m"))
+            intake.wake()
+            async with asyncio.timeout(30):
+                while not warm_ups:
+                    await asyncio.sleep(0.02)
+            claimed_early = bool(intake.serving.queues.held()) or await adb[defaults.REQUESTS].find_one(
+                {"_id": "lone", "lease": {"$exists": True}}) is not None
+            intake.serving.ready = True  # what `Serving.warm_up` does once the worker runs, before waking the intake
+            intake.wake()
+            async with asyncio.timeout(30):
+                while '"lone"' not in intake.serving.queues.held():
+                    await asyncio.sleep(0.02)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return nothing_pending, claimed_early
+
+    assert run_with(server_uri, db.name, work) == ([], False)
 
 
 def test_takeovers_count_toward_max_attempts(server_uri, db):
