@@ -23,6 +23,7 @@ from training.config import SpecError
 log = logging.getLogger(__name__)
 
 LEASE_EXPIRED, HEARTBEAT_STOPPED = "lease expired", "heartbeat stopped"  # why work was handed back (`history`)
+NODE_LOST = "node lost"  # a job of several nodes lost one (`listener.gangs`); counted like an expired lease
 OLDER_RELEASE_S = 30.0  # how long a heartbeat without `alive_until` counts (`alive`)
 STATE_FIELDS = {"attempts": 1, "lease": 1, "history": 1}  # what a requeue reads
 
@@ -47,16 +48,19 @@ def alive() -> dict:
     ]}
 
 
-async def claim_model(models, state: ModelState, owner: str, lease_s: float, warnings: list[str]) -> dict | None:
-    """Claim a pending model: resume its interrupted run, or start the next one (fresh `warnings`)."""
+async def claim_model(models, state: ModelState, owner: str, lease_s: float, warnings: list[str],
+                      match: dict | None = None) -> dict | None:
+    """Claim a pending model: resume its interrupted run, or start the next one (fresh `warnings`).
+
+    `match`: node 0 of a gang claims on the gang it read (`listener.gangs`); any other claim drops `nodes`."""
     resume = state.interrupted()
     fields = {"run": state.run + (0 if resume else 1), "lease": lease(owner, lease_s),
               **({} if resume else {"attempts": 1, "started_at": now(), "warnings": warnings})}
     return await transition(
         models, state.id, Status.PENDING, Status.RUNNING, MODEL_TRANSITIONS,
-        match={"run": state.run or {"$in": [None, 0]}, "cancel": {"$ne": True}},
+        match={"run": state.run or {"$in": [None, 0]}, "cancel": {"$ne": True}, **(match or {})},
         fields=fields, inc={"attempts": 1} if resume else None,
-        unset=() if resume else ("error", "finished_at", "cancel", "progress", "history"),
+        unset=(() if resume else ("error", "finished_at", "cancel", "progress", "history")) + (() if match else ("nodes",)),
     )
 
 
@@ -92,7 +96,7 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
         if owner is not None and state.lease is not None and state.lease.owner == owner and ids.key(state.id) in held:
             continue
         try:
-            reaped += bool(await _requeue(collection, table, state, max_attempts, LEASE_EXPIRED))
+            reaped += bool(await requeue(collection, table, state, max_attempts, LEASE_EXPIRED))
         except OperationFailure as exc:
             skipped.skip(f"reap {collection.name}", state.id, exc)
     # A claim writes status and lease together, so `running` without a dated lease was written by a user.
@@ -119,8 +123,8 @@ async def take_over(collection, table: dict, state_kind, max_attempts: int, skip
     requeued = 0
     for document in await read_each(collection, orphaned, STATE_FIELDS, skipped, f"take over {collection.name}"):
         try:
-            requeued += bool(await _requeue(collection, table, parse(state_kind, document), max_attempts,
-                                            HEARTBEAT_STOPPED))
+            requeued += bool(await requeue(collection, table, parse(state_kind, document), max_attempts,
+                                           HEARTBEAT_STOPPED))
         except (BadRecord, OperationFailure) as exc:
             skipped.skip(f"take over {collection.name}", document.get("_id"), exc)
     return requeued
@@ -153,11 +157,13 @@ async def fail_undecodable(collection, table: dict, document: RawBSONDocument, e
                             fields={"error": exc.as_error()}) is not None
 
 
-async def _requeue(collection, table: dict, state, max_attempts: int, why: str) -> dict | None:
+async def requeue(collection, table: dict, state, max_attempts: int, why: str, unset: tuple = ()) -> dict | None:
+    """Hand back work whose daemon (or one of its nodes) is gone, or fail it once that happened `max_attempts` times;
+    a model's gang goes with its lease (`listener.gangs`), and `unset` names more fields to clear."""
     if state.lease is None:
         raise BadRecord("lease", "a running document without a lease")
     event = {"at": now(), "event": why, "owner": state.lease.owner, "attempt": state.attempts}
-    past = [e for e in state.history if e.get("event") in (LEASE_EXPIRED, HEARTBEAT_STOPPED)] + [event]
+    past = [e for e in state.history if e.get("event") in (LEASE_EXPIRED, HEARTBEAT_STOPPED, NODE_LOST)] + [event]
     gave_up = len(past) >= max_attempts
     fields = {}
     if gave_up:
@@ -169,7 +175,8 @@ async def _requeue(collection, table: dict, state, max_attempts: int, why: str) 
         }
     done = await transition(collection, state.id, Status.RUNNING, Status.FAILED if gave_up else Status.PENDING,
                             table, match={"lease.expires_at": state.lease.expires_at}, fields=fields,
-                            unset=("lease",), push={"history": event},
+                            unset=("lease", *(("nodes",) if table is MODEL_TRANSITIONS else ()), *unset),
+                            push={"history": event},
                             event=None if gave_up else {"kind": why.replace(" ", "_"), "owner": state.lease.owner})
     if done is not None:
         log.warning("%s %.200r: %s of %.100s (attempt %d); %s", collection.name, state.id, why, state.lease.owner,
