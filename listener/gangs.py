@@ -103,10 +103,11 @@ async def live_daemons(listener) -> dict[str, dict]:
             if isinstance(r.get("owner"), str)}
 
 
-async def judge(listener, key: str, entries: list[Member]) -> tuple[list[int], int | None]:
-    """(the ranks of lost members, the first forged rank or None): see the module's "Vouching"."""
+async def judge(listener, key: str, entries: list[Member], since: int = 0) -> tuple[list[int], int | None]:
+    """(the ranks of lost members, the first forged rank or None): see the module's "Vouching". Node 0 of a running
+    gang judges from rank 1 (`since`): its own hold is the run's lease, which it renews instead of its entry."""
     live, lost = await live_daemons(listener), []
-    for rank, entry in enumerate(entries):
+    for rank, entry in enumerate(entries[since:], since):
         if entry.exit is not None:
             continue
         if entry.owner not in live or entry.expires_at < now():
@@ -223,7 +224,7 @@ async def lost_peers(models, listener, doc_id, key: str, wait_s: float) -> list[
             entries = members(document or {})
         except BadRecord:
             return []
-        lost, _ = await judge(listener, key, entries)
+        lost, _ = await judge(listener, key, entries, since=1)
         pending = [r for r, e in enumerate(entries) if r and e.exit is None and r not in lost]
         if lost or not pending or asyncio.get_running_loop().time() > deadline:
             return lost

@@ -225,7 +225,7 @@ async def _tick(models, settings: Settings, model_id, owner: str, process, watch
 async def _judge_members(current: dict, model_id, process, watch: _Watch) -> None:
     """Node 0: a member lost (its daemon gone, its entry expired) stops this node too; the run is then handed back."""
     try:
-        lost, _ = await gangs.judge(watch.listener, ids.key(model_id), gangs.members(current))
+        lost, _ = await gangs.judge(watch.listener, ids.key(model_id), gangs.members(current), since=1)
     except BadRecord:
         return
     if lost:

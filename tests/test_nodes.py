@@ -1,11 +1,16 @@
 """One job on two daemons as two torchrun nodes (gloo over the loopback): it trains as one and resumes as one."""
 
+import datetime as dt
 import re
+import signal
 
 from listener.demo import load_samples
+from listener.processes import wait_until
 from tests import documents
 from tests.conftest import finished, wait_for
-from training import defaults
+from tests.test_multiprocess import assert_gone, children
+from training import defaults, ids
+from training.defaults import ChildExit
 
 FAST = {"MONGOTUNE_SCAN_S": "2", "MONGOTUNE_RENDEZVOUS_PORTS": "29400-29499"}
 
@@ -43,3 +48,81 @@ def test_two_nodes_train_as_one_with_twice_the_batch(db, start_daemon, tiny_mode
     assert "as node 1 of 2" in logs[1] and "rank 1 of 2" in logs[1]
     assert not re.search(r"checkpoint .*stored|uploaded", logs[1]), "node 1 writes nothing"
 
+
+def started_agents(daemons, _id: str, count: int) -> list[int]:
+    """The torchrun agents of `_id`'s nodes, each with its ranks, once `count` of them run (from the daemons' logs)."""
+    def found():
+        pids = [int(p) for d in daemons for p in re.findall(rf"training '{_id}' run \d+ started \(pid (\d+)", d.log())]
+        return pids if len(pids) >= count else None
+    return wait_until(found, 300, f"{count} nodes of {_id}")
+
+
+def test_a_node_killed_outright_stops_the_other_then_the_run_resumes_and_cancel_stops_both(
+        db, start_daemon, tiny_model_path):
+    load_samples(db)
+    models = db[defaults.MODELS]
+    daemons = {name: start_daemon(name, max_jobs=1, env={**FAST, "MONGOTUNE_LEASE_S": "3"}) for name in "ab"}
+    models.insert_one(model(tiny_model_path, "k", 2, 100_000, save_steps=3))
+    running = wait_for(models, "k", lambda d: len((d.get("checkpoints") or [])) >= 1, timeout_s=300)
+    node0, node1 = (n["name"] for n in running["nodes"])
+    first = started_agents(daemons.values(), "k", 2)
+    daemons[node1].stop(signal.SIGKILL)
+    handed_back = wait_for(models, "k", lambda d: d.get("status") == "pending", timeout_s=60)
+    assert handed_back["history"][-1]["event"] == "node lost" and "error" not in handed_back
+    assert_gone(first)  # node 0's agent and ranks stopped within 30 s of the kill
+    saved = models.find_one({"_id": "k"})["checkpoints"][-1]["step"]
+
+    daemons["c"] = start_daemon("c", max_jobs=1, env={**FAST, "MONGOTUNE_LEASE_S": "3"})
+    resumed = wait_for(models, "k", lambda d: d.get("status") == "running"
+                       and (d.get("progress") or {}).get("step", 0) > saved + 1, timeout_s=300)
+    assert {n["name"] for n in resumed["nodes"]} == {node0, "c"} and resumed["attempts"] == 2
+    agents = [p for p in started_agents(daemons.values(), "k", 4) if p not in first]
+    pids = agents + [c for a in agents for c in children(a)]
+    models.update_one({"_id": "k"}, {"$set": {"cancel": True}})
+    done = wait_for(models, "k", finished, timeout_s=120)
+    assert done["status"] == "cancelled", done.get("error")
+    trained = [m["step"] for m in done["metrics"] if "loss" in m]
+    assert trained.count(1) == 1, "resumed, never started over"
+    assert any(e.get("kind") == "resumed" and e.get("step") == saved for e in done["events"]), done["events"]
+    assert_gone(pids)
+
+
+def test_a_gang_waits_for_its_last_node_and_says_so(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    models = db[defaults.MODELS]
+    env = {**FAST, "MONGOTUNE_GANG_WAIT_S": "600"}
+    daemons = {name: start_daemon(name, max_jobs=1, env=env) for name in "ab"}
+    models.insert_one(model(tiny_model_path, "g", 3, 100_000))
+    note = {"model": ids.key("g"), "why": "2 of 3 nodes"}
+    wait_until(lambda: db[defaults.LISTENER].count_documents({"kind": "daemon", "waiting": note}) == 2, 120,
+               "both daemons waiting with 2 of 3 nodes")
+    assert models.find_one({"_id": "g"}).get("status", "pending") == "pending"
+    daemons["c"] = start_daemon("c", max_jobs=1, env=env)
+    running = wait_for(models, "g", lambda d: d.get("status") == "running", timeout_s=120)
+    assert sorted(n["name"] for n in running["nodes"]) == ["a", "b", "c"]
+    models.update_one({"_id": "g"}, {"$set": {"cancel": True}})  # at once: rank 0 sees it at its first step
+    assert wait_for(models, "g", finished, timeout_s=300)["status"] == "cancelled"
+    node0 = daemons[running["nodes"][0]["name"]]
+    assert wait_until(lambda: re.search(r"ended cancelled \(exit code (\S+)\)", node0.log()), 60,
+                      "node 0's end").group(1) == str(ChildExit.CANCELLED), "every rank stopped in step, none killed"
+
+
+def test_a_gang_short_of_live_daemons_at_its_deadline_fails_naming_them(db, start_daemon, tiny_model_path):
+    start_daemon("a", max_jobs=1, env={**FAST, "MONGOTUNE_GANG_WAIT_S": "2"})
+    db[defaults.MODELS].insert_one(model(tiny_model_path, "big", 2, 4))
+    failed = wait_for(db[defaults.MODELS], "big", finished, timeout_s=120)
+    assert failed["status"] == "failed" and failed["error"]["field"] == "trainer.num_nodes"
+    assert "asks for 2 nodes; 1 listener(s) are alive (a)" in failed["error"]["message"]
+    assert "nodes" not in failed
+
+
+def test_a_forged_rendezvous_is_refused_and_nothing_connects_to_it(db, start_daemon, tiny_model_path, tmp_path):
+    start_daemon("a", max_jobs=1, env=FAST)
+    owner = wait_until(lambda: db[defaults.LISTENER].find_one({"kind": "daemon", "name": "a"}), 60, "a's heartbeat")
+    at = dt.datetime.now(dt.timezone.utc)
+    forged = {"owner": owner["owner"], "name": "a", "host": "h", "devices": ["cpu"], "joined_at": at,
+              "expires_at": at + dt.timedelta(hours=1), "addr": "127.0.0.1", "port": 29_999}
+    db[defaults.MODELS].insert_one({**model(tiny_model_path, "f", 2, 4), "status": "pending", "nodes": [forged]})
+    failed = wait_for(db[defaults.MODELS], "f", finished, timeout_s=120)
+    assert failed["status"] == "failed" and failed["error"]["field"] == "nodes", failed.get("error")
+    assert not list((tmp_path / "logs").glob("*.f-*-run*")), "no node started, so no rank connected anywhere"
