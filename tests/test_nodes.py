@@ -126,3 +126,15 @@ def test_a_forged_rendezvous_is_refused_and_nothing_connects_to_it(db, start_dae
     failed = wait_for(db[defaults.MODELS], "f", finished, timeout_s=120)
     assert failed["status"] == "failed" and failed["error"]["field"] == "nodes", failed.get("error")
     assert not list((tmp_path / "logs").glob("*.f-*-run*")), "no node started, so no rank connected anywhere"
+
+
+def test_two_gangs_on_three_daemons_one_runs_the_other_waits_then_runs(db, start_daemon, tiny_model_path):
+    load_samples(db)
+    models = db[defaults.MODELS]
+    for name in "abc":
+        start_daemon(name, max_jobs=1, env={**FAST, "MONGOTUNE_GANG_WAIT_S": "3"})
+    models.insert_many([model(tiny_model_path, "x", 2, 4), model(tiny_model_path, "y", 2, 4)])
+    x, y = (wait_for(models, _id, finished, timeout_s=600) for _id in ("x", "y"))
+    assert x["status"] == y["status"] == "succeeded", (x.get("error"), y.get("error"))
+    for done in (x, y):  # three daemons hold one gang of two at a time: the other waited, then had its own
+        assert len({n["name"] for n in done["runs"][-1]["nodes"]}) == 2
