@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import random
 import socket
 from dataclasses import dataclass, field
 
@@ -122,8 +123,9 @@ async def judge(listener, key: str, entries: list[Member], since: int = 0) -> tu
 
 
 def free_port(addr: str, ports: tuple[int, int], taken: set[int]) -> int | None:
-    """A port of the operator's range that this host can listen on at `addr` now, and no gang here holds."""
-    for port in range(ports[0], ports[1] + 1):
+    """A port of the operator's range that this host can listen on at `addr` now, and no gang here holds; tried in
+    random order, so daemons sharing a host (and its range) seldom pick the same one before either listens."""
+    for port in random.sample(range(ports[0], ports[1] + 1), ports[1] - ports[0] + 1):
         if port in taken:
             continue
         with socket.socket() as sock:
