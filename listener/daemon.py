@@ -273,9 +273,14 @@ class Daemon:
     async def _gang(self, key: str, state: ModelState, spec, devices: tuple[int, ...] | None) -> None:
         """One node of a job of several: wait for its gang to form, then train it (`listener.gangs`)."""
         try:
-            started = await gangs.form(self.books[defaults.MODELS], self.books[defaults.LISTENER], self.settings,
-                                       self.owner, state, spec.trainer.num_nodes, key, devices, spec.warnings(),
-                                       self.gpus.waiting, self.ports)
+            try:
+                started = await gangs.form(self.books[defaults.MODELS], self.books[defaults.LISTENER], self.settings,
+                                           self.owner, state, spec.trainer.num_nodes, key, devices, spec.warnings(),
+                                           self.gpus.waiting, self.ports)
+            except PyMongoError as exc:  # its entry, no longer renewed, expires: the others give the gang back
+                log.warning("model %.200r: its gang could not form (%s); leaving it pending", state.id,
+                            type(exc).__name__)
+                return
             if started is not None:
                 node, run = started
                 self.counters["trainings_started"] += node.rank == 0
