@@ -66,8 +66,8 @@ class Member(BaseModel):
 
 @dataclass(frozen=True)
 class Node:
-    """What one node's child is given by its daemon (never read from the document): its rank among `count`, node 0's
-    endpoint, node 0's owner (whose lease fences every rank's writes) and, for node 0's run entry, every member."""
+    """What one node's child is given by its daemon, from entries their daemons vouch for: its rank among `count`,
+    node 0's endpoint, node 0's owner (whose lease fences every rank's writes) and, for the run's entry, every member."""
 
     rank: int
     count: int

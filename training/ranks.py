@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 ENV_LAUNCH = "MONGOTUNE_LAUNCH_FILE"  # set for a rank: the file holding the daemon's launch line
 ENV_PARENT_PID = "MONGOTUNE_PARENT_PID"  # set for a rank: the torchrun agent it must not outlive
 LAUNCH_FILE = "launch.json"
-EXIT_FILE = "exit-code"  # the job's, written by rank 0
+EXIT_FILE = "exit-code"  # the node's, written by its first rank (the job's on node 0)
 PEER_GRACE_S = 2.0  # how long a failing rank waits to exit, so that torchrun sees a peer that died outright first
 RENDEZVOUS_TIMEOUT_S = 120  # how long a node's agent waits for the others at the rendezvous
 
