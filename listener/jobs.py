@@ -115,7 +115,9 @@ async def supervise(db, settings: Settings, model_id, run: int, owner: str, fork
         await gangs.report_exit(db[defaults.MODELS], model_id, run, node.rank, owner, process.returncode)
         log.info("training %r: node %d ended (exit code %d)", model_id, node.rank, process.returncode)
         return Status.RUNNING  # node 0 decides the run's end
-    if outcome is None and node is not None and (watch.lost or process.returncode not in NOT_FAILURES):
+    # A lost member costs an attempt only when this node failed with it: ranks that saved and stopped together
+    # (a member's daemon stopping, which takes its heartbeat with it) end as any stop does.
+    if outcome is None and node is not None and process.returncode not in NOT_FAILURES:
         outcome = await _node_lost(db, settings, model_id, owner, watch.lost)
     if outcome is None:
         outcome = await _finish(db[defaults.MODELS], model_id, run, owner, process.returncode, path)

@@ -57,7 +57,7 @@ def started_agents(daemons, _id: str, count: int) -> list[int]:
     return wait_until(found, 300, f"{count} nodes of {_id}")
 
 
-def test_a_node_killed_outright_stops_the_other_then_the_run_resumes_and_cancel_stops_both(
+def test_a_node_killed_outright_stops_the_other_the_run_resumes_and_sigterm_or_cancel_stops_both(
         db, start_daemon, tiny_model_path):
     load_samples(db)
     models = db[defaults.MODELS]
@@ -77,6 +77,16 @@ def test_a_node_killed_outright_stops_the_other_then_the_run_resumes_and_cancel_
                        and (d.get("progress") or {}).get("step", 0) > saved + 1, timeout_s=300)
     assert {n["name"] for n in resumed["nodes"]} == {node0, "c"} and resumed["attempts"] == 2
     agents = [p for p in started_agents(daemons.values(), "k", 4) if p not in first]
+    assert daemons["c"].stop(signal.SIGTERM, timeout=60) == 0  # a member stopping stops the job after one save
+    stopped = wait_for(models, "k", lambda d: d.get("status") == "pending", timeout_s=60)
+    assert stopped["checkpoints"][-1]["step"] > saved and "error" not in stopped
+    assert stopped["history"][-1] == handed_back["history"][-1], "an orderly stop costs no attempt"
+    assert_gone(agents)
+
+    daemons["d"] = start_daemon("d", max_jobs=1, env={**FAST, "MONGOTUNE_LEASE_S": "3"})
+    wait_for(models, "k", lambda d: d.get("status") == "running" and (d.get("progress") or {}).get("step", 0)
+             > stopped["checkpoints"][-1]["step"], timeout_s=300)
+    agents = [p for p in started_agents(daemons.values(), "k", 6) if p not in first + agents]
     pids = agents + [c for a in agents for c in children(a)]
     models.update_one({"_id": "k"}, {"$set": {"cancel": True}})
     done = wait_for(models, "k", finished, timeout_s=120)

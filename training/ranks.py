@@ -45,6 +45,7 @@ LAUNCH_FILE = "launch.json"
 EXIT_FILE = "exit-code"  # the node's, written by its first rank (the job's on node 0)
 PEER_GRACE_S = 2.0  # how long a failing rank waits to exit, so that torchrun sees a peer that died outright first
 RENDEZVOUS_TIMEOUT_S = 120  # how long a node's agent waits for the others at the rendezvous
+EXIT_BARRIER_S = 15  # how long node 0's agent, its ranks done, waits for the other nodes' agents to be done too
 
 
 def free_port() -> int:
@@ -138,6 +139,8 @@ def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str], 
         *rendezvous(node), f"--nproc-per-node={count}", "--max-restarts=0", "-m", "training.child", *argv]))
     if forked is not None:
         config.start_method, entrypoint, args = "fork", forked, [argv]
+    if node is not None and node["rank"] == 0:
+        _short_exit_barrier()
     try:
         elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as exc:
@@ -156,6 +159,18 @@ def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str], 
         return int(recorded.read_text())
     first = failures.get(first_rank)  # it left without recording: its own exit (lease lost, orphaned) is the node's
     return first.exitcode if first is not None and first.exitcode > 0 else defaults.ChildExit.FAILED
+
+
+def _short_exit_barrier() -> None:
+    """Node 0's agent hosts the rendezvous store and, its ranks done, waits at torchrun's exit barrier for every other
+    node's agent: 300 s, not a launcher option. An agent stopped by SIGTERM (its daemon stopping) leaves without
+    arriving, and the run would stay `running` that long after every rank stopped. The node's exit code comes from
+    its exit file, never from the barrier; this agent process runs this one job alone."""
+    from functools import partial
+
+    from torch.distributed.launcher import api
+
+    api.LocalElasticAgent = partial(api.LocalElasticAgent, exit_barrier_timeout=EXIT_BARRIER_S)
 
 
 def _record_crash(db, match: dict, failures: dict, silent: list[int], count: int) -> None:
