@@ -8,6 +8,7 @@ or skipped, never the end of a loop.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
-from listener import embedded, gpus, health, housekeeping, leases, liveness, metrics, schema
+from listener import embedded, gangs, gpus, health, housekeeping, leases, liveness, metrics, schema
 from listener.batch_predictions import predict_collection
 from listener.connection import connect, database_name, redact
 from listener.forks import Forks, forget_connection_environment
@@ -58,6 +59,7 @@ class Daemon:
         self.books = (bookkeeping or client)[settings.db]
         self.owner = f"{settings.name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.trainings: dict[str, asyncio.Task | None] = {}  # by ids.key of the model
+        self.ports: dict[str, int] = {}  # rendezvous ports of the gangs this daemon is node 0 of (listener.gangs)
         self.gpus = gpus.GpuPool(gpus.visible() if settings.gpus is None else settings.gpus)
         self.forks = Forks(gpus=bool(self.gpus.devices))  # starts training children and serving workers
         self.counters = {k: 0 for k in ("trainings_started", "trainings_succeeded", "trainings_failed",
@@ -235,34 +237,65 @@ class Daemon:
         if len(self.trainings) >= self.settings.max_jobs or self.stop_event.is_set():
             return
         self.trainings[key] = None  # the slot is taken before the await, so no other task can take it too
-        claimed = None
+        work = None
         try:
             placed = await gpus.reserve(self.gpus, self.db, key, spec.trainer.num_gpus)
             if placed.error:
                 await transition(models, state.id, Status.PENDING, Status.FAILED, MODEL_TRANSITIONS,
                                  fields={"error": placed.error})
-            elif not placed.wait:
-                claimed = await claim_model(models, state, self.owner, self.settings.lease_s, spec.warnings())
+            elif placed.wait:
+                pass
+            elif spec.trainer.num_nodes > 1:  # one node of it: claimed once the gang is whole (listener.gangs)
+                work = (self._gang, key, state, spec, placed.devices)
+            elif (claimed := await claim_model(models, state, self.owner, self.settings.lease_s,
+                                               spec.warnings())) is not None:
+                self.counters["trainings_started"] += 1
+                work = (self._train, state.id, claimed["run"], placed.devices)
         finally:
-            if claimed is None:
+            if work is None:
                 self.trainings.pop(key, None)
                 self.gpus.give_back(key)
-        if claimed is not None:
-            self.counters["trainings_started"] += 1
-            self.trainings[key] = asyncio.create_task(self._train(key, state.id, claimed["run"], placed.devices))
+        if work is not None:
+            self.trainings[key] = asyncio.create_task(self._in_slot(key, *work))
 
-    async def _train(self, key: str, model_id, run: int, devices: tuple[int, ...] | None = None) -> None:
+    async def _in_slot(self, key: str, work: Callable[..., Awaitable], *args) -> None:
+        """`work(*args)` holding the job slot `key`; the slot and its GPUs are free again once it returns (a training
+        returns only once its child has exited), and the daemon looks for more work."""
         try:
-            outcome = await self.train(self.books, self.settings, model_id, run, self.owner, self.forks, devices=devices)
-            if outcome is Status.SUCCEEDED:
-                self.counters["trainings_succeeded"] += 1
-            elif outcome is Status.FAILED:
-                self.counters["trainings_failed"] += 1
+            await work(*args)
         finally:
-            self.trainings.pop(key, None)  # supervise returns only once the child has exited
+            self.trainings.pop(key, None)
             self.gpus.give_back(key)
         if not self.stop_event.is_set():
             await self._scan_models()
+
+    async def _gang(self, key: str, state: ModelState, spec, devices: tuple[int, ...] | None) -> None:
+        """One node of a job of several: wait for its gang to form, then train it (`listener.gangs`)."""
+        try:
+            try:
+                started = await gangs.form(self.books[defaults.MODELS], self.books[defaults.LISTENER], self.settings,
+                                           self.owner, state, spec.trainer.num_nodes, key, devices, spec.warnings(),
+                                           self.gpus.waiting, self.ports)
+            except PyMongoError as exc:  # its entry, no longer renewed, expires: the others give the gang back
+                log.warning("model %.200r: its gang could not form (%s); leaving it pending", state.id,
+                            type(exc).__name__)
+                return
+            if started is not None:
+                node, run = started
+                self.counters["trainings_started"] += node.rank == 0
+                await self._train(state.id, run, devices, node)
+        finally:
+            self.ports.pop(key, None)
+            with contextlib.suppress(PyMongoError):
+                await gangs.forget(self.books[defaults.LISTENER], self.owner, key)
+
+    async def _train(self, model_id, run: int, devices: tuple[int, ...] | None, node: gangs.Node | None = None):
+        outcome = await self.train(self.books, self.settings, model_id, run, self.owner, self.forks, devices=devices,
+                                   **({"node": node} if node else {}))
+        if outcome is Status.SUCCEEDED:
+            self.counters["trainings_succeeded"] += 1
+        elif outcome is Status.FAILED:
+            self.counters["trainings_failed"] += 1
 
     async def _release_all(self) -> None:
         """Give back what this daemon holds, so any daemon resumes or answers it at once."""
@@ -271,7 +304,7 @@ class Daemon:
                                          {"_id": 1})
             async for document in held:
                 await transition(self.books[name], document["_id"], Status.RUNNING, Status.PENDING, table,
-                                 match={"lease.owner": {"$eq": self.owner}}, unset=("lease",))
+                                 match={"lease.owner": {"$eq": self.owner}}, unset=("lease", "nodes"))
                 log.info("released %s %r for another daemon", name, document["_id"])
 
 

@@ -18,20 +18,23 @@ from pathlib import Path
 from bson import json_util
 from pymongo.errors import PyMongoError
 
+from listener import gangs
 from listener.forks import Forks, Started
 from listener.gpus import cuda_env
-from listener.leases import renew
-from listener.records import BadRecord, Renewed, parse
-from listener.settings import Settings
+from listener.leases import NODE_LOST, renew, requeue
+from listener.records import BadRecord, ModelState, Renewed, parse
+from listener.settings import ALIVE_BEATS, Settings
 from listener.status import MODEL_TRANSITIONS, Status, transition
 from training import defaults, ids, lineage
 from training.defaults import ChildExit
 
 log = logging.getLogger(__name__)
 
-def log_path(settings: Settings, db_name: str, model_id, run: int) -> Path:
-    """One file per database, model and run; distinct for ids that read alike ("a/b", "a_b", 1, "1")."""
-    return settings.job_logs / f"{db_name}.{ids.file_name(model_id)}-run{run}.log"  # "." never appears in a db name
+def log_path(settings: Settings, db_name: str, model_id, run: int, node: int = 0) -> Path:
+    """One file per database, model, run and node after the first; distinct for ids that read alike ("a/b", "a_b",
+    1, "1")."""
+    suffix = f"-node{node}" if node else ""
+    return settings.job_logs / f"{db_name}.{ids.file_name(model_id)}-run{run}{suffix}.log"  # no "." in a db name
 
 
 def trim_log(path: Path, max_bytes: int) -> None:
@@ -73,42 +76,84 @@ async def stop_child(process: Started, grace_s: float) -> None:
             await process.wait()
 
 
+def _keeper(models, settings: Settings, model_id, owner: str, node: gangs.Node | None):
+    """How this daemon keeps its hold on the run: the lease, or a member's entry in the gang (`listener.gangs`)."""
+    if node is not None and node.rank > 0:
+        return lambda projection=None: gangs.renew(models, model_id, node.rank, owner, settings.lease_s,
+                                                   Status.RUNNING, projection)
+    return lambda projection=None: renew(models, model_id, owner, settings.lease_s, projection)
+
+
 async def supervise(db, settings: Settings, model_id, run: int, owner: str, forks: Forks,
-                    devices: tuple[int, ...] | None = None) -> Status:
+                    devices: tuple[int, ...] | None = None, node: gangs.Node | None = None) -> Status:
     """Run one claimed training to its end and write its final status; returns that status.
 
-    `devices`: the GPUs the daemon gave this job (`listener.gpus`); None on a CPU host."""
-    path = log_path(settings, db.name, model_id, run)
+    `devices`: the GPUs the daemon gave this job (`listener.gpus`); None on a CPU host. `node`: this daemon's node of
+    a job of several; node 0 writes the status as for one node, any other only reports its node's exit."""
+    path = log_path(settings, db.name, model_id, run, node.rank if node else 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     job = {"uri": settings.uri, "limits": settings.limits.model_dump(mode="json"), "work": str(settings.home / "work"),
-           "model_id": json_util.dumps(model_id), "db": db.name, "log": str(path), "sent": time.time()}
-    env = {defaults.ENV_LEASE_OWNER: owner, **cuda_env(devices)}
+           "model_id": json_util.dumps(model_id), "db": db.name, "log": str(path), "sent": time.time(),
+           **({"node": node.launch()} if node else {})}
+    env = {defaults.ENV_LEASE_OWNER: node.lease_owner if node else owner, **cuda_env(devices)}
+    keep = _keeper(db[defaults.MODELS], settings, model_id, owner, node)
     starting = asyncio.ensure_future(forks.start("training.child:run", job, env))
     try:
-        process = await _keeping_lease(db[defaults.MODELS], settings, model_id, owner, starting)
+        process = await _keeping_lease(keep, settings, starting)
     except OSError as exc:
         log.error("training %r could not start: %s", model_id, exc)
         error = {"type": "training_crashed", "message": f"the training process could not start ({exc.strerror or exc}); "
                                                         "the listener's log says more"}
         return await _end(db[defaults.MODELS], model_id, run, owner, Status.FAILED, {"error": error})
     log.info("training %r run %d started (pid %d, log %s)", model_id, run, process.pid, path.name)
+    watch = _Watch(time.monotonic(), keep, db[defaults.LISTENER] if node and node.rank == 0 else None)
     try:
-        outcome = await _watch_child(db[defaults.MODELS], settings, model_id, run, owner, process, path)
+        outcome = await _watch_child(db[defaults.MODELS], settings, model_id, run, owner, process, path, watch)
     finally:
         await stop_child(process, settings.kill_grace_s)  # also on cancellation: the child never outlives this
+    if node is not None and node.rank > 0:
+        await gangs.report_exit(db[defaults.MODELS], model_id, run, node.rank, owner, process.returncode)
+        log.info("training %r: node %d ended (exit code %d)", model_id, node.rank, process.returncode)
+        return Status.RUNNING  # node 0 decides the run's end
+    # A lost member costs an attempt only when this node failed with it: ranks that saved and stopped together
+    # (a member's daemon stopping, which takes its heartbeat with it) end as any stop does.
+    if outcome is None and node is not None and process.returncode not in NOT_FAILURES:
+        outcome = await _node_lost(db, settings, model_id, owner, watch.lost)
     if outcome is None:
         outcome = await _finish(db[defaults.MODELS], model_id, run, owner, process.returncode, path)
     return outcome
 
 
-async def _keeping_lease(models, settings: Settings, model_id, owner: str, starting: asyncio.Future) -> Started:
+async def _node_lost(db, settings: Settings, model_id, owner: str, lost: list[int]) -> Status | None:
+    """Node 0's node failed: when a member is lost (or is found lost within a heartbeat's expiry), hand the run back
+    to resume once the gang forms again, an attempt counted; None when no member was lost (a failure of its own)."""
+    models = db[defaults.MODELS]
+    lost = lost or await gangs.lost_peers(models, db[defaults.LISTENER], model_id, ids.key(model_id),
+                                          settings.lease_s + ALIVE_BEATS * settings.heartbeat_s)
+    if not lost:
+        return None
+    log.warning("training %r: node(s) %s of its gang are lost; handing the run back", model_id, lost)
+    document = await models.find_one({"_id": ids.eq(model_id), "lease.owner": {"$eq": owner}},
+                                     {"attempts": 1, "lease": 1, "history": 1})
+    if document is None:
+        return Status.RUNNING
+    try:
+        state = parse(ModelState, document)
+    except BadRecord:  # a user overwrote its history or attempts: the run ends as one node's failure would
+        return None
+    done = await requeue(models, MODEL_TRANSITIONS, state, settings.max_attempts, NODE_LOST,
+                         unset=("error",))  # the peers' broken connections are not the run's error
+    return Status.RUNNING if done is None else Status(done["status"])
+
+
+async def _keeping_lease(keep, settings: Settings, starting: asyncio.Future) -> Started:
     """The child once started, the lease renewed meanwhile: the first child of a daemon on a CPU host waits for
     the fork server's imports, seconds a short lease may not have. Cancelled meanwhile, the child is killed
     as soon as it exists: it has not trained yet."""
     try:
         while not (await asyncio.wait({starting}, timeout=settings.lease_s / 4))[0]:
             with contextlib.suppress(PyMongoError):
-                await renew(models, model_id, owner, settings.lease_s)
+                await keep()
     except asyncio.CancelledError:
         starting.add_done_callback(_kill_started)
         raise
@@ -121,9 +166,8 @@ def _kill_started(starting: asyncio.Future) -> None:
 
 
 async def _watch_child(models, settings: Settings, model_id, run: int, owner: str, process,
-                       path: Path) -> Status | None:
+                       path: Path, watch: "_Watch") -> Status | None:
     """Wait for the child while keeping its lease; a status when the supervisor itself decided the end."""
-    watch = _Watch(time.monotonic())
     while process.returncode is None:
         try:
             await asyncio.wait_for(process.wait(), settings.lease_s / 4)
@@ -147,15 +191,18 @@ async def _watch_child(models, settings: Settings, model_id, run: int, owner: st
 
 
 class _Watch:
-    def __init__(self, started: float):
+    def __init__(self, started: float, keep, listener=None):
         self.started = self.renewed = started
+        self.keep = keep  # renews the hold on the run (`_keeper`)
+        self.listener = listener  # node 0 of a gang: where it judges its members
+        self.lost: list[int] = []  # node 0: members found lost while training
         self.cancel_seen: float | None = None
         self.logged_step: int | None = None
         self.over_time = False
 
 
 async def _tick(models, settings: Settings, model_id, owner: str, process, watch: _Watch) -> Status | None:
-    current = await renew(models, model_id, owner, settings.lease_s, {"cancel": 1, "progress": 1})
+    current = await watch.keep({"cancel": 1, "progress": 1, "nodes": 1})
     if current is None:
         log.warning("lost the lease on %r; stopping its training", model_id)
         await stop_child(process, settings.kill_grace_s)
@@ -167,6 +214,8 @@ async def _tick(models, settings: Settings, model_id, owner: str, process, watch
         log.warning("training %r: unreadable progress or cancel (%s); still supervising", model_id, exc)
         return None
     watch.logged_step = _log_progress(model_id, state, watch.logged_step)
+    if watch.listener is not None and not watch.lost:
+        await _judge_members(current, model_id, process, watch)
     now = time.monotonic()
     if state.cancel:
         watch.cancel_seen = watch.cancel_seen or now
@@ -177,6 +226,18 @@ async def _tick(models, settings: Settings, model_id, owner: str, process, watch
         watch.over_time = True
         process.terminate()  # the child saves a checkpoint and exits; the run then fails naming the cap
     return None
+
+
+async def _judge_members(current: dict, model_id, process, watch: _Watch) -> None:
+    """Node 0: a member lost (its daemon gone, its entry expired) stops this node too; the run is then handed back."""
+    try:
+        lost, _ = await gangs.judge(watch.listener, ids.key(model_id), gangs.members(current), since=1)
+    except BadRecord:
+        return
+    if lost:
+        log.warning("training %r: node(s) %s of its gang are lost; stopping this node", model_id, lost)
+        watch.lost = lost
+        process.terminate()
 
 
 async def _unreachable(settings: Settings, model_id, process, watch: _Watch, exc: Exception) -> Status | None:
@@ -216,7 +277,8 @@ async def _end(models, model_id, run: int, owner: str, new: Status, fields: dict
     await lineage.record_outcome(models, model_id, run, new.value, owner)
     over = ("trigger",) if new.value in lineage.FINAL_OUTCOMES else ()
     moved = await transition(models, model_id, Status.RUNNING, new, MODEL_TRANSITIONS,
-                             match={"lease.owner": {"$eq": owner}}, fields=fields, unset=("lease", "cancel", *over))
+                             match={"lease.owner": {"$eq": owner}}, fields=fields,
+                             unset=("lease", "cancel", "nodes", *over))
     if moved is None:
         log.warning("training %r would have ended %s, but another daemon holds its lease now: it is that one's",
                     model_id, new.value)
@@ -243,6 +305,9 @@ OUTCOMES = {
     ChildExit.INVALID: Status.FAILED,
     ChildExit.FAILED: Status.FAILED,
 }
+
+
+NOT_FAILURES = (ChildExit.OK, ChildExit.CANCELLED, ChildExit.STOPPED, ChildExit.LEASE_LOST)
 
 
 def outcome(code: int, cancel_requested: bool) -> Status:

@@ -24,9 +24,11 @@ from training.config import SpecError
 
 log = logging.getLogger(__name__)
 
-# Why work was handed back (`history`): a lease ran out, a heartbeat stopped, or a daemon's process is gone.
-LEASE_EXPIRED, HEARTBEAT_STOPPED, PROCESS_GONE = "lease expired", "heartbeat stopped", "process gone"
-HANDED_BACK = (LEASE_EXPIRED, HEARTBEAT_STOPPED, PROCESS_GONE)  # each counts as an attempt that did not finish
+# Why work was handed back (`history`): a lease ran out, a heartbeat stopped, a daemon's process is gone, or a job
+# of several nodes lost one (`listener.gangs`).
+LEASE_EXPIRED, HEARTBEAT_STOPPED, PROCESS_GONE, NODE_LOST = ("lease expired", "heartbeat stopped", "process gone",
+                                                             "node lost")
+HANDED_BACK = (LEASE_EXPIRED, HEARTBEAT_STOPPED, PROCESS_GONE, NODE_LOST)  # each an attempt that did not finish
 OLDER_RELEASE_S = 30.0  # how long a heartbeat without `alive_until` counts (`alive`)
 STATE_FIELDS = {"attempts": 1, "lease": 1, "history": 1}  # what a requeue reads
 
@@ -51,16 +53,19 @@ def alive() -> dict:
     ]}
 
 
-async def claim_model(models, state: ModelState, owner: str, lease_s: float, warnings: list[str]) -> dict | None:
-    """Claim a pending model: resume its interrupted run, or start the next one (fresh `warnings`)."""
+async def claim_model(models, state: ModelState, owner: str, lease_s: float, warnings: list[str],
+                      match: dict | None = None) -> dict | None:
+    """Claim a pending model: resume its interrupted run, or start the next one (fresh `warnings`).
+
+    `match`: node 0 of a gang claims on the gang it read (`listener.gangs`); any other claim drops `nodes`."""
     resume = state.interrupted()
     fields = {"run": state.run + (0 if resume else 1), "lease": lease(owner, lease_s),
               **({} if resume else {"attempts": 1, "started_at": now(), "warnings": warnings})}
     return await transition(
         models, state.id, Status.PENDING, Status.RUNNING, MODEL_TRANSITIONS,
-        match={"run": state.run or {"$in": [None, 0]}, "cancel": {"$ne": True}},
+        match={"run": state.run or {"$in": [None, 0]}, "cancel": {"$ne": True}, **(match or {})},
         fields=fields, inc={"attempts": 1} if resume else None,
-        unset=() if resume else ("error", "finished_at", "cancel", "progress", "history"),
+        unset=(() if resume else ("error", "finished_at", "cancel", "progress", "history")) + (() if match else ("nodes",)),
     )
 
 
@@ -96,7 +101,7 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
         if owner is not None and state.lease is not None and state.lease.owner == owner and ids.key(state.id) in held:
             continue
         try:
-            reaped += bool(await _requeue(collection, table, state, max_attempts, LEASE_EXPIRED))
+            reaped += bool(await requeue(collection, table, state, max_attempts, LEASE_EXPIRED))
         except OperationFailure as exc:
             skipped.skip(f"reap {collection.name}", state.id, exc)
     # A claim writes status and lease together, so `running` without a dated lease was written by a user.
@@ -128,7 +133,7 @@ async def take_over(collection, table: dict, state_kind, max_attempts: int, skip
         try:
             state = parse(state_kind, document)
             why = PROCESS_GONE if state.lease is not None and state.lease.owner in gone else HEARTBEAT_STOPPED
-            requeued += bool(await _requeue(collection, table, state, max_attempts, why))
+            requeued += bool(await requeue(collection, table, state, max_attempts, why))
         except (BadRecord, OperationFailure) as exc:
             skipped.skip(f"take over {collection.name}", document.get("_id"), exc)
     return requeued
@@ -161,7 +166,9 @@ async def fail_undecodable(collection, table: dict, document: RawBSONDocument, e
                             fields={"error": exc.as_error()}) is not None
 
 
-async def _requeue(collection, table: dict, state, max_attempts: int, why: str) -> dict | None:
+async def requeue(collection, table: dict, state, max_attempts: int, why: str, unset: tuple = ()) -> dict | None:
+    """Hand back work whose daemon (or one of its nodes) is gone, or fail it once that happened `max_attempts` times;
+    a model's gang goes with its lease (`listener.gangs`), and `unset` names more fields to clear."""
     if state.lease is None:
         raise BadRecord("lease", "a running document without a lease")
     event = {"at": now(), "event": why, "owner": state.lease.owner, "attempt": state.attempts}
@@ -177,7 +184,8 @@ async def _requeue(collection, table: dict, state, max_attempts: int, why: str) 
         }
     done = await transition(collection, state.id, Status.RUNNING, Status.FAILED if gave_up else Status.PENDING,
                             table, match={"lease.expires_at": state.lease.expires_at}, fields=fields,
-                            unset=("lease",), push={"history": event},
+                            unset=("lease", *(("nodes",) if table is MODEL_TRANSITIONS else ()), *unset),
+                            push={"history": event},
                             event=None if gave_up else {"kind": why.replace(" ", "_"), "owner": state.lease.owner})
     if done is not None:
         log.warning("%s %.200r: %s of %.100s (attempt %d); %s", collection.name, state.id, why, state.lease.owner,

@@ -66,6 +66,7 @@ CAPS = [
     (defaults.MODELS, "trainer.dataloader_num_workers", "maximum", "max_dataloader_workers"),
     (defaults.MODELS, "trainer.num_gpus", "maximum", "max_processes"),
     (defaults.MODELS, "trainer.num_processes", "maximum", "max_processes"),
+    (defaults.MODELS, "trainer.num_nodes", "maximum", "max_nodes"),
     (defaults.REQUESTS, "params.max_new_tokens", "maximum", "max_new_tokens"),
     (defaults.REQUESTS, "input", "maxLength", "max_input_chars"),
     (defaults.REQUESTS, "input", "maxItems", "max_messages"),

@@ -22,7 +22,7 @@ ALIVE_BEATS = 4  # heartbeats a daemon may miss before the others take its reque
 # Settings `listener start` has an option of its own for; every other one is `--set NAME=VALUE`.
 OPTION_NAMES = {"uri": "--uri", "uri_file": "--uri-file", "db": "--db", "name": "--name", "max_jobs": "--max-jobs", "gpus": "--gpus",
                 "validators": "--validators", "model_roots": "--model-root", "metrics_port": "--metrics-port",
-                "log_format": "--log-format"}
+                "log_format": "--log-format", "advertise_addr": "--advertise-addr"}
 
 
 class SettingsError(ValueError):
@@ -88,6 +88,13 @@ class Settings(BaseModel):
                                                    "promoted or its run ends, before the first request")
     requests_ttl_s: int | None = Field(None, ge=1, le=10 * 365 * 86_400,
                                        description="answered requests are deleted this long after; none: kept")
+    advertise_addr: str = Field("127.0.0.1", min_length=1, max_length=255,
+                                description="the address other hosts reach this daemon at, for the rendezvous of "
+                                "jobs of several nodes it is node 0 of (listener.gangs)")
+    rendezvous_ports: tuple[int, int] = Field((29400, 29499), description="the ports (FIRST-LAST) this daemon "
+                                              "hosts those rendezvous on; open them between the hosts")
+    gang_wait_s: float = Field(60.0, ge=1, le=86_400, description="how long the nodes of a job of several "
+                               "nodes wait for the rest of them before each is given back")
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("gpus", mode="before")
@@ -99,6 +106,22 @@ class Settings(BaseModel):
         if isinstance(value, (tuple, list)) and [str(v).lower() for v in value] in ([], ["none"]):
             return ()
         return value
+
+    @field_validator("rendezvous_ports", mode="before")
+    @classmethod
+    def _port_range(cls, value):
+        """FIRST-LAST (or one port), within 1-65535 and in order."""
+        if isinstance(value, (tuple, list)) and len(value) == 1:  # as `from_text` splits a variable
+            value = value[0]
+        if isinstance(value, str):
+            parts = value.split("-")
+            if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+                raise ValueError("give a port range as FIRST-LAST, e.g. 29400-29499")
+            value = (int(parts[0]), int(parts[-1]))
+        first, last = value
+        if not 1 <= first <= last <= 65_535:
+            raise ValueError("give a port range FIRST-LAST with 1 <= FIRST <= LAST <= 65535")
+        return (first, last)
 
     @property
     def job_logs(self) -> Path:

@@ -298,3 +298,25 @@ def test_any_unknown_top_level_key_is_named(key, value):
     with pytest.raises(SpecError) as info:
         parse_model(model_doc(**{key: value}))
     assert info.value.field == key
+
+
+# --- several nodes -------------------------------------------------------------------------------
+
+def test_num_nodes_defaults_to_one_and_is_capped_by_the_operator():
+    assert parse_model(model_doc()).trainer.num_nodes == 1
+    assert parse_model(model_doc(trainer={"num_nodes": 2, "num_processes": 2})).trainer.num_nodes == 2
+    error = refused(lambda d: parse_model(d, Limits(max_nodes=2)), model_doc(trainer={"num_nodes": 3}))
+    assert error.field == "trainer.num_nodes" and "MONGOTUNE_MAX_NODES" in error.message
+    assert refused(parse_model, model_doc(trainer={"num_nodes": 0})).field == "trainer.num_nodes"
+
+
+@pytest.mark.parametrize("trainer", [{"deepspeed": {"zero_optimization": {"stage": 2}}}, {"fsdp": True}])
+def test_sharded_training_stays_on_one_node(trainer):
+    assert refused(parse_model, model_doc(trainer={"num_nodes": 2, **trainer})).field == "trainer.num_nodes"
+
+
+@pytest.mark.parametrize("field", ["master_addr", "master_port", "rdzv_endpoint", "node_rank", "nnodes"])
+def test_a_document_never_names_a_rendezvous(field):
+    for where in ({"trainer": {"num_nodes": 2, field: "10.0.0.9:29400"}},
+                  {"trainer": {"num_nodes": 2, "training_kwargs": {field: 1}}}):
+        assert refused(parse_model, model_doc(**where)).field.endswith(field)

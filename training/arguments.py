@@ -75,6 +75,9 @@ def _early_stopping(spec: TrainerSpec, has_eval: bool) -> dict:
     return {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss"}
 
 
+NODE_COLLECTIVE_TIMEOUT_S = 180  # seconds; long enough for rank 0 to upload a checkpoint while the others wait
+
+
 def _sft_defaults(user: dict) -> dict:
     """Batch arrangement that only SFT's trainer and collator know (`training.padding`, `training.packing`)."""
     # A batch's sequences end to end, no step spent on padding (`training.padding`), when a batch holds several
@@ -107,6 +110,9 @@ def resolved_arguments(spec: TrainerSpec, output_dir: str, *, has_eval: bool, us
         "report_to": "none",
         "use_cpu": use_cpu,
         **({"bf16": False, "fp16": False} if use_cpu else {}),
+        # Across nodes a host can vanish without closing its connections: a collective then fails after this long
+        # instead of transformers' half hour (a daemon killed outright closes them, and its peers fail at once).
+        **({"ddp_timeout": NODE_COLLECTIVE_TIMEOUT_S} if spec.num_nodes > 1 else {}),
         **_early_stopping(spec, has_eval),
         **user,
         "output_dir": output_dir,

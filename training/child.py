@@ -77,7 +77,8 @@ def _single_process_group() -> None:
                           WORLD_SIZE="1")
 
 
-def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: float = 0.0) -> int:
+def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: float = 0.0,
+          nodes: list | None = None) -> int:
     import torch
     from peft import prepare_model_for_kbit_training
 
@@ -125,7 +126,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
                              hold_best=serving is not None) if rank == 0 else None
     phases.lap("model")
     if progress is not None:
-        _begin_run(db, progress.match, document, spec, resolved, read, started, limits)
+        _begin_run(db, progress.match, document, spec, resolved, read, started, limits, nodes)
     callbacks = [*(ranks.callbacks(progress, daemon) if world > 1 else [progress]), *_early_stopping(spec),
                  LogAtSaves(), NothingPastTheLastStep()]
 
@@ -167,12 +168,13 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     return defaults.ChildExit.OK
 
 
-def _begin_run(db, match: dict, document: dict, spec: ModelSpec, resolved: dict, read: dict, started, limits) -> None:
-    """The run's `runs` entry, before the first step."""
+def _begin_run(db, match: dict, document: dict, spec: ModelSpec, resolved: dict, read: dict, started, limits,
+               nodes: list | None) -> None:
+    """The run's `runs` entry, before the first step; `nodes`: a job of several nodes' hosts and devices."""
     from training.models import resolve_source
 
     if not lineage.start(db[defaults.MODELS], match, document, spec, resolved, read, started,
-                         resolve_source(spec, limits)):
+                         resolve_source(spec, limits), nodes):
         log.error("another daemon holds this run now (or its document is gone); stopping")
         sys.exit(defaults.ChildExit.LEASE_LOST)
 
@@ -200,10 +202,11 @@ def _early_stopping(spec: ModelSpec) -> list:
 
 def parse_launch(launch: dict) -> dict:
     """The daemon's launch: the job, the URI (never in the environment, which every descendant would
-    inherit), the operator's limits and the work folder. A rank reads it from its agent's file."""
+    inherit), the operator's limits, the work folder and, for a job of several nodes, this one (`ranks.rendezvous`).
+    A rank reads it from its agent's file."""
     return {"uri": launch["uri"], "limits": Limits.model_validate(launch["limits"]), "work": Path(launch["work"]),
             "model_id": launch.get("model_id"), "db": launch.get("db"), "log": launch.get("log"),
-            "sent": launch.get("sent", 0.0), "raw": launch}
+            "sent": launch.get("sent", 0.0), "node": launch.get("node"), "raw": launch}
 
 
 def log_to(path: str) -> None:
@@ -290,13 +293,14 @@ def _job(launch: dict, model_id, db_name: str, parent: int, rank: bool) -> int:
         work.mkdir(parents=True, exist_ok=True)
         spec = parse_model(document, launch["limits"])
         count = 1 if rank else ranks.processes(spec.trainer)
-        if count > 1:
+        if count > 1 or (launch["node"] and not rank):
             import torch
 
             _check_gpus(spec, torch)
             return ranks.launch(db, match, work, launch["raw"], count, [launch["model_id"], "--db", db_name],
-                                forked=None if torch.cuda.device_count() else forked_rank)
-        code = train(db, document, work, parent, launch["limits"], launch["sent"])
+                                forked=None if torch.cuda.device_count() else forked_rank, node=launch["node"])
+        code = train(db, document, work, parent, launch["limits"], launch["sent"],
+                     (launch["node"] or {}).get("members"))
     except Exception as exc:
         log.exception("training failed")
         db[defaults.MODELS].update_one(ranks.error_match(match), {"$set": {"error": failure(exc)}})

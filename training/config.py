@@ -25,7 +25,7 @@ LISTENER_FIELDS = frozenset({
     "status", "run", "attempts", "progress", "metrics", "checkpoints", "best_checkpoint", "error",
     "lease", "created_at", "started_at", "finished_at", "output", "usage", "latency_ms",
     "completed_at", "history", "checkpoint_used", "batch_size", "warnings", "timing", "events", "runs",
-    "trigger", "finish_reason", "changed", "answers_token",
+    "trigger", "finish_reason", "changed", "answers_token", "nodes",
 })
 # What a user-supplied filter may not hold: a filter selects documents, it never computes. JavaScript runs code on
 # the server; `$expr` evaluates aggregation expressions (`$range`, `$reduce`...), whose cost no size bound limits.
@@ -360,7 +360,8 @@ class TrainerSpec(TrainingArgs):
     bits: Literal[4, 8] | None = None
     deepspeed: DeepSpeedSpec | None = None
     num_gpus: int = Field(default=1, ge=0, le=64)
-    num_processes: int | None = Field(default=None, ge=1, le=64)  # None: num_gpus, else 1 (training.ranks)
+    num_processes: int | None = Field(default=None, ge=1, le=64)  # per node; None: num_gpus, else 1 (training.ranks)
+    num_nodes: int = Field(default=1, ge=1, le=64)  # daemons that run the job together (listener.gangs)
     early_stopping_patience: int | None = Field(default=None, ge=1, le=10_000)  # evaluations without improvement
     training_kwargs: TrainingArgs = Field(default_factory=TrainingArgs)
 
@@ -669,6 +670,14 @@ def _cap(limits: Limits, field: str, name: str, asked) -> None:
         raise SpecError(field, limits.refusal(name, asked))
 
 
+def check_nodes(trainer: TrainerSpec) -> None:
+    """Across nodes each rank saves its own part of a checkpoint on its own host, and node 0 uploads only its
+    own: sharded states (DeepSpeed ZeRO, FSDP) would be stored incomplete, so they stay on one node for now."""
+    if trainer.num_nodes > 1 and (trainer.deepspeed is not None or trainer.fsdp):
+        raise SpecError("trainer.num_nodes", "DeepSpeed and FSDP run on one node only for now; remove "
+                        "num_nodes, or train with plain data parallelism (no deepspeed, no fsdp) across nodes")
+
+
 def check_model(spec: ModelSpec, limits: Limits) -> None:
     """The operator's caps on a model document; each refusal names the field, the cap and its setting."""
     args = spec.trainer.training_arguments()
@@ -682,6 +691,8 @@ def check_model(spec: ModelSpec, limits: Limits) -> None:
     _cap(limits, "trainer.dataset_num_proc", "max_processes", args.get("dataset_num_proc"))
     _cap(limits, "trainer.num_gpus", "max_processes", spec.trainer.num_gpus)
     _cap(limits, "trainer.num_processes", "max_processes", spec.trainer.num_processes)
+    _cap(limits, "trainer.num_nodes", "max_nodes", spec.trainer.num_nodes)
+    check_nodes(spec.trainer)
     _cap(limits, "data.limit", "max_documents", spec.data.limit)
     if spec.init_from is not None and not limits.allow_init_from:
         raise SpecError("init_from", "starting from another model's adapter is off on this listener; remove "

@@ -146,9 +146,11 @@ def arguments(spec, resolved: dict) -> dict:
 
 
 def start(models, match: dict, document: dict, spec, resolved: dict, read: dict, started: dict | None,
-          source: str) -> bool:
-    """Write the run's entry at its start (rank 0 alone); False when the fence no longer matches."""
+          source: str, nodes: list | None = None) -> bool:
+    """Write the run's entry at its start (rank 0 alone); False when the fence no longer matches. `nodes`: each node's
+    name, host and devices, for a job of several (its daemons gave them)."""
     read = {**read, "filter": json_util.dumps(read["filter"])}  # "$" operators cannot be field names in an update
     recorded = entry(document, method=spec.method, data=read, arguments=arguments(spec, resolved),
-                     init_from=started, base=base_fingerprint(spec.model_name_or_path, source, spec.model_kwargs.revision))
+                     init_from=started, base=base_fingerprint(spec.model_name_or_path, source, spec.model_kwargs.revision),
+                     **({"nodes": nodes} if nodes else {}))
     return begin(models, match, document, recorded)

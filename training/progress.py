@@ -109,14 +109,17 @@ class MongoProgress(TrainerCallback):
         if "eval_loss" in numbers or time.monotonic() - self._checked >= defaults.PROGRESS_WRITE_S:
             self._write(state, control)
 
-    def _write(self, state, control) -> None:
-        """Progress and the metrics logged since the last write, reading `cancel` back: one round trip."""
+    def _write(self, state, control=None) -> None:
+        """Progress and the metrics logged since the last write, reading `cancel` back: one round trip. Without
+        `control` (at a save) `cancel` is left for the next check: a stop decided in `on_save` would be rank 0's
+        alone, past the ranks' last agreement, and its extra save or early exit would leave the others waiting."""
         update = {"$set": {"progress": self._progress(state)}}
         if self._unwritten:
             update["$push"] = {"metrics": {"$each": self._unwritten, "$slice": -defaults.MAX_METRICS}}
         written = self._set(update)
         self._unwritten = []
-        self._stop_if_cancelled(written, state, control)
+        if control is not None:
+            self._stop_if_cancelled(written, state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
         if os.getppid() != self._daemon:
@@ -148,7 +151,7 @@ class MongoProgress(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if self._unwritten:
-            self._write(state, control)
+            self._write(state)
         started, writing = time.perf_counter(), self._writing_s
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         self._saves += 1

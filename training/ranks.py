@@ -17,8 +17,13 @@ initialised in a process that forks. What holds for one process holds for the gr
   one checkpoint together and stop.
 - The agent dies with the daemon and every rank with the agent (PR_SET_PDEATHSIG, and the parent
   check at each step), so a SIGKILLed daemon leaves nothing training.
-- Every rank records its exit code for the agent, which exits with rank 0's: torchrun's own exit
+- Every rank records its exit code for the agent, which exits with its first rank's: torchrun's own exit
   code says only whether some worker failed, and a rank with none recorded died outright.
+
+A job of several nodes (`trainer.num_nodes`, agreed by the daemons in `listener.gangs`) is the same on each node's
+host with `--nnodes N --node-rank i` and node 0's endpoint, given by the daemon (never by the document): static
+rendezvous, node 0's agent hosting the store, so global rank 0 (the one that writes) is on node 0. Each node's
+agent starts and supervises only its own ranks, in its own work folder.
 """
 
 import json
@@ -37,8 +42,10 @@ log = logging.getLogger(__name__)
 ENV_LAUNCH = "MONGOTUNE_LAUNCH_FILE"  # set for a rank: the file holding the daemon's launch line
 ENV_PARENT_PID = "MONGOTUNE_PARENT_PID"  # set for a rank: the torchrun agent it must not outlive
 LAUNCH_FILE = "launch.json"
-EXIT_FILE = "exit-code"  # the job's, written by rank 0
+EXIT_FILE = "exit-code"  # the node's, written by its first rank (the job's on node 0)
 PEER_GRACE_S = 2.0  # how long a failing rank waits to exit, so that torchrun sees a peer that died outright first
+RENDEZVOUS_TIMEOUT_S = 120  # how long a node's agent waits for the others at the rendezvous
+EXIT_BARRIER_S = 15  # how long node 0's agent, its ranks done, waits for the other nodes' agents to be done too
 
 
 def free_port() -> int:
@@ -51,6 +58,11 @@ def free_port() -> int:
 def world() -> tuple[int, int]:
     """This process's rank and the number of ranks (0 and 1 outside a launcher)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    """This process's rank on its node (its agent's first rank is 0)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def is_rank() -> bool:
@@ -77,8 +89,8 @@ def _exit_file(work: Path, rank: int) -> Path:
 
 
 def exit_code(work: Path, code: int) -> int:
-    """A rank's exit: every rank records its code (a rank without one died outright), rank 0's is the
-    job's; an orderly end is 0 to torchrun.
+    """A rank's exit: every rank records its code (a rank without one died outright), its node's first rank's is
+    the node's; an orderly end is 0 to torchrun.
 
     A failing rank waits a moment first: when a peer is killed outright the others fail at once on its
     broken connection, and on a host without GPUs torchrun reports only the first failure it polls."""
@@ -89,14 +101,25 @@ def exit_code(work: Path, code: int) -> int:
     if not ended:
         time.sleep(PEER_GRACE_S)
     _exit_file(work, rank).write_text(str(int(code)))
-    if rank == 0:
+    if local_rank() == 0:
         (work / EXIT_FILE).write_text(str(int(code)))
     return 0 if ended else code
 
 
-def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str], forked: Callable | None) -> int:
-    """Be torchrun's agent for `count` ranks: each forked from this process to run `forked(ARGV)`, or
-    without `forked` each `python -m training.child ARGV`; the job's exit code.
+def rendezvous(node: dict | None) -> list[str]:
+    """torchrun's options for where its agents meet: this host alone, or the daemons' gang (`node`: rank, count,
+    node 0's addr and port)."""
+    if node is None:
+        return ["--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    return [f"--nnodes={node['count']}", f"--node-rank={node['rank']}", "--rdzv-backend=static",
+            f"--master-addr={node['addr']}", f"--master-port={node['port']}",
+            f"--rdzv-conf=timeout={RENDEZVOUS_TIMEOUT_S}"]
+
+
+def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str], forked: Callable | None,
+           node: dict | None = None) -> int:
+    """Be torchrun's agent for `count` ranks on this node: each forked from this process to run `forked(ARGV)`, or
+    without `forked` each `python -m training.child ARGV`; the node's exit code.
 
     `raw` is the daemon's launch line; the ranks get it with this work folder as their shared one.
     """
@@ -108,14 +131,16 @@ def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str], 
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
         f.write(json.dumps({**raw, "work": str(work)}))
     os.environ.update({ENV_LAUNCH: str(path), ENV_PARENT_PID: str(os.getpid())})
-    log.info("starting %d training processes through torchrun", count)
+    log.info("starting %d training processes through torchrun%s", count,
+             f" as node {node['rank']} of {node['count']}" if node else "")
     failures = {}
     # torchrun's own command line and defaults (OMP_NUM_THREADS=1 per rank among them), whichever way ranks start
     config, entrypoint, args = config_from_args(parse_args([
-        "--nnodes=1", f"--nproc-per-node={count}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-        "--max-restarts=0", "-m", "training.child", *argv]))
+        *rendezvous(node), f"--nproc-per-node={count}", "--max-restarts=0", "-m", "training.child", *argv]))
     if forked is not None:
         config.start_method, entrypoint, args = "fork", forked, [argv]
+    if node is not None and node["rank"] == 0:
+        _short_exit_barrier()
     try:
         elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as exc:
@@ -124,13 +149,28 @@ def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str], 
         log.info("torchrun stopped: %s", type(exc).__name__)
     finally:
         path.unlink(missing_ok=True)
+    first_rank = node["rank"] * count if node else 0
+    ours = range(first_rank, first_rank + count)
     if failures:
-        _record_crash(db, match, failures, [r for r in range(count) if not _exit_file(work, r).exists()], count)
+        _record_crash(db, match, failures, [r for r in ours if not _exit_file(work, r).exists()],
+                      count * (node["count"] if node else 1))
     recorded = work / EXIT_FILE
     if recorded.exists():
         return int(recorded.read_text())
-    first = failures.get(0)  # rank 0 left without recording: its own exit (lease lost, orphaned) is the job's
+    first = failures.get(first_rank)  # it left without recording: its own exit (lease lost, orphaned) is the node's
     return first.exitcode if first is not None and first.exitcode > 0 else defaults.ChildExit.FAILED
+
+
+def _short_exit_barrier() -> None:
+    """Node 0's agent hosts the rendezvous store and, its ranks done, waits at torchrun's exit barrier for every other
+    node's agent: 300 s, not a launcher option. An agent stopped by SIGTERM (its daemon stopping) leaves without
+    arriving, and the run would stay `running` that long after every rank stopped. The node's exit code comes from
+    its exit file, never from the barrier; this agent process runs this one job alone."""
+    from functools import partial
+
+    from torch.distributed.launcher import api
+
+    api.LocalElasticAgent = partial(api.LocalElasticAgent, exit_barrier_timeout=EXIT_BARRIER_S)
 
 
 def _record_crash(db, match: dict, failures: dict, silent: list[int], count: int) -> None:
@@ -219,10 +259,10 @@ def join_deepspeed() -> None:
 
 
 def forget_launch_file() -> None:
-    """Rank 0, once the process group is up (every rank has read the file): remove the URI from disk."""
+    """Each node's first rank, once the process group is up (every rank has read the file): remove the URI from disk."""
     import torch.distributed as dist
 
     dist.barrier()
-    if world()[0] == 0:
+    if local_rank() == 0:
         Path(os.environ[ENV_LAUNCH]).unlink(missing_ok=True)
 

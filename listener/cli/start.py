@@ -15,6 +15,10 @@ from listener.connection import ConnectionProblem, has_password
 @click.option("--gpus", default=None, metavar="IDS",
               help="GPU ids this daemon gives its trainings, e.g. 0,1,2,3; 'none' for the CPU only (default: every "
                    "visible GPU). Each job takes trainer.num_gpus of them; a job that does not fit waits.")
+@click.option("--advertise-addr", default=None, metavar="ADDR",
+              help="The address other hosts reach this one at, for jobs of several nodes (trainer.num_nodes) this "
+                   "daemon is node 0 of; their rendezvous port comes from MONGOTUNE_RENDEZVOUS_PORTS "
+                   "(default 127.0.0.1: one host only).")
 @click.option("--model-root", "model_roots", multiple=True, type=click.Path(file_okay=False),
               help="A folder documents may load base models from; repeat for more (default: the models cache).")
 @click.option("--validators/--no-validators", default=None,
@@ -28,7 +32,7 @@ from listener.connection import ConnectionProblem, has_password
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
               help="json: one JSON object per line (time, level, logger, message) for log shippers (default text).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def start(uri, db, uri_file, name, max_jobs, gpus, model_roots, validators, assignments, metrics_port, log_format, verbose):
+def start(uri, db, uri_file, name, max_jobs, gpus, advertise_addr, model_roots, validators, assignments, metrics_port, log_format, verbose):
     """Watch the database: train pending models and answer pending requests until stopped.
 
     \b
@@ -39,7 +43,7 @@ def start(uri, db, uri_file, name, max_jobs, gpus, model_roots, validators, assi
 
     settings = operator_settings(assignments, uri=uri, db=db, uri_file=uri_file, name=name, max_jobs=max_jobs, gpus=gpus,
                                  validators=validators, model_roots=model_roots, metrics_port=metrics_port,
-                                 log_format=log_format)
+                                 log_format=log_format, advertise_addr=advertise_addr)
     setup_logging(verbose, settings.log_format)
     typed = click.get_current_context().get_parameter_source("uri") is ParameterSource.COMMANDLINE
     if typed and has_password(uri):
