@@ -73,7 +73,8 @@ def test_a_name_for_another_method_is_refused_naming_it(method, name, value):
 
 
 @pytest.mark.parametrize("method, trainer", [
-    ("dpo", {"beta": 0.5, "loss_type": "ipo", "label_smoothing": 0.1, "precompute_ref_log_probs": True}),
+    ("dpo", {"beta": 0.5, "loss_type": "robust", "label_smoothing": 0.1, "precompute_ref_log_probs": True}),
+    ("dpo", {"loss_type": ["sigmoid", "exo_pair"], "label_smoothing": 1e-3}),
     ("dpo", {"loss_type": ["sigmoid", "sft"]}),
     ("kto", {"beta": 100, "loss_type": "apo_zero_unpaired", "desirable_weight": 1.33, "undesirable_weight": 0.5,
              "per_device_train_batch_size": 1}),
@@ -129,6 +130,53 @@ def test_every_preference_name_is_a_field_of_the_trainers_config_and_the_loss_li
     assert set(KTO_LOSSES) == set(KTOConfig.__dataclass_fields__["loss_type"].metadata["choices"])
     help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
     assert all(f"'{loss}'" in help_text for loss in DPO_LOSSES)
+
+
+@pytest.mark.parametrize("loss", [[], ["sigmoid"] * 100_000, ["ipo", "sigmoid", "ipo"]])
+def test_a_loss_type_list_holds_one_to_all_distinct_losses(loss):
+    """An empty list makes trl sum no loss; copies are each computed at every step and copied into the run's entry."""
+    assert refusal(document("dpo", trainer={"loss_type": loss})).field == "trainer.loss_type"
+
+
+@pytest.mark.parametrize("loss", ["exo_pair", ["sigmoid", "exo_pair"]])
+def test_exo_pair_needs_a_positive_label_smoothing_as_trl_does(loss):
+    assert refusal(document("dpo", trainer={"loss_type": loss})).field == "trainer.label_smoothing"
+    assert refusal(document("dpo", trainer={"loss_type": loss, "label_smoothing": 0})).field == \
+        "trainer.label_smoothing"
+
+
+@pytest.mark.parametrize("loss", [None, "sigmoid", "ipo", "hinge", ["sigmoid", "sft"]])
+def test_label_smoothing_with_a_loss_that_ignores_it_is_refused(loss):
+    """trl 1.16 reads it only for exo_pair, robust, aot and aot_unpaired: never silently dropped."""
+    trainer = {"label_smoothing": 0.2, **({"loss_type": loss} if loss else {})}
+    assert refusal(document("dpo", trainer=trainer)).field == "trainer.label_smoothing"
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_beta_whose_inverse_overflows_is_refused(method):
+    """IPO's 1/(2*beta) at beta 1e-300 is inf in float32, which turns the adapter's weights into NaN."""
+    assert refusal(document(method, DPO_KEY if method == "dpo" else KTO_KEY, {"beta": 1e-300})).field == "trainer.beta"
+    assert parse_model(document(method, DPO_KEY if method == "dpo" else KTO_KEY, {"beta": 1e-3}))
+
+
+@pytest.mark.parametrize("method, name, value", [("dpo", "loss_type", "kto"), ("kto", "per_device_train_batch_size", 1),
+                                                 ("dpo", "label_smoothing", 0.1)])
+def test_a_refusal_of_a_training_kwargs_name_names_it_there(method, name, value):
+    key = DPO_KEY if method == "dpo" else KTO_KEY
+    assert refusal(document(method, key, {"training_kwargs": {name: value}})).field == f"trainer.training_kwargs.{name}"
+
+
+def test_an_explicit_promotion_gate_on_a_preference_model_is_refused():
+    """No preference gate exists yet: a model asking for one is told so, not promoted without it."""
+    assert refusal(document("dpo", promotion={"metric": "eval_loss", "min_delta": 0.5})).field == "promotion"
+    assert refusal(document("kto", KTO_KEY, promotion={})).field == "promotion"
+    assert parse_model(document("dpo", promotion=False)).promotion is False
+
+
+def test_a_refusal_repeating_megabytes_of_the_writers_input_is_cut_to_fit_a_document():
+    error = SpecError("data." + "k" * 3_000_000, "no document has " + "x" * 3_000_000)
+    assert len(str(error)) < 5_000 and len(str(error.as_error())) < 5_000
+    assert error.message.endswith("…(+2,998,016 chars)") and error.field.startswith("data.kkk")
 
 
 # --- arguments: each method's trl configuration ---------------------------------------------------------------

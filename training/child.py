@@ -221,7 +221,7 @@ def failure(exc: Exception) -> dict:
     if isinstance(exc, SpecError):
         return exc.as_error()
     if isinstance(exc, checkpoints.LimitExceeded):
-        return {"type": "limit_exceeded", "field": exc.field, "message": str(exc)}
+        return {"type": "limit_exceeded", "field": exc.field, "message": public_message(str(exc))}
     message = public_message(str(exc) or type(exc).__name__)
     if "out of memory" in message.lower():
         return {"type": "out_of_memory", "message": message + (
