@@ -374,10 +374,10 @@ class TrainerSpec(TrainingArgs):
         own = self.model_dump(include=set(TrainingArgs.model_fields), exclude_unset=True)
         return {**own, **self.training_kwargs.model_dump(exclude_unset=True)}
 
-
-def _where(trainer: TrainerSpec, name: str) -> str:
-    """The field a trainer name was given as: inside `training_kwargs` when written there."""
-    return f"trainer.training_kwargs.{name}" if name in trainer.training_kwargs.model_fields_set else f"trainer.{name}"
+    def field(self, name: str) -> str:
+        """The field a TrainingArguments name was given as, to name in a refusal: inside `training_kwargs` when
+        written there."""
+        return f"trainer.training_kwargs.{name}" if name in self.training_kwargs.model_fields_set else f"trainer.{name}"
 
 
 def _method_names(trainer: TrainerSpec, method: str) -> None:
@@ -385,7 +385,7 @@ def _method_names(trainer: TrainerSpec, method: str) -> None:
     for name in trainer.training_arguments():
         methods = METHOD_ONLY.get(name, (method,))
         if method not in methods:
-            raise SpecError(_where(trainer, name), f"applies to method {' or '.join(methods)} only, and this model's method is "
+            raise SpecError(trainer.field(name), f"applies to method {' or '.join(methods)} only, and this model's method is "
                             f"{method!r}: remove it")
 
 
@@ -410,19 +410,19 @@ def _preference_trainer(trainer: TrainerSpec, method: str) -> None:
     processes, DeepSpeed (ZeRO-2 and 3) and FSDP run them as they run SFT (tried on the CPU, in one and two ranks)."""
     given = trainer.training_arguments()
     if given.get("train_sampling_strategy") == "group_by_length":  # transformers measures `input_ids` alone
-        raise SpecError(_where(trainer, "train_sampling_strategy"), f"method {method}'s rows have no single length "
+        raise SpecError(trainer.field("train_sampling_strategy"), f"method {method}'s rows have no single length "
                         "to group by: give random or sequential")
     if method == KTO and "mean_token_accuracy" in (given.get("metric_for_best_model") or ""):
-        raise SpecError(_where(trainer, "metric_for_best_model"), "method kto logs no token accuracy: give loss or "
+        raise SpecError(trainer.field("metric_for_best_model"), "method kto logs no token accuracy: give loss or "
                         "eval_loss")
     _loss_type(trainer, method, given)
     loss = given.get("loss_type")
     if method == KTO and loss != "apo_zero_unpaired":  # KTO's KL term pairs each example with its batch neighbours
         if given.get("per_device_train_batch_size") == 1:
-            raise SpecError(_where(trainer, "per_device_train_batch_size"), "method kto estimates its KL term within "
+            raise SpecError(trainer.field("per_device_train_batch_size"), "method kto estimates its KL term within "
                             "a batch: give at least 2 (or loss_type apo_zero_unpaired)")
         if given.get("train_sampling_strategy", "sequential") != "sequential":
-            raise SpecError(_where(trainer, "train_sampling_strategy"), "method kto estimates its KL term from "
+            raise SpecError(trainer.field("train_sampling_strategy"), "method kto estimates its KL term from "
                             "neighbours in a batch of fixed order: leave it out or give sequential (or loss_type "
                             "apo_zero_unpaired)")
 
@@ -434,14 +434,14 @@ def _loss_type(trainer: TrainerSpec, method: str, given: dict) -> None:
     losses = loss if isinstance(loss, list) else [loss or ("kto" if method == KTO else "sigmoid")]
     allowed = KTO_LOSSES if method == KTO else DPO_LOSSES
     if not losses or len(set(losses)) != len(losses) or any(item not in allowed for item in losses):
-        raise SpecError(_where(trainer, "loss_type"), f"method {method} takes one of {', '.join(allowed)}"
+        raise SpecError(trainer.field("loss_type"), f"method {method} takes one of {', '.join(allowed)}"
                         + (" (or a list of distinct ones, combined with equal weights)" if method == DPO else ""))
     smoothing = given.get("label_smoothing")
     if smoothing is not None and not set(losses) & set(SMOOTHED_LOSSES):
-        raise SpecError(_where(trainer, "label_smoothing"), f"only the losses {', '.join(SMOOTHED_LOSSES)} read it, "
+        raise SpecError(trainer.field("label_smoothing"), f"only the losses {', '.join(SMOOTHED_LOSSES)} read it, "
                         f"and this model's loss_type is {', '.join(losses)}: remove it, or choose one of those losses")
     if "exo_pair" in losses and not smoothing:
-        raise SpecError(_where(trainer, "label_smoothing"), "loss_type exo_pair needs a label_smoothing above 0 "
+        raise SpecError(trainer.field("label_smoothing"), "loss_type exo_pair needs a label_smoothing above 0 "
                         "(its paper suggests 0.001)")
 
 
