@@ -453,6 +453,41 @@ def test_a_retrain_at_a_beta_that_overflows_is_refused_and_the_serving_adapter_s
     assert refused.value.code == 121 and models.find_one({"_id": "nan_dpo"})["status"] == "succeeded"
 
 
+def _poison(db, model_id, entry: dict, work) -> None:
+    """The stored checkpoint `entry` of `model_id`, replaced by one whose adapter weights are NaN."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from training import checkpoints
+
+    folder = checkpoints.download(db, entry["files_id"], work / "poisoned")
+    weights = folder / "adapter_model.safetensors"
+    save_file({name: torch.full_like(t, math.nan) for name, t in load_file(str(weights)).items()}, str(weights))
+    stored = checkpoints.upload(db, folder, model_id=model_id, run=entry["run"], step=entry["step"])
+    db[defaults.MODELS].update_one({"_id": model_id}, {"$set": {"checkpoints.$[c].files_id": stored["files_id"]}},
+                                   array_filters=[{"c.files_id": entry["files_id"]}])
+
+
+def test_a_run_whose_weights_go_nan_fails_and_stores_nothing_to_serve(module_db, module_daemon, tiny_model_path,
+                                                                       tmp_path):
+    """A retrain from a serving adapter gone NaN trains NaN weights: no checkpoint of the run is stored, the run
+    fails naming what to change, and what served before still does."""
+    module_db["nan_weights"].insert_many([{"question": f"what is {n} plus one", "good": CHOSEN, "bad": REJECTED}
+                                          for n in range(16)])
+    models = module_db[defaults.MODELS]
+    trainer = {"max_steps": 2, "per_device_train_batch_size": 8, "max_seq_length": 64}
+    models.insert_one(preference_model("nan_weights", tiny_model_path, "dpo", "nan_weights", trainer))
+    first = wait_for(models, "nan_weights", finished, timeout_s=600)
+    assert first["status"] == "succeeded", first.get("error")
+    best = first["best_checkpoint"]
+    _poison(module_db, "nan_weights", next(c for c in first["checkpoints"] if c["step"] == best["step"]), tmp_path)
+    models.update_one({"_id": "nan_weights"}, {"$set": {"status": "pending"}})
+    again = wait_for(models, "nan_weights", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert again["status"] == "failed" and again["error"]["field"] == "trainer.learning_rate", again.get("error")
+    assert "NaN or inf" in again["error"]["message"] and again["best_checkpoint"] == best
+    assert [c["run"] for c in again["checkpoints"]] == [1]
+
+
 def test_a_checkpoint_whose_weights_are_not_all_finite_is_found(tmp_path):
     import torch
     from safetensors.torch import save_file
