@@ -385,8 +385,8 @@ def _method_names(trainer: TrainerSpec, method: str) -> None:
     for name in trainer.training_arguments():
         methods = METHOD_ONLY.get(name, (method,))
         if method not in methods:
-            raise SpecError(trainer.field(name), f"applies to method {' or '.join(methods)} only, and this model's method is "
-                            f"{method!r}: remove it")
+            raise SpecError(trainer.field(name), f"applies to method {' or '.join(methods)} only, and this model's "
+                            f"method is {method!r}: remove it")
 
 
 def _data_key(data: "DataSpec", method: str) -> None:
