@@ -5,6 +5,7 @@ import math
 import signal
 
 import pytest
+from pymongo.errors import WriteError
 from trl import DPOConfig, KTOConfig
 
 from tests.conftest import finished, job_log, wait_for
@@ -73,7 +74,8 @@ def test_a_name_for_another_method_is_refused_naming_it(method, name, value):
 
 
 @pytest.mark.parametrize("method, trainer", [
-    ("dpo", {"beta": 0.5, "loss_type": "ipo", "label_smoothing": 0.1, "precompute_ref_log_probs": True}),
+    ("dpo", {"beta": 0.5, "loss_type": "robust", "label_smoothing": 0.1, "precompute_ref_log_probs": True}),
+    ("dpo", {"loss_type": ["sigmoid", "exo_pair"], "label_smoothing": 1e-3}),
     ("dpo", {"loss_type": ["sigmoid", "sft"]}),
     ("kto", {"beta": 100, "loss_type": "apo_zero_unpaired", "desirable_weight": 1.33, "undesirable_weight": 0.5,
              "per_device_train_batch_size": 1}),
@@ -129,6 +131,53 @@ def test_every_preference_name_is_a_field_of_the_trainers_config_and_the_loss_li
     assert set(KTO_LOSSES) == set(KTOConfig.__dataclass_fields__["loss_type"].metadata["choices"])
     help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
     assert all(f"'{loss}'" in help_text for loss in DPO_LOSSES)
+
+
+@pytest.mark.parametrize("loss", [[], ["sigmoid"] * 100_000, ["ipo", "sigmoid", "ipo"]])
+def test_a_loss_type_list_holds_one_to_all_distinct_losses(loss):
+    """An empty list makes trl sum no loss; copies are each computed at every step and copied into the run's entry."""
+    assert refusal(document("dpo", trainer={"loss_type": loss})).field == "trainer.loss_type"
+
+
+@pytest.mark.parametrize("loss", ["exo_pair", ["sigmoid", "exo_pair"]])
+def test_exo_pair_needs_a_positive_label_smoothing_as_trl_does(loss):
+    assert refusal(document("dpo", trainer={"loss_type": loss})).field == "trainer.label_smoothing"
+    assert refusal(document("dpo", trainer={"loss_type": loss, "label_smoothing": 0})).field == \
+        "trainer.label_smoothing"
+
+
+@pytest.mark.parametrize("loss", [None, "sigmoid", "ipo", "hinge", ["sigmoid", "sft"]])
+def test_label_smoothing_with_a_loss_that_ignores_it_is_refused(loss):
+    """trl 1.16 reads it only for exo_pair, robust, aot and aot_unpaired: never silently dropped."""
+    trainer = {"label_smoothing": 0.2, **({"loss_type": loss} if loss else {})}
+    assert refusal(document("dpo", trainer=trainer)).field == "trainer.label_smoothing"
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_beta_whose_inverse_overflows_is_refused(method):
+    """IPO's 1/(2*beta) at beta 1e-300 is inf in float32, which turns the adapter's weights into NaN."""
+    assert refusal(document(method, DPO_KEY if method == "dpo" else KTO_KEY, {"beta": 1e-300})).field == "trainer.beta"
+    assert parse_model(document(method, DPO_KEY if method == "dpo" else KTO_KEY, {"beta": 1e-3}))
+
+
+@pytest.mark.parametrize("method, name, value", [("dpo", "loss_type", "kto"), ("kto", "per_device_train_batch_size", 1),
+                                                 ("dpo", "label_smoothing", 0.1)])
+def test_a_refusal_of_a_training_kwargs_name_names_it_there(method, name, value):
+    key = DPO_KEY if method == "dpo" else KTO_KEY
+    assert refusal(document(method, key, {"training_kwargs": {name: value}})).field == f"trainer.training_kwargs.{name}"
+
+
+def test_an_explicit_promotion_gate_on_a_preference_model_is_refused():
+    """No preference gate exists yet: a model asking for one is told so, not promoted without it."""
+    assert refusal(document("dpo", promotion={"metric": "eval_loss", "min_delta": 0.5})).field == "promotion"
+    assert refusal(document("kto", KTO_KEY, promotion={})).field == "promotion"
+    assert parse_model(document("dpo", promotion=False)).promotion is False
+
+
+def test_a_refusal_repeating_megabytes_of_the_writers_input_is_cut_to_fit_a_document():
+    error = SpecError("data." + "k" * 3_000_000, "no document has " + "x" * 3_000_000)
+    assert len(str(error)) < 5_000 and len(str(error.as_error())) < 5_000
+    assert error.message.endswith("…(+2,998,016 chars)") and error.field.startswith("data.kkk")
 
 
 # --- arguments: each method's trl configuration ---------------------------------------------------------------
@@ -212,6 +261,23 @@ def test_too_few_usable_rows_are_refused_with_the_fields_the_documents_have(db):
         error = caught.value
         assert error.field == "data.key" and "only 0 of 2 selected documents are usable for method kto" in error.message
         assert "2 with no field 'thumb'" in error.message and "the documents have fields" in error.message
+
+
+def test_a_text_answer_and_its_chat_twin_are_skipped_as_the_same():
+    """trl sees one shape, in which the two are identical."""
+    doc = {"q": "hi", "g": "ahoy", "b": [{"role": "assistant", "content": "ahoy"}]}
+    with pytest.raises(Skipped, match="the same"):
+        to_row(doc, "dpo", ["q", "g", "b"])
+
+
+@pytest.mark.parametrize("method, doc", [
+    ("dpo", {"q": [{"role": "user", "content": "hi"}], "g": "a", "b": "b"}),
+    ("kto", {"q": "hi", "g": [{"role": "assistant", "content": "a"}], "b": True}),
+])
+def test_chat_rows_are_skipped_for_a_model_without_a_chat_template(method, doc):
+    assert to_row(doc, method, ["q", "g", "b"])
+    with pytest.raises(Skipped, match="no chat template"):
+        to_row(doc, method, ["q", "g", "b"], chat=False)
 
 
 def test_the_follow_view_shows_the_newest_rewards_and_nothing_for_an_sft_run():
@@ -318,6 +384,158 @@ def test_too_few_usable_rows_fail_naming_the_key(module_db, module_daemon, tiny_
     assert failed["status"] == "failed" and failed["error"]["field"] == "data.key"
     assert "only 1 of 3 selected documents are usable for method dpo" in failed["error"]["message"]
     assert "no field 'bad'" in failed["error"]["message"]
+
+
+LONG_PROMPT = "what is the capital of france matey " * 40  # well over max_length 64 tokens
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_rows_all_truncated_away_fail_naming_max_length(module_db, module_daemon, tiny_model_path, method):
+    """trl drops each row whose prompt alone fills max_length: a run left with none fails naming it, instead of
+    'succeeding' after 0 steps (kto) or failing with torch's num_samples=0 (dpo)."""
+    collection = f"long_{method}"
+    if method == "dpo":
+        rows = [{"question": f"{LONG_PROMPT} {n}", "good": CHOSEN, "bad": REJECTED} for n in range(8)]
+    else:
+        rows = [{"question": f"{LONG_PROMPT} {n}", "answer": CHOSEN, "thumb": 1 if n % 2 else -1} for n in range(8)]
+    module_db[collection].insert_many(rows)
+    models = module_db[defaults.MODELS]
+    trainer = {"max_steps": 4, "per_device_train_batch_size": 2, "max_seq_length": 64, "logging_steps": 1}
+    models.insert_one(preference_model(collection, tiny_model_path, method, collection, trainer))
+    done = wait_for(models, collection, finished, timeout_s=600)
+    assert done["status"] == "failed" and done["error"]["field"] == "trainer.max_seq_length", done.get("error")
+    assert not done.get("checkpoints")
+
+
+@pytest.mark.parametrize("method", ["dpo", "sft"])
+def test_fewer_rows_than_a_dropped_last_batch_fail_naming_the_batch_size(module_db, module_daemon, tiny_model_path,
+                                                                           method):
+    collection = f"few_dropped_{method}"
+    module_db[collection].insert_many([{"question": f"what is {n}", "good": CHOSEN, "bad": REJECTED}
+                                       for n in range(6)])
+    models = module_db[defaults.MODELS]
+    trainer = {"max_steps": 3, "per_device_train_batch_size": 8, "dataloader_drop_last": True, "max_seq_length": 64}
+    doc = preference_model(collection, tiny_model_path, method, collection, trainer)
+    if method == "sft":
+        doc["data"]["key"] = ["question", "good"]
+    models.insert_one(doc)
+    done = wait_for(models, collection, finished, timeout_s=600)
+    assert done["status"] == "failed", (done["status"], done.get("progress"))
+    assert done["error"]["field"] == "trainer.per_device_train_batch_size", done["error"]
+
+
+def test_a_refusal_repeating_megabytes_of_key_names_fails_the_run_naming_the_key(module_db, module_daemon,
+                                                                                  tiny_model_path):
+    """The refusal repeats every name: cut to fit, the child writes it, and the run fails rather than crashing."""
+    module_db["huge_names"].insert_many([{"question": f"what is {n}", "good": CHOSEN, "bad": REJECTED}
+                                         for n in range(4)])
+    models = module_db[defaults.MODELS]
+    doc = preference_model("huge_names", tiny_model_path, "dpo", "huge_names", {"max_steps": 2})
+    doc["data"]["key"] = [letter * 3_000_000 for letter in "xyz"]
+    models.insert_one(doc)
+    done = wait_for(models, "huge_names", finished, timeout_s=600)
+    assert done["status"] == "failed" and done["error"]["field"] == "data.key", str(done.get("error"))[:500]
+    assert len(done["error"]["message"]) < 5_000
+
+
+def test_a_retrain_at_a_beta_that_overflows_is_refused_and_the_serving_adapter_stays(module_db, module_daemon,
+                                                                                tiny_model_path):
+    module_db["nan_pairs"].insert_many([{"question": f"what is {n} plus one", "good": CHOSEN, "bad": REJECTED}
+                                        for n in range(16)])
+    models = module_db[defaults.MODELS]
+    trainer = {"max_steps": 3, "per_device_train_batch_size": 8, "max_seq_length": 64, "logging_steps": 1}
+    models.insert_one(preference_model("nan_dpo", tiny_model_path, "dpo", "nan_pairs", trainer))
+    first = wait_for(models, "nan_dpo", finished, timeout_s=600)
+    assert first["status"] == "succeeded", first.get("error")
+    with pytest.raises(WriteError) as refused:  # the write-time validator, generated from the same bounds
+        models.update_one({"_id": "nan_dpo"}, {"$set": {"status": "pending", "trainer.loss_type": "ipo",
+                                                        "trainer.beta": 1e-300}})
+    assert refused.value.code == 121 and models.find_one({"_id": "nan_dpo"})["status"] == "succeeded"
+
+
+def _poison(db, model_id, entry: dict, work) -> None:
+    """The stored checkpoint `entry` of `model_id`, replaced by one whose adapter weights are NaN."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from training import checkpoints
+
+    folder = checkpoints.download(db, entry["files_id"], work / "poisoned")
+    weights = folder / "adapter_model.safetensors"
+    save_file({name: torch.full_like(t, math.nan) for name, t in load_file(str(weights)).items()}, str(weights))
+    stored = checkpoints.upload(db, folder, model_id=model_id, run=entry["run"], step=entry["step"])
+    db[defaults.MODELS].update_one({"_id": model_id}, {"$set": {"checkpoints.$[c].files_id": stored["files_id"]}},
+                                   array_filters=[{"c.files_id": entry["files_id"]}])
+
+
+def test_a_run_whose_weights_go_nan_fails_and_stores_nothing_to_serve(module_db, module_daemon, tiny_model_path,
+                                                                       tmp_path):
+    """A retrain from a serving adapter gone NaN trains NaN weights: no checkpoint of the run is stored, the run
+    fails naming what to change, and what served before still does."""
+    module_db["nan_weights"].insert_many([{"question": f"what is {n} plus one", "good": CHOSEN, "bad": REJECTED}
+                                          for n in range(16)])
+    models = module_db[defaults.MODELS]
+    trainer = {"max_steps": 2, "per_device_train_batch_size": 8, "max_seq_length": 64}
+    models.insert_one(preference_model("nan_weights", tiny_model_path, "dpo", "nan_weights", trainer))
+    first = wait_for(models, "nan_weights", finished, timeout_s=600)
+    assert first["status"] == "succeeded", first.get("error")
+    best = first["best_checkpoint"]
+    _poison(module_db, "nan_weights", next(c for c in first["checkpoints"] if c["step"] == best["step"]), tmp_path)
+    models.update_one({"_id": "nan_weights"}, {"$set": {"status": "pending"}})
+    again = wait_for(models, "nan_weights", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert again["status"] == "failed" and again["error"]["field"] == "trainer.learning_rate", again.get("error")
+    assert "NaN or inf" in again["error"]["message"] and again["best_checkpoint"] == best
+    assert [c["run"] for c in again["checkpoints"]] == [1]
+
+
+def test_a_checkpoint_whose_weights_are_not_all_finite_is_found(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from training.checkpoints import nonfinite
+
+    save_file({"a": torch.ones(3), "b": torch.zeros(2)}, str(tmp_path / "adapter_model.safetensors"))
+    assert nonfinite(tmp_path) is None
+    save_file({"a": torch.ones(3), "b": torch.tensor([0.0, math.nan])}, str(tmp_path / "adapter_model.safetensors"))
+    assert nonfinite(tmp_path) == "b"
+    save_file({"c": torch.tensor([math.inf])}, str(tmp_path / "adapter_model.safetensors"))
+    assert nonfinite(tmp_path) == "c"
+
+
+def _without_chat_template(tiny: str, root) -> str:
+    """A copy of the tiny model whose tokenizer has no chat template, as a base (not instruct) model's has none."""
+    import json
+    import shutil
+
+    folder = root / "tiny_no_chat"
+    if not folder.exists():
+        shutil.copytree(tiny, folder)
+        (folder / "chat_template.jinja").unlink(missing_ok=True)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_chat_rows_on_a_model_without_a_chat_template_are_skipped_or_fail_naming_the_key(module_db, module_daemon,
+                                                                                        tiny_model_path, model_root):
+    """One chat row among text pairs (anyone writing the collection can add it) would make every row chat, which
+    this tokenizer cannot render: it is skipped and counted; a collection of chat rows only fails naming data.key."""
+    path = _without_chat_template(tiny_model_path, model_root)
+    chat = {"question": [{"role": "user", "content": "hi"}], "good": CHOSEN, "bad": REJECTED}
+    module_db["one_chat"].insert_many([{"question": f"what is {n} plus one", "good": CHOSEN, "bad": REJECTED}
+                                       for n in range(16)] + [dict(chat)])
+    module_db["all_chat"].insert_many([dict(chat, n=n) for n in range(4)])
+    models = module_db[defaults.MODELS]
+    trainer = {"max_steps": 2, "per_device_train_batch_size": 4, "max_seq_length": 64}
+    models.insert_many([preference_model(name, path, "dpo", name, trainer) for name in ("one_chat", "all_chat")])
+    done = wait_for(models, "one_chat", finished, timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    assert done["runs"][0]["data"]["skipped"]["reasons"] == [
+        {"reason": "chat messages, and the model's tokenizer has no chat template to render them", "count": 1}]
+    failed = wait_for(models, "all_chat", finished, timeout_s=600)
+    assert failed["status"] == "failed" and failed["error"]["field"] == "data.key"
+    assert "no chat template" in failed["error"]["message"]
 
 
 LONG_PREFERENCE = {**PREFERENCE_TRAINER, "max_steps": 30, "per_device_train_batch_size": 4, "save_steps": 5}

@@ -111,6 +111,20 @@ def _archived(folder: Path) -> list[Path]:
                   and KINDS["resume"].fullmatch(p.relative_to(folder).as_posix()))
 
 
+def nonfinite(folder: Path) -> str | None:
+    """The first weight of the checkpoint's safetensors files that holds NaN or inf, by name; None when all are
+    finite. A run that diverged (a learning rate or a loss that overflows) must never store such weights to serve."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(path, "pt") as weights:
+            for name in weights.keys():
+                if not torch.isfinite(weights.get_tensor(name)).all():
+                    return name
+    return None
+
+
 def upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
     """Archive a checkpoint folder into GridFS; returns the entry to list in the model document.
 

@@ -97,7 +97,8 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         _single_process_group()
         if not torch.cuda.is_available():
             ranks.no_cpu_kernel_builds()
-    train_set, valid_set, read = methods.read_datasets(db, spec, limits)
+    tokenizer = load_tokenizer(spec, limits)
+    train_set, valid_set, read = methods.read_datasets(db, spec, limits, tokenizer)
     log.info("dataset: %d training and %d validation examples", len(train_set), len(valid_set or []))
     phases.lap("data")
     resolved = resolved_arguments(spec.trainer, str(work / "output"), has_eval=valid_set is not None,
@@ -106,7 +107,6 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     config = to_config(spec.method, padding.for_trl(resolved))
     if spec.trainer.deepspeed is not None and ranks.world()[1] > 1:
         ranks.join_deepspeed()
-    tokenizer = load_tokenizer(spec, limits)
     check_loss_options(bool(resolved.get("assistant_only_loss")), train_set, tokenizer)
     model = load_checked_model(spec, limits)
     if padding.flattened_here(resolved):  # recorded as decided: the run's entry says whether batches were flat
@@ -141,6 +141,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         spec, limits, model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
         processing_class=tokenizer, peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
     )
+    methods.check_steps(trainer, spec, len(train_set))
     if spec.method == SFT:
         padding.arrange(trainer, resolved)
     elif progress is not None:
@@ -224,7 +225,7 @@ def failure(exc: Exception) -> dict:
     if isinstance(exc, SpecError):
         return exc.as_error()
     if isinstance(exc, checkpoints.LimitExceeded):
-        return {"type": "limit_exceeded", "field": exc.field, "message": str(exc)}
+        return {"type": "limit_exceeded", "field": exc.field, "message": public_message(str(exc))}
     message = public_message(str(exc) or type(exc).__name__)
     if "out of memory" in message.lower():
         return {"type": "out_of_memory", "message": message + (

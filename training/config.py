@@ -17,6 +17,7 @@ import bson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from training import defaults, ids, schedule, transforms
+from training.errors import cut
 from training.limits import Limits
 from training.template import TemplateError, template_fields
 
@@ -47,9 +48,11 @@ FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$"
 
 
 class SpecError(Exception):
-    """A document that cannot be used as written: `field` is the dotted path to fix."""
+    """A document that cannot be used as written: `field` is the dotted path to fix. Both are cut to a few KB, as
+    either may repeat what the writer gave."""
 
     def __init__(self, field: str, message: str):
+        field, message = cut(field, 500), cut(message)
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
@@ -106,6 +109,7 @@ PREFERENCE_METHODS = (DPO, KTO)
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
+SMOOTHED_LOSSES = ("exo_pair", "robust", "aot", "aot_unpaired")  # the only losses trl 1.16 reads label_smoothing in
 # The fields `data.key` names for each method, in order.
 KEYS = {DPO: ("prompt", "chosen", "rejected"), KTO: ("prompt", "completion", "label")}
 # Trainer names that apply to some methods only: given with another method, they are refused naming the field.
@@ -273,7 +277,8 @@ class TrainingArgs(_Strict):
     fsdp: bool | Literal["full_shard", "shard_grad_op", "full_shard auto_wrap", "shard_grad_op auto_wrap"] | None = None
     fsdp_config: FsdpConfig | None = None  # FSDP runs only with trainer.num_processes above 1 (training.ranks)
     # Preference trainers' names (trl's DPOConfig / KTOConfig): each applies to the methods `METHOD_ONLY` names.
-    beta: float | None = Field(default=None, gt=0, le=100)
+    # beta 1e-3 at least: IPO divides by 2*beta, which overflows float32 (and the weights become NaN) near 1e-38
+    beta: float | None = Field(default=None, ge=1e-3, le=100)
     loss_type: Literal[DPO_LOSSES + KTO_LOSSES] | list[Literal[DPO_LOSSES]] | None = None
     label_smoothing: float | None = Field(default=None, ge=0, lt=0.5)
     desirable_weight: float | None = Field(default=None, gt=0, le=100)
@@ -370,16 +375,19 @@ class TrainerSpec(TrainingArgs):
         own = self.model_dump(include=set(TrainingArgs.model_fields), exclude_unset=True)
         return {**own, **self.training_kwargs.model_dump(exclude_unset=True)}
 
+    def field(self, name: str) -> str:
+        """The field a TrainingArguments name was given as, to name in a refusal: inside `training_kwargs` when
+        written there."""
+        return f"trainer.training_kwargs.{name}" if name in self.training_kwargs.model_fields_set else f"trainer.{name}"
+
 
 def _method_names(trainer: TrainerSpec, method: str) -> None:
     """Trainer names for another method are refused, never silently ignored."""
-    nested = trainer.training_kwargs.model_dump(exclude_unset=True)
     for name in trainer.training_arguments():
         methods = METHOD_ONLY.get(name, (method,))
         if method not in methods:
-            where = f"trainer.training_kwargs.{name}" if name in nested else f"trainer.{name}"
-            raise SpecError(where, f"applies to method {' or '.join(methods)} only, and this model's method is "
-                            f"{method!r}: remove it")
+            raise SpecError(trainer.field(name), f"applies to method {' or '.join(methods)} only, and this model's "
+                            f"method is {method!r}: remove it")
 
 
 def _data_key(data: "DataSpec", method: str) -> None:
@@ -403,22 +411,39 @@ def _preference_trainer(trainer: TrainerSpec, method: str) -> None:
     processes, DeepSpeed (ZeRO-2 and 3) and FSDP run them as they run SFT (tried on the CPU, in one and two ranks)."""
     given = trainer.training_arguments()
     if given.get("train_sampling_strategy") == "group_by_length":  # transformers measures `input_ids` alone
-        raise SpecError("trainer.train_sampling_strategy", f"method {method}'s rows have no single length to group "
-                        "by: give random or sequential")
+        raise SpecError(trainer.field("train_sampling_strategy"), f"method {method}'s rows have no single length "
+                        "to group by: give random or sequential")
     if method == KTO and "mean_token_accuracy" in (given.get("metric_for_best_model") or ""):
-        raise SpecError("trainer.metric_for_best_model", "method kto logs no token accuracy: give loss or eval_loss")
+        raise SpecError(trainer.field("metric_for_best_model"), "method kto logs no token accuracy: give loss or "
+                        "eval_loss")
+    _loss_type(trainer, method, given)
     loss = given.get("loss_type")
-    allowed = KTO_LOSSES if method == KTO else DPO_LOSSES
-    if loss is not None and any(item not in allowed for item in (loss if isinstance(loss, list) else [loss])):
-        raise SpecError("trainer.loss_type", f"method {method} takes one of {', '.join(allowed)}"
-                        + (" (or a list of them, combined with equal weights)" if method == DPO else ""))
     if method == KTO and loss != "apo_zero_unpaired":  # KTO's KL term pairs each example with its batch neighbours
         if given.get("per_device_train_batch_size") == 1:
-            raise SpecError("trainer.per_device_train_batch_size", "method kto estimates its KL term within a batch: "
-                            "give at least 2 (or loss_type apo_zero_unpaired)")
+            raise SpecError(trainer.field("per_device_train_batch_size"), "method kto estimates its KL term within "
+                            "a batch: give at least 2 (or loss_type apo_zero_unpaired)")
         if given.get("train_sampling_strategy", "sequential") != "sequential":
-            raise SpecError("trainer.train_sampling_strategy", "method kto estimates its KL term from neighbours in "
-                            "a batch of fixed order: leave it out or give sequential (or loss_type apo_zero_unpaired)")
+            raise SpecError(trainer.field("train_sampling_strategy"), "method kto estimates its KL term from "
+                            "neighbours in a batch of fixed order: leave it out or give sequential (or loss_type "
+                            "apo_zero_unpaired)")
+
+
+def _loss_type(trainer: TrainerSpec, method: str, given: dict) -> None:
+    """One of the method's losses, or (DPO) a list of distinct ones; label_smoothing only where the loss reads it,
+    and above 0 where trl requires it (exo_pair)."""
+    loss = given.get("loss_type")
+    losses = loss if isinstance(loss, list) else [loss or ("kto" if method == KTO else "sigmoid")]
+    allowed = KTO_LOSSES if method == KTO else DPO_LOSSES
+    if not losses or len(set(losses)) != len(losses) or any(item not in allowed for item in losses):
+        raise SpecError(trainer.field("loss_type"), f"method {method} takes one of {', '.join(allowed)}"
+                        + (" (or a list of distinct ones, combined with equal weights)" if method == DPO else ""))
+    smoothing = given.get("label_smoothing")
+    if smoothing is not None and not set(losses) & set(SMOOTHED_LOSSES):
+        raise SpecError(trainer.field("label_smoothing"), f"only the losses {', '.join(SMOOTHED_LOSSES)} read it, "
+                        f"and this model's loss_type is {', '.join(losses)}: remove it, or choose one of those losses")
+    if "exo_pair" in losses and not smoothing:
+        raise SpecError(trainer.field("label_smoothing"), "loss_type exo_pair needs a label_smoothing above 0 "
+                        "(its paper suggests 0.001)")
 
 
 def check_method(spec: "ModelSpec") -> None:
@@ -489,6 +514,10 @@ class ModelSpec(_Strict):
     @model_validator(mode="after")
     def _fits_method(self) -> "ModelSpec":
         check_method(self)
+        if self.method != SFT and "promotion" in self.model_fields_set and self.promotion is not False:
+            raise SpecError("promotion", f"method {self.method} has no promotion gate yet (its measure, the loss on "
+                            f"held-out documents, does not score a preference run): every finished {self.method} run "
+                            "serves; remove promotion, or give promotion: false")
         return self
 
     def warnings(self) -> list[str]:

@@ -10,6 +10,12 @@ MAX_CHARS = 2_000
 _PATH = re.compile(r"(?<![\w.:/-])(?:~|\.{1,2})?/[^\s'\"()<>,;]+")
 
 
+def cut(text: str, limit: int = MAX_CHARS) -> str:
+    """`text` within `limit` characters, saying how much was left off: an error that repeats what a writer gave
+    (megabytes of field names) still fits its document, and the job's log line stays readable."""
+    return text if len(text) <= limit else f"{text[:limit]}…(+{len(text) - limit:,} chars)"
+
+
 def public_message(text: str) -> str:
     """`text` without host paths, cut to a readable length."""
-    return _PATH.sub("<path>", text)[:MAX_CHARS]
+    return cut(_PATH.sub("<path>", text))

@@ -11,15 +11,16 @@ trainer and the run's entry records it.
 """
 
 from training import dataset, preferences
-from training.config import SFT, ModelSpec
+from training.config import SFT, ModelSpec, SpecError
 from training.limits import Limits
 
 
-def read_datasets(db, spec: ModelSpec, limits: Limits):
-    """(train, valid or None, what was read) in the shape `spec.method` trains on."""
+def read_datasets(db, spec: ModelSpec, limits: Limits, tokenizer):
+    """(train, valid or None, what was read) in the shape `spec.method` trains on; a preference run skips chat rows
+    when the tokenizer has no chat template."""
     if spec.method == SFT:
         return dataset.read_datasets(db, spec.data, limits)
-    return preferences.read_datasets(db, spec.data, spec.method, limits)
+    return preferences.read_datasets(db, spec.data, spec.method, limits, chat=bool(tokenizer.chat_template))
 
 
 def check_documents(db, spec: ModelSpec, limits: Limits) -> int:
@@ -43,6 +44,25 @@ def build_trainer(spec: ModelSpec, limits: Limits, **kwargs):
 
         kwargs["ref_model"] = load_checked_model(spec, limits)
     return trainer_class(spec.method)(**kwargs)
+
+
+def check_steps(trainer, spec: ModelSpec, examples: int) -> None:
+    """A run that would train zero steps fails naming what to change: it never 'succeeds' having trained nothing.
+    trl's preference trainers drop every row whose prompt alone fills `max_length`; a batch larger than the rows
+    makes no step when the last, partial batch is dropped."""
+    rows, args = len(trainer.train_dataset), trainer.args
+    given = spec.trainer.training_arguments()
+    if rows == 0:
+        name = "max_seq_length" if "max_seq_length" in given else "max_length"
+        raise SpecError(spec.trainer.field(name), f"none of the {examples} training examples is left to train on: "
+                        f"the trainer drops every one whose prompt alone fills max_length ({args.max_length} tokens); "
+                        "raise it, or give shorter prompts")
+    batch = args.per_device_train_batch_size * args.world_size
+    if args.dataloader_drop_last and rows < batch:
+        raise SpecError(spec.trainer.field("per_device_train_batch_size"), f"a batch of {batch} examples is larger "
+                        f"than the {rows} there are to train on, and trainer.dataloader_drop_last drops it, so no "
+                        "step would run: give a smaller batch, leave dataloader_drop_last out, or select more "
+                        "documents")
 
 
 def reference(trainer, started: dict | None) -> dict:

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from training.config import DPO, KEYS, DataSpec, SpecError
-from training.dataset import is_messages, load_documents, split_folds
+from training.dataset import is_messages, load_documents, read_collection, split_folds
 from training.hints import fields_hint
 from training.lineage import data_read
 from training.limits import Limits
@@ -54,18 +54,23 @@ def label(value) -> bool:
     raise Skipped("label is neither a bool nor a nonzero number")
 
 
-def to_row(doc: dict, method: str, key: list[str]) -> dict:
-    """One document as a row of trl's preference format; `Skipped` when it is not of the method's shape."""
+def to_row(doc: dict, method: str, key: list[str], chat: bool = True) -> dict:
+    """One document as a row of trl's preference format; `Skipped` when it is not of the method's shape, or holds
+    chat messages where the model has no chat template (`chat` false) to render them with."""
     names = KEYS[method]
     if method == DPO:
         row = {name: _part(doc, field) for name, field in zip(names, key)}
-        if row["chosen"] == row["rejected"]:
+        shaped = _as_chat(row)  # a text answer and the same answer as one assistant message are twins once shaped
+        if shaped["chosen"] == shaped["rejected"]:
             raise Skipped("chosen and rejected are the same")
-        return row
-    prompt, completion, rated = key
-    if rated not in doc:
-        raise Skipped(f"no field {rated!r}")
-    return {"prompt": _part(doc, prompt), "completion": _part(doc, completion), "label": label(doc[rated])}
+    else:
+        prompt, completion, rated = key
+        if rated not in doc:
+            raise Skipped(f"no field {rated!r}")
+        row = {"prompt": _part(doc, prompt), "completion": _part(doc, completion), "label": label(doc[rated])}
+    if not chat and any(isinstance(value, list) for value in row.values()):
+        raise Skipped("chat messages, and the model's tokenizer has no chat template to render them")
+    return row
 
 
 def _as_chat(row: dict) -> dict:
@@ -85,11 +90,12 @@ def one_shape(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _rows(documents: list[dict], method: str, key: list[str]) -> tuple[list[tuple[dict, dict]], Counter]:
+def _rows(documents: list[dict], method: str, key: list[str], chat: bool = True
+          ) -> tuple[list[tuple[dict, dict]], Counter]:
     usable, reasons = [], Counter()
     for doc in documents:
         try:
-            usable.append((doc, to_row(doc, method, key)))
+            usable.append((doc, to_row(doc, method, key, chat)))
         except Skipped as why:
             reasons[str(why)] += 1
     return usable, reasons
@@ -98,7 +104,7 @@ def _rows(documents: list[dict], method: str, key: list[str]) -> tuple[list[tupl
 def _too_few(db, data: DataSpec, method: str, documents: list[dict], usable: int, reasons: Counter) -> SpecError:
     names = ", ".join(f"{part}={field!r}" for part, field in zip(KEYS[method], data.key))
     why = "; ".join(f"{n} with {reason}" for reason, n in reasons.most_common(3))
-    hint = fields_hint(db[data.collection], data.filter) if not usable else ""
+    hint = read_collection(db, data, lambda: fields_hint(db[data.collection], data.filter)) if not usable else ""
     return SpecError("data.key", f"only {usable} of {len(documents)} selected documents are usable for method "
                      f"{method} ({names}), and a run needs at least {MIN_ROWS} to train on; skipped: {why}{hint}")
 
@@ -112,12 +118,14 @@ def check_documents(db, data: DataSpec, method: str, limits: Limits) -> int:
     return len(documents)
 
 
-def read_datasets(db, data: DataSpec, method: str, limits: Limits) -> tuple[Dataset, Dataset | None, dict]:
-    """The train and valid datasets of `method`'s rows, and what was read (`lineage.data_read`, with `skipped`)."""
+def read_datasets(db, data: DataSpec, method: str, limits: Limits, chat: bool = True
+                  ) -> tuple[Dataset, Dataset | None, dict]:
+    """The train and valid datasets of `method`'s rows, and what was read (`lineage.data_read`, with `skipped`);
+    `chat`: whether the model's tokenizer has a chat template, without which chat rows are skipped."""
     from datasets import Dataset
 
     documents = load_documents(db, data, limits)
-    usable, reasons = _rows(documents, method, data.key)
+    usable, reasons = _rows(documents, method, data.key, chat)
     row_of = {id(doc): row for doc, row in usable}
     train, valid = split_folds([doc for doc, _ in usable], data) if usable else ([], [])
     if len(train) < MIN_ROWS:

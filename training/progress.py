@@ -155,6 +155,7 @@ class MongoProgress(TrainerCallback):
         started, writing = time.perf_counter(), self._writing_s
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         self._saves += 1
+        _check_finite(folder, state.global_step)
         checkpoints.check_room(self.db, folder, self.model_id, self._saves, self.limits)
         entry = checkpoints.upload(self.db, folder, model_id=self.model_id, run=self.run, step=state.global_step)
         metrics = {k: v for k, v in self._eval.items() if k != "step"} if self._eval.get("step") == state.global_step else {}
@@ -197,6 +198,16 @@ class MongoProgress(TrainerCallback):
             self._set({"$pull": {"checkpoints": {"files_id": {"$in": doomed}}}})
             for files_id in doomed:
                 checkpoints.delete(self.db, files_id, model_id=self.model_id, run=self.run)
+
+
+def _check_finite(folder: Path, step: int) -> None:
+    """The run fails, storing nothing, at a checkpoint whose weights are not all finite: never listed, it can
+    neither serve nor be promoted."""
+    bad = checkpoints.nonfinite(folder)
+    if bad is not None:
+        raise SpecError("trainer.learning_rate", f"training diverged: at step {step} the weight {bad} holds NaN or "
+                        "inf, so the checkpoint was not stored; lower trainer.learning_rate (for method dpo or kto, "
+                        "a larger trainer.beta or another trainer.loss_type may also keep the loss finite)")
 
 
 class LogAtSaves(TrainerCallback):
