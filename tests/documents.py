@@ -41,6 +41,14 @@ def nested(levels: int, value="x"):
     return value
 
 
+def nested_document(levels: int, value="x") -> dict:
+    """`value` inside `levels` objects: as an `_id`, the embedded server stores it and then fails any change stream
+    whose event carries it (`internal server error`, code 1), and the driver decodes it only to its depth limit."""
+    for _ in range(levels):
+        value = {"k": value}
+    return value
+
+
 def insert_nested(collection, document: dict) -> None:
     """Insert a document nested far deeper than Python's recursion limit lets the driver encode it by default (a
     writer's own tools encode it: any driver, mongosh)."""

@@ -8,7 +8,7 @@ from bson import Code
 from click.testing import CliRunner
 
 from listener.cli.main import cli
-from tests.documents import heartbeat, insert_nested, nested
+from tests.documents import heartbeat, insert_nested, nested, nested_document
 from training import defaults
 from training.inert import MAX_LINE_CHARS
 
@@ -104,9 +104,7 @@ def test_class5_listener_status_survives_ids_nested_deeper_than_the_server_proje
     a deep id named as such, on one line each."""
     db[defaults.MODELS].insert_one({"_id": "fine", "status": "succeeded"})
     for levels in (150, 975):
-        deep = "x"
-        for _ in range(levels):
-            deep = {"a": deep}
+        deep = nested_document(levels)
         insert_nested(db[defaults.MODELS], {"_id": deep, "status": "running"})
         insert_nested(db[defaults.REQUESTS], {"_id": deep, "status": "pending", "model": "fine", "input": "x"})
     shown = CliRunner().invoke(cli, ["status", "--uri", server_uri, "--db", db.name])

@@ -22,7 +22,7 @@ from listener.processes import wait_until
 from listener.serving import Serving
 from listener.settings import Settings
 from tests.conftest import settled, wait_for
-from tests.documents import ANSWERS, collection_request, insert_nested
+from tests.documents import ANSWERS, collection_request, insert_nested, nested_document
 from tests.test_serving import served_model
 from training import defaults
 from training.config import SpecError, parse_request
@@ -446,13 +446,6 @@ def test_class2_whatever_one_collection_job_raises_ends_that_job_alone(client, d
 
 # --- attack on issue 21 (b): answers by shape and identity, the watch's boundary, apportioned places ----------
 
-def nested_id(levels: int) -> dict:
-    """An `_id` nested `levels` objects deep: the embedded server stores it, and then fails any change stream
-    whose event carries it (`internal server error`, code 1)."""
-    value = "x"
-    for _ in range(levels):
-        value = {"k": value}
-    return value
 
 
 @pytest.mark.parametrize("owners", [{"request": "GET /", "status": 200, "bytes": 5120},
@@ -517,7 +510,7 @@ def test_class2_one_odd_insert_never_ends_another_writers_watching_request(clien
     errors: list = []
     thread = watch_in_thread(client, db, collection_request("B", "m", "shared", watch=True), errors)
     wait_until(lambda: "watching shared" in caplog.text, 60, "B's watch")
-    insert_nested(db.shared, {"_id": nested_id(975), "text": "A's odd document"})
+    insert_nested(db.shared, {"_id": nested_document(975), "text": "A's odd document"})
     db.shared.insert_one({"_id": 2, "text": "sentinel"})
     try:
         wait_until(lambda: errors or "answer" in db.shared.find_one({"_id": 2}), 60, "B's answer or its end")

@@ -22,7 +22,7 @@ from listener.records import RequestState, SkipLog
 from listener.serving import Serving
 from listener.settings import Settings
 from listener.status import REQUEST_TRANSITIONS, Status
-from tests.documents import insert_nested, model, nested, request
+from tests.documents import insert_nested, model, nested, nested_document, request
 from tests.test_claims import PATH, one_scan
 from tests.test_intake import intake_for, run_with
 from training import defaults, ids
@@ -321,7 +321,7 @@ def test_models_whose_id_itself_nests_deep_fail_or_are_left_out_and_every_scan_c
     """The class of finding 1 on `_id` itself: an id that is a document nested deeper than the driver decodes made
     the scan raise while it logged the skip (keying the id decoded it), so no model after it was considered."""
     for levels in (50, 150, 975):
-        insert_nested(db[defaults.MODELS], {**model("unused", PATH), "_id": deep_document(levels)})
+        insert_nested(db[defaults.MODELS], {**model("unused", PATH), "_id": nested_document(levels)})
     db[defaults.MODELS].insert_one(model("good", PATH))
     claimed, counters = one_scan(server_uri, db.name, tmp_path)
     assert claimed == ["good"] and counters["invalid_documents"] >= 1  # an id of 50 levels is decoded, then refused
@@ -334,7 +334,7 @@ def test_requests_whose_id_itself_nests_deep_never_stop_the_intake(server_uri, d
     """The same class on `_requests`: pending requests whose `_id` nests deeper than the driver decodes beside a
     good one; the good one is held and the loop goes on."""
     for levels in (150, 975):
-        insert_nested(db[defaults.REQUESTS], {**request("unused", "m"), "_id": deep_document(levels)})
+        insert_nested(db[defaults.REQUESTS], {**request("unused", "m"), "_id": nested_document(levels)})
     db[defaults.REQUESTS].insert_one(request(GOOD, "other"))
 
     async def work(adb):
@@ -345,11 +345,6 @@ def test_requests_whose_id_itself_nests_deep_never_stop_the_intake(server_uri, d
     assert held
 
 
-def deep_document(levels: int) -> dict:
-    value = "x"
-    for _ in range(levels):
-        value = {"a": value}
-    return value
 
 
 def assert_failed_or_left_out(collection, field: str) -> None:

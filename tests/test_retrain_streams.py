@@ -17,10 +17,26 @@ from bson import json_util
 from listener import retrain
 from listener.records import SkipLog
 from tests.conftest import DaemonProcess, wait_for
-from tests.documents import insert_nested
+from tests.documents import insert_nested, nested_document
 from tests.test_retrain import notes, retraining, solo, until
 from training import defaults, ids, schedule
 from training.config import SpecError
+
+
+def assert_heartbeat_never_lapses(db, daemon, record_id, seconds: float = 30) -> None:
+    """For `seconds` (several retrain passes), the live daemon's heartbeat never runs out: otherwise the other
+    daemons take it for dead and take its requests over."""
+    lapsed = []
+    deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+    while dt.datetime.now(dt.timezone.utc) < deadline and daemon.process.poll() is None:
+        beat = db[defaults.LISTENER].find_one({"_id": record_id})
+        now = dt.datetime.now(dt.timezone.utc)
+        if beat["alive_until"].replace(tzinfo=dt.timezone.utc) < now:
+            lapsed.append(now - beat["alive_until"].replace(tzinfo=dt.timezone.utc))
+        threading.Event().wait(0.5)
+    assert daemon.process.poll() is None, daemon.log()[-3000:]
+    assert lapsed == [], (f"a live daemon's heartbeat lapsed {len(lapsed)} times (by up to {max(lapsed)}): "
+                          "the others take it for dead")
 
 
 def test_class3_users_change_streams_never_make_a_live_daemon_look_dead(db, server_uri, tmp_path, model_root,
@@ -35,17 +51,7 @@ def test_class3_users_change_streams_never_make_a_live_daemon_look_dead(db, serv
     daemon = DaemonProcess(uri, db.name, tmp_path, "pooled", model_root=model_root)
     try:
         record = wait_for(db[defaults.LISTENER], {"$regex": "^daemon:pooled:"}, lambda d: True, timeout_s=60)
-        lapsed = []
-        deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=45)
-        while dt.datetime.now(dt.timezone.utc) < deadline and daemon.process.poll() is None:
-            beat = db[defaults.LISTENER].find_one({"_id": record["_id"]})
-            now = dt.datetime.now(dt.timezone.utc)
-            if beat["alive_until"].replace(tzinfo=dt.timezone.utc) < now:
-                lapsed.append(now - beat["alive_until"].replace(tzinfo=dt.timezone.utc))
-            threading.Event().wait(0.5)
-        assert daemon.process.poll() is None, daemon.log()[-3000:]
-        assert lapsed == [], (f"a live daemon's heartbeat lapsed {len(lapsed)} times (by up to {max(lapsed)}): "
-                              "the others take it for dead")
+        assert_heartbeat_never_lapses(db, daemon, record["_id"])
     finally:
         daemon.stop()
 
@@ -85,13 +91,6 @@ def test_models_on_one_collection_share_one_stream_each_counting_what_matches_it
                       "gave-up": ("failed", None), "elsewhere": ("succeeded", None)}
 
 
-def nested_id(levels: int) -> dict:
-    """An `_id` nested `levels` objects deep: the embedded server stores it, and then fails any change stream
-    whose event carries it (`internal server error`, code 1)."""
-    value = "x"
-    for _ in range(levels):
-        value = {"k": value}
-    return value
 
 
 async def wait(check, retrainer=None, timeout_s: float = 20) -> None:
@@ -121,7 +120,7 @@ def test_class3_one_odd_insert_never_loses_the_inserts_after_it(db, server_uri, 
         async with solo(server_uri, db.name, tmp_path) as retrainer:
             await retrainer.check()
             await wait(lambda: counts(db, "solo") == {"en3": 0})
-            insert_nested(db.notes, {"_id": nested_id(975), "text": "odd", "lang": "en"})
+            insert_nested(db.notes, {"_id": nested_document(975), "text": "odd", "lang": "en"})
             db.notes.insert_many(notes("en", 3))
             await wait(lambda: db[defaults.MODELS].find_one({"_id": "en3"})["status"] == "pending", retrainer)
 
@@ -247,17 +246,7 @@ def test_class3_one_writers_schedules_never_make_a_live_daemon_look_dead(db, sta
     record = wait_for(db[defaults.LISTENER], {"$regex": "^daemon:"}, lambda d: True, timeout_s=60)
     db[defaults.MODELS].insert_many([{**retraining(f"rare{n}", "/outside/the/model/roots", schedule="0 0 1 1 mon"),
                                       "status": "failed"} for n in range(100)])
-    lapsed = []
-    deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=45)
-    while dt.datetime.now(dt.timezone.utc) < deadline and daemon.process.poll() is None:
-        beat = db[defaults.LISTENER].find_one({"_id": record["_id"]})
-        now = dt.datetime.now(dt.timezone.utc)
-        if beat["alive_until"].replace(tzinfo=dt.timezone.utc) < now:
-            lapsed.append(now - beat["alive_until"].replace(tzinfo=dt.timezone.utc))
-        threading.Event().wait(0.5)
-    assert daemon.process.poll() is None, daemon.log()[-3000:]
-    assert lapsed == [], (f"a live daemon's heartbeat lapsed {len(lapsed)} times (by up to {max(lapsed)}): "
-                          "the others take it for dead")
+    assert_heartbeat_never_lapses(db, daemon, record["_id"])
 
 
 def test_a_refused_model_is_parsed_once_per_version_and_its_source_before_its_schedule(db, server_uri, tmp_path):

@@ -34,6 +34,21 @@ def spec(doc_id, model, **fields):
     return parse_request({"_id": doc_id, "model": model, "input": "hi", **fields}, Limits(answer_collections=("*",)))
 
 
+def held_after_one_round(uri: str, db_name: str, limits: dict) -> list[str]:
+    """The keys of the requests one claim round of a daemon with these settings holds (its collection jobs run until
+    cancelled, so they keep their places)."""
+    async def work(adb):
+        settings = Settings.load({"db": adb.name, "validators": False, **limits}, environ=ANSWERS)
+        counters = {"requests_done": 0, "requests_failed": 0}
+        serving = Serving(adb, settings, "d", counters, Forks(gpus=False),
+                          collection_job=lambda serving, spec: asyncio.Event().wait())
+        intake = Intake(adb, settings, "d", serving, counters, SkipLog(), stopping=lambda: False)
+        await intake.round()
+        return [ids.key(doc_id) for doc_id in serving.queues.held_ids()]
+
+    return run_with(uri, db_name, work)
+
+
 def test_requests_over_a_collection_count_against_places_of_their_own():
     q = Queues(Settings.load({"max_queued_requests": 2, "max_queue_per_model": 1, "max_collection_jobs": 2,
                               "max_collection_jobs_per_model": 1}, environ={}))
@@ -57,18 +72,8 @@ def test_a_claim_takes_each_kind_of_request_within_its_own_places(server_uri, db
                           for n, model in enumerate(("w1", "w1", "w2", "w3"))])
     requests.insert_many([request(f"plain{n}", model) for n, model in enumerate(("a", "a", "b", "c"))])
 
-    async def work(adb):
-        settings = Settings.load({"db": adb.name, "validators": False, "max_queued_requests": 2,
-                                  "max_queue_per_model": 1, "max_collection_jobs": 2,
-                                  "max_collection_jobs_per_model": 1}, environ=ANSWERS)
-        counters = {"requests_done": 0, "requests_failed": 0}
-        serving = Serving(adb, settings, "d", counters, Forks(gpus=False),
-                          collection_job=lambda serving, spec: asyncio.Event().wait())  # runs until cancelled
-        intake = Intake(adb, settings, "d", serving, counters, SkipLog(), stopping=lambda: False)
-        await intake.round()
-        return [ids.key(doc_id) for doc_id in serving.queues.held_ids()]
-
-    held = run_with(server_uri, db.name, work)
+    held = held_after_one_round(server_uri, db.name, {"max_queued_requests": 2, "max_queue_per_model": 1,
+                                                      "max_collection_jobs": 2, "max_collection_jobs_per_model": 1})
     assert sorted(held) == sorted(ids.key(doc_id) for doc_id in ("job0", "job2", "plain0", "plain2"))
     assert requests.count_documents({"status": "running"}) == 4
 
@@ -81,17 +86,7 @@ def test_a_models_places_are_per_collection_so_one_writers_requests_never_take_a
     requests.insert_many([collection_request(f"a{n}", "b-model", "a_feed", watch=True) for n in range(3)])
     requests.insert_one(collection_request("b-once", "b-model", "b_notes"))
 
-    async def work(adb):
-        settings = Settings.load({"db": adb.name, "validators": False, "max_collection_jobs": 4,
-                                  "max_collection_jobs_per_model": 1}, environ=ANSWERS)
-        counters = {"requests_done": 0, "requests_failed": 0}
-        serving = Serving(adb, settings, "d", counters, Forks(gpus=False),
-                          collection_job=lambda serving, spec: asyncio.Event().wait())  # runs until cancelled
-        intake = Intake(adb, settings, "d", serving, counters, SkipLog(), stopping=lambda: False)
-        await intake.round()
-        return [ids.key(doc_id) for doc_id in serving.queues.held_ids()]
-
-    held = run_with(server_uri, db.name, work)
+    held = held_after_one_round(server_uri, db.name, {"max_collection_jobs": 4, "max_collection_jobs_per_model": 1})
     assert ids.key("b-once") in held and len(held) == 2, held
 
 
