@@ -57,6 +57,16 @@ def started_agents(daemons, _id: str, count: int) -> list[int]:
     return wait_until(found, 300, f"{count} nodes of {_id}")
 
 
+def trained_past(document, step: int) -> bool:
+    """Whether the attempt running now trained past `step`. Until its `resumed` event (written with its first
+    `progress` as its ranks start training) follows its claim, `progress` is the attempt before's, and a stop timed
+    by it may reach the nodes while they still load, with no step of their own to save."""
+    kinds = [e.get("kind") for e in document.get("events") or []]
+    since_claim = kinds[len(kinds) - kinds[::-1].index("claimed"):] if "claimed" in kinds else []
+    return document.get("status") == "running" and "resumed" in since_claim \
+        and (document.get("progress") or {}).get("step", 0) > step
+
+
 def test_a_node_killed_outright_stops_the_other_the_run_resumes_and_sigterm_or_cancel_stops_both(
         db, start_daemon, tiny_model_path):
     load_samples(db)
@@ -73,8 +83,7 @@ def test_a_node_killed_outright_stops_the_other_the_run_resumes_and_sigterm_or_c
     saved = models.find_one({"_id": "k"})["checkpoints"][-1]["step"]
 
     daemons["c"] = start_daemon("c", max_jobs=1, env={**FAST, "MONGOTUNE_LEASE_S": "3"})
-    resumed = wait_for(models, "k", lambda d: d.get("status") == "running"
-                       and (d.get("progress") or {}).get("step", 0) > saved + 1, timeout_s=300)
+    resumed = wait_for(models, "k", lambda d: trained_past(d, saved + 1), timeout_s=300)
     assert {n["name"] for n in resumed["nodes"]} == {node0, "c"} and resumed["attempts"] == 2
     agents = [p for p in started_agents(daemons.values(), "k", 4) if p not in first]
     assert daemons["c"].stop(signal.SIGTERM, timeout=60) == 0  # a member stopping stops the job after one save
@@ -84,8 +93,7 @@ def test_a_node_killed_outright_stops_the_other_the_run_resumes_and_sigterm_or_c
     assert_gone(agents)
 
     daemons["d"] = start_daemon("d", max_jobs=1, env={**FAST, "MONGOTUNE_LEASE_S": "3"})
-    wait_for(models, "k", lambda d: d.get("status") == "running" and (d.get("progress") or {}).get("step", 0)
-             > stopped["checkpoints"][-1]["step"], timeout_s=300)
+    wait_for(models, "k", lambda d: trained_past(d, stopped["checkpoints"][-1]["step"]), timeout_s=300)
     agents = [p for p in started_agents(daemons.values(), "k", 6) if p not in first + agents]
     pids = agents + [c for a in agents for c in children(a)]
     models.update_one({"_id": "k"}, {"$set": {"cancel": True}})
