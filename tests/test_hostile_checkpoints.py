@@ -14,8 +14,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from bson import ObjectId
 from gridfs import GridFSBucket
+from safetensors.torch import save_file
 
 from training import checkpoints, defaults
 from training.checkpoints import CheckpointRefused, LimitExceeded
@@ -217,7 +219,8 @@ def test_a_header_claiming_a_terabyte_is_refused_before_it_is_buffered(db, tmp_p
 def checkpoint_folder(tmp_path: Path, size: int = 64) -> Path:
     folder = tmp_path / f"folder-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
-    (folder / "adapter_model.safetensors").write_bytes(b"w" * size)
+    # real safetensors of about `size` bytes: a checkpoint's weights are checked finite before it is stored
+    save_file({"w": torch.full((size,), 7, dtype=torch.uint8)}, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_bytes(b"{}")
     (folder / "optimizer.pt").write_bytes(b"state")
     return folder
@@ -308,13 +311,15 @@ def test_resume_never_follows_a_forged_entry(db, tmp_path):
 
 def test_resume_takes_this_runs_newest_file_from_gridfs(db, tmp_path):
     victim = checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="victim", run=1, step=50)
-    ours = checkpoints.upload(db, checkpoint_folder(tmp_path, size=99), model_id="thief", run=1, step=4)
+    ours_folder = checkpoint_folder(tmp_path, size=99)
+    ours = checkpoints.upload(db, ours_folder, model_id="thief", run=1, step=4)
     checkpoints.upload(db, checkpoint_folder(tmp_path), model_id="thief", run=1, step=2)
     forged = {"_id": "thief", "run": 1, "attempts": 2, "checkpoints": [
         {"run": 1, "step": 4, "files_id": ours["files_id"]}, {"run": 1, "step": 50, "files_id": victim["files_id"]}]}
     folder = Path(resume_point(db, forged, tmp_path / "work"))
     assert folder == tmp_path / "work" / "resume" / "checkpoint-4"
-    assert (folder / "adapter_model.safetensors").read_bytes() == b"w" * 99
+    weights = "adapter_model.safetensors"
+    assert (folder / weights).read_bytes() == (ours_folder / weights).read_bytes()
     assert (folder / "optimizer.pt").read_bytes() == b"state", "unpacked for resuming"
 
 
