@@ -26,11 +26,24 @@ def interrupted(command: list[str]) -> subprocess.CompletedProcess:
     """Run a `listener` command as a person would, press Ctrl-C once its first line is out, and collect the rest."""
     environ = {k: v for k, v in os.environ.items() if k != defaults.ENV_URI}
     process = subprocess.Popen([sys.executable, "-m", "listener", *command], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=environ)
+                               stderr=subprocess.PIPE, text=True, env=environ, preexec_fn=as_from_a_terminal)
     first = process.stdout.readline()
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        status = open(f"/proc/{process.pid}/status").read()
+        process.kill()
+        pytest.fail(f"Ctrl-C did not stop {command[0]}: " + " ".join(line for line in status.splitlines()
+                                                                    if line.startswith(("SigBlk", "SigIgn"))))
     return subprocess.CompletedProcess(command, process.returncode, first + out, err)
+
+
+def as_from_a_terminal() -> None:
+    """A shell starts a command with SIGINT neither ignored nor blocked, whatever this test process inherited or
+    a library it ran left behind (a pytest-xdist worker once passed it on blocked)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_on_logs_follow_says_the_training_goes_on_and_how_to_cancel_it(server_uri, db):
