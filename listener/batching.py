@@ -175,14 +175,6 @@ class Queues:
     def waiting(self) -> bool:
         return bool(self._turns)
 
-    def full_batch(self) -> bool:
-        """Whether the next batch is whole already (`max_batch` requests that generate alike): more arrivals would
-        only make the batch after it, so it need not wait for them."""
-        if not self._turns:
-            return False
-        queue = self._queues[self._turns[0]]
-        return sum(item.batch_key == queue[0].batch_key for item in queue) >= self.settings.max_batch
-
     def next_batch(self) -> list[Queued]:
         """From the model whose turn it is: its oldest request and the next ones that generate alike."""
         model = self._turns.popleft()

@@ -143,8 +143,9 @@ class Serving:
         try:
             while True:
                 await self._ready.wait()
-                if not self.queues.full_batch():  # requests inserted together batch together; a full batch is one
-                    await self.arrivals.settled(self.settings.batch_window_s)
+                # requests inserted together batch together, and another model's request that arrived meanwhile is
+                # claimed before the next batch is chosen (a flood's full batches never run back to back past it)
+                await self.arrivals.settled(self.settings.batch_window_s)
                 if not self.queues.waiting() or (self._preloads and preload_due):
                     preload_due = False
                     async with self._turn:

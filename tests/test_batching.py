@@ -34,20 +34,6 @@ def test_models_take_turns_and_a_batch_holds_only_requests_that_generate_alike()
     assert ids_of(q.next_batch()) == ["a4"] and not q.waiting()
 
 
-def test_a_full_batch_is_known_whole_and_waits_for_no_more_arrivals():
-    """`full_batch` is what lets the serving loop skip the arrival gap: only `max_batch` requests that generate
-    alike, of the model whose turn it is, make one."""
-    q = queues(max_batch=2)
-    assert not q.full_batch()
-    for request in (spec("a1", "a"), spec("a2", "a", 0.7)):
-        q.hold(request)
-        q.enqueue(request)
-    assert not q.full_batch()  # two requests, but they do not generate alike
-    q.enqueue(spec("a3", "a"))
-    assert q.full_batch()
-    assert ids_of(q.next_batch()) == ["a1", "a3"] and not q.full_batch()
-
-
 def test_other_models_of_the_same_base_top_a_batch_up_once_the_base_is_known():
     q = queues(max_batch=3)
     for request in (spec("a1", "a"), spec("b1", "b"), spec("b2", "b"), spec("c1", "c")):
