@@ -25,6 +25,7 @@ from listener.serving import Serving
 from listener.settings import Settings
 from listener.status import REQUEST_TRANSITIONS
 from tests.documents import request
+from tests.test_claims import until
 from tests.test_status import run_with
 from training import defaults
 
@@ -217,16 +218,12 @@ def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pend
             nothing_pending = list(warm_ups)  # only a cancelled request was pending: no worker started
             await adb[defaults.REQUESTS].insert_one(request("lone", "m"))
             intake.wake()
-            async with asyncio.timeout(30):
-                while not warm_ups:
-                    await asyncio.sleep(0.02)
+            await until(lambda: warm_ups, 30)
             claimed_early = bool(intake.serving.queues.held()) or await adb[defaults.REQUESTS].find_one(
                 {"_id": "lone", "lease": {"$exists": True}}) is not None
             intake.serving.ready = True  # what `Serving.warm_up` does once the worker runs, before waking the intake
             intake.wake()
-            async with asyncio.timeout(30):
-                while '"lone"' not in intake.serving.queues.held():
-                    await asyncio.sleep(0.02)
+            await until(lambda: '"lone"' in intake.serving.queues.held(), 30)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -290,9 +287,7 @@ def test_a_round_that_raises_anything_ends_the_round_not_the_intake(server_uri, 
             await asyncio.sleep(0.2)
             assert not task.done(), "the intake loop ended"
             intake.wake()
-            async with asyncio.timeout(30):
-                while '"after"' not in intake.serving.queues.held():
-                    await asyncio.sleep(0.05)
+            await until(lambda: '"after"' in intake.serving.queues.held(), 30)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
