@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 ENV_LAUNCH = "MONGOTUNE_LAUNCH_FILE"  # set for a rank: the file holding the daemon's launch line
 ENV_PARENT_PID = "MONGOTUNE_PARENT_PID"  # set for a rank: the torchrun agent it must not outlive
 LAUNCH_FILE = "launch.json"
-EXIT_FILE = "exit-code"  # the node's, written by its first rank (the job's on node 0)
+EXIT_FILE = "exit-code"  # `exit-code.<rank>`, each rank's; its node's first rank's is the node's (the job's on node 0)
 PEER_GRACE_S = 2.0  # how long a failing rank waits to exit, so that torchrun sees a peer that died outright first
 RENDEZVOUS_TIMEOUT_S = 120  # how long a node's agent waits for the others at the rendezvous
 EXIT_BARRIER_S = 15  # how long node 0's agent, its ranks done, waits for the other nodes' agents to be done too
@@ -101,8 +101,6 @@ def exit_code(work: Path, code: int) -> int:
     if not ended:
         time.sleep(PEER_GRACE_S)
     _exit_file(work, rank).write_text(str(int(code)))
-    if local_rank() == 0:
-        (work / EXIT_FILE).write_text(str(int(code)))
     return 0 if ended else code
 
 
@@ -154,7 +152,7 @@ def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str], 
     if failures:
         _record_crash(db, match, failures, [r for r in ours if not _exit_file(work, r).exists()],
                       count * (node["count"] if node else 1))
-    recorded = work / EXIT_FILE
+    recorded = _exit_file(work, first_rank)
     if recorded.exists():
         return int(recorded.read_text())
     first = failures.get(first_rank)  # it left without recording: its own exit (lease lost, orphaned) is the node's
