@@ -81,6 +81,20 @@ def test_class5_listener_status_counts_statuses_of_any_bson_type_as_other(db, se
     assert {"done=1", "other=2"} <= set(shown.output[shown.output.index("requests: ") + 10:].strip().split(", "))
 
 
+def test_class5_listener_status_counts_a_status_nested_deeper_than_the_server_groups_as_other(db, server_uri):
+    """A request whose `status` nests ~975 levels deep (objects or arrays, as the embedded server stores them) made
+    the server fail the `$group` of every status (`InternalError`), and `listener status` exited 1 for everyone.
+    Each is a status users made up, counted as `other`; a request without a status is pending."""
+    for doc_id, status in ((1, nested_document(975)), (2, nested(975))):
+        insert_nested(db[defaults.REQUESTS], {"_id": doc_id, "model": "m", "input": "hi", "status": status})
+    db[defaults.REQUESTS].insert_many([{"_id": 3, "model": "m", "input": "hi", "status": "done"},
+                                       {"_id": 4, "model": "m", "input": "hi"}])
+    shown = CliRunner().invoke(cli, ["status", "--uri", server_uri, "--db", db.name])
+    assert shown.exit_code == 0, (repr(shown.exception)[:200], shown.output[-300:])
+    counts = set(shown.output[shown.output.index("requests: ") + 10:].strip().split(", "))
+    assert counts == {"done=1", "other=2", "pending=1"}, shown.output[-300:]
+
+
 def test_class5_listener_status_survives_one_model_nested_deeper_than_the_driver_decodes(db, server_uri):
     """Re-attack 21, finding 10. `listener status` reads every model's `progress`: one model whose `progress` nests
     ~975 deep (the embedded server stores it) made the whole command fail for everyone: the server's own

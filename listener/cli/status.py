@@ -126,10 +126,15 @@ def _readable(document) -> dict | None:
 
 
 def request_counts(database) -> dict[str, int]:
-    """Requests by status; statuses users made up are counted together as `other` (a line stays short)."""
+    """Requests by status; statuses users made up are counted together as `other` (a line stays short). The server
+    groups on the status only where it is a string: grouping on any value fails the whole `$group` for one status
+    nested ~975 levels deep (`InternalError`), and a value of another BSON type could not be hashed here."""
+    kept = {"$switch": {"branches": [
+        {"case": {"$eq": [{"$type": "$status"}, "string"]}, "then": "$status"},
+        {"case": {"$in": [{"$type": "$status"}, ["missing", "null"]]}, "then": Status.PENDING.value}],
+        "default": "other"}}
     counts: dict[str, int] = {}
-    for row in database[defaults.REQUESTS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}]):
-        status = Status.PENDING.value if row["_id"] is None else row["_id"]
-        name = status if type(status) is str and status in {s.value for s in Status} else "other"
+    for row in database[defaults.REQUESTS].aggregate([{"$group": {"_id": kept, "n": {"$sum": 1}}}]):
+        name = row["_id"] if row["_id"] in {s.value for s in Status} else "other"
         counts[name] = counts.get(name, 0) + row["n"]
     return counts
