@@ -4,10 +4,14 @@ bounded whatever a document holds, and no control character reaches the terminal
 import datetime as dt
 import threading
 
+import bson
 from bson import Code
+from bson.raw_bson import RawBSONDocument
 from click.testing import CliRunner
 
 from listener.cli.main import cli
+from listener.cli.status import SHOWN
+from listener.records import only
 from tests.documents import heartbeat, insert_nested, nested, nested_document
 from training import defaults
 from training.inert import MAX_LINE_CHARS
@@ -110,6 +114,16 @@ def test_class5_listener_status_survives_one_model_nested_deeper_than_the_driver
     rows = {line.split("│")[1].strip(): line for line in shown.output.splitlines() if line.count("│") > 2}
     assert {"fine", "deep", "after"} <= set(rows), shown.output
     assert "unreadable" in rows["deep"], rows["deep"]
+
+
+def test_class5_a_model_projected_here_whose_top_level_cannot_be_read_gives_none_not_an_exception():
+    """`records.only` projects a model the server could not project; bytes it cannot read even at the top level
+    (an unknown BSON type) raised InvalidBSON out of `listener status`, where `raw_id` gives None for them."""
+    bad = bytearray(bson.encode({"_id": 1, "status": "running"}))
+    bad[4] = 0x7F  # the `_id` element's type
+    assert only(RawBSONDocument(bytes(bad)), SHOWN) is None
+    kept = only(RawBSONDocument(bson.encode({"_id": 1, "status": "running", "other": 2})), SHOWN)
+    assert bson.decode(kept.raw) == {"_id": 1, "status": "running"}
 
 
 def test_class5_listener_status_survives_ids_nested_deeper_than_the_server_projects(db, server_uri):

@@ -97,14 +97,16 @@ def shown_models(database) -> list[tuple[Any, dict | None]]:
     """Each model's id and `SHOWN` fields; None for one nested deeper than the listener reads, which hides no other.
 
     Read raw and decoded one by one (the driver fails on the whole batch otherwise); should the server itself fail
-    to project one, every model is read whole and projected here.
+    to project one, every model is read whole and projected here (one whose top level cannot be read is shown
+    as unreadable, id and all).
     """
     models = raw(database[defaults.MODELS])
     try:
         found = models.find({}, SHOWN).to_list()
     except OperationFailure:
         found = [only(document, SHOWN) for document in models.find({})]
-    return [(_shown_id(document), _readable(document)) for document in found]
+    return [(_shown_id(document), _readable(document)) if document is not None else ("(unreadable)", None)
+            for document in found]
 
 
 def _shown_id(document):
