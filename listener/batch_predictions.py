@@ -26,8 +26,9 @@ import logging
 import uuid
 
 import bson
+from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
-from pymongo.errors import OperationFailure, WriteError
+from pymongo.errors import OperationFailure, PyMongoError, WriteError
 
 from listener import records
 from listener.serving import Serving
@@ -378,9 +379,13 @@ class CollectionJob:
 async def predict_collection(serving: Serving, spec: RequestSpec) -> None:
     """Run one collection request to its end; whatever stops it (database trouble, a reply the driver cannot
     decode, anything one document raises) is logged once and leaves it to the lease reaper, which retries it up
-    to the operator's max attempts: the job's task is its boundary, so nothing it meets ends the daemon's."""
+    to the operator's max attempts: the job's task is its boundary, so nothing it meets ends the daemon's. Anything
+    but the database's or the driver's trouble is a programming error: logged with its traceback."""
     try:
         await CollectionJob(serving, spec).answer_all()
-    except Exception as exc:  # noqa: BLE001 (the boundary of one document's job)
+    except (PyMongoError, BSONError) as exc:
         log.warning("predictions over %s for request %s stopped: %s: %.300s", spec.collection, ids.key(spec.id),
                     type(exc).__name__, exc)
+    except Exception as exc:  # the boundary of one document's job
+        log.exception("predictions over %s for request %s stopped: %s: %.300s", spec.collection, ids.key(spec.id),
+                      type(exc).__name__, exc)

@@ -421,7 +421,8 @@ def test_class2_one_document_nested_deeper_than_the_driver_decodes_never_stops_t
 
 def test_class2_whatever_one_collection_job_raises_ends_that_job_alone(client, db, caplog):
     """The job's task is its boundary: an error of a type nobody listed (here a KeyError from generation) is
-    logged once and leaves the request to the lease reaper, never an exception out of `predict_collection`."""
+    logged once, with its traceback (a programming error), and leaves the request to the lease reaper, never an
+    exception out of `predict_collection`."""
     caplog.set_level(logging.WARNING, logger="listener.batch_predictions")
     db.notes.insert_one({"_id": 0, "text": "ahoy"})
     document = collection_request("raises", "m", "notes")
@@ -440,7 +441,8 @@ def test_class2_whatever_one_collection_job_raises_ends_that_job_alone(client, d
             await async_client.close()
 
     asyncio.run(job())  # returns: nothing escapes the job
-    assert [r for r in caplog.records if "KeyError" in r.getMessage() and "raises" in r.getMessage()]
+    logged = [r for r in caplog.records if "KeyError" in r.getMessage() and "raises" in r.getMessage()]
+    assert logged and all(r.exc_info for r in logged), logged
     assert db[defaults.REQUESTS].find_one({"_id": "raises"})["status"] == "running"  # the reaper's to retry
 
 
