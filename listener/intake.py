@@ -86,7 +86,7 @@ class Intake:
             if self.stopping():
                 continue
             try:
-                if self.warm_first and not self.serving.ready and await self._warm_up():
+                if self.warm_first and not self.serving.worker_started and await self._warm_up():
                     continue
                 with self.serving.arrivals:  # a batch waits for the requests a claim in progress brings
                     await self.round()

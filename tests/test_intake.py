@@ -221,7 +221,7 @@ def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pend
             await until(lambda: warm_ups, 30)
             claimed_early = bool(intake.serving.queues.held()) or await adb[defaults.REQUESTS].find_one(
                 {"_id": "lone", "lease": {"$exists": True}}) is not None
-            intake.serving.ready = True  # what `Serving.warm_up` does once the worker runs, before waking the intake
+            intake.serving.worker_started = True  # what `Serving.warm_up` does once the worker runs, before waking the intake
             intake.wake()
             await until(lambda: '"lone"' in intake.serving.queues.held(), 30)
         finally:
@@ -230,6 +230,27 @@ def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pend
         return nothing_pending, claimed_early
 
     assert run_with(server_uri, db.name, work) == ([], False)
+
+
+def test_a_worker_start_that_fails_in_any_way_still_lets_the_intake_claim(server_uri, db, caplog):
+    """Only a `Failure` starting the worker let the daemon claim: any other exception (a bug) left it claiming
+    nothing, ever, while it heartbeat as healthy. However the start fails, the intake is woken to claim (its
+    requests then fail saying why) and the exception is logged with its traceback."""
+    async def work(adb):
+        intake = intake_for(adb, "d")
+        serving, woken = intake.serving, []
+        serving.on_room = lambda: woken.append(True)
+
+        async def broken():
+            raise RuntimeError("a bug starting the worker")
+
+        serving._running_worker = broken
+        serving.warm_up()
+        await serving._warming
+        return serving.worker_started, woken
+
+    assert run_with(server_uri, db.name, work) == (True, [True])
+    assert any(record.exc_info and "a bug starting the worker" in str(record.exc_info[1]) for record in caplog.records)
 
 
 def test_takeovers_count_toward_max_attempts(server_uri, db):
