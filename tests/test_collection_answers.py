@@ -125,6 +125,20 @@ def test_class1_the_listener_writes_only_fields_it_wrote_for_the_same_request(cl
     assert ended["status"] == "done" and ended["progress"] == {"done": 2, "total": 5, "skipped": 3}, ended
 
 
+@pytest.mark.parametrize("token", ["TOKEN", TOKEN + "\n", 12, None])
+def test_class1_an_answers_token_the_listener_never_drew_fails_the_request_naming_it(client, db, token):
+    """`answers_token` set by a writer to anything but a token's shape (32 lowercase hex digits; a trailing newline
+    passes the server's `$` but is no token) was taken as read back: the request fails naming the field, and
+    writes nothing. A request without one draws one, and its answers carry it."""
+    db.notes.insert_one({"_id": 0, "text": "a note"})
+    ended = run_job(client, db, {**collection_request("odd", "m", "notes"), "answers_token": token})
+    assert ended["status"] == "failed" and ended["error"]["field"] == "answers_token", ended
+    assert "answer" not in db.notes.find_one({"_id": 0})
+    drawn = run_job(client, db, collection_request("plain", "m", "notes"))
+    assert drawn["status"] == "done" and len(drawn["answers_token"]) == 32, drawn
+    assert db.notes.find_one({"_id": 0})["answer"]["token"] == drawn["answers_token"]
+
+
 def test_class2_a_document_gone_before_its_answer_lands_ends_the_job(client, db):
     """A write that matches nothing (the document deleted while the model generated; on MongoDB also `_id`s the
     driver cannot send back as read, or a view) is skipped and counted: the job never fetches it again."""
