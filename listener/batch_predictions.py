@@ -25,6 +25,7 @@ import asyncio
 import logging
 import re
 import uuid
+from dataclasses import dataclass
 
 import bson
 from bson.errors import BSONError
@@ -52,24 +53,36 @@ def _value(document: dict, path: str):
     return document
 
 
-def render(spec: RequestSpec, document: dict, max_chars: int) -> str:
-    """The prompt for one document; ValueError naming the field when it cannot be used. Its length is counted
-    from the fields' lengths before it is built: a template repeating a large field never builds more than the
-    operator's limit."""
-    values = {}
-    for name in input_fields(spec.input):
-        value = _value(document, name)
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"field {name!r} is missing or not text")
-        values[name] = str(value)
-    if TEMPLATE_FIELD.search(spec.input):  # text, field, text, ..., text: the pieces refer to the values, unbuilt
-        pieces = [values[part] if n % 2 else part for n, part in enumerate(TEMPLATE_FIELD.split(spec.input))]
-    else:
-        pieces = [values[spec.input]]
-    length = sum(map(len, pieces))
-    if length > max_chars:
-        raise ValueError(f"the input is {length:,} characters, over the operator's limit of {max_chars:,}")
-    return "".join(pieces)
+@dataclass(frozen=True)
+class Prompt:
+    """A request's `input`, split once per job: the fields it reads (and their paths), and the prompt's pieces,
+    text and field names in turn (text, field, text, ..., text; one field named is `("", field, "")`)."""
+
+    fields: tuple[str, ...]
+    paths: tuple[tuple[str, ...], ...]
+    pieces: tuple[str, ...]
+
+    @classmethod
+    def of(cls, text: str) -> "Prompt":
+        fields = tuple(input_fields(text))
+        pieces = tuple(TEMPLATE_FIELD.split(text)) if TEMPLATE_FIELD.search(text) else ("", text, "")
+        return cls(fields, tuple(tuple(name.split(".")) for name in fields), pieces)
+
+    def render(self, document: dict, max_chars: int) -> str:
+        """The prompt for one document; ValueError naming the field when it cannot be used. Its length is counted
+        from the fields' lengths before it is built: a template repeating a large field never builds more than the
+        operator's limit."""
+        values = {}
+        for name in self.fields:
+            value = _value(document, name)
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(f"field {name!r} is missing or not text")
+            values[name] = str(value)
+        pieces = [values[part] if n % 2 else part for n, part in enumerate(self.pieces)]  # the values, unbuilt
+        length = sum(map(len, pieces))
+        if length > max_chars:
+            raise ValueError(f"the input is {length:,} characters, over the operator's limit of {max_chars:,}")
+        return "".join(pieces)
 
 
 # Documents one job may fail to write (or read) before it fails: each `_id` stays in every later query, which the
@@ -109,12 +122,15 @@ class CollectionJob:
         self.unwritable_bytes = 0
         self.uuid = None  # the collection's, once the job has found it: the name must keep naming that one
         self.token = None  # the request's answers token, once the job has it (`_token`)
+        self.ours: dict = {}  # what this request may write (`_ours`), once the token is known
+        self.prompt = Prompt.of(spec.input)
 
     async def answer_all(self) -> None:
         try:
             self.token = await self._token()
             if self.token is None:
                 return  # no longer this daemon's to run
+            self.ours = self._ours()
             model, entry = await self.serving.resolve(self.spec.model, self.spec.checkpoint)
             used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
             if not await self._pass(model, entry, used):
@@ -153,7 +169,7 @@ class CollectionJob:
     async def _counts(self, base: dict, used) -> tuple[int, int, int]:
         """How many documents match: answered already, in all, and someone else's (skipped)."""
         total = await self.target.count_documents(base)
-        skipped = await self.target.count_documents({"$and": [base, {"$nor": [self._ours()]}]})
+        skipped = await self.target.count_documents({"$and": [base, {"$nor": [self.ours]}]})
         return total - skipped - await self.target.count_documents(self._todo(base, used)), total, skipped
 
     async def _read(self, read):
@@ -227,7 +243,7 @@ class CollectionJob:
 
     def _todo(self, base: dict, used) -> dict:
         """What is left: documents it may write that lack an answer from `used`, past those that failed."""
-        todo = [base, self._ours(), {f"{self.spec.output_field}.checkpoint": {"$ne": used}}]
+        todo = [base, self.ours, {f"{self.spec.output_field}.checkpoint": {"$ne": used}}]
         return {"$and": todo + ([{"_id": {"$nin": self.unwritable}}] if self.unwritable else [])}
 
     def _too_many_unwritable(self) -> str:
@@ -240,8 +256,8 @@ class CollectionJob:
         prompts, writes = [], {}
         for document in batch:
             try:
-                prompts.append((document["_id"], render(self.spec, document,
-                                                        self.serving.settings.limits.max_input_chars)))
+                prompts.append((document["_id"], self.prompt.render(
+                    document, self.serving.settings.limits.max_input_chars)))
             except ValueError as exc:
                 writes[ids.key(document["_id"])] = (document["_id"], {"error": str(exc)})
         if prompts:
@@ -258,7 +274,7 @@ class CollectionJob:
         owner took out of it while the model generated gets none); one it cannot land on is logged and skipped."""
         try:
             result = await self.target.update_one({"$and": [{"_id": ids.eq(doc_id)}, self.spec.filter or {},
-                                                            self._ours()]},
+                                                            self.ours]},
                                                   {"$set": {self.spec.output_field: answer}})
             if result.matched_count:
                 return True
@@ -319,7 +335,7 @@ class CollectionJob:
         if change["operationType"] == "update" and not await self._touched(change["updateDescription"]):
             return  # an answer written, or another field: nothing to answer again
         chunk = await self._next({"$and": [{"_id": ids.eq(change["documentKey"]["_id"])},
-                                           self.spec.filter or {}, self._ours()]})
+                                           self.spec.filter or {}, self.ours]})
         if chunk:
             batch, unreadable = self._decoded(chunk)
             missed = len(unreadable + await self._answer(batch, model, entry, used))
@@ -342,24 +358,23 @@ class CollectionJob:
             description = records.decoded(raw)
         except SpecError:
             return True
-        fields = [name.split(".") for name in input_fields(self.spec.input)]
-        roots = {field[0] for field in fields}
+        roots = {field[0] for field in self.prompt.paths}
         if any(name.split(".")[0] in roots for name in description.get("removedFields") or []):
             return True
         for name, value in (description.get("updatedFields") or {}).items():
-            path = name.split(".")
-            for field in fields:
-                under = field[len(path):] if field[:len(path)] == path else []  # the input's path inside `value`
+            path = tuple(name.split("."))
+            for field in self.prompt.paths:
+                under = field[len(path):] if field[:len(path)] == path else ()  # the input's path inside `value`
                 if path[0] == field[0] and not await self._holds_answer(path, value, under):
                     return True
         return False
 
-    async def _holds_answer(self, path: list[str], value, under: list[str]) -> bool:
+    async def _holds_answer(self, path: tuple[str, ...], value, under: tuple[str, ...]) -> bool:
         """Whether `value`, written at `path`, is an answer, or holds one along `under`."""
         while not (is_answer(value) and await self._answered_at(".".join(path), value["request"], value["token"])):
             if not under or not isinstance(value, dict):
                 return False
-            path, value, under = [*path, under[0]], value.get(under[0]), under[1:]
+            path, value, under = (*path, under[0]), value.get(under[0]), under[1:]
         return True
 
     async def _answered_at(self, path: str, request_id, token) -> bool:

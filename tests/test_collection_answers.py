@@ -15,7 +15,7 @@ import tracemalloc
 import pytest
 from pymongo import AsyncMongoClient, MongoClient
 
-from listener.batch_predictions import CollectionJob, predict_collection, render
+from listener.batch_predictions import CollectionJob, Prompt, predict_collection
 from listener.embedded import EmbeddedServer, free_port
 from listener.forks import Forks
 from listener.processes import wait_until
@@ -562,7 +562,7 @@ def test_class2_a_change_stream_the_server_fails_is_opened_again_and_the_watch_g
 
 
 def test_class2_a_template_never_builds_more_than_the_input_cap(limits):
-    """`render` substitutes every placeholder before it compares the prompt's length with `max_input_chars`: a
+    """`Prompt.render` substitutes every placeholder before it compares the prompt's length with `max_input_chars`: a
     template of 32,000 characters ("{a}" 10,666 times) over a document whose `a` is a 15 MB string builds a
     160 GB string in the daemon's own process (MemoryError, or the OOM killer ends the daemon where it fits in
     memory). Here 6,400 placeholders over 50 kB: the refusal must come without building 320 MB."""
@@ -571,7 +571,7 @@ def test_class2_a_template_never_builds_more_than_the_input_cap(limits):
     tracemalloc.start()
     try:
         with pytest.raises(ValueError, match="over the operator's limit"):
-            render(spec, {"_id": 1, "a": "x" * 50_000}, 32_000)
+            Prompt.of(spec.input).render({"_id": 1, "a": "x" * 50_000}, 32_000)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
