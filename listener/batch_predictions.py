@@ -24,6 +24,7 @@ Generation goes through the daemon's serving worker (`Serving.generate`), one ch
 import asyncio
 import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from training.inference import normalised
 log = logging.getLogger(__name__)
 
 CANCEL_CHECK_S = 2.0  # how often a watching request looks for `cancel: true`
+REOPEN_MAX_S = 60.0  # the longest wait before a watch opens a failed stream again (see `_watch`)
 WATCHED = [{"$match": {"operationType": {"$in": ["insert", "update", "replace", "invalidate"]}}}]
 
 
@@ -146,18 +148,24 @@ class CollectionJob:
         except SpecError as exc:
             await self.serving.refuse(self.spec.id, exc)
 
-    async def _pass(self, model: dict, entry: dict | None, used) -> bool:
+    async def _pass(self, model: dict, entry: dict | None, used, counted: bool = True) -> bool:
         """Answer every matching document that lacks an answer from `used`; False if the job ended meanwhile
-        (cancelled, or failed past the documents it may skip)."""
+        (cancelled, or failed past the documents it may skip). The first pass counts the matching documents and
+        sets `progress`; a watch's catch-up pass (`counted` False) adds what it answers to `progress` instead, as
+        the watch does, without the counts' three scans of the collection."""
         base = self.spec.filter or {}
-        done, total, skipped = await self._read(lambda: self._counts(base, used))
-        await self._progress(done, total, skipped)
+        if counted:
+            done, total, skipped = await self._read(lambda: self._counts(base, used))
+            await self._progress(done, total, skipped)
         while chunk := await self._next(self._todo(base, used)):
             batch, unreadable = self._decoded(chunk)
             missed = unreadable + await self._answer(batch, model, entry, used)
             self._leave_out(missed)
-            done, skipped = done + len(chunk) - len(missed), skipped + len(missed)
-            await self._progress(min(done, total), total, skipped)
+            if counted:
+                done, skipped = done + len(chunk) - len(missed), skipped + len(missed)
+                await self._progress(min(done, total), total, skipped)
+            else:
+                await self._count(done=len(chunk) - len(missed), skipped=len(missed))
             if len(self.unwritable) > MAX_UNWRITABLE or self.unwritable_bytes > MAX_UNWRITABLE_BYTES:
                 await self.serving.fail(self.spec.id, self._too_many_unwritable())
                 return False
@@ -293,17 +301,32 @@ class CollectionJob:
         (one whose `_id` nests deeper than it can put in an event, history it no longer holds) is opened again
         from now, and a pass answers what lacks an answer meanwhile: one writer's insert never ends the watch.
         Only changes to the input fields of documents already answered, between that event and the new stream,
-        go unanswered."""
-        caught_up, wait_ms = True, int(CANCEL_CHECK_S * 1000)  # the first pass has just run
+        go unanswered. Each stream that fails within `REOPEN_MAX_S` of being followed doubles the wait before the
+        next one, from `CANCEL_CHECK_S` up to `REOPEN_MAX_S`: a writer who keeps making streams fail (inserting
+        such `_id`s) gets a pass over the collection about once a minute, not every few seconds."""
+        caught_up, wait_ms, pause = True, int(CANCEL_CHECK_S * 1000), CANCEL_CHECK_S  # the first pass has just run
         while True:
             async with await records.raw(self.target).watch(WATCHED, max_await_time_ms=wait_ms) as changes:
-                if not caught_up and not await self._pass(model, entry, used):
+                if not caught_up and not await self._pass(model, entry, used, counted=False):
                     return
                 log.info("watching %s for request %s", self.spec.collection, ids.key(self.spec.id))
+                followed = time.monotonic()
                 if not await self._follow(changes, model, entry, used):
                     return
-            await asyncio.sleep(CANCEL_CHECK_S)  # at most one new stream and pass this often, whatever fails
-            caught_up = False
+            pause = CANCEL_CHECK_S if time.monotonic() - followed > REOPEN_MAX_S else pause
+            if not await self._waited(pause):
+                return
+            caught_up, pause = False, min(2 * pause, REOPEN_MAX_S)
+
+    async def _waited(self, seconds: float) -> bool:
+        """Wait `seconds`, looking for `cancel: true` as often as a watch does; False if the request ended."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(CANCEL_CHECK_S, left))
+            if await self._cancelled():
+                await self._end_cancelled()
+                return False
+        return True
 
     async def _follow(self, changes, model: dict, entry: dict | None, used) -> bool:
         """Answer what the stream reports until the request is cancelled or the collection goes (the request
@@ -342,9 +365,9 @@ class CollectionJob:
             await self._count(done=1 - missed, skipped=missed)
 
     async def _count(self, done: int, skipped: int) -> None:
-        """Count one watched document in the request's progress: answered, or skipped."""
+        """Count watched documents in the request's progress: answered, and skipped."""
         await self.requests.update_one({"_id": ids.eq(self.spec.id), **self._mine()}, {"$inc": {
-            "progress.done": done, "progress.skipped": skipped, "progress.total": 1}})
+            "progress.done": done, "progress.skipped": skipped, "progress.total": done + skipped}})
 
     async def _end_cancelled(self) -> None:
         await transition(self.requests, self.spec.id, Status.RUNNING, Status.CANCELLED, REQUEST_TRANSITIONS,
