@@ -10,9 +10,10 @@ long as they have documents to answer, and watching ones until cancelled, so the
 places of their own (`max_collection_jobs`, and `max_collection_jobs_per_model` for one model over one
 collection: anyone may name any model, so requests over one writer's collections never take the places
 of requests over another's): long-lived work never takes an interactive request's place, nor the other
-way round. A batch starts as soon as
-the requests inserted with its first one are claimed (`Arrivals`), never later than the operator's
-`batch_window_s`, and at once when it is full already.
+way round. Every batch waits until
+the requests inserted with its first one are claimed (`Arrivals`), a full one too (another model's request
+arriving meanwhile is claimed before the next batch is chosen), never longer than the operator's
+`batch_window_s`.
 """
 
 import asyncio
@@ -58,9 +59,9 @@ class Arrivals:
     milliseconds each, more on a busy machine), so the batch holds every request inserted together, and a
     lone one starts after `ARRIVAL_GAP_S` rather than the whole window. The gap is twice the longest pause
     seen so far in this wait, if longer, so a slow stream does not split a burst. No gap at all once the
-    last claim round saw every pending request (`all_claimed`, until the next event): the requests inserted
-    with the batch's are in it already (an `insert_many` is visible whole on the embedded server), so a
-    lone request is generated as soon as it is claimed.
+    last claim round saw every pending request (`all_claimed`, until the next event or claim round begins:
+    each enters here): the requests inserted with the batch's are in it already (an `insert_many` is visible
+    whole on the embedded server), so a lone request is generated as soon as it is claimed.
     """
 
     def __init__(self):
