@@ -107,10 +107,11 @@ async def _within(event: asyncio.Event, seconds: float) -> bool:
     return True
 
 
-def share_of(spec: RequestSpec):
+def share_of(model, collection: str | None = None):
     """Whose places a request takes: its model's, and for a request over a collection, its model's over that
-    collection (the collection being whose data it is)."""
-    return spec.model if spec.collection is None else [spec.model, spec.collection]
+    collection (the collection being whose data it is). The intake applies it to pending documents before
+    they are parsed, this module to claimed requests."""
+    return model if collection is None else [model, collection]
 
 
 class Queues:
@@ -145,15 +146,19 @@ class Queues:
         every place, nor one collection's every place of a model."""
         cap = self.settings.max_collection_jobs_per_model if collection else self.settings.max_queue_per_model
         wanted = ids.key(share)
-        return cap - sum(1 for spec in self._of_kind(collection) if ids.key(share_of(spec)) == wanted)
+        return cap - sum(1 for held in self._shares(collection) if ids.key(held) == wanted)
 
     def full(self, collection: bool = False) -> list:
         """The shares (`share_of`) with no room left here for requests of this kind."""
-        held = {ids.key(share_of(spec)): share_of(spec) for spec in self._of_kind(collection)}
+        held = {ids.key(share): share for share in self._shares(collection)}
         return [share for share in held.values() if self.room_for(share, collection) <= 0]
 
     def _of_kind(self, collection: bool) -> list[RequestSpec]:
         return [spec for spec in self._held.values() if (spec.collection is not None) == collection]
+
+    def _shares(self, collection: bool) -> list:
+        """The share of each request of this kind held here, one per request."""
+        return [share_of(spec.model, spec.collection) for spec in self._of_kind(collection)]
 
     def hold(self, spec: RequestSpec) -> bool:
         """Count a claimed request as held here; False if it already is (claimed again while held)."""

@@ -42,6 +42,7 @@ from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure, PyMongoError
 
+from listener.batching import share_of
 from listener.leases import fail_malformed, fail_undecodable, lease
 from listener.records import BadRecord, RequestState, SkipLog, decoded, parse, raw, raw_id
 from listener.status import (REQUEST_TRANSITIONS, Status, now, query_for, status_filter, transition, transition_each,
@@ -299,7 +300,7 @@ def _share(document: dict, kind: bool):
     model, collection = document.get("model"), document.get("collection")
     if not _plain(model) or kind and not isinstance(collection, str):
         return None
-    return [model, collection] if kind else model
+    return share_of(model, collection if kind else None)
 
 
 def _over_collection(document: dict) -> bool:
