@@ -8,9 +8,10 @@ generating) is what this daemon claims more against: `free` in all, `room_for` o
 model's flood never takes every place. Requests over a collection (`collection` given) run for as
 long as they have documents to answer, and watching ones until cancelled, so they count against
 places of their own (`max_collection_jobs`, and `max_collection_jobs_per_model` for one model over one
-collection: anyone may name any model, so requests over one writer's collections never take the places
-of requests over another's): long-lived work never takes an interactive request's place, nor the other
-way round. Every batch waits until
+collection: anyone may name any model, so requests over one collection never take the places of that
+model's requests over another; the places are the named collection's, not its writer's, and anyone may name
+any collection listed for answers, so another writer's requests can fill a model's places over yours):
+long-lived work never takes an interactive request's place, nor the other way round. Every batch waits until
 the requests inserted with its first one are claimed (`Arrivals`), a full one too (another model's request
 arriving meanwhile is claimed before the next batch is chosen), never longer than the operator's
 `batch_window_s`.

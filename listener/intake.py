@@ -9,8 +9,9 @@ one each. A round costs the database the same whatever its size:
    hides another model's lone request. Requests over a collection, which run long (watching ones until
    cancelled), are claimed against places of their own (`Queues.free(collection=True)`), in a find of
    their own, so a flood of them (junk included) never fills the finds of interactive requests; their
-   shares are a model's over one collection (`$nor` of the full pairs), so requests over one writer's
-   collections naming another's model never hide that model's requests over other collections;
+   shares are a model's over one collection (`$nor` of the full pairs), so requests naming a model over one
+   collection never hide that model's requests over other collections (whoever writes them: a writer may
+   fill the pair of another's model and another's listed collection);
 2. one `update_many` that moves those still pending, not cancelled and not out of attempts to
    `running` under this daemon's lease, marked with this claim's id;
 3. only if that moved fewer than it was given (another daemon took some first): one `find` of
