@@ -23,11 +23,15 @@ Generation goes through the daemon's serving worker (`Serving.generate`), one ch
 
 import asyncio
 import logging
+import re
+import time
 import uuid
+from dataclasses import dataclass
 
 import bson
+from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
-from pymongo.errors import OperationFailure, WriteError
+from pymongo.errors import OperationFailure, PyMongoError, WriteError
 
 from listener import records
 from listener.serving import Serving
@@ -41,6 +45,7 @@ from training.inference import normalised
 log = logging.getLogger(__name__)
 
 CANCEL_CHECK_S = 2.0  # how often a watching request looks for `cancel: true`
+REOPEN_MAX_S = 60.0  # the longest wait before a watch opens a failed stream again (see `_watch`)
 WATCHED = [{"$match": {"operationType": {"$in": ["insert", "update", "replace", "invalidate"]}}}]
 
 
@@ -50,24 +55,36 @@ def _value(document: dict, path: str):
     return document
 
 
-def render(spec: RequestSpec, document: dict, max_chars: int) -> str:
-    """The prompt for one document; ValueError naming the field when it cannot be used. Its length is counted
-    from the fields' lengths before it is built: a template repeating a large field never builds more than the
-    operator's limit."""
-    values = {}
-    for name in input_fields(spec.input):
-        value = _value(document, name)
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"field {name!r} is missing or not text")
-        values[name] = str(value)
-    if TEMPLATE_FIELD.search(spec.input):  # text, field, text, ..., text: the pieces refer to the values, unbuilt
-        pieces = [values[part] if n % 2 else part for n, part in enumerate(TEMPLATE_FIELD.split(spec.input))]
-    else:
-        pieces = [values[spec.input]]
-    length = sum(map(len, pieces))
-    if length > max_chars:
-        raise ValueError(f"the input is {length:,} characters, over the operator's limit of {max_chars:,}")
-    return "".join(pieces)
+@dataclass(frozen=True)
+class Prompt:
+    """A request's `input`, split once per job: the fields it reads (and their paths), and the prompt's pieces,
+    text and field names in turn (text, field, text, ..., text; one field named is `("", field, "")`)."""
+
+    fields: tuple[str, ...]
+    paths: tuple[tuple[str, ...], ...]
+    pieces: tuple[str, ...]
+
+    @classmethod
+    def of(cls, text: str) -> "Prompt":
+        fields = tuple(input_fields(text))
+        pieces = tuple(TEMPLATE_FIELD.split(text)) if TEMPLATE_FIELD.search(text) else ("", text, "")
+        return cls(fields, tuple(tuple(name.split(".")) for name in fields), pieces)
+
+    def render(self, document: dict, max_chars: int) -> str:
+        """The prompt for one document; ValueError naming the field when it cannot be used. Its length is counted
+        from the fields' lengths before it is built: a template repeating a large field never builds more than the
+        operator's limit."""
+        values = {}
+        for name in self.fields:
+            value = _value(document, name)
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(f"field {name!r} is missing or not text")
+            values[name] = str(value)
+        pieces = [values[part] if n % 2 else part for n, part in enumerate(self.pieces)]  # the values, unbuilt
+        length = sum(map(len, pieces))
+        if length > max_chars:
+            raise ValueError(f"the input is {length:,} characters, over the operator's limit of {max_chars:,}")
+        return "".join(pieces)
 
 
 # Documents one job may fail to write (or read) before it fails: each `_id` stays in every later query, which the
@@ -75,7 +92,7 @@ def render(spec: RequestSpec, document: dict, max_chars: int) -> str:
 MAX_UNWRITABLE = 1_000
 MAX_UNWRITABLE_BYTES = 2**20
 TOKEN = "answers_token"  # the request's field: a token its first job draws, which its answers carry (`_token`)
-TOKEN_SHAPE = "^[0-9a-f]{32}$"  # as drawn (`uuid4().hex`); a value of any other shape is replaced at the job's start
+TOKEN_SHAPE = "[0-9a-f]{32}"  # as drawn (`uuid4().hex`); a value of any other shape fails the request (`_token`)
 ANSWER_KEYS = ({"text", "checkpoint", "request", "token"}, {"error", "checkpoint", "request", "token"})
 
 
@@ -107,12 +124,15 @@ class CollectionJob:
         self.unwritable_bytes = 0
         self.uuid = None  # the collection's, once the job has found it: the name must keep naming that one
         self.token = None  # the request's answers token, once the job has it (`_token`)
+        self.ours: dict = {}  # what this request may write (`_ours`), once the token is known
+        self.prompt = Prompt.of(spec.input)
 
     async def answer_all(self) -> None:
         try:
             self.token = await self._token()
             if self.token is None:
                 return  # no longer this daemon's to run
+            self.ours = self._ours()
             model, entry = await self.serving.resolve(self.spec.model, self.spec.checkpoint)
             used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
             if not await self._pass(model, entry, used):
@@ -128,18 +148,24 @@ class CollectionJob:
         except SpecError as exc:
             await self.serving.refuse(self.spec.id, exc)
 
-    async def _pass(self, model: dict, entry: dict | None, used) -> bool:
+    async def _pass(self, model: dict, entry: dict | None, used, counted: bool = True) -> bool:
         """Answer every matching document that lacks an answer from `used`; False if the job ended meanwhile
-        (cancelled, or failed past the documents it may skip)."""
+        (cancelled, or failed past the documents it may skip). The first pass counts the matching documents and
+        sets `progress`; a watch's catch-up pass (`counted` False) adds what it answers to `progress` instead, as
+        the watch does, without the counts' three scans of the collection."""
         base = self.spec.filter or {}
-        done, total, skipped = await self._read(lambda: self._counts(base, used))
-        await self._progress(done, total, skipped)
+        if counted:
+            done, total, skipped = await self._read(lambda: self._counts(base, used))
+            await self._progress(done, total, skipped)
         while chunk := await self._next(self._todo(base, used)):
             batch, unreadable = self._decoded(chunk)
             missed = unreadable + await self._answer(batch, model, entry, used)
             self._leave_out(missed)
-            done, skipped = done + len(chunk) - len(missed), skipped + len(missed)
-            await self._progress(min(done, total), total, skipped)
+            if counted:
+                done, skipped = done + len(chunk) - len(missed), skipped + len(missed)
+                await self._progress(min(done, total), total, skipped)
+            else:
+                await self._count(done=len(chunk) - len(missed), skipped=len(missed))
             if len(self.unwritable) > MAX_UNWRITABLE or self.unwritable_bytes > MAX_UNWRITABLE_BYTES:
                 await self.serving.fail(self.spec.id, self._too_many_unwritable())
                 return False
@@ -151,7 +177,7 @@ class CollectionJob:
     async def _counts(self, base: dict, used) -> tuple[int, int, int]:
         """How many documents match: answered already, in all, and someone else's (skipped)."""
         total = await self.target.count_documents(base)
-        skipped = await self.target.count_documents({"$and": [base, {"$nor": [self._ours()]}]})
+        skipped = await self.target.count_documents({"$and": [base, {"$nor": [self.ours]}]})
         return total - skipped - await self.target.count_documents(self._todo(base, used)), total, skipped
 
     async def _read(self, read):
@@ -194,13 +220,21 @@ class CollectionJob:
         """The request's answers token: drawn by the first job that runs it and kept for its retries, so a job
         resumes over its own answers. Answers name their request by it as well as by `_id`: a request the TTL
         deleted lends its `_id` to whoever inserts the next one, which then has another token (or one copied from
-        the first one's document, which whoever may update `_requests` could rewrite anyway). None when the
-        request is no longer this daemon's."""
-        mine = {"_id": ids.eq(self.spec.id), **self._mine()}
-        await self.requests.update_one({**mine, TOKEN: {"$not": {"$regex": TOKEN_SHAPE}}},
-                                       {"$set": {TOKEN: uuid.uuid4().hex}})
+        the first one's document, which whoever may update `_requests` could rewrite anyway, so one set at insert
+        is kept too). One round trip where the request has none yet; a value of any other shape than a drawn
+        token's was never drawn here, and fails the request naming the field. None when the request is no longer
+        this daemon's."""
+        mine, drawn = {"_id": ids.eq(self.spec.id), **self._mine()}, uuid.uuid4().hex
+        if (await self.requests.update_one({**mine, TOKEN: {"$exists": False}},
+                                           {"$set": {TOKEN: drawn}})).modified_count:
+            return drawn
         found = await self.requests.find_one(mine, {TOKEN: 1})
-        return found and found.get(TOKEN)
+        if found is None:
+            return None
+        if not isinstance(found.get(TOKEN), str) or not re.fullmatch(TOKEN_SHAPE, found[TOKEN]):
+            raise SpecError(TOKEN, "is not a token the listener drew (32 lowercase hex digits): remove the field, "
+                                   "and the request's first job draws one")
+        return found[TOKEN]
 
     def _ours(self) -> dict:
         """Documents this request may write: `output_field` and every parent of it absent (an answer never goes
@@ -217,7 +251,7 @@ class CollectionJob:
 
     def _todo(self, base: dict, used) -> dict:
         """What is left: documents it may write that lack an answer from `used`, past those that failed."""
-        todo = [base, self._ours(), {f"{self.spec.output_field}.checkpoint": {"$ne": used}}]
+        todo = [base, self.ours, {f"{self.spec.output_field}.checkpoint": {"$ne": used}}]
         return {"$and": todo + ([{"_id": {"$nin": self.unwritable}}] if self.unwritable else [])}
 
     def _too_many_unwritable(self) -> str:
@@ -230,8 +264,8 @@ class CollectionJob:
         prompts, writes = [], {}
         for document in batch:
             try:
-                prompts.append((document["_id"], render(self.spec, document,
-                                                        self.serving.settings.limits.max_input_chars)))
+                prompts.append((document["_id"], self.prompt.render(
+                    document, self.serving.settings.limits.max_input_chars)))
             except ValueError as exc:
                 writes[ids.key(document["_id"])] = (document["_id"], {"error": str(exc)})
         if prompts:
@@ -248,7 +282,7 @@ class CollectionJob:
         owner took out of it while the model generated gets none); one it cannot land on is logged and skipped."""
         try:
             result = await self.target.update_one({"$and": [{"_id": ids.eq(doc_id)}, self.spec.filter or {},
-                                                            self._ours()]},
+                                                            self.ours]},
                                                   {"$set": {self.spec.output_field: answer}})
             if result.matched_count:
                 return True
@@ -267,17 +301,32 @@ class CollectionJob:
         (one whose `_id` nests deeper than it can put in an event, history it no longer holds) is opened again
         from now, and a pass answers what lacks an answer meanwhile: one writer's insert never ends the watch.
         Only changes to the input fields of documents already answered, between that event and the new stream,
-        go unanswered."""
-        caught_up, wait_ms = True, int(CANCEL_CHECK_S * 1000)  # the first pass has just run
+        go unanswered. Each stream that fails within `REOPEN_MAX_S` of being followed doubles the wait before the
+        next one, from `CANCEL_CHECK_S` up to `REOPEN_MAX_S`: a writer who keeps making streams fail (inserting
+        such `_id`s) gets a pass over the collection about once a minute, not every few seconds."""
+        caught_up, wait_ms, pause = True, int(CANCEL_CHECK_S * 1000), CANCEL_CHECK_S  # the first pass has just run
         while True:
             async with await records.raw(self.target).watch(WATCHED, max_await_time_ms=wait_ms) as changes:
-                if not caught_up and not await self._pass(model, entry, used):
+                if not caught_up and not await self._pass(model, entry, used, counted=False):
                     return
                 log.info("watching %s for request %s", self.spec.collection, ids.key(self.spec.id))
+                followed = time.monotonic()
                 if not await self._follow(changes, model, entry, used):
                     return
-            await asyncio.sleep(CANCEL_CHECK_S)  # at most one new stream and pass this often, whatever fails
-            caught_up = False
+            pause = CANCEL_CHECK_S if time.monotonic() - followed > REOPEN_MAX_S else pause
+            if not await self._waited(pause):
+                return
+            caught_up, pause = False, min(2 * pause, REOPEN_MAX_S)
+
+    async def _waited(self, seconds: float) -> bool:
+        """Wait `seconds`, looking for `cancel: true` as often as a watch does; False if the request ended."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(CANCEL_CHECK_S, left))
+            if await self._cancelled():
+                await self._end_cancelled()
+                return False
+        return True
 
     async def _follow(self, changes, model: dict, entry: dict | None, used) -> bool:
         """Answer what the stream reports until the request is cancelled or the collection goes (the request
@@ -309,16 +358,16 @@ class CollectionJob:
         if change["operationType"] == "update" and not await self._touched(change["updateDescription"]):
             return  # an answer written, or another field: nothing to answer again
         chunk = await self._next({"$and": [{"_id": ids.eq(change["documentKey"]["_id"])},
-                                           self.spec.filter or {}, self._ours()]})
+                                           self.spec.filter or {}, self.ours]})
         if chunk:
             batch, unreadable = self._decoded(chunk)
             missed = len(unreadable + await self._answer(batch, model, entry, used))
             await self._count(done=1 - missed, skipped=missed)
 
     async def _count(self, done: int, skipped: int) -> None:
-        """Count one watched document in the request's progress: answered, or skipped."""
+        """Count watched documents in the request's progress: answered, and skipped."""
         await self.requests.update_one({"_id": ids.eq(self.spec.id), **self._mine()}, {"$inc": {
-            "progress.done": done, "progress.skipped": skipped, "progress.total": 1}})
+            "progress.done": done, "progress.skipped": skipped, "progress.total": done + skipped}})
 
     async def _end_cancelled(self) -> None:
         await transition(self.requests, self.spec.id, Status.RUNNING, Status.CANCELLED, REQUEST_TRANSITIONS,
@@ -332,24 +381,23 @@ class CollectionJob:
             description = records.decoded(raw)
         except SpecError:
             return True
-        fields = [name.split(".") for name in input_fields(self.spec.input)]
-        roots = {field[0] for field in fields}
+        roots = {field[0] for field in self.prompt.paths}
         if any(name.split(".")[0] in roots for name in description.get("removedFields") or []):
             return True
         for name, value in (description.get("updatedFields") or {}).items():
-            path = name.split(".")
-            for field in fields:
-                under = field[len(path):] if field[:len(path)] == path else []  # the input's path inside `value`
+            path = tuple(name.split("."))
+            for field in self.prompt.paths:
+                under = field[len(path):] if field[:len(path)] == path else ()  # the input's path inside `value`
                 if path[0] == field[0] and not await self._holds_answer(path, value, under):
                     return True
         return False
 
-    async def _holds_answer(self, path: list[str], value, under: list[str]) -> bool:
+    async def _holds_answer(self, path: tuple[str, ...], value, under: tuple[str, ...]) -> bool:
         """Whether `value`, written at `path`, is an answer, or holds one along `under`."""
         while not (is_answer(value) and await self._answered_at(".".join(path), value["request"], value["token"])):
             if not under or not isinstance(value, dict):
                 return False
-            path, value, under = [*path, under[0]], value.get(under[0]), under[1:]
+            path, value, under = (*path, under[0]), value.get(under[0]), under[1:]
         return True
 
     async def _answered_at(self, path: str, request_id, token) -> bool:
@@ -378,9 +426,13 @@ class CollectionJob:
 async def predict_collection(serving: Serving, spec: RequestSpec) -> None:
     """Run one collection request to its end; whatever stops it (database trouble, a reply the driver cannot
     decode, anything one document raises) is logged once and leaves it to the lease reaper, which retries it up
-    to the operator's max attempts: the job's task is its boundary, so nothing it meets ends the daemon's."""
+    to the operator's max attempts: the job's task is its boundary, so nothing it meets ends the daemon's. Anything
+    but the database's or the driver's trouble is a programming error: logged with its traceback."""
     try:
         await CollectionJob(serving, spec).answer_all()
-    except Exception as exc:  # noqa: BLE001 (the boundary of one document's job)
+    except (PyMongoError, BSONError) as exc:
         log.warning("predictions over %s for request %s stopped: %s: %.300s", spec.collection, ids.key(spec.id),
                     type(exc).__name__, exc)
+    except Exception as exc:  # the boundary of one document's job
+        log.exception("predictions over %s for request %s stopped: %s: %.300s", spec.collection, ids.key(spec.id),
+                      type(exc).__name__, exc)

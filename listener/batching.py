@@ -8,11 +8,13 @@ generating) is what this daemon claims more against: `free` in all, `room_for` o
 model's flood never takes every place. Requests over a collection (`collection` given) run for as
 long as they have documents to answer, and watching ones until cancelled, so they count against
 places of their own (`max_collection_jobs`, and `max_collection_jobs_per_model` for one model over one
-collection: anyone may name any model, so requests over one writer's collections never take the places
-of requests over another's): long-lived work never takes an interactive request's place, nor the other
-way round. A batch starts as soon as
-the requests inserted with its first one are claimed (`Arrivals`), never later than the operator's
-`batch_window_s`, and at once when it is full already.
+collection: anyone may name any model, so requests over one collection never take the places of that
+model's requests over another; the places are the named collection's, not its writer's, and anyone may name
+any collection listed for answers, so another writer's requests can fill a model's places over yours):
+long-lived work never takes an interactive request's place, nor the other way round. Every batch waits until
+the requests inserted with its first one are claimed (`Arrivals`), a full one too (another model's request
+arriving meanwhile is claimed before the next batch is chosen), never longer than the operator's
+`batch_window_s`.
 """
 
 import asyncio
@@ -58,9 +60,9 @@ class Arrivals:
     milliseconds each, more on a busy machine), so the batch holds every request inserted together, and a
     lone one starts after `ARRIVAL_GAP_S` rather than the whole window. The gap is twice the longest pause
     seen so far in this wait, if longer, so a slow stream does not split a burst. No gap at all once the
-    last claim round saw every pending request (`all_claimed`, until the next event): the requests inserted
-    with the batch's are in it already (an `insert_many` is visible whole on the embedded server), so a
-    lone request is generated as soon as it is claimed.
+    last claim round saw every pending request (`all_claimed`, until the next event or claim round begins:
+    each enters here): the requests inserted with the batch's are in it already (an `insert_many` is visible
+    whole on the embedded server), so a lone request is generated as soon as it is claimed.
     """
 
     def __init__(self):
@@ -106,10 +108,11 @@ async def _within(event: asyncio.Event, seconds: float) -> bool:
     return True
 
 
-def share_of(spec: RequestSpec):
+def share_of(model, collection: str | None = None):
     """Whose places a request takes: its model's, and for a request over a collection, its model's over that
-    collection (the collection being whose data it is)."""
-    return spec.model if spec.collection is None else [spec.model, spec.collection]
+    collection (the collection being whose data it is). The intake applies it to pending documents before
+    they are parsed, this module to claimed requests."""
+    return model if collection is None else [model, collection]
 
 
 class Queues:
@@ -144,15 +147,19 @@ class Queues:
         every place, nor one collection's every place of a model."""
         cap = self.settings.max_collection_jobs_per_model if collection else self.settings.max_queue_per_model
         wanted = ids.key(share)
-        return cap - sum(1 for spec in self._of_kind(collection) if ids.key(share_of(spec)) == wanted)
+        return cap - sum(1 for held in self._shares(collection) if ids.key(held) == wanted)
 
     def full(self, collection: bool = False) -> list:
         """The shares (`share_of`) with no room left here for requests of this kind."""
-        held = {ids.key(share_of(spec)): share_of(spec) for spec in self._of_kind(collection)}
+        held = {ids.key(share): share for share in self._shares(collection)}
         return [share for share in held.values() if self.room_for(share, collection) <= 0]
 
     def _of_kind(self, collection: bool) -> list[RequestSpec]:
         return [spec for spec in self._held.values() if (spec.collection is not None) == collection]
+
+    def _shares(self, collection: bool) -> list:
+        """The share of each request of this kind held here, one per request."""
+        return [share_of(spec.model, spec.collection) for spec in self._of_kind(collection)]
 
     def hold(self, spec: RequestSpec) -> bool:
         """Count a claimed request as held here; False if it already is (claimed again while held)."""

@@ -58,13 +58,18 @@ def count(value) -> int | None:
     return value if checkpoints.counted(value) else None
 
 
+def newest_metric(document: dict, names) -> dict | None:
+    """The newest entry of the document's metrics holding any of `names`; None before the first (a writer may put
+    anything in `metrics`: entries that are not objects are passed over)."""
+    metrics = document.get("metrics") if isinstance(document.get("metrics"), list) else []
+    return next((entry for entry in reversed(metrics)
+                 if isinstance(entry, dict) and any(name in entry for name in names)), None)
+
+
 def eval_loss(document: dict):
     """The newest eval loss among the document's metrics, with its step; (None, None) before the first eval."""
-    metrics = document.get("metrics") if isinstance(document.get("metrics"), list) else []
-    for entry in reversed(metrics):
-        if isinstance(entry, dict) and "eval_loss" in entry:
-            return entry["eval_loss"], entry.get("step")
-    return None, None
+    entry = newest_metric(document, ("eval_loss",))
+    return (entry["eval_loss"], entry.get("step")) if entry else (None, None)
 
 
 # The preference trainers' reward metrics (`method` dpo or kto), as logged, and the words they are shown with.
@@ -74,12 +79,11 @@ PREFERENCE = (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"), ("
 
 def preference(document: dict) -> str:
     """The newest logged rewards of a preference run, in words ('rewards: chosen 0.3 ... (step 12)'); '' for none."""
-    metrics = document.get("metrics") if isinstance(document.get("metrics"), list) else []
-    for entry in reversed(metrics):
-        if isinstance(entry, dict) and any(name in entry for name, _ in PREFERENCE):
-            shown = " ".join(f"{word} {number(entry[name])}" for name, word in PREFERENCE if name in entry)
-            return f"rewards: {shown} (step {number(count(entry.get('step')))})"
-    return ""
+    entry = newest_metric(document, [name for name, _ in PREFERENCE])
+    if entry is None:
+        return ""
+    shown = " ".join(f"{word} {number(entry[name])}" for name, word in PREFERENCE if name in entry)
+    return f"rewards: {shown} (step {number(count(entry.get('step')))})"
 
 
 def events_of(document: dict) -> list[dict]:

@@ -9,8 +9,9 @@ one each. A round costs the database the same whatever its size:
    hides another model's lone request. Requests over a collection, which run long (watching ones until
    cancelled), are claimed against places of their own (`Queues.free(collection=True)`), in a find of
    their own, so a flood of them (junk included) never fills the finds of interactive requests; their
-   shares are a model's over one collection (`$nor` of the full pairs), so requests over one writer's
-   collections naming another's model never hide that model's requests over other collections;
+   shares are a model's over one collection (`$nor` of the full pairs), so requests naming a model over one
+   collection never hide that model's requests over other collections (whoever writes them: a writer may
+   fill the pair of another's model and another's listed collection);
 2. one `update_many` that moves those still pending, not cancelled and not out of attempts to
    `running` under this daemon's lease, marked with this claim's id;
 3. only if that moved fewer than it was given (another daemon took some first): one `find` of
@@ -42,6 +43,7 @@ from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure, PyMongoError
 
+from listener.batching import share_of
 from listener.leases import fail_malformed, fail_undecodable, lease
 from listener.records import BadRecord, RequestState, SkipLog, decoded, parse, raw, raw_id
 from listener.status import (REQUEST_TRANSITIONS, Status, now, query_for, status_filter, transition, transition_each,
@@ -86,7 +88,7 @@ class Intake:
             if self.stopping():
                 continue
             try:
-                if self.warm_first and not self.serving.ready and await self._warm_up():
+                if self.warm_first and not self.serving.worker_started and await self._warm_up():
                     continue
                 with self.serving.arrivals:  # a batch waits for the requests a claim in progress brings
                     await self.round()
@@ -299,7 +301,7 @@ def _share(document: dict, kind: bool):
     model, collection = document.get("model"), document.get("collection")
     if not _plain(model) or kind and not isinstance(collection, str):
         return None
-    return [model, collection] if kind else model
+    return share_of(model, collection if kind else None)
 
 
 def _over_collection(document: dict) -> bool:

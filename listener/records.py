@@ -175,11 +175,15 @@ def raw_id(document: RawBSONDocument):
         return None
 
 
-def only(document: RawBSONDocument, fields: dict) -> RawBSONDocument:
+def only(document: RawBSONDocument, fields: dict) -> RawBSONDocument | None:
     """`document` with only its `_id` and the top-level `fields`, still raw: the projection done here, for a
-    document the server itself cannot project (the embedded one fails on an `_id` ~975 levels deep)."""
-    top = _RawArrayBSONDocument(document.raw, TOP_LEVEL)
-    return RawBSONDocument(bson.encode({name: top[name] for name in ("_id", *fields) if name in top}))
+    document the server itself cannot project (the embedded one fails on an `_id` ~975 levels deep). None where
+    even its top level cannot be read, as for `raw_id`."""
+    try:
+        top = _RawArrayBSONDocument(document.raw, TOP_LEVEL)
+        return RawBSONDocument(bson.encode({name: top[name] for name in ("_id", *fields) if name in top}))
+    except (InvalidBSON, RecursionError):
+        return None
 
 
 def _undecodable_field(document: RawBSONDocument) -> str:

@@ -54,10 +54,10 @@ class Serving:
         self.forks = forks
         self.collection_job = collection_job  # `batch_predictions.predict_collection`, which builds on this class
         self.queues = Queues(settings)  # what is held here, and which batch is next
-        self._ready = asyncio.Event()
+        self._work_waiting = asyncio.Event()  # a batch or a preload is waiting for its turn
         self.arrivals = Arrivals()  # a batch starts once the requests inserted with its first are claimed
         self._worker: Worker | None = None
-        self.ready = False  # a worker has started here (or could not): see `warm_up`
+        self.worker_started = False  # a worker has started here, or tried to: see `warm_up`
         self._warming: asyncio.Task | None = None
         self._preloads: dict[str, object] = {}  # model ids whose best checkpoint to load when idle, by ids.key
         self._jobs: dict[str, asyncio.Task] = {}  # predictions over a collection, by request key
@@ -74,7 +74,7 @@ class Serving:
             self._start_job(spec)
             return
         self.queues.enqueue(spec)
-        self._ready.set()
+        self._work_waiting.set()
 
     async def renew(self) -> None:
         """Extend the leases of exactly the requests queued or generating here; nothing else."""
@@ -116,13 +116,14 @@ class Serving:
     def preload(self, model_id) -> None:
         """Load this model's best checkpoint at its turn: when idle, else between two batches (`preload_best`)."""
         self._preloads[ids.key(model_id)] = model_id
-        self._ready.set()
+        self._work_waiting.set()
 
     def warm_up(self) -> None:
         """Start the worker before the first claim, then wake the intake (`on_room`), which claims nothing until
-        `ready`: a request claimed by a daemon still starting its worker (seconds of imports, more on a busy host)
-        would wait that long while another daemon could answer it at once. A worker that cannot start makes
-        this daemon ready all the same, so its requests fail saying why instead of staying pending."""
+        `worker_started`: a request claimed by a daemon still starting its worker (seconds of imports, more on a busy
+        host) would wait that long while another daemon could answer it at once. A worker that cannot start, however
+        it fails, lets this daemon claim all the same, so its requests fail saying why instead of staying pending
+        while the daemon heartbeats."""
         if self._warming is None:
             self._warming = asyncio.create_task(self._warm())
 
@@ -132,8 +133,11 @@ class Serving:
                 await self._running_worker()
         except Failure as exc:
             log.warning("%s; claiming requests anyway, so that they fail saying so", exc.message)
-            self.ready = True
-        self.on_room()
+        except Exception:
+            log.exception("the serving worker could not start; claiming requests anyway, so that they fail saying so")
+        finally:
+            self.worker_started = True
+            self.on_room()
 
     async def serve(self) -> None:
         """Batch by batch until cancelled, preloads when idle; the worker never outlives this loop."""
@@ -142,7 +146,7 @@ class Serving:
         preload_due = False  # a waiting preload takes the turn after each batch: steady load never starves it
         try:
             while True:
-                await self._ready.wait()
+                await self._work_waiting.wait()
                 # requests inserted together batch together, and another model's request that arrived meanwhile is
                 # claimed before the next batch is chosen (a flood's full batches never run back to back past it)
                 await self.arrivals.settled(self.settings.batch_window_s)
@@ -153,7 +157,7 @@ class Serving:
                     continue
                 batch, preload_due = self.queues.next_batch(), True
                 if not self.queues.waiting() and not self._preloads:
-                    self._ready.clear()
+                    self._work_waiting.clear()
                 try:
                     async with self._turn:
                         await self._answer(batch)
@@ -201,7 +205,7 @@ class Serving:
     async def _preload_next(self) -> None:
         model_id = self._preloads.pop(next(iter(self._preloads)))
         if not self._preloads and not self.queues.waiting():
-            self._ready.clear()
+            self._work_waiting.clear()
         try:
             model, entry = await self._model(model_id, "best")
             if entry is not None:
@@ -310,7 +314,7 @@ class Serving:
                 await self._worker.start()
             except OSError as exc:
                 raise Failure("worker_crashed", f"the serving worker could not start ({exc.strerror})") from None
-            self.ready = True
+            self.worker_started = True
         return self._worker
 
     async def _model(self, model_id, checkpoint: str | CheckpointRef) -> tuple[dict, dict | None]:

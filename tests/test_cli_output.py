@@ -4,10 +4,14 @@ bounded whatever a document holds, and no control character reaches the terminal
 import datetime as dt
 import threading
 
+import bson
 from bson import Code
+from bson.raw_bson import RawBSONDocument
 from click.testing import CliRunner
 
 from listener.cli.main import cli
+from listener.cli.status import SHOWN
+from listener.records import only
 from tests.documents import heartbeat, insert_nested, nested, nested_document
 from training import defaults
 from training.inert import MAX_LINE_CHARS
@@ -81,6 +85,20 @@ def test_class5_listener_status_counts_statuses_of_any_bson_type_as_other(db, se
     assert {"done=1", "other=2"} <= set(shown.output[shown.output.index("requests: ") + 10:].strip().split(", "))
 
 
+def test_class5_listener_status_counts_a_status_nested_deeper_than_the_server_groups_as_other(db, server_uri):
+    """A request whose `status` nests ~975 levels deep (objects or arrays, as the embedded server stores them) made
+    the server fail the `$group` of every status (`InternalError`), and `listener status` exited 1 for everyone.
+    Each is a status users made up, counted as `other`; a request without a status is pending."""
+    for doc_id, status in ((1, nested_document(975)), (2, nested(975))):
+        insert_nested(db[defaults.REQUESTS], {"_id": doc_id, "model": "m", "input": "hi", "status": status})
+    db[defaults.REQUESTS].insert_many([{"_id": 3, "model": "m", "input": "hi", "status": "done"},
+                                       {"_id": 4, "model": "m", "input": "hi"}])
+    shown = CliRunner().invoke(cli, ["status", "--uri", server_uri, "--db", db.name])
+    assert shown.exit_code == 0, (repr(shown.exception)[:200], shown.output[-300:])
+    counts = set(shown.output[shown.output.index("requests: ") + 10:].strip().split(", "))
+    assert counts == {"done=1", "other=2", "pending=1"}, shown.output[-300:]
+
+
 def test_class5_listener_status_survives_one_model_nested_deeper_than_the_driver_decodes(db, server_uri):
     """Re-attack 21, finding 10. `listener status` reads every model's `progress`: one model whose `progress` nests
     ~975 deep (the embedded server stores it) made the whole command fail for everyone: the server's own
@@ -96,6 +114,16 @@ def test_class5_listener_status_survives_one_model_nested_deeper_than_the_driver
     rows = {line.split("│")[1].strip(): line for line in shown.output.splitlines() if line.count("│") > 2}
     assert {"fine", "deep", "after"} <= set(rows), shown.output
     assert "unreadable" in rows["deep"], rows["deep"]
+
+
+def test_class5_a_model_projected_here_whose_top_level_cannot_be_read_gives_none_not_an_exception():
+    """`records.only` projects a model the server could not project; bytes it cannot read even at the top level
+    (an unknown BSON type) raised InvalidBSON out of `listener status`, where `raw_id` gives None for them."""
+    bad = bytearray(bson.encode({"_id": 1, "status": "running"}))
+    bad[4] = 0x7F  # the `_id` element's type
+    assert only(RawBSONDocument(bytes(bad)), SHOWN) is None
+    kept = only(RawBSONDocument(bson.encode({"_id": 1, "status": "running", "other": 2})), SHOWN)
+    assert bson.decode(kept.raw) == {"_id": 1, "status": "running"}
 
 
 def test_class5_listener_status_survives_ids_nested_deeper_than_the_server_projects(db, server_uri):

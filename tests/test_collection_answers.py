@@ -15,7 +15,7 @@ import tracemalloc
 import pytest
 from pymongo import AsyncMongoClient, MongoClient
 
-from listener.batch_predictions import CollectionJob, predict_collection, render
+from listener.batch_predictions import CollectionJob, Prompt, predict_collection
 from listener.embedded import EmbeddedServer, free_port
 from listener.forks import Forks
 from listener.processes import wait_until
@@ -123,6 +123,20 @@ def test_class1_the_listener_writes_only_fields_it_wrote_for_the_same_request(cl
     assert notes[3] == {"text": "re: older", "checkpoint": "base", "request": "mine", "token": TOKEN}
     assert notes[1] == "the owner's own" and notes[2] == theirs and notes[4] == "a person's, meanwhile"
     assert ended["status"] == "done" and ended["progress"] == {"done": 2, "total": 5, "skipped": 3}, ended
+
+
+@pytest.mark.parametrize("token", ["TOKEN", TOKEN + "\n", 12, None])
+def test_class1_an_answers_token_the_listener_never_drew_fails_the_request_naming_it(client, db, token):
+    """`answers_token` set by a writer to anything but a token's shape (32 lowercase hex digits; a trailing newline
+    passes the server's `$` but is no token) was taken as read back: the request fails naming the field, and
+    writes nothing. A request without one draws one, and its answers carry it."""
+    db.notes.insert_one({"_id": 0, "text": "a note"})
+    ended = run_job(client, db, {**collection_request("odd", "m", "notes"), "answers_token": token})
+    assert ended["status"] == "failed" and ended["error"]["field"] == "answers_token", ended
+    assert "answer" not in db.notes.find_one({"_id": 0})
+    drawn = run_job(client, db, collection_request("plain", "m", "notes"))
+    assert drawn["status"] == "done" and len(drawn["answers_token"]) == 32, drawn
+    assert db.notes.find_one({"_id": 0})["answer"]["token"] == drawn["answers_token"]
 
 
 def test_class2_a_document_gone_before_its_answer_lands_ends_the_job(client, db):
@@ -421,7 +435,8 @@ def test_class2_one_document_nested_deeper_than_the_driver_decodes_never_stops_t
 
 def test_class2_whatever_one_collection_job_raises_ends_that_job_alone(client, db, caplog):
     """The job's task is its boundary: an error of a type nobody listed (here a KeyError from generation) is
-    logged once and leaves the request to the lease reaper, never an exception out of `predict_collection`."""
+    logged once, with its traceback (a programming error), and leaves the request to the lease reaper, never an
+    exception out of `predict_collection`."""
     caplog.set_level(logging.WARNING, logger="listener.batch_predictions")
     db.notes.insert_one({"_id": 0, "text": "ahoy"})
     document = collection_request("raises", "m", "notes")
@@ -440,7 +455,8 @@ def test_class2_whatever_one_collection_job_raises_ends_that_job_alone(client, d
             await async_client.close()
 
     asyncio.run(job())  # returns: nothing escapes the job
-    assert [r for r in caplog.records if "KeyError" in r.getMessage() and "raises" in r.getMessage()]
+    logged = [r for r in caplog.records if "KeyError" in r.getMessage() and "raises" in r.getMessage()]
+    assert logged and all(r.exc_info for r in logged), logged
     assert db[defaults.REQUESTS].find_one({"_id": "raises"})["status"] == "running"  # the reaper's to retry
 
 
@@ -523,7 +539,7 @@ def test_class2_one_odd_insert_never_ends_another_writers_watching_request(clien
 def test_class2_a_change_stream_the_server_fails_is_opened_again_and_the_watch_goes_on(tmp_path, caplog):
     """The class of the above at the stream itself: a getMore the server fails (history it no longer holds, an
     event it cannot build) opens the stream again from then, and a pass answers what lacks an answer, so an
-    insert whichever side of the failure it falls is answered, and the request still watches."""
+    insert whichever side of the failure it falls is answered, and counted, and the request still watches."""
     caplog.set_level(logging.INFO, logger="listener.batch_predictions")
     with EmbeddedServer(tmp_path / "server", port=free_port(), memory=True, failpoints=True) as server, \
             MongoClient(server.uri) as client:
@@ -542,11 +558,14 @@ def test_class2_a_change_stream_the_server_fails_is_opened_again_and_the_watch_g
         finally:
             db[defaults.REQUESTS].update_one({"_id": "B"}, {"$set": {"cancel": True}})
             thread.join(60)
-        assert errors == [] and db[defaults.REQUESTS].find_one({"_id": "B"})["status"] == "cancelled"
+        ended = db[defaults.REQUESTS].find_one({"_id": "B"})
+        assert errors == [] and ended["status"] == "cancelled"
+        progress = ended["progress"]  # the catch-up pass adds what it answers, as the watch does
+        assert progress["done"] >= 3 and progress["skipped"] == 0 and progress["total"] == progress["done"], progress
 
 
 def test_class2_a_template_never_builds_more_than_the_input_cap(limits):
-    """`render` substitutes every placeholder before it compares the prompt's length with `max_input_chars`: a
+    """`Prompt.render` substitutes every placeholder before it compares the prompt's length with `max_input_chars`: a
     template of 32,000 characters ("{a}" 10,666 times) over a document whose `a` is a 15 MB string builds a
     160 GB string in the daemon's own process (MemoryError, or the OOM killer ends the daemon where it fits in
     memory). Here 6,400 placeholders over 50 kB: the refusal must come without building 320 MB."""
@@ -555,7 +574,7 @@ def test_class2_a_template_never_builds_more_than_the_input_cap(limits):
     tracemalloc.start()
     try:
         with pytest.raises(ValueError, match="over the operator's limit"):
-            render(spec, {"_id": 1, "a": "x" * 50_000}, 32_000)
+            Prompt.of(spec.input).render({"_id": 1, "a": "x" * 50_000}, 32_000)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -1,8 +1,8 @@
 """Claiming requests in batches (`listener.intake`) and taking over a dead daemon's (`leases.take_over`).
 
 Fast tier: the intake and the real `Serving` queues run in this process against the real server; no
-worker is started (nothing here generates). The same paths with real daemons, kills and pauses are in
-test_takeover.py.
+worker is started (nothing here generates), but in the one (slow) test of starting it before the first claim.
+The same paths with real daemons, kills and pauses are in test_takeover.py.
 """
 
 import asyncio
@@ -13,6 +13,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from pymongo import AsyncMongoClient, monitoring
 
 
@@ -35,7 +36,7 @@ def settings(db, **options) -> Settings:
 
 
 def intake_for(adb, owner: str, **options) -> Intake:
-    """An intake feeding a real `Serving` (its queues only: nothing here starts its worker)."""
+    """An intake feeding a real `Serving` (its queues only, unless a test warms its worker up)."""
     chosen = settings(adb, **options)
     counters = {"requests_done": 0, "requests_failed": 0}
     serving = Serving(adb, chosen, owner, counters, Forks(gpus=False), collection_job=None)
@@ -199,37 +200,71 @@ def test_a_daemon_whose_process_is_gone_loses_its_requests_before_its_heartbeat_
         assert db[defaults.REQUESTS].find_one({"_id": f"of-{name}"})["status"] == "running"
 
 
-def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pending_request(server_uri, db):
-    """`warm_first` (every daemon's intake): a pending request starts serving's worker (here a stand-in that
-    records the call) and stays pending until the worker runs; then it is claimed. A cancelled one starts
+async def full_round(intake: Intake) -> None:
+    """Until one whole pass of the intake's loop, begun after this call, has ended: woken twice, the loop takes the
+    second wake-up only once the first one's pass is over."""
+    for _ in range(2):
+        intake.wake()
+        await until(lambda: not intake._woken.is_set(), 30)
+
+
+@pytest.mark.slow  # starts a real serving worker (the fork server's imports)
+def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pending_request(server_uri, db, tmp_path):
+    """`warm_first` (every daemon's intake): a pending request starts serving's real worker (`Serving.warm_up`) and
+    stays pending through whole claim rounds while the worker starts (held up here behind serving's turn, as behind
+    a batch generating); once it runs, serving wakes the intake and the request is claimed. A cancelled one starts
     nothing and ends at once."""
     db[defaults.REQUESTS].insert_one({**request("cancelled", "m"), "cancel": True})
 
     async def work(adb):
-        intake = intake_for(adb, "d")
-        intake.warm_first, warm_ups = True, []
-        intake.serving.warm_up = lambda: warm_ups.append(True)
+        intake = intake_for(adb, "d", uri=server_uri, home=str(tmp_path))
+        serving = intake.serving
+        intake.warm_first, serving.on_room = True, intake.wake  # as the daemon sets them
         task = asyncio.create_task(intake.run())
         try:
             intake.wake()
             async with asyncio.timeout(30):
                 while await adb[defaults.REQUESTS].find_one({"_id": "cancelled", "status": "cancelled"}) is None:
                     await asyncio.sleep(0.02)
-            nothing_pending = list(warm_ups)  # only a cancelled request was pending: no worker started
-            await adb[defaults.REQUESTS].insert_one(request("lone", "m"))
-            intake.wake()
-            await until(lambda: warm_ups, 30)
-            claimed_early = bool(intake.serving.queues.held()) or await adb[defaults.REQUESTS].find_one(
-                {"_id": "lone", "lease": {"$exists": True}}) is not None
-            intake.serving.ready = True  # what `Serving.warm_up` does once the worker runs, before waking the intake
-            intake.wake()
-            await until(lambda: '"lone"' in intake.serving.queues.held(), 30)
+            await full_round(intake)
+            started_for_cancelled = serving._warming is not None  # only a cancelled request was pending
+            async with serving._turn:  # the worker's start waits for it
+                await adb[defaults.REQUESTS].insert_one(request("lone", "m"))
+                await full_round(intake)
+                warming = serving._warming is not None
+                await full_round(intake)  # a whole round while the worker is starting
+                claimed_early = bool(serving.queues.held()) or await adb[defaults.REQUESTS].find_one(
+                    {"_id": "lone", "lease": {"$exists": True}}) is not None
+            await until(lambda: '"lone"' in serving.queues.held(), 120)
+            worker_runs = serving.worker_started and serving._worker is not None and serving._worker.alive
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        return nothing_pending, claimed_early
+            await serving.close()
+        return started_for_cancelled, warming, claimed_early, worker_runs
 
-    assert run_with(server_uri, db.name, work) == ([], False)
+    assert run_with(server_uri, db.name, work) == (False, True, False, True)
+
+
+def test_a_worker_start_that_fails_in_any_way_still_lets_the_intake_claim(server_uri, db, caplog):
+    """Only a `Failure` starting the worker let the daemon claim: any other exception (a bug) left it claiming
+    nothing, ever, while it heartbeat as healthy. However the start fails, the intake is woken to claim (its
+    requests then fail saying why) and the exception is logged with its traceback."""
+    async def work(adb):
+        intake = intake_for(adb, "d")
+        serving, woken = intake.serving, []
+        serving.on_room = lambda: woken.append(True)
+
+        async def broken():
+            raise RuntimeError("a bug starting the worker")
+
+        serving._running_worker = broken
+        serving.warm_up()
+        await serving._warming
+        return serving.worker_started, woken
+
+    assert run_with(server_uri, db.name, work) == (True, [True])
+    assert any(record.exc_info and "a bug starting the worker" in str(record.exc_info[1]) for record in caplog.records)
 
 
 def test_takeovers_count_toward_max_attempts(server_uri, db):

@@ -24,8 +24,9 @@ def summary(document: dict) -> str:
             parts.append(f"ETA {number(progress.get('eta_s'), 3)} s")
     if loss is not None:
         parts.append(f"eval loss {number(loss)} (step {number(count(step))})")
-    if preference(document):
-        parts.append(inert(preference(document)))
+    rewards = preference(document)
+    if rewards:
+        parts.append(inert(rewards))
     error = document.get("error") if isinstance(document.get("error"), dict) else None
     if error:
         parts.append(f"error {inert(error.get('type'))}: {inert(error.get('message'))}")

@@ -97,14 +97,16 @@ def shown_models(database) -> list[tuple[Any, dict | None]]:
     """Each model's id and `SHOWN` fields; None for one nested deeper than the listener reads, which hides no other.
 
     Read raw and decoded one by one (the driver fails on the whole batch otherwise); should the server itself fail
-    to project one, every model is read whole and projected here.
+    to project one, every model is read whole and projected here (one whose top level cannot be read is shown
+    as unreadable, id and all).
     """
     models = raw(database[defaults.MODELS])
     try:
         found = models.find({}, SHOWN).to_list()
     except OperationFailure:
         found = [only(document, SHOWN) for document in models.find({})]
-    return [(_shown_id(document), _readable(document)) for document in found]
+    return [(_shown_id(document), _readable(document)) if document is not None else ("(unreadable)", None)
+            for document in found]
 
 
 def _shown_id(document):
@@ -126,10 +128,15 @@ def _readable(document) -> dict | None:
 
 
 def request_counts(database) -> dict[str, int]:
-    """Requests by status; statuses users made up are counted together as `other` (a line stays short)."""
+    """Requests by status; statuses users made up are counted together as `other` (a line stays short). The server
+    groups on the status only where it is a string: grouping on any value fails the whole `$group` for one status
+    nested ~975 levels deep (`InternalError`), and a value of another BSON type could not be hashed here."""
+    kept = {"$switch": {"branches": [
+        {"case": {"$eq": [{"$type": "$status"}, "string"]}, "then": "$status"},
+        {"case": {"$in": [{"$type": "$status"}, ["missing", "null"]]}, "then": Status.PENDING.value}],
+        "default": "other"}}
     counts: dict[str, int] = {}
-    for row in database[defaults.REQUESTS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}]):
-        status = Status.PENDING.value if row["_id"] is None else row["_id"]
-        name = status if type(status) is str and status in {s.value for s in Status} else "other"
+    for row in database[defaults.REQUESTS].aggregate([{"$group": {"_id": kept, "n": {"$sum": 1}}}]):
+        name = row["_id"] if row["_id"] in {s.value for s in Status} else "other"
         counts[name] = counts.get(name, 0) + row["n"]
     return counts
