@@ -92,7 +92,7 @@ class Prompt:
 MAX_UNWRITABLE = 1_000
 MAX_UNWRITABLE_BYTES = 2**20
 TOKEN = "answers_token"  # the request's field: a token its first job draws, which its answers carry (`_token`)
-TOKEN_SHAPE = "[0-9a-f]{32}"  # as drawn (`uuid4().hex`); a value of any other shape fails the request (`_token`)
+TOKEN_SHAPE = "[0-9a-f]{32}"  # as drawn (`uuid4().hex`); a value of any other shape is replaced (`_token`)
 ANSWER_KEYS = ({"text", "checkpoint", "request", "token"}, {"error", "checkpoint", "request", "token"})
 
 
@@ -221,9 +221,9 @@ class CollectionJob:
         resumes over its own answers. Answers name their request by it as well as by `_id`: a request the TTL
         deleted lends its `_id` to whoever inserts the next one, which then has another token (or one copied from
         the first one's document, which whoever may update `_requests` could rewrite anyway, so one set at insert
-        is kept too). One round trip where the request has none yet; a value of any other shape than a drawn
-        token's was never drawn here, and fails the request naming the field. None when the request is no longer
-        this daemon's."""
+        is kept too). One round trip where the request has none yet. A value of any other shape than a drawn
+        token's was never drawn here (a writer's, as the daemon's other fields may be): it is replaced, as those
+        are, so no answer ever carries it. None when the request is no longer this daemon's."""
         mine, drawn = {"_id": ids.eq(self.spec.id), **self._mine()}, uuid.uuid4().hex
         if (await self.requests.update_one({**mine, TOKEN: {"$exists": False}},
                                            {"$set": {TOKEN: drawn}})).modified_count:
@@ -231,10 +231,12 @@ class CollectionJob:
         found = await self.requests.find_one(mine, {TOKEN: 1})
         if found is None:
             return None
-        if not isinstance(found.get(TOKEN), str) or not re.fullmatch(TOKEN_SHAPE, found[TOKEN]):
-            raise SpecError(TOKEN, "is not a token the listener drew (32 lowercase hex digits): remove the field, "
-                                   "and the request's first job draws one")
-        return found[TOKEN]
+        if isinstance(found.get(TOKEN), str) and re.fullmatch(TOKEN_SHAPE, found[TOKEN]):
+            return found[TOKEN]
+        if (await self.requests.update_one({**mine, TOKEN: {"$eq": found.get(TOKEN)}},
+                                           {"$set": {TOKEN: drawn}})).modified_count:
+            return drawn
+        raise SpecError(TOKEN, "was rewritten while the request's job began: leave it to the listener")
 
     def _ours(self) -> dict:
         """Documents this request may write: `output_field` and every parent of it absent (an answer never goes
