@@ -66,6 +66,7 @@ EVERY_INSERT = [{"$match": {"operationType": "insert"}}, {"$project": {"document
 NOT_FOLLOWED = (Status.FAILED, Status.CANCELLED)  # a person looks at those first: no retrain starts by itself
 FILTER_CHECK_MS = 1000  # how long the server may look for a document to try a model's data.filter on
 MAX_TIME_EXPIRED = 50  # the server's code for a read that ran out of its time: no verdict on the filter
+NOWHERE = object()  # a watcher's `failed_at` before any failure: unlike None (no point yet), equal to no position
 
 
 class Count(BaseModel):
@@ -176,6 +177,13 @@ def filters_of(members: Members) -> dict[str, dict | None]:
 def filter_check(spec: ModelSpec) -> tuple[str, str]:
     """What a verdict on a model's filter is kept under: its collection and its text."""
     return spec.data.collection, json_util.dumps(spec.data.filter)
+
+
+def without_filters(collection: str, exc: OperationFailure) -> tuple[list[dict], bool]:
+    """The pipeline and check of a stream whose filters the server fails on: every insert, checked by `_id`."""
+    log.warning("the server fails the data.filters of the models on %s in a change stream (%s); checking each insert "
+                "by _id instead", collection, exc.code)
+    return EVERY_INSERT, True
 
 
 def said(exc: OperationFailure) -> str:
@@ -419,11 +427,13 @@ class Retrainer:
 
     async def _watch(self, collection: str, filters: list[dict | None]) -> None:
         """Count the inserts of `collection` for its members forever (cancel to stop); reconnects like the
-        daemon's own streams. A stream the server fails twice at the same point is taken past the one insert it
-        cannot deliver (`_pass_over`), or, where the filters are what fails, opened without them; only a point the
-        server no longer has makes it count from now on, never anything a model's document holds."""
+        daemon's own streams, after a growing wait. A stream the server fails twice at the same point is taken past
+        the one insert it cannot deliver (`_pass_over`), or, where the filters are what fails, opened without them;
+        only a point the server no longer has makes it count from now on, never anything a model's document holds.
+        A stream that fails before it ever had a point (the server will not watch the collection) is only tried
+        again: nothing is passed over, nothing reset."""
         pipeline, checked = insert_pipeline(filters)
-        backoff, position, failed_at = 0.5, None, {}  # {}: no point has failed yet
+        backoff, position, failed_at = 0.5, None, NOWHERE
         while True:
             try:
                 if position is None:
@@ -442,28 +452,28 @@ class Retrainer:
                 if exc.code in LOST_TOKEN_CODES and position:
                     await self._count_from_now(collection, exc)
                     position = None
-                    continue
+                    continue  # at once, this once: the next attempt has no token to lose
                 if position != failed_at:  # once may be passing; twice at one point is not
                     failed_at = position
-                    log.warning("stream on %s failed (%s); opening it again", collection, exc)
-                    continue
-                try:
-                    position = await self._pass_over(collection, pipeline, position)
-                except OperationFailure as refused:
-                    if pipeline is not EVERY_INSERT:
-                        log.warning("the server fails the data.filters of the models on %s in a change stream (%s); "
-                                    "checking each insert by _id instead", collection, refused.code)
-                        pipeline, checked = EVERY_INSERT, True
-                    else:
-                        await self._count_from_now(collection, refused)
-                        position = None
-                    continue
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                    log.warning("stream on %s failed (%s); opening it again in %.1f s", collection, said(exc), backoff)
+                elif position is not None:  # a point a stream had reached: an insert there may be what fails
+                    try:
+                        position = await self._pass_over(collection, pipeline, position)
+                    except OperationFailure as refused:
+                        if pipeline is not EVERY_INSERT:
+                            pipeline, checked = without_filters(collection, refused)
+                        else:
+                            await self._count_from_now(collection, refused)
+                            position = None
+                elif pipeline is not EVERY_INSERT:
+                    pipeline, checked = without_filters(collection, exc)
+                else:
+                    log.warning("the server will not open a stream on %s (%s); trying again in %.1f s", collection,
+                                said(exc), backoff)
             except PyMongoError as exc:
                 log.warning("stream on %s broke (%s); reconnecting in %.1f s", collection, exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
 
     async def _pass_over(self, collection: str, pipeline: list[dict], position: dict) -> dict:
         """The point just past the next insert after `position` that `pipeline` selects, found by a stream that

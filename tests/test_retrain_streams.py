@@ -13,6 +13,7 @@ import threading
 import bson
 import pytest
 from bson import json_util
+from pymongo.read_concern import ReadConcern
 
 from listener import retrain
 from listener.records import SkipLog
@@ -106,6 +107,27 @@ def all_counts(db) -> dict:
     """The solo daemon's counts, over all its tallies (one per collection)."""
     return {c["model"]: c["count"] for record in db[defaults.LISTENER].find({"kind": retrain.TALLY, "daemon": "solo"})
             for c in record["counts"]}
+
+
+def test_class3_a_stream_the_server_never_opens_is_tried_again_after_a_growing_wait(db, server_uri, tmp_path, caplog):
+    """A collection the server refuses to watch at all (on MongoDB a view, a time-series collection, a user without
+    the changeStream privilege: code 166 and its kin; the embedded server watches those, so here the retrainer asks
+    for streams with a read concern it refuses them, code 72). The watcher must wait longer after each refusal:
+    trying again at once opened thousands of streams, logged and wrote a tally a thousand times a second."""
+    caplog.set_level(logging.WARNING, logger="listener.retrain")
+    db[defaults.MODELS].insert_one({**retraining("en3", "/models/never-loaded", on_new_documents=3),
+                                    "status": "succeeded", "run": 1})
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            retrainer.db = retrainer.db.with_options(read_concern=ReadConcern("local"))
+            await retrainer.check()
+            await asyncio.sleep(3)  # the span over which attempts are counted, not a wait for something to happen
+            assert not retrainer.watchers["notes"][1].done()
+
+    asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if r.name == "listener.retrain"]
+    assert 1 <= len(warnings) <= 5, f"{len(warnings)} warnings in 3 s: {warnings[:3]}"
 
 
 def test_class3_one_odd_insert_never_loses_the_inserts_after_it(db, server_uri, tmp_path):
