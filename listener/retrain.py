@@ -215,6 +215,7 @@ class Retrainer:
         self.sightings = 0  # the number the next model seen gets
         self.past_bound = 0  # how many models the bounds left uncounted at the last pass: logged when it changes
         self.filter_checks: dict[tuple[str, str], str | None] = {}  # by collection and filter: the server's refusal
+        self.restored = False  # whether the first pass has read which models the stored tallies counted
 
     def start(self) -> None:
         self.periodic.every(self.settings.retrain_check_s, self.check, "retrain")
@@ -341,12 +342,19 @@ class Retrainer:
         return {key: (spec, state) for key, (spec, state) in candidates.items() if await self._filter_works(spec)}
 
     async def _counted_before(self) -> set[str]:
-        """The models this daemon counts for: those it follows, or on its first pass those its tallies hold."""
-        if self.following:
+        """The models this daemon counts for: those it follows, or on its first pass those its stored tallies hold
+        (a record it cannot read, which anyone may have written, holds none)."""
+        if self.restored:
             return {key for members in self.following.values() for key in members}
-        records = self.db[defaults.LISTENER].find({"kind": TALLY, "daemon": self.settings.name}, {"counts.key": 1})
-        return {count.get("key") for record in await records.to_list() for count in record.get("counts") or []
-                if isinstance(count, dict)}
+        self.restored = True
+        counted = set()
+        for record in await read_each(self.db[defaults.LISTENER], {"kind": TALLY, "daemon": self.settings.name},
+                                      {"collection": 1, "counts": 1}, self.skipped, "retrain tally"):
+            try:
+                counted.update(count.key for count in parse(Tally, record).counts)
+            except BadRecord as exc:
+                self.skipped.skip("retrain tally", record.get("_id"), exc)
+        return counted
 
     async def _filter_works(self, spec: ModelSpec) -> bool:
         """Whether the server runs the model's `data.filter` on its collection, tried once per collection and filter

@@ -201,6 +201,25 @@ def test_class2_a_filter_the_server_fails_on_only_while_counting_costs_only_its_
     asyncio.run(scenario())
 
 
+def test_class2_a_forged_tally_never_stops_the_retrain_pass(db, server_uri, tmp_path):
+    """Someone writes a record into `_listener` shaped like the daemon's tally of another collection, its counts
+    holding a key that is not a string: the daemon's first pass reads which models its tallies counted. It must
+    skip the record and count for the model, whose run starts after its 3 new notes."""
+    db[defaults.MODELS].insert_one({**retraining("en3", "/models/never-loaded", on_new_documents=3),
+                                    "status": "succeeded", "run": 1})
+    db[defaults.LISTENER].insert_one({"_id": "retrain:solo:forged", "kind": retrain.TALLY, "daemon": "solo",
+                                      "collection": "forged", "counts": [{"key": ["x"]}]})
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            await wait(lambda: counts(db, "solo") == {"en3": 0})
+            db.notes.insert_many(notes("en", 3))
+            await wait(lambda: db[defaults.MODELS].find_one({"_id": "en3"})["status"] == "pending", retrainer)
+
+    asyncio.run(scenario())
+
+
 def test_class3_one_writers_models_never_push_anothers_out_of_being_followed(db, server_uri, tmp_path):
     """The daemon follows at most `retrain_max_collections` collections: a writer who gives models ids that sort
     first ("!0"...) on collections of their own must not take the place of a collection already followed. Here
