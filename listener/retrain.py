@@ -66,6 +66,7 @@ EVERY_INSERT = [{"$match": {"operationType": "insert"}}, {"$project": {"document
 NOT_FOLLOWED = (Status.FAILED, Status.CANCELLED)  # a person looks at those first: no retrain starts by itself
 FILTER_CHECK_MS = 1000  # how long the server may look for a document to try a model's data.filter on
 MAX_TIME_EXPIRED = 50  # the server's code for a read that ran out of its time: no verdict on the filter
+FILTER_CHECKS_PER_PASS = 4  # filters newly tried in one pass; models whose filters are not tried yet wait
 NOWHERE = object()  # a watcher's `failed_at` before any failure: unlike None (no point yet), equal to no position
 
 
@@ -215,7 +216,7 @@ class Retrainer:
         self.sightings = 0  # the number the next model seen gets
         self.past_bound = 0  # how many models the bounds left uncounted at the last pass: logged when it changes
         self.filter_checks: dict[tuple[str, str], str | None] = {}  # by collection and filter: the server's refusal
-        self.restored = False  # whether the first pass has read which models the stored tallies counted
+        self.kept: set[str] | None = None  # the models holding places after the last pass (None: before the first)
 
     def start(self) -> None:
         self.periodic.every(self.settings.retrain_check_s, self.check, "retrain")
@@ -275,17 +276,16 @@ class Retrainer:
             await self.db[defaults.MODELS].update_many(used, {"$unset": {"trigger": ""}},
                                                        bypass_document_validation=True)
 
-    def _counted(self, eligible: dict, counted: set[str]) -> dict[str, Members]:
+    async def _counted(self, eligible: dict, counted: set[str]) -> dict[str, Members]:
         """The models that count new documents, by collection: those that can retrain by themselves, within the
         operator's bounds. Those counted already come first, then the others in the order this daemon first saw
         them, so a newcomer (whatever its id) never takes the place of a model or collection followed before it;
-        the others wait until some stop following."""
-        for key in sorted(eligible):
-            if key not in self.seen:
-                self.seen[key], self.sightings = self.sightings, self.sightings + 1
-        self.seen = {key: n for key, n in self.seen.items() if key in eligible}
+        the others wait until some stop following. A model's filter is tried when it is about to take a place, at
+        most FILTER_CHECKS_PER_PASS new ones a pass (each may cost the server FILTER_CHECK_MS): one whose filter
+        must wait for a later pass keeps those after it waiting too, and keeps its place if it had one."""
+        self._number_newcomers(eligible)
         followed: dict[str, Members] = {}
-        total, past, s = 0, [], self.settings
+        total, past, waiting, known, s = 0, [], set(), len(self.filter_checks), self.settings
         for key in sorted(eligible, key=lambda k: (k not in counted, self.seen[k])):
             spec, state = eligible[key]
             collection = spec.data.collection
@@ -293,17 +293,30 @@ class Retrainer:
                                                  and len(followed) >= s.retrain_max_collections):
                 past.append(spec.id)
                 continue
-            followed.setdefault(collection, {})[key] = (spec, state.run)
-            total += 1
+            works = None if waiting else await self._filter_works(
+                spec, may_try=len(self.filter_checks) - known < FILTER_CHECKS_PER_PASS)
+            if works is None:
+                waiting.add(key)
+            elif works:
+                followed.setdefault(collection, {})[key] = (spec, state.run)
+                total += 1
         if len(past) != self.past_bound and past:
             log.warning("not counting new documents for %d models (the first: %.200r): this daemon follows %d "
                         "models in %d collections, its bounds (MONGOTUNE_RETRAIN_MAX_MODELS, "
                         "MONGOTUNE_RETRAIN_MAX_COLLECTIONS)", len(past), past[0], total, len(followed))
         self.past_bound = len(past)
+        self.kept = {key for members in followed.values() for key in members} | (waiting & counted)
         return followed
 
+    def _number_newcomers(self, eligible: dict) -> None:
+        """Number the models in the order this daemon first sees them (those seen together, by key)."""
+        for key in sorted(eligible):
+            if key not in self.seen:
+                self.seen[key], self.sightings = self.sightings, self.sightings + 1
+        self.seen = {key: n for key, n in self.seen.items() if key in eligible}
+
     async def _follow_data(self, models: dict) -> None:
-        wanted = self._counted(await self._eligible(models), await self._counted_before())
+        wanted = await self._counted(self._eligible(models), await self._counted_before())
         stale = []
         for collection, (filters, task) in list(self.watchers.items()):
             if collection not in wanted or tuple(sorted(filters_of(wanted[collection]))) != filters or task.done():
@@ -332,21 +345,20 @@ class Retrainer:
         await self.db[defaults.LISTENER].delete_many(
             {"kind": TALLY, "daemon": self.settings.name, "_id": {"$nin": [self._tally_id(c) for c in wanted]}})
 
-    async def _eligible(self, models: dict) -> dict:
-        """The models that may count new documents: with `on_new_documents`, neither failed nor cancelled, and with
-        a filter the server runs (a verdict kept while some such model has that filter)."""
+    def _eligible(self, models: dict) -> dict:
+        """The models that may count new documents: with `on_new_documents`, neither failed nor cancelled (a verdict
+        on a filter is kept while some such model has that filter)."""
         candidates = {key: (spec, state) for key, (spec, state) in models.items()
                       if spec.retrain.on_new_documents and state.status not in NOT_FOLLOWED}
         current = {filter_check(spec) for spec, _ in candidates.values()}
         self.filter_checks = {check: refusal for check, refusal in self.filter_checks.items() if check in current}
-        return {key: (spec, state) for key, (spec, state) in candidates.items() if await self._filter_works(spec)}
+        return candidates
 
     async def _counted_before(self) -> set[str]:
-        """The models this daemon counts for: those it follows, or on its first pass those its stored tallies hold
-        (a record it cannot read, which anyone may have written, holds none)."""
-        if self.restored:
-            return {key for members in self.following.values() for key in members}
-        self.restored = True
+        """The models that hold places: as the last pass left them, or on the first pass those the stored tallies
+        hold (a record it cannot read, which anyone may have written, holds none)."""
+        if self.kept is not None:
+            return self.kept
         counted = set()
         for record in await read_each(self.db[defaults.LISTENER], {"kind": TALLY, "daemon": self.settings.name},
                                       {"collection": 1, "counts": 1}, self.skipped, "retrain tally"):
@@ -356,13 +368,15 @@ class Retrainer:
                 self.skipped.skip("retrain tally", record.get("_id"), exc)
         return counted
 
-    async def _filter_works(self, spec: ModelSpec) -> bool:
+    async def _filter_works(self, spec: ModelSpec, may_try: bool) -> bool | None:
         """Whether the server runs the model's `data.filter` on its collection, tried once per collection and filter
         before it joins a stream shared with other models (one the server fails on would stop counting for all);
-        a refusal is logged and added to the model's `warnings`."""
+        a refusal is logged and added to the model's `warnings`. None: not tried yet, and `may_try` is False."""
         check = filter_check(spec)
         text = check[1]
         if check not in self.filter_checks:
+            if not may_try:
+                return None
             self.filter_checks[check] = await self._refusal(spec.data.collection, spec.data.filter)
         refusal = self.filter_checks[check]
         if refusal is not None and self.skipped.first(f"retrain filter {hashlib.sha256(text.encode()).hexdigest()}",

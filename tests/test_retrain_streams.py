@@ -253,6 +253,29 @@ def test_class3_one_writers_models_never_push_anothers_out_of_being_followed(db,
     asyncio.run(restarted())
 
 
+def test_class3_one_writers_filters_cost_the_server_a_bounded_number_of_tries_per_pass(db, server_uri, tmp_path):
+    """A writer's 20 models on one collection, each with a `data.filter` of its own: trying a filter on the server
+    costs it up to FILTER_CHECK_MS. A pass tries only the filters of models about to take a place, at most
+    FILTER_CHECKS_PER_PASS new ones: with room for one model one filter is tried, however many passes run; with room
+    for all, 4 more a pass until all are followed (a verdict is kept while a model has its filter)."""
+    db[defaults.MODELS].insert_many([{**retraining(f"m{n:02}", "/models/never-loaded", on_new_documents=1),
+                                      "status": "succeeded", "run": 1,
+                                      "data": {"collection": "notes", "key": "text", "filter": {"n": n}}}
+                                     for n in range(20)])
+
+    async def passes(environ: dict, number: int) -> list[tuple[int, int]]:
+        """After each pass: the filters tried so far, the models followed."""
+        seen = []
+        async with solo(server_uri, db.name, tmp_path, environ=environ) as retrainer:
+            for _ in range(number):
+                await retrainer.check()
+                seen.append((len(retrainer.filter_checks), sum(map(len, retrainer.following.values()))))
+        return seen
+
+    assert asyncio.run(passes({"MONGOTUNE_RETRAIN_MAX_MODELS": "1"}, 3)) == [(1, 1)] * 3
+    assert asyncio.run(passes({}, 5)) == [(4 * n, 4 * n) for n in range(1, 6)]
+
+
 def test_class2_models_past_the_bound_are_logged_once_however_many_there_are(db, server_uri, tmp_path, caplog):
     """Models the daemon does not count for (past `retrain_max_models`) are logged as one summary line when their
     number changes, not one line per model (with more of them than the `SkipLog` remembers, every pass would log
