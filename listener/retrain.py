@@ -50,7 +50,7 @@ from listener.status import DOCUMENT_VALIDATION_FAILURE, FINAL, MODEL_TRANSITION
 from listener.streams import LOST_TOKEN_CODES
 from listener.tasks import cancel_and_wait
 from training import defaults, ids, schedule
-from training.config import LISTENER_FIELDS, ModelSpec, SpecError, parse_model
+from training.config import LISTENER_FIELDS, ModelSpec, SpecError, check_collection_type, parse_model
 from training.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,10 @@ def without_filters(collection: str, exc: OperationFailure) -> tuple[list[dict],
 def said(exc: OperationFailure) -> str:
     """The server's own words for a refusal, short enough for a model's `warnings`."""
     return str((exc.details or {}).get("errmsg") or exc)[:300]
+
+
+def filter_refused(exc: OperationFailure) -> str:
+    return f"the server refuses data.filter ({said(exc)})"
 
 
 def parse_outcome(document: dict, limits: Limits) -> ModelSpec | SpecError:
@@ -381,7 +385,7 @@ class Retrainer:
         refusal = self.filter_checks[check]
         if refusal is not None and self.skipped.first(f"retrain filter {hashlib.sha256(text.encode()).hexdigest()}",
                                                       spec.id):
-            warning = f"not counting new documents for retrain: the server refuses data.filter ({refusal})"
+            warning = f"not counting new documents for retrain: {refusal}"
             log.warning("%s: %.200r", warning, spec.id)
             try:
                 await self.db[defaults.MODELS].update_one({"_id": ids.eq(spec.id)},
@@ -391,15 +395,22 @@ class Retrainer:
         return refusal is None
 
     async def _refusal(self, collection: str, query: dict | None) -> str | None:
-        """What the server says of `query` on `collection`, reading at most one document (raw: any `_id`), for at
-        most FILTER_CHECK_MS (a filter that matches nothing may scan the whole collection; the stream still
-        contains a filter that passes and fails later)."""
+        """Why a model may not count the inserts of `collection` that match `query`, or None. The name must name a
+        collection, never a view (its pipeline, a `$lookup` into any collection, would run with the daemon's rights
+        at each check of an insert), and the server must run the filter: tried on at most one document (raw: any
+        `_id`), for at most FILTER_CHECK_MS (a filter that matches nothing may scan the whole collection; the
+        stream still contains a filter that passes and fails later)."""
+        listed = await (await self.db.list_collections(filter={"name": collection})).to_list()
+        try:
+            check_collection_type(listed, "data.collection")
+        except SpecError as exc:
+            return str(exc)
         if not query:
             return None
         try:
             await raw(self.db[collection]).find_one(query, max_time_ms=FILTER_CHECK_MS)
         except OperationFailure as exc:
-            return None if exc.code == MAX_TIME_EXPIRED else said(exc)
+            return None if exc.code == MAX_TIME_EXPIRED else filter_refused(exc)
         return None
 
     def _follow_schedules(self, models: dict) -> None:
@@ -574,7 +585,7 @@ class Retrainer:
             return await self.db[collection].find_one(
                 {"$and": [{"_id": ids.eq(doc_id)}, query]}, {"_id": 1}) is not None
         except OperationFailure as exc:  # the training run meets the same refusal and fails with it; the next pass
-            self.filter_checks[(collection, json_util.dumps(query))] = said(exc)  # stops following it
+            self.filter_checks[(collection, json_util.dumps(query))] = filter_refused(exc)  # stops following it
             return False
 
     async def _tick(self, model_id, cron) -> None:

@@ -220,6 +220,31 @@ def test_class2_a_forged_tally_never_stops_the_retrain_pass(db, server_uri, tmp_
     asyncio.run(scenario())
 
 
+def test_class1_a_view_is_never_followed_for_new_documents(db, server_uri, tmp_path):
+    """A names a view as `data.collection` of A's models (its pipeline, a `$lookup` into `_requests` say, would run
+    with the daemon's rights whenever an insert is checked against a filter): neither A's model with a filter nor
+    the one without is followed, each one's `warnings` saying why; B's model on `notes` is followed."""
+    db.create_collection("window", viewOn="notes", pipeline=[{"$lookup": {
+        "from": defaults.REQUESTS, "pipeline": [], "as": "everyone"}}])
+    on_window = {"collection": "window", "key": "text"}
+    db[defaults.MODELS].insert_many([
+        {**retraining("b", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1},
+        {**retraining("a1", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1,
+         "data": {**on_window, "filter": {"lang": "en"}}},
+        {**retraining("a2", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1,
+         "data": on_window}])
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            assert {c: sorted(m) for c, m in retrainer.following.items()} == {"notes": [ids.key("b")]}
+
+    asyncio.run(scenario())
+    for doc_id in ("a1", "a2"):
+        warnings = str(db[defaults.MODELS].find_one({"_id": doc_id}).get("warnings"))
+        assert "data.collection" in warnings and "view" in warnings, (doc_id, warnings)
+
+
 def test_class3_one_writers_models_never_push_anothers_out_of_being_followed(db, server_uri, tmp_path):
     """The daemon follows at most `retrain_max_collections` collections: a writer who gives models ids that sort
     first ("!0"...) on collections of their own must not take the place of a collection already followed. Here
