@@ -327,13 +327,14 @@ def test_class2_models_past_the_bound_are_logged_once_however_many_there_are(db,
     asyncio.run(scenario())
 
 
-def test_class3_one_writers_schedules_never_make_a_live_daemon_look_dead(db, start_daemon):
-    """A writer's 100 models with a rare `retrain.schedule` ("0 0 1 1 mon") and a source outside the model roots:
-    each retrain pass parses the models on the daemon's one event loop. The heartbeat's `alive_until` must never
-    be seen past, or the other daemons take a live daemon for dead (its requests are requeued)."""
+def test_class3_one_writers_schedules_never_make_a_live_daemon_look_dead(db, start_daemon, tiny_model_path):
+    """A writer's 100 models with a rare `retrain.schedule` ("0 0 1 1 mon") and a source inside the model roots,
+    so each model's parse reaches the schedule's check, the costly one: each retrain pass parses the models. The
+    heartbeat's `alive_until` must never be seen past, or the other daemons take a live daemon for dead (its
+    requests are requeued)."""
     daemon = start_daemon()
     record = wait_for(db[defaults.LISTENER], {"$regex": "^daemon:"}, lambda d: True, timeout_s=60)
-    db[defaults.MODELS].insert_many([{**retraining(f"rare{n}", "/outside/the/model/roots", schedule="0 0 1 1 mon"),
+    db[defaults.MODELS].insert_many([{**retraining(f"rare{n}", tiny_model_path, schedule="0 0 1 1 mon"),
                                       "status": "failed"} for n in range(100)])
     assert_heartbeat_never_lapses(db, daemon, record["_id"])
 
@@ -341,8 +342,8 @@ def test_class3_one_writers_schedules_never_make_a_live_daemon_look_dead(db, sta
 def test_a_refused_model_is_parsed_once_per_version_and_its_source_before_its_schedule(db, server_uri, tmp_path):
     """What keeps a pass cheap whatever the models: a refusal is kept until the document changes, and the
     schedule, the costly check, comes after the source; any schedule's check searches a bounded span."""
-    db[defaults.MODELS].insert_one({**retraining("rare", "/outside/the/model/roots", schedule="0 0 1 1 mon"),
-                                    "status": "failed"})
+    db[defaults.MODELS].insert_one({**retraining("rare", "/outside/the/model/roots", schedule="0 0 30 2 *"),
+                                    "status": "failed"})  # both refused: the field named is the one checked first
 
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path) as retrainer:
