@@ -51,7 +51,6 @@ from listener.streams import LOST_TOKEN_CODES
 from listener.tasks import cancel_and_wait
 from training import defaults, ids, schedule
 from training.config import LISTENER_FIELDS, ModelSpec, SpecError, check_collection_type, parse_model
-from training.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -196,20 +195,13 @@ def filter_refused(exc: OperationFailure) -> str:
     return f"the server refuses data.filter ({said(exc)})"
 
 
-def parse_outcome(document: dict, limits: Limits) -> ModelSpec | SpecError:
-    """`parse_model`, its refusal returned rather than raised, to be kept."""
-    try:
-        return parse_model(document, limits)
-    except SpecError as exc:
-        return exc
-
-
 class Retrainer:
     """Follows the models with `retrain`; the daemon starts it with its `Periodic` and awaits `close`."""
 
     def __init__(self, db, settings: Settings, owner: str, periodic: Periodic, skipped: SkipLog):
         self.db, self.settings, self.owner, self.periodic, self.skipped = db, settings, owner, periodic, skipped
-        self.specs: dict[str, tuple[str, ModelSpec]] = {}  # by model key: a fingerprint of the document, its parse
+        self.specs: dict[str, tuple[str, ModelSpec | SpecError]] = {}  # by model key: a fingerprint of the document,
+        # its parse or refusal
         self.following: dict[str, Members] = {}  # by collection: the models counting its inserts
         self.watchers: dict[str, tuple[tuple, asyncio.Task]] = {}  # by collection: its filters, the stream task
         self.schedules: dict[str, str] = {}  # by model key: the cron expression scheduled
@@ -245,28 +237,33 @@ class Retrainer:
         async for document in readable(raw(self.db[defaults.MODELS]).find({"retrain": {"$type": "object"}}),
                                        self.skipped, "retrain"):
             try:
-                state, spec = parse(ModelState, document), await self._spec(document, parsed)
-            except (BadRecord, SpecError) as exc:  # the daemon's own pass fails the document where it must
+                state = parse(ModelState, document)
+            except BadRecord as exc:  # the daemon's own pass fails the document where it must
                 self.skipped.skip("retrain", document.get("_id"), exc)
                 continue
-            if spec.retrain is not None and (spec.retrain.on_new_documents or spec.retrain.schedule):
+            spec = await self._spec(document, parsed)
+            if isinstance(spec, SpecError):
+                self.skipped.skip("retrain", document.get("_id"), spec)
+            elif spec.retrain is not None and (spec.retrain.on_new_documents or spec.retrain.schedule):
                 found[ids.key(spec.id)] = (spec, state)
         self.specs = parsed
         return found
 
-    async def _spec(self, document: dict, parsed: dict) -> ModelSpec:
+    async def _spec(self, document: dict, parsed: dict) -> ModelSpec | SpecError:
         """The document's parse, redone only when what the user wrote has changed, and then off the event loop (a
-        cron check costs up to ~25 ms of CPU); a refusal is kept as well, so a document refused costs one parse,
-        not one at each pass."""
+        cron check costs up to ~25 ms of CPU); a refusal is kept and returned as well, so a document refused costs
+        one parse, not one at each pass."""
         user_part = {k: v for k, v in document.items() if k not in LISTENER_FIELDS}
         fingerprint = hashlib.sha256(bson.encode(user_part)).hexdigest()
         key = ids.key(document.get("_id"))
         cached = self.specs.get(key)
         if cached is None or cached[0] != fingerprint:
-            cached = (fingerprint, await asyncio.to_thread(parse_outcome, document, self.settings.limits))
+            try:
+                outcome = await asyncio.to_thread(parse_model, document, self.settings.limits)
+            except SpecError as exc:
+                outcome = exc
+            cached = (fingerprint, outcome)
         parsed[key] = cached
-        if isinstance(cached[1], SpecError):
-            raise SpecError(cached[1].field, cached[1].message)
         return cached[1]
 
     async def _forget_used_triggers(self) -> None:
