@@ -41,7 +41,7 @@ from typing import Any
 import bson
 from bson import json_util
 from pydantic import BaseModel, ConfigDict, Field
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import DuplicateKeyError, ExecutionTimeout, OperationFailure, PyMongoError
 
 from listener.periodic import Periodic
 from listener.records import BadRecord, ModelState, SkipLog, parse, raw, read_each, readable
@@ -51,6 +51,7 @@ from listener.streams import LOST_TOKEN_CODES
 from listener.tasks import cancel_and_wait
 from training import defaults, ids, schedule
 from training.config import LISTENER_FIELDS, ModelSpec, SpecError, check_collection_type, parse_model
+from training.errors import cut
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ CLOSE_S = 5.0  # how long `close` waits for the watchers to end before it leaves
 EVERY_INSERT = [{"$match": {"operationType": "insert"}}, {"$project": {"documentKey": 1}}]
 NOT_FOLLOWED = (Status.FAILED, Status.CANCELLED)  # a person looks at those first: no retrain starts by itself
 FILTER_CHECK_MS = 1000  # how long the server may look for a document to try a model's data.filter on
-MAX_TIME_EXPIRED = 50  # the server's code for a read that ran out of its time: no verdict on the filter
 FILTER_CHECKS_PER_PASS = 4  # filters newly tried in one pass; models whose filters are not tried yet wait
 NOWHERE = object()  # a watcher's `failed_at` before any failure: unlike None (no point yet), equal to no position
 
@@ -169,14 +169,19 @@ def insert_pipeline(filters: list[dict | None]) -> tuple[list[dict], bool]:
     return EVERY_INSERT, True
 
 
+def filter_text(query: dict | None) -> str:
+    """A filter's text: the models with the same text share its verdict and its place in a stream."""
+    return json_util.dumps(query)
+
+
 def filters_of(members: Members) -> dict[str, dict | None]:
     """The distinct filters of a collection's members, by their text."""
-    return {json_util.dumps(spec.data.filter): spec.data.filter for spec, _ in members.values()}
+    return {filter_text(spec.data.filter): spec.data.filter for spec, _ in members.values()}
 
 
-def filter_check(spec: ModelSpec) -> tuple[str, str]:
-    """What a verdict on a model's filter is kept under: its collection and its text."""
-    return spec.data.collection, json_util.dumps(spec.data.filter)
+def filter_check(collection: str, query: dict | None) -> tuple[str, str]:
+    """What a verdict on a filter is kept under: its collection and its text."""
+    return collection, filter_text(query)
 
 
 def without_filters(collection: str, exc: OperationFailure) -> tuple[list[dict], bool]:
@@ -188,7 +193,7 @@ def without_filters(collection: str, exc: OperationFailure) -> tuple[list[dict],
 
 def said(exc: OperationFailure) -> str:
     """The server's own words for a refusal, short enough for a model's `warnings`."""
-    return str((exc.details or {}).get("errmsg") or exc)[:300]
+    return cut(str((exc.details or {}).get("errmsg") or exc), 300)
 
 
 def filter_refused(exc: OperationFailure) -> str:
@@ -351,7 +356,7 @@ class Retrainer:
         on a filter is kept while some such model has that filter)."""
         candidates = {key: (spec, state) for key, (spec, state) in models.items()
                       if spec.retrain.on_new_documents and state.status not in NOT_FOLLOWED}
-        current = {filter_check(spec) for spec, _ in candidates.values()}
+        current = {filter_check(spec.data.collection, spec.data.filter) for spec, _ in candidates.values()}
         self.filter_checks = {check: refusal for check, refusal in self.filter_checks.items() if check in current}
         return candidates
 
@@ -373,7 +378,7 @@ class Retrainer:
         """Whether the server runs the model's `data.filter` on its collection, tried once per collection and filter
         before it joins a stream shared with other models (one the server fails on would stop counting for all);
         a refusal is logged and added to the model's `warnings`. None: not tried yet, and `may_try` is False."""
-        check = filter_check(spec)
+        check = filter_check(spec.data.collection, spec.data.filter)
         text = check[1]
         if check not in self.filter_checks:
             if not may_try:
@@ -406,8 +411,10 @@ class Retrainer:
             return None
         try:
             await raw(self.db[collection]).find_one(query, max_time_ms=FILTER_CHECK_MS)
+        except ExecutionTimeout:  # it ran out of its time: no verdict on the filter
+            return None
         except OperationFailure as exc:
-            return None if exc.code == MAX_TIME_EXPIRED else filter_refused(exc)
+            return filter_refused(exc)
         return None
 
     def _follow_schedules(self, models: dict) -> None:
@@ -561,7 +568,7 @@ class Retrainer:
         for text, query in filters_of(members).items():
             if not checked or not query or await self._matches(collection, query, doc_id):
                 matched.update({key: member for key, member in members.items()
-                                if json_util.dumps(member[0].data.filter) == text})
+                                if filter_text(member[0].data.filter) == text})
         states = await self._states(matched) if matched else {}
         if not states:  # nothing to count: a restart may see this insert again, and count it for no one again
             return
@@ -582,7 +589,7 @@ class Retrainer:
             return await self.db[collection].find_one(
                 {"$and": [{"_id": ids.eq(doc_id)}, query]}, {"_id": 1}) is not None
         except OperationFailure as exc:  # the training run meets the same refusal and fails with it; the next pass
-            self.filter_checks[(collection, json_util.dumps(query))] = filter_refused(exc)  # stops following it
+            self.filter_checks[filter_check(collection, query)] = filter_refused(exc)  # stops following it
             return False
 
     async def _tick(self, model_id, cron) -> None:

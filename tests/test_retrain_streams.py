@@ -12,7 +12,6 @@ import threading
 
 import bson
 import pytest
-from bson import json_util
 from pymongo.read_concern import ReadConcern
 
 from listener import retrain
@@ -188,7 +187,7 @@ def test_class2_a_filter_the_server_fails_on_only_while_counting_costs_only_its_
 
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path) as retrainer:
-            retrainer.filter_checks[("notes", json_util.dumps(bad))] = None
+            retrainer.filter_checks[retrain.filter_check("notes", bad)] = None
             await retrainer.check()
             await wait(lambda: counts(db, "solo") == {"a": 0, "b": 0})
             db.notes.insert_many(notes("en", 3))
