@@ -15,7 +15,6 @@ import pytest
 from pymongo.read_concern import ReadConcern
 
 from listener import retrain
-from listener.records import SkipLog
 from tests.conftest import DaemonProcess, wait_for
 from tests.documents import insert_nested, nested_document
 from tests.test_retrain import notes, retraining, solo, until
@@ -56,9 +55,10 @@ def test_class3_users_change_streams_never_make_a_live_daemon_look_dead(db, serv
         daemon.stop()
 
 
-def counts(db, daemon: str) -> dict:
-    record = db[defaults.LISTENER].find_one({"kind": retrain.TALLY, "daemon": daemon}) or {"counts": []}
-    return {c["model"]: c["count"] for c in record["counts"]}
+def counts(db) -> dict:
+    """The solo daemon's counts by model, over all its tallies (one per collection)."""
+    return {c["model"]: c["count"] for record in db[defaults.LISTENER].find({"kind": retrain.TALLY, "daemon": "solo"})
+            for c in record["counts"]}
 
 
 def test_models_on_one_collection_share_one_stream_each_counting_what_matches_its_own_filter(db, server_uri,
@@ -78,11 +78,11 @@ def test_models_on_one_collection_share_one_stream_each_counting_what_matches_it
         async with solo(server_uri, db.name, tmp_path, environ={"MONGOTUNE_RETRAIN_MAX_COLLECTIONS": "1"}) as retrainer:
             await retrainer.check()
             assert list(retrainer.watchers) == ["notes"]  # "letters" is the second collection: over the bound
-            await until(lambda: counts(db, "solo"))
+            await until(lambda: counts(db))
             db.letters.insert_one({"text": "not counted"})
             db.notes.insert_many(notes("en", 3) + notes("fr", 2))
             await until(lambda: db[defaults.MODELS].count_documents({"status": "pending"}) == 3)
-            assert counts(db, "solo") == {"all5": 5, "en3": 3, "en9": 3, "fr2": 2}
+            assert counts(db) == {"all5": 5, "en3": 3, "en9": 3, "fr2": 2}
 
     asyncio.run(scenario())
     status = {d["_id"]: (d["status"], d.get("trigger")) for d in db[defaults.MODELS].find()}
@@ -91,21 +91,6 @@ def test_models_on_one_collection_share_one_stream_each_counting_what_matches_it
                       "gave-up": ("failed", None), "elsewhere": ("succeeded", None)}
 
 
-
-
-async def wait(check, retrainer=None, timeout_s: float = 20) -> None:
-    """Until `check()`, running the retrainer's periodic pass each second where given (as a daemon does)."""
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            if retrainer is not None:
-                await retrainer.check()
-            await asyncio.sleep(1 if retrainer is not None else 0.05)
-
-
-def all_counts(db) -> dict:
-    """The solo daemon's counts, over all its tallies (one per collection)."""
-    return {c["model"]: c["count"] for record in db[defaults.LISTENER].find({"kind": retrain.TALLY, "daemon": "solo"})
-            for c in record["counts"]}
 
 
 def test_class3_a_stream_the_server_never_opens_is_tried_again_after_a_growing_wait(db, server_uri, tmp_path, caplog):
@@ -140,10 +125,10 @@ def test_class3_one_odd_insert_never_loses_the_inserts_after_it(db, server_uri, 
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path) as retrainer:
             await retrainer.check()
-            await wait(lambda: counts(db, "solo") == {"en3": 0})
+            await until(lambda: counts(db) == {"en3": 0})
             insert_nested(db.notes, {"_id": nested_document(975), "text": "odd", "lang": "en"})
             db.notes.insert_many(notes("en", 3))
-            await wait(lambda: db[defaults.MODELS].find_one({"_id": "en3"})["status"] == "pending", retrainer)
+            await until(lambda: db[defaults.MODELS].find_one({"_id": "en3"})["status"] == "pending", retrainer)
 
     asyncio.run(scenario())
 
@@ -163,12 +148,12 @@ def test_class2_one_models_filter_never_stops_counting_for_the_others_on_its_col
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path) as retrainer:
             await retrainer.check()
-            await wait(lambda: counts(db, "solo") == {"b": 0})
+            await until(lambda: counts(db) == {"b": 0})
             db.notes.insert_many(notes("en", 3))
             try:
-                await wait(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
+                await until(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
             except TimeoutError:
-                pytest.fail(f"B's model never counted its 3 notes: {counts(db, 'solo')}")
+                pytest.fail(f"B's model never counted its 3 notes: {counts(db)}")
 
     asyncio.run(scenario())
     a_model = db[defaults.MODELS].find_one({"_id": "a"})
@@ -189,10 +174,10 @@ def test_class2_a_filter_the_server_fails_on_only_while_counting_costs_only_its_
         async with solo(server_uri, db.name, tmp_path) as retrainer:
             retrainer.filter_checks[retrain.filter_check("notes", bad)] = None
             await retrainer.check()
-            await wait(lambda: counts(db, "solo") == {"a": 0, "b": 0})
+            await until(lambda: counts(db) == {"a": 0, "b": 0})
             db.notes.insert_many(notes("en", 3))
-            await wait(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
-            await wait(lambda: "data.filter" in str(db[defaults.MODELS].find_one({"_id": "a"}).get("warnings")),
+            await until(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
+            await until(lambda: "data.filter" in str(db[defaults.MODELS].find_one({"_id": "a"}).get("warnings")),
                        retrainer)
             await retrainer.check()
             assert [spec.id for members in retrainer.following.values() for spec, _ in members.values()] == ["b"]
@@ -212,9 +197,9 @@ def test_class2_a_forged_tally_never_stops_the_retrain_pass(db, server_uri, tmp_
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path) as retrainer:
             await retrainer.check()
-            await wait(lambda: counts(db, "solo") == {"en3": 0})
+            await until(lambda: counts(db) == {"en3": 0})
             db.notes.insert_many(notes("en", 3))
-            await wait(lambda: db[defaults.MODELS].find_one({"_id": "en3"})["status"] == "pending", retrainer)
+            await until(lambda: db[defaults.MODELS].find_one({"_id": "en3"})["status"] == "pending", retrainer)
 
     asyncio.run(scenario())
 
@@ -262,7 +247,7 @@ def test_class3_one_writers_models_never_push_anothers_out_of_being_followed(db,
             await retrainer.check()
             db.notes.insert_many(notes("en", 3))
             try:
-                await wait(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
+                await until(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
             except TimeoutError:
                 pytest.fail(f"B's model was never counted: the daemon follows only {sorted(retrainer.watchers)}")
             assert sorted(retrainer.watchers) == ["a_0", "notes"]  # the first newcomer took the free place
@@ -303,7 +288,7 @@ def test_class3_one_writers_filters_cost_the_server_a_bounded_number_of_tries_pe
 def test_class2_models_past_the_bound_are_logged_once_however_many_there_are(db, server_uri, tmp_path, caplog):
     """Models the daemon does not count for (past `retrain_max_models`) are logged as one summary line when their
     number changes, not one line per model (with more of them than the `SkipLog` remembers, every pass would log
-    them all again). Here the log remembers 5 and 7 models are past the bound."""
+    them all again). Here 7 models are past the bound."""
     caplog.set_level(logging.WARNING, logger="listener.retrain")
     db[defaults.MODELS].insert_many([{**retraining(f"m{n}", "/models/never-loaded", on_new_documents=1),
                                       "status": "succeeded", "run": 1} for n in range(8)])
@@ -313,7 +298,6 @@ def test_class2_models_past_the_bound_are_logged_once_however_many_there_are(db,
 
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path, environ={"MONGOTUNE_RETRAIN_MAX_MODELS": "1"}) as retrainer:
-            retrainer.skipped = SkipLog(capacity=5)
             await retrainer.check()
             assert len(bound_lines()) == 1 and "7 models" in bound_lines()[0], bound_lines()
             caplog.clear()
@@ -377,10 +361,10 @@ def test_class2_one_model_the_server_cannot_update_never_stops_the_retrain_pass(
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path) as retrainer:
             await retrainer.check()
-            await wait(lambda: all_counts(db) == {"a": 0, "b": 0})
+            await until(lambda: counts(db) == {"a": 0, "b": 0})
             db.a_notes.insert_one({"text": "A's one new document"})
             db.notes.insert_many(notes("en", 3))
-            await wait(lambda: all_counts(db) == {"a": 1, "b": 3})
+            await until(lambda: counts(db) == {"a": 1, "b": 3})
             db[defaults.MODELS].update_one({"_id": "b"}, {"$set": {"status": "succeeded"}})  # B's run 2 ended
             for _ in range(3):
                 try:
