@@ -41,7 +41,7 @@ from typing import Any
 import bson
 from bson import json_util
 from pydantic import BaseModel, ConfigDict, Field
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import DuplicateKeyError, ExecutionTimeout, OperationFailure, PyMongoError
 
 from listener.periodic import Periodic
 from listener.records import BadRecord, ModelState, SkipLog, parse, raw, read_each, readable
@@ -50,8 +50,8 @@ from listener.status import DOCUMENT_VALIDATION_FAILURE, FINAL, MODEL_TRANSITION
 from listener.streams import LOST_TOKEN_CODES
 from listener.tasks import cancel_and_wait
 from training import defaults, ids, schedule
-from training.config import LISTENER_FIELDS, ModelSpec, SpecError, parse_model
-from training.limits import Limits
+from training.config import LISTENER_FIELDS, ModelSpec, SpecError, check_collection_type, parse_model
+from training.errors import cut
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ CLOSE_S = 5.0  # how long `close` waits for the watchers to end before it leaves
 EVERY_INSERT = [{"$match": {"operationType": "insert"}}, {"$project": {"documentKey": 1}}]
 NOT_FOLLOWED = (Status.FAILED, Status.CANCELLED)  # a person looks at those first: no retrain starts by itself
 FILTER_CHECK_MS = 1000  # how long the server may look for a document to try a model's data.filter on
-MAX_TIME_EXPIRED = 50  # the server's code for a read that ran out of its time: no verdict on the filter
+FILTER_CHECKS_PER_PASS = 4  # filters newly tried in one pass; models whose filters are not tried yet wait
+NOWHERE = object()  # a watcher's `failed_at` before any failure: unlike None (no point yet), equal to no position
 
 
 class Count(BaseModel):
@@ -168,27 +169,35 @@ def insert_pipeline(filters: list[dict | None]) -> tuple[list[dict], bool]:
     return EVERY_INSERT, True
 
 
+def filter_text(query: dict | None) -> str:
+    """A filter's text: the models with the same text share its verdict and its place in a stream."""
+    return json_util.dumps(query)
+
+
 def filters_of(members: Members) -> dict[str, dict | None]:
     """The distinct filters of a collection's members, by their text."""
-    return {json_util.dumps(spec.data.filter): spec.data.filter for spec, _ in members.values()}
+    return {filter_text(spec.data.filter): spec.data.filter for spec, _ in members.values()}
 
 
-def filter_check(spec: ModelSpec) -> tuple[str, str]:
-    """What a verdict on a model's filter is kept under: its collection and its text."""
-    return spec.data.collection, json_util.dumps(spec.data.filter)
+def filter_check(collection: str, query: dict | None) -> tuple[str, str]:
+    """What a verdict on a filter is kept under: its collection and its text."""
+    return collection, filter_text(query)
+
+
+def without_filters(collection: str, exc: OperationFailure) -> tuple[list[dict], bool]:
+    """The pipeline and check of a stream whose filters the server fails on: every insert, checked by `_id`."""
+    log.warning("the server fails the data.filters of the models on %s in a change stream (%s); checking each insert "
+                "by _id instead", collection, exc.code)
+    return EVERY_INSERT, True
 
 
 def said(exc: OperationFailure) -> str:
     """The server's own words for a refusal, short enough for a model's `warnings`."""
-    return str((exc.details or {}).get("errmsg") or exc)[:300]
+    return cut(str((exc.details or {}).get("errmsg") or exc), 300)
 
 
-def parse_outcome(document: dict, limits: Limits) -> ModelSpec | SpecError:
-    """`parse_model`, its refusal returned rather than raised, to be kept."""
-    try:
-        return parse_model(document, limits)
-    except SpecError as exc:
-        return exc
+def filter_refused(exc: OperationFailure) -> str:
+    return f"the server refuses data.filter ({said(exc)})"
 
 
 class Retrainer:
@@ -196,7 +205,8 @@ class Retrainer:
 
     def __init__(self, db, settings: Settings, owner: str, periodic: Periodic, skipped: SkipLog):
         self.db, self.settings, self.owner, self.periodic, self.skipped = db, settings, owner, periodic, skipped
-        self.specs: dict[str, tuple[str, ModelSpec]] = {}  # by model key: a fingerprint of the document, its parse
+        self.specs: dict[str, tuple[str, ModelSpec | SpecError]] = {}  # by model key: a fingerprint of the document,
+        # its parse or refusal
         self.following: dict[str, Members] = {}  # by collection: the models counting its inserts
         self.watchers: dict[str, tuple[tuple, asyncio.Task]] = {}  # by collection: its filters, the stream task
         self.schedules: dict[str, str] = {}  # by model key: the cron expression scheduled
@@ -207,6 +217,7 @@ class Retrainer:
         self.sightings = 0  # the number the next model seen gets
         self.past_bound = 0  # how many models the bounds left uncounted at the last pass: logged when it changes
         self.filter_checks: dict[tuple[str, str], str | None] = {}  # by collection and filter: the server's refusal
+        self.kept: set[str] | None = None  # the models holding places after the last pass (None: before the first)
 
     def start(self) -> None:
         self.periodic.every(self.settings.retrain_check_s, self.check, "retrain")
@@ -231,28 +242,33 @@ class Retrainer:
         async for document in readable(raw(self.db[defaults.MODELS]).find({"retrain": {"$type": "object"}}),
                                        self.skipped, "retrain"):
             try:
-                state, spec = parse(ModelState, document), await self._spec(document, parsed)
-            except (BadRecord, SpecError) as exc:  # the daemon's own pass fails the document where it must
+                state = parse(ModelState, document)
+            except BadRecord as exc:  # the daemon's own pass fails the document where it must
                 self.skipped.skip("retrain", document.get("_id"), exc)
                 continue
-            if spec.retrain is not None and (spec.retrain.on_new_documents or spec.retrain.schedule):
+            spec = await self._spec(document, parsed)
+            if isinstance(spec, SpecError):
+                self.skipped.skip("retrain", document.get("_id"), spec)
+            elif spec.retrain is not None and (spec.retrain.on_new_documents or spec.retrain.schedule):
                 found[ids.key(spec.id)] = (spec, state)
         self.specs = parsed
         return found
 
-    async def _spec(self, document: dict, parsed: dict) -> ModelSpec:
+    async def _spec(self, document: dict, parsed: dict) -> ModelSpec | SpecError:
         """The document's parse, redone only when what the user wrote has changed, and then off the event loop (a
-        cron check costs up to ~25 ms of CPU); a refusal is kept as well, so a document refused costs one parse,
-        not one at each pass."""
+        cron check costs up to ~25 ms of CPU); a refusal is kept and returned as well, so a document refused costs
+        one parse, not one at each pass."""
         user_part = {k: v for k, v in document.items() if k not in LISTENER_FIELDS}
         fingerprint = hashlib.sha256(bson.encode(user_part)).hexdigest()
         key = ids.key(document.get("_id"))
         cached = self.specs.get(key)
         if cached is None or cached[0] != fingerprint:
-            cached = (fingerprint, await asyncio.to_thread(parse_outcome, document, self.settings.limits))
+            try:
+                outcome = await asyncio.to_thread(parse_model, document, self.settings.limits)
+            except SpecError as exc:
+                outcome = exc
+            cached = (fingerprint, outcome)
         parsed[key] = cached
-        if isinstance(cached[1], SpecError):
-            raise SpecError(cached[1].field, cached[1].message)
         return cached[1]
 
     async def _forget_used_triggers(self) -> None:
@@ -266,17 +282,16 @@ class Retrainer:
             await self.db[defaults.MODELS].update_many(used, {"$unset": {"trigger": ""}},
                                                        bypass_document_validation=True)
 
-    def _counted(self, eligible: dict, counted: set[str]) -> dict[str, Members]:
+    async def _counted(self, eligible: dict, counted: set[str]) -> dict[str, Members]:
         """The models that count new documents, by collection: those that can retrain by themselves, within the
         operator's bounds. Those counted already come first, then the others in the order this daemon first saw
         them, so a newcomer (whatever its id) never takes the place of a model or collection followed before it;
-        the others wait until some stop following."""
-        for key in sorted(eligible):
-            if key not in self.seen:
-                self.seen[key], self.sightings = self.sightings, self.sightings + 1
-        self.seen = {key: n for key, n in self.seen.items() if key in eligible}
+        the others wait until some stop following. A model's filter is tried when it is about to take a place, at
+        most FILTER_CHECKS_PER_PASS new ones a pass (each may cost the server FILTER_CHECK_MS): one whose filter
+        must wait for a later pass keeps those after it waiting too, and keeps its place if it had one."""
+        self._number_newcomers(eligible)
         followed: dict[str, Members] = {}
-        total, past, s = 0, [], self.settings
+        total, past, waiting, known, s = 0, [], set(), len(self.filter_checks), self.settings
         for key in sorted(eligible, key=lambda k: (k not in counted, self.seen[k])):
             spec, state = eligible[key]
             collection = spec.data.collection
@@ -284,17 +299,30 @@ class Retrainer:
                                                  and len(followed) >= s.retrain_max_collections):
                 past.append(spec.id)
                 continue
-            followed.setdefault(collection, {})[key] = (spec, state.run)
-            total += 1
+            works = None if waiting else await self._filter_works(
+                spec, may_try=len(self.filter_checks) - known < FILTER_CHECKS_PER_PASS)
+            if works is None:
+                waiting.add(key)
+            elif works:
+                followed.setdefault(collection, {})[key] = (spec, state.run)
+                total += 1
         if len(past) != self.past_bound and past:
             log.warning("not counting new documents for %d models (the first: %.200r): this daemon follows %d "
                         "models in %d collections, its bounds (MONGOTUNE_RETRAIN_MAX_MODELS, "
                         "MONGOTUNE_RETRAIN_MAX_COLLECTIONS)", len(past), past[0], total, len(followed))
         self.past_bound = len(past)
+        self.kept = {key for members in followed.values() for key in members} | (waiting & counted)
         return followed
 
+    def _number_newcomers(self, eligible: dict) -> None:
+        """Number the models in the order this daemon first sees them (those seen together, by key)."""
+        for key in sorted(eligible):
+            if key not in self.seen:
+                self.seen[key], self.sightings = self.sightings, self.sightings + 1
+        self.seen = {key: n for key, n in self.seen.items() if key in eligible}
+
     async def _follow_data(self, models: dict) -> None:
-        wanted = self._counted(await self._eligible(models), await self._counted_before())
+        wanted = await self._counted(self._eligible(models), await self._counted_before())
         stale = []
         for collection, (filters, task) in list(self.watchers.items()):
             if collection not in wanted or tuple(sorted(filters_of(wanted[collection]))) != filters or task.done():
@@ -323,35 +351,43 @@ class Retrainer:
         await self.db[defaults.LISTENER].delete_many(
             {"kind": TALLY, "daemon": self.settings.name, "_id": {"$nin": [self._tally_id(c) for c in wanted]}})
 
-    async def _eligible(self, models: dict) -> dict:
-        """The models that may count new documents: with `on_new_documents`, neither failed nor cancelled, and with
-        a filter the server runs (a verdict kept while some such model has that filter)."""
+    def _eligible(self, models: dict) -> dict:
+        """The models that may count new documents: with `on_new_documents`, neither failed nor cancelled (a verdict
+        on a filter is kept while some such model has that filter)."""
         candidates = {key: (spec, state) for key, (spec, state) in models.items()
                       if spec.retrain.on_new_documents and state.status not in NOT_FOLLOWED}
-        current = {filter_check(spec) for spec, _ in candidates.values()}
+        current = {filter_check(spec.data.collection, spec.data.filter) for spec, _ in candidates.values()}
         self.filter_checks = {check: refusal for check, refusal in self.filter_checks.items() if check in current}
-        return {key: (spec, state) for key, (spec, state) in candidates.items() if await self._filter_works(spec)}
+        return candidates
 
     async def _counted_before(self) -> set[str]:
-        """The models this daemon counts for: those it follows, or on its first pass those its tallies hold."""
-        if self.following:
-            return {key for members in self.following.values() for key in members}
-        records = self.db[defaults.LISTENER].find({"kind": TALLY, "daemon": self.settings.name}, {"counts.key": 1})
-        return {count.get("key") for record in await records.to_list() for count in record.get("counts") or []
-                if isinstance(count, dict)}
+        """The models that hold places: as the last pass left them, or on the first pass those the stored tallies
+        hold (a record it cannot read, which anyone may have written, holds none)."""
+        if self.kept is not None:
+            return self.kept
+        counted = set()
+        for record in await read_each(self.db[defaults.LISTENER], {"kind": TALLY, "daemon": self.settings.name},
+                                      {"collection": 1, "counts": 1}, self.skipped, "retrain tally"):
+            try:
+                counted.update(count.key for count in parse(Tally, record).counts)
+            except BadRecord as exc:
+                self.skipped.skip("retrain tally", record.get("_id"), exc)
+        return counted
 
-    async def _filter_works(self, spec: ModelSpec) -> bool:
+    async def _filter_works(self, spec: ModelSpec, may_try: bool) -> bool | None:
         """Whether the server runs the model's `data.filter` on its collection, tried once per collection and filter
         before it joins a stream shared with other models (one the server fails on would stop counting for all);
-        a refusal is logged and added to the model's `warnings`."""
-        check = filter_check(spec)
+        a refusal is logged and added to the model's `warnings`. None: not tried yet, and `may_try` is False."""
+        check = filter_check(spec.data.collection, spec.data.filter)
         text = check[1]
         if check not in self.filter_checks:
+            if not may_try:
+                return None
             self.filter_checks[check] = await self._refusal(spec.data.collection, spec.data.filter)
         refusal = self.filter_checks[check]
         if refusal is not None and self.skipped.first(f"retrain filter {hashlib.sha256(text.encode()).hexdigest()}",
                                                       spec.id):
-            warning = f"not counting new documents for retrain: the server refuses data.filter ({refusal})"
+            warning = f"not counting new documents for retrain: {refusal}"
             log.warning("%s: %.200r", warning, spec.id)
             try:
                 await self.db[defaults.MODELS].update_one({"_id": ids.eq(spec.id)},
@@ -361,15 +397,24 @@ class Retrainer:
         return refusal is None
 
     async def _refusal(self, collection: str, query: dict | None) -> str | None:
-        """What the server says of `query` on `collection`, reading at most one document (raw: any `_id`), for at
-        most FILTER_CHECK_MS (a filter that matches nothing may scan the whole collection; the stream still
-        contains a filter that passes and fails later)."""
+        """Why a model may not count the inserts of `collection` that match `query`, or None. The name must name a
+        collection, never a view (its pipeline, a `$lookup` into any collection, would run with the daemon's rights
+        at each check of an insert), and the server must run the filter: tried on at most one document (raw: any
+        `_id`), for at most FILTER_CHECK_MS (a filter that matches nothing may scan the whole collection; the
+        stream still contains a filter that passes and fails later)."""
+        listed = await (await self.db.list_collections(filter={"name": collection})).to_list()
+        try:
+            check_collection_type(listed, "data.collection")
+        except SpecError as exc:
+            return str(exc)
         if not query:
             return None
         try:
             await raw(self.db[collection]).find_one(query, max_time_ms=FILTER_CHECK_MS)
+        except ExecutionTimeout:  # it ran out of its time: no verdict on the filter
+            return None
         except OperationFailure as exc:
-            return None if exc.code == MAX_TIME_EXPIRED else said(exc)
+            return filter_refused(exc)
         return None
 
     def _follow_schedules(self, models: dict) -> None:
@@ -419,11 +464,13 @@ class Retrainer:
 
     async def _watch(self, collection: str, filters: list[dict | None]) -> None:
         """Count the inserts of `collection` for its members forever (cancel to stop); reconnects like the
-        daemon's own streams. A stream the server fails twice at the same point is taken past the one insert it
-        cannot deliver (`_pass_over`), or, where the filters are what fails, opened without them; only a point the
-        server no longer has makes it count from now on, never anything a model's document holds."""
+        daemon's own streams, after a growing wait. A stream the server fails twice at the same point is taken past
+        the one insert it cannot deliver (`_pass_over`), or, where the filters are what fails, opened without them;
+        only a point the server no longer has makes it count from now on, never anything a model's document holds.
+        A stream that fails before it ever had a point (the server will not watch the collection) is only tried
+        again: nothing is passed over, nothing reset."""
         pipeline, checked = insert_pipeline(filters)
-        backoff, position, failed_at = 0.5, None, {}  # {}: no point has failed yet
+        backoff, position, failed_at = 0.5, None, NOWHERE
         while True:
             try:
                 if position is None:
@@ -442,28 +489,28 @@ class Retrainer:
                 if exc.code in LOST_TOKEN_CODES and position:
                     await self._count_from_now(collection, exc)
                     position = None
-                    continue
+                    continue  # at once, this once: the next attempt has no token to lose
                 if position != failed_at:  # once may be passing; twice at one point is not
                     failed_at = position
-                    log.warning("stream on %s failed (%s); opening it again", collection, exc)
-                    continue
-                try:
-                    position = await self._pass_over(collection, pipeline, position)
-                except OperationFailure as refused:
-                    if pipeline is not EVERY_INSERT:
-                        log.warning("the server fails the data.filters of the models on %s in a change stream (%s); "
-                                    "checking each insert by _id instead", collection, refused.code)
-                        pipeline, checked = EVERY_INSERT, True
-                    else:
-                        await self._count_from_now(collection, refused)
-                        position = None
-                    continue
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                    log.warning("stream on %s failed (%s); opening it again in %.1f s", collection, said(exc), backoff)
+                elif position is not None:  # a point a stream had reached: an insert there may be what fails
+                    try:
+                        position = await self._pass_over(collection, pipeline, position)
+                    except OperationFailure as refused:
+                        if pipeline is not EVERY_INSERT:
+                            pipeline, checked = without_filters(collection, refused)
+                        else:
+                            await self._count_from_now(collection, refused)
+                            position = None
+                elif pipeline is not EVERY_INSERT:
+                    pipeline, checked = without_filters(collection, exc)
+                else:
+                    log.warning("the server will not open a stream on %s (%s); trying again in %.1f s", collection,
+                                said(exc), backoff)
             except PyMongoError as exc:
                 log.warning("stream on %s broke (%s); reconnecting in %.1f s", collection, exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
 
     async def _pass_over(self, collection: str, pipeline: list[dict], position: dict) -> dict:
         """The point just past the next insert after `position` that `pipeline` selects, found by a stream that
@@ -521,7 +568,7 @@ class Retrainer:
         for text, query in filters_of(members).items():
             if not checked or not query or await self._matches(collection, query, doc_id):
                 matched.update({key: member for key, member in members.items()
-                                if json_util.dumps(member[0].data.filter) == text})
+                                if filter_text(member[0].data.filter) == text})
         states = await self._states(matched) if matched else {}
         if not states:  # nothing to count: a restart may see this insert again, and count it for no one again
             return
@@ -542,7 +589,7 @@ class Retrainer:
             return await self.db[collection].find_one(
                 {"$and": [{"_id": ids.eq(doc_id)}, query]}, {"_id": 1}) is not None
         except OperationFailure as exc:  # the training run meets the same refusal and fails with it; the next pass
-            self.filter_checks[(collection, json_util.dumps(query))] = said(exc)  # stops following it
+            self.filter_checks[filter_check(collection, query)] = filter_refused(exc)  # stops following it
             return False
 
     async def _tick(self, model_id, cron) -> None:

@@ -144,11 +144,14 @@ async def solo(server_uri: str, db_name: str, home, environ: dict | None = None,
         await client.close()
 
 
-async def until(check):
-    """Let the retrainer's stream task run until `check()` returns something truthy, and return that."""
+async def until(check, retrainer: Retrainer | None = None):
+    """Let the retrainer's stream tasks run until `check()` returns something truthy, and return that; where
+    `retrainer` is given, run its periodic pass each second meanwhile, as a daemon does."""
     async with asyncio.timeout(30):
         while not (found := check()):
-            await asyncio.sleep(0.05)
+            if retrainer is not None:
+                await retrainer.check()
+            await asyncio.sleep(0.05 if retrainer is None else 1)
     return found
 
 

@@ -12,10 +12,9 @@ import threading
 
 import bson
 import pytest
-from bson import json_util
+from pymongo.read_concern import ReadConcern
 
 from listener import retrain
-from listener.records import SkipLog
 from tests.conftest import DaemonProcess, wait_for
 from tests.documents import insert_nested, nested_document
 from tests.test_retrain import notes, retraining, solo, until
@@ -56,9 +55,10 @@ def test_class3_users_change_streams_never_make_a_live_daemon_look_dead(db, serv
         daemon.stop()
 
 
-def counts(db, daemon: str) -> dict:
-    record = db[defaults.LISTENER].find_one({"kind": retrain.TALLY, "daemon": daemon}) or {"counts": []}
-    return {c["model"]: c["count"] for c in record["counts"]}
+def counts(db) -> dict:
+    """The solo daemon's counts by model, over all its tallies (one per collection)."""
+    return {c["model"]: c["count"] for record in db[defaults.LISTENER].find({"kind": retrain.TALLY, "daemon": "solo"})
+            for c in record["counts"]}
 
 
 def test_models_on_one_collection_share_one_stream_each_counting_what_matches_its_own_filter(db, server_uri,
@@ -78,11 +78,11 @@ def test_models_on_one_collection_share_one_stream_each_counting_what_matches_it
         async with solo(server_uri, db.name, tmp_path, environ={"MONGOTUNE_RETRAIN_MAX_COLLECTIONS": "1"}) as retrainer:
             await retrainer.check()
             assert list(retrainer.watchers) == ["notes"]  # "letters" is the second collection: over the bound
-            await until(lambda: counts(db, "solo"))
+            await until(lambda: counts(db))
             db.letters.insert_one({"text": "not counted"})
             db.notes.insert_many(notes("en", 3) + notes("fr", 2))
             await until(lambda: db[defaults.MODELS].count_documents({"status": "pending"}) == 3)
-            assert counts(db, "solo") == {"all5": 5, "en3": 3, "en9": 3, "fr2": 2}
+            assert counts(db) == {"all5": 5, "en3": 3, "en9": 3, "fr2": 2}
 
     asyncio.run(scenario())
     status = {d["_id"]: (d["status"], d.get("trigger")) for d in db[defaults.MODELS].find()}
@@ -93,19 +93,25 @@ def test_models_on_one_collection_share_one_stream_each_counting_what_matches_it
 
 
 
-async def wait(check, retrainer=None, timeout_s: float = 20) -> None:
-    """Until `check()`, running the retrainer's periodic pass each second where given (as a daemon does)."""
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            if retrainer is not None:
-                await retrainer.check()
-            await asyncio.sleep(1 if retrainer is not None else 0.05)
+def test_class3_a_stream_the_server_never_opens_is_tried_again_after_a_growing_wait(db, server_uri, tmp_path, caplog):
+    """A collection the server refuses to watch at all (on MongoDB a view, a time-series collection, a user without
+    the changeStream privilege: code 166 and its kin; the embedded server watches those, so here the retrainer asks
+    for streams with a read concern it refuses them, code 72). The watcher must wait longer after each refusal:
+    trying again at once opened thousands of streams, logged and wrote a tally a thousand times a second."""
+    caplog.set_level(logging.WARNING, logger="listener.retrain")
+    db[defaults.MODELS].insert_one({**retraining("en3", "/models/never-loaded", on_new_documents=3),
+                                    "status": "succeeded", "run": 1})
 
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            retrainer.db = retrainer.db.with_options(read_concern=ReadConcern("local"))
+            await retrainer.check()
+            await asyncio.sleep(3)  # the span over which attempts are counted, not a wait for something to happen
+            assert not retrainer.watchers["notes"][1].done()
 
-def all_counts(db) -> dict:
-    """The solo daemon's counts, over all its tallies (one per collection)."""
-    return {c["model"]: c["count"] for record in db[defaults.LISTENER].find({"kind": retrain.TALLY, "daemon": "solo"})
-            for c in record["counts"]}
+    asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if r.name == "listener.retrain"]
+    assert 1 <= len(warnings) <= 5, f"{len(warnings)} warnings in 3 s: {warnings[:3]}"
 
 
 def test_class3_one_odd_insert_never_loses_the_inserts_after_it(db, server_uri, tmp_path):
@@ -119,10 +125,10 @@ def test_class3_one_odd_insert_never_loses_the_inserts_after_it(db, server_uri, 
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path) as retrainer:
             await retrainer.check()
-            await wait(lambda: counts(db, "solo") == {"en3": 0})
+            await until(lambda: counts(db) == {"en3": 0})
             insert_nested(db.notes, {"_id": nested_document(975), "text": "odd", "lang": "en"})
             db.notes.insert_many(notes("en", 3))
-            await wait(lambda: db[defaults.MODELS].find_one({"_id": "en3"})["status"] == "pending", retrainer)
+            await until(lambda: db[defaults.MODELS].find_one({"_id": "en3"})["status"] == "pending", retrainer)
 
     asyncio.run(scenario())
 
@@ -142,12 +148,12 @@ def test_class2_one_models_filter_never_stops_counting_for_the_others_on_its_col
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path) as retrainer:
             await retrainer.check()
-            await wait(lambda: counts(db, "solo") == {"b": 0})
+            await until(lambda: counts(db) == {"b": 0})
             db.notes.insert_many(notes("en", 3))
             try:
-                await wait(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
+                await until(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
             except TimeoutError:
-                pytest.fail(f"B's model never counted its 3 notes: {counts(db, 'solo')}")
+                pytest.fail(f"B's model never counted its 3 notes: {counts(db)}")
 
     asyncio.run(scenario())
     a_model = db[defaults.MODELS].find_one({"_id": "a"})
@@ -166,17 +172,61 @@ def test_class2_a_filter_the_server_fails_on_only_while_counting_costs_only_its_
 
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path) as retrainer:
-            retrainer.filter_checks[("notes", json_util.dumps(bad))] = None
+            retrainer.filter_checks[retrain.filter_check("notes", bad)] = None
             await retrainer.check()
-            await wait(lambda: counts(db, "solo") == {"a": 0, "b": 0})
+            await until(lambda: counts(db) == {"a": 0, "b": 0})
             db.notes.insert_many(notes("en", 3))
-            await wait(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
-            await wait(lambda: "data.filter" in str(db[defaults.MODELS].find_one({"_id": "a"}).get("warnings")),
+            await until(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
+            await until(lambda: "data.filter" in str(db[defaults.MODELS].find_one({"_id": "a"}).get("warnings")),
                        retrainer)
             await retrainer.check()
             assert [spec.id for members in retrainer.following.values() for spec, _ in members.values()] == ["b"]
 
     asyncio.run(scenario())
+
+
+def test_class2_a_forged_tally_never_stops_the_retrain_pass(db, server_uri, tmp_path):
+    """Someone writes a record into `_listener` shaped like the daemon's tally of another collection, its counts
+    holding a key that is not a string: the daemon's first pass reads which models its tallies counted. It must
+    skip the record and count for the model, whose run starts after its 3 new notes."""
+    db[defaults.MODELS].insert_one({**retraining("en3", "/models/never-loaded", on_new_documents=3),
+                                    "status": "succeeded", "run": 1})
+    db[defaults.LISTENER].insert_one({"_id": "retrain:solo:forged", "kind": retrain.TALLY, "daemon": "solo",
+                                      "collection": "forged", "counts": [{"key": ["x"]}]})
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            await until(lambda: counts(db) == {"en3": 0})
+            db.notes.insert_many(notes("en", 3))
+            await until(lambda: db[defaults.MODELS].find_one({"_id": "en3"})["status"] == "pending", retrainer)
+
+    asyncio.run(scenario())
+
+
+def test_class1_a_view_is_never_followed_for_new_documents(db, server_uri, tmp_path):
+    """A names a view as `data.collection` of A's models (its pipeline, a `$lookup` into `_requests` say, would run
+    with the daemon's rights whenever an insert is checked against a filter): neither A's model with a filter nor
+    the one without is followed, each one's `warnings` saying why; B's model on `notes` is followed."""
+    db.create_collection("window", viewOn="notes", pipeline=[{"$lookup": {
+        "from": defaults.REQUESTS, "pipeline": [], "as": "everyone"}}])
+    on_window = {"collection": "window", "key": "text"}
+    db[defaults.MODELS].insert_many([
+        {**retraining("b", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1},
+        {**retraining("a1", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1,
+         "data": {**on_window, "filter": {"lang": "en"}}},
+        {**retraining("a2", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1,
+         "data": on_window}])
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            assert {c: sorted(m) for c, m in retrainer.following.items()} == {"notes": [ids.key("b")]}
+
+    asyncio.run(scenario())
+    for doc_id in ("a1", "a2"):
+        warnings = str(db[defaults.MODELS].find_one({"_id": doc_id}).get("warnings"))
+        assert "data.collection" in warnings and "view" in warnings, (doc_id, warnings)
 
 
 def test_class3_one_writers_models_never_push_anothers_out_of_being_followed(db, server_uri, tmp_path):
@@ -197,7 +247,7 @@ def test_class3_one_writers_models_never_push_anothers_out_of_being_followed(db,
             await retrainer.check()
             db.notes.insert_many(notes("en", 3))
             try:
-                await wait(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
+                await until(lambda: db[defaults.MODELS].find_one({"_id": "b"})["status"] == "pending", retrainer)
             except TimeoutError:
                 pytest.fail(f"B's model was never counted: the daemon follows only {sorted(retrainer.watchers)}")
             assert sorted(retrainer.watchers) == ["a_0", "notes"]  # the first newcomer took the free place
@@ -212,10 +262,33 @@ def test_class3_one_writers_models_never_push_anothers_out_of_being_followed(db,
     asyncio.run(restarted())
 
 
+def test_class3_one_writers_filters_cost_the_server_a_bounded_number_of_tries_per_pass(db, server_uri, tmp_path):
+    """A writer's 20 models on one collection, each with a `data.filter` of its own: trying a filter on the server
+    costs it up to FILTER_CHECK_MS. A pass tries only the filters of models about to take a place, at most
+    FILTER_CHECKS_PER_PASS new ones: with room for one model one filter is tried, however many passes run; with room
+    for all, 4 more a pass until all are followed (a verdict is kept while a model has its filter)."""
+    db[defaults.MODELS].insert_many([{**retraining(f"m{n:02}", "/models/never-loaded", on_new_documents=1),
+                                      "status": "succeeded", "run": 1,
+                                      "data": {"collection": "notes", "key": "text", "filter": {"n": n}}}
+                                     for n in range(20)])
+
+    async def passes(environ: dict, number: int) -> list[tuple[int, int]]:
+        """After each pass: the filters tried so far, the models followed."""
+        seen = []
+        async with solo(server_uri, db.name, tmp_path, environ=environ) as retrainer:
+            for _ in range(number):
+                await retrainer.check()
+                seen.append((len(retrainer.filter_checks), sum(map(len, retrainer.following.values()))))
+        return seen
+
+    assert asyncio.run(passes({"MONGOTUNE_RETRAIN_MAX_MODELS": "1"}, 3)) == [(1, 1)] * 3
+    assert asyncio.run(passes({}, 5)) == [(4 * n, 4 * n) for n in range(1, 6)]
+
+
 def test_class2_models_past_the_bound_are_logged_once_however_many_there_are(db, server_uri, tmp_path, caplog):
     """Models the daemon does not count for (past `retrain_max_models`) are logged as one summary line when their
     number changes, not one line per model (with more of them than the `SkipLog` remembers, every pass would log
-    them all again). Here the log remembers 5 and 7 models are past the bound."""
+    them all again). Here 7 models are past the bound."""
     caplog.set_level(logging.WARNING, logger="listener.retrain")
     db[defaults.MODELS].insert_many([{**retraining(f"m{n}", "/models/never-loaded", on_new_documents=1),
                                       "status": "succeeded", "run": 1} for n in range(8)])
@@ -225,7 +298,6 @@ def test_class2_models_past_the_bound_are_logged_once_however_many_there_are(db,
 
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path, environ={"MONGOTUNE_RETRAIN_MAX_MODELS": "1"}) as retrainer:
-            retrainer.skipped = SkipLog(capacity=5)
             await retrainer.check()
             assert len(bound_lines()) == 1 and "7 models" in bound_lines()[0], bound_lines()
             caplog.clear()
@@ -238,13 +310,14 @@ def test_class2_models_past_the_bound_are_logged_once_however_many_there_are(db,
     asyncio.run(scenario())
 
 
-def test_class3_one_writers_schedules_never_make_a_live_daemon_look_dead(db, start_daemon):
-    """A writer's 100 models with a rare `retrain.schedule` ("0 0 1 1 mon") and a source outside the model roots:
-    each retrain pass parses the models on the daemon's one event loop. The heartbeat's `alive_until` must never
-    be seen past, or the other daemons take a live daemon for dead (its requests are requeued)."""
+def test_class3_one_writers_schedules_never_make_a_live_daemon_look_dead(db, start_daemon, tiny_model_path):
+    """A writer's 100 models with a rare `retrain.schedule` ("0 0 1 1 mon") and a source inside the model roots,
+    so each model's parse reaches the schedule's check, the costly one: each retrain pass parses the models. The
+    heartbeat's `alive_until` must never be seen past, or the other daemons take a live daemon for dead (its
+    requests are requeued)."""
     daemon = start_daemon()
     record = wait_for(db[defaults.LISTENER], {"$regex": "^daemon:"}, lambda d: True, timeout_s=60)
-    db[defaults.MODELS].insert_many([{**retraining(f"rare{n}", "/outside/the/model/roots", schedule="0 0 1 1 mon"),
+    db[defaults.MODELS].insert_many([{**retraining(f"rare{n}", tiny_model_path, schedule="0 0 1 1 mon"),
                                       "status": "failed"} for n in range(100)])
     assert_heartbeat_never_lapses(db, daemon, record["_id"])
 
@@ -252,8 +325,8 @@ def test_class3_one_writers_schedules_never_make_a_live_daemon_look_dead(db, sta
 def test_a_refused_model_is_parsed_once_per_version_and_its_source_before_its_schedule(db, server_uri, tmp_path):
     """What keeps a pass cheap whatever the models: a refusal is kept until the document changes, and the
     schedule, the costly check, comes after the source; any schedule's check searches a bounded span."""
-    db[defaults.MODELS].insert_one({**retraining("rare", "/outside/the/model/roots", schedule="0 0 1 1 mon"),
-                                    "status": "failed"})
+    db[defaults.MODELS].insert_one({**retraining("rare", "/outside/the/model/roots", schedule="0 0 30 2 *"),
+                                    "status": "failed"})  # both refused: the field named is the one checked first
 
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path) as retrainer:
@@ -288,10 +361,10 @@ def test_class2_one_model_the_server_cannot_update_never_stops_the_retrain_pass(
     async def scenario() -> None:
         async with solo(server_uri, db.name, tmp_path) as retrainer:
             await retrainer.check()
-            await wait(lambda: all_counts(db) == {"a": 0, "b": 0})
+            await until(lambda: counts(db) == {"a": 0, "b": 0})
             db.a_notes.insert_one({"text": "A's one new document"})
             db.notes.insert_many(notes("en", 3))
-            await wait(lambda: all_counts(db) == {"a": 1, "b": 3})
+            await until(lambda: counts(db) == {"a": 1, "b": 3})
             db[defaults.MODELS].update_one({"_id": "b"}, {"$set": {"status": "succeeded"}})  # B's run 2 ended
             for _ in range(3):
                 try:

@@ -55,8 +55,9 @@ def shortest_gap_s(cron: CronTrigger, stop_below_s: float) -> float | None:
     return shortest
 
 
-def check(expression: str, min_interval_s: float) -> CronTrigger:
-    """The trigger, or ScheduleError if it never fires or fires more often than `min_interval_s` allows."""
+def check(expression: str, min_interval_s: float) -> None:
+    """ScheduleError if `expression` never fires or fires more often than `min_interval_s` allows (searched within
+    one CYCLE: a caller that runs the schedule builds its own trigger)."""
     within_cycle = trigger(expression, year=CYCLE)
     if within_cycle.get_next_fire_time(None, REFERENCE) is None:
         raise ScheduleError("this expression never fires")
@@ -64,7 +65,6 @@ def check(expression: str, min_interval_s: float) -> CronTrigger:
     if gap is not None and gap < min_interval_s:
         raise ScheduleError(f"two of its firings come {gap:g} s apart, under the operator's minimum of "
                             f"{min_interval_s:g} s between retrains; fire less often")
-    return trigger(expression)
 
 
 def latest_tick(cron: CronTrigger, at: dt.datetime, lookback_s: float) -> dt.datetime | None:
