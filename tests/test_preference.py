@@ -43,12 +43,14 @@ def test_method_is_sft_unless_given():
     assert refusal(document("ppo")).field == "method"
 
 
-@pytest.mark.parametrize("method, key", [
-    ("dpo", "text"), ("dpo", ["prompt", "chosen"]), ("kto", ["prompt", "completion"]), ("kto", "messages"),
-    ("sft", DPO_KEY), ("dpo", ["prompt", "chosen", "rejected", "extra"]), ("dpo", ["prompt", "", "rejected"]),
+@pytest.mark.parametrize("method, key, field", [
+    ("dpo", "text", "data.key"), ("dpo", ["prompt", "chosen"], "data.key"), ("kto", ["prompt", "completion"], "data.key"),
+    ("kto", "messages", "data.key"), ("sft", DPO_KEY, "data.key"), ("dpo", ["prompt", "chosen", "rejected", "extra"],
+                                                                    "data.key"),
+    ("dpo", ["prompt", "", "rejected"], "data.key.1"),  # an empty name is named by its index
 ])
-def test_a_data_key_of_the_wrong_length_for_the_method_is_refused_naming_it(method, key):
-    assert refusal(document(method, key)).field == "data.key"
+def test_a_data_key_of_the_wrong_length_for_the_method_is_refused_naming_it(method, key, field):
+    assert refusal(document(method, key)).field == field
 
 
 @pytest.mark.parametrize("field, value", [("template", "{question}"), ("transform", "chat_from_pairs")])
@@ -172,6 +174,13 @@ def test_an_explicit_promotion_gate_on_a_preference_model_is_refused():
     assert refusal(document("dpo", promotion={"metric": "eval_loss", "min_delta": 0.5})).field == "promotion"
     assert refusal(document("kto", KTO_KEY, promotion={})).field == "promotion"
     assert parse_model(document("dpo", promotion=False)).promotion is False
+
+
+def test_megabytes_of_key_names_are_refused_naming_the_key():
+    """Skip reasons and errors quote the names, so a run would write megabytes of them; the write-time validator,
+    generated from the same bound, refuses them too (tests/test_schema.py)."""
+    error = refusal(document("dpo", [letter * 3_000_000 for letter in "xyz"]))
+    assert error.field == "data.key.0" and len(str(error.as_error())) < 5_000
 
 
 def test_a_refusal_repeating_megabytes_of_the_writers_input_is_cut_to_fit_a_document():
@@ -422,20 +431,6 @@ def test_fewer_rows_than_a_dropped_last_batch_fail_naming_the_batch_size(module_
     done = wait_for(models, collection, finished, timeout_s=600)
     assert done["status"] == "failed", (done["status"], done.get("progress"))
     assert done["error"]["field"] == "trainer.per_device_train_batch_size", done["error"]
-
-
-def test_a_refusal_repeating_megabytes_of_key_names_fails_the_run_naming_the_key(module_db, module_daemon,
-                                                                                  tiny_model_path):
-    """The refusal repeats every name: cut to fit, the child writes it, and the run fails rather than crashing."""
-    module_db["huge_names"].insert_many([{"question": f"what is {n}", "good": CHOSEN, "bad": REJECTED}
-                                         for n in range(4)])
-    models = module_db[defaults.MODELS]
-    doc = preference_model("huge_names", tiny_model_path, "dpo", "huge_names", {"max_steps": 2})
-    doc["data"]["key"] = [letter * 3_000_000 for letter in "xyz"]
-    models.insert_one(doc)
-    done = wait_for(models, "huge_names", finished, timeout_s=600)
-    assert done["status"] == "failed" and done["error"]["field"] == "data.key", str(done.get("error"))[:500]
-    assert len(done["error"]["message"]) < 5_000
 
 
 def test_a_retrain_at_a_beta_that_overflows_is_refused_and_the_serving_adapter_stays(module_db, module_daemon,

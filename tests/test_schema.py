@@ -8,7 +8,7 @@ from pymongo.errors import WriteError
 
 from listener import schema
 from training import defaults
-from training.config import SpecError, parse_model, parse_request
+from training.config import MAX_KEY_CHARS, SpecError, parse_model, parse_request
 from training.limits import Limits
 
 GOOD_MODELS = [
@@ -28,6 +28,11 @@ BAD_MODELS = [
     {"model_name_or_path": "m", "data": {"collection": "c"}, "colection": "typo"},
     {"model_name_or_path": "m", "data": {"collection": "c", "valid_fraction": 1.5}},
     {"model_name_or_path": "m", "data": {"collection": "c"}, "status": "bogus"},
+    # Field names are quoted into errors and skip reasons: megabytes of them would overflow what the daemon writes.
+    {"model_name_or_path": "m", "method": "dpo",
+     "data": {"collection": "c", "key": ["x" * (MAX_KEY_CHARS + 1), "y", "z"]}},
+    {"model_name_or_path": "m", "data": {"collection": "c", "key": "x" * (MAX_KEY_CHARS + 1)}},
+    {"model_name_or_path": "m", "data": {"collection": "c", "fold_field": "x" * (MAX_KEY_CHARS + 1)}},
 ]
 GOOD_REQUESTS = [
     {"model": "m", "input": "hi"},
