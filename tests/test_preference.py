@@ -5,7 +5,6 @@ import math
 import signal
 
 import pytest
-from pymongo.errors import WriteError
 from trl import DPOConfig, KTOConfig
 
 from tests.conftest import finished, job_log, wait_for
@@ -431,21 +430,6 @@ def test_fewer_rows_than_a_dropped_last_batch_fail_naming_the_batch_size(module_
     done = wait_for(models, collection, finished, timeout_s=600)
     assert done["status"] == "failed", (done["status"], done.get("progress"))
     assert done["error"]["field"] == "trainer.per_device_train_batch_size", done["error"]
-
-
-def test_a_retrain_at_a_beta_that_overflows_is_refused_and_the_serving_adapter_stays(module_db, module_daemon,
-                                                                                tiny_model_path):
-    module_db["nan_pairs"].insert_many([{"question": f"what is {n} plus one", "good": CHOSEN, "bad": REJECTED}
-                                        for n in range(16)])
-    models = module_db[defaults.MODELS]
-    trainer = {"max_steps": 3, "per_device_train_batch_size": 8, "max_seq_length": 64, "logging_steps": 1}
-    models.insert_one(preference_model("nan_dpo", tiny_model_path, "dpo", "nan_pairs", trainer))
-    first = wait_for(models, "nan_dpo", finished, timeout_s=600)
-    assert first["status"] == "succeeded", first.get("error")
-    with pytest.raises(WriteError) as refused:  # the write-time validator, generated from the same bounds
-        models.update_one({"_id": "nan_dpo"}, {"$set": {"status": "pending", "trainer.loss_type": "ipo",
-                                                        "trainer.beta": 1e-300}})
-    assert refused.value.code == 121 and models.find_one({"_id": "nan_dpo"})["status"] == "succeeded"
 
 
 def _poison(db, model_id, entry: dict, work) -> None:

@@ -102,3 +102,15 @@ def test_the_listener_can_still_write_every_field_it_owns(validated):
                                               "progress": {"step": 1}, "lease": {"owner": "o"}},
                                      "$push": {"history": {"event": "lease expired"}}})
     assert models.find_one({"_id": "m"})["status"] == "failed"
+
+
+def test_a_retrain_at_a_beta_that_overflows_is_refused_at_write_time(validated):
+    """IPO's 1/(2*beta) overflows at beta 1e-300: the update that would retrain a served model at it is refused, and
+    the model stays as it was."""
+    models = validated[defaults.MODELS]
+    models.insert_one({"_id": "dpo", "model_name_or_path": "m", "method": "dpo",
+                       "data": {"collection": "c", "key": ["q", "good", "bad"]}, "status": "succeeded"})
+    with pytest.raises(WriteError) as refused:
+        models.update_one({"_id": "dpo"}, {"$set": {"status": "pending", "trainer.loss_type": "ipo",
+                                                    "trainer.beta": 1e-300}})
+    assert refused.value.code == 121 and models.find_one({"_id": "dpo"})["status"] == "succeeded"
