@@ -339,7 +339,7 @@ def test_a_dpo_run_learns_the_preference_and_records_it(module_db, module_daemon
     assert accuracies[0] < accuracies[-1] == 1.0 and margins[-1] > margins[0]
     run = done["runs"][0]
     assert run["method"] == "dpo" and run["reference"]["model"] == "base" and run["data"]["skipped"]["count"] == 0
-    assert run["promotion"]["promoted"] and run["outcome"] == "succeeded"
+    assert run["promotion"]["promoted"] and run["promotion"]["gate"] == "skipped" and run["outcome"] == "succeeded"
     shown = invoke(server_uri, module_db, "logs", "dpo")
     assert shown.exit_code == 0 and f"accuracy 1 margin {margins[-1]:.4g} (step 12)" in shown.output, shown.output
 
