@@ -6,12 +6,13 @@ objects. Users copy keyword arguments from older tutorials, so the old names sti
 """
 
 from peft import LoraConfig
-from trl import DPOConfig, KTOConfig, SFTConfig
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from training import packing, padding
 from training.config import DPO, IGNORED, KTO, SFT, DeepSpeedSpec, SpecError, TrainerSpec
 
-CONFIGS = {SFT: SFTConfig, DPO: DPOConfig, KTO: KTOConfig}  # each method's trl configuration
+# Each method's trl configuration and trainer (`training.methods` builds the trainer).
+TRL = {SFT: (SFTConfig, SFTTrainer), DPO: (DPOConfig, DPOTrainer), KTO: (KTOConfig, KTOTrainer)}
 
 RENAMED = {
     "evaluation_strategy": "eval_strategy",
@@ -50,17 +51,13 @@ def sft_config(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: b
 
     `keep` is the operator's cap on checkpoints kept per run, the default `save_total_limit`.
     """
-    return to_sft_config(resolved_arguments(spec, output_dir, has_eval=has_eval, use_cpu=use_cpu, keep=keep))
-
-
-def to_sft_config(kwargs: dict) -> SFTConfig:
-    return to_config(SFT, kwargs)
+    return to_config(SFT, resolved_arguments(spec, output_dir, has_eval=has_eval, use_cpu=use_cpu, keep=keep))
 
 
 def to_config(method: str, kwargs: dict):
     """The trl configuration of `method`'s trainer; a SpecError when trl refuses the combination."""
     try:
-        return CONFIGS[method](**kwargs)
+        return TRL[method][0](**kwargs)
     except (ValueError, TypeError) as exc:
         raise SpecError("trainer", f"the training arguments do not fit together: {exc}") from None
 

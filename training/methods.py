@@ -31,19 +31,15 @@ def check_documents(db, spec: ModelSpec, limits: Limits) -> int:
     return preferences.check_documents(db, spec.data, spec.method, limits)
 
 
-def trainer_class(method: str):
-    from trl import DPOTrainer, KTOTrainer, SFTTrainer
-
-    return {"sft": SFTTrainer, "dpo": DPOTrainer, "kto": KTOTrainer}[method]
-
-
 def build_trainer(spec: ModelSpec, limits: Limits, **kwargs):
     """`spec.method`'s trainer; a preference run without LoRA gets the base again as its frozen reference."""
+    from training.arguments import TRL
+
     if spec.method != SFT and not spec.trainer.use_lora:
         from training.models import load_checked_model
 
         kwargs["ref_model"] = load_checked_model(spec, limits)
-    return trainer_class(spec.method)(**kwargs)
+    return TRL[spec.method][1](**kwargs)
 
 
 def check_steps(trainer, spec: ModelSpec, examples: int) -> None:
