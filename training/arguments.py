@@ -8,7 +8,7 @@ objects. Users copy keyword arguments from older tutorials, so the old names sti
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
-from training import packing, padding
+from training import defaults, packing, padding
 from training.config import DPO, IGNORED, KTO, SFT, DeepSpeedSpec, SpecError, TrainerSpec
 
 # Each method's trl configuration and trainer (`training.methods` builds the trainer).
@@ -72,9 +72,6 @@ def _early_stopping(spec: TrainerSpec, has_eval: bool) -> dict:
     return {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss"}
 
 
-NODE_COLLECTIVE_TIMEOUT_S = 180  # seconds; long enough for rank 0 to upload a checkpoint while the others wait
-
-
 def _sft_defaults(user: dict) -> dict:
     """Batch arrangement that only SFT's trainer and collator know (`training.padding`, `training.packing`)."""
     # A batch's sequences end to end, no step spent on padding (`training.padding`), when a batch holds several
@@ -109,7 +106,7 @@ def resolved_arguments(spec: TrainerSpec, output_dir: str, *, has_eval: bool, us
         **({"bf16": False, "fp16": False} if use_cpu else {}),
         # Across nodes a host can vanish without closing its connections: a collective then fails after this long
         # instead of transformers' half hour (a daemon killed outright closes them, and its peers fail at once).
-        **({"ddp_timeout": NODE_COLLECTIVE_TIMEOUT_S} if spec.num_nodes > 1 else {}),
+        **({"ddp_timeout": defaults.NODE_COLLECTIVE_TIMEOUT_S} if spec.num_nodes > 1 else {}),
         **_early_stopping(spec, has_eval),
         **user,
         "output_dir": output_dir,
