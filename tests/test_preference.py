@@ -182,12 +182,6 @@ def test_megabytes_of_key_names_are_refused_naming_the_key():
     assert error.field == "data.key.0" and len(str(error.as_error())) < 5_000
 
 
-def test_a_refusal_repeating_megabytes_of_the_writers_input_is_cut_to_fit_a_document():
-    error = SpecError("data." + "k" * 3_000_000, "no document has " + "x" * 3_000_000)
-    assert len(str(error)) < 5_000 and len(str(error.as_error())) < 5_000
-    assert error.message.endswith("…(+2,998,016 chars)") and error.field.startswith("data.kkk")
-
-
 # --- arguments: each method's trl configuration ---------------------------------------------------------------
 
 def test_a_dpo_run_gets_a_dpo_config_without_sfts_batch_arrangement(tmp_path):
@@ -286,26 +280,6 @@ def test_chat_rows_are_skipped_for_a_model_without_a_chat_template(method, doc):
     assert to_row(doc, method, ["q", "g", "b"])
     with pytest.raises(Skipped, match="no chat template"):
         to_row(doc, method, ["q", "g", "b"], chat=False)
-
-
-def test_the_follow_view_shows_the_newest_rewards_and_nothing_for_an_sft_run():
-    import io
-
-    from rich.console import Console
-
-    from listener import follow
-
-    metrics = [{"run": 1, "step": 3, "loss": 0.5, "rewards/chosen": 0.25, "rewards/rejected": -0.5,
-                "rewards/accuracies": 1.0, "rewards/margins": 0.75}, {"run": 1, "step": 3, "eval_loss": 0.4}]
-    assert follow.preference({"metrics": metrics}) == \
-        "rewards: chosen 0.25 rejected -0.5 accuracy 1 margin 0.75 (step 3)"
-    assert follow.preference({"metrics": [{"step": 1, "loss": 2.0}]}) == ""
-    assert follow.preference({"metrics": [{"rewards/margins": "[red]x", "step": "y"}]}) == "rewards: margin - (step -)"
-    out = io.StringIO()
-    follow.Follower(Console(file=out, width=200)).show(
-        {"_id": "m", "status": "running", "run": 1, "metrics": metrics,
-         "progress": {"step": 3, "total_steps": 10, "loss": 0.5, "eta_s": 7}})
-    assert "step 3/10  loss 0.5  eval 0.4  ETA 7s  rewards: chosen 0.25" in out.getvalue()
 
 
 # --- runs through a daemon ------------------------------------------------------------------------------------
