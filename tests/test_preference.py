@@ -265,6 +265,18 @@ def test_too_few_usable_rows_are_refused_with_the_fields_the_documents_have(db):
         assert "2 with no field 'thumb'" in error.message and "the documents have fields" in error.message
 
 
+def test_the_dry_run_refuses_what_the_run_refuses_when_the_usable_rows_are_held_out(db):
+    """Usable rows the fold field puts in the valid fold do not train: the dry run counts what the run counts."""
+    db["prefs"].insert_many([{"question": "q", "good": "a", "bad": "b", "_fold": fold}
+                             for fold in ("train", "valid", "valid")])
+    data = DataSpec(collection="prefs", key=DPO_KEY)
+    for read in (lambda: read_datasets(db, data, "dpo", Limits()), lambda: check_documents(db, data, "dpo", Limits())):
+        with pytest.raises(SpecError) as caught:
+            read()
+        assert caught.value.field == "data.key" and "3 of 3 selected documents are usable" in caught.value.message
+        assert "1 of them in the training fold" in caught.value.message
+
+
 def test_a_text_answer_and_its_chat_twin_are_skipped_as_the_same():
     """trl sees one shape, in which the two are identical."""
     doc = {"q": "hi", "g": "ahoy", "b": [{"role": "assistant", "content": "ahoy"}]}
