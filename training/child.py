@@ -10,6 +10,7 @@ alone writes `status`, reading the outcome from the exit code.
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -97,7 +98,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         _single_process_group()
         if not torch.cuda.is_available():
             ranks.no_cpu_kernel_builds()
-    tokenizer = load_tokenizer(spec, limits)
+    tokenizer = functools.cache(lambda: load_tokenizer(spec, limits))  # loaded when first needed: SFT's after the data
     train_set, valid_set, read = methods.read_datasets(db, spec, limits, tokenizer)
     log.info("dataset: %d training and %d validation examples", len(train_set), len(valid_set or []))
     phases.lap("data")
@@ -107,7 +108,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     config = to_config(spec.method, padding.for_trl(resolved))
     if spec.trainer.deepspeed is not None and ranks.world()[1] > 1:
         ranks.join_deepspeed()
-    check_loss_options(bool(resolved.get("assistant_only_loss")), train_set, tokenizer)
+    check_loss_options(bool(resolved.get("assistant_only_loss")), train_set, tokenizer())
     model = load_checked_model(spec, limits)
     if padding.flattened_here(resolved):  # recorded as decided: the run's entry says whether batches were flat
         given = spec.trainer.training_arguments()
@@ -139,7 +140,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         ranks.forget_launch_file()
     trainer = methods.build_trainer(
         spec, limits, model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
-        processing_class=tokenizer, peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
+        processing_class=tokenizer(), peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
     )
     methods.check_steps(trainer, spec, len(train_set))
     if spec.method == SFT:

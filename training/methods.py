@@ -17,10 +17,10 @@ from training.limits import Limits
 
 def read_datasets(db, spec: ModelSpec, limits: Limits, tokenizer):
     """(train, valid or None, what was read) in the shape `spec.method` trains on; a preference run skips chat rows
-    when the tokenizer has no chat template."""
+    when the tokenizer has no chat template. `tokenizer()` loads it: SFT reads its data without it."""
     if spec.method == SFT:
         return dataset.read_datasets(db, spec.data, limits)
-    return preferences.read_datasets(db, spec.data, spec.method, limits, chat=bool(tokenizer.chat_template))
+    return preferences.read_datasets(db, spec.data, spec.method, limits, chat=bool(tokenizer().chat_template))
 
 
 def check_documents(db, spec: ModelSpec, limits: Limits) -> int:
