@@ -86,6 +86,17 @@ def test_wrong_values_refused_with_the_field(arguments, field):
     assert trainer_error(arguments).field == field
 
 
+def test_zero_3_gathers_the_weights_at_each_save_unless_the_document_says_otherwise():
+    from training.arguments import deepspeed_config
+    from training.config import DeepSpeedSpec
+
+    gather = "stage3_gather_16bit_weights_on_model_save"
+    assert deepspeed_config(DeepSpeedSpec(zero_optimization={"stage": 3}))["zero_optimization"][gather] is True
+    assert gather not in deepspeed_config(DeepSpeedSpec(zero_optimization={"stage": 2}))["zero_optimization"]
+    given = DeepSpeedSpec(zero_optimization={"stage": 3, gather: False})
+    assert deepspeed_config(given)["zero_optimization"][gather] is False
+
+
 @pytest.mark.parametrize("deepspeed, field", [
     ({"zero_optimization": {"stage": 4}}, "trainer.deepspeed.zero_optimization.stage"),
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"}}},

@@ -42,8 +42,16 @@ def translate(arguments: dict) -> dict:
     return out
 
 
+# Under ZeRO-3 the weights are sharded: gathered at each save, a checkpoint holds them whole as safetensors to serve
+# (DeepSpeed's default leaves them only in its own shards, which serving never reads).
+ZERO3_DEFAULTS = {"stage3_gather_16bit_weights_on_model_save": True}
+
+
 def deepspeed_config(spec: DeepSpeedSpec) -> dict:
-    return {**DEEPSPEED_DEFAULTS, **spec.model_dump(exclude_none=True)}
+    config = {**DEEPSPEED_DEFAULTS, **spec.model_dump(exclude_none=True)}
+    if spec.zero_optimization.stage == 3:
+        config["zero_optimization"] = {**ZERO3_DEFAULTS, **config["zero_optimization"]}
+    return config
 
 
 def sft_config(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: bool, keep: int = 10) -> SFTConfig:
