@@ -1,4 +1,5 @@
-"""What a model's `method` changes in a run: its dataset, its trl trainer, and the frozen reference.
+"""What a model's `method` changes in a run: its dataset, its trl trainer, what is set up on it, the frozen
+reference, and what the promotion gate scores.
 
 `sft` trains on text, prompt-response or chat documents with `SFTTrainer`; `dpo` and `kto` train on
 preference rows (`training.preferences`) with `DPOTrainer` and `KTOTrainer`. With LoRA the reference
@@ -59,6 +60,26 @@ def check_steps(trainer, spec: ModelSpec, examples: int) -> None:
                         f"than the {rows} there are to train on, and trainer.dataloader_drop_last drops it, so no "
                         "step would run: give a smaller batch, leave dataloader_drop_last out, or select more "
                         "documents")
+
+
+def arrange(trainer, spec: ModelSpec, resolved: dict, started: dict | None) -> dict | None:
+    """What the method sets up on the built trainer before it trains. SFT: its batches as decided once the model was
+    checked (`padding.arrange`); a preference run: nothing, but its frozen reference is returned, for the run's
+    entry to record."""
+    if spec.method != SFT:
+        return reference(trainer, started)
+    from training import padding
+
+    padding.arrange(trainer, resolved)
+    return None
+
+
+def held_out(trainer, spec: ModelSpec) -> list | None:
+    """The held-out batches the promotion gate scores, taken before the trainer goes; None for a preference run,
+    whose gate is skipped (`training.promotion`)."""
+    from training import promotion
+
+    return promotion.held_out_batches(trainer) if spec.method == SFT else None
 
 
 def reference(trainer, started: dict | None) -> dict:
