@@ -20,7 +20,7 @@ from pathlib import Path
 from pymongo import MongoClient
 from rich.console import Console
 
-from bench import load, preference, sampling, serving, storage, training
+from bench import dpo, load, sampling, serving, storage, training
 from bench.common import Context, Row, running_daemon, table
 from listener.demo import load_samples
 from listener.embedded import EmbeddedServer, free_port
@@ -90,7 +90,7 @@ def measure(console: Console, model: str, parts: tuple[str, ...] = PARTS) -> lis
         return [*training_rows, *(serving.run(ctx) if "serving" in parts else []),
                 *(storage.run(ctx, adapter) if "storage" in parts else []),
                 *(sampling.run(ctx) if "sampling" in parts else []), *(load.run(ctx) if "load" in parts else []),
-                *(preference.run(ctx) if "dpo" in parts else [])]
+                *(dpo.run(ctx) if "dpo" in parts else [])]
 
 
 def busy_cpus(console: Console) -> float:

@@ -1,6 +1,6 @@
 """The DPO baseline: the plain trl `DPOTrainer` script a user would write instead of inserting a document.
 
-`bench.preference` runs it as its own process, as `bench.baseline_train` is run for SFT: it reads the
+`bench.dpo` runs it as its own process, as `bench.baseline_train` is run for SFT: it reads the
 same pairs from the database, trains with the same arguments and LoRA settings, saves the adapter and
 prints one JSON line with the trainer's runtime and last logged rewards.
 """
@@ -14,6 +14,8 @@ from peft import LoraConfig
 from pymongo import MongoClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
+
+from bench.trainer_log import last
 
 
 def main() -> None:
@@ -34,9 +36,8 @@ def main() -> None:
     trainer.train()
     trainer.save_model(args.output)
     history = trainer.state.log_history
-    print(json.dumps({"train_runtime": history[-1]["train_runtime"],
-                      "accuracy": [e["rewards/accuracies"] for e in history if "rewards/accuracies" in e][-1],
-                      "margin": [e["rewards/margins"] for e in history if "rewards/margins" in e][-1]}))
+    print(json.dumps({"train_runtime": last(history, "train_runtime"), "accuracy": last(history, "rewards/accuracies"),
+                      "margin": last(history, "rewards/margins")}))
 
 
 if __name__ == "__main__":

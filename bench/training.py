@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -91,40 +92,65 @@ def _busy(process: psutil.Process) -> float:
         return 0.0
 
 
-def via_mongotune(ctx: Context, model_id=MODEL_ID, seed=SEED) -> dict:
+def through_daemon(ctx: Context, document: dict, what: str) -> dict:
+    """`document` inserted once the daemon is idle, timed from the insert to `succeeded`: the seconds, the CPU
+    seconds of the daemon, its training child and the database server, and the finished document."""
     models = ctx.db[defaults.MODELS]
     daemon, server = processes(ctx)
     idle(daemon)
     before = _cpu(daemon), server and _cpu(server)
-    with step(ctx.console, f"training {model_id} via mongotune (insert to succeeded)") as timer:
-        models.insert_one(model_document(ctx.model_path, model_id, seed))
-        document = wait_until(lambda: models.find_one({"_id": model_id, "status": {"$in": FINISHED}}), TIMEOUT_S,
-                              "training via mongotune", poll_s=0.25)
+    with step(ctx.console, f"{what} {document['_id']} via mongotune (insert to succeeded)") as timer:
+        models.insert_one(document)
+        done = wait_until(lambda: models.find_one({"_id": document["_id"], "status": {"$in": FINISHED}}), TIMEOUT_S,
+                          f"{what} via mongotune", poll_s=0.25)
     after = _cpu(daemon), server and _cpu(server)
-    if document["status"] != "succeeded":
-        raise RuntimeError(f"training via mongotune {document['status']}: {document.get('error')}")
-    metrics = document["metrics"]
+    if done["status"] != "succeeded":
+        raise RuntimeError(f"{what} via mongotune {done['status']}: {done.get('error')}")
     cpu = {"daemon": after[0][0] - before[0][0], "training child": after[0][1] - before[0][1],
            **({"database server": after[1][0] - before[1][0]} if server else {})}
-    return {"seconds": timer.seconds, "cpu": cpu, "phases": document["runs"][-1].get("phases", {}),
-            **summary(metrics)}
+    return {"seconds": timer.seconds, "cpu": cpu, "document": done}
+
+
+def through_script(ctx: Context, script: str, collection: str, job: dict, output: Path, what: str) -> dict:
+    """The plain script `script` (a module of `bench`) on `job` in its own process, timed from launch to exit: the
+    seconds, its CPU seconds and what its last stdout line says (JSON); its output beside `output` as `.log`."""
+    command = [sys.executable, "-m", script, "--uri", ctx.uri, "--db", ctx.db.name, "--collection", collection,
+               "--model", ctx.model_path, "--output", str(output), "--job", json.dumps(job)]
+    idle(processes(ctx)[0])
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with step(ctx.console, f"{what} via a plain trl script (launch to exit)") as timer:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    output.with_name(f"{output.name}.log").write_text(done.stdout + done.stderr)
+    if done.returncode:
+        raise RuntimeError(f"the baseline {what} script failed:\n{done.stderr[-3000:]}")
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"seconds": timer.seconds, "cpu": {"script": cpu}, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def alternate(pairs: int, ours: Callable[[int], dict], theirs: Callable[[int], dict]) -> tuple[list, list]:
+    """`ours(n)` and `theirs(n)` for each of `pairs` pairs, which goes first alternating, so a warm file cache or a
+    busy neighbour favours neither side."""
+    mine, other = [], []
+    for number in range(pairs):
+        if number % 2:  # every other pair, the script goes first
+            other.append(theirs(number))
+        mine.append(ours(number))
+        if not number % 2:
+            other.append(theirs(number))
+    return mine, other
+
+
+def via_mongotune(ctx: Context, model_id=MODEL_ID, seed=SEED) -> dict:
+    ran = through_daemon(ctx, model_document(ctx.model_path, model_id, seed), "training")
+    document = ran.pop("document")
+    return {**ran, "phases": document["runs"][-1].get("phases", {}), **summary(document["metrics"])}
 
 
 def via_script(ctx: Context, output: Path, seed=SEED, trainer: dict | None = None) -> dict:
     """`trainer`: arguments the script adds to the job's (`bench.sampling` sets the order)."""
     job = {**JOB, "trainer": {**JOB["trainer"], "seed": seed, **(trainer or {})}}
-    command = [sys.executable, "-m", "bench.baseline_train", "--uri", ctx.uri, "--db", ctx.db.name, "--collection", COLLECTION,
-               "--model", ctx.model_path, "--output", str(output), "--job", json.dumps(job)]
-    idle(processes(ctx)[0])
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with step(ctx.console, "training via a plain trl script (launch to exit)") as timer:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    (ctx.home / "baseline-train.log").write_text(done.stdout + done.stderr)
-    if done.returncode:
-        raise RuntimeError(f"the baseline training script failed:\n{done.stderr[-3000:]}")
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return {"seconds": timer.seconds, "cpu": {"script": cpu}, **json.loads(done.stdout.strip().splitlines()[-1])}
+    return through_script(ctx, "bench.baseline_train", COLLECTION, job, output, "training")
 
 
 def _median(values: list[float]) -> tuple[float, str]:
@@ -163,15 +189,9 @@ def adapter_only(ctx: Context) -> Path:
 def run(ctx: Context) -> tuple[list[Row], Path]:
     """The rows, and the baseline's saved adapter folder (a real checkpoint for the storage benchmark)."""
     output = ctx.home / "baseline-adapter"
-    ours, theirs = [], []
-    for number in range(PAIRS):
-        folder = output if number == 0 else ctx.home / f"baseline-{number}"
-        seed = SEED + number
-        if number % 2:  # every other pair, the script goes first
-            theirs.append(via_script(ctx, folder, seed))
-        ours.append(via_mongotune(ctx, MODEL_ID if number == 0 else f"{MODEL_ID}-{number}", seed))
-        if not number % 2:
-            theirs.append(via_script(ctx, folder, seed))
+    ours, theirs = alternate(
+        PAIRS, lambda n: via_mongotune(ctx, MODEL_ID if n == 0 else f"{MODEL_ID}-{n}", SEED + n),
+        lambda n: via_script(ctx, output if n == 0 else ctx.home / f"baseline-{n}", SEED + n))
     steps = JOB["trainer"]["max_steps"]
     ratios = [o["seconds"] / t["seconds"] for o, t in zip(ours, theirs)]
     train_ratios = [steps_s(o) / steps_s(t) for o, t in zip(ours, theirs)]

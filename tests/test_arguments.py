@@ -3,7 +3,7 @@
 import dataclasses
 
 import pytest
-from trl import DPOConfig, KTOConfig, SFTConfig
+from trl import SFTConfig
 
 from training.arguments import RENAMED, lora_config, sft_config, translate
 from training.config import IGNORED, METHOD_ONLY, NOT_FROM_DOCUMENTS, SpecError, TrainerSpec, TrainingArgs, parse_model
@@ -35,11 +35,11 @@ def test_translate_keeps_current_names_and_drops_the_ignored_ones():
 
 
 def test_every_allowed_name_is_a_current_sft_config_field_or_a_translated_one():
+    """The preference methods' own names are checked against their configurations in test_preference."""
     fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
-    preference = {f.name for config in (DPOConfig, KTOConfig) for f in dataclasses.fields(config) if f.init}
     for name in TrainingArgs.model_fields:
-        sft = "sft" in METHOD_ONLY.get(name, ("sft",))
-        assert name in (fields if sft else preference) or name in RENAMED or name in IGNORED, name
+        if "sft" in METHOD_ONLY.get(name, ("sft",)):
+            assert name in fields or name in RENAMED or name in IGNORED, name
     for new in RENAMED.values():
         assert new in fields
 
@@ -84,6 +84,17 @@ def test_a_misspelt_name_gets_a_suggestion():
 ])
 def test_wrong_values_refused_with_the_field(arguments, field):
     assert trainer_error(arguments).field == field
+
+
+def test_zero_3_gathers_the_weights_at_each_save_unless_the_document_says_otherwise():
+    from training.arguments import deepspeed_config
+    from training.config import DeepSpeedSpec
+
+    gather = "stage3_gather_16bit_weights_on_model_save"
+    assert deepspeed_config(DeepSpeedSpec(zero_optimization={"stage": 3}))["zero_optimization"][gather] is True
+    assert gather not in deepspeed_config(DeepSpeedSpec(zero_optimization={"stage": 2}))["zero_optimization"]
+    given = DeepSpeedSpec(zero_optimization={"stage": 3, gather: False})
+    assert deepspeed_config(given)["zero_optimization"][gather] is False
 
 
 @pytest.mark.parametrize("deepspeed, field", [

@@ -320,3 +320,9 @@ def test_a_document_never_names_a_rendezvous(field):
     for where in ({"trainer": {"num_nodes": 2, field: "10.0.0.9:29400"}},
                   {"trainer": {"num_nodes": 2, "training_kwargs": {field: 1}}}):
         assert refused(parse_model, model_doc(**where)).field.endswith(field)
+
+
+def test_a_refusal_repeating_megabytes_of_the_writers_input_is_cut_to_fit_a_document():
+    error = SpecError("data." + "k" * 3_000_000, "no document has " + "x" * 3_000_000)
+    assert len(str(error)) < 5_000 and len(str(error.as_error())) < 5_000
+    assert error.message.endswith("…(+2,998,016 chars)") and error.field.startswith("data.kkk")

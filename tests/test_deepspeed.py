@@ -83,6 +83,22 @@ def test_a_killed_daemons_deepspeed_run_resumes_from_its_last_checkpoint_and_ser
     assert wait_for(db[defaults.REQUESTS], "r", finished, timeout_s=120)["status"] == "done"
 
 
+def test_zero_3_full_fine_tuning_stores_its_weights_whole_and_serves(db, start_daemon, tiny_model_path, tmp_path):
+    """DeepSpeed leaves ZeRO-3's weights in its own shards unless told to gather them at each save: the listener's
+    default gathers them, so the checkpoint holds safetensors, checked finite, that serve."""
+    load_samples(db)
+    models = db[defaults.MODELS]
+    start_daemon()
+    models.insert_one(documents.model("full", tiny_model_path, {**documents.QUICK, "use_lora": False,
+                                                                "deepspeed": {"zero_optimization": {"stage": 3}}}))
+    done = wait_for(models, "full", finished, timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    weights = load_file(checkpoints.download(db, done["checkpoints"][-1]["files_id"], tmp_path / "c") / "model.safetensors")
+    assert weights and all(t.numel() > 0 for t in weights.values()), "ZeRO gathered the weights before saving"
+    db[defaults.REQUESTS].insert_one(documents.request("r", "full"))
+    assert wait_for(db[defaults.REQUESTS], "r", finished, timeout_s=120)["status"] == "done"
+
+
 def test_a_crafted_deepspeed_state_fails_the_resume_without_running(db, start_daemon, tiny_model_path, tmp_path):
     """Whoever may insert into the bucket stores a newer checkpoint of the run, its optimizer state a pickle
     that runs a command: the survivor resumes from it, and DeepSpeed's forced weights-only load refuses it."""

@@ -104,6 +104,26 @@ def test_output_that_is_not_a_terminal_gets_the_bars_figures_as_lines_while_trai
     assert [line.split()[1] for line in lines] == ["1/10", "4/10", "7/10", "10/10"]  # every 10 s, and the last
 
 
+def test_the_follow_view_shows_the_newest_rewards_and_nothing_for_an_sft_run():
+    import io
+
+    from rich.console import Console
+
+    from listener import follow
+
+    metrics = [{"run": 1, "step": 3, "loss": 0.5, "rewards/chosen": 0.25, "rewards/rejected": -0.5,
+                "rewards/accuracies": 1.0, "rewards/margins": 0.75}, {"run": 1, "step": 3, "eval_loss": 0.4}]
+    assert follow.preference({"metrics": metrics}) == \
+        "rewards: chosen 0.25 rejected -0.5 accuracy 1 margin 0.75 (step 3)"
+    assert follow.preference({"metrics": [{"step": 1, "loss": 2.0}]}) == ""
+    assert follow.preference({"metrics": [{"rewards/margins": "[red]x", "step": "y"}]}) == "rewards: margin - (step -)"
+    out = io.StringIO()
+    follow.Follower(Console(file=out, width=200)).show(
+        {"_id": "m", "status": "running", "run": 1, "metrics": metrics,
+         "progress": {"step": 3, "total_steps": 10, "loss": 0.5, "eta_s": 7}})
+    assert "step 3/10  loss 0.5  eval 0.4  ETA 7s  rewards: chosen 0.25" in out.getvalue()
+
+
 def test_a_wrong_password_is_one_line_naming_the_user_never_the_password(server_uri, db):
     admin = MongoClient(server_uri)
     admin[db.name].command("createUser", "alice", pwd="right-password", roles=["readWrite"])

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from training import checkpoints, defaults
 from training.checkpoints import CheckpointRefused, LimitExceeded
-from training.config import parse_model
+from training.config import SpecError, parse_model
 from training.limits import Limits
 
 SAFE = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "  # a tiny (empty) safetensors file
@@ -402,6 +402,20 @@ def test_bytes_past_max_checkpoint_bytes_stop_training(db, tmp_path):
     assert info.value.field == "trainer.save_total_limit"
     assert "bytes of checkpoints stored per model" in str(info.value)
     assert files_of(db, "m") == [1]
+
+
+def test_a_checkpoint_without_weights_is_not_stored_and_fails_naming_the_setting(db, tmp_path):
+    """ZeRO-3 full fine-tuning told not to gather its weights leaves them only in DeepSpeed's shards: nothing that
+    could serve, so nothing is stored, and the run fails naming the setting rather than passing as all finite."""
+    db[defaults.MODELS].insert_one({"_id": "m", "run": 1})
+    folder = tmp_path / "checkpoint-3"
+    (folder / "global_step3").mkdir(parents=True)
+    (folder / "global_step3" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"shards")
+    (folder / "latest").write_bytes(b"global_step3\n")
+    with pytest.raises(SpecError, match="no safetensors") as info:
+        progress_for(db, "m").on_save(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=3), None)
+    assert info.value.field == "trainer.deepspeed.zero_optimization.stage3_gather_16bit_weights_on_model_save"
+    assert files_of(db, "m") == []
 
 
 # --- DeepSpeed's tag folder: one level, its states by name, and a `latest` that names it ----------

@@ -10,8 +10,8 @@ from trl import SFTTrainer
 from listener.demo import load_samples
 from tests.conftest import finished, wait_for
 from training import defaults, padding
-from training.arguments import resolved_arguments, to_sft_config
-from training.config import SpecError, TrainerSpec
+from training.arguments import resolved_arguments, to_config
+from training.config import SFT, SpecError, TrainerSpec
 
 SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 400}
 
@@ -57,7 +57,7 @@ def test_the_probe_leaves_the_model_in_training_mode():
 def test_padding_free_is_the_default_for_batches_of_several_and_can_be_turned_off(given, flat, tmp_path):
     resolved = resolved_arguments(TrainerSpec(**given), str(tmp_path), has_eval=False, use_cpu=True)
     assert padding.flattened_here(resolved) is flat
-    assert to_sft_config(padding.for_trl(resolved)).padding_free is False  # trl builds padded; the child flattens
+    assert to_config(SFT, padding.for_trl(resolved)).padding_free is False  # trl builds padded; the child flattens
 
 
 @pytest.mark.parametrize("given, grouped", [({}, False), ({"padding_free": False}, True),
@@ -66,7 +66,7 @@ def test_padding_free_is_the_default_for_batches_of_several_and_can_be_turned_of
                                             ({"packing": True}, False)])
 def test_padded_batches_of_several_are_grouped_by_length_unless_the_document_names_a_sampler(given, grouped, tmp_path):
     resolved = resolved_arguments(TrainerSpec(**given), str(tmp_path), has_eval=False, use_cpu=True)
-    strategy = to_sft_config(padding.for_trl(resolved)).train_sampling_strategy
+    strategy = to_config(SFT, padding.for_trl(resolved)).train_sampling_strategy
     assert (strategy == "group_by_length") is grouped
 
 
@@ -76,7 +76,7 @@ def test_a_run_that_falls_back_to_padded_batches_gets_grouped_ones(tiny_model_pa
     resolved = resolved_arguments(TrainerSpec(per_device_train_batch_size=2), str(tmp_path), has_eval=False,
                                   use_cpu=True)
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
-                         args=to_sft_config(padding.for_trl(resolved)),
+                         args=to_config(SFT, padding.for_trl(resolved)),
                          train_dataset=Dataset.from_list([{"text": "ahoy " * n} for n in range(1, 9)]),
                          processing_class=AutoTokenizer.from_pretrained(tiny_model_path))
     resolved["padding_free"] = padding.decide(llama(), asked=False)
@@ -93,7 +93,7 @@ def test_flat_batches_give_the_padded_loss_and_keep_the_truncation(tiny_model_pa
     resolved = resolved_arguments(TrainerSpec(max_length=24, per_device_train_batch_size=4), str(tmp_path),
                                   has_eval=False, use_cpu=True)
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
-                         args=to_sft_config(padding.for_trl(resolved)), train_dataset=Dataset.from_list(
+                         args=to_config(SFT, padding.for_trl(resolved)), train_dataset=Dataset.from_list(
                              [{"text": t} for t in texts]),
                          processing_class=AutoTokenizer.from_pretrained(tiny_model_path))
     examples = [{"input_ids": row["input_ids"]} for row in trainer.train_dataset]

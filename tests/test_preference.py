@@ -5,7 +5,6 @@ import math
 import signal
 
 import pytest
-from pymongo.errors import WriteError
 from trl import DPOConfig, KTOConfig
 
 from tests.conftest import finished, job_log, wait_for
@@ -43,12 +42,14 @@ def test_method_is_sft_unless_given():
     assert refusal(document("ppo")).field == "method"
 
 
-@pytest.mark.parametrize("method, key", [
-    ("dpo", "text"), ("dpo", ["prompt", "chosen"]), ("kto", ["prompt", "completion"]), ("kto", "messages"),
-    ("sft", DPO_KEY), ("dpo", ["prompt", "chosen", "rejected", "extra"]), ("dpo", ["prompt", "", "rejected"]),
+@pytest.mark.parametrize("method, key, field", [
+    ("dpo", "text", "data.key"), ("dpo", ["prompt", "chosen"], "data.key"), ("kto", ["prompt", "completion"], "data.key"),
+    ("kto", "messages", "data.key"), ("sft", DPO_KEY, "data.key"), ("dpo", ["prompt", "chosen", "rejected", "extra"],
+                                                                    "data.key"),
+    ("dpo", ["prompt", "", "rejected"], "data.key.1"),  # an empty name is named by its index
 ])
-def test_a_data_key_of_the_wrong_length_for_the_method_is_refused_naming_it(method, key):
-    assert refusal(document(method, key)).field == "data.key"
+def test_a_data_key_of_the_wrong_length_for_the_method_is_refused_naming_it(method, key, field):
+    assert refusal(document(method, key)).field == field
 
 
 @pytest.mark.parametrize("field, value", [("template", "{question}"), ("transform", "chat_from_pairs")])
@@ -174,10 +175,11 @@ def test_an_explicit_promotion_gate_on_a_preference_model_is_refused():
     assert parse_model(document("dpo", promotion=False)).promotion is False
 
 
-def test_a_refusal_repeating_megabytes_of_the_writers_input_is_cut_to_fit_a_document():
-    error = SpecError("data." + "k" * 3_000_000, "no document has " + "x" * 3_000_000)
-    assert len(str(error)) < 5_000 and len(str(error.as_error())) < 5_000
-    assert error.message.endswith("…(+2,998,016 chars)") and error.field.startswith("data.kkk")
+def test_megabytes_of_key_names_are_refused_naming_the_key():
+    """Skip reasons and errors quote the names, so a run would write megabytes of them; the write-time validator,
+    generated from the same bound, refuses them too (tests/test_schema.py)."""
+    error = refusal(document("dpo", [letter * 3_000_000 for letter in "xyz"]))
+    assert error.field == "data.key.0" and len(str(error.as_error())) < 5_000
 
 
 # --- arguments: each method's trl configuration ---------------------------------------------------------------
@@ -263,6 +265,18 @@ def test_too_few_usable_rows_are_refused_with_the_fields_the_documents_have(db):
         assert "2 with no field 'thumb'" in error.message and "the documents have fields" in error.message
 
 
+def test_the_dry_run_refuses_what_the_run_refuses_when_the_usable_rows_are_held_out(db):
+    """Usable rows the fold field puts in the valid fold do not train: the dry run counts what the run counts."""
+    db["prefs"].insert_many([{"question": "q", "good": "a", "bad": "b", "_fold": fold}
+                             for fold in ("train", "valid", "valid")])
+    data = DataSpec(collection="prefs", key=DPO_KEY)
+    for read in (lambda: read_datasets(db, data, "dpo", Limits()), lambda: check_documents(db, data, "dpo", Limits())):
+        with pytest.raises(SpecError) as caught:
+            read()
+        assert caught.value.field == "data.key" and "3 of 3 selected documents are usable" in caught.value.message
+        assert "1 of them in the training fold" in caught.value.message
+
+
 def test_a_text_answer_and_its_chat_twin_are_skipped_as_the_same():
     """trl sees one shape, in which the two are identical."""
     doc = {"q": "hi", "g": "ahoy", "b": [{"role": "assistant", "content": "ahoy"}]}
@@ -278,26 +292,6 @@ def test_chat_rows_are_skipped_for_a_model_without_a_chat_template(method, doc):
     assert to_row(doc, method, ["q", "g", "b"])
     with pytest.raises(Skipped, match="no chat template"):
         to_row(doc, method, ["q", "g", "b"], chat=False)
-
-
-def test_the_follow_view_shows_the_newest_rewards_and_nothing_for_an_sft_run():
-    import io
-
-    from rich.console import Console
-
-    from listener import follow
-
-    metrics = [{"run": 1, "step": 3, "loss": 0.5, "rewards/chosen": 0.25, "rewards/rejected": -0.5,
-                "rewards/accuracies": 1.0, "rewards/margins": 0.75}, {"run": 1, "step": 3, "eval_loss": 0.4}]
-    assert follow.preference({"metrics": metrics}) == \
-        "rewards: chosen 0.25 rejected -0.5 accuracy 1 margin 0.75 (step 3)"
-    assert follow.preference({"metrics": [{"step": 1, "loss": 2.0}]}) == ""
-    assert follow.preference({"metrics": [{"rewards/margins": "[red]x", "step": "y"}]}) == "rewards: margin - (step -)"
-    out = io.StringIO()
-    follow.Follower(Console(file=out, width=200)).show(
-        {"_id": "m", "status": "running", "run": 1, "metrics": metrics,
-         "progress": {"step": 3, "total_steps": 10, "loss": 0.5, "eta_s": 7}})
-    assert "step 3/10  loss 0.5  eval 0.4  ETA 7s  rewards: chosen 0.25" in out.getvalue()
 
 
 # --- runs through a daemon ------------------------------------------------------------------------------------
@@ -331,7 +325,7 @@ def test_a_dpo_run_learns_the_preference_and_records_it(module_db, module_daemon
     assert accuracies[0] < accuracies[-1] == 1.0 and margins[-1] > margins[0]
     run = done["runs"][0]
     assert run["method"] == "dpo" and run["reference"]["model"] == "base" and run["data"]["skipped"]["count"] == 0
-    assert run["promotion"]["promoted"] and run["outcome"] == "succeeded"
+    assert run["promotion"]["promoted"] and run["promotion"]["gate"] == "skipped" and run["outcome"] == "succeeded"
     shown = invoke(server_uri, module_db, "logs", "dpo")
     assert shown.exit_code == 0 and f"accuracy 1 margin {margins[-1]:.4g} (step 12)" in shown.output, shown.output
 
@@ -422,35 +416,6 @@ def test_fewer_rows_than_a_dropped_last_batch_fail_naming_the_batch_size(module_
     done = wait_for(models, collection, finished, timeout_s=600)
     assert done["status"] == "failed", (done["status"], done.get("progress"))
     assert done["error"]["field"] == "trainer.per_device_train_batch_size", done["error"]
-
-
-def test_a_refusal_repeating_megabytes_of_key_names_fails_the_run_naming_the_key(module_db, module_daemon,
-                                                                                  tiny_model_path):
-    """The refusal repeats every name: cut to fit, the child writes it, and the run fails rather than crashing."""
-    module_db["huge_names"].insert_many([{"question": f"what is {n}", "good": CHOSEN, "bad": REJECTED}
-                                         for n in range(4)])
-    models = module_db[defaults.MODELS]
-    doc = preference_model("huge_names", tiny_model_path, "dpo", "huge_names", {"max_steps": 2})
-    doc["data"]["key"] = [letter * 3_000_000 for letter in "xyz"]
-    models.insert_one(doc)
-    done = wait_for(models, "huge_names", finished, timeout_s=600)
-    assert done["status"] == "failed" and done["error"]["field"] == "data.key", str(done.get("error"))[:500]
-    assert len(done["error"]["message"]) < 5_000
-
-
-def test_a_retrain_at_a_beta_that_overflows_is_refused_and_the_serving_adapter_stays(module_db, module_daemon,
-                                                                                tiny_model_path):
-    module_db["nan_pairs"].insert_many([{"question": f"what is {n} plus one", "good": CHOSEN, "bad": REJECTED}
-                                        for n in range(16)])
-    models = module_db[defaults.MODELS]
-    trainer = {"max_steps": 3, "per_device_train_batch_size": 8, "max_seq_length": 64, "logging_steps": 1}
-    models.insert_one(preference_model("nan_dpo", tiny_model_path, "dpo", "nan_pairs", trainer))
-    first = wait_for(models, "nan_dpo", finished, timeout_s=600)
-    assert first["status"] == "succeeded", first.get("error")
-    with pytest.raises(WriteError) as refused:  # the write-time validator, generated from the same bounds
-        models.update_one({"_id": "nan_dpo"}, {"$set": {"status": "pending", "trainer.loss_type": "ipo",
-                                                        "trainer.beta": 1e-300}})
-    assert refused.value.code == 121 and models.find_one({"_id": "nan_dpo"})["status"] == "succeeded"
 
 
 def _poison(db, model_id, entry: dict, work) -> None:

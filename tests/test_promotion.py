@@ -4,7 +4,7 @@ import pytest
 
 from training.checkpoints import best_of, ranking, to_prune
 from training.config import SpecError, parse_model
-from training.promotion import decide, serving_ref
+from training.promotion import decide, judge, serving_ref
 
 
 def entry(run, step, **metrics):
@@ -27,6 +27,15 @@ def entry(run, step, **metrics):
 ])
 def test_decide_says_why_in_words(metric, min_delta, new, serving, promoted, reason):
     assert decide(metric, min_delta, new, serving) == (promoted, reason)
+
+
+@pytest.mark.parametrize("promotion", [{}, {"promotion": False}])
+@pytest.mark.parametrize("serving", [None, {"run": 1, "step": 2}])
+def test_a_preference_runs_entry_says_the_gate_was_skipped_from_its_first_run_on(promotion, serving):
+    spec = parse_model({"_id": "m", "model_name_or_path": "m", "method": "dpo", **promotion,
+                        "data": {"collection": "c", "key": ["q", "good", "bad"]}})
+    decision = judge(None, spec, {"run": 2, "step": 4}, serving, None, None, None)
+    assert decision["promoted"] and decision["gate"] == "skipped" and "method dpo" in decision["reason"]
 
 
 def test_ranking_reads_the_trainer_arguments_as_transformers_does():

@@ -8,7 +8,7 @@ from pymongo.errors import WriteError
 
 from listener import schema
 from training import defaults
-from training.config import SpecError, parse_model, parse_request
+from training.config import MAX_KEY_CHARS, SpecError, parse_model, parse_request
 from training.limits import Limits
 
 GOOD_MODELS = [
@@ -28,6 +28,11 @@ BAD_MODELS = [
     {"model_name_or_path": "m", "data": {"collection": "c"}, "colection": "typo"},
     {"model_name_or_path": "m", "data": {"collection": "c", "valid_fraction": 1.5}},
     {"model_name_or_path": "m", "data": {"collection": "c"}, "status": "bogus"},
+    # Field names are quoted into errors and skip reasons: megabytes of them would overflow what the daemon writes.
+    {"model_name_or_path": "m", "method": "dpo",
+     "data": {"collection": "c", "key": ["x" * (MAX_KEY_CHARS + 1), "y", "z"]}},
+    {"model_name_or_path": "m", "data": {"collection": "c", "key": "x" * (MAX_KEY_CHARS + 1)}},
+    {"model_name_or_path": "m", "data": {"collection": "c", "fold_field": "x" * (MAX_KEY_CHARS + 1)}},
 ]
 GOOD_REQUESTS = [
     {"model": "m", "input": "hi"},
@@ -97,3 +102,15 @@ def test_the_listener_can_still_write_every_field_it_owns(validated):
                                               "progress": {"step": 1}, "lease": {"owner": "o"}},
                                      "$push": {"history": {"event": "lease expired"}}})
     assert models.find_one({"_id": "m"})["status"] == "failed"
+
+
+def test_a_retrain_at_a_beta_that_overflows_is_refused_at_write_time(validated):
+    """IPO's 1/(2*beta) overflows at beta 1e-300: the update that would retrain a served model at it is refused, and
+    the model stays as it was."""
+    models = validated[defaults.MODELS]
+    models.insert_one({"_id": "dpo", "model_name_or_path": "m", "method": "dpo",
+                       "data": {"collection": "c", "key": ["q", "good", "bad"]}, "status": "succeeded"})
+    with pytest.raises(WriteError) as refused:
+        models.update_one({"_id": "dpo"}, {"$set": {"status": "pending", "trainer.loss_type": "ipo",
+                                                    "trainer.beta": 1e-300}})
+    assert refused.value.code == 121 and models.find_one({"_id": "dpo"})["status"] == "succeeded"

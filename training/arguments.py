@@ -6,12 +6,13 @@ objects. Users copy keyword arguments from older tutorials, so the old names sti
 """
 
 from peft import LoraConfig
-from trl import DPOConfig, KTOConfig, SFTConfig
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
-from training import packing, padding
+from training import defaults, packing, padding
 from training.config import DPO, IGNORED, KTO, SFT, DeepSpeedSpec, SpecError, TrainerSpec
 
-CONFIGS = {SFT: SFTConfig, DPO: DPOConfig, KTO: KTOConfig}  # each method's trl configuration
+# Each method's trl configuration and trainer (`training.methods` builds the trainer).
+TRL = {SFT: (SFTConfig, SFTTrainer), DPO: (DPOConfig, DPOTrainer), KTO: (KTOConfig, KTOTrainer)}
 
 RENAMED = {
     "evaluation_strategy": "eval_strategy",
@@ -41,8 +42,16 @@ def translate(arguments: dict) -> dict:
     return out
 
 
+# Under ZeRO-3 the weights are sharded: gathered at each save, a checkpoint holds them whole as safetensors to serve
+# (DeepSpeed's default leaves them only in its own shards, which serving never reads).
+ZERO3_DEFAULTS = {"stage3_gather_16bit_weights_on_model_save": True}
+
+
 def deepspeed_config(spec: DeepSpeedSpec) -> dict:
-    return {**DEEPSPEED_DEFAULTS, **spec.model_dump(exclude_none=True)}
+    config = {**DEEPSPEED_DEFAULTS, **spec.model_dump(exclude_none=True)}
+    if spec.zero_optimization.stage == 3:
+        config["zero_optimization"] = {**ZERO3_DEFAULTS, **config["zero_optimization"]}
+    return config
 
 
 def sft_config(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: bool, keep: int = 10) -> SFTConfig:
@@ -50,17 +59,13 @@ def sft_config(spec: TrainerSpec, output_dir: str, *, has_eval: bool, use_cpu: b
 
     `keep` is the operator's cap on checkpoints kept per run, the default `save_total_limit`.
     """
-    return to_sft_config(resolved_arguments(spec, output_dir, has_eval=has_eval, use_cpu=use_cpu, keep=keep))
-
-
-def to_sft_config(kwargs: dict) -> SFTConfig:
-    return to_config(SFT, kwargs)
+    return to_config(SFT, resolved_arguments(spec, output_dir, has_eval=has_eval, use_cpu=use_cpu, keep=keep))
 
 
 def to_config(method: str, kwargs: dict):
     """The trl configuration of `method`'s trainer; a SpecError when trl refuses the combination."""
     try:
-        return CONFIGS[method](**kwargs)
+        return TRL[method][0](**kwargs)
     except (ValueError, TypeError) as exc:
         raise SpecError("trainer", f"the training arguments do not fit together: {exc}") from None
 
@@ -73,9 +78,6 @@ def _early_stopping(spec: TrainerSpec, has_eval: bool) -> dict:
         raise SpecError("trainer.early_stopping_patience", "needs held-out documents to evaluate on: select at least "
                         "10 documents, or mark some with the fold field set to 'valid'")
     return {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss"}
-
-
-NODE_COLLECTIVE_TIMEOUT_S = 180  # seconds; long enough for rank 0 to upload a checkpoint while the others wait
 
 
 def _sft_defaults(user: dict) -> dict:
@@ -112,7 +114,7 @@ def resolved_arguments(spec: TrainerSpec, output_dir: str, *, has_eval: bool, us
         **({"bf16": False, "fp16": False} if use_cpu else {}),
         # Across nodes a host can vanish without closing its connections: a collective then fails after this long
         # instead of transformers' half hour (a daemon killed outright closes them, and its peers fail at once).
-        **({"ddp_timeout": NODE_COLLECTIVE_TIMEOUT_S} if spec.num_nodes > 1 else {}),
+        **({"ddp_timeout": defaults.NODE_COLLECTIVE_TIMEOUT_S} if spec.num_nodes > 1 else {}),
         **_early_stopping(spec, has_eval),
         **user,
         "output_dir": output_dir,

@@ -111,13 +111,21 @@ def _archived(folder: Path) -> list[Path]:
                   and KINDS["resume"].fullmatch(p.relative_to(folder).as_posix()))
 
 
+class NoWeights(Exception):
+    """A checkpoint without safetensors weights at its top level: nothing in it could serve."""
+
+
 def nonfinite(folder: Path) -> str | None:
     """The first weight of the checkpoint's safetensors files that holds NaN or inf, by name; None when all are
-    finite. A run that diverged (a learning rate or a loss that overflows) must never store such weights to serve."""
+    finite. A run that diverged (a learning rate or a loss that overflows) must never store such weights to serve;
+    nor one that saved none (`NoWeights`), which no check would have found finite."""
     import torch
     from safetensors import safe_open
 
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    paths = sorted(Path(folder).glob("*.safetensors"))
+    if not paths:
+        raise NoWeights("the checkpoint holds no safetensors weights")
+    for path in paths:
         with safe_open(path, "pt") as weights:
             for name in weights.keys():
                 if not torch.isfinite(weights.get_tensor(name)).all():

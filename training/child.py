@@ -10,6 +10,7 @@ alone writes `status`, reading the outcome from the exit code.
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -24,7 +25,7 @@ from pymongo import MongoClient
 
 from training import (checkpoints, defaults, ids, lifeline, lineage, methods, packing, padding, promotion, ranks,
                       starting)
-from training.config import SFT, ModelSpec, SpecError, parse_model
+from training.config import ModelSpec, SpecError, parse_model
 from training.errors import public_message
 from training.inert import inert_logging
 from training.limits import Limits
@@ -80,7 +81,6 @@ def _single_process_group() -> None:
 def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: float = 0.0,
           nodes: list | None = None) -> int:
     import torch
-    from peft import prepare_model_for_kbit_training
 
     from training.arguments import lora_config, resolved_arguments, to_config
     from training.dataset import check_loss_options
@@ -97,7 +97,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         _single_process_group()
         if not torch.cuda.is_available():
             ranks.no_cpu_kernel_builds()
-    tokenizer = load_tokenizer(spec, limits)
+    tokenizer = functools.cache(lambda: load_tokenizer(spec, limits))  # loaded when first needed: SFT's after the data
     train_set, valid_set, read = methods.read_datasets(db, spec, limits, tokenizer)
     log.info("dataset: %d training and %d validation examples", len(train_set), len(valid_set or []))
     phases.lap("data")
@@ -107,16 +107,8 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     config = to_config(spec.method, padding.for_trl(resolved))
     if spec.trainer.deepspeed is not None and ranks.world()[1] > 1:
         ranks.join_deepspeed()
-    check_loss_options(bool(resolved.get("assistant_only_loss")), train_set, tokenizer)
-    model = load_checked_model(spec, limits)
-    if padding.flattened_here(resolved):  # recorded as decided: the run's entry says whether batches were flat
-        given = spec.trainer.training_arguments()
-        resolved["padding_free"] = padding.decide(model, asked="padding_free" in given)
-        resolved.update(padding.sampling(resolved, given))
-    if resolved.get("packing"):
-        packing.check(model)
-    if spec.trainer.bits:
-        model = prepare_model_for_kbit_training(model)
+    check_loss_options(bool(resolved.get("assistant_only_loss")), train_set, tokenizer())
+    model = _prepared(load_checked_model(spec, limits), spec, resolved)
     rank, world = ranks.world()
     model, started = starting.start_model(db, spec, document, model, work / f"rank{rank}", limits)  # ranks share work
     ranking = checkpoints.ranking(config.metric_for_best_model, config.greater_is_better)
@@ -139,13 +131,12 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         ranks.forget_launch_file()
     trainer = methods.build_trainer(
         spec, limits, model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
-        processing_class=tokenizer, peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
+        processing_class=tokenizer(), peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
     )
     methods.check_steps(trainer, spec, len(train_set))
-    if spec.method == SFT:
-        padding.arrange(trainer, resolved)
-    elif progress is not None:
-        _record(db, progress, {"reference": methods.reference(trainer, started)})
+    reference = methods.arrange(trainer, spec, resolved, started)
+    if reference is not None and progress is not None:
+        _record(db, progress, {"reference": reference})
     phases.lap("trainer")
     own = work / f"rank{rank}" if world > 1 else work  # each rank unpacks its own copy of a resumed checkpoint
     with _loads(spec):
@@ -160,13 +151,29 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         return defaults.ChildExit.STOPPED
     if progress.cancelled:
         return defaults.ChildExit.CANCELLED
-    batches = promotion.held_out_batches(trainer) if spec.method == SFT else None
+    batches = methods.held_out(trainer, spec)
     del trainer, model  # the gate loads the base once for both checkpoints: never beside the trained model
     gc.collect()
     promotion.conclude(db, progress.match, spec, document["run"], serving, batches, work, limits, ranking)
     phases.lap("end")
     _record_phases(db, progress, phases)
     return defaults.ChildExit.OK
+
+
+def _prepared(model, spec: ModelSpec, resolved: dict):
+    """The checked model as the arguments need it: flat batches decided on it, and recorded in `resolved` as decided
+    (the run's entry says whether batches were flat), packing checked, a quantized base made trainable."""
+    if padding.flattened_here(resolved):
+        given = spec.trainer.training_arguments()
+        resolved["padding_free"] = padding.decide(model, asked="padding_free" in given)
+        resolved.update(padding.sampling(resolved, given))
+    if resolved.get("packing"):
+        packing.check(model)
+    if spec.trainer.bits:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    return model
 
 
 def _begin_run(db, match: dict, document: dict, spec: ModelSpec, resolved: dict, read: dict, started, limits,

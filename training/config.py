@@ -45,6 +45,10 @@ IGNORED = {
 REVISION = r"^[A-Za-z0-9](\.?[A-Za-z0-9_/-])*\.?$"  # a branch, tag or commit hash: never "..", which git refuses too
 PLAIN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$"  # one file or folder name inside the model, never a path
 FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$"
+MAX_KEY_CHARS = 1024  # a field name the data section reads: errors and skip reasons quote it, so it stays short
+# A field of the user's documents that `data` names. Not a pattern: a collection's own names are free-form (spaces,
+# accents); the length bound is what reaches the write-time validator, which keeps every quote of it small.
+DataField = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS)]
 
 
 class SpecError(Exception):
@@ -125,10 +129,10 @@ METHOD_ONLY = {
 class DataSpec(_Strict):
     collection: str = Field(min_length=1, max_length=255)
     filter: dict = Field(default_factory=dict)
-    key: str | list[str] = "text"
+    key: DataField | list[DataField] = "text"
     template: str | None = Field(default=None, max_length=10_000)
     transform: str | None = Field(default=None, min_length=1, max_length=200)
-    fold_field: str = Field(default="_fold", min_length=1)
+    fold_field: DataField = "_fold"
     valid_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     seed: int = 42
     limit: int | None = Field(default=None, gt=0)
@@ -141,11 +145,9 @@ class DataSpec(_Strict):
     @field_validator("key")
     @classmethod
     def _key_shape(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and (len(value) not in (2, 3) or not all(value)):
+        if isinstance(value, list) and len(value) not in (2, 3):
             raise ValueError('a list key names two fields, the prompt and the response: ["prompt", "response"] (or, '
                              'for method dpo or kto, three: see `method`)')
-        if isinstance(value, str) and not value:
-            raise ValueError('name the field holding the text, e.g. "text" or "messages"')
         return value
 
     @field_validator("transform")

@@ -77,14 +77,18 @@ def load_documents(db, data: DataSpec, limits: Limits) -> list[dict]:
     return documents[:cap]
 
 
+def present_fields(db, data: DataSpec) -> str:
+    """Which fields the selected documents do have, as a hint: when none has a field `data` names, the name is likely
+    wrong."""
+    return read_collection(db, data, lambda: fields_hint(db[data.collection], data.filter))
+
+
 def _missing(db, documents: list[dict], data: DataSpec) -> None:
     for name in needed_fields(data)[:-1]:
         lacking = [doc for doc in documents if name not in doc]
         if lacking:
             field = "data.template" if data.template and name in template_fields(data.template) else "data.key"
-            # When no document has it, the name is likely wrong: say which fields the documents do have.
-            hint = (read_collection(db, data, lambda: fields_hint(db[data.collection], data.filter))
-                    if len(lacking) == len(documents) else "")
+            hint = present_fields(db, data) if len(lacking) == len(documents) else ""
             raise SpecError(
                 field,
                 f"{len(lacking)} of {len(documents)} selected documents have no field {name!r}{hint}",
@@ -106,6 +110,11 @@ def is_messages(value) -> bool:
     )
 
 
+def clean_messages(messages: list[dict]) -> list[dict]:
+    """Chat that `is_messages` accepted, each message its role and content only, as trl reads it."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def _messages(value) -> list[dict]:
     if not is_messages(value):
         raise SpecError(
@@ -113,7 +122,7 @@ def _messages(value) -> list[dict]:
             "chat messages must be a non-empty list of "
             "{role: system|user|assistant, content: string}",
         )
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return clean_messages(value)
 
 
 def _transformed(doc: dict, data: DataSpec, transform) -> dict | None:

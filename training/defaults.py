@@ -30,6 +30,7 @@ EMBEDDED_REPLICA_SET = "secantus"  # SecantusDB presents itself as this one-node
 EMBEDDED_START_TIMEOUT_S = 60.0  # how long to wait for the embedded server to answer
 CANCEL_POLL_S = 2.0  # how often a running training looks for `cancel: true`
 PROGRESS_WRITE_S = 1.0  # a training writes the metrics it logged at most this often (and at each eval and save)
+NODE_COLLECTIVE_TIMEOUT_S = 180  # across nodes, a collective fails after this long; rank 0 uploads meanwhile
 MAX_METRICS = 10_000  # the newest metric entries a model document keeps, far below MongoDB's 16 MB a document
 
 class Status(str, Enum):

@@ -1,4 +1,5 @@
-"""What a model's `method` changes in a run: its dataset, its trl trainer, and the frozen reference.
+"""What a model's `method` changes in a run: its dataset, its trl trainer, what is set up on it, the frozen
+reference, and what the promotion gate scores.
 
 `sft` trains on text, prompt-response or chat documents with `SFTTrainer`; `dpo` and `kto` train on
 preference rows (`training.preferences`) with `DPOTrainer` and `KTOTrainer`. With LoRA the reference
@@ -17,10 +18,10 @@ from training.limits import Limits
 
 def read_datasets(db, spec: ModelSpec, limits: Limits, tokenizer):
     """(train, valid or None, what was read) in the shape `spec.method` trains on; a preference run skips chat rows
-    when the tokenizer has no chat template."""
+    when the tokenizer has no chat template. `tokenizer()` loads it: SFT reads its data without it."""
     if spec.method == SFT:
         return dataset.read_datasets(db, spec.data, limits)
-    return preferences.read_datasets(db, spec.data, spec.method, limits, chat=bool(tokenizer.chat_template))
+    return preferences.read_datasets(db, spec.data, spec.method, limits, chat=bool(tokenizer().chat_template))
 
 
 def check_documents(db, spec: ModelSpec, limits: Limits) -> int:
@@ -31,19 +32,15 @@ def check_documents(db, spec: ModelSpec, limits: Limits) -> int:
     return preferences.check_documents(db, spec.data, spec.method, limits)
 
 
-def trainer_class(method: str):
-    from trl import DPOTrainer, KTOTrainer, SFTTrainer
-
-    return {"sft": SFTTrainer, "dpo": DPOTrainer, "kto": KTOTrainer}[method]
-
-
 def build_trainer(spec: ModelSpec, limits: Limits, **kwargs):
     """`spec.method`'s trainer; a preference run without LoRA gets the base again as its frozen reference."""
+    from training.arguments import TRL
+
     if spec.method != SFT and not spec.trainer.use_lora:
         from training.models import load_checked_model
 
         kwargs["ref_model"] = load_checked_model(spec, limits)
-    return trainer_class(spec.method)(**kwargs)
+    return TRL[spec.method][1](**kwargs)
 
 
 def check_steps(trainer, spec: ModelSpec, examples: int) -> None:
@@ -63,6 +60,26 @@ def check_steps(trainer, spec: ModelSpec, examples: int) -> None:
                         f"than the {rows} there are to train on, and trainer.dataloader_drop_last drops it, so no "
                         "step would run: give a smaller batch, leave dataloader_drop_last out, or select more "
                         "documents")
+
+
+def arrange(trainer, spec: ModelSpec, resolved: dict, started: dict | None) -> dict | None:
+    """What the method sets up on the built trainer before it trains. SFT: its batches as decided once the model was
+    checked (`padding.arrange`); a preference run: nothing, but its frozen reference is returned, for the run's
+    entry to record."""
+    if spec.method != SFT:
+        return reference(trainer, started)
+    from training import padding
+
+    padding.arrange(trainer, resolved)
+    return None
+
+
+def held_out(trainer, spec: ModelSpec) -> list | None:
+    """The held-out batches the promotion gate scores, taken before the trainer goes; None for a preference run,
+    whose gate is skipped (`training.promotion`)."""
+    from training import promotion
+
+    return promotion.held_out_batches(trainer) if spec.method == SFT else None
 
 
 def reference(trainer, started: dict | None) -> dict:

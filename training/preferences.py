@@ -5,7 +5,8 @@ the two answers (`dpo`: chosen, rejected), or the prompt, one answer and its lab
 a number whose sign says good or bad). Each field is text, or chat messages as SFT reads them; when any
 usable document is chat, every example is (a text prompt becomes the user's turn, a text answer the
 assistant's), so trl sees one shape. A document of another shape is skipped and counted by reason, for
-the run's entry; a run left with fewer than `MIN_ROWS` usable training examples fails naming `data.key`.
+the run's entry (the reasons are few: one per check and named field); a run left with fewer than `MIN_ROWS`
+usable training examples fails naming `data.key`, in the dry run (`check_documents`) as in the run.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from training.config import DPO, KEYS, DataSpec, SpecError
-from training.dataset import is_messages, load_documents, read_collection, split_folds
-from training.hints import fields_hint
+from training.dataset import clean_messages, is_messages, load_documents, present_fields, split_folds
 from training.lineage import data_read
 from training.limits import Limits
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 2  # usable training examples a run needs at least: KTO's KL term pairs each with a neighbour
-MAX_REASONS = 20  # distinct skip reasons kept in the run's entry
 
 
 class Skipped(Exception):
@@ -41,7 +40,7 @@ def _part(doc: dict, field: str):
     if isinstance(value, str) and value.strip():
         return value
     if is_messages(value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
+        return clean_messages(value)
     raise Skipped(f"field {field!r} is neither non-empty text nor a list of {{role, content}} messages")
 
 
@@ -49,7 +48,7 @@ def label(value) -> bool:
     """KTO's label: a bool, or a finite nonzero number whose sign says good (positive) or bad."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value != 0:
+    if isinstance(value, (int, float)) and math.isfinite(value) and value != 0:
         return value > 0
     raise Skipped("label is neither a bool nor a nonzero number")
 
@@ -60,8 +59,8 @@ def to_row(doc: dict, method: str, key: list[str], chat: bool = True) -> dict:
     names = KEYS[method]
     if method == DPO:
         row = {name: _part(doc, field) for name, field in zip(names, key)}
-        shaped = _as_chat(row)  # a text answer and the same answer as one assistant message are twins once shaped
-        if shaped["chosen"] == shaped["rejected"]:
+        # A text answer and the same answer as one assistant message are twins once shaped.
+        if _turn("chosen", row["chosen"]) == _turn("rejected", row["rejected"]):
             raise Skipped("chosen and rejected are the same")
     else:
         prompt, completion, rated = key
@@ -73,20 +72,17 @@ def to_row(doc: dict, method: str, key: list[str], chat: bool = True) -> dict:
     return row
 
 
-def _as_chat(row: dict) -> dict:
-    """A row whose text parts become turns: the prompt the user's, each answer the assistant's."""
-    def turn(name, value):
-        if not isinstance(value, str) or name == "label":
-            return value
-        return [{"role": "user" if name == "prompt" else "assistant", "content": value}]
-
-    return {name: turn(name, value) for name, value in row.items()}
+def _turn(name: str, value):
+    """A text part as chat: the prompt the user's turn, an answer the assistant's; chat and labels stay."""
+    if not isinstance(value, str):
+        return value
+    return [{"role": "user" if name == "prompt" else "assistant", "content": value}]
 
 
 def one_shape(rows: list[dict]) -> list[dict]:
     """All text, or all chat when any row is chat."""
     if any(isinstance(value, list) for row in rows for value in row.values()):
-        return [_as_chat(row) for row in rows]
+        return [{name: _turn(name, value) for name, value in row.items()} for row in rows]
     return rows
 
 
@@ -101,21 +97,33 @@ def _rows(documents: list[dict], method: str, key: list[str], chat: bool = True
     return usable, reasons
 
 
-def _too_few(db, data: DataSpec, method: str, documents: list[dict], usable: int, reasons: Counter) -> SpecError:
+def _too_few(db, data: DataSpec, method: str, documents: list[dict], usable: int, train: int, reasons: Counter
+             ) -> SpecError:
     names = ", ".join(f"{part}={field!r}" for part, field in zip(KEYS[method], data.key))
+    fold = f", {train} of them in the training fold" if train != usable else ""
     why = "; ".join(f"{n} with {reason}" for reason, n in reasons.most_common(3))
-    hint = read_collection(db, data, lambda: fields_hint(db[data.collection], data.filter)) if not usable else ""
+    hint = present_fields(db, data) if not usable else ""
     return SpecError("data.key", f"only {usable} of {len(documents)} selected documents are usable for method "
-                     f"{method} ({names}), and a run needs at least {MIN_ROWS} to train on; skipped: {why}{hint}")
+                     f"{method} ({names}){fold}, and a run needs at least {MIN_ROWS} to train on; skipped: {why}{hint}")
+
+
+def _folds(db, data: DataSpec, method: str, limits: Limits, chat: bool = True
+           ) -> tuple[list[dict], list[dict], list[dict], Counter]:
+    """The selected documents, the usable rows of the train and valid folds, and why the others were skipped; the
+    run's SpecError when fewer than `MIN_ROWS` rows are left to train on."""
+    documents = load_documents(db, data, limits)
+    usable, reasons = _rows(documents, method, data.key, chat)
+    row_of = {id(doc): row for doc, row in usable}
+    train, valid = split_folds([doc for doc, _ in usable], data) if usable else ([], [])
+    if len(train) < MIN_ROWS:
+        raise _too_few(db, data, method, documents, len(usable), len(train), reasons)
+    return documents, [row_of[id(doc)] for doc in train], [row_of[id(doc)] for doc in valid], reasons
 
 
 def check_documents(db, data: DataSpec, method: str, limits: Limits) -> int:
-    """How many documents the selection holds; the run's SpecError when too few of them are of `method`'s shape."""
-    documents = load_documents(db, data, limits)
-    usable, reasons = _rows(documents, method, data.key)
-    if len(usable) < MIN_ROWS:
-        raise _too_few(db, data, method, documents, len(usable), reasons)
-    return len(documents)
+    """How many documents the selection holds; the run's SpecError when too few of them train as `method`'s rows
+    (without the model's tokenizer at hand, chat rows count as usable)."""
+    return len(_folds(db, data, method, limits)[0])
 
 
 def read_datasets(db, data: DataSpec, method: str, limits: Limits, chat: bool = True
@@ -124,18 +132,13 @@ def read_datasets(db, data: DataSpec, method: str, limits: Limits, chat: bool = 
     `chat`: whether the model's tokenizer has a chat template, without which chat rows are skipped."""
     from datasets import Dataset
 
-    documents = load_documents(db, data, limits)
-    usable, reasons = _rows(documents, method, data.key, chat)
-    row_of = {id(doc): row for doc, row in usable}
-    train, valid = split_folds([doc for doc, _ in usable], data) if usable else ([], [])
-    if len(train) < MIN_ROWS:
-        raise _too_few(db, data, method, documents, len(usable), reasons)
+    documents, train, valid, reasons = _folds(db, data, method, limits, chat)
     if reasons:
         log.warning("skipped %d of %d documents not of method %s's shape: %s", sum(reasons.values()),
                     len(documents), method, dict(reasons))
-    rows = one_shape([row_of[id(doc)] for doc in train + valid])
+    rows = one_shape(train + valid)
     train_rows, valid_rows = rows[:len(train)], rows[len(train):]
     read = {**data_read(data.collection, data.filter, documents),
             "skipped": {"count": sum(reasons.values()),
-                        "reasons": [{"reason": r, "count": n} for r, n in reasons.most_common(MAX_REASONS)]}}
+                        "reasons": [{"reason": r, "count": n} for r, n in reasons.most_common()]}}
     return Dataset.from_list(train_rows), Dataset.from_list(valid_rows) if valid_rows else None, read

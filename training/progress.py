@@ -201,9 +201,14 @@ class MongoProgress(TrainerCallback):
 
 
 def _check_finite(folder: Path, step: int) -> None:
-    """The run fails, storing nothing, at a checkpoint whose weights are not all finite: never listed, it can
-    neither serve nor be promoted."""
-    bad = checkpoints.nonfinite(folder)
+    """The run fails, storing nothing, at a checkpoint whose weights are not all finite, or that has none: never
+    listed, it can neither serve nor be promoted."""
+    try:
+        bad = checkpoints.nonfinite(folder)
+    except checkpoints.NoWeights as exc:
+        raise SpecError("trainer.deepspeed.zero_optimization.stage3_gather_16bit_weights_on_model_save",
+                        f"at step {step} {exc}, so it was not stored: under ZeRO-3 without LoRA the weights are "
+                        "saved whole only when this is true (the default here); leave it out") from None
     if bad is not None:
         raise SpecError("trainer.learning_rate", f"training diverged: at step {step} the weight {bad} holds NaN or "
                         "inf, so the checkpoint was not stored; lower trainer.learning_rate (for method dpo or kto, "

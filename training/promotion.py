@@ -153,15 +153,15 @@ class GateModel:
 def judge(db, spec: ModelSpec, new: dict, serving: dict | None, batches: list | None, work: Path, limits) -> dict:
     """The decision for the run's best checkpoint `new` against the `serving` one, with why."""
     ref = {"run": new["run"], "step": new["step"]}
-    if spec.promotion is False:
-        return {"promoted": True, "checkpoint": ref, "reason": "promotion is false: every finished run serves"}
-    if serving is None:
-        return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves"}
     if spec.method != SFT:
         return {"promoted": True, "checkpoint": ref, "gate": "skipped", "reason": (
             f"the gate was skipped for method {spec.method}: its measure, the loss on held-out documents, does not "
             f"score a preference run, and no preference gate exists yet; every finished {spec.method} run serves "
             "(promotion: false says the same)")}
+    if spec.promotion is False:
+        return {"promoted": True, "checkpoint": ref, "reason": "promotion is false: every finished run serves"}
+    if serving is None:
+        return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves"}
     if not batches:
         return {"promoted": True, "checkpoint": ref, "reason": "this run has no held-out documents to compare on"}
     metric, min_delta = spec.promotion.metric, spec.promotion.min_delta

@@ -7,15 +7,11 @@ its steps. `PAIRS` pairs, which side goes first alternating, each row the median
 bench`: `python -m bench --only dpo` (about 5 minutes on 2 CPUs with SmolLM2-135M).
 """
 
-import json
 import statistics
-import subprocess
-import sys
 
 from bench import training
-from bench.common import Context, Row, step
-from listener.processes import wait_until
-from training import defaults
+from bench.common import Context, Row
+from bench.trainer_log import last
 
 COLLECTION = "pirate_pairs"
 PAIRS = 3
@@ -50,46 +46,21 @@ def model_document(model_path: str, model_id: str) -> dict:
                         "lora_alpha": lora["lora_alpha"], "lora_target_modules": lora["target_modules"]}}
 
 
-def last(metrics: list[dict], name: str) -> float:
-    return [m[name] for m in metrics if name in m][-1]
-
-
 def via_mongotune(ctx: Context, model_id: str) -> dict:
-    models = ctx.db[defaults.MODELS]
-    training.idle(training.processes(ctx)[0])
-    with step(ctx.console, f"DPO {model_id} via mongotune (insert to succeeded)") as timer:
-        models.insert_one(model_document(ctx.model_path, model_id))
-        document = wait_until(lambda: models.find_one({"_id": model_id, "status": {"$in": training.FINISHED}}),
-                              training.TIMEOUT_S, "DPO via mongotune", poll_s=0.25)
-    if document["status"] != "succeeded":
-        raise RuntimeError(f"DPO via mongotune {document['status']}: {document.get('error')}")
-    metrics = document["metrics"]
-    return {"seconds": timer.seconds, "train_runtime": last(metrics, "train_runtime"),
+    ran = training.through_daemon(ctx, model_document(ctx.model_path, model_id), "DPO")
+    metrics = ran["document"]["metrics"]
+    return {"seconds": ran["seconds"], "train_runtime": last(metrics, "train_runtime"),
             "accuracy": last(metrics, "rewards/accuracies"), "margin": last(metrics, "rewards/margins")}
 
 
 def via_script(ctx: Context, number: int) -> dict:
-    command = [sys.executable, "-m", "bench.baseline_dpo", "--uri", ctx.uri, "--db", ctx.db.name, "--collection",
-               COLLECTION, "--model", ctx.model_path, "--output", str(ctx.home / f"dpo-baseline-{number}"),
-               "--job", json.dumps(JOB)]
-    training.idle(training.processes(ctx)[0])
-    with step(ctx.console, "DPO via a plain trl script (launch to exit)") as timer:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=training.TIMEOUT_S, cwd=training.ROOT)
-    (ctx.home / f"baseline-dpo-{number}.log").write_text(done.stdout + done.stderr)
-    if done.returncode:
-        raise RuntimeError(f"the baseline DPO script failed:\n{done.stderr[-3000:]}")
-    return {"seconds": timer.seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
+    return training.through_script(ctx, "bench.baseline_dpo", COLLECTION, JOB, ctx.home / f"dpo-baseline-{number}",
+                                   "DPO")
 
 
 def run(ctx: Context) -> list[Row]:
     count = load_pairs(ctx)
-    ours, theirs = [], []
-    for number in range(PAIRS):
-        if number % 2:  # every other pair, the script goes first
-            theirs.append(via_script(ctx, number))
-        ours.append(via_mongotune(ctx, f"dpo-{number}"))
-        if not number % 2:
-            theirs.append(via_script(ctx, number))
+    ours, theirs = training.alternate(PAIRS, lambda n: via_mongotune(ctx, f"dpo-{n}"), lambda n: via_script(ctx, n))
     steps = JOB["trainer"]["max_steps"]
     ratios = [o["seconds"] / t["seconds"] for o, t in zip(ours, theirs)]
 
