@@ -95,6 +95,10 @@ class DaemonRecord(_Record):
     name: str
     host: str
     pid: int
+    boot_id: str | None = None  # with pid_ns, uid and pid_started: its process, as `liveness.identity` tells it
+    pid_ns: str | None = None
+    uid: int | None = None
+    pid_started: int | None = None
     heartbeat_at: dt.datetime
     alive_until: dt.datetime | None = None  # heartbeat_at plus a few of its own intervals (`leases.alive`)
     counters: dict[str, int] = Field(default_factory=dict)
