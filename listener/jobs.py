@@ -21,7 +21,7 @@ from pymongo.errors import PyMongoError
 from listener import gangs
 from listener.forks import Forks, Started
 from listener.gpus import cuda_env
-from listener.leases import NODE_LOST, renew, requeue
+from listener.leases import NODE_LOST, STATE_FIELDS, renew, requeue
 from listener.records import BadRecord, ModelState, Renewed, parse
 from listener.settings import ALIVE_BEATS, Settings
 from listener.status import MODEL_TRANSITIONS, Status, transition
@@ -133,8 +133,7 @@ async def _node_lost(db, settings: Settings, model_id, owner: str, lost: list[in
     if not lost:
         return None
     log.warning("training %r: node(s) %s of its gang are lost; handing the run back", model_id, lost)
-    document = await models.find_one({"_id": ids.eq(model_id), "lease.owner": {"$eq": owner}},
-                                     {"attempts": 1, "lease": 1, "history": 1})
+    document = await models.find_one({"_id": ids.eq(model_id), "lease.owner": {"$eq": owner}}, STATE_FIELDS)
     if document is None:
         return Status.RUNNING
     try:

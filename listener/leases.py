@@ -198,9 +198,10 @@ async def requeue(collection, table: dict, state, max_attempts: int, why: str, u
                        f"without finishing (daemons: {', '.join(str(e.get('owner')) for e in past)}); "
                        "look at those hosts' logs, then set status back to 'pending' to try again",
         }
+    cleared = ("lease", *(("nodes",) if table is MODEL_TRANSITIONS else ()), *unset)
     done = await transition(collection, state.id, Status.RUNNING, Status.FAILED if gave_up else Status.PENDING,
                             table, match={"lease.expires_at": state.lease.expires_at}, fields=fields,
-                            unset=("lease", *(("nodes",) if table is MODEL_TRANSITIONS else ()), *unset),
+                            unset=tuple(f for f in cleared if f not in fields),  # one update cannot set and unset it
                             push={"history": event},
                             event=None if gave_up else {"kind": why.replace(" ", "_"), "owner": state.lease.owner})
     if done is not None:

@@ -4,6 +4,7 @@ stood in for (real nodes, ranks and kills: tests/test_nodes.py)."""
 import asyncio
 import datetime as dt
 
+from listener import jobs
 from listener.status import MODEL_TRANSITIONS, Status, now, transition
 from tests.documents import model
 from tests.test_claims import PATH, StandIn, daemon, read, until
@@ -88,3 +89,22 @@ def test_a_gang_short_of_live_daemons_at_its_deadline_fails_naming_them(server_u
     assert failed["status"] == "failed" and failed["error"]["field"] == "trainer.num_nodes"
     assert "asks for 2 nodes; 1 listener(s) are alive (a)" in failed["error"]["message"]
     assert "nodes" not in failed and stand_in.nodes == []
+
+
+def test_a_node_lost_at_the_last_attempt_fails_the_run(server_uri, db, tmp_path):
+    """Node 0 hands a run back when a member is lost (`jobs._node_lost`), clearing the peers' `error`; at the last
+    attempt `requeue` writes its own `error` instead, and one update cannot set and clear it: the run must end
+    `failed` naming its attempts, not stay `running`."""
+
+    async def body():
+        async with daemon(server_uri, db.name, tmp_path, NodeStandIn(), "a", max_attempts=1) as a:
+            db[defaults.MODELS].insert_one({
+                **model("m", PATH, trainer={"num_nodes": 2}), "status": "running", "run": 1, "attempts": 1,
+                "lease": {"owner": a.owner, "expires_at": now() + dt.timedelta(minutes=1)},
+                "error": {"type": "training_crashed", "message": "a peer's broken connection"}})
+            return await jobs._node_lost(a.books, a.settings, "m", a.owner, [1])
+
+    assert asyncio.run(body()) is Status.FAILED
+    failed = read(db, "m")
+    assert failed["status"] == "failed" and failed["error"]["type"] == "too_many_attempts", failed.get("error")
+    assert [e["event"] for e in failed["history"]] == ["node lost"]
