@@ -345,6 +345,7 @@ async def _serve(settings: Settings) -> None:
 
 def serve(settings: Settings) -> None:
     """Run a daemon until SIGTERM/SIGINT; with no URI, on the embedded server."""
+    gangs.check_advertised(settings.advertise_addr)
     forget_connection_environment(settings.uri)  # what this daemon starts inherits its environment
     if settings.uri:
         asyncio.run(_serve(settings.model_copy(update={"db": database_name(settings.uri, settings.db)})))

@@ -122,6 +122,17 @@ async def judge(listener, key: str, entries: list[Member], since: int = 0) -> tu
     return lost, None
 
 
+def check_advertised(addr: str) -> None:
+    """At start, RuntimeError in one line where this host cannot listen at `addr`: every rendezvous it hosted would
+    fail on each port in turn."""
+    try:
+        with socket.socket() as sock:
+            sock.bind((addr, 0))
+    except OSError as exc:
+        raise RuntimeError(f"--advertise-addr {addr}: this host cannot listen there ({exc.strerror or exc}); give "
+                           "the address of one of its own interfaces that the other hosts reach") from None
+
+
 def free_port(addr: str, ports: tuple[int, int], taken: set[int]) -> int | None:
     """A port of the operator's range that this host can listen on at `addr` now, and no gang here holds; tried in
     random order, so daemons sharing a host (and its range) seldom pick the same one before either listens."""

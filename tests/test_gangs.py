@@ -4,7 +4,10 @@ stood in for (real nodes, ranks and kills: tests/test_nodes.py)."""
 import asyncio
 import datetime as dt
 
+from click.testing import CliRunner
+
 from listener import jobs
+from listener.cli.main import cli
 from listener.status import MODEL_TRANSITIONS, Status, now, transition
 from tests.documents import model
 from tests.test_claims import PATH, StandIn, daemon, read, until
@@ -108,3 +111,13 @@ def test_a_node_lost_at_the_last_attempt_fails_the_run(server_uri, db, tmp_path)
     failed = read(db, "m")
     assert failed["status"] == "failed" and failed["error"]["type"] == "too_many_attempts", failed.get("error")
     assert [e["event"] for e in failed["history"]] == ["node lost"]
+
+
+def test_listener_start_refuses_an_advertised_address_this_host_cannot_listen_at(tmp_path):
+    """Every rendezvous such a daemon hosted would fail on each port in turn: it says so once, at start."""
+    started = CliRunner().invoke(cli, ["start", "--advertise-addr", "192.0.2.1"],  # TEST-NET-1: no host's own
+                                 env={"MONGOTUNE_HOME": str(tmp_path)})
+    assert started.exit_code != 0
+    assert started.output.strip().splitlines() == [
+        "Error: --advertise-addr 192.0.2.1: this host cannot listen there (Cannot assign requested address); give "
+        "the address of one of its own interfaces that the other hosts reach"]
