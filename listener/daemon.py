@@ -60,6 +60,7 @@ class Daemon:
         self.owner = f"{settings.name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.trainings: dict[str, asyncio.Task | None] = {}  # by ids.key of the model
         self.ports: dict[str, int] = {}  # rendezvous ports of the gangs this daemon is node 0 of (listener.gangs)
+        self.resting: dict[str, float] = {}  # gangs given back here unstarted, until when they wait their turn (`_rests`)
         self.gpus = gpus.GpuPool(gpus.visible() if settings.gpus is None else settings.gpus)
         self.forks = Forks(gpus=bool(self.gpus.devices))  # starts training children and serving workers
         self.counters = {k: 0 for k in ("trainings_started", "trainings_succeeded", "trainings_failed",
@@ -127,7 +128,8 @@ class Daemon:
 
     async def _give_back(self) -> None:
         await self._release_all()
-        await self.books[defaults.LISTENER].delete_one({"_id": f"daemon:{self.owner}"})
+        await gangs.forget_all(self.books[defaults.LISTENER], self.owner)
+        await self.books[defaults.LISTENER].delete_one({"_id": self._record_id})
 
     async def _heartbeat(self, started: bool = False) -> None:
         record = {"kind": "daemon", "name": self.settings.name, "owner": self.owner, "host": socket.gethostname(),
@@ -137,11 +139,15 @@ class Daemon:
         if started:
             record.update(started_at=now(), versions=versions())
         try:
-            await self.books[defaults.LISTENER].update_one({"_id": f"daemon:{self.owner}"}, {"$set": record}, upsert=True)
+            await self.books[defaults.LISTENER].update_one({"_id": self._record_id}, {"$set": record}, upsert=True)
         except PyMongoError as exc:
             log.warning("heartbeat not recorded: %s", exc)
             return
         self.health.beat(trainings=len(self.trainings), counters=self.counters)
+
+    @property
+    def _record_id(self) -> str:
+        return f"{defaults.DAEMON_RECORD}{self.owner}"
 
     async def scan(self) -> None:
         await self._scan_models()
@@ -234,7 +240,8 @@ class Daemon:
             self.gpus.forget(key)  # cancelled, failed, taken elsewhere or already training here: not waiting
             return
         state, spec = admitted
-        if len(self.trainings) >= self.settings.max_jobs or self.stop_event.is_set():
+        if len(self.trainings) >= self.settings.max_jobs or self.stop_event.is_set() or \
+                (spec.trainer.num_nodes > 1 and self._rests(key)):
             return
         self.trainings[key] = None  # the slot is taken before the await, so no other task can take it too
         work = None
@@ -258,44 +265,67 @@ class Daemon:
         if work is not None:
             self.trainings[key] = asyncio.create_task(self._in_slot(key, *work))
 
-    async def _in_slot(self, key: str, work: Callable[..., Awaitable], *args) -> None:
+    async def _in_slot(self, key: str, work: Callable[..., Awaitable[bool]], *args) -> None:
         """`work(*args)` holding the job slot `key`; the slot and its GPUs are free again once it returns (a training
-        returns only once its child has exited), and the daemon looks for more work."""
+        returns only once its child has exited). Once the slot did something (`work` says so), the daemon looks for
+        more work; a gang with no place left it idle, and rescanning then would only find that gang again, flat out
+        (the change stream and the periodic scan bring it back)."""
         try:
-            await work(*args)
+            worked = await work(*args)
         finally:
             self.trainings.pop(key, None)
             self.gpus.give_back(key)
-        if not self.stop_event.is_set():
+        if worked and not self.stop_event.is_set():
             await self._scan_models()
 
-    async def _gang(self, key: str, state: ModelState, spec, devices: tuple[int, ...] | None) -> None:
-        """One node of a job of several: wait for its gang to form, then train it (`listener.gangs`)."""
+    async def _gang(self, key: str, state: ModelState, spec, devices: tuple[int, ...] | None) -> bool:
+        """One node of a job of several: take a place in its gang, wait for the others, then train it
+        (`listener.gangs`); whether this daemon held a place in it."""
+        models, listener = self.books[defaults.MODELS], self.books[defaults.LISTENER]
+        gang = gangs.Gang(models, listener, self.settings, self.owner, state, key, spec.trainer.num_nodes,
+                          spec.trainer.num_gpus, devices)
         try:
             try:
-                started = await gangs.form(self.books[defaults.MODELS], self.books[defaults.LISTENER], self.settings,
-                                           self.owner, state, spec.trainer.num_nodes, key, devices, spec.warnings(),
-                                           self.gpus.waiting, self.ports)
+                rank = await gangs.take_place(gang, self.ports)
+                if rank is None:
+                    return False
+                started = await gangs.form(gang, rank, spec.warnings(), self.gpus.waiting)
             except PyMongoError as exc:  # its entry, no longer renewed, expires: the others give the gang back
                 log.warning("model %.200r: its gang could not form (%s); leaving it pending", state.id,
                             type(exc).__name__)
-                return
-            if started is not None:
+                return False
+            except BadRecord as exc:  # a user rewrote the gang's fields as it formed
+                await fail_malformed(models, MODEL_TRANSITIONS, state.id, Status.PENDING, exc, self.skipped)
+                return True
+            if started is None:
+                self.resting[key] = asyncio.get_running_loop().time() + self.settings.gang_wait_s
+            else:
                 node, run = started
                 self.counters["trainings_started"] += node.rank == 0
                 await self._train(state.id, run, devices, node)
+            return True
         finally:
             self.ports.pop(key, None)
             with contextlib.suppress(PyMongoError):
-                await gangs.forget(self.books[defaults.LISTENER], self.owner, key)
+                await gangs.forget(listener, self.owner, key)
 
-    async def _train(self, model_id, run: int, devices: tuple[int, ...] | None, node: gangs.Node | None = None):
+    def _rests(self, key: str) -> bool:
+        """Whether the gang of job `key` was given back here unstarted less than `gang_wait_s` ago: other jobs go
+        first meanwhile, so a gang that cannot form (its hosts busy) does not take this slot back at each deadline
+        while another user's job waits; the change stream and the periodic scan bring it back."""
+        at = asyncio.get_running_loop().time()
+        self.resting = {k: until for k, until in self.resting.items() if until > at}
+        return key in self.resting
+
+    async def _train(self, model_id, run: int, devices: tuple[int, ...] | None, node: gangs.Node | None = None) -> bool:
+        """Train one claimed run to its end; True: the slot worked (`_in_slot`)."""
         outcome = await self.train(self.books, self.settings, model_id, run, self.owner, self.forks, devices=devices,
                                    **({"node": node} if node else {}))
         if outcome is Status.SUCCEEDED:
             self.counters["trainings_succeeded"] += 1
         elif outcome is Status.FAILED:
             self.counters["trainings_failed"] += 1
+        return True
 
     async def _release_all(self) -> None:
         """Give back what this daemon holds, so any daemon resumes or answers it at once."""
@@ -345,6 +375,7 @@ async def _serve(settings: Settings) -> None:
 
 def serve(settings: Settings) -> None:
     """Run a daemon until SIGTERM/SIGINT; with no URI, on the embedded server."""
+    gangs.check_advertised(settings.advertise_addr)
     forget_connection_environment(settings.uri)  # what this daemon starts inherits its environment
     if settings.uri:
         asyncio.run(_serve(settings.model_copy(update={"db": database_name(settings.uri, settings.db)})))

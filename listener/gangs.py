@@ -8,25 +8,31 @@ the listener's, but a user can write it too, so each entry counts only while its
   port of `rendezvous_ports`), then appends its entry `{owner, name, host, devices, joined_at, expires_at[, addr,
   port]}` to the pending document with one update matched on the run it read, no cancel, the array's length it read
   and its own absence: an entry's index is its node rank, and no rank is taken twice.
-- Vouching. An entry whose daemon is alive but has no record of it (or one naming another endpoint) is forged: the
-  job fails naming `nodes`, before any rank connects anywhere. An entry whose daemon is no longer alive, or whose
-  `expires_at` passed, is a lost member.
+- Vouching. Every entry is checked against its daemon's record first, whatever else it says (one `$in` read per
+  poll): in a pending gang an entry with no record of its rank (or node 0's naming another endpoint, or a port
+  outside this operator's `rendezvous_ports`) is forged, and the job fails naming `nodes` before any rank connects
+  anywhere. A vouched entry whose daemon is no longer alive (`leases.live_owners`), or whose `expires_at` passed,
+  is a lost member; in a running gang an unvouched one is lost too.
 - Leases. Each member renews its entry's `expires_at` (`lease_s`) while it waits and while it trains.
 - Start. Node 0, once N vouched entries are there, claims the job (`leases.claim_model`, matched on the array's
   length and on its own entry 0) and from then on owns `run`, `lease` and `status` as for one node; each other member
-  starts its node when it sees the document running with its entry in place. Every node's child runs torchrun's
-  agent with `--nnodes N --node-rank i` and node 0's endpoint (static rendezvous: node 0's agent hosts the store).
-- Deadline. A gang still short `gang_wait_s` after its first entry, or with a lost member, is dissolved (`nodes`
-  unset, matched on its length and first owner) by whichever member sees it: each gives its slot back and may join
-  again, so two gangs never each hold part of the daemons for ever. A gang dissolved at its deadline while fewer
-  daemons than its nodes are alive fails the job, naming how many there are.
+  starts its node when it sees the document running with its entry in place and node 0's daemon owning the lease.
+  Every node's child runs torchrun's agent with `--nnodes N --node-rank i` and node 0's endpoint (static
+  rendezvous: node 0's agent hosts the store).
+- Deadline. A gang not started `gang_wait_s` after node 0's record was written (its daemon's clock, not the
+  document's `joined_at`), short or whole, or with a lost member, is dissolved (`nodes` unset, matched on its
+  length and first owner) by whichever member sees it: each gives its slot back and may join again, so two gangs
+  never each hold part of the daemons for ever. A gang at its deadline that fewer live daemons than its nodes could
+  host (their heartbeats' GPUs) fails the job, naming them.
 - One fate. Rank 0 (on node 0) alone writes progress, metrics and checkpoints; every rank of every node is fenced on
   the run and node 0's lease, and the others write only `error`. Cancel and SIGTERM reach every rank through the
   ranks' per-step all-reduce (`training.ranks`). A node whose daemon dies breaks its peers' collectives (the process
   group's timeout bounds a silent host); node 0 finds the member lost and hands the run back `pending`, an attempt
   counted as for an expired lease, to resume from its last checkpoint once N daemons join again. A member whose
-  child ends on its own records its exit on its entry, so node 0 tells a failure from a loss. Every move out of
-  `running` unsets `nodes`; a member whose entry is gone stops its node.
+  child ends on its own records its exit and run in its own node record (never the document's entry, which a user
+  may write), so node 0 tells a failure from a loss. Every move out of `running` unsets `nodes`; a member whose
+  entry is gone stops its node. A member leaving a pending gang (stopping, or cut off) takes its entry out first
+  and forgets its record after, so no peer reads its entry unvouched and calls it forged.
 """
 
 import asyncio
@@ -37,36 +43,23 @@ import random
 import socket
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pymongo.errors import PyMongoError
 
-from listener.leases import alive, claim_model
-from listener.records import BadRecord, ModelState
+from listener.gpus import fits
+from listener.leases import claim_model, live_owners
+from listener.records import BadRecord, DaemonRecord, Member, ModelState, NodeRecord, parse
+from listener.settings import Settings
 from listener.status import MODEL_TRANSITIONS, Status, now, status_filter, transition
-from training import ids
+from training import defaults, ids
 
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often a member reads its gang while it waits
 
 
-class Member(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    owner: str = Field(max_length=300)
-    name: str = Field(max_length=300)
-    host: str = Field(max_length=300)
-    devices: list = Field(max_length=64)
-    joined_at: dt.datetime
-    expires_at: dt.datetime
-    addr: str | None = Field(None, max_length=255)
-    port: int | None = Field(None, ge=1, le=65_535)
-    exit: int | None = None
-
-
 @dataclass(frozen=True)
 class Node:
-    """What one node's child is given by its daemon, from entries their daemons vouch for: its rank among `count`,
+    """What one node's child is given by its daemon, from records their daemons wrote: its rank among `count`,
     node 0's endpoint, node 0's owner (whose lease fences every rank's writes) and, for the run's entry, every member."""
 
     rank: int
@@ -81,45 +74,99 @@ class Node:
                 "members": self.members}
 
 
+@dataclass(frozen=True)
+class Gang:
+    """One job of several nodes as this daemon takes part in it."""
+
+    models: object
+    listener: object
+    settings: Settings
+    owner: str
+    state: ModelState
+    key: str
+    count: int  # trainer.num_nodes
+    gpus: int  # trainer.num_gpus: what a daemon needs to host one node
+    devices: tuple[int, ...] | None  # this daemon's, for its node
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A gang as read, judged by what its daemons wrote (see "Vouching")."""
+
+    lost: list[int]  # members whose daemon is gone or whose entry expired
+    forged: int | None  # the first entry no daemon vouches for, in a pending gang
+    exited: list[int]  # members whose daemon recorded its node's exit in this run
+    live: dict[str, DaemonRecord]  # the live daemons, by owner (`leases.live_owners`)
+    records: list[NodeRecord]  # the vouching records, by rank from the first judged
+
+    def since(self) -> dt.datetime | None:
+        """When the gang began, as node 0's daemon wrote it."""
+        return self.records[0].at if self.records and self.records[0].rank == 0 else None
+
+
 def members(document: dict) -> list[Member]:
-    """The document's `nodes`, each entry parsed; BadRecord naming the field when a user wrote another shape."""
-    raw = document.get("nodes")
-    if raw is None:
-        return []
-    if not isinstance(raw, list) or len(raw) > 64:
-        raise BadRecord("nodes", "not a list of at most 64 node entries")
-    try:
-        return [Member.model_validate(entry) for entry in raw]
-    except ValidationError as exc:
-        raise BadRecord("nodes", str(exc.errors()[0]["msg"])) from None
+    """The document's `nodes`, parsed with the rest of its listener-owned fields (BadRecord naming the field)."""
+    return parse(ModelState, document).nodes or []
 
 
 def record_id(owner: str, key: str) -> str:
-    return f"node:{owner}:{key}"
+    return f"{defaults.NODE_RECORD}{owner}:{key}"
 
 
-async def live_daemons(listener) -> dict[str, dict]:
-    """The live daemons' records (`leases.alive`) by owner."""
-    return {r["owner"]: r async for r in listener.find(alive(), {"owner": 1, "name": 1})
-            if isinstance(r.get("owner"), str)}
-
-
-async def judge(listener, key: str, entries: list[Member], since: int = 0) -> tuple[list[int], int | None]:
-    """(the ranks of lost members, the first forged rank or None): see the module's "Vouching". Node 0 of a running
-    gang judges from rank 1 (`since`): its own hold is the run's lease, which it renews instead of its entry."""
-    live, lost = await live_daemons(listener), []
+async def judge(listener, key: str, entries: list[Member], since: int = 0, run: int | None = None,
+                ports: tuple[int, int] | None = None) -> Verdict:
+    """Each entry from rank `since`, vouched for first: see the module's "Vouching". `run`: the run of a running gang,
+    whose unvouched entries count as lost and whose members' exits in that run count; None for a pending gang, whose
+    first unvouched entry is forged. `ports`: this operator's rendezvous range, where node 0's port must lie (judging
+    from rank 0). Node 0 of a running gang judges from rank 1: its own hold is the run's lease."""
+    live, _ = await live_owners(listener)
+    records = await _records(listener, key, entries[since:])
+    lost, exited, vouching = [], [], []
     for rank, entry in enumerate(entries[since:], since):
-        if entry.exit is not None:
-            continue
-        if entry.owner not in live or entry.expires_at < now():
+        record = records.get(entry.owner)
+        if not _vouches(record, rank, entry, ports, run):
+            if run is None:
+                return Verdict(lost, rank, exited, live, vouching)
             lost.append(rank)
             continue
-        record = await listener.find_one({"_id": record_id(entry.owner, key)})
-        vouched = record is not None and record.get("rank") == rank and \
-            (rank > 0 or (record.get("addr"), record.get("port")) == (entry.addr, entry.port))
-        if not vouched:
-            return lost, rank
-    return lost, None
+        vouching.append(record)
+        if record.exit is not None:
+            exited.append(rank)
+        elif entry.owner not in live or entry.expires_at < now():
+            lost.append(rank)
+    return Verdict(lost, None, exited, live, vouching)
+
+
+async def _records(listener, key: str, entries: list[Member]) -> dict[str, NodeRecord]:
+    """The node records the entries' daemons wrote for this job, by owner; one of another shape vouches for nothing."""
+    found = {}
+    async for document in listener.find({"_id": {"$in": [record_id(e.owner, key) for e in entries]}, "kind": "node",
+                                         "model": key}):
+        with contextlib.suppress(BadRecord):
+            record = parse(NodeRecord, document)
+            found[record.owner] = record
+    return found
+
+
+def _vouches(record: NodeRecord | None, rank: int, entry: Member, ports: tuple[int, int] | None,
+             run: int | None) -> bool:
+    """Whether `record` vouches for `entry` at `rank`: node 0's for its endpoint too, which must lie in this
+    operator's rendezvous range; an exit counts only in the run it was recorded in (a pending gang has none)."""
+    if record is None or record.rank != rank or (record.exit is not None and (run is None or record.run != run)):
+        return False
+    return rank > 0 or (ports is not None and record.port is not None and ports[0] <= record.port <= ports[1]
+                        and (record.addr, record.port) == (entry.addr, entry.port))
+
+
+def check_advertised(addr: str) -> None:
+    """At start, RuntimeError in one line where this host cannot listen at `addr`: every rendezvous it hosted would
+    fail on each port in turn."""
+    try:
+        with socket.socket() as sock:
+            sock.bind((addr, 0))
+    except OSError as exc:
+        raise RuntimeError(f"--advertise-addr {addr}: this host cannot listen there ({exc.strerror or exc}); give "
+                           "the address of one of its own interfaces that the other hosts reach") from None
 
 
 def free_port(addr: str, ports: tuple[int, int], taken: set[int]) -> int | None:
@@ -149,10 +196,15 @@ def _length(count: int) -> dict:
     return {f"nodes.{count}": {"$exists": False}, **({f"nodes.{count - 1}": {"$exists": True}} if count else {})}
 
 
+def as_read(entries: list[Member]) -> dict:
+    """Matches the gang as read: its first owner and its length."""
+    return {"nodes.0.owner": {"$eq": entries[0].owner}, **_length(len(entries))} if entries else _length(0)
+
+
 async def join(models, listener, doc_id, key: str, run: int, rank: int, new: dict) -> bool:
     """Vouch for entry `new` at `rank` in `_listener`, then append it; whether this daemon is now that node."""
-    record = {"kind": "node", "owner": new["owner"], "model": key, "rank": rank, "addr": new.get("addr"),
-              "port": new.get("port"), "at": now()}
+    record = {"kind": "node", "model": key, "rank": rank, "at": now(),
+              **{k: new.get(k) for k in ("owner", "name", "host", "devices", "addr", "port")}}
     await listener.replace_one({"_id": record_id(new["owner"], key)}, record, upsert=True)
     done = await models.update_one(
         {"_id": ids.eq(doc_id), **status_filter(Status.PENDING), "run": run or {"$in": [None, 0]},
@@ -164,7 +216,13 @@ async def join(models, listener, doc_id, key: str, run: int, rank: int, new: dic
 
 
 async def forget(listener, owner: str, key: str) -> None:
-    await listener.delete_one({"_id": record_id(owner, key)})
+    """Drop this daemon's node record, unless it records its node's exit: node 0 may still be judging by it (a
+    later join replaces it, and a clean stop drops it: `forget_all`)."""
+    await listener.delete_one({"_id": record_id(owner, key), "exit": None})
+
+
+async def forget_all(listener, owner: str) -> None:
+    await listener.delete_many({"kind": "node", "owner": {"$eq": owner}})
 
 
 async def renew(models, doc_id, rank: int, owner: str, lease_s: float, status: Status,
@@ -176,20 +234,17 @@ async def renew(models, doc_id, rank: int, owner: str, lease_s: float, status: S
         projection=projection or {"_id": 1, "status": 1, "run": 1, "nodes": 1, "cancel": 1})
 
 
-async def dissolve(models, doc_id, entries: list[Member]) -> bool:
-    """Give every node of a pending gang back (see "Deadline"); whether this call did."""
-    if not entries:
-        return False
-    done = await models.update_one({"_id": ids.eq(doc_id), **status_filter(Status.PENDING),
-                                    "nodes.0.owner": {"$eq": entries[0].owner}, **_length(len(entries))},
-                                   {"$unset": {"nodes": ""}})
+async def dissolve(models, doc_id, match: dict) -> bool:
+    """Give every node of a pending gang back (see "Deadline"), matched on the gang (`as_read`, or a member's own
+    entry); whether this call did."""
+    done = await models.update_one({"_id": ids.eq(doc_id), **status_filter(Status.PENDING), "nodes.0": {"$exists": True},
+                                    **match}, {"$unset": {"nodes": ""}})
     return bool(done.modified_count)
 
 
 async def fail(models, doc_id, entries: list[Member], error: dict) -> bool:
     """End a pending gang's job `failed` with `error`, matched on the gang as read."""
-    match = {"nodes.0.owner": {"$eq": entries[0].owner}, **_length(len(entries))} if entries else {}
-    return await transition(models, doc_id, Status.PENDING, Status.FAILED, MODEL_TRANSITIONS, match=match,
+    return await transition(models, doc_id, Status.PENDING, Status.FAILED, MODEL_TRANSITIONS, match=as_read(entries),
                             fields={"error": error}, unset=("nodes",)) is not None
 
 
@@ -199,37 +254,43 @@ def forged(rank: int) -> dict:
                        "publish): this field is written by the listener; remove it, then set status to 'pending'"}
 
 
-def too_few(count: int, live: dict[str, dict]) -> dict:
-    names = ", ".join(sorted(str(r.get("name")) for r in live.values()))
+def too_few(count: int, gpus: int, hosts: list[DaemonRecord]) -> dict:
+    names = ", ".join(sorted(r.name for r in hosts))
     return {"type": "not_enough_nodes", "field": "trainer.num_nodes",
-            "message": f"asks for {count} nodes; {len(live)} listener(s) are alive ({names}). Ask for fewer, or "
-                       "start a listener on more hosts, then set status to 'pending'"}
+            "message": f"asks for {count} nodes; {len(hosts)} listener(s) are alive ({names}) that can host a node of "
+                       f"{gpus} GPU(s). Ask for fewer, or start a listener on more hosts, then set status to 'pending'"}
 
 
-def overdue(entries: list[Member], wait_s: float) -> bool:
-    return bool(entries) and now() - entries[0].joined_at > dt.timedelta(seconds=wait_s)
+def hosts(verdict: Verdict, gpus: int) -> list[DaemonRecord]:
+    """The live daemons with GPUs enough for one node (`gpus.fits`), busy or not."""
+    return [r for r in verdict.live.values() if fits(len(r.gpus), gpus)]
 
 
-async def report_exit(models, doc_id, run: int, rank: int, owner: str, code: int) -> None:
-    """A member's node ended on its own: say so, so node 0 does not take it for lost."""
-    await models.update_one({"_id": ids.eq(doc_id), "run": run, f"nodes.{rank}.owner": {"$eq": owner}},
-                            {"$set": {f"nodes.{rank}.exit": int(code)}})
+def overdue(verdict: Verdict, wait_s: float) -> bool:
+    since = verdict.since()
+    return since is not None and now() - since > dt.timedelta(seconds=wait_s)
+
+
+async def report_exit(listener, key: str, run: int, owner: str, code: int) -> None:
+    """A member's node ended on its own: say so in its own record, so node 0 does not take it for lost."""
+    await listener.update_one({"_id": record_id(owner, key)}, {"$set": {"exit": int(code), "run": run}})
 
 
 async def lost_peers(models, listener, doc_id, key: str, wait_s: float) -> list[int]:
-    """Node 0, its own node failed: the members lost, once each other member has either reported its exit or is
+    """Node 0, its own node failed: the members lost, once each other member has either recorded its exit or is
     lost, waiting up to `wait_s` for that (a killed daemon counts as alive until its heartbeat runs out)."""
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
-        document = await models.find_one({"_id": ids.eq(doc_id)}, {"nodes": 1})
+        document = await models.find_one({"_id": ids.eq(doc_id)}, {"nodes": 1, "run": 1})
         try:
-            entries = members(document or {})
-        except BadRecord:
+            state = parse(ModelState, document or {"_id": doc_id})
+        except BadRecord:  # a user rewrote `nodes` as it ran: no member can be judged
             return []
-        lost, _ = await judge(listener, key, entries, since=1)
-        pending = [r for r, e in enumerate(entries) if r and e.exit is None and r not in lost]
-        if lost or not pending or asyncio.get_running_loop().time() > deadline:
-            return lost
+        entries = state.nodes or []
+        verdict = await judge(listener, key, entries, since=1, run=state.run)
+        waiting = len(entries) - 1 - len(verdict.exited) - len(verdict.lost)
+        if verdict.lost or waiting <= 0 or asyncio.get_running_loop().time() > deadline:
+            return verdict.lost
         await asyncio.sleep(POLL_S)
 
 
@@ -238,124 +299,117 @@ def waiting_note(entries: list[Member], count: int) -> str:
     return f"{len(entries)} of {count} nodes"
 
 
-def run_members(entries: list[Member]) -> list[dict]:
-    """The nodes as the run's entry records them."""
-    return [{"rank": r, "name": e.name, "host": e.host, "devices": e.devices} for r, e in enumerate(entries)]
+def node_of(verdict: Verdict, rank: int, count: int) -> Node:
+    """This daemon's node, from the records of a gang judged whole: the run's entry lists what the daemons wrote."""
+    first = verdict.records[0]
+    return Node(rank, count, first.addr or "", first.port or 0, first.owner,
+                [{"rank": r.rank, "name": r.name, "host": r.host, "devices": r.devices} for r in verdict.records])
 
 
-def node_of(entries: list[Member], rank: int, count: int) -> Node:
-    first = entries[0]
-    return Node(rank, count, first.addr or "", first.port or 0, first.owner, run_members(entries))
-
-
-async def form(models, listener, settings, owner: str, state: ModelState, count: int, key: str,
-               devices: tuple[int, ...] | None, warnings: list[str], waiting: dict[str, str],
-               ports: dict[str, int]) -> tuple[Node, int] | None:
-    """Join the pending job `state` as one of its `count` nodes and wait for the others: (this node, the run) once it
-    starts here, None once this daemon's place is given back (dissolved, failed, cancelled, or no place was free).
-    `waiting` (the heartbeat's) says meanwhile how many nodes are there; a started node's `_listener` record stays
-    until its training ends (`forget`), as node 0 judges its members by it while they train. `ports`: the rendezvous
-    ports this daemon's gangs hold, by model key; node 0 adds its own, which the caller removes when the gang ends."""
-    rank = await _join(models, listener, settings, owner, state, count, key, devices, ports)
-    if rank is None:
-        return None
-    started, entries = None, []
-    try:
-        while started is None:
-            document = await renew(models, state.id, rank, owner, settings.lease_s, Status.PENDING)
-            if document is None:
-                started = await _started(models, listener, state.id, key, rank, count, owner)
-                return started
-            entries = members(document)
-            waiting[key] = waiting_note(entries, count)
-            if not await _keep(models, listener, settings, state.id, key, count, entries, document):
-                return None
-            if rank == 0 and len(entries) == count:
-                claimed = await claim_model(models, state, owner, settings.lease_s, warnings,
-                                            match={"nodes.0.owner": {"$eq": owner}, **_length(count)})
-                if claimed is not None:
-                    started = node_of(entries, 0, count), claimed["run"]
-                    return started
-            await asyncio.sleep(POLL_S)
-    except BadRecord:
-        return None  # a user rewrote `nodes`: the next consideration fails the document, naming it
-    except asyncio.CancelledError:  # the daemon stops: the others need not wait for this node
-        with contextlib.suppress(PyMongoError):
-            await dissolve(models, state.id, entries)
-        raise
-    finally:
-        waiting.pop(key, None)
-        if started is None:
-            with contextlib.suppress(PyMongoError):
-                await forget(listener, owner, key)
-
-
-async def _join(models, listener, settings, owner: str, state: ModelState, count: int, key: str,
-                devices: tuple[int, ...] | None, ports: dict[str, int]) -> int | None:
+async def take_place(gang: Gang, ports: dict[str, int]) -> int | None:
     """This daemon's node rank in the gang forming, once its entry is in; None when there is no place or no port.
-    Daemons joining at once each try the next place, so they end up in rank order."""
-    for _ in range(count):
-        document = await models.find_one({"_id": ids.eq(state.id), **status_filter(Status.PENDING)},
-                                         {"nodes": 1, "cancel": 1})
+    Daemons joining at once each try the next place, so they end up in rank order. `ports`: the rendezvous ports
+    this daemon's gangs hold, by model key; node 0 adds its own, which the caller removes when the gang ends."""
+    settings = gang.settings
+    for _ in range(gang.count):
+        document = await gang.models.find_one({"_id": ids.eq(gang.state.id), **status_filter(Status.PENDING)},
+                                              {"nodes": 1, "cancel": 1})
         if document is None:
             return None
         entries = members(document)
-        if not await _keep(models, listener, settings, state.id, key, count, entries, document) or \
-                len(entries) >= count or any(e.owner == owner for e in entries):
+        if await _keep(gang, entries, document) is None or len(entries) >= gang.count or \
+                any(e.owner == gang.owner for e in entries):
             return None
         endpoint = None
         if not entries:
             port = free_port(settings.advertise_addr, settings.rendezvous_ports, set(ports.values()))
             if port is None:
                 log.warning("model %.200r: no free rendezvous port in %d-%d; leaving it to another listener",
-                            state.id, *settings.rendezvous_ports)
+                            gang.state.id, *settings.rendezvous_ports)
                 return None
             endpoint = (settings.advertise_addr, port)
-        new = entry(owner, settings.name, devices, settings.lease_s, endpoint)
-        if await join(models, listener, state.id, key, state.run, len(entries), new):
+        new = entry(gang.owner, settings.name, gang.devices, settings.lease_s, endpoint)
+        if await join(gang.models, gang.listener, gang.state.id, gang.key, gang.state.run, len(entries), new):
             if endpoint:
-                ports[key] = endpoint[1]
-            log.info("model %.200r: joined as node %d of %d", state.id, len(entries), count)
+                ports[gang.key] = endpoint[1]
+            log.info("model %.200r: joined as node %d of %d", gang.state.id, len(entries), gang.count)
             return len(entries)
     return None
 
 
-async def _keep(models, listener, settings, doc_id, key: str, count: int, entries: list[Member],
-                document: dict) -> bool:
-    """Whether the gang as read may go on forming; if not, it is dissolved or its job failed here."""
+async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, str]) -> tuple[Node, int] | None:
+    """Wait as node `rank` for the others: (this node, the run) once it starts here, None once this daemon's place is
+    given back (dissolved, failed, cancelled). `waiting` (the heartbeat's) says meanwhile how many nodes are there.
+    The caller forgets this daemon's node record once the gang ends: node 0 judges its members by it as they train."""
+    try:
+        while True:
+            document = await renew(gang.models, gang.state.id, rank, gang.owner, gang.settings.lease_s, Status.PENDING)
+            if document is None:
+                return await _started(gang, rank)
+            entries = members(document)
+            waiting[gang.key] = waiting_note(entries, gang.count)
+            verdict = await _keep(gang, entries, document)
+            if verdict is None:
+                return None
+            if rank == 0 and len(entries) == gang.count:
+                claimed = await claim_model(gang.models, gang.state, gang.owner, gang.settings.lease_s, warnings,
+                                            match={"nodes.0.owner": {"$eq": gang.owner}, **_length(gang.count)})
+                if claimed is not None:
+                    return node_of(verdict, 0, gang.count), claimed["run"]
+            await asyncio.sleep(POLL_S)
+    except (asyncio.CancelledError, PyMongoError):  # stopping, or cut off: its entry goes first, with its gang,
+        # then (the caller) its record, so no peer ever reads the entry unvouched for and calls it forged
+        with contextlib.suppress(PyMongoError):
+            await dissolve(gang.models, gang.state.id, {f"nodes.{rank}.owner": {"$eq": gang.owner}})
+        raise
+    finally:
+        waiting.pop(gang.key, None)
+
+
+async def _keep(gang: Gang, entries: list[Member], document: dict) -> Verdict | None:
+    """The gang as read judged, if it may go on forming; None once it is dissolved or its job failed here."""
+    doc_id, settings = gang.state.id, gang.settings
     if document.get("cancel") is True:
-        await dissolve(models, doc_id, entries)
-        return False
-    lost, bad = await judge(listener, key, entries)
-    if bad is not None:
-        log.warning("model %.200r: its nodes.%d is not vouched for by its listener; failing it", doc_id, bad)
-        await fail(models, doc_id, entries, forged(bad))
-        return False
-    if lost:
-        log.info("model %.200r: node(s) %s of its gang are gone; giving every node back", doc_id, lost)
-        await dissolve(models, doc_id, entries)
-        return False
-    if len(entries) < count and overdue(entries, settings.gang_wait_s):
-        live = await live_daemons(listener)
-        if len(live) < count:
-            await fail(models, doc_id, entries, too_few(count, live))
+        if entries:
+            await dissolve(gang.models, doc_id, as_read(entries))
+        return None
+    verdict = await judge(gang.listener, gang.key, entries, ports=settings.rendezvous_ports)
+    if verdict.forged is not None:
+        log.warning("model %.200r: its nodes.%d is not vouched for by its listener; failing it", doc_id,
+                    verdict.forged)
+        await fail(gang.models, doc_id, entries, forged(verdict.forged))
+        return None
+    if verdict.lost:
+        log.info("model %.200r: node(s) %s of its gang are gone; giving every node back", doc_id, verdict.lost)
+        await dissolve(gang.models, doc_id, as_read(entries))
+        return None
+    if overdue(verdict, settings.gang_wait_s):  # short, or whole and never claimed (its run changed under it)
+        able = hosts(verdict, gang.gpus)
+        if len(able) < gang.count:
+            await fail(gang.models, doc_id, entries, too_few(gang.count, gang.gpus, able))
         else:
-            log.info("model %.200r: %d of %d nodes after %.0f s; giving every node back", doc_id, len(entries),
-                     count, settings.gang_wait_s)
-            await dissolve(models, doc_id, entries)
-        return False
-    return True
+            log.info("model %.200r: %d of %d nodes after %.0f s, not started; giving every node back", doc_id,
+                     len(entries), gang.count, settings.gang_wait_s)
+            await dissolve(gang.models, doc_id, as_read(entries))
+        return None
+    return verdict
 
 
-async def _started(models, listener, doc_id, key: str, rank: int, count: int, owner: str) -> tuple[Node, int] | None:
-    """A member other than node 0, its entry no longer pending: its node, if node 0 started the job with it."""
-    document = await models.find_one({"_id": ids.eq(doc_id), "status": Status.RUNNING.value,
-                                      f"nodes.{rank}.owner": {"$eq": owner}}, {"nodes": 1, "run": 1})
-    if document is None or rank == 0:
+async def _started(gang: Gang, rank: int) -> tuple[Node, int] | None:
+    """A member other than node 0, its entry no longer pending: its node, if node 0 started the job with it (every
+    entry vouched for, the run's lease node 0's)."""
+    if rank == 0:
         return None
-    entries = members(document)
-    _, bad = await judge(listener, key, entries)
-    if len(entries) != count or bad is not None or not isinstance(document.get("run"), int):
-        log.warning("model %.200r: its running gang is not one this listener can vouch for; not starting", doc_id)
+    document = await gang.models.find_one({"_id": ids.eq(gang.state.id), "status": Status.RUNNING.value,
+                                           f"nodes.{rank}.owner": {"$eq": gang.owner}},
+                                          {"nodes": 1, "run": 1, "lease": 1})
+    if document is None:
         return None
-    return node_of(entries, rank, count), document["run"]
+    state = parse(ModelState, document)
+    entries = state.nodes or []
+    verdict = await judge(gang.listener, gang.key, entries, run=state.run, ports=gang.settings.rendezvous_ports)
+    if len(entries) != gang.count or verdict.lost or state.lease is None or state.lease.owner != entries[0].owner:
+        log.warning("model %.200r: its running gang is not one this listener can vouch for; not starting",
+                    gang.state.id)
+        return None
+    return node_of(verdict, rank, gang.count), state.run

@@ -87,7 +87,7 @@ class Decision:
 async def reserve(pool: GpuPool, db, key: str, num_gpus: int) -> Decision:
     """Devices for job `key` from this daemon's pool; on a CPU host a job of up to one GPU runs on the CPU."""
     have = len(pool.devices)
-    if num_gpus > have and (have or num_gpus > 1):
+    if not fits(have, num_gpus):
         host = await largest_host(db)
         if host[1] < num_gpus:
             return Decision(error=too_big(num_gpus, host))
@@ -97,6 +97,11 @@ async def reserve(pool: GpuPool, db, key: str, num_gpus: int) -> Decision:
         return Decision()
     devices = pool.take(key, num_gpus)
     return Decision(devices=devices, wait=devices is None)
+
+
+def fits(have: int, num_gpus: int) -> bool:
+    """Whether a daemon declaring `have` GPUs can host a job of `num_gpus`: a CPU host takes one of up to one."""
+    return num_gpus <= have or (not have and num_gpus <= 1)
 
 
 def cuda_env(devices: tuple[int, ...] | None) -> dict:

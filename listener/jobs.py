@@ -21,7 +21,7 @@ from pymongo.errors import PyMongoError
 from listener import gangs
 from listener.forks import Forks, Started
 from listener.gpus import cuda_env
-from listener.leases import NODE_LOST, renew, requeue
+from listener.leases import NODE_LOST, STATE_FIELDS, renew, requeue
 from listener.records import BadRecord, ModelState, Renewed, parse
 from listener.settings import ALIVE_BEATS, Settings
 from listener.status import MODEL_TRANSITIONS, Status, transition
@@ -106,13 +106,13 @@ async def supervise(db, settings: Settings, model_id, run: int, owner: str, fork
                                                         "the listener's log says more"}
         return await _end(db[defaults.MODELS], model_id, run, owner, Status.FAILED, {"error": error})
     log.info("training %r run %d started (pid %d, log %s)", model_id, run, process.pid, path.name)
-    watch = _Watch(time.monotonic(), keep, db[defaults.LISTENER] if node and node.rank == 0 else None)
+    watch = _Watch(time.monotonic(), keep, run, db[defaults.LISTENER] if node and node.rank == 0 else None)
     try:
         outcome = await _watch_child(db[defaults.MODELS], settings, model_id, run, owner, process, path, watch)
     finally:
         await stop_child(process, settings.kill_grace_s)  # also on cancellation: the child never outlives this
     if node is not None and node.rank > 0:
-        await gangs.report_exit(db[defaults.MODELS], model_id, run, node.rank, owner, process.returncode)
+        await gangs.report_exit(db[defaults.LISTENER], ids.key(model_id), run, owner, process.returncode)
         log.info("training %r: node %d ended (exit code %d)", model_id, node.rank, process.returncode)
         return Status.RUNNING  # node 0 decides the run's end
     # A lost member costs an attempt only when this node failed with it: ranks that saved and stopped together
@@ -133,8 +133,7 @@ async def _node_lost(db, settings: Settings, model_id, owner: str, lost: list[in
     if not lost:
         return None
     log.warning("training %r: node(s) %s of its gang are lost; handing the run back", model_id, lost)
-    document = await models.find_one({"_id": ids.eq(model_id), "lease.owner": {"$eq": owner}},
-                                     {"attempts": 1, "lease": 1, "history": 1})
+    document = await models.find_one({"_id": ids.eq(model_id), "lease.owner": {"$eq": owner}}, STATE_FIELDS)
     if document is None:
         return Status.RUNNING
     try:
@@ -191,9 +190,10 @@ async def _watch_child(models, settings: Settings, model_id, run: int, owner: st
 
 
 class _Watch:
-    def __init__(self, started: float, keep, listener=None):
+    def __init__(self, started: float, keep, run: int, listener=None):
         self.started = self.renewed = started
         self.keep = keep  # renews the hold on the run (`_keeper`)
+        self.run = run
         self.listener = listener  # node 0 of a gang: where it judges its members
         self.lost: list[int] = []  # node 0: members found lost while training
         self.cancel_seen: float | None = None
@@ -231,10 +231,11 @@ async def _tick(models, settings: Settings, model_id, owner: str, process, watch
 async def _judge_members(current: dict, model_id, process, watch: _Watch) -> None:
     """Node 0: a member lost (its daemon gone, its entry expired) stops this node too; the run is then handed back."""
     try:
-        lost, _ = await gangs.judge(watch.listener, ids.key(model_id), gangs.members(current), since=1)
-    except BadRecord:
+        verdict = await gangs.judge(watch.listener, ids.key(model_id), gangs.members(current), since=1,
+                                    run=watch.run)
+    except BadRecord:  # a user rewrote `nodes` as it ran: nothing to judge the members by
         return
-    if lost:
+    if lost := verdict.lost:
         log.warning("training %r: node(s) %s of its gang are lost; stopping this node", model_id, lost)
         watch.lost = lost
         process.terminate()

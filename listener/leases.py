@@ -16,7 +16,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.errors import OperationFailure
 
 from listener import liveness
-from listener.records import BadRecord, ModelState, SkipLog, parse, raw, raw_id, read_each
+from listener.records import BadRecord, DaemonRecord, ModelState, SkipLog, parse, raw, raw_id, read_each
 from listener.settings import ALIVE_BEATS
 from listener.status import MODEL_TRANSITIONS, Status, now, transition
 from training import ids
@@ -122,10 +122,7 @@ async def take_over(collection, table: dict, state_kind, max_attempts: int, skip
     the same way; the dead daemon, should it only have been paused, finds its answers' writes fenced
     out (they match on owner and status).
     """
-    here, live, gone = liveness.identity(), [], set()
-    async for record in listener.find(alive(), {"owner": 1, **dict.fromkeys(liveness.FIELDS, 1)}):
-        if isinstance(record.get("owner"), str):
-            (gone.add if liveness.dead(record, here) else live.append)(record["owner"])
+    live, gone = await live_owners(listener)
     orphaned = {"status": Status.RUNNING.value, "lease.owner": {"$nin": [owner, *live]},
                 "lease.expires_at": {"$type": "date"}}
     requeued = 0
@@ -137,6 +134,25 @@ async def take_over(collection, table: dict, state_kind, max_attempts: int, skip
         except (BadRecord, OperationFailure) as exc:
             skipped.skip(f"take over {collection.name}", document.get("_id"), exc)
     return requeued
+
+
+DAEMON_FIELDS = dict.fromkeys(("owner", "name", "host", "heartbeat_at", "gpus", "gpus_free", *liveness.FIELDS), 1)
+
+
+async def live_owners(listener) -> tuple[dict[str, DaemonRecord], set[str]]:
+    """The daemons alive now (`alive`, less those of this host whose process is gone: `liveness.dead`) by owner, and
+    the owners found dead here; a record of another shape is skipped (only daemons write `_listener`)."""
+    here, live, gone = liveness.identity(), {}, set()
+    async for document in listener.find(alive(), DAEMON_FIELDS):
+        try:
+            record = parse(DaemonRecord, document)
+        except BadRecord:
+            continue
+        if liveness.dead(record, here):
+            gone.add(record.owner)
+        else:
+            live[record.owner] = record
+    return live, gone
 
 
 async def fail_malformed(collection, table: dict, doc_id, old: Status, exc: BadRecord, skipped: SkipLog) -> bool:
@@ -182,9 +198,10 @@ async def requeue(collection, table: dict, state, max_attempts: int, why: str, u
                        f"without finishing (daemons: {', '.join(str(e.get('owner')) for e in past)}); "
                        "look at those hosts' logs, then set status back to 'pending' to try again",
         }
+    cleared = ("lease", *(("nodes",) if table is MODEL_TRANSITIONS else ()), *unset)
     done = await transition(collection, state.id, Status.RUNNING, Status.FAILED if gave_up else Status.PENDING,
                             table, match={"lease.expires_at": state.lease.expires_at}, fields=fields,
-                            unset=("lease", *(("nodes",) if table is MODEL_TRANSITIONS else ()), *unset),
+                            unset=tuple(f for f in cleared if f not in fields),  # one update cannot set and unset it
                             push={"history": event},
                             event=None if gave_up else {"kind": why.replace(" ", "_"), "owner": state.lease.owner})
     if done is not None:

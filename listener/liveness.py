@@ -10,43 +10,43 @@ is judged by its heartbeat alone. A paused daemon (SIGSTOP) still runs here, so 
 until its heartbeat stops, as before.
 """
 
+import functools
 import os
 from pathlib import Path
+
+from listener.records import DaemonRecord
+from training.lifeline import stat
 
 FIELDS = ("boot_id", "pid_ns", "uid", "pid", "pid_started")  # what a heartbeat records of its process
 
 
+@functools.cache
 def identity() -> dict:
-    """This process as `FIELDS` describe it; a field /proc cannot tell is None (the heartbeat decides then)."""
+    """This process as `FIELDS` describe it, read once (none of it changes while it runs); a field /proc cannot tell is
+    None (the heartbeat decides then)."""
     pid = os.getpid()
     try:
-        started = int(_stat(pid)[19])
+        started = int(stat(pid)[19])
     except (OSError, IndexError, ValueError):
         started = None
     return {"boot_id": _read_text("/proc/sys/kernel/random/boot_id"), "pid_ns": _pid_namespace(), "uid": os.getuid(),
             "pid": pid, "pid_started": started}
 
 
-def dead(record: dict, here: dict) -> bool:
+def dead(record: DaemonRecord, here: dict) -> bool:
     """Whether the daemon that wrote `record` (a `_listener` heartbeat) is certainly dead, seen from `here`."""
-    if any(here[name] is None or record.get(name) != here[name] for name in ("boot_id", "pid_ns", "uid")):
+    if any(here[name] is None or getattr(record, name) != here[name] for name in ("boot_id", "pid_ns", "uid")):
         return False
-    pid, started = record.get("pid"), record.get("pid_started")
-    if type(pid) is not int or type(started) is not int or pid <= 0:
+    if record.pid <= 0 or record.pid_started is None:
         return False
     try:
-        fields = _stat(pid)
+        fields = stat(record.pid)
         state, since = fields[0], fields[19]
     except FileNotFoundError:  # no such process in this namespace
         return True
     except (OSError, IndexError):
         return False
-    return state in ("Z", "X") or since != str(started)  # a zombie, or the pid reused since
-
-
-def _stat(pid: int) -> list[str]:
-    """The fields of /proc/<pid>/stat after the command name: state first, start time at index 19."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return state in ("Z", "X") or since != str(record.pid_started)  # a zombie, or the pid reused since
 
 
 def _read_text(path: str) -> str | None:

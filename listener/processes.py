@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from training import defaults
+from training.lifeline import stat
 
 T = TypeVar("T")
 STOP_GRACE_S = 30.0  # SIGTERM to SIGKILL: a daemon saves a checkpoint and gives its leases back in a few seconds
@@ -36,7 +37,7 @@ def gone(pid: int) -> bool:
     """Whether process `pid` has exited: no longer listed, or a zombie nobody reaped (an orphan whose
     init does not reap, as in some containers, stays listed as one)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        return stat(pid)[0] in ("Z", "X")
     except (OSError, IndexError):
         return True
 

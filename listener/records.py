@@ -8,7 +8,7 @@ it (logging it once) or fails that one document; no loop ends because of one rec
 import datetime as dt
 import logging
 from collections import OrderedDict
-from typing import Any
+from typing import Annotated, Any
 
 import bson
 from bson.codec_options import CodecOptions
@@ -39,6 +39,23 @@ class Lease(_Record):
     expires_at: dt.datetime
 
 
+class Member(_Record):
+    """One node's entry in a model's `nodes` (`listener.gangs`): the listener's, but a user may rewrite any of it, so
+    it counts only while its daemon's `NodeRecord` vouches for it."""
+
+    owner: str = Field(max_length=300)
+    name: str = Field(max_length=300)
+    host: str = Field(max_length=300)
+    devices: list = Field(max_length=64)
+    joined_at: dt.datetime
+    expires_at: dt.datetime
+    addr: str | None = Field(None, max_length=255)
+    port: int | None = Field(None, ge=1, le=65_535)
+
+
+Nodes = Annotated[list[Member], Field(max_length=64)]  # a job's nodes (`training.limits` caps num_nodes below)
+
+
 class ModelState(_Record):
     """The listener-owned fields of a `_models` document, as the daemon relies on them."""
 
@@ -52,6 +69,7 @@ class ModelState(_Record):
     lease: Lease | None = None
     history: list[dict] = Field(default_factory=list, max_length=10_000)
     metrics: list = Field(default_factory=list)  # the training child appends to it: it must be an array
+    nodes: Nodes | None = None  # the gang of a job of several nodes (`listener.gangs`)
 
     def interrupted(self) -> bool:
         """A run that started and never finished (its daemon stopped or died) is resumed, not restarted."""
@@ -95,6 +113,10 @@ class DaemonRecord(_Record):
     name: str
     host: str
     pid: int
+    boot_id: str | None = None  # with pid_ns, uid and pid_started: its process, as `liveness.identity` tells it
+    pid_ns: str | None = None
+    uid: int | None = None
+    pid_started: int | None = None
     heartbeat_at: dt.datetime
     alive_until: dt.datetime | None = None  # heartbeat_at plus a few of its own intervals (`leases.alive`)
     counters: dict[str, int] = Field(default_factory=dict)
@@ -103,6 +125,23 @@ class DaemonRecord(_Record):
     gpus_free: list[int] = Field(default_factory=list)
     waiting: list[dict[str, str]] = Field(default_factory=list)  # [{model, why}]: pending models it would take
     versions: dict[str, str] = Field(default_factory=dict)  # Python's and the libraries' (`training.lineage`)
+
+
+class NodeRecord(_Record):
+    """What a daemon vouches for in `_listener` while it is one node of a job (`listener.gangs`): its rank, what it
+    brings, node 0's rendezvous endpoint, and once its node ended on its own, the exit code and the run."""
+
+    owner: str
+    model: str
+    rank: int = Field(ge=0, lt=64)
+    name: str
+    host: str
+    devices: list
+    at: dt.datetime
+    addr: str | None = None
+    port: int | None = None
+    exit: int | None = None
+    run: int | None = None
 
 
 def parse(kind: type[BaseModel], document: Any):

@@ -118,6 +118,8 @@ class Settings(BaseModel):
             if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
                 raise ValueError("give a port range as FIRST-LAST, e.g. 29400-29499")
             value = (int(parts[0]), int(parts[-1]))
+        if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(type(v) is int for v in value)):
+            raise ValueError("give a port range as FIRST-LAST, e.g. 29400-29499")  # "29400,29499" splits in two
         first, last = value
         if not 1 <= first <= last <= 65_535:
             raise ValueError("give a port range FIRST-LAST with 1 <= FIRST <= LAST <= 65535")

@@ -2,8 +2,13 @@
 stood in for (real nodes, ranks and kills: tests/test_nodes.py)."""
 
 import asyncio
+import contextlib
 import datetime as dt
 
+from click.testing import CliRunner
+
+from listener import gangs, jobs
+from listener.cli.main import cli
 from listener.status import MODEL_TRANSITIONS, Status, now, transition
 from tests.documents import model
 from tests.test_claims import PATH, StandIn, daemon, read, until
@@ -26,16 +31,23 @@ class NodeStandIn(StandIn):
         return Status.SUCCEEDED if node.rank == 0 else Status.RUNNING
 
 
+@contextlib.asynccontextmanager
+async def live(server_uri, db, tmp_path, stand_in, *names: str, **options):
+    """Daemons `names` driven in this process, each with its heartbeat written: alive to the others."""
+    async with contextlib.AsyncExitStack() as stack:
+        daemons = [await stack.enter_async_context(daemon(server_uri, db.name, tmp_path, stand_in, name, **options))
+                   for name in names]
+        for d in daemons:
+            await d._heartbeat(started=True)
+        yield daemons
+
+
 def test_three_daemons_racing_for_a_two_node_job_form_one_gang_of_two(server_uri, db, tmp_path):
     db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
     stand_in = NodeStandIn()
 
     async def body():
-        async with daemon(server_uri, db.name, tmp_path, stand_in, "a") as a, \
-                daemon(server_uri, db.name, tmp_path, stand_in, "b") as b, \
-                daemon(server_uri, db.name, tmp_path, stand_in, "c") as c:
-            for d in (a, b, c):
-                await d._heartbeat(started=True)
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", "c") as (a, b, c):
             document = read(db, "m")
             await asyncio.gather(*(d.consider_model(document) for d in (a, b, c)))
             await until(lambda: len(stand_in.nodes) == 2)
@@ -67,8 +79,7 @@ def test_an_entry_no_live_daemon_vouches_for_fails_the_job_and_nothing_starts(se
             await until(lambda: not a.trainings)
 
     asyncio.run(body())
-    failed = read(db, "m")
-    assert failed["status"] == "failed" and failed["error"]["field"] == "nodes", failed.get("error")
+    failed = failed_naming(db, "m", "nodes")
     assert "nodes" not in failed and stand_in.nodes == []
 
 
@@ -88,3 +99,335 @@ def test_a_gang_short_of_live_daemons_at_its_deadline_fails_naming_them(server_u
     assert failed["status"] == "failed" and failed["error"]["field"] == "trainer.num_nodes"
     assert "asks for 2 nodes; 1 listener(s) are alive (a)" in failed["error"]["message"]
     assert "nodes" not in failed and stand_in.nodes == []
+
+
+WRITER_ADDR, WRITER_PORT = "10.66.66.66", 4444  # an endpoint the writer listens at
+
+
+class AnyStandIn(NodeStandIn):
+    """Stands in for one node of a gang and for a job of one node alike."""
+
+    async def __call__(self, db, settings, model_id, run: int, owner: str, forks=None, devices=None, node=None):
+        if node is None:
+            return await StandIn.__call__(self, db, settings, model_id, run, owner, forks, devices)
+        return await super().__call__(db, settings, model_id, run, owner, forks, devices, node)
+
+
+def nodes_of(db, doc_id) -> list:
+    return (read(db, doc_id) or {}).get("nodes") or []
+
+
+def failed_naming(db, doc_id, field: str) -> dict:
+    """The document, once it is `failed` with an error naming `field`."""
+    failed = read(db, doc_id)
+    assert failed["status"] == "failed" and failed["error"]["field"] == field, failed.get("error")
+    return failed
+
+
+def test_an_exit_written_on_node_0s_entry_does_not_let_the_writer_move_the_rendezvous(server_uri, db, tmp_path):
+    """Another user's 3-node job is forming on daemons a and b. The writer sets `exit` on node 0's (genuine) entry and
+    points its `addr`/`port` at its own host: `gangs.judge` skips any entry with `exit`, so the rewritten endpoint is
+    never checked against node 0's `_listener` record, and once c joins, every node is started with the writer's
+    endpoint (torchrun's static rendezvous: every agent connects to it; a DPO run with precompute_ref_log_probs then
+    unpickles what "rank 0" broadcasts). It should fail the job naming `nodes`, and no node should start."""
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 3}))
+    stand_in = NodeStandIn()
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", "c") as (a, b, c):
+            await a.consider_model(read(db, "m"))
+            await until(lambda: len(nodes_of(db, "m")) == 1)
+            await b.consider_model(read(db, "m"))
+            await until(lambda: len(nodes_of(db, "m")) == 2)
+            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {
+                "nodes.0.exit": 0, "nodes.0.addr": WRITER_ADDR, "nodes.0.port": WRITER_PORT}})
+            await c.consider_model(read(db, "m"))
+            await until(lambda: len(stand_in.nodes) == 3 or not any(d.trainings for d in (a, b, c)))
+            stand_in.finish.set()
+            await until(lambda: not any(d.trainings for d in (a, b, c)))
+
+    asyncio.run(body())
+    endpoints = [(name, node.addr, node.port) for name, node in stand_in.nodes]
+    assert endpoints == [], f"nodes started with the writer's rendezvous: {endpoints}"
+    failed_naming(db, "m", "nodes")
+
+
+def test_an_entry_with_an_exit_no_daemon_vouches_for_does_not_count_as_a_node(server_uri, db, tmp_path):
+    """A 2-node job with one live daemon. Once a joins as node 0, the writer appends a made-up entry carrying `exit`:
+    `judge` skips it unchecked, so it counts as node 1 and a claims and starts the job as 1 of 2 nodes on a gang
+    that has one daemon (its agent then waits at the rendezvous for a node 1 the writer may supply). It should fail
+    naming `nodes` and nothing should start."""
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
+    stand_in = NodeStandIn()
+
+    async def body():
+        async with daemon(server_uri, db.name, tmp_path, stand_in, "a") as a:
+            await a._heartbeat(started=True)
+            await a.consider_model(read(db, "m"))
+            await until(lambda: a.gpus.waiting.get(ids.key("m")) == "1 of 2 nodes")
+            at = now()
+            ghost = {"owner": "nobody:1:abcdef", "name": "ghost", "host": "writer", "devices": ["cpu"],
+                     "joined_at": at, "expires_at": at + dt.timedelta(hours=1), "exit": 0}
+            db[defaults.MODELS].update_one({"_id": "m", "nodes.1": {"$exists": False}}, {"$push": {"nodes": ghost}})
+            await until(lambda: bool(stand_in.nodes) or not a.trainings)
+            stand_in.finish.set()
+            await until(lambda: not a.trainings)
+
+    asyncio.run(body())
+    started = [(name, node.rank, node.count) for name, node in stand_in.nodes]
+    assert started == [], f"a gang with one daemon started as a job of two nodes: {started}"
+    failed_naming(db, "m", "nodes")
+
+
+def test_a_joined_at_moved_into_the_future_does_not_hold_a_daemons_slot_forever(server_uri, db, tmp_path):
+    """A 2-node job and one live daemon, gang deadline 2 s: left alone it fails `not_enough_nodes` at the deadline
+    (test_gangs). The writer moves node 0's `joined_at` a day ahead: `overdue` reads the deadline from that field, so
+    the gang is never given back and the daemon's job slot stays taken while the job stays `pending` for ever (with
+    `num_nodes` at the cap and one such job per daemon, every daemon serves nobody). The deadline should come from
+    what the daemons know, and the job should end as it does untouched."""
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
+    stand_in = NodeStandIn()
+    held = []
+
+    async def body():
+        async with daemon(server_uri, db.name, tmp_path, stand_in, "a", gang_wait_s=2,
+                          heartbeat_s=30) as a:  # alive throughout: no periodic heartbeat here
+            await a._heartbeat(started=True)
+            await a.consider_model(read(db, "m"))
+            await until(lambda: a.gpus.waiting.get(ids.key("m")) == "1 of 2 nodes")
+            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"nodes.0.joined_at": now() + dt.timedelta(days=1)}})
+            try:
+                await until(lambda: not a.trainings, timeout_s=20)  # ten deadlines
+            except TimeoutError:
+                held.append(a.gpus.waiting.get(ids.key("m")))
+
+    asyncio.run(body())
+    assert held == [], f"the daemon's slot is still held by a gang past ten deadlines (waiting: {held})"
+    failed_naming(db, "m", "trainer.num_nodes")
+
+
+def test_an_exit_written_on_a_lost_members_entry_does_not_turn_its_loss_into_the_runs_failure(server_uri, db, tmp_path):
+    """Another user's 2-node job runs on a (node 0) and b; b's daemon dies (its heartbeat gone). Node 0's ranks fail on
+    the broken collective and `jobs._node_lost` asks `gangs.lost_peers` whether a member was lost, to hand the run
+    back `pending` (resumed from its checkpoint) rather than fail it. The writer has set `exit` on b's entry:
+    `lost_peers` and `judge` skip entries with `exit`, so b is not found lost and the run fails as if node 0 failed on
+    its own. An `exit` only b's daemon wrote should count."""
+    stand_in = NodeStandIn()
+
+    async def body():
+        async with daemon(server_uri, db.name, tmp_path, stand_in, "a") as a:
+            await a._heartbeat(started=True)
+            key, at = ids.key("m"), now()
+            b_owner = "b:2:000000"  # a daemon that joined and is no longer alive: no heartbeat record
+            a_entry = gangs.entry(a.owner, "a", None, 60, (WRITER_ADDR, 29400))
+            b_entry = {**gangs.entry(b_owner, "b", None, 60), "expires_at": at + dt.timedelta(minutes=1)}
+            listener = a.books[defaults.LISTENER]
+            await listener.insert_one({"_id": gangs.record_id(a.owner, key), "kind": "node", "owner": a.owner,
+                                       "model": key, "rank": 0, "addr": WRITER_ADDR, "port": 29400, "at": at})
+            db[defaults.MODELS].insert_one({**model("m", PATH, trainer={"num_nodes": 2}), "status": "running",
+                                            "run": 1, "nodes": [a_entry, {**b_entry, "exit": 0}]})
+            return await gangs.lost_peers(a.books[defaults.MODELS], listener, "m", key, wait_s=0)
+
+    lost = asyncio.run(body())
+    assert lost == [1], f"b's daemon is gone, yet node 0 finds no member lost ({lost}): the run would fail"
+
+
+def test_a_nodes_array_that_is_not_a_list_fails_the_job_naming_it(server_uri, db, tmp_path):
+    """A writer sets `nodes` to a string on a pending 2-node job. `gangs._join` reads it before `form`'s `try`, so
+    BadRecord escapes the slot's task (an unretrieved task exception) and the job stays `pending` for ever, each scan
+    of each daemon trying again; it should fail naming `nodes`, as `form`'s comment promises."""
+    db[defaults.MODELS].insert_one({**model("m", PATH, trainer={"num_nodes": 2}), "nodes": "not a list"})
+    stand_in = NodeStandIn()
+
+    async def body():
+        async with daemon(server_uri, db.name, tmp_path, stand_in, "a") as a:
+            await a._heartbeat(started=True)
+            await a.consider_model(read(db, "m"))
+            await until(lambda: not a.trainings)
+            await a.consider_model(read(db, "m"))  # "the next consideration fails the document, naming it"
+            await until(lambda: not a.trainings)
+
+    asyncio.run(body())
+    failed = read(db, "m")
+    assert failed.get("status") == "failed" and failed["error"]["field"] == "nodes", \
+        (failed.get("status"), failed.get("error"), failed.get("nodes"))
+
+
+def test_a_full_gang_no_daemon_will_claim_does_not_spin_an_idle_daemon(server_uri, db, tmp_path):
+    """A writer's own 2-node job, `nodes` holding two made-up entries that carry `exit` (which `judge` skips): the gang
+    is full, so a daemon with a free slot finds no place (`_join` returns None), and `_in_slot` then rescans every
+    pending model at once, which considers this one again: a loop with no wait, every idle daemon scanning the whole
+    collection flat out for as long as the document stays pending (node 0 never exists to claim it). The job should
+    fail naming `nodes` (or at least be left alone until the next scan)."""
+    at = now()
+    ghosts = [{"owner": f"nobody:{i}:abcdef", "name": "ghost", "host": "writer", "devices": ["cpu"], "joined_at": at,
+               "expires_at": at + dt.timedelta(hours=1), "exit": 0, "addr": WRITER_ADDR, "port": WRITER_PORT}
+              for i in range(2)]
+    db[defaults.MODELS].insert_one({**model("m", PATH, trainer={"num_nodes": 2}), "nodes": ghosts})
+    stand_in = NodeStandIn()
+    scans = []
+
+    async def body():
+        async with daemon(server_uri, db.name, tmp_path, stand_in, "a", heartbeat_s=30) as a:
+            await a._heartbeat(started=True)
+            scan = a._scan_models
+
+            async def counted():  # a spy on the daemon's own rescan, nothing stood in for
+                scans.append(1)
+                await scan()
+
+            a._scan_models = counted
+            await a.consider_model(read(db, "m"))
+            try:
+                await until(lambda: read(db, "m").get("status") == "failed" or len(scans) > 200, timeout_s=10)
+            finally:
+                a.stop_event.set()  # ends the loop, whichever way it went
+                await until(lambda: not a.trainings)
+
+    asyncio.run(body())
+    assert len(scans) <= 10, f"an idle daemon rescanned {len(scans)} times on its own for one pending document"
+    failed = read(db, "m")
+    assert failed.get("status") == "failed" and failed["error"]["field"] == "nodes", failed.get("status")
+
+
+def test_a_run_changed_under_a_forming_gang_does_not_hold_its_daemons_for_ever(server_uri, db, tmp_path):
+    """A 2-node job; a joins as node 0, then the writer sets `run: 7`, and b (reading run 7) joins as node 1. Node 0's
+    claim is matched on the run a read when it considered the job, so it never matches; the gang is full, so its
+    deadline (`_keep` checks it only while short) never comes: both daemons' job slots stay taken for ever and the job
+    stays pending. No `exit` needed. The gang should be given back at its deadline (or the job start or fail)."""
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
+    stand_in = NodeStandIn()
+    held = []
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", gang_wait_s=2, heartbeat_s=30) as (a, b):
+            await a.consider_model(read(db, "m"))
+            await until(lambda: a.gpus.waiting.get(ids.key("m")) == "1 of 2 nodes")
+            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"run": 7}})
+            await b.consider_model(read(db, "m"))
+            try:
+                await until(lambda: bool(stand_in.nodes) or not (a.trainings or b.trainings), timeout_s=20)
+            except TimeoutError:
+                held.append((dict(a.gpus.waiting), dict(b.gpus.waiting)))
+            stand_in.finish.set()
+
+    asyncio.run(body())
+    assert held == [], f"two daemons' slots held past ten deadlines by a gang that can never claim: {held}"
+
+
+def test_a_gang_no_two_live_daemons_can_host_does_not_starve_another_users_job(server_uri, db, tmp_path):
+    """Daemon a has 2 GPUs, daemon b none (both live). A writer's 2-node job asks 2 GPUs per node: b can never host a
+    node (it waits, `gpus.reserve`), so the gang never completes; at its deadline `_keep` counts live daemons (2, not
+    the 1 that can host it), dissolves instead of failing, and `_in_slot`'s rescan, reading pending jobs in order,
+    joins the writer's gang again before anything else. Another user's 2-GPU job, which only a can run, then waits for
+    ever. The job no two daemons can host should fail at its deadline (as `not_enough_nodes`), and the other run."""
+    db[defaults.MODELS].insert_one(model("writer", PATH, trainer={"num_nodes": 2, "num_gpus": 2}))
+    db[defaults.MODELS].insert_one(model("victim", PATH, trainer={"num_gpus": 2}))
+    stand_in = AnyStandIn()
+
+    async def body():
+        async with daemon(server_uri, db.name, tmp_path, stand_in, "a", gpus=(0, 1), gang_wait_s=1,
+                          heartbeat_s=30) as a, \
+                daemon(server_uri, db.name, tmp_path, stand_in, "b", gpus=(), gang_wait_s=1, heartbeat_s=30) as b:
+            for d in (a, b):
+                await d._heartbeat(started=True)
+            await a._scan_models()
+            await b._scan_models()
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: bool(stand_in.runs), timeout_s=15)  # fifteen deadlines
+            stand_in.finish.set()
+            a.stop_event.set()
+            b.stop_event.set()
+            await until(lambda: not (a.trainings or b.trainings))
+
+    asyncio.run(body())
+    assert [model_id for model_id, _, _ in stand_in.runs] == ["victim"], \
+        f"another user's job never ran; the writer's gang is {read(db, 'writer').get('status', 'pending')}"
+    assert read(db, "writer")["status"] == "failed"
+
+
+def test_a_third_daemon_beside_a_gang_that_cannot_claim_does_not_spin(server_uri, db, tmp_path):
+    """The same loop with no `exit` anywhere: a and b form a 2-node gang, the writer having set `run: 7` between their
+    joins, so node 0 never claims (see the run test). Daemon c, with a free slot, finds the gang full, gives its slot
+    back and rescans at once, which considers the job again: c scans flat out while the gang stands."""
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
+    stand_in = NodeStandIn()
+    scans = []
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", "c", heartbeat_s=30) as (a, b, c):
+            await a.consider_model(read(db, "m"))
+            await until(lambda: a.gpus.waiting.get(ids.key("m")) == "1 of 2 nodes")
+            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"run": 7}})
+            await b.consider_model(read(db, "m"))
+            await until(lambda: b.gpus.waiting.get(ids.key("m")) == "2 of 2 nodes")
+            scan = c._scan_models
+
+            async def counted():  # a spy on c's own rescan, nothing stood in for
+                scans.append(1)
+                await scan()
+
+            c._scan_models = counted
+            await c.consider_model(read(db, "m"))
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: len(scans) > 200, timeout_s=5)
+            for d in (a, b, c):
+                d.stop_event.set()
+            stand_in.finish.set()
+
+    asyncio.run(body())
+    assert len(scans) <= 10, f"an idle daemon rescanned {len(scans)} times on its own beside a gang that cannot claim"
+
+
+def test_listener_start_refuses_an_advertised_address_this_host_cannot_listen_at(tmp_path):
+    """Every rendezvous such a daemon hosted would fail on each port in turn: it says so once, at start."""
+    started = CliRunner().invoke(cli, ["start", "--advertise-addr", "192.0.2.1"],  # TEST-NET-1: no host's own
+                                 env={"MONGOTUNE_HOME": str(tmp_path)})
+    assert started.exit_code != 0
+    assert started.output.strip().splitlines() == [
+        "Error: --advertise-addr 192.0.2.1: this host cannot listen there (Cannot assign requested address); give "
+        "the address of one of its own interfaces that the other hosts reach"]
+
+
+def test_a_node_lost_at_the_last_attempt_fails_the_run(server_uri, db, tmp_path):
+    """Node 0 hands a run back when a member is lost (`jobs._node_lost`), clearing the peers' `error`; at the last
+    attempt `requeue` writes its own `error` instead, and one update cannot set and clear it: the run must end
+    `failed` naming its attempts, not stay `running`."""
+
+    async def body():
+        async with daemon(server_uri, db.name, tmp_path, NodeStandIn(), "a", max_attempts=1) as a:
+            db[defaults.MODELS].insert_one({
+                **model("m", PATH, trainer={"num_nodes": 2}), "status": "running", "run": 1, "attempts": 1,
+                "lease": {"owner": a.owner, "expires_at": now() + dt.timedelta(minutes=1)},
+                "error": {"type": "training_crashed", "message": "a peer's broken connection"}})
+            return await jobs._node_lost(a.books, a.settings, "m", a.owner, [1])
+
+    assert asyncio.run(body()) is Status.FAILED
+    failed = read(db, "m")
+    assert failed["status"] == "failed" and failed["error"]["type"] == "too_many_attempts", failed.get("error")
+    assert [e["event"] for e in failed["history"]] == ["node lost"]
+
+
+def test_a_gang_given_back_at_its_deadline_lets_the_daemon_run_another_job_first(server_uri, db, tmp_path):
+    """Two daemons can host a 2-node job, but b is busy, so its gang is given back at each deadline. Daemon a, its
+    slot free again, takes the next pending job before that gang's again: else, reading pending jobs in order, it
+    would join the gang first every time and another user's job would wait as long as b stays busy."""
+    db[defaults.MODELS].insert_one(model("busy", PATH))
+    stand_in = AnyStandIn()
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", gang_wait_s=1, heartbeat_s=30) as (a, b):
+            await b.consider_model(read(db, "busy"))
+            await until(lambda: [m for m, _, _ in stand_in.runs] == ["busy"])
+            db[defaults.MODELS].insert_many([model("gang", PATH, trainer={"num_nodes": 2}), model("other", PATH)])
+            await a._scan_models()
+            await until(lambda: a.gpus.waiting.get(ids.key("gang")) == "1 of 2 nodes")
+            await until(lambda: len(stand_in.runs) == 2, timeout_s=15)
+            stand_in.finish.set()
+            for d in (a, b):
+                d.stop_event.set()
+            await until(lambda: not (a.trainings or b.trainings))
+
+    asyncio.run(body())
+    assert [m for m, _, _ in stand_in.runs] == ["busy", "other"]
+    assert read(db, "gang").get("status", "pending") == "pending" and "nodes" not in read(db, "gang")

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from pymongo import AsyncMongoClient, monitoring
@@ -29,6 +28,7 @@ from tests.documents import request
 from tests.test_claims import until
 from tests.test_status import run_with
 from training import defaults
+from training.lifeline import stat
 
 
 def settings(db, **options) -> Settings:
@@ -176,7 +176,7 @@ def test_a_daemon_whose_process_is_gone_loses_its_requests_before_its_heartbeat_
         paused.send_signal(signal.SIGSTOP)
         records = {}
         for name, process in (("exited", exited), ("paused", paused)):
-            started = int(Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+            started = int(stat(process.pid)[19])
             records[name] = {**daemon_record(name, 60), **here, "pid": process.pid, "pid_started": started}
         records["elsewhere"] = {**records["exited"], "_id": "daemon:elsewhere", "owner": "elsewhere",
                                 "boot_id": "another host"}

@@ -51,7 +51,7 @@ def test_the_rendezvous_port_range():
     assert Settings.load({}, {}).rendezvous_ports == (29400, 29499)
     assert Settings.load({}, {"MONGOTUNE_RENDEZVOUS_PORTS": "30000-30009"}).rendezvous_ports == (30000, 30009)
     assert Settings.load({}, {"MONGOTUNE_RENDEZVOUS_PORTS": "30000"}).rendezvous_ports == (30000, 30000)
-    for bad in ("30009-30000", "0-10", "a-b", "1-2-3", "1-70000"):
+    for bad in ("30009-30000", "0-10", "a-b", "1-2-3", "1-70000", "29400,29499", ","):
         with pytest.raises(SettingsError) as refused:
             Settings.load({}, {"MONGOTUNE_RENDEZVOUS_PORTS": bad})
         assert str(refused.value).startswith("MONGOTUNE_RENDEZVOUS_PORTS")

@@ -18,6 +18,8 @@ MODELS = "_models"  # one document per model definition and its training state
 REQUESTS = "_requests"  # one document per prediction request
 CHECKPOINTS = "_checkpoints"  # GridFS bucket holding checkpoint archives
 LISTENER = "_listener"  # resume tokens and live daemons' heartbeats
+DAEMON_RECORD = "daemon:"  # `_id` prefix of a daemon's heartbeat in LISTENER, then its owner
+NODE_RECORD = "node:"  # `_id` prefix of a daemon's node of a job of several in LISTENER, then owner:model key
 
 ENV_URI = "MONGOTUNE_URI"  # the MongoDB URI when --uri is not given
 ENV_DB = "MONGOTUNE_DB"  # the database when neither --db nor the URI path names one

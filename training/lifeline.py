@@ -49,12 +49,19 @@ def _daemon_gone(parent: int) -> bool:
     if started_by is None or started_by.pid == parent:
         return False
     try:
-        grandparent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        grandparent = int(stat(parent)[1])
     except FileNotFoundError:
         return True  # the parent itself is gone
     except (OSError, ValueError, IndexError):
         return False  # no /proc here: the parent pid check above is all there is
     return grandparent != started_by.pid
+
+
+def stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (which may hold spaces and parentheses): state first,
+    parent at 1, start time at 19; FileNotFoundError where no such process is listed. The one reader of it here and
+    in the listener (`listener.processes.gone`, `listener.liveness`)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def die_with_parent() -> None:

@@ -177,19 +177,19 @@ def _record_crash(db, match: dict, failures: dict, silent: list[int], count: int
     own, and the first one stays. torchrun may report only one failure, not necessarily the silent one's."""
     killed = sorted((rank, f.exitcode) for rank, f in failures.items()  # torchrun stops the others with SIGTERM
                     if f.exitcode < 0 and f.exitcode != -signal.SIGTERM)
-    outright = [(rank, 0) for rank in silent if rank not in failures]
+    outright = [(rank, None) for rank in silent if rank not in failures]  # no exit code at all
     rank, exitcode = (killed + outright)[0] if killed or outright else \
         min(((r, f.exitcode) for r, f in failures.items()), key=lambda item: failures[item[0]].timestamp)
-    if exitcode < 0:
+    if exitcode is None:
+        why = "was killed by a signal (SIGKILL often means out of memory)"
+    elif exitcode < 0:
         name = signal.Signals(-exitcode).name
         why = f"was killed by {name}" + (" (often: out of memory)" if name == "SIGKILL" else "")
-    elif exitcode == 0:
-        why = "was killed by a signal (SIGKILL often means out of memory)"
     else:
         why = f"exited with code {exitcode}"
     error = {"type": "training_crashed", "message": f"training process rank {rank} of {count} {why}; "
              "the listener's job log says more"}
-    where = match if exitcode <= 0 else {**match, "error": {"$exists": False}}
+    where = match if exitcode is None or exitcode < 0 else {**match, "error": {"$exists": False}}
     db[defaults.MODELS].update_one(where, {"$set": {"error": error}})
 
 
