@@ -39,7 +39,6 @@ import logging
 from typing import Any
 
 import bson
-from bson import json_util
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo.errors import DuplicateKeyError, ExecutionTimeout, OperationFailure, PyMongoError
 
@@ -169,19 +168,21 @@ def insert_pipeline(filters: list[dict | None]) -> tuple[list[dict], bool]:
     return EVERY_INSERT, True
 
 
-def filter_text(query: dict | None) -> str:
-    """A filter's text: the models with the same text share its verdict and its place in a stream."""
-    return json_util.dumps(query)
+def filter_key(query: dict | None) -> str:
+    """What identifies a filter: the hash of its exact BSON, types and order and all (extended JSON text reads a
+    literal `{"$date": ...}` object as a date); the models with the same key share its verdict and its place in a
+    stream."""
+    return hashlib.sha256(bson.encode({"filter": query})).hexdigest()
 
 
 def filters_of(members: Members) -> dict[str, dict | None]:
-    """The distinct filters of a collection's members, by their text."""
-    return {filter_text(spec.data.filter): spec.data.filter for spec, _ in members.values()}
+    """The distinct filters of a collection's members, by their key."""
+    return {filter_key(spec.data.filter): spec.data.filter for spec, _ in members.values()}
 
 
 def filter_check(collection: str, query: dict | None) -> tuple[str, str]:
-    """What a verdict on a filter is kept under: its collection and its text."""
-    return collection, filter_text(query)
+    """What a verdict on a filter is kept under: its collection and its key."""
+    return collection, filter_key(query)
 
 
 def without_filters(collection: str, exc: OperationFailure) -> tuple[list[dict], bool]:
@@ -379,14 +380,12 @@ class Retrainer:
         before it joins a stream shared with other models (one the server fails on would stop counting for all);
         a refusal is logged and added to the model's `warnings`. None: not tried yet, and `may_try` is False."""
         check = filter_check(spec.data.collection, spec.data.filter)
-        text = check[1]
         if check not in self.filter_checks:
             if not may_try:
                 return None
             self.filter_checks[check] = await self._refusal(spec.data.collection, spec.data.filter)
         refusal = self.filter_checks[check]
-        if refusal is not None and self.skipped.first(f"retrain filter {hashlib.sha256(text.encode()).hexdigest()}",
-                                                      spec.id):
+        if refusal is not None and self.skipped.first(f"retrain filter {check[1]}", spec.id):
             warning = f"not counting new documents for retrain: {refusal}"
             log.warning("%s: %.200r", warning, spec.id)
             try:
@@ -565,10 +564,10 @@ class Retrainer:
         doc_id = (change.get("documentKey") or {}).get("_id")
         members = self.following.get(collection, {})
         matched = {}
-        for text, query in filters_of(members).items():
+        for fkey, query in filters_of(members).items():
             if not checked or not query or await self._matches(collection, query, doc_id):
                 matched.update({key: member for key, member in members.items()
-                                if filter_text(member[0].data.filter) == text})
+                                if filter_key(member[0].data.filter) == fkey})
         states = await self._states(matched) if matched else {}
         if not states:  # nothing to count: a restart may see this insert again, and count it for no one again
             return

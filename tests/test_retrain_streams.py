@@ -376,3 +376,30 @@ def test_class2_one_model_the_server_cannot_update_never_stops_the_retrain_pass(
     asyncio.run(scenario())
     b_status = db[defaults.MODELS].find_one({"_id": "b"})["status"]
     assert (b_status, raised) == ("pending", []), f"B is {b_status}; the pass raised {raised}"
+
+
+def test_class3_a_look_alike_filter_never_changes_what_anothers_model_counts(db, server_uri, tmp_path):
+    """A model counts the inserts its own filter matches, whatever filter another writer's model has."""
+    # filters were keyed by json_util's text: the victim's `{at: {$gte: <date>}}` and a writer's literal
+    # `{at: {$gte: {"$date": "..."}}}` (an object, which no date matches) read the same, so one stream entry
+    # stands for both: the writer's stream, opened first, is kept when the victim's model joins (same text)
+    since = dt.datetime(2026, 1, 1)
+    victim = {**retraining("victim", "/models/never-loaded", on_new_documents=2), "status": "succeeded", "run": 1,
+              "data": {"collection": "notes", "key": "text", "filter": {"at": {"$gte": since}}}}
+    look_alike = {"at": {"$gte": {"$date": "2026-01-01T00:00:00Z"}}}
+    writer = {**victim, "_id": "writer", "data": {"collection": "notes", "key": "text", "filter": look_alike}}
+    db[defaults.MODELS].insert_one(writer)
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            db[defaults.MODELS].insert_one(victim)
+            await retrainer.check()
+            await until(lambda: counts(db).keys() >= {"victim", "writer"}, retrainer)
+            db.notes.insert_many([{"text": f"new {n}", "at": since + dt.timedelta(days=n)} for n in range(3)])
+            await until(lambda: db[defaults.MODELS].find_one({"_id": "victim"})["status"] == "pending", retrainer)
+
+    try:
+        asyncio.run(scenario())
+    except TimeoutError:
+        pytest.fail(f"3 notes matching the victim's filter arrived and it never retrained: counts {counts(db)}")
