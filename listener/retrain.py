@@ -218,6 +218,7 @@ class Retrainer:
         self.sightings = 0  # the number the next model seen gets
         self.past_bound = 0  # how many models the bounds left uncounted at the last pass: logged when it changes
         self.filter_checks: dict[tuple[str, str], str | None] = {}  # by collection and filter: the server's refusal
+        self.judged_again: set[tuple[str, str]] = set()  # the filters tried again after an insert's check failed
         self.kept: set[str] | None = None  # the models holding places after the last pass (None: before the first)
 
     def start(self) -> None:
@@ -359,6 +360,7 @@ class Retrainer:
                       if spec.retrain.on_new_documents and state.status not in NOT_FOLLOWED}
         current = {filter_check(spec.data.collection, spec.data.filter) for spec, _ in candidates.values()}
         self.filter_checks = {check: refusal for check, refusal in self.filter_checks.items() if check in current}
+        self.judged_again &= current
         return candidates
 
     async def _counted_before(self) -> set[str]:
@@ -584,12 +586,25 @@ class Retrainer:
             await self._start_if_due(key, matched[key][0], state)
 
     async def _matches(self, collection: str, query: dict, doc_id) -> bool:
+        """Whether the insert `doc_id` matches `query`. A check the server fails concerns this one insert (an `_id`
+        nested too deep to query by, a value the filter fails on), which then counts for none of the filter's models,
+        logged once; whether the filter itself fails is for its own check to say (`_judge_again`)."""
         try:
             return await self.db[collection].find_one(
                 {"$and": [{"_id": ids.eq(doc_id)}, query]}, {"_id": 1}) is not None
-        except OperationFailure as exc:  # the training run meets the same refusal and fails with it; the next pass
-            self.filter_checks[filter_check(collection, query)] = filter_refused(exc)  # stops following it
+        except OperationFailure as exc:
+            self.skipped.skip(f"retrain insert into {collection}", doc_id, exc)
+            await self._judge_again(collection, query)
             return False
+
+    async def _judge_again(self, collection: str, query: dict) -> None:
+        """Try a filter again by its own check after the check of an insert failed on it (a filter can pass its
+        first try and fail on later documents: the training run would fail on it too, so the next pass stops
+        following it); once per filter while it is followed, as each try costs the server up to FILTER_CHECK_MS."""
+        check = filter_check(collection, query)
+        if check in self.filter_checks and check not in self.judged_again:
+            self.judged_again.add(check)
+            self.filter_checks[check] = await self._refusal(collection, query)
 
     async def _tick(self, model_id, cron) -> None:
         """A schedule tick: the daemon that claims it starts a run, unless one is pending or going."""

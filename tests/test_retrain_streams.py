@@ -378,6 +378,34 @@ def test_class2_one_model_the_server_cannot_update_never_stops_the_retrain_pass(
     assert (b_status, raised) == ("pending", []), f"B is {b_status}; the pass raised {raised}"
 
 
+def test_class2_one_inserted_document_never_stops_counting_for_the_models_on_its_collection(db, server_uri,
+                                                                                           tmp_path):
+    """Models on a shared collection keep counting and retrain, whatever `_id` one writer's inserted document has."""
+    # with two filters the stream's inserts are checked by `_id` (`_matches`); an `_id` nested 400 deep reaches the
+    # retrainer in a change event but fails that query, which is taken as the server refusing each model's filter
+    models = [{**retraining(name, "/models/never-loaded", on_new_documents=2), "status": "succeeded", "run": 1,
+               "data": {"collection": "notes", "key": "text", "filter": {"lang": lang}}}
+              for name, lang in (("victim", "en"), ("other", "fr"))]
+    db[defaults.MODELS].insert_many(models)
+
+    async def scenario() -> str:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            await until(lambda: counts(db))
+            insert_nested(db.notes, {"_id": nested_document(400), "text": "odd", "lang": "en"})
+            await asyncio.sleep(1)  # the stream delivers it
+            await retrainer.check()
+            db.notes.insert_many(notes("en", 3))
+            await until(lambda: db[defaults.MODELS].find_one({"_id": "victim"})["status"] == "pending", retrainer)
+            return db[defaults.MODELS].find_one({"_id": "victim"})["status"]
+
+    try:
+        asyncio.run(scenario())
+    except TimeoutError:
+        victim = db[defaults.MODELS].find_one({"_id": "victim"})
+        pytest.fail(f"the victim never retrained after 3 new notes; its warnings: {victim.get('warnings')}")
+
+
 def test_class3_a_look_alike_filter_never_changes_what_anothers_model_counts(db, server_uri, tmp_path):
     """A model counts the inserts its own filter matches, whatever filter another writer's model has."""
     # filters were keyed by json_util's text: the victim's `{at: {$gte: <date>}}` and a writer's literal
