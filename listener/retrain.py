@@ -288,33 +288,42 @@ class Retrainer:
         """The models that count new documents, by collection: those that can retrain by themselves, within the
         operator's bounds. Those counted already come first, then the others in the order this daemon first saw
         them, so a newcomer (whatever its id) never takes the place of a model or collection followed before it;
-        the others wait until some stop following. A model's filter is tried when it is about to take a place, at
-        most FILTER_CHECKS_PER_PASS new ones a pass (each may cost the server FILTER_CHECK_MS): one whose filter
-        must wait for a later pass keeps those after it waiting too, and keeps its place if it had one."""
+        the others wait until some stop following. A model whose filter is not tried yet holds its place against
+        the bounds while it waits for its try (`_try_filters`), and keeps no model after it from counting."""
         self._number_newcomers(eligible)
-        followed: dict[str, Members] = {}
-        total, past, waiting, known, s = 0, [], set(), len(self.filter_checks), self.settings
+        placed: dict[str, Members] = {}
+        total, past, waiting, s = 0, [], {}, self.settings
         for key in sorted(eligible, key=lambda k: (k not in counted, self.seen[k])):
             spec, state = eligible[key]
             collection = spec.data.collection
-            if total >= s.retrain_max_models or (collection not in followed
-                                                 and len(followed) >= s.retrain_max_collections):
+            if total >= s.retrain_max_models or (collection not in placed
+                                                 and len(placed) >= s.retrain_max_collections):
                 past.append(spec.id)
                 continue
-            works = None if waiting else await self._filter_works(
-                spec, may_try=len(self.filter_checks) - known < FILTER_CHECKS_PER_PASS)
+            works = await self._filter_works(spec)
             if works is None:
-                waiting.add(key)
-            elif works:
-                followed.setdefault(collection, {})[key] = (spec, state.run)
+                waiting[key] = spec
+            if works is not False:
+                placed.setdefault(collection, {})[key] = (spec, state.run)
                 total += 1
+        await self._try_filters(list(waiting.values()))
+        still = {key for key, spec in waiting.items() if await self._filter_works(spec) is not True}
+        followed = {collection: kept for collection, members in placed.items()
+                    if (kept := {key: member for key, member in members.items() if key not in still})}
         if len(past) != self.past_bound and past:
             log.warning("not counting new documents for %d models (the first: %.200r): this daemon follows %d "
                         "models in %d collections, its bounds (MONGOTUNE_RETRAIN_MAX_MODELS, "
-                        "MONGOTUNE_RETRAIN_MAX_COLLECTIONS)", len(past), past[0], total, len(followed))
+                        "MONGOTUNE_RETRAIN_MAX_COLLECTIONS)", len(past), past[0], total, len(placed))
         self.past_bound = len(past)
-        self.kept = {key for members in followed.values() for key in members} | (waiting & counted)
+        self.kept = {key for members in followed.values() for key in members} | (still & counted)
         return followed
+
+    async def _try_filters(self, waiting: list[ModelSpec]) -> None:
+        """Try the filters of `waiting` models, in their order, at most FILTER_CHECKS_PER_PASS a pass (each may
+        cost the server FILTER_CHECK_MS)."""
+        untried = {filter_check(spec.data.collection, spec.data.filter): spec.data.filter for spec in waiting}
+        for check in list(untried)[:FILTER_CHECKS_PER_PASS]:
+            self.filter_checks[check] = await self._refusal(check[0], untried[check])
 
     def _number_newcomers(self, eligible: dict) -> None:
         """Number the models in the order this daemon first sees them (those seen together, by key)."""
@@ -377,15 +386,13 @@ class Retrainer:
                 self.skipped.skip("retrain tally", record.get("_id"), exc)
         return counted
 
-    async def _filter_works(self, spec: ModelSpec, may_try: bool) -> bool | None:
-        """Whether the server runs the model's `data.filter` on its collection, tried once per collection and filter
-        before it joins a stream shared with other models (one the server fails on would stop counting for all);
-        a refusal is logged and added to the model's `warnings`. None: not tried yet, and `may_try` is False."""
+    async def _filter_works(self, spec: ModelSpec) -> bool | None:
+        """Whether the server runs the model's `data.filter` on its collection, as tried once per collection and
+        filter (`_try_filters`) before it joins a stream shared with other models (one the server fails on would
+        stop counting for all); a refusal is logged and added to the model's `warnings`. None: not tried yet."""
         check = filter_check(spec.data.collection, spec.data.filter)
         if check not in self.filter_checks:
-            if not may_try:
-                return None
-            self.filter_checks[check] = await self._refusal(spec.data.collection, spec.data.filter)
+            return None
         refusal = self.filter_checks[check]
         if refusal is not None and self.skipped.first(f"retrain filter {check[1]}", spec.id):
             warning = f"not counting new documents for retrain: {refusal}"

@@ -378,6 +378,36 @@ def test_class2_one_model_the_server_cannot_update_never_stops_the_retrain_pass(
     assert (b_status, raised) == ("pending", []), f"B is {b_status}; the pass raised {raised}"
 
 
+def test_class3_a_writer_who_keeps_changing_filters_never_makes_a_counted_model_lose_its_count(db, server_uri,
+                                                                                              tmp_path):
+    """A model already counting new documents keeps its count and retrains, whatever one writer does to its own."""
+    # the writer's 5 models and the victim's are all followed; then the writer edits its filters before each pass:
+    # its 5th waits for a try, so the victim (after it) waits too, leaves its collection's members, and its count
+    # is dropped from the tally at each pass
+    writer = [{**retraining(f"w{n}", "/models/never-loaded", on_new_documents=1000), "status": "succeeded",
+               "run": 1, "data": {"collection": "notes", "key": "text", "filter": {"n": n, "edit": 0}}}
+              for n in range(5)]
+    db[defaults.MODELS].insert_many(writer)
+    victim = {**retraining("victim", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1,
+              "data": {"collection": "letters", "key": "text", "filter": {"lang": "en"}}}
+
+    async def scenario() -> str:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            db[defaults.MODELS].insert_one(victim)  # seen after the writer's
+            for _ in range(3):
+                await retrainer.check()
+            assert ids.key("victim") in retrainer.following.get("letters", {}), retrainer.following
+            for edit in range(1, 9):
+                db[defaults.MODELS].update_many({"_id": {"$regex": "^w"}}, {"$set": {"data.filter.edit": edit}})
+                db.letters.insert_one({"text": f"letter {edit}", "lang": "en"})
+                await asyncio.sleep(1)  # the stream counts it
+                await retrainer.check()
+            return db[defaults.MODELS].find_one({"_id": "victim"})["status"]
+
+    assert asyncio.run(scenario()) == "pending", "8 new letters arrived, and the victim's model never retrained"
+
+
 def test_class2_one_inserted_document_never_stops_counting_for_the_models_on_its_collection(db, server_uri,
                                                                                            tmp_path):
     """Models on a shared collection keep counting and retrain, whatever `_id` one writer's inserted document has."""
