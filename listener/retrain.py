@@ -219,6 +219,9 @@ class Retrainer:
         self.past_bound = 0  # how many models the bounds left uncounted at the last pass: logged when it changes
         self.filter_checks: dict[tuple[str, str], str | None] = {}  # by collection and filter: the server's refusal
         self.judged_again: set[tuple[str, str]] = set()  # the filters tried again after an insert's check failed
+        self.waiting_since: dict[tuple[str, str], int] = {}  # by collection and filter not tried yet: the pass
+        # that first wanted it
+        self.passes = 0  # the passes that handed out places, counted
         self.kept: set[str] | None = None  # the models holding places after the last pass (None: before the first)
 
     def start(self) -> None:
@@ -319,10 +322,14 @@ class Retrainer:
         return followed
 
     async def _try_filters(self, waiting: list[ModelSpec]) -> None:
-        """Try the filters of `waiting` models, in their order, at most FILTER_CHECKS_PER_PASS a pass (each may
-        cost the server FILTER_CHECK_MS)."""
+        """Try the filters of `waiting` models, at most FILTER_CHECKS_PER_PASS a pass (each may cost the server
+        FILTER_CHECK_MS), those waiting longest first: a filter waits from the first pass that wanted it untried,
+        so an edited filter, a new one, queues behind the others, however early its model was seen (otherwise one
+        writer editing its filters at each pass would take every try)."""
+        self.passes += 1
         untried = {filter_check(spec.data.collection, spec.data.filter): spec.data.filter for spec in waiting}
-        for check in list(untried)[:FILTER_CHECKS_PER_PASS]:
+        self.waiting_since = {check: self.waiting_since.get(check, self.passes) for check in untried}
+        for check in sorted(untried, key=self.waiting_since.__getitem__)[:FILTER_CHECKS_PER_PASS]:
             self.filter_checks[check] = await self._refusal(check[0], untried[check])
 
     def _number_newcomers(self, eligible: dict) -> None:

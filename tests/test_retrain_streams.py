@@ -378,6 +378,28 @@ def test_class2_one_model_the_server_cannot_update_never_stops_the_retrain_pass(
     assert (b_status, raised) == ("pending", []), f"B is {b_status}; the pass raised {raised}"
 
 
+def test_class3_a_writer_who_keeps_changing_filters_never_keeps_anothers_model_from_being_tried(db, server_uri,
+                                                                                                   tmp_path):
+    """Another user's model is counted within a few passes, however often one writer edits its own filters."""
+    # 5 writer models seen first, their filters edited between passes: each pass's FILTER_CHECKS_PER_PASS tries go to
+    # 4 of them, the 5th waits untried, and every model after it waits too (without the edits it is counted at once)
+    writer = [{**retraining(f"w{n}", "/models/never-loaded", on_new_documents=1), "status": "succeeded", "run": 1,
+               "data": {"collection": "notes", "key": "text", "filter": {"n": n, "edit": 0}}} for n in range(5)]
+    db[defaults.MODELS].insert_many(writer)
+
+    async def scenario() -> set:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            db[defaults.MODELS].insert_one({**retraining("victim", "/models/never-loaded", on_new_documents=1),
+                                            "status": "succeeded", "run": 1})
+            for edit in range(1, 9):  # the writer edits its own models' filters between the daemon's passes
+                db[defaults.MODELS].update_many({"_id": {"$regex": "^w"}}, {"$set": {"data.filter.edit": edit}})
+                await retrainer.check()
+            return {key for members in retrainer.following.values() for key in members}
+
+    assert ids.key("victim") in asyncio.run(scenario()), "the other user's model was never tried, let alone counted"
+
+
 def test_class3_a_writer_who_keeps_changing_filters_never_makes_a_counted_model_lose_its_count(db, server_uri,
                                                                                               tmp_path):
     """A model already counting new documents keeps its count and retrains, whatever one writer does to its own."""
