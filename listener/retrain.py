@@ -310,15 +310,15 @@ class Retrainer:
                 placed.setdefault(collection, {})[key] = (spec, state.run)
                 total += 1
         await self._try_filters(list(waiting.values()))
-        still = {key for key, spec in waiting.items() if await self._filter_works(spec) is not True}
+        tried = {key: await self._filter_works(spec) for key, spec in waiting.items()}  # None: waits on
         followed = {collection: kept for collection, members in placed.items()
-                    if (kept := {key: member for key, member in members.items() if key not in still})}
+                    if (kept := {key: member for key, member in members.items() if tried.get(key, True)})}
         if len(past) != self.past_bound and past:
             log.warning("not counting new documents for %d models (the first: %.200r): this daemon follows %d "
                         "models in %d collections, its bounds (MONGOTUNE_RETRAIN_MAX_MODELS, "
                         "MONGOTUNE_RETRAIN_MAX_COLLECTIONS)", len(past), past[0], total, len(placed))
         self.past_bound = len(past)
-        self.kept = {key for members in followed.values() for key in members} | (still & counted)
+        self.kept = {key for members in followed.values() for key in members} | ({key for key, works in tried.items() if works is None} & counted)
         return followed
 
     async def _try_filters(self, waiting: list[ModelSpec]) -> None:
