@@ -39,7 +39,6 @@ import logging
 from typing import Any
 
 import bson
-from bson import json_util
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo.errors import DuplicateKeyError, ExecutionTimeout, OperationFailure, PyMongoError
 
@@ -169,19 +168,21 @@ def insert_pipeline(filters: list[dict | None]) -> tuple[list[dict], bool]:
     return EVERY_INSERT, True
 
 
-def filter_text(query: dict | None) -> str:
-    """A filter's text: the models with the same text share its verdict and its place in a stream."""
-    return json_util.dumps(query)
+def filter_key(query: dict | None) -> str:
+    """What identifies a filter: the hash of its exact BSON, types and order and all (extended JSON text reads a
+    literal `{"$date": ...}` object as a date); the models with the same key share its verdict and its place in a
+    stream."""
+    return hashlib.sha256(bson.encode({"filter": query})).hexdigest()
 
 
 def filters_of(members: Members) -> dict[str, dict | None]:
-    """The distinct filters of a collection's members, by their text."""
-    return {filter_text(spec.data.filter): spec.data.filter for spec, _ in members.values()}
+    """The distinct filters of a collection's members, by their key."""
+    return {filter_key(spec.data.filter): spec.data.filter for spec, _ in members.values()}
 
 
 def filter_check(collection: str, query: dict | None) -> tuple[str, str]:
-    """What a verdict on a filter is kept under: its collection and its text."""
-    return collection, filter_text(query)
+    """What a verdict on a filter is kept under: its collection and its key."""
+    return collection, filter_key(query)
 
 
 def without_filters(collection: str, exc: OperationFailure) -> tuple[list[dict], bool]:
@@ -217,6 +218,10 @@ class Retrainer:
         self.sightings = 0  # the number the next model seen gets
         self.past_bound = 0  # how many models the bounds left uncounted at the last pass: logged when it changes
         self.filter_checks: dict[tuple[str, str], str | None] = {}  # by collection and filter: the server's refusal
+        self.judged_again: set[tuple[str, str]] = set()  # the filters tried again after an insert's check failed
+        self.waiting_since: dict[tuple[str, str], int] = {}  # by collection and filter not tried yet: the pass
+        # that first wanted it
+        self.passes = 0  # the passes that handed out places, counted
         self.kept: set[str] | None = None  # the models holding places after the last pass (None: before the first)
 
     def start(self) -> None:
@@ -286,33 +291,46 @@ class Retrainer:
         """The models that count new documents, by collection: those that can retrain by themselves, within the
         operator's bounds. Those counted already come first, then the others in the order this daemon first saw
         them, so a newcomer (whatever its id) never takes the place of a model or collection followed before it;
-        the others wait until some stop following. A model's filter is tried when it is about to take a place, at
-        most FILTER_CHECKS_PER_PASS new ones a pass (each may cost the server FILTER_CHECK_MS): one whose filter
-        must wait for a later pass keeps those after it waiting too, and keeps its place if it had one."""
+        the others wait until some stop following. A model whose filter is not tried yet holds its place against
+        the bounds while it waits for its try (`_try_filters`), and keeps no model after it from counting."""
         self._number_newcomers(eligible)
-        followed: dict[str, Members] = {}
-        total, past, waiting, known, s = 0, [], set(), len(self.filter_checks), self.settings
+        placed: dict[str, Members] = {}
+        total, past, waiting, s = 0, [], {}, self.settings
         for key in sorted(eligible, key=lambda k: (k not in counted, self.seen[k])):
             spec, state = eligible[key]
             collection = spec.data.collection
-            if total >= s.retrain_max_models or (collection not in followed
-                                                 and len(followed) >= s.retrain_max_collections):
+            if total >= s.retrain_max_models or (collection not in placed
+                                                 and len(placed) >= s.retrain_max_collections):
                 past.append(spec.id)
                 continue
-            works = None if waiting else await self._filter_works(
-                spec, may_try=len(self.filter_checks) - known < FILTER_CHECKS_PER_PASS)
+            works = await self._filter_works(spec)
             if works is None:
-                waiting.add(key)
-            elif works:
-                followed.setdefault(collection, {})[key] = (spec, state.run)
+                waiting[key] = spec
+            if works is not False:
+                placed.setdefault(collection, {})[key] = (spec, state.run)
                 total += 1
+        await self._try_filters(list(waiting.values()))
+        tried = {key: await self._filter_works(spec) for key, spec in waiting.items()}  # None: waits on
+        followed = {collection: kept for collection, members in placed.items()
+                    if (kept := {key: member for key, member in members.items() if tried.get(key, True)})}
         if len(past) != self.past_bound and past:
             log.warning("not counting new documents for %d models (the first: %.200r): this daemon follows %d "
                         "models in %d collections, its bounds (MONGOTUNE_RETRAIN_MAX_MODELS, "
-                        "MONGOTUNE_RETRAIN_MAX_COLLECTIONS)", len(past), past[0], total, len(followed))
+                        "MONGOTUNE_RETRAIN_MAX_COLLECTIONS)", len(past), past[0], total, len(placed))
         self.past_bound = len(past)
-        self.kept = {key for members in followed.values() for key in members} | (waiting & counted)
+        self.kept = {key for members in followed.values() for key in members} | ({key for key, works in tried.items() if works is None} & counted)
         return followed
+
+    async def _try_filters(self, waiting: list[ModelSpec]) -> None:
+        """Try the filters of `waiting` models, at most FILTER_CHECKS_PER_PASS a pass (each may cost the server
+        FILTER_CHECK_MS), those waiting longest first: a filter waits from the first pass that wanted it untried,
+        so an edited filter, a new one, queues behind the others, however early its model was seen (otherwise one
+        writer editing its filters at each pass would take every try)."""
+        self.passes += 1
+        untried = {filter_check(spec.data.collection, spec.data.filter): spec.data.filter for spec in waiting}
+        self.waiting_since = {check: self.waiting_since.get(check, self.passes) for check in untried}
+        for check in sorted(untried, key=self.waiting_since.__getitem__)[:FILTER_CHECKS_PER_PASS]:
+            self.filter_checks[check] = await self._refusal(check[0], untried[check])
 
     def _number_newcomers(self, eligible: dict) -> None:
         """Number the models in the order this daemon first sees them (those seen together, by key)."""
@@ -358,6 +376,7 @@ class Retrainer:
                       if spec.retrain.on_new_documents and state.status not in NOT_FOLLOWED}
         current = {filter_check(spec.data.collection, spec.data.filter) for spec, _ in candidates.values()}
         self.filter_checks = {check: refusal for check, refusal in self.filter_checks.items() if check in current}
+        self.judged_again &= current
         return candidates
 
     async def _counted_before(self) -> set[str]:
@@ -374,19 +393,15 @@ class Retrainer:
                 self.skipped.skip("retrain tally", record.get("_id"), exc)
         return counted
 
-    async def _filter_works(self, spec: ModelSpec, may_try: bool) -> bool | None:
-        """Whether the server runs the model's `data.filter` on its collection, tried once per collection and filter
-        before it joins a stream shared with other models (one the server fails on would stop counting for all);
-        a refusal is logged and added to the model's `warnings`. None: not tried yet, and `may_try` is False."""
+    async def _filter_works(self, spec: ModelSpec) -> bool | None:
+        """Whether the server runs the model's `data.filter` on its collection, as tried once per collection and
+        filter (`_try_filters`) before it joins a stream shared with other models (one the server fails on would
+        stop counting for all); a refusal is logged and added to the model's `warnings`. None: not tried yet."""
         check = filter_check(spec.data.collection, spec.data.filter)
-        text = check[1]
         if check not in self.filter_checks:
-            if not may_try:
-                return None
-            self.filter_checks[check] = await self._refusal(spec.data.collection, spec.data.filter)
+            return None
         refusal = self.filter_checks[check]
-        if refusal is not None and self.skipped.first(f"retrain filter {hashlib.sha256(text.encode()).hexdigest()}",
-                                                      spec.id):
+        if refusal is not None and self.skipped.first(f"retrain filter {check[1]}", spec.id):
             warning = f"not counting new documents for retrain: {refusal}"
             log.warning("%s: %.200r", warning, spec.id)
             try:
@@ -565,10 +580,10 @@ class Retrainer:
         doc_id = (change.get("documentKey") or {}).get("_id")
         members = self.following.get(collection, {})
         matched = {}
-        for text, query in filters_of(members).items():
+        for fkey, query in filters_of(members).items():
             if not checked or not query or await self._matches(collection, query, doc_id):
                 matched.update({key: member for key, member in members.items()
-                                if filter_text(member[0].data.filter) == text})
+                                if filter_key(member[0].data.filter) == fkey})
         states = await self._states(matched) if matched else {}
         if not states:  # nothing to count: a restart may see this insert again, and count it for no one again
             return
@@ -585,12 +600,25 @@ class Retrainer:
             await self._start_if_due(key, matched[key][0], state)
 
     async def _matches(self, collection: str, query: dict, doc_id) -> bool:
+        """Whether the insert `doc_id` matches `query`. A check the server fails concerns this one insert (an `_id`
+        nested too deep to query by, a value the filter fails on), which then counts for none of the filter's models,
+        logged once; whether the filter itself fails is for its own check to say (`_judge_again`)."""
         try:
             return await self.db[collection].find_one(
                 {"$and": [{"_id": ids.eq(doc_id)}, query]}, {"_id": 1}) is not None
-        except OperationFailure as exc:  # the training run meets the same refusal and fails with it; the next pass
-            self.filter_checks[filter_check(collection, query)] = filter_refused(exc)  # stops following it
+        except OperationFailure as exc:
+            self.skipped.skip(f"retrain insert into {collection}", doc_id, exc)
+            await self._judge_again(collection, query)
             return False
+
+    async def _judge_again(self, collection: str, query: dict) -> None:
+        """Try a filter again by its own check after the check of an insert failed on it (a filter can pass its
+        first try and fail on later documents: the training run would fail on it too, so the next pass stops
+        following it); once per filter while it is followed, as each try costs the server up to FILTER_CHECK_MS."""
+        check = filter_check(collection, query)
+        if check in self.filter_checks and check not in self.judged_again:
+            self.judged_again.add(check)
+            self.filter_checks[check] = await self._refusal(collection, query)
 
     async def _tick(self, model_id, cron) -> None:
         """A schedule tick: the daemon that claims it starts a run, unless one is pending or going."""

@@ -376,3 +376,110 @@ def test_class2_one_model_the_server_cannot_update_never_stops_the_retrain_pass(
     asyncio.run(scenario())
     b_status = db[defaults.MODELS].find_one({"_id": "b"})["status"]
     assert (b_status, raised) == ("pending", []), f"B is {b_status}; the pass raised {raised}"
+
+
+def test_class3_a_writer_who_keeps_changing_filters_never_keeps_anothers_model_from_being_tried(db, server_uri,
+                                                                                                   tmp_path):
+    """Another user's model is counted within a few passes, however often one writer edits its own filters."""
+    # 5 writer models seen first, their filters edited between passes: each pass's FILTER_CHECKS_PER_PASS tries go to
+    # 4 of them, the 5th waits untried, and every model after it waits too (without the edits it is counted at once)
+    writer = [{**retraining(f"w{n}", "/models/never-loaded", on_new_documents=1), "status": "succeeded", "run": 1,
+               "data": {"collection": "notes", "key": "text", "filter": {"n": n, "edit": 0}}} for n in range(5)]
+    db[defaults.MODELS].insert_many(writer)
+
+    async def scenario() -> set:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            db[defaults.MODELS].insert_one({**retraining("victim", "/models/never-loaded", on_new_documents=1),
+                                            "status": "succeeded", "run": 1})
+            for edit in range(1, 9):  # the writer edits its own models' filters between the daemon's passes
+                db[defaults.MODELS].update_many({"_id": {"$regex": "^w"}}, {"$set": {"data.filter.edit": edit}})
+                await retrainer.check()
+            return {key for members in retrainer.following.values() for key in members}
+
+    assert ids.key("victim") in asyncio.run(scenario()), "the other user's model was never tried, let alone counted"
+
+
+def test_class3_a_writer_who_keeps_changing_filters_never_makes_a_counted_model_lose_its_count(db, server_uri,
+                                                                                              tmp_path):
+    """A model already counting new documents keeps its count and retrains, whatever one writer does to its own."""
+    # the writer's 5 models and the victim's are all followed; then the writer edits its filters before each pass:
+    # its 5th waits for a try, so the victim (after it) waits too, leaves its collection's members, and its count
+    # is dropped from the tally at each pass
+    writer = [{**retraining(f"w{n}", "/models/never-loaded", on_new_documents=1000), "status": "succeeded",
+               "run": 1, "data": {"collection": "notes", "key": "text", "filter": {"n": n, "edit": 0}}}
+              for n in range(5)]
+    db[defaults.MODELS].insert_many(writer)
+    victim = {**retraining("victim", "/models/never-loaded", on_new_documents=3), "status": "succeeded", "run": 1,
+              "data": {"collection": "letters", "key": "text", "filter": {"lang": "en"}}}
+
+    async def scenario() -> str:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            db[defaults.MODELS].insert_one(victim)  # seen after the writer's
+            for _ in range(3):
+                await retrainer.check()
+            assert ids.key("victim") in retrainer.following.get("letters", {}), retrainer.following
+            for edit in range(1, 9):
+                db[defaults.MODELS].update_many({"_id": {"$regex": "^w"}}, {"$set": {"data.filter.edit": edit}})
+                db.letters.insert_one({"text": f"letter {edit}", "lang": "en"})
+                await asyncio.sleep(1)  # the stream counts it
+                await retrainer.check()
+            return db[defaults.MODELS].find_one({"_id": "victim"})["status"]
+
+    assert asyncio.run(scenario()) == "pending", "8 new letters arrived, and the victim's model never retrained"
+
+
+def test_class2_one_inserted_document_never_stops_counting_for_the_models_on_its_collection(db, server_uri,
+                                                                                           tmp_path):
+    """Models on a shared collection keep counting and retrain, whatever `_id` one writer's inserted document has."""
+    # with two filters the stream's inserts are checked by `_id` (`_matches`); an `_id` nested 400 deep reaches the
+    # retrainer in a change event but fails that query, which is taken as the server refusing each model's filter
+    models = [{**retraining(name, "/models/never-loaded", on_new_documents=2), "status": "succeeded", "run": 1,
+               "data": {"collection": "notes", "key": "text", "filter": {"lang": lang}}}
+              for name, lang in (("victim", "en"), ("other", "fr"))]
+    db[defaults.MODELS].insert_many(models)
+
+    async def scenario() -> str:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            await until(lambda: counts(db))
+            insert_nested(db.notes, {"_id": nested_document(400), "text": "odd", "lang": "en"})
+            await asyncio.sleep(1)  # the stream delivers it
+            await retrainer.check()
+            db.notes.insert_many(notes("en", 3))
+            await until(lambda: db[defaults.MODELS].find_one({"_id": "victim"})["status"] == "pending", retrainer)
+            return db[defaults.MODELS].find_one({"_id": "victim"})["status"]
+
+    try:
+        asyncio.run(scenario())
+    except TimeoutError:
+        victim = db[defaults.MODELS].find_one({"_id": "victim"})
+        pytest.fail(f"the victim never retrained after 3 new notes; its warnings: {victim.get('warnings')}")
+
+
+def test_class3_a_look_alike_filter_never_changes_what_anothers_model_counts(db, server_uri, tmp_path):
+    """A model counts the inserts its own filter matches, whatever filter another writer's model has."""
+    # filters were keyed by json_util's text: the victim's `{at: {$gte: <date>}}` and a writer's literal
+    # `{at: {$gte: {"$date": "..."}}}` (an object, which no date matches) read the same, so one stream entry
+    # stands for both: the writer's stream, opened first, is kept when the victim's model joins (same text)
+    since = dt.datetime(2026, 1, 1)
+    victim = {**retraining("victim", "/models/never-loaded", on_new_documents=2), "status": "succeeded", "run": 1,
+              "data": {"collection": "notes", "key": "text", "filter": {"at": {"$gte": since}}}}
+    look_alike = {"at": {"$gte": {"$date": "2026-01-01T00:00:00Z"}}}
+    writer = {**victim, "_id": "writer", "data": {"collection": "notes", "key": "text", "filter": look_alike}}
+    db[defaults.MODELS].insert_one(writer)
+
+    async def scenario() -> None:
+        async with solo(server_uri, db.name, tmp_path) as retrainer:
+            await retrainer.check()
+            db[defaults.MODELS].insert_one(victim)
+            await retrainer.check()
+            await until(lambda: counts(db).keys() >= {"victim", "writer"}, retrainer)
+            db.notes.insert_many([{"text": f"new {n}", "at": since + dt.timedelta(days=n)} for n in range(3)])
+            await until(lambda: db[defaults.MODELS].find_one({"_id": "victim"})["status"] == "pending", retrainer)
+
+    try:
+        asyncio.run(scenario())
+    except TimeoutError:
+        pytest.fail(f"3 notes matching the victim's filter arrived and it never retrained: counts {counts(db)}")
