@@ -33,6 +33,11 @@ BAD_MODELS = [
      "data": {"collection": "c", "key": ["x" * (MAX_KEY_CHARS + 1), "y", "z"]}},
     {"model_name_or_path": "m", "data": {"collection": "c", "key": "x" * (MAX_KEY_CHARS + 1)}},
     {"model_name_or_path": "m", "data": {"collection": "c", "fold_field": "x" * (MAX_KEY_CHARS + 1)}},
+    # Field names are projected by the read: an operator or an empty part is no field (the pattern reaches the
+    # validator).
+    {"model_name_or_path": "m", "data": {"collection": "c", "key": "arr.$"}},
+    {"model_name_or_path": "m", "data": {"collection": "c", "key": ["prompt", "a..b"]}},
+    {"model_name_or_path": "m", "data": {"collection": "c", "fold_field": "$fold"}},
 ]
 GOOD_REQUESTS = [
     {"model": "m", "input": "hi"},

@@ -46,9 +46,16 @@ REVISION = r"^[A-Za-z0-9](\.?[A-Za-z0-9_/-])*\.?$"  # a branch, tag or commit ha
 PLAIN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$"  # one file or folder name inside the model, never a path
 FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$"
 MAX_KEY_CHARS = 1024  # a field name the data section reads: errors and skip reasons quote it, so it stays short
-# A field of the user's documents that `data` names. Not a pattern: a collection's own names are free-form (spaces,
-# accents); the length bound is what reaches the write-time validator, which keeps every quote of it small.
-DataField = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS)]
+# A dotted path whose parts are any names a collection may hold (spaces, accents), none empty, none starting with
+# `$` and none holding NUL: the read projects it, and `arr.$` or `a..b` would be an operator or no path at all.
+DATA_FIELD_PATH = r"^[^.$\x00][^.\x00]*(\.[^.$\x00][^.\x00]*)*$"
+# A field of the user's documents that `data` names: the length bound and the pattern reach the write-time
+# validator, which keeps every quote of it small.
+DataField = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS, pattern=DATA_FIELD_PATH)]
+# What a refusal by pattern says to change, where the pattern alone would not say it plainly.
+PATTERN_HINTS = {DATA_FIELD_PATH: "must name a field of your documents: a name, or names joined by dots, none empty "
+                                  "and none starting with $ (the read projects it: operators such as arr.$ are not "
+                                  "field names)"}
 
 
 class SpecError(Exception):
@@ -623,6 +630,8 @@ def _first_error(exc: ValidationError, document: dict) -> SpecError:
                                                    "unknown field; remove it or check its spelling")
     elif err["type"] == "missing":
         message = "required field is missing"
+    elif err["type"] == "string_pattern_mismatch":
+        message = PATTERN_HINTS.get(err["ctx"]["pattern"], message)
     return SpecError(".".join(str(part) for part in paths[index]), message)
 
 
