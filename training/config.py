@@ -379,6 +379,18 @@ class TrainerSpec(TrainingArgs):
     early_stopping_patience: int | None = Field(default=None, ge=1, le=10_000)  # evaluations without improvement
     training_kwargs: TrainingArgs = Field(default_factory=TrainingArgs)
 
+    @model_validator(mode="after")
+    def _saves_weights(self) -> "TrainerSpec":
+        """Full fine-tuning under ZeRO-3 leaves whole weights in a checkpoint only when they are gathered at save:
+        without, no checkpoint could be stored, so the run is refused before it trains (`training.progress` still
+        fails one that saved none)."""
+        zero = self.deepspeed.zero_optimization if self.deepspeed is not None else None
+        if not self.use_lora and zero and zero.stage == 3 and zero.stage3_gather_16bit_weights_on_model_save is False:
+            raise SpecError("trainer.deepspeed.zero_optimization.stage3_gather_16bit_weights_on_model_save",
+                            "full fine-tuning (use_lora: false) under ZeRO-3 saves whole weights only when this is "
+                            "true (the default here), and a checkpoint without them cannot be stored: leave it out")
+        return self
+
     def training_arguments(self) -> dict:
         """TrainingArguments names as the user wrote them, `training_kwargs` merged in."""
         own = self.model_dump(include=set(TrainingArgs.model_fields), exclude_unset=True)
