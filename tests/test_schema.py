@@ -37,7 +37,7 @@ BAD_MODELS = [
     # validator).
     {"model_name_or_path": "m", "data": {"collection": "c", "key": "arr.$"}},
     {"model_name_or_path": "m", "data": {"collection": "c", "key": ["prompt", "a..b"]}},
-    {"model_name_or_path": "m", "data": {"collection": "c", "fold_field": "$fold"}},
+    {"model_name_or_path": "m", "data": {"collection": "c", "fold_field": "$fold"}},    {"model_name_or_path": "m", "data": {"collection": "c"}, "trainer": {"save_strategy": "no"}},
 ]
 GOOD_REQUESTS = [
     {"model": "m", "input": "hi"},

@@ -248,7 +248,7 @@ class TrainingArgs(_Strict):
     eval_steps: Steps | None = None
     save_steps: Steps | None = None
     logging_strategy: Literal["no", "steps", "epoch"] | None = None
-    save_strategy: Literal["no", "steps", "epoch"] | None = None
+    save_strategy: Literal["steps", "epoch"] | None = None  # never "no": a run that stores nothing has nothing to serve
     eval_strategy: Literal["no", "steps", "epoch"] | None = None
     evaluation_strategy: Literal["no", "steps", "epoch"] | None = None
     logging_first_step: bool | None = None
