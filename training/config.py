@@ -173,6 +173,27 @@ class DataSpec(_Strict):
     def _plain_template(cls, value: str | None) -> str | None:
         return value if value is None else _reported(template_fields, value, TemplateError)
 
+    def read_fields(self) -> list[str]:
+        """The fields the read projects, the fold last; none where a transform, which may read any field, gets whole
+        documents."""
+        if self.transform:
+            return []
+        fields = template_fields(self.template) if self.template else []
+        fields += self.key if isinstance(self.key, list) else ([] if self.template else [self.key])
+        return [*dict.fromkeys(fields), self.fold_field]
+
+    @model_validator(mode="after")
+    def _projectable(self) -> "DataSpec":
+        """The read projects its fields together, and the server refuses a projection of one inside another."""
+        names = self.read_fields()
+        clash = next(((a, b) for a in names for b in names if b.startswith(a + ".")), None)
+        if clash is None:
+            return self
+        field = ("data.fold_field" if self.fold_field in clash else
+                 "data.template" if self.template and set(clash) & set(template_fields(self.template)) else "data.key")
+        raise SpecError(field, f"{clash[1]!r} lies inside {clash[0]!r}, and a read cannot fetch a field and one inside "
+                        "it together: name only one of them")
+
 
 class ModelKwargs(_Strict):
     """What `from_pretrained` may get from a document; weights always load as safetensors."""
