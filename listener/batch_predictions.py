@@ -10,7 +10,8 @@ reusing a deleted one's `_id` has another), and is written only where `output_fi
 absent, or where it holds exactly that request's answer, and only while the document matches the request's
 filter: never over nor inside a value anyone else wrote (the operator allows the collection itself with
 `MONGOTUNE_ANSWER_COLLECTIONS`). A document the write cannot land
-on, or the driver cannot decode, is skipped, logged and counted, never fetched again by the job. Every read
+on, or the driver cannot decode, is skipped, logged and counted, and passed over by the job's later passes without
+its `_id` ever going into a query (the server may not take it there). Every read
 is bracketed by checks that the name still names the same collection, never a view swapped in. The request
 shows `progress: {done, total, skipped}` and ends `done`; with
 `watch: true` it stays `running` and answers documents inserted, or whose input fields change, through a
@@ -22,6 +23,7 @@ Generation goes through the daemon's serving worker (`Serving.generate`), one ch
 """
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 import bson
 from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
-from pymongo.errors import OperationFailure, PyMongoError, WriteError
+from pymongo.errors import CursorNotFound, OperationFailure, PyMongoError, WriteError
 
 from listener import records
 from listener.serving import Serving
@@ -87,8 +89,8 @@ class Prompt:
         return "".join(pieces)
 
 
-# Documents one job may fail to write (or read) before it fails: each `_id` stays in every later query, which the
-# server caps at 16 MB, so their ids' size is bounded as well as their number.
+# Documents one job may fail to write (or read) before it fails: each one's `_id` is kept (as BSON) for later passes
+# to pass it over, so their ids' size is bounded as well as their number.
 MAX_UNWRITABLE = 1_000
 MAX_UNWRITABLE_BYTES = 2**20
 TOKEN = "answers_token"  # the request's field: a token its first job draws, which its answers carry (`_token`)
@@ -99,6 +101,11 @@ ANSWER_KEYS = ({"text", "checkpoint", "request", "token"}, {"error", "checkpoint
 def is_answer(value) -> bool:
     """Whether a value has exactly the fields of an answer this listener writes (whose request is then looked up)."""
     return isinstance(value, dict) and set(value) in ANSWER_KEYS
+
+
+def id_key(doc_id) -> bytes:
+    """A document's `_id` as BSON: what identifies it in the job's memory, decoded or raw alike."""
+    return bson.encode({"_id": doc_id})
 
 
 def answer_schema(path: str) -> dict:
@@ -120,7 +127,7 @@ class CollectionJob:
         self.db, self.owner = serving.db, serving.owner
         self.target = self.db[spec.collection]
         self.requests = self.db[defaults.REQUESTS]
-        self.unwritable: list = []  # ids of documents whose answer could not be written, left out of `todo`
+        self.unwritable: set[bytes] = set()  # documents that could not be answered (`id_key`), passed over
         self.unwritable_bytes = 0
         self.uuid = None  # the collection's, once the job has found it: the name must keep naming that one
         self.token = None  # the request's answers token, once the job has it (`_token`)
@@ -157,22 +164,42 @@ class CollectionJob:
         if counted:
             done, total, skipped = await self._read(lambda: self._counts(base, used))
             await self._progress(done, total, skipped)
-        while chunk := await self._next(self._todo(base, used)):
-            batch, unreadable = self._decoded(chunk)
-            missed = unreadable + await self._answer(batch, model, entry, used)
-            self._leave_out(missed)
-            if counted:
-                done, skipped = done + len(chunk) - len(missed), skipped + len(missed)
-                await self._progress(min(done, total), total, skipped)
-            else:
-                await self._count(done=len(chunk) - len(missed), skipped=len(missed))
-            if len(self.unwritable) > MAX_UNWRITABLE or self.unwritable_bytes > MAX_UNWRITABLE_BYTES:
-                await self.serving.fail(self.spec.id, self._too_many_unwritable())
-                return False
-            if await self._cancelled():  # looked for at each chunk: a long first pass can be stopped too
-                await self._end_cancelled()
-                return False
+        async with contextlib.aclosing(self._chunks(self._todo(base, used))) as chunks:
+            async for chunk in chunks:
+                batch, unreadable = self._decoded(chunk)
+                missed = unreadable + await self._answer(batch, model, entry, used)
+                self._leave_out(missed)
+                if counted:
+                    done, skipped = done + len(chunk) - len(missed), skipped + len(missed)
+                    await self._progress(min(done, total), total, skipped)
+                else:
+                    await self._count(done=len(chunk) - len(missed), skipped=len(missed))
+                if len(self.unwritable) > MAX_UNWRITABLE or self.unwritable_bytes > MAX_UNWRITABLE_BYTES:
+                    await self.serving.fail(self.spec.id, self._too_many_unwritable())
+                    return False
+                if await self._cancelled():  # looked for at each chunk: a long first pass can be stopped too
+                    await self._end_cancelled()
+                    return False
         return True
+
+    async def _chunks(self, todo: dict):
+        """What is left to answer, chunk by chunk, read from one cursor in `_id` order: a document a chunk could not
+        answer lies behind it, so no query ever names one (its `_id` may be one the server cannot take in a query,
+        nested too deep, say). A cursor the server dropped meanwhile (idle past its timeout while the model
+        generated) is opened again; documents passed over then come back, as at a later pass, and are dropped here."""
+        size = self.serving.settings.max_batch
+        while True:
+            cursor = records.raw(self.target).find(todo).sort("_id", 1).batch_size(size)
+            try:
+                while chunk := await self._read(lambda: cursor.to_list(size)):
+                    if fresh := [doc for doc in chunk if id_key(records.raw_id(doc)) not in self.unwritable]:
+                        yield fresh
+                return
+            except CursorNotFound:
+                log.info("the cursor over %s for request %s was dropped: read again from the start",
+                         self.spec.collection, ids.key(self.spec.id))
+            finally:
+                await cursor.close()
 
     async def _counts(self, base: dict, used) -> tuple[int, int, int]:
         """How many documents match: answered already, in all, and someone else's (skipped)."""
@@ -194,7 +221,8 @@ class CollectionJob:
         return check_collection_type(listed, "collection", same_as)
 
     async def _next(self, todo: dict) -> list[RawBSONDocument]:
-        """The next chunk to answer, as raw BSON: one document the driver cannot decode must not fail the chunk."""
+        """The first documents `todo` matches, as raw BSON: one document the driver cannot decode must not fail the
+        chunk."""
         found = records.raw(self.target).find(todo).sort("_id", 1).limit(self.serving.settings.max_batch)
         return await self._read(found.to_list)
 
@@ -212,9 +240,10 @@ class CollectionJob:
         return decoded, unreadable
 
     def _leave_out(self, missed: list) -> None:
-        """Leave documents out of every later query: counted, by number and by the size their ids add to it."""
-        self.unwritable += missed
-        self.unwritable_bytes += sum(len(bson.encode({"_id": doc_id})) for doc_id in missed)
+        """Pass documents over at every later pass: counted, by number and by the size of their ids."""
+        keys = {id_key(doc_id) for doc_id in missed} - self.unwritable
+        self.unwritable |= keys
+        self.unwritable_bytes += sum(map(len, keys))
 
     async def _token(self):
         """The request's answers token: drawn by the first job that runs it and kept for its retries, so a job
@@ -252,9 +281,9 @@ class CollectionJob:
                          f"{field}.token": {"$eq": self.token}}]}
 
     def _todo(self, base: dict, used) -> dict:
-        """What is left: documents it may write that lack an answer from `used`, past those that failed."""
-        todo = [base, self.ours, {f"{self.spec.output_field}.checkpoint": {"$ne": used}}]
-        return {"$and": todo + ([{"_id": {"$nin": self.unwritable}}] if self.unwritable else [])}
+        """What is left: documents it may write that lack an answer from `used` (those that failed are passed over by
+        `_chunks`, never named here)."""
+        return {"$and": [base, self.ours, {f"{self.spec.output_field}.checkpoint": {"$ne": used}}]}
 
     def _too_many_unwritable(self) -> str:
         return (f"over {MAX_UNWRITABLE:,} documents of {self.spec.collection!r}, or documents whose ids take over "

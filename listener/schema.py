@@ -20,7 +20,7 @@ BSON_TYPES = {
     "string": "string", "integer": ["int", "long"], "number": ["int", "long", "double", "decimal"],
     "boolean": "bool", "object": "object", "array": "array", "null": "null",
 }
-COPIED = ("required", "enum", "minimum", "maximum", "minLength", "maxLength", "description")
+COPIED = ("required", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern", "description")
 
 
 def to_bson_schema(node: dict, defs: dict) -> dict:

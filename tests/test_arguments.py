@@ -97,6 +97,16 @@ def test_zero_3_gathers_the_weights_at_each_save_unless_the_document_says_otherw
     assert deepspeed_config(given)["zero_optimization"][gather] is False
 
 
+def test_a_zero_3_run_that_could_store_no_checkpoint_is_refused_before_it_trains():
+    """Full fine-tuning under ZeRO-3 with gathering off would train up to its first save and only then fail (its
+    checkpoint holds no weights to store): the parse refuses it, naming the setting; with LoRA it stays allowed."""
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}
+    error = trainer_error({"use_lora": False, "deepspeed": zero3})
+    assert error.field == "trainer.deepspeed.zero_optimization.stage3_gather_16bit_weights_on_model_save", error
+    assert parse_model({"_id": "m", "model_name_or_path": "org/model", "data": {"collection": "c"},
+                        "trainer": {"deepspeed": zero3}}).trainer.deepspeed is not None
+
+
 @pytest.mark.parametrize("deepspeed, field", [
     ({"zero_optimization": {"stage": 4}}, "trainer.deepspeed.zero_optimization.stage"),
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"}}},

@@ -32,6 +32,10 @@ def test_bad_model_documents_fail_with_the_field_and_a_good_one_still_trains(db,
         "javascript-filter": (model("x", tiny_model_path, data={"collection": "pirate_chat", "key": "messages",
                                                                  "filter": {"$where": "sleep(1000)"}}),
                               "data.filter"),
+        # a run that could store nothing to serve, and a field the read would project as an operator
+        "never-saves": (model("x", tiny_model_path, trainer={**QUICK, "save_strategy": "no"}), "trainer.save_strategy"),
+        "positional-key": (model("x", tiny_model_path, data={"collection": "pirate_chat", "key": "arr.$"}),
+                           "data.key"),
     }
     for name, (document, _) in bad.items():
         db[defaults.MODELS].insert_one({**document, "_id": name})

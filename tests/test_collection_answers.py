@@ -15,6 +15,7 @@ import tracemalloc
 
 import pytest
 from pymongo import AsyncMongoClient, MongoClient
+from pymongo.errors import PyMongoError
 
 from listener.batch_predictions import CollectionJob, Prompt, predict_collection
 from listener.embedded import EmbeddedServer, free_port
@@ -430,6 +431,38 @@ def test_class2_one_document_nested_deeper_than_the_driver_decodes_never_stops_t
         pytest.fail(f"the job died on one odd document: {type(exc).__name__}: {str(exc)[:120]}")
     assert db.notes.count_documents({"answer.request": "deep-doc"}) == 3
     assert ended["status"] == "done", ended["status"]
+
+
+def test_class2_one_document_with_a_deep_id_never_stops_anothers_collection_request(client, db):
+    """A request over a shared collection ends `done`, every other document answered, whatever `_id` one has."""
+    # the document whose `_id` nests 400 deep is read (raw) but cannot be decoded; left out of later queries by
+    # `_id: {$nin: [...]}`, it made a query the server fails (code 1): the job died at each retry
+    db.notes.insert_many([{"_id": n, "text": f"ahoy {n}"} for n in range(3)])
+    insert_nested(db.notes, {"_id": nested_document(400), "text": "odd"})
+    try:
+        ended = run_job(client, db, collection_request("deep-id", "m", "notes"), max_batch=8)
+    except PyMongoError as exc:
+        pytest.fail(f"the job died on one document's _id: {type(exc).__name__}: {str(exc)[:120]}")
+    assert ended["status"] == "done", ended["status"]
+    assert db.notes.count_documents({"answer.request": "deep-id"}) == 3
+
+
+def test_class2_a_dropped_cursor_is_read_again_passing_over_what_could_not_be_answered(tmp_path, caplog):
+    """A pass reads one cursor; one the server drops while the model generates (idle past its timeout) is opened
+    again from the start: what was answered is behind the query, and what could not be (here a deep `_id`, which
+    no query may name) is passed over by the job, so each document is answered, or skipped, once."""
+    caplog.set_level(logging.INFO, logger="listener.batch_predictions")
+    with EmbeddedServer(tmp_path / "server", port=free_port(), memory=True, failpoints=True) as server, \
+            MongoClient(server.uri) as client:
+        db = client["dropped"]
+        insert_nested(db.notes, {"_id": nested_document(400), "text": "odd"})  # {k: ...} sorts before {n: ...}
+        db.notes.insert_many([{"_id": {"n": n}, "text": f"ahoy {n}"} for n in range(5)])
+        client.admin.command({"configureFailPoint": "failCommand", "mode": {"skip": 1, "times": 1},
+                              "data": {"failCommands": ["getMore"], "errorCode": 43}})  # CursorNotFound
+        ended = run_job(client, db, collection_request("again", "m", "notes"), max_batch=2)
+        assert "read again from the start" in caplog.text
+        assert ended["status"] == "done" and ended["progress"] == {"done": 5, "total": 6, "skipped": 1}, ended
+        assert db.notes.count_documents({"answer.request": "again"}) == 5
 
 
 def test_class2_whatever_one_collection_job_raises_ends_that_job_alone(client, db, caplog):

@@ -1,7 +1,9 @@
 """`training.dataset`: documents in the real database become trl datasets in each shape."""
 
 import pytest
+from pymongo.errors import OperationFailure
 
+from training.child import failure
 from training.config import DataSpec, SpecError
 from training.limits import Limits
 from training.dataset import MESSAGES, PROMPT_COMPLETION, TEXT, build_datasets, detect_format
@@ -172,6 +174,17 @@ def test_filter_matching_nothing(db):
     error = refused(db, data(filter={"lang": "de"}))
     assert error.field == "data.filter"
     assert "de" in error.message
+
+
+def test_a_read_the_server_refuses_fails_with_its_errmsg_alone(db):
+    """The server's whole reply (`$clusterTime` and its signature included) never goes into a document: the run's
+    error is the server's `errmsg` and code."""
+    db.docs.insert_many([{"text": "a"}, {"text": "b"}])
+    with pytest.raises(OperationFailure) as info:
+        build_datasets(db, data(filter={"text": {"$regex": "("}}), Limits())
+    error = failure(info.value)
+    assert error["type"] == "training_failed" and info.value.details["errmsg"] in error["message"], error
+    assert "full error" not in error["message"] and "clusterTime" not in error["message"], error
 
 
 def test_documents_lacking_the_key(db):

@@ -2,9 +2,11 @@
 
 import pytest
 
+from training import defaults
 from training.checkpoints import best_of, ranking, to_prune
 from training.config import SpecError, parse_model
-from training.promotion import decide, judge, serving_ref
+from training.limits import Limits
+from training.promotion import conclude, decide, judge, serving_ref
 
 
 def entry(run, step, **metrics):
@@ -56,6 +58,17 @@ def test_pruning_keeps_the_runs_own_best_and_never_touches_an_earlier_run():
     listed = [entry(1, 2, eval_loss=0.1), entry(2, 2, eval_loss=0.5), entry(2, 4, eval_loss=0.9),
               entry(2, 6, eval_loss=0.8)]
     assert [(c["run"], c["step"]) for c in to_prune(listed, run=2, keep=1)] == [(2, 4)]
+
+
+def test_a_run_that_stored_no_checkpoint_fails_and_never_succeeds(db, tmp_path):
+    """Whatever kept a run from saving (save_strategy "no" is refused at parse), a run that trained to its end with
+    no checkpoint of its own has nothing to serve: its end fails naming the setting, an earlier run's aside."""
+    spec = parse_model({"_id": "m", "model_name_or_path": "org/model", "data": {"collection": "c"}})
+    db[defaults.MODELS].insert_one({"_id": "m", "run": 2, "checkpoints": [entry(1, 4, eval_loss=1.0)]})
+    with pytest.raises(SpecError) as info:
+        conclude(db, {"_id": "m"}, spec, 2, None, None, tmp_path, Limits(), ("eval_loss", False))
+    assert info.value.field == "trainer.save_strategy" and "stored no checkpoint" in info.value.message
+    assert "best_checkpoint" not in db[defaults.MODELS].find_one({"_id": "m"})
 
 
 def test_serving_ref_is_an_earlier_runs_checkpoint_only():

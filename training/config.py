@@ -46,9 +46,16 @@ REVISION = r"^[A-Za-z0-9](\.?[A-Za-z0-9_/-])*\.?$"  # a branch, tag or commit ha
 PLAIN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$"  # one file or folder name inside the model, never a path
 FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$"
 MAX_KEY_CHARS = 1024  # a field name the data section reads: errors and skip reasons quote it, so it stays short
-# A field of the user's documents that `data` names. Not a pattern: a collection's own names are free-form (spaces,
-# accents); the length bound is what reaches the write-time validator, which keeps every quote of it small.
-DataField = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS)]
+# A dotted path whose parts are any names a collection may hold (spaces, accents), none empty, none starting with
+# `$` and none holding NUL: the read projects it, and `arr.$` or `a..b` would be an operator or no path at all.
+DATA_FIELD_PATH = r"^[^.$\x00][^.\x00]*(\.[^.$\x00][^.\x00]*)*$"
+# A field of the user's documents that `data` names: the length bound and the pattern reach the write-time
+# validator, which keeps every quote of it small.
+DataField = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS, pattern=DATA_FIELD_PATH)]
+# What a refusal by pattern says to change, where the pattern alone would not say it plainly.
+PATTERN_HINTS = {DATA_FIELD_PATH: "must name a field of your documents: a name, or names joined by dots, none empty "
+                                  "and none starting with $ (the read projects it: operators such as arr.$ are not "
+                                  "field names)"}
 
 
 class SpecError(Exception):
@@ -166,6 +173,27 @@ class DataSpec(_Strict):
     def _plain_template(cls, value: str | None) -> str | None:
         return value if value is None else _reported(template_fields, value, TemplateError)
 
+    def read_fields(self) -> list[str]:
+        """The fields the read projects, the fold last; none where a transform, which may read any field, gets whole
+        documents."""
+        if self.transform:
+            return []
+        fields = template_fields(self.template) if self.template else []
+        fields += self.key if isinstance(self.key, list) else ([] if self.template else [self.key])
+        return [*dict.fromkeys(fields), self.fold_field]
+
+    @model_validator(mode="after")
+    def _projectable(self) -> "DataSpec":
+        """The read projects its fields together, and the server refuses a projection of one inside another."""
+        names = self.read_fields()
+        clash = next(((a, b) for a in names for b in names if b.startswith(a + ".")), None)
+        if clash is None:
+            return self
+        field = ("data.fold_field" if self.fold_field in clash else
+                 "data.template" if self.template and set(clash) & set(template_fields(self.template)) else "data.key")
+        raise SpecError(field, f"{clash[1]!r} lies inside {clash[0]!r}, and a read cannot fetch a field and one inside "
+                        "it together: name only one of them")
+
 
 class ModelKwargs(_Strict):
     """What `from_pretrained` may get from a document; weights always load as safetensors."""
@@ -241,7 +269,7 @@ class TrainingArgs(_Strict):
     eval_steps: Steps | None = None
     save_steps: Steps | None = None
     logging_strategy: Literal["no", "steps", "epoch"] | None = None
-    save_strategy: Literal["no", "steps", "epoch"] | None = None
+    save_strategy: Literal["steps", "epoch"] | None = None  # never "no": a run that stores nothing has nothing to serve
     eval_strategy: Literal["no", "steps", "epoch"] | None = None
     evaluation_strategy: Literal["no", "steps", "epoch"] | None = None
     logging_first_step: bool | None = None
@@ -371,6 +399,18 @@ class TrainerSpec(TrainingArgs):
     num_nodes: int = Field(default=1, ge=1, le=64)  # daemons that run the job together (listener.gangs)
     early_stopping_patience: int | None = Field(default=None, ge=1, le=10_000)  # evaluations without improvement
     training_kwargs: TrainingArgs = Field(default_factory=TrainingArgs)
+
+    @model_validator(mode="after")
+    def _saves_weights(self) -> "TrainerSpec":
+        """Full fine-tuning under ZeRO-3 leaves whole weights in a checkpoint only when they are gathered at save:
+        without, no checkpoint could be stored, so the run is refused before it trains (`training.progress` still
+        fails one that saved none)."""
+        zero = self.deepspeed.zero_optimization if self.deepspeed is not None else None
+        if not self.use_lora and zero and zero.stage == 3 and zero.stage3_gather_16bit_weights_on_model_save is False:
+            raise SpecError("trainer.deepspeed.zero_optimization.stage3_gather_16bit_weights_on_model_save",
+                            "full fine-tuning (use_lora: false) under ZeRO-3 saves whole weights only when this is "
+                            "true (the default here), and a checkpoint without them cannot be stored: leave it out")
+        return self
 
     def training_arguments(self) -> dict:
         """TrainingArguments names as the user wrote them, `training_kwargs` merged in."""
@@ -623,6 +663,8 @@ def _first_error(exc: ValidationError, document: dict) -> SpecError:
                                                    "unknown field; remove it or check its spelling")
     elif err["type"] == "missing":
         message = "required field is missing"
+    elif err["type"] == "string_pattern_mismatch":
+        message = PATTERN_HINTS.get(err["ctx"]["pattern"], message)
     return SpecError(".".join(str(part) for part in paths[index]), message)
 
 

@@ -34,15 +34,6 @@ def detect_format(example: dict) -> str:
     return TEXT
 
 
-def needed_fields(data: DataSpec) -> list[str]:
-    """The fields to fetch; a transform may read any field, so it gets whole documents."""
-    if data.transform:
-        return []
-    fields = template_fields(data.template) if data.template else []
-    fields += data.key if isinstance(data.key, list) else ([] if data.template else [data.key])
-    return [*dict.fromkeys(fields), data.fold_field]
-
-
 def read_collection(db, data: DataSpec, read):
     """What `read()` returns, read only from a collection: the name names the same collection before and after the
     read, never a view swapped in meanwhile (which would read anything with the daemon's rights)."""
@@ -57,7 +48,7 @@ def read_collection(db, data: DataSpec, read):
 
 def load_documents(db, data: DataSpec, limits: Limits) -> list[dict]:
     """The selected documents, at most the operator's cap; errors never show other documents' contents."""
-    projection = {name: 1 for name in needed_fields(data)} or None
+    projection = {name: 1 for name in data.read_fields()} or None
     cap = min(data.limit or limits.max_documents, limits.max_documents)
     # In `_id` order, so the same documents always make the same dataset (and the run can be redone).
     documents = read_collection(db, data, lambda: list(db[data.collection].find(data.filter, projection,
@@ -84,7 +75,7 @@ def present_fields(db, data: DataSpec) -> str:
 
 
 def _missing(db, documents: list[dict], data: DataSpec) -> None:
-    for name in needed_fields(data)[:-1]:
+    for name in data.read_fields()[:-1]:
         lacking = [doc for doc in documents if name not in doc]
         if lacking:
             field = "data.template" if data.template and name in template_fields(data.template) else "data.key"

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from training import checkpoints, defaults, events, lineage
-from training.config import SFT, ModelSpec
+from training.config import SFT, ModelSpec, SpecError
 from training.starting import refits
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,8 @@ def judge(db, spec: ModelSpec, new: dict, serving: dict | None, batches: list | 
 
 def conclude(db, match: dict, spec: ModelSpec, run: int, serving: dict | None, batches: list | None, work: Path,
              limits, ranking: tuple[str, bool]) -> dict | None:
-    """Run the gate at the end of a run that trained to its end; write the decision; returns it."""
+    """Run the gate at the end of a run that trained to its end; write the decision; returns it. A run that stored
+    no checkpoint has nothing to serve: it fails (SpecError), never ends `succeeded`."""
     models = db[defaults.MODELS]
     current = models.find_one(match, {"checkpoints": 1})
     if current is None:
@@ -189,7 +190,8 @@ def conclude(db, match: dict, spec: ModelSpec, run: int, serving: dict | None, b
     listed = checkpoints.listed(current.get("checkpoints"))
     new = checkpoints.best_of([c for c in listed if c["run"] == run], *ranking)
     if new is None:
-        return None
+        raise SpecError("trainer.save_strategy", f"run {run} trained to its end and stored no checkpoint, so nothing "
+                        "of it could serve: leave save_strategy out (steps, saving at the end too) or give epoch")
     old = next((c for c in listed if serving and (c["run"], c["step"]) == (serving["run"], serving["step"])), None)
     decision = judge(db, spec, new, old, batches, work, limits)
     log.info("promotion gate for run %d: %s (%s)", run, "promoted" if decision["promoted"] else "kept", decision["reason"])
