@@ -15,10 +15,12 @@ the listener's, but a user can write it too, so each entry counts only while its
   is a lost member; in a running gang an unvouched one is lost too.
 - Leases. Each member renews its entry's `expires_at` (`lease_s`) while it waits and while it trains.
 - Start. Node 0, once N vouched entries are there, claims the job (`leases.claim_model`, matched on the array's
-  length and on its own entry 0) and from then on owns `run`, `lease` and `status` as for one node; each other member
-  starts its node when it sees the document running with its entry in place and node 0's daemon owning the lease.
-  Every node's child runs torchrun's agent with `--nnodes N --node-rank i` and node 0's endpoint (static
-  rendezvous: node 0's agent hosts the store).
+  length and on its own entry 0) and from then on owns `run`, `lease` and `status` as for one node; then it records
+  in its own node record the run it claimed and a rendezvous id of its own making. Each other member starts its node
+  when it sees the document running with its entry in place and node 0's record naming that run: never on the
+  document's `status` or `lease`, which a writer can type. Every node's child runs torchrun's agent with
+  `--nnodes N --node-rank i`, node 0's endpoint and that id (static rendezvous: node 0's agent hosts the store, and
+  an agent of another id, a stray, never gets past the rendezvous; `training.ranks`).
 - Deadline. A gang not started `gang_wait_s` after node 0's record was written (its daemon's clock, not the
   document's `joined_at`), short or whole, or with a lost member, is dissolved (`nodes` unset, matched on its
   length and first owner) by whichever member sees it: each gives its slot back and may join again, so two gangs
@@ -41,6 +43,7 @@ import datetime as dt
 import logging
 import random
 import socket
+import uuid
 from dataclasses import dataclass, field
 
 from pymongo.errors import PyMongoError
@@ -60,18 +63,20 @@ POLL_S = 1.0  # how often a member reads its gang while it waits
 @dataclass(frozen=True)
 class Node:
     """What one node's child is given by its daemon, from records their daemons wrote: its rank among `count`,
-    node 0's endpoint, node 0's owner (whose lease fences every rank's writes) and, for the run's entry, every member."""
+    node 0's endpoint and the run's rendezvous id, node 0's owner (whose lease fences every rank's writes) and, for
+    the run's entry, every member."""
 
     rank: int
     count: int
     addr: str
     port: int
+    rendezvous: str
     lease_owner: str
     members: list = field(default_factory=list)
 
     def launch(self) -> dict:
         return {"rank": self.rank, "count": self.count, "addr": self.addr, "port": self.port,
-                "members": self.members}
+                "rendezvous": self.rendezvous, "members": self.members}
 
 
 @dataclass(frozen=True)
@@ -299,10 +304,18 @@ def waiting_note(entries: list[Member], count: int) -> str:
     return f"{len(entries)} of {count} nodes"
 
 
-def node_of(verdict: Verdict, rank: int, count: int) -> Node:
+async def record_claim(listener, owner: str, key: str, run: int) -> str:
+    """Node 0, having claimed `run`: say so in its own record, which its members start on (see "Start"); the run's
+    rendezvous id."""
+    rendezvous = uuid.uuid4().hex
+    await listener.update_one({"_id": record_id(owner, key)}, {"$set": {"claimed": run, "rendezvous": rendezvous}})
+    return rendezvous
+
+
+def node_of(verdict: Verdict, rank: int, count: int, rendezvous: str) -> Node:
     """This daemon's node, from the records of a gang judged whole: the run's entry lists what the daemons wrote."""
     first = verdict.records[0]
-    return Node(rank, count, first.addr or "", first.port or 0, first.owner,
+    return Node(rank, count, first.addr or "", first.port or 0, rendezvous, first.owner,
                 [{"rank": r.rank, "name": r.name, "host": r.host, "devices": r.devices} for r in verdict.records])
 
 
@@ -355,7 +368,8 @@ async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, st
                 claimed = await claim_model(gang.models, gang.state, gang.owner, gang.settings.lease_s, warnings,
                                             match={"nodes.0.owner": {"$eq": gang.owner}, **_length(gang.count)})
                 if claimed is not None:
-                    return node_of(verdict, 0, gang.count), claimed["run"]
+                    rendezvous = await record_claim(gang.listener, gang.owner, gang.key, claimed["run"])
+                    return node_of(verdict, 0, gang.count, rendezvous), claimed["run"]
             await asyncio.sleep(POLL_S)
     except (asyncio.CancelledError, PyMongoError):  # stopping, or cut off: its entry goes first, with its gang,
         # then (the caller) its record, so no peer ever reads the entry unvouched for and calls it forged
@@ -396,20 +410,23 @@ async def _keep(gang: Gang, entries: list[Member], document: dict) -> Verdict | 
 
 
 async def _started(gang: Gang, rank: int) -> tuple[Node, int] | None:
-    """A member other than node 0, its entry no longer pending: its node, if node 0 started the job with it (every
-    entry vouched for, the run's lease node 0's)."""
+    """A member other than node 0, its entry no longer pending: its node, once node 0's daemon recorded that it claimed
+    the document's run with every entry vouched for (see "Start"); None when that run is not one it claimed. Node 0
+    records its claim just after making it, so a member may read the document first: it reads again meanwhile."""
     if rank == 0:
         return None
-    document = await gang.models.find_one({"_id": ids.eq(gang.state.id), "status": Status.RUNNING.value,
-                                           f"nodes.{rank}.owner": {"$eq": gang.owner}},
-                                          {"nodes": 1, "run": 1, "lease": 1})
-    if document is None:
-        return None
-    state = parse(ModelState, document)
-    entries = state.nodes or []
-    verdict = await judge(gang.listener, gang.key, entries, run=state.run, ports=gang.settings.rendezvous_ports)
-    if len(entries) != gang.count or verdict.lost or state.lease is None or state.lease.owner != entries[0].owner:
-        log.warning("model %.200r: its running gang is not one this listener can vouch for; not starting",
-                    gang.state.id)
-        return None
-    return node_of(verdict, rank, gang.count), state.run
+    while True:
+        document = await gang.models.find_one({"_id": ids.eq(gang.state.id), "status": Status.RUNNING.value,
+                                               f"nodes.{rank}.owner": {"$eq": gang.owner}}, {"nodes": 1, "run": 1})
+        if document is None:
+            return None
+        state = parse(ModelState, document)
+        entries = state.nodes or []
+        verdict = await judge(gang.listener, gang.key, entries, run=state.run, ports=gang.settings.rendezvous_ports)
+        claimed = verdict.records[0].claimed if verdict.records and verdict.records[0].rank == 0 else None
+        if len(entries) != gang.count or verdict.lost or (claimed is not None and claimed != state.run):
+            log.warning("model %.200r: its running gang is not one its node 0 claimed; not starting", gang.state.id)
+            return None
+        if claimed == state.run:
+            return node_of(verdict, rank, gang.count, verdict.records[0].rendezvous or ""), state.run
+        await asyncio.sleep(POLL_S)

@@ -431,3 +431,51 @@ def test_a_gang_given_back_at_its_deadline_lets_the_daemon_run_another_job_first
     asyncio.run(body())
     assert [m for m, _, _ in stand_in.runs] == ["busy", "other"]
     assert read(db, "gang").get("status", "pending") == "pending" and "nodes" not in read(db, "gang")
+
+
+async def after_node_0_polls(db, doc_id) -> None:
+    """Return just after node 0 renewed its entry and before node 1 next does, as a writer reading its own document
+    can tell (each member's renewal moves its entry's `expires_at`)."""
+    def expiries():
+        return [e["expires_at"] for e in read(db, doc_id)["nodes"]]
+
+    for _ in range(20):
+        before = expiries()
+        await until(lambda: expiries()[0] != before[0])
+        if expiries()[1] == before[1]:
+            return
+    raise AssertionError("node 1 always renewed right after node 0")
+
+
+def test_forgery_a_member_starts_its_node_on_a_lease_node_0_never_wrote(server_uri, db, tmp_path):
+    """A member starts its node only once node 0 claimed the job, never on a `status`/`lease` a writer typed.
+
+    The writer's 2-node job: a joins as node 0, the writer sets `run: 7` (node 0's claim, matched on the run it read,
+    now never matches), b joins as node 1; the writer then, just after a's poll, sets `status: "running"` and
+    `lease.owner` to a's owner, a day ahead. Had b started on that lease, its slot would be held by a run nobody
+    claimed and its agent would dial a port a gives back and may hand to its next gang: b waits for a's own record of
+    its claim (`gangs.record_claim`), which never comes."""
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
+    stand_in = NodeStandIn()
+    key = ids.key("m")
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", gang_wait_s=30, heartbeat_s=30) as (a, b):
+            await a.consider_model(read(db, "m"))
+            await until(lambda: a.gpus.waiting.get(key) == "1 of 2 nodes")
+            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"run": 7}})
+            await b.consider_model(read(db, "m"))
+            await until(lambda: b.gpus.waiting.get(key) == "2 of 2 nodes")
+            await after_node_0_polls(db, "m")
+            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {
+                "status": "running", "lease": {"owner": a.owner, "expires_at": now() + dt.timedelta(days=1)}}})
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: bool(stand_in.nodes) or not (a.trainings or b.trainings))
+            stand_in.finish.set()
+            for d in (a, b):
+                d.stop_event.set()
+            await until(lambda: not (a.trainings or b.trainings))
+
+    asyncio.run(body())
+    started = [(name, node.rank, node.lease_owner) for name, node in stand_in.nodes]
+    assert started == [], f"a node started on a lease the writer wrote, node 0 never claiming: {started}"
