@@ -60,6 +60,7 @@ def test_three_daemons_racing_for_a_two_node_job_form_one_gang_of_two(server_uri
     zero, one = nodes[0][2], nodes[1][2]
     assert (zero.addr, zero.port) == (one.addr, one.port) == ("127.0.0.1", zero.port) and 29400 <= zero.port <= 29499
     assert zero.lease_owner == one.lease_owner and [m["rank"] for m in zero.members] == [0, 1]
+    assert zero.rendezvous == one.rendezvous != "", "both agents carry the run's rendezvous id"
     done = read(db, "m")
     assert done["status"] == "succeeded" and "nodes" not in done and done["run"] == 1
     assert db[defaults.LISTENER].count_documents({"kind": "node"}) == 0, "each daemon forgot its node record"
@@ -479,3 +480,57 @@ def test_forgery_a_member_starts_its_node_on_a_lease_node_0_never_wrote(server_u
     asyncio.run(body())
     started = [(name, node.rank, node.lease_owner) for name, node in stand_in.nodes]
     assert started == [], f"a node started on a lease the writer wrote, node 0 never claiming: {started}"
+
+
+class JobStandIn(NodeStandIn):
+    """Also records which job each node belongs to."""
+
+    def __init__(self):
+        super().__init__()
+        self.jobs: list = []
+
+    async def __call__(self, db, settings, model_id, run: int, owner: str, forks=None, devices=None, node=None):
+        self.jobs.append((model_id, settings.name, node.rank, node.addr, node.port))
+        return await super().__call__(db, settings, model_id, run, owner, forks, devices, node)
+
+
+def test_forgery_a_stray_node_dials_the_rendezvous_node_0_then_hosts_for_another_users_job(server_uri, db, tmp_path):
+    """Another user's gang is the only one whose agents are told to meet at its rendezvous.
+
+    As in the lease test, the writer types a running lease for its job so that b might start node 1 on it while a
+    gives its place and its port back. a's operator gave it one rendezvous port (any range is reused the same way, by
+    chance). Another user's 2-node job then forms on a (node 0, that same port) and c: no node of the writer's job
+    may be dialling that endpoint as one of its ranks (and a stray agent would carry another run's rendezvous id)."""
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
+    stand_in = JobStandIn()
+    key = ids.key("m")
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", "c", gang_wait_s=30, heartbeat_s=30,
+                        rendezvous_ports=(29400, 29400)) as (a, b, c):
+            await a.consider_model(read(db, "m"))
+            await until(lambda: a.gpus.waiting.get(key) == "1 of 2 nodes")
+            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"run": 7}})
+            await b.consider_model(read(db, "m"))
+            await until(lambda: b.gpus.waiting.get(key) == "2 of 2 nodes")
+            await after_node_0_polls(db, "m")
+            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {
+                "status": "running", "lease": {"owner": a.owner, "expires_at": now() + dt.timedelta(days=1)}}})
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: bool(stand_in.jobs) and not a.trainings)
+            db[defaults.MODELS].insert_one(model("victim", PATH, trainer={"num_nodes": 2}))
+            await a.consider_model(read(db, "victim"))
+            await until(lambda: a.gpus.waiting.get(ids.key("victim")) == "1 of 2 nodes")
+            await c.consider_model(read(db, "victim"))
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: len(stand_in.jobs) >= 3)
+            stand_in.finish.set()
+            for d in (a, b, c):
+                d.stop_event.set()
+            await until(lambda: not (a.trainings or b.trainings or c.trainings))
+
+    asyncio.run(body())
+    victims = {(addr, port) for job, _, _, addr, port in stand_in.jobs if job == "victim"}
+    strays = [(job, name, rank, addr, port) for job, name, rank, addr, port in stand_in.jobs
+              if job != "victim" and (addr, port) in victims]
+    assert strays == [], f"another job's node was started at the other user's rendezvous: {stand_in.jobs}"
