@@ -60,7 +60,7 @@ class Daemon:
         self.owner = f"{settings.name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.trainings: dict[str, asyncio.Task | None] = {}  # by ids.key of the model
         self.ports: dict[str, int] = {}  # rendezvous ports of the gangs this daemon is node 0 of (listener.gangs)
-        self.resting: dict[str, float] = {}  # gangs given back here unstarted, until when they wait their turn (`_rests`)
+        self.resting = 0.0  # until when this daemon joins no gang, having given one back unstarted (`_rests`)
         self.gpus = gpus.GpuPool(gpus.visible() if settings.gpus is None else settings.gpus)
         self.forks = Forks(gpus=bool(self.gpus.devices))  # starts training children and serving workers
         self.counters = {k: 0 for k in ("trainings_started", "trainings_succeeded", "trainings_failed",
@@ -241,7 +241,7 @@ class Daemon:
             return
         state, spec = admitted
         if len(self.trainings) >= self.settings.max_jobs or self.stop_event.is_set() or \
-                (spec.trainer.num_nodes > 1 and self._rests(key)):
+                (spec.trainer.num_nodes > 1 and self._rests()):
             return
         self.trainings[key] = None  # the slot is taken before the await, so no other task can take it too
         work = None
@@ -298,7 +298,7 @@ class Daemon:
                 await fail_malformed(models, MODEL_TRANSITIONS, state.id, Status.PENDING, exc, self.skipped)
                 return True
             if started is None:
-                self.resting[key] = asyncio.get_running_loop().time() + self.settings.gang_wait_s
+                self.resting = asyncio.get_running_loop().time() + self.settings.gang_wait_s
             else:
                 node, run = started
                 self.counters["trainings_started"] += node.rank == 0
@@ -309,13 +309,12 @@ class Daemon:
             with contextlib.suppress(PyMongoError):
                 await gangs.forget(listener, self.owner, key)
 
-    def _rests(self, key: str) -> bool:
-        """Whether the gang of job `key` was given back here unstarted less than `gang_wait_s` ago: other jobs go
-        first meanwhile, so a gang that cannot form (its hosts busy) does not take this slot back at each deadline
-        while another user's job waits; the change stream and the periodic scan bring it back."""
-        at = asyncio.get_running_loop().time()
-        self.resting = {k: until for k, until in self.resting.items() if until > at}
-        return key in self.resting
+    def _rests(self) -> bool:
+        """Whether this daemon gave any gang back unstarted less than `gang_wait_s` ago: every job of one node goes
+        first meanwhile. Resting each gang alone let a daemon go from one gang that cannot form (its hosts busy) to
+        the next, each deadline, while another user's job waited; now N such gangs cost that job at most one
+        `gang_wait_s` however large N is. The change stream and the periodic scan bring the gangs back."""
+        return asyncio.get_running_loop().time() < self.resting
 
     async def _train(self, model_id, run: int, devices: tuple[int, ...] | None, node: gangs.Node | None = None) -> bool:
         """Train one claimed run to its end; True: the slot worked (`_in_slot`)."""

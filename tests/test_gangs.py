@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import datetime as dt
 
+import pytest
 from click.testing import CliRunner
 
 from listener import gangs, jobs
@@ -409,29 +410,36 @@ def test_a_node_lost_at_the_last_attempt_fails_the_run(server_uri, db, tmp_path)
     assert [e["event"] for e in failed["history"]] == ["node lost"]
 
 
-def test_a_gang_given_back_at_its_deadline_lets_the_daemon_run_another_job_first(server_uri, db, tmp_path):
-    """Two daemons can host a 2-node job, but b is busy, so its gang is given back at each deadline. Daemon a, its
-    slot free again, takes the next pending job before that gang's again: else, reading pending jobs in order, it
-    would join the gang first every time and another user's job would wait as long as b stays busy."""
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_gangs_given_back_at_their_deadline_let_the_daemon_run_another_job_first(server_uri, db, tmp_path, count):
+    """Two daemons can host each 2-node job, but b is busy, so each gang is given back at its deadline. Daemon a, its
+    slot free again, takes the next job of one node before any gang again, however many gangs precede that job:
+    else, reading pending jobs in order, it would join a gang first every time (with a rest per gang, the next gang
+    each deadline) and another user's job would wait as long as b stays busy."""
     db[defaults.MODELS].insert_one(model("busy", PATH))
     stand_in = AnyStandIn()
+    gang_ids = [f"g{i}" for i in range(count)]
 
     async def body():
         async with live(server_uri, db, tmp_path, stand_in, "a", "b", gang_wait_s=1, heartbeat_s=30) as (a, b):
             await b.consider_model(read(db, "busy"))
             await until(lambda: [m for m, _, _ in stand_in.runs] == ["busy"])
-            db[defaults.MODELS].insert_many([model("gang", PATH, trainer={"num_nodes": 2}), model("other", PATH)])
+            db[defaults.MODELS].insert_many([*(model(g, PATH, trainer={"num_nodes": 2}) for g in gang_ids),
+                                             model("other", PATH)])
             await a._scan_models()
-            await until(lambda: a.gpus.waiting.get(ids.key("gang")) == "1 of 2 nodes")
-            await until(lambda: len(stand_in.runs) == 2, timeout_s=15)
+            await until(lambda: a.gpus.waiting.get(ids.key("g0")) == "1 of 2 nodes")
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: len(stand_in.runs) == 2, timeout_s=15)  # fifteen gang deadlines
             stand_in.finish.set()
             for d in (a, b):
                 d.stop_event.set()
             await until(lambda: not (a.trainings or b.trainings))
 
     asyncio.run(body())
-    assert [m for m, _, _ in stand_in.runs] == ["busy", "other"]
-    assert read(db, "gang").get("status", "pending") == "pending" and "nodes" not in read(db, "gang")
+    assert [m for m, _, _ in stand_in.runs] == ["busy", "other"], \
+        f"another user's job never ran in fifteen gang deadlines: {stand_in.runs}"
+    for g in gang_ids:
+        assert read(db, g).get("status", "pending") == "pending" and "nodes" not in read(db, g)
 
 
 async def after_node_0_polls(db, doc_id) -> None:
@@ -498,16 +506,17 @@ def test_forgery_a_stray_node_dials_the_rendezvous_node_0_then_hosts_for_another
     """Another user's gang is the only one whose agents are told to meet at its rendezvous.
 
     As in the lease test, the writer types a running lease for its job so that b might start node 1 on it while a
-    gives its place and its port back. a's operator gave it one rendezvous port (any range is reused the same way, by
-    chance). Another user's 2-node job then forms on a (node 0, that same port) and c: no node of the writer's job
+    gives its place and its port back. a's host has one rendezvous port (any range is reused the same way, by chance).
+    Another user's 2-node job then forms on d (node 0, on a's host: that same port; a itself rests from gangs once it
+    gave one back) and c: no node of the writer's job
     may be dialling that endpoint as one of its ranks (and a stray agent would carry another run's rendezvous id)."""
     db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
     stand_in = JobStandIn()
     key = ids.key("m")
 
     async def body():
-        async with live(server_uri, db, tmp_path, stand_in, "a", "b", "c", gang_wait_s=30, heartbeat_s=30,
-                        rendezvous_ports=(29400, 29400)) as (a, b, c):
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", "c", "d", gang_wait_s=30, heartbeat_s=30,
+                        rendezvous_ports=(29400, 29400)) as (a, b, c, d):
             await a.consider_model(read(db, "m"))
             await until(lambda: a.gpus.waiting.get(key) == "1 of 2 nodes")
             db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"run": 7}})
@@ -519,15 +528,15 @@ def test_forgery_a_stray_node_dials_the_rendezvous_node_0_then_hosts_for_another
             with contextlib.suppress(TimeoutError):
                 await until(lambda: bool(stand_in.jobs) and not a.trainings)
             db[defaults.MODELS].insert_one(model("victim", PATH, trainer={"num_nodes": 2}))
-            await a.consider_model(read(db, "victim"))
-            await until(lambda: a.gpus.waiting.get(ids.key("victim")) == "1 of 2 nodes")
+            await d.consider_model(read(db, "victim"))
+            await until(lambda: d.gpus.waiting.get(ids.key("victim")) == "1 of 2 nodes")
             await c.consider_model(read(db, "victim"))
             with contextlib.suppress(TimeoutError):
                 await until(lambda: len(stand_in.jobs) >= 3)
             stand_in.finish.set()
-            for d in (a, b, c):
-                d.stop_event.set()
-            await until(lambda: not (a.trainings or b.trainings or c.trainings))
+            for one in (a, b, c, d):
+                one.stop_event.set()
+            await until(lambda: not any(one.trainings for one in (a, b, c, d)))
 
     asyncio.run(body())
     victims = {(addr, port) for job, _, _, addr, port in stand_in.jobs if job == "victim"}
