@@ -59,7 +59,7 @@ class Daemon:
         self.books = (bookkeeping or client)[settings.db]
         self.owner = f"{settings.name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.trainings: dict[str, asyncio.Task | None] = {}  # by ids.key of the model
-        self.ports: dict[str, int] = {}  # rendezvous ports of the gangs this daemon is node 0 of (listener.gangs)
+        self.ports: dict[str, socket.socket] = {}  # rendezvous ports held for the gangs it is node 0 of (listener.gangs)
         self.resting = 0.0  # until when this daemon joins no gang, having given one back unstarted (`_rests`)
         self.gpus = gpus.GpuPool(gpus.visible() if settings.gpus is None else settings.gpus)
         self.forks = Forks(gpus=bool(self.gpus.devices))  # starts training children and serving workers
@@ -302,10 +302,11 @@ class Daemon:
             else:
                 node, run = started
                 self.counters["trainings_started"] += node.rank == 0
+                gangs.release(self.ports, key)  # for node 0's agent to listen there
                 await self._train(state.id, run, devices, node)
             return True
         finally:
-            self.ports.pop(key, None)
+            gangs.release(self.ports, key)
             with contextlib.suppress(PyMongoError):
                 await gangs.forget(listener, self.owner, key)
 

@@ -4,9 +4,9 @@
 the listener's, but a user can write it too, so each entry counts only while its own daemon vouches for it there.
 
 - Join. A daemon with room (a free job slot and the GPUs asked for) first writes a `node` record under its own name
-  in `_listener` (model, rank, and for node 0 the endpoint it will host: its operator's `advertise_addr` and a free
-  port of `rendezvous_ports`), then appends its entry `{owner, name, host, devices, joined_at, expires_at[, addr,
-  port]}` to the pending document with one update matched on the run it read, no cancel, the array's length it read
+  in `_listener` (model, rank, and for node 0 the endpoint it will host: its operator's `advertise_addr` and a
+  port of `rendezvous_ports` it holds bound until its node starts, `reserve_port`), then appends its entry `{owner,
+  name, host, devices, joined_at, expires_at[, addr, port]}` to the pending document with one update matched on the run it read, no cancel, the array's length it read
   and its own absence: an entry's index is its node rank, and no rank is taken twice.
 - Vouching. Every entry is checked against its daemon's record first, whatever else it says (one `$in` read per
   poll): in a pending gang an entry with no record of its rank (or node 0's naming another endpoint, or a port
@@ -174,19 +174,26 @@ def check_advertised(addr: str) -> None:
                            "the address of one of its own interfaces that the other hosts reach") from None
 
 
-def free_port(addr: str, ports: tuple[int, int], taken: set[int]) -> int | None:
-    """A port of the operator's range that this host can listen on at `addr` now, and no gang here holds; tried in
-    random order, so daemons sharing a host (and its range) seldom pick the same one before either listens."""
+def reserve_port(addr: str, ports: tuple[int, int]) -> socket.socket | None:
+    """A port of the operator's range at `addr`, bound and held (never listened on) for a gang's whole forming
+    window, so no other gang of any daemon on this host picks it meanwhile: node 0 lets it go (`release`) just
+    before its node starts, for its torchrun agent to listen there. Tried in random order."""
     for port in random.sample(range(ports[0], ports[1] + 1), ports[1] - ports[0] + 1):
-        if port in taken:
+        sock = socket.socket()
+        try:
+            sock.bind((addr, port))
+        except OSError:
+            sock.close()
             continue
-        with socket.socket() as sock:
-            try:
-                sock.bind((addr, port))
-            except OSError:
-                continue
-        return port
+        return sock
     return None
+
+
+def release(ports: dict[str, socket.socket], key: str) -> None:
+    """Let go of the port held for job `key`'s gang, if this daemon holds one."""
+    sock = ports.pop(key, None)
+    if sock is not None:
+        sock.close()
 
 
 def entry(owner: str, name: str, devices: tuple[int, ...] | None, lease_s: float, endpoint=None) -> dict:
@@ -319,10 +326,10 @@ def node_of(verdict: Verdict, rank: int, count: int, rendezvous: str) -> Node:
                 [{"rank": r.rank, "name": r.name, "host": r.host, "devices": r.devices} for r in verdict.records])
 
 
-async def take_place(gang: Gang, ports: dict[str, int]) -> int | None:
+async def take_place(gang: Gang, ports: dict[str, socket.socket]) -> int | None:
     """This daemon's node rank in the gang forming, once its entry is in; None when there is no place or no port.
     Daemons joining at once each try the next place, so they end up in rank order. `ports`: the rendezvous ports
-    this daemon's gangs hold, by model key; node 0 adds its own, which the caller removes when the gang ends."""
+    this daemon holds for its gangs, by model key; node 0 adds its own, which the caller `release`s."""
     settings = gang.settings
     for _ in range(gang.count):
         document = await gang.models.find_one({"_id": ids.eq(gang.state.id), **status_filter(Status.PENDING)},
@@ -335,18 +342,18 @@ async def take_place(gang: Gang, ports: dict[str, int]) -> int | None:
             return None
         endpoint = None
         if not entries:
-            port = free_port(settings.advertise_addr, settings.rendezvous_ports, set(ports.values()))
-            if port is None:
+            sock = reserve_port(settings.advertise_addr, settings.rendezvous_ports)
+            if sock is None:
                 log.warning("model %.200r: no free rendezvous port in %d-%d; leaving it to another listener",
                             gang.state.id, *settings.rendezvous_ports)
                 return None
-            endpoint = (settings.advertise_addr, port)
+            ports[gang.key] = sock
+            endpoint = (settings.advertise_addr, sock.getsockname()[1])
         new = entry(gang.owner, settings.name, gang.devices, settings.lease_s, endpoint)
         if await join(gang.models, gang.listener, gang.state.id, gang.key, gang.state.run, len(entries), new):
-            if endpoint:
-                ports[gang.key] = endpoint[1]
             log.info("model %.200r: joined as node %d of %d", gang.state.id, len(entries), gang.count)
             return len(entries)
+        release(ports, gang.key)
     return None
 
 

@@ -543,3 +543,40 @@ def test_forgery_a_stray_node_dials_the_rendezvous_node_0_then_hosts_for_another
     strays = [(job, name, rank, addr, port) for job, name, rank, addr, port in stand_in.jobs
               if job != "victim" and (addr, port) in victims]
     assert strays == [], f"another job's node was started at the other user's rendezvous: {stand_in.jobs}"
+
+
+def test_rendezvous_two_pending_gangs_on_one_host_are_given_one_port(server_uri, db, tmp_path):
+    """Two jobs' gangs are never given the same rendezvous endpoint, whoever inserted them.
+
+    Daemons a and b share a host (one address, its operator's one range: here one port, so what a range of 100
+    gives by chance happens every time; a writer inserting many 2-node jobs makes it likely with any range). Node 0
+    listens only when its gang starts, up to `gang_wait_s` after its pick, so it holds the port bound meanwhile
+    (`gangs.reserve_port`): b, node 0 of another user's job while a forms the writer's, finds none free and leaves
+    that job to another listener, rather than both jobs' nodes 1 being told to meet at 29400."""
+    db[defaults.MODELS].insert_many([model("w", PATH, trainer={"num_nodes": 2}),
+                                     model("victim", PATH, trainer={"num_nodes": 2})])
+    stand_in = JobStandIn()
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", "c", "d", heartbeat_s=30,
+                        rendezvous_ports=(29400, 29400)) as (a, b, c, d):
+            await a.consider_model(read(db, "w"))
+            await until(lambda: a.gpus.waiting.get(ids.key("w")) == "1 of 2 nodes")
+            await b.consider_model(read(db, "victim"))
+            await until(lambda: not b.trainings)  # a holds the one port: b has none to offer
+            assert "nodes" not in read(db, "victim")
+            await c.consider_model(read(db, "w"))
+            await d.consider_model(read(db, "victim"))
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: len(stand_in.jobs) == 4)
+            stand_in.finish.set()
+            for one in (a, b, c, d):
+                one.stop_event.set()
+            await until(lambda: not any(one.trainings for one in (a, b, c, d)))
+
+    asyncio.run(body())
+    endpoints = {}
+    for job, _, _, addr, port in stand_in.jobs:
+        endpoints.setdefault((addr, port), set()).add(job)
+    shared = {endpoint: jobs for endpoint, jobs in endpoints.items() if len(jobs) > 1}
+    assert shared == {}, f"two jobs' nodes were given one rendezvous endpoint: {stand_in.jobs}"
