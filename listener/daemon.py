@@ -308,7 +308,7 @@ class Daemon:
         finally:
             gangs.release(self.ports, key)
             with contextlib.suppress(PyMongoError):
-                await gangs.forget(listener, self.owner, key)
+                await gangs.leave(models, listener, state.id, self.owner, key)
 
     def _rests(self) -> bool:
         """Whether this daemon gave any gang back unstarted less than `gang_wait_s` ago: every job of one node goes

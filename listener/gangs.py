@@ -23,7 +23,7 @@ the listener's, but a user can write it too, so each entry counts only while its
   an agent of another id, a stray, never gets past the rendezvous; `training.ranks`).
 - Deadline. A gang not started `gang_wait_s` after node 0's record was written (its daemon's clock, not the
   document's `joined_at`), short or whole, or with a lost member, is dissolved (`nodes` unset, matched on its
-  length and first owner) by whichever member sees it: each gives its slot back and may join again, so two gangs
+  node 0's owner alone, so a member that joined meanwhile goes with it) by whichever member sees it: each gives its slot back and may join again, so two gangs
   never each hold part of the daemons for ever. A gang at its deadline that fewer live daemons than its nodes could
   host (their heartbeats' GPUs) fails the job, naming them.
 - One fate. Rank 0 (on node 0) alone writes progress, metrics and checkpoints; every rank of every node is fenced on
@@ -33,8 +33,9 @@ the listener's, but a user can write it too, so each entry counts only while its
   counted as for an expired lease, to resume from its last checkpoint once N daemons join again. A member whose
   child ends on its own records its exit and run in its own node record (never the document's entry, which a user
   may write), so node 0 tells a failure from a loss. Every move out of `running` unsets `nodes`; a member whose
-  entry is gone stops its node. A member leaving a pending gang (stopping, or cut off) takes its entry out first
-  and forgets its record after, so no peer reads its entry unvouched and calls it forged.
+  entry is gone stops its node. A member leaving a gang, whatever the reason, gives back the pending gang its entry is
+  still in, if any, and forgets its record after (`leave`), so no peer reads its entry unvouched and calls it
+  forged.
 """
 
 import asyncio
@@ -45,8 +46,6 @@ import random
 import socket
 import uuid
 from dataclasses import dataclass, field
-
-from pymongo.errors import PyMongoError
 
 from listener.gpus import fits
 from listener.leases import claim_model, live_owners
@@ -209,8 +208,9 @@ def _length(count: int) -> dict:
 
 
 def as_read(entries: list[Member]) -> dict:
-    """Matches the gang as read: its first owner and its length."""
-    return {"nodes.0.owner": {"$eq": entries[0].owner}, **_length(len(entries))} if entries else _length(0)
+    """Matches the gang as read by its node 0's owner, not its length: a member that joined since is given back (or
+    failed) with it, never left behind in `nodes` with nobody's gang around it."""
+    return {"nodes.0.owner": {"$eq": entries[0].owner}}
 
 
 async def join(models, listener, doc_id, key: str, run: int, rank: int, new: dict) -> bool:
@@ -231,6 +231,13 @@ async def forget(listener, owner: str, key: str) -> None:
     """Drop this daemon's node record, unless it records its node's exit: node 0 may still be judging by it (a
     later join replaces it, and a clean stop drops it: `forget_all`)."""
     await listener.delete_one({"_id": record_id(owner, key), "exit": None})
+
+
+async def leave(models, listener, doc_id, owner: str, key: str) -> None:
+    """This daemon's place in job `key`'s gang, given up: the pending gang its entry is still in given back whole,
+    then its record forgotten, never before (see "One fate")."""
+    await dissolve(models, doc_id, {"nodes.owner": {"$eq": owner}})
+    await forget(listener, owner, key)
 
 
 async def forget_all(listener, owner: str) -> None:
@@ -360,7 +367,7 @@ async def take_place(gang: Gang, ports: dict[str, socket.socket]) -> int | None:
 async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, str]) -> tuple[Node, int] | None:
     """Wait as node `rank` for the others: (this node, the run) once it starts here, None once this daemon's place is
     given back (dissolved, failed, cancelled). `waiting` (the heartbeat's) says meanwhile how many nodes are there.
-    The caller forgets this daemon's node record once the gang ends: node 0 judges its members by it as they train."""
+    The caller `leave`s once the gang ends: node 0 judges its members by their records as they train."""
     try:
         while True:
             document = await renew(gang.models, gang.state.id, rank, gang.owner, gang.settings.lease_s, Status.PENDING)
@@ -378,11 +385,6 @@ async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, st
                     rendezvous = await record_claim(gang.listener, gang.owner, gang.key, claimed["run"])
                     return node_of(verdict, 0, gang.count, rendezvous), claimed["run"]
             await asyncio.sleep(POLL_S)
-    except (asyncio.CancelledError, PyMongoError):  # stopping, or cut off: its entry goes first, with its gang,
-        # then (the caller) its record, so no peer ever reads the entry unvouched for and calls it forged
-        with contextlib.suppress(PyMongoError):
-            await dissolve(gang.models, gang.state.id, {f"nodes.{rank}.owner": {"$eq": gang.owner}})
-        raise
     finally:
         waiting.pop(gang.key, None)
 

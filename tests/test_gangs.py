@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from listener import gangs, jobs
 from listener.cli.main import cli
+from listener.records import ModelState, parse
 from listener.status import MODEL_TRANSITIONS, Status, now, transition
 from tests.documents import model
 from tests.test_claims import PATH, StandIn, daemon, read, until
@@ -580,3 +581,41 @@ def test_rendezvous_two_pending_gangs_on_one_host_are_given_one_port(server_uri,
         endpoints.setdefault((addr, port), set()).add(job)
     shared = {endpoint: jobs for endpoint, jobs in endpoints.items() if len(jobs) > 1}
     assert shared == {}, f"two jobs' nodes were given one rendezvous endpoint: {stand_in.jobs}"
+
+
+def test_race_a_gang_that_grew_as_node_0_gave_it_back_fails_the_users_untouched_job(server_uri, db, tmp_path):
+    """A gang given back at its deadline is given back whole, and never ends a job nobody wrote to `failed`.
+
+    A 3-node job and three live daemons. a is node 0; its deadline passes as c joins, between a's read of the gang
+    (one entry) and its `dissolve`. Matched on that length, it would match nothing, a would forget its node record
+    with its entry 0 still in `nodes`, and c's next poll, finding entry 0 vouched for by nobody, would fail the job
+    `invalid_document` naming `nodes`, though no one but the daemons wrote it. Matched on node 0's owner, c's entry
+    goes with the gang. Driven step by step here (gangs' own functions, the real server): the daemons' polls hit
+    this interleaving only by chance, a join landing in the milliseconds between node 0's read and its write."""
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 3}))
+    key = ids.key("m")
+
+    async def body():
+        async with live(server_uri, db, tmp_path, NodeStandIn(), "a", "b", "c", gang_wait_s=1,
+                        heartbeat_s=30) as (a, _, c):
+            models = a.books[defaults.MODELS]  # read as the daemons read (timezone-aware)
+            state = parse(ModelState, await models.find_one({"_id": "m"}))
+
+            def gang(d):
+                return gangs.Gang(d.books[defaults.MODELS], d.books[defaults.LISTENER], d.settings, d.owner, state,
+                                  key, 3, 0, None)
+
+            assert await gangs.take_place(gang(a), a.ports) == 0
+            as_a_read = await models.find_one({"_id": "m"})  # a's poll reads its gang: one entry
+            assert await gangs.take_place(gang(c), c.ports) == 1  # c joins, within the deadline
+            record = await a.books[defaults.LISTENER].find_one({"_id": gangs.record_id(a.owner, key)})
+            await until(lambda: now() - record["at"] > dt.timedelta(seconds=1.5))  # a's deadline passed
+            kept = await gangs._keep(gang(a), gangs.members(as_a_read), as_a_read)  # a's deadline: give it back
+            assert kept is None and "nodes" not in read(db, "m"), "given back whole"
+            await gangs.leave(models, a.books[defaults.LISTENER], "m", a.owner, key)  # as a's `_gang` does
+            now_read = await models.find_one({"_id": "m"})
+            await gangs._keep(gang(c), gangs.members(now_read), now_read)  # c's next poll
+
+    asyncio.run(body())
+    document = read(db, "m")
+    assert document.get("status", "pending") == "pending", (document.get("status"), document.get("error"))
