@@ -164,7 +164,8 @@ class Daemon:
             await self._scan_models()
 
     async def reap_requests(self) -> None:
-        """Requeue the requests of daemons whose heartbeat stopped, at once, and any whose lease ran out.
+        """Requeue the requests of daemons whose heartbeat stopped, at once, and any whose lease ran out; forget
+        their gangs' node records.
 
         Requests are short and their answers are written fenced on owner and lease, so a daemon that
         was only paused loses its requests and its late answers are never written (`leases.take_over`)."""
@@ -173,6 +174,7 @@ class Daemon:
                                           self.books[defaults.LISTENER], self.owner)
         requeued += await leases.reap(requests, REQUEST_TRANSITIONS, RequestState, s.max_attempts, self.skipped,
                                       self.owner, self.serving.queues.held())
+        await gangs.forget_dead(self.books[defaults.LISTENER], s.gang_wait_s)
         if requeued:
             self.intake.wake()
 

@@ -11,8 +11,9 @@ the listener's, but a user can write it too, so each entry counts only while its
 - Vouching. Every entry is checked against its daemon's record first, whatever else it says (one `$in` read per
   poll): in a pending gang an entry with no record of its rank (or node 0's naming another endpoint, or a port
   outside this operator's `rendezvous_ports`) is forged, and the job fails naming `nodes` before any rank connects
-  anywhere. A vouched entry whose daemon is no longer alive (`leases.live_owners`), or whose `expires_at` passed,
-  is a lost member; in a running gang an unvouched one is lost too.
+  anywhere, unless its daemon's heartbeat is there and expired: the reaper forgets a dead daemon's node records
+  (`forget_dead`), and its entry is a lost member, as is a vouched entry whose daemon is no longer alive
+  (`leases.live_owners`) or whose `expires_at` passed; in a running gang an unvouched one is lost too.
 - Leases. Each member renews its entry's `expires_at` (`lease_s`) while it waits and while it trains.
 - Start. Node 0, once N vouched entries are there, claims the job (`leases.claim_model`, matched on the array's
   length and on its own entry 0) and from then on owns `run`, `lease` and `status` as for one node; then it records
@@ -124,12 +125,12 @@ async def judge(listener, key: str, entries: list[Member], since: int = 0, run: 
     first unvouched entry is forged. `ports`: this operator's rendezvous range, where node 0's port must lie (judging
     from rank 0). Node 0 of a running gang judges from rank 1: its own hold is the run's lease."""
     live, _ = await live_owners(listener)
-    records = await _records(listener, key, entries[since:])
+    records, known = await _records(listener, key, entries[since:])
     lost, exited, vouching = [], [], []
     for rank, entry in enumerate(entries[since:], since):
         record = records.get(entry.owner)
         if not _vouches(record, rank, entry, ports, run):
-            if run is None:
+            if run is None and (entry.owner in live or entry.owner not in known):
                 return Verdict(lost, rank, exited, live, vouching)
             lost.append(rank)
             continue
@@ -141,15 +142,21 @@ async def judge(listener, key: str, entries: list[Member], since: int = 0, run: 
     return Verdict(lost, None, exited, live, vouching)
 
 
-async def _records(listener, key: str, entries: list[Member]) -> dict[str, NodeRecord]:
-    """The node records the entries' daemons wrote for this job, by owner; one of another shape vouches for nothing."""
-    found = {}
-    async for document in listener.find({"_id": {"$in": [record_id(e.owner, key) for e in entries]}, "kind": "node",
-                                         "model": key}):
-        with contextlib.suppress(BadRecord):
-            record = parse(NodeRecord, document)
-            found[record.owner] = record
-    return found
+async def _records(listener, key: str, entries: list[Member]) -> tuple[dict[str, NodeRecord], set[str]]:
+    """The node records the entries' daemons wrote for this job, by owner (one of another shape vouches for nothing),
+    and the owners of those entries that ever wrote a heartbeat, alive or not: a daemon killed outright leaves its
+    heartbeat, and the reaper forgets its node records (`forget_dead`)."""
+    owners = [e.owner for e in entries]
+    wanted = [record_id(o, key) for o in owners] + [f"{defaults.DAEMON_RECORD}{o}" for o in owners]
+    found, known = {}, set()
+    async for document in listener.find({"_id": {"$in": wanted}}, {"counters": 0, "trainings": 0}):
+        if document.get("kind") == "daemon":
+            known.add(document.get("owner"))
+        elif document.get("kind") == "node" and document.get("model") == key:
+            with contextlib.suppress(BadRecord):
+                record = parse(NodeRecord, document)
+                found[record.owner] = record
+    return found, known
 
 
 def _vouches(record: NodeRecord | None, rank: int, entry: Member, ports: tuple[int, int] | None,
@@ -242,6 +249,18 @@ async def leave(models, listener, doc_id, owner: str, key: str) -> None:
 
 async def forget_all(listener, owner: str) -> None:
     await listener.delete_many({"kind": "node", "owner": {"$eq": owner}})
+
+
+async def forget_dead(listener, grace_s: float) -> None:
+    """Drop the node records of daemons killed outright (never `forget_all`): those this host sees are gone
+    (`liveness.dead`), and those whose heartbeat ran out more than `grace_s` ago, by when their gangs' live members
+    gave them back; a daemon only paused meanwhile finds its gang gone, not its entry unvouched. Their entries
+    count as lost without them (`judge`)."""
+    _, gone = await live_owners(listener)
+    expired = {"kind": "daemon", "alive_until": {"$lt": now() - dt.timedelta(seconds=grace_s)}}
+    gone |= {document.get("owner") async for document in listener.find(expired, {"owner": 1})}
+    if gone:
+        await listener.delete_many({"kind": "node", "owner": {"$in": sorted(gone, key=str)}})
 
 
 async def renew(models, doc_id, rank: int, owner: str, lease_s: float, status: Status,

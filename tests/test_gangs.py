@@ -619,3 +619,36 @@ def test_race_a_gang_that_grew_as_node_0_gave_it_back_fails_the_users_untouched_
     asyncio.run(body())
     document = read(db, "m")
     assert document.get("status", "pending") == "pending", (document.get("status"), document.get("error"))
+
+
+def test_a_killed_daemons_node_record_is_forgotten_and_its_entry_given_back_not_failed(server_uri, db, tmp_path):
+    """A daemon killed outright never forgets its node records (`forget_all` is its clean stop's): a live daemon's
+    reaper drops them, and the pending gang its entry is left in is given back, never failed as forged (its
+    heartbeat, expired, is still there: an entry naming a daemon that never wrote one is forged)."""
+    key = ids.key("m")
+    dead = "z:1:dead"
+    first = gangs.entry(dead, "z", None, 60, ("127.0.0.1", 29400))
+    gone = now() - dt.timedelta(minutes=5)
+    db[defaults.LISTENER].insert_one({"_id": f"{defaults.DAEMON_RECORD}{dead}", "kind": "daemon", "owner": dead,
+                                      "name": "z", "host": "h", "heartbeat_at": gone, "alive_until": gone})
+    db[defaults.LISTENER].insert_one({"_id": gangs.record_id(dead, key), "kind": "node", "model": key, "rank": 0,
+                                      "at": now(), **{k: first[k] for k in ("owner", "name", "host", "devices",
+                                                                             "addr", "port")}})
+    db[defaults.MODELS].insert_one({**model("m", PATH, trainer={"num_nodes": 2}), "nodes": [first]})
+    paused, just = "y:1:paused", now() - dt.timedelta(seconds=1)  # within gang_wait_s: its gang's peers decide
+    db[defaults.LISTENER].insert_many([
+        {"_id": f"{defaults.DAEMON_RECORD}{paused}", "kind": "daemon", "owner": paused, "name": "y", "host": "h",
+         "heartbeat_at": just, "alive_until": just},
+        {"_id": gangs.record_id(paused, "other"), "kind": "node", "model": "other", "rank": 1, "owner": paused,
+         "name": "y", "host": "h", "devices": ["cpu"], "at": just}])
+
+    async def body():
+        async with live(server_uri, db, tmp_path, NodeStandIn(), "a") as (a,):
+            await a.reap_requests()
+            assert [r["owner"] for r in db[defaults.LISTENER].find({"kind": "node"})] == [paused]
+            await a.consider_model(read(db, "m"))
+            await until(lambda: not a.trainings)
+
+    asyncio.run(body())
+    document = read(db, "m")
+    assert document.get("status", "pending") == "pending" and "nodes" not in document, document.get("error")
