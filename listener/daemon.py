@@ -59,7 +59,7 @@ class Daemon:
         self.books = (bookkeeping or client)[settings.db]
         self.owner = f"{settings.name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.trainings: dict[str, asyncio.Task | None] = {}  # by ids.key of the model
-        self.ports: dict[str, socket.socket] = {}  # rendezvous ports held for the gangs it is node 0 of (listener.gangs)
+        self.ports: dict[str, socket.socket] = {}  # rendezvous ports held for gangs it is node 0 of (listener.gangs)
         self.resting = 0.0  # until when this daemon joins no gang, having given one back unstarted (`_rests`)
         self.gpus = gpus.GpuPool(gpus.visible() if settings.gpus is None else settings.gpus)
         self.forks = Forks(gpus=bool(self.gpus.devices))  # starts training children and serving workers

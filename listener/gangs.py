@@ -6,8 +6,9 @@ the listener's, but a user can write it too, so each entry counts only while its
 - Join. A daemon with room (a free job slot and the GPUs asked for) first writes a `node` record under its own name
   in `_listener` (model, rank, and for node 0 the endpoint it will host: its operator's `advertise_addr` and a
   port of `rendezvous_ports` it holds bound until its node starts, `reserve_port`), then appends its entry `{owner,
-  name, host, devices, joined_at, expires_at[, addr, port]}` to the pending document with one update matched on the run it read, no cancel, the array's length it read
-  and its own absence: an entry's index is its node rank, and no rank is taken twice.
+  name, host, devices, joined_at, expires_at[, addr, port]}` to the pending document with one update matched on
+  the run it read, no cancel, the array's length it read and its own absence: an entry's index is its node rank,
+  and no rank is taken twice.
 - Vouching. Every entry is checked against its daemon's record first, whatever else it says (one `$in` read per
   poll): in a pending gang an entry with no record of its rank (or node 0's naming another endpoint, or a port
   outside this operator's `rendezvous_ports`) is forged, and the job fails naming `nodes` before any rank connects
@@ -24,9 +25,9 @@ the listener's, but a user can write it too, so each entry counts only while its
   an agent of another id, a stray, never gets past the rendezvous; `training.ranks`).
 - Deadline. A gang not started `gang_wait_s` after node 0's record was written (its daemon's clock, not the
   document's `joined_at`), short or whole, or with a lost member, is dissolved (`nodes` unset, matched on its
-  node 0's owner alone, so a member that joined meanwhile goes with it) by whichever member sees it: each gives its slot back and may join again, so two gangs
-  never each hold part of the daemons for ever. A gang at its deadline that fewer live daemons than its nodes could
-  host (their heartbeats' GPUs) fails the job, naming them.
+  node 0's owner alone, so a member that joined meanwhile goes with it) by whichever member sees it: each gives
+  its slot back and may join again, so two gangs never each hold part of the daemons for ever. A gang at its
+  deadline that fewer live daemons than its nodes could host (their heartbeats' GPUs) fails the job, naming them.
 - One fate. Rank 0 (on node 0) alone writes progress, metrics and checkpoints; every rank of every node is fenced on
   the run and node 0's lease, and the others write only `error`. Cancel and SIGTERM reach every rank through the
   ranks' per-step all-reduce (`training.ranks`). A node whose daemon dies breaks its peers' collectives (the process
@@ -258,9 +259,10 @@ async def forget_dead(listener, grace_s: float) -> None:
     count as lost without them (`judge`)."""
     _, gone = await live_owners(listener)
     expired = {"kind": "daemon", "alive_until": {"$lt": now() - dt.timedelta(seconds=grace_s)}}
-    gone |= {document.get("owner") async for document in listener.find(expired, {"owner": 1})}
+    gone |= {document["owner"] async for document in listener.find({**expired, "owner": {"$type": "string"}},
+                                                                     {"owner": 1})}
     if gone:
-        await listener.delete_many({"kind": "node", "owner": {"$in": sorted(gone, key=str)}})
+        await listener.delete_many({"kind": "node", "owner": {"$in": sorted(gone)}})
 
 
 async def renew(models, doc_id, rank: int, owner: str, lease_s: float, status: Status,

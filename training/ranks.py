@@ -22,8 +22,8 @@ initialised in a process that forks. What holds for one process holds for the gr
 
 A job of several nodes (`trainer.num_nodes`, agreed by the daemons in `listener.gangs`) is the same on each node's
 host with `--nnodes N --node-rank i`, node 0's endpoint and the run's rendezvous id, given by the daemon (never by
-the document): static rendezvous, node 0's agent hosting the store, so global rank 0 (the one that writes) is on node 0. Each node's
-agent starts and supervises only its own ranks, in its own work folder.
+the document): static rendezvous, node 0's agent hosting the store, so global rank 0 (the one that writes) is on
+node 0. Each node's agent starts and supervises only its own ranks, in its own work folder.
 """
 
 import json
