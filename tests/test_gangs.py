@@ -457,28 +457,32 @@ async def after_node_0_polls(db, doc_id) -> None:
     raise AssertionError("node 1 always renewed right after node 0")
 
 
-def test_forgery_a_member_starts_its_node_on_a_lease_node_0_never_wrote(server_uri, db, tmp_path):
-    """A member starts its node only once node 0 claimed the job, never on a `status`/`lease` a writer typed.
+async def forge_a_running_lease(db, a, b) -> None:
+    """The writer's 2-node job "m": a joins as node 0, the writer sets `run: 7` (node 0's claim, matched on the run it
+    read, now never matches), b joins as node 1; then, just after a's poll, the writer sets `status: "running"` and
+    `lease.owner` to a's owner, a day ahead."""
+    key = ids.key("m")
+    await a.consider_model(read(db, "m"))
+    await until(lambda: a.gpus.waiting.get(key) == "1 of 2 nodes")
+    db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"run": 7}})
+    await b.consider_model(read(db, "m"))
+    await until(lambda: b.gpus.waiting.get(key) == "2 of 2 nodes")
+    await after_node_0_polls(db, "m")
+    db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {
+        "status": "running", "lease": {"owner": a.owner, "expires_at": now() + dt.timedelta(days=1)}}})
 
-    The writer's 2-node job: a joins as node 0, the writer sets `run: 7` (node 0's claim, matched on the run it read,
-    now never matches), b joins as node 1; the writer then, just after a's poll, sets `status: "running"` and
-    `lease.owner` to a's owner, a day ahead. Had b started on that lease, its slot would be held by a run nobody
+
+def test_forgery_a_member_starts_its_node_on_a_lease_node_0_never_wrote(server_uri, db, tmp_path):
+    """A member starts its node only once node 0 claimed the job, never on a `status`/`lease` a writer typed
+    (`forge_a_running_lease`). Had b started on that lease, its slot would be held by a run nobody
     claimed and its agent would dial a port a gives back and may hand to its next gang: b waits for a's own record of
     its claim (`gangs.record_claim`), which never comes."""
     db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
     stand_in = NodeStandIn()
-    key = ids.key("m")
 
     async def body():
         async with live(server_uri, db, tmp_path, stand_in, "a", "b", gang_wait_s=30, heartbeat_s=30) as (a, b):
-            await a.consider_model(read(db, "m"))
-            await until(lambda: a.gpus.waiting.get(key) == "1 of 2 nodes")
-            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"run": 7}})
-            await b.consider_model(read(db, "m"))
-            await until(lambda: b.gpus.waiting.get(key) == "2 of 2 nodes")
-            await after_node_0_polls(db, "m")
-            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {
-                "status": "running", "lease": {"owner": a.owner, "expires_at": now() + dt.timedelta(days=1)}}})
+            await forge_a_running_lease(db, a, b)
             with contextlib.suppress(TimeoutError):
                 await until(lambda: bool(stand_in.nodes) or not (a.trainings or b.trainings))
             stand_in.finish.set()
@@ -513,19 +517,11 @@ def test_forgery_a_stray_node_dials_the_rendezvous_node_0_then_hosts_for_another
     may be dialling that endpoint as one of its ranks (and a stray agent would carry another run's rendezvous id)."""
     db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
     stand_in = JobStandIn()
-    key = ids.key("m")
 
     async def body():
         async with live(server_uri, db, tmp_path, stand_in, "a", "b", "c", "d", gang_wait_s=30, heartbeat_s=30,
                         rendezvous_ports=(29400, 29400)) as (a, b, c, d):
-            await a.consider_model(read(db, "m"))
-            await until(lambda: a.gpus.waiting.get(key) == "1 of 2 nodes")
-            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"run": 7}})
-            await b.consider_model(read(db, "m"))
-            await until(lambda: b.gpus.waiting.get(key) == "2 of 2 nodes")
-            await after_node_0_polls(db, "m")
-            db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {
-                "status": "running", "lease": {"owner": a.owner, "expires_at": now() + dt.timedelta(days=1)}}})
+            await forge_a_running_lease(db, a, b)
             with contextlib.suppress(TimeoutError):
                 await until(lambda: bool(stand_in.jobs) and not a.trainings)
             db[defaults.MODELS].insert_one(model("victim", PATH, trainer={"num_nodes": 2}))
