@@ -59,8 +59,8 @@ class Daemon:
         self.books = (bookkeeping or client)[settings.db]
         self.owner = f"{settings.name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.trainings: dict[str, asyncio.Task | None] = {}  # by ids.key of the model
-        self.ports: dict[str, int] = {}  # rendezvous ports of the gangs this daemon is node 0 of (listener.gangs)
-        self.resting: dict[str, float] = {}  # gangs given back here unstarted, until when they wait their turn (`_rests`)
+        self.ports: dict[str, socket.socket] = {}  # rendezvous ports held for gangs it is node 0 of (listener.gangs)
+        self.resting = 0.0  # until when this daemon joins no gang, having given one back unstarted (`_rests`)
         self.gpus = gpus.GpuPool(gpus.visible() if settings.gpus is None else settings.gpus)
         self.forks = Forks(gpus=bool(self.gpus.devices))  # starts training children and serving workers
         self.counters = {k: 0 for k in ("trainings_started", "trainings_succeeded", "trainings_failed",
@@ -164,7 +164,8 @@ class Daemon:
             await self._scan_models()
 
     async def reap_requests(self) -> None:
-        """Requeue the requests of daemons whose heartbeat stopped, at once, and any whose lease ran out.
+        """Requeue the requests of daemons whose heartbeat stopped, at once, and any whose lease ran out; forget
+        their gangs' node records.
 
         Requests are short and their answers are written fenced on owner and lease, so a daemon that
         was only paused loses its requests and its late answers are never written (`leases.take_over`)."""
@@ -173,6 +174,7 @@ class Daemon:
                                           self.books[defaults.LISTENER], self.owner)
         requeued += await leases.reap(requests, REQUEST_TRANSITIONS, RequestState, s.max_attempts, self.skipped,
                                       self.owner, self.serving.queues.held())
+        await gangs.forget_dead(self.books[defaults.LISTENER], s.gang_wait_s)
         if requeued:
             self.intake.wake()
 
@@ -241,7 +243,7 @@ class Daemon:
             return
         state, spec = admitted
         if len(self.trainings) >= self.settings.max_jobs or self.stop_event.is_set() or \
-                (spec.trainer.num_nodes > 1 and self._rests(key)):
+                (spec.trainer.num_nodes > 1 and self._rests()):
             return
         self.trainings[key] = None  # the slot is taken before the await, so no other task can take it too
         work = None
@@ -298,24 +300,24 @@ class Daemon:
                 await fail_malformed(models, MODEL_TRANSITIONS, state.id, Status.PENDING, exc, self.skipped)
                 return True
             if started is None:
-                self.resting[key] = asyncio.get_running_loop().time() + self.settings.gang_wait_s
+                self.resting = asyncio.get_running_loop().time() + self.settings.gang_wait_s
             else:
                 node, run = started
                 self.counters["trainings_started"] += node.rank == 0
+                gangs.release(self.ports, key)  # for node 0's agent to listen there
                 await self._train(state.id, run, devices, node)
             return True
         finally:
-            self.ports.pop(key, None)
+            gangs.release(self.ports, key)
             with contextlib.suppress(PyMongoError):
-                await gangs.forget(listener, self.owner, key)
+                await gangs.leave(models, listener, state.id, self.owner, key)
 
-    def _rests(self, key: str) -> bool:
-        """Whether the gang of job `key` was given back here unstarted less than `gang_wait_s` ago: other jobs go
-        first meanwhile, so a gang that cannot form (its hosts busy) does not take this slot back at each deadline
-        while another user's job waits; the change stream and the periodic scan bring it back."""
-        at = asyncio.get_running_loop().time()
-        self.resting = {k: until for k, until in self.resting.items() if until > at}
-        return key in self.resting
+    def _rests(self) -> bool:
+        """Whether this daemon gave any gang back unstarted less than `gang_wait_s` ago: every job of one node goes
+        first meanwhile. Resting each gang alone let a daemon go from one gang that cannot form (its hosts busy) to
+        the next, each deadline, while another user's job waited; now N such gangs cost that job at most one
+        `gang_wait_s` however large N is. The change stream and the periodic scan bring the gangs back."""
+        return asyncio.get_running_loop().time() < self.resting
 
     async def _train(self, model_id, run: int, devices: tuple[int, ...] | None, node: gangs.Node | None = None) -> bool:
         """Train one claimed run to its end; True: the slot worked (`_in_slot`)."""

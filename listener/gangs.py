@@ -4,26 +4,30 @@
 the listener's, but a user can write it too, so each entry counts only while its own daemon vouches for it there.
 
 - Join. A daemon with room (a free job slot and the GPUs asked for) first writes a `node` record under its own name
-  in `_listener` (model, rank, and for node 0 the endpoint it will host: its operator's `advertise_addr` and a free
-  port of `rendezvous_ports`), then appends its entry `{owner, name, host, devices, joined_at, expires_at[, addr,
-  port]}` to the pending document with one update matched on the run it read, no cancel, the array's length it read
-  and its own absence: an entry's index is its node rank, and no rank is taken twice.
+  in `_listener` (model, rank, and for node 0 the endpoint it will host: its operator's `advertise_addr` and a
+  port of `rendezvous_ports` it holds bound until its node starts, `reserve_port`), then appends its entry `{owner,
+  name, host, devices, joined_at, expires_at[, addr, port]}` to the pending document with one update matched on
+  the run it read, no cancel, the array's length it read and its own absence: an entry's index is its node rank,
+  and no rank is taken twice.
 - Vouching. Every entry is checked against its daemon's record first, whatever else it says (one `$in` read per
   poll): in a pending gang an entry with no record of its rank (or node 0's naming another endpoint, or a port
   outside this operator's `rendezvous_ports`) is forged, and the job fails naming `nodes` before any rank connects
-  anywhere. A vouched entry whose daemon is no longer alive (`leases.live_owners`), or whose `expires_at` passed,
-  is a lost member; in a running gang an unvouched one is lost too.
+  anywhere, unless its daemon's heartbeat is there and expired: the reaper forgets a dead daemon's node records
+  (`forget_dead`), and its entry is a lost member, as is a vouched entry whose daemon is no longer alive
+  (`leases.live_owners`) or whose `expires_at` passed; in a running gang an unvouched one is lost too.
 - Leases. Each member renews its entry's `expires_at` (`lease_s`) while it waits and while it trains.
 - Start. Node 0, once N vouched entries are there, claims the job (`leases.claim_model`, matched on the array's
-  length and on its own entry 0) and from then on owns `run`, `lease` and `status` as for one node; each other member
-  starts its node when it sees the document running with its entry in place and node 0's daemon owning the lease.
-  Every node's child runs torchrun's agent with `--nnodes N --node-rank i` and node 0's endpoint (static
-  rendezvous: node 0's agent hosts the store).
+  length and on its own entry 0) and from then on owns `run`, `lease` and `status` as for one node; then it records
+  in its own node record the run it claimed and a rendezvous id of its own making. Each other member starts its node
+  when it sees the document running with its entry in place and node 0's record naming that run: never on the
+  document's `status` or `lease`, which a writer can type. Every node's child runs torchrun's agent with
+  `--nnodes N --node-rank i`, node 0's endpoint and that id (static rendezvous: node 0's agent hosts the store, and
+  an agent of another id, a stray, never gets past the rendezvous; `training.ranks`).
 - Deadline. A gang not started `gang_wait_s` after node 0's record was written (its daemon's clock, not the
   document's `joined_at`), short or whole, or with a lost member, is dissolved (`nodes` unset, matched on its
-  length and first owner) by whichever member sees it: each gives its slot back and may join again, so two gangs
-  never each hold part of the daemons for ever. A gang at its deadline that fewer live daemons than its nodes could
-  host (their heartbeats' GPUs) fails the job, naming them.
+  node 0's owner alone, so a member that joined meanwhile goes with it) by whichever member sees it: each gives
+  its slot back and may join again, so two gangs never each hold part of the daemons for ever. A gang at its
+  deadline that fewer live daemons than its nodes could host (their heartbeats' GPUs) fails the job, naming them.
 - One fate. Rank 0 (on node 0) alone writes progress, metrics and checkpoints; every rank of every node is fenced on
   the run and node 0's lease, and the others write only `error`. Cancel and SIGTERM reach every rank through the
   ranks' per-step all-reduce (`training.ranks`). A node whose daemon dies breaks its peers' collectives (the process
@@ -31,8 +35,9 @@ the listener's, but a user can write it too, so each entry counts only while its
   counted as for an expired lease, to resume from its last checkpoint once N daemons join again. A member whose
   child ends on its own records its exit and run in its own node record (never the document's entry, which a user
   may write), so node 0 tells a failure from a loss. Every move out of `running` unsets `nodes`; a member whose
-  entry is gone stops its node. A member leaving a pending gang (stopping, or cut off) takes its entry out first
-  and forgets its record after, so no peer reads its entry unvouched and calls it forged.
+  entry is gone stops its node. A member leaving a gang, whatever the reason, gives back the pending gang its entry is
+  still in, if any, and forgets its record after (`leave`), so no peer reads its entry unvouched and calls it
+  forged.
 """
 
 import asyncio
@@ -41,9 +46,8 @@ import datetime as dt
 import logging
 import random
 import socket
+import uuid
 from dataclasses import dataclass, field
-
-from pymongo.errors import PyMongoError
 
 from listener.gpus import fits
 from listener.leases import claim_model, live_owners
@@ -60,18 +64,20 @@ POLL_S = 1.0  # how often a member reads its gang while it waits
 @dataclass(frozen=True)
 class Node:
     """What one node's child is given by its daemon, from records their daemons wrote: its rank among `count`,
-    node 0's endpoint, node 0's owner (whose lease fences every rank's writes) and, for the run's entry, every member."""
+    node 0's endpoint and the run's rendezvous id, node 0's owner (whose lease fences every rank's writes) and, for
+    the run's entry, every member."""
 
     rank: int
     count: int
     addr: str
     port: int
+    rendezvous: str
     lease_owner: str
     members: list = field(default_factory=list)
 
     def launch(self) -> dict:
         return {"rank": self.rank, "count": self.count, "addr": self.addr, "port": self.port,
-                "members": self.members}
+                "rendezvous": self.rendezvous, "members": self.members}
 
 
 @dataclass(frozen=True)
@@ -120,12 +126,12 @@ async def judge(listener, key: str, entries: list[Member], since: int = 0, run: 
     first unvouched entry is forged. `ports`: this operator's rendezvous range, where node 0's port must lie (judging
     from rank 0). Node 0 of a running gang judges from rank 1: its own hold is the run's lease."""
     live, _ = await live_owners(listener)
-    records = await _records(listener, key, entries[since:])
+    records, known = await _records(listener, key, entries[since:])
     lost, exited, vouching = [], [], []
     for rank, entry in enumerate(entries[since:], since):
         record = records.get(entry.owner)
         if not _vouches(record, rank, entry, ports, run):
-            if run is None:
+            if run is None and (entry.owner in live or entry.owner not in known):
                 return Verdict(lost, rank, exited, live, vouching)
             lost.append(rank)
             continue
@@ -137,15 +143,21 @@ async def judge(listener, key: str, entries: list[Member], since: int = 0, run: 
     return Verdict(lost, None, exited, live, vouching)
 
 
-async def _records(listener, key: str, entries: list[Member]) -> dict[str, NodeRecord]:
-    """The node records the entries' daemons wrote for this job, by owner; one of another shape vouches for nothing."""
-    found = {}
-    async for document in listener.find({"_id": {"$in": [record_id(e.owner, key) for e in entries]}, "kind": "node",
-                                         "model": key}):
-        with contextlib.suppress(BadRecord):
-            record = parse(NodeRecord, document)
-            found[record.owner] = record
-    return found
+async def _records(listener, key: str, entries: list[Member]) -> tuple[dict[str, NodeRecord], set[str]]:
+    """The node records the entries' daemons wrote for this job, by owner (one of another shape vouches for nothing),
+    and the owners of those entries that ever wrote a heartbeat, alive or not: a daemon killed outright leaves its
+    heartbeat, and the reaper forgets its node records (`forget_dead`)."""
+    owners = [e.owner for e in entries]
+    wanted = [record_id(o, key) for o in owners] + [f"{defaults.DAEMON_RECORD}{o}" for o in owners]
+    found, known = {}, set()
+    async for document in listener.find({"_id": {"$in": wanted}}, {"counters": 0, "trainings": 0}):
+        if document.get("kind") == "daemon":
+            known.add(document.get("owner"))
+        elif document.get("kind") == "node" and document.get("model") == key:
+            with contextlib.suppress(BadRecord):
+                record = parse(NodeRecord, document)
+                found[record.owner] = record
+    return found, known
 
 
 def _vouches(record: NodeRecord | None, rank: int, entry: Member, ports: tuple[int, int] | None,
@@ -169,19 +181,26 @@ def check_advertised(addr: str) -> None:
                            "the address of one of its own interfaces that the other hosts reach") from None
 
 
-def free_port(addr: str, ports: tuple[int, int], taken: set[int]) -> int | None:
-    """A port of the operator's range that this host can listen on at `addr` now, and no gang here holds; tried in
-    random order, so daemons sharing a host (and its range) seldom pick the same one before either listens."""
+def reserve_port(addr: str, ports: tuple[int, int]) -> socket.socket | None:
+    """A port of the operator's range at `addr`, bound and held (never listened on) for a gang's whole forming
+    window, so no other gang of any daemon on this host picks it meanwhile: node 0 lets it go (`release`) just
+    before its node starts, for its torchrun agent to listen there. Tried in random order."""
     for port in random.sample(range(ports[0], ports[1] + 1), ports[1] - ports[0] + 1):
-        if port in taken:
+        sock = socket.socket()
+        try:
+            sock.bind((addr, port))
+        except OSError:
+            sock.close()
             continue
-        with socket.socket() as sock:
-            try:
-                sock.bind((addr, port))
-            except OSError:
-                continue
-        return port
+        return sock
     return None
+
+
+def release(ports: dict[str, socket.socket], key: str) -> None:
+    """Let go of the port held for job `key`'s gang, if this daemon holds one."""
+    sock = ports.pop(key, None)
+    if sock is not None:
+        sock.close()
 
 
 def entry(owner: str, name: str, devices: tuple[int, ...] | None, lease_s: float, endpoint=None) -> dict:
@@ -197,8 +216,9 @@ def _length(count: int) -> dict:
 
 
 def as_read(entries: list[Member]) -> dict:
-    """Matches the gang as read: its first owner and its length."""
-    return {"nodes.0.owner": {"$eq": entries[0].owner}, **_length(len(entries))} if entries else _length(0)
+    """Matches the gang as read by its node 0's owner, not its length: a member that joined since is given back (or
+    failed) with it, never left behind in `nodes` with nobody's gang around it."""
+    return {"nodes.0.owner": {"$eq": entries[0].owner}}
 
 
 async def join(models, listener, doc_id, key: str, run: int, rank: int, new: dict) -> bool:
@@ -221,8 +241,28 @@ async def forget(listener, owner: str, key: str) -> None:
     await listener.delete_one({"_id": record_id(owner, key), "exit": None})
 
 
+async def leave(models, listener, doc_id, owner: str, key: str) -> None:
+    """This daemon's place in job `key`'s gang, given up: the pending gang its entry is still in given back whole,
+    then its record forgotten, never before (see "One fate")."""
+    await dissolve(models, doc_id, {"nodes.owner": {"$eq": owner}})
+    await forget(listener, owner, key)
+
+
 async def forget_all(listener, owner: str) -> None:
     await listener.delete_many({"kind": "node", "owner": {"$eq": owner}})
+
+
+async def forget_dead(listener, grace_s: float) -> None:
+    """Drop the node records of daemons killed outright (never `forget_all`): those this host sees are gone
+    (`liveness.dead`), and those whose heartbeat ran out more than `grace_s` ago, by when their gangs' live members
+    gave them back; a daemon only paused meanwhile finds its gang gone, not its entry unvouched. Their entries
+    count as lost without them (`judge`)."""
+    _, gone = await live_owners(listener)
+    expired = {"kind": "daemon", "alive_until": {"$lt": now() - dt.timedelta(seconds=grace_s)}}
+    gone |= {document["owner"] async for document in listener.find({**expired, "owner": {"$type": "string"}},
+                                                                     {"owner": 1})}
+    if gone:
+        await listener.delete_many({"kind": "node", "owner": {"$in": sorted(gone)}})
 
 
 async def renew(models, doc_id, rank: int, owner: str, lease_s: float, status: Status,
@@ -299,17 +339,25 @@ def waiting_note(entries: list[Member], count: int) -> str:
     return f"{len(entries)} of {count} nodes"
 
 
-def node_of(verdict: Verdict, rank: int, count: int) -> Node:
+async def record_claim(listener, owner: str, key: str, run: int) -> str:
+    """Node 0, having claimed `run`: say so in its own record, which its members start on (see "Start"); the run's
+    rendezvous id."""
+    rendezvous = uuid.uuid4().hex
+    await listener.update_one({"_id": record_id(owner, key)}, {"$set": {"claimed": run, "rendezvous": rendezvous}})
+    return rendezvous
+
+
+def node_of(verdict: Verdict, rank: int, count: int, rendezvous: str) -> Node:
     """This daemon's node, from the records of a gang judged whole: the run's entry lists what the daemons wrote."""
     first = verdict.records[0]
-    return Node(rank, count, first.addr or "", first.port or 0, first.owner,
+    return Node(rank, count, first.addr or "", first.port or 0, rendezvous, first.owner,
                 [{"rank": r.rank, "name": r.name, "host": r.host, "devices": r.devices} for r in verdict.records])
 
 
-async def take_place(gang: Gang, ports: dict[str, int]) -> int | None:
+async def take_place(gang: Gang, ports: dict[str, socket.socket]) -> int | None:
     """This daemon's node rank in the gang forming, once its entry is in; None when there is no place or no port.
     Daemons joining at once each try the next place, so they end up in rank order. `ports`: the rendezvous ports
-    this daemon's gangs hold, by model key; node 0 adds its own, which the caller removes when the gang ends."""
+    this daemon holds for its gangs, by model key; node 0 adds its own, which the caller `release`s."""
     settings = gang.settings
     for _ in range(gang.count):
         document = await gang.models.find_one({"_id": ids.eq(gang.state.id), **status_filter(Status.PENDING)},
@@ -322,25 +370,25 @@ async def take_place(gang: Gang, ports: dict[str, int]) -> int | None:
             return None
         endpoint = None
         if not entries:
-            port = free_port(settings.advertise_addr, settings.rendezvous_ports, set(ports.values()))
-            if port is None:
+            sock = reserve_port(settings.advertise_addr, settings.rendezvous_ports)
+            if sock is None:
                 log.warning("model %.200r: no free rendezvous port in %d-%d; leaving it to another listener",
                             gang.state.id, *settings.rendezvous_ports)
                 return None
-            endpoint = (settings.advertise_addr, port)
+            ports[gang.key] = sock
+            endpoint = (settings.advertise_addr, sock.getsockname()[1])
         new = entry(gang.owner, settings.name, gang.devices, settings.lease_s, endpoint)
         if await join(gang.models, gang.listener, gang.state.id, gang.key, gang.state.run, len(entries), new):
-            if endpoint:
-                ports[gang.key] = endpoint[1]
             log.info("model %.200r: joined as node %d of %d", gang.state.id, len(entries), gang.count)
             return len(entries)
+        release(ports, gang.key)
     return None
 
 
 async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, str]) -> tuple[Node, int] | None:
     """Wait as node `rank` for the others: (this node, the run) once it starts here, None once this daemon's place is
     given back (dissolved, failed, cancelled). `waiting` (the heartbeat's) says meanwhile how many nodes are there.
-    The caller forgets this daemon's node record once the gang ends: node 0 judges its members by it as they train."""
+    The caller `leave`s once the gang ends: node 0 judges its members by their records as they train."""
     try:
         while True:
             document = await renew(gang.models, gang.state.id, rank, gang.owner, gang.settings.lease_s, Status.PENDING)
@@ -355,13 +403,9 @@ async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, st
                 claimed = await claim_model(gang.models, gang.state, gang.owner, gang.settings.lease_s, warnings,
                                             match={"nodes.0.owner": {"$eq": gang.owner}, **_length(gang.count)})
                 if claimed is not None:
-                    return node_of(verdict, 0, gang.count), claimed["run"]
+                    rendezvous = await record_claim(gang.listener, gang.owner, gang.key, claimed["run"])
+                    return node_of(verdict, 0, gang.count, rendezvous), claimed["run"]
             await asyncio.sleep(POLL_S)
-    except (asyncio.CancelledError, PyMongoError):  # stopping, or cut off: its entry goes first, with its gang,
-        # then (the caller) its record, so no peer ever reads the entry unvouched for and calls it forged
-        with contextlib.suppress(PyMongoError):
-            await dissolve(gang.models, gang.state.id, {f"nodes.{rank}.owner": {"$eq": gang.owner}})
-        raise
     finally:
         waiting.pop(gang.key, None)
 
@@ -396,20 +440,23 @@ async def _keep(gang: Gang, entries: list[Member], document: dict) -> Verdict | 
 
 
 async def _started(gang: Gang, rank: int) -> tuple[Node, int] | None:
-    """A member other than node 0, its entry no longer pending: its node, if node 0 started the job with it (every
-    entry vouched for, the run's lease node 0's)."""
+    """A member other than node 0, its entry no longer pending: its node, once node 0's daemon recorded that it claimed
+    the document's run with every entry vouched for (see "Start"); None when that run is not one it claimed. Node 0
+    records its claim just after making it, so a member may read the document first: it reads again meanwhile."""
     if rank == 0:
         return None
-    document = await gang.models.find_one({"_id": ids.eq(gang.state.id), "status": Status.RUNNING.value,
-                                           f"nodes.{rank}.owner": {"$eq": gang.owner}},
-                                          {"nodes": 1, "run": 1, "lease": 1})
-    if document is None:
-        return None
-    state = parse(ModelState, document)
-    entries = state.nodes or []
-    verdict = await judge(gang.listener, gang.key, entries, run=state.run, ports=gang.settings.rendezvous_ports)
-    if len(entries) != gang.count or verdict.lost or state.lease is None or state.lease.owner != entries[0].owner:
-        log.warning("model %.200r: its running gang is not one this listener can vouch for; not starting",
-                    gang.state.id)
-        return None
-    return node_of(verdict, rank, gang.count), state.run
+    while True:
+        document = await gang.models.find_one({"_id": ids.eq(gang.state.id), "status": Status.RUNNING.value,
+                                               f"nodes.{rank}.owner": {"$eq": gang.owner}}, {"nodes": 1, "run": 1})
+        if document is None:
+            return None
+        state = parse(ModelState, document)
+        entries = state.nodes or []
+        verdict = await judge(gang.listener, gang.key, entries, run=state.run, ports=gang.settings.rendezvous_ports)
+        claimed = verdict.records[0].claimed if verdict.records and verdict.records[0].rank == 0 else None
+        if len(entries) != gang.count or verdict.lost or (claimed is not None and claimed != state.run):
+            log.warning("model %.200r: its running gang is not one its node 0 claimed; not starting", gang.state.id)
+            return None
+        if claimed == state.run:
+            return node_of(verdict, rank, gang.count, verdict.records[0].rendezvous or ""), state.run
+        await asyncio.sleep(POLL_S)

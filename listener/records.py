@@ -129,7 +129,8 @@ class DaemonRecord(_Record):
 
 class NodeRecord(_Record):
     """What a daemon vouches for in `_listener` while it is one node of a job (`listener.gangs`): its rank, what it
-    brings, node 0's rendezvous endpoint, and once its node ended on its own, the exit code and the run."""
+    brings, node 0's rendezvous endpoint and, once it claimed the job, the run it claimed and that run's rendezvous
+    id; once its node ended on its own, the exit code and the run."""
 
     owner: str
     model: str
@@ -142,6 +143,8 @@ class NodeRecord(_Record):
     port: int | None = None
     exit: int | None = None
     run: int | None = None
+    claimed: int | None = None
+    rendezvous: str | None = None
 
 
 def parse(kind: type[BaseModel], document: Any):

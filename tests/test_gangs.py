@@ -5,10 +5,12 @@ import asyncio
 import contextlib
 import datetime as dt
 
+import pytest
 from click.testing import CliRunner
 
 from listener import gangs, jobs
 from listener.cli.main import cli
+from listener.records import ModelState, parse
 from listener.status import MODEL_TRANSITIONS, Status, now, transition
 from tests.documents import model
 from tests.test_claims import PATH, StandIn, daemon, read, until
@@ -60,6 +62,7 @@ def test_three_daemons_racing_for_a_two_node_job_form_one_gang_of_two(server_uri
     zero, one = nodes[0][2], nodes[1][2]
     assert (zero.addr, zero.port) == (one.addr, one.port) == ("127.0.0.1", zero.port) and 29400 <= zero.port <= 29499
     assert zero.lease_owner == one.lease_owner and [m["rank"] for m in zero.members] == [0, 1]
+    assert zero.rendezvous == one.rendezvous != "", "both agents carry the run's rendezvous id"
     done = read(db, "m")
     assert done["status"] == "succeeded" and "nodes" not in done and done["run"] == 1
     assert db[defaults.LISTENER].count_documents({"kind": "node"}) == 0, "each daemon forgot its node record"
@@ -408,26 +411,240 @@ def test_a_node_lost_at_the_last_attempt_fails_the_run(server_uri, db, tmp_path)
     assert [e["event"] for e in failed["history"]] == ["node lost"]
 
 
-def test_a_gang_given_back_at_its_deadline_lets_the_daemon_run_another_job_first(server_uri, db, tmp_path):
-    """Two daemons can host a 2-node job, but b is busy, so its gang is given back at each deadline. Daemon a, its
-    slot free again, takes the next pending job before that gang's again: else, reading pending jobs in order, it
-    would join the gang first every time and another user's job would wait as long as b stays busy."""
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_gangs_given_back_at_their_deadline_let_the_daemon_run_another_job_first(server_uri, db, tmp_path, count):
+    """Two daemons can host each 2-node job, but b is busy, so each gang is given back at its deadline. Daemon a, its
+    slot free again, takes the next job of one node before any gang again, however many gangs precede that job:
+    else, reading pending jobs in order, it would join a gang first every time (with a rest per gang, the next gang
+    each deadline) and another user's job would wait as long as b stays busy."""
     db[defaults.MODELS].insert_one(model("busy", PATH))
     stand_in = AnyStandIn()
+    gang_ids = [f"g{i}" for i in range(count)]
 
     async def body():
         async with live(server_uri, db, tmp_path, stand_in, "a", "b", gang_wait_s=1, heartbeat_s=30) as (a, b):
             await b.consider_model(read(db, "busy"))
             await until(lambda: [m for m, _, _ in stand_in.runs] == ["busy"])
-            db[defaults.MODELS].insert_many([model("gang", PATH, trainer={"num_nodes": 2}), model("other", PATH)])
+            db[defaults.MODELS].insert_many([*(model(g, PATH, trainer={"num_nodes": 2}) for g in gang_ids),
+                                             model("other", PATH)])
             await a._scan_models()
-            await until(lambda: a.gpus.waiting.get(ids.key("gang")) == "1 of 2 nodes")
-            await until(lambda: len(stand_in.runs) == 2, timeout_s=15)
+            await until(lambda: a.gpus.waiting.get(ids.key("g0")) == "1 of 2 nodes")
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: len(stand_in.runs) == 2, timeout_s=15)  # fifteen gang deadlines
             stand_in.finish.set()
             for d in (a, b):
                 d.stop_event.set()
             await until(lambda: not (a.trainings or b.trainings))
 
     asyncio.run(body())
-    assert [m for m, _, _ in stand_in.runs] == ["busy", "other"]
-    assert read(db, "gang").get("status", "pending") == "pending" and "nodes" not in read(db, "gang")
+    assert [m for m, _, _ in stand_in.runs] == ["busy", "other"], \
+        f"another user's job never ran in fifteen gang deadlines: {stand_in.runs}"
+    for g in gang_ids:
+        assert read(db, g).get("status", "pending") == "pending" and "nodes" not in read(db, g)
+
+
+async def after_node_0_polls(db, doc_id) -> None:
+    """Return just after node 0 renewed its entry and before node 1 next does, as a writer reading its own document
+    can tell (each member's renewal moves its entry's `expires_at`)."""
+    def expiries():
+        return [e["expires_at"] for e in read(db, doc_id)["nodes"]]
+
+    for _ in range(20):
+        before = expiries()
+        await until(lambda: expiries()[0] != before[0])
+        if expiries()[1] == before[1]:
+            return
+    raise AssertionError("node 1 always renewed right after node 0")
+
+
+async def forge_a_running_lease(db, a, b) -> None:
+    """The writer's 2-node job "m": a joins as node 0, the writer sets `run: 7` (node 0's claim, matched on the run it
+    read, now never matches), b joins as node 1; then, just after a's poll, the writer sets `status: "running"` and
+    `lease.owner` to a's owner, a day ahead."""
+    key = ids.key("m")
+    await a.consider_model(read(db, "m"))
+    await until(lambda: a.gpus.waiting.get(key) == "1 of 2 nodes")
+    db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {"run": 7}})
+    await b.consider_model(read(db, "m"))
+    await until(lambda: b.gpus.waiting.get(key) == "2 of 2 nodes")
+    await after_node_0_polls(db, "m")
+    db[defaults.MODELS].update_one({"_id": "m"}, {"$set": {
+        "status": "running", "lease": {"owner": a.owner, "expires_at": now() + dt.timedelta(days=1)}}})
+
+
+def test_forgery_a_member_starts_its_node_on_a_lease_node_0_never_wrote(server_uri, db, tmp_path):
+    """A member starts its node only once node 0 claimed the job, never on a `status`/`lease` a writer typed
+    (`forge_a_running_lease`). Had b started on that lease, its slot would be held by a run nobody
+    claimed and its agent would dial a port a gives back and may hand to its next gang: b waits for a's own record of
+    its claim (`gangs.record_claim`), which never comes."""
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
+    stand_in = NodeStandIn()
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", gang_wait_s=30, heartbeat_s=30) as (a, b):
+            await forge_a_running_lease(db, a, b)
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: bool(stand_in.nodes) or not (a.trainings or b.trainings))
+            stand_in.finish.set()
+            for d in (a, b):
+                d.stop_event.set()
+            await until(lambda: not (a.trainings or b.trainings))
+
+    asyncio.run(body())
+    started = [(name, node.rank, node.lease_owner) for name, node in stand_in.nodes]
+    assert started == [], f"a node started on a lease the writer wrote, node 0 never claiming: {started}"
+
+
+class JobStandIn(NodeStandIn):
+    """Also records which job each node belongs to."""
+
+    def __init__(self):
+        super().__init__()
+        self.jobs: list = []
+
+    async def __call__(self, db, settings, model_id, run: int, owner: str, forks=None, devices=None, node=None):
+        self.jobs.append((model_id, settings.name, node.rank, node.addr, node.port))
+        return await super().__call__(db, settings, model_id, run, owner, forks, devices, node)
+
+
+def test_forgery_a_stray_node_dials_the_rendezvous_node_0_then_hosts_for_another_users_job(server_uri, db, tmp_path):
+    """Another user's gang is the only one whose agents are told to meet at its rendezvous.
+
+    As in the lease test, the writer types a running lease for its job so that b might start node 1 on it while a
+    gives its place and its port back. a's host has one rendezvous port (any range is reused the same way, by chance).
+    Another user's 2-node job then forms on d (node 0, on a's host: that same port; a itself rests from gangs once it
+    gave one back) and c: no node of the writer's job
+    may be dialling that endpoint as one of its ranks (and a stray agent would carry another run's rendezvous id)."""
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
+    stand_in = JobStandIn()
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", "c", "d", gang_wait_s=30, heartbeat_s=30,
+                        rendezvous_ports=(29400, 29400)) as (a, b, c, d):
+            await forge_a_running_lease(db, a, b)
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: bool(stand_in.jobs) and not a.trainings)
+            db[defaults.MODELS].insert_one(model("victim", PATH, trainer={"num_nodes": 2}))
+            await d.consider_model(read(db, "victim"))
+            await until(lambda: d.gpus.waiting.get(ids.key("victim")) == "1 of 2 nodes")
+            await c.consider_model(read(db, "victim"))
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: len(stand_in.jobs) >= 3)
+            stand_in.finish.set()
+            for one in (a, b, c, d):
+                one.stop_event.set()
+            await until(lambda: not any(one.trainings for one in (a, b, c, d)))
+
+    asyncio.run(body())
+    victims = {(addr, port) for job, _, _, addr, port in stand_in.jobs if job == "victim"}
+    strays = [(job, name, rank, addr, port) for job, name, rank, addr, port in stand_in.jobs
+              if job != "victim" and (addr, port) in victims]
+    assert strays == [], f"another job's node was started at the other user's rendezvous: {stand_in.jobs}"
+
+
+def test_rendezvous_two_pending_gangs_on_one_host_are_given_one_port(server_uri, db, tmp_path):
+    """Two jobs' gangs are never given the same rendezvous endpoint, whoever inserted them.
+
+    Daemons a and b share a host (one address, its operator's one range: here one port, so what a range of 100
+    gives by chance happens every time; a writer inserting many 2-node jobs makes it likely with any range). Node 0
+    listens only when its gang starts, up to `gang_wait_s` after its pick, so it holds the port bound meanwhile
+    (`gangs.reserve_port`): b, node 0 of another user's job while a forms the writer's, finds none free and leaves
+    that job to another listener, rather than both jobs' nodes 1 being told to meet at 29400."""
+    db[defaults.MODELS].insert_many([model("w", PATH, trainer={"num_nodes": 2}),
+                                     model("victim", PATH, trainer={"num_nodes": 2})])
+    stand_in = JobStandIn()
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", "c", "d", heartbeat_s=30,
+                        rendezvous_ports=(29400, 29400)) as (a, b, c, d):
+            await a.consider_model(read(db, "w"))
+            await until(lambda: a.gpus.waiting.get(ids.key("w")) == "1 of 2 nodes")
+            await b.consider_model(read(db, "victim"))
+            await until(lambda: not b.trainings)  # a holds the one port: b has none to offer
+            assert "nodes" not in read(db, "victim")
+            await c.consider_model(read(db, "w"))
+            await d.consider_model(read(db, "victim"))
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: len(stand_in.jobs) == 4)
+            stand_in.finish.set()
+            for one in (a, b, c, d):
+                one.stop_event.set()
+            await until(lambda: not any(one.trainings for one in (a, b, c, d)))
+
+    asyncio.run(body())
+    endpoints = {}
+    for job, _, _, addr, port in stand_in.jobs:
+        endpoints.setdefault((addr, port), set()).add(job)
+    shared = {endpoint: jobs for endpoint, jobs in endpoints.items() if len(jobs) > 1}
+    assert shared == {}, f"two jobs' nodes were given one rendezvous endpoint: {stand_in.jobs}"
+
+
+def test_race_a_gang_that_grew_as_node_0_gave_it_back_fails_the_users_untouched_job(server_uri, db, tmp_path):
+    """A gang given back at its deadline is given back whole, and never ends a job nobody wrote to `failed`.
+
+    A 3-node job and three live daemons. a is node 0; its deadline passes as c joins, between a's read of the gang
+    (one entry) and its `dissolve`. Matched on that length, it would match nothing, a would forget its node record
+    with its entry 0 still in `nodes`, and c's next poll, finding entry 0 vouched for by nobody, would fail the job
+    `invalid_document` naming `nodes`, though no one but the daemons wrote it. Matched on node 0's owner, c's entry
+    goes with the gang. Driven step by step here (gangs' own functions, the real server): the daemons' polls hit
+    this interleaving only by chance, a join landing in the milliseconds between node 0's read and its write."""
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 3}))
+    key = ids.key("m")
+
+    async def body():
+        async with live(server_uri, db, tmp_path, NodeStandIn(), "a", "b", "c", gang_wait_s=1,
+                        heartbeat_s=30) as (a, _, c):
+            models = a.books[defaults.MODELS]  # read as the daemons read (timezone-aware)
+            state = parse(ModelState, await models.find_one({"_id": "m"}))
+
+            def gang(d):
+                return gangs.Gang(d.books[defaults.MODELS], d.books[defaults.LISTENER], d.settings, d.owner, state,
+                                  key, 3, 0, None)
+
+            assert await gangs.take_place(gang(a), a.ports) == 0
+            as_a_read = await models.find_one({"_id": "m"})  # a's poll reads its gang: one entry
+            assert await gangs.take_place(gang(c), c.ports) == 1  # c joins, within the deadline
+            record = await a.books[defaults.LISTENER].find_one({"_id": gangs.record_id(a.owner, key)})
+            await until(lambda: now() - record["at"] > dt.timedelta(seconds=1.5))  # a's deadline passed
+            kept = await gangs._keep(gang(a), gangs.members(as_a_read), as_a_read)  # a's deadline: give it back
+            assert kept is None and "nodes" not in read(db, "m"), "given back whole"
+            await gangs.leave(models, a.books[defaults.LISTENER], "m", a.owner, key)  # as a's `_gang` does
+            now_read = await models.find_one({"_id": "m"})
+            await gangs._keep(gang(c), gangs.members(now_read), now_read)  # c's next poll
+
+    asyncio.run(body())
+    document = read(db, "m")
+    assert document.get("status", "pending") == "pending", (document.get("status"), document.get("error"))
+
+
+def test_a_killed_daemons_node_record_is_forgotten_and_its_entry_given_back_not_failed(server_uri, db, tmp_path):
+    """A daemon killed outright never forgets its node records (`forget_all` is its clean stop's): a live daemon's
+    reaper drops them, and the pending gang its entry is left in is given back, never failed as forged (its
+    heartbeat, expired, is still there: an entry naming a daemon that never wrote one is forged)."""
+    key = ids.key("m")
+    dead = "z:1:dead"
+    first = gangs.entry(dead, "z", None, 60, ("127.0.0.1", 29400))
+    gone = now() - dt.timedelta(minutes=5)
+    db[defaults.LISTENER].insert_one({"_id": f"{defaults.DAEMON_RECORD}{dead}", "kind": "daemon", "owner": dead,
+                                      "name": "z", "host": "h", "heartbeat_at": gone, "alive_until": gone})
+    db[defaults.LISTENER].insert_one({"_id": gangs.record_id(dead, key), "kind": "node", "model": key, "rank": 0,
+                                      "at": now(), **{k: first[k] for k in ("owner", "name", "host", "devices",
+                                                                             "addr", "port")}})
+    db[defaults.MODELS].insert_one({**model("m", PATH, trainer={"num_nodes": 2}), "nodes": [first]})
+    paused, just = "y:1:paused", now() - dt.timedelta(seconds=1)  # within gang_wait_s: its gang's peers decide
+    db[defaults.LISTENER].insert_many([
+        {"_id": f"{defaults.DAEMON_RECORD}{paused}", "kind": "daemon", "owner": paused, "name": "y", "host": "h",
+         "heartbeat_at": just, "alive_until": just},
+        {"_id": gangs.record_id(paused, "other"), "kind": "node", "model": "other", "rank": 1, "owner": paused,
+         "name": "y", "host": "h", "devices": ["cpu"], "at": just}])
+
+    async def body():
+        async with live(server_uri, db, tmp_path, NodeStandIn(), "a") as (a,):
+            await a.reap_requests()
+            assert [r["owner"] for r in db[defaults.LISTENER].find({"kind": "node"})] == [paused]
+            await a.consider_model(read(db, "m"))
+            await until(lambda: not a.trainings)
+
+    asyncio.run(body())
+    document = read(db, "m")
+    assert document.get("status", "pending") == "pending" and "nodes" not in document, document.get("error")

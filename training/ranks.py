@@ -21,9 +21,9 @@ initialised in a process that forks. What holds for one process holds for the gr
   code says only whether some worker failed, and a rank with none recorded died outright.
 
 A job of several nodes (`trainer.num_nodes`, agreed by the daemons in `listener.gangs`) is the same on each node's
-host with `--nnodes N --node-rank i` and node 0's endpoint, given by the daemon (never by the document): static
-rendezvous, node 0's agent hosting the store, so global rank 0 (the one that writes) is on node 0. Each node's
-agent starts and supervises only its own ranks, in its own work folder.
+host with `--nnodes N --node-rank i`, node 0's endpoint and the run's rendezvous id, given by the daemon (never by
+the document): static rendezvous, node 0's agent hosting the store, so global rank 0 (the one that writes) is on
+node 0. Each node's agent starts and supervises only its own ranks, in its own work folder.
 """
 
 import json
@@ -106,12 +106,13 @@ def exit_code(work: Path, code: int) -> int:
 
 def rendezvous(node: dict | None) -> list[str]:
     """torchrun's options for where its agents meet: this host alone, or the daemons' gang (`node`: rank, count,
-    node 0's addr and port)."""
+    node 0's addr and port, and the run's rendezvous id, which the static rendezvous prefixes its keys with: an
+    agent of another run that reaches this endpoint waits on keys no agent of this one writes, and times out)."""
     if node is None:
         return ["--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
     return [f"--nnodes={node['count']}", f"--node-rank={node['rank']}", "--rdzv-backend=static",
             f"--master-addr={node['addr']}", f"--master-port={node['port']}",
-            f"--rdzv-conf=timeout={RENDEZVOUS_TIMEOUT_S}"]
+            f"--rdzv-id={node['rendezvous']}", f"--rdzv-conf=timeout={RENDEZVOUS_TIMEOUT_S}"]
 
 
 def launch(db, match: dict, work: Path, raw: dict, count: int, argv: list[str], forked: Callable | None,
