@@ -21,7 +21,7 @@ from pymongo.errors import PyMongoError
 
 from listener import health
 from listener.records import SkipLog, read_each
-from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status
+from listener.status import BY_STATUS, MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status
 from training import defaults, ids
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)  # seconds, claim to done
 MIB = 2**20  # nvidia-smi reports memory in MiB
 MAX_GPUS = 64  # more lines than any host has GPUs is not nvidia-smi talking
-BY_STATUS = [{"$group": {"_id": "$status", "n": {"$sum": 1}}}]
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -121,9 +120,8 @@ class Metrics:
         family = GaugeMetricFamily(name, f"Documents in {collection} by status (all daemons)", labels=["status"])
         counts = {status.value: 0 for status in set(table).union(*table.values())}
         async for row in await self.daemon.db[collection].aggregate(BY_STATUS):
-            status = row["_id"] if row["_id"] is not None else Status.PENDING.value
-            if isinstance(status, str) and status in counts:  # a user may write any value, even a document
-                counts[status] += row["n"]
+            if row["_id"] in counts:  # a status users made up is grouped as `other`
+                counts[row["_id"]] += row["n"]
         for status, n in sorted(counts.items()):
             family.add_metric([status], n)
         return family

@@ -24,6 +24,13 @@ REQUEST_TRANSITIONS = {
     S.PENDING: {S.RUNNING, S.FAILED, S.CANCELLED},
     S.RUNNING: {S.DONE, S.FAILED, S.CANCELLED, S.PENDING},
 }
+# Documents by status, one `$group` stage that no document can fail: it groups on a status only where it is a string
+# (missing or null is pending, anything else `other`). Grouping on any value fails the whole `$group` for one status
+# nested ~975 levels deep (`InternalError`), and a value of another BSON type could not be hashed by the caller.
+BY_STATUS = [{"$group": {"_id": {"$switch": {"branches": [
+    {"case": {"$eq": [{"$type": "$status"}, "string"]}, "then": "$status"},
+    {"case": {"$in": [{"$type": "$status"}, ["missing", "null"]]}, "then": S.PENDING.value}],
+    "default": "other"}}, "n": {"$sum": 1}}}]
 DOCUMENT_VALIDATION_FAILURE = 121
 BAD_VALUE = 2  # e.g. `$push` onto a field that is not an array
 

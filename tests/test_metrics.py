@@ -20,6 +20,7 @@ from listener.embedded import free_port
 from listener.metrics import Metrics, parse_gpu_memory
 from listener.processes import wait_until
 from tests.conftest import finished, wait_for
+from tests.documents import insert_nested, nested_document
 from training import defaults, ids
 
 
@@ -202,3 +203,27 @@ def test_class7_two_models_whose_ids_print_alike_are_two_series_in_metrics(clien
     labels = asyncio.run(two_refreshes())
     assert len(labels) == 2, labels
     assert len(set(labels)) == 2, f"two models, one series name and labels: {labels}"
+
+
+def test_class5_a_status_nested_deeper_than_the_server_groups_never_stales_the_metrics(client, db):
+    """One request whose `status` nests ~975 deep made the server fail the whole `$group` by status, so every
+    daemon's documents-by-status gauges kept their old values while it existed: it is a status users made up, left
+    out of the labels (`listener.status.BY_STATUS`, the grouping `listener status` uses too)."""
+    insert_nested(db[defaults.REQUESTS], {"_id": 1, "model": "m", "input": "hi", "status": nested_document(975)})
+    db[defaults.REQUESTS].insert_many([{"_id": 2, "model": "m", "input": "hi", "status": "done"},
+                                       {"_id": 3, "model": "m", "input": "hi"}])
+
+    async def refreshed() -> dict:
+        async_client = AsyncMongoClient(client.address[0], client.address[1], directConnection=True)
+        try:
+            stand_in = SimpleNamespace(db=async_client[db.name], owner="metrics-status", counters={}, trainings={},
+                                       serving=SimpleNamespace(queues=SimpleNamespace(queued=lambda: {})))
+            metrics = Metrics(stand_in)
+            await metrics.refresh()
+            return {s.labels["status"]: s.value for family in metrics.registry.collect() for s in family.samples
+                    if s.name == "mongotune_requests"}
+        finally:
+            await async_client.close()
+
+    counts = asyncio.run(refreshed())
+    assert counts["done"] == 1 and counts["pending"] == 1 and "other" not in counts, counts

@@ -10,7 +10,7 @@ from rich.table import Table
 from listener import health
 from listener.cli.options import connection_options, open_database, operator_settings
 from listener.records import BadRecord, DaemonRecord, decoded, only, parse, raw, raw_id
-from listener.status import Status
+from listener.status import BY_STATUS, Status
 from listener.leases import alive
 from training import defaults
 from training.config import MAX_DEPTH, SpecError
@@ -128,15 +128,9 @@ def _readable(document) -> dict | None:
 
 
 def request_counts(database) -> dict[str, int]:
-    """Requests by status; statuses users made up are counted together as `other` (a line stays short). The server
-    groups on the status only where it is a string: grouping on any value fails the whole `$group` for one status
-    nested ~975 levels deep (`InternalError`), and a value of another BSON type could not be hashed here."""
-    kept = {"$switch": {"branches": [
-        {"case": {"$eq": [{"$type": "$status"}, "string"]}, "then": "$status"},
-        {"case": {"$in": [{"$type": "$status"}, ["missing", "null"]]}, "then": Status.PENDING.value}],
-        "default": "other"}}
+    """Requests by status; statuses users made up are counted together as `other` (a line stays short)."""
     counts: dict[str, int] = {}
-    for row in database[defaults.REQUESTS].aggregate([{"$group": {"_id": kept, "n": {"$sum": 1}}}]):
+    for row in database[defaults.REQUESTS].aggregate(BY_STATUS):
         name = row["_id"] if row["_id"] in {s.value for s in Status} else "other"
         counts[name] = counts.get(name, 0) + row["n"]
     return counts
