@@ -18,8 +18,9 @@ GOOD_MODELS = [
                  "deepspeed": {"zero_optimization": {"stage": 2}}, "bits": 4}},
     {"model_name_or_path": "m", "data": {"collection": "c", "key": "messages", "filter": {"x": {"$gt": 1}},
                                          "valid_fraction": 0.2, "limit": 10}, "model_kwargs": {"dtype": "bfloat16"},
-     "description": "chat", "cancel": False},    # a collection's own field names are free-form: spaces, accents, a `$` past a name's first character
-    {"model_name_or_path": "m", "data": {"collection": "c", "key": ["un título", "price$.é"], "fold_field": "fold"}},
+     "description": "chat", "cancel": False},
+    # a collection's own field names are free-form: spaces, accents, a `$` past a name's first character
+    {"model_name_or_path": "m", "data": {"collection": "c", "key": ["un título", "price$ é"], "fold_field": "fold"}},
 ]
 BAD_MODELS = [
     {"data": {"collection": "c"}},
@@ -34,11 +35,14 @@ BAD_MODELS = [
      "data": {"collection": "c", "key": ["x" * (MAX_KEY_CHARS + 1), "y", "z"]}},
     {"model_name_or_path": "m", "data": {"collection": "c", "key": "x" * (MAX_KEY_CHARS + 1)}},
     {"model_name_or_path": "m", "data": {"collection": "c", "fold_field": "x" * (MAX_KEY_CHARS + 1)}},
-    # Field names are projected by the read: an operator or an empty part is no field (the pattern reaches the
-    # validator).
+    # Field names are projected by the read and rows read by name: an operator, an empty part or a dotted path is no
+    # top-level field (the pattern reaches the validator).
     {"model_name_or_path": "m", "data": {"collection": "c", "key": "arr.$"}},
     {"model_name_or_path": "m", "data": {"collection": "c", "key": ["prompt", "a..b"]}},
-    {"model_name_or_path": "m", "data": {"collection": "c", "fold_field": "$fold"}},    {"model_name_or_path": "m", "data": {"collection": "c"}, "trainer": {"save_strategy": "no"}},
+    {"model_name_or_path": "m", "data": {"collection": "c", "fold_field": "$fold"}},
+    {"model_name_or_path": "m", "data": {"collection": "c", "key": "meta.title"}},
+    # a run that never saves would store nothing
+    {"model_name_or_path": "m", "data": {"collection": "c"}, "trainer": {"save_strategy": "no"}},
 ]
 GOOD_REQUESTS = [
     {"model": "m", "input": "hi"},

@@ -46,16 +46,17 @@ REVISION = r"^[A-Za-z0-9](\.?[A-Za-z0-9_/-])*\.?$"  # a branch, tag or commit ha
 PLAIN_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$"  # one file or folder name inside the model, never a path
 FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$"
 MAX_KEY_CHARS = 1024  # a field name the data section reads: errors and skip reasons quote it, so it stays short
-# A dotted path whose parts are any names a collection may hold (spaces, accents), none empty, none starting with
-# `$` and none holding NUL: the read projects it, and `arr.$` or `a..b` would be an operator or no path at all.
-DATA_FIELD_PATH = r"^[^.$\x00][^.\x00]*(\.[^.$\x00][^.\x00]*)*$"
+# A top-level field: any name a collection may hold (spaces, accents), not starting with `$`, with no dot and no NUL.
+# The read projects it and the rows are read by name, so `arr.$` would be an operator, and `meta.title` (projected
+# as `{meta: {title}}`) a name no row holds.
+DATA_FIELD_PATH = r"^[^.$\x00][^.\x00]*$"
 # A field of the user's documents that `data` names: the length bound and the pattern reach the write-time
 # validator, which keeps every quote of it small.
 DataField = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS, pattern=DATA_FIELD_PATH)]
 # What a refusal by pattern says to change, where the pattern alone would not say it plainly.
-PATTERN_HINTS = {DATA_FIELD_PATH: "must name a field of your documents: a name, or names joined by dots, none empty "
-                                  "and none starting with $ (the read projects it: operators such as arr.$ are not "
-                                  "field names)"}
+PATTERN_HINTS = {DATA_FIELD_PATH: "must name a top-level field of your documents: a name with no dot, not starting "
+                                  "with $ (operators such as arr.$ are not field names; a nested field needs "
+                                  "data.transform or a top-level copy)"}
 
 
 class SpecError(Exception):
@@ -181,18 +182,6 @@ class DataSpec(_Strict):
         fields = template_fields(self.template) if self.template else []
         fields += self.key if isinstance(self.key, list) else ([] if self.template else [self.key])
         return [*dict.fromkeys(fields), self.fold_field]
-
-    @model_validator(mode="after")
-    def _projectable(self) -> "DataSpec":
-        """The read projects its fields together, and the server refuses a projection of one inside another."""
-        names = self.read_fields()
-        clash = next(((a, b) for a in names for b in names if b.startswith(a + ".")), None)
-        if clash is None:
-            return self
-        field = ("data.fold_field" if self.fold_field in clash else
-                 "data.template" if self.template and set(clash) & set(template_fields(self.template)) else "data.key")
-        raise SpecError(field, f"{clash[1]!r} lies inside {clash[0]!r}, and a read cannot fetch a field and one inside "
-                        "it together: name only one of them")
 
 
 class ModelKwargs(_Strict):
