@@ -299,9 +299,9 @@ class Daemon:
             except BadRecord as exc:  # a user rewrote the gang's fields as it formed
                 await fail_malformed(models, MODEL_TRANSITIONS, state.id, Status.PENDING, exc, self.skipped)
                 return True
-            if started is None:
+            if started == gangs.OVERDUE:
                 self.resting = asyncio.get_running_loop().time() + self.settings.gang_wait_s
-            else:
+            elif started is not None:
                 node, run = started
                 self.counters["trainings_started"] += node.rank == 0
                 gangs.release(self.ports, key)  # for node 0's agent to listen there
@@ -313,7 +313,8 @@ class Daemon:
                 await gangs.leave(models, listener, state.id, self.owner, key)
 
     def _rests(self) -> bool:
-        """Whether this daemon gave any gang back unstarted less than `gang_wait_s` ago: every job of one node goes
+        """Whether this daemon gave any gang back at its deadline less than `gang_wait_s` ago (never for a cancel or a
+        lost entry, which a writer can make at will): every job of one node goes
         first meanwhile. Resting each gang alone let a daemon go from one gang that cannot form (its hosts busy) to
         the next, each deadline, while another user's job waited; now N such gangs cost that job at most one
         `gang_wait_s` however large N is. The change stream and the periodic scan bring the gangs back."""

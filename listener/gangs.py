@@ -59,6 +59,7 @@ from training import defaults, ids
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often a member reads its gang while it waits
+OVERDUE = "overdue"  # what `form` returns once it gave its gang back at the deadline: the daemon rests from gangs
 
 
 @dataclass(frozen=True)
@@ -365,7 +366,7 @@ async def take_place(gang: Gang, ports: dict[str, socket.socket]) -> int | None:
         if document is None:
             return None
         entries = members(document)
-        if await _keep(gang, entries, document) is None or len(entries) >= gang.count or \
+        if not isinstance(await _keep(gang, entries, document), Verdict) or len(entries) >= gang.count or \
                 any(e.owner == gang.owner for e in entries):
             return None
         endpoint = None
@@ -385,10 +386,11 @@ async def take_place(gang: Gang, ports: dict[str, socket.socket]) -> int | None:
     return None
 
 
-async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, str]) -> tuple[Node, int] | None:
-    """Wait as node `rank` for the others: (this node, the run) once it starts here, None once this daemon's place is
-    given back (dissolved, failed, cancelled). `waiting` (the heartbeat's) says meanwhile how many nodes are there.
-    The caller `leave`s once the gang ends: node 0 judges its members by their records as they train."""
+async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, str]) -> tuple[Node, int] | str | None:
+    """Wait as node `rank` for the others: (this node, the run) once it starts here, OVERDUE or None once this daemon's
+    place is given back (at the deadline, or dissolved, failed, cancelled: `_keep`). `waiting` (the heartbeat's) says
+    meanwhile how many nodes are there. The caller `leave`s once the gang ends: node 0 judges its members by their
+    records as they train."""
     try:
         while True:
             document = await renew(gang.models, gang.state.id, rank, gang.owner, gang.settings.lease_s, Status.PENDING)
@@ -397,8 +399,8 @@ async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, st
             entries = members(document)
             waiting[gang.key] = waiting_note(entries, gang.count)
             verdict = await _keep(gang, entries, document)
-            if verdict is None:
-                return None
+            if not isinstance(verdict, Verdict):
+                return verdict
             if rank == 0 and len(entries) == gang.count:
                 claimed = await claim_model(gang.models, gang.state, gang.owner, gang.settings.lease_s, warnings,
                                             match={"nodes.0.owner": {"$eq": gang.owner}, **_length(gang.count)})
@@ -410,8 +412,10 @@ async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, st
         waiting.pop(gang.key, None)
 
 
-async def _keep(gang: Gang, entries: list[Member], document: dict) -> Verdict | None:
-    """The gang as read judged, if it may go on forming; None once it is dissolved or its job failed here."""
+async def _keep(gang: Gang, entries: list[Member], document: dict) -> Verdict | str | None:
+    """The gang as read judged, if it may go on forming; OVERDUE once it is given back at its deadline, None once it
+    is dissolved otherwise (cancelled, a member lost) or its job failed here. Only OVERDUE makes a daemon rest: a
+    cancel or a lost entry is the writer's to make, and would otherwise keep daemons off every other gang."""
     doc_id, settings = gang.state.id, gang.settings
     if document.get("cancel") is True:
         if entries:
@@ -435,6 +439,7 @@ async def _keep(gang: Gang, entries: list[Member], document: dict) -> Verdict | 
             log.info("model %.200r: %d of %d nodes after %.0f s, not started; giving every node back", doc_id,
                      len(entries), gang.count, settings.gang_wait_s)
             await dissolve(gang.models, doc_id, as_read(entries))
+            return OVERDUE
         return None
     return verdict
 

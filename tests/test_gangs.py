@@ -619,7 +619,7 @@ def test_race_a_gang_that_grew_as_node_0_gave_it_back_fails_the_users_untouched_
             record = await records.find_one({"_id": gangs.record_id(a.owner, key)})
             await records.update_one({"_id": record["_id"]}, {"$set": {"at": record["at"] - dt.timedelta(minutes=1)}})
             kept = await gangs._keep(gang(a), gangs.members(as_a_read), as_a_read)  # a's deadline: give it back
-            assert kept is None and "nodes" not in read(db, "m"), "given back whole"
+            assert kept == gangs.OVERDUE and "nodes" not in read(db, "m"), "given back whole"
             await gangs.leave(models, a.books[defaults.LISTENER], "m", a.owner, key)  # as a's `_gang` does
             now_read = await models.find_one({"_id": "m"})
             await gangs._keep(gang(c), gangs.members(now_read), now_read)  # c's next poll
@@ -660,3 +660,30 @@ def test_a_killed_daemons_node_record_is_forgotten_and_its_entry_given_back_not_
     asyncio.run(body())
     document = read(db, "m")
     assert document.get("status", "pending") == "pending" and "nodes" not in document, document.get("error")
+
+
+def test_a_gang_its_writer_cancels_leaves_no_daemon_resting_from_other_users_gangs(server_uri, db, tmp_path):
+    """Only a gang given back at its deadline makes a daemon rest from gangs: a writer who cancels its own forming
+    gang (or makes an entry lost) whenever daemons have joined it would otherwise keep each of them off every other
+    user's gang for `gang_wait_s`, again and again. Another user's 2-node job forms at once on the same daemons."""
+    db[defaults.MODELS].insert_one(model("w", PATH, trainer={"num_nodes": 3}))
+    stand_in = NodeStandIn()
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", gang_wait_s=120, heartbeat_s=30) as (a, b):
+            for d in (a, b):
+                await d.consider_model(read(db, "w"))
+            await until(lambda: a.gpus.waiting.get(ids.key("w")) == "2 of 3 nodes")
+            db[defaults.MODELS].update_one({"_id": "w"}, {"$set": {"cancel": True}})
+            await until(lambda: not (a.trainings or b.trainings))
+            resting = [d.settings.name for d in (a, b) if d._rests()]
+            db[defaults.MODELS].insert_one(model("theirs", PATH, trainer={"num_nodes": 2}))
+            for d in (a, b):
+                await d.consider_model(read(db, "theirs"))
+            await until(lambda: len(stand_in.nodes) == 2)
+            stand_in.finish.set()
+            await until(lambda: not (a.trainings or b.trainings))
+            return resting
+
+    assert asyncio.run(body()) == [], "a daemon rests from gangs after a gang its writer cancelled"
+    assert read(db, "theirs")["status"] == "succeeded"
