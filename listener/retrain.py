@@ -180,6 +180,14 @@ def filters_of(members: Members) -> dict[str, dict | None]:
     return {filter_key(spec.data.filter): spec.data.filter for spec, _ in members.values()}
 
 
+def by_filter(members: Members) -> list[tuple[dict | None, Members]]:
+    """The members grouped by their filter, each filter hashed once: an insert is checked once per filter."""
+    groups: dict[str, tuple[dict | None, Members]] = {}
+    for key, member in members.items():
+        groups.setdefault(filter_key(member[0].data.filter), (member[0].data.filter, {}))[1][key] = member
+    return list(groups.values())
+
+
 def filter_check(collection: str, query: dict | None) -> tuple[str, str]:
     """What a verdict on a filter is kept under: its collection and its key."""
     return collection, filter_key(query)
@@ -580,10 +588,9 @@ class Retrainer:
         doc_id = (change.get("documentKey") or {}).get("_id")
         members = self.following.get(collection, {})
         matched = {}
-        for fkey, query in filters_of(members).items():
+        for query, group in by_filter(members):
             if not checked or not query or await self._matches(collection, query, doc_id):
-                matched.update({key: member for key, member in members.items()
-                                if filter_key(member[0].data.filter) == fkey})
+                matched.update(group)
         states = await self._states(matched) if matched else {}
         if not states:  # nothing to count: a restart may see this insert again, and count it for no one again
             return
