@@ -525,7 +525,7 @@ class Retrainer:
                         else:
                             await self._count_from_now(collection, refused)
                             position = None
-                elif pipeline is not EVERY_INSERT:
+                elif pipeline is not EVERY_INSERT and await self._opens(collection):  # the filters are what fails
                     pipeline, checked = without_filters(collection, exc)
                 else:
                     log.warning("the server will not open a stream on %s (%s); trying again in %.1f s", collection,
@@ -534,6 +534,15 @@ class Retrainer:
                 log.warning("stream on %s broke (%s); reconnecting in %.1f s", collection, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+    async def _opens(self, collection: str) -> bool:
+        """Whether the server opens a stream of every insert into `collection`: where it refuses the filtered one too
+        (a view, a missing privilege, an election), the filters are not to blame and stay."""
+        try:
+            async with await self.db[collection].watch(EVERY_INSERT):
+                return True
+        except OperationFailure:
+            return False
 
     async def _pass_over(self, collection: str, pipeline: list[dict], position: dict) -> dict:
         """The point just past the next insert after `position` that `pipeline` selects, found by a stream that
