@@ -50,7 +50,7 @@ from listener.streams import LOST_TOKEN_CODES
 from listener.tasks import cancel_and_wait
 from training import defaults, ids, schedule
 from training.config import LISTENER_FIELDS, ModelSpec, SpecError, check_collection_type, parse_model
-from training.errors import cut
+from training.errors import cut, said
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +200,9 @@ def without_filters(collection: str, exc: OperationFailure) -> tuple[list[dict],
     return EVERY_INSERT, True
 
 
-def said(exc: OperationFailure) -> str:
+def briefly(exc: OperationFailure) -> str:
     """The server's own words for a refusal, short enough for a model's `warnings`."""
-    return cut(str((exc.details or {}).get("errmsg") or exc), 300)
-
-
-def filter_refused(exc: OperationFailure) -> str:
-    return f"the server refuses data.filter ({said(exc)})"
+    return cut(said(exc), 300)
 
 
 class Retrainer:
@@ -437,7 +433,7 @@ class Retrainer:
         except ExecutionTimeout:  # it ran out of its time: no verdict on the filter
             return None
         except OperationFailure as exc:
-            return filter_refused(exc)
+            return f"the server refuses data.filter ({briefly(exc)})"
         return None
 
     def _follow_schedules(self, models: dict) -> None:
@@ -515,7 +511,8 @@ class Retrainer:
                     continue  # at once, this once: the next attempt has no token to lose
                 if position != failed_at:  # once may be passing; twice at one point is not
                     failed_at = position
-                    log.warning("stream on %s failed (%s); opening it again in %.1f s", collection, said(exc), backoff)
+                    log.warning("stream on %s failed (%s); opening it again in %.1f s", collection, briefly(exc),
+                                backoff)
                 elif position is not None:  # a point a stream had reached: an insert there may be what fails
                     try:
                         position = await self._pass_over(collection, pipeline, position)
@@ -529,7 +526,7 @@ class Retrainer:
                     pipeline, checked = without_filters(collection, exc)
                 else:
                     log.warning("the server will not open a stream on %s (%s); trying again in %.1f s", collection,
-                                said(exc), backoff)
+                                briefly(exc), backoff)
             except PyMongoError as exc:
                 log.warning("stream on %s broke (%s); reconnecting in %.1f s", collection, exc, backoff)
             await asyncio.sleep(backoff)

@@ -12,6 +12,7 @@ from pymongo.errors import CollectionInvalid, OperationFailure
 from listener.status import MODEL_TRANSITIONS, REQUEST_TRANSITIONS, Status
 from training import defaults
 from training.config import LISTENER_FIELDS, ModelSpec, RequestSpec
+from training.errors import said
 from training.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ async def install(db, limits: Limits) -> bool:
                 await db.command("collMod", name, validator=validator, validationLevel="moderate")
     except OperationFailure as exc:
         log.warning("could not install the $jsonSchema validators (%s); documents are still checked by the daemon",
-                    (exc.details or {}).get("errmsg", exc))
+                    said(exc))
         return False
     return True
 
@@ -123,4 +124,4 @@ async def expire_requests(db, ttl_s: int | None) -> None:
             await requests.create_index("completed_at", name=TTL_INDEX, expireAfterSeconds=ttl_s)
     except OperationFailure as exc:
         log.warning("could not set the TTL index on %s (%s); answered requests are kept", defaults.REQUESTS,
-                    (exc.details or {}).get("errmsg", exc))
+                    said(exc))

@@ -22,12 +22,11 @@ from pathlib import Path
 
 from bson import json_util
 from pymongo import MongoClient
-from pymongo.errors import OperationFailure
 
 from training import (checkpoints, defaults, ids, lifeline, lineage, methods, packing, padding, promotion, ranks,
                       starting)
 from training.config import ModelSpec, SpecError, parse_model
-from training.errors import public_message
+from training.errors import public_message, said
 from training.inert import inert_logging
 from training.limits import Limits
 from training.progress import fence
@@ -234,20 +233,12 @@ def failure(exc: Exception) -> dict:
         return exc.as_error()
     if isinstance(exc, checkpoints.LimitExceeded):
         return {"type": "limit_exceeded", "field": exc.field, "message": public_message(str(exc))}
-    message = public_message(_said(exc))
+    message = public_message(said(exc))
     if "out of memory" in message.lower():
         return {"type": "out_of_memory", "message": message + (
             " (lower trainer.per_device_train_batch_size or trainer.max_seq_length, raise "
             "trainer.gradient_accumulation_steps, or load the base in 4 bits with trainer.bits: 4)")}
     return {"type": "training_failed", "message": f"{type(exc).__name__}: {message}"}
-
-
-def _said(exc: Exception) -> str:
-    """What an exception says: for the server's refusal its `errmsg` alone, never its whole reply, which holds the
-    deployment's `$clusterTime` signature and is no business of a document's."""
-    if isinstance(exc, OperationFailure) and (exc.details or {}).get("errmsg"):
-        return f"{exc.details['errmsg']} (code {exc.code})"
-    return str(exc) or type(exc).__name__
 
 
 def _logging(rank: str = "") -> None:

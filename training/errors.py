@@ -19,3 +19,12 @@ def cut(text: str, limit: int = MAX_CHARS) -> str:
 def public_message(text: str) -> str:
     """`text` without host paths, cut to a readable length."""
     return cut(_PATH.sub("<path>", text))
+
+
+def said(exc: Exception) -> str:
+    """What an exception says: for the server's refusal its `errmsg` alone, never its whole reply, which holds the
+    deployment's `$clusterTime` signature and is no business of a document's."""
+    details = getattr(exc, "details", None)
+    if isinstance(details, dict) and details.get("errmsg"):
+        return f"{details['errmsg']} (code {getattr(exc, 'code', None)})"
+    return str(exc) or type(exc).__name__
