@@ -43,8 +43,7 @@ def key(value) -> str:
     An id read raw (a document or array, as `listener.records.raw_id` gives one, perhaps nested deeper than the
     driver decodes) is keyed by its bytes: an Int32 and an Int64 of one value inside it give two keys, as do two
     orders of its fields. That is safe because a raw id is keyed only where its document cannot be decoded (to log
-    it once, to leave it out of later finds, whose queries carry the raw value itself): its key is never compared
-    with a decoded id's, and one document's raw id always has the same bytes."""
+    it once): its key is never compared with a decoded id's, and one document's raw id always has the same bytes."""
     if isinstance(value, RawBSONDocument):
         return f"raw:{hashlib.sha256(value.raw).hexdigest()}"
     return json_util.dumps(_one_integer_type(value), json_options=CANONICAL_JSON_OPTIONS)
