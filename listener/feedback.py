@@ -1,0 +1,91 @@
+"""The feedback trigger: once `feedback.every` new ratings of a model's answers were written since its last
+run started, one preference run starts (`trigger: "feedback"`, `training.feedback` reads its rows).
+
+The count lives in the requests themselves, so nothing in a daemon's memory can be lost or counted twice:
+at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
+`feedback_run: <the model's run>` (one `update_many`; a request is stamped once, by whichever daemon gets
+there first), then counts the stamps of the current run (`count_documents`, on the index
+`{model, feedback_run}`). A rating written while run R trains is stamped R and counts toward the run after
+R; nothing is stamped while a run is pending (its number is not known yet), so such ratings count toward it
+once it is claimed. `retrain.start` (`succeeded -> pending` at that run) makes the run start exactly once
+across daemons. Before starting, the rows are read once to see that they make a run (DPO: at least
+`preferences.MIN_ROWS` pairs); a model whose count has not moved since it had too few is not read again.
+The operator's `retrain_max_models` bounds how many models a daemon counts, in the order it first saw them.
+"""
+
+import asyncio
+import logging
+
+from pymongo.errors import OperationFailure
+
+from listener.records import ModelState, SkipLog
+from listener.status import Status
+from training import defaults, feedback, ids
+from training.config import ModelSpec
+from training.errors import cut, said
+from training.limits import Limits
+
+log = logging.getLogger(__name__)
+
+INDEX = "requests_feedback"
+COUNTING = (Status.SUCCEEDED, Status.RUNNING)  # a run's number is known: ratings count toward the next
+
+
+async def make_index(db) -> None:
+    """The index the stamps are counted on; a server or role that refuses it only makes each count scan."""
+    try:
+        await db[defaults.REQUESTS].create_index([("model", 1), ("feedback_run", 1)], name=INDEX)
+    except OperationFailure as exc:
+        log.warning("could not index %s for feedback counts (%s)", defaults.REQUESTS, cut(said(exc), 300))
+
+
+class FeedbackTrigger:
+    """Counts ratings for the models with `feedback`; the retrainer calls `due` and starts what it returns."""
+
+    def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog):
+        self.db, self.limits, self.max_models, self.skipped = db, limits, max_models, skipped
+        self.seen: dict[str, int] = {}  # by model key: the order this daemon first saw it in
+        self.too_few: dict[str, tuple[int, int]] = {}  # by model key: (run, count) when its rows made no run
+
+    async def due(self, models: dict[str, tuple[ModelSpec, ModelState]]) -> list[ModelState]:
+        """The states of the models whose feedback run is due, each at the run it follows."""
+        for key in sorted(models, key=lambda k: k not in self.seen):
+            self.seen.setdefault(key, len(self.seen))
+        self.seen = {key: n for key, n in self.seen.items() if key in models}
+        self.too_few = {key: seen for key, seen in self.too_few.items() if key in models}
+        followed = sorted(self.seen, key=self.seen.__getitem__)[:self.max_models]
+        if len(models) > len(followed):
+            log.warning("counting feedback for %d of %d models (MONGOTUNE_RETRAIN_MAX_MODELS)", len(followed),
+                        len(models))
+        due = []
+        for key in followed:
+            spec, state = models[key]
+            try:
+                if await self._due(key, spec, state):
+                    due.append(state)
+            except OperationFailure as exc:  # its filter fails on the server, or a request is too large to stamp
+                self.skipped.skip("feedback", spec.id, exc)
+        return due
+
+    async def _due(self, key: str, spec: ModelSpec, state: ModelState) -> bool:
+        if state.status not in COUNTING or state.run < 1:
+            return False
+        requests = self.db[defaults.REQUESTS]
+        await requests.update_many(feedback.uncounted(spec), {"$set": {"feedback_run": state.run}})
+        count = await requests.count_documents({"model": ids.eq(spec.id), "feedback_run": state.run})
+        if state.status is not Status.SUCCEEDED or count < spec.feedback.every or self.too_few.get(key) == (
+                state.run, count):
+            return False
+        if not await self._enough(spec):
+            self.too_few[key] = (state.run, count)
+            log.info("feedback for %.200r: %d new ratings, but too few usable %s to train on yet", spec.id, count,
+                     "pairs" if spec.feedback.method == "dpo" else "examples")
+            return False
+        return True
+
+    async def _enough(self, spec: ModelSpec) -> bool:
+        """Whether the rated answers a run would read make a run (DPO: pairs)."""
+        found = await self.db[defaults.REQUESTS].find(feedback.selection(spec), feedback.FIELDS,
+                                                      sort=feedback.NEWEST_FIRST,
+                                                      limit=self.limits.max_feedback_rows).to_list()
+        return await asyncio.to_thread(feedback.enough, found, spec, self.limits)
