@@ -4,10 +4,13 @@ run started, one preference run starts (`trigger: "feedback"`, `training.feedbac
 The count lives in the requests themselves, so nothing in a daemon's memory can be lost or counted twice:
 at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
 `feedback_run: <the model's run>` (one `update_many`; a request is stamped once, by whichever daemon gets
-there first), then counts the stamps of the current run (`count_documents`, on the index
-`{model, feedback_run}`). A rating written while run R trains is stamped R and counts toward the run after
-R; nothing is stamped while a run is pending (its number is not known yet), so such ratings count toward it
-once it is claimed. `retrain.start` (`succeeded -> pending` at that run) makes the run start exactly once
+there first), and those `feedback.filter` leaves out with 0 (never counted, never looked at again), then
+counts the stamps of the current run (`count_documents`). The index `{model, feedback_run, feedback.rating}`
+serves all three, so a pass reads only the ratings written since the last one, however many requests the
+model has. A rating written while run R trains is stamped R and counts toward the run after
+R; nothing is stamped while a run is pending (its number is not known yet): such ratings are stamped once it is
+claimed and count toward the run after it (which comes a little early rather than late, as with
+`retrain.on_new_documents`). `retrain.start` (`succeeded -> pending` at that run) makes the run start exactly once
 across daemons. Before starting, the rows are read once to see that they make a run (DPO: at least
 `preferences.MIN_ROWS` pairs); a model whose count has not moved since it had too few is not read again.
 The operator's `retrain_max_models` bounds how many models a daemon counts, in the order it first saw them.
@@ -34,7 +37,8 @@ COUNTING = (Status.SUCCEEDED, Status.RUNNING)  # a run's number is known: rating
 async def make_index(db) -> None:
     """The index the stamps are counted on; a server or role that refuses it only makes each count scan."""
     try:
-        await db[defaults.REQUESTS].create_index([("model", 1), ("feedback_run", 1)], name=INDEX)
+        await db[defaults.REQUESTS].create_index([("model", 1), ("feedback_run", 1), ("feedback.rating", 1)],
+                                                 name=INDEX)
     except OperationFailure as exc:
         log.warning("could not index %s for feedback counts (%s)", defaults.REQUESTS, cut(said(exc), 300))
 
@@ -72,6 +76,11 @@ class FeedbackTrigger:
             return False
         requests = self.db[defaults.REQUESTS]
         await requests.update_many(feedback.uncounted(spec), {"$set": {"feedback_run": state.run}})
+        if (passed_over := feedback.filtered_out(spec)) is not None:
+            try:
+                await requests.update_many(passed_over, {"$set": {"feedback_run": feedback.PASSED_OVER}})
+            except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
+                self.skipped.skip("feedback filter", spec.id, exc)
         count = await requests.count_documents({"model": ids.eq(spec.id), "feedback_run": state.run})
         if state.status is not Status.SUCCEEDED or count < spec.feedback.every or self.too_few.get(key) == (
                 state.run, count):

@@ -4,16 +4,21 @@ filter}`), started once across daemons, from the serving adapter, recorded in th
 Two daemons share the module's database (the module's and one more), checking every half second.
 """
 
+import asyncio
+
 import pytest
 from bson import ObjectId
 from click.testing import CliRunner
+from pymongo import AsyncMongoClient
 
 from listener.cli.main import cli
+from listener.feedback import FeedbackTrigger
+from listener.records import ModelState, SkipLog, parse
 from listener.processes import wait_until
 from tests.conftest import DaemonProcess, finished, settled, wait_for
 from tests.documents import model, request
 from training import defaults, feedback
-from training.config import parse_model
+from training.config import SpecError, parse_model, parse_request
 from training.limits import Limits
 
 DAEMON_ENV = {"MONGOTUNE_RETRAIN_CHECK_S": "0.5"}
@@ -153,17 +158,75 @@ def test_feedback_of_every_wrong_shape_is_skipped_and_counted_beside_good_feedba
         "feedback.better: input should be a valid string"}
 
 
-def test_a_feedback_filter_only_narrows_to_the_models_own_answers(db):
+def one_pass(server_uri, db, spec, state: dict) -> list:
+    """What one retrain check's feedback pass finds due, run in-process as a daemon runs it."""
+    async def run():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], Limits(), 10, SkipLog())
+            return await trigger.due({"k": (spec, parse(ModelState, state))})
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def test_a_feedback_filter_only_narrows_to_the_models_own_answers(db, server_uri):
     spec = parse_model({"_id": "mine", "model_name_or_path": "org/name", "data": {"collection": "notes"},
                         "feedback": {"method": "kto", "every": 2,
                                      "filter": {"$or": [{"model": "theirs"}, {"tag": "keep"}]}}})
     theirs = [answered(db, "theirs", f"their {n}", {"rating": 1}) for n in range(3)]
     kept = [answered(db, "mine", f"kept {n}", {"rating": 1}) for n in range(2)]
-    db[defaults.REQUESTS].update_many({"_id": {"$in": [d["_id"] for d in theirs + kept]}}, {"$set": {"tag": "keep"}})
-    answered(db, "mine", "untagged", {"rating": -1})
-    db[defaults.REQUESTS].insert_one({**request("pending_mine", "mine", "x"), "feedback": {"rating": 1},
-                                      "tag": "keep"})  # rated, but not answered
+    requests = db[defaults.REQUESTS]
+    requests.update_many({"_id": {"$in": [d["_id"] for d in theirs + kept]}}, {"$set": {"tag": "keep"}})
+    untagged = answered(db, "mine", "untagged", {"rating": -1})
+    requests.insert_one({**request("pending_mine", "mine", "x"), "feedback": {"rating": 1}, "tag": "keep"})  # unanswered
     selected = feedback.rated_requests(db, spec, Limits())
     assert sorted(d["input"] for d in selected) == ["kept 0", "kept 1"]
     assert set(selected[0]) <= set(feedback.FIELDS)  # only what a run reads of a request
-    assert db[defaults.REQUESTS].count_documents(feedback.uncounted(spec)) == 2
+
+    # A daemon's pass counts the two toward the run after 1, passes over the one the filter leaves out (looked at
+    # once), and stamps nothing of another model's or unanswered.
+    assert [s.id for s in one_pass(server_uri, db, spec, {"_id": "mine", "status": "succeeded", "run": 1})] == ["mine"]
+    stamps = {d["_id"]: d.get("feedback_run") for d in requests.find({}, {"feedback_run": 1})}
+    assert [stamps[d["_id"]] for d in kept] == [1, 1] and stamps[untagged["_id"]] == feedback.PASSED_OVER
+    assert all(stamps[d["_id"]] is None for d in theirs) and stamps["pending_mine"] is None
+    # While the run is pending nothing is stamped; once it trains, new ratings count toward the run after it.
+    late = answered(db, "mine", "late", {"rating": 1})
+    requests.update_one({"_id": late["_id"]}, {"$set": {"tag": "keep"}})
+    assert one_pass(server_uri, db, spec, {"_id": "mine", "status": "pending", "run": 1}) == []
+    assert "feedback_run" not in requests.find_one({"_id": late["_id"]})
+    assert one_pass(server_uri, db, spec, {"_id": "mine", "status": "running", "run": 2}) == []
+    assert requests.find_one({"_id": late["_id"]})["feedback_run"] == 2
+
+
+BASE = {"_id": "m", "model_name_or_path": "org/name", "data": {"collection": "notes"}}
+
+
+@pytest.mark.parametrize(("given", "field"), [
+    ({"method": "sft", "every": 2}, "feedback.method"), ({"method": "kto", "every": 0}, "feedback.every"),
+    ({"method": "kto"}, "feedback.every"), ({"method": "kto", "every": 2, "filter": {"$where": "1"}}, "feedback.filter"),
+    ({"method": "kto", "every": 2, "filter": {"$expr": {"$eq": [1, 1]}}}, "feedback.filter"),
+    ({"method": "kto", "every": 2, "filter": {"x": "y" * 20_000}}, "feedback.filter"),
+    ({"method": "kto", "every": 2, "by": "me"}, "feedback.by"), ({"method": "kto", "every": 2001}, "feedback.every"),
+])
+def test_a_models_feedback_is_allowlisted_and_bounded(given, field):
+    with pytest.raises(SpecError) as refused:
+        parse_model({**BASE, "feedback": given})
+    assert refused.value.field == field
+    assert parse_model({**BASE, "feedback": {"method": "dpo", "every": 2001}},
+                       Limits(max_feedback_rows=5000)).feedback.every == 2001
+
+
+def test_the_trainer_must_fit_the_feedback_method_too():
+    with pytest.raises(SpecError) as refused:
+        parse_model({**BASE, "trainer": {"packing": True}, "feedback": {"method": "dpo", "every": 2}})
+    assert refused.value.field == "trainer.packing" and "feedback runs train with method dpo" in str(refused.value)
+    with pytest.raises(SpecError) as refused:
+        parse_model({**BASE, "trainer": {"per_device_train_batch_size": 1}, "feedback": {"method": "kto", "every": 2}})
+    assert refused.value.field == "trainer.per_device_train_batch_size"
+    assert parse_model({**BASE, "trainer": {"packing": True}}).feedback is None
+
+
+@pytest.mark.parametrize("given", [{"rating": 1}, "junk", {"rating": {"$gt": 0}}, [1, 2], None])
+def test_a_request_with_any_feedback_parses(given):
+    assert parse_request({**request("r", "m", "hi"), "feedback": given}).feedback == given

@@ -37,16 +37,30 @@ def run_spec(spec: ModelSpec, document: dict) -> ModelSpec:
     return spec.model_copy(update={"method": spec.feedback.method}) if from_feedback(document, spec) else spec
 
 
+def _own(spec: ModelSpec) -> dict:
+    """This model's done requests with a rating and a text answer."""
+    return {"model": ids.eq(spec.id), "status": defaults.Status.DONE.value, "feedback.rating": RATED,
+            "output": {"$type": "string"}}
+
+
 def selection(spec: ModelSpec) -> dict:
-    """This model's done requests with a rating and a text answer, narrowed by `feedback.filter`."""
-    own = {"model": ids.eq(spec.id), "status": defaults.Status.DONE.value, "feedback.rating": RATED,
-           "output": {"$type": "string"}}
-    return {"$and": [own, spec.feedback.filter]} if spec.feedback.filter else own
+    """This model's rated answers, narrowed by `feedback.filter` (ANDed: it can only narrow)."""
+    return {"$and": [_own(spec), spec.feedback.filter]} if spec.feedback.filter else _own(spec)
+
+
+UNSTAMPED = {"feedback_run": {"$exists": False}}
+PASSED_OVER = 0  # the stamp of a rating `feedback.filter` does not select: looked at once, never counted
 
 
 def uncounted(spec: ModelSpec) -> dict:
     """The rated answers no daemon has counted toward a run yet (`listener.feedback`)."""
-    return {"$and": [selection(spec), {"feedback_run": {"$exists": False}}]}
+    return {"$and": [selection(spec), UNSTAMPED]}
+
+
+def filtered_out(spec: ModelSpec) -> dict | None:
+    """The rated answers not counted yet that `feedback.filter` does not select (None without a filter): stamped
+    `PASSED_OVER`, so that each pass looks at new ratings only, however many the filter leaves out."""
+    return {"$and": [_own(spec), UNSTAMPED, {"$nor": [spec.feedback.filter]}]} if spec.feedback.filter else None
 
 
 def _source(doc: dict, **parts) -> dict:
