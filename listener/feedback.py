@@ -93,8 +93,12 @@ class FeedbackTrigger:
         return True
 
     async def _enough(self, spec: ModelSpec) -> bool:
-        """Whether the rated answers a run would read make a run (DPO: pairs)."""
-        found = await self.db[defaults.REQUESTS].find(feedback.selection(spec), feedback.FIELDS,
-                                                      sort=feedback.NEWEST_FIRST,
-                                                      limit=self.limits.max_feedback_rows).to_list()
-        return await asyncio.to_thread(feedback.enough, found, spec, self.limits)
+        """Whether the rated answers a run would read make a run (DPO: pairs). What is kept of them is bounded by the
+        operator's caps (rows, input length), whatever anyone inserted: a request too long is dropped as it comes,
+        and would be skipped by the run too."""
+        kept = []
+        async for doc in self.db[defaults.REQUESTS].find(feedback.selection(spec), feedback.FIELDS,
+                                                         sort=feedback.NEWEST_FIRST, limit=self.limits.max_feedback_rows):
+            if not feedback.too_long(doc, self.limits):
+                kept.append(doc)
+        return await asyncio.to_thread(feedback.enough, kept, spec, self.limits)

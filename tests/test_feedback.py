@@ -154,7 +154,7 @@ def test_feedback_of_every_wrong_shape_is_skipped_and_counted_beside_good_feedba
     # What looks like a rating in [-1, 1] is read and parsed; the rest is never selected.
     assert read["requests"] == 6 and read["skipped"]["count"] == 3
     assert {r["reason"] for r in read["skipped"]["reasons"]} == {
-        "feedback.better is longer than an input may be", "feedback has fields other than rating and better",
+        feedback.TOO_LONG, "feedback has fields other than rating and better",
         "feedback.better: input should be a valid string"}
 
 
@@ -230,3 +230,17 @@ def test_the_trainer_must_fit_the_feedback_method_too():
 @pytest.mark.parametrize("given", [{"rating": 1}, "junk", {"rating": {"$gt": 0}}, [1, 2], None])
 def test_a_request_with_any_feedback_parses(given):
     assert parse_request({**request("r", "m", "hi"), "feedback": given}).feedback == given
+
+
+def test_what_a_run_keeps_of_a_request_stays_within_the_input_caps():
+    limits = Limits(max_input_chars=100, max_messages=3)
+    chat = [{"role": "user", "content": "hi"}]
+    requests = [{"_id": 1, "input": "p", "output": "o" * 101, "feedback": {"rating": 1}},
+                {"_id": 2, "input": chat * 4, "output": "o", "feedback": {"rating": 1}},
+                {"_id": 3, "input": "p" * 101, "output": "o", "feedback": {"rating": 1}},
+                {"_id": 4, "input": chat * 3, "output": "o", "feedback": {"rating": -1, "better": "b"}},
+                {"_id": 5, "input": "p", "output": "o", "feedback": {"rating": 0.5}}]
+    built, reasons = feedback.sources(requests, "kto", limits)
+    assert [row["_id"] for row in built] == [4, 5] and reasons == {feedback.TOO_LONG: 3}
+    pairs, _ = feedback.sources(requests, "dpo", limits)
+    assert pairs == [{"_id": 4, "input": chat * 3, "chosen": "b", "rejected": "o"}]

@@ -82,10 +82,35 @@ def _pairs(rated: list[tuple[dict, object]]) -> list[dict]:
     return pairs
 
 
+TOO_LONG = "input, output or feedback.better longer than an input may be"
+
+
+def _chars(value) -> int:
+    """The characters of a text, or of a list's messages' contents (anything else in it counts one)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), str) else 1
+                   for m in value)
+    return 0
+
+
+def too_long(doc: dict, limits: Limits) -> bool:
+    """Whether a request's texts pass the input bounds (`max_input_chars`, `max_messages`): anyone may insert a
+    "done" request, and what a run or a daemon's check keeps of it stays within the operator's caps."""
+    better = doc.get("feedback", {}).get("better") if isinstance(doc.get("feedback"), dict) else None
+    texts = (doc.get("input"), doc.get("output"), better)
+    return (any(_chars(text) > limits.max_input_chars for text in texts)
+            or (isinstance(doc.get("input"), list) and len(doc["input"]) > limits.max_messages))
+
+
 def sources(requests: list[dict], method: str, limits: Limits) -> tuple[list[dict], Counter]:
     """Documents of the method's shape (`KEYS`) built from rated requests, and why the others were skipped."""
     rated, reasons = [], Counter()
     for doc in requests:
+        if too_long(doc, limits):
+            reasons[TOO_LONG] += 1
+            continue
         try:
             rated.append((doc, parse_feedback(doc.get("feedback"), limits)))
         except ValueError as why:
