@@ -49,18 +49,21 @@ class FeedbackTrigger:
     def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog):
         self.db, self.limits, self.max_models, self.skipped = db, limits, max_models, skipped
         self.seen: dict[str, int] = {}  # by model key: the order this daemon first saw it in
+        self.sightings = 0  # the number the next model seen gets
         self.too_few: dict[str, tuple[int, int]] = {}  # by model key: (run, count) when its rows made no run
+        self.past_bound = 0  # how many models there were when some were past the bound: logged when it changes
 
     async def due(self, models: dict[str, tuple[ModelSpec, ModelState]]) -> list[ModelState]:
         """The states of the models whose feedback run is due, each at the run it follows."""
-        for key in sorted(models, key=lambda k: k not in self.seen):
-            self.seen.setdefault(key, len(self.seen))
+        for key in sorted(set(models) - set(self.seen)):
+            self.seen[key], self.sightings = self.sightings, self.sightings + 1
         self.seen = {key: n for key, n in self.seen.items() if key in models}
         self.too_few = {key: seen for key, seen in self.too_few.items() if key in models}
         followed = sorted(self.seen, key=self.seen.__getitem__)[:self.max_models]
-        if len(models) > len(followed):
+        if len(models) > len(followed) and len(models) != self.past_bound:
             log.warning("counting feedback for %d of %d models (MONGOTUNE_RETRAIN_MAX_MODELS)", len(followed),
                         len(models))
+        self.past_bound = len(models) if len(models) > len(followed) else 0
         due = []
         for key in followed:
             spec, state = models[key]

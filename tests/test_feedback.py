@@ -89,6 +89,8 @@ def test_ratings_start_one_kto_run_across_two_daemons_and_its_adapter_then_serve
     assert {read["first"], read["last"]} <= set(ids[:4]) and len(read["ids_sha256"]) == 64
     assert read["skipped"]["count"] == 0 and run["outcome"] == "succeeded"
     assert [m for m in done["metrics"] if m.get("run") == 2 and "rewards/chosen" in m]
+    shown = invoke(server_uri, db, "logs", "fb_kto")  # the feedback run's rewards, as `logs --follow` shows them live
+    assert shown.exit_code == 0 and "rewards: chosen" in shown.output and "margin" in shown.output, shown.output
     started = [e for e in done["events"] if e.get("kind") == "retrain_requested"]
     assert [e.get("trigger") for e in started] == ["feedback"]  # one start, whichever daemon won
 
@@ -244,3 +246,28 @@ def test_what_a_run_keeps_of_a_request_stays_within_the_input_caps():
     assert [row["_id"] for row in built] == [4, 5] and reasons == {feedback.TOO_LONG: 3}
     pairs, _ = feedback.sources(requests, "dpo", limits)
     assert pairs == [{"_id": 4, "input": chat * 3, "chosen": "b", "rejected": "o"}]
+
+
+def test_a_daemon_counts_feedback_for_at_most_its_bound_of_models_those_seen_first_keeping_their_places(db, server_uri):
+    def spec(name):
+        return parse_model({**BASE, "_id": name, "feedback": {"method": "kto", "every": 1}})
+
+    def rated(name):
+        answered(db, name, f"{name} asked", {"rating": 1})
+        answered(db, name, f"{name} asked again", {"rating": -1})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], Limits(), 2, SkipLog())
+            models = {n: (spec(n), parse(ModelState, {"_id": n, "status": "succeeded", "run": 1})) for n in "yz"}
+            first = await trigger.due(models)
+            models["a"] = (spec("a"), parse(ModelState, {"_id": "a", "status": "succeeded", "run": 1}))
+            return first, await trigger.due(models)  # "a" sorts first, but comes last
+        finally:
+            await client.close()
+    for name in "ayz":
+        rated(name)
+    first, second = asyncio.run(passes())
+    assert [s.id for s in first] == ["y", "z"] and [s.id for s in second] == ["y", "z"]
+    assert db[defaults.REQUESTS].count_documents({"model": "a", "feedback_run": {"$exists": True}}) == 0
