@@ -5,7 +5,7 @@ The count lives in the requests themselves, so nothing in a daemon's memory can 
 at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
 `feedback_run: <the model's run>` (one `update_many`; a request is stamped once, by whichever daemon gets
 there first), and those `feedback.filter` leaves out with 0 (never counted, never looked at again), then
-counts the stamps of the current run (`count_documents`). The index `{model, feedback_run, feedback.rating}`
+counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone wrote on anything else counts for nothing). The index `{model, feedback_run, feedback.rating}`
 serves all three, so a pass reads only the ratings written since the last one, however many requests the
 model has. A rating written while run R trains is stamped R and counts toward the run after
 R; nothing is stamped while a run is pending (its number is not known yet): such ratings are stamped once it is
@@ -23,7 +23,7 @@ from pymongo.errors import OperationFailure
 
 from listener.records import ModelState, SkipLog
 from listener.status import Status
-from training import defaults, feedback, ids
+from training import defaults, feedback
 from training.config import ModelSpec
 from training.errors import cut, said
 from training.limits import Limits
@@ -84,7 +84,8 @@ class FeedbackTrigger:
                 await requests.update_many(passed_over, {"$set": {"feedback_run": feedback.PASSED_OVER}})
             except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
                 self.skipped.skip("feedback filter", spec.id, exc)
-        count = await requests.count_documents({"model": ids.eq(spec.id), "feedback_run": state.run})
+        # Stamps on what is not a rating in this selection (anyone may write `feedback_run`) count for nothing.
+        count = await requests.count_documents({"$and": [feedback.selection(spec), {"feedback_run": state.run}]})
         if state.status is not Status.SUCCEEDED or count < spec.feedback.every or self.too_few.get(key) == (
                 state.run, count):
             return False

@@ -199,6 +199,10 @@ def test_a_feedback_filter_only_narrows_to_the_models_own_answers(db, server_uri
     assert "feedback_run" not in requests.find_one({"_id": late["_id"]})
     assert one_pass(server_uri, db, spec, {"_id": "mine", "status": "running", "run": 2}) == []
     assert requests.find_one({"_id": late["_id"]})["feedback_run"] == 2
+    # A stamp written by anyone on what is not a rating counts for nothing.
+    requests.insert_one({**request("forged", "mine", "x"), "status": "done", "output": "y", "tag": "keep",
+                         "feedback_run": 2})
+    assert one_pass(server_uri, db, spec, {"_id": "mine", "status": "succeeded", "run": 2}) == []
 
 
 BASE = {"_id": "m", "model_name_or_path": "org/name", "data": {"collection": "notes"}}
