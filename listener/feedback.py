@@ -5,15 +5,15 @@ The count lives in the requests themselves, so nothing in a daemon's memory can 
 at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
 `feedback_run: <the model's run>` (one `update_many`; a request is stamped once, by whichever daemon gets
 there first), and those `feedback.filter` leaves out with 0 (never counted, never looked at again), then
-counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone wrote on anything else counts for nothing). The index `{model, feedback_run, feedback.rating}`
-serves all three, so a pass reads only the ratings written since the last one, however many requests the
-model has. A rating written while run R trains is stamped R and counts toward the run after
-R; nothing is stamped while a run is pending (its number is not known yet): such ratings are stamped once it is
-claimed and count toward the run after it (which comes a little early rather than late, as with
-`retrain.on_new_documents`). `retrain.start` (`succeeded -> pending` at that run) makes the run start exactly once
-across daemons. Before starting, the rows are read once to see that they make a run (DPO: at least
-`preferences.MIN_ROWS` pairs); a model whose count has not moved since it had too few is not read again.
-The operator's `retrain_max_models` bounds how many models a daemon counts, in the order it first saw them.
+counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone wrote
+on anything else counts for nothing). The index `{model, feedback_run, feedback.rating}` serves all three,
+so a pass reads only the ratings written since the last one, however many requests the model has. A rating
+written while run R trains is stamped R and counts toward the run after R; nothing is stamped while a run is
+pending (its number is not known yet): such ratings are stamped once it is claimed and count toward the run
+after it (which comes a little early rather than late, as with `retrain.on_new_documents`). `retrain.start`
+(`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before starting, the
+rows are read once to see that they make a run (DPO: at least `preferences.MIN_ROWS` pairs); a model whose
+count has not moved since it had too few is not read again. The operator's `retrain_max_models` bounds how many models a daemon counts, in the order it first saw them.
 """
 
 import asyncio
@@ -101,8 +101,9 @@ class FeedbackTrigger:
         operator's caps (rows, input length), whatever anyone inserted: a request too long is dropped as it comes,
         and would be skipped by the run too."""
         kept = []
-        async for doc in self.db[defaults.REQUESTS].find(feedback.selection(spec), feedback.FIELDS,
-                                                         sort=feedback.NEWEST_FIRST, limit=self.limits.max_feedback_rows):
+        found = self.db[defaults.REQUESTS].find(feedback.selection(spec), feedback.FIELDS, sort=feedback.NEWEST_FIRST,
+                                                limit=self.limits.max_feedback_rows)
+        async for doc in found:
             if not feedback.too_long(doc, self.limits):
                 kept.append(doc)
         return await asyncio.to_thread(feedback.enough, kept, spec, self.limits)

@@ -13,8 +13,8 @@ class NoMetrics(LookupError):
 
 
 LOSSES = (("loss", "-", "training loss"), ("eval_loss", "--", "eval loss"))
-REWARDS = (("rewards/chosen", "-", "chosen"), ("rewards/rejected", "--", "rejected"), ("rewards/margins", ":", "margin"),
-           ("rewards/accuracies", "-.", "accuracy"))
+REWARDS = (("rewards/chosen", "-", "chosen"), ("rewards/rejected", "--", "rejected"),
+           ("rewards/margins", ":", "margin"), ("rewards/accuracies", "-.", "accuracy"))
 
 
 def series(metrics, names=tuple(name for name, _, _ in LOSSES)) -> dict[int, dict[str, list[tuple[int, float]]]]:

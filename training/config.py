@@ -577,7 +577,7 @@ def parse_feedback(value, limits: Limits) -> Feedback:
     try:
         parsed = Feedback.model_validate(value)
     except ValidationError as exc:
-        err = exc.errors()[0]  # its message never quotes the value; an unknown field's name, chosen by anyone, is left out
+        err = exc.errors()[0]  # its message never quotes the value; an unknown field's name (anyone's) is left out
         if err["type"] == "extra_forbidden":
             raise ValueError("feedback has fields other than rating and better") from None
         raise ValueError(f"feedback.{err['loc'][0]}: {err['msg'].lower()}") from None
