@@ -83,7 +83,8 @@ def test_ratings_start_one_kto_run_across_two_daemons_and_its_adapter_then_serve
     run = done["runs"][1]
     assert run["trigger"] == "feedback" and run["method"] == "kto" and "data" not in run
     best = first["best_checkpoint"]
-    assert run["init_from"] == {"model": "fb_kto", "run": best["run"], "step": best["step"]}  # the serving adapter
+    assert run["init_from"] == {"model": "fb_kto", "run": best["run"], "step": best["step"]}  # the serving adapter,
+    assert run["reference"]["model"] == "start"  # which is also the frozen reference KTO compares against
     read = run["feedback"]
     assert read["method"] == "kto" and read["requests"] == 4 and read["examples"] == 4
     assert {read["first"], read["last"]} <= set(ids[:4]) and len(read["ids_sha256"]) == 64
