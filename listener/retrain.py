@@ -26,6 +26,9 @@ the tick is claimed in `_listener` (`retrain-tick:<model>`, whose `tick` only mo
 daemon per tick acts on it, even when the run it started has already finished by the time another
 daemon's job fires. A tick that finds a run pending or going is skipped, with a log line.
 
+Feedback (`feedback: {method, every}`): the same pass counts the ratings of each such model's answers and
+starts its feedback runs (`listener.feedback`).
+
 The set of models followed is refreshed every `retrain_check_s`: a model given `retrain` later starts
 being watched, a deleted one stops. The same pass starts what is due, e.g. a run that ended after N
 documents had already arrived while it trained.
@@ -42,6 +45,7 @@ import bson
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo.errors import DuplicateKeyError, ExecutionTimeout, OperationFailure, PyMongoError
 
+from listener.feedback import FeedbackTrigger
 from listener.periodic import Periodic
 from listener.records import BadRecord, ModelState, SkipLog, parse, raw, read_each, readable
 from listener.settings import Settings
@@ -227,6 +231,7 @@ class Retrainer:
         # that first wanted it
         self.passes = 0  # the passes that handed out places, counted
         self.kept: set[str] | None = None  # the models holding places after the last pass (None: before the first)
+        self.feedback = FeedbackTrigger(db, settings.limits, settings.retrain_max_models, skipped)
 
     def start(self) -> None:
         self.periodic.every(self.settings.retrain_check_s, self.check, "retrain")
@@ -238,18 +243,26 @@ class Retrainer:
         await cancel_and_wait(tasks, timeout_s, "retrain watchers")
 
     async def check(self) -> None:
-        """Follow the models with `retrain` as they are now, and start the runs that are due."""
+        """Follow the models with `retrain` or `feedback` as they are now, and start the runs that are due."""
         await self._forget_used_triggers()
         models = await self._models()
-        await self._follow_data(models)
-        self._follow_schedules(models)
-        for key, (spec, state) in models.items():
+        retraining = {key: (spec, state) for key, (spec, state) in models.items()
+                      if spec.retrain is not None and (spec.retrain.on_new_documents or spec.retrain.schedule)}
+        await self._follow_data(retraining)
+        self._follow_schedules(retraining)
+        for key, (spec, state) in retraining.items():
             await self._start_if_due(key, spec, state)
+        rated = {key: (spec, state) for key, (spec, state) in models.items() if spec.feedback is not None}
+        for state in await self.feedback.due(rated):
+            try:
+                await start(self.db[defaults.MODELS], state.id, state.run, "feedback")
+            except OperationFailure as exc:
+                self.skipped.skip("retrain start", state.id, exc)
 
     async def _models(self) -> dict[str, tuple[ModelSpec, ModelState]]:
         found, parsed = {}, {}
-        async for document in readable(raw(self.db[defaults.MODELS]).find({"retrain": {"$type": "object"}}),
-                                       self.skipped, "retrain"):
+        followed = {"$or": [{"retrain": {"$type": "object"}}, {"feedback": {"$type": "object"}}]}
+        async for document in readable(raw(self.db[defaults.MODELS]).find(followed), self.skipped, "retrain"):
             try:
                 state = parse(ModelState, document)
             except BadRecord as exc:  # the daemon's own pass fails the document where it must
@@ -258,7 +271,7 @@ class Retrainer:
             spec = await self._spec(document, parsed)
             if isinstance(spec, SpecError):
                 self.skipped.skip("retrain", document.get("_id"), spec)
-            elif spec.retrain is not None and (spec.retrain.on_new_documents or spec.retrain.schedule):
+            elif spec.feedback is not None or spec.retrain is not None:
                 found[ids.key(spec.id)] = (spec, state)
         self.specs = parsed
         return found

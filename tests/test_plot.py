@@ -55,3 +55,16 @@ def test_a_model_without_metrics_is_one_line(server_uri, db, tmp_path):
         assert result.exit_code == 1 and message in result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not target.exists()
+
+
+def test_a_preference_run_gets_a_panel_of_its_rewards_beneath_the_loss(server_uri, db, tmp_path):
+    rewards = [{"run": 2, "step": step, "loss": 0.7 - step / 20, "rewards/chosen": step / 10,
+                "rewards/rejected": -step / 10, "rewards/margins": step / 5, "rewards/accuracies": min(1.0, step / 4)}
+               for step in range(1, 9)]
+    assert sorted(series(rewards, ["rewards/margins"])[2]["rewards/margins"])[-1] == (8, 1.6)
+    db[defaults.MODELS].insert_one({"_id": "kto", "status": "succeeded", "metrics": metrics_of_two_runs()[:20] + rewards})
+    target = tmp_path / "rewards.png"
+    assert plot(server_uri, db, "kto", "-o", str(target)).exit_code == 0
+    rgb = np.round(image.imread(target)[..., :3] * 255).astype(int)
+    lower = rgb[rgb.shape[0] // 2:]  # the rewards panel: run 2's colour there, where the loss panel is not
+    assert (np.abs(lower - RUN_COLOURS[2]).sum(axis=-1) < 30).sum() > 200

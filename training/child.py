@@ -23,8 +23,8 @@ from pathlib import Path
 from bson import json_util
 from pymongo import MongoClient
 
-from training import (checkpoints, defaults, ids, lifeline, lineage, methods, packing, padding, promotion, ranks,
-                      starting)
+from training import (checkpoints, defaults, feedback, ids, lifeline, lineage, methods, packing, padding, promotion,
+                      ranks, starting)
 from training.config import ModelSpec, SpecError, parse_model
 from training.errors import public_message, said
 from training.inert import inert_logging
@@ -89,7 +89,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     from training.progress import LogAtSaves, MongoProgress, NothingPastTheLastStep, Trained
 
     phases = Phases(sent)
-    spec = parse_model(document, limits)
+    spec = feedback.run_spec(parse_model(document, limits), document)
     _check_gpus(spec, torch)
     check_model(spec, limits)
     phases.lap("check")
@@ -98,7 +98,8 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         if not torch.cuda.is_available():
             ranks.no_cpu_kernel_builds()
     tokenizer = functools.cache(lambda: load_tokenizer(spec, limits))  # loaded when first needed: SFT's after the data
-    train_set, valid_set, read = methods.read_datasets(db, spec, limits, tokenizer)
+    read_datasets = feedback.read_datasets if lineage.from_feedback(document, spec) else methods.read_datasets
+    train_set, valid_set, read = read_datasets(db, spec, limits, tokenizer)
     log.info("dataset: %d training and %d validation examples", len(train_set), len(valid_set or []))
     phases.lap("data")
     resolved = resolved_arguments(spec.trainer, str(work / "output"), has_eval=valid_set is not None,

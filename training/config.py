@@ -26,7 +26,7 @@ LISTENER_FIELDS = frozenset({
     "status", "run", "attempts", "progress", "metrics", "checkpoints", "best_checkpoint", "error",
     "lease", "created_at", "started_at", "finished_at", "output", "usage", "latency_ms",
     "completed_at", "history", "checkpoint_used", "batch_size", "warnings", "timing", "events", "runs",
-    "trigger", "finish_reason", "changed", "answers_token", "nodes",
+    "trigger", "finish_reason", "changed", "answers_token", "nodes", "feedback_run",
 })
 # What a user-supplied filter may not hold: a filter selects documents, it never computes. JavaScript runs code on
 # the server; `$expr` evaluates aggregation expressions (`$range`, `$reduce`...), whose cost no size bound limits.
@@ -528,6 +528,64 @@ class RetrainSpec(_Strict):
         return value if value is None else _reported(schedule.trigger, value, schedule.ScheduleError)
 
 
+class FeedbackSpec(_Strict):
+    """Preference runs from the ratings of this model's own answers (`listener.feedback`, `training.feedback`).
+
+    `every`: a run starts once that many new ratings were written since the last run started. `filter` narrows
+    whose ratings count: a filter on `_requests`, always ANDed with this model's own done requests."""
+
+    method: Literal["kto", "dpo"]
+    every: int = Field(ge=1, le=10**6)
+    filter: dict = Field(default_factory=dict)
+
+    @field_validator("filter")
+    @classmethod
+    def _bounded(cls, value: dict) -> dict:
+        return _bounded_filter(value)
+
+
+def check_feedback_trainer(spec: "ModelSpec") -> None:
+    """A feedback run trains with the model's trainer and `feedback.method`: its names must fit that method too."""
+    if spec.feedback is None or spec.feedback.method == spec.method:
+        return
+    try:
+        _method_names(spec.trainer, spec.feedback.method)
+        _preference_trainer(spec.trainer, spec.feedback.method)
+    except SpecError as exc:
+        raise SpecError(exc.field, f"feedback runs train with method {spec.feedback.method} and this trainer: "
+                        f"{exc.message}") from None
+
+
+class Feedback(_Strict):
+    """A rating a driver wrote on a done request (`feedback`), as a feedback run reads it: a number in [-1, 1]
+    whose sign says good or bad (0 is neutral), and perhaps a better answer. Never parsed when the request is
+    served: a wrong shape is skipped by the run that reads it, and fails nothing."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    rating: float = Field(ge=-1, le=1)
+    better: str | None = Field(default=None, min_length=1)
+
+
+def parse_feedback(value, limits: Limits) -> Feedback:
+    """A request's `feedback`; ValueError (its reason) when it is not of the shape a run reads. `better` is
+    bounded like an input (`max_input_chars`)."""
+    if not isinstance(value, dict):
+        raise ValueError("feedback is not an object")
+    if isinstance(value.get("rating"), bool):
+        raise ValueError("feedback.rating: input should be a valid number")
+    try:
+        parsed = Feedback.model_validate(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]  # its message never quotes the value; an unknown field's name (anyone's) is left out
+        if err["type"] == "extra_forbidden":
+            raise ValueError("feedback has fields other than rating and better") from None
+        raise ValueError(f"feedback.{err['loc'][0]}: {err['msg'].lower()}") from None
+    if parsed.better is not None and len(parsed.better) > limits.max_input_chars:
+        raise ValueError("feedback.better is longer than an input may be")
+    return parsed
+
+
 class ModelSpec(_Strict):
     id: PlainId = Field(alias="_id")
     model_name_or_path: str = Field(min_length=1, max_length=1000)
@@ -541,10 +599,12 @@ class ModelSpec(_Strict):
     init_from: InitFrom | None = None
     retrain: RetrainSpec | None = None
     method: Literal["sft", "dpo", "kto"] = SFT  # what the runs train with: trl's SFT, DPO or KTO trainer
+    feedback: FeedbackSpec | None = None
 
     @model_validator(mode="after")
     def _fits_method(self) -> "ModelSpec":
         check_method(self)
+        check_feedback_trainer(self)
         if self.method != SFT and "promotion" in self.model_fields_set and self.promotion is not False:
             raise SpecError("promotion", f"method {self.method} has no promotion gate yet (its measure, the loss on "
                             f"held-out documents, does not score a preference run): every finished {self.method} run "
@@ -607,6 +667,9 @@ class RequestSpec(_Strict):
     filter: dict | None = None
     output_field: str | None = Field(default=None, pattern=FIELD_PATH, max_length=200)
     watch: bool = False
+    # Written by any driver once the request is done (`Feedback`): accepted as anything here, so that no shape of
+    # it ever fails the request; a feedback run parses it when it reads it.
+    feedback: Any = None
 
     @field_validator("filter")
     @classmethod
@@ -756,6 +819,8 @@ def check_model(spec: ModelSpec, limits: Limits) -> None:
     _cap(limits, "trainer.num_nodes", "max_nodes", spec.trainer.num_nodes)
     check_nodes(spec.trainer)
     _cap(limits, "data.limit", "max_documents", spec.data.limit)
+    if spec.feedback is not None:
+        _cap(limits, "feedback.every", "max_feedback_rows", spec.feedback.every)
     if spec.init_from is not None and not limits.allow_init_from:
         raise SpecError("init_from", "starting from another model's adapter is off on this listener; remove "
                         f"init_from, or the operator enables it with {Limits.setting('allow_init_from')}=1")

@@ -25,6 +25,8 @@ class Limits(BaseModel):
     max_saves: int = Field(200, ge=1, description="checkpoints one run may store over its life")
     max_checkpoint_bytes: int = Field(50 * 2**30, ge=2**20, description="bytes of checkpoints stored per model")
     max_documents: int = Field(1_000_000, ge=1, description="training documents read for one run")
+    max_feedback_rows: int = Field(2_000, ge=2, description="rated requests one feedback run reads, newest first; "
+                                   "also caps feedback.every")
     min_retrain_interval_s: float = Field(300.0, gt=0, description="shortest time allowed between two "
                                           "firings of a model's retrain.schedule")
     max_model_params: int = Field(8_000_000_000, ge=1, description="parameters of a base model, checked before loading")

@@ -24,7 +24,7 @@ from training.defaults import Status, now
 log = logging.getLogger(__name__)
 
 LIBRARIES = ("mongotune", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "deepspeed")
-TRIGGERS = ("insert", "new_documents", "schedule", "user", "definition")
+TRIGGERS = ("insert", "new_documents", "schedule", "user", "definition", "feedback")
 MAX_CHANGED, MAX_PATH_CHARS = 100, 200  # a replaced definition's changed fields, as a run's entry records them
 FINAL_OUTCOMES = tuple(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED))
 
@@ -32,12 +32,17 @@ FINAL_OUTCOMES = tuple(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status
 def data_read(collection: str, query: dict, documents: list[dict]) -> dict:
     """What a run read, in `_id` order as `training.dataset` reads it: count, first and last `_id`, and a
     sha256 of the ids in that order (canonical extended JSON, so the BSON type counts)."""
+    return {"collection": collection, "filter": query, "count": len(documents),
+            "first_id": documents[0].get("_id") if documents else None,
+            "last_id": documents[-1].get("_id") if documents else None, "ids_sha256": ids_sha256(documents)}
+
+
+def ids_sha256(documents: list[dict]) -> str:
+    """A sha256 of the documents' ids in their order (canonical extended JSON, so the BSON type counts)."""
     digest = hashlib.sha256()
     for doc in documents:
         digest.update(ids.key(doc.get("_id")).encode() + b"\n")
-    return {"collection": collection, "filter": query, "count": len(documents),
-            "first_id": documents[0].get("_id") if documents else None,
-            "last_id": documents[-1].get("_id") if documents else None, "ids_sha256": digest.hexdigest()}
+    return digest.hexdigest()
 
 
 def versions() -> dict:
@@ -82,6 +87,12 @@ def trigger_of(document: dict) -> str:
     if trigger in TRIGGERS:
         return trigger
     return "insert" if document.get("run") == 1 else "user"
+
+
+def from_feedback(document: dict, spec) -> bool:
+    """Whether this run trains on the ratings of the model's answers (`training.feedback`): the feedback trigger
+    started it, and the model still has `feedback`."""
+    return trigger_of(document) == "feedback" and spec.feedback is not None
 
 
 def changed_fields(document: dict) -> list[str]:
@@ -150,7 +161,8 @@ def start(models, match: dict, document: dict, spec, resolved: dict, read: dict,
     """Write the run's entry at its start (rank 0 alone); False when the fence no longer matches. `nodes`: each node's
     name, host and devices, for a job of several (its daemons gave them)."""
     read = {**read, "filter": json_util.dumps(read["filter"])}  # "$" operators cannot be field names in an update
-    recorded = entry(document, method=spec.method, data=read, arguments=arguments(spec, resolved),
+    recorded = entry(document, method=spec.method, **{"feedback" if from_feedback(document, spec) else "data": read},
+                     arguments=arguments(spec, resolved),
                      init_from=started, base=base_fingerprint(spec.model_name_or_path, source, spec.model_kwargs.revision),
                      **({"nodes": nodes} if nodes else {}))
     return begin(models, match, document, recorded)

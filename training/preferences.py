@@ -107,17 +107,25 @@ def _too_few(db, data: DataSpec, method: str, documents: list[dict], usable: int
                      f"{method} ({names}){fold}, and a run needs at least {MIN_ROWS} to train on; skipped: {why}{hint}")
 
 
+def split_rows(documents: list[dict], data: DataSpec, method: str, key: list[str], chat: bool = True
+               ) -> tuple[list[dict], list[dict], int, Counter]:
+    """The usable rows of `documents` in the train and valid folds (`data`'s fold field, or its seeded split), how
+    many were usable, and why the others were skipped."""
+    usable, reasons = _rows(documents, method, key, chat)
+    row_of = {id(doc): row for doc, row in usable}
+    train, valid = split_folds([doc for doc, _ in usable], data) if usable else ([], [])
+    return [row_of[id(doc)] for doc in train], [row_of[id(doc)] for doc in valid], len(usable), reasons
+
+
 def _folds(db, data: DataSpec, method: str, limits: Limits, chat: bool = True
            ) -> tuple[list[dict], list[dict], list[dict], Counter]:
     """The selected documents, the usable rows of the train and valid folds, and why the others were skipped; the
     run's SpecError when fewer than `MIN_ROWS` rows are left to train on."""
     documents = load_documents(db, data, limits)
-    usable, reasons = _rows(documents, method, data.key, chat)
-    row_of = {id(doc): row for doc, row in usable}
-    train, valid = split_folds([doc for doc, _ in usable], data) if usable else ([], [])
+    train, valid, usable, reasons = split_rows(documents, data, method, data.key, chat)
     if len(train) < MIN_ROWS:
-        raise _too_few(db, data, method, documents, len(usable), len(train), reasons)
-    return documents, [row_of[id(doc)] for doc in train], [row_of[id(doc)] for doc in valid], reasons
+        raise _too_few(db, data, method, documents, usable, len(train), reasons)
+    return documents, train, valid, reasons
 
 
 def check_documents(db, data: DataSpec, method: str, limits: Limits) -> int:
@@ -126,19 +134,27 @@ def check_documents(db, data: DataSpec, method: str, limits: Limits) -> int:
     return len(_folds(db, data, method, limits)[0])
 
 
+def skipped(reasons: Counter) -> dict:
+    """What a run's entry records of the documents it skipped."""
+    return {"count": sum(reasons.values()), "reasons": [{"reason": r, "count": n} for r, n in reasons.most_common()]}
+
+
+def datasets(train: list[dict], valid: list[dict]) -> tuple[Dataset, Dataset | None]:
+    """The train and valid datasets of these rows, all of one shape."""
+    from datasets import Dataset
+
+    rows = one_shape(train + valid)
+    train_rows, valid_rows = rows[:len(train)], rows[len(train):]
+    return Dataset.from_list(train_rows), Dataset.from_list(valid_rows) if valid_rows else None
+
+
 def read_datasets(db, data: DataSpec, method: str, limits: Limits, chat: bool = True
                   ) -> tuple[Dataset, Dataset | None, dict]:
     """The train and valid datasets of `method`'s rows, and what was read (`lineage.data_read`, with `skipped`);
     `chat`: whether the model's tokenizer has a chat template, without which chat rows are skipped."""
-    from datasets import Dataset
-
     documents, train, valid, reasons = _folds(db, data, method, limits, chat)
     if reasons:
         log.warning("skipped %d of %d documents not of method %s's shape: %s", sum(reasons.values()),
                     len(documents), method, dict(reasons))
-    rows = one_shape(train + valid)
-    train_rows, valid_rows = rows[:len(train)], rows[len(train):]
-    read = {**data_read(data.collection, data.filter, documents),
-            "skipped": {"count": sum(reasons.values()),
-                        "reasons": [{"reason": r, "count": n} for r, n in reasons.most_common()]}}
-    return Dataset.from_list(train_rows), Dataset.from_list(valid_rows) if valid_rows else None, read
+    read = {**data_read(data.collection, data.filter, documents), "skipped": skipped(reasons)}
+    return *datasets(train, valid), read

@@ -5,14 +5,15 @@ listener accepts under the operator's caps (so its data is data documents may tr
 share this model's base, and the file is used only once GridFS metadata shows it is that model's
 (`checkpoints.stored`); it is unpacked as a serving archive (safetensors and JSON) and checked as a
 LoRA adapter of bounded rank before peft reads it. Every run after the first continues from this
-model's serving adapter unless `retrain.from` is "base", whether a trigger or a person started it.
+model's serving adapter unless `retrain.from` is "base", whether a trigger or a person started it; a feedback
+run always does (`init_from` or not).
 """
 
 import logging
 from pathlib import Path
 
 from training import checkpoints, defaults, ids
-from training.lineage import changed_fields
+from training.lineage import changed_fields, from_feedback
 from training.config import ModelSpec, SpecError, parse_model
 from training.limits import Limits
 
@@ -43,7 +44,8 @@ def _other_model(db, spec: ModelSpec, limits: Limits) -> tuple[ModelSpec, dict]:
 
 def source(db, spec: ModelSpec, document: dict, limits: Limits) -> tuple[object, dict] | None:
     """The (model id, checkpoint entry) this run starts from; None for a fresh adapter."""
-    if spec.init_from is not None:
+    feedback = from_feedback(document, spec)  # it tunes the adapter that gave the answers rated, whatever else is set
+    if spec.init_from is not None and not feedback:
         other, other_document = _other_model(db, spec, limits)
         ref = spec.init_from.checkpoint
         try:
@@ -51,7 +53,7 @@ def source(db, spec: ModelSpec, document: dict, limits: Limits) -> tuple[object,
         except LookupError as exc:
             raise SpecError("init_from.checkpoint", str(exc)) from None
         return other.id, entry
-    own = continued(document, spec.retrain.from_ if spec.retrain else "best")
+    own = continued(document, "best" if feedback or not spec.retrain else spec.retrain.from_)
     return None if own is None else (spec.id, own)
 
 

@@ -6,6 +6,7 @@ from listener.cli.delete import delete
 from listener.cli.demo import demo
 from listener.cli.errors import Group
 from listener.cli.export import export
+from listener.cli.feedback import feedback
 from listener.cli.import_data import import_data
 from listener.cli.logs import logs
 from listener.cli.plot import plot
@@ -40,3 +41,4 @@ cli.add_command(export_template)
 cli.add_command(apply)
 cli.add_command(checkpoints)
 cli.add_command(export)
+cli.add_command(feedback)

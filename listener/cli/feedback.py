@@ -1,0 +1,56 @@
+import click
+from bson import ObjectId
+
+from listener.cli.options import connection_options, model_argument, open_database
+from training import defaults, ids
+from training.config import parse_feedback
+from training.inert import MAX_LINE_CHARS, inert
+from training.limits import Limits
+
+
+def request_ids(text: str) -> list:
+    """What REQUEST_ID may mean, in the order tried: an ObjectId (24 hex digits), an integer, the text itself."""
+    found = [ObjectId(text)] if ObjectId.is_valid(text) and len(text) == 24 else []
+    try:
+        found.append(int(text))
+    except ValueError:
+        pass
+    return [*found, text]
+
+
+@click.command()
+@connection_options
+@model_argument
+@click.argument("request_id")
+@click.option("--good/--bad", default=None, help="The answer was good (rating 1) or bad (rating -1).")
+@click.option("--better", metavar="TEXT", help="A better answer: with method dpo, a pair (this over the answer).")
+def feedback(uri, db, model, request_id, good, better):
+    """Rate MODEL's answer to REQUEST_ID: sets the request's `feedback`, as any driver may once it is done.
+
+    With `feedback: {method, every}` on the model, every N ratings start a preference run on them.
+    REQUEST_ID is an ObjectId's hex, else an integer, else the text as it is.
+
+    \b
+    Example:
+      listener feedback my-model 6571f0c2a1b2c3d4e5f60718 --bad --better "Paris."
+    """
+    if good is None:
+        raise click.UsageError("say --good or --bad")
+    rating = {"rating": 1 if good else -1, **({"better": better} if better is not None else {})}
+    try:
+        parse_feedback(rating, Limits())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--better") from None
+    requests = open_database(uri, db)[defaults.REQUESTS]
+    found = next((doc for rid in request_ids(request_id)
+                  if (doc := requests.find_one({"_id": ids.eq(rid)}, {"model": 1, "status": 1}))), None)
+    if found is None:
+        raise click.ClickException(f"no request with _id {request_id!r} in {requests.database.name}.{requests.name}")
+    if ids.key(found.get("model")) != ids.key(model):
+        raise click.ClickException(f"request {request_id!r} is for another model, not {model!r}")
+    if found.get("status") != defaults.Status.DONE.value:
+        raise click.ClickException(f"request {request_id!r} is {found.get('status') or 'pending'}, not done yet: "
+                                   "rate it once it has its answer")
+    requests.update_one({"_id": ids.eq(found["_id"]), "model": ids.eq(model)}, {"$set": {"feedback": rating}})
+    click.echo(inert(f"rated request {request_id!r} of model {model!r} {'good' if good else 'bad'}"
+                     + (" with a better answer" if better is not None else ""), MAX_LINE_CHARS))

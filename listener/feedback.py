@@ -1,0 +1,109 @@
+"""The feedback trigger: once `feedback.every` new ratings of a model's answers were written since its last
+run started, one preference run starts (`trigger: "feedback"`, `training.feedback` reads its rows).
+
+The count lives in the requests themselves, so nothing in a daemon's memory can be lost or counted twice:
+at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
+`feedback_run: <the model's run>` (one `update_many`; a request is stamped once, by whichever daemon gets
+there first), and those `feedback.filter` leaves out with 0 (never counted, never looked at again), then
+counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone wrote
+on anything else counts for nothing). The index `{model, feedback_run, feedback.rating}` serves all three,
+so a pass reads only the ratings written since the last one, however many requests the model has. A rating
+written while run R trains is stamped R and counts toward the run after R; nothing is stamped while a run is
+pending (its number is not known yet): such ratings are stamped once it is claimed and count toward the run
+after it (which comes a little early rather than late, as with `retrain.on_new_documents`). `retrain.start`
+(`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before starting, the
+rows are read once to see that they make a run (DPO: at least `preferences.MIN_ROWS` pairs); a model whose
+count has not moved since it had too few is not read again. The operator's `retrain_max_models` bounds how many models a daemon counts, in the order it first saw them.
+"""
+
+import asyncio
+import logging
+
+from pymongo.errors import OperationFailure
+
+from listener.records import ModelState, SkipLog
+from listener.status import Status
+from training import defaults, feedback
+from training.config import ModelSpec
+from training.errors import cut, said
+from training.limits import Limits
+
+log = logging.getLogger(__name__)
+
+INDEX = "requests_feedback"
+COUNTING = (Status.SUCCEEDED, Status.RUNNING)  # a run's number is known: ratings count toward the next
+
+
+async def make_index(db) -> None:
+    """The index the stamps are counted on; a server or role that refuses it only makes each count scan."""
+    try:
+        await db[defaults.REQUESTS].create_index([("model", 1), ("feedback_run", 1), ("feedback.rating", 1)],
+                                                 name=INDEX)
+    except OperationFailure as exc:
+        log.warning("could not index %s for feedback counts (%s)", defaults.REQUESTS, cut(said(exc), 300))
+
+
+class FeedbackTrigger:
+    """Counts ratings for the models with `feedback`; the retrainer calls `due` and starts what it returns."""
+
+    def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog):
+        self.db, self.limits, self.max_models, self.skipped = db, limits, max_models, skipped
+        self.seen: dict[str, int] = {}  # by model key: the order this daemon first saw it in
+        self.sightings = 0  # the number the next model seen gets
+        self.too_few: dict[str, tuple[int, int]] = {}  # by model key: (run, count) when its rows made no run
+        self.past_bound = 0  # how many models there were when some were past the bound: logged when it changes
+
+    async def due(self, models: dict[str, tuple[ModelSpec, ModelState]]) -> list[ModelState]:
+        """The states of the models whose feedback run is due, each at the run it follows."""
+        for key in sorted(set(models) - set(self.seen)):
+            self.seen[key], self.sightings = self.sightings, self.sightings + 1
+        self.seen = {key: n for key, n in self.seen.items() if key in models}
+        self.too_few = {key: seen for key, seen in self.too_few.items() if key in models}
+        followed = sorted(self.seen, key=self.seen.__getitem__)[:self.max_models]
+        if len(models) > len(followed) and len(models) != self.past_bound:
+            log.warning("counting feedback for %d of %d models (MONGOTUNE_RETRAIN_MAX_MODELS)", len(followed),
+                        len(models))
+        self.past_bound = len(models) if len(models) > len(followed) else 0
+        due = []
+        for key in followed:
+            spec, state = models[key]
+            try:
+                if await self._due(key, spec, state):
+                    due.append(state)
+            except OperationFailure as exc:  # its filter fails on the server, or a request is too large to stamp
+                self.skipped.skip("feedback", spec.id, exc)
+        return due
+
+    async def _due(self, key: str, spec: ModelSpec, state: ModelState) -> bool:
+        if state.status not in COUNTING or state.run < 1:
+            return False
+        requests = self.db[defaults.REQUESTS]
+        await requests.update_many(feedback.uncounted(spec), {"$set": {"feedback_run": state.run}})
+        if (passed_over := feedback.filtered_out(spec)) is not None:
+            try:
+                await requests.update_many(passed_over, {"$set": {"feedback_run": feedback.PASSED_OVER}})
+            except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
+                self.skipped.skip("feedback filter", spec.id, exc)
+        # Stamps on what is not a rating in this selection (anyone may write `feedback_run`) count for nothing.
+        count = await requests.count_documents({"$and": [feedback.selection(spec), {"feedback_run": state.run}]})
+        if state.status is not Status.SUCCEEDED or count < spec.feedback.every or self.too_few.get(key) == (
+                state.run, count):
+            return False
+        if not await self._enough(spec):
+            self.too_few[key] = (state.run, count)
+            log.info("feedback for %.200r: %d new ratings, but too few usable %s to train on yet", spec.id, count,
+                     "pairs" if spec.feedback.method == "dpo" else "examples")
+            return False
+        return True
+
+    async def _enough(self, spec: ModelSpec) -> bool:
+        """Whether the rated answers a run would read make a run (DPO: pairs). What is kept of them is bounded by the
+        operator's caps (rows, input length), whatever anyone inserted: a request too long is dropped as it comes,
+        and would be skipped by the run too."""
+        kept = []
+        found = self.db[defaults.REQUESTS].find(feedback.selection(spec), feedback.FIELDS, sort=feedback.NEWEST_FIRST,
+                                                limit=self.limits.max_feedback_rows)
+        async for doc in found:
+            if not feedback.too_long(doc, self.limits):
+                kept.append(doc)
+        return await asyncio.to_thread(feedback.enough, kept, spec, self.limits)

@@ -1,0 +1,279 @@
+"""Feedback runs: ratings written on done requests become a model's preference run (`feedback: {method, every,
+filter}`), started once across daemons, from the serving adapter, recorded in the run's entry.
+
+Two daemons share the module's database (the module's and one more), checking every half second.
+"""
+
+import asyncio
+
+import pytest
+from bson import ObjectId
+from click.testing import CliRunner
+from pymongo import AsyncMongoClient
+
+from listener.cli.main import cli
+from listener.feedback import FeedbackTrigger
+from listener.records import ModelState, SkipLog, parse
+from listener.processes import wait_until
+from tests.conftest import DaemonProcess, finished, settled, wait_for
+from tests.documents import model, request
+from training import defaults, feedback
+from training.config import SpecError, parse_model, parse_request
+from training.limits import Limits
+
+DAEMON_ENV = {"MONGOTUNE_RETRAIN_CHECK_S": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def both_daemons(module_samples, module_daemon, server_uri, tmp_path_factory, model_root):
+    """The module's daemon and a second one on the same database."""
+    second = DaemonProcess(server_uri, module_samples.name, tmp_path_factory.mktemp("second"), "second", 4,
+                           env=DAEMON_ENV, model_root=model_root)
+    yield module_daemon, second
+    second.stop()
+
+
+def invoke(server_uri, db, *args):
+    return CliRunner().invoke(cli, [args[0], "--uri", server_uri, "--db", db.name, *args[1:]])
+
+
+def served(db, doc_id, path, **fields) -> dict:
+    """A model trained once (SFT on the samples) with `fields` (its `feedback`), once it serves."""
+    db[defaults.MODELS].insert_one(model(doc_id, path, **fields))
+    done = wait_for(db[defaults.MODELS], doc_id, finished, timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    return done
+
+
+def answered(db, model_id, prompt: str, rating=None) -> dict:
+    """A done request, inserted as any driver may (the listener never checks who answered): rated when `rating`."""
+    doc_id = ObjectId()
+    doc = {"_id": doc_id, "model": model_id, "input": prompt, "status": "done", "output": f"answer {doc_id} to {prompt}",
+           "completed_at": doc_id.generation_time, **({"feedback": rating} if rating is not None else {})}
+    db[defaults.REQUESTS].insert_one(doc)
+    return doc
+
+
+def feedback_run(db, model_id) -> dict:
+    done = wait_for(db[defaults.MODELS], model_id, lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    return done
+
+
+def test_ratings_start_one_kto_run_across_two_daemons_and_its_adapter_then_serves(module_samples, both_daemons,
+                                                                                 tiny_model_path, server_uri):
+    db = module_samples
+    first = served(db, "fb_kto", tiny_model_path, feedback={"method": "kto", "every": 4})
+    requests = db[defaults.REQUESTS]
+    ids = [f"fb_kto_{n}" for n in range(6)]
+    requests.insert_many([request(i, "fb_kto", f"tell me about the sea, number {n}") for n, i in enumerate(ids[:5])])
+    # A `feedback` present at insert fails nothing, whatever its shape; it is no rating a run reads.
+    requests.insert_one(request(ids[5], "fb_kto", "and the wind?", feedback={"rating": "junk", "x": [1]}))
+    for i in ids:
+        assert settled(db, i)["status"] == "done", settled(db, i).get("error")
+    assert requests.find_one({"_id": ids[5]})["feedback"] == {"rating": "junk", "x": [1]}
+
+    assert invoke(server_uri, db, "feedback", "fb_kto", ids[0], "--good").exit_code == 0
+    shown = invoke(server_uri, db, "feedback", "fb_kto", ids[1], "--bad", "--better", "Arr, the sea be deep.")
+    assert shown.exit_code == 0 and "rated request" in shown.output, shown.output
+    requests.update_one({"_id": ids[2]}, {"$set": {"feedback": {"rating": 1}}})
+    requests.update_one({"_id": ids[3]}, {"$set": {"feedback": {"rating": -0.5}}})
+
+    done = feedback_run(db, "fb_kto")
+    run = done["runs"][1]
+    assert run["trigger"] == "feedback" and run["method"] == "kto" and "data" not in run
+    best = first["best_checkpoint"]
+    assert run["init_from"] == {"model": "fb_kto", "run": best["run"], "step": best["step"]}  # the serving adapter,
+    assert run["reference"]["model"] == "start"  # which is also the frozen reference KTO compares against
+    read = run["feedback"]
+    assert read["method"] == "kto" and read["requests"] == 4 and read["examples"] == 4
+    assert {read["first"], read["last"]} <= set(ids[:4]) and len(read["ids_sha256"]) == 64
+    assert read["skipped"]["count"] == 0 and run["outcome"] == "succeeded"
+    assert [m for m in done["metrics"] if m.get("run") == 2 and "rewards/chosen" in m]
+    shown = invoke(server_uri, db, "logs", "fb_kto")  # the feedback run's rewards, as `logs --follow` shows them live
+    words = " ".join(shown.output.split())  # as wide as the terminal: the line may wrap anywhere
+    assert shown.exit_code == 0 and "rewards: chosen" in words and "margin" in words, shown.output
+    started = [e for e in done["events"] if e.get("kind") == "retrain_requested"]
+    assert [e.get("trigger") for e in started] == ["feedback"]  # one start, whichever daemon won
+
+    # A rating written now counts toward the run after 2: some daemon has made a full pass since, and no third run.
+    requests.update_one({"_id": ids[4]}, {"$set": {"feedback": {"rating": 1}}})
+    wait_until(lambda: requests.find_one({"_id": ids[4], "feedback_run": 2}), 60, "the new rating counted")
+    assert db[defaults.MODELS].find_one({"_id": "fb_kto"})["run"] == 2
+    # The listener never touched what the raters wrote.
+    assert requests.find_one({"_id": ids[1]})["feedback"] == {"rating": -1, "better": "Arr, the sea be deep."}
+    assert requests.find_one({"_id": ids[3]})["feedback"] == {"rating": -0.5}
+
+    requests.insert_one(request("fb_kto_after", "fb_kto", "and now?"))
+    answer = settled(db, "fb_kto_after")
+    assert answer["status"] == "done" and answer["checkpoint_used"] == done["best_checkpoint"]
+    assert done["best_checkpoint"]["run"] == 2
+
+
+def test_the_cli_says_in_one_line_what_it_cannot_rate(module_samples, server_uri):
+    db = module_samples
+    db[defaults.REQUESTS].insert_many([{**request(7, "cli_m", "hi"), "status": "done", "output": "yo"},
+                                       {**request("pending_one", "cli_m", "hi"), "status": "pending"}])
+    for args, message in ((("cli_m", "nope", "--good"), "no request with _id 'nope'"),
+                          (("other", "7", "--good"), "is for another model"),
+                          (("cli_m", "pending_one", "--bad"), "not done yet"),
+                          (("cli_m", "7"), "say --good or --bad")):
+        result = invoke(server_uri, db, "feedback", *args)
+        assert result.exit_code != 0 and message in result.output, result.output
+    assert invoke(server_uri, db, "feedback", "cli_m", "7", "--good").exit_code == 0  # the integer id
+    assert db[defaults.REQUESTS].find_one({"_id": 7})["feedback"] == {"rating": 1}
+
+
+def test_dpo_feedback_waits_for_pairs_then_trains_on_corrections_and_opposite_ratings(module_samples, both_daemons,
+                                                                                     tiny_model_path):
+    db, (daemon, second) = module_samples, both_daemons
+    served(db, "fb_dpo", tiny_model_path, feedback={"method": "dpo", "every": 2})
+    answered(db, "fb_dpo", "one", {"rating": 1})
+    answered(db, "fb_dpo", "two", {"rating": 1})  # two ratings, both good, of two prompts: no pair
+    wait_until(lambda: "too few usable" in daemon.log() + second.log(), 60, "a daemon seeing no pairs")
+    assert db[defaults.MODELS].find_one({"_id": "fb_dpo"})["run"] == 1
+    answered(db, "fb_dpo", "three", {"rating": -1, "better": "a better three"})  # a correction: one pair
+    answered(db, "fb_dpo", "two", {"rating": -1})  # opposite to the good "two": another pair
+    run = feedback_run(db, "fb_dpo")["runs"][1]
+    assert run["trigger"] == "feedback" and run["method"] == "dpo"
+    assert run["feedback"]["pairs"] == 2 and run["feedback"]["requests"] == 4
+
+
+WRONG_SHAPES = [{"rating": "1"}, {"rating": 7}, {"rating": {"$gt": 0}}, "great", {"rating": True},
+                {"rating": float("nan")}, {"rating": 1, "better": "x" * 40_000}, {"rating": 1, "by": "me"},
+                {"rating": -1, "better": 5}, ["rating", 1], {"better": "only"}]
+
+
+def test_feedback_of_every_wrong_shape_is_skipped_and_counted_beside_good_feedback(module_samples, both_daemons,
+                                                                                   tiny_model_path):
+    db = module_samples
+    served(db, "fb_shapes", tiny_model_path, feedback={"method": "kto", "every": 3})
+    for n, wrong in enumerate(WRONG_SHAPES):
+        answered(db, "fb_shapes", f"wrong {n}", wrong)
+    for n, good in enumerate([1, -1, 0.25]):
+        answered(db, "fb_shapes", f"good {n}", {"rating": good})
+    done = feedback_run(db, "fb_shapes")
+    read = done["runs"][1]["feedback"]
+    assert read["examples"] == 3
+    # What looks like a rating in [-1, 1] is read and parsed; the rest is never selected.
+    assert read["requests"] == 6 and read["skipped"]["count"] == 3
+    assert {r["reason"] for r in read["skipped"]["reasons"]} == {
+        feedback.TOO_LONG, "feedback has fields other than rating and better",
+        "feedback.better: input should be a valid string"}
+
+
+def one_pass(server_uri, db, spec, state: dict) -> list:
+    """What one retrain check's feedback pass finds due, run in-process as a daemon runs it."""
+    async def run():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], Limits(), 10, SkipLog())
+            return await trigger.due({"k": (spec, parse(ModelState, state))})
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def test_a_feedback_filter_only_narrows_to_the_models_own_answers(db, server_uri):
+    spec = parse_model({"_id": "mine", "model_name_or_path": "org/name", "data": {"collection": "notes"},
+                        "feedback": {"method": "kto", "every": 2,
+                                     "filter": {"$or": [{"model": "theirs"}, {"tag": "keep"}]}}})
+    theirs = [answered(db, "theirs", f"their {n}", {"rating": 1}) for n in range(3)]
+    kept = [answered(db, "mine", f"kept {n}", {"rating": 1}) for n in range(2)]
+    requests = db[defaults.REQUESTS]
+    requests.update_many({"_id": {"$in": [d["_id"] for d in theirs + kept]}}, {"$set": {"tag": "keep"}})
+    untagged = answered(db, "mine", "untagged", {"rating": -1})
+    requests.insert_one({**request("pending_mine", "mine", "x"), "feedback": {"rating": 1}, "tag": "keep"})  # unanswered
+    selected = feedback.rated_requests(db, spec, Limits())
+    assert sorted(d["input"] for d in selected) == ["kept 0", "kept 1"]
+    assert set(selected[0]) <= set(feedback.FIELDS)  # only what a run reads of a request
+
+    # A daemon's pass counts the two toward the run after 1, passes over the one the filter leaves out (looked at
+    # once), and stamps nothing of another model's or unanswered.
+    assert [s.id for s in one_pass(server_uri, db, spec, {"_id": "mine", "status": "succeeded", "run": 1})] == ["mine"]
+    stamps = {d["_id"]: d.get("feedback_run") for d in requests.find({}, {"feedback_run": 1})}
+    assert [stamps[d["_id"]] for d in kept] == [1, 1] and stamps[untagged["_id"]] == feedback.PASSED_OVER
+    assert all(stamps[d["_id"]] is None for d in theirs) and stamps["pending_mine"] is None
+    # While the run is pending nothing is stamped; once it trains, new ratings count toward the run after it.
+    late = answered(db, "mine", "late", {"rating": 1})
+    requests.update_one({"_id": late["_id"]}, {"$set": {"tag": "keep"}})
+    assert one_pass(server_uri, db, spec, {"_id": "mine", "status": "pending", "run": 1}) == []
+    assert "feedback_run" not in requests.find_one({"_id": late["_id"]})
+    assert one_pass(server_uri, db, spec, {"_id": "mine", "status": "running", "run": 2}) == []
+    assert requests.find_one({"_id": late["_id"]})["feedback_run"] == 2
+    # A stamp written by anyone on what is not a rating counts for nothing.
+    requests.insert_one({**request("forged", "mine", "x"), "status": "done", "output": "y", "tag": "keep",
+                         "feedback_run": 2})
+    assert one_pass(server_uri, db, spec, {"_id": "mine", "status": "succeeded", "run": 2}) == []
+
+
+BASE = {"_id": "m", "model_name_or_path": "org/name", "data": {"collection": "notes"}}
+
+
+@pytest.mark.parametrize(("given", "field"), [
+    ({"method": "sft", "every": 2}, "feedback.method"), ({"method": "kto", "every": 0}, "feedback.every"),
+    ({"method": "kto"}, "feedback.every"), ({"method": "kto", "every": 2, "filter": {"$where": "1"}}, "feedback.filter"),
+    ({"method": "kto", "every": 2, "filter": {"$expr": {"$eq": [1, 1]}}}, "feedback.filter"),
+    ({"method": "kto", "every": 2, "filter": {"x": "y" * 20_000}}, "feedback.filter"),
+    ({"method": "kto", "every": 2, "by": "me"}, "feedback.by"), ({"method": "kto", "every": 2001}, "feedback.every"),
+])
+def test_a_models_feedback_is_allowlisted_and_bounded(given, field):
+    with pytest.raises(SpecError) as refused:
+        parse_model({**BASE, "feedback": given})
+    assert refused.value.field == field
+    assert parse_model({**BASE, "feedback": {"method": "dpo", "every": 2001}},
+                       Limits(max_feedback_rows=5000)).feedback.every == 2001
+
+
+def test_the_trainer_must_fit_the_feedback_method_too():
+    with pytest.raises(SpecError) as refused:
+        parse_model({**BASE, "trainer": {"packing": True}, "feedback": {"method": "dpo", "every": 2}})
+    assert refused.value.field == "trainer.packing" and "feedback runs train with method dpo" in str(refused.value)
+    with pytest.raises(SpecError) as refused:
+        parse_model({**BASE, "trainer": {"per_device_train_batch_size": 1}, "feedback": {"method": "kto", "every": 2}})
+    assert refused.value.field == "trainer.per_device_train_batch_size"
+    assert parse_model({**BASE, "trainer": {"packing": True}}).feedback is None
+
+
+@pytest.mark.parametrize("given", [{"rating": 1}, "junk", {"rating": {"$gt": 0}}, [1, 2], None])
+def test_a_request_with_any_feedback_parses(given):
+    assert parse_request({**request("r", "m", "hi"), "feedback": given}).feedback == given
+
+
+def test_what_a_run_keeps_of_a_request_stays_within_the_input_caps():
+    limits = Limits(max_input_chars=100, max_messages=3)
+    chat = [{"role": "user", "content": "hi"}]
+    requests = [{"_id": 1, "input": "p", "output": "o" * 101, "feedback": {"rating": 1}},
+                {"_id": 2, "input": chat * 4, "output": "o", "feedback": {"rating": 1}},
+                {"_id": 3, "input": "p" * 101, "output": "o", "feedback": {"rating": 1}},
+                {"_id": 4, "input": chat * 3, "output": "o", "feedback": {"rating": -1, "better": "b"}},
+                {"_id": 5, "input": "p", "output": "o", "feedback": {"rating": 0.5}}]
+    built, reasons = feedback.sources(requests, "kto", limits)
+    assert [row["_id"] for row in built] == [4, 5] and reasons == {feedback.TOO_LONG: 3}
+    pairs, _ = feedback.sources(requests, "dpo", limits)
+    assert pairs == [{"_id": 4, "input": chat * 3, "chosen": "b", "rejected": "o"}]
+
+
+def test_a_daemon_counts_feedback_for_at_most_its_bound_of_models_those_seen_first_keeping_their_places(db, server_uri):
+    def spec(name):
+        return parse_model({**BASE, "_id": name, "feedback": {"method": "kto", "every": 1}})
+
+    def rated(name):
+        answered(db, name, f"{name} asked", {"rating": 1})
+        answered(db, name, f"{name} asked again", {"rating": -1})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], Limits(), 2, SkipLog())
+            models = {n: (spec(n), parse(ModelState, {"_id": n, "status": "succeeded", "run": 1})) for n in "yz"}
+            first = await trigger.due(models)
+            models["a"] = (spec("a"), parse(ModelState, {"_id": "a", "status": "succeeded", "run": 1}))
+            return first, await trigger.due(models)  # "a" sorts first, but comes last
+        finally:
+            await client.close()
+    for name in "ayz":
+        rated(name)
+    first, second = asyncio.run(passes())
+    assert [s.id for s in first] == ["y", "z"] and [s.id for s in second] == ["y", "z"]
+    assert db[defaults.REQUESTS].count_documents({"model": "a", "feedback_run": {"$exists": True}}) == 0

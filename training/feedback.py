@@ -1,0 +1,165 @@
+"""The ratings of a model's answers become the rows of its feedback runs (`trigger: "feedback"`).
+
+A driver writes `feedback: {rating, better}` on a done request; the listener never writes it. A feedback
+run reads this model's done requests with a rating, those `feedback.filter` selects (always within this
+model's own: the filter is ANDed, so it can only narrow), newest first, at most the operator's
+`max_feedback_rows`. Each request's `feedback` is parsed here (`config.parse_feedback`); a wrong shape is
+skipped and counted, never an error. `kto`: prompt = the request's `input`, completion = its `output`,
+label = rating > 0 (0 is neutral: skipped). `dpo`: an answer with `better` is a pair (better over the
+answer), and two answers to the same prompt rated one above 0 and one below make a pair, each answer in
+at most one such pair. The rows then go through `training.preferences` like a collection's documents.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from training import defaults, ids, preferences
+from training.config import DPO, KTO, ModelSpec, SpecError, parse_feedback
+from training.lineage import from_feedback, ids_sha256
+from training.limits import Limits
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+# Any number in [-1, 1] (NaN is none): what a count and a read select; the run parses each one exactly.
+RATED = {"$type": "number", "$gte": -1, "$lte": 1}
+FIELDS = {"_id": 1, "input": 1, "output": 1, "feedback": 1, "completed_at": 1}  # all a run reads of a request
+NEWEST_FIRST = [("completed_at", -1), ("_id", -1)]
+# The request fields each method's rows are built from, in `config.KEYS` order.
+KEYS = {KTO: ["input", "output", "rating"], DPO: ["input", "chosen", "rejected"]}
+NEUTRAL = "rating 0 is neutral: neither good nor bad"
+
+
+def run_spec(spec: ModelSpec, document: dict) -> ModelSpec:
+    """The spec this run trains with: a feedback run's method is `feedback.method`, whatever the model's own is."""
+    return spec.model_copy(update={"method": spec.feedback.method}) if from_feedback(document, spec) else spec
+
+
+def _own(spec: ModelSpec) -> dict:
+    """This model's done requests with a rating and a text answer."""
+    return {"model": ids.eq(spec.id), "status": defaults.Status.DONE.value, "feedback.rating": RATED,
+            "output": {"$type": "string"}}
+
+
+def selection(spec: ModelSpec) -> dict:
+    """This model's rated answers, narrowed by `feedback.filter` (ANDed: it can only narrow)."""
+    return {"$and": [_own(spec), spec.feedback.filter]} if spec.feedback.filter else _own(spec)
+
+
+UNSTAMPED = {"feedback_run": {"$exists": False}}
+PASSED_OVER = 0  # the stamp of a rating `feedback.filter` does not select: looked at once, never counted
+
+
+def uncounted(spec: ModelSpec) -> dict:
+    """The rated answers no daemon has counted toward a run yet (`listener.feedback`)."""
+    return {"$and": [selection(spec), UNSTAMPED]}
+
+
+def filtered_out(spec: ModelSpec) -> dict | None:
+    """The rated answers not counted yet that `feedback.filter` does not select (None without a filter): stamped
+    `PASSED_OVER`, so that each pass looks at new ratings only, however many the filter leaves out."""
+    return {"$and": [_own(spec), UNSTAMPED, {"$nor": [spec.feedback.filter]}]} if spec.feedback.filter else None
+
+
+def _source(doc: dict, **parts) -> dict:
+    """A document of the method's shape made from a request: its `input` and what `parts` give."""
+    return {"_id": doc.get("_id"), **({"input": doc["input"]} if "input" in doc else {}), **parts}
+
+
+def _pairs(rated: list[tuple[dict, object]]) -> list[dict]:
+    """DPO's pairs: each answer with its `better`, and answers to one prompt rated above and below 0."""
+    pairs, by_prompt = [], {}
+    for doc, feedback in rated:
+        if feedback.better is not None:
+            pairs.append(_source(doc, chosen=feedback.better, rejected=doc.get("output")))
+        if feedback.rating:
+            sides = by_prompt.setdefault(ids.key(doc.get("input")), ([], []))
+            sides[feedback.rating < 0].append(doc)
+    for good, bad in by_prompt.values():
+        pairs += [_source(g, chosen=g.get("output"), rejected=b.get("output")) for g, b in zip(good, bad)]
+    return pairs
+
+
+TOO_LONG = "input, output or feedback.better longer than an input may be"
+
+
+def _chars(value) -> int:
+    """The characters of a text, or of a list's messages' contents (anything else in it counts one)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), str) else 1
+                   for m in value)
+    return 0
+
+
+def too_long(doc: dict, limits: Limits) -> bool:
+    """Whether a request's texts pass the input bounds (`max_input_chars`, `max_messages`): anyone may insert a
+    "done" request, and what a run or a daemon's check keeps of it stays within the operator's caps."""
+    better = doc.get("feedback", {}).get("better") if isinstance(doc.get("feedback"), dict) else None
+    texts = (doc.get("input"), doc.get("output"), better)
+    return (any(_chars(text) > limits.max_input_chars for text in texts)
+            or (isinstance(doc.get("input"), list) and len(doc["input"]) > limits.max_messages))
+
+
+def sources(requests: list[dict], method: str, limits: Limits) -> tuple[list[dict], Counter]:
+    """Documents of the method's shape (`KEYS`) built from rated requests, and why the others were skipped."""
+    rated, reasons = [], Counter()
+    for doc in requests:
+        if too_long(doc, limits):
+            reasons[TOO_LONG] += 1
+            continue
+        try:
+            rated.append((doc, parse_feedback(doc.get("feedback"), limits)))
+        except ValueError as why:
+            reasons[str(why)] += 1
+    if method == DPO:
+        return _pairs(rated), reasons
+    built = []
+    for doc, feedback in rated:
+        if feedback.rating == 0:
+            reasons[NEUTRAL] += 1
+        else:
+            built.append(_source(doc, output=doc.get("output"), rating=feedback.rating))
+    return built, reasons
+
+
+def folds(requests: list[dict], spec: ModelSpec, limits: Limits, chat: bool = True
+          ) -> tuple[list[dict], list[dict], int, Counter]:
+    """The train and valid rows of `feedback.method` from these requests (the seeded split of `data`'s
+    `valid_fraction` and `seed`: a request carries no fold), how many were usable, and the skip reasons."""
+    method = spec.feedback.method
+    built, reasons = sources(requests, method, limits)
+    data = spec.data.model_copy(update={"fold_field": "_fold"})  # no request holds it (they are read projected)
+    train, valid, usable, more = preferences.split_rows(built, data, method, KEYS[method], chat)
+    return train, valid, usable, reasons + more
+
+
+def enough(requests: list[dict], spec: ModelSpec, limits: Limits) -> bool:
+    """Whether these requests make enough rows for a run (DPO: pairs); chat counted as usable."""
+    return len(folds(requests, spec, limits)[0]) >= preferences.MIN_ROWS
+
+
+def rated_requests(db, spec: ModelSpec, limits: Limits) -> list[dict]:
+    """The rated requests a feedback run reads, newest first, at most the operator's cap."""
+    return list(db[defaults.REQUESTS].find(selection(spec), FIELDS, sort=NEWEST_FIRST,
+                                           limit=limits.max_feedback_rows))
+
+
+def read_datasets(db, spec: ModelSpec, limits: Limits, tokenizer) -> tuple[Dataset, Dataset | None, dict]:
+    """A feedback run's train and valid datasets, and what it read for the run's entry (`feedback`)."""
+    requests = rated_requests(db, spec, limits)
+    method = spec.feedback.method
+    train, valid, usable, reasons = folds(requests, spec, limits, chat=bool(tokenizer().chat_template))
+    if len(train) < preferences.MIN_ROWS:
+        why = "; ".join(f"{n} with {reason}" for reason, n in reasons.most_common(3)) or "none skipped"
+        raise SpecError("feedback", f"the {len(requests)} rated answers read make {usable} usable "
+                        f"{'pairs' if method == DPO else 'examples'} for method {method}, and a run needs at least "
+                        f"{preferences.MIN_ROWS} to train on; skipped: {why}")
+    read = {"method": method, "collection": defaults.REQUESTS, "filter": selection(spec), "order": "newest first",
+            "requests": len(requests), "first": requests[0].get("_id"), "last": requests[-1].get("_id"),
+            "ids_sha256": ids_sha256(requests), "skipped": preferences.skipped(reasons),
+            "pairs" if method == DPO else "examples": usable}
+    return *preferences.datasets(train, valid), read
