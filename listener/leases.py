@@ -186,7 +186,8 @@ async def fail_undecodable(collection, table: dict, document: RawBSONDocument, e
 
 def _peers_error(state) -> tuple:
     """A gang whose node 0 died: the other nodes' ranks failed on their broken connections and wrote so in `error`,
-    which is not the run's (as for a lost member: `listener.jobs`), and a resumed run keeps its `error`."""
+    which is not the run's (as for a lost member: `listener.jobs`); the claim that resumes the run keeps `error`, so
+    it goes here."""
     return ("error",) if isinstance(state, ModelState) and state.nodes else ()
 
 
