@@ -5,7 +5,7 @@ the listener's, but a user can write it too, so each entry counts only while its
 
 - Join. A daemon with room (a free job slot and the GPUs asked for) first writes a `node` record under its own name
   in `_listener` (model, rank, and for node 0 the endpoint it will host: its operator's `advertise_addr` and a
-  port of `rendezvous_ports` it holds bound until its node starts, `reserve_port`), then appends its entry `{owner,
+  port of `rendezvous_ports` it holds bound until its run ends, `reserve_port`), then appends its entry `{owner,
   name, host, devices, joined_at, expires_at[, addr, port]}` to the pending document with one update matched on
   the run it read, no cancel, the array's length it read and its own absence: an entry's index is its node rank,
   and no rank is taken twice.
@@ -186,9 +186,11 @@ def check_advertised(addr: str) -> None:
 
 
 def reserve_port(addr: str, ports: tuple[int, int]) -> socket.socket | None:
-    """A port of the operator's range at `addr`, bound and held (never listened on) for a gang's whole forming
-    window, so no other gang of any daemon on this host picks it meanwhile: node 0 lets it go (`release`) just
-    before its node starts, for its torchrun agent to listen there. Tried in random order."""
+    """A port of the operator's range at `addr`, bound and held (never listened on) from node 0's pick until its run
+    ends (`release`), so no other gang of any daemon on this host is given it meanwhile, nor between the hold and its
+    torchrun agent listening there. The agent's store (torch's TCPStore) binds with SO_REUSEADDR, which Linux lets
+    bind beside a socket that has the option and does not listen: the held one takes it once bound, so another pick,
+    binding without it, is still refused. Tried in random order."""
     for port in random.sample(range(ports[0], ports[1] + 1), ports[1] - ports[0] + 1):
         sock = socket.socket()
         try:
@@ -196,6 +198,7 @@ def reserve_port(addr: str, ports: tuple[int, int]) -> socket.socket | None:
         except OSError:
             sock.close()
             continue
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         return sock
     return None
 

@@ -709,3 +709,21 @@ def test_node_0_whose_record_of_its_claim_fails_gives_the_run_back_at_once(serve
     given_back = read(db, "m")
     assert given_back["status"] == "pending" and "lease" not in given_back and "nodes" not in given_back, given_back
     assert stand_in.nodes == [], "no node started without node 0's record of its claim"
+
+
+def test_rendezvous_node_0s_agent_listens_at_the_port_its_daemon_still_holds():
+    """Node 0 holds its port until its run ends (`gangs.reserve_port`): its agent's store listens there beside the
+    hold, as torchrun's static rendezvous makes it, and another pick still finds the port taken, then and after."""
+    from torch.distributed import TCPStore
+
+    port = a_free_port()
+    held = gangs.reserve_port("127.0.0.1", (port, port))
+    try:
+        store = TCPStore("127.0.0.1", port, 1, True, dt.timedelta(seconds=10), multi_tenant=True)
+        store.set("k", "v")
+        assert store.get("k") == b"v"
+        assert gangs.reserve_port("127.0.0.1", (port, port)) is None
+        del store
+        assert gangs.reserve_port("127.0.0.1", (port, port)) is None
+    finally:
+        held.close()
