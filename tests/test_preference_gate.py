@@ -5,7 +5,7 @@ import torch
 
 from training.config import SpecError, parse_model
 from training.preference_gate import HeldOut, example_scores, pair_scores, scores, sft_batches
-from training.promotion import decide, forgot
+from training.promotion import decide, decide_preferences, forgot
 
 PAIRS = {"_id": "m", "model_name_or_path": "org/model", "method": "dpo",
          "data": {"collection": "c", "key": ["q", "good", "bad"]}}
@@ -53,6 +53,27 @@ def test_a_candidate_that_forgot_more_than_allowed_is_kept(new, serving, kept):
     assert bool(reason) == kept
     if kept:
         assert reason.startswith("eval_loss on the held-out documents rose by 0.06 (1.06 against 1)")
+
+
+@pytest.mark.parametrize("metric, new, promoted, reason", [
+    ("preference_accuracy", {"preference_accuracy": 1.0, "eval_loss": 2.0}, True,
+     "preference_accuracy better by 0.5 (1 against 0.5), at least min_delta 0"),
+    ("preference_accuracy", {"preference_accuracy": 1.0, "eval_loss": 2.1}, False,
+     "preference_accuracy better by 0.5 (1 against 0.5), at least min_delta 0; but eval_loss on the held-out documents "
+     "rose by 0.1 (2.1 against 2), more than max_eval_loss_rise 0.05: the run forgot what the serving checkpoint "
+     "knew: kept"),
+    ("preference_accuracy", {"preference_accuracy": 0.25, "eval_loss": 1.0}, False,
+     "preference_accuracy worse by 0.25 (0.25 against 0.5)"),
+    ("eval_loss", {"preference_accuracy": 0.0, "eval_loss": 1.5}, True,
+     "eval_loss better by 0.5 (1.5 against 2), at least min_delta 0"),
+    ("reward_margin", {"reward_margin": None, "eval_loss": 2.0}, False,
+     "reward_margin could not be computed for both checkpoints (the held-out rows lack the answers it needs: one of "
+     "each label for reward_margin, a chosen or desirable one for the SFT scores): kept"),
+])
+def test_a_preference_candidate_is_promoted_when_its_metric_is_better_and_it_did_not_forget(metric, new, promoted,
+                                                                                           reason):
+    serving = {"preference_accuracy": 0.5, "reward_margin": 0.5, "eval_loss": 2.0}
+    assert decide_preferences(metric, 0, 0.05, new, serving) == (promoted, reason)
 
 
 def test_preference_scores_are_better_higher():

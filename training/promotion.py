@@ -21,12 +21,13 @@ import math
 from pathlib import Path
 
 from training import checkpoints, defaults, events, lineage, preference_gate
-from training.config import DPO, SFT, ModelSpec, SpecError
+from training.config import DPO, GATE_METRICS, MAX_EVAL_LOSS_RISE, SFT, ModelSpec, SpecError
 from training.starting import refits
 
 log = logging.getLogger(__name__)
 
 LOSS_COLUMNS = ("input_ids", "labels", "seq_lengths")  # what trl's collator reads: the loss's labels, packed lengths
+SFT_METRICS = GATE_METRICS[SFT]
 HIGHER_IS_BETTER = ("eval_mean_token_accuracy", "preference_accuracy", "reward_margin")
 
 
@@ -92,9 +93,10 @@ def measure(model, batches) -> dict:
     return scores(loss_sum, correct, tokens)
 
 
-def forgetting(model, sft_batches: list) -> float | None:
-    """The SFT loss on held-out documents (`measure`'s eval_loss); None without any."""
-    return measure(model, sft_batches)["eval_loss"] if sft_batches else None
+def forgetting(model, sft_batches: list) -> dict:
+    """The forgetting guard's measure: `measure`'s SFT scores of held-out documents (each None without any), so that
+    an SFT model's own metric can judge a preference run on it too."""
+    return measure(model, sft_batches) if sft_batches else dict.fromkeys(SFT_METRICS)
 
 
 def held_out_batches(trainer) -> list | None:
@@ -148,13 +150,13 @@ class GateModel:
         with off:
             logps = preference_gate.all_logps(self.model, held)
             base = preference_gate.scores(held, logps, logps)
-            return logps, {**base, "eval_loss": forgetting(self.model, held.sft)}
+            return logps, {**base, **forgetting(self.model, held.sft)}
 
     def preferences(self, folder: Path, name: str, held: preference_gate.HeldOut, reference: list) -> dict:
         """One checkpoint's preference scores against the base's `reference` logps, and its held-out SFT loss."""
         model = self._with(folder, name)
         scored = preference_gate.scores(held, preference_gate.all_logps(model, held), reference)
-        return {**scored, "eval_loss": forgetting(model, held.sft)}
+        return {**scored, **forgetting(model, held.sft)}
 
     def _base(self):
         import torch
@@ -194,15 +196,16 @@ class GateModel:
 
 def judge(db, spec: ModelSpec, new: dict, serving: dict | None, held, work: Path, limits) -> dict:
     """The decision for the run's best checkpoint `new` against the `serving` one, with why; `held`: the held-out
-    batches (SFT) or `preference_gate.HeldOut` (a preference run)."""
+    batches (SFT), or `preference_gate.HeldOut`, which the preference gate scores."""
     ref = {"run": new["run"], "step": new["step"]}
     if spec.promotion is False:
         return {"promoted": True, "checkpoint": ref, "reason": "promotion is false: every finished run serves"}
-    if serving is None and (spec.method == SFT or not held):
+    preferences = isinstance(held, preference_gate.HeldOut)  # a preference run, or (its method aside) a feedback run
+    if serving is None and not preferences:
         return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves"}
     if not held:
         return {"promoted": True, "checkpoint": ref, "reason": "this run has no held-out documents to compare on"}
-    if spec.method != SFT:
+    if preferences:
         return judge_preferences(db, spec, new, serving, held, work, limits)
     metric, min_delta = spec.promotion.metric, spec.promotion.min_delta
     gate = GateModel(spec, limits)
@@ -217,6 +220,17 @@ def judge(db, spec: ModelSpec, new: dict, serving: dict | None, held, work: Path
             "serving": {"run": serving["run"], "step": serving["step"]},
             "documents": sum(map(examples, held)), "tokens": new_scores["tokens"],
             "reason": reason}
+
+
+def decide_preferences(metric: str, min_delta: float, max_rise: float, new: dict, serving: dict) -> tuple[bool, str]:
+    """`decide` on the metric, then the forgetting guard: a candidate that forgot is kept however it ranks."""
+    promoted, reason = decide(metric, min_delta, new[metric], serving[metric], unknown=(
+        "the held-out rows lack the answers it needs: one of each label for reward_margin, a chosen or desirable one "
+        "for the SFT scores"))
+    forgetting_reason = forgot(max_rise, new["eval_loss"], serving["eval_loss"])
+    if promoted and forgetting_reason:
+        return False, f"{reason}; but {forgetting_reason}: kept"
+    return promoted, reason
 
 
 def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held: preference_gate.HeldOut,
@@ -238,13 +252,10 @@ def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held
         return {"promoted": True, "checkpoint": ref, "reason": f"the serving checkpoint cannot be loaded: {exc}",
                 "scores": {"candidate": candidate, "base": base}, **counted}
     promotion = spec.promotion
-    promoted, reason = decide(promotion.metric, promotion.min_delta, candidate[promotion.metric], old[promotion.metric],
-                              unknown="the held-out examples lack a desirable or an undesirable one")
-    forgetting_reason = forgot(promotion.max_eval_loss_rise, candidate["eval_loss"], old["eval_loss"])
-    if promoted and forgetting_reason:
-        promoted, reason = False, f"{reason}; but {forgetting_reason}: kept"
+    rise = MAX_EVAL_LOSS_RISE if promotion.max_eval_loss_rise is None else promotion.max_eval_loss_rise
+    promoted, reason = decide_preferences(promotion.metric, promotion.min_delta, rise, candidate, old)
     return {"promoted": promoted, "checkpoint": ref, "metric": promotion.metric, "min_delta": promotion.min_delta,
-            "max_eval_loss_rise": promotion.max_eval_loss_rise, "score": candidate[promotion.metric],
+            "max_eval_loss_rise": rise, "score": candidate[promotion.metric],
             "serving_score": old[promotion.metric], "serving": {"run": serving["run"], "step": serving["step"]},
             "scores": {"candidate": candidate, "serving": old}, **counted, "reason": reason}
 
