@@ -166,6 +166,11 @@ def pytest_xdist_auto_num_workers(config):
 
 # A test using one of these starts real processes or trains a model: seconds, not milliseconds.
 SLOW_FIXTURES = {"start_daemon", "module_daemon", "tiny_model_path", "standalone_uri"}
+# The tests that take a minute or more of a worker in `make test` (its `--durations`), by node id prefix, longest
+# first: they go first, in this order, so that none starts late and runs on alone after the others have finished.
+LONGEST = ("tests/test_two_users.py", "tests/test_multiprocess.py", "tests/test_nodes.py", "tests/test_fuzz.py",
+           "tests/test_robustness.py", "tests/test_outage.py", "tests/test_deepspeed.py",
+           "tests/test_first_hour_noise.py::test_the_demos_first_model_conversion")
 
 
 def pytest_collection_modifyitems(items):
@@ -176,9 +181,14 @@ def pytest_collection_modifyitems(items):
             # One pytest-xdist worker runs all of a module's tests on its daemon (`--dist loadgroup`): spread
             # over the workers, each would start a daemon and a fork server of its own, seconds of CPU each.
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    # Slow tests first: side by side, the many short ones then fill the workers up evenly at the end
-    # instead of one worker finishing the last long test alone.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # The longest first, then the other slow tests: side by side, the many short ones then fill the workers up
+    # evenly at the end instead of one worker finishing the last long test alone.
+    items.sort(key=lambda item: (_rank(item.nodeid), item.get_closest_marker("slow") is None))
+
+
+def _rank(nodeid: str) -> int:
+    """The place of the test's prefix in LONGEST; after all of them for any other test."""
+    return next((n for n, prefix in enumerate(LONGEST) if nodeid.startswith(prefix)), len(LONGEST))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -5,7 +5,15 @@ Importing is all it does besides one thing: no thread, no CUDA, no connection, n
 copy half-made. The one thing: the fork server dies with its daemon. Every child forked from it holds
 the pipe whose end would tell it the daemon is gone, so it would outlive a SIGKILLed daemon, and
 its children with it; the kernel's parent-death signal ends it instead, and theirs ends them.
+
+The collector is off while it imports (with torch's objects on the heap, each of the thousands of
+collections the imports trigger walked all of them: a fifth of their CPU), and what the imports made is
+then frozen: no collection in the server or in anything forked from it walks it again.
 """
+
+import gc
+
+gc.disable()
 
 from training import lifeline
 
@@ -18,3 +26,6 @@ from trl import DPOTrainer, KTOTrainer  # noqa: F401  (0.04 s here, which a pref
 
 from training import (arguments, child, dataset, inference, methods, models, phases, preferences,  # noqa: F401
                       progress, worker)
+
+gc.freeze()
+gc.enable()
