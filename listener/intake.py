@@ -58,6 +58,7 @@ MAX_FINDS = 4  # per round: a burst raced by other daemons, or full models to le
 # each kind is claimed against its own places in serving. A value other than a string fails once claimed.
 KINDS = {False: {"collection": {"$not": {"$type": "string"}}}, True: {"collection": {"$type": "string"}}}
 MAX_STUCK = 1_000  # pending requests the server refused to change, left out of this daemon's finds (ids <= 1 kB)
+WARM_LOOKS = 100  # pending requests whose models are looked up before a worker starts (`Intake._warm_up`)
 STUCK_S = 60.0  # for this long, then tried again (the refusal may have been the server's passing trouble)
 
 
@@ -66,7 +67,7 @@ class Intake:
 
     def __init__(self, db, settings, owner: str, serving, counters: dict, skipped: SkipLog,
                  stopping: Callable[[], bool], warm_first: bool = False):
-        self.requests = db[defaults.REQUESTS]
+        self.requests, self.models = db[defaults.REQUESTS], db[defaults.MODELS]
         self.raw_requests = raw(self.requests)  # read undecoded: see `_pending`
         self.settings, self.owner, self.serving, self.counters, self.skipped = settings, owner, serving, counters, skipped
         self.stopping = stopping
@@ -98,12 +99,21 @@ class Intake:
                 log.exception("a claim round failed; the next wake-up tries again")
 
     async def _warm_up(self) -> bool:
-        """Whether serving's worker is starting: once a request that is not cancelled is pending (one read), and then
-        nothing is claimed before the worker runs (serving wakes this loop then). A daemon that never sees a request
-        never starts a worker; one that sees only cancelled ones ends them at once, in a round."""
+        """Whether serving's worker is starting: once a pending request that is not cancelled names a model that
+        exists, and then nothing is claimed before the worker runs (serving wakes this loop then). Requests that can
+        only fail (cancelled, no such model, an id of no model's shape) end in a round without it: a worker costs
+        seconds of imports, which a daemon that only ever sees those never pays. Two reads; past `WARM_LOOKS` pending
+        requests of no model, those are ended first, and the next look sees further. A look the server refuses warms
+        the worker, as every pending request did before."""
         waiting = {**status_filter(Status.PENDING), "cancel": {"$ne": True}}
-        if await self.raw_requests.find_one(waiting, {"_id": 1}) is None:
-            return False
+        try:
+            named = [found.get("model") for found in
+                     await self.requests.find(waiting, {"model": 1}).limit(WARM_LOOKS).to_list()]
+            plain = [name for name in named if _plain(name)]
+            if not plain or await self.models.find_one({"_id": {"$in": plain}}, {"_id": 1}) is None:
+                return False
+        except (PyMongoError, BSONError):
+            pass  # warmed up, as for any pending request before: no claim waits on this look
         self.serving.warm_up()
         return True
 

@@ -17,7 +17,7 @@ from pymongo import AsyncMongoClient, monitoring
 
 
 from listener.forks import Forks
-from listener.intake import Intake
+from listener.intake import WARM_LOOKS, Intake
 from listener import liveness
 from listener.leases import HEARTBEAT_STOPPED, PROCESS_GONE, alive_until, take_over
 from listener.records import RequestState, SkipLog
@@ -214,6 +214,7 @@ def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pend
     stays pending through whole claim rounds while the worker starts (held up here behind serving's turn, as behind
     a batch generating); once it runs, serving wakes the intake and the request is claimed. A cancelled one starts
     nothing and ends at once."""
+    db[defaults.MODELS].insert_one({"_id": "m"})  # a request for a model that exists: one that might be answered
     db[defaults.REQUESTS].insert_one({**request("cancelled", "m"), "cancel": True})
 
     async def work(adb):
@@ -244,6 +245,45 @@ def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pend
         return started_for_cancelled, warming, claimed_early, worker_runs
 
     assert run_with(server_uri, db.name, work) == (False, True, False, True)
+
+
+def test_requests_that_can_only_fail_end_without_a_worker_and_one_for_a_model_that_exists_starts_it(server_uri, db,
+                                                                                                    tmp_path):
+    """A worker costs seconds of imports: pending requests naming no model that exists (a missing one, an id of no
+    model's shape, none at all) fail without one, past `WARM_LOOKS` of them too; the first that names a model that
+    exists starts it (its start is held up here, so nothing is imported)."""
+    junk = [request(f"missing{i}", "no-such-model") for i in range(WARM_LOOKS + 5)]
+    junk += [{**request("shaped", "m"), "model": {"$gt": ""}}, {k: v for k, v in request("none", "m").items()
+                                                                  if k != "model"}]
+    db[defaults.REQUESTS].insert_many(junk)
+
+    async def work(adb):
+        intake = intake_for(adb, "d", uri=server_uri, home=str(tmp_path))
+        serving = intake.serving
+        intake.warm_first, serving.on_room = True, intake.wake
+        tasks = [asyncio.create_task(intake.run()), asyncio.create_task(serving.serve())]
+        try:
+            intake.wake()
+            async with asyncio.timeout(60):
+                while await adb[defaults.REQUESTS].count_documents({"status": "failed"}) < len(junk):
+                    await asyncio.sleep(0.05)
+            await full_round(intake)
+            warmed_for_junk = serving._warming is not None or serving._worker is not None
+            async with serving._turn:  # the worker's start waits for it: nothing is imported here
+                await adb[defaults.MODELS].insert_one({"_id": "m"})
+                await adb[defaults.REQUESTS].insert_one(request("real", "m"))
+                await full_round(intake)
+                warmed_for_real = serving._warming is not None
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await serving.close()
+        return warmed_for_junk, warmed_for_real
+
+    assert run_with(server_uri, db.name, work) == (False, True)
+    errors = {d["error"]["type"] for d in db[defaults.REQUESTS].find({"status": "failed"})}
+    assert errors and None not in errors
 
 
 def test_a_worker_start_that_fails_in_any_way_still_lets_the_intake_claim(server_uri, db, caplog):
