@@ -173,6 +173,8 @@ def test_a_stopped_fsdp_run_resumes_from_its_checkpoint_and_stores_the_adapter_w
     assert done["status"] == "succeeded", done.get("error")
     trained = [m["step"] for m in done["metrics"] if "loss" in m]
     assert trained.count(1) == 1 and min(s for s in trained if s > saved) == saved + 1, trained
+    rates = {m["step"]: m["learning_rate"] for m in done["metrics"] if "learning_rate" in m}
+    assert rates[saved + 1] < rates[saved], f"the schedule resumed where it stopped, not from its start: {rates}"
     weights = load_file(checkpoints.download(db, done["checkpoints"][-1]["files_id"], tmp_path / "c")
                         / "adapter_model.safetensors")
     assert weights and all(t.numel() > 0 for t in weights.values()), "the adapter was gathered whole"
