@@ -14,10 +14,9 @@ from tests.test_multiprocess import assert_gone, children
 from training import defaults, ids
 from training.defaults import ChildExit
 
-FAST = {"MONGOTUNE_SCAN_S": "2"}
 # Two daemons standing in for two hosts share this one's cores: one thread per rank, as torchrun gives two ranks of one
 # node (each node's rank would take every core, and ZeRO-2 trained at 1.6 s a step instead of 0.15-0.19).
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+FAST = {"MONGOTUNE_SCAN_S": "2", "OMP_NUM_THREADS": "1"}
 
 
 def model(path, _id: str, nodes: int, steps: int, **trainer) -> dict:
@@ -159,7 +158,7 @@ def test_deepspeed_across_nodes_stores_every_ranks_states_and_resumes_when_node_
     pytest.importorskip("deepspeed", reason="needs the deepspeed extra")
     load_samples(db)
     models = db[defaults.MODELS]
-    env = {**FAST, **ONE_THREAD, "MONGOTUNE_LEASE_S": "3"}
+    env = {**FAST, "MONGOTUNE_LEASE_S": "3"}
     daemons = {name: start_daemon(name, max_jobs=1, env=env) for name in "ab"}
     steps = 30
     models.insert_one(model(tiny_model_path, "z", 2, steps, save_steps=5,
@@ -195,7 +194,7 @@ def test_fsdp_across_nodes_stores_both_ranks_states_and_resumes_after_a_member_s
                                                                                      tiny_model_path):
     load_samples(db)
     models = db[defaults.MODELS]
-    daemons = {name: start_daemon(name, max_jobs=1, env={**FAST, **ONE_THREAD}) for name in "ab"}
+    daemons = {name: start_daemon(name, max_jobs=1, env=FAST) for name in "ab"}
     steps = 60
     models.insert_one(model(tiny_model_path, "f", 2, steps, save_steps=100_000, fsdp=True, fsdp_config={"version": 2}))
     running = wait_for(models, "f", lambda d: (d.get("progress") or {}).get("step", 0) > 2, timeout_s=600)
@@ -206,7 +205,7 @@ def test_fsdp_across_nodes_stores_both_ranks_states_and_resumes_after_a_member_s
     assert 2 < saved["step"] < steps and "error" not in stopped, stopped.get("error")
     assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= stored_names(db, saved["files_id"])
 
-    daemons["c"] = start_daemon("c", max_jobs=1, env={**FAST, **ONE_THREAD})
+    daemons["c"] = start_daemon("c", max_jobs=1, env=FAST)
     done = wait_for(models, "f", finished, timeout_s=600)
     assert done["status"] == "succeeded", done.get("error")
     trained = [m["step"] for m in done["metrics"] if "loss" in m]
