@@ -313,6 +313,11 @@ def _job(launch: dict, model_id, db_name: str, parent: int, rank: bool) -> int:
                                 forked=None if torch.cuda.device_count() else forked_rank, node=launch["node"])
         code = train(db, document, work, parent, launch["limits"], launch["sent"],
                      (launch["node"] or {}).get("members"))
+    except feedback.NothingToTrain as nothing:
+        log.warning("nothing to train: %s", nothing)
+        if ranks.world()[0] == 0:
+            lineage.nothing_to_train(db[defaults.MODELS], match, document, nothing.read, str(nothing))
+        code = defaults.ChildExit.NOTHING_TO_TRAIN
     except Exception as exc:
         log.exception("training failed")
         db[defaults.MODELS].update_one(ranks.error_match(match), {"$set": {"error": failure(exc)}})
