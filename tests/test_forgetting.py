@@ -13,10 +13,12 @@ from training.promotion import held_out_batches
 FEEDBACK = {"method": "kto", "every": 2}
 
 
-def spec_of(path, limits, collection="notes", **fields):
-    return parse_model({"_id": "m", "model_name_or_path": path, "data": {"collection": collection, **fields.pop(
-        "data", {"key": "messages"})}, "trainer": {"max_seq_length": 24, "per_device_eval_batch_size": 3},
-        "feedback": FEEDBACK, **fields}, limits)
+def spec_of(path, limits, collection="notes", data=None, **fields):
+    """A model with feedback whose own data is `collection` (chat unless `data` says otherwise)."""
+    return parse_model({"_id": "m", "model_name_or_path": path,
+                        "data": {"collection": collection, **(data or {"key": "messages"})},
+                        "trainer": {"max_seq_length": 24, "per_device_eval_batch_size": 3}, "feedback": FEEDBACK,
+                        **fields}, limits)
 
 
 def chats(n: int) -> list[dict]:
