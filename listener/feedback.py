@@ -13,7 +13,9 @@ pending (its number is not known yet): such ratings are stamped once it is claim
 after it (which comes a little early rather than late, as with `retrain.on_new_documents`). `retrain.start`
 (`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before starting, the
 rows are read once to see that they make a run (DPO: at least `preferences.MIN_ROWS` pairs); a model whose
-count has not moved since it had too few is not read again. The operator's `retrain_max_models` bounds how many models a daemon counts, in the order it first saw them.
+count has not moved since it had too few is not read again. Ratings rewritten or deleted between this check and the
+run's read end that run `nothing_to_train` (`training.feedback.NothingToTrain`): the model serves as before and the
+ratings written after it count toward the next run. The operator's `retrain_max_models` bounds how many models a daemon counts, in the order it first saw them.
 """
 
 import asyncio

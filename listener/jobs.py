@@ -269,17 +269,19 @@ async def _fail_over_time(models, settings: Settings, model_id, run: int, owner:
     return await _end(models, model_id, run, owner, Status.FAILED, {"error": error})
 
 
-async def _end(models, model_id, run: int, owner: str, new: Status, fields: dict) -> Status:
+async def _end(models, model_id, run: int, owner: str, new: Status, fields: dict, ran: str | None = None) -> Status:
     """The run's outcome on its `runs` entry first, then the status: whoever sees the run over sees its outcome.
+    `ran`: the outcome (and the event's kind) when it is not the status's name (`RUN_OUTCOMES`).
 
     A run that ends also clears `trigger`, so that it never names the next run. Both writes need this daemon's
     lease: one that passed to another daemon (this one was paused past it) leaves the run, and its outcome, to
     that daemon, which resumes it; the status returned is then `running`."""
-    await lineage.record_outcome(models, model_id, run, new.value, owner)
+    await lineage.record_outcome(models, model_id, run, ran or new.value, owner)
     over = ("trigger",) if new.value in lineage.FINAL_OUTCOMES else ()
     moved = await transition(models, model_id, Status.RUNNING, new, MODEL_TRANSITIONS,
                              match={"lease.owner": {"$eq": owner}}, fields=fields,
-                             unset=("lease", "cancel", "nodes", *over))
+                             unset=("lease", "cancel", "nodes", *over),
+                             event={"kind": ran, "run": run} if ran else None)
     if moved is None:
         log.warning("training %r would have ended %s, but another daemon holds its lease now: it is that one's",
                     model_id, new.value)
@@ -305,7 +307,10 @@ OUTCOMES = {
     ChildExit.STOPPED: Status.PENDING,  # saved at SIGTERM: any daemon resumes it at once
     ChildExit.INVALID: Status.FAILED,
     ChildExit.FAILED: Status.FAILED,
+    ChildExit.NOTHING_TO_TRAIN: Status.SUCCEEDED,  # a feedback run left without rows: the model serves as before
 }
+# A run's outcome on its entry where it is not the status's name.
+RUN_OUTCOMES = {ChildExit.NOTHING_TO_TRAIN: lineage.NOTHING_TO_TRAIN}
 
 
 NOT_FAILURES = (ChildExit.OK, ChildExit.CANCELLED, ChildExit.STOPPED, ChildExit.LEASE_LOST)
@@ -323,7 +328,7 @@ async def _finish(models, model_id, run: int, owner: str, code: int, path: Path)
     current = await models.find_one({"_id": ids.eq(model_id)}, {"error": 1, "cancel": 1})
     new = outcome(code, (current or {}).get("cancel") is True)
     fields = {"error": _recorded_error(current) or _crash_error(code, path)} if new is Status.FAILED else {}
-    ended = await _end(models, model_id, run, owner, new, fields)
+    ended = await _end(models, model_id, run, owner, new, fields, RUN_OUTCOMES.get(code))
     if ended is new:
         log.info("training %r ended %s (exit code %d)", model_id, new.value, code)
     return ended

@@ -14,10 +14,11 @@ from pymongo import AsyncMongoClient
 from listener.cli.main import cli
 from listener.feedback import FeedbackTrigger
 from listener.records import ModelState, SkipLog, parse
+from listener import retrain
 from listener.processes import wait_until
 from tests.conftest import DaemonProcess, finished, settled, wait_for
 from tests.documents import model, request
-from training import defaults, feedback
+from training import defaults, feedback, preferences
 from training.config import SpecError, parse_model, parse_request
 from training.limits import Limits
 
@@ -137,6 +138,75 @@ def test_dpo_feedback_waits_for_pairs_then_trains_on_corrections_and_opposite_ra
     run = feedback_run(db, "fb_dpo")["runs"][1]
     assert run["trigger"] == "feedback" and run["method"] == "dpo"
     assert run["feedback"]["pairs"] == 2 and run["feedback"]["requests"] == 4
+
+
+def test_a_feedback_runs_forgetting_guard_scores_the_models_own_held_out_documents(module_samples, both_daemons,
+                                                                                    tiny_model_path):
+    db = module_samples
+    served(db, "fb_guard", tiny_model_path, feedback={"method": "kto", "every": 12})
+    for n in range(12):  # 12 examples: one is held out, so the gate scores the run
+        answered(db, "fb_guard", f"guard {n}", {"rating": 1 if n % 2 else -1})
+    promotion = feedback_run(db, "fb_guard")["runs"][1]["promotion"]
+    # Not the held-out rating's answer: the model's own SFT documents, the 20 of its 200 its SFT runs hold out.
+    assert promotion["forgetting_on"] == {"source": "data", "collection": "pirate_chat", "documents": 20}
+    assert promotion["documents"] == 20 and promotion["examples"] == 1
+    assert promotion["metric"] == "eval_loss"  # the sft model's own metric, measured on them
+    candidate, serving = promotion["scores"]["candidate"], promotion["scores"]["serving"]
+    assert candidate["tokens"] == serving["tokens"] > 0
+    assert promotion["score"] == candidate["eval_loss"] and promotion["serving_score"] == serving["eval_loss"]
+
+
+def start_feedback_run(server_uri, db, model_id, after: int) -> bool:
+    """What a daemon does once its count says a feedback run is due (`retrain.start`)."""
+    async def run():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            return await retrain.start(client[db.name][defaults.MODELS], model_id, after, "feedback")
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def test_ratings_gone_by_the_time_a_run_reads_them_end_it_without_training_and_counting_goes_on(
+        module_samples, both_daemons, tiny_model_path, server_uri, model_root, tmp_path):
+    db, (_, second) = module_samples, both_daemons
+    first = served(db, "fb_gone", tiny_model_path, feedback={"method": "kto", "every": 2})
+    kept = answered(db, "fb_gone", "still here", {"rating": 1})
+    wait_until(lambda: db[defaults.REQUESTS].find_one({"_id": kept["_id"], "feedback_run": 1}), 60, "a count")
+    # A daemon counted two ratings and started run 2; a rater deleted one before the run read them.
+    assert start_feedback_run(server_uri, db, "fb_gone", 1)
+    done = feedback_run(db, "fb_gone")
+    run = done["runs"][1]
+    assert run["outcome"] == "nothing_to_train" and run["trigger"] == "feedback", run
+    assert run["feedback"]["requests"] == 1 and run["feedback"]["examples"] == 1
+    assert "needs at least 2" in run["nothing_to_train"]
+    assert done["best_checkpoint"] == first["best_checkpoint"] and "error" not in done and "trigger" not in done
+    assert [e["run"] for e in done["events"] if e["kind"] == "nothing_to_train"] == [2]
+    assert not [c for c in done["checkpoints"] if c["run"] == 2]
+
+    # A daemon restarted meanwhile loses nothing: the count is in the requests. The next ratings start run 3, once.
+    second.stop()
+    answered(db, "fb_gone", "one more", {"rating": -1})
+    answered(db, "fb_gone", "and one more", {"rating": 1})
+    restarted = DaemonProcess(server_uri, db.name, tmp_path, "restarted", 4, env=DAEMON_ENV, model_root=model_root)
+    try:
+        done = wait_for(db[defaults.MODELS], "fb_gone", lambda d: d.get("run") == 3 and finished(d), timeout_s=600)
+        assert done["status"] == "succeeded", done.get("error")
+        assert done["runs"][2]["outcome"] == "succeeded" and done["runs"][2]["feedback"]["examples"] == 3
+        assert done["best_checkpoint"]["run"] == 3
+        started = [e for e in done["events"] if e.get("kind") == "retrain_requested"]
+        assert [e.get("trigger") for e in started] == ["feedback", "feedback"]  # runs 2 and 3, one start each
+    finally:
+        restarted.stop()
+
+
+def test_a_models_own_preference_run_with_too_few_rows_still_fails(db):
+    """Only a feedback run ends without training: a model's own data is its writer's to fix."""
+    db["rated"].insert_one({"p": "hi", "c": "yo", "l": 1})
+    data = parse_model({**BASE, "data": {"collection": "rated", "key": ["p", "c", "l"]}, "method": "kto"}).data
+    with pytest.raises(SpecError) as refused:
+        preferences.read_datasets(db, data, "kto", Limits())
+    assert refused.value.field == "data.key"
 
 
 WRONG_SHAPES = [{"rating": "1"}, {"rating": 7}, {"rating": {"$gt": 0}}, "great", {"rating": True},

@@ -265,6 +265,7 @@ def test_a_running_document_without_a_lease_is_failed_naming_it(server_uri, db):
 @pytest.mark.parametrize(("code", "cancel", "expected"), [
     (0, False, S.SUCCEEDED), (0, True, S.SUCCEEDED), (4, False, S.CANCELLED), (5, False, S.PENDING),
     (5, True, S.CANCELLED), (3, False, S.FAILED), (1, True, S.CANCELLED), (-9, False, S.FAILED), (42, False, S.FAILED),
+    (8, False, S.SUCCEEDED), (8, True, S.SUCCEEDED),  # a feedback run with nothing to train: the model serves on
 ])
 def test_a_childs_exit_maps_to_one_status(code, cancel, expected):
     from listener.jobs import outcome

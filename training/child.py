@@ -23,8 +23,8 @@ from pathlib import Path
 from bson import json_util
 from pymongo import MongoClient
 
-from training import (checkpoints, defaults, feedback, ids, lifeline, lineage, methods, packing, padding, promotion,
-                      ranks, starting)
+from training import (checkpoints, defaults, feedback, forgetting, ids, lifeline, lineage, methods, packing, padding,
+                      promotion, ranks, starting)
 from training.config import ModelSpec, SpecError, parse_model
 from training.errors import public_message, said
 from training.inert import inert_logging
@@ -89,7 +89,8 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     from training.progress import LogAtSaves, MongoProgress, NothingPastTheLastStep, Trained
 
     phases = Phases(sent)
-    spec = feedback.run_spec(parse_model(document, limits), document)
+    defined = parse_model(document, limits)  # the model's own method: a feedback run's guard reads its data
+    spec = feedback.run_spec(defined, document)
     _check_gpus(spec, torch)
     check_model(spec, limits)
     phases.lap("check")
@@ -152,7 +153,9 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         return defaults.ChildExit.STOPPED
     if progress.cancelled:
         return defaults.ChildExit.CANCELLED
-    batches = methods.held_out(trainer, spec)
+    held_feedback = lineage.from_feedback(document, defined) and valid_set is not None  # the gate scores ratings
+    guard = forgetting.guard(db, defined, limits, tokenizer(), work / "guard") if held_feedback else None
+    batches = methods.held_out(trainer, spec, guard)
     del trainer, model  # the gate loads the base once for both checkpoints: never beside the trained model
     gc.collect()
     promotion.conclude(db, progress.match, spec, document["run"], serving, batches, work, limits, ranking)
@@ -310,6 +313,11 @@ def _job(launch: dict, model_id, db_name: str, parent: int, rank: bool) -> int:
                                 forked=None if torch.cuda.device_count() else forked_rank, node=launch["node"])
         code = train(db, document, work, parent, launch["limits"], launch["sent"],
                      (launch["node"] or {}).get("members"))
+    except feedback.NothingToTrain as nothing:
+        log.warning("nothing to train: %s", nothing)
+        if ranks.world()[0] == 0:
+            lineage.nothing_to_train(db[defaults.MODELS], match, document, nothing.read, str(nothing))
+        code = defaults.ChildExit.NOTHING_TO_TRAIN
     except Exception as exc:
         log.exception("training failed")
         db[defaults.MODELS].update_one(ranks.error_match(match), {"$set": {"error": failure(exc)}})

@@ -64,3 +64,4 @@ class ChildExit(IntEnum):
     STOPPED = 5  # SIGTERM: a checkpoint was saved and the run can be resumed by any daemon
     ORPHANED = 6  # the daemon that started it died; the run will be resumed once its lease expires
     LEASE_LOST = 7  # another daemon holds the run now; this child stopped writing and left
+    NOTHING_TO_TRAIN = 8  # a feedback run whose ratings, as read, made too few rows: nothing trained, nothing changed

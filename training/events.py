@@ -10,7 +10,7 @@ from training.defaults import now
 KEEP = 100  # events kept per model document
 KINDS = frozenset({
     "claimed", "resumed", "checkpoint_stored", "stop_requested", "lease_expired", "node_lost", "released", "promoted",
-    "retrain_requested", "definition_changed", "failed", "succeeded", "cancelled",
+    "retrain_requested", "definition_changed", "failed", "succeeded", "cancelled", "nothing_to_train",
 })
 
 

@@ -7,7 +7,9 @@ model's own: the filter is ANDed, so it can only narrow), newest first, at most 
 skipped and counted, never an error. `kto`: prompt = the request's `input`, completion = its `output`,
 label = rating > 0 (0 is neutral: skipped). `dpo`: an answer with `better` is a pair (better over the
 answer), and two answers to the same prompt rated one above 0 and one below make a pair, each answer in
-at most one such pair. The rows then go through `training.preferences` like a collection's documents.
+at most one such pair. The rows then go through `training.preferences` like a collection's documents. Ratings too
+few to train on when the run reads them (rewritten or deleted since a daemon counted them) end the run without
+training (`NothingToTrain`), never the model: whoever writes `_requests` must not be able to fail it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from training import defaults, ids, preferences
-from training.config import DPO, KTO, ModelSpec, SpecError, parse_feedback
+from training.config import DPO, KTO, ModelSpec, parse_feedback
 from training.lineage import from_feedback, ids_sha256
 from training.limits import Limits
 
@@ -148,18 +150,29 @@ def rated_requests(db, spec: ModelSpec, limits: Limits) -> list[dict]:
                                            limit=limits.max_feedback_rows))
 
 
+class NothingToTrain(Exception):
+    """A feedback run whose ratings, as read, make too few rows: a `_requests` writer rewrote or deleted them after a
+    daemon counted them. Whoever rates must not be able to fail a model: the run ends without training
+    (`ChildExit.NOTHING_TO_TRAIN`), the model serves as before and counting goes on. `read`: what it read."""
+
+    def __init__(self, message: str, read: dict):
+        super().__init__(message)
+        self.read = read
+
+
 def read_datasets(db, spec: ModelSpec, limits: Limits, tokenizer) -> tuple[Dataset, Dataset | None, dict]:
-    """A feedback run's train and valid datasets, and what it read for the run's entry (`feedback`)."""
+    """A feedback run's train and valid datasets, and what it read for the run's entry (`feedback`); NothingToTrain
+    when the rows are too few to train on."""
     requests = rated_requests(db, spec, limits)
     method = spec.feedback.method
     train, valid, usable, reasons = folds(requests, spec, limits, chat=bool(tokenizer().chat_template))
+    read = {"method": method, "collection": defaults.REQUESTS, "filter": selection(spec), "order": "newest first",
+            "requests": len(requests), "first": requests[0].get("_id") if requests else None,
+            "last": requests[-1].get("_id") if requests else None, "ids_sha256": ids_sha256(requests),
+            "skipped": preferences.skipped(reasons), "pairs" if method == DPO else "examples": usable}
     if len(train) < preferences.MIN_ROWS:
         why = "; ".join(f"{n} with {reason}" for reason, n in reasons.most_common(3)) or "none skipped"
-        raise SpecError("feedback", f"the {len(requests)} rated answers read make {usable} usable "
-                        f"{'pairs' if method == DPO else 'examples'} for method {method}, and a run needs at least "
-                        f"{preferences.MIN_ROWS} to train on; skipped: {why}")
-    read = {"method": method, "collection": defaults.REQUESTS, "filter": selection(spec), "order": "newest first",
-            "requests": len(requests), "first": requests[0].get("_id"), "last": requests[-1].get("_id"),
-            "ids_sha256": ids_sha256(requests), "skipped": preferences.skipped(reasons),
-            "pairs" if method == DPO else "examples": usable}
+        raise NothingToTrain(f"the {len(requests)} rated answers read make {usable} usable "
+                             f"{'pairs' if method == DPO else 'examples'} for method {method} ({len(train)} to train "
+                             f"on), and a run needs at least {preferences.MIN_ROWS} to train on; skipped: {why}", read)
     return *preferences.datasets(train, valid), read

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 LIBRARIES = ("mongotune", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "deepspeed")
 TRIGGERS = ("insert", "new_documents", "schedule", "user", "definition", "feedback")
 MAX_CHANGED, MAX_PATH_CHARS = 100, 200  # a replaced definition's changed fields, as a run's entry records them
-FINAL_OUTCOMES = tuple(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED))
+NOTHING_TO_TRAIN = "nothing_to_train"  # a feedback run's outcome when its ratings, as read, made no run: it served on
+FINAL_OUTCOMES = (*(s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)), NOTHING_TO_TRAIN)
 
 
 def data_read(collection: str, query: dict, documents: list[dict]) -> dict:
@@ -156,11 +157,23 @@ def arguments(spec, resolved: dict) -> dict:
     return {"given": given, "defaults": applied, "trainer": own}
 
 
+def _stored(read: dict) -> dict:
+    """What a run read, as its entry stores it: "$" operators cannot be field names in an update."""
+    return {**read, "filter": json_util.dumps(read["filter"])}
+
+
+def nothing_to_train(models, match: dict, document: dict, read: dict, why: str) -> bool:
+    """The entry of a feedback run that read too few rows to train on (rank 0 alone): what it read and why it
+    trained nothing; the daemon then writes its outcome, `NOTHING_TO_TRAIN`. False when the fence no longer matches."""
+    return begin(models, match, document, entry(document, method=read["method"], feedback=_stored(read),
+                                                nothing_to_train=why))
+
+
 def start(models, match: dict, document: dict, spec, resolved: dict, read: dict, started: dict | None,
           source: str, nodes: list | None = None) -> bool:
     """Write the run's entry at its start (rank 0 alone); False when the fence no longer matches. `nodes`: each node's
     name, host and devices, for a job of several (its daemons gave them)."""
-    read = {**read, "filter": json_util.dumps(read["filter"])}  # "$" operators cannot be field names in an update
+    read = _stored(read)
     recorded = entry(document, method=spec.method, **{"feedback" if from_feedback(document, spec) else "data": read},
                      arguments=arguments(spec, resolved),
                      init_from=started, base=base_fingerprint(spec.model_name_or_path, source, spec.model_kwargs.revision),

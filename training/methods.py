@@ -74,14 +74,16 @@ def arrange(trainer, spec: ModelSpec, resolved: dict, started: dict | None) -> d
     return None
 
 
-def held_out(trainer, spec: ModelSpec):
+def held_out(trainer, spec: ModelSpec, guard: tuple[list | None, dict] | None = None):
     """What the promotion gate scores, taken before the trainer goes: SFT's held-out batches, or a preference run's
-    held-out rows (`training.preference_gate`); None when the run has no valid fold."""
-    from training import preference_gate, promotion
+    held-out rows (`training.preference_gate`); None when the run has no valid fold. `guard`: a feedback run's
+    forgetting guard (`training.forgetting.guard`); a preference run's own guards on its data's held-out rows."""
+    from training import forgetting, preference_gate, promotion
 
     if spec.method == SFT:
         return promotion.held_out_batches(trainer)
-    return preference_gate.held_out(trainer, spec.method)
+    sft, guarded_on = guard or (None, {"source": forgetting.DATA})
+    return preference_gate.held_out(trainer, spec.method, sft, guarded_on)
 
 
 def reference(trainer, started: dict | None) -> dict:

@@ -13,12 +13,13 @@ undesirable ones (None without one of each), so neither label's count weighs mor
 reference itself) ranks nothing right.
 
 The forgetting guard scores SFT batches (`promotion.measure`): those `held_out` derives from the same rows (the
-prompt with the chosen, or desirable, answer as a prompt-completion example), or the ones a caller passes.
+prompt with the chosen, or desirable, answer as a prompt-completion example), or the ones a caller passes (a feedback
+run's: the model's own `data` valid fold, `training.forgetting`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from training.config import DPO, KTO
 
@@ -35,6 +36,7 @@ class HeldOut:
     batches: list
     sft: list
     beta: float
+    guarded_on: dict = field(default_factory=dict)  # what `sft` holds, as the promotion entry's `forgetting_on` says
 
     @property
     def rows(self) -> int:
@@ -42,10 +44,11 @@ class HeldOut:
         return sum(len(b["input_ids"]) // (2 if self.method == DPO else 1) for b in self.batches)
 
 
-def held_out(trainer, method: str, sft: list | None = None) -> HeldOut | None:
+def held_out(trainer, method: str, sft: list | None = None, guarded_on: dict | None = None) -> HeldOut | None:
     """The trainer's tokenized valid fold in its own collator's batches (its truncation included); None when the run
     has none. `sft`: the SFT batches the forgetting guard scores, each `{input_ids, attention_mask, labels}` (as
-    `promotion.held_out_batches` gives them); by default this fold's prompts with their chosen or desirable answers."""
+    `promotion.held_out_batches` gives them); by default this fold's prompts with their chosen or desirable answers.
+    `guarded_on`: what they are, for the promotion entry."""
     from torch.utils.data import DataLoader
 
     dataset = trainer.eval_dataset
@@ -54,7 +57,8 @@ def held_out(trainer, method: str, sft: list | None = None) -> HeldOut | None:
     dataset = dataset.select_columns(list(COLUMNS[method]))
     batches = list(DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size,
                               collate_fn=trainer.data_collator))
-    return HeldOut(method, batches, sft if sft is not None else sft_batches(batches, method), trainer.args.beta)
+    return HeldOut(method, batches, sft if sft is not None else sft_batches(batches, method), trainer.args.beta,
+                   guarded_on or {})
 
 
 def sft_batches(batches: list, method: str) -> list:

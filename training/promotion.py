@@ -101,14 +101,18 @@ def forgetting(model, sft_batches: list) -> dict:
 
 def held_out_batches(trainer) -> list | None:
     """The trainer's tokenized valid fold in its own collator's batches; None when the run has no valid fold."""
-    from torch.utils.data import DataLoader
-
     dataset = trainer.eval_dataset
     if dataset is None or len(dataset) == 0:
         return None
+    return loss_batches(dataset, trainer.args.per_device_eval_batch_size, trainer.data_collator)
+
+
+def loss_batches(dataset, batch_size: int, collator) -> list:
+    """A tokenized SFT dataset in `collator`'s batches of what the loss reads (`LOSS_COLUMNS`)."""
+    from torch.utils.data import DataLoader
+
     dataset = dataset.select_columns([c for c in LOSS_COLUMNS if c in dataset.column_names])
-    return list(DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size,
-                           collate_fn=trainer.data_collator))
+    return list(DataLoader(dataset, batch_size=batch_size, collate_fn=collator))
 
 
 def examples(batch: dict) -> int:
@@ -241,8 +245,9 @@ def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held
     gate = GateModel(spec, limits)
     reference, base = gate.reference(held)
     candidate = gate.preferences(fetch(db, spec, new, work, limits), "candidate", held, reference)
-    counted = {"pairs" if held.method == DPO else "examples": held.rows, "documents": sum(map(examples, held.sft)),
-               "reference": preference_gate.REFERENCE}
+    documents = sum(map(examples, held.sft))
+    counted = {"pairs" if held.method == DPO else "examples": held.rows, "documents": documents,
+               "forgetting_on": {"documents": documents, **held.guarded_on}, "reference": preference_gate.REFERENCE}
     if serving is None:
         return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves",
                 "scores": {"candidate": candidate, "base": base}, **counted}
