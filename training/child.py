@@ -135,6 +135,9 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         spec, limits, model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
         processing_class=tokenizer(), peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
     )
+    if len(trainer.train_dataset) == 0 and lineage.from_feedback(document, spec):  # raters' prompts, not the model's
+        raise feedback.NothingToTrain(f"the trainer dropped all {len(train_set)} rated answers read: each prompt alone "
+                                      f"fills max_length ({config.max_length} tokens)", read)
     methods.check_steps(trainer, spec, len(train_set))
     reference = methods.arrange(trainer, spec, resolved, started)
     if reference is not None and progress is not None:
