@@ -182,6 +182,7 @@ def test_deepspeed_across_nodes_stores_every_ranks_states_and_resumes_when_node_
     done = wait_for(models, "z", finished, timeout_s=900)
     assert done["status"] == "succeeded" and "error" not in done, done.get("error")
     assert re.search(r"training 'z' run 1 started", daemons["c"].log()) and done["attempts"] == 2
+    assert {node["name"] for node in done["runs"][-1]["nodes"]} == set(daemons) - {node0}, "the nodes it ended on"
     resumed = [e["step"] for e in done["events"] if e["kind"] == "resumed"]
     assert resumed == [saved["step"]], done["events"]
     trained = [m["step"] for m in done["metrics"] if "loss" in m]
