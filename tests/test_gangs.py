@@ -538,8 +538,7 @@ def test_forgery_a_stray_node_dials_the_rendezvous_node_0_then_hosts_for_another
             await d.consider_model(read(db, "victim"))
             await until(lambda: d.gpus.waiting.get(ids.key("victim")) == "1 of 2 nodes")
             await c.consider_model(read(db, "victim"))
-            with contextlib.suppress(TimeoutError):
-                await until(lambda: len(stand_in.jobs) >= 3)
+            await until(lambda: sum(job == "victim" for job, *_ in stand_in.jobs) == 2)  # the victim's gang started
             stand_in.finish.set()
             for one in (a, b, c, d):
                 one.stop_event.set()
@@ -547,6 +546,7 @@ def test_forgery_a_stray_node_dials_the_rendezvous_node_0_then_hosts_for_another
 
     asyncio.run(body())
     victims = {(addr, port) for job, _, _, addr, port in stand_in.jobs if job == "victim"}
+    assert victims, stand_in.jobs
     strays = [(job, name, rank, addr, port) for job, name, rank, addr, port in stand_in.jobs
               if job != "victim" and (addr, port) in victims]
     assert strays == [], f"another job's node was started at the other user's rendezvous: {stand_in.jobs}"
