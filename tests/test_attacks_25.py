@@ -1,0 +1,125 @@
+"""Issue 25's feedback loop attacked as a writer of documents (`_models`, `_requests`, their own data) would:
+each test is a finding, named by issue 21's class, and fails until the product holds what the README promises.
+
+Most run a daemon's feedback pass in-process (`listener.feedback.FeedbackTrigger`) or the run's read
+(`training.feedback`) against the real server: no training is needed to show them.
+"""
+
+import asyncio
+from types import SimpleNamespace
+
+import bson
+import pytest
+from bson import ObjectId
+from pymongo import AsyncMongoClient
+
+from listener.feedback import FeedbackTrigger
+from listener.records import ModelState, SkipLog, parse
+from tests.documents import insert_nested, nested_document
+from training import defaults, feedback
+from training.config import MAX_REQUEST_ID_BYTES, parse_model
+from training.limits import Limits
+
+BASE = {"_id": "victim", "model_name_or_path": "org/name", "data": {"collection": "notes"}}
+
+
+def spec_of(method: str = "kto", every: int = 2, **fields):
+    return parse_model({**BASE, "feedback": {"method": method, "every": every, **fields}})
+
+
+def rated(db, model_id, prompt: str, rating, **fields) -> dict:
+    """A done, rated request, inserted as any writer of `_requests` may."""
+    doc_id = fields.pop("_id", None) or ObjectId()
+    doc = {"_id": doc_id, "model": model_id, "input": prompt, "status": "done", "output": f"answer to {prompt}",
+           "completed_at": defaults.now(), "feedback": rating, **fields}
+    insert_nested(db[defaults.REQUESTS], doc)
+    return doc
+
+
+def due(server_uri, db, spec, run: int = 1, limits: Limits = Limits()) -> list:
+    """The models one daemon's feedback pass finds due, the model succeeded at `run`."""
+    async def one_pass():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], limits, 10, SkipLog())
+            state = parse(ModelState, {"_id": spec.id, "status": "succeeded", "run": run})
+            return [s.id for s in await trigger.due({"k": (spec, state)})]
+        finally:
+            await client.close()
+    return asyncio.run(one_pass())
+
+
+def run_entry(db, spec, limits: Limits = Limits()) -> dict:
+    """What a feedback run reads and records in its `runs[]` entry (`feedback`), as the training child reads it."""
+    tokenizer = lambda: SimpleNamespace(chat_template=None)  # noqa: E731  (text rows only)
+    return feedback.read_datasets(db, spec, limits, tokenizer)[2]
+
+
+def test_class2_one_rating_of_a_shape_the_server_cannot_return_stops_every_later_rating_counting(db, server_uri):
+    """A user expects one odd rating (here a `better` nested ~500 deep, which the embedded server stores but cannot
+    return; on MongoDB, a request just under 16 MB that the stamp would push over) to be skipped, and the model's
+    other ratings to start its run."""
+    rated(db, "victim", "poison", {"rating": 1, "better": nested_document(500)})
+    for n, rating in enumerate([1, -1, 1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    assert due(server_uri, db, spec_of(every=3)) == ["victim"]
+    honest = db[defaults.REQUESTS].count_documents({"input": {"$regex": "^honest"}, "feedback_run": 1})
+    assert honest == 3
+
+
+def test_class1_a_raters_request_id_nested_deep_makes_the_models_document_unreadable(db, server_uri):
+    """A user expects ratings others write to never break their model: a rated request whose `_id` is a document 98
+    levels deep (MongoDB stores it: 100 is its limit) is copied into the run's entry as `first`, and the model's
+    document then nests deeper than the daemon reads it (`runs`)."""
+    for n, rating in enumerate([1, -1, 1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    rated(db, "victim", "newest", {"rating": 1}, _id=nested_document(98))
+    entry = run_entry(db, spec_of())
+    victim = {**BASE, "feedback": {"method": "kto", "every": 2}, "status": "succeeded", "run": 2,
+              "runs": [{"number": 2, "trigger": "feedback", "feedback": entry}]}
+    parse_model(victim)  # what every daemon does with the model document once the run's entry is written
+
+
+def test_class3_a_raters_huge_request_id_is_copied_whole_into_the_models_run_entry(db, server_uri):
+    """A user expects a run's entry to stay small whatever ids raters give their requests: a 4 MB string `_id`
+    (MongoDB has no bound on it) lands whole in the victim's document as `first`, and a few runs fill its 16 MB."""
+    for n, rating in enumerate([1, -1, 1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    rated(db, "victim", "newest", {"rating": 1}, _id="x" * 4_000_000)
+    entry = run_entry(db, spec_of())
+    sizes = {end: len(bson.encode({"_id": entry[end]})) for end in ("first", "last")}
+    assert max(sizes.values()) <= MAX_REQUEST_ID_BYTES, sizes
+
+
+@pytest.mark.parametrize("request_fields", [
+    {"feedback": {"rating": 1, "note": "x" * 50_000}},  # an unknown field of the rating: skipped only after
+    {"input": {"text": "x" * 50_000}},  # an input of no shape a request has counts 0 characters
+    {"input": [{"role": "user", "content": "hi", "pad": "x" * 50_000}]},  # a message's other fields count nothing
+    {"feedback": {"rating": 1, "better": ["x" * 1_000] * 50}},  # a list of texts counts one character each
+])
+def test_class3_what_a_daemon_keeps_of_a_rated_request_is_not_bounded_by_the_input_caps(request_fields):
+    """A user expects the daemon to hold at most what the operator's caps allow of each rated request (`_enough`
+    keeps up to `max_feedback_rows` of them in the daemon's memory): 50,000 characters pass a 100-character cap
+    here, so 2,000 requests of 16 MB each would be 32 GB in the daemon that serves everyone."""
+    doc = {"_id": 1, "input": "p", "output": "o", "feedback": {"rating": 1}, **request_fields}
+    assert feedback.too_long(doc, Limits(max_input_chars=100))
+
+
+def test_class2_ratings_no_run_can_read_count_toward_every(db, server_uri):
+    """A user expects `feedback: {every: 4}` to start a run once 4 ratings it can train on were written: 2 good
+    ones and 2 of a shape every run skips (an unknown field) start it now, on 2 examples."""
+    rated(db, "victim", "good", {"rating": 1})
+    rated(db, "victim", "bad", {"rating": -1})
+    rated(db, "victim", "junk 1", {"rating": 1, "junk": True})
+    rated(db, "victim", "junk 2", {"rating": -1, "better": 7})
+    assert due(server_uri, db, spec_of(every=4)) == []
+
+
+def test_class2_a_feedback_filter_the_parse_accepts_makes_the_models_own_run_entry_unreadable():
+    """A user expects a `feedback.filter` the daemon accepts to keep working: one 95 levels deep is accepted, and
+    the run's entry (`runs[].feedback.filter`, the filter ANDed with the model's own) then nests past what the
+    daemon reads, so the model breaks after its first feedback run instead of being refused at insert."""
+    spec = spec_of(filter={"a": nested_document(95)})
+    entry = {"method": "kto", "collection": defaults.REQUESTS, "filter": feedback.selection(spec)}
+    parse_model({**BASE, "feedback": {"method": "kto", "every": 2, "filter": {"a": nested_document(95)}},
+                 "runs": [{"number": 2, "trigger": "feedback", "feedback": entry}]})
