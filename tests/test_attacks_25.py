@@ -15,11 +15,13 @@ from pymongo import AsyncMongoClient
 
 from listener.feedback import FeedbackTrigger
 from listener.records import ModelState, SkipLog, parse
+from tests.conftest import wait_for
 from tests.documents import insert_nested, nested_document
 from training import defaults, feedback
 from training.config import MAX_REQUEST_ID_BYTES, parse_model
 from training.limits import Limits
 
+DAEMON_ENV = {"MONGOTUNE_RETRAIN_CHECK_S": "0.5"}
 BASE = {"_id": "victim", "model_name_or_path": "org/name", "data": {"collection": "notes"}}
 
 
@@ -123,3 +125,18 @@ def test_class2_a_feedback_filter_the_parse_accepts_makes_the_models_own_run_ent
     entry = {"method": "kto", "collection": defaults.REQUESTS, "filter": feedback.selection(spec)}
     parse_model({**BASE, "feedback": {"method": "kto", "every": 2, "filter": {"a": nested_document(95)}},
                  "runs": [{"number": 2, "trigger": "feedback", "feedback": entry}]})
+
+
+def test_class4_a_feedback_filter_the_server_refuses_is_never_told_to_its_writer(module_db, module_daemon):
+    """A user expects a `feedback.filter` the server refuses to be named to them, as a refused `data.filter` of
+    `retrain` is (the model's `warnings`): today the daemon only logs it, and the model waits for ratings forever."""
+    db = module_db
+    for name, query in (("silent", {"input": {"$regex": "("}}), ("zz_control", {"input": {"$exists": True}})):
+        db[defaults.MODELS].insert_one({**BASE, "_id": name, "status": "succeeded", "run": 1,
+                                        "feedback": {"method": "kto", "every": 1, "filter": query}})
+        rated(db, name, "hello", {"rating": 1})
+    # The pass takes models in the order first seen, by id: once the control's rating is stamped, "silent" was tried.
+    wait_for(db[defaults.REQUESTS], db[defaults.REQUESTS].find_one({"model": "zz_control"})["_id"],
+             lambda d: d.get("feedback_run") == 1, timeout_s=60)
+    warnings = db[defaults.MODELS].find_one({"_id": "silent"}).get("warnings") or []
+    assert any("feedback.filter" in w for w in warnings), warnings
