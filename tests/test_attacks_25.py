@@ -6,6 +6,9 @@ Most run a daemon's feedback pass in-process (`listener.feedback.FeedbackTrigger
 """
 
 import asyncio
+import json
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import bson
@@ -15,8 +18,8 @@ from pymongo import AsyncMongoClient
 
 from listener.feedback import FeedbackTrigger
 from listener.records import ModelState, SkipLog, parse
-from tests.conftest import wait_for
-from tests.documents import insert_nested, nested_document
+from tests.conftest import finished, wait_for
+from tests.documents import insert_nested, model, nested_document
 from training import defaults, feedback
 from training.config import MAX_REQUEST_ID_BYTES, parse_model
 from training.limits import Limits
@@ -140,3 +143,41 @@ def test_class4_a_feedback_filter_the_server_refuses_is_never_told_to_its_writer
              lambda d: d.get("feedback_run") == 1, timeout_s=60)
     warnings = db[defaults.MODELS].find_one({"_id": "silent"}).get("warnings") or []
     assert any("feedback.filter" in w for w in warnings), warnings
+
+
+# Chat templates that refuse roles out of turn, as Llama 2's, Mistral's and Gemma's do.
+STRICT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.index0 > 0 and message['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def strict_model(tiny_model_path: str) -> str:
+    """The tiny model with a chat template that refuses two turns of one role in a row."""
+    folder = Path(tiny_model_path).parent / "strict_tiny"
+    if not folder.exists():
+        shutil.copytree(tiny_model_path, folder)
+        config = folder / "tokenizer_config.json"
+        settings = json.loads(config.read_text())
+        settings["chat_template"] = STRICT_TEMPLATE
+        config.write_text(json.dumps(settings))
+        (folder / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    return str(folder)
+
+
+def test_class2_one_raters_chat_out_of_turn_fails_the_models_feedback_run(module_samples, module_daemon,
+                                                                          tiny_model_path):
+    """A user expects a rating whose chat the model's template refuses (two user turns in a row) to be skipped and
+    counted like any rating of a wrong shape, and the run to train on the others: it fails the whole run."""
+    db = module_samples
+    db[defaults.MODELS].insert_one(model("strict", strict_model(tiny_model_path),
+                                         feedback={"method": "kto", "every": 5}))
+    first = wait_for(db[defaults.MODELS], "strict", finished, timeout_s=600)
+    assert first["status"] == "succeeded", first.get("error")
+    for n, rating in enumerate([1, -1, 1, -1]):
+        rated(db, "strict", f"honest {n}", {"rating": rating})
+    rated(db, "strict", [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}], {"rating": 1})
+    done = wait_for(db[defaults.MODELS], "strict", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
