@@ -305,7 +305,6 @@ class Daemon:
             elif started is not None:
                 node, run = started
                 self.counters["trainings_started"] += node.rank == 0
-                gangs.release(self.ports, key)  # for node 0's agent to listen there
                 await self._train(state.id, run, devices, node)
             return True
         finally:

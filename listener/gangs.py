@@ -5,7 +5,7 @@ the listener's, but a user can write it too, so each entry counts only while its
 
 - Join. A daemon with room (a free job slot and the GPUs asked for) first writes a `node` record under its own name
   in `_listener` (model, rank, and for node 0 the endpoint it will host: its operator's `advertise_addr` and a
-  port of `rendezvous_ports` it holds bound until its node starts, `reserve_port`), then appends its entry `{owner,
+  port of `rendezvous_ports` it holds bound until its run ends, `reserve_port`), then appends its entry `{owner,
   name, host, devices, joined_at, expires_at[, addr, port]}` to the pending document with one update matched on
   the run it read, no cancel, the array's length it read and its own absence: an entry's index is its node rank,
   and no rank is taken twice.
@@ -18,9 +18,10 @@ the listener's, but a user can write it too, so each entry counts only while its
 - Leases. Each member renews its entry's `expires_at` (`lease_s`) while it waits and while it trains.
 - Start. Node 0, once N vouched entries are there, claims the job (`leases.claim_model`, matched on the array's
   length and on its own entry 0) and from then on owns `run`, `lease` and `status` as for one node; then it records
-  in its own node record the run it claimed and a rendezvous id of its own making. Each other member starts its node
-  when it sees the document running with its entry in place and node 0's record naming that run: never on the
-  document's `status` or `lease`, which a writer can type. Every node's child runs torchrun's agent with
+  in its own node record the run it claimed and a rendezvous id of its own making (where that write fails, it gives
+  the run back `pending` at once, `_recorded`). Each other member starts its node when it sees the document running
+  with its entry in place and node 0's record naming that run: never on the document's `status` or `lease`, which a
+  writer can type. Every node's child runs torchrun's agent with
   `--nnodes N --node-rank i`, node 0's endpoint and that id (static rendezvous: node 0's agent hosts the store, and
   an agent of another id, a stray, never gets past the rendezvous; `training.ranks`).
 - Deadline. A gang not started `gang_wait_s` after node 0's record was written (its daemon's clock, not the
@@ -48,6 +49,8 @@ import random
 import socket
 import uuid
 from dataclasses import dataclass, field
+
+from pymongo.errors import PyMongoError
 
 from listener.gpus import fits
 from listener.leases import claim_model, live_owners
@@ -183,9 +186,11 @@ def check_advertised(addr: str) -> None:
 
 
 def reserve_port(addr: str, ports: tuple[int, int]) -> socket.socket | None:
-    """A port of the operator's range at `addr`, bound and held (never listened on) for a gang's whole forming
-    window, so no other gang of any daemon on this host picks it meanwhile: node 0 lets it go (`release`) just
-    before its node starts, for its torchrun agent to listen there. Tried in random order."""
+    """A port of the operator's range at `addr`, bound and held (never listened on) from node 0's pick until its run
+    ends (`release`), so no other gang of any daemon on this host is given it meanwhile, nor between the hold and its
+    torchrun agent listening there. The agent's store (torch's TCPStore) binds with SO_REUSEADDR, which Linux lets
+    bind beside a socket that has the option and does not listen: the held one takes it once bound, so another pick,
+    binding without it, is still refused. Tried in random order."""
     for port in random.sample(range(ports[0], ports[1] + 1), ports[1] - ports[0] + 1):
         sock = socket.socket()
         try:
@@ -193,6 +198,7 @@ def reserve_port(addr: str, ports: tuple[int, int]) -> socket.socket | None:
         except OSError:
             sock.close()
             continue
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         return sock
     return None
 
@@ -348,6 +354,18 @@ async def record_claim(listener, owner: str, key: str, run: int) -> str:
     return rendezvous
 
 
+async def _recorded(gang: Gang, run: int) -> str:
+    """Node 0's claim of `run`, recorded (`record_claim`); where that write fails, the run is given back `pending` at
+    once (an attempt, as a stop), else it would stay `running` with no node started until its lease ran out."""
+    try:
+        return await record_claim(gang.listener, gang.owner, gang.key, run)
+    except PyMongoError:
+        with contextlib.suppress(PyMongoError):
+            await transition(gang.models, gang.state.id, Status.RUNNING, Status.PENDING, MODEL_TRANSITIONS,
+                             match={"lease.owner": {"$eq": gang.owner}}, unset=("lease", "nodes"))
+        raise
+
+
 def node_of(verdict: Verdict, rank: int, count: int, rendezvous: str) -> Node:
     """This daemon's node, from the records of a gang judged whole: the run's entry lists what the daemons wrote."""
     first = verdict.records[0]
@@ -405,7 +423,7 @@ async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, st
                 claimed = await claim_model(gang.models, gang.state, gang.owner, gang.settings.lease_s, warnings,
                                             match={"nodes.0.owner": {"$eq": gang.owner}, **_length(gang.count)})
                 if claimed is not None:
-                    rendezvous = await record_claim(gang.listener, gang.owner, gang.key, claimed["run"])
+                    rendezvous = await _recorded(gang, claimed["run"])
                     return node_of(verdict, 0, gang.count, rendezvous), claimed["run"]
             await asyncio.sleep(POLL_S)
     finally:

@@ -92,7 +92,8 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
     """
     reaped = 0
     expired = {"status": Status.RUNNING.value, "lease.expires_at": {"$lt": now()}}
-    for document in await read_each(collection, expired, STATE_FIELDS, skipped, f"reap {collection.name}"):
+    fields = {**STATE_FIELDS, "nodes": 1} if state_kind is ModelState else STATE_FIELDS  # a gang (`_peers_error`)
+    for document in await read_each(collection, expired, fields, skipped, f"reap {collection.name}"):
         try:
             state = parse(state_kind, document)
         except BadRecord as exc:
@@ -101,7 +102,8 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
         if owner is not None and state.lease is not None and state.lease.owner == owner and ids.key(state.id) in held:
             continue
         try:
-            reaped += bool(await requeue(collection, table, state, max_attempts, LEASE_EXPIRED))
+            reaped += bool(await requeue(collection, table, state, max_attempts, LEASE_EXPIRED,
+                                         unset=_peers_error(state)))
         except OperationFailure as exc:
             skipped.skip(f"reap {collection.name}", state.id, exc)
     # A claim writes status and lease together, so `running` without a dated lease was written by a user.
@@ -180,6 +182,13 @@ async def fail_undecodable(collection, table: dict, document: RawBSONDocument, e
     log.info("%s %.200r cannot be read: %s", collection.name, doc_id, exc)
     return await transition(raw(collection), doc_id, Status.PENDING, Status.FAILED, table,
                             fields={"error": exc.as_error()}) is not None
+
+
+def _peers_error(state) -> tuple:
+    """A gang whose node 0 died: the other nodes' ranks failed on their broken connections and wrote so in `error`,
+    which is not the run's (as for a lost member: `listener.jobs`); the claim that resumes the run keeps `error`, so
+    it goes here."""
+    return ("error",) if isinstance(state, ModelState) and state.nodes else ()
 
 
 async def requeue(collection, table: dict, state, max_attempts: int, why: str, unset: tuple = ()) -> dict | None:

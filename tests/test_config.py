@@ -329,8 +329,8 @@ def test_num_nodes_defaults_to_one_and_is_capped_by_the_operator():
 
 
 @pytest.mark.parametrize("trainer", [{"deepspeed": {"zero_optimization": {"stage": 2}}}, {"fsdp": True}])
-def test_sharded_training_stays_on_one_node(trainer):
-    assert refused(parse_model, model_doc(trainer={"num_nodes": 2, **trainer})).field == "trainer.num_nodes"
+def test_sharded_training_runs_across_nodes(trainer):
+    assert parse_model(model_doc(trainer={"num_nodes": 2, "num_processes": 2, **trainer})).trainer.num_nodes == 2
 
 
 @pytest.mark.parametrize("field", ["master_addr", "master_port", "rdzv_endpoint", "node_rank", "nnodes"])

@@ -687,3 +687,43 @@ def test_a_gang_its_writer_cancels_leaves_no_daemon_resting_from_other_users_gan
 
     assert asyncio.run(body()) == [], "a daemon rests from gangs after a gang its writer cancelled"
     assert read(db, "theirs")["status"] == "succeeded"
+
+
+def test_node_0_whose_record_of_its_claim_fails_gives_the_run_back_at_once(server_uri, db, tmp_path):
+    """The server refuses node 0's record of its claim (here a validator on `_listener`; in life an election or an
+    outage between the claim and the record): its members never start, and the run, claimed, is `pending` again at
+    once instead of `running` with no node until its lease runs out."""
+    db.create_collection(defaults.LISTENER, validator={"$jsonSchema": {"properties": {"claimed": {"bsonType": "string"}}}})
+    db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
+    stand_in = NodeStandIn()
+
+    async def body():
+        async with live(server_uri, db, tmp_path, stand_in, "a", "b", lease_s=600) as (a, b):
+            document = read(db, "m")
+            await asyncio.gather(*(d.consider_model(document) for d in (a, b)))
+            await until(lambda: read(db, "m").get("run") == 1 and not (a.trainings or b.trainings), timeout_s=30)
+            for d in (a, b):
+                d.stop_event.set()
+
+    asyncio.run(body())
+    given_back = read(db, "m")
+    assert given_back["status"] == "pending" and "lease" not in given_back and "nodes" not in given_back, given_back
+    assert stand_in.nodes == [], "no node started without node 0's record of its claim"
+
+
+def test_rendezvous_node_0s_agent_listens_at_the_port_its_daemon_still_holds():
+    """Node 0 holds its port until its run ends (`gangs.reserve_port`): its agent's store listens there beside the
+    hold, as torchrun's static rendezvous makes it, and another pick still finds the port taken, then and after."""
+    from torch.distributed import TCPStore
+
+    port = a_free_port()
+    held = gangs.reserve_port("127.0.0.1", (port, port))
+    try:
+        store = TCPStore("127.0.0.1", port, 1, True, dt.timedelta(seconds=10), multi_tenant=True)
+        store.set("k", "v")
+        assert store.get("k") == b"v"
+        assert gangs.reserve_port("127.0.0.1", (port, port)) is None
+        del store
+        assert gangs.reserve_port("127.0.0.1", (port, port)) is None
+    finally:
+        held.close()

@@ -4,6 +4,8 @@ Forged entries and a gang's deadline are in the fast tier (tests/test_gangs.py).
 import re
 import signal
 
+import pytest
+
 from listener.demo import load_samples
 from listener.processes import wait_until
 from tests import documents
@@ -13,6 +15,9 @@ from training import defaults, ids
 from training.defaults import ChildExit
 
 FAST = {"MONGOTUNE_SCAN_S": "2"}
+# Two daemons standing in for two hosts share this one's cores: one thread per rank, as torchrun gives two ranks of one
+# node (each node's rank would take every core, and ZeRO-2 trained at 1.6 s a step instead of 0.15-0.19).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def model(path, _id: str, nodes: int, steps: int, **trainer) -> dict:
@@ -135,3 +140,75 @@ def test_two_gangs_on_three_daemons_one_runs_the_other_waits_then_runs(db, start
     assert x["status"] == y["status"] == "succeeded", (x.get("error"), y.get("error"))
     for done in (x, y):  # three daemons hold one gang of two at a time: the other waited, then had its own
         assert len({n["name"] for n in done["runs"][-1]["nodes"]}) == 2
+
+
+def stored_names(db, files_id) -> set[str]:
+    """The files an archive holds, as its GridFS metadata lists them."""
+    return set(db[f"{defaults.CHECKPOINTS}.files"].find_one({"_id": files_id})["metadata"]["files"])
+
+
+def seconds_per_step(document, since: int) -> float:
+    """The last attempt's training seconds per step it trained (from `since`), uploads included."""
+    return document["runs"][-1]["phases"]["train"] / (document["progress"]["step"] - since)
+
+
+def test_deepspeed_across_nodes_stores_every_ranks_states_and_resumes_when_node_0_dies(
+        db, start_daemon, tiny_model_path):
+    """ZeRO-2 on two nodes of one rank: each checkpoint holds both ranks' optimizer shards and RNG states (node 1's
+    sent to rank 0), and with node 0's daemon SIGKILLed the run resumes on two daemons from that checkpoint."""
+    pytest.importorskip("deepspeed", reason="needs the deepspeed extra")
+    load_samples(db)
+    models = db[defaults.MODELS]
+    env = {**FAST, **ONE_THREAD, "MONGOTUNE_LEASE_S": "3"}
+    daemons = {name: start_daemon(name, max_jobs=1, env=env) for name in "ab"}
+    steps = 30
+    models.insert_one(model(tiny_model_path, "z", 2, steps, save_steps=5,
+                            deepspeed={"zero_optimization": {"stage": 2}}))
+    running = wait_for(models, "z", lambda d: len(d.get("checkpoints") or []) >= 1, timeout_s=600)
+    node0 = running["nodes"][0]["name"]
+    first = started_agents(daemons.values(), "z", 2)
+    pids = first + [c for a in first for c in children(a)]
+    daemons[node0].stop(signal.SIGKILL)
+    handed_back = wait_for(models, "z", lambda d: d.get("status") == "pending", timeout_s=120)
+    assert handed_back["history"][-1]["event"] == "lease expired" and "error" not in handed_back, handed_back
+    assert_gone(pids)  # node 1's agent and rank stopped too
+    saved = models.find_one({"_id": "z"})["checkpoints"][-1]
+    assert saved["step"] < steps, "killed mid-training"
+    tag = f"global_step{saved['step']}"
+    assert {"rng_state_0.pth", "rng_state_1.pth", f"{tag}/mp_rank_00_model_states.pt",
+            f"{tag}/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            f"{tag}/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= stored_names(db, saved["files_id"])
+
+    daemons["c"] = start_daemon("c", max_jobs=1, env=env)
+    done = wait_for(models, "z", finished, timeout_s=900)
+    assert done["status"] == "succeeded" and "error" not in done, done.get("error")
+    assert re.search(r"training 'z' run 1 started", daemons["c"].log()) and done["attempts"] == 2
+    resumed = [e["step"] for e in done["events"] if e["kind"] == "resumed"]
+    assert resumed == [saved["step"]], done["events"]
+    trained = [m["step"] for m in done["metrics"] if "loss" in m]
+    assert trained.count(1) == 1 and min(s for s in trained if s > saved["step"]) == saved["step"] + 1, trained
+    assert done["checkpoints"][-1]["step"] == steps
+    print(f"ZeRO-2 on 2 nodes of 1 rank: {seconds_per_step(done, saved['step']):.2f} s/step after the resume")
+
+
+def test_fsdp_across_nodes_stores_both_ranks_states_and_resumes_after_a_member_stops(db, start_daemon,
+                                                                                     tiny_model_path):
+    load_samples(db)
+    models = db[defaults.MODELS]
+    daemons = {name: start_daemon(name, max_jobs=1, env={**FAST, **ONE_THREAD}) for name in "ab"}
+    steps = 60
+    models.insert_one(model(tiny_model_path, "f", 2, steps, save_steps=100_000, fsdp=True, fsdp_config={"version": 2}))
+    running = wait_for(models, "f", lambda d: (d.get("progress") or {}).get("step", 0) > 2, timeout_s=600)
+    member = running["nodes"][1]["name"]
+    assert daemons[member].stop(signal.SIGTERM, timeout=60) == 0  # both nodes save once and stop
+    stopped = wait_for(models, "f", lambda d: d.get("status") == "pending", timeout_s=60)
+    saved = stopped["checkpoints"][-1]
+    assert 2 < saved["step"] < steps and "error" not in stopped, stopped.get("error")
+    assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= stored_names(db, saved["files_id"])
+
+    daemons["c"] = start_daemon("c", max_jobs=1, env={**FAST, **ONE_THREAD})
+    done = wait_for(models, "f", finished, timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    trained = [m["step"] for m in done["metrics"] if "loss" in m]
+    assert trained.count(1) == 1 and min(s for s in trained if s > saved["step"]) == saved["step"] + 1, trained
+    assert done["checkpoints"][-1]["step"] == steps

@@ -101,7 +101,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _archived(folder: Path) -> list[Path]:
+def archived(folder: Path) -> list[Path]:
     """The files of a trainer's checkpoint folder that are stored: regular files a resume may read, at the
     top or in DeepSpeed's tag folder (a real folder, not a link), named as `download` accepts them."""
     folder = Path(folder)
@@ -153,7 +153,7 @@ def upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
 
 
 def _upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
-    names = [p.relative_to(folder).as_posix() for p in _archived(folder)]
+    names = [p.relative_to(folder).as_posix() for p in archived(folder)]
     metadata = {"model": model_id, "run": run, "step": step, "files": names}
     with _bucket(db).open_upload_stream(f"{model_id}/run-{run}/step-{step}.tar", metadata=metadata) as stream:
         with tarfile.open(fileobj=stream, mode="w|") as tar:
@@ -167,7 +167,7 @@ def _upload(db, folder: Path, *, model_id, run: int, step: int) -> dict:
 
 def _archive_bound(folder: Path) -> int:
     """An upper bound on the size of the archive `upload` would store (headers and padding included)."""
-    return sum(p.stat().st_size + 3 * tarfile.BLOCKSIZE for p in _archived(folder)) + 2 * tarfile.RECORDSIZE
+    return sum(p.stat().st_size + 3 * tarfile.BLOCKSIZE for p in archived(folder)) + 2 * tarfile.RECORDSIZE
 
 
 class _Metered:

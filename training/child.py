@@ -120,7 +120,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     phases.lap("model")
     if progress is not None:
         _begin_run(db, progress.match, document, spec, resolved, read, started, limits, nodes)
-    callbacks = [*(ranks.callbacks(progress, daemon) if world > 1 else [progress]), *_early_stopping(spec),
+    callbacks = [*(ranks.callbacks(progress, daemon, limits) if world > 1 else [progress]), *_early_stopping(spec),
                  LogAtSaves(), NothingPastTheLastStep()]
 
     def stop(*_):  # save, stop, let any daemon resume the run

@@ -795,14 +795,6 @@ def _cap(limits: Limits, field: str, name: str, asked) -> None:
         raise SpecError(field, limits.refusal(name, asked))
 
 
-def check_nodes(trainer: TrainerSpec) -> None:
-    """Across nodes each rank saves its own part of a checkpoint on its own host, and node 0 uploads only its
-    own: sharded states (DeepSpeed ZeRO, FSDP) would be stored incomplete, so they stay on one node for now."""
-    if trainer.num_nodes > 1 and (trainer.deepspeed is not None or trainer.fsdp):
-        raise SpecError("trainer.num_nodes", "DeepSpeed and FSDP run on one node only for now; remove "
-                        "num_nodes, or train with plain data parallelism (no deepspeed, no fsdp) across nodes")
-
-
 def check_model(spec: ModelSpec, limits: Limits) -> None:
     """The operator's caps on a model document; each refusal names the field, the cap and its setting."""
     args = spec.trainer.training_arguments()
@@ -817,7 +809,6 @@ def check_model(spec: ModelSpec, limits: Limits) -> None:
     _cap(limits, "trainer.num_gpus", "max_processes", spec.trainer.num_gpus)
     _cap(limits, "trainer.num_processes", "max_processes", spec.trainer.num_processes)
     _cap(limits, "trainer.num_nodes", "max_nodes", spec.trainer.num_nodes)
-    check_nodes(spec.trainer)
     _cap(limits, "data.limit", "max_documents", spec.data.limit)
     if spec.feedback is not None:
         _cap(limits, "feedback.every", "max_feedback_rows", spec.feedback.every)

@@ -23,7 +23,9 @@ initialised in a process that forks. What holds for one process holds for the gr
 A job of several nodes (`trainer.num_nodes`, agreed by the daemons in `listener.gangs`) is the same on each node's
 host with `--nnodes N --node-rank i`, node 0's endpoint and the run's rendezvous id, given by the daemon (never by
 the document): static rendezvous, node 0's agent hosting the store, so global rank 0 (the one that writes) is on
-node 0. Each node's agent starts and supervises only its own ranks, in its own work folder.
+node 0. Each node's agent starts and supervises only its own ranks, in its own work folder; at each save the other
+nodes' parts of the checkpoint (ZeRO states, RNG states) reach rank 0 over the process group (`training.shards`), so
+the one stored checkpoint holds every rank's.
 """
 
 import json
@@ -35,7 +37,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from training import defaults
+from training import defaults, shards
+from training.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +197,20 @@ def _record_crash(db, match: dict, failures: dict, silent: list[int], count: int
     db[defaults.MODELS].update_one(where, {"$set": {"error": error}})
 
 
-def callbacks(progress, parent: int) -> list:
+def callbacks(progress, parent: int, limits: Limits) -> list:
     """The trainer callbacks of a rank: rank 0's `progress` between the two that keep ranks in step."""
     from transformers import TrainerCallback
 
     class SavedEverywhere(TrainerCallback):
-        """Every rank has written its part of a checkpoint (its RNG state) before rank 0 uploads it."""
+        """Every rank has written its part of a checkpoint (its RNG state, its ZeRO states) before rank 0 uploads
+        it; across nodes, the other nodes' parts reach rank 0's folder first (`training.shards`)."""
 
         def on_save(self, args, state, control, **kwargs):
             import torch.distributed as dist
 
             dist.barrier()
+            if shards.several_nodes():
+                shards.collect(Path(args.output_dir) / f"checkpoint-{state.global_step}", limits)
 
     class Agreement(TrainerCallback):
         """All ranks take the same stop decision at the same points, or the next collective would hang."""
