@@ -7,6 +7,7 @@ Most run a daemon's feedback pass in-process (`listener.feedback.FeedbackTrigger
 
 import asyncio
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,13 +15,16 @@ from types import SimpleNamespace
 import bson
 import pytest
 from bson import ObjectId
+import torch.multiprocessing as mp
 from pymongo import AsyncMongoClient
+
+from listener.embedded import free_port
 
 from listener.feedback import FeedbackTrigger
 from listener.records import ModelState, SkipLog, parse
 from tests.conftest import finished, wait_for
 from tests.documents import insert_nested, model, nested_document
-from training import defaults, feedback
+from training import defaults, feedback, shards
 from training.config import MAX_REQUEST_ID_BYTES, parse_model
 from training.limits import Limits
 
@@ -181,3 +185,35 @@ def test_class2_one_raters_chat_out_of_turn_fails_the_models_feedback_run(module
     rated(db, "strict", [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}], {"rating": 1})
     done = wait_for(db[defaults.MODELS], "strict", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
     assert done["status"] == "succeeded", done.get("error")
+
+
+CAP = 2**20  # the operator's MONGOTUNE_MAX_CHECKPOINT_BYTES in the test below
+
+
+def _node_rank(rank: int, port: int, folders: list[str]) -> None:
+    """One rank of a job of three nodes of one rank each, saving at step 3, under a 1 MiB checkpoint cap."""
+    import torch.distributed as dist
+
+    os.environ.update(GROUP_RANK=str(rank), LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    try:
+        shards.collect(folders[rank], Limits(max_checkpoint_bytes=CAP))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_class3_node_0_takes_each_other_nodes_part_up_to_the_whole_cap_so_n_nodes_write_n_times_it(tmp_path):
+    """An operator expects `MONGOTUNE_MAX_CHECKPOINT_BYTES` to bound what one checkpoint puts on node 0's disk: each
+    node's part is checked against the whole cap on its own, so a document's `num_nodes: 8` lets 7 parts of almost
+    the cap each be written there before the upload refuses the sum."""
+    folders = [tmp_path / f"node{n}" for n in range(3)]
+    for n, folder in enumerate(folders):
+        (folder / "global_step3").mkdir(parents=True)
+        if n:
+            (folder / f"global_step3/zero_pp_rank_{n}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(CAP * 3 // 4))
+    try:
+        mp.spawn(_node_rank, args=(free_port(), [str(f) for f in folders]), nprocs=3)
+    except mp.ProcessRaisedException:
+        pass  # rank 0 refusing what passes the cap is what is expected
+    received = sum(p.stat().st_size for p in folders[0].rglob("*") if p.is_file())
+    assert received <= CAP, f"{received:,} bytes on node 0 under a cap of {CAP:,}"
