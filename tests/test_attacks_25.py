@@ -149,6 +149,27 @@ def test_class4_a_feedback_filter_the_server_refuses_is_never_told_to_its_writer
     assert any("feedback.filter" in w for w in warnings), warnings
 
 
+def test_class2_two_ratings_of_prompts_longer_than_max_length_fail_the_model(module_samples, module_daemon,
+                                                                         tiny_model_path):
+    """A user expects a feedback run to wait, as it waits for too few examples, when every rated answer it reads has
+    a prompt that fills `trainer.max_length` (trl drops such rows): two such ratings, within the input caps, start
+    the run and fail the model, which then takes no feedback run until its owner sets it back to pending."""
+    db = module_samples
+    for name in ("long", "long_zz"):  # the second, counted after the first in each pass, shows a pass went by
+        db[defaults.MODELS].insert_one(model(name, tiny_model_path, feedback={"method": "kto", "every": 2}))
+    for name in ("long", "long_zz"):
+        first = wait_for(db[defaults.MODELS], name, finished, timeout_s=600)
+        assert first["status"] == "succeeded", first.get("error")
+    for n, rating in enumerate([1, -1]):
+        rated(db, "long", f"{n} " + "ahoy matey " * 200, {"rating": rating})
+    for n, rating in enumerate([1, -1]):
+        rated(db, "long_zz", f"short {n}", {"rating": rating})
+    wait_for(db[defaults.MODELS], "long_zz", lambda d: d.get("run") == 2 or d.get("status") != "succeeded",
+             timeout_s=120)
+    after = db[defaults.MODELS].find_one({"_id": "long"})
+    assert (after["status"], after["run"]) == ("succeeded", 1), after.get("error")
+
+
 # Chat templates that refuse roles out of turn, as Llama 2's, Mistral's and Gemma's do.
 STRICT_TEMPLATE = (
     "{% for message in messages %}{% if loop.index0 > 0 and message['role'] == messages[loop.index0 - 1]['role'] %}"
