@@ -45,14 +45,15 @@ def rated(db, model_id, prompt: str, rating, **fields) -> dict:
     return doc
 
 
-def due(server_uri, db, spec, run: int = 1, limits: Limits = Limits()) -> list:
-    """The models one daemon's feedback pass finds due, the model succeeded at `run`."""
+def due(server_uri, db, *specs, run: int = 1, limits: Limits = Limits()) -> list:
+    """The models one daemon's feedback pass finds due, each succeeded at `run`."""
     async def one_pass():
         client = AsyncMongoClient(server_uri, tz_aware=True)
         try:
             trigger = FeedbackTrigger(client[db.name], limits, 10, SkipLog())
-            state = parse(ModelState, {"_id": spec.id, "status": "succeeded", "run": run})
-            return [s.id for s in await trigger.due({"k": (spec, state)})]
+            models = {spec.id: (spec, parse(ModelState, {"_id": spec.id, "status": "succeeded", "run": run}))
+                      for spec in specs}
+            return [s.id for s in await trigger.due(models)]
         finally:
             await client.close()
     return asyncio.run(one_pass())
@@ -74,6 +75,20 @@ def test_class2_one_rating_of_a_shape_the_server_cannot_return_stops_every_later
     assert due(server_uri, db, spec_of(every=3)) == ["victim"]
     honest = db[defaults.REQUESTS].count_documents({"input": {"$regex": "^honest"}, "feedback_run": 1})
     assert honest == 3
+
+
+def test_class2_one_rating_with_a_role_of_the_wrong_type_stops_the_feedback_pass_of_every_later_model(
+        db, server_uri):
+    """A user expects another user's odd request to cost nothing but that request: on a database without the
+    write-time validator (`--no-validators`, or a server or role that refuses it, which the README says only loses
+    the early check), a rated answer whose chat has a role that is an object makes the pass raise TypeError
+    (unhashable) for its model, and no model counted after it in the pass (here the victim's) ever starts a run."""
+    rated(db, "a_first", [{"role": {"any": "thing"}, "content": "hi"}], {"rating": 1})
+    rated(db, "a_first", "fine", {"rating": -1})
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    attacker = parse_model({**BASE, "_id": "a_first", "feedback": {"method": "kto", "every": 2}})
+    assert "victim" in due(server_uri, db, attacker, spec_of(every=2))
 
 
 def test_class1_a_raters_request_id_nested_deep_makes_the_models_document_unreadable(db, server_uri):
