@@ -91,17 +91,21 @@ def test_class2_one_rating_with_a_role_of_the_wrong_type_stops_the_feedback_pass
     assert "victim" in due(server_uri, db, attacker, spec_of(every=2))
 
 
-def test_class1_a_raters_request_id_nested_deep_makes_the_models_document_unreadable(db, server_uri):
+def test_class1_a_raters_request_id_nested_deep_makes_the_models_document_unreadable(module_samples, module_daemon,
+                                                                                     tiny_model_path):
     """A user expects ratings others write to never break their model: a rated request whose `_id` is a document 98
-    levels deep (MongoDB stores it: 100 is its limit) is copied into the run's entry as `first`, and the model's
-    document then nests deeper than the daemon reads it (`runs`)."""
-    for n, rating in enumerate([1, -1, 1, -1]):
-        rated(db, "victim", f"honest {n}", {"rating": rating})
-    rated(db, "victim", "newest", {"rating": 1}, _id=nested_document(98))
-    entry = run_entry(db, spec_of())
-    victim = {**BASE, "feedback": {"method": "kto", "every": 2}, "status": "succeeded", "run": 2,
-              "runs": [{"number": 2, "trigger": "feedback", "feedback": entry}]}
-    parse_model(victim)  # what every daemon does with the model document once the run's entry is written
+    levels deep (MongoDB stores it: 100 is its limit) is copied into the feedback run's entry as `first`, and the
+    model's document then nests deeper than the daemon reads it (`runs`)."""
+    db = module_samples
+    db[defaults.MODELS].insert_one(model("deep_id", tiny_model_path, feedback={"method": "kto", "every": 3}))
+    first = wait_for(db[defaults.MODELS], "deep_id", finished, timeout_s=600)
+    assert first["status"] == "succeeded", first.get("error")
+    for n, rating in enumerate([1, -1]):
+        rated(db, "deep_id", f"honest {n}", {"rating": rating})
+    rated(db, "deep_id", "newest", {"rating": 1}, _id=nested_document(98))
+    done = wait_for(db[defaults.MODELS], "deep_id", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    parse_model(done)  # what every daemon does with the model document
 
 
 def test_class3_a_raters_huge_request_id_is_copied_whole_into_the_models_run_entry(db, server_uri):
@@ -137,16 +141,6 @@ def test_class2_ratings_no_run_can_read_count_toward_every(db, server_uri):
     rated(db, "victim", "junk 1", {"rating": 1, "junk": True})
     rated(db, "victim", "junk 2", {"rating": -1, "better": 7})
     assert due(server_uri, db, spec_of(every=4)) == []
-
-
-def test_class2_a_feedback_filter_the_parse_accepts_makes_the_models_own_run_entry_unreadable():
-    """A user expects a `feedback.filter` the daemon accepts to keep working: one 95 levels deep is accepted, and
-    the run's entry (`runs[].feedback.filter`, the filter ANDed with the model's own) then nests past what the
-    daemon reads, so the model breaks after its first feedback run instead of being refused at insert."""
-    spec = spec_of(filter={"a": nested_document(95)})
-    entry = {"method": "kto", "collection": defaults.REQUESTS, "filter": feedback.selection(spec)}
-    parse_model({**BASE, "feedback": {"method": "kto", "every": 2, "filter": {"a": nested_document(95)}},
-                 "runs": [{"number": 2, "trigger": "feedback", "feedback": entry}]})
 
 
 def test_class4_a_feedback_filter_the_server_refuses_is_never_told_to_its_writer(module_db, module_daemon):
