@@ -16,8 +16,10 @@ import bson
 import pytest
 from bson import ObjectId
 import torch.multiprocessing as mp
+from click.testing import CliRunner
 from pymongo import AsyncMongoClient
 
+from listener.cli.main import cli
 from listener.embedded import free_port
 
 from listener.feedback import FeedbackTrigger
@@ -37,10 +39,10 @@ def spec_of(method: str = "kto", every: int = 2, **fields):
 
 
 def rated(db, model_id, prompt: str, rating, **fields) -> dict:
-    """A done, rated request, inserted as any writer of `_requests` may."""
+    """A done request, rated unless `rating` is None, inserted as any writer of `_requests` may."""
     doc_id = fields.pop("_id", None) or ObjectId()
     doc = {"_id": doc_id, "model": model_id, "input": prompt, "status": "done", "output": f"answer to {prompt}",
-           "completed_at": defaults.now(), "feedback": rating, **fields}
+           "completed_at": defaults.now(), **({"feedback": rating} if rating is not None else {}), **fields}
     insert_nested(db[defaults.REQUESTS], doc)
     return doc
 
@@ -141,6 +143,18 @@ def test_class2_ratings_no_run_can_read_count_toward_every(db, server_uri):
     rated(db, "victim", "junk 1", {"rating": 1, "junk": True})
     rated(db, "victim", "junk 2", {"rating": -1, "better": 7})
     assert due(server_uri, db, spec_of(every=4)) == []
+
+
+def test_class1_listener_feedback_rates_a_request_another_writer_planted_under_a_look_alike_id(db, server_uri):
+    """A user who rates their own request "42" (a string id) with `listener feedback` expects that request rated:
+    another writer's done request with `_id: 42` (an integer) for the same model is tried first, so the user's
+    rating endorses the other writer's answer, and their own stays unrated. Identity must stay exact (issue 21,
+    class 7): an id that matches requests of several types is refused, naming them."""
+    rated(db, "victim", "my question", None, _id="42")
+    rated(db, "victim", "planted question", None, _id=42, output="the answer the planter wants endorsed")
+    result = CliRunner().invoke(cli, ["feedback", "--uri", server_uri, "--db", db.name, "victim", "42", "--good"])
+    planted = db[defaults.REQUESTS].find_one({"_id": 42})
+    assert planted.get("feedback") is None, result.output
 
 
 def test_class4_a_feedback_filter_the_server_refuses_is_never_told_to_its_writer(module_db, module_daemon):
