@@ -168,13 +168,6 @@ def test_a_refusal_of_a_training_kwargs_name_names_it_there(method, name, value)
     assert refusal(document(method, key, {"training_kwargs": {name: value}})).field == f"trainer.training_kwargs.{name}"
 
 
-def test_an_explicit_promotion_gate_on_a_preference_model_is_refused():
-    """No preference gate exists yet: a model asking for one is told so, not promoted without it."""
-    assert refusal(document("dpo", promotion={"metric": "eval_loss", "min_delta": 0.5})).field == "promotion"
-    assert refusal(document("kto", KTO_KEY, promotion={})).field == "promotion"
-    assert parse_model(document("dpo", promotion=False)).promotion is False
-
-
 def test_megabytes_of_key_names_are_refused_naming_the_key():
     """Skip reasons and errors quote the names, so a run would write megabytes of them; the write-time validator,
     generated from the same bound, refuses them too (tests/test_schema.py)."""
@@ -325,7 +318,14 @@ def test_a_dpo_run_learns_the_preference_and_records_it(module_db, module_daemon
     assert accuracies[0] < accuracies[-1] == 1.0 and margins[-1] > margins[0]
     run = done["runs"][0]
     assert run["method"] == "dpo" and run["reference"]["model"] == "base" and run["data"]["skipped"]["count"] == 0
-    assert run["promotion"]["promoted"] and run["promotion"]["gate"] == "skipped" and run["outcome"] == "succeeded"
+    assert run["outcome"] == "succeeded"
+    # The gate scores its held-out pairs against the base: before (the base itself, every reward 0) and after.
+    gate = run["promotion"]
+    assert gate["promoted"] and gate["reason"] == "no earlier checkpoint serves" and gate["pairs"] >= 2
+    before, after = gate["scores"]["base"], gate["scores"]["candidate"]
+    assert before["preference_accuracy"] == before["reward_margin"] == 0
+    assert after["preference_accuracy"] == 1.0 and after["reward_margin"] > 0
+    assert after["pairs"] == gate["pairs"] == gate["documents"] and after["eval_loss"] > 0
     shown = invoke(server_uri, module_db, "logs", "dpo")
     assert shown.exit_code == 0 and f"accuracy 1 margin {margins[-1]:.4g} (step 12)" in shown.output, shown.output
 
@@ -337,7 +337,14 @@ def test_a_dpo_run_learns_the_preference_and_records_it(module_db, module_daemon
     assert second["init_from"] == {"model": "dpo", "run": 1, "step": done["best_checkpoint"]["step"]}
     assert second["reference"] == {"model": "start", "adapter": second["init_from"],
                                    "how": "a frozen copy of the adapter the run starts from (trl's 'ref' adapter)"}
-    assert second["promotion"]["gate"] == "skipped" and "method dpo" in second["promotion"]["reason"]
+    # Its gate scores it against the serving checkpoint, on its own held-out pairs, against the same base.
+    gate = second["promotion"]
+    assert gate["serving"] == done["best_checkpoint"] and gate["metric"] == "preference_accuracy"
+    assert gate["scores"]["serving"]["pairs"] == gate["scores"]["candidate"]["pairs"] == gate["pairs"]
+    assert gate["score"] == gate["scores"]["candidate"]["preference_accuracy"] and gate["max_eval_loss_rise"] == 0.05
+    assert again["best_checkpoint"] == (gate["checkpoint"] if gate["promoted"] else done["best_checkpoint"]), gate
+    served = "forgot" not in gate["reason"] and ("at least" in gate["reason"] or "allows not worse" in gate["reason"])
+    assert gate["promoted"] == served, gate
     second_margins = [m["rewards/margins"] for m in again["metrics"] if m.get("run") == 2 and "rewards/margins" in m]
     assert second_margins[0] == 0  # each run compares against where it started: its first step's rewards are 0
     # Its adapter serves like an SFT run's (the frozen 'ref' copy trl saved beside it is never stored).
@@ -367,6 +374,10 @@ def test_a_kto_run_in_two_processes_trains_on_thumbs_and_skips_what_is_not_one(m
         "field 'answer' is neither non-empty text nor a list of {role, content} messages"}
     assert done["runs"][0]["data"]["count"] == 27
     assert done["runs"][0]["host"]["world_size"] == 2
+    # Its gate scores the held-out examples by the sign of their rewards, before (the base) and after.
+    gate = done["runs"][0]["promotion"]
+    assert gate["promoted"] and gate["examples"] >= 2 and gate["scores"]["base"]["preference_accuracy"] == 0
+    assert 0 <= gate["scores"]["candidate"]["preference_accuracy"] <= 1
 
 
 def test_too_few_usable_rows_fail_naming_the_key(module_db, module_daemon, tiny_model_path):
@@ -573,3 +584,4 @@ def test_a_dpo_run_under_deepspeed_zero_3_in_two_processes_trains(module_db, mod
     done = wait_for(models, "dpo_zero", finished, timeout_s=600)
     assert done["status"] == "succeeded", done.get("error")
     assert done["runs"][0]["host"]["world_size"] == 2 and logged(done, "rewards/accuracies")[-1] == 1.0
+    assert done["runs"][0]["promotion"]["scores"]["candidate"]["pairs"] >= 2  # rank 0 alone, the base unpartitioned

@@ -31,13 +31,17 @@ def test_decide_says_why_in_words(metric, min_delta, new, serving, promoted, rea
     assert decide(metric, min_delta, new, serving) == (promoted, reason)
 
 
-@pytest.mark.parametrize("promotion", [{}, {"promotion": False}])
-@pytest.mark.parametrize("serving", [None, {"run": 1, "step": 2}])
-def test_a_preference_runs_entry_says_the_gate_was_skipped_from_its_first_run_on(promotion, serving):
+@pytest.mark.parametrize("promotion, serving, reason", [
+    ({"promotion": False}, {"run": 1, "step": 2}, "promotion is false: every finished run serves"),
+    ({}, None, "no earlier checkpoint serves"),
+    ({}, {"run": 1, "step": 2}, "this run has no held-out documents to compare on"),
+])
+def test_a_preference_run_serves_without_a_gate_or_held_out_rows(promotion, serving, reason):
+    """As an SFT run does; nothing is loaded for it."""
     spec = parse_model({"_id": "m", "model_name_or_path": "m", "method": "dpo", **promotion,
                         "data": {"collection": "c", "key": ["q", "good", "bad"]}})
     decision = judge(None, spec, {"run": 2, "step": 4}, serving, None, None, None)
-    assert decision["promoted"] and decision["gate"] == "skipped" and "method dpo" in decision["reason"]
+    assert decision == {"promoted": True, "checkpoint": {"run": 2, "step": 4}, "reason": reason}
 
 
 def test_ranking_reads_the_trainer_arguments_as_transformers_does():

@@ -485,6 +485,21 @@ def check_method(spec: "ModelSpec") -> None:
         _preference_trainer(spec.trainer, spec.method)
 
 
+def _gate_fits(promotion: "Promotion", method: str) -> None:
+    """The metric is one the method's gate scores (its default filled in); the loss guard is for preference runs."""
+    allowed = GATE_METRICS[method]
+    if promotion.metric is None:
+        promotion.metric = allowed[0]
+    elif promotion.metric not in allowed:
+        raise SpecError("promotion.metric", f"method {method}'s gate scores {', '.join(allowed)}, not "
+                        f"{promotion.metric}")
+    if method == SFT and promotion.max_eval_loss_rise is not None:
+        raise SpecError("promotion.max_eval_loss_rise", "guards a preference run's held-out SFT loss; an sft model's "
+                        "gate scores that loss itself: remove it, or give metric eval_loss and a min_delta")
+    if method != SFT and promotion.max_eval_loss_rise is None:
+        promotion.max_eval_loss_rise = MAX_EVAL_LOSS_RISE
+
+
 def _plain_id(value):
     return _reported(ids.check, value, ids.BadId)
 
@@ -497,11 +512,22 @@ class CheckpointRef(_Strict):
     step: int = Field(ge=0, le=2**62)
 
 
-class Promotion(_Strict):
-    """When a finished run replaces the serving checkpoint: only if it is better by at least `min_delta`."""
+# What `promotion.metric` may name for each method (the first is its default): SFT's scores of held-out documents;
+# a preference run's scores of held-out pairs or labelled examples, or the SFT loss on its held-out documents.
+GATE_METRICS = {SFT: ("eval_loss", "eval_perplexity", "eval_mean_token_accuracy"),
+                **dict.fromkeys(PREFERENCE_METHODS, ("preference_accuracy", "reward_margin", "eval_loss"))}
+MAX_EVAL_LOSS_RISE = 0.05  # nats a token: a preference run may raise the held-out loss by e^0.05, about 5% perplexity
 
-    metric: Literal["eval_loss", "eval_perplexity", "eval_mean_token_accuracy"] = "eval_loss"
+
+class Promotion(_Strict):
+    """When a finished run replaces the serving checkpoint: only if it is better by at least `min_delta`. `metric`
+    defaults to the method's first (`GATE_METRICS`); `max_eval_loss_rise` (preference runs only) keeps a candidate
+    whose held-out SFT loss rose above the serving one's by more, whatever its preference scores."""
+
+    metric: Literal["eval_loss", "eval_perplexity", "eval_mean_token_accuracy", "preference_accuracy",
+                    "reward_margin"] | None = None
     min_delta: float = Field(default=0.0, ge=0, le=1e6)
+    max_eval_loss_rise: float | None = Field(default=None, ge=0, le=1e3)
 
 
 class InitFrom(_Strict):
@@ -605,10 +631,8 @@ class ModelSpec(_Strict):
     def _fits_method(self) -> "ModelSpec":
         check_method(self)
         check_feedback_trainer(self)
-        if self.method != SFT and "promotion" in self.model_fields_set and self.promotion is not False:
-            raise SpecError("promotion", f"method {self.method} has no promotion gate yet (its measure, the loss on "
-                            f"held-out documents, does not score a preference run): every finished {self.method} run "
-                            "serves; remove promotion, or give promotion: false")
+        if self.promotion is not False:
+            _gate_fits(self.promotion, self.method)
         return self
 
     def warnings(self) -> list[str]:

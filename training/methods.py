@@ -1,5 +1,5 @@
 """What a model's `method` changes in a run: its dataset, its trl trainer, what is set up on it, the frozen
-reference, and what the promotion gate scores.
+reference, and what the promotion gate scores (`training.promotion`, `training.preference_gate`).
 
 `sft` trains on text, prompt-response or chat documents with `SFTTrainer`; `dpo` and `kto` train on
 preference rows (`training.preferences`) with `DPOTrainer` and `KTOTrainer`. With LoRA the reference
@@ -74,12 +74,14 @@ def arrange(trainer, spec: ModelSpec, resolved: dict, started: dict | None) -> d
     return None
 
 
-def held_out(trainer, spec: ModelSpec) -> list | None:
-    """The held-out batches the promotion gate scores, taken before the trainer goes; None for a preference run,
-    whose gate is skipped (`training.promotion`)."""
-    from training import promotion
+def held_out(trainer, spec: ModelSpec):
+    """What the promotion gate scores, taken before the trainer goes: SFT's held-out batches, or a preference run's
+    held-out rows (`training.preference_gate`); None when the run has no valid fold."""
+    from training import preference_gate, promotion
 
-    return promotion.held_out_batches(trainer) if spec.method == SFT else None
+    if spec.method == SFT:
+        return promotion.held_out_batches(trainer)
+    return preference_gate.held_out(trainer, spec.method)
 
 
 def reference(trainer, started: dict | None) -> dict:

@@ -4,25 +4,31 @@ Both checkpoints are measured here, by the same code on the same held-out docume
 fold, as the trainer tokenized it), so the comparison is fair whatever each run's own evaluation said.
 Until the gate decides, `best_checkpoint` keeps pointing at the earlier run's promoted checkpoint
 (`training.progress` keeps the run's own best in its `runs` entry). The decision, both scores and the
-number of documents are recorded on the run's entry; a promotion also becomes a `promoted` event. A
-preference run (`method` dpo or kto) has no such measure yet: its entry says the gate was skipped, and why.
+number of documents are recorded on the run's entry; a promotion also becomes a `promoted` event. A preference
+run (`method` dpo or kto) is scored on its held-out rows (`training.preference_gate`): preference accuracy and
+reward margin against the base, and the SFT loss on held-out documents, which must not rise by more than
+`max_eval_loss_rise` whatever the preference scores say (a preference run must not quietly forget). Its first run,
+with nothing serving, records its scores beside the base's, which are the "before".
 
 The training child frees its trained model before the gate, which then loads the base once for both
 checkpoints (`GateModel`): never two bases, nor a base beside the trained model, in memory at once.
 """
 
+import contextlib
 import gc
 import logging
 import math
 from pathlib import Path
 
-from training import checkpoints, defaults, events, lineage
-from training.config import SFT, ModelSpec, SpecError
+from training import checkpoints, defaults, events, lineage, preference_gate
+from training.config import DPO, GATE_METRICS, MAX_EVAL_LOSS_RISE, SFT, ModelSpec, SpecError
 from training.starting import refits
 
 log = logging.getLogger(__name__)
 
 LOSS_COLUMNS = ("input_ids", "labels", "seq_lengths")  # what trl's collator reads: the loss's labels, packed lengths
+SFT_METRICS = GATE_METRICS[SFT]
+HIGHER_IS_BETTER = ("eval_mean_token_accuracy", "preference_accuracy", "reward_margin")
 
 
 def serving_ref(document: dict) -> dict | None:
@@ -35,11 +41,13 @@ def serving_ref(document: dict) -> dict | None:
     return {"run": best["run"], "step": best["step"]} if best["run"] < run else None
 
 
-def decide(metric: str, min_delta: float, new: float | None, serving: float | None) -> tuple[bool, str]:
-    """Whether the new score beats the serving one by at least `min_delta` (0: not worse), and why, in words."""
+def decide(metric: str, min_delta: float, new: float | None, serving: float | None,
+           unknown: str = "the loss overflows") -> tuple[bool, str]:
+    """Whether the new score beats the serving one by at least `min_delta` (0: not worse), and why, in words;
+    `unknown`: why a score can be None."""
     if new is None or serving is None:
-        return False, f"{metric} could not be computed for both checkpoints (the loss overflows): kept"
-    gain = new - serving if metric == "eval_mean_token_accuracy" else serving - new
+        return False, f"{metric} could not be computed for both checkpoints ({unknown}): kept"
+    gain = new - serving if metric in HIGHER_IS_BETTER else serving - new
     scores = f"{new:.4g} against {serving:.4g}"
     if gain == 0 and min_delta == 0:
         return True, f"{metric} equal to the serving checkpoint's ({new:.4g}); min_delta 0 allows not worse"
@@ -50,6 +58,14 @@ def decide(metric: str, min_delta: float, new: float | None, serving: float | No
     enough = gain >= min_delta
     return enough, (f"{metric} better by {gain:.4g} ({scores}), {'at least' if enough else 'less than'} "
                     f"min_delta {min_delta:g}")
+
+
+def forgot(max_rise: float, new: float | None, serving: float | None) -> str | None:
+    """Why a candidate is kept for its held-out SFT loss: risen above the serving one's by more than `max_rise`."""
+    if new is None or serving is None or new - serving <= max_rise:
+        return None
+    return (f"eval_loss on the held-out documents rose by {new - serving:.4g} ({new:.4g} against {serving:.4g}), "
+            f"more than max_eval_loss_rise {max_rise:g}: the run forgot what the serving checkpoint knew")
 
 
 def scores(loss_sum: float, correct: int, tokens: int) -> dict:
@@ -75,6 +91,12 @@ def measure(model, batches) -> dict:
             correct += (logits.argmax(-1)[mask] == labels[mask]).sum().item()
             tokens += int(mask.sum())
     return scores(loss_sum, correct, tokens)
+
+
+def forgetting(model, sft_batches: list) -> dict:
+    """The forgetting guard's measure: `measure`'s SFT scores of held-out documents (each None without any), so that
+    an SFT model's own metric can judge a preference run on it too."""
+    return measure(model, sft_batches) if sft_batches else dict.fromkeys(SFT_METRICS)
 
 
 def held_out_batches(trainer) -> list | None:
@@ -118,13 +140,35 @@ class GateModel:
     def score(self, folder: Path, name: str, batches: list) -> dict:
         return measure(self._with(folder, name), batches)
 
+    def reference(self, held: preference_gate.HeldOut) -> tuple[list, dict]:
+        """The base's answer logps, every checkpoint's reference, and its own scores (rewards all 0)."""
+        from peft import PeftModel
+
+        if self.model is None or self.overwritten:
+            self.model = self._base()
+        off = self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext()
+        with off:
+            logps = preference_gate.all_logps(self.model, held)
+            base = preference_gate.scores(held, logps, logps)
+            return logps, {**base, **forgetting(self.model, held.sft)}
+
+    def preferences(self, folder: Path, name: str, held: preference_gate.HeldOut, reference: list) -> dict:
+        """One checkpoint's preference scores against the base's `reference` logps, and its held-out SFT loss."""
+        model = self._with(folder, name)
+        scored = preference_gate.scores(held, preference_gate.all_logps(model, held), reference)
+        return {**scored, **forgetting(model, held.sft)}
+
     def _base(self):
         import torch
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         from training.models import load_checked_model
 
         self.model, self.overwritten = None, False
         gc.collect()
+        # A ZeRO-3 run's arguments, still alive in the child, would load the base partitioned across ranks that
+        # have finished: the gate (rank 0 alone) would wait for them forever.
+        unset_hf_deepspeed_config()
         model = load_checked_model(self.spec, self.limits)
         return model.to("cuda") if torch.cuda.is_available() and not self.spec.trainer.bits else model
 
@@ -150,36 +194,73 @@ class GateModel:
         return self.model
 
 
-def judge(db, spec: ModelSpec, new: dict, serving: dict | None, batches: list | None, work: Path, limits) -> dict:
-    """The decision for the run's best checkpoint `new` against the `serving` one, with why."""
+def judge(db, spec: ModelSpec, new: dict, serving: dict | None, held, work: Path, limits) -> dict:
+    """The decision for the run's best checkpoint `new` against the `serving` one, with why; `held`: the held-out
+    batches (SFT), or `preference_gate.HeldOut`, which the preference gate scores."""
     ref = {"run": new["run"], "step": new["step"]}
-    if spec.method != SFT:
-        return {"promoted": True, "checkpoint": ref, "gate": "skipped", "reason": (
-            f"the gate was skipped for method {spec.method}: its measure, the loss on held-out documents, does not "
-            f"score a preference run, and no preference gate exists yet; every finished {spec.method} run serves "
-            "(promotion: false says the same)")}
     if spec.promotion is False:
         return {"promoted": True, "checkpoint": ref, "reason": "promotion is false: every finished run serves"}
-    if serving is None:
+    preferences = isinstance(held, preference_gate.HeldOut)  # a preference run, or (its method aside) a feedback run
+    if serving is None and not preferences:
         return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves"}
-    if not batches:
+    if not held:
         return {"promoted": True, "checkpoint": ref, "reason": "this run has no held-out documents to compare on"}
+    if preferences:
+        return judge_preferences(db, spec, new, serving, held, work, limits)
     metric, min_delta = spec.promotion.metric, spec.promotion.min_delta
     gate = GateModel(spec, limits)
-    new_scores = gate.score(fetch(db, spec, new, work, limits), "candidate", batches)
+    new_scores = gate.score(fetch(db, spec, new, work, limits), "candidate", held)
     try:
-        old_scores = gate.score(fetch(db, spec, serving, work, limits), "serving", batches)
+        old_scores = gate.score(fetch(db, spec, serving, work, limits), "serving", held)
     except LookupError as exc:  # refused or gone from GridFS: it cannot serve either
         return {"promoted": True, "checkpoint": ref, "reason": f"the serving checkpoint cannot be loaded: {exc}"}
     promoted, reason = decide(metric, min_delta, new_scores[metric], old_scores[metric])
     return {"promoted": promoted, "checkpoint": ref, "metric": metric, "min_delta": min_delta,
             "score": new_scores[metric], "serving_score": old_scores[metric],
             "serving": {"run": serving["run"], "step": serving["step"]},
-            "documents": sum(map(examples, batches)), "tokens": new_scores["tokens"],
+            "documents": sum(map(examples, held)), "tokens": new_scores["tokens"],
             "reason": reason}
 
 
-def conclude(db, match: dict, spec: ModelSpec, run: int, serving: dict | None, batches: list | None, work: Path,
+def decide_preferences(metric: str, min_delta: float, max_rise: float, new: dict, serving: dict) -> tuple[bool, str]:
+    """`decide` on the metric, then the forgetting guard: a candidate that forgot is kept however it ranks."""
+    promoted, reason = decide(metric, min_delta, new[metric], serving[metric], unknown=(
+        "the held-out rows lack the answers it needs: one of each label for reward_margin, a chosen or desirable one "
+        "for the SFT scores"))
+    forgetting_reason = forgot(max_rise, new["eval_loss"], serving["eval_loss"])
+    if promoted and forgetting_reason:
+        return False, f"{reason}; but {forgetting_reason}: kept"
+    return promoted, reason
+
+
+def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held: preference_gate.HeldOut,
+                      work: Path, limits) -> dict:
+    """A preference run's decision: `promotion.metric` of both checkpoints, then the forgetting guard. With nothing
+    serving it is promoted, its scores recorded beside the base's."""
+    ref = {"run": new["run"], "step": new["step"]}
+    gate = GateModel(spec, limits)
+    reference, base = gate.reference(held)
+    candidate = gate.preferences(fetch(db, spec, new, work, limits), "candidate", held, reference)
+    counted = {"pairs" if held.method == DPO else "examples": held.rows, "documents": sum(map(examples, held.sft)),
+               "reference": preference_gate.REFERENCE}
+    if serving is None:
+        return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves",
+                "scores": {"candidate": candidate, "base": base}, **counted}
+    try:
+        old = gate.preferences(fetch(db, spec, serving, work, limits), "serving", held, reference)
+    except LookupError as exc:  # refused or gone from GridFS: it cannot serve either
+        return {"promoted": True, "checkpoint": ref, "reason": f"the serving checkpoint cannot be loaded: {exc}",
+                "scores": {"candidate": candidate, "base": base}, **counted}
+    promotion = spec.promotion
+    rise = MAX_EVAL_LOSS_RISE if promotion.max_eval_loss_rise is None else promotion.max_eval_loss_rise
+    promoted, reason = decide_preferences(promotion.metric, promotion.min_delta, rise, candidate, old)
+    return {"promoted": promoted, "checkpoint": ref, "metric": promotion.metric, "min_delta": promotion.min_delta,
+            "max_eval_loss_rise": rise, "score": candidate[promotion.metric],
+            "serving_score": old[promotion.metric], "serving": {"run": serving["run"], "step": serving["step"]},
+            "scores": {"candidate": candidate, "serving": old}, **counted, "reason": reason}
+
+
+def conclude(db, match: dict, spec: ModelSpec, run: int, serving: dict | None, batches, work: Path,
              limits, ranking: tuple[str, bool]) -> dict | None:
     """Run the gate at the end of a run that trained to its end; write the decision; returns it. A run that stored
     no checkpoint has nothing to serve: it fails (SpecError), never ends `succeeded`."""
