@@ -26,7 +26,7 @@ from listener.feedback import FeedbackTrigger
 from listener.records import ModelState, SkipLog, parse
 from tests.conftest import finished, wait_for
 from tests.documents import insert_nested, model, nested_document
-from training import defaults, feedback, shards
+from training import defaults, feedback, promotion, shards
 from training.config import MAX_REQUEST_ID_BYTES, parse_model
 from training.limits import Limits
 
@@ -244,6 +244,36 @@ def test_class2_one_raters_chat_out_of_turn_fails_the_models_feedback_run(module
     rated(db, "strict", [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}], {"rating": 1})
     done = wait_for(db[defaults.MODELS], "strict", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
     assert done["status"] == "succeeded", done.get("error")
+
+
+def test_class1_the_forgetting_guard_of_a_kto_gate_is_skipped_in_silence_when_no_held_out_answer_is_desirable():
+    """A user expects a preference run never to "quietly forget" (issue 25): with no desirable example in a KTO
+    run's held-out fold (for a feedback run, raters decide the labels: rate every answer -1) the guard's eval_loss is
+    None and the candidate is promoted on its preference score alone, the reason not saying that the guard never
+    measured anything."""
+    promoted, reason = promotion.decide_preferences(
+        "preference_accuracy", 0, 0.05, {"preference_accuracy": 1.0, "eval_loss": None},
+        {"preference_accuracy": 0.0, "eval_loss": 2.0})
+    assert not promoted or "eval_loss" in reason, reason
+
+
+def test_class1_a_feedback_runs_forgetting_guard_measures_only_the_raters_answers(module_samples, module_daemon,
+                                                                                tiny_model_path):
+    """A user expects the gate's forgetting guard to measure "the SFT eval loss on the model's own held-out documents
+    so that a preference run cannot quietly forget what it knew" (issue 25): for a feedback run on an SFT model it
+    scores only the held-out ratings' own answers, which the raters wrote and the run just trained toward, never
+    the model's held-out documents (20 of `pirate_chat`'s), so raters choose both the lesson and the exam."""
+    db = module_samples
+    db[defaults.MODELS].insert_one(model("guarded", tiny_model_path, feedback={"method": "kto", "every": 12}))
+    first = wait_for(db[defaults.MODELS], "guarded", finished, timeout_s=600)
+    assert first["status"] == "succeeded", first.get("error")
+    for n in range(12):
+        rated(db, "guarded", f"question {n}", {"rating": 1}, output=f"zz qq zz qq {n}")
+    done = wait_for(db[defaults.MODELS], "guarded", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    gate = done["runs"][-1]["promotion"]
+    own_held_out = db["pirate_chat"].count_documents({"_fold": "valid"})
+    assert gate.get("documents", 0) >= own_held_out, gate
 
 
 CAP = 2**20  # the operator's MONGOTUNE_MAX_CHECKPOINT_BYTES in the test below
