@@ -205,6 +205,8 @@ def test_class2_two_ratings_of_prompts_longer_than_max_length_fail_the_model(mod
     wait_for(db[defaults.MODELS], "long_zz", lambda d: d.get("run") == 2 or d.get("status") != "succeeded",
              timeout_s=120)
     after = db[defaults.MODELS].find_one({"_id": "long"})
+    if after["run"] != 1:  # it started: say how it ended
+        after = wait_for(db[defaults.MODELS], "long", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
     assert (after["status"], after["run"]) == ("succeeded", 1), after.get("error")
 
 
