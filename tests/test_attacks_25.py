@@ -150,6 +150,29 @@ def test_class3_one_pass_stamps_a_whole_flood_of_one_models_ratings(db, server_u
     assert stamped <= limits.max_feedback_rows, stamped
 
 
+def test_class3_failed_models_hold_every_place_of_the_feedback_count(db, server_uri):
+    """A user expects a place among the `MONGOTUNE_RETRAIN_MAX_MODELS` models a daemon counts feedback for to go to
+    models that can count, as it does for `retrain` (failed and cancelled models hold none there): models with
+    `feedback` that failed (an insert each, no training) keep every place, and a live model seen later is never
+    counted."""
+    def state(name, status):
+        return parse(ModelState, {"_id": name, "status": status, "run": 1})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], Limits(), 2, SkipLog())
+            dead = {name: (parse_model({**BASE, "_id": name, "feedback": {"method": "kto", "every": 2}}),
+                           state(name, "failed")) for name in ("dead1", "dead2")}
+            await trigger.due(dead)
+            return [s.id for s in await trigger.due({**dead, "victim": (spec_of(), state("victim", "succeeded"))})]
+        finally:
+            await client.close()
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    assert asyncio.run(passes()) == ["victim"]
+
+
 def test_class2_ratings_no_run_can_read_count_toward_every(db, server_uri):
     """A user expects `feedback: {every: 4}` to start a run once 4 ratings it can train on were written: 2 good
     ones and 2 of a shape every run skips (an unknown field) start it now, on 2 examples."""
