@@ -173,7 +173,7 @@ def test_class3_failed_models_hold_every_place_of_the_feedback_count(db, server_
     assert asyncio.run(passes()) == ["victim"]
 
 
-def test_class2_ratings_no_run_can_read_count_toward_every(db, server_uri):
+def test_class4_ratings_no_run_can_read_count_toward_every(db, server_uri):
     """A user expects `feedback: {every: 4}` to start a run once 4 ratings it can train on were written: 2 good
     ones and 2 of a shape every run skips (an unknown field) start it now, on 2 examples."""
     rated(db, "victim", "good", {"rating": 1})
