@@ -210,27 +210,49 @@ def test_class4_a_feedback_filter_the_server_refuses_is_never_told_to_its_writer
     assert any("feedback.filter" in w for w in warnings), warnings
 
 
+def assert_waits(db, name: str, document: dict, unusable: list) -> None:
+    """`document` (a model with `feedback: {method: kto, every: 2}`) trained, then rated with `unusable` inputs
+    only: its feedback run must wait. A second model like it, rated with usable text and counted after it in each
+    pass, shows that a pass went by."""
+    control = f"{name}_zz"
+    for doc_id in (name, control):
+        db[defaults.MODELS].insert_one({**document, "_id": doc_id})
+    for doc_id in (name, control):
+        first = wait_for(db[defaults.MODELS], doc_id, finished, timeout_s=600)
+        assert first["status"] == "succeeded", first.get("error")
+    for prompt, rating in zip(unusable, [1, -1]):
+        rated(db, name, prompt, {"rating": rating})
+    for n, rating in enumerate([1, -1]):
+        rated(db, control, f"short {n}", {"rating": rating})
+    wait_for(db[defaults.MODELS], control, lambda d: d.get("run") == 2 or d.get("status") != "succeeded",
+             timeout_s=120)
+    after = db[defaults.MODELS].find_one({"_id": name})
+    if after["run"] != 1:  # it started: say how it ended
+        after = wait_for(db[defaults.MODELS], name, lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert (after["status"], after["run"]) == ("succeeded", 1), after.get("error")
+
+
+FEEDBACK = {"feedback": {"method": "kto", "every": 2}}
+
+
 def test_class2_two_ratings_of_prompts_longer_than_max_length_fail_the_model(module_samples, module_daemon,
                                                                          tiny_model_path):
     """A user expects a feedback run to wait, as it waits for too few examples, when every rated answer it reads has
     a prompt that fills `trainer.max_length` (trl drops such rows): two such ratings, within the input caps, start
     the run and fail the model, which then takes no feedback run until its owner sets it back to pending."""
-    db = module_samples
-    for name in ("long", "long_zz"):  # the second, counted after the first in each pass, shows a pass went by
-        db[defaults.MODELS].insert_one(model(name, tiny_model_path, feedback={"method": "kto", "every": 2}))
-    for name in ("long", "long_zz"):
-        first = wait_for(db[defaults.MODELS], name, finished, timeout_s=600)
-        assert first["status"] == "succeeded", first.get("error")
-    for n, rating in enumerate([1, -1]):
-        rated(db, "long", f"{n} " + "ahoy matey " * 200, {"rating": rating})
-    for n, rating in enumerate([1, -1]):
-        rated(db, "long_zz", f"short {n}", {"rating": rating})
-    wait_for(db[defaults.MODELS], "long_zz", lambda d: d.get("run") == 2 or d.get("status") != "succeeded",
-             timeout_s=120)
-    after = db[defaults.MODELS].find_one({"_id": "long"})
-    if after["run"] != 1:  # it started: say how it ended
-        after = wait_for(db[defaults.MODELS], "long", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
-    assert (after["status"], after["run"]) == ("succeeded", 1), after.get("error")
+    assert_waits(module_samples, "long", model("long", tiny_model_path, **FEEDBACK),
+                 [f"{n} " + "ahoy matey " * 200 for n in range(2)])
+
+
+def test_class2_two_chat_ratings_fail_a_base_model_without_a_chat_template(module_samples, module_daemon,
+                                                                          tiny_model_path):
+    """A user expects a feedback run to wait for usable ratings: on a base model (no chat template) the daemon's
+    check counts chat ratings as usable, the run then skips them all, and the model ends `failed` naming
+    `feedback` after two ratings written as chat, as any driver may write a request's input."""
+    base_only = {**model("base_only", templateless_model(tiny_model_path), **FEEDBACK),
+                 "data": {"collection": "pirate_text", "key": "text"}}
+    assert_waits(module_samples, "base_only", base_only,
+                 [[{"role": "user", "content": f"ahoy {n}"}] for n in range(2)])
 
 
 # Chat templates that refuse roles out of turn, as Llama 2's, Mistral's and Gemma's do.
@@ -240,6 +262,19 @@ STRICT_TEMPLATE = (
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def templateless_model(tiny_model_path: str) -> str:
+    """The tiny model as a base model is: no chat template."""
+    folder = Path(tiny_model_path).parent / "templateless_tiny"
+    if not folder.exists():
+        shutil.copytree(tiny_model_path, folder)
+        config = folder / "tokenizer_config.json"
+        settings = json.loads(config.read_text())
+        settings.pop("chat_template", None)
+        config.write_text(json.dumps(settings))
+        (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return str(folder)
 
 
 def strict_model(tiny_model_path: str) -> str:
