@@ -97,7 +97,8 @@ def test_class1_a_raters_request_id_nested_deep_makes_the_models_document_unread
                                                                                      tiny_model_path):
     """A user expects ratings others write to never break their model: a rated request whose `_id` is a document 98
     levels deep (MongoDB stores it: 100 is its limit) is copied into the feedback run's entry as `first`, and the
-    model's document then nests deeper than the daemon reads it (`runs`)."""
+    model's document then nests deeper than the daemon reads it (`runs`): seen here, its requests then fail
+    `model_unavailable` and its next run fails `invalid_document`, field `runs`."""
     db = module_samples
     db[defaults.MODELS].insert_one(model("deep_id", tiny_model_path, feedback={"method": "kto", "every": 3}))
     first = wait_for(db[defaults.MODELS], "deep_id", finished, timeout_s=600)
