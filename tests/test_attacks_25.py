@@ -14,14 +14,13 @@ from types import SimpleNamespace
 
 import bson
 import pytest
-from bson import ObjectId
 import torch.multiprocessing as mp
+from bson import ObjectId
 from click.testing import CliRunner
 from pymongo import AsyncMongoClient
 
 from listener.cli.main import cli
 from listener.embedded import free_port
-
 from listener.feedback import FeedbackTrigger
 from listener.records import ModelState, SkipLog, parse
 from tests.conftest import finished, wait_for
@@ -40,7 +39,7 @@ def spec_of(method: str = "kto", every: int = 2, **fields):
 
 def rated(db, model_id, prompt: str, rating, **fields) -> dict:
     """A done request, rated unless `rating` is None, inserted as any writer of `_requests` may."""
-    doc_id = fields.pop("_id", None) or ObjectId()
+    doc_id = fields.pop("_id") if "_id" in fields else ObjectId()
     doc = {"_id": doc_id, "model": model_id, "input": prompt, "status": "done", "output": f"answer to {prompt}",
            "completed_at": defaults.now(), **({"feedback": rating} if rating is not None else {}), **fields}
     insert_nested(db[defaults.REQUESTS], doc)
