@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from bson import ObjectId
+
 from training import defaults, ids, preferences
 from training.config import DPO, KTO, ModelSpec, SpecError, parse_feedback
 from training.lineage import from_feedback, ids_sha256
@@ -26,6 +28,10 @@ if TYPE_CHECKING:
 # Any number in [-1, 1] (NaN is none): what a count and a read select; the run parses each one exactly.
 RATED = {"$type": "number", "$gte": -1, "$lte": 1}
 FIELDS = {"_id": 1, "input": 1, "output": 1, "feedback": 1, "completed_at": 1}  # all a run reads of a request
+MAX_ID_CHARS = 250  # a string request id a run reads and names in its entry: 4 bytes a character stay under 1 KiB
+ID_TYPES = (str, int, float, ObjectId)  # the plain ids (`ID_SCHEMA`): no document or array nests in a run's entry
+ID_SCHEMA = {"bsonType": ["objectId", "string", "int", "long", "double"], "maxLength": MAX_ID_CHARS}
+ROLE_CHARS = 64  # a message's role: a word the chat template knows
 NEWEST_FIRST = [("completed_at", -1), ("_id", -1)]
 # The request fields each method's rows are built from, in `config.KEYS` order.
 KEYS = {KTO: ["input", "output", "rating"], DPO: ["input", "chosen", "rejected"]}
@@ -37,30 +43,49 @@ def run_spec(spec: ModelSpec, document: dict) -> ModelSpec:
     return spec.model_copy(update={"method": spec.feedback.method}) if from_feedback(document, spec) else spec
 
 
-def _own(spec: ModelSpec) -> dict:
-    """This model's done requests with a rating and a text answer."""
+def usable(limits: Limits) -> dict:
+    """The shape of a request a run can use, checked by the server (`$jsonSchema`) so that nothing else is counted,
+    stamped or read: a plain `_id`; `feedback` holding a number `rating` and at most a text `better`; an `input` of
+    text or of at most `max_messages` messages `{role, content}`, texts within `max_input_chars` (a chat's sum is
+    checked as it is read, `unusable`); a text `output`."""
+    text = {"bsonType": "string", "maxLength": limits.max_input_chars}
+    message = {"bsonType": "object", "required": ["role", "content"], "additionalProperties": False,
+               "properties": {"role": {"bsonType": "string", "maxLength": ROLE_CHARS}, "content": text}}
+    return {"$jsonSchema": {"required": ["input", "output", "feedback"], "properties": {
+        "_id": ID_SCHEMA, "output": text,
+        "input": {"bsonType": ["string", "array"], "maxLength": limits.max_input_chars,
+                  "maxItems": limits.max_messages, "items": message},
+        "feedback": {"bsonType": "object", "required": ["rating"], "additionalProperties": False,
+                     "properties": {"rating": {"bsonType": ["int", "long", "double", "decimal"]}, "better": text}}}}}
+
+
+def _own(spec: ModelSpec, limits: Limits) -> dict:
+    """This model's done requests with a rating, of a shape a run uses (`usable`)."""
     return {"model": ids.eq(spec.id), "status": defaults.Status.DONE.value, "feedback.rating": RATED,
-            "output": {"$type": "string"}}
+            "output": {"$type": "string"}, **usable(limits)}
 
 
-def selection(spec: ModelSpec) -> dict:
+def selection(spec: ModelSpec, limits: Limits) -> dict:
     """This model's rated answers, narrowed by `feedback.filter` (ANDed: it can only narrow)."""
-    return {"$and": [_own(spec), spec.feedback.filter]} if spec.feedback.filter else _own(spec)
+    own = _own(spec, limits)
+    return {"$and": [own, spec.feedback.filter]} if spec.feedback.filter else own
 
 
 UNSTAMPED = {"feedback_run": {"$exists": False}}
 PASSED_OVER = 0  # the stamp of a rating `feedback.filter` does not select: looked at once, never counted
 
 
-def uncounted(spec: ModelSpec) -> dict:
+def uncounted(spec: ModelSpec, limits: Limits) -> dict:
     """The rated answers no daemon has counted toward a run yet (`listener.feedback`)."""
-    return {"$and": [selection(spec), UNSTAMPED]}
+    return {"$and": [selection(spec, limits), UNSTAMPED]}
 
 
-def filtered_out(spec: ModelSpec) -> dict | None:
+def filtered_out(spec: ModelSpec, limits: Limits) -> dict | None:
     """The rated answers not counted yet that `feedback.filter` does not select (None without a filter): stamped
     `PASSED_OVER`, so that each pass looks at new ratings only, however many the filter leaves out."""
-    return {"$and": [_own(spec), UNSTAMPED, {"$nor": [spec.feedback.filter]}]} if spec.feedback.filter else None
+    if not spec.feedback.filter:
+        return None
+    return {"$and": [_own(spec, limits), UNSTAMPED, {"$nor": [spec.feedback.filter]}]}
 
 
 def _source(doc: dict, **parts) -> dict:
@@ -82,26 +107,36 @@ def _pairs(rated: list[tuple[dict, object]]) -> list[dict]:
     return pairs
 
 
-TOO_LONG = "input, output or feedback.better longer than an input may be"
+UNUSABLE = "input, output, feedback or _id of a shape or length a run does not use"
 
 
-def _chars(value) -> int:
-    """The characters of a text, or of a list's messages' contents (anything else in it counts one)."""
+def _message(value) -> bool:
+    return (isinstance(value, dict) and value.keys() == {"role", "content"} and isinstance(value["role"], str)
+            and len(value["role"]) <= ROLE_CHARS and isinstance(value["content"], str))
+
+
+def _chars(value) -> int | None:
+    """The characters of a text, or of a chat's contents; None for anything else."""
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, list):
-        return sum(len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), str) else 1
-                   for m in value)
-    return 0
+    if isinstance(value, list) and all(map(_message, value)):
+        return sum(len(m["content"]) for m in value)
+    return None
 
 
 def too_long(doc: dict, limits: Limits) -> bool:
-    """Whether a request's texts pass the input bounds (`max_input_chars`, `max_messages`): anyone may insert a
-    "done" request, and what a run or a daemon's check keeps of it stays within the operator's caps."""
-    better = doc.get("feedback", {}).get("better") if isinstance(doc.get("feedback"), dict) else None
-    texts = (doc.get("input"), doc.get("output"), better)
-    return (any(_chars(text) > limits.max_input_chars for text in texts)
-            or (isinstance(doc.get("input"), list) and len(doc["input"]) > limits.max_messages))
+    """Whether a request is of no shape `usable` selects, or longer than the input bounds (`max_input_chars` for a
+    chat's messages together, `max_messages`): the server checks the shape, and this what it cannot (a sum) for
+    what a run or a daemon's check keeps, so that it stays within the operator's caps whatever anyone inserted."""
+    rating = doc.get("feedback")
+    if not (isinstance(rating, dict) and rating.keys() <= {"rating", "better"}
+            and isinstance(rating.get("better", ""), str) and isinstance(doc.get("output"), str)):
+        return True
+    if not (isinstance(doc.get("_id"), ID_TYPES) and len(str(doc["_id"])) <= MAX_ID_CHARS):
+        return True
+    chars = [_chars(doc.get("input")), len(doc["output"]), len(rating.get("better", ""))]
+    return (None in chars or max(chars) > limits.max_input_chars
+            or (isinstance(doc["input"], list) and len(doc["input"]) > limits.max_messages))
 
 
 def sources(requests: list[dict], method: str, limits: Limits) -> tuple[list[dict], Counter]:
@@ -109,7 +144,7 @@ def sources(requests: list[dict], method: str, limits: Limits) -> tuple[list[dic
     rated, reasons = [], Counter()
     for doc in requests:
         if too_long(doc, limits):
-            reasons[TOO_LONG] += 1
+            reasons[UNUSABLE] += 1
             continue
         try:
             rated.append((doc, parse_feedback(doc.get("feedback"), limits)))
@@ -144,7 +179,7 @@ def enough(requests: list[dict], spec: ModelSpec, limits: Limits) -> bool:
 
 def rated_requests(db, spec: ModelSpec, limits: Limits) -> list[dict]:
     """The rated requests a feedback run reads, newest first, at most the operator's cap."""
-    return list(db[defaults.REQUESTS].find(selection(spec), FIELDS, sort=NEWEST_FIRST,
+    return list(db[defaults.REQUESTS].find(selection(spec, limits), FIELDS, sort=NEWEST_FIRST,
                                            limit=limits.max_feedback_rows))
 
 
@@ -158,7 +193,7 @@ def read_datasets(db, spec: ModelSpec, limits: Limits, tokenizer) -> tuple[Datas
         raise SpecError("feedback", f"the {len(requests)} rated answers read make {usable} usable "
                         f"{'pairs' if method == DPO else 'examples'} for method {method}, and a run needs at least "
                         f"{preferences.MIN_ROWS} to train on; skipped: {why}")
-    read = {"method": method, "collection": defaults.REQUESTS, "filter": selection(spec), "order": "newest first",
+    read = {"method": method, "collection": defaults.REQUESTS, "filter": selection(spec, limits), "order": "newest first",
             "requests": len(requests), "first": requests[0].get("_id"), "last": requests[-1].get("_id"),
             "ids_sha256": ids_sha256(requests), "skipped": preferences.skipped(reasons),
             "pairs" if method == DPO else "examples": usable}
