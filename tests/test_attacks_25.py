@@ -306,17 +306,6 @@ def test_class2_one_raters_chat_out_of_turn_fails_the_models_feedback_run(module
     assert done["status"] == "succeeded", done.get("error")
 
 
-def test_class1_the_forgetting_guard_of_a_kto_gate_is_skipped_in_silence_when_no_held_out_answer_is_desirable():
-    """A user expects a preference run never to "quietly forget" (issue 25): with no desirable example in a KTO
-    run's held-out fold (for a feedback run, raters decide the labels: rate every answer -1) the guard's eval_loss is
-    None and the candidate is promoted on its preference score alone, the reason not saying that the guard never
-    measured anything."""
-    promoted, reason = promotion.decide_preferences(
-        "preference_accuracy", 0, 0.05, {"preference_accuracy": 1.0, "eval_loss": None},
-        {"preference_accuracy": 0.0, "eval_loss": 2.0})
-    assert not promoted or "eval_loss" in reason, reason
-
-
 def test_class1_a_feedback_runs_forgetting_guard_measures_only_the_raters_answers(module_samples, module_daemon,
                                                                                 tiny_model_path):
     """A user expects the gate's forgetting guard to measure "the SFT eval loss on the model's own held-out documents
