@@ -6,19 +6,15 @@ Most run a daemon's feedback pass in-process (`listener.feedback.FeedbackTrigger
 """
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-import torch.multiprocessing as mp
 
-from listener.embedded import free_port
 from tests.conftest import finished, wait_for
 from tests.documents import model, nested_document
 from tests.test_feedback import BASE, rated
-from training import defaults, shards
+from training import defaults
 from training.config import parse_model
-from training.limits import Limits
 
 DAEMON_ENV = {"MONGOTUNE_RETRAIN_CHECK_S": "0.5"}
 
@@ -169,35 +165,3 @@ def test_class1_a_feedback_runs_forgetting_guard_measures_only_the_raters_answer
     gate = done["runs"][-1]["promotion"]
     own_held_out = db["pirate_chat"].count_documents({"_fold": "valid"})
     assert gate.get("documents", 0) >= own_held_out, gate
-
-
-CAP = 2**20  # the operator's MONGOTUNE_MAX_CHECKPOINT_BYTES in the test below
-
-
-def _node_rank(rank: int, port: int, folders: list[str]) -> None:
-    """One rank of a job of three nodes of one rank each, saving at step 3, under a 1 MiB checkpoint cap."""
-    import torch.distributed as dist
-
-    os.environ.update(GROUP_RANK=str(rank), LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
-    try:
-        shards.collect(folders[rank], Limits(max_checkpoint_bytes=CAP))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_class3_node_0_takes_each_other_nodes_part_up_to_the_whole_cap_so_n_nodes_write_n_times_it(tmp_path):
-    """An operator expects `MONGOTUNE_MAX_CHECKPOINT_BYTES` to bound what one checkpoint puts on node 0's disk: each
-    node's part is checked against the whole cap on its own, so a document's `num_nodes: 8` lets 7 parts of almost
-    the cap each be written there before the upload refuses the sum."""
-    folders = [tmp_path / f"node{n}" for n in range(3)]
-    for n, folder in enumerate(folders):
-        (folder / "global_step3").mkdir(parents=True)
-        if n:
-            (folder / f"global_step3/zero_pp_rank_{n}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(CAP * 3 // 4))
-    try:
-        mp.spawn(_node_rank, args=(free_port(), [str(f) for f in folders]), nprocs=3)
-    except mp.ProcessRaisedException:
-        pass  # rank 0 refusing what passes the cap is what is expected
-    received = sum(p.stat().st_size for p in folders[0].rglob("*") if p.is_file())
-    assert received <= CAP, f"{received:,} bytes on node 0 under a cap of {CAP:,}"
