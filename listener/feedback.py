@@ -3,8 +3,9 @@ run started, one preference run starts (`trigger: "feedback"`, `training.feedbac
 
 The count lives in the requests themselves, so nothing in a daemon's memory can be lost or counted twice:
 at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
-`feedback_run: <the model's run>` (one `update_many`; a request is stamped once, by whichever daemon gets
-there first), and those `feedback.filter` leaves out with 0 (never counted, never looked at again), then
+`feedback_run: <the model's run>` (at most `max_feedback_rows` a pass, by `_id`; a request is stamped once, by
+whichever daemon gets there first), and those `feedback.filter` leaves out with 0 (never counted, never looked at
+again), then
 counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone wrote
 on anything else counts for nothing). The index `{model, feedback_run, feedback.rating}` serves all three,
 so a pass reads only the ratings written since the last one, however many requests the model has. A rating
@@ -13,7 +14,9 @@ pending (its number is not known yet): such ratings are stamped once it is claim
 after it (which comes a little early rather than late, as with `retrain.on_new_documents`). `retrain.start`
 (`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before starting, the
 rows are read once to see that they make a run (DPO: at least `preferences.MIN_ROWS` pairs); a model whose
-count has not moved since it had too few is not read again. The operator's `retrain_max_models` bounds how many models a daemon counts, in the order it first saw them.
+count has not moved since it had too few is not read again. Only ratings of a shape a run uses are selected at
+all (`feedback.usable`, checked by the server). The operator's `retrain_max_models` bounds how many models a daemon
+counts (succeeded or running ones), in the order it first saw them.
 """
 
 import asyncio
@@ -133,7 +136,7 @@ class FeedbackTrigger:
         # Stamps on what is not a rating in this selection (anyone may write `feedback_run`) count for nothing.
         count = await requests.count_documents(
             {"$and": [feedback.selection(spec, self.limits), {"feedback_run": state.run}]},
-            limit=spec.feedback.every, maxTimeMS=QUERY_MS)
+            maxTimeMS=QUERY_MS)
         if state.status is not Status.SUCCEEDED or count < spec.feedback.every or self.too_few.get(key) == (
                 state.run, count):
             return False

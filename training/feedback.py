@@ -3,8 +3,9 @@
 A driver writes `feedback: {rating, better}` on a done request; the listener never writes it. A feedback
 run reads this model's done requests with a rating, those `feedback.filter` selects (always within this
 model's own: the filter is ANDed, so it can only narrow), newest first, at most the operator's
-`max_feedback_rows`. Each request's `feedback` is parsed here (`config.parse_feedback`); a wrong shape is
-skipped and counted, never an error. `kto`: prompt = the request's `input`, completion = its `output`,
+`max_feedback_rows`, of a shape a run uses (`usable`: the server checks it, so that nothing else is counted or
+read). Each request's `feedback` is parsed here (`config.parse_feedback`); what still fails (a chat too long in
+all, one the chat template refuses) is skipped and counted, never an error. `kto`: prompt = the request's `input`, completion = its `output`,
 label = rating > 0 (0 is neutral: skipped). `dpo`: an answer with `better` is a pair (better over the
 answer), and two answers to the same prompt rated one above 0 and one below make a pair, each answer in
 at most one such pair. The rows then go through `training.preferences` like a collection's documents.
@@ -183,11 +184,39 @@ def rated_requests(db, spec: ModelSpec, limits: Limits) -> list[dict]:
                                            limit=limits.max_feedback_rows))
 
 
+REFUSED = "chat the model's chat template refuses"
+
+
+def rendered(rows: list[dict], tokenizer, reasons: Counter) -> list[dict]:
+    """The rows (all of one shape, `preferences.one_shape`) the model's chat template renders, as the trainer will
+    (the prompt for generation, and with each answer); one it refuses (two user turns in a row, for a template that
+    raises on them) is skipped and counted in `reasons`: a rater's chat fails that row, never the run."""
+    from jinja2.exceptions import TemplateError
+
+    if not any(isinstance(value, list) for row in rows for value in row.values()):
+        return rows
+    kept = []
+    for row in rows:
+        try:
+            tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            for answer in ("completion", "chosen", "rejected"):
+                if answer in row:
+                    tokenizer.apply_chat_template(row["prompt"] + row[answer], tokenize=False)
+            kept.append(row)
+        except TemplateError:
+            reasons[REFUSED] += 1
+    return kept
+
+
 def read_datasets(db, spec: ModelSpec, limits: Limits, tokenizer) -> tuple[Dataset, Dataset | None, dict]:
     """A feedback run's train and valid datasets, and what it read for the run's entry (`feedback`)."""
     requests = rated_requests(db, spec, limits)
     method = spec.feedback.method
     train, valid, usable, reasons = folds(requests, spec, limits, chat=bool(tokenizer().chat_template))
+    if tokenizer().chat_template:
+        rows, cut_at = preferences.one_shape(train + valid), len(train)
+        train, valid = rendered(rows[:cut_at], tokenizer(), reasons), rendered(rows[cut_at:], tokenizer(), reasons)
+        usable -= len(rows) - len(train) - len(valid)
     if len(train) < preferences.MIN_ROWS:
         why = "; ".join(f"{n} with {reason}" for reason, n in reasons.most_common(3)) or "none skipped"
         raise SpecError("feedback", f"the {len(requests)} rated answers read make {usable} usable "
