@@ -5,9 +5,9 @@ run reads this model's done requests with a rating, those `feedback.filter` sele
 model's own: the filter is ANDed, so it can only narrow), newest first, at most the operator's
 `max_feedback_rows`, of a shape a run uses (`usable`: the server checks it, so that nothing else is counted or
 read). Each request's `feedback` is parsed here (`config.parse_feedback`); what still fails (a chat too long in
-all, one the chat template refuses) is skipped and counted, never an error. `kto`: prompt = the request's `input`, completion = its `output`,
-label = rating > 0 (0 is neutral: skipped). `dpo`: an answer with `better` is a pair (better over the
-answer), and two answers to the same prompt rated one above 0 and one below make a pair, each answer in
+all, one the chat template refuses) is skipped and counted, never an error. `kto`: prompt = the request's
+`input`, completion = its `output`, label = rating > 0 (0 is neutral: skipped). `dpo`: an answer with
+`better` is a pair (better over the answer), and two answers to the same prompt rated one above 0 and one below make a pair, each answer in
 at most one such pair. The rows then go through `training.preferences` like a collection's documents.
 """
 
@@ -48,7 +48,7 @@ def usable(limits: Limits) -> dict:
     """The shape of a request a run can use, checked by the server (`$jsonSchema`) so that nothing else is counted,
     stamped or read: a plain `_id`; `feedback` holding a number `rating` and at most a text `better`; an `input` of
     text or of at most `max_messages` messages `{role, content}`, texts within `max_input_chars` (a chat's sum is
-    checked as it is read, `unusable`); a text `output`."""
+    checked as it is read, `too_long`); a text `output`."""
     text = {"bsonType": "string", "maxLength": limits.max_input_chars}
     message = {"bsonType": "object", "required": ["role", "content"], "additionalProperties": False,
                "properties": {"role": {"bsonType": "string", "maxLength": ROLE_CHARS}, "content": text}}
@@ -222,7 +222,8 @@ def read_datasets(db, spec: ModelSpec, limits: Limits, tokenizer) -> tuple[Datas
         raise SpecError("feedback", f"the {len(requests)} rated answers read make {usable} usable "
                         f"{'pairs' if method == DPO else 'examples'} for method {method}, and a run needs at least "
                         f"{preferences.MIN_ROWS} to train on; skipped: {why}")
-    read = {"method": method, "collection": defaults.REQUESTS, "filter": selection(spec, limits), "order": "newest first",
+    read = {"method": method, "collection": defaults.REQUESTS, "filter": selection(spec, limits),
+            "order": "newest first",
             "requests": len(requests), "first": requests[0].get("_id"), "last": requests[-1].get("_id"),
             "ids_sha256": ids_sha256(requests), "skipped": preferences.skipped(reasons),
             "pairs" if method == DPO else "examples": usable}
