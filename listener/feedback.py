@@ -22,7 +22,8 @@ counts (succeeded or running ones), in the order it first saw them.
 import asyncio
 import logging
 
-from pymongo.errors import ExecutionTimeout, OperationFailure
+from pymongo import UpdateOne
+from pymongo.errors import BulkWriteError, ExecutionTimeout, OperationFailure
 
 from listener.records import ModelState, SkipLog
 from listener.status import Status
@@ -104,26 +105,20 @@ class FeedbackTrigger:
                     log.warning("cannot add a warning to %.200r (%s)", spec.id, refused)
 
     async def _stamp(self, query: dict, stamp: int) -> None:
-        """Stamp at most `max_feedback_rows` of the requests `query` selects, by `_id`: bounded work per pass, whatever
-        a writer floods in (the rest wait for the next passes). Where the batch fails (a request the stamp would push
-        past 16 MB), each is stamped alone, and one that cannot be is skipped."""
+        """Stamp at most `max_feedback_rows` of the requests `query` selects, each by its `_id` (found in the index's
+        order: a sort would read the whole flood): bounded work per pass, whatever a writer floods in (the rest wait
+        for the next passes). One a stamp cannot be written on (it would pass 16 MB) is skipped, not the others."""
         requests = self.db[defaults.REQUESTS]
-        found = requests.find(query, {"_id": 1}, sort=[("_id", 1)], limit=self.limits.max_feedback_rows,
-                              max_time_ms=QUERY_MS)
+        found = requests.find(query, {"_id": 1}, limit=self.limits.max_feedback_rows, max_time_ms=QUERY_MS)
         batch = [doc["_id"] async for doc in found]
         if not batch:
             return
         try:
-            await requests.update_many({"$and": [query, {"_id": {"$in": batch}}]}, {"$set": {"feedback_run": stamp}})
-        except ExecutionTimeout:
-            raise
-        except OperationFailure:
-            for doc_id in batch:
-                try:
-                    await requests.update_one({"$and": [query, {"_id": ids.eq(doc_id)}]},
-                                              {"$set": {"feedback_run": stamp}})
-                except OperationFailure as exc:
-                    self.skipped.skip("rating to stamp", doc_id, exc)
+            await requests.bulk_write([UpdateOne({"_id": ids.eq(doc_id), **feedback.UNSTAMPED},
+                                                 {"$set": {"feedback_run": stamp}}) for doc_id in batch], ordered=False)
+        except BulkWriteError as exc:
+            for error in exc.details.get("writeErrors", []):
+                self.skipped.skip("rating to stamp", batch[error["index"]], error.get("errmsg"))
 
     async def _due(self, key: str, spec: ModelSpec, state: ModelState) -> bool:
         requests = self.db[defaults.REQUESTS]
