@@ -3,8 +3,9 @@ run started, one preference run starts (`trigger: "feedback"`, `training.feedbac
 
 The count lives in the requests themselves, so nothing in a daemon's memory can be lost or counted twice:
 at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
-`feedback_run: <the model's run>` (one `update_many`; a request is stamped once, by whichever daemon gets
-there first), and those `feedback.filter` leaves out with 0 (never counted, never looked at again), then
+`feedback_run: <the model's run>` (at most `max_feedback_rows` a pass, by `_id`; a request is stamped once, by
+whichever daemon gets there first), and those `feedback.filter` leaves out with 0 (never counted, never looked at
+again), then
 counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone wrote
 on anything else counts for nothing). The index `{model, feedback_run, feedback.rating}` serves all three,
 so a pass reads only the ratings written since the last one, however many requests the model has. A rating
@@ -13,19 +14,22 @@ pending (its number is not known yet): such ratings are stamped once it is claim
 after it (which comes a little early rather than late, as with `retrain.on_new_documents`). `retrain.start`
 (`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before starting, the
 rows are read once to see that they make a run (DPO: at least `preferences.MIN_ROWS` pairs); a model whose
-count has not moved since it had too few is not read again. Ratings rewritten or deleted between this check and the
-run's read end that run `nothing_to_train` (`training.feedback.NothingToTrain`): the model serves as before and the
-ratings written after it count toward the next run. The operator's `retrain_max_models` bounds how many models a daemon counts, in the order it first saw them.
+count has not moved since it had too few is not read again. Only ratings of a shape a run uses are selected at
+all (`feedback.usable`, checked by the server). Ratings rewritten or deleted between this check and the run's read
+end that run `nothing_to_train` (`training.feedback.NothingToTrain`): the model serves as before and the ratings
+written after it count toward the next run. The operator's `retrain_max_models` bounds how many models a daemon
+counts (succeeded or running ones), in the order it first saw them.
 """
 
 import asyncio
 import logging
 
-from pymongo.errors import OperationFailure
+from pymongo import UpdateOne
+from pymongo.errors import BulkWriteError, ExecutionTimeout, OperationFailure
 
 from listener.records import ModelState, SkipLog
 from listener.status import Status
-from training import defaults, feedback
+from training import defaults, feedback, ids
 from training.config import ModelSpec
 from training.errors import cut, said
 from training.limits import Limits
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 
 INDEX = "requests_feedback"
 COUNTING = (Status.SUCCEEDED, Status.RUNNING)  # a run's number is known: ratings count toward the next
+QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scans long gives up, and is tried again
 
 
 async def make_index(db) -> None:
@@ -56,7 +61,10 @@ class FeedbackTrigger:
         self.past_bound = 0  # how many models there were when some were past the bound: logged when it changes
 
     async def due(self, models: dict[str, tuple[ModelSpec, ModelState]]) -> list[ModelState]:
-        """The states of the models whose feedback run is due, each at the run it follows."""
+        """The states of the models whose feedback run is due, each at the run it follows. Only models that can count
+        (succeeded or running) take a place among the `max_models` counted, as with `retrain`."""
+        models = {key: (spec, state) for key, (spec, state) in models.items()
+                  if state.status in COUNTING and state.run >= 1}
         for key in sorted(set(models) - set(self.seen)):
             self.seen[key], self.sightings = self.sightings, self.sightings + 1
         self.seen = {key: n for key, n in self.seen.items() if key in models}
@@ -72,22 +80,60 @@ class FeedbackTrigger:
             try:
                 if await self._due(key, spec, state):
                     due.append(state)
-            except OperationFailure as exc:  # its filter fails on the server, or a request is too large to stamp
-                self.skipped.skip("feedback", spec.id, exc)
+            except OperationFailure as exc:  # its filter fails on the server, or a query ran out of its time
+                self.skipped.skip(f"feedback of run {state.run}", spec.id, exc)
+                await self._filter_refused(spec)
+            except Exception as exc:  # noqa: BLE001  one model's pass never stops the others'
+                if self.skipped.first(f"feedback of run {state.run}", spec.id):
+                    log.exception("the feedback pass of %.200r failed: %.300s", spec.id, exc)
         return due
 
-    async def _due(self, key: str, spec: ModelSpec, state: ModelState) -> bool:
-        if state.status not in COUNTING or state.run < 1:
-            return False
+    async def _filter_refused(self, spec: ModelSpec) -> None:
+        """Tell a model's writer, once, in its `warnings`, that the server refuses its `feedback.filter`."""
+        if not spec.feedback.filter:
+            return
+        try:
+            await self.db[defaults.REQUESTS].find_one(spec.feedback.filter, max_time_ms=QUERY_MS)
+        except ExecutionTimeout:
+            return
+        except OperationFailure as exc:
+            if self.skipped.first("feedback filter", spec.id):
+                warning = f"not counting feedback: the server refuses feedback.filter ({cut(said(exc), 300)})"
+                log.warning("%s: %.200r", warning, spec.id)
+                try:
+                    await self.db[defaults.MODELS].update_one({"_id": ids.eq(spec.id)},
+                                                              {"$addToSet": {"warnings": warning}})
+                except OperationFailure as refused:  # `warnings` is not an array, or the model is too large
+                    log.warning("cannot add a warning to %.200r (%s)", spec.id, refused)
+
+    async def _stamp(self, query: dict, stamp: int) -> None:
+        """Stamp at most `max_feedback_rows` of the requests `query` selects, each by its `_id` (found in the index's
+        order: a sort would read the whole flood): bounded work per pass, whatever a writer floods in (the rest wait
+        for the next passes). One a stamp cannot be written on (it would pass 16 MB) is skipped, not the others."""
         requests = self.db[defaults.REQUESTS]
-        await requests.update_many(feedback.uncounted(spec), {"$set": {"feedback_run": state.run}})
-        if (passed_over := feedback.filtered_out(spec)) is not None:
+        found = requests.find(query, {"_id": 1}, limit=self.limits.max_feedback_rows, max_time_ms=QUERY_MS)
+        batch = [doc["_id"] async for doc in found]
+        if not batch:
+            return
+        try:
+            await requests.bulk_write([UpdateOne({"_id": ids.eq(doc_id), **feedback.UNSTAMPED},
+                                                 {"$set": {"feedback_run": stamp}}) for doc_id in batch], ordered=False)
+        except BulkWriteError as exc:
+            for error in exc.details.get("writeErrors", []):
+                self.skipped.skip("rating to stamp", batch[error["index"]], error.get("errmsg"))
+
+    async def _due(self, key: str, spec: ModelSpec, state: ModelState) -> bool:
+        requests = self.db[defaults.REQUESTS]
+        await self._stamp(feedback.uncounted(spec, self.limits), state.run)
+        if (passed_over := feedback.filtered_out(spec, self.limits)) is not None:
             try:
-                await requests.update_many(passed_over, {"$set": {"feedback_run": feedback.PASSED_OVER}})
+                await self._stamp(passed_over, feedback.PASSED_OVER)
             except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
                 self.skipped.skip("feedback filter", spec.id, exc)
         # Stamps on what is not a rating in this selection (anyone may write `feedback_run`) count for nothing.
-        count = await requests.count_documents({"$and": [feedback.selection(spec), {"feedback_run": state.run}]})
+        count = await requests.count_documents(
+            {"$and": [feedback.selection(spec, self.limits), {"feedback_run": state.run}]},
+            maxTimeMS=QUERY_MS)
         if state.status is not Status.SUCCEEDED or count < spec.feedback.every or self.too_few.get(key) == (
                 state.run, count):
             return False
@@ -100,11 +146,12 @@ class FeedbackTrigger:
 
     async def _enough(self, spec: ModelSpec) -> bool:
         """Whether the rated answers a run would read make a run (DPO: pairs). What is kept of them is bounded by the
-        operator's caps (rows, input length), whatever anyone inserted: a request too long is dropped as it comes,
-        and would be skipped by the run too."""
+        operator's caps (rows, input length), whatever anyone inserted: the server selects only requests of a shape
+        a run uses (`feedback.usable`), and one too long as a whole is dropped as it comes, as the run skips it."""
         kept = []
-        found = self.db[defaults.REQUESTS].find(feedback.selection(spec), feedback.FIELDS, sort=feedback.NEWEST_FIRST,
-                                                limit=self.limits.max_feedback_rows)
+        found = self.db[defaults.REQUESTS].find(feedback.selection(spec, self.limits), feedback.FIELDS,
+                                                sort=feedback.NEWEST_FIRST, limit=self.limits.max_feedback_rows,
+                                                max_time_ms=QUERY_MS)
         async for doc in found:
             if not feedback.too_long(doc, self.limits):
                 kept.append(doc)

@@ -5,7 +5,12 @@ Two daemons share the module's database (the module's and one more), checking ev
 """
 
 import asyncio
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
+import bson
 import pytest
 from bson import ObjectId
 from click.testing import CliRunner
@@ -17,12 +22,13 @@ from listener.records import ModelState, SkipLog, parse
 from listener import retrain
 from listener.processes import wait_until
 from tests.conftest import DaemonProcess, finished, settled, wait_for
-from tests.documents import model, request
+from tests.documents import insert_nested, model, nested_document, request
 from training import defaults, feedback, preferences
-from training.config import SpecError, parse_model, parse_request
+from training.config import MAX_REQUEST_ID_BYTES, SpecError, parse_model, parse_request
 from training.limits import Limits
 
 DAEMON_ENV = {"MONGOTUNE_RETRAIN_CHECK_S": "0.5"}
+BASE = {"_id": "m", "model_name_or_path": "org/name", "data": {"collection": "notes"}}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +65,40 @@ def feedback_run(db, model_id) -> dict:
     done = wait_for(db[defaults.MODELS], model_id, lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
     assert done["status"] == "succeeded", done.get("error")
     return done
+
+
+def spec_of(method: str = "kto", every: int = 2, **fields):
+    """The model "victim" with `feedback` of this method and count."""
+    return parse_model({**BASE, "_id": "victim", "feedback": {"method": method, "every": every, **fields}})
+
+
+def rated(db, model_id, prompt, rating, **fields) -> dict:
+    """A done request, rated unless `rating` is None, inserted as any writer of `_requests` may."""
+    doc_id = fields.pop("_id") if "_id" in fields else ObjectId()
+    doc = {"_id": doc_id, "model": model_id, "input": prompt, "status": "done", "output": f"answer to {prompt}",
+           "completed_at": defaults.now(), **({"feedback": rating} if rating is not None else {}), **fields}
+    insert_nested(db[defaults.REQUESTS], doc)
+    return doc
+
+
+def due(server_uri, db, *specs, run: int = 1, limits: Limits = Limits()) -> list:
+    """The models one daemon's feedback pass finds due, each succeeded at `run`."""
+    async def one_pass():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], limits, 10, SkipLog())
+            models = {spec.id: (spec, parse(ModelState, {"_id": spec.id, "status": "succeeded", "run": run}))
+                      for spec in specs}
+            return [s.id for s in await trigger.due(models)]
+        finally:
+            await client.close()
+    return asyncio.run(one_pass())
+
+
+def run_entry(db, spec, limits: Limits = Limits()) -> dict:
+    """What a feedback run reads and records in its `runs[]` entry (`feedback`), as the training child reads it."""
+    tokenizer = lambda: SimpleNamespace(chat_template=None)  # noqa: E731  (text rows only)
+    return feedback.read_datasets(db, spec, limits, tokenizer)[2]
 
 
 def test_ratings_start_one_kto_run_across_two_daemons_and_its_adapter_then_serves(module_samples, both_daemons,
@@ -225,11 +265,8 @@ def test_feedback_of_every_wrong_shape_is_skipped_and_counted_beside_good_feedba
     done = feedback_run(db, "fb_shapes")
     read = done["runs"][1]["feedback"]
     assert read["examples"] == 3
-    # What looks like a rating in [-1, 1] is read and parsed; the rest is never selected.
-    assert read["requests"] == 6 and read["skipped"]["count"] == 3
-    assert {r["reason"] for r in read["skipped"]["reasons"]} == {
-        feedback.TOO_LONG, "feedback has fields other than rating and better",
-        "feedback.better: input should be a valid string"}
+    # The server selects only ratings of a shape a run uses (`feedback.usable`): the rest are never read or counted.
+    assert read["requests"] == 3 and read["skipped"]["count"] == 0
 
 
 def one_pass(server_uri, db, spec, state: dict) -> list:
@@ -277,9 +314,6 @@ def test_a_feedback_filter_only_narrows_to_the_models_own_answers(db, server_uri
     assert one_pass(server_uri, db, spec, {"_id": "mine", "status": "succeeded", "run": 2}) == []
 
 
-BASE = {"_id": "m", "model_name_or_path": "org/name", "data": {"collection": "notes"}}
-
-
 @pytest.mark.parametrize(("given", "field"), [
     ({"method": "sft", "every": 2}, "feedback.method"), ({"method": "kto", "every": 0}, "feedback.every"),
     ({"method": "kto"}, "feedback.every"), ({"method": "kto", "every": 2, "filter": {"$where": "1"}}, "feedback.filter"),
@@ -319,7 +353,7 @@ def test_what_a_run_keeps_of_a_request_stays_within_the_input_caps():
                 {"_id": 4, "input": chat * 3, "output": "o", "feedback": {"rating": -1, "better": "b"}},
                 {"_id": 5, "input": "p", "output": "o", "feedback": {"rating": 0.5}}]
     built, reasons = feedback.sources(requests, "kto", limits)
-    assert [row["_id"] for row in built] == [4, 5] and reasons == {feedback.TOO_LONG: 3}
+    assert [row["_id"] for row in built] == [4, 5] and reasons == {feedback.UNUSABLE: 3}
     pairs, _ = feedback.sources(requests, "dpo", limits)
     assert pairs == [{"_id": 4, "input": chat * 3, "chosen": "b", "rejected": "o"}]
 
@@ -347,3 +381,269 @@ def test_a_daemon_counts_feedback_for_at_most_its_bound_of_models_those_seen_fir
     first, second = asyncio.run(passes())
     assert [s.id for s in first] == ["y", "z"] and [s.id for s in second] == ["y", "z"]
     assert db[defaults.REQUESTS].count_documents({"model": "a", "feedback_run": {"$exists": True}}) == 0
+
+
+def test_class1_listener_feedback_rates_a_request_another_writer_planted_under_a_look_alike_id(db, server_uri):
+    """A user who rates their own request "42" (a string id) with `listener feedback` expects that request rated:
+    another writer's done request with `_id: 42` (an integer) for the same model is tried first, so the user's
+    rating endorses the other writer's answer, and their own stays unrated. Identity must stay exact (issue 21,
+    class 7): an id that matches requests of several types is refused, naming them."""
+    rated(db, "victim", "my question", None, _id="42")
+    rated(db, "victim", "planted question", None, _id=42, output="the answer the planter wants endorsed")
+    result = CliRunner().invoke(cli, ["feedback", "--uri", server_uri, "--db", db.name, "victim", "42", "--good"])
+    planted = db[defaults.REQUESTS].find_one({"_id": 42})
+    assert planted.get("feedback") is None, result.output
+    assert result.exit_code != 0 and "2 requests have an _id that reads '42' (int, str)" in result.output, result.output
+    assert db[defaults.REQUESTS].find_one({"_id": "42"}).get("feedback") is None
+
+
+def test_class2_one_rating_of_a_shape_the_server_cannot_return_stops_every_later_rating_counting(db, server_uri):
+    """A user expects one odd rating (here a `better` nested ~500 deep, which the embedded server stores but cannot
+    return; on MongoDB, a request just under 16 MB that the stamp would push over) to be skipped, and the model's
+    other ratings to start its run."""
+    rated(db, "victim", "poison", {"rating": 1, "better": nested_document(500)})
+    for n, rating in enumerate([1, -1, 1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    assert due(server_uri, db, spec_of(every=3)) == ["victim"]
+    honest = db[defaults.REQUESTS].count_documents({"input": {"$regex": "^honest"}, "feedback_run": 1})
+    assert honest == 3
+
+
+def test_class2_one_rating_with_a_role_of_the_wrong_type_stops_the_feedback_pass_of_every_later_model(
+        db, server_uri):
+    """A user expects another user's odd request to cost nothing but that request: on a database without the
+    write-time validator (`--no-validators`, or a server or role that refuses it, which the README says only loses
+    the early check), a rated answer whose chat has a role that is an object makes the pass raise TypeError
+    (unhashable) for its model, and no model counted after it in the pass (here the victim's) ever starts a run."""
+    rated(db, "a_first", [{"role": {"any": "thing"}, "content": "hi"}], {"rating": 1})
+    rated(db, "a_first", "fine", {"rating": -1})
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    attacker = parse_model({**BASE, "_id": "a_first", "feedback": {"method": "kto", "every": 2}})
+    assert "victim" in due(server_uri, db, attacker, spec_of(every=2))
+
+
+def test_class3_a_raters_huge_request_id_is_copied_whole_into_the_models_run_entry(db, server_uri):
+    """A user expects a run's entry to stay small whatever ids raters give their requests: a 4 MB string `_id`
+    (MongoDB has no bound on it) lands whole in the victim's document as `first`, and a few runs fill its 16 MB."""
+    for n, rating in enumerate([1, -1, 1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    rated(db, "victim", "newest", {"rating": 1}, _id="x" * 4_000_000)
+    entry = run_entry(db, spec_of())
+    sizes = {end: len(bson.encode({"_id": entry[end]})) for end in ("first", "last")}
+    assert max(sizes.values()) <= MAX_REQUEST_ID_BYTES, sizes
+
+
+@pytest.mark.parametrize("request_fields", [
+    {"feedback": {"rating": 1, "note": "x" * 50_000}},  # an unknown field of the rating: skipped only after
+    {"input": {"text": "x" * 50_000}},  # an input of no shape a request has counts 0 characters
+    {"input": [{"role": "user", "content": "hi", "pad": "x" * 50_000}]},  # a message's other fields count nothing
+    {"feedback": {"rating": 1, "better": ["x" * 1_000] * 50}},  # a list of texts counts one character each
+])
+def test_class3_what_a_daemon_keeps_of_a_rated_request_is_not_bounded_by_the_input_caps(request_fields):
+    """A user expects the daemon to hold at most what the operator's caps allow of each rated request (`_enough`
+    keeps up to `max_feedback_rows` of them in the daemon's memory): 50,000 characters pass a 100-character cap
+    here, so 2,000 requests of 16 MB each would be 32 GB in the daemon that serves everyone."""
+    doc = {"_id": 1, "input": "p", "output": "o", "feedback": {"rating": 1}, **request_fields}
+    assert feedback.too_long(doc, Limits(max_input_chars=100))
+
+
+def test_class3_one_pass_stamps_a_whole_flood_of_one_models_ratings(db, server_uri):
+    """A user expects the retrain pass, which every model's retrain and feedback starts wait behind, to do bounded
+    work for any one model: a writer's flood of ratings is stamped in one unbounded `update_many` (20,000 took 5.6 s
+    on the embedded server here, inserting them 2.3 s: a million, about 5 minutes in which no model's run starts),
+    though `every` and a run's read are both capped at `MONGOTUNE_MAX_FEEDBACK_ROWS`, so no more need counting."""
+    limits = Limits(max_feedback_rows=5)
+    db[defaults.REQUESTS].insert_many([
+        {"model": "flood", "input": f"q {n}", "status": "done", "output": "a", "feedback": {"rating": 1}}
+        for n in range(50)])
+    spec = parse_model({**BASE, "_id": "flood", "feedback": {"method": "kto", "every": 5}}, limits)
+    due(server_uri, db, spec, limits=limits)
+    stamped = db[defaults.REQUESTS].count_documents({"model": "flood", "feedback_run": {"$exists": True}})
+    assert stamped <= limits.max_feedback_rows, stamped
+
+
+def test_class3_failed_models_hold_every_place_of_the_feedback_count(db, server_uri):
+    """A user expects a place among the `MONGOTUNE_RETRAIN_MAX_MODELS` models a daemon counts feedback for to go to
+    models that can count, as it does for `retrain` (failed and cancelled models hold none there): models with
+    `feedback` that failed (an insert each, no training) keep every place, and a live model seen later is never
+    counted."""
+    def state(name, status):
+        return parse(ModelState, {"_id": name, "status": status, "run": 1})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], Limits(), 2, SkipLog())
+            dead = {name: (parse_model({**BASE, "_id": name, "feedback": {"method": "kto", "every": 2}}),
+                           state(name, "failed")) for name in ("dead1", "dead2")}
+            await trigger.due(dead)
+            return [s.id for s in await trigger.due({**dead, "victim": (spec_of(), state("victim", "succeeded"))})]
+        finally:
+            await client.close()
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    assert asyncio.run(passes()) == ["victim"]
+
+
+def test_class4_ratings_no_run_can_read_count_toward_every(db, server_uri):
+    """A user expects `feedback: {every: 4}` to start a run once 4 ratings it can train on were written: 2 good
+    ones and 2 of a shape every run skips (an unknown field) start it now, on 2 examples."""
+    rated(db, "victim", "good", {"rating": 1})
+    rated(db, "victim", "bad", {"rating": -1})
+    rated(db, "victim", "junk 1", {"rating": 1, "junk": True})
+    rated(db, "victim", "junk 2", {"rating": -1, "better": 7})
+    assert due(server_uri, db, spec_of(every=4)) == []
+
+
+def test_class1_a_raters_request_id_nested_deep_makes_the_models_document_unreadable(module_samples, module_daemon,
+                                                                                     tiny_model_path, limits):
+    """A user expects ratings others write to never break their model: a rated request whose `_id` is a document 98
+    levels deep (MongoDB stores it: 100 is its limit) is copied into the feedback run's entry as `first`, and the
+    model's document then nests deeper than the daemon reads it (`runs`): seen here, its requests then fail
+    `model_unavailable` and its next run fails `invalid_document`, field `runs`."""
+    db = module_samples
+    db[defaults.MODELS].insert_one(model("deep_id", tiny_model_path, feedback={"method": "kto", "every": 3}))
+    first = wait_for(db[defaults.MODELS], "deep_id", finished, timeout_s=600)
+    assert first["status"] == "succeeded", first.get("error")
+    # A rating whose id is not plain is never counted or read, so three honest ones start the run.
+    rated(db, "deep_id", "deep", {"rating": 1}, _id=nested_document(98))
+    for n, rating in enumerate([1, -1, 1]):
+        rated(db, "deep_id", f"honest {n}", {"rating": rating})
+    done = wait_for(db[defaults.MODELS], "deep_id", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    parse_model(done, limits)  # what every daemon does with the model document (its model root allowed)
+
+
+def test_class4_a_feedback_filter_the_server_refuses_is_never_told_to_its_writer(module_db, module_daemon):
+    """A user expects a `feedback.filter` the server refuses to be named to them, as a refused `data.filter` of
+    `retrain` is (the model's `warnings`): today the daemon only logs it, and the model waits for ratings forever."""
+    db = module_db
+    for name, query in (("silent", {"input": {"$regex": "("}}), ("zz_control", {"input": {"$exists": True}})):
+        db[defaults.MODELS].insert_one({**BASE, "_id": name, "status": "succeeded", "run": 1,
+                                        "feedback": {"method": "kto", "every": 1, "filter": query}})
+        rated(db, name, "hello", {"rating": 1})
+    # The pass takes models in the order first seen, by id: once the control's rating is stamped, "silent" was tried.
+    wait_for(db[defaults.REQUESTS], db[defaults.REQUESTS].find_one({"model": "zz_control"})["_id"],
+             lambda d: d.get("feedback_run") == 1, timeout_s=60)
+    warnings = db[defaults.MODELS].find_one({"_id": "silent"}).get("warnings") or []
+    assert any("feedback.filter" in w for w in warnings), warnings
+
+
+# Chat templates that refuse roles out of turn, as Llama 2's, Mistral's and Gemma's do.
+STRICT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.index0 > 0 and message['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def strict_model(tiny_model_path: str) -> str:
+    """The tiny model with a chat template that refuses two turns of one role in a row."""
+    folder = Path(tiny_model_path).parent / "strict_tiny"
+    if not folder.exists():
+        shutil.copytree(tiny_model_path, folder)
+        config = folder / "tokenizer_config.json"
+        settings = json.loads(config.read_text())
+        settings["chat_template"] = STRICT_TEMPLATE
+        config.write_text(json.dumps(settings))
+        (folder / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    return str(folder)
+
+
+def test_class2_one_raters_chat_out_of_turn_fails_the_models_feedback_run(module_samples, module_daemon,
+                                                                          tiny_model_path):
+    """A user expects a rating whose chat the model's template refuses (two user turns in a row) to be skipped and
+    counted like any rating of a wrong shape, and the run to train on the others: it fails the whole run."""
+    db = module_samples
+    db[defaults.MODELS].insert_one(model("strict", strict_model(tiny_model_path),
+                                         feedback={"method": "kto", "every": 5}))
+    first = wait_for(db[defaults.MODELS], "strict", finished, timeout_s=600)
+    assert first["status"] == "succeeded", first.get("error")
+    for n, rating in enumerate([1, -1, 1, -1]):
+        rated(db, "strict", f"honest {n}", {"rating": rating})
+    rated(db, "strict", [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}], {"rating": 1})
+    done = wait_for(db[defaults.MODELS], "strict", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+
+
+# --- attack findings fixed by a feedback run that ends nothing_to_train and by the guard on the model's data ---
+
+def assert_waits(db, name: str, document: dict, unusable: list) -> None:
+    """`document` (a model with `feedback: {method: kto, every: 2}`) trained, then rated with `unusable` inputs
+    only: its feedback run waits, or ends `nothing_to_train`, and the model serves on, never failed. A second model like it, rated with usable text and counted after it in each
+    pass, shows that a pass went by."""
+    control = f"{name}_zz"
+    for doc_id in (name, control):
+        db[defaults.MODELS].insert_one({**document, "_id": doc_id})
+    for doc_id in (name, control):
+        first = wait_for(db[defaults.MODELS], doc_id, finished, timeout_s=600)
+        assert first["status"] == "succeeded", first.get("error")
+    for prompt, rating in zip(unusable, [1, -1]):
+        rated(db, name, prompt, {"rating": rating})
+    for n, rating in enumerate([1, -1]):
+        rated(db, control, f"short {n}", {"rating": rating})
+    wait_for(db[defaults.MODELS], control, lambda d: d.get("run") == 2 or d.get("status") != "succeeded",
+             timeout_s=120)
+    after = db[defaults.MODELS].find_one({"_id": name})
+    if after["run"] != 1:  # it started (the daemon cannot tell which rows the tokenizer will drop): it trained nothing
+        after = wait_for(db[defaults.MODELS], name, lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+        assert after["runs"][-1].get("outcome") == "nothing_to_train", after["runs"][-1]
+    assert after["status"] == "succeeded" and "error" not in after, after.get("error")
+    assert after["best_checkpoint"]["run"] == 1, "what served serves on"
+
+
+FEEDBACK = {"feedback": {"method": "kto", "every": 2}}
+
+
+def test_class2_two_ratings_of_prompts_longer_than_max_length_fail_the_model(module_samples, module_daemon,
+                                                                         tiny_model_path):
+    """A user expects a feedback run to fail nothing when every rated answer it reads has a prompt that fills
+    `trainer.max_length` (trl drops such rows): two such ratings, within the input caps, started the run and failed
+    the model, which then took no feedback run until its owner set it back to pending."""
+    assert_waits(module_samples, "long", model("long", tiny_model_path, **FEEDBACK),
+                 [f"{n} " + "ahoy matey " * 200 for n in range(2)])
+
+
+def test_class2_two_chat_ratings_fail_a_base_model_without_a_chat_template(module_samples, module_daemon,
+                                                                          tiny_model_path):
+    """A user expects a feedback run to fail nothing for ratings it cannot use: on a base model (no chat template) the
+    daemon's check counts chat ratings as usable, the run then skips them all, and the model ended `failed` naming
+    `feedback` after two ratings written as chat, as any driver may write a request's input."""
+    base_only = {**model("base_only", templateless_model(tiny_model_path), **FEEDBACK),
+                 "data": {"collection": "pirate_text", "key": "text"}}
+    assert_waits(module_samples, "base_only", base_only,
+                 [[{"role": "user", "content": f"ahoy {n}"}] for n in range(2)])
+
+
+def templateless_model(tiny_model_path: str) -> str:
+    """The tiny model as a base model is: no chat template."""
+    folder = Path(tiny_model_path).parent / "templateless_tiny"
+    if not folder.exists():
+        shutil.copytree(tiny_model_path, folder)
+        config = folder / "tokenizer_config.json"
+        settings = json.loads(config.read_text())
+        settings.pop("chat_template", None)
+        config.write_text(json.dumps(settings))
+        (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return str(folder)
+
+
+def test_class1_a_feedback_runs_forgetting_guard_measures_only_the_raters_answers(module_samples, module_daemon,
+                                                                                tiny_model_path):
+    """A user expects the gate's forgetting guard to measure "the SFT eval loss on the model's own held-out documents
+    so that a preference run cannot quietly forget what it knew" (issue 25): for a feedback run on an SFT model it
+    scores only the held-out ratings' own answers, which the raters wrote and the run just trained toward, never
+    the model's held-out documents (20 of `pirate_chat`'s), so raters choose both the lesson and the exam."""
+    db = module_samples
+    db[defaults.MODELS].insert_one(model("guarded", tiny_model_path, feedback={"method": "kto", "every": 12}))
+    first = wait_for(db[defaults.MODELS], "guarded", finished, timeout_s=600)
+    assert first["status"] == "succeeded", first.get("error")
+    for n in range(12):
+        rated(db, "guarded", f"question {n}", {"rating": 1}, output=f"zz qq zz qq {n}")
+    done = wait_for(db[defaults.MODELS], "guarded", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert done["status"] == "succeeded", done.get("error")
+    gate = done["runs"][-1]["promotion"]
+    own_held_out = db["pirate_chat"].count_documents({"_fold": "valid"})
+    assert gate.get("documents", 0) >= own_held_out, gate

@@ -153,3 +153,14 @@ def test_the_gate_gives_trls_own_rewards_for_an_adapter_against_the_base(tiny_mo
     else:  # KTO logs the mean reward of each label
         assert scored["reward_margin"] == pytest.approx(
             evaluated["eval_rewards/chosen"] - evaluated["eval_rewards/rejected"], rel=1e-4)
+
+
+def test_class1_the_forgetting_guard_of_a_kto_gate_is_skipped_in_silence_when_no_held_out_answer_is_desirable():
+    """A user expects a preference run never to "quietly forget" (issue 25): with no desirable example in a KTO
+    run's held-out fold (for a feedback run, raters decide the labels: rate every answer -1) the guard's eval_loss is
+    None and the candidate is promoted on its preference score alone, the reason not saying that the guard never
+    measured anything."""
+    promoted, reason = decide_preferences(
+        "preference_accuracy", 0, 0.05, {"preference_accuracy": 1.0, "eval_loss": None},
+        {"preference_accuracy": 0.0, "eval_loss": 2.0})
+    assert not promoted and "measured no eval_loss" in reason, reason

@@ -50,10 +50,42 @@ def test_node_1s_part_of_a_checkpoint_reaches_rank_0s_folder(tmp_path):
                                   "/etc/passwd", "global_step3/sub/zero_pp_rank_1_mp_rank_00_optim_states.pt"])
 def test_a_node_sends_only_names_a_resume_archive_holds(name):
     with pytest.raises(checkpoints.CheckpointRefused, match="rank 1"):
-        shards._manifest(json.dumps([["rng_state_1.pth", 6], [name, 1]]).encode(), 1, Limits())
+        shards._manifest(json.dumps([["rng_state_1.pth", 6], [name, 1]]).encode(), 1, Limits(), 2**20)
 
 
 def test_a_nodes_part_stays_within_the_operators_cap():
     with pytest.raises(checkpoints.LimitExceeded, match="MONGOTUNE_MAX_CHECKPOINT_BYTES"):
-        shards._manifest(json.dumps([[SHARD, 2**21]]).encode(), 1, Limits(max_checkpoint_bytes=2**20))
-    assert shards._manifest(json.dumps([[SHARD, 5]]).encode(), 1, Limits()) == [(SHARD, 5)]
+        shards._manifest(json.dumps([[SHARD, 2**21]]).encode(), 1, Limits(max_checkpoint_bytes=2**20), 2**20)
+    assert shards._manifest(json.dumps([[SHARD, 5]]).encode(), 1, Limits(), 5) == [(SHARD, 5)]
+
+
+CAP = 2**20  # the operator's MONGOTUNE_MAX_CHECKPOINT_BYTES in the test below
+
+
+def _node_rank(rank: int, port: int, folders: list[str]) -> None:
+    """One rank of a job of three nodes of one rank each, saving at step 3, under a 1 MiB checkpoint cap."""
+    import torch.distributed as dist
+
+    os.environ.update(GROUP_RANK=str(rank), LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    try:
+        shards.collect(folders[rank], Limits(max_checkpoint_bytes=CAP))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_class3_node_0_takes_each_other_nodes_part_up_to_the_whole_cap_so_n_nodes_write_n_times_it(tmp_path):
+    """An operator expects `MONGOTUNE_MAX_CHECKPOINT_BYTES` to bound what one checkpoint puts on node 0's disk: each
+    node's part is checked against the whole cap on its own, so a document's `num_nodes: 8` lets 7 parts of almost
+    the cap each be written there before the upload refuses the sum."""
+    folders = [tmp_path / f"node{n}" for n in range(3)]
+    for n, folder in enumerate(folders):
+        (folder / "global_step3").mkdir(parents=True)
+        if n:
+            (folder / f"global_step3/zero_pp_rank_{n}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(CAP * 3 // 4))
+    try:
+        mp.spawn(_node_rank, args=(free_port(), [str(f) for f in folders]), nprocs=3)
+    except mp.ProcessRaisedException:
+        pass  # rank 0 refusing what passes the cap is what is expected
+    received = sum(p.stat().st_size for p in folders[0].rglob("*") if p.is_file())
+    assert received <= CAP, f"{received:,} bytes on node 0 under a cap of {CAP:,}"

@@ -3,19 +3,23 @@
 A driver writes `feedback: {rating, better}` on a done request; the listener never writes it. A feedback
 run reads this model's done requests with a rating, those `feedback.filter` selects (always within this
 model's own: the filter is ANDed, so it can only narrow), newest first, at most the operator's
-`max_feedback_rows`. Each request's `feedback` is parsed here (`config.parse_feedback`); a wrong shape is
-skipped and counted, never an error. `kto`: prompt = the request's `input`, completion = its `output`,
-label = rating > 0 (0 is neutral: skipped). `dpo`: an answer with `better` is a pair (better over the
-answer), and two answers to the same prompt rated one above 0 and one below make a pair, each answer in
-at most one such pair. The rows then go through `training.preferences` like a collection's documents. Ratings too
-few to train on when the run reads them (rewritten or deleted since a daemon counted them) end the run without
-training (`NothingToTrain`), never the model: whoever writes `_requests` must not be able to fail it.
+`max_feedback_rows`, of a shape a run uses (`usable`: the server checks it, so that nothing else is counted or
+read). Each request's `feedback` is parsed here (`config.parse_feedback`); what still fails (a chat too long in
+all, one the chat template refuses) is skipped and counted, never an error. `kto`: prompt = the request's
+`input`, completion = its `output`, label = rating > 0 (0 is neutral: skipped). `dpo`: an answer with
+`better` is a pair (better over the answer), and two answers to the same prompt rated one above 0 and one below
+make a pair, each answer in at most one such pair. The rows then go through `training.preferences` like a
+collection's documents. Ratings too few to train on when the run reads them (rewritten or deleted since a daemon
+counted them) end the run without training (`NothingToTrain`), never the model: whoever writes `_requests` must not
+be able to fail it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from typing import TYPE_CHECKING
+
+from bson import ObjectId
 
 from training import defaults, ids, preferences
 from training.config import DPO, KTO, ModelSpec, parse_feedback
@@ -28,6 +32,10 @@ if TYPE_CHECKING:
 # Any number in [-1, 1] (NaN is none): what a count and a read select; the run parses each one exactly.
 RATED = {"$type": "number", "$gte": -1, "$lte": 1}
 FIELDS = {"_id": 1, "input": 1, "output": 1, "feedback": 1, "completed_at": 1}  # all a run reads of a request
+MAX_ID_CHARS = 250  # a string request id a run reads and names in its entry: 4 bytes a character stay under 1 KiB
+ID_TYPES = (str, int, float, ObjectId)  # the plain ids (`ID_SCHEMA`): no document or array nests in a run's entry
+ID_SCHEMA = {"bsonType": ["objectId", "string", "int", "long", "double"], "maxLength": MAX_ID_CHARS}
+ROLE_CHARS = 64  # a message's role: a word the chat template knows
 NEWEST_FIRST = [("completed_at", -1), ("_id", -1)]
 # The request fields each method's rows are built from, in `config.KEYS` order.
 KEYS = {KTO: ["input", "output", "rating"], DPO: ["input", "chosen", "rejected"]}
@@ -39,30 +47,49 @@ def run_spec(spec: ModelSpec, document: dict) -> ModelSpec:
     return spec.model_copy(update={"method": spec.feedback.method}) if from_feedback(document, spec) else spec
 
 
-def _own(spec: ModelSpec) -> dict:
-    """This model's done requests with a rating and a text answer."""
+def usable(limits: Limits) -> dict:
+    """The shape of a request a run can use, checked by the server (`$jsonSchema`) so that nothing else is counted,
+    stamped or read: a plain `_id`; `feedback` holding a number `rating` and at most a text `better`; an `input` of
+    text or of at most `max_messages` messages `{role, content}`, texts within `max_input_chars` (a chat's sum is
+    checked as it is read, `too_long`); a text `output`."""
+    text = {"bsonType": "string", "maxLength": limits.max_input_chars}
+    message = {"bsonType": "object", "required": ["role", "content"], "additionalProperties": False,
+               "properties": {"role": {"bsonType": "string", "maxLength": ROLE_CHARS}, "content": text}}
+    return {"$jsonSchema": {"required": ["input", "output", "feedback"], "properties": {
+        "_id": ID_SCHEMA, "output": text,
+        "input": {"bsonType": ["string", "array"], "maxLength": limits.max_input_chars,
+                  "maxItems": limits.max_messages, "items": message},
+        "feedback": {"bsonType": "object", "required": ["rating"], "additionalProperties": False,
+                     "properties": {"rating": {"bsonType": ["int", "long", "double", "decimal"]}, "better": text}}}}}
+
+
+def _own(spec: ModelSpec, limits: Limits) -> dict:
+    """This model's done requests with a rating, of a shape a run uses (`usable`)."""
     return {"model": ids.eq(spec.id), "status": defaults.Status.DONE.value, "feedback.rating": RATED,
-            "output": {"$type": "string"}}
+            "output": {"$type": "string"}, **usable(limits)}
 
 
-def selection(spec: ModelSpec) -> dict:
+def selection(spec: ModelSpec, limits: Limits) -> dict:
     """This model's rated answers, narrowed by `feedback.filter` (ANDed: it can only narrow)."""
-    return {"$and": [_own(spec), spec.feedback.filter]} if spec.feedback.filter else _own(spec)
+    own = _own(spec, limits)
+    return {"$and": [own, spec.feedback.filter]} if spec.feedback.filter else own
 
 
 UNSTAMPED = {"feedback_run": {"$exists": False}}
 PASSED_OVER = 0  # the stamp of a rating `feedback.filter` does not select: looked at once, never counted
 
 
-def uncounted(spec: ModelSpec) -> dict:
+def uncounted(spec: ModelSpec, limits: Limits) -> dict:
     """The rated answers no daemon has counted toward a run yet (`listener.feedback`)."""
-    return {"$and": [selection(spec), UNSTAMPED]}
+    return {"$and": [selection(spec, limits), UNSTAMPED]}
 
 
-def filtered_out(spec: ModelSpec) -> dict | None:
+def filtered_out(spec: ModelSpec, limits: Limits) -> dict | None:
     """The rated answers not counted yet that `feedback.filter` does not select (None without a filter): stamped
     `PASSED_OVER`, so that each pass looks at new ratings only, however many the filter leaves out."""
-    return {"$and": [_own(spec), UNSTAMPED, {"$nor": [spec.feedback.filter]}]} if spec.feedback.filter else None
+    if not spec.feedback.filter:
+        return None
+    return {"$and": [_own(spec, limits), UNSTAMPED, {"$nor": [spec.feedback.filter]}]}
 
 
 def _source(doc: dict, **parts) -> dict:
@@ -84,26 +111,36 @@ def _pairs(rated: list[tuple[dict, object]]) -> list[dict]:
     return pairs
 
 
-TOO_LONG = "input, output or feedback.better longer than an input may be"
+UNUSABLE = "input, output, feedback or _id of a shape or length a run does not use"
 
 
-def _chars(value) -> int:
-    """The characters of a text, or of a list's messages' contents (anything else in it counts one)."""
+def _message(value) -> bool:
+    return (isinstance(value, dict) and value.keys() == {"role", "content"} and isinstance(value["role"], str)
+            and len(value["role"]) <= ROLE_CHARS and isinstance(value["content"], str))
+
+
+def _chars(value) -> int | None:
+    """The characters of a text, or of a chat's contents; None for anything else."""
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, list):
-        return sum(len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), str) else 1
-                   for m in value)
-    return 0
+    if isinstance(value, list) and all(map(_message, value)):
+        return sum(len(m["content"]) for m in value)
+    return None
 
 
 def too_long(doc: dict, limits: Limits) -> bool:
-    """Whether a request's texts pass the input bounds (`max_input_chars`, `max_messages`): anyone may insert a
-    "done" request, and what a run or a daemon's check keeps of it stays within the operator's caps."""
-    better = doc.get("feedback", {}).get("better") if isinstance(doc.get("feedback"), dict) else None
-    texts = (doc.get("input"), doc.get("output"), better)
-    return (any(_chars(text) > limits.max_input_chars for text in texts)
-            or (isinstance(doc.get("input"), list) and len(doc["input"]) > limits.max_messages))
+    """Whether a request is of no shape `usable` selects, or longer than the input bounds (`max_input_chars` for a
+    chat's messages together, `max_messages`): the server checks the shape, and this what it cannot (a sum) for
+    what a run or a daemon's check keeps, so that it stays within the operator's caps whatever anyone inserted."""
+    rating = doc.get("feedback")
+    if not (isinstance(rating, dict) and rating.keys() <= {"rating", "better"}
+            and isinstance(rating.get("better", ""), str) and isinstance(doc.get("output"), str)):
+        return True
+    if not (isinstance(doc.get("_id"), ID_TYPES) and len(str(doc["_id"])) <= MAX_ID_CHARS):
+        return True
+    chars = [_chars(doc.get("input")), len(doc["output"]), len(rating.get("better", ""))]
+    return (None in chars or max(chars) > limits.max_input_chars
+            or (isinstance(doc["input"], list) and len(doc["input"]) > limits.max_messages))
 
 
 def sources(requests: list[dict], method: str, limits: Limits) -> tuple[list[dict], Counter]:
@@ -111,7 +148,7 @@ def sources(requests: list[dict], method: str, limits: Limits) -> tuple[list[dic
     rated, reasons = [], Counter()
     for doc in requests:
         if too_long(doc, limits):
-            reasons[TOO_LONG] += 1
+            reasons[UNUSABLE] += 1
             continue
         try:
             rated.append((doc, parse_feedback(doc.get("feedback"), limits)))
@@ -146,7 +183,7 @@ def enough(requests: list[dict], spec: ModelSpec, limits: Limits) -> bool:
 
 def rated_requests(db, spec: ModelSpec, limits: Limits) -> list[dict]:
     """The rated requests a feedback run reads, newest first, at most the operator's cap."""
-    return list(db[defaults.REQUESTS].find(selection(spec), FIELDS, sort=NEWEST_FIRST,
+    return list(db[defaults.REQUESTS].find(selection(spec, limits), FIELDS, sort=NEWEST_FIRST,
                                            limit=limits.max_feedback_rows))
 
 
@@ -160,14 +197,43 @@ class NothingToTrain(Exception):
         self.read = read
 
 
+REFUSED = "chat the model's chat template refuses"
+
+
+def rendered(rows: list[dict], tokenizer, reasons: Counter) -> list[dict]:
+    """The rows (all of one shape, `preferences.one_shape`) the model's chat template renders, as the trainer will
+    (the prompt for generation, and with each answer); one it refuses (two user turns in a row, for a template that
+    raises on them) is skipped and counted in `reasons`: a rater's chat fails that row, never the run."""
+    from jinja2.exceptions import TemplateError
+
+    if not any(isinstance(value, list) for row in rows for value in row.values()):
+        return rows
+    kept = []
+    for row in rows:
+        try:
+            tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            for answer in ("completion", "chosen", "rejected"):
+                if answer in row:
+                    tokenizer.apply_chat_template(row["prompt"] + row[answer], tokenize=False)
+            kept.append(row)
+        except TemplateError:
+            reasons[REFUSED] += 1
+    return kept
+
+
 def read_datasets(db, spec: ModelSpec, limits: Limits, tokenizer) -> tuple[Dataset, Dataset | None, dict]:
     """A feedback run's train and valid datasets, and what it read for the run's entry (`feedback`); NothingToTrain
     when the rows are too few to train on."""
     requests = rated_requests(db, spec, limits)
     method = spec.feedback.method
     train, valid, usable, reasons = folds(requests, spec, limits, chat=bool(tokenizer().chat_template))
-    read = {"method": method, "collection": defaults.REQUESTS, "filter": selection(spec), "order": "newest first",
-            "requests": len(requests), "first": requests[0].get("_id") if requests else None,
+    if tokenizer().chat_template:
+        rows, cut_at = preferences.one_shape(train + valid), len(train)
+        train, valid = rendered(rows[:cut_at], tokenizer(), reasons), rendered(rows[cut_at:], tokenizer(), reasons)
+        usable -= len(rows) - len(train) - len(valid)
+    read = {"method": method, "collection": defaults.REQUESTS, "filter": selection(spec, limits),
+            "order": "newest first", "requests": len(requests),
+            "first": requests[0].get("_id") if requests else None,
             "last": requests[-1].get("_id") if requests else None, "ids_sha256": ids_sha256(requests),
             "skipped": preferences.skipped(reasons), "pairs" if method == DPO else "examples": usable}
     if len(train) < preferences.MIN_ROWS:

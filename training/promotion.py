@@ -227,10 +227,15 @@ def judge(db, spec: ModelSpec, new: dict, serving: dict | None, held, work: Path
 
 
 def decide_preferences(metric: str, min_delta: float, max_rise: float, new: dict, serving: dict) -> tuple[bool, str]:
-    """`decide` on the metric, then the forgetting guard: a candidate that forgot is kept however it ranks."""
+    """`decide` on the metric, then the forgetting guard: a candidate that forgot is kept however it ranks, and so is
+    one the guard could not measure (no held-out answer to score): raters decide a feedback run's labels, and rating
+    every answer bad would otherwise promote on the preference score alone."""
     promoted, reason = decide(metric, min_delta, new[metric], serving[metric], unknown=(
         "the held-out rows lack the answers it needs: one of each label for reward_margin, a chosen or desirable one "
         "for the SFT scores"))
+    if promoted and (new["eval_loss"] is None or serving["eval_loss"] is None):
+        return False, (f"{reason}; but the forgetting guard measured no eval_loss (no chosen or desirable held-out "
+                       "answer to score): kept")
     forgetting_reason = forgot(max_rise, new["eval_loss"], serving["eval_loss"])
     if promoted and forgetting_reason:
         return False, f"{reason}; but {forgetting_reason}: kept"

@@ -56,8 +56,9 @@ def collect(folder: Path, limits: Limits) -> None:
     node, per_node = _node()
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
+        room = limits.max_checkpoint_bytes - sum(p.stat().st_size for p in checkpoints.archived(Path(folder)))
         for sender in range(per_node, world, per_node):
-            _receive(Path(folder), sender, group, limits)
+            room -= _receive(Path(folder), sender, group, limits, room)
     elif node > 0 and rank == node * per_node:
         _send(Path(folder), group)
 
@@ -76,21 +77,25 @@ def _send(folder: Path, group) -> None:
                 dist.send(torch.frombuffer(bytearray(chunk), dtype=torch.uint8), 0, group=group)
 
 
-def _manifest(raw: bytes, sender: int, limits: Limits) -> list[tuple[str, int]]:
-    """The names and sizes a node sends, each name one a resume archive takes, all within the cap."""
+def _manifest(raw: bytes, sender: int, limits: Limits, room: int) -> list[tuple[str, int]]:
+    """The names and sizes a node sends, each name one a resume archive takes, all within `room`: what the cap leaves
+    after node 0's own part and the nodes' received before (each part alone within the cap would let N nodes put
+    N times it on node 0's disk)."""
     entries = json.loads(raw)
     if not isinstance(entries, list) or not all(
             isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int) and e[1] >= 0
             and checkpoints.KINDS["resume"].fullmatch(e[0]) for e in entries):
         raise checkpoints.CheckpointRefused(f"rank {sender} sent a checkpoint manifest of names no archive holds")
     total = sum(size for _, size in entries)
-    if total > limits.max_checkpoint_bytes:
+    if total > room:
         raise checkpoints.LimitExceeded("trainer.save_total_limit", limits.refusal(
-            "max_checkpoint_bytes", f"node part of {total} bytes"))
+            "max_checkpoint_bytes", f"node part of {total} bytes beside {limits.max_checkpoint_bytes - room} "
+                                    "on node 0"))
     return [(name, size) for name, size in entries]
 
 
-def _receive(folder: Path, sender: int, group, limits: Limits) -> None:
+def _receive(folder: Path, sender: int, group, limits: Limits, room: int) -> int:
+    """Receive one node's part within `room` bytes; the bytes it wrote."""
     import torch
     import torch.distributed as dist
 
@@ -100,13 +105,16 @@ def _receive(folder: Path, sender: int, group, limits: Limits) -> None:
         raise checkpoints.CheckpointRefused(f"rank {sender} announced a checkpoint manifest of {int(length)} bytes")
     raw = torch.empty(int(length), dtype=torch.uint8)
     dist.recv(raw, sender, group=group)
-    for name, size in _manifest(raw.numpy().tobytes(), sender, limits):
+    written = 0
+    for name, size in _manifest(raw.numpy().tobytes(), sender, limits, room):
         target = folder / name
         keep = not target.exists()  # node 0's own copy of a file every node writes is the one stored
         if keep:
             target.parent.mkdir(exist_ok=True)  # a tag folder: one component the allowlist matched
+            written += size
         with open(target, "wb") if keep else open(os.devnull, "wb") as out:
             for start in range(0, size, CHUNK):
                 chunk = torch.empty(min(CHUNK, size - start), dtype=torch.uint8)
                 dist.recv(chunk, sender, group=group)
                 out.write(chunk.numpy().tobytes())
+    return written

@@ -28,7 +28,8 @@ def feedback(uri, db, model, request_id, good, better):
     """Rate MODEL's answer to REQUEST_ID: sets the request's `feedback`, as any driver may once it is done.
 
     With `feedback: {method, every}` on the model, every N ratings start a preference run on them.
-    REQUEST_ID is an ObjectId's hex, else an integer, else the text as it is.
+    REQUEST_ID is an ObjectId's hex, an integer or the text as it is: the one request that matches; where
+    several do (an id of each type), none is rated.
 
     \b
     Example:
@@ -42,10 +43,15 @@ def feedback(uri, db, model, request_id, good, better):
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--better") from None
     requests = open_database(uri, db)[defaults.REQUESTS]
-    found = next((doc for rid in request_ids(request_id)
-                  if (doc := requests.find_one({"_id": ids.eq(rid)}, {"model": 1, "status": 1}))), None)
-    if found is None:
+    matches = [doc for rid in request_ids(request_id)
+               if (doc := requests.find_one({"_id": ids.eq(rid)}, {"model": 1, "status": 1}))]
+    if not matches:
         raise click.ClickException(f"no request with _id {request_id!r} in {requests.database.name}.{requests.name}")
+    if len(matches) > 1:  # anyone may insert a look-alike: never rate a request the user did not mean
+        kinds = ", ".join(type(doc["_id"]).__name__ for doc in matches)
+        raise click.ClickException(f"{len(matches)} requests have an _id that reads {request_id!r} ({kinds}): "
+                                   "rate it with a driver, by the exact _id")
+    [found] = matches
     if ids.key(found.get("model")) != ids.key(model):
         raise click.ClickException(f"request {request_id!r} is for another model, not {model!r}")
     if found.get("status") != defaults.Status.DONE.value:
