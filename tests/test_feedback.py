@@ -539,17 +539,26 @@ STRICT_TEMPLATE = (
 )
 
 
-def strict_model(tiny_model_path: str) -> str:
-    """The tiny model with a chat template that refuses two turns of one role in a row."""
-    folder = Path(tiny_model_path).parent / "strict_tiny"
+def with_template(tiny_model_path: str, name: str, template: str | None) -> str:
+    """A copy of the tiny model with another chat template, or none (as a base model has)."""
+    folder = Path(tiny_model_path).parent / name
     if not folder.exists():
         shutil.copytree(tiny_model_path, folder)
         config = folder / "tokenizer_config.json"
         settings = json.loads(config.read_text())
-        settings["chat_template"] = STRICT_TEMPLATE
+        settings.pop("chat_template", None)
+        if template is not None:
+            settings["chat_template"] = template
+            (folder / "chat_template.jinja").write_text(template)
+        else:
+            (folder / "chat_template.jinja").unlink(missing_ok=True)
         config.write_text(json.dumps(settings))
-        (folder / "chat_template.jinja").write_text(STRICT_TEMPLATE)
     return str(folder)
+
+
+def strict_model(tiny_model_path: str) -> str:
+    """The tiny model with a chat template that refuses two turns of one role in a row."""
+    return with_template(tiny_model_path, "strict_tiny", STRICT_TEMPLATE)
 
 
 def test_class2_one_raters_chat_out_of_turn_fails_the_models_feedback_run(module_samples, module_daemon,
@@ -611,23 +620,12 @@ def test_class2_two_chat_ratings_fail_a_base_model_without_a_chat_template(modul
     """A user expects a feedback run to fail nothing for ratings it cannot use: on a base model (no chat template) the
     daemon's check counts chat ratings as usable, the run then skips them all, and the model ended `failed` naming
     `feedback` after two ratings written as chat, as any driver may write a request's input."""
-    base_only = {**model("base_only", templateless_model(tiny_model_path), **FEEDBACK),
+    base_only = {**model("base_only", with_template(tiny_model_path, "templateless_tiny", None), **FEEDBACK),
                  "data": {"collection": "pirate_text", "key": "text"}}
     assert_waits(module_samples, "base_only", base_only,
                  [[{"role": "user", "content": f"ahoy {n}"}] for n in range(2)])
 
 
-def templateless_model(tiny_model_path: str) -> str:
-    """The tiny model as a base model is: no chat template."""
-    folder = Path(tiny_model_path).parent / "templateless_tiny"
-    if not folder.exists():
-        shutil.copytree(tiny_model_path, folder)
-        config = folder / "tokenizer_config.json"
-        settings = json.loads(config.read_text())
-        settings.pop("chat_template", None)
-        config.write_text(json.dumps(settings))
-        (folder / "chat_template.jinja").unlink(missing_ok=True)
-    return str(folder)
 
 
 def test_class1_a_feedback_runs_forgetting_guard_measures_only_the_raters_answers(module_samples, module_daemon,
