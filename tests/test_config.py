@@ -204,8 +204,21 @@ def test_server_javascript_refused_anywhere_in_the_filter(filter_):
     assert "JavaScript" in error.message
 
 
+@pytest.mark.parametrize("filter_", [{"$ne": None}, {"$gt": ""}, {"$or": [{"a": 1}, {"$exists": True}]},
+                                     {"$nor": [{"$and": [{"$in": [1]}]}]}])
+def test_a_field_operator_at_the_top_of_a_filter_is_refused_at_the_parse(filter_):
+    """Every server refuses `{$ne: null}` as a query at each read: a collection request retried it until it failed
+    as too many attempts; the parse names the field instead, wherever a document gives a filter."""
+    assert refused(parse_model, model_doc(data={"collection": "c", "filter": filter_})).field == "data.filter"
+    request = request_doc(collection="c", filter=filter_, input="{title}", output_field="answer")
+    error = refused(lambda d: parse_request(d, Limits(answer_collections=("*",))), request)
+    assert error.field == "filter" and "applies to a field" in error.message
+
+
 def test_plain_operators_allowed_in_the_filter():
-    filter_ = {"$and": [{"lang": {"$in": ["en", "fr"]}}, {"$or": [{"n": {"$gt": 1}}, {"where": "$where"}]}]}
+    filter_ = {"$and": [{"lang": {"$in": ["en", "fr"]}}, {"$or": [{"n": {"$gt": 1}}, {"where": "$where"}]}],
+               "$comment": "top-level operators the server takes", "$jsonSchema": {"required": ["lang"]},
+               "$sampleRate": 0.5, "$nor": [{"$text": {"$search": "x"}}]}
     assert parse_model(model_doc(data={"collection": "c", "filter": filter_})).data.filter == filter_
 
 

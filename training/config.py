@@ -100,7 +100,26 @@ def _bounded_filter(value: dict) -> dict:
         raise ValueError(f"takes {size:,} bytes as BSON, more than {MAX_FILTER_BYTES:,}: select with fewer, "
                          "shorter conditions (or mark the documents with a field and filter on it)")
     _check_filter(value)
+    _check_top_level(value)
     return value
+
+
+LOGICAL = ("$and", "$or", "$nor")  # top-level operators whose items are filters in turn
+# The other operators a filter may start with ($where and $expr are refused above).
+TOP_LEVEL_OPERATORS = {*LOGICAL, "$text", "$comment", "$jsonSchema", "$sampleRate", "$alwaysTrue", "$alwaysFalse"}
+
+
+def _check_top_level(value: dict) -> None:
+    """Refuses an operator the server takes only under a field (`{$ne: null}`), at the top of the filter or of an
+    `$and`/`$or`/`$nor` item: every server refuses such a query at each read, which would fail a job again and again
+    instead of once, at the parse, naming the field."""
+    for key, inner in value.items():
+        if isinstance(key, str) and key.startswith("$") and key not in TOP_LEVEL_OPERATORS:
+            raise ValueError(f"{key} applies to a field, not to the whole document: write {{field: {{{key}: ...}}}}")
+        if key in LOGICAL and isinstance(inner, list):
+            for item in inner:
+                if isinstance(item, dict):
+                    _check_top_level(item)
 
 
 def _check_filter(value: Any) -> None:
