@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import bson
 from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
-from pymongo.errors import CursorNotFound, OperationFailure, PyMongoError, WriteError
+from pymongo.errors import CursorNotFound, ExecutionTimeout, OperationFailure, PyMongoError, WriteError
 
 from listener import records
 from listener.serving import Serving
@@ -42,6 +42,7 @@ from listener.status import REQUEST_TRANSITIONS, Status, now, transition
 from training import defaults, ids
 from training.config import (TEMPLATE_FIELD, UNCHECKED, RequestSpec, SpecError, check_collection_type,
                              input_fields)
+from training.errors import said
 from training.inference import normalised
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,16 @@ class CollectionJob:
                 await cursor.close()
 
     async def _counts(self, base: dict, used) -> tuple[int, int, int]:
-        """How many documents match: answered already, in all, and someone else's (skipped)."""
-        total = await self.target.count_documents(base)
+        """How many documents match: answered already, in all, and someone else's (skipped). A filter the server
+        refuses (a `$regex` it cannot compile, say) fails the request naming `filter`, once: every retry would meet
+        the same refusal (an election or a shutdown is the driver's AutoReconnect, and a time limit its
+        ExecutionTimeout, both left to the reaper)."""
+        try:
+            total = await self.target.count_documents(base)
+        except ExecutionTimeout:
+            raise
+        except OperationFailure as exc:
+            raise SpecError("filter", f"the server refuses it over {self.spec.collection}: {said(exc)}") from None
         skipped = await self.target.count_documents({"$and": [base, {"$nor": [self.ours]}]})
         return total - skipped - await self.target.count_documents(self._todo(base, used)), total, skipped
 

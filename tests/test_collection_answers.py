@@ -139,6 +139,15 @@ def test_class1_an_answers_token_the_listener_never_drew_is_replaced_and_no_answ
     assert db.notes.find_one({"_id": 0})["answer"]["token"] == ended["answers_token"]
 
 
+def test_class2_a_filter_the_server_refuses_fails_the_request_once_naming_it(client, db):
+    """A `$regex` the server cannot compile passes the parse (the server's regex dialect decides): the request fails
+    at its first count naming `filter` with the server's words, not after every retry as too many attempts."""
+    db.notes.insert_one({"_id": 0, "text": "ahoy"})
+    ended = run_job(client, db, collection_request("refused", "m", "notes", filter={"text": {"$regex": "("}}))
+    assert ended["status"] == "failed" and ended["error"]["field"] == "filter", ended
+    assert "refuses" in ended["error"]["message"] and "answer" not in db.notes.find_one({"_id": 0})
+
+
 def test_class2_a_document_gone_before_its_answer_lands_ends_the_job(client, db):
     """A write that matches nothing (the document deleted while the model generated; on MongoDB also `_id`s the
     driver cannot send back as read, or a view) is skipped and counted: the job never fetches it again."""
