@@ -208,6 +208,14 @@ async def full_round(intake: Intake) -> None:
         await until(lambda: not intake._woken.is_set(), 30)
 
 
+async def idle_again(intake: Intake, task: asyncio.Task) -> asyncio.Task:
+    """The intake's loop stopped and started again, idle: `full_round` returns with its last pass maybe still going,
+    which looked for requests to warm up for before the test inserts one and would claim it in its round."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return asyncio.create_task(intake.run())
+
+
 @pytest.mark.slow  # starts a real serving worker (the fork server's imports)
 def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pending_request(server_uri, db, tmp_path):
     """`warm_first` (every daemon's intake): a pending request starts serving's real worker (`Serving.warm_up`) and
@@ -229,6 +237,7 @@ def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pend
                     await asyncio.sleep(0.02)
             await full_round(intake)
             started_for_cancelled = serving._warming is not None  # only a cancelled request was pending
+            task = await idle_again(intake, task)
             async with serving._turn:  # the worker's start waits for it
                 await adb[defaults.REQUESTS].insert_one(request("lone", "m"))
                 await full_round(intake)
@@ -269,6 +278,7 @@ def test_requests_that_can_only_fail_end_without_a_worker_and_one_for_a_model_th
                     await asyncio.sleep(0.05)
             await full_round(intake)
             warmed_for_junk = serving._warming is not None or serving._worker is not None
+            tasks[0] = await idle_again(intake, tasks[0])
             async with serving._turn:  # the worker's start waits for it: nothing is imported here
                 await adb[defaults.MODELS].insert_one({"_id": "m"})
                 await adb[defaults.REQUESTS].insert_one(request("real", "m"))
