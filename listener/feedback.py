@@ -31,7 +31,7 @@ from listener.records import ModelState, SkipLog
 from listener.status import Status
 from training import defaults, feedback, ids
 from training.config import ModelSpec
-from training.errors import cut, said
+from training.errors import briefly
 from training.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ async def make_index(db) -> None:
         await db[defaults.REQUESTS].create_index([("model", 1), ("feedback_run", 1), ("feedback.rating", 1)],
                                                  name=INDEX)
     except OperationFailure as exc:
-        log.warning("could not index %s for feedback counts (%s)", defaults.REQUESTS, cut(said(exc), 300))
+        log.warning("could not index %s for feedback counts (%s)", defaults.REQUESTS, briefly(exc))
 
 
 class FeedbackTrigger:
@@ -97,14 +97,8 @@ class FeedbackTrigger:
         except ExecutionTimeout:
             return
         except OperationFailure as exc:
-            if self.skipped.first("feedback filter", spec.id):
-                warning = f"not counting feedback: the server refuses feedback.filter ({cut(said(exc), 300)})"
-                log.warning("%s: %.200r", warning, spec.id)
-                try:
-                    await self.db[defaults.MODELS].update_one({"_id": ids.eq(spec.id)},
-                                                              {"$addToSet": {"warnings": warning}})
-                except OperationFailure as refused:  # `warnings` is not an array, or the model is too large
-                    log.warning("cannot add a warning to %.200r (%s)", spec.id, refused)
+            await self.skipped.warn(self.db[defaults.MODELS], "feedback filter", spec.id,
+                                    f"not counting feedback: the server refuses feedback.filter ({briefly(exc)})")
 
     async def _stamp(self, query: dict, stamp: int) -> None:
         """Stamp at most `max_feedback_rows` of the requests `query` selects, each by its `_id` (found in the index's

@@ -262,3 +262,14 @@ class SkipLog:
     def skip(self, where: str, doc_id, reason: Exception) -> None:
         if self.first(where, doc_id):
             log.warning("skipping %s %.200r: %.300s", where, doc_id, reason)
+
+    async def warn(self, models, where: str, model_id, warning: str) -> None:
+        """Tell a model's writer, once (per `where`), in its `warnings` and the log, what the daemon will not do for
+        it."""
+        if not self.first(where, model_id):
+            return
+        log.warning("%s: %.200r", warning, model_id)
+        try:
+            await models.update_one({"_id": ids.eq(model_id)}, {"$addToSet": {"warnings": warning}})
+        except OperationFailure as exc:  # `warnings` is not an array, or the model is too large: the log says it
+            log.warning("cannot add a warning to %.200r (%s)", model_id, exc)

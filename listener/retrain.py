@@ -54,7 +54,7 @@ from listener.streams import LOST_TOKEN_CODES
 from listener.tasks import cancel_and_wait
 from training import defaults, ids, schedule
 from training.config import LISTENER_FIELDS, ModelSpec, SpecError, check_collection_type, parse_model
-from training.errors import cut, said
+from training.errors import briefly
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +202,6 @@ def without_filters(collection: str, exc: OperationFailure) -> tuple[list[dict],
     log.warning("the server fails the data.filters of the models on %s in a change stream (%s); checking each insert "
                 "by _id instead", collection, exc.code)
     return EVERY_INSERT, True
-
-
-def briefly(exc: OperationFailure) -> str:
-    """The server's own words for a refusal, short enough for a model's `warnings`."""
-    return cut(said(exc), 300)
 
 
 class Retrainer:
@@ -418,14 +413,9 @@ class Retrainer:
         if check not in self.filter_checks:
             return None
         refusal = self.filter_checks[check]
-        if refusal is not None and self.skipped.first(f"retrain filter {check[1]}", spec.id):
-            warning = f"not counting new documents for retrain: {refusal}"
-            log.warning("%s: %.200r", warning, spec.id)
-            try:
-                await self.db[defaults.MODELS].update_one({"_id": ids.eq(spec.id)},
-                                                          {"$addToSet": {"warnings": warning}})
-            except OperationFailure as exc:  # `warnings` is not an array, or the model is too large: the log says it
-                log.warning("cannot add a warning to %.200r (%s)", spec.id, exc)
+        if refusal is not None:
+            await self.skipped.warn(self.db[defaults.MODELS], f"retrain filter {check[1]}", spec.id,
+                                    f"not counting new documents for retrain: {refusal}")
         return refusal is None
 
     async def _refusal(self, collection: str, query: dict | None) -> str | None:

@@ -28,3 +28,8 @@ def said(exc: Exception) -> str:
     if isinstance(details, dict) and details.get("errmsg"):
         return f"{details['errmsg']} (code {getattr(exc, 'code', None)})"
     return str(exc) or type(exc).__name__
+
+
+def briefly(exc: Exception) -> str:
+    """`said`, short enough for a model's `warnings` and a log line."""
+    return cut(said(exc), 300)
