@@ -1,11 +1,10 @@
 import click
 from bson import ObjectId
 
-from listener.cli.options import connection_options, model_argument, open_database
+from listener.cli.options import connection_options, model_argument, open_database, operator_settings
 from training import defaults, ids
 from training.config import parse_feedback
 from training.inert import MAX_LINE_CHARS, inert
-from training.limits import Limits
 
 
 def request_ids(text: str) -> list:
@@ -39,7 +38,7 @@ def feedback(uri, db, model, request_id, good, better):
         raise click.UsageError("say --good or --bad")
     rating = {"rating": 1 if good else -1, **({"better": better} if better is not None else {})}
     try:
-        parse_feedback(rating, Limits())
+        parse_feedback(rating, operator_settings(uri=uri, db=db).limits)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--better") from None
     requests = open_database(uri, db)[defaults.REQUESTS]
