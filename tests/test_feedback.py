@@ -127,8 +127,8 @@ def test_ratings_start_one_kto_run_across_two_daemons_and_its_adapter_then_serve
     assert run["init_from"] == {"model": "fb_kto", "run": best["run"], "step": best["step"]}  # the serving adapter,
     assert run["reference"]["model"] == "start"  # which is also the frozen reference KTO compares against
     read = run["feedback"]
-    assert read["method"] == "kto" and read["requests"] == 4 and read["examples"] == 4
-    assert {read["first"], read["last"]} <= set(ids[:4]) and len(read["ids_sha256"]) == 64
+    assert read["method"] == "kto" and read["count"] == 4 and read["examples"] == 4
+    assert {read["first_id"], read["last_id"]} <= set(ids[:4]) and len(read["ids_sha256"]) == 64
     assert read["skipped"]["count"] == 0 and run["outcome"] == "succeeded"
     assert [m for m in done["metrics"] if m.get("run") == 2 and "rewards/chosen" in m]
     shown = invoke(server_uri, db, "logs", "fb_kto")  # the feedback run's rewards, as `logs --follow` shows them live
@@ -177,7 +177,7 @@ def test_dpo_feedback_waits_for_pairs_then_trains_on_corrections_and_opposite_ra
     answered(db, "fb_dpo", "two", {"rating": -1})  # opposite to the good "two": another pair
     run = feedback_run(db, "fb_dpo")["runs"][1]
     assert run["trigger"] == "feedback" and run["method"] == "dpo"
-    assert run["feedback"]["pairs"] == 2 and run["feedback"]["requests"] == 4
+    assert run["feedback"]["pairs"] == 2 and run["feedback"]["count"] == 4
 
 
 def test_a_feedback_runs_forgetting_guard_scores_the_models_own_held_out_documents(module_samples, both_daemons,
@@ -218,7 +218,7 @@ def test_ratings_gone_by_the_time_a_run_reads_them_end_it_without_training_and_c
     done = feedback_run(db, "fb_gone")
     run = done["runs"][1]
     assert run["outcome"] == "nothing_to_train" and run["trigger"] == "feedback", run
-    assert run["feedback"]["requests"] == 1 and run["feedback"]["examples"] == 1
+    assert run["feedback"]["count"] == 1 and run["feedback"]["examples"] == 1
     assert "needs at least 2" in run["nothing_to_train"]
     assert done["best_checkpoint"] == first["best_checkpoint"] and "error" not in done and "trigger" not in done
     assert [e["run"] for e in done["events"] if e["kind"] == "nothing_to_train"] == [2]
@@ -266,7 +266,7 @@ def test_feedback_of_every_wrong_shape_is_skipped_and_counted_beside_good_feedba
     read = done["runs"][1]["feedback"]
     assert read["examples"] == 3
     # The server selects only ratings of a shape a run uses (`feedback.usable`): the rest are never read or counted.
-    assert read["requests"] == 3 and read["skipped"]["count"] == 0
+    assert read["count"] == 3 and read["skipped"]["count"] == 0
 
 
 def one_pass(server_uri, db, spec, state: dict) -> list:
@@ -430,7 +430,7 @@ def test_class3_a_raters_huge_request_id_is_copied_whole_into_the_models_run_ent
         rated(db, "victim", f"honest {n}", {"rating": rating})
     rated(db, "victim", "newest", {"rating": 1}, _id="x" * 4_000_000)
     entry = run_entry(db, spec_of())
-    sizes = {end: len(bson.encode({"_id": entry[end]})) for end in ("first", "last")}
+    sizes = {end: len(bson.encode({"_id": entry[end]})) for end in ("first_id", "last_id")}
     assert max(sizes.values()) <= MAX_REQUEST_ID_BYTES, sizes
 
 

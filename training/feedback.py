@@ -23,7 +23,7 @@ from bson import ObjectId
 
 from training import defaults, ids, preferences
 from training.config import DPO, KTO, ModelSpec, parse_feedback
-from training.lineage import from_feedback, ids_sha256
+from training.lineage import data_read, from_feedback
 from training.limits import Limits
 
 if TYPE_CHECKING:
@@ -231,11 +231,9 @@ def read_datasets(db, spec: ModelSpec, limits: Limits, tokenizer) -> tuple[Datas
         rows, cut_at = preferences.one_shape(train + valid), len(train)
         train, valid = rendered(rows[:cut_at], tokenizer(), reasons), rendered(rows[cut_at:], tokenizer(), reasons)
         usable -= len(rows) - len(train) - len(valid)
-    read = {"method": method, "collection": defaults.REQUESTS, "filter": selection(spec, limits),
-            "order": "newest first", "requests": len(requests),
-            "first": requests[0].get("_id") if requests else None,
-            "last": requests[-1].get("_id") if requests else None, "ids_sha256": ids_sha256(requests),
-            "skipped": preferences.skipped(reasons), "pairs" if method == DPO else "examples": usable}
+    read = {"method": method, **data_read(defaults.REQUESTS, selection(spec, limits), requests),
+            "order": "newest first", "skipped": preferences.skipped(reasons),
+            "pairs" if method == DPO else "examples": usable}
     if len(train) < preferences.MIN_ROWS:
         why = "; ".join(f"{n} with {reason}" for reason, n in reasons.most_common(3)) or "none skipped"
         raise NothingToTrain(f"the {len(requests)} rated answers read make {usable} usable "
