@@ -140,8 +140,7 @@ async def _node_lost(db, settings: Settings, model_id, owner: str, lost: list[in
         state = parse(ModelState, document)
     except BadRecord:  # a user overwrote its history or attempts: the run ends as one node's failure would
         return None
-    done = await requeue(models, MODEL_TRANSITIONS, state, settings.max_attempts, NODE_LOST,
-                         unset=("error",))  # the peers' broken connections are not the run's error
+    done = await requeue(models, MODEL_TRANSITIONS, state, settings.max_attempts, NODE_LOST)
     return Status.RUNNING if done is None else Status(done["status"])
 
 

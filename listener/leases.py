@@ -69,6 +69,13 @@ async def claim_model(models, state: ModelState, owner: str, lease_s: float, war
     )
 
 
+async def give_back(collection, table: dict, doc_id, owner: str) -> dict | None:
+    """Hand back, `pending`, what `owner` holds and will not finish (it stops, or cannot start it): no attempt is
+    counted, and any daemon takes it at once. None if `owner` no longer holds it."""
+    return await transition(collection, doc_id, Status.RUNNING, Status.PENDING, table,
+                            match={"lease.owner": {"$eq": owner}}, unset=("lease", "nodes"))
+
+
 async def renew(collection, doc_id, owner: str, lease_s: float, projection: dict | None = None) -> dict | None:
     """Extend a lease we hold and return the document (`projection` of it); None: it is no longer ours."""
     return await collection.find_one_and_update(
@@ -92,8 +99,7 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
     """
     reaped = 0
     expired = {"status": Status.RUNNING.value, "lease.expires_at": {"$lt": now()}}
-    fields = {**STATE_FIELDS, "nodes": 1} if state_kind is ModelState else STATE_FIELDS  # a gang (`_peers_error`)
-    for document in await read_each(collection, expired, fields, skipped, f"reap {collection.name}"):
+    for document in await read_each(collection, expired, STATE_FIELDS, skipped, f"reap {collection.name}"):
         try:
             state = parse(state_kind, document)
         except BadRecord as exc:
@@ -102,8 +108,7 @@ async def reap(collection, table: dict, state_kind, max_attempts: int, skipped: 
         if owner is not None and state.lease is not None and state.lease.owner == owner and ids.key(state.id) in held:
             continue
         try:
-            reaped += bool(await requeue(collection, table, state, max_attempts, LEASE_EXPIRED,
-                                         unset=_peers_error(state)))
+            reaped += bool(await requeue(collection, table, state, max_attempts, LEASE_EXPIRED))
         except OperationFailure as exc:
             skipped.skip(f"reap {collection.name}", state.id, exc)
     # A claim writes status and lease together, so `running` without a dated lease was written by a user.
@@ -184,16 +189,11 @@ async def fail_undecodable(collection, table: dict, document: RawBSONDocument, e
                             fields={"error": exc.as_error()}) is not None
 
 
-def _peers_error(state) -> tuple:
-    """A gang whose node 0 died: the other nodes' ranks failed on their broken connections and wrote so in `error`,
-    which is not the run's (as for a lost member: `listener.jobs`); the claim that resumes the run keeps `error`, so
-    it goes here."""
-    return ("error",) if isinstance(state, ModelState) and state.nodes else ()
-
-
-async def requeue(collection, table: dict, state, max_attempts: int, why: str, unset: tuple = ()) -> dict | None:
-    """Hand back work whose daemon (or one of its nodes) is gone, or fail it once that happened `max_attempts` times;
-    a model's gang goes with its lease (`listener.gangs`), and `unset` names more fields to clear."""
+async def requeue(collection, table: dict, state, max_attempts: int, why: str) -> dict | None:
+    """Hand back work whose daemon (or one of its nodes) is gone, or fail it once that happened `max_attempts` times.
+    A model's gang goes with its lease (`listener.gangs`), and so does an `error` its attempt's processes wrote: the
+    run is not over, and the claim that resumes it keeps `error` (a gang's other nodes write theirs when node 0 dies,
+    their connections broken)."""
     if state.lease is None:
         raise BadRecord("lease", "a running document without a lease")
     event = {"at": now(), "event": why, "owner": state.lease.owner, "attempt": state.attempts}
@@ -207,7 +207,7 @@ async def requeue(collection, table: dict, state, max_attempts: int, why: str, u
                        f"without finishing (daemons: {', '.join(str(e.get('owner')) for e in past)}); "
                        "look at those hosts' logs, then set status back to 'pending' to try again",
         }
-    cleared = ("lease", *(("nodes",) if table is MODEL_TRANSITIONS else ()), *unset)
+    cleared = ("lease", *(("nodes", "error") if table is MODEL_TRANSITIONS else ()))
     done = await transition(collection, state.id, Status.RUNNING, Status.FAILED if gave_up else Status.PENDING,
                             table, match={"lease.expires_at": state.lease.expires_at}, fields=fields,
                             unset=tuple(f for f in cleared if f not in fields),  # one update cannot set and unset it
