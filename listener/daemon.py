@@ -336,8 +336,7 @@ class Daemon:
             held = self.books[name].find({"status": Status.RUNNING.value, "lease.owner": {"$eq": self.owner}},
                                          {"_id": 1})
             async for document in held:
-                await transition(self.books[name], document["_id"], Status.RUNNING, Status.PENDING, table,
-                                 match={"lease.owner": {"$eq": self.owner}}, unset=("lease", "nodes"))
+                await leases.give_back(self.books[name], table, document["_id"], self.owner)
                 log.info("released %s %r for another daemon", name, document["_id"])
 
 

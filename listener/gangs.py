@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pymongo.errors import PyMongoError
 
 from listener.gpus import fits
-from listener.leases import claim_model, live_owners
+from listener.leases import claim_model, give_back, live_owners
 from listener.records import BadRecord, DaemonRecord, Member, ModelState, NodeRecord, parse
 from listener.settings import Settings
 from listener.status import MODEL_TRANSITIONS, Status, now, status_filter, transition
@@ -356,13 +356,13 @@ async def record_claim(listener, owner: str, key: str, run: int) -> str:
 
 async def _recorded(gang: Gang, run: int) -> str:
     """Node 0's claim of `run`, recorded (`record_claim`); where that write fails, the run is given back `pending` at
-    once (an attempt, as a stop), else it would stay `running` with no node started until its lease ran out."""
+    once, as a daemon that stops gives its work back (no attempt counted: the server's refusal is not the run's), else
+    it would stay `running` with no node started until its lease ran out."""
     try:
         return await record_claim(gang.listener, gang.owner, gang.key, run)
     except PyMongoError:
         with contextlib.suppress(PyMongoError):
-            await transition(gang.models, gang.state.id, Status.RUNNING, Status.PENDING, MODEL_TRANSITIONS,
-                             match={"lease.owner": {"$eq": gang.owner}}, unset=("lease", "nodes"))
+            await give_back(gang.models, MODEL_TRANSITIONS, gang.state.id, gang.owner)
         raise
 
 
