@@ -26,7 +26,7 @@ from listener.records import BadRecord, ModelState, Renewed, parse
 from listener.settings import ALIVE_BEATS, Settings
 from listener.status import MODEL_TRANSITIONS, Status, transition
 from training import defaults, ids, lineage
-from training.defaults import ChildExit
+from training.defaults import ORDERLY_EXITS, ChildExit
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ OUTCOMES = {
 RUN_OUTCOMES = {ChildExit.NOTHING_TO_TRAIN: lineage.NOTHING_TO_TRAIN}
 
 
-NOT_FAILURES = (ChildExit.OK, ChildExit.CANCELLED, ChildExit.STOPPED, ChildExit.LEASE_LOST)
+NOT_FAILURES = (*ORDERLY_EXITS, ChildExit.LEASE_LOST)  # a node's exit that is no lost member's doing
 
 
 def outcome(code: int, cancel_requested: bool) -> Status:

@@ -65,3 +65,8 @@ class ChildExit(IntEnum):
     ORPHANED = 6  # the daemon that started it died; the run will be resumed once its lease expires
     LEASE_LOST = 7  # another daemon holds the run now; this child stopped writing and left
     NOTHING_TO_TRAIN = 8  # a feedback run whose ratings, as read, made too few rows: nothing trained, nothing changed
+
+
+# The ends of a run that are no failure: no peer to wait for, no lost node to look for
+# (`training.ranks`, `listener.jobs`).
+ORDERLY_EXITS = (ChildExit.OK, ChildExit.CANCELLED, ChildExit.STOPPED, ChildExit.NOTHING_TO_TRAIN)

@@ -100,8 +100,7 @@ def exit_code(work: Path, code: int) -> int:
     if not is_rank():
         return code
     rank = world()[0]
-    ended = code in (defaults.ChildExit.OK, defaults.ChildExit.CANCELLED, defaults.ChildExit.STOPPED,
-                     defaults.ChildExit.NOTHING_TO_TRAIN)
+    ended = code in defaults.ORDERLY_EXITS
     if not ended:
         time.sleep(PEER_GRACE_S)
     _exit_file(work, rank).write_text(str(int(code)))
