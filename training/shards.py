@@ -23,15 +23,16 @@ MANIFEST_BYTES = 2**20  # a node's list of names and sizes: a few hundred bytes 
 _gloo = None  # the gloo group of a job on NCCL (`_group`)
 
 
-def _node() -> tuple[int, int]:
-    """This rank's node and the ranks each node runs (torchrun's GROUP_RANK and LOCAL_WORLD_SIZE)."""
-    return int(os.environ.get("GROUP_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+def _per_node() -> int:
+    """The ranks each node runs (torchrun's LOCAL_WORLD_SIZE): a node's ranks are consecutive (`ranks.launch`), so
+    each node's first rank is a multiple of it."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def several_nodes() -> bool:
     import torch.distributed as dist
 
-    return dist.get_world_size() > _node()[1]
+    return dist.get_world_size() > _per_node()
 
 
 def _group():
@@ -52,14 +53,13 @@ def collect(folder: Path, limits: Limits) -> None:
     first rank after node 0 sends its node's files, and rank 0 receives them within `limits`."""
     import torch.distributed as dist
 
-    group = _group()
-    node, per_node = _node()
+    group, per_node = _group(), _per_node()
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
         room = limits.max_checkpoint_bytes - sum(p.stat().st_size for p in checkpoints.archived(Path(folder)))
         for sender in range(per_node, world, per_node):
             room -= _receive(Path(folder), sender, group, limits, room)
-    elif node > 0 and rank == node * per_node:
+    elif rank % per_node == 0:
         _send(Path(folder), group)
 
 
@@ -67,13 +67,14 @@ def _send(folder: Path, group) -> None:
     import torch
     import torch.distributed as dist
 
-    files = checkpoints.archived(folder)
-    manifest = json.dumps([[p.relative_to(folder).as_posix(), p.stat().st_size] for p in files]).encode()
+    files = [(path, path.stat().st_size) for path in checkpoints.archived(folder)]
+    manifest = json.dumps([[path.relative_to(folder).as_posix(), size] for path, size in files]).encode()
     dist.send(torch.tensor([len(manifest)], dtype=torch.int64), 0, group=group)
     dist.send(torch.frombuffer(bytearray(manifest), dtype=torch.uint8), 0, group=group)
-    for path in files:
+    for path, size in files:  # exactly the bytes the manifest announced: rank 0 reads that many, in these chunks
         with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
+            for start in range(0, size, CHUNK):
+                chunk = f.read(min(CHUNK, size - start)).ljust(min(CHUNK, size - start), b"\0")
                 dist.send(torch.frombuffer(bytearray(chunk), dtype=torch.uint8), 0, group=group)
 
 
@@ -81,9 +82,12 @@ def _manifest(raw: bytes, sender: int, limits: Limits, room: int) -> list[tuple[
     """The names and sizes a node sends, each name one a resume archive takes, all within `room`: what the cap leaves
     after node 0's own part and the nodes' received before (each part alone within the cap would let N nodes put
     N times it on node 0's disk)."""
-    entries = json.loads(raw)
+    try:
+        entries = json.loads(raw)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        entries = None
     if not isinstance(entries, list) or not all(
-            isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int) and e[1] >= 0
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and type(e[1]) is int and e[1] >= 0
             and checkpoints.KINDS["resume"].fullmatch(e[0]) for e in entries):
         raise checkpoints.CheckpointRefused(f"rank {sender} sent a checkpoint manifest of names no archive holds")
     total = sum(size for _, size in entries)
