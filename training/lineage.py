@@ -116,12 +116,13 @@ def entry(document: dict, **recorded) -> dict:
 
 
 def begin(models, match: dict, document: dict, new_entry: dict) -> bool:
-    """Add the run's entry unless a first attempt already did (then the nodes it runs on now replace the earlier
-    attempt's: a gang resumes on whichever daemons join it); False when the fence no longer matches."""
+    """Add the run's entry unless a first attempt already did (then the host and nodes it runs on now replace the
+    earlier attempt's: any daemon resumes a run, a gang on whichever daemons join it); False when the fence no longer
+    matches."""
     runs = document.get("runs")
     if isinstance(runs, list) and any(isinstance(r, dict) and r.get("number") == document["run"] for r in runs):
-        update, filters = set_fields(document["run"], {"resumed_at": now(), **{
-            name: new_entry[name] for name in ("nodes",) if name in new_entry}})
+        update, filters = set_fields(document["run"], {"resumed_at": now(), "host": new_entry["host"],
+                                                       **({"nodes": new_entry["nodes"]} if "nodes" in new_entry else {})})
         return models.find_one_and_update(match, update, array_filters=filters) is not None
     update = {"$push": {"runs": new_entry}} if isinstance(runs, list) else {"$set": {"runs": [new_entry]}}
     return models.find_one_and_update(match, update) is not None
