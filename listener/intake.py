@@ -19,8 +19,9 @@ one each. A round costs the database the same whatever its size:
 
 So daemons that race split a burst between them instead of each wasting a claim per request, and a
 daemon whose serving is full claims nothing: it leaves the work to daemons that can answer it soon. Nor
-does a daemon whose serving worker has not started yet (`warm_first`): the first pending request it sees
-(not cancelled) starts the worker, and it claims once that runs.
+does a daemon whose serving worker has not started yet (`warm_first`): the first pending request it chooses that
+names a model that exists starts the worker, and such requests are claimed once that runs; those that can only fail
+are ended meanwhile without one.
 Finds read raw BSON and decode each document on its own, so one nested deeper than the listener reads
 (which the driver may not even decode) fails alone, by its id, before the claim. A request is parsed
 once claimed; an invalid one fails naming its field. Before the claim, only what the claim itself needs
@@ -58,7 +59,6 @@ MAX_FINDS = 4  # per round: a burst raced by other daemons, or full models to le
 # each kind is claimed against its own places in serving. A value other than a string fails once claimed.
 KINDS = {False: {"collection": {"$not": {"$type": "string"}}}, True: {"collection": {"$type": "string"}}}
 MAX_STUCK = 1_000  # pending requests the server refused to change, left out of this daemon's finds (ids <= 1 kB)
-WARM_LOOKS = 100  # pending requests whose models are looked up before a worker starts (`Intake._warm_up`)
 STUCK_S = 60.0  # for this long, then tried again (the refusal may have been the server's passing trouble)
 
 
@@ -71,7 +71,7 @@ class Intake:
         self.raw_requests = raw(self.requests)  # read undecoded: see `_pending`
         self.settings, self.owner, self.serving, self.counters, self.skipped = settings, owner, serving, counters, skipped
         self.stopping = stopping
-        self.warm_first = warm_first  # claim nothing before serving's worker runs (`Serving.warm_up`), as daemons do
+        self.warm_first = warm_first  # nothing a worker answers is claimed before it runs (`_until_warm`)
         self._woken = asyncio.Event()
         # Pending requests no write could move (one just under 16 MB cannot take a lease): every find would
         # return them first again, so they are left out for a while, by id, oldest forgotten first.
@@ -89,33 +89,12 @@ class Intake:
             if self.stopping():
                 continue
             try:
-                if self.warm_first and not self.serving.worker_started and await self._warm_up():
-                    continue
                 with self.serving.arrivals:  # a batch waits for the requests a claim in progress brings
                     await self.round()
             except (PyMongoError, BSONError) as exc:  # BSONError: a command too large for the server (DocumentTooLarge)
                 log.warning("cannot claim pending requests: %s", exc)
             except Exception:  # whatever one document makes a round raise ends that round, never the daemon's intake
                 log.exception("a claim round failed; the next wake-up tries again")
-
-    async def _warm_up(self) -> bool:
-        """Whether serving's worker is starting: once a pending request that is not cancelled names a model that
-        exists, and then nothing is claimed before the worker runs (serving wakes this loop then). Requests that can
-        only fail (cancelled, no such model, an id of no model's shape) end in a round without it: a worker costs
-        seconds of imports, which a daemon that only ever sees those never pays. Two reads; past `WARM_LOOKS` pending
-        requests of no model, those are ended first, and the next look sees further. A look the server refuses warms
-        the worker, as every pending request did before."""
-        waiting = {**status_filter(Status.PENDING), "cancel": {"$ne": True}}
-        try:
-            named = [found.get("model") for found in
-                     await self.requests.find(waiting, {"model": 1}).limit(WARM_LOOKS).to_list()]
-            plain = [name for name in named if _plain(name)]
-            if not plain or await self.models.find_one({"_id": {"$in": plain}}, {"_id": 1}) is None:
-                return False
-        except (PyMongoError, BSONError):
-            pass  # warmed up, as for any pending request before: no claim waits on this look
-        self.serving.warm_up()
-        return True
 
     async def round(self) -> int:
         """Claim what serving has room for; how many requests this round handed it."""
@@ -128,9 +107,13 @@ class Intake:
                 break
             found = {kind: await self._pending(kind, places, full[kind]) for kind, places in free.items()}
             chosen, ended = await self._choose([document for kind in free for document in found[kind]], full, free)
+            waiting = await self._until_warm(chosen)
+            chosen = [document for document in chosen if not any(document is other for other in waiting)]
             claimed = await self._claim(chosen) if chosen else []
             handed += await self._hand_over(claimed)
             progressed = progressed or bool(ended or claimed)
+            if waiting:
+                break  # they stay pending until the worker runs, which wakes this loop (`Serving.warm_up`)
             raced = len(claimed) < len(chosen)  # another daemon took some: their places are still free here
             more = {kind for kind, places in free.items() if len(found[kind]) == places or raced}
             if not more:
@@ -143,6 +126,25 @@ class Intake:
             if progressed:
                 self.wake()
         return handed
+
+    async def _until_warm(self, chosen: list[dict]) -> list[dict]:
+        """Of the requests chosen to claim, those that wait for serving's worker to run, whose start this begins
+        (`warm_first`, every daemon's intake): the ones naming a model that exists, so that none waits in a daemon
+        still importing its libraries while another daemon could answer it at once. The others can only fail
+        (no such model, an id of no model's shape) and are claimed and ended without a worker: a daemon that only
+        ever sees those never pays for its imports."""
+        if not self.warm_first or self.serving.worker_started:
+            return []
+        named = {ids.key(model): model for document in chosen if _plain(model := document.get("model"))}
+        if not named:
+            return []
+        found = self.models.find({"_id": {"$in": list(named.values())}}, {"_id": 1})
+        existing = {ids.key(model["_id"]) async for model in found}
+        waiting = [document for document in chosen
+                   if _plain(document.get("model")) and ids.key(document["model"]) in existing]
+        if waiting:
+            self.serving.warm_up()
+        return waiting
 
     async def _pending(self, kind: bool, places: int, full: dict) -> list[RawBSONDocument]:
         """Up to `places` pending requests of one kind, undecoded: a kind's flood (junk included) fills only its own

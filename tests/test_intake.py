@@ -17,7 +17,7 @@ from pymongo import AsyncMongoClient, monitoring
 
 
 from listener.forks import Forks
-from listener.intake import WARM_LOOKS, Intake
+from listener.intake import Intake
 from listener import liveness
 from listener.leases import HEARTBEAT_STOPPED, PROCESS_GONE, alive_until, take_over
 from listener.records import RequestState, SkipLog
@@ -208,14 +208,6 @@ async def full_round(intake: Intake) -> None:
         await until(lambda: not intake._woken.is_set(), 30)
 
 
-async def idle_again(intake: Intake, task: asyncio.Task) -> asyncio.Task:
-    """The intake's loop stopped and started again, idle: `full_round` returns with its last pass maybe still going,
-    which looked for requests to warm up for before the test inserts one and would claim it in its round."""
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    return asyncio.create_task(intake.run())
-
-
 @pytest.mark.slow  # starts a real serving worker (the fork server's imports)
 def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pending_request(server_uri, db, tmp_path):
     """`warm_first` (every daemon's intake): a pending request starts serving's real worker (`Serving.warm_up`) and
@@ -237,7 +229,6 @@ def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pend
                     await asyncio.sleep(0.02)
             await full_round(intake)
             started_for_cancelled = serving._warming is not None  # only a cancelled request was pending
-            task = await idle_again(intake, task)
             async with serving._turn:  # the worker's start waits for it
                 await adb[defaults.REQUESTS].insert_one(request("lone", "m"))
                 await full_round(intake)
@@ -259,12 +250,18 @@ def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pend
 def test_requests_that_can_only_fail_end_without_a_worker_and_one_for_a_model_that_exists_starts_it(server_uri, db,
                                                                                                     tmp_path):
     """A worker costs seconds of imports: pending requests naming no model that exists (a missing one, an id of no
-    model's shape, none at all) fail without one, past `WARM_LOOKS` of them too; the first that names a model that
-    exists starts it (its start is held up here, so nothing is imported)."""
-    junk = [request(f"missing{i}", "no-such-model") for i in range(WARM_LOOKS + 5)]
+    model's shape, none at all) fail without one. A request for a model that exists, inserted behind more junk than
+    any one find reads, starts it and stays pending while it starts (held up here, so nothing is imported)."""
+    junk = [request(f"missing{i}", "no-such-model") for i in range(105)]
     junk += [{**request("shaped", "m"), "model": {"$gt": ""}}, {k: v for k, v in request("none", "m").items()
                                                                   if k != "model"}]
     db[defaults.REQUESTS].insert_many(junk)
+    more = [{**request(f"odd{i}", "m"), "model": {"x": i}} for i in range(105)]
+
+    async def failed(adb, count: int) -> None:
+        async with asyncio.timeout(60):
+            while await adb[defaults.REQUESTS].count_documents({"status": "failed"}) < count:
+                await asyncio.sleep(0.05)
 
     async def work(adb):
         intake = intake_for(adb, "d", uri=server_uri, home=str(tmp_path))
@@ -273,25 +270,25 @@ def test_requests_that_can_only_fail_end_without_a_worker_and_one_for_a_model_th
         tasks = [asyncio.create_task(intake.run()), asyncio.create_task(serving.serve())]
         try:
             intake.wake()
-            async with asyncio.timeout(60):
-                while await adb[defaults.REQUESTS].count_documents({"status": "failed"}) < len(junk):
-                    await asyncio.sleep(0.05)
+            await failed(adb, len(junk))
             await full_round(intake)
             warmed_for_junk = serving._warming is not None or serving._worker is not None
-            tasks[0] = await idle_again(intake, tasks[0])
             async with serving._turn:  # the worker's start waits for it: nothing is imported here
                 await adb[defaults.MODELS].insert_one({"_id": "m"})
-                await adb[defaults.REQUESTS].insert_one(request("real", "m"))
+                await adb[defaults.REQUESTS].insert_many([*more, request("real", "m")])
+                intake.wake()
+                await failed(adb, len(junk) + len(more))
                 await full_round(intake)
                 warmed_for_real = serving._warming is not None
+                real_claimed = await adb[defaults.REQUESTS].find_one({"_id": "real", "lease": {"$exists": True}})
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await serving.close()
-        return warmed_for_junk, warmed_for_real
+        return warmed_for_junk, warmed_for_real, real_claimed is not None
 
-    assert run_with(server_uri, db.name, work) == (False, True)
+    assert run_with(server_uri, db.name, work) == (False, True, False)
     errors = {d["error"]["type"] for d in db[defaults.REQUESTS].find({"status": "failed"})}
     assert errors and None not in errors
 
