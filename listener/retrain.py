@@ -53,7 +53,7 @@ from listener.status import DOCUMENT_VALIDATION_FAILURE, FINAL, MODEL_TRANSITION
 from listener.streams import LOST_TOKEN_CODES
 from listener.tasks import cancel_and_wait
 from training import defaults, ids, schedule
-from training.config import LISTENER_FIELDS, ModelSpec, SpecError, check_collection_type, parse_model
+from training.config import LISTENER_FIELDS, LOGICAL, ModelSpec, SpecError, check_collection_type, parse_model
 from training.errors import briefly
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ TALLY = "retrain_tally"  # `kind` of a daemon's counts of new documents in one c
 TICK = "retrain_tick"  # `kind` of a model's last claimed schedule tick
 TICKS_KEPT = 20  # recent ticks kept on a tick record: when, which daemon took it, what came of it
 TICK_LOOKBACK_S = 60.0  # how late a schedule job may run and still find the tick it fired for
-LOGICAL = frozenset({"$and", "$or", "$nor"})
 STATE_FIELDS = {"status": 1, "run": 1, "started_at": 1, "finished_at": 1}
 CLOSE_S = 5.0  # how long `close` waits for the watchers to end before it leaves them
 EVERY_INSERT = [{"$match": {"operationType": "insert"}}, {"$project": {"documentKey": 1}}]

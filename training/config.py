@@ -105,21 +105,24 @@ def _bounded_filter(value: dict) -> dict:
 
 
 LOGICAL = ("$and", "$or", "$nor")  # top-level operators whose items are filters in turn
-# The other operators a filter may start with ($where and $expr are refused above).
-TOP_LEVEL_OPERATORS = {*LOGICAL, "$text", "$comment", "$jsonSchema", "$sampleRate", "$alwaysTrue", "$alwaysFalse"}
+# The other operators a filter may start with ($where and $expr are refused above), as MongoDB and the embedded
+# server both take them ($text needs a text index, which the server checks).
+TOP_LEVEL_OPERATORS = {*LOGICAL, "$text", "$comment", "$jsonSchema"}
 
 
 def _check_top_level(value: dict) -> None:
-    """Refuses an operator the server takes only under a field (`{$ne: null}`), at the top of the filter or of an
-    `$and`/`$or`/`$nor` item: every server refuses such a query at each read, which would fail a job again and again
-    instead of once, at the parse, naming the field."""
+    """Refuses what every server refuses in a filter's shape, at the top of the filter or of an `$and`/`$or`/`$nor`
+    item: an operator the server takes only under a field (`{$ne: null}`), or a logical operator not given a non-empty
+    list of filters. Such a query fails at each read, which would fail a job again and again instead of once, at the
+    parse, naming the field. What a server refuses further in (an operator's argument) is its to say, at the read."""
     for key, inner in value.items():
         if isinstance(key, str) and key.startswith("$") and key not in TOP_LEVEL_OPERATORS:
             raise ValueError(f"{key} applies to a field, not to the whole document: write {{field: {{{key}: ...}}}}")
-        if key in LOGICAL and isinstance(inner, list):
+        if key in LOGICAL:
+            if not (isinstance(inner, list) and inner and all(isinstance(item, dict) for item in inner)):
+                raise ValueError(f"{key} takes a non-empty list of filters, e.g. {{{key}: [{{a: 1}}, {{b: 2}}]}}")
             for item in inner:
-                if isinstance(item, dict):
-                    _check_top_level(item)
+                _check_top_level(item)
 
 
 def _check_filter(value: Any) -> None:
