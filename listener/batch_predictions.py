@@ -42,7 +42,7 @@ from listener.status import REQUEST_TRANSITIONS, Status, now, transition
 from training import defaults, ids
 from training.config import (TEMPLATE_FIELD, UNCHECKED, RequestSpec, SpecError, check_collection_type,
                              input_fields)
-from training.errors import said
+from training.errors import briefly
 from training.inference import normalised
 
 log = logging.getLogger(__name__)
@@ -204,17 +204,27 @@ class CollectionJob:
 
     async def _counts(self, base: dict, used) -> tuple[int, int, int]:
         """How many documents match: answered already, in all, and someone else's (skipped). A filter the server
-        refuses (a `$regex` it cannot compile, say) fails the request naming `filter`, once: every retry would meet
-        the same refusal (an election or a shutdown is the driver's AutoReconnect, and a time limit its
-        ExecutionTimeout, both left to the reaper)."""
+        refuses where it reads the collection unfiltered (a `$regex` it cannot compile, say) fails the request naming
+        `filter`, once: every retry would meet the same refusal. Anything else (an election, a time limit, a missing
+        privilege, the collection dropped meanwhile) is left to the reaper."""
         try:
             total = await self.target.count_documents(base)
         except ExecutionTimeout:
             raise
         except OperationFailure as exc:
-            raise SpecError("filter", f"the server refuses it over {self.spec.collection}: {said(exc)}") from None
+            if not await self._reads():
+                raise
+            raise SpecError("filter", f"the server refuses it over {self.spec.collection}: {briefly(exc)}") from None
         skipped = await self.target.count_documents({"$and": [base, {"$nor": [self.ours]}]})
         return total - skipped - await self.target.count_documents(self._todo(base, used)), total, skipped
+
+    async def _reads(self) -> bool:
+        """Whether the server reads the collection without the request's filter."""
+        try:
+            await records.raw(self.target).find_one({}, {"_id": 1})
+        except PyMongoError:
+            return False
+        return True
 
     async def _read(self, read):
         """What `read()` returns, read only from a collection: the name is checked to name the same collection
