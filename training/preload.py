@@ -13,19 +13,19 @@ then frozen: no collection in the server or in anything forked from it walks it 
 
 import gc
 
-gc.disable()
-
 from training import lifeline
 
 lifeline.die_with_parent()
 
-import datasets  # noqa: F401
-import peft  # noqa: F401
-import trl  # noqa: F401
-from trl import DPOTrainer, KTOTrainer  # noqa: F401  (0.04 s here, which a preference run would pay)
+gc.disable()
+try:  # the fork server logs an import that fails and goes on: the collector must be back on all the same
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import trl  # noqa: F401
+    from trl import DPOTrainer, KTOTrainer  # noqa: F401  (0.04 s here, which a preference run would pay)
 
-from training import (arguments, child, dataset, inference, methods, models, phases, preferences,  # noqa: F401
-                      progress, worker)
-
-gc.freeze()
-gc.enable()
+    from training import (arguments, child, dataset, inference, methods, models, phases, preferences,  # noqa: F401
+                          progress, worker)
+finally:
+    gc.freeze()
+    gc.enable()
