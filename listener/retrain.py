@@ -178,17 +178,17 @@ def filter_key(query: dict | None) -> str:
     return hashlib.sha256(bson.encode({"filter": query})).hexdigest()
 
 
-def filters_of(members: Members) -> dict[str, dict | None]:
-    """The distinct filters of a collection's members, by their key."""
-    return {filter_key(spec.data.filter): spec.data.filter for spec, _ in members.values()}
-
-
-def by_filter(members: Members) -> list[tuple[dict | None, Members]]:
-    """The members grouped by their filter, each filter hashed once: an insert is checked once per filter."""
+def by_filter(members: Members) -> dict[str, tuple[dict | None, Members]]:
+    """The members grouped by their filter, by its key (`filter_key`): an insert is checked once per filter."""
     groups: dict[str, tuple[dict | None, Members]] = {}
     for key, member in members.items():
         groups.setdefault(filter_key(member[0].data.filter), (member[0].data.filter, {}))[1][key] = member
-    return list(groups.values())
+    return groups
+
+
+def filters_of(members: Members) -> dict[str, dict | None]:
+    """The distinct filters of a collection's members, by their key."""
+    return {key: query for key, (query, _) in by_filter(members).items()}
 
 
 def filter_check(collection: str, query: dict | None) -> tuple[str, str]:
@@ -211,6 +211,7 @@ class Retrainer:
         self.specs: dict[str, tuple[str, ModelSpec | SpecError]] = {}  # by model key: a fingerprint of the document,
         # its parse or refusal
         self.following: dict[str, Members] = {}  # by collection: the models counting its inserts
+        self.groups: dict[str, dict] = {}  # by collection: `following` by filter (`by_filter`), grouped once a pass
         self.watchers: dict[str, tuple[tuple, asyncio.Task]] = {}  # by collection: its filters, the stream task
         self.schedules: dict[str, str] = {}  # by model key: the cron expression scheduled
         self.tallies: dict[str, Tally] = {}  # by collection: this daemon's tally, as last written
@@ -362,7 +363,7 @@ class Retrainer:
                 task.add_done_callback(self.stopping.discard)
                 del self.watchers[collection]
         await cancel_and_wait(stale, CLOSE_S, "retrain watchers")  # ended before a new one counts for its models
-        self.following = wanted
+        self.following, self.groups = wanted, {collection: by_filter(members) for collection, members in wanted.items()}
         for collection in set(self.tallies) - set(wanted):
             del self.tallies[collection]
             self.locks.pop(collection, None)
@@ -536,11 +537,12 @@ class Retrainer:
 
     async def _opens(self, collection: str) -> bool:
         """Whether the server opens a stream of every insert into `collection`: where it refuses the filtered one too
-        (a view, a missing privilege, an election), the filters are not to blame and stay."""
+        (a view, a missing privilege, an election), the filters are not to blame and stay. Anything the server or the
+        network says no with is such a refusal: this runs inside the watcher's handler, which nothing may leave."""
         try:
             async with await self.db[collection].watch(EVERY_INSERT):
                 return True
-        except OperationFailure:
+        except PyMongoError:
             return False
 
     async def _pass_over(self, collection: str, pipeline: list[dict], position: dict) -> dict:
@@ -596,7 +598,7 @@ class Retrainer:
         doc_id = (change.get("documentKey") or {}).get("_id")
         members = self.following.get(collection, {})
         matched = {}
-        for query, group in by_filter(members):
+        for query, group in self.groups.get(collection, {}).values():
             if not checked or not query or await self._matches(collection, query, doc_id):
                 matched.update(group)
         states = await self._states(matched) if matched else {}
