@@ -81,6 +81,26 @@ def test_a_scrape_shows_documents_by_status_latency_and_health(db, start_daemon,
     assert not [line for line in lines if re.match(r"\[\d\d:\d\d:\d\d\]", line)], "no Rich lines with json logs"
 
 
+def refreshed(client, db, owner: str, queued: dict | None = None, meanwhile=None) -> list:
+    """The samples of a daemon's metrics (`Metrics` over its database, with `owner`'s trainings and `queued` requests)
+    after one refresh, or two with `meanwhile()` between them."""
+    async def refreshes() -> list:
+        async_client = AsyncMongoClient(client.address[0], client.address[1], directConnection=True)
+        try:
+            stand_in = SimpleNamespace(db=async_client[db.name], owner=owner, counters={}, trainings={},
+                                       serving=SimpleNamespace(queues=SimpleNamespace(queued=lambda: queued or {})))
+            metrics = Metrics(stand_in)
+            await metrics.refresh()
+            if meanwhile is not None:
+                meanwhile()
+                await metrics.refresh()
+            return [sample for family in metrics.registry.collect() for sample in family.samples]
+        finally:
+            await async_client.close()
+
+    return asyncio.run(refreshes())
+
+
 def test_steps_per_second_come_from_the_progress_this_daemon_writes(client, db):
     """Two progress writes 10 s apart (by their own clocks) and 20 steps apart: 2 steps per second.
 
@@ -96,22 +116,12 @@ def test_steps_per_second_come_from_the_progress_this_daemon_writes(client, db):
         {"_id": "odd", "status": {"made": "up"}},  # users write anything: never a label, never an error
     ])
 
-    async def two_refreshes() -> dict:
-        async_client = AsyncMongoClient(client.address[0], client.address[1], directConnection=True)
-        try:
-            stand_in = SimpleNamespace(db=async_client[db.name], owner=owner, counters={}, trainings={},
-                                       serving=SimpleNamespace(queues=SimpleNamespace(queued=lambda: {ids.key("mine"): 3})))
-            metrics = Metrics(stand_in)
-            await metrics.refresh()
-            models.update_one({"_id": "mine"}, {"$set": {"progress.step": 30,
-                                                         "progress.updated_at": start + dt.timedelta(seconds=10)}})
-            await metrics.refresh()
-            return {(s.name, tuple(s.labels.items())): s.value
-                    for family in metrics.registry.collect() for s in family.samples}
-        finally:
-            await async_client.close()
+    def meanwhile():
+        models.update_one({"_id": "mine"}, {"$set": {"progress.step": 30,
+                                                     "progress.updated_at": start + dt.timedelta(seconds=10)}})
 
-    samples = asyncio.run(two_refreshes())
+    samples = {(s.name, tuple(s.labels.items())): s.value
+               for s in refreshed(client, db, owner, {ids.key("mine"): 3}, meanwhile)}
     mine = (("model", ids.key("mine")),)  # the id as canonical extended JSON, as the queue keys it
     assert samples[("mongotune_training_steps_per_second", mine)] == 2.0
     assert not [key for key in samples if key[1] == (("model", ids.key("theirs")),)]
@@ -186,21 +196,9 @@ def test_class7_two_models_whose_ids_print_alike_are_two_series_in_metrics(clien
     models.insert_many([{"_id": doc_id, "status": "running", "lease": {"owner": owner},
                          "progress": {"step": 10, "updated_at": start}} for doc_id in (oid, str(oid))])
 
-    async def two_refreshes() -> list:
-        async_client = AsyncMongoClient(client.address[0], client.address[1], directConnection=True)
-        try:
-            stand_in = SimpleNamespace(db=async_client[db.name], owner=owner, counters={}, trainings={},
-                                       serving=SimpleNamespace(queues=SimpleNamespace(queued=lambda: {})))
-            metrics = Metrics(stand_in)
-            await metrics.refresh()
-            models.update_many({}, {"$set": {"progress.step": 30, "progress.updated_at": start + dt.timedelta(seconds=10)}})
-            await metrics.refresh()
-            return [tuple(sorted(s.labels.items())) for family in metrics.registry.collect() for s in family.samples
-                    if s.name == "mongotune_training_steps_per_second"]
-        finally:
-            await async_client.close()
-
-    labels = asyncio.run(two_refreshes())
+    later = {"$set": {"progress.step": 30, "progress.updated_at": start + dt.timedelta(seconds=10)}}
+    samples = refreshed(client, db, owner, meanwhile=lambda: models.update_many({}, later))
+    labels = [tuple(sorted(s.labels.items())) for s in samples if s.name == "mongotune_training_steps_per_second"]
     assert len(labels) == 2, labels
     assert len(set(labels)) == 2, f"two models, one series name and labels: {labels}"
 
@@ -213,17 +211,6 @@ def test_class5_a_status_nested_deeper_than_the_server_groups_never_stales_the_m
     db[defaults.REQUESTS].insert_many([{"_id": 2, "model": "m", "input": "hi", "status": "done"},
                                        {"_id": 3, "model": "m", "input": "hi"}])
 
-    async def refreshed() -> dict:
-        async_client = AsyncMongoClient(client.address[0], client.address[1], directConnection=True)
-        try:
-            stand_in = SimpleNamespace(db=async_client[db.name], owner="metrics-status", counters={}, trainings={},
-                                       serving=SimpleNamespace(queues=SimpleNamespace(queued=lambda: {})))
-            metrics = Metrics(stand_in)
-            await metrics.refresh()
-            return {s.labels["status"]: s.value for family in metrics.registry.collect() for s in family.samples
-                    if s.name == "mongotune_requests"}
-        finally:
-            await async_client.close()
-
-    counts = asyncio.run(refreshed())
-    assert counts["done"] == 1 and counts["pending"] == 1 and "other" not in counts, counts
+    samples = refreshed(client, db, "metrics-status")
+    counts = {s.labels["status"]: s.value for s in samples if s.name == "mongotune_requests"}
+    assert counts["done"] == 1 and counts["pending"] == 1, counts
