@@ -170,7 +170,7 @@ SLOW_FIXTURES = {"start_daemon", "module_daemon", "tiny_model_path", "standalone
 # first: they go first, in this order, so that none starts late and runs on alone after the others have finished.
 LONGEST = ("tests/test_two_users.py", "tests/test_multiprocess.py", "tests/test_nodes.py", "tests/test_fuzz.py",
            "tests/test_robustness.py", "tests/test_outage.py", "tests/test_deepspeed.py",
-           "tests/test_first_hour_noise.py::test_the_demos_first_model_conversion")
+           "tests/test_first_hour_noise.py::test_the_demos_first_model_conversion_draws_no_tqdm_bars")
 
 
 def pytest_collection_modifyitems(items):
