@@ -90,7 +90,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
 
     phases = Phases(sent)
     defined = parse_model(document, limits)  # the model's own method: a feedback run's guard reads its data
-    spec = feedback.run_spec(defined, document)
+    spec, rated = feedback.run_spec(defined, document), lineage.from_feedback(document, defined)
     _check_gpus(spec, torch)
     check_model(spec, limits)
     phases.lap("check")
@@ -99,7 +99,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         if not torch.cuda.is_available():
             ranks.no_cpu_kernel_builds()
     tokenizer = functools.cache(lambda: load_tokenizer(spec, limits))  # loaded when first needed: SFT's after the data
-    read_datasets = feedback.read_datasets if lineage.from_feedback(document, spec) else methods.read_datasets
+    read_datasets = feedback.read_datasets if rated else methods.read_datasets
     train_set, valid_set, read = read_datasets(db, spec, limits, tokenizer)
     log.info("dataset: %d training and %d validation examples", len(train_set), len(valid_set or []))
     phases.lap("data")
@@ -135,7 +135,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         spec, limits, model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
         processing_class=tokenizer(), peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
     )
-    if len(trainer.train_dataset) == 0 and lineage.from_feedback(document, spec):  # raters' prompts, not the model's
+    if len(trainer.train_dataset) == 0 and rated:  # the raters' prompts, not the model owner's
         raise feedback.NothingToTrain(f"the trainer dropped all {len(train_set)} rated answers read: each prompt alone "
                                       f"fills max_length ({config.max_length} tokens)", read)
     methods.check_steps(trainer, spec, len(train_set))
@@ -156,7 +156,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         return defaults.ChildExit.STOPPED
     if progress.cancelled:
         return defaults.ChildExit.CANCELLED
-    held_feedback = lineage.from_feedback(document, defined) and valid_set is not None  # the gate scores ratings
+    held_feedback = rated and valid_set is not None  # the gate scores ratings
     guard = forgetting.guard(db, defined, limits, tokenizer(), work / "guard") if held_feedback else None
     batches = methods.held_out(trainer, spec, guard)
     del trainer, model  # the gate loads the base once for both checkpoints: never beside the trained model
