@@ -506,7 +506,7 @@ def check_method(spec: "ModelSpec") -> None:
 
 def _gate_fits(promotion: "Promotion", method: str) -> None:
     """The metric is one the method's gate scores (its default filled in); the loss guard is for preference runs."""
-    allowed = GATE_METRICS[method]
+    allowed = gate_metrics(method)
     if promotion.metric is None:
         promotion.metric = allowed[0]
     elif promotion.metric not in allowed:
@@ -531,20 +531,35 @@ class CheckpointRef(_Strict):
     step: int = Field(ge=0, le=2**62)
 
 
-# What `promotion.metric` may name for each method (the first is its default): SFT's scores of held-out documents;
-# a preference run's scores of held-out pairs or labelled examples, or the SFT loss on its held-out documents.
-GATE_METRICS = {SFT: ("eval_loss", "eval_perplexity", "eval_mean_token_accuracy"),
-                **dict.fromkeys(PREFERENCE_METHODS, ("preference_accuracy", "reward_margin", "eval_loss"))}
+class GateMetric(typing.NamedTuple):
+    higher_is_better: bool
+    methods: tuple[str, ...]  # the model methods whose gate may judge by it
+
+
+# What `promotion.metric` may name: a preference run's scores of held-out pairs or labelled examples, and SFT's scores
+# of held-out documents (a preference run measures `eval_loss` on its forgetting guard's). A method's default is the
+# first here that it may name.
+GATE_METRICS = {"preference_accuracy": GateMetric(True, PREFERENCE_METHODS),
+                "reward_margin": GateMetric(True, PREFERENCE_METHODS),
+                "eval_loss": GateMetric(False, (SFT, *PREFERENCE_METHODS)),
+                "eval_perplexity": GateMetric(False, (SFT,)),
+                "eval_mean_token_accuracy": GateMetric(True, (SFT,))}
+
+
+def gate_metrics(method: str) -> tuple[str, ...]:
+    """What `method`'s gate may judge by, its default first."""
+    return tuple(name for name, metric in GATE_METRICS.items() if method in metric.methods)
+
+
 MAX_EVAL_LOSS_RISE = 0.05  # nats a token: a preference run may raise the held-out loss by e^0.05, about 5% perplexity
 
 
 class Promotion(_Strict):
     """When a finished run replaces the serving checkpoint: only if it is better by at least `min_delta`. `metric`
-    defaults to the method's first (`GATE_METRICS`); `max_eval_loss_rise` (preference runs only) keeps a candidate
+    defaults to the method's first (`gate_metrics`); `max_eval_loss_rise` (preference runs only) keeps a candidate
     whose held-out SFT loss rose above the serving one's by more, whatever its preference scores."""
 
-    metric: Literal["eval_loss", "eval_perplexity", "eval_mean_token_accuracy", "preference_accuracy",
-                    "reward_margin"] | None = None
+    metric: Literal[tuple(GATE_METRICS)] | None = None
     min_delta: float = Field(default=0.0, ge=0, le=1e6)
     max_eval_loss_rise: float | None = Field(default=None, ge=0, le=1e3)
 

@@ -21,14 +21,13 @@ import math
 from pathlib import Path
 
 from training import checkpoints, defaults, events, lineage, preference_gate
-from training.config import DPO, GATE_METRICS, MAX_EVAL_LOSS_RISE, SFT, ModelSpec, SpecError
+from training.config import DPO, GATE_METRICS, MAX_EVAL_LOSS_RISE, SFT, ModelSpec, SpecError, gate_metrics
 from training.starting import refits
 
 log = logging.getLogger(__name__)
 
 LOSS_COLUMNS = ("input_ids", "labels", "seq_lengths")  # what trl's collator reads: the loss's labels, packed lengths
-SFT_METRICS = GATE_METRICS[SFT]
-HIGHER_IS_BETTER = ("eval_mean_token_accuracy", "preference_accuracy", "reward_margin")
+SFT_METRICS = gate_metrics(SFT)
 
 
 def serving_ref(document: dict) -> dict | None:
@@ -47,7 +46,7 @@ def decide(metric: str, min_delta: float, new: float | None, serving: float | No
     `unknown`: why a score can be None."""
     if new is None or serving is None:
         return False, f"{metric} could not be computed for both checkpoints ({unknown}): kept"
-    gain = new - serving if metric in HIGHER_IS_BETTER else serving - new
+    gain = new - serving if GATE_METRICS[metric].higher_is_better else serving - new
     scores = f"{new:.4g} against {serving:.4g}"
     if gain == 0 and min_delta == 0:
         return True, f"{metric} equal to the serving checkpoint's ({new:.4g}); min_delta 0 allows not worse"
