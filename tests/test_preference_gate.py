@@ -11,6 +11,7 @@ PAIRS = {"_id": "m", "model_name_or_path": "org/model", "method": "dpo",
          "data": {"collection": "c", "key": ["q", "good", "bad"]}}
 THUMBS = {**PAIRS, "method": "kto", "data": {"collection": "c", "key": ["q", "answer", "thumb"]}}
 TEXTS = {"_id": "m", "model_name_or_path": "org/model", "data": {"collection": "c"}}
+RATED = {**TEXTS, "feedback": {"method": "dpo", "every": 4}}  # an sft model whose feedback runs are dpo
 
 
 def test_a_pair_is_ranked_right_when_its_chosen_reward_is_above_its_rejected():
@@ -87,11 +88,32 @@ def test_preference_scores_are_better_higher():
 def test_a_preference_models_gate_defaults_to_preference_accuracy_and_a_loss_guard():
     promotion = parse_model(PAIRS).promotion
     assert (promotion.metric, promotion.min_delta, promotion.max_eval_loss_rise) == ("preference_accuracy", 0, 0.05)
-    promotion = parse_model({**THUMBS, "promotion": {"metric": "eval_loss", "max_eval_loss_rise": 0.5}}).promotion
-    assert (promotion.metric, promotion.max_eval_loss_rise) == ("eval_loss", 0.5)
+    promotion = parse_model({**THUMBS, "promotion": {"metric": "reward_margin", "max_eval_loss_rise": 0.5}}).promotion
+    assert (promotion.metric, promotion.max_eval_loss_rise) == ("reward_margin", 0.5)
     promotion = parse_model(TEXTS).promotion
     assert promotion.metric == "eval_loss" and promotion.max_eval_loss_rise is None
     assert parse_model({**PAIRS, "promotion": False}).promotion is False
+
+
+@pytest.mark.parametrize("doc", [THUMBS, RATED])
+def test_a_loss_metric_is_its_own_forgetting_guard(doc):
+    """Under eval_loss (or eval_perplexity) any rise of the held-out loss keeps the candidate: no allowance is filled
+    in, and none is taken."""
+    assert parse_model({**doc, "promotion": {"metric": "eval_loss"}}).promotion.max_eval_loss_rise is None
+    serving = {"preference_accuracy": 0.5, "eval_loss": 2.0}
+    assert decide_preferences("eval_loss", 0, None, {"preference_accuracy": 0.0, "eval_loss": 2.01}, serving) == (
+        False, "eval_loss worse by 0.01 (2.01 against 2)")
+
+
+def test_an_sft_models_feedback_runs_are_judged_by_its_own_metric_and_guarded():
+    """A feedback run trains with feedback.method, and the preference gate judges it: the loss guard applies to it."""
+    promotion = parse_model(RATED).promotion
+    assert (promotion.metric, promotion.max_eval_loss_rise) == ("eval_loss", None)
+    promotion = parse_model({**RATED, "promotion": {"metric": "eval_mean_token_accuracy"}}).promotion
+    assert (promotion.metric, promotion.max_eval_loss_rise) == ("eval_mean_token_accuracy", 0.05)
+    promotion = parse_model({**RATED, "promotion": {"metric": "eval_mean_token_accuracy",
+                                                    "max_eval_loss_rise": 0.2}}).promotion
+    assert promotion.max_eval_loss_rise == 0.2
 
 
 @pytest.mark.parametrize("doc, promotion, field", [
@@ -103,11 +125,21 @@ def test_a_preference_models_gate_defaults_to_preference_accuracy_and_a_loss_gua
     (PAIRS, {"metric": "accuracy"}, "promotion.metric"),
     (PAIRS, {"max_eval_loss_rise": -0.1}, "promotion.max_eval_loss_rise"),
     (PAIRS, {"max_eval_loss_rise": 1e9}, "promotion.max_eval_loss_rise"),
+    (THUMBS, {"metric": "eval_loss", "max_eval_loss_rise": 0.5}, "promotion.max_eval_loss_rise"),
+    (RATED, {"max_eval_loss_rise": 0.5}, "promotion.max_eval_loss_rise"),  # eval_loss, the default
+    (RATED, {"metric": "preference_accuracy"}, "promotion.metric"),  # the model's own sft runs cannot score it
 ])
 def test_a_metric_the_methods_gate_does_not_score_is_refused_naming_it(doc, promotion, field):
     with pytest.raises(SpecError) as caught:
         parse_model({**doc, "promotion": promotion})
     assert caught.value.field == field
+
+
+def test_refusals_say_why():
+    with pytest.raises(SpecError, match="metric eval_loss already keeps a candidate whose held-out loss rose at all"):
+        parse_model({**RATED, "promotion": {"max_eval_loss_rise": 0.5}})
+    with pytest.raises(SpecError, match="its feedback runs are judged by the same metric"):
+        parse_model({**RATED, "promotion": {"metric": "reward_margin"}})
 
 
 # --- the scores against trl's ------------------------------------------------------------------------------------

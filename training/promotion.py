@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 from training import checkpoints, defaults, events, lineage, preference_gate
-from training.config import DPO, GATE_METRICS, MAX_EVAL_LOSS_RISE, SFT, ModelSpec, SpecError, gate_metrics
+from training.config import DPO, GATE_METRICS, SFT, ModelSpec, SpecError, gate_metrics
 from training.starting import refits
 
 log = logging.getLogger(__name__)
@@ -225,13 +225,17 @@ def judge(db, spec: ModelSpec, new: dict, serving: dict | None, held, work: Path
             "reason": reason}
 
 
-def decide_preferences(metric: str, min_delta: float, max_rise: float, new: dict, serving: dict) -> tuple[bool, str]:
-    """`decide` on the metric, then the forgetting guard: a candidate that forgot is kept however it ranks, and so is
-    one the guard could not measure (no held-out answer to score): raters decide a feedback run's labels, and rating
-    every answer bad would otherwise promote on the preference score alone."""
+def decide_preferences(metric: str, min_delta: float, max_rise: float | None, new: dict,
+                       serving: dict) -> tuple[bool, str]:
+    """`decide` on the metric, then the forgetting guard (none for a loss metric, `max_rise` None: it keeps any rise
+    itself): a candidate that forgot is kept however it ranks, and so is one the guard could not measure (no held-out
+    answer to score): raters decide a feedback run's labels, and rating every answer bad would otherwise promote on
+    the preference score alone."""
     promoted, reason = decide(metric, min_delta, new[metric], serving[metric], unknown=(
         "the held-out rows lack the answers it needs: one of each label for reward_margin, a chosen or desirable one "
         "for the SFT scores"))
+    if max_rise is None:
+        return promoted, reason
     if promoted and (new["eval_loss"] is None or serving["eval_loss"] is None):
         return False, (f"{reason}; but the forgetting guard measured no eval_loss (no chosen or desirable held-out "
                        "answer to score): kept")
@@ -261,10 +265,10 @@ def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held
         return {"promoted": True, "checkpoint": ref, "reason": f"the serving checkpoint cannot be loaded: {exc}",
                 "scores": {"candidate": candidate, "base": base}, **counted}
     promotion = spec.promotion
-    rise = MAX_EVAL_LOSS_RISE if promotion.max_eval_loss_rise is None else promotion.max_eval_loss_rise
-    promoted, reason = decide_preferences(promotion.metric, promotion.min_delta, rise, candidate, old)
+    promoted, reason = decide_preferences(promotion.metric, promotion.min_delta, promotion.max_eval_loss_rise,
+                                          candidate, old)
     return {"promoted": promoted, "checkpoint": ref, "metric": promotion.metric, "min_delta": promotion.min_delta,
-            "max_eval_loss_rise": rise, "score": candidate[promotion.metric],
+            "max_eval_loss_rise": promotion.max_eval_loss_rise, "score": candidate[promotion.metric],
             "serving_score": old[promotion.metric], "serving": {"run": serving["run"], "step": serving["step"]},
             "scores": {"candidate": candidate, "serving": old}, **counted, "reason": reason}
 
