@@ -154,7 +154,7 @@ def test_the_gate_gives_trls_own_rewards_for_an_adapter_against_the_base(tiny_mo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.arguments import TRL
-    from training.preference_gate import held_out
+    from training.methods import held_out
     from training.promotion import GateModel
 
     if method == "dpo":
@@ -169,11 +169,11 @@ def test_the_gate_gives_trls_own_rewards_for_an_adapter_against_the_base(tiny_mo
     trainer = trainer_class(model=AutoModelForCausalLM.from_pretrained(tiny_model_path), args=config,
                             train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
                             processing_class=AutoTokenizer.from_pretrained(tiny_model_path), peft_config=lora)
-    held = held_out(trainer, method)
+    spec = parse_model({**(PAIRS if method == "dpo" else THUMBS), "model_name_or_path": tiny_model_path}, limits)
+    held = held_out(trainer, spec)
     assert held.rows == 6 and held.beta == 0.5
     trainer.model.save_pretrained(tmp_path / "adapter")
     evaluated = trainer.evaluate()
-    spec = parse_model({**(PAIRS if method == "dpo" else THUMBS), "model_name_or_path": tiny_model_path}, limits)
     gate = GateModel(spec, limits)
     reference, base = gate.reference(held)
     scored = gate.preferences(tmp_path / "adapter", "candidate", held, reference)

@@ -44,21 +44,13 @@ class HeldOut:
         return sum(len(b["input_ids"]) // (2 if self.method == DPO else 1) for b in self.batches)
 
 
-def held_out(trainer, method: str, sft: list | None = None, guarded_on: dict | None = None) -> HeldOut | None:
-    """The trainer's tokenized valid fold in its own collator's batches (its truncation included); None when the run
-    has none. `sft`: the SFT batches the forgetting guard scores, each `{input_ids, attention_mask, labels}` (as
-    `promotion.held_out_batches` gives them); by default this fold's prompts with their chosen or desirable answers.
-    `guarded_on`: what they are, for the promotion entry."""
-    from torch.utils.data import DataLoader
-
-    dataset = trainer.eval_dataset
-    if dataset is None or len(dataset) == 0:
-        return None
-    dataset = dataset.select_columns(list(COLUMNS[method]))
-    batches = list(DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size,
-                              collate_fn=trainer.data_collator))
-    return HeldOut(method, batches, sft if sft is not None else sft_batches(batches, method), trainer.args.beta,
-                   guarded_on or {})
+def held_out(batches: list, method: str, beta: float, sft: list | None = None,
+             guarded_on: dict | None = None) -> HeldOut:
+    """A preference run's held-out rows, `batches` of its `COLUMNS` as its trainer collates them
+    (`promotion.held_out_batches`). `sft`: the SFT batches the forgetting guard scores, each `{input_ids,
+    attention_mask, labels}`; by default these rows' prompts with their chosen or desirable answers. `guarded_on`: what
+    they are, for the promotion entry."""
+    return HeldOut(method, batches, sft if sft is not None else sft_batches(batches, method), beta, guarded_on or {})
 
 
 def sft_batches(batches: list, method: str) -> list:

@@ -98,19 +98,21 @@ def forgetting(model, sft_batches: list) -> dict:
     return measure(model, sft_batches) if sft_batches else dict.fromkeys(SFT_METRICS)
 
 
-def held_out_batches(trainer) -> list | None:
-    """The trainer's tokenized valid fold in its own collator's batches; None when the run has no valid fold."""
+def held_out_batches(trainer, columns: tuple = LOSS_COLUMNS) -> list | None:
+    """The trainer's tokenized valid fold in its own collator's batches (its truncation included) of `columns`; None
+    when the run has no valid fold."""
     dataset = trainer.eval_dataset
     if dataset is None or len(dataset) == 0:
         return None
-    return loss_batches(dataset, trainer.args.per_device_eval_batch_size, trainer.data_collator)
+    return loss_batches(dataset, trainer.args.per_device_eval_batch_size, trainer.data_collator, columns)
 
 
-def loss_batches(dataset, batch_size: int, collator) -> list:
-    """A tokenized SFT dataset in `collator`'s batches of what the loss reads (`LOSS_COLUMNS`)."""
+def loss_batches(dataset, batch_size: int, collator, columns: tuple = LOSS_COLUMNS) -> list:
+    """A tokenized dataset in `collator`'s batches of what it reads: by default an SFT loss (`LOSS_COLUMNS`), those
+    of them the dataset has."""
     from torch.utils.data import DataLoader
 
-    dataset = dataset.select_columns([c for c in LOSS_COLUMNS if c in dataset.column_names])
+    dataset = dataset.select_columns([c for c in columns if c in dataset.column_names])
     return list(DataLoader(dataset, batch_size=batch_size, collate_fn=collator))
 
 
