@@ -16,13 +16,13 @@ RATED = {**TEXTS, "feedback": {"method": "dpo", "every": 4}}  # an sft model who
 
 def test_a_pair_is_ranked_right_when_its_chosen_reward_is_above_its_rejected():
     scored = pair_scores(torch.tensor([0.5, -0.25, 0.0, 1.0]))
-    assert scored == {"preference_accuracy": 0.5, "reward_margin": pytest.approx(0.3125), "pairs": 4}  # a tie is wrong
+    assert scored == {"preference_accuracy": 0.5, "reward_margin": pytest.approx(0.3125)}  # a tie is wrong
 
 
 def test_an_example_is_ranked_right_when_its_rewards_sign_agrees_with_its_label():
     rewards, labels = torch.tensor([1.0, -2.0, 0.5, 0.0, -1.0]), torch.tensor([True, True, False, False, False])
     scored = example_scores(rewards, labels)
-    assert scored["preference_accuracy"] == pytest.approx(2 / 5) and scored["examples"] == 5
+    assert scored["preference_accuracy"] == pytest.approx(2 / 5)
     assert scored["reward_margin"] == pytest.approx(-0.5 - (0.5 + 0.0 - 1.0) / 3)  # desirable mean - undesirable mean
     assert example_scores(torch.tensor([1.0, 2.0]), torch.tensor([True, True]))["reward_margin"] is None
 
@@ -32,7 +32,7 @@ def test_rewards_are_beta_times_the_summed_log_ratio_to_the_reference():
     held = HeldOut("dpo", [{"input_ids": torch.zeros(4, 3)}], [], beta=0.5)
     policy, reference = [torch.tensor([-1.0, -4.0, -3.0, -2.0])], [torch.tensor([-2.0, -2.0, -2.0, -2.0])]
     scored = scores(held, policy, reference)  # rewards 0.5, -1, -0.5, 0: margins 1 and -1
-    assert scored == {"preference_accuracy": 0.5, "reward_margin": 0.0, "pairs": 2} and held.rows == 2
+    assert scored == {"preference_accuracy": 0.5, "reward_margin": 0.0} and held.rows == 2
     assert scores(held, reference, reference)["preference_accuracy"] == 0  # the reference itself ranks nothing
 
 
@@ -47,8 +47,7 @@ def test_the_forgetting_guard_reads_the_chosen_or_desirable_answers_alone():
     assert sft_batches([{**batch, "label": torch.zeros(4, dtype=torch.bool)}], "kto") == []
 
 
-@pytest.mark.parametrize("new, serving, kept", [(1.06, 1.0, True), (1.04, 1.0, False), (0.5, 1.0, False),
-                                                (None, 1.0, False)])
+@pytest.mark.parametrize("new, serving, kept", [(1.06, 1.0, True), (1.04, 1.0, False), (0.5, 1.0, False)])
 def test_a_candidate_that_forgot_more_than_allowed_is_kept(new, serving, kept):
     reason = forgot(0.05, new, serving)
     assert bool(reason) == kept

@@ -36,7 +36,7 @@ class HeldOut:
     batches: list
     sft: list
     beta: float
-    guarded_on: dict = field(default_factory=dict)  # what `sft` holds, as the promotion entry's `forgetting_on` says
+    guarded_on: dict = field(default_factory=dict)  # where `sft` comes from, as the promotion entry's `forgetting_on`
 
     @property
     def rows(self) -> int:
@@ -85,7 +85,7 @@ def all_logps(model, held: HeldOut) -> list:
 
 
 def scores(held: HeldOut, policy: list, reference: list) -> dict:
-    """`preference_accuracy`, `reward_margin` and the rows counted, from each batch's policy and reference logps."""
+    """`preference_accuracy` and `reward_margin` from each batch's policy and reference logps."""
     import torch
 
     rewards = [held.beta * (p - r) for p, r in zip(policy, reference)]
@@ -97,8 +97,7 @@ def scores(held: HeldOut, policy: list, reference: list) -> dict:
 
 def pair_scores(margins) -> dict:
     """DPO: the fraction of pairs whose chosen answer's reward is above the rejected one's, and the mean margin."""
-    return {"preference_accuracy": (margins > 0).float().mean().item(), "reward_margin": margins.mean().item(),
-            "pairs": len(margins)}
+    return {"preference_accuracy": (margins > 0).float().mean().item(), "reward_margin": margins.mean().item()}
 
 
 def example_scores(rewards, labels) -> dict:
@@ -107,4 +106,4 @@ def example_scores(rewards, labels) -> dict:
     right = (rewards > 0) & labels | (rewards < 0) & ~labels
     both = labels.any() and (~labels).any()
     margin = (rewards[labels].mean() - rewards[~labels].mean()).item() if both else None
-    return {"preference_accuracy": right.float().mean().item(), "reward_margin": margin, "examples": len(rewards)}
+    return {"preference_accuracy": right.float().mean().item(), "reward_margin": margin}

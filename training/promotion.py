@@ -14,7 +14,6 @@ The training child frees its trained model before the gate, which then loads the
 checkpoints (`GateModel`): never two bases, nor a base beside the trained model, in memory at once.
 """
 
-import contextlib
 import gc
 import logging
 import math
@@ -59,9 +58,9 @@ def decide(metric: str, min_delta: float, new: float | None, serving: float | No
                     f"min_delta {min_delta:g}")
 
 
-def forgot(max_rise: float, new: float | None, serving: float | None) -> str | None:
+def forgot(max_rise: float, new: float, serving: float) -> str | None:
     """Why a candidate is kept for its held-out SFT loss: risen above the serving one's by more than `max_rise`."""
-    if new is None or serving is None or new - serving <= max_rise:
+    if new - serving <= max_rise:
         return None
     return (f"eval_loss on the held-out documents rose by {new - serving:.4g} ({new:.4g} against {serving:.4g}), "
             f"more than max_eval_loss_rise {max_rise:g}: the run forgot what the serving checkpoint knew")
@@ -147,15 +146,9 @@ class GateModel:
 
     def reference(self, held: preference_gate.HeldOut) -> tuple[list, dict]:
         """The base's answer logps, every checkpoint's reference, and its own scores (rewards all 0)."""
-        from peft import PeftModel
-
-        if self.model is None or self.overwritten:
-            self.model = self._base()
-        off = self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext()
-        with off:
-            logps = preference_gate.all_logps(self.model, held)
-            base = preference_gate.scores(held, logps, logps)
-            return logps, {**base, **forgetting(self.model, held.sft)}
+        self.model = self._base()  # first: nothing else is loaded yet
+        logps = preference_gate.all_logps(self.model, held)
+        return logps, {**preference_gate.scores(held, logps, logps), **forgetting(self.model, held.sft)}
 
     def preferences(self, folder: Path, name: str, held: preference_gate.HeldOut, reference: list) -> dict:
         """One checkpoint's preference scores against the base's `reference` logps, and its held-out SFT loss."""
@@ -205,12 +198,11 @@ def judge(db, spec: ModelSpec, new: dict, serving: dict | None, held, work: Path
     ref = {"run": new["run"], "step": new["step"]}
     if spec.promotion is False:
         return {"promoted": True, "checkpoint": ref, "reason": "promotion is false: every finished run serves"}
-    preferences = isinstance(held, preference_gate.HeldOut)  # a preference run, or (its method aside) a feedback run
-    if serving is None and not preferences:
+    if serving is None and (spec.method == SFT or not held):  # a preference run's first records its scores
         return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves"}
     if not held:
         return {"promoted": True, "checkpoint": ref, "reason": "this run has no held-out documents to compare on"}
-    if preferences:
+    if spec.method != SFT:  # a preference run, or (its model's method aside) a feedback run
         return judge_preferences(db, spec, new, serving, held, work, limits)
     metric, min_delta = spec.promotion.metric, spec.promotion.min_delta
     gate = GateModel(spec, limits)
@@ -236,15 +228,13 @@ def decide_preferences(metric: str, min_delta: float, max_rise: float | None, ne
     promoted, reason = decide(metric, min_delta, new[metric], serving[metric], unknown=(
         "the held-out rows lack the answers it needs: one of each label for reward_margin, a chosen or desirable one "
         "for the SFT scores"))
-    if max_rise is None:
+    if not promoted or max_rise is None:
         return promoted, reason
-    if promoted and (new["eval_loss"] is None or serving["eval_loss"] is None):
+    if new["eval_loss"] is None or serving["eval_loss"] is None:
         return False, (f"{reason}; but the forgetting guard measured no eval_loss (no chosen or desirable held-out "
                        "answer to score): kept")
     forgetting_reason = forgot(max_rise, new["eval_loss"], serving["eval_loss"])
-    if promoted and forgetting_reason:
-        return False, f"{reason}; but {forgetting_reason}: kept"
-    return promoted, reason
+    return (False, f"{reason}; but {forgetting_reason}: kept") if forgetting_reason else (True, reason)
 
 
 def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held: preference_gate.HeldOut,
@@ -255,9 +245,8 @@ def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held
     gate = GateModel(spec, limits)
     reference, base = gate.reference(held)
     candidate = gate.preferences(fetch(db, spec, new, work, limits), "candidate", held, reference)
-    documents = sum(map(examples, held.sft))
-    counted = {"pairs" if held.method == DPO else "examples": held.rows, "documents": documents,
-               "forgetting_on": {"documents": documents, **held.guarded_on}, "reference": preference_gate.REFERENCE}
+    counted = {"pairs" if held.method == DPO else "examples": held.rows, "documents": sum(map(examples, held.sft)),
+               "forgetting_on": held.guarded_on, "reference": preference_gate.REFERENCE}
     if serving is None:
         return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves",
                 "scores": {"candidate": candidate, "base": base}, **counted}
