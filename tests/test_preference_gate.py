@@ -1,7 +1,10 @@
 """The preference gate's scores (`training.preference_gate`) on crafted rows, and against trl's own rewards."""
 
+import math
+
 import pytest
 import torch
+from bson import ObjectId
 
 from training.config import SpecError, parse_model
 from training.preference_gate import HeldOut, example_scores, pair_scores, scores, sft_batches
@@ -144,7 +147,8 @@ def test_refusals_say_why():
 # --- the scores against trl's ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["dpo", "kto"])
-def test_the_gate_gives_trls_own_rewards_for_an_adapter_against_the_base(tiny_model_path, limits, tmp_path, method):
+def test_the_gate_gives_trls_own_rewards_for_an_adapter_against_the_base(db, tiny_model_path, limits, tmp_path,
+                                                                          method):
     """trl's evaluation computes the same implicit rewards against the base (the adapter disabled): its accuracy and
     margin on the held-out rows are the gate's, which scores them from the checkpoint alone on a base of its own (in
     one batch: trl averages each batch's means)."""
@@ -153,8 +157,9 @@ def test_the_gate_gives_trls_own_rewards_for_an_adapter_against_the_base(tiny_mo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.arguments import TRL
+    from training.checkpoints import upload
     from training.methods import held_out
-    from training.promotion import GateModel
+    from training.promotion import GateModel, judge_preferences
 
     if method == "dpo":
         rows = [{"prompt": f"what is {n} plus one", "chosen": "ahoy", "rejected": f"no {n}"} for n in range(6)]
@@ -174,10 +179,20 @@ def test_the_gate_gives_trls_own_rewards_for_an_adapter_against_the_base(tiny_mo
     trainer.model.save_pretrained(tmp_path / "adapter")
     evaluated = trainer.evaluate()
     gate = GateModel(spec, limits)
-    reference, base = gate.reference(held)
+    reference = gate.reference(held)
+    base = gate.base_scores(held.sft)
     scored = gate.preferences(tmp_path / "adapter", "candidate", held, reference)
-    assert base["preference_accuracy"] == 0 and base["reward_margin"] == 0
-    assert scored["eval_loss"] != base["eval_loss"]
+    assert gate.base_scores(held.sft) == base  # the adapters disabled, as before one was loaded
+    assert math.isfinite(scored["eval_loss"]) and scored["eval_loss"] != base["eval_loss"]
+    # A first run records the base's SFT scores beside its own; so does one whose serving checkpoint is gone.
+    stored = upload(db, tmp_path / "adapter", model_id="m", run=2, step=3)
+    gone = {"run": 1, "step": 1, "files_id": ObjectId()}
+    for n, (serving, reason) in enumerate([(None, "no earlier checkpoint serves"),
+                                           (gone, "the serving checkpoint cannot be loaded")]):
+        decision = judge_preferences(db, spec, stored, serving, held, tmp_path / f"work{n}", limits)
+        assert decision["promoted"] and decision["reason"].startswith(reason), decision
+        assert decision["scores"]["base"] == pytest.approx(base)
+        assert decision["scores"]["candidate"] == pytest.approx(scored, rel=1e-5)
     if method == "dpo":
         assert scored["preference_accuracy"] == pytest.approx(evaluated["eval_rewards/accuracies"])
         assert scored["reward_margin"] == pytest.approx(evaluated["eval_rewards/margins"], rel=1e-4)

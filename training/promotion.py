@@ -144,11 +144,22 @@ class GateModel:
     def score(self, folder: Path, name: str, batches: list) -> dict:
         return measure(self._with(folder, name), batches)
 
-    def reference(self, held: preference_gate.HeldOut) -> tuple[list, dict]:
-        """The base's answer logps, every checkpoint's reference, and its own scores (rewards all 0)."""
-        self.model = self._base()  # first: nothing else is loaded yet
-        logps = preference_gate.all_logps(self.model, held)
-        return logps, {**preference_gate.scores(held, logps, logps), **forgetting(self.model, held.sft)}
+    def reference(self, held: preference_gate.HeldOut) -> list:
+        """The base's answer logps, every checkpoint's reference. Called first: nothing else is loaded yet."""
+        self.model = self._base()
+        return preference_gate.all_logps(self.model, held)
+
+    def base_scores(self, sft: list) -> dict:
+        """The base's forgetting-guard scores, the "before" of a run with nothing serving to compare against (its
+        preference scores are 0 by definition: every reward against itself is)."""
+        from peft import PeftModel
+
+        if self.overwritten:
+            self.model = self._base()
+        if not isinstance(self.model, PeftModel):
+            return forgetting(self.model, sft)
+        with self.model.disable_adapter():
+            return forgetting(self.model, sft)
 
     def preferences(self, folder: Path, name: str, held: preference_gate.HeldOut, reference: list) -> dict:
         """One checkpoint's preference scores against the base's `reference` logps, and its held-out SFT loss."""
@@ -243,7 +254,8 @@ def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held
     serving it is promoted, its scores recorded beside the base's."""
     ref = {"run": new["run"], "step": new["step"]}
     gate = GateModel(spec, limits)
-    reference, base = gate.reference(held)
+    reference = gate.reference(held)
+    base = gate.base_scores(held.sft) if serving is None else None  # on the plain base, before any checkpoint
     candidate = gate.preferences(fetch(db, spec, new, work, limits), "candidate", held, reference)
     counted = {"pairs" if held.method == DPO else "examples": held.rows, "documents": sum(map(examples, held.sft)),
                "forgetting_on": held.guarded_on, "reference": preference_gate.REFERENCE}
@@ -254,7 +266,7 @@ def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held
         old = gate.preferences(fetch(db, spec, serving, work, limits), "serving", held, reference)
     except LookupError as exc:  # refused or gone from GridFS: it cannot serve either
         return {"promoted": True, "checkpoint": ref, "reason": f"the serving checkpoint cannot be loaded: {exc}",
-                "scores": {"candidate": candidate, "base": base}, **counted}
+                "scores": {"candidate": candidate, "base": gate.base_scores(held.sft)}, **counted}
     promotion = spec.promotion
     promoted, reason = decide_preferences(promotion.metric, promotion.min_delta, promotion.max_eval_loss_rise,
                                           candidate, old)
