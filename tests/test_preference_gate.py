@@ -210,3 +210,21 @@ def test_class1_the_forgetting_guard_of_a_kto_gate_is_skipped_in_silence_when_no
         "preference_accuracy", 0, 0.05, {"preference_accuracy": 1.0, "eval_loss": None},
         {"preference_accuracy": 0.0, "eval_loss": 2.0})
     assert not promoted and "measured no eval_loss" in reason, reason
+
+
+def test_a_first_runs_gate_promotes_it_even_when_its_scores_cannot_be_measured(db, tiny_model_path, limits, tmp_path):
+    """With nothing serving the scores decide nothing: a run that trained to its end is never failed by them (here its
+    checkpoint is gone from GridFS). Against a serving checkpoint the same failure is the run's."""
+    from training.promotion import judge_preferences
+
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 5, 6]])  # one pair: its chosen row, then its rejected one
+    held = HeldOut("dpo", [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                            "completion_mask": torch.tensor([[0, 0, 1, 1]] * 2)}], [], beta=0.1)
+    spec = parse_model({**PAIRS, "model_name_or_path": tiny_model_path}, limits)
+    gone = {"run": 2, "step": 3, "files_id": ObjectId()}
+    decision = judge_preferences(db, spec, gone, None, held, tmp_path, limits)
+    assert decision["promoted"] and "scores" not in decision and decision["pairs"] == 1
+    assert decision["reason"].startswith("no earlier checkpoint serves; its scores could not be measured "
+                                         "(CheckpointRefused: checkpoint {run: 2, step: 3} of model 'm'"), decision
+    with pytest.raises(LookupError):
+        judge_preferences(db, spec, gone, {"run": 1, "step": 1}, held, tmp_path, limits)

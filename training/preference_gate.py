@@ -65,13 +65,14 @@ def sft_batches(batches: list, method: str) -> list:
 
 
 def answer_logps(model, batch: dict):
-    """Each row's summed log-probability of its answer tokens (`completion_mask`), on the CPU."""
-    import torch
+    """Each row's summed log-probability of its answer tokens (`completion_mask`), on the CPU: trl's own
+    `selective_log_softmax`, which never holds a log-softmax over the whole vocabulary for every row."""
+    from trl.trainer.utils import selective_log_softmax
 
     device = next(model.parameters()).device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    logps = selective_log_softmax(logits, ids[:, 1:])
     return (logps * batch["completion_mask"][:, 1:].to(device)).sum(-1).cpu()
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from training import checkpoints, defaults, events, lineage, preference_gate
 from training.config import DPO, GATE_METRICS, SFT, ModelSpec, SpecError, gate_metrics
+from training.errors import briefly, public_message
 from training.starting import refits
 
 log = logging.getLogger(__name__)
@@ -251,14 +252,23 @@ def decide_preferences(metric: str, min_delta: float, max_rise: float | None, ne
 def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held: preference_gate.HeldOut,
                       work: Path, limits) -> dict:
     """A preference run's decision: `promotion.metric` of both checkpoints, then the forgetting guard. With nothing
-    serving it is promoted, its scores recorded beside the base's."""
+    serving it is promoted, its scores recorded beside the base's where they can be measured."""
     ref = {"run": new["run"], "step": new["step"]}
-    gate = GateModel(spec, limits)
-    reference = gate.reference(held)
-    base = gate.base_scores(held.sft) if serving is None else None  # on the plain base, before any checkpoint
-    candidate = gate.preferences(fetch(db, spec, new, work, limits), "candidate", held, reference)
     counted = {"pairs" if held.method == DPO else "examples": held.rows, "documents": sum(map(examples, held.sft)),
                "forgetting_on": held.guarded_on, "reference": preference_gate.REFERENCE}
+    gate = GateModel(spec, limits)
+    try:
+        reference = gate.reference(held)
+        base = gate.base_scores(held.sft) if serving is None else None  # on the plain base, before any checkpoint
+        candidate = gate.preferences(fetch(db, spec, new, work, limits), "candidate", held, reference)
+    except Exception as exc:
+        if serving is not None:
+            raise
+        # With nothing serving the scores decide nothing: whatever stops them (out of memory, say) costs the run
+        # that trained to its end nothing but the record.
+        log.exception("promotion gate: run %d's scores could not be measured; promoted unscored", new["run"])
+        return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves; its scores could not "
+                f"be measured ({type(exc).__name__}: {public_message(briefly(exc))})", **counted}
     if serving is None:
         return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves",
                 "scores": {"candidate": candidate, "base": base}, **counted}
