@@ -69,6 +69,10 @@ def test_a_candidate_that_forgot_more_than_allowed_is_kept(new, serving, kept):
      "preference_accuracy worse by 0.25 (0.25 against 0.5)"),
     ("eval_loss", {"preference_accuracy": 0.0, "eval_loss": 1.5}, True,
      "eval_loss better by 0.5 (1.5 against 2), at least min_delta 0"),
+    # No chosen or desirable held-out answer (raters who rate every answer bad): a guard that measured nothing keeps it.
+    ("preference_accuracy", {"preference_accuracy": 1.0, "eval_loss": None}, False,
+     "preference_accuracy better by 0.5 (1 against 0.5), at least min_delta 0; but the forgetting guard measured no "
+     "eval_loss (no chosen or desirable held-out answer to score): kept"),
     ("reward_margin", {"reward_margin": None, "eval_loss": 2.0}, False,
      "reward_margin could not be computed for both checkpoints (the held-out rows lack the answers it needs: one of "
      "each label for reward_margin, a chosen or desirable one for the SFT scores): kept"),
@@ -199,17 +203,6 @@ def test_the_gate_gives_trls_own_rewards_for_an_adapter_against_the_base(db, tin
     else:  # KTO logs the mean reward of each label
         assert scored["reward_margin"] == pytest.approx(
             evaluated["eval_rewards/chosen"] - evaluated["eval_rewards/rejected"], rel=1e-4)
-
-
-def test_class1_the_forgetting_guard_of_a_kto_gate_is_skipped_in_silence_when_no_held_out_answer_is_desirable():
-    """A user expects a preference run never to "quietly forget" (issue 25): with no desirable example in a KTO
-    run's held-out fold (for a feedback run, raters decide the labels: rate every answer -1) the guard's eval_loss is
-    None and the candidate is promoted on its preference score alone, the reason not saying that the guard never
-    measured anything."""
-    promoted, reason = decide_preferences(
-        "preference_accuracy", 0, 0.05, {"preference_accuracy": 1.0, "eval_loss": None},
-        {"preference_accuracy": 0.0, "eval_loss": 2.0})
-    assert not promoted and "measured no eval_loss" in reason, reason
 
 
 def test_a_first_runs_gate_promotes_it_even_when_its_scores_cannot_be_measured(db, tiny_model_path, limits, tmp_path):
