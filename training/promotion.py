@@ -7,8 +7,9 @@ Until the gate decides, `best_checkpoint` keeps pointing at the earlier run's pr
 number of documents are recorded on the run's entry; a promotion also becomes a `promoted` event. A preference
 run (`method` dpo or kto) is scored on its held-out rows (`training.preference_gate`): preference accuracy and
 reward margin against the base, and the SFT loss on held-out documents, which must not rise by more than
-`max_eval_loss_rise` whatever the preference scores say (a preference run must not quietly forget). Its first run,
-with nothing serving, records its scores beside the base's, which are the "before".
+`max_eval_loss_rise` whatever the preference scores say (a preference run must not quietly forget; under a loss
+metric, not at all). Its first run, with nothing serving, records its scores beside the base's SFT scores, the
+"before", where they can be measured: they decide nothing.
 
 The training child frees its trained model before the gate, which then loads the base once for both
 checkpoints (`GateModel`): never two bases, nor a base beside the trained model, in memory at once.
