@@ -507,18 +507,28 @@ def check_method(spec: "ModelSpec") -> None:
         _preference_trainer(spec.trainer, spec.method)
 
 
-def _gate_fits(promotion: "Promotion", method: str) -> None:
-    """The metric is one the method's gate scores (its default filled in); the loss guard is for preference runs."""
-    allowed = GATE_METRICS[method]
+def _gate_fits(promotion: "Promotion", spec: "ModelSpec") -> None:
+    """The metric is one the model's method's gate judges by (its default filled in): a feedback run of an sft model
+    is judged by the same metric, on its forgetting guard's documents. The loss guard is for a model with preference
+    runs (its own or its feedback's), and only under a metric that does not already keep any rise of that loss."""
+    method, allowed = spec.method, gate_metrics(spec.method)
     if promotion.metric is None:
         promotion.metric = allowed[0]
     elif promotion.metric not in allowed:
+        also = " (its feedback runs are judged by the same metric)" if spec.feedback is not None else ""
         raise SpecError("promotion.metric", f"method {method}'s gate scores {', '.join(allowed)}, not "
-                        f"{promotion.metric}")
-    if method == SFT and promotion.max_eval_loss_rise is not None:
-        raise SpecError("promotion.max_eval_loss_rise", "guards a preference run's held-out SFT loss; an sft model's "
-                        "gate scores that loss itself: remove it, or give metric eval_loss and a min_delta")
-    if method != SFT and promotion.max_eval_loss_rise is None:
+                        f"{promotion.metric}{also}")
+    preferences = {method, spec.feedback.method if spec.feedback else method} & set(PREFERENCE_METHODS)
+    guards_itself = not GATE_METRICS[promotion.metric].higher_is_better  # a lower loss or perplexity: no rise passes
+    if promotion.max_eval_loss_rise is not None and not preferences:
+        raise SpecError("promotion.max_eval_loss_rise", "guards a preference run's held-out SFT loss, and this model "
+                        "has no preference runs (method sft, no feedback); its gate scores that loss itself: remove "
+                        "it, or give metric eval_loss and a min_delta")
+    if promotion.max_eval_loss_rise is not None and guards_itself:
+        raise SpecError("promotion.max_eval_loss_rise", f"metric {promotion.metric} already keeps a candidate whose "
+                        "held-out loss rose at all, so no allowance applies: remove it, or choose a metric where "
+                        "higher is better")
+    if preferences and not guards_itself and promotion.max_eval_loss_rise is None:
         promotion.max_eval_loss_rise = MAX_EVAL_LOSS_RISE
 
 
@@ -534,20 +544,36 @@ class CheckpointRef(_Strict):
     step: int = Field(ge=0, le=2**62)
 
 
-# What `promotion.metric` may name for each method (the first is its default): SFT's scores of held-out documents;
-# a preference run's scores of held-out pairs or labelled examples, or the SFT loss on its held-out documents.
-GATE_METRICS = {SFT: ("eval_loss", "eval_perplexity", "eval_mean_token_accuracy"),
-                **dict.fromkeys(PREFERENCE_METHODS, ("preference_accuracy", "reward_margin", "eval_loss"))}
+class GateMetric(typing.NamedTuple):
+    higher_is_better: bool
+    methods: tuple[str, ...]  # the model methods whose gate may judge by it
+
+
+# What `promotion.metric` may name: a preference run's scores of held-out pairs or labelled examples, and SFT's scores
+# of held-out documents (a preference run measures `eval_loss` on its forgetting guard's). A method's default is the
+# first here that it may name.
+GATE_METRICS = {"preference_accuracy": GateMetric(True, PREFERENCE_METHODS),
+                "reward_margin": GateMetric(True, PREFERENCE_METHODS),
+                "eval_loss": GateMetric(False, (SFT, *PREFERENCE_METHODS)),
+                "eval_perplexity": GateMetric(False, (SFT,)),
+                "eval_mean_token_accuracy": GateMetric(True, (SFT,))}
+
+
+def gate_metrics(method: str) -> tuple[str, ...]:
+    """What `method`'s gate may judge by, its default first."""
+    return tuple(name for name, metric in GATE_METRICS.items() if method in metric.methods)
+
+
 MAX_EVAL_LOSS_RISE = 0.05  # nats a token: a preference run may raise the held-out loss by e^0.05, about 5% perplexity
 
 
 class Promotion(_Strict):
     """When a finished run replaces the serving checkpoint: only if it is better by at least `min_delta`. `metric`
-    defaults to the method's first (`GATE_METRICS`); `max_eval_loss_rise` (preference runs only) keeps a candidate
-    whose held-out SFT loss rose above the serving one's by more, whatever its preference scores."""
+    defaults to the method's first (`gate_metrics`); `max_eval_loss_rise` (a model with preference runs, under a
+    metric where higher is better) keeps a candidate whose held-out SFT loss rose above the serving one's by more,
+    whatever its metric says."""
 
-    metric: Literal["eval_loss", "eval_perplexity", "eval_mean_token_accuracy", "preference_accuracy",
-                    "reward_margin"] | None = None
+    metric: Literal[tuple(GATE_METRICS)] | None = None
     min_delta: float = Field(default=0.0, ge=0, le=1e6)
     max_eval_loss_rise: float | None = Field(default=None, ge=0, le=1e3)
 
@@ -654,7 +680,7 @@ class ModelSpec(_Strict):
         check_method(self)
         check_feedback_trainer(self)
         if self.promotion is not False:
-            _gate_fits(self.promotion, self.method)
+            _gate_fits(self.promotion, self)
         return self
 
     def warnings(self) -> list[str]:

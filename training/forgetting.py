@@ -55,7 +55,7 @@ def sft_batches(valid, spec: ModelSpec, tokenizer, work: Path) -> list:
 
 def guard(db, spec: ModelSpec, limits: Limits, tokenizer, work: Path) -> tuple[list | None, dict]:
     """A feedback run's forgetting guard on the model `spec` (its own method): the SFT batches of its data's valid
-    fold and `{source: "data", collection, documents}`, or None (the held-out feedback rows) and why not."""
+    fold and `{source: "data", collection}`, or None (the held-out feedback rows) and why not."""
     if spec.method != SFT:
         return None, {"source": FEEDBACK, "why": f"the model's own method is {spec.method}: its data are preference "
                                                  "rows, not documents an SFT loss reads"}
@@ -66,5 +66,4 @@ def guard(db, spec: ModelSpec, limits: Limits, tokenizer, work: Path) -> tuple[l
     if valid is None:
         return None, {"source": FEEDBACK, "why": "the model's data has no valid fold (fewer than 10 documents, "
                                                  f"valid_fraction 0, or none marked {spec.data.fold_field}: 'valid')"}
-    return sft_batches(valid, spec, tokenizer, work), {"source": DATA, "collection": spec.data.collection,
-                                                       "documents": len(valid)}
+    return sft_batches(valid, spec, tokenizer, work), {"source": DATA, "collection": spec.data.collection}

@@ -82,8 +82,11 @@ def held_out(trainer, spec: ModelSpec, guard: tuple[list | None, dict] | None = 
 
     if spec.method == SFT:
         return promotion.held_out_batches(trainer)
+    batches = promotion.held_out_batches(trainer, preference_gate.COLUMNS[spec.method])
+    if batches is None:
+        return None
     sft, guarded_on = guard or (None, {"source": forgetting.DATA})
-    return preference_gate.held_out(trainer, spec.method, sft, guarded_on)
+    return preference_gate.held_out(batches, spec.method, trainer.args.beta, sft, guarded_on)
 
 
 def reference(trainer, started: dict | None) -> dict:

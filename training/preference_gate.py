@@ -36,7 +36,7 @@ class HeldOut:
     batches: list
     sft: list
     beta: float
-    guarded_on: dict = field(default_factory=dict)  # what `sft` holds, as the promotion entry's `forgetting_on` says
+    guarded_on: dict = field(default_factory=dict)  # where `sft` comes from, as the promotion entry's `forgetting_on`
 
     @property
     def rows(self) -> int:
@@ -44,21 +44,13 @@ class HeldOut:
         return sum(len(b["input_ids"]) // (2 if self.method == DPO else 1) for b in self.batches)
 
 
-def held_out(trainer, method: str, sft: list | None = None, guarded_on: dict | None = None) -> HeldOut | None:
-    """The trainer's tokenized valid fold in its own collator's batches (its truncation included); None when the run
-    has none. `sft`: the SFT batches the forgetting guard scores, each `{input_ids, attention_mask, labels}` (as
-    `promotion.held_out_batches` gives them); by default this fold's prompts with their chosen or desirable answers.
-    `guarded_on`: what they are, for the promotion entry."""
-    from torch.utils.data import DataLoader
-
-    dataset = trainer.eval_dataset
-    if dataset is None or len(dataset) == 0:
-        return None
-    dataset = dataset.select_columns(list(COLUMNS[method]))
-    batches = list(DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size,
-                              collate_fn=trainer.data_collator))
-    return HeldOut(method, batches, sft if sft is not None else sft_batches(batches, method), trainer.args.beta,
-                   guarded_on or {})
+def held_out(batches: list, method: str, beta: float, sft: list | None = None,
+             guarded_on: dict | None = None) -> HeldOut:
+    """A preference run's held-out rows, `batches` of its `COLUMNS` as its trainer collates them
+    (`promotion.held_out_batches`). `sft`: the SFT batches the forgetting guard scores, each `{input_ids,
+    attention_mask, labels}`; by default these rows' prompts with their chosen or desirable answers. `guarded_on`: what
+    they are, for the promotion entry."""
+    return HeldOut(method, batches, sft if sft is not None else sft_batches(batches, method), beta, guarded_on or {})
 
 
 def sft_batches(batches: list, method: str) -> list:
@@ -73,13 +65,14 @@ def sft_batches(batches: list, method: str) -> list:
 
 
 def answer_logps(model, batch: dict):
-    """Each row's summed log-probability of its answer tokens (`completion_mask`), on the CPU."""
-    import torch
+    """Each row's summed log-probability of its answer tokens (`completion_mask`), on the CPU: trl's own
+    `selective_log_softmax`, which never holds a log-softmax over the whole vocabulary for every row."""
+    from trl.trainer.utils import selective_log_softmax
 
     device = next(model.parameters()).device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    logps = selective_log_softmax(logits, ids[:, 1:])
     return (logps * batch["completion_mask"][:, 1:].to(device)).sum(-1).cpu()
 
 
@@ -93,7 +86,7 @@ def all_logps(model, held: HeldOut) -> list:
 
 
 def scores(held: HeldOut, policy: list, reference: list) -> dict:
-    """`preference_accuracy`, `reward_margin` and the rows counted, from each batch's policy and reference logps."""
+    """`preference_accuracy` and `reward_margin` from each batch's policy and reference logps."""
     import torch
 
     rewards = [held.beta * (p - r) for p, r in zip(policy, reference)]
@@ -105,8 +98,7 @@ def scores(held: HeldOut, policy: list, reference: list) -> dict:
 
 def pair_scores(margins) -> dict:
     """DPO: the fraction of pairs whose chosen answer's reward is above the rejected one's, and the mean margin."""
-    return {"preference_accuracy": (margins > 0).float().mean().item(), "reward_margin": margins.mean().item(),
-            "pairs": len(margins)}
+    return {"preference_accuracy": (margins > 0).float().mean().item(), "reward_margin": margins.mean().item()}
 
 
 def example_scores(rewards, labels) -> dict:
@@ -115,4 +107,4 @@ def example_scores(rewards, labels) -> dict:
     right = (rewards > 0) & labels | (rewards < 0) & ~labels
     both = labels.any() and (~labels).any()
     margin = (rewards[labels].mean() - rewards[~labels].mean()).item() if both else None
-    return {"preference_accuracy": right.float().mean().item(), "reward_margin": margin, "examples": len(rewards)}
+    return {"preference_accuracy": right.float().mean().item(), "reward_margin": margin}

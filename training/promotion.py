@@ -7,28 +7,28 @@ Until the gate decides, `best_checkpoint` keeps pointing at the earlier run's pr
 number of documents are recorded on the run's entry; a promotion also becomes a `promoted` event. A preference
 run (`method` dpo or kto) is scored on its held-out rows (`training.preference_gate`): preference accuracy and
 reward margin against the base, and the SFT loss on held-out documents, which must not rise by more than
-`max_eval_loss_rise` whatever the preference scores say (a preference run must not quietly forget). Its first run,
-with nothing serving, records its scores beside the base's, which are the "before".
+`max_eval_loss_rise` whatever the preference scores say (a preference run must not quietly forget; under a loss
+metric, not at all). Its first run, with nothing serving, records its scores beside the base's SFT scores, the
+"before", where they can be measured: they decide nothing.
 
 The training child frees its trained model before the gate, which then loads the base once for both
 checkpoints (`GateModel`): never two bases, nor a base beside the trained model, in memory at once.
 """
 
-import contextlib
 import gc
 import logging
 import math
 from pathlib import Path
 
 from training import checkpoints, defaults, events, lineage, preference_gate
-from training.config import DPO, GATE_METRICS, MAX_EVAL_LOSS_RISE, SFT, ModelSpec, SpecError
+from training.config import DPO, GATE_METRICS, SFT, ModelSpec, SpecError, gate_metrics
+from training.errors import briefly, public_message
 from training.starting import refits
 
 log = logging.getLogger(__name__)
 
 LOSS_COLUMNS = ("input_ids", "labels", "seq_lengths")  # what trl's collator reads: the loss's labels, packed lengths
-SFT_METRICS = GATE_METRICS[SFT]
-HIGHER_IS_BETTER = ("eval_mean_token_accuracy", "preference_accuracy", "reward_margin")
+SFT_METRICS = gate_metrics(SFT)
 
 
 def serving_ref(document: dict) -> dict | None:
@@ -47,7 +47,7 @@ def decide(metric: str, min_delta: float, new: float | None, serving: float | No
     `unknown`: why a score can be None."""
     if new is None or serving is None:
         return False, f"{metric} could not be computed for both checkpoints ({unknown}): kept"
-    gain = new - serving if metric in HIGHER_IS_BETTER else serving - new
+    gain = new - serving if GATE_METRICS[metric].higher_is_better else serving - new
     scores = f"{new:.4g} against {serving:.4g}"
     if gain == 0 and min_delta == 0:
         return True, f"{metric} equal to the serving checkpoint's ({new:.4g}); min_delta 0 allows not worse"
@@ -60,9 +60,9 @@ def decide(metric: str, min_delta: float, new: float | None, serving: float | No
                     f"min_delta {min_delta:g}")
 
 
-def forgot(max_rise: float, new: float | None, serving: float | None) -> str | None:
+def forgot(max_rise: float, new: float, serving: float) -> str | None:
     """Why a candidate is kept for its held-out SFT loss: risen above the serving one's by more than `max_rise`."""
-    if new is None or serving is None or new - serving <= max_rise:
+    if new - serving <= max_rise:
         return None
     return (f"eval_loss on the held-out documents rose by {new - serving:.4g} ({new:.4g} against {serving:.4g}), "
             f"more than max_eval_loss_rise {max_rise:g}: the run forgot what the serving checkpoint knew")
@@ -99,19 +99,21 @@ def forgetting(model, sft_batches: list) -> dict:
     return measure(model, sft_batches) if sft_batches else dict.fromkeys(SFT_METRICS)
 
 
-def held_out_batches(trainer) -> list | None:
-    """The trainer's tokenized valid fold in its own collator's batches; None when the run has no valid fold."""
+def held_out_batches(trainer, columns: tuple = LOSS_COLUMNS) -> list | None:
+    """The trainer's tokenized valid fold in its own collator's batches (its truncation included) of `columns`; None
+    when the run has no valid fold."""
     dataset = trainer.eval_dataset
     if dataset is None or len(dataset) == 0:
         return None
-    return loss_batches(dataset, trainer.args.per_device_eval_batch_size, trainer.data_collator)
+    return loss_batches(dataset, trainer.args.per_device_eval_batch_size, trainer.data_collator, columns)
 
 
-def loss_batches(dataset, batch_size: int, collator) -> list:
-    """A tokenized SFT dataset in `collator`'s batches of what the loss reads (`LOSS_COLUMNS`)."""
+def loss_batches(dataset, batch_size: int, collator, columns: tuple = LOSS_COLUMNS) -> list:
+    """A tokenized dataset in `collator`'s batches of what it reads: by default an SFT loss (`LOSS_COLUMNS`), those
+    of them the dataset has."""
     from torch.utils.data import DataLoader
 
-    dataset = dataset.select_columns([c for c in LOSS_COLUMNS if c in dataset.column_names])
+    dataset = dataset.select_columns([c for c in columns if c in dataset.column_names])
     return list(DataLoader(dataset, batch_size=batch_size, collate_fn=collator))
 
 
@@ -144,17 +146,22 @@ class GateModel:
     def score(self, folder: Path, name: str, batches: list) -> dict:
         return measure(self._with(folder, name), batches)
 
-    def reference(self, held: preference_gate.HeldOut) -> tuple[list, dict]:
-        """The base's answer logps, every checkpoint's reference, and its own scores (rewards all 0)."""
+    def reference(self, held: preference_gate.HeldOut) -> list:
+        """The base's answer logps, every checkpoint's reference. Called first: nothing else is loaded yet."""
+        self.model = self._base()
+        return preference_gate.all_logps(self.model, held)
+
+    def base_scores(self, sft: list) -> dict:
+        """The base's forgetting-guard scores, the "before" of a run with nothing serving to compare against (its
+        preference scores are 0 by definition: every reward against itself is)."""
         from peft import PeftModel
 
-        if self.model is None or self.overwritten:
+        if self.overwritten:
             self.model = self._base()
-        off = self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext()
-        with off:
-            logps = preference_gate.all_logps(self.model, held)
-            base = preference_gate.scores(held, logps, logps)
-            return logps, {**base, **forgetting(self.model, held.sft)}
+        if not isinstance(self.model, PeftModel):
+            return forgetting(self.model, sft)
+        with self.model.disable_adapter():
+            return forgetting(self.model, sft)
 
     def preferences(self, folder: Path, name: str, held: preference_gate.HeldOut, reference: list) -> dict:
         """One checkpoint's preference scores against the base's `reference` logps, and its held-out SFT loss."""
@@ -204,12 +211,11 @@ def judge(db, spec: ModelSpec, new: dict, serving: dict | None, held, work: Path
     ref = {"run": new["run"], "step": new["step"]}
     if spec.promotion is False:
         return {"promoted": True, "checkpoint": ref, "reason": "promotion is false: every finished run serves"}
-    preferences = isinstance(held, preference_gate.HeldOut)  # a preference run, or (its method aside) a feedback run
-    if serving is None and not preferences:
+    if serving is None and (spec.method == SFT or not held):  # a preference run's first records its scores
         return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves"}
     if not held:
         return {"promoted": True, "checkpoint": ref, "reason": "this run has no held-out documents to compare on"}
-    if preferences:
+    if spec.method != SFT:  # a preference run, or (its model's method aside) a feedback run
         return judge_preferences(db, spec, new, serving, held, work, limits)
     metric, min_delta = spec.promotion.metric, spec.promotion.min_delta
     gate = GateModel(spec, limits)
@@ -226,33 +232,44 @@ def judge(db, spec: ModelSpec, new: dict, serving: dict | None, held, work: Path
             "reason": reason}
 
 
-def decide_preferences(metric: str, min_delta: float, max_rise: float, new: dict, serving: dict) -> tuple[bool, str]:
-    """`decide` on the metric, then the forgetting guard: a candidate that forgot is kept however it ranks, and so is
-    one the guard could not measure (no held-out answer to score): raters decide a feedback run's labels, and rating
-    every answer bad would otherwise promote on the preference score alone."""
+def decide_preferences(metric: str, min_delta: float, max_rise: float | None, new: dict,
+                       serving: dict) -> tuple[bool, str]:
+    """`decide` on the metric, then the forgetting guard (none for a loss metric, `max_rise` None: it keeps any rise
+    itself): a candidate that forgot is kept however it ranks, and so is one the guard could not measure (no held-out
+    answer to score): raters decide a feedback run's labels, and rating every answer bad would otherwise promote on
+    the preference score alone."""
     promoted, reason = decide(metric, min_delta, new[metric], serving[metric], unknown=(
         "the held-out rows lack the answers it needs: one of each label for reward_margin, a chosen or desirable one "
         "for the SFT scores"))
-    if promoted and (new["eval_loss"] is None or serving["eval_loss"] is None):
+    if not promoted or max_rise is None:
+        return promoted, reason
+    if new["eval_loss"] is None or serving["eval_loss"] is None:
         return False, (f"{reason}; but the forgetting guard measured no eval_loss (no chosen or desirable held-out "
                        "answer to score): kept")
     forgetting_reason = forgot(max_rise, new["eval_loss"], serving["eval_loss"])
-    if promoted and forgetting_reason:
-        return False, f"{reason}; but {forgetting_reason}: kept"
-    return promoted, reason
+    return (False, f"{reason}; but {forgetting_reason}: kept") if forgetting_reason else (True, reason)
 
 
 def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held: preference_gate.HeldOut,
                       work: Path, limits) -> dict:
     """A preference run's decision: `promotion.metric` of both checkpoints, then the forgetting guard. With nothing
-    serving it is promoted, its scores recorded beside the base's."""
+    serving it is promoted, its scores recorded beside the base's where they can be measured."""
     ref = {"run": new["run"], "step": new["step"]}
+    counted = {"pairs" if held.method == DPO else "examples": held.rows, "documents": sum(map(examples, held.sft)),
+               "forgetting_on": held.guarded_on, "reference": preference_gate.REFERENCE}
     gate = GateModel(spec, limits)
-    reference, base = gate.reference(held)
-    candidate = gate.preferences(fetch(db, spec, new, work, limits), "candidate", held, reference)
-    documents = sum(map(examples, held.sft))
-    counted = {"pairs" if held.method == DPO else "examples": held.rows, "documents": documents,
-               "forgetting_on": {"documents": documents, **held.guarded_on}, "reference": preference_gate.REFERENCE}
+    try:
+        reference = gate.reference(held)
+        base = gate.base_scores(held.sft) if serving is None else None  # on the plain base, before any checkpoint
+        candidate = gate.preferences(fetch(db, spec, new, work, limits), "candidate", held, reference)
+    except Exception as exc:
+        if serving is not None:
+            raise
+        # With nothing serving the scores decide nothing: whatever stops them (out of memory, say) costs the run
+        # that trained to its end nothing but the record.
+        log.exception("promotion gate: run %d's scores could not be measured; promoted unscored", new["run"])
+        return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves; its scores could not "
+                f"be measured ({type(exc).__name__}: {public_message(briefly(exc))})", **counted}
     if serving is None:
         return {"promoted": True, "checkpoint": ref, "reason": "no earlier checkpoint serves",
                 "scores": {"candidate": candidate, "base": base}, **counted}
@@ -260,12 +277,12 @@ def judge_preferences(db, spec: ModelSpec, new: dict, serving: dict | None, held
         old = gate.preferences(fetch(db, spec, serving, work, limits), "serving", held, reference)
     except LookupError as exc:  # refused or gone from GridFS: it cannot serve either
         return {"promoted": True, "checkpoint": ref, "reason": f"the serving checkpoint cannot be loaded: {exc}",
-                "scores": {"candidate": candidate, "base": base}, **counted}
+                "scores": {"candidate": candidate, "base": gate.base_scores(held.sft)}, **counted}
     promotion = spec.promotion
-    rise = MAX_EVAL_LOSS_RISE if promotion.max_eval_loss_rise is None else promotion.max_eval_loss_rise
-    promoted, reason = decide_preferences(promotion.metric, promotion.min_delta, rise, candidate, old)
+    promoted, reason = decide_preferences(promotion.metric, promotion.min_delta, promotion.max_eval_loss_rise,
+                                          candidate, old)
     return {"promoted": promoted, "checkpoint": ref, "metric": promotion.metric, "min_delta": promotion.min_delta,
-            "max_eval_loss_rise": rise, "score": candidate[promotion.metric],
+            "max_eval_loss_rise": promotion.max_eval_loss_rise, "score": candidate[promotion.metric],
             "serving_score": old[promotion.metric], "serving": {"run": serving["run"], "step": serving["step"]},
             "scores": {"candidate": candidate, "serving": old}, **counted, "reason": reason}
 
