@@ -188,7 +188,7 @@ def test_a_feedback_runs_forgetting_guard_scores_the_models_own_held_out_documen
         answered(db, "fb_guard", f"guard {n}", {"rating": 1 if n % 2 else -1})
     promotion = feedback_run(db, "fb_guard")["runs"][1]["promotion"]
     # Not the held-out rating's answer: the model's own SFT documents, the 20 of its 200 its SFT runs hold out.
-    assert promotion["forgetting_on"] == {"source": "data", "collection": "pirate_chat", "documents": 20}
+    assert promotion["forgetting_on"] == {"source": "data", "collection": "pirate_chat"}
     assert promotion["documents"] == 20 and promotion["examples"] == 1
     assert promotion["metric"] == "eval_loss"  # the sft model's own metric, measured on them
     candidate, serving = promotion["scores"]["candidate"], promotion["scores"]["serving"]
