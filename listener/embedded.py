@@ -62,6 +62,15 @@ def _bindable(port: int) -> bool:
         return True
 
 
+def _freed(port: int, within_s: float = 5.0) -> bool:
+    """Whether `port` can be bound now or within `within_s`: a server just stopped may hold its port a moment longer
+    (its last connections closing), and a restart right after a stop should keep it."""
+    try:
+        return wait_until(lambda: _bindable(port), within_s, f"port {port} free", poll_s=0.2)
+    except TimeoutError:
+        return False
+
+
 def _serves(pid, folder: Path) -> bool:
     """Whether `pid` is a server working in `folder`, so a pid reused by another program never counts."""
     if not isinstance(pid, int) or pid <= 0:
@@ -147,7 +156,7 @@ class EmbeddedServer:
         if self.bound:
             if self.running_pid():
                 return self
-            if not _bindable(self.port):  # another program, or another home's server, holds it: move for good
+            if not _freed(self.port):  # another program, or another home's server, holds it: move for good
                 self.port = free_port()
             self._write_record()
         elif self.answering():
