@@ -124,12 +124,13 @@ class FeedbackTrigger:
                 await self._stamp(passed_over, feedback.PASSED_OVER)
             except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
                 self.skipped.skip("feedback filter", spec.id, exc)
+        if state.status is not Status.SUCCEEDED:  # a running model's ratings are stamped; they count once it ends
+            return False
         # Stamps on what is not a rating in this selection (anyone may write `feedback_run`) count for nothing.
         count = await requests.count_documents(
             {"$and": [feedback.selection(spec, self.limits), {"feedback_run": state.run}]},
             maxTimeMS=QUERY_MS)
-        if state.status is not Status.SUCCEEDED or count < spec.feedback.every or self.too_few.get(key) == (
-                state.run, count):
+        if count < spec.feedback.every or self.too_few.get(key) == (state.run, count):
             return False
         if not await self._enough(spec):
             self.too_few[key] = (state.run, count)
