@@ -56,6 +56,9 @@ def feedback(uri, db, model, request_id, good, better):
     if found.get("status") != defaults.Status.DONE.value:
         raise click.ClickException(f"request {request_id!r} is {found.get('status') or 'pending'}, not done yet: "
                                    "rate it once it has its answer")
-    requests.update_one({"_id": ids.eq(found["_id"]), "model": ids.eq(model)}, {"$set": {"feedback": rating}})
+    done = {"_id": ids.eq(found["_id"]), "model": ids.eq(model), "status": defaults.Status.DONE.value}
+    if not requests.update_one(done, {"$set": {"feedback": rating}}).matched_count:  # requeued or deleted meanwhile
+        raise click.ClickException(f"request {request_id!r} changed while it was being rated (requeued or deleted): "
+                                   "nothing was rated")
     click.echo(inert(f"rated request {request_id!r} of model {model!r} {'good' if good else 'bad'}"
                      + (" with a better answer" if better is not None else ""), MAX_LINE_CHARS))
