@@ -93,7 +93,8 @@ class FeedbackTrigger:
         if not spec.feedback.filter:
             return
         try:
-            await self.db[defaults.REQUESTS].find_one(spec.feedback.filter, max_time_ms=QUERY_MS)
+            await self.db[defaults.REQUESTS].find_one({"$and": [{"model": ids.eq(spec.id)}, spec.feedback.filter]},
+                                                      max_time_ms=QUERY_MS)  # never run over others' requests
         except ExecutionTimeout:
             return
         except OperationFailure as exc:

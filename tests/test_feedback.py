@@ -517,7 +517,7 @@ def test_class1_a_raters_request_id_nested_deep_makes_the_models_document_unread
 
 def test_class4_a_feedback_filter_the_server_refuses_is_never_told_to_its_writer(module_db, module_daemon):
     """A user expects a `feedback.filter` the server refuses to be named to them, as a refused `data.filter` of
-    `retrain` is (the model's `warnings`): today the daemon only logs it, and the model waits for ratings forever."""
+    `retrain` is (the model's `warnings`), not only logged while the model waits for ratings forever."""
     db = module_db
     for name, query in (("silent", {"input": {"$regex": "("}}), ("zz_control", {"input": {"$exists": True}})):
         db[defaults.MODELS].insert_one({**BASE, "_id": name, "status": "succeeded", "run": 1,
