@@ -17,7 +17,7 @@ the kill scenario the oldest daemon is SIGKILLed every `KILL_EVERY_S` while requ
 replacement started at once; what a killed one had claimed is requeued by another daemon at its next
 take-over tick (every heartbeat, 2 s by default), since all run on this host and see its process gone
 (`listener.liveness`; elsewhere, once its heartbeat has stopped for four intervals, about 8 s), and a
-replacement claims nothing before its serving worker runs (`Serving.warm_up`). Also: `listener start` to the first answer, on a database with one pending request.
+replacement claims nothing before its serving worker runs (`Seat.warm_up`). Also: `listener start` to the first answer, on a database with one pending request.
 
 Always the tiny model unless `--model` says otherwise: this measures daemons and database, not
 generation. Not part of `make bench`: `python -m bench --only load` (5 minutes on 2 CPUs that other work kept busy).

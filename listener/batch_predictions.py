@@ -152,9 +152,9 @@ class CollectionJob:
                              match=self._mine(), fields={"checkpoint_used": used, "completed_at": now()},
                              unset=("lease",))
         except Failure as exc:
-            await self.serving.fail(self.spec.id, exc.message, exc.kind)
+            await self.serving.answers.fail(self.spec.id, exc.message, exc.kind)
         except SpecError as exc:
-            await self.serving.refuse(self.spec.id, exc)
+            await self.serving.answers.refuse(self.spec.id, exc)
 
     async def _pass(self, model: dict, entry: dict | None, used, counted: bool = True) -> bool:
         """Answer every matching document that lacks an answer from `used`; False if the job ended meanwhile
@@ -176,7 +176,7 @@ class CollectionJob:
                 else:
                     await self._count(done=len(chunk) - len(missed), skipped=len(missed))
                 if len(self.unwritable) > MAX_UNWRITABLE or self.unwritable_bytes > MAX_UNWRITABLE_BYTES:
-                    await self.serving.fail(self.spec.id, self._too_many_unwritable())
+                    await self.serving.answers.fail(self.spec.id, self._too_many_unwritable())
                     return False
                 if await self._cancelled():  # looked for at each chunk: a long first pass can be stopped too
                     await self._end_cancelled()
@@ -390,7 +390,7 @@ class CollectionJob:
                 return True
             if change is None or change["operationType"] == "invalidate":
                 if not changes.alive:  # the collection was dropped or renamed: the server ended the stream
-                    await self.serving.fail(self.spec.id, f"collection {self.spec.collection!r} was dropped or "
+                    await self.serving.answers.fail(self.spec.id, f"collection {self.spec.collection!r} was dropped or "
                                             "renamed while watched: nothing is left to watch")
                     return False
                 continue

@@ -119,7 +119,7 @@ class Daemon:
         for task in [serving, *trainings]:
             task.cancel()
         await asyncio.gather(cancel_and_wait(loops, SHUTDOWN_DB_S, "streams"), serving, *trainings,
-                             self.serving.close(), return_exceptions=True)
+                             self.serving.seat.close(), return_exceptions=True)
         self.health.remove()
         try:  # with the database away, leases expire and the reaper hands the work on: never wait long
             await asyncio.wait_for(self._give_back(), SHUTDOWN_DB_S)

@@ -113,7 +113,7 @@ class Intake:
             handed += await self._hand_over(claimed)
             progressed = progressed or bool(ended or claimed)
             if waiting:
-                break  # they stay pending until the worker runs, which wakes this loop (`Serving.warm_up`)
+                break  # they stay pending until the worker runs, which wakes this loop (`Seat.warm_up`)
             raced = len(claimed) < len(chosen)  # another daemon took some: their places are still free here
             more = {kind for kind, places in free.items() if len(found[kind]) == places or raced}
             if not more:
@@ -133,7 +133,7 @@ class Intake:
         still importing its libraries while another daemon could answer it at once. The others can only fail
         (no such model, an id of no model's shape) and are claimed and ended without a worker: a daemon that only
         ever sees those never pays for its imports."""
-        if not self.warm_first or self.serving.worker_started:
+        if not self.warm_first or self.serving.seat.started:
             return []
         named = {ids.key(model): model for document in chosen if _plain(model := document.get("model"))}
         if not named:
@@ -143,7 +143,7 @@ class Intake:
         waiting = [document for document in chosen
                    if _plain(document.get("model")) and ids.key(document["model"]) in existing]
         if waiting:
-            self.serving.warm_up()
+            self.serving.seat.warm_up(self.wake)
         return waiting
 
     async def _pending(self, kind: bool, places: int, full: dict) -> list[RawBSONDocument]:

@@ -215,6 +215,6 @@ def attach(daemon, periodic) -> Metrics | None:
         return None
     metrics = Metrics(daemon)
     metrics.start(settings.metrics_host, settings.metrics_port)
-    daemon.serving.on_answered = metrics.latency.observe
+    daemon.serving.answers.on_answered = metrics.latency.observe
     periodic.every(settings.heartbeat_s, metrics.refresh)
     return metrics

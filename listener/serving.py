@@ -26,16 +26,17 @@ import time
 from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
-from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
+from listener.answers import Answers
 from listener.batching import Arrivals, Queued, Queues
 from listener.forks import Forks
 from listener.leases import lease
 from listener.preload import watch_promotions
-from listener.serving_worker import Failure, Worker
+from listener.serving_worker import Failure
 from listener.settings import Settings
-from listener.status import REQUEST_TRANSITIONS, Status, now, query_for, transition_each, update_for
+from listener.status import Status
+from listener.worker_seat import Seat
 from training import checkpoints, defaults, ids
 from training.config import CheckpointRef, RequestSpec, SpecError, parse_model
 from training.errors import public_message
@@ -43,26 +44,24 @@ from training.inference import normalised
 
 log = logging.getLogger(__name__)
 
+
 class Serving:
-    """The worker that answers claimed requests, batch by batch, and the leases on what it holds."""
+    """Answers claimed requests batch by batch on the worker (`seat`), ends them (`answers`), and renews the leases
+    on what it holds."""
 
     def __init__(self, db, settings: Settings, owner: str, counters: dict, forks: Forks,
                  collection_job: Callable[["Serving", RequestSpec], Awaitable[None]],
                  on_room: Callable[[], None] = lambda: None):
-        self.db, self.settings, self.owner, self.counters = db, settings, owner, counters
+        self.db, self.settings, self.owner = db, settings, owner
         self.on_room = on_room  # called whenever requests leave: the daemon's intake claims more
-        self.forks = forks
         self.collection_job = collection_job  # `batch_predictions.predict_collection`, which builds on this class
+        self.seat = Seat(settings, db.name, forks)
+        self.answers = Answers(db, owner, counters)
         self.queues = Queues(settings)  # what is held here, and which batch is next
         self._work_waiting = asyncio.Event()  # a batch or a preload is waiting for its turn
         self.arrivals = Arrivals()  # a batch starts once the requests inserted with its first are claimed
-        self._worker: Worker | None = None
-        self.worker_started = False  # a worker has started here, or tried to: see `warm_up`
-        self._warming: asyncio.Task | None = None
         self._preloads: dict[str, object] = {}  # model ids whose best checkpoint to load when idle, by ids.key
         self._jobs: dict[str, asyncio.Task] = {}  # predictions over a collection, by request key
-        self._turn = asyncio.Lock()  # one command at a time to the worker: batches, preloads, collection chunks
-        self.on_answered: Callable[[float], None] | None = None  # metrics: seconds from claim to done
 
     def submit(self, spec: RequestSpec) -> None:
         """Queue a claimed request; one already queued or generating here (its writer set it back to pending,
@@ -102,11 +101,11 @@ class Serving:
 
     async def generate(self, model: dict, entry: dict | None, prompts: list, params: dict) -> list[dict]:
         """Answers for `prompts` from the shared worker, in turn with the request batches; `Failure` if it fails."""
-        async with self._turn:
+        async with self.seat.turn:
             command = {"model": model, "checkpoint": entry}
-            await self._ask({**command, "op": "load"}, "loading the model", "load_timeout_s")
-            reply = await self._ask({**command, "op": "generate", "prompts": prompts, "params": params},
-                                    "generating the answers", "request_timeout_s")
+            await self.seat.ask({**command, "op": "load"}, "loading the model", "load_timeout_s")
+            reply = await self.seat.ask({**command, "op": "generate", "prompts": prompts, "params": params},
+                                        "generating the answers", "request_timeout_s")
         return reply["results"]
 
     async def resolve(self, model_id, checkpoint) -> tuple[dict, dict | None]:
@@ -117,27 +116,6 @@ class Serving:
         """Load this model's best checkpoint at its turn: when idle, else between two batches (`preload_best`)."""
         self._preloads[ids.key(model_id)] = model_id
         self._work_waiting.set()
-
-    def warm_up(self) -> None:
-        """Start the worker before the first claim, then wake the intake (`on_room`), which claims nothing until
-        `worker_started`: a request claimed by a daemon still starting its worker (seconds of imports, more on a busy
-        host) would wait that long while another daemon could answer it at once. A worker that cannot start, however
-        it fails, lets this daemon claim all the same, so its requests fail saying why instead of staying pending
-        while the daemon heartbeats."""
-        if self._warming is None:
-            self._warming = asyncio.create_task(self._warm())
-
-    async def _warm(self) -> None:
-        try:
-            async with self._turn:
-                await self._running_worker()
-        except Failure as exc:
-            log.warning("%s; claiming requests anyway, so that they fail saying so", exc.message)
-        except Exception:
-            log.exception("the serving worker could not start; claiming requests anyway, so that they fail saying so")
-        finally:
-            self.worker_started = True
-            self.on_room()
 
     async def serve(self) -> None:
         """Batch by batch until cancelled, preloads when idle; the worker never outlives this loop."""
@@ -152,14 +130,14 @@ class Serving:
                 await self.arrivals.settled(self.settings.batch_window_s)
                 if not self.queues.waiting() or (self._preloads and preload_due):
                     preload_due = False
-                    async with self._turn:
+                    async with self.seat.turn:
                         await self._preload_next()
                     continue
                 batch, preload_due = self.queues.next_batch(), True
                 if not self.queues.waiting() and not self._preloads:
                     self._work_waiting.clear()
                 try:
-                    async with self._turn:
+                    async with self.seat.turn:
                         await self._answer(batch)
                 except PyMongoError as exc:  # the answers' leases run out and the reaper requeues them
                     log.warning("could not record answers for %d request(s): %s", len(batch), exc)
@@ -168,39 +146,10 @@ class Serving:
                         self.queues.release(item.spec.id)
                 self.on_room()
         finally:
-            for task in [promotions, self._warming, *self._jobs.values()]:
+            for task in [promotions, self.seat.warming, *self._jobs.values()]:
                 if task:
                     task.cancel()
-            await self.close()
-
-    async def close(self) -> None:
-        """Stop the worker (SIGTERM, then SIGKILL): a stopping daemon never waits for a generation."""
-        worker, self._worker = self._worker, None
-        if worker:
-            await worker.kill()
-
-    async def fail(self, request_id, message: str, kind: str = "invalid_request") -> None:
-        await self._end([self._failed(request_id, message, kind)])
-
-    async def refuse(self, request_id, exc: SpecError) -> None:
-        """End a request whose document names what it may not, with the error intake writes for one it cannot parse."""
-        await self._end([self._failed(request_id, **exc.as_error())])
-
-    async def _end(self, writes: list[tuple[dict, dict]]) -> None:
-        """Write requests' endings in one round trip; say so when some were no longer this daemon's to end."""
-        written = await transition_each(self.db[defaults.REQUESTS], writes)
-        if written < len(writes):
-            log.warning("%d of %d answer(s) not written: their requests were taken over by another daemon "
-                        "(this one was paused or cut off past its heartbeat or lease)", len(writes) - written,
-                        len(writes))
-
-    def _failed(self, request_id, message: str, type: str, **error) -> tuple[dict, dict]:
-        """The write that ends a request this daemon still holds as failed (see `transition_each`); `error` may
-        name the `field` to change."""
-        self.counters["requests_failed"] += 1
-        return (query_for(request_id, Status.RUNNING, {"lease.owner": {"$eq": self.owner}}),
-                update_for(Status.RUNNING, Status.FAILED, REQUEST_TRANSITIONS,
-                           fields={"error": {"type": type, "message": message, **error}}, unset=("lease",)))
+            await self.seat.close()
 
     async def _preload_next(self) -> None:
         model_id = self._preloads.pop(next(iter(self._preloads)))
@@ -209,8 +158,8 @@ class Serving:
         try:
             model, entry = await self._model(model_id, "best")
             if entry is not None:
-                await self._ask({"op": "load", "model": model, "checkpoint": entry}, "preloading the model",
-                                "load_timeout_s")
+                await self.seat.ask({"op": "load", "model": model, "checkpoint": entry}, "preloading the model",
+                                    "load_timeout_s")
                 log.info("preloaded model %s, checkpoint run %d step %d", ids.key(model_id), entry["run"],
                          entry["step"])
         except Failure as exc:
@@ -228,16 +177,16 @@ class Serving:
                 spec = next(item.spec for item in batch if item.checkpoint_key == key)
                 model, entry = await self._model(spec.model, spec.checkpoint)
                 groups.append({"model": model, "checkpoint": entry})
-                await self._ask({**groups[-1], "op": "load"}, "loading the model", "load_timeout_s")
+                await self.seat.ask({**groups[-1], "op": "load"}, "loading the model", "load_timeout_s")
             log.info("generating %d answer(s) for model %s%s", len(batch), ids.key(batch[0].spec.model),
                      f" and {len(keys) - 1} other checkpoint(s) of its base" if len(keys) > 1 else "")
             command = {"groups": groups, "rows": [keys.index(item.checkpoint_key) for item in batch]}
             started = time.monotonic()
-            reply = await self._ask({**command, "op": "generate", "prompts": [item.prompt for item in batch],
-                                     "params": normalised(batch[0].spec.params), "stream": any(streamed),
-                                     "timeout_s": batch[0].spec.timeout_s},
-                                    "generating the answer", "request_timeout_s",
-                                    self._writer(batch) if any(streamed) else None)
+            reply = await self.seat.ask({**command, "op": "generate", "prompts": [item.prompt for item in batch],
+                                         "params": normalised(batch[0].spec.params), "stream": any(streamed),
+                                         "timeout_s": batch[0].spec.timeout_s},
+                                        "generating the answer", "request_timeout_s",
+                                        self.answers.partial_writer(batch) if any(streamed) else None)
             generation_s = time.monotonic() - started
         except Failure as exc:
             if exc.kind == "generation_failed" and len(batch) > 1:  # one bad request must not fail the others
@@ -248,74 +197,18 @@ class Serving:
                 for part in parts:
                     await self._answer(part)
                 return
-            await self._end([self._failed(item.spec.id, exc.message, exc.kind) for item in batch])
+            await self.answers.end([self.answers.failed(item.spec.id, exc.message, exc.kind) for item in batch])
             return
         endings = []  # one bulk write: one round trip for the whole batch, not one per request
         for item, result in zip(batch, reply["results"]):
             entry = groups[keys.index(item.checkpoint_key)]["checkpoint"]
             used = {"run": entry["run"], "step": entry["step"]} if entry else "base"
             if "error" in result:
-                endings.append(self._failed(item.spec.id, result["error"]["message"], result["error"]["type"]))
+                endings.append(self.answers.failed(item.spec.id, result["error"]["message"], result["error"]["type"]))
             else:
-                endings.append(self._done(item, result, used, len(batch), {
+                endings.append(self.answers.done(item, result, used, len(batch), {
                     "queued_s": round(started - item.since, 3), "generation_s": round(generation_s, 3)}))
-        await self._end(endings)
-
-    def _writer(self, batch: list[Queued]) -> Callable[[list], Awaitable[None]]:
-        """Writes the growing `output` of the batch's streamed requests, each only when its text changed."""
-        written: dict[int, str] = {}
-
-        async def write(texts: list) -> None:
-            updates = []
-            for n, (item, text) in enumerate(zip(batch, texts)):
-                if item.spec.stream and text and written.get(n) != text:
-                    written[n] = text
-                    updates.append(UpdateOne({"_id": ids.eq(item.spec.id), "status": Status.RUNNING.value,
-                                              "lease.owner": {"$eq": self.owner}}, {"$set": {"output": text}}))
-            if updates:
-                try:
-                    await self.db[defaults.REQUESTS].bulk_write(updates, ordered=False)
-                except PyMongoError as exc:  # a lost partial write costs nothing: the full answer follows
-                    log.warning("could not write partial answers: %s", exc)
-        return write
-
-    def _done(self, item: Queued, result: dict, used, batch_size: int, timing: dict) -> tuple[dict, dict]:
-        """The write that ends an answered request (see `transition_each`)."""
-        self.counters["requests_done"] += 1
-        latency_s = time.monotonic() - item.since
-        if self.on_answered:
-            self.on_answered(latency_s)
-        return (query_for(item.spec.id, Status.RUNNING, {"lease.owner": {"$eq": self.owner}}),
-                update_for(Status.RUNNING, Status.DONE, REQUEST_TRANSITIONS,
-                           fields={"output": result["output"], "finish_reason": result["finish_reason"],
-                                   "usage": result["usage"], "checkpoint_used": used,
-                                   "batch_size": batch_size, "completed_at": now(), "timing": timing,
-                                   "latency_ms": round(latency_s * 1000, 1)},
-                           unset=("lease",)))
-
-    async def _ask(self, command: dict, doing: str, timeout_setting: str,
-                   on_partial: Callable[[list], Awaitable[None]] | None = None) -> dict:
-        """One command to the worker (started if there is none) within the operator's `timeout_setting`, past which
-        the worker is killed; a reply that says it failed raises `Failure`."""
-        timeout = getattr(self.settings, timeout_setting)
-        late = Failure("request_timeout", f"{doing} took longer than the operator's limit of {timeout:g} s "
-                                          f"(MONGOTUNE_{timeout_setting.upper()})")
-        reply = await (await self._running_worker()).call(command, timeout, late, doing, on_partial)
-        if not reply.get("ok"):
-            raise Failure(reply["error"]["type"], reply["error"]["message"])
-        return reply
-
-    async def _running_worker(self) -> Worker:
-        """The worker, started if there is none or it died; `Failure` if it cannot start."""
-        if self._worker is None or not self._worker.alive:
-            await self.close()
-            self._worker = Worker(self.settings, self.db.name, self.forks)
-            try:
-                await self._worker.start()
-            except OSError as exc:
-                raise Failure("worker_crashed", f"the serving worker could not start ({exc.strerror})") from None
-            self.worker_started = True
-        return self._worker
+        await self.answers.end(endings)
 
     async def _model(self, model_id, checkpoint: str | CheckpointRef) -> tuple[dict, dict | None]:
         """The model definition (as parsed) and the checkpoint entry a request asks for."""

@@ -210,7 +210,7 @@ async def full_round(intake: Intake) -> None:
 
 @pytest.mark.slow  # starts a real serving worker (the fork server's imports)
 def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pending_request(server_uri, db, tmp_path):
-    """`warm_first` (every daemon's intake): a pending request starts serving's real worker (`Serving.warm_up`) and
+    """`warm_first` (every daemon's intake): a pending request starts serving's real worker (`Seat.warm_up`) and
     stays pending through whole claim rounds while the worker starts (held up here behind serving's turn, as behind
     a batch generating); once it runs, serving wakes the intake and the request is claimed. A cancelled one starts
     nothing and ends at once."""
@@ -228,20 +228,20 @@ def test_a_daemon_claims_nothing_before_its_worker_runs_and_starts_it_for_a_pend
                 while await adb[defaults.REQUESTS].find_one({"_id": "cancelled", "status": "cancelled"}) is None:
                     await asyncio.sleep(0.02)
             await full_round(intake)
-            started_for_cancelled = serving._warming is not None  # only a cancelled request was pending
-            async with serving._turn:  # the worker's start waits for it
+            started_for_cancelled = serving.seat.warming is not None  # only a cancelled request was pending
+            async with serving.seat.turn:  # the worker's start waits for it
                 await adb[defaults.REQUESTS].insert_one(request("lone", "m"))
                 await full_round(intake)
-                warming = serving._warming is not None
+                warming = serving.seat.warming is not None
                 await full_round(intake)  # a whole round while the worker is starting
                 claimed_early = bool(serving.queues.held()) or await adb[defaults.REQUESTS].find_one(
                     {"_id": "lone", "lease": {"$exists": True}}) is not None
             await until(lambda: '"lone"' in serving.queues.held(), 120)
-            worker_runs = serving.worker_started and serving._worker is not None and serving._worker.alive
+            worker_runs = serving.seat.started and serving.seat.worker is not None and serving.seat.worker.alive
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            await serving.close()
+            await serving.seat.close()
         return started_for_cancelled, warming, claimed_early, worker_runs
 
     assert run_with(server_uri, db.name, work) == (False, True, False, True)
@@ -272,20 +272,20 @@ def test_requests_that_can_only_fail_end_without_a_worker_and_one_for_a_model_th
             intake.wake()
             await failed(adb, len(junk))
             await full_round(intake)
-            warmed_for_junk = serving._warming is not None or serving._worker is not None
-            async with serving._turn:  # the worker's start waits for it: nothing is imported here
+            warmed_for_junk = serving.seat.warming is not None or serving.seat.worker is not None
+            async with serving.seat.turn:  # the worker's start waits for it: nothing is imported here
                 await adb[defaults.MODELS].insert_one({"_id": "m"})
                 await adb[defaults.REQUESTS].insert_many([*more, request("real", "m")])
                 intake.wake()
                 await failed(adb, len(junk) + len(more))
                 await full_round(intake)
-                warmed_for_real = serving._warming is not None
+                warmed_for_real = serving.seat.warming is not None
                 real_claimed = await adb[defaults.REQUESTS].find_one({"_id": "real", "lease": {"$exists": True}})
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await serving.close()
+            await serving.seat.close()
         return warmed_for_junk, warmed_for_real, real_claimed is not None
 
     assert run_with(server_uri, db.name, work) == (False, True, False)
@@ -299,16 +299,15 @@ def test_a_worker_start_that_fails_in_any_way_still_lets_the_intake_claim(server
     requests then fail saying why) and the exception is logged with its traceback."""
     async def work(adb):
         intake = intake_for(adb, "d")
-        serving, woken = intake.serving, []
-        serving.on_room = lambda: woken.append(True)
+        seat, woken = intake.serving.seat, []
 
         async def broken():
             raise RuntimeError("a bug starting the worker")
 
-        serving._running_worker = broken
-        serving.warm_up()
-        await serving._warming
-        return serving.worker_started, woken
+        seat.running_worker = broken
+        seat.warm_up(lambda: woken.append(True))
+        await seat.warming
+        return seat.started, woken
 
     assert run_with(server_uri, db.name, work) == (True, [True])
     # The text, not `exc_info`: a test before this one in the worker may have made the root handlers' records inert
