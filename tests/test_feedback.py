@@ -645,3 +645,29 @@ def test_class1_a_feedback_runs_forgetting_guard_measures_only_the_raters_answer
     gate = done["runs"][-1]["promotion"]
     own_held_out = db["pirate_chat"].count_documents({"_fold": "valid"})
     assert gate.get("documents", 0) >= own_held_out, gate
+
+
+def test_class3_two_ratings_stamped_with_a_list_of_runs_start_a_feedback_run_after_every_run(db, server_uri):
+    """A user expects each rating to count toward one run at most ("no daemon can lose or double it"), so that a
+    writer who stops writing stops starting runs: two ratings inserted with `feedback_run: [1, 2, ...]` (the server's
+    `$eq` matches an array holding the run) are counted by every run's count, and each run that ends starts the next
+    one on the same two ratings, training the victim for ever on one insert."""
+    runs = list(range(1, 100))
+    rated(db, "victim", "forever good", {"rating": 1}, feedback_run=runs)
+    rated(db, "victim", "forever bad", {"rating": -1}, feedback_run=runs)
+    started = [run for run in (1, 2, 3) if due(server_uri, db, spec_of(every=2), run=run) == ["victim"]]
+    assert len(started) <= 1, f"the same two ratings started a feedback run after runs {started}"
+
+
+@pytest.mark.parametrize("unusable", [{"rating": bson.Decimal128("0.5")}, {"rating": -1, "better": ""}],
+                         ids=["decimal_rating", "empty_better"])
+def test_class4_ratings_the_server_selects_but_every_run_skips_count_toward_every(db, server_uri, unusable):
+    """A user expects only ratings a run can use to count toward `every` (the README: "Only ratings a run can use are
+    selected, counted toward every"): a Decimal128 rating and an empty `better` pass the server's `usable` check,
+    are counted, and every run then skips them (`parse_feedback` refuses both), so 2 good ratings and 2 such start
+    a run of `every: 4` now, on 2 examples."""
+    rated(db, "victim", "good", {"rating": 1})
+    rated(db, "victim", "bad", {"rating": -1})
+    rated(db, "victim", "odd 1", unusable)
+    rated(db, "victim", "odd 2", unusable)
+    assert due(server_uri, db, spec_of(every=4)) == []
