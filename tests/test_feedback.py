@@ -22,7 +22,7 @@ from listener.records import ModelState, SkipLog, parse
 from listener import retrain
 from listener.processes import wait_until
 from tests.conftest import DaemonProcess, finished, settled, wait_for
-from tests.documents import insert_nested, model, nested_document, request
+from tests.documents import QUICK, insert_nested, model, nested_document, request
 from training import defaults, feedback, preferences
 from training.config import MAX_REQUEST_ID_BYTES, SpecError, parse_model, parse_request
 from training.limits import Limits
@@ -645,3 +645,50 @@ def test_class1_a_feedback_runs_forgetting_guard_measures_only_the_raters_answer
     gate = done["runs"][-1]["promotion"]
     own_held_out = db["pirate_chat"].count_documents({"_fold": "valid"})
     assert gate.get("documents", 0) >= own_held_out, gate
+
+
+def test_class3_two_ratings_stamped_with_a_list_of_runs_start_a_feedback_run_after_every_run(db, server_uri):
+    """A user expects each rating to count toward one run at most ("no daemon can lose or double it"), so that a
+    writer who stops writing stops starting runs: two ratings inserted with `feedback_run: [1, 2, ...]` (the server's
+    `$eq` matches an array holding the run) are counted by every run's count, and each run that ends starts the next
+    one on the same two ratings, training the victim for ever on one insert."""
+    runs = list(range(1, 100))
+    rated(db, "victim", "forever good", {"rating": 1}, feedback_run=runs)
+    rated(db, "victim", "forever bad", {"rating": -1}, feedback_run=runs)
+    started = [run for run in (1, 2, 3) if due(server_uri, db, spec_of(every=2), run=run) == ["victim"]]
+    assert len(started) <= 1, f"the same two ratings started a feedback run after runs {started}"
+
+
+@pytest.mark.parametrize("unusable", [{"rating": bson.Decimal128("0.5")}, {"rating": -1, "better": ""}],
+                         ids=["decimal_rating", "empty_better"])
+def test_class4_ratings_the_server_selects_but_every_run_skips_count_toward_every(db, server_uri, unusable):
+    """A user expects only ratings a run can use to count toward `every` (the README: "Only ratings a run can use are
+    selected, counted toward every"): a Decimal128 rating and an empty `better` pass the server's `usable` check,
+    are counted, and every run then skips them (`parse_feedback` refuses both), so 2 good ratings and 2 such start
+    a run of `every: 4` now, on 2 examples."""
+    rated(db, "victim", "good", {"rating": 1})
+    rated(db, "victim", "bad", {"rating": -1})
+    rated(db, "victim", "odd 1", unusable)
+    rated(db, "victim", "odd 2", unusable)
+    assert due(server_uri, db, spec_of(every=4)) == []
+
+
+def test_class2_ratings_the_trainer_drops_below_a_dropped_last_batch_fail_the_model(module_samples, module_daemon,
+                                                                                    tiny_model_path):
+    """A user expects raters never to fail their model (the README: "A rater cannot fail a model"): with a batch of 4
+    and `dataloader_drop_last`, 4 ratings start a feedback run, and 2 of them a rater wrote with prompts that fill
+    `max_length` (within the input caps) are dropped by trl, so 2 rows are left, fewer than a batch: the run's step
+    check fails the model `invalid_document`, naming `trainer.per_device_train_batch_size`, instead of ending
+    `nothing_to_train` with what served serving on."""
+    db = module_samples
+    trainer = {**QUICK, "per_device_train_batch_size": 4, "dataloader_drop_last": True}
+    db[defaults.MODELS].insert_one(model("dropped", tiny_model_path, trainer, feedback={"method": "kto", "every": 4}))
+    first = wait_for(db[defaults.MODELS], "dropped", finished, timeout_s=600)
+    assert first["status"] == "succeeded", first.get("error")
+    for n, rating in enumerate([1, -1]):
+        rated(db, "dropped", f"honest {n}", {"rating": rating})
+        rated(db, "dropped", f"{n} " + "ahoy matey " * 200, {"rating": rating})
+    done = wait_for(db[defaults.MODELS], "dropped", lambda d: d.get("run") == 2 and finished(d), timeout_s=600)
+    assert done["status"] == "succeeded" and "error" not in done, done.get("error")
+    assert done["runs"][-1].get("outcome") == "nothing_to_train", done["runs"][-1]
+    assert done["best_checkpoint"]["run"] == 1, "what served serves on"

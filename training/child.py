@@ -135,10 +135,7 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
         spec, limits, model=model, args=config, train_dataset=train_set, eval_dataset=valid_set,
         processing_class=tokenizer(), peft_config=None if started else lora_config(spec.trainer), callbacks=callbacks,
     )
-    if len(trainer.train_dataset) == 0 and rated:  # the raters' prompts, not the model owner's
-        raise feedback.NothingToTrain(f"the trainer dropped all {len(train_set)} rated answers read: each prompt alone "
-                                      f"fills max_length ({config.max_length} tokens)", read)
-    methods.check_steps(trainer, spec, len(train_set))
+    _check_steps(trainer, spec, len(train_set), read if rated else None)
     reference = methods.arrange(trainer, spec, resolved, started)
     if reference is not None and progress is not None:
         _record(db, progress, {"reference": reference})
@@ -165,6 +162,19 @@ def train(db, document: dict, work: Path, daemon: int, limits: Limits, sent: flo
     phases.lap("end")
     _record_phases(db, progress, phases)
     return defaults.ChildExit.OK
+
+
+def _check_steps(trainer, spec: ModelSpec, examples: int, rated: dict | None) -> None:
+    """`methods.check_steps`; for a feedback run (`rated`: what it read) a run left without a step ends
+    `NothingToTrain`: how many rows the trainer keeps (prompts that fill max_length dropped, fewer rows than a dropped
+    last batch) is the raters' to decide, and a rater must not be able to fail the model."""
+    try:
+        methods.check_steps(trainer, spec, examples)
+    except SpecError as exc:
+        if rated is None:
+            raise
+        raise feedback.NothingToTrain(f"the {examples} rated answers read leave no step to train: {exc.message}",
+                                      rated) from None
 
 
 def _prepared(model, spec: ModelSpec, resolved: dict):

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 # Any number in [-1, 1] (NaN is none): what a count and a read select; the run parses each one exactly.
 RATED = {"$type": "number", "$gte": -1, "$lte": 1}
+RATING_TYPES = ["int", "long", "double"]  # what `config.Feedback.rating` parses: a Decimal128 is never selected
+STAMP_TYPES = ["int", "long"]  # a stamp the daemons write (`listener.feedback`): one run, never a list of runs
 FIELDS = {"_id": 1, "input": 1, "output": 1, "feedback": 1, "completed_at": 1}  # all a run reads of a request
 MAX_ID_CHARS = 250  # a string request id a run reads and names in its entry: 4 bytes a character stay under 1 KiB
 ID_TYPES = (str, int, float, ObjectId)  # the plain ids (`ID_SCHEMA`): no document or array nests in a run's entry
@@ -49,18 +51,19 @@ def run_spec(spec: ModelSpec, document: dict) -> ModelSpec:
 
 def usable(limits: Limits) -> dict:
     """The shape of a request a run can use, checked by the server (`$jsonSchema`) so that nothing else is counted,
-    stamped or read: a plain `_id`; `feedback` holding a number `rating` and at most a text `better`; an `input` of
-    text or of at most `max_messages` messages `{role, content}`, texts within `max_input_chars` (a chat's sum is
-    checked as it is read, `too_long`); a text `output`."""
+    stamped or read: a plain `_id`; `feedback` holding a number `rating` (int, long or double) and at most a non-empty
+    text `better`, what `config.parse_feedback` takes; an `input` of text or of at most `max_messages` messages
+    `{role, content}`, texts within `max_input_chars` (a chat's sum is checked as it is read, `too_long`); a text
+    `output`; no stamp, or one integer (`$eq` would match a list of runs toward each, counting one rating for all)."""
     text = {"bsonType": "string", "maxLength": limits.max_input_chars}
     message = {"bsonType": "object", "required": ["role", "content"], "additionalProperties": False,
                "properties": {"role": {"bsonType": "string", "maxLength": ROLE_CHARS}, "content": text}}
     return {"$jsonSchema": {"required": ["input", "output", "feedback"], "properties": {
-        "_id": ID_SCHEMA, "output": text,
+        "_id": ID_SCHEMA, "output": text, "feedback_run": {"bsonType": STAMP_TYPES},
         "input": {"bsonType": ["string", "array"], "maxLength": limits.max_input_chars,
                   "maxItems": limits.max_messages, "items": message},
         "feedback": {"bsonType": "object", "required": ["rating"], "additionalProperties": False,
-                     "properties": {"rating": {"bsonType": ["int", "long", "double", "decimal"]}, "better": text}}}}}
+                     "properties": {"rating": {"bsonType": RATING_TYPES}, "better": {**text, "minLength": 1}}}}}}
 
 
 def _own(spec: ModelSpec, limits: Limits) -> dict:
