@@ -18,11 +18,13 @@ count has not moved since it had too few is not read again. Only ratings of a sh
 all (`feedback.usable`, checked by the server). Ratings rewritten or deleted between this check and the run's read
 end that run `nothing_to_train` (`training.feedback.NothingToTrain`): the model serves as before and the ratings
 written after it count toward the next run. The operator's `retrain_max_models` bounds how many models a daemon
-counts (succeeded or running ones), in the order it first saw them.
+counts (succeeded or running ones), in the order it first saw them. A model whose turn is slow (SLOW_S: its filter
+scans long) takes one turn among the slow ones each pass: a writer's many slow filters cost each pass one turn.
 """
 
 import asyncio
 import logging
+import time
 
 from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError, ExecutionTimeout, OperationFailure
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 INDEX = "requests_feedback"
 COUNTING = (Status.SUCCEEDED, Status.RUNNING)  # a run's number is known: ratings count toward the next
 QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scans long gives up, and is tried again
+SLOW_S = 2.0  # a model whose turn took longer (its filter scans long, or the server ignores QUERY_MS) is slow...
+SLOW_PER_PASS = 1  # ...and slow models take this many turns a pass between them, the longest waiting first
 
 
 async def make_index(db) -> None:
@@ -53,8 +57,10 @@ async def make_index(db) -> None:
 class FeedbackTrigger:
     """Counts ratings for the models with `feedback`; the retrainer calls `due` and starts what it returns."""
 
-    def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog):
-        self.db, self.limits, self.max_models, self.skipped = db, limits, max_models, skipped
+    def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog, slow_s: float = SLOW_S):
+        self.db, self.limits, self.max_models, self.skipped, self.slow_s = db, limits, max_models, skipped, slow_s
+        self.passes = 0
+        self.slow: dict[str, int] = {}  # by model key: the pass its last slow turn was in
         self.seen: dict[str, int] = {}  # by model key: the order this daemon first saw it in
         self.sightings = 0  # the number the next model seen gets
         self.too_few: dict[str, tuple[int, int]] = {}  # by model key: (run, count) when its rows made no run
@@ -69,24 +75,42 @@ class FeedbackTrigger:
             self.seen[key], self.sightings = self.sightings, self.sightings + 1
         self.seen = {key: n for key, n in self.seen.items() if key in models}
         self.too_few = {key: seen for key, seen in self.too_few.items() if key in models}
+        self.slow = {key: since for key, since in self.slow.items() if key in models}
         followed = sorted(self.seen, key=self.seen.__getitem__)[:self.max_models]
         if len(models) > len(followed) and len(models) != self.past_bound:
             log.warning("counting feedback for %d of %d models (MONGOTUNE_RETRAIN_MAX_MODELS)", len(followed),
                         len(models))
         self.past_bound = len(models) if len(models) > len(followed) else 0
+        self.passes += 1
         due = []
-        for key in followed:
+        for key in self._turns(followed):
             spec, state = models[key]
+            started = time.monotonic()
             try:
                 if await self._due(key, spec, state):
                     due.append(state)
-            except OperationFailure as exc:  # its filter fails on the server, or a query ran out of its time
+            except ExecutionTimeout as exc:  # a filter or a flood that scans long: tried again, as a slow model
+                self.skipped.skip(f"feedback of run {state.run}", spec.id, exc)
+            except OperationFailure as exc:  # its filter fails on the server
                 self.skipped.skip(f"feedback of run {state.run}", spec.id, exc)
                 await self._filter_refused(spec)
             except Exception as exc:  # noqa: BLE001  one model's pass never stops the others'
                 if self.skipped.first(f"feedback of run {state.run}", spec.id):
                     log.exception("the feedback pass of %.200r failed: %.300s", spec.id, exc)
+            if time.monotonic() - started > self.slow_s:
+                if key not in self.slow:
+                    log.warning("counting feedback for %.200r is slow (its feedback.filter scans long?): it takes one "
+                                "turn among the slow models each pass, so it never delays the others'", spec.id)
+                self.slow[key] = self.passes
+            else:
+                self.slow.pop(key, None)
         return due
+
+    def _turns(self, followed: list[str]) -> list[str]:
+        """The models counted this pass, in their order: every model that is not slow, and SLOW_PER_PASS slow ones,
+        those waiting longest first. However many slow models one writer makes, they cost a pass one turn's time."""
+        slow = set(sorted((key for key in followed if key in self.slow), key=self.slow.__getitem__)[:SLOW_PER_PASS])
+        return [key for key in followed if key not in self.slow or key in slow]
 
     async def _filter_refused(self, spec: ModelSpec) -> None:
         """Tell a model's writer, once, in its `warnings`, that the server refuses its `feedback.filter`."""

@@ -383,6 +383,37 @@ def test_a_daemon_counts_feedback_for_at_most_its_bound_of_models_those_seen_fir
     assert db[defaults.REQUESTS].count_documents({"model": "a", "feedback_run": {"$exists": True}}) == 0
 
 
+def test_class3_slow_models_take_one_turn_a_pass_between_them_longest_waiting_first(db, server_uri):
+    """A writer's `feedback.filter`s that scan long (on MongoDB up to QUERY_MS a query; the embedded server ignores
+    maxTimeMS) must not hold up every other model's counting, pass after pass: a model whose turn was slow takes one
+    turn among the slow ones each pass. Here every turn counts as slow (`slow_s=0`), so the scheduling shows alone:
+    after the first pass, one model a pass, in turn."""
+    names = ["p", "q", "r"]
+
+    def visited() -> set[str]:
+        """The models whose newest rating was stamped: those that had a turn since it was written."""
+        return {name for name in names if db[defaults.REQUESTS].find_one(
+            {"model": name}, sort=[("_id", -1)]).get("feedback_run") is not None}
+
+    async def passes() -> list[set[str]]:
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], Limits(), 10, SkipLog(), slow_s=0)
+            models = {n: (parse_model({**BASE, "_id": n, "feedback": {"method": "kto", "every": 100}}),
+                          parse(ModelState, {"_id": n, "status": "succeeded", "run": 1})) for n in names}
+            seen = []
+            for n in range(5):
+                for name in names:
+                    answered(db, name, f"{name} asked in pass {n}", {"rating": 1})
+                await trigger.due(models)
+                seen.append(visited())
+            return seen
+        finally:
+            await client.close()
+
+    assert asyncio.run(passes()) == [{"p", "q", "r"}, {"p"}, {"q"}, {"r"}, {"p"}]
+
+
 def test_class1_listener_feedback_rates_a_request_another_writer_planted_under_a_look_alike_id(db, server_uri):
     """A user who rates their own request "42" (a string id) with `listener feedback` expects that request rated:
     another writer's done request with `_id: 42` (an integer) for the same model is tried first, so the user's
