@@ -497,7 +497,9 @@ def test_class2_whatever_one_collection_job_raises_ends_that_job_alone(client, d
 
     asyncio.run(job())  # returns: nothing escapes the job
     logged = [r for r in caplog.records if "KeyError" in r.getMessage() and "raises" in r.getMessage()]
-    assert logged and all(r.exc_info for r in logged), logged
+    # With its traceback, as exc_info or as the inert exc_text a test before this one in the worker may have made
+    # the root handlers write (`training.inert`).
+    assert logged and all(r.exc_info or "Traceback" in (r.exc_text or "") for r in logged), logged
     assert db[defaults.REQUESTS].find_one({"_id": "raises"})["status"] == "running"  # the reaper's to retry
 
 
