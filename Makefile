@@ -14,6 +14,10 @@ EXTRAS ?= embedded,gguf,qlora,deepspeed,dev
 # The lock minus its torch line, plus the torch this install uses.
 CONSTRAINTS := $(VENV)/constraints.txt
 
+# Python may cache what it compiles, and pytest its rewritten test modules (saves each worker seconds a run): some
+# hosts set PYTHONDONTWRITEBYTECODE for everything.
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: install demo test test-fast lock
 install: $(VENV)/.installed
 

@@ -171,6 +171,9 @@ SLOW_FIXTURES = {"start_daemon", "module_daemon", "tiny_model_path", "standalone
 LONGEST = ("tests/test_two_users.py", "tests/test_multiprocess.py", "tests/test_nodes.py", "tests/test_fuzz.py",
            "tests/test_robustness.py", "tests/test_outage.py", "tests/test_deepspeed.py",
            "tests/test_first_hour_noise.py::test_the_demos_first_model_conversion_draws_no_tqdm_bars")
+# The fast tier's longest modules (in-process daemons waiting on their timers), first among the fast tests for the same
+# reason: `make test-fast` ends when its last worker does.
+LONGEST_FAST = ("tests/test_gangs.py", "tests/test_retrain_streams.py", "tests/test_collection_answers.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -183,12 +186,13 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     # The longest first, then the other slow tests: side by side, the many short ones then fill the workers up
     # evenly at the end instead of one worker finishing the last long test alone.
-    items.sort(key=lambda item: (_rank(item.nodeid), item.get_closest_marker("slow") is None))
+    items.sort(key=lambda item: (_rank(item.nodeid, LONGEST), item.get_closest_marker("slow") is None,
+                                 _rank(item.nodeid, LONGEST_FAST)))
 
 
-def _rank(nodeid: str) -> int:
-    """The place of the test's prefix in LONGEST; after all of them for any other test."""
-    return next((n for n, prefix in enumerate(LONGEST) if nodeid.startswith(prefix)), len(LONGEST))
+def _rank(nodeid: str, longest: tuple[str, ...]) -> int:
+    """The place of the test's prefix in `longest`; after all of them for any other test."""
+    return next((n for n, prefix in enumerate(longest) if nodeid.startswith(prefix)), len(longest))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

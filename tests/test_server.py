@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 from pymongo import MongoClient
 
@@ -14,6 +15,8 @@ from listener.cli.main import cli
 from listener.embedded import EmbeddedServer, home_port
 from listener.processes import gone, registered, start_listener, stop, wait_until
 from training import defaults, ids
+
+pytestmark = pytest.mark.slow  # every test starts server processes
 
 
 def server(home, *args):

@@ -28,6 +28,7 @@ def _rank(rank: int, port: int, folders: list[str]) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns real processes
 def test_node_1s_part_of_a_checkpoint_reaches_rank_0s_folder(tmp_path):
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     (node0 / "global_step3").mkdir(parents=True)
@@ -83,6 +84,7 @@ def _node_rank(rank: int, port: int, folders: list[str]) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns real processes
 def test_the_other_nodes_parts_together_stay_within_the_cap_on_node_0(tmp_path):
     """`MONGOTUNE_MAX_CHECKPOINT_BYTES` bounds what one checkpoint puts on node 0's disk, all nodes' parts together:
     checked one part at a time against the whole cap, a document's `num_nodes: 8` let 7 parts of almost the cap each
