@@ -13,13 +13,14 @@ written while run R trains is stamped R and counts toward the run after R; nothi
 pending (its number is not known yet): such ratings are stamped once it is claimed and count toward the run
 after it (which comes a little early rather than late, as with `retrain.on_new_documents`). `retrain.start`
 (`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before starting, the
-rows are read once to see that they make a run (DPO: at least `preferences.MIN_ROWS` pairs); a model whose
-count has not moved since it had too few is not read again. Only ratings of a shape a run uses are selected at
-all (`feedback.usable`, checked by the server). Ratings rewritten or deleted between this check and the run's read
-end that run `nothing_to_train` (`training.feedback.NothingToTrain`): the model serves as before and the ratings
-written after it count toward the next run. The operator's `retrain_max_models` bounds how many models a daemon
-counts (succeeded or running ones), in the order it first saw them. A model whose turn is slow (SLOW_S: its filter
-scans long) takes one turn among the slow ones each pass: a writer's many slow filters cost each pass one turn.
+rows are read, newest first and only until they do, to see that they make a run (DPO: at least
+`preferences.MIN_ROWS` pairs); a model whose count has not moved since it had too few is not read again. Only
+ratings of a shape a run uses are selected at all (`feedback.usable`, checked by the server). Ratings rewritten or
+deleted between this check and the run's read end that run `nothing_to_train` (`training.feedback.NothingToTrain`):
+the model serves as before and the ratings written after it count toward the next run. The operator's
+`retrain_max_models` bounds how many models a daemon counts (succeeded or running ones), in the order it first saw
+them. A model whose turn is slow (SLOW_S: its filter scans long) takes one turn among the slow ones each pass: a
+writer's many slow filters cost each pass one turn.
 """
 
 import asyncio
@@ -43,6 +44,7 @@ COUNTING = (Status.SUCCEEDED, Status.RUNNING)  # a run's number is known: rating
 QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scans long gives up, and is tried again
 SLOW_S = 2.0  # a model whose turn took longer (its filter scans long, or the server ignores QUERY_MS) is slow...
 SLOW_PER_PASS = 1  # ...and slow models take this many turns a pass between them, the longest waiting first
+ENOUGH_BATCH = 100  # rated answers read first to see whether they make a run: a model's first batch mostly does
 
 
 async def make_index(db) -> None:
@@ -165,14 +167,21 @@ class FeedbackTrigger:
         return True
 
     async def _enough(self, spec: ModelSpec) -> bool:
-        """Whether the rated answers a run would read make a run (DPO: pairs). What is kept of them is bounded by the
-        operator's caps (rows, input length), whatever anyone inserted: the server selects only requests of a shape
-        a run uses (`feedback.usable`), and one too long as a whole is dropped as it comes, as the run skips it."""
-        kept = []
+        """Whether the rated answers a run would read make a run (DPO: pairs), read newest first a batch at a time
+        until they do: more rows never make fewer examples or pairs (nor a smaller training fold, for a
+        `valid_fraction` up to 0.8), so the first rows that make a run answer for the whole selection, and a model
+        with thousands of ratings costs a pass a batch, not all of them. Each read is twice the last, so a selection
+        that never makes a run is checked a few times, not once a batch. What is kept is bounded by the operator's
+        caps (rows, input length), whatever anyone inserted: the server selects only requests of a shape a run uses
+        (`feedback.usable`), and one too long as a whole is dropped as it comes, as the run skips it."""
+        kept, want = [], ENOUGH_BATCH
         found = self.db[defaults.REQUESTS].find(feedback.selection(spec, self.limits), feedback.FIELDS,
                                                 sort=feedback.NEWEST_FIRST, limit=self.limits.max_feedback_rows,
-                                                max_time_ms=QUERY_MS)
-        async for doc in found:
-            if not feedback.too_long(doc, self.limits):
-                kept.append(doc)
-        return await asyncio.to_thread(feedback.enough, kept, spec, self.limits)
+                                                max_time_ms=QUERY_MS, batch_size=ENOUGH_BATCH)
+        async with found:  # a cursor left early is closed on the server
+            while batch := await found.to_list(want):
+                kept += [doc for doc in batch if not feedback.too_long(doc, self.limits)]
+                if await asyncio.to_thread(feedback.enough, kept, spec, self.limits):
+                    return True
+                want *= 2
+        return False

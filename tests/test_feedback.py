@@ -5,6 +5,7 @@ Two daemons share the module's database (the module's and one more), checking ev
 """
 
 import asyncio
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
@@ -14,10 +15,10 @@ import bson
 import pytest
 from bson import ObjectId
 from click.testing import CliRunner
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, monitoring
 
 from listener.cli.main import cli
-from listener.feedback import FeedbackTrigger
+from listener.feedback import ENOUGH_BATCH, FeedbackTrigger
 from listener.records import ModelState, SkipLog, parse
 from listener import retrain
 from listener.processes import wait_until
@@ -81,10 +82,10 @@ def rated(db, model_id, prompt, rating, **fields) -> dict:
     return doc
 
 
-def due(server_uri, db, *specs, run: int = 1, limits: Limits = Limits()) -> list:
-    """The models one daemon's feedback pass finds due, each succeeded at `run`."""
+def due(server_uri, db, *specs, run: int = 1, limits: Limits = Limits(), listeners: tuple = ()) -> list:
+    """The models one daemon's feedback pass finds due, each succeeded at `run`; `listeners` watch its client."""
     async def one_pass():
-        client = AsyncMongoClient(server_uri, tz_aware=True)
+        client = AsyncMongoClient(server_uri, tz_aware=True, event_listeners=listeners)
         try:
             trigger = FeedbackTrigger(client[db.name], limits, 10, SkipLog())
             models = {spec.id: (spec, parse(ModelState, {"_id": spec.id, "status": "succeeded", "run": run}))
@@ -381,6 +382,44 @@ def test_a_daemon_counts_feedback_for_at_most_its_bound_of_models_those_seen_fir
     first, second = asyncio.run(passes())
     assert [s.id for s in first] == ["y", "z"] and [s.id for s in second] == ["y", "z"]
     assert db[defaults.REQUESTS].count_documents({"model": "a", "feedback_run": {"$exists": True}}) == 0
+
+
+class RatedReads(monitoring.CommandListener):
+    """How many whole rated requests (`feedback.FIELDS`) the server sent a client, by its replies to finds and their
+    getMores: what a daemon read to see whether ratings make a run."""
+
+    def __init__(self):
+        self.documents, self.cursors, self.reading = 0, set(), set()
+
+    def started(self, event):
+        command = event.command
+        if (event.command_name == "find" and command.get("projection") == feedback.FIELDS
+                or event.command_name == "getMore" and command["getMore"] in self.cursors):
+            self.reading.add(event.request_id)
+
+    def succeeded(self, event):
+        if event.request_id in self.reading:
+            cursor = event.reply["cursor"]
+            self.documents += len(cursor.get("firstBatch", cursor.get("nextBatch", [])))
+            self.cursors.add(cursor["id"])
+
+    def failed(self, event):
+        pass
+
+
+@pytest.mark.parametrize("method, most_read", [("kto", ENOUGH_BATCH), ("dpo", 3 * ENOUGH_BATCH)])
+def test_a_due_check_reads_ratings_only_until_they_make_a_run(db, server_uri, method, most_read):
+    """A user expects a model with thousands of ratings to cost each retrain pass what it takes to see its run is
+    due, not every rating up to MONGOTUNE_MAX_FEEDBACK_ROWS: 500 ratings here, where KTO's first batch of thumbs
+    makes a run, and DPO's corrections start after the newest 150 ratings (no pairs among them)."""
+    start = defaults.now()
+    db[defaults.REQUESTS].insert_many([
+        {"model": "victim", "input": f"q {n}", "status": "done", "output": "a",
+         "completed_at": start + dt.timedelta(seconds=n),
+         "feedback": {"rating": 1} if n >= 350 else {"rating": -1, "better": "b"}} for n in range(500)])
+    reads = RatedReads()
+    assert due(server_uri, db, spec_of(method, every=500), listeners=(reads,)) == ["victim"]
+    assert 0 < reads.documents <= most_read, reads.documents
 
 
 def test_class3_slow_models_take_one_turn_a_pass_between_them_longest_waiting_first(db, server_uri):
