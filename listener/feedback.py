@@ -5,15 +5,15 @@ The count lives in the requests themselves, so nothing in a daemon's memory can 
 at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
 `feedback_run: <the model's run>` (at most `max_feedback_rows` a pass, by `_id`; a request is stamped once, by
 whichever daemon gets there first), and those `feedback.filter` leaves out with 0 (never counted, never looked at
-again), then
-counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone wrote
-on anything else counts for nothing). The index `{model, feedback_run, feedback.rating}` serves all three,
-so a pass reads only the ratings written since the last one, however many requests the model has. A rating
-written while run R trains is stamped R and counts toward the run after R; nothing is stamped while a run is
-pending (its number is not known yet): such ratings are stamped once it is claimed and count toward the run
-after it (which comes a little early rather than late, as with `retrain.on_new_documents`). `retrain.start`
-(`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before starting, the
-rows are read, newest first and only until they do, to see that they make a run (DPO: at least
+again), then counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone
+wrote on anything else counts for nothing). On MongoDB the index `{model, feedback_run, feedback.rating}`, over
+rated requests only, serves all three, so a pass reads only the ratings written since the last one, however many
+requests the model has (the embedded server's planner uses no index for a query with `$and` or `$jsonSchema`: it
+scans). A rating written while run R trains is stamped R and counts toward the run after R; nothing is stamped
+while a run is pending (its number is not known yet): such ratings are stamped once it is claimed and count
+toward the run after it (which comes a little early rather than late, as with `retrain.on_new_documents`).
+`retrain.start` (`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before
+starting, the rows are read, newest first and only until they do, to see that they make a run (DPO: at least
 `preferences.MIN_ROWS` pairs); a model whose count has not moved since it had too few is not read again. Only
 ratings of a shape a run uses are selected at all (`feedback.usable`, checked by the server). Ratings rewritten or
 deleted between this check and the run's read end that run `nothing_to_train` (`training.feedback.NothingToTrain`):
@@ -24,6 +24,7 @@ writer's many slow filters cost each pass one turn.
 """
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -40,6 +41,10 @@ from training.limits import Limits
 log = logging.getLogger(__name__)
 
 INDEX = "requests_feedback"
+INDEX_KEYS = [("model", 1), ("feedback_run", 1), ("feedback.rating", 1)]
+# Every count, stamp and read selects `feedback.rating` in [-1, 1], which MongoDB's planner sees implies this.
+RATED_ONLY = {"feedback.rating": {"$exists": True}}
+INDEX_SPECS_CONFLICT = 86  # IndexKeySpecsConflict: an index of this name exists with other options
 COUNTING = (Status.SUCCEEDED, Status.RUNNING)  # a run's number is known: ratings count toward the next
 QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scans long gives up, and is tried again
 SLOW_S = 2.0  # a model whose turn took longer (its filter scans long, or the server ignores QUERY_MS) is slow...
@@ -48,10 +53,19 @@ ENOUGH_BATCH = 100  # rated answers read first to see whether they make a run: a
 
 
 async def make_index(db) -> None:
-    """The index the stamps are counted on; a server or role that refuses it only makes each count scan."""
+    """The index the stamps are counted on, over rated requests only (`RATED_ONLY`): the many answers nobody rates cost
+    it nothing. One of its name an older version made over every request is dropped and made again; a server or role
+    that refuses either only makes each count scan."""
+    requests = db[defaults.REQUESTS]
+    create = functools.partial(requests.create_index, INDEX_KEYS, name=INDEX, partialFilterExpression=RATED_ONLY)
     try:
-        await db[defaults.REQUESTS].create_index([("model", 1), ("feedback_run", 1), ("feedback.rating", 1)],
-                                                 name=INDEX)
+        try:
+            await create()
+        except OperationFailure as exc:
+            if exc.code != INDEX_SPECS_CONFLICT:
+                raise
+            await requests.drop_index(INDEX)
+            await create()
     except OperationFailure as exc:
         log.warning("could not index %s for feedback counts (%s)", defaults.REQUESTS, briefly(exc))
 
