@@ -12,11 +12,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import bson
+import click
 import pytest
 from bson import ObjectId
 from click.testing import CliRunner
 from pymongo import AsyncMongoClient, monitoring
 
+from listener.cli import feedback as rating_command
 from listener.cli.main import cli
 from listener.feedback import ENOUGH_BATCH, INDEX, INDEX_KEYS, RATED_ONLY, FeedbackTrigger
 from listener.records import ModelState, SkipLog, parse
@@ -164,6 +166,21 @@ def test_the_cli_says_in_one_line_what_it_cannot_rate(module_samples, server_uri
         assert result.exit_code != 0 and message in result.output, result.output
     assert invoke(server_uri, db, "feedback", "cli_m", "7", "--good").exit_code == 0  # the integer id
     assert db[defaults.REQUESTS].find_one({"_id": 7})["feedback"] == {"rating": 1}
+
+
+@pytest.mark.parametrize("meanwhile", [{"status": "pending"}, {"model": "other"}], ids=["requeued", "moved"])
+def test_listener_feedback_rates_nothing_when_the_request_changes_between_its_read_and_its_write(db, meanwhile):
+    """A user who rates a request with `listener feedback` while it is requeued (or rewritten for another model)
+    expects no rating on what is no longer that model's answer, and one line saying so."""
+    requests = db[defaults.REQUESTS]
+    requests.insert_one({**request(7, "victim", "hi"), "status": "done", "output": "yo"})
+    found = rating_command.done_request(requests, "victim", "7")
+    requests.update_one({"_id": 7}, {"$set": meanwhile})
+    with pytest.raises(click.ClickException) as refused:
+        rating_command.rate(requests, found, "victim", {"rating": 1}, "7")
+    assert "changed while it was being rated" in refused.value.format_message()
+    assert "\n" not in refused.value.format_message()
+    assert "feedback" not in requests.find_one({"_id": 7})
 
 
 def test_dpo_feedback_waits_for_pairs_then_trains_on_corrections_and_opposite_ratings(module_samples, both_daemons,
