@@ -33,6 +33,7 @@ from pymongo.errors import BulkWriteError, ExecutionTimeout, OperationFailure
 
 from listener.records import ModelState, SkipLog
 from listener.status import Status
+from listener.turns import Queue, Sightings
 from training import defaults, feedback, ids
 from training.config import ModelSpec
 from training.errors import briefly
@@ -75,10 +76,8 @@ class FeedbackTrigger:
 
     def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog, slow_s: float = SLOW_S):
         self.db, self.limits, self.max_models, self.skipped, self.slow_s = db, limits, max_models, skipped, slow_s
-        self.passes = 0
-        self.slow: dict[str, int] = {}  # by model key: the pass its last slow turn was in
-        self.seen: dict[str, int] = {}  # by model key: the order this daemon first saw it in
-        self.sightings = 0  # the number the next model seen gets
+        self.slow = Queue(SLOW_PER_PASS)  # the slow models, by key: each waits for its turn from its last one
+        self.sightings = Sightings()  # the order this daemon first saw the models in
         self.too_few: dict[str, tuple[int, int]] = {}  # by model key: (run, count) when its rows made no run
         self.past_bound = 0  # how many models there were when some were past the bound: logged when it changes
 
@@ -87,17 +86,12 @@ class FeedbackTrigger:
         (succeeded or running) take a place among the `max_models` counted, as with `retrain`."""
         models = {key: (spec, state) for key, (spec, state) in models.items()
                   if state.status in COUNTING and state.run >= 1}
-        for key in sorted(set(models) - set(self.seen)):
-            self.seen[key], self.sightings = self.sightings, self.sightings + 1
-        self.seen = {key: n for key, n in self.seen.items() if key in models}
+        followed = self.sightings.order(models)[:self.max_models]
         self.too_few = {key: seen for key, seen in self.too_few.items() if key in models}
-        self.slow = {key: since for key, since in self.slow.items() if key in models}
-        followed = sorted(self.seen, key=self.seen.__getitem__)[:self.max_models]
         if len(models) > len(followed) and len(models) != self.past_bound:
             log.warning("counting feedback for %d of %d models (MONGOTUNE_RETRAIN_MAX_MODELS)", len(followed),
                         len(models))
         self.past_bound = len(models) if len(models) > len(followed) else 0
-        self.passes += 1
         due = []
         for key in self._turns(followed):
             spec, state = models[key]
@@ -117,15 +111,15 @@ class FeedbackTrigger:
                 if key not in self.slow:
                     log.warning("counting feedback for %.200r is slow (its feedback.filter scans long?): it takes one "
                                 "turn among the slow models each pass, so it never delays the others'", spec.id)
-                self.slow[key] = self.passes
+                self.slow.wait(key)
             else:
-                self.slow.pop(key, None)
+                self.slow.leave(key)
         return due
 
     def _turns(self, followed: list[str]) -> list[str]:
         """The models counted this pass, in their order: every model that is not slow, and SLOW_PER_PASS slow ones,
         those waiting longest first. However many slow models one writer makes, they cost a pass one turn's time."""
-        slow = set(sorted((key for key in followed if key in self.slow), key=self.slow.__getitem__)[:SLOW_PER_PASS])
+        slow = set(self.slow.turns(key for key in followed if key in self.slow))
         return [key for key in followed if key not in self.slow or key in slow]
 
     async def _filter_refused(self, spec: ModelSpec) -> None:
