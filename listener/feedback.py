@@ -5,24 +5,26 @@ The count lives in the requests themselves, so nothing in a daemon's memory can 
 at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
 `feedback_run: <the model's run>` (at most `max_feedback_rows` a pass, by `_id`; a request is stamped once, by
 whichever daemon gets there first), and those `feedback.filter` leaves out with 0 (never counted, never looked at
-again), then
-counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone wrote
-on anything else counts for nothing). The index `{model, feedback_run, feedback.rating}` serves all three,
-so a pass reads only the ratings written since the last one, however many requests the model has. A rating
-written while run R trains is stamped R and counts toward the run after R; nothing is stamped while a run is
-pending (its number is not known yet): such ratings are stamped once it is claimed and count toward the run
-after it (which comes a little early rather than late, as with `retrain.on_new_documents`). `retrain.start`
-(`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before starting, the
-rows are read once to see that they make a run (DPO: at least `preferences.MIN_ROWS` pairs); a model whose
-count has not moved since it had too few is not read again. Only ratings of a shape a run uses are selected at
-all (`feedback.usable`, checked by the server). Ratings rewritten or deleted between this check and the run's read
-end that run `nothing_to_train` (`training.feedback.NothingToTrain`): the model serves as before and the ratings
-written after it count toward the next run. The operator's `retrain_max_models` bounds how many models a daemon
-counts (succeeded or running ones), in the order it first saw them. A model whose turn is slow (SLOW_S: its filter
-scans long) takes one turn among the slow ones each pass: a writer's many slow filters cost each pass one turn.
+again), then counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone
+wrote on anything else counts for nothing). On MongoDB the index `{model, feedback_run, feedback.rating}`, over
+rated requests only, serves all three, so a pass reads only the ratings written since the last one, however many
+requests the model has (the embedded server's planner uses no index for a query with `$and` or `$jsonSchema`: it
+scans). A rating written while run R trains is stamped R and counts toward the run after R; nothing is stamped
+while a run is pending (its number is not known yet): such ratings are stamped once it is claimed and count
+toward the run after it (which comes a little early rather than late, as with `retrain.on_new_documents`).
+`retrain.start` (`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before
+starting, the rows are read, newest first and only until they do, to see that they make a run (DPO: at least
+`preferences.MIN_ROWS` pairs); a model whose count has not moved since it had too few is not read again. Only
+ratings of a shape a run uses are selected at all (`feedback.usable`, checked by the server). Ratings rewritten or
+deleted between this check and the run's read end that run `nothing_to_train` (`training.feedback.NothingToTrain`):
+the model serves as before and the ratings written after it count toward the next run. The operator's
+`retrain_max_models` bounds how many models a daemon counts (succeeded or running ones), in the order it first saw
+them. A model whose turn is slow (SLOW_S: its filter scans long) takes one turn among the slow ones each pass: a
+writer's many slow filters cost each pass one turn.
 """
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -31,6 +33,7 @@ from pymongo.errors import BulkWriteError, ExecutionTimeout, OperationFailure
 
 from listener.records import ModelState, SkipLog
 from listener.status import Status
+from listener.turns import Queue, Sightings
 from training import defaults, feedback, ids
 from training.config import ModelSpec
 from training.errors import briefly
@@ -39,17 +42,31 @@ from training.limits import Limits
 log = logging.getLogger(__name__)
 
 INDEX = "requests_feedback"
+INDEX_KEYS = [("model", 1), ("feedback_run", 1), ("feedback.rating", 1)]
+# Every count, stamp and read selects `feedback.rating` in [-1, 1], which MongoDB's planner sees implies this.
+RATED_ONLY = {"feedback.rating": {"$exists": True}}
+INDEX_SPECS_CONFLICT = 86  # IndexKeySpecsConflict: an index of this name exists with other options
 COUNTING = (Status.SUCCEEDED, Status.RUNNING)  # a run's number is known: ratings count toward the next
 QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scans long gives up, and is tried again
 SLOW_S = 2.0  # a model whose turn took longer (its filter scans long, or the server ignores QUERY_MS) is slow...
 SLOW_PER_PASS = 1  # ...and slow models take this many turns a pass between them, the longest waiting first
+ENOUGH_BATCH = 100  # rated answers read first to see whether they make a run: a model's first batch mostly does
 
 
 async def make_index(db) -> None:
-    """The index the stamps are counted on; a server or role that refuses it only makes each count scan."""
+    """The index the stamps are counted on, over rated requests only (`RATED_ONLY`): the many answers nobody rates cost
+    it nothing. One of its name an older version made over every request is dropped and made again; a server or role
+    that refuses either only makes each count scan."""
+    requests = db[defaults.REQUESTS]
+    create = functools.partial(requests.create_index, INDEX_KEYS, name=INDEX, partialFilterExpression=RATED_ONLY)
     try:
-        await db[defaults.REQUESTS].create_index([("model", 1), ("feedback_run", 1), ("feedback.rating", 1)],
-                                                 name=INDEX)
+        try:
+            await create()
+        except OperationFailure as exc:
+            if exc.code != INDEX_SPECS_CONFLICT:
+                raise
+            await requests.drop_index(INDEX)
+            await create()
     except OperationFailure as exc:
         log.warning("could not index %s for feedback counts (%s)", defaults.REQUESTS, briefly(exc))
 
@@ -59,10 +76,8 @@ class FeedbackTrigger:
 
     def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog, slow_s: float = SLOW_S):
         self.db, self.limits, self.max_models, self.skipped, self.slow_s = db, limits, max_models, skipped, slow_s
-        self.passes = 0
-        self.slow: dict[str, int] = {}  # by model key: the pass its last slow turn was in
-        self.seen: dict[str, int] = {}  # by model key: the order this daemon first saw it in
-        self.sightings = 0  # the number the next model seen gets
+        self.slow = Queue(SLOW_PER_PASS)  # the slow models, by key: each waits for its turn from its last one
+        self.sightings = Sightings()  # the order this daemon first saw the models in
         self.too_few: dict[str, tuple[int, int]] = {}  # by model key: (run, count) when its rows made no run
         self.past_bound = 0  # how many models there were when some were past the bound: logged when it changes
 
@@ -71,17 +86,12 @@ class FeedbackTrigger:
         (succeeded or running) take a place among the `max_models` counted, as with `retrain`."""
         models = {key: (spec, state) for key, (spec, state) in models.items()
                   if state.status in COUNTING and state.run >= 1}
-        for key in sorted(set(models) - set(self.seen)):
-            self.seen[key], self.sightings = self.sightings, self.sightings + 1
-        self.seen = {key: n for key, n in self.seen.items() if key in models}
+        followed = self.sightings.order(models)[:self.max_models]
         self.too_few = {key: seen for key, seen in self.too_few.items() if key in models}
-        self.slow = {key: since for key, since in self.slow.items() if key in models}
-        followed = sorted(self.seen, key=self.seen.__getitem__)[:self.max_models]
         if len(models) > len(followed) and len(models) != self.past_bound:
             log.warning("counting feedback for %d of %d models (MONGOTUNE_RETRAIN_MAX_MODELS)", len(followed),
                         len(models))
         self.past_bound = len(models) if len(models) > len(followed) else 0
-        self.passes += 1
         due = []
         for key in self._turns(followed):
             spec, state = models[key]
@@ -101,15 +111,15 @@ class FeedbackTrigger:
                 if key not in self.slow:
                     log.warning("counting feedback for %.200r is slow (its feedback.filter scans long?): it takes one "
                                 "turn among the slow models each pass, so it never delays the others'", spec.id)
-                self.slow[key] = self.passes
+                self.slow.wait(key)
             else:
-                self.slow.pop(key, None)
+                self.slow.leave(key)
         return due
 
     def _turns(self, followed: list[str]) -> list[str]:
         """The models counted this pass, in their order: every model that is not slow, and SLOW_PER_PASS slow ones,
         those waiting longest first. However many slow models one writer makes, they cost a pass one turn's time."""
-        slow = set(sorted((key for key in followed if key in self.slow), key=self.slow.__getitem__)[:SLOW_PER_PASS])
+        slow = set(self.slow.turns(key for key in followed if key in self.slow))
         return [key for key in followed if key not in self.slow or key in slow]
 
     async def _filter_refused(self, spec: ModelSpec) -> None:
@@ -165,14 +175,21 @@ class FeedbackTrigger:
         return True
 
     async def _enough(self, spec: ModelSpec) -> bool:
-        """Whether the rated answers a run would read make a run (DPO: pairs). What is kept of them is bounded by the
-        operator's caps (rows, input length), whatever anyone inserted: the server selects only requests of a shape
-        a run uses (`feedback.usable`), and one too long as a whole is dropped as it comes, as the run skips it."""
-        kept = []
+        """Whether the rated answers a run would read make a run (DPO: pairs), read newest first a batch at a time
+        until they do: more rows never make fewer examples or pairs (nor a smaller training fold, for a
+        `valid_fraction` up to 0.8), so the first rows that make a run answer for the whole selection, and a model
+        with thousands of ratings costs a pass a batch, not all of them. Each read is twice the last, so a selection
+        that never makes a run is checked a few times, not once a batch. What is kept is bounded by the operator's
+        caps (rows, input length), whatever anyone inserted: the server selects only requests of a shape a run uses
+        (`feedback.usable`), and one too long as a whole is dropped as it comes, as the run skips it."""
+        kept, want = [], ENOUGH_BATCH
         found = self.db[defaults.REQUESTS].find(feedback.selection(spec, self.limits), feedback.FIELDS,
                                                 sort=feedback.NEWEST_FIRST, limit=self.limits.max_feedback_rows,
-                                                max_time_ms=QUERY_MS)
-        async for doc in found:
-            if not feedback.too_long(doc, self.limits):
-                kept.append(doc)
-        return await asyncio.to_thread(feedback.enough, kept, spec, self.limits)
+                                                max_time_ms=QUERY_MS, batch_size=ENOUGH_BATCH)
+        async with found:  # a cursor left early is closed on the server
+            while batch := await found.to_list(want):
+                kept += [doc for doc in batch if not feedback.too_long(doc, self.limits)]
+                if await asyncio.to_thread(feedback.enough, kept, spec, self.limits):
+                    return True
+                want *= 2
+        return False

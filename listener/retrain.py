@@ -52,6 +52,7 @@ from listener.settings import Settings
 from listener.status import DOCUMENT_VALIDATION_FAILURE, FINAL, MODEL_TRANSITIONS, Status, now, transition
 from listener.streams import LOST_TOKEN_CODES
 from listener.tasks import cancel_and_wait
+from listener.turns import Queue, Sightings
 from training import defaults, ids, schedule
 from training.config import LISTENER_FIELDS, LOGICAL, ModelSpec, SpecError, check_collection_type, parse_model
 from training.errors import briefly
@@ -217,14 +218,11 @@ class Retrainer:
         self.tallies: dict[str, Tally] = {}  # by collection: this daemon's tally, as last written
         self.locks: dict[str, asyncio.Lock] = {}  # by collection: one writer of its tally at a time
         self.stopping: set[asyncio.Task] = set()  # watchers cancelled by `check` that have not ended yet
-        self.seen: dict[str, int] = {}  # by model key: when this daemon first saw it follow new documents
-        self.sightings = 0  # the number the next model seen gets
+        self.sightings = Sightings()  # the order this daemon first saw the models that follow new documents in
         self.past_bound = 0  # how many models the bounds left uncounted at the last pass: logged when it changes
         self.filter_checks: dict[tuple[str, str], str | None] = {}  # by collection and filter: the server's refusal
         self.judged_again: set[tuple[str, str]] = set()  # the filters tried again after an insert's check failed
-        self.waiting_since: dict[tuple[str, str], int] = {}  # by collection and filter not tried yet: the pass
-        # that first wanted it
-        self.passes = 0  # the passes that handed out places, counted
+        self.filter_tries = Queue(FILTER_CHECKS_PER_PASS)  # by collection and filter not tried yet
         self.kept: set[str] | None = None  # the models holding places after the last pass (None: before the first)
         self.feedback = FeedbackTrigger(db, settings.limits, settings.retrain_max_models, skipped)
 
@@ -305,10 +303,9 @@ class Retrainer:
         them, so a newcomer (whatever its id) never takes the place of a model or collection followed before it;
         the others wait until some stop following. A model whose filter is not tried yet holds its place against
         the bounds while it waits for its try (`_try_filters`), and keeps no model after it from counting."""
-        self._number_newcomers(eligible)
         placed: dict[str, Members] = {}
         total, past, waiting, s = 0, [], {}, self.settings
-        for key in sorted(eligible, key=lambda k: (k not in counted, self.seen[k])):
+        for key in sorted(self.sightings.order(eligible), key=lambda k: k not in counted):
             spec, state = eligible[key]
             collection = spec.data.collection
             if total >= s.retrain_max_models or (collection not in placed
@@ -338,18 +335,9 @@ class Retrainer:
         FILTER_CHECK_MS), those waiting longest first: a filter waits from the first pass that wanted it untried,
         so an edited filter, a new one, queues behind the others, however early its model was seen (otherwise one
         writer editing its filters at each pass would take every try)."""
-        self.passes += 1
         untried = {filter_check(spec.data.collection, spec.data.filter): spec.data.filter for spec in waiting}
-        self.waiting_since = {check: self.waiting_since.get(check, self.passes) for check in untried}
-        for check in sorted(untried, key=self.waiting_since.__getitem__)[:FILTER_CHECKS_PER_PASS]:
+        for check in self.filter_tries.turns(untried):
             self.filter_checks[check] = await self._refusal(check[0], untried[check])
-
-    def _number_newcomers(self, eligible: dict) -> None:
-        """Number the models in the order this daemon first sees them (those seen together, by key)."""
-        for key in sorted(eligible):
-            if key not in self.seen:
-                self.seen[key], self.sightings = self.sightings, self.sightings + 1
-        self.seen = {key: n for key, n in self.seen.items() if key in eligible}
 
     async def _follow_data(self, models: dict) -> None:
         wanted = await self._counted(self._eligible(models), await self._counted_before())

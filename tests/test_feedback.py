@@ -5,19 +5,22 @@ Two daemons share the module's database (the module's and one more), checking ev
 """
 
 import asyncio
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import bson
+import click
 import pytest
 from bson import ObjectId
 from click.testing import CliRunner
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, monitoring
 
+from listener.cli import feedback as rating_command
 from listener.cli.main import cli
-from listener.feedback import FeedbackTrigger
+from listener.feedback import ENOUGH_BATCH, INDEX, INDEX_KEYS, RATED_ONLY, FeedbackTrigger
 from listener.records import ModelState, SkipLog, parse
 from listener import retrain
 from listener.processes import wait_until
@@ -81,10 +84,10 @@ def rated(db, model_id, prompt, rating, **fields) -> dict:
     return doc
 
 
-def due(server_uri, db, *specs, run: int = 1, limits: Limits = Limits()) -> list:
-    """The models one daemon's feedback pass finds due, each succeeded at `run`."""
+def due(server_uri, db, *specs, run: int = 1, limits: Limits = Limits(), listeners: tuple = ()) -> list:
+    """The models one daemon's feedback pass finds due, each succeeded at `run`; `listeners` watch its client."""
     async def one_pass():
-        client = AsyncMongoClient(server_uri, tz_aware=True)
+        client = AsyncMongoClient(server_uri, tz_aware=True, event_listeners=listeners)
         try:
             trigger = FeedbackTrigger(client[db.name], limits, 10, SkipLog())
             models = {spec.id: (spec, parse(ModelState, {"_id": spec.id, "status": "succeeded", "run": run}))
@@ -163,6 +166,21 @@ def test_the_cli_says_in_one_line_what_it_cannot_rate(module_samples, server_uri
         assert result.exit_code != 0 and message in result.output, result.output
     assert invoke(server_uri, db, "feedback", "cli_m", "7", "--good").exit_code == 0  # the integer id
     assert db[defaults.REQUESTS].find_one({"_id": 7})["feedback"] == {"rating": 1}
+
+
+@pytest.mark.parametrize("meanwhile", [{"status": "pending"}, {"model": "other"}], ids=["requeued", "moved"])
+def test_listener_feedback_rates_nothing_when_the_request_changes_between_its_read_and_its_write(db, meanwhile):
+    """A user who rates a request with `listener feedback` while it is requeued (or rewritten for another model)
+    expects no rating on what is no longer that model's answer, and one line saying so."""
+    requests = db[defaults.REQUESTS]
+    requests.insert_one({**request(7, "victim", "hi"), "status": "done", "output": "yo"})
+    found = rating_command.done_request(requests, "victim", "7")
+    requests.update_one({"_id": 7}, {"$set": meanwhile})
+    with pytest.raises(click.ClickException) as refused:
+        rating_command.rate(requests, found, "victim", {"rating": 1}, "7")
+    assert "changed while it was being rated" in refused.value.format_message()
+    assert "\n" not in refused.value.format_message()
+    assert "feedback" not in requests.find_one({"_id": 7})
 
 
 def test_dpo_feedback_waits_for_pairs_then_trains_on_corrections_and_opposite_ratings(module_samples, both_daemons,
@@ -381,6 +399,54 @@ def test_a_daemon_counts_feedback_for_at_most_its_bound_of_models_those_seen_fir
     first, second = asyncio.run(passes())
     assert [s.id for s in first] == ["y", "z"] and [s.id for s in second] == ["y", "z"]
     assert db[defaults.REQUESTS].count_documents({"model": "a", "feedback_run": {"$exists": True}}) == 0
+
+
+def test_a_daemon_starts_on_a_database_whose_feedback_index_covers_every_request_and_makes_it_cover_rated_ones(
+        db, start_daemon):
+    """An operator who upgrades expects the daemon to start on a database where an older version made the feedback
+    index over every request (same name, no partial filter), and that index to cover rated requests only after."""
+    db[defaults.REQUESTS].create_index(INDEX_KEYS, name=INDEX)
+    start_daemon()
+    wait_until(lambda: db[defaults.LISTENER].find_one({"kind": "daemon"}), 60, "the daemon's heartbeat")
+    assert db[defaults.REQUESTS].index_information()[INDEX].get("partialFilterExpression") == RATED_ONLY
+
+
+class RatedReads(monitoring.CommandListener):
+    """How many whole rated requests (`feedback.FIELDS`) the server sent a client, by its replies to finds and their
+    getMores: what a daemon read to see whether ratings make a run."""
+
+    def __init__(self):
+        self.documents, self.cursors, self.reading = 0, set(), set()
+
+    def started(self, event):
+        command = event.command
+        if (event.command_name == "find" and command.get("projection") == feedback.FIELDS
+                or event.command_name == "getMore" and command["getMore"] in self.cursors):
+            self.reading.add(event.request_id)
+
+    def succeeded(self, event):
+        if event.request_id in self.reading:
+            cursor = event.reply["cursor"]
+            self.documents += len(cursor.get("firstBatch", cursor.get("nextBatch", [])))
+            self.cursors.add(cursor["id"])
+
+    def failed(self, event):
+        pass
+
+
+@pytest.mark.parametrize("method, most_read", [("kto", ENOUGH_BATCH), ("dpo", 3 * ENOUGH_BATCH)])
+def test_a_due_check_reads_ratings_only_until_they_make_a_run(db, server_uri, method, most_read):
+    """A user expects a model with thousands of ratings to cost each retrain pass what it takes to see its run is
+    due, not every rating up to MONGOTUNE_MAX_FEEDBACK_ROWS: 500 ratings here, where KTO's first batch of thumbs
+    makes a run, and DPO's corrections start after the newest 150 ratings (no pairs among them)."""
+    start = defaults.now()
+    db[defaults.REQUESTS].insert_many([
+        {"model": "victim", "input": f"q {n}", "status": "done", "output": "a",
+         "completed_at": start + dt.timedelta(seconds=n),
+         "feedback": {"rating": 1} if n >= 350 else {"rating": -1, "better": "b"}} for n in range(500)])
+    reads = RatedReads()
+    assert due(server_uri, db, spec_of(method, every=500), listeners=(reads,)) == ["victim"]
+    assert 0 < reads.documents <= most_read, reads.documents
 
 
 def test_class3_slow_models_take_one_turn_a_pass_between_them_longest_waiting_first(db, server_uri):

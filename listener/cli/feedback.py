@@ -17,6 +17,35 @@ def request_ids(text: str) -> list:
     return [*found, text]
 
 
+def done_request(requests, model, request_id: str) -> dict:
+    """The one done request of MODEL that REQUEST_ID reads as (its `_id`, `model` and `status`); a ClickException, in
+    one line, for none, several (anyone may plant a look-alike), another model's, or one not done yet."""
+    matches = [doc for rid in request_ids(request_id)
+               if (doc := requests.find_one({"_id": ids.eq(rid)}, {"model": 1, "status": 1}))]
+    if not matches:
+        raise click.ClickException(f"no request with _id {request_id!r} in {requests.database.name}.{requests.name}")
+    if len(matches) > 1:  # never rate a request the user did not mean
+        kinds = ", ".join(type(doc["_id"]).__name__ for doc in matches)
+        raise click.ClickException(f"{len(matches)} requests have an _id that reads {request_id!r} ({kinds}): "
+                                   "rate it with a driver, by the exact _id")
+    [found] = matches
+    if ids.key(found.get("model")) != ids.key(model):
+        raise click.ClickException(f"request {request_id!r} is for another model, not {model!r}")
+    if found.get("status") != defaults.Status.DONE.value:
+        raise click.ClickException(f"request {request_id!r} is {found.get('status') or 'pending'}, not done yet: "
+                                   "rate it once it has its answer")
+    return found
+
+
+def rate(requests, found: dict, model, rating: dict, request_id: str) -> None:
+    """Write `rating` on the request `done_request` found, only while it is still MODEL's and done: it may have been
+    requeued, deleted or given to another model since it was read; then nothing is rated (a ClickException)."""
+    done = {"_id": ids.eq(found["_id"]), "model": ids.eq(model), "status": defaults.Status.DONE.value}
+    if not requests.update_one(done, {"$set": {"feedback": rating}}).matched_count:
+        raise click.ClickException(f"request {request_id!r} changed while it was being rated (requeued, deleted or "
+                                   "another model's): nothing was rated")
+
+
 @click.command()
 @connection_options
 @model_argument
@@ -42,23 +71,6 @@ def feedback(uri, db, model, request_id, good, better):
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--better") from None
     requests = open_database(uri, db)[defaults.REQUESTS]
-    matches = [doc for rid in request_ids(request_id)
-               if (doc := requests.find_one({"_id": ids.eq(rid)}, {"model": 1, "status": 1}))]
-    if not matches:
-        raise click.ClickException(f"no request with _id {request_id!r} in {requests.database.name}.{requests.name}")
-    if len(matches) > 1:  # anyone may insert a look-alike: never rate a request the user did not mean
-        kinds = ", ".join(type(doc["_id"]).__name__ for doc in matches)
-        raise click.ClickException(f"{len(matches)} requests have an _id that reads {request_id!r} ({kinds}): "
-                                   "rate it with a driver, by the exact _id")
-    [found] = matches
-    if ids.key(found.get("model")) != ids.key(model):
-        raise click.ClickException(f"request {request_id!r} is for another model, not {model!r}")
-    if found.get("status") != defaults.Status.DONE.value:
-        raise click.ClickException(f"request {request_id!r} is {found.get('status') or 'pending'}, not done yet: "
-                                   "rate it once it has its answer")
-    done = {"_id": ids.eq(found["_id"]), "model": ids.eq(model), "status": defaults.Status.DONE.value}
-    if not requests.update_one(done, {"$set": {"feedback": rating}}).matched_count:  # requeued or deleted meanwhile
-        raise click.ClickException(f"request {request_id!r} changed while it was being rated (requeued or deleted): "
-                                   "nothing was rated")
+    rate(requests, done_request(requests, model, request_id), model, rating, request_id)
     click.echo(inert(f"rated request {request_id!r} of model {model!r} {'good' if good else 'bad'}"
                      + (" with a better answer" if better is not None else ""), MAX_LINE_CHARS))
