@@ -506,6 +506,17 @@ def test_class2_one_rating_of_a_shape_the_server_cannot_return_stops_every_later
     assert honest == 3
 
 
+def test_class2_a_rating_whose_completed_at_the_server_cannot_sort_on_stops_nothing_of_its_models(db, server_uri):
+    """A user expects the model's other ratings to start its run whatever a writer puts in a rated request's
+    `completed_at` (the listener's field, which the newest-first read sorts on): nested ~500 deep, the embedded server
+    stores it but fails that sorted read, so the check that the ratings make a run failed at every pass."""
+    rated(db, "victim", "poison", {"rating": 1}, completed_at=nested_document(500))
+    for n, rating in enumerate([1, -1, 1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    assert due(server_uri, db, spec_of(every=3)) == ["victim"]
+    assert feedback.rated_requests(db, spec_of(every=3), Limits()), "the run reads the honest ratings"
+
+
 def test_class2_one_rating_with_a_role_of_the_wrong_type_stops_the_feedback_pass_of_every_later_model(
         db, server_uri):
     """A user expects another user's odd request to cost nothing but that request: on a database without the

@@ -54,12 +54,15 @@ def usable(limits: Limits) -> dict:
     stamped or read: a plain `_id`; `feedback` holding a number `rating` (int, long or double) and at most a non-empty
     text `better`, what `config.parse_feedback` takes; an `input` of text or of at most `max_messages` messages
     `{role, content}`, texts within `max_input_chars` (a chat's sum is checked as it is read, `too_long`); a text
-    `output`; no stamp, or one integer (`$eq` would match a list of runs toward each, counting one rating for all)."""
+    `output`; no stamp, or one integer (`$eq` would match a list of runs toward each, counting one rating for all); a
+    `completed_at`, which the newest-first read sorts on, that is a date as the listener writes it (a server may fail
+    a sort on a value nested deep)."""
     text = {"bsonType": "string", "maxLength": limits.max_input_chars}
     message = {"bsonType": "object", "required": ["role", "content"], "additionalProperties": False,
                "properties": {"role": {"bsonType": "string", "maxLength": ROLE_CHARS}, "content": text}}
     return {"$jsonSchema": {"required": ["input", "output", "feedback"], "properties": {
         "_id": ID_SCHEMA, "output": text, "feedback_run": {"bsonType": STAMP_TYPES},
+        "completed_at": {"bsonType": "date"},
         "input": {"bsonType": ["string", "array"], "maxLength": limits.max_input_chars,
                   "maxItems": limits.max_messages, "items": message},
         "feedback": {"bsonType": "object", "required": ["rating"], "additionalProperties": False,
