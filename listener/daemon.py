@@ -300,7 +300,7 @@ class Daemon:
             except BadRecord as exc:  # a user rewrote the gang's fields as it formed
                 await fail_malformed(models, MODEL_TRANSITIONS, state.id, Status.PENDING, exc, self.skipped)
                 return True
-            if started == gangs.OVERDUE:
+            if started is gangs.GivenBack.OVERDUE:
                 self.resting = asyncio.get_running_loop().time() + self.settings.gang_wait_s
             elif started is not None:
                 node, run = started

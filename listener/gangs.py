@@ -44,6 +44,7 @@ the listener's, but a user can write it too, so each entry counts only while its
 import asyncio
 import contextlib
 import datetime as dt
+import enum
 import logging
 import random
 import socket
@@ -62,7 +63,12 @@ from training import defaults, ids
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often a member reads its gang while it waits
-OVERDUE = "overdue"  # what `form` returns once it gave its gang back at the deadline: the daemon rests from gangs
+
+
+class GivenBack(enum.Enum):
+    """How a gang that never started ended for this daemon, where that matters to it."""
+
+    OVERDUE = "overdue"  # given back whole at its deadline: the daemon rests from gangs (`Daemon._rests`)
 
 
 @dataclass(frozen=True)
@@ -404,7 +410,8 @@ async def take_place(gang: Gang, ports: dict[str, socket.socket]) -> int | None:
     return None
 
 
-async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, str]) -> tuple[Node, int] | str | None:
+async def form(gang: Gang, rank: int, warnings: list[str],
+               waiting: dict[str, str]) -> tuple[Node, int] | GivenBack | None:
     """Wait as node `rank` for the others: (this node, the run) once it starts here, OVERDUE or None once this daemon's
     place is given back (at the deadline, or dissolved, failed, cancelled: `_keep`). `waiting` (the heartbeat's) says
     meanwhile how many nodes are there. The caller `leave`s once the gang ends: node 0 judges its members by their
@@ -430,7 +437,7 @@ async def form(gang: Gang, rank: int, warnings: list[str], waiting: dict[str, st
         waiting.pop(gang.key, None)
 
 
-async def _keep(gang: Gang, entries: list[Member], document: dict) -> Verdict | str | None:
+async def _keep(gang: Gang, entries: list[Member], document: dict) -> Verdict | GivenBack | None:
     """The gang as read judged, if it may go on forming; OVERDUE once it is given back at its deadline, None once it
     is dissolved otherwise (cancelled, a member lost) or its job failed here. Only OVERDUE makes a daemon rest: a
     cancel or a lost entry is the writer's to make, and would otherwise keep daemons off every other gang."""
@@ -457,7 +464,7 @@ async def _keep(gang: Gang, entries: list[Member], document: dict) -> Verdict | 
             log.info("model %.200r: %d of %d nodes after %.0f s, not started; giving every node back", doc_id,
                      len(entries), gang.count, settings.gang_wait_s)
             await dissolve(gang.models, doc_id, as_read(entries))
-            return OVERDUE
+            return GivenBack.OVERDUE
         return None
     return verdict
 

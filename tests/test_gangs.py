@@ -619,7 +619,7 @@ def test_race_a_gang_that_grew_as_node_0_gave_it_back_fails_the_users_untouched_
             record = await records.find_one({"_id": gangs.record_id(a.owner, key)})
             await records.update_one({"_id": record["_id"]}, {"$set": {"at": record["at"] - dt.timedelta(minutes=1)}})
             kept = await gangs._keep(gang(a), gangs.members(as_a_read), as_a_read)  # a's deadline: give it back
-            assert kept == gangs.OVERDUE and "nodes" not in read(db, "m"), "given back whole"
+            assert kept is gangs.GivenBack.OVERDUE and "nodes" not in read(db, "m"), "given back whole"
             await gangs.leave(models, a.books[defaults.LISTENER], "m", a.owner, key)  # as a's `_gang` does
             now_read = await models.find_one({"_id": "m"})
             await gangs._keep(gang(c), gangs.members(now_read), now_read)  # c's next poll
