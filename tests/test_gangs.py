@@ -692,22 +692,35 @@ def test_a_gang_its_writer_cancels_leaves_no_daemon_resting_from_other_users_gan
 def test_node_0_whose_record_of_its_claim_fails_gives_the_run_back_at_once(server_uri, db, tmp_path):
     """The server refuses node 0's record of its claim (here a validator on `_listener`; in life an election or an
     outage between the claim and the record): its members never start, and the run, claimed, is `pending` again at
-    once instead of `running` with no node until its lease runs out."""
+    once (its lease is 10 minutes) instead of `running` with no node until its lease runs out. Read from the model's
+    change stream: the daemons, refused each time, go on forming the gang again."""
     db.create_collection(defaults.LISTENER, validator={"$jsonSchema": {"properties": {"claimed": {"bsonType": "string"}}}})
     db[defaults.MODELS].insert_one(model("m", PATH, trainer={"num_nodes": 2}))
     stand_in = NodeStandIn()
+    changes = db[defaults.MODELS].watch([{"$match": {"operationType": "update", "documentKey._id": "m"}}],
+                                        max_await_time_ms=10)
+    updates: list[dict] = []
+
+    def given_back() -> bool:
+        while (event := changes.try_next()) is not None:
+            updates.append(event["updateDescription"])
+        return any(update["updatedFields"].get("status") == "pending" for update in updates)
 
     async def body():
         async with live(server_uri, db, tmp_path, stand_in, "a", "b", lease_s=600) as (a, b):
             document = read(db, "m")
             await asyncio.gather(*(d.consider_model(document) for d in (a, b)))
-            await until(lambda: read(db, "m").get("run") == 1 and not (a.trainings or b.trainings), timeout_s=30)
+            await until(given_back, timeout_s=30)
             for d in (a, b):
                 d.stop_event.set()
 
     asyncio.run(body())
-    given_back = read(db, "m")
-    assert given_back["status"] == "pending" and "lease" not in given_back and "nodes" not in given_back, given_back
+    changes.close()
+    statuses = [(u["updatedFields"].get("status"), u["updatedFields"].get("run")) for u in updates
+                if "status" in u["updatedFields"]]
+    assert statuses[:2] == [("running", 1), ("pending", None)], statuses
+    back = next(u for u in updates if u["updatedFields"].get("status") == "pending")
+    assert {"lease", "nodes"} <= set(back["removedFields"]), back
     assert stand_in.nodes == [], "no node started without node 0's record of its claim"
 
 
