@@ -144,10 +144,10 @@ async def solo(server_uri: str, db_name: str, home, environ: dict | None = None,
         await client.close()
 
 
-async def until(check, retrainer: Retrainer | None = None):
+async def until(check, retrainer: Retrainer | None = None, timeout_s: float = 30):
     """Let the retrainer's stream tasks run until `check()` returns something truthy, and return that; where
     `retrainer` is given, run its periodic pass each second meanwhile, as a daemon does."""
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(timeout_s):
         while not (found := check()):
             if retrainer is not None:
                 await retrainer.check()
