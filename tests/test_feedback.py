@@ -166,6 +166,17 @@ def test_the_cli_says_in_one_line_what_it_cannot_rate(module_samples, server_uri
         assert result.exit_code != 0 and message in result.output, result.output
     assert invoke(server_uri, db, "feedback", "cli_m", "7", "--good").exit_code == 0  # the integer id
     assert db[defaults.REQUESTS].find_one({"_id": 7})["feedback"] == {"rating": 1}
+    # Where an integer and a text read alike, none is rated; extended JSON names the one meant, as for a model.
+    db[defaults.REQUESTS].insert_many([{**request(8, "cli_m", "hi"), "status": "done", "output": "yo"},
+                                       {**request("8", "cli_m", "hi"), "status": "done", "output": "yo"}])
+    for args, message in ((("cli_m", "8", "--bad"), "give the exact one as extended JSON"),
+                          (("cli_m", '{"$oid": "zz"}', "--bad"), "is not a request id")):
+        result = invoke(server_uri, db, "feedback", *args)
+        assert result.exit_code != 0 and message in result.output and result.output.count("\n") <= 2, result.output
+    assert db[defaults.REQUESTS].count_documents({"feedback": {"$exists": True}, "_id": {"$in": [8, "8"]}}) == 0
+    assert invoke(server_uri, db, "feedback", "cli_m", '{"$numberInt": "8"}', "--bad").exit_code == 0
+    assert db[defaults.REQUESTS].find_one({"_id": 8})["feedback"] == {"rating": -1}
+    assert "feedback" not in db[defaults.REQUESTS].find_one({"_id": "8"})
 
 
 @pytest.mark.parametrize("meanwhile", [{"status": "pending"}, {"model": "other"}], ids=["requeued", "moved"])

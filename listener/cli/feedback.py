@@ -1,14 +1,20 @@
 import click
 from bson import ObjectId
 
-from listener.cli.options import connection_options, model_argument, open_database, operator_settings
+from listener.cli.options import connection_options, exact_id, model_argument, open_database, operator_settings
 from training import defaults, ids
 from training.config import parse_feedback
 from training.inert import MAX_LINE_CHARS, inert
 
 
 def request_ids(text: str) -> list:
-    """What REQUEST_ID may mean, in the order tried: an ObjectId (24 hex digits), an integer, the text itself."""
+    """What REQUEST_ID may mean: extended JSON is that exact `_id` (as for MODEL, `exact_id`); otherwise, in the order
+    tried, an ObjectId (24 hex digits), an integer, the text itself."""
+    if text.startswith("{"):
+        try:
+            return [exact_id(text)]
+        except ValueError as exc:
+            raise click.BadParameter(f"{text!r} is not a request id: {exc}", param_hint="REQUEST_ID") from None
     found = [ObjectId(text)] if ObjectId.is_valid(text) and len(text) == 24 else []
     try:
         found.append(int(text))
@@ -27,7 +33,8 @@ def done_request(requests, model, request_id: str) -> dict:
     if len(matches) > 1:  # never rate a request the user did not mean
         kinds = ", ".join(type(doc["_id"]).__name__ for doc in matches)
         raise click.ClickException(f"{len(matches)} requests have an _id that reads {request_id!r} ({kinds}): "
-                                   "rate it with a driver, by the exact _id")
+                                   "give the exact one as extended JSON, e.g. '{\"$oid\": \"...\"}' or "
+                                   "'{\"$numberInt\": \"7\"}'")
     [found] = matches
     if ids.key(found.get("model")) != ids.key(model):
         raise click.ClickException(f"request {request_id!r} is for another model, not {model!r}")
@@ -57,7 +64,7 @@ def feedback(uri, db, model, request_id, good, better):
 
     With `feedback: {method, every}` on the model, every N ratings start a preference run on them.
     REQUEST_ID is an ObjectId's hex, an integer or the text as it is: the one request that matches; where
-    several do (an id of each type), none is rated.
+    several do (an id of each type), none is rated. Extended JSON ('{"$oid": "..."}') names one exactly.
 
     \b
     Example:

@@ -27,8 +27,17 @@ def connection_options(command):
     return uri_option(db_option(command))
 
 
+def exact_id(text: str):
+    """The `_id` that extended JSON gives exactly ('{"$oid": "..."}', '{"$numberInt": "7"}'): how a command line names
+    a model or a request whose `_id` is not a string. ValueError when it is not one."""
+    try:
+        return ids.check(json_util.loads(text))
+    except (ValueError, BSONError) as exc:  # BadId too
+        raise ValueError(str(exc)) from None
+
+
 class ModelId(click.ParamType):
-    """A model's `_id`: the text as a string, or extended JSON for other types: '{"$oid": "..."}'."""
+    """A model's `_id`: the text as a string, or extended JSON for other types (`exact_id`)."""
 
     name = "MODEL"
 
@@ -36,8 +45,8 @@ class ModelId(click.ParamType):
         if not isinstance(value, str) or not value.startswith("{"):
             return value
         try:
-            return ids.check(json_util.loads(value))
-        except (ValueError, BSONError) as exc:  # BadId too
+            return exact_id(value)
+        except ValueError as exc:
             self.fail(f"{value!r} is not a model id: {exc}", param, ctx)
 
 
