@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
-from listener import embedded, feedback, gangs, gpus, health, housekeeping, leases, liveness, metrics, schema
+from listener import embedded, gangs, gpus, health, housekeeping, indexes, leases, liveness, metrics, schema
 from listener.batch_predictions import predict_collection
 from listener.connection import connect, database_name, redact
 from listener.forks import Forks, forget_connection_environment
@@ -81,8 +81,7 @@ class Daemon:
         housekeeping.clean(self.settings)
         if self.settings.validators:
             await schema.install(self.db, self.settings.limits)
-        await schema.expire_requests(self.db, self.settings.requests_ttl_s)
-        await feedback.make_index(self.db)
+        await indexes.make(self.db, self.settings.requests_ttl_s)
         await self._heartbeat(started=True)
         self.periodic.every(self.settings.heartbeat_s, self._heartbeat)
         self.periodic.every(self.settings.scan_s, self.scan)

@@ -24,7 +24,6 @@ writer's many slow filters cost each pass one turn.
 """
 
 import asyncio
-import functools
 import logging
 import time
 
@@ -41,34 +40,11 @@ from training.limits import Limits
 
 log = logging.getLogger(__name__)
 
-INDEX = "requests_feedback"
-INDEX_KEYS = [("model", 1), ("feedback_run", 1), ("feedback.rating", 1)]
-# Every count, stamp and read selects `feedback.rating` in [-1, 1], which MongoDB's planner sees implies this.
-RATED_ONLY = {"feedback.rating": {"$exists": True}}
-INDEX_SPECS_CONFLICT = 86  # IndexKeySpecsConflict: an index of this name exists with other options
 COUNTING = (Status.SUCCEEDED, Status.RUNNING)  # a run's number is known: ratings count toward the next
 QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scans long gives up, and is tried again
 SLOW_S = 2.0  # a model whose turn took longer (its filter scans long, or the server ignores QUERY_MS) is slow...
 SLOW_PER_PASS = 1  # ...and slow models take this many turns a pass between them, the longest waiting first
 ENOUGH_BATCH = 100  # rated answers read first to see whether they make a run: a model's first batch mostly does
-
-
-async def make_index(db) -> None:
-    """The index the stamps are counted on, over rated requests only (`RATED_ONLY`): the many answers nobody rates cost
-    it nothing. One of its name an older version made over every request is dropped and made again; a server or role
-    that refuses either only makes each count scan."""
-    requests = db[defaults.REQUESTS]
-    create = functools.partial(requests.create_index, INDEX_KEYS, name=INDEX, partialFilterExpression=RATED_ONLY)
-    try:
-        try:
-            await create()
-        except OperationFailure as exc:
-            if exc.code != INDEX_SPECS_CONFLICT:
-                raise
-            await requests.drop_index(INDEX)
-            await create()
-    except OperationFailure as exc:
-        log.warning("could not index %s for feedback counts (%s)", defaults.REQUESTS, briefly(exc))
 
 
 class FeedbackTrigger:

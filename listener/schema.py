@@ -106,22 +106,3 @@ async def install(db, limits: Limits) -> bool:
                     said(exc))
         return False
     return True
-
-
-TTL_INDEX = "requests_ttl"
-
-
-async def expire_requests(db, ttl_s: int | None) -> None:
-    """Make the TTL index on answered requests' `completed_at` match the operator's `requests_ttl_s`: made,
-    changed or dropped; a server that refuses it only keeps the documents."""
-    requests = db[defaults.REQUESTS]
-    try:
-        existing = (await requests.index_information()).get(TTL_INDEX)
-        if existing and existing.get("expireAfterSeconds") != ttl_s:
-            await requests.drop_index(TTL_INDEX)
-            existing = None
-        if ttl_s and not existing:
-            await requests.create_index("completed_at", name=TTL_INDEX, expireAfterSeconds=ttl_s)
-    except OperationFailure as exc:
-        log.warning("could not set the TTL index on %s (%s); answered requests are kept", defaults.REQUESTS,
-                    said(exc))

@@ -20,7 +20,7 @@ from pymongo import AsyncMongoClient, monitoring
 
 from listener.cli import feedback as rating_command
 from listener.cli.main import cli
-from listener.feedback import ENOUGH_BATCH, INDEX, INDEX_KEYS, RATED_ONLY, FeedbackTrigger
+from listener.feedback import ENOUGH_BATCH, FeedbackTrigger
 from listener.records import ModelState, SkipLog, parse
 from listener import retrain
 from listener.processes import wait_until
@@ -410,16 +410,6 @@ def test_a_daemon_counts_feedback_for_at_most_its_bound_of_models_those_seen_fir
     first, second = asyncio.run(passes())
     assert [s.id for s in first] == ["y", "z"] and [s.id for s in second] == ["y", "z"]
     assert db[defaults.REQUESTS].count_documents({"model": "a", "feedback_run": {"$exists": True}}) == 0
-
-
-def test_a_daemon_starts_on_a_database_whose_feedback_index_covers_every_request_and_makes_it_cover_rated_ones(
-        db, start_daemon):
-    """An operator who upgrades expects the daemon to start on a database where an older version made the feedback
-    index over every request (same name, no partial filter), and that index to cover rated requests only after."""
-    db[defaults.REQUESTS].create_index(INDEX_KEYS, name=INDEX)
-    start_daemon()
-    wait_until(lambda: db[defaults.LISTENER].find_one({"kind": "daemon"}), 60, "the daemon's heartbeat")
-    assert db[defaults.REQUESTS].index_information()[INDEX].get("partialFilterExpression") == RATED_ONLY
 
 
 class RatedReads(monitoring.CommandListener):

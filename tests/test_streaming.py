@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from listener.cli.main import cli
 from listener.processes import registered, wait_until
-from listener.schema import TTL_INDEX
+from listener.indexes import TTL as TTL_INDEX
 from tests.test_serving import answer, looping_model, served_model
 from training import defaults
 
