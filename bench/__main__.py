@@ -20,14 +20,14 @@ from pathlib import Path
 from pymongo import MongoClient
 from rich.console import Console
 
-from bench import dpo, load, sampling, serving, storage, training
+from bench import dpo, feedback, load, sampling, serving, storage, training
 from bench.common import Context, Row, running_daemon, table
 from listener.demo import load_samples
 from listener.embedded import EmbeddedServer, free_port
 
 RESULTS = Path(__file__).with_name("results") / "latest.json"
 PARTS = ("training", "serving", "storage")  # `make bench`
-ON_REQUEST = ("sampling", "load", "dpo")  # long studies and the DPO comparison, run only when named
+ON_REQUEST = ("sampling", "load", "dpo", "feedback")  # long studies and the DPO comparisons, run only when named
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -39,9 +39,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", choices=PARTS + ON_REQUEST, action="append",
                         help="run only this benchmark (repeatable); without training, serving and storage use "
                              "one untimed training run through the daemon for their adapter; not run by default: "
-                             "sampling (eval loss of length-grouped against random order over several seeds) and "
-                             "load (1, 2 and 3 daemons on one database, and daemons SIGKILLed under load) and dpo "
-                             "(a DPO job against the plain trl DPOTrainer script)")
+                             "sampling (eval loss of length-grouped against random order over several seeds), "
+                             "load (1, 2 and 3 daemons on one database, and daemons SIGKILLed under load), dpo "
+                             "(a DPO job against the plain trl DPOTrainer script) and feedback (a DPO run from "
+                             "ratings of served answers, with its promotion gate, against the same script)")
     args = parser.parse_args(argv)
     args.only = tuple(args.only or PARTS)
     args.model = args.model or ("tiny" if args.only == ("load",) else "smollm2")
@@ -90,7 +91,7 @@ def measure(console: Console, model: str, parts: tuple[str, ...] = PARTS) -> lis
         return [*training_rows, *(serving.run(ctx) if "serving" in parts else []),
                 *(storage.run(ctx, adapter) if "storage" in parts else []),
                 *(sampling.run(ctx) if "sampling" in parts else []), *(load.run(ctx) if "load" in parts else []),
-                *(dpo.run(ctx) if "dpo" in parts else [])]
+                *(dpo.run(ctx) if "dpo" in parts else []), *(feedback.run(ctx) if "feedback" in parts else [])]
 
 
 def busy_cpus(console: Console) -> float:

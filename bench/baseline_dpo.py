@@ -2,7 +2,7 @@
 
 `bench.dpo` runs it as its own process, as `bench.baseline_train` is run for SFT: it reads the
 same pairs from the database, trains with the same arguments and LoRA settings, saves the adapter and
-prints one JSON line with the trainer's runtime and last logged rewards.
+prints one JSON line with the trainer's runtime, steps and last logged rewards.
 """
 
 import argparse
@@ -15,7 +15,7 @@ from pymongo import MongoClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from bench.trainer_log import last
+from bench.trainer_log import rewards
 
 
 def main() -> None:
@@ -35,9 +35,7 @@ def main() -> None:
                          peft_config=LoraConfig(task_type="CAUSAL_LM", **job["lora"]))
     trainer.train()
     trainer.save_model(args.output)
-    history = trainer.state.log_history
-    print(json.dumps({"train_runtime": last(history, "train_runtime"), "accuracy": last(history, "rewards/accuracies"),
-                      "margin": last(history, "rewards/margins")}))
+    print(json.dumps(rewards(trainer.state.log_history)))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import statistics
 
 from bench import training
 from bench.common import Context, Row
-from bench.trainer_log import last
+from bench.trainer_log import rewards
 
 COLLECTION = "pirate_pairs"
 PAIRS = 3
@@ -39,18 +39,14 @@ def load_pairs(ctx: Context) -> int:
 
 
 def model_document(model_path: str, model_id: str) -> dict:
-    lora = JOB["lora"]
     return {"_id": model_id, "model_name_or_path": model_path, "method": "dpo",
             "data": {"collection": COLLECTION, "key": ["prompt", "chosen", "rejected"], "valid_fraction": 0.0},
-            "trainer": {**JOB["trainer"], "save_steps": JOB["trainer"]["max_steps"], "lora_r": lora["r"],
-                        "lora_alpha": lora["lora_alpha"], "lora_target_modules": lora["target_modules"]}}
+            "trainer": training.trainer_fields(JOB)}
 
 
 def via_mongotune(ctx: Context, model_id: str) -> dict:
     ran = training.through_daemon(ctx, model_document(ctx.model_path, model_id), "DPO")
-    metrics = ran["document"]["metrics"]
-    return {"seconds": ran["seconds"], "train_runtime": last(metrics, "train_runtime"),
-            "accuracy": last(metrics, "rewards/accuracies"), "margin": last(metrics, "rewards/margins")}
+    return {"seconds": ran["seconds"], **rewards(ran["document"]["metrics"])}
 
 
 def via_script(ctx: Context, number: int) -> dict:
@@ -63,14 +59,24 @@ def run(ctx: Context) -> list[Row]:
     ours, theirs = training.alternate(PAIRS, lambda n: via_mongotune(ctx, f"dpo-{n}"), lambda n: via_script(ctx, n))
     steps = JOB["trainer"]["max_steps"]
     ratios = [o["seconds"] / t["seconds"] for o, t in zip(ours, theirs)]
-
-    def row(name: str, unit: str, pick, note: str = "") -> Row:
-        return Row(name, unit, statistics.median(map(pick, ours)), statistics.median(map(pick, theirs)), note)
-
     return [
-        row("dpo: end to end", "s", lambda r: r["seconds"], f"whole-job ratio {statistics.median(ratios):.2f} "
-            f"({min(ratios):.2f}–{max(ratios):.2f}) over {PAIRS} alternating pairs, {count} pairs, {steps} steps"),
-        row("dpo: seconds per step", "s", lambda r: r["train_runtime"] / steps, "trainer's train_runtime / steps"),
-        row(f"dpo: reward accuracy at step {steps}", "", lambda r: r["accuracy"]),
-        row(f"dpo: reward margin at step {steps}", "", lambda r: r["margin"]),
+        _median_row("dpo: end to end", "s", ours, theirs, lambda r: r["seconds"],
+                    f"whole-job ratio {statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}) over "
+                    f"{PAIRS} alternating pairs, {count} pairs, {steps} steps"),
+        *trainer_rows("dpo", ours, theirs),
     ]
+
+
+def trainer_rows(part: str, ours: list[dict], theirs: list[dict]) -> list[Row]:
+    """Each side's seconds per step and last logged rewards (`trainer_log.rewards`), the median over its jobs."""
+    steps = ours[0]["steps"]
+    return [
+        _median_row(f"{part}: seconds per step", "s", ours, theirs, lambda r: r["train_runtime"] / r["steps"],
+                    "trainer's train_runtime / steps"),
+        _median_row(f"{part}: reward accuracy at step {steps}", "", ours, theirs, lambda r: r["accuracy"]),
+        _median_row(f"{part}: reward margin at step {steps}", "", ours, theirs, lambda r: r["margin"]),
+    ]
+
+
+def _median_row(name: str, unit: str, ours: list[dict], theirs: list[dict], pick, note: str = "") -> Row:
+    return Row(name, unit, statistics.median(map(pick, ours)), statistics.median(map(pick, theirs)), note)

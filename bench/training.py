@@ -46,15 +46,20 @@ INSIDE_TRAIN = ("progress_writes", "checkpoint_uploads")  # phases of the job co
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
+def trainer_fields(job: dict) -> dict:
+    """A job's trainer and LoRA settings in a `_models` document's words (LoRA settings are `lora_*` trainer fields),
+    saving once, at the last step."""
+    trainer, lora = job["trainer"], job["lora"]
+    return {**trainer, "save_steps": trainer["max_steps"], "lora_r": lora["r"], "lora_alpha": lora["lora_alpha"],
+            "lora_target_modules": lora["target_modules"]}
+
+
 def model_document(model_path: str, model_id=MODEL_ID, seed=SEED) -> dict:
-    """`JOB` in the document's own words: LoRA settings are `lora_*` trainer fields."""
-    lora = JOB["lora"]
+    """`JOB` in the document's own words."""
     return {
         "_id": model_id, "model_name_or_path": model_path,
         "data": {"collection": COLLECTION, "key": "messages", "filter": JOB["filter"]},
-        "trainer": {**JOB["trainer"], "seed": seed, "save_steps": JOB["trainer"]["max_steps"],  # one save, at the end
-                    "lora_r": lora["r"], "lora_alpha": lora["lora_alpha"],
-                    "lora_target_modules": lora["target_modules"]},
+        "trainer": {**trainer_fields(JOB), "seed": seed},
     }
 
 
@@ -163,12 +168,12 @@ def steps_s(result: dict) -> float:
     return result["train_runtime"] - result["eval_runtime"]
 
 
-def _in_process(result: dict) -> float:
+def in_process(result: dict) -> float:
     """The process's own time, phase by phase; the writes and uploads are inside `train` already."""
     return sum(v for k, v in result["phases"].items() if k not in INSIDE_TRAIN)
 
 
-def _phases(results: list[dict]) -> str:
+def phases_note(results: list[dict]) -> str:
     return ", ".join(f"{name} {statistics.median(r['phases'].get(name, 0.0) for r in results):.2f}"
                      for name in results[0]["phases"])
 
@@ -214,7 +219,7 @@ def run(ctx: Context) -> tuple[list[Row], Path]:
         _row("training: eval loss, valid fold", "loss", [r["eval_loss"] for r in ours], [r["eval_loss"] for r in theirs],
              "seeds {}-{}, one a pair; eval-loss ratio {:.3f}".format(SEED, SEED + PAIRS - 1, statistics.median(
                  r["eval_loss"] for r in ours) / statistics.median(r["eval_loss"] for r in theirs))),
-        _row("training: phases in the process (mongotune | script)", "s", [_in_process(r) for r in ours],
-             [_in_process(r) for r in theirs], f"{_phases(ours)} | {_phases(theirs)}"),
+        _row("training: phases in the process (mongotune | script)", "s", [in_process(r) for r in ours],
+             [in_process(r) for r in theirs], f"{phases_note(ours)} | {phases_note(theirs)}"),
     ]
     return rows, output
