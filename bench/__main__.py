@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import signal
 import tempfile
 import time
@@ -77,8 +78,18 @@ def measure(console: Console, model: str, parts: tuple[str, ...] = PARTS) -> lis
     # Progress bars and deprecation notices from the libraries would break the console's status lines.
     transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    with tempfile.TemporaryDirectory(prefix="mongotune-bench-") as scratch, ExitStack() as stack:
-        home = Path(scratch)
+    home = Path(tempfile.mkdtemp(prefix="mongotune-bench-"))
+    try:
+        rows = _measure(console, model, parts, home)
+    except BaseException:
+        console.log(f"[red]the run failed: its folder is kept for its logs (the daemons' and their jobs'): {home}")
+        raise
+    shutil.rmtree(home, ignore_errors=True)
+    return rows
+
+
+def _measure(console: Console, model: str, parts: tuple[str, ...], home: Path) -> list[Row]:
+    with ExitStack() as stack:
         server = stack.enter_context(EmbeddedServer(home / "server", port=free_port(), memory=True))
         client = stack.enter_context(MongoClient(server.uri))
         ctx = Context(console, client["bench"], server.uri, home, base_model(model, home, console))
