@@ -1,22 +1,22 @@
 """Bad documents end `failed` with an error naming the field; the daemon keeps serving the rest.
 
-The daemons here run without the $jsonSchema validators, as on a server that refuses them, so every
+The module's daemon runs without the $jsonSchema validators, as on a server that refuses them, so every
 bad document reaches the daemon's own checks (`test_schema.py` covers the refusal at write time).
 """
 
-from listener.demo import load_samples
 from tests.conftest import finished, wait_for
 from tests.documents import QUICK, model
 from training import defaults
 from training.limits import Limits
 
+DAEMON_ENV = {"MONGOTUNE_VALIDATORS": "0"}
 
 
-def test_bad_model_documents_fail_with_the_field_and_a_good_one_still_trains(db, start_daemon, tiny_model_path):
-    load_samples(db)
+def test_bad_model_documents_fail_with_the_field_and_a_good_one_still_trains(module_samples, module_daemon,
+                                                                             tiny_model_path):
+    db = module_samples
     db["empty"].insert_one({"other": 1})
     db["empty"].delete_many({})
-    start_daemon(args=("--no-validators",))
     bad = {
         "no-collection": (model("x", tiny_model_path, data={"key": "text"}), "data.collection"),
         "empty-collection": (model("x", tiny_model_path, data={"collection": "empty", "key": "text"}),
@@ -51,9 +51,8 @@ def test_bad_model_documents_fail_with_the_field_and_a_good_one_still_trains(db,
     assert good["status"] == "succeeded", good.get("error")
 
 
-def test_bad_requests_fail_with_a_reason_and_a_good_one_is_answered(db, start_daemon, tiny_model_path):
-    load_samples(db)
-    start_daemon(args=("--no-validators",))
+def test_bad_requests_fail_with_a_reason_and_a_good_one_is_answered(module_samples, module_daemon, tiny_model_path):
+    db = module_samples
     db[defaults.MODELS].insert_one(model("untrained", tiny_model_path, data={"collection": "none", "key": "text"}))
     db[defaults.MODELS].insert_one(model("ready", tiny_model_path))
     wait_for(db[defaults.MODELS], "untrained", finished, timeout_s=60)
