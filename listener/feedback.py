@@ -14,7 +14,8 @@ while a run is pending (its number is not known yet): such ratings are stamped o
 toward the run after it (which comes a little early rather than late, as with `retrain.on_new_documents`).
 `retrain.start` (`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before
 starting, the rows are read, newest first and only until they do, to see that they make a run (DPO: at least
-`preferences.MIN_ROWS` pairs); a model whose count has not moved since it had too few is not read again. Only
+`preferences.MIN_ROWS` pairs), and the ratings written since the pass stamped are stamped then, toward the run that
+will read them; a model whose count has not moved since it had too few is not read again. Only
 ratings of a shape a run uses are selected at all (`feedback.usable`, checked by the server). Ratings rewritten or
 deleted between this check and the run's read end that run `nothing_to_train` (`training.feedback.NothingToTrain`):
 the model serves as before and the ratings written after it count toward the next run. The operator's
@@ -111,25 +112,28 @@ class FeedbackTrigger:
             await self.skipped.warn(self.db[defaults.MODELS], "feedback filter", spec.id,
                                     f"not counting feedback: the server refuses feedback.filter ({briefly(exc)})")
 
-    async def _stamp(self, query: dict, stamp: int) -> None:
-        """Stamp at most `max_feedback_rows` of the requests `query` selects, each by its `_id` (found in the index's
-        order: a sort would read the whole flood): bounded work per pass, whatever a writer floods in (the rest wait
-        for the next passes). One a stamp cannot be written on (it would pass 16 MB) is skipped, not the others."""
+    async def _stamp(self, query: dict, stamp: int, at_most: int | None = None) -> int:
+        """Stamp at most `at_most` (`max_feedback_rows`) of the requests `query` selects, each by its `_id` (found in
+        the index's order: a sort would read the whole flood): bounded work per pass, whatever a writer floods in (the
+        rest wait for the next passes); how many were found. One a stamp cannot be written on (it would pass 16 MB) is
+        skipped, not the others."""
         requests = self.db[defaults.REQUESTS]
-        found = requests.find(query, {"_id": 1}, limit=self.limits.max_feedback_rows, max_time_ms=QUERY_MS)
+        found = requests.find(query, {"_id": 1}, limit=at_most or self.limits.max_feedback_rows, max_time_ms=QUERY_MS)
         batch = [doc["_id"] async for doc in found]
         if not batch:
-            return
+            return 0
         try:
             await requests.bulk_write([UpdateOne({"_id": ids.eq(doc_id), **feedback.UNSTAMPED},
                                                  {"$set": {"feedback_run": stamp}}) for doc_id in batch], ordered=False)
         except BulkWriteError as exc:
             for error in exc.details.get("writeErrors", []):
                 self.skipped.skip("rating to stamp", batch[error["index"]], error.get("errmsg"))
+        return len(batch)
 
     async def _due(self, key: str, spec: ModelSpec, state: ModelState) -> bool:
         requests = self.db[defaults.REQUESTS]
-        await self._stamp(feedback.uncounted(spec, self.limits), state.run)
+        unstamped = feedback.uncounted(spec, self.limits)
+        left = self.limits.max_feedback_rows - await self._stamp(unstamped, state.run)  # of this pass's stamps
         if (passed_over := feedback.filtered_out(spec, self.limits)) is not None:
             try:
                 await self._stamp(passed_over, feedback.PASSED_OVER)
@@ -148,6 +152,10 @@ class FeedbackTrigger:
             log.info("feedback for %.200r: %d new ratings, but too few usable %s to train on yet", spec.id, count,
                      "pairs" if spec.feedback.method == "dpo" else "examples")
             return False
+        # The run reads every rating there is: those written since this pass stamped count toward it, not the next
+        # (stamped only once it is claimed, they would start another run at once with no new rating).
+        if left > 0:
+            await self._stamp(unstamped, state.run, left)
         return True
 
     async def _enough(self, spec: ModelSpec) -> bool:

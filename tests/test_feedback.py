@@ -511,6 +511,36 @@ def test_class2_one_rating_of_a_shape_the_server_cannot_return_stops_every_later
     assert honest == 3
 
 
+def test_ratings_written_as_a_pass_decides_count_toward_the_run_they_start_not_the_next(db, server_uri):
+    """A user expects one run per `every` new ratings. Two ratings written between a pass's stamping and its check that
+    the ratings make a run are read by that check (and the run it starts) but were stamped only once the run was
+    claimed, with its number: so they also counted toward the next run, which started at once with no new rating."""
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"first {n}", {"rating": rating})
+
+    async def one_pass():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], Limits(), 10, SkipLog())
+            checked = trigger._enough
+
+            async def written_meanwhile(spec):  # two raters write as the pass reads
+                for n, rating in enumerate([1, -1]):
+                    rated(db, "victim", f"meanwhile {n}", {"rating": rating})
+                return await checked(spec)
+
+            trigger._enough = written_meanwhile
+            spec = spec_of(every=2)
+            state = parse(ModelState, {"_id": "victim", "status": "succeeded", "run": 1})
+            return [s.id for s in await trigger.due({"victim": (spec, state)})]
+        finally:
+            await client.close()
+
+    assert asyncio.run(one_pass()) == ["victim"]
+    stamps = [d.get("feedback_run") for d in db[defaults.REQUESTS].find({}, sort=[("input", 1)])]
+    assert stamps == [1, 1, 1, 1], "the run these four start is the run they count toward"
+
+
 def test_class2_a_rating_whose_completed_at_the_server_cannot_sort_on_stops_nothing_of_its_models(db, server_uri):
     """A user expects the model's other ratings to start its run whatever a writer puts in a rated request's
     `completed_at` (the listener's field, which the newest-first read sorts on): nested ~500 deep, the embedded server
