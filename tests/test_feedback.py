@@ -68,7 +68,8 @@ def feedback_run(db, model_id) -> dict:
     """The model once its first feedback run (run 2) ended. Ratings written while run 2 was pending are stamped once
     it is claimed and count toward the run after it (README), which may then start at once: run 2's entry is read, not
     the model's current run (waiting for `run == 2` and finished missed it, for ever, when run 3 had started)."""
-    second_ended = lambda d: len(d.get("runs") or []) >= 2 and d["runs"][1].get("outcome")  # noqa: E731
+    def second_ended(d: dict) -> bool:  # its entry has an outcome, and its end is written whole (or run 3 is on)
+        return len(d.get("runs") or []) >= 2 and bool(d["runs"][1].get("outcome")) and (d["run"] > 2 or finished(d))
     done = wait_for(db[defaults.MODELS], model_id, second_ended, timeout_s=600)
     assert done["runs"][1]["outcome"] in ("succeeded", "nothing_to_train") and "error" not in done, done.get("error")
     return done
