@@ -20,7 +20,7 @@ ratings of a shape a run uses are selected at all (`feedback.usable`, checked by
 deleted between this check and the run's read end that run `nothing_to_train` (`training.feedback.NothingToTrain`):
 the model serves as before and the ratings written after it count toward the next run. The operator's
 `retrain_max_models` bounds how many models a daemon counts (succeeded or running ones), in the order it first saw
-them. A model whose turn is slow (SLOW_S: its filter scans long) takes one turn among the slow ones each pass: a
+them (a model whose run is pending keeps its place; a failed or cancelled one holds none). A model whose turn is slow (SLOW_S: its filter scans long) takes one turn among the slow ones each pass: a
 writer's many slow filters cost each pass one turn.
 """
 
@@ -42,6 +42,7 @@ from training.limits import Limits
 log = logging.getLogger(__name__)
 
 COUNTING = (Status.SUCCEEDED, Status.RUNNING)  # a run's number is known: ratings count toward the next
+HOLD_NO_PLACE = (Status.FAILED, Status.CANCELLED)  # a person looks at those first; every other model keeps its place
 QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scans long gives up, and is tried again
 SLOW_S = 2.0  # a model whose turn took longer (its filter scans long, or the server ignores QUERY_MS) is slow...
 SLOW_PER_PASS = 1  # ...and slow models take this many turns a pass between them, the longest waiting first
@@ -61,9 +62,12 @@ class FeedbackTrigger:
     async def due(self, models: dict[str, tuple[ModelSpec, ModelState]]) -> list[ModelState]:
         """The states of the models whose feedback run is due, each at the run it follows. Only models that can count
         (succeeded or running) take a place among the `max_models` counted, as with `retrain`."""
+        placed = [key for key, (_, state) in models.items() if state.status not in HOLD_NO_PLACE]
         models = {key: (spec, state) for key, (spec, state) in models.items()
                   if state.status in COUNTING and state.run >= 1}
-        followed = self.sightings.order(models)[:self.max_models]
+        # A model whose run waits to be claimed keeps its place in the order (a newcomer seen meanwhile stays behind
+        # it): only failed and cancelled ones are forgotten, as by the retrainer.
+        followed = [key for key in self.sightings.order(placed) if key in models][:self.max_models]
         self.too_few = {key: seen for key, seen in self.too_few.items() if key in models}
         if len(models) > len(followed) and len(models) != self.past_bound:
             log.warning("counting feedback for %d of %d models (MONGOTUNE_RETRAIN_MAX_MODELS)", len(followed),
