@@ -122,7 +122,10 @@ class FeedbackTrigger:
         rest wait for the next passes); how many were found. One a stamp cannot be written on (it would pass 16 MB) is
         skipped, not the others."""
         requests = self.db[defaults.REQUESTS]
-        found = requests.find(query, {"_id": 1}, limit=at_most or self.limits.max_feedback_rows, max_time_ms=QUERY_MS)
+        at_most = self.limits.max_feedback_rows if at_most is None else at_most
+        if at_most <= 0:  # a limit of 0 is none at all to the server
+            return 0
+        found = requests.find(query, {"_id": 1}, limit=at_most, max_time_ms=QUERY_MS)
         batch = [doc["_id"] async for doc in found]
         if not batch:
             return 0
@@ -135,32 +138,38 @@ class FeedbackTrigger:
         return len(batch)
 
     async def _due(self, key: str, spec: ModelSpec, state: ModelState) -> bool:
-        requests = self.db[defaults.REQUESTS]
+        """Stamp, count and check this model's ratings: every stamp of the pass (counted, written meanwhile, passed
+        over) within the one bound of `max_feedback_rows`, those that count first."""
         unstamped = feedback.uncounted(spec, self.limits)
         left = self.limits.max_feedback_rows - await self._stamp(unstamped, state.run)  # of this pass's stamps
+        due, left = await self._check(key, spec, state, unstamped, left)
         if (passed_over := feedback.filtered_out(spec, self.limits)) is not None:
             try:
-                await self._stamp(passed_over, feedback.PASSED_OVER)
+                await self._stamp(passed_over, feedback.PASSED_OVER, left)
             except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
                 self.skipped.skip("feedback filter", spec.id, exc)
+        return due
+
+    async def _check(self, key: str, spec: ModelSpec, state: ModelState, unstamped: dict, left: int
+                     ) -> tuple[bool, int]:
+        """Whether the model's run is due, and how many stamps the pass has left."""
+        requests = self.db[defaults.REQUESTS]
         if state.status is not Status.SUCCEEDED:  # a running model's ratings are stamped; they count once it ends
-            return False
+            return False, left
         # Stamps on what is not a rating in this selection (anyone may write `feedback_run`) count for nothing.
         count = await requests.count_documents(
             {"$and": [feedback.selection(spec, self.limits), {"feedback_run": state.run}]},
             maxTimeMS=QUERY_MS)
         if count < spec.feedback.every or self.too_few.get(key) == (state.run, count):
-            return False
+            return False, left
         if not await self._enough(spec):
             self.too_few[key] = (state.run, count)
             log.info("feedback for %.200r: %d new ratings, but too few usable %s to train on yet", spec.id, count,
                      "pairs" if spec.feedback.method == "dpo" else "examples")
-            return False
+            return False, left
         # The run reads every rating there is: those written since this pass stamped count toward it, not the next
         # (stamped only once it is claimed, they would start another run at once with no new rating).
-        if left > 0:
-            await self._stamp(unstamped, state.run, left)
-        return True
+        return True, left - await self._stamp(unstamped, state.run, left)
 
     async def _enough(self, spec: ModelSpec) -> bool:
         """Whether the rated answers a run would read make a run (DPO: pairs), read newest first a batch at a time
