@@ -179,14 +179,20 @@ class FeedbackTrigger:
         that never makes a run is checked a few times, not once a batch. What is kept is bounded by the operator's
         caps (rows, input length), whatever anyone inserted: the server selects only requests of a shape a run uses
         (`feedback.usable`), and one too long as a whole is dropped as it comes, as the run skips it."""
-        kept, want = [], ENOUGH_BATCH
+        kept, read, want, check_at = [], 0, ENOUGH_BATCH, ENOUGH_BATCH
         found = self.db[defaults.REQUESTS].find(feedback.selection(spec, self.limits), feedback.FIELDS,
                                                 sort=feedback.NEWEST_FIRST, limit=self.limits.max_feedback_rows,
                                                 max_time_ms=QUERY_MS, batch_size=ENOUGH_BATCH)
         async with found:  # a cursor left early is closed on the server
-            while batch := await found.to_list(want):
-                kept += [doc for doc in batch if not feedback.too_long(doc, self.limits)]
-                if await asyncio.to_thread(feedback.enough, kept, spec, self.limits):
-                    return True
-                want *= 2
-        return False
+            # One by one, never a batch held whole: a chat the server passes (each message within the caps) may hold
+            # `max_messages` times what a run keeps of it, so only what is kept, and one reply, stay in memory.
+            async for doc in found:
+                read += 1
+                if not feedback.too_long(doc, self.limits):
+                    kept.append(doc)
+                if read == check_at:
+                    if await asyncio.to_thread(feedback.enough, kept, spec, self.limits):
+                        return True
+                    want *= 2
+                    check_at += want
+        return read != check_at - want and await asyncio.to_thread(feedback.enough, kept, spec, self.limits)
