@@ -20,7 +20,8 @@ ratings of a shape a run uses are selected at all (`feedback.usable`, checked by
 deleted between this check and the run's read end that run `nothing_to_train` (`training.feedback.NothingToTrain`):
 the model serves as before and the ratings written after it count toward the next run. The operator's
 `retrain_max_models` bounds how many models a daemon counts (succeeded or running ones), in the order it first saw
-them (a model whose run is pending keeps its place; a failed or cancelled one holds none). A model whose turn is slow (SLOW_S: its filter scans long) takes one turn among the slow ones each pass: a
+them (a model whose run is pending keeps its place; a failed or cancelled one holds none). A model whose turn is
+slow (SLOW_S: its filter scans long) takes one turn among the slow ones each pass: a
 writer's many slow filters cost each pass one turn.
 """
 

@@ -54,8 +54,9 @@ def test_an_index_the_server_refuses_costs_a_warning_and_no_other_index(server_u
     assert indexes.FEEDBACK in db[defaults.REQUESTS].index_information()
 
 
-@pytest.mark.xfail(strict=True, reason="the embedded server stores a value nested past MongoDB's 100 levels, then fails "
-                   "every build of an index over it; the daemon cannot index around one document: not a simple change")
+@pytest.mark.xfail(strict=True, reason="the embedded server stores a value nested past MongoDB's 100 levels, then "
+                   "fails every build of an index over it; the daemon cannot index around one document: not a "
+                   "simple change")
 @pytest.mark.parametrize("field, name", [("status", "requests_status"), ("completed_at", indexes.TTL),
                                          ("feedback_run", indexes.FEEDBACK)])
 def test_class2_one_request_nested_deep_in_an_indexed_field_keeps_every_daemon_from_making_that_index(
