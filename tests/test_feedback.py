@@ -949,3 +949,15 @@ def test_class3_a_feedback_run_holds_every_rating_too_long_to_keep_until_it_has_
     entry, peak = peak_bytes(lambda: run_entry(db, spec_of(every=2), HUGE_CHAT_LIMITS))
     assert entry["count"] == 152 and entry["skipped"]["count"] == 150 and entry["examples"] == 2, entry
     assert peak < MOST_HELD, f"{peak / 1e6:.0f} MB held"
+
+
+@pytest.mark.parametrize("typed", ["4_2", " 42", "\uff14\uff12"])
+def test_class1_listener_feedback_rates_request_42_for_text_that_is_no_integer_as_written(db, server_uri, typed):
+    """A user expects REQUEST_ID to name the request whose `_id` reads as they typed it (README: "an ObjectId's hex, an
+    integer or the text: the one request that matches"): text that is no integer as written ("4_2", " 42", fullwidth
+    digits) was read by Python's int() as 42, so where no request has that text (deleted, expired, mistyped) another
+    writer's request 42 of the same model was rated, endorsing its answer, and the line said the typed id was."""
+    rated(db, "victim", "planted question", None, _id=42, output="the answer the planter wants endorsed")
+    result = CliRunner().invoke(cli, ["feedback", "--uri", server_uri, "--db", db.name, "victim", typed, "--good"])
+    assert db[defaults.REQUESTS].find_one({"_id": 42}).get("feedback") is None, result.output
+    assert result.exit_code != 0 and "no request with _id" in result.output, result.output
