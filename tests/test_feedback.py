@@ -961,3 +961,32 @@ def test_class1_listener_feedback_rates_request_42_for_text_that_is_no_integer_a
     result = CliRunner().invoke(cli, ["feedback", "--uri", server_uri, "--db", db.name, "victim", typed, "--good"])
     assert db[defaults.REQUESTS].find_one({"_id": 42}).get("feedback") is None, result.output
     assert result.exit_code != 0 and "no request with _id" in result.output, result.output
+
+
+@pytest.mark.xfail(strict=True, reason="the feedback count's order lives in the daemon's memory only: after a restart "
+                   "the models first seen in one pass are ordered by id; the retrainer keeps its places in its stored "
+                   "tallies, the feedback trigger keeps none: not a simple change")
+def test_class3_after_a_restart_models_whose_ids_sort_first_take_the_places_of_the_feedback_count(db, server_uri):
+    """A user expects a model a daemon counted feedback for to keep its place among the `MONGOTUNE_RETRAIN_MAX_MODELS`
+    when that daemon restarts (turns.py: "a newcomer never takes the place of a model followed before it, whatever its
+    id"), as a model counting new documents does: after a restart every model is first seen in one pass, ordered by
+    id, so another writer's models whose ids sort first (here "a") take the places, restart after restart."""
+    def state(name):
+        return parse(ModelState, {"_id": name, "status": "succeeded", "run": 1})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            victim = spec_of()
+            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog())
+            await first.due({"victim": (victim, state("victim"))})
+            newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
+            await first.due({"victim": (victim, state("victim")), "a": (newcomer, state("a"))})
+            for n, rating in enumerate([1, -1]):
+                rated(db, "victim", f"honest {n}", {"rating": rating})
+            restarted = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog())
+            both = {"victim": (victim, state("victim")), "a": (newcomer, state("a"))}
+            return [s.id for s in await restarted.due(both)]
+        finally:
+            await client.close()
+    assert asyncio.run(passes()) == ["victim"]
