@@ -20,7 +20,8 @@ ratings of a shape a run uses are selected at all (`feedback.usable`, checked by
 deleted between this check and the run's read end that run `nothing_to_train` (`training.feedback.NothingToTrain`):
 the model serves as before and the ratings written after it count toward the next run. The operator's
 `retrain_max_models` bounds how many models a daemon counts (succeeded or running ones), in the order it first saw
-them. A model whose turn is slow (SLOW_S: its filter scans long) takes one turn among the slow ones each pass: a
+them (a model whose run is pending keeps its place; a failed or cancelled one holds none). A model whose turn is
+slow (SLOW_S: its filter scans long) takes one turn among the slow ones each pass: a
 writer's many slow filters cost each pass one turn.
 """
 
@@ -42,6 +43,7 @@ from training.limits import Limits
 log = logging.getLogger(__name__)
 
 COUNTING = (Status.SUCCEEDED, Status.RUNNING)  # a run's number is known: ratings count toward the next
+HOLD_NO_PLACE = (Status.FAILED, Status.CANCELLED)  # a person looks at those first; every other model keeps its place
 QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scans long gives up, and is tried again
 SLOW_S = 2.0  # a model whose turn took longer (its filter scans long, or the server ignores QUERY_MS) is slow...
 SLOW_PER_PASS = 1  # ...and slow models take this many turns a pass between them, the longest waiting first
@@ -61,9 +63,12 @@ class FeedbackTrigger:
     async def due(self, models: dict[str, tuple[ModelSpec, ModelState]]) -> list[ModelState]:
         """The states of the models whose feedback run is due, each at the run it follows. Only models that can count
         (succeeded or running) take a place among the `max_models` counted, as with `retrain`."""
+        placed = [key for key, (_, state) in models.items() if state.status not in HOLD_NO_PLACE]
         models = {key: (spec, state) for key, (spec, state) in models.items()
                   if state.status in COUNTING and state.run >= 1}
-        followed = self.sightings.order(models)[:self.max_models]
+        # A model whose run waits to be claimed keeps its place in the order (a newcomer seen meanwhile stays behind
+        # it): only failed and cancelled ones are forgotten, as by the retrainer.
+        followed = [key for key in self.sightings.order(placed) if key in models][:self.max_models]
         self.too_few = {key: seen for key, seen in self.too_few.items() if key in models}
         if len(models) > len(followed) and len(models) != self.past_bound:
             log.warning("counting feedback for %d of %d models (MONGOTUNE_RETRAIN_MAX_MODELS)", len(followed),
@@ -118,7 +123,10 @@ class FeedbackTrigger:
         rest wait for the next passes); how many were found. One a stamp cannot be written on (it would pass 16 MB) is
         skipped, not the others."""
         requests = self.db[defaults.REQUESTS]
-        found = requests.find(query, {"_id": 1}, limit=at_most or self.limits.max_feedback_rows, max_time_ms=QUERY_MS)
+        at_most = self.limits.max_feedback_rows if at_most is None else at_most
+        if at_most <= 0:  # a limit of 0 is none at all to the server
+            return 0
+        found = requests.find(query, {"_id": 1}, limit=at_most, max_time_ms=QUERY_MS)
         batch = [doc["_id"] async for doc in found]
         if not batch:
             return 0
@@ -131,32 +139,38 @@ class FeedbackTrigger:
         return len(batch)
 
     async def _due(self, key: str, spec: ModelSpec, state: ModelState) -> bool:
-        requests = self.db[defaults.REQUESTS]
+        """Stamp, count and check this model's ratings: every stamp of the pass (counted, written meanwhile, passed
+        over) within the one bound of `max_feedback_rows`, those that count first."""
         unstamped = feedback.uncounted(spec, self.limits)
         left = self.limits.max_feedback_rows - await self._stamp(unstamped, state.run)  # of this pass's stamps
+        due, left = await self._check(key, spec, state, unstamped, left)
         if (passed_over := feedback.filtered_out(spec, self.limits)) is not None:
             try:
-                await self._stamp(passed_over, feedback.PASSED_OVER)
+                await self._stamp(passed_over, feedback.PASSED_OVER, left)
             except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
                 self.skipped.skip("feedback filter", spec.id, exc)
+        return due
+
+    async def _check(self, key: str, spec: ModelSpec, state: ModelState, unstamped: dict, left: int
+                     ) -> tuple[bool, int]:
+        """Whether the model's run is due, and how many stamps the pass has left."""
+        requests = self.db[defaults.REQUESTS]
         if state.status is not Status.SUCCEEDED:  # a running model's ratings are stamped; they count once it ends
-            return False
+            return False, left
         # Stamps on what is not a rating in this selection (anyone may write `feedback_run`) count for nothing.
         count = await requests.count_documents(
             {"$and": [feedback.selection(spec, self.limits), {"feedback_run": state.run}]},
             maxTimeMS=QUERY_MS)
         if count < spec.feedback.every or self.too_few.get(key) == (state.run, count):
-            return False
+            return False, left
         if not await self._enough(spec):
             self.too_few[key] = (state.run, count)
             log.info("feedback for %.200r: %d new ratings, but too few usable %s to train on yet", spec.id, count,
                      "pairs" if spec.feedback.method == "dpo" else "examples")
-            return False
+            return False, left
         # The run reads every rating there is: those written since this pass stamped count toward it, not the next
         # (stamped only once it is claimed, they would start another run at once with no new rating).
-        if left > 0:
-            await self._stamp(unstamped, state.run, left)
-        return True
+        return True, left - await self._stamp(unstamped, state.run, left)
 
     async def _enough(self, spec: ModelSpec) -> bool:
         """Whether the rated answers a run would read make a run (DPO: pairs), read newest first a batch at a time
@@ -166,14 +180,20 @@ class FeedbackTrigger:
         that never makes a run is checked a few times, not once a batch. What is kept is bounded by the operator's
         caps (rows, input length), whatever anyone inserted: the server selects only requests of a shape a run uses
         (`feedback.usable`), and one too long as a whole is dropped as it comes, as the run skips it."""
-        kept, want = [], ENOUGH_BATCH
+        kept, read, want, check_at = [], 0, ENOUGH_BATCH, ENOUGH_BATCH
         found = self.db[defaults.REQUESTS].find(feedback.selection(spec, self.limits), feedback.FIELDS,
                                                 sort=feedback.NEWEST_FIRST, limit=self.limits.max_feedback_rows,
                                                 max_time_ms=QUERY_MS, batch_size=ENOUGH_BATCH)
         async with found:  # a cursor left early is closed on the server
-            while batch := await found.to_list(want):
-                kept += [doc for doc in batch if not feedback.too_long(doc, self.limits)]
-                if await asyncio.to_thread(feedback.enough, kept, spec, self.limits):
-                    return True
-                want *= 2
-        return False
+            # One by one, never a batch held whole: a chat the server passes (each message within the caps) may hold
+            # `max_messages` times what a run keeps of it, so only what is kept, and one reply, stay in memory.
+            async for doc in found:
+                read += 1
+                if not feedback.too_long(doc, self.limits):
+                    kept.append(doc)
+                if read == check_at:
+                    if await asyncio.to_thread(feedback.enough, kept, spec, self.limits):
+                        return True
+                    want *= 2
+                    check_at += want
+        return read != check_at - want and await asyncio.to_thread(feedback.enough, kept, spec, self.limits)

@@ -836,3 +836,158 @@ def test_class2_ratings_the_trainer_drops_below_a_dropped_last_batch_fail_the_mo
     assert done["status"] == "succeeded" and "error" not in done, done.get("error")
     assert done["runs"][-1].get("outcome") == "nothing_to_train", done["runs"][-1]
     assert done["best_checkpoint"]["run"] == 1, "what served serves on"
+
+
+def test_class3_a_model_whose_run_waits_to_be_claimed_loses_its_place_in_the_feedback_count(db, server_uri):
+    """A user expects a model a daemon counts feedback for to keep its place among the `MONGOTUNE_RETRAIN_MAX_MODELS`
+    while one of its runs waits to be claimed (README: only failed and cancelled models hold no place; the retrainer
+    keeps a pending model's): seen pending at one pass (its own feedback run started, or waits for a free slot), it
+    was forgotten, and a model another writer inserted meanwhile took its place for good, so its ratings never
+    counted again on that daemon."""
+    def state(name, status, run):
+        return parse(ModelState, {"_id": name, "status": status, "run": run})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog())
+            victim = spec_of()
+            other = parse_model({**BASE, "_id": "other", "feedback": {"method": "kto", "every": 2}})
+            await trigger.due({"victim": (victim, state("victim", "succeeded", 1))})
+            await trigger.due({"victim": (victim, state("victim", "pending", 1)),
+                               "other": (other, state("other", "succeeded", 1))})
+            for n, rating in enumerate([1, -1]):  # written once run 2 serves
+                rated(db, "victim", f"honest {n}", {"rating": rating})
+            return [s.id for s in await trigger.due({"victim": (victim, state("victim", "succeeded", 2)),
+                                                     "other": (other, state("other", "succeeded", 1))})]
+        finally:
+            await client.close()
+    assert asyncio.run(passes()) == ["victim"]
+
+
+def test_class3_one_pass_stamps_twice_its_bound_where_a_feedback_filter_passes_ratings_over(db, server_uri):
+    """A user expects one model's pass to stamp at most `MONGOTUNE_MAX_FEEDBACK_ROWS` ratings (README: "at most
+    MONGOTUNE_MAX_FEEDBACK_ROWS per pass"), whatever a writer floods in: with a `feedback.filter`, the ratings it
+    passes over were stamped (0) on a bound of their own, so a flood of both kinds cost a pass twice the bound."""
+    limits = Limits(max_feedback_rows=5)
+    db[defaults.REQUESTS].insert_many([
+        {"model": "flood", "input": f"q {n}", "status": "done", "output": "a", "feedback": {"rating": 1},
+         **({"tag": "keep"} if n % 2 else {})} for n in range(40)])
+    spec = parse_model({**BASE, "_id": "flood", "feedback": {"method": "kto", "every": 5, "filter": {"tag": "keep"}}},
+                       limits)
+    due(server_uri, db, spec, limits=limits)
+    stamped = db[defaults.REQUESTS].count_documents({"model": "flood", "feedback_run": {"$exists": True}})
+    assert stamped <= limits.max_feedback_rows, stamped
+
+
+@pytest.mark.xfail(strict=True, reason="ratings of a shape no run uses are never stamped, so every pass's stamp query "
+                   "reads them again; stamping them PASSED_OVER needs a bypass of validators and a choice for requests "
+                   "not done yet (or status in the feedback index): not a simple change")
+def test_class3_ratings_no_run_can_use_are_read_again_at_every_pass_not_once(db, server_uri):
+    """A user expects each pass to look at the ratings written since the last one (README: "a flood is stamped over
+    several passes"; a filter's passed-over ratings are stamped 0 so that each pass looks at new ratings only): a
+    done request rated in a shape no run uses (an `output` that is not text, an unknown field in `feedback`) is never
+    stamped, so every pass reads it again. On MongoDB the feedback index holds such ratings in the very range the stamp
+    query reads (this model, no stamp, a rating in [-1, 1]), ahead of the newer honest ones: a writer's flood of them
+    on another user's model makes that query run into its 10 s limit (QUERY_MS) at every pass, and the model's honest
+    ratings then never count."""
+    db[defaults.REQUESTS].insert_many([
+        {"model": "victim", "input": f"q {n}", "status": "done", "completed_at": defaults.now(),
+         **({"output": 7, "feedback": {"rating": 1}} if n % 2 else {"output": "a", "feedback": {"rating": 1, "x": 1}})}
+        for n in range(20)])
+    due(server_uri, db, spec_of(every=50))
+    read_again = db[defaults.REQUESTS].count_documents(
+        {"model": "victim", "feedback_run": {"$exists": False}, "feedback.rating": {"$gte": -1, "$lte": 1}})
+    assert read_again == 0, f"{read_again} ratings in the stamp query's index range at the next pass"
+
+
+HUGE_CHAT_LIMITS = Limits(max_input_chars=10_000, max_messages=100)
+MOST_HELD = 100_000_000  # a few of the server's replies (16 MB each, raw and decoded), not the 150 MB read
+
+
+def huge_chats_ahead_of_honest_ratings(db, count: int) -> None:
+    """Two honest ratings of "victim", and `count` newer ones of chats the server's check passes (each message within
+    `max_input_chars`, at most `max_messages` of them) but whose sum no run keeps: 1 MB each under HUGE_CHAT_LIMITS."""
+    start = defaults.now()
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating}, completed_at=start)
+    chat = [{"role": "user", "content": "x" * HUGE_CHAT_LIMITS.max_input_chars}] * HUGE_CHAT_LIMITS.max_messages
+    for first in range(0, count, 10):
+        db[defaults.REQUESTS].insert_many([
+            {"model": "victim", "input": chat, "status": "done", "output": "a", "feedback": {"rating": 1},
+             "completed_at": start + dt.timedelta(seconds=1 + n)} for n in range(first, min(first + 10, count))])
+
+
+def peak_bytes(call):
+    """What `call` returns, and the most memory Python held at once while it ran (this process)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        return call(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_class3_a_due_check_holds_whole_batches_of_ratings_too_long_to_keep(db, server_uri):
+    """A user expects the daemon that serves everyone to hold at most what the operator's caps allow of the ratings it
+    reads (`_enough`: "What is kept is bounded by the operator's caps ... whatever anyone inserted"): the server's
+    check bounds each message of a chat, not their sum, so a rated chat of `max_messages` messages of
+    `max_input_chars` each passes it (200 x 32,000 characters by default, 6.4 MB), and the check held a whole batch of
+    them (100, then 200, 400, 800, 1,600) before dropping them: 1,600 such ratings of one writer are 10 GB in the
+    daemon at once. Here 150 of 1 MB, newer than two honest ratings: a few replies' worth (16 MB each) at most."""
+    huge_chats_ahead_of_honest_ratings(db, 150)
+    found, peak = peak_bytes(lambda: due(server_uri, db, spec_of(every=2), limits=HUGE_CHAT_LIMITS))
+    assert found == ["victim"]
+    assert peak < MOST_HELD, f"{peak / 1e6:.0f} MB held"
+
+
+def test_class3_a_feedback_run_holds_every_rating_too_long_to_keep_until_it_has_read_them_all(db):
+    """A user expects a feedback run to hold at most what the operator's caps allow of what it reads, as a job reading
+    training documents does: the run read every selected rating into one list (up to MONGOTUNE_MAX_FEEDBACK_ROWS,
+    2,000 chats of 6.4 MB by default: 13 GB, an out-of-memory failure of the model a rater wrote) and dropped those
+    too long only then. Here 150 of 1 MB, newer than two honest ratings: its entry counts them as skipped."""
+    huge_chats_ahead_of_honest_ratings(db, 150)
+    entry, peak = peak_bytes(lambda: run_entry(db, spec_of(every=2), HUGE_CHAT_LIMITS))
+    assert entry["count"] == 152 and entry["skipped"]["count"] == 150 and entry["examples"] == 2, entry
+    assert peak < MOST_HELD, f"{peak / 1e6:.0f} MB held"
+
+
+@pytest.mark.parametrize("typed", ["4_2", " 42", "\uff14\uff12"])
+def test_class1_listener_feedback_rates_request_42_for_text_that_is_no_integer_as_written(db, server_uri, typed):
+    """A user expects REQUEST_ID to name the request whose `_id` reads as they typed it (README: "an ObjectId's hex, an
+    integer or the text: the one request that matches"): text that is no integer as written ("4_2", " 42", fullwidth
+    digits) was read by Python's int() as 42, so where no request has that text (deleted, expired, mistyped) another
+    writer's request 42 of the same model was rated, endorsing its answer, and the line said the typed id was."""
+    rated(db, "victim", "planted question", None, _id=42, output="the answer the planter wants endorsed")
+    result = CliRunner().invoke(cli, ["feedback", "--uri", server_uri, "--db", db.name, "victim", typed, "--good"])
+    assert db[defaults.REQUESTS].find_one({"_id": 42}).get("feedback") is None, result.output
+    assert result.exit_code != 0 and "no request with _id" in result.output, result.output
+
+
+@pytest.mark.xfail(strict=True, reason="the feedback count's order lives in the daemon's memory only: after a restart "
+                   "the models first seen in one pass are ordered by id; the retrainer keeps its places in its stored "
+                   "tallies, the feedback trigger keeps none: not a simple change")
+def test_class3_after_a_restart_models_whose_ids_sort_first_take_the_places_of_the_feedback_count(db, server_uri):
+    """A user expects a model a daemon counted feedback for to keep its place among the `MONGOTUNE_RETRAIN_MAX_MODELS`
+    when that daemon restarts (turns.py: "a newcomer never takes the place of a model followed before it, whatever its
+    id"), as a model counting new documents does: after a restart every model is first seen in one pass, ordered by
+    id, so another writer's models whose ids sort first (here "a") take the places, restart after restart."""
+    def state(name):
+        return parse(ModelState, {"_id": name, "status": "succeeded", "run": 1})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            victim = spec_of()
+            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog())
+            await first.due({"victim": (victim, state("victim"))})
+            newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
+            await first.due({"victim": (victim, state("victim")), "a": (newcomer, state("a"))})
+            for n, rating in enumerate([1, -1]):
+                rated(db, "victim", f"honest {n}", {"rating": rating})
+            restarted = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog())
+            both = {"victim": (victim, state("victim")), "a": (newcomer, state("a"))}
+            return [s.id for s in await restarted.due(both)]
+        finally:
+            await client.close()
+    assert asyncio.run(passes()) == ["victim"]

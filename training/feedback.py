@@ -188,9 +188,13 @@ def enough(requests: list[dict], spec: ModelSpec, limits: Limits) -> bool:
 
 
 def rated_requests(db, spec: ModelSpec, limits: Limits) -> list[dict]:
-    """The rated requests a feedback run reads, newest first, at most the operator's cap."""
-    return list(db[defaults.REQUESTS].find(selection(spec, limits), FIELDS, sort=NEWEST_FIRST,
-                                           limit=limits.max_feedback_rows))
+    """The rated requests a feedback run reads, newest first, at most the operator's cap. One longer than the input
+    caps (`too_long`: a chat the server passes, each message within them, may hold `max_messages` times more) is kept
+    as its `_id` alone as it comes, so the run holds what the caps allow whatever anyone inserted; `sources` skips it
+    as unusable, and the run's entry still names it."""
+    return [doc if not too_long(doc, limits) else {"_id": doc.get("_id")}
+            for doc in db[defaults.REQUESTS].find(selection(spec, limits), FIELDS, sort=NEWEST_FIRST,
+                                                  limit=limits.max_feedback_rows)]
 
 
 class NothingToTrain(Exception):

@@ -1,3 +1,5 @@
+import re
+
 import click
 from bson import ObjectId
 
@@ -5,6 +7,8 @@ from listener.cli.options import connection_options, exact_id, model_argument, o
 from training import defaults, ids
 from training.config import parse_feedback
 from training.inert import MAX_LINE_CHARS, inert
+
+INTEGER = re.compile(r"-?[0-9]{1,19}")
 
 
 def request_ids(text: str) -> list:
@@ -16,10 +20,10 @@ def request_ids(text: str) -> list:
         except ValueError as exc:
             raise click.BadParameter(f"{text!r} is not a request id: {exc}", param_hint="REQUEST_ID") from None
     found = [ObjectId(text)] if ObjectId.is_valid(text) and len(text) == 24 else []
-    try:
+    # An integer as written: ASCII digits, within BSON's 64 bits. Python's int() also reads "4_2", " 42" and other
+    # scripts' digits, which would name another request than the text typed.
+    if INTEGER.fullmatch(text) and -2**63 <= int(text) < 2**63:
         found.append(int(text))
-    except ValueError:
-        pass
     return [*found, text]
 
 
