@@ -173,11 +173,11 @@ class FeedbackTrigger:
         return True, left - await self._stamp(unstamped, state.run, left)
 
     async def _enough(self, spec: ModelSpec) -> bool:
-        """Whether the rated answers a run would read make a run (DPO: pairs), read newest first a batch at a time
-        until they do: more rows never make fewer examples or pairs (nor a smaller training fold, for a
+        """Whether the rated answers a run would read make a run (DPO: pairs), read newest first and checked at 100,
+        300, 700, ... rows until they do: more rows never make fewer examples or pairs (nor a smaller training fold, for a
         `valid_fraction` up to 0.8), so the first rows that make a run answer for the whole selection, and a model
-        with thousands of ratings costs a pass a batch, not all of them. Each read is twice the last, so a selection
-        that never makes a run is checked a few times, not once a batch. What is kept is bounded by the operator's
+        with thousands of ratings costs a pass its first rows, not all of them. Each span is twice the last, so a
+        selection that never makes a run is checked a few times, not once a batch. What is kept is bounded by the operator's
         caps (rows, input length), whatever anyone inserted: the server selects only requests of a shape a run uses
         (`feedback.usable`), and one too long as a whole is dropped as it comes, as the run skips it."""
         kept, read, want, check_at = [], 0, ENOUGH_BATCH, ENOUGH_BATCH
