@@ -20,7 +20,8 @@ ratings of a shape a run uses are selected at all (`feedback.usable`, checked by
 deleted between this check and the run's read end that run `nothing_to_train` (`training.feedback.NothingToTrain`):
 the model serves as before and the ratings written after it count toward the next run. The operator's
 `retrain_max_models` bounds how many models a daemon counts (succeeded or running ones), in the order it first saw
-them (a model whose run is pending keeps its place; a failed or cancelled one holds none). A model whose turn is
+them (a model whose run is pending keeps its place; a failed or cancelled one holds none), an order it keeps in
+`_listener` so that a restart keeps it too (as the retrainer keeps its tallies). A model whose turn is
 slow (SLOW_S: its filter scans long) takes one turn among the slow ones each pass: a
 writer's many slow filters cost each pass one turn.
 """
@@ -33,7 +34,7 @@ from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError, ExecutionTimeout, OperationFailure
 
 from listener.records import ModelState, SkipLog
-from listener.status import Status
+from listener.status import Status, now
 from listener.turns import Queue, Sightings
 from training import defaults, feedback, ids
 from training.config import ModelSpec
@@ -47,14 +48,17 @@ HOLD_NO_PLACE = (Status.FAILED, Status.CANCELLED)  # a person looks at those fir
 QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scans long gives up, and is tried again
 SLOW_S = 2.0  # a model whose turn took longer (its filter scans long, or the server ignores QUERY_MS) is slow...
 SLOW_PER_PASS = 1  # ...and slow models take this many turns a pass between them, the longest waiting first
+ORDER = "feedback_order"  # `kind` of a daemon's stored order of the models it counts feedback for
 ENOUGH_BATCH = 100  # rated answers read first to see whether they make a run: a model's first batch mostly does
 
 
 class FeedbackTrigger:
     """Counts ratings for the models with `feedback`; the retrainer calls `due` and starts what it returns."""
 
-    def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog, slow_s: float = SLOW_S):
+    def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog, daemon: str, slow_s: float = SLOW_S):
         self.db, self.limits, self.max_models, self.skipped, self.slow_s = db, limits, max_models, skipped, slow_s
+        self.order_id = f"feedback:{daemon}"  # this daemon's stored order, in `_listener`
+        self.stored: list[str] | None = None  # the order as last stored (None: not read since this daemon started)
         self.slow = Queue(SLOW_PER_PASS)  # the slow models, by key: each waits for its turn from its last one
         self.sightings = Sightings()  # the order this daemon first saw the models in
         self.too_few: dict[str, tuple[int, int]] = {}  # by model key: (run, count) when its rows made no run
@@ -68,7 +72,11 @@ class FeedbackTrigger:
                   if state.status in COUNTING and state.run >= 1}
         # A model whose run waits to be claimed keeps its place in the order (a newcomer seen meanwhile stays behind
         # it): only failed and cancelled ones are forgotten, as by the retrainer.
-        followed = [key for key in self.sightings.order(placed) if key in models][:self.max_models]
+        if self.stored is None:
+            await self._restore()
+        ordered = self.sightings.order(placed)
+        followed = [key for key in ordered if key in models][:self.max_models]
+        await self._store(ordered[:ordered.index(followed[-1]) + 1] if followed else [])
         self.too_few = {key: seen for key, seen in self.too_few.items() if key in models}
         if len(models) > len(followed) and len(models) != self.past_bound:
             log.warning("counting feedback for %d of %d models (MONGOTUNE_RETRAIN_MAX_MODELS)", len(followed),
@@ -97,6 +105,34 @@ class FeedbackTrigger:
             else:
                 self.slow.leave(key)
         return due
+
+    async def _restore(self) -> None:
+        """Seen first, in their order: the models this daemon held places for when it last stored them. A record
+        it cannot use (it is the listener's own, but a person may have edited it) is an order of none."""
+        try:
+            record = await self.db[defaults.LISTENER].find_one({"_id": self.order_id}, {"keys": 1})
+        except OperationFailure as exc:
+            self.skipped.skip("feedback order", self.order_id, exc)
+            record = None
+        keys = (record or {}).get("keys")
+        self.stored = [key for key in keys if isinstance(key, str)] if isinstance(keys, list) else []
+        self.sightings.remember(self.stored[:self._bound()])
+
+    async def _store(self, keys: list[str]) -> None:
+        """Keep the order up to the last model counted (pending ones among them keep their places), when it changed."""
+        keys = keys[:self._bound()]
+        if keys == self.stored:
+            return
+        try:
+            await self.db[defaults.LISTENER].update_one(
+                {"_id": self.order_id}, {"$set": {"kind": ORDER, "at": now(), "keys": keys}}, upsert=True)
+            self.stored = keys
+        except OperationFailure as exc:  # tried again next pass; counting goes on meanwhile
+            self.skipped.skip("feedback order", self.order_id, exc)
+
+    def _bound(self) -> int:
+        """How many keys the stored order holds at most: the counted ones and the pending ones among them."""
+        return 2 * self.max_models
 
     def _turns(self, followed: list[str]) -> list[str]:
         """The models counted this pass, in their order: every model that is not slow, and SLOW_PER_PASS slow ones,

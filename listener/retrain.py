@@ -224,7 +224,7 @@ class Retrainer:
         self.judged_again: set[tuple[str, str]] = set()  # the filters tried again after an insert's check failed
         self.filter_tries = Queue(FILTER_CHECKS_PER_PASS)  # by collection and filter not tried yet
         self.kept: set[str] | None = None  # the models holding places after the last pass (None: before the first)
-        self.feedback = FeedbackTrigger(db, settings.limits, settings.retrain_max_models, skipped)
+        self.feedback = FeedbackTrigger(db, settings.limits, settings.retrain_max_models, skipped, settings.name)
 
     def start(self) -> None:
         self.periodic.every(self.settings.retrain_check_s, self.check, "retrain")

@@ -20,6 +20,12 @@ class Sightings:
         self.numbers: dict[str, int] = {}  # by key: its place in the order
         self.next = 0  # the number the next key seen gets
 
+    def remember(self, keys: Iterable[str]) -> None:
+        """Take `keys` as seen before any other, in their order (a restarted daemon's order, as it stored it)."""
+        for key in keys:
+            if key not in self.numbers:
+                self.numbers[key], self.next = self.next, self.next + 1
+
     def order(self, keys: Iterable[str]) -> list[str]:
         """`keys` (those present now) in the order first seen: the new ones last, by key; the absent ones forgotten."""
         keys = set(keys)

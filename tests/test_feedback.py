@@ -94,7 +94,7 @@ def due(server_uri, db, *specs, run: int = 1, limits: Limits = Limits(), listene
     async def one_pass():
         client = AsyncMongoClient(server_uri, tz_aware=True, event_listeners=listeners)
         try:
-            trigger = FeedbackTrigger(client[db.name], limits, 10, SkipLog())
+            trigger = FeedbackTrigger(client[db.name], limits, 10, SkipLog(), "d")
             models = {spec.id: (spec, parse(ModelState, {"_id": spec.id, "status": "succeeded", "run": run}))
                       for spec in specs}
             return [s.id for s in await trigger.due(models)]
@@ -308,7 +308,7 @@ def one_pass(server_uri, db, spec, state: dict) -> list:
     async def run():
         client = AsyncMongoClient(server_uri, tz_aware=True)
         try:
-            trigger = FeedbackTrigger(client[db.name], Limits(), 10, SkipLog())
+            trigger = FeedbackTrigger(client[db.name], Limits(), 10, SkipLog(), "d")
             return await trigger.due({"k": (spec, parse(ModelState, state))})
         finally:
             await client.close()
@@ -403,7 +403,7 @@ def test_a_daemon_counts_feedback_for_at_most_its_bound_of_models_those_seen_fir
     async def passes():
         client = AsyncMongoClient(server_uri, tz_aware=True)
         try:
-            trigger = FeedbackTrigger(client[db.name], Limits(), 2, SkipLog())
+            trigger = FeedbackTrigger(client[db.name], Limits(), 2, SkipLog(), "d")
             models = {n: (spec(n), parse(ModelState, {"_id": n, "status": "succeeded", "run": 1})) for n in "yz"}
             first = await trigger.due(models)
             models["a"] = (spec("a"), parse(ModelState, {"_id": "a", "status": "succeeded", "run": 1}))
@@ -470,7 +470,7 @@ def test_class3_slow_models_take_one_turn_a_pass_between_them_longest_waiting_fi
     async def passes() -> list[set[str]]:
         client = AsyncMongoClient(server_uri, tz_aware=True)
         try:
-            trigger = FeedbackTrigger(client[db.name], Limits(), 10, SkipLog(), slow_s=0)
+            trigger = FeedbackTrigger(client[db.name], Limits(), 10, SkipLog(), "d", slow_s=0)
             models = {n: (parse_model({**BASE, "_id": n, "feedback": {"method": "kto", "every": 100}}),
                           parse(ModelState, {"_id": n, "status": "succeeded", "run": 1})) for n in names}
             seen = []
@@ -522,7 +522,7 @@ def test_ratings_written_as_a_pass_decides_count_toward_the_run_they_start_not_t
     async def one_pass():
         client = AsyncMongoClient(server_uri, tz_aware=True)
         try:
-            trigger = FeedbackTrigger(client[db.name], Limits(), 10, SkipLog())
+            trigger = FeedbackTrigger(client[db.name], Limits(), 10, SkipLog(), "d")
             checked = trigger._enough
 
             async def written_meanwhile(spec):  # two raters write as the pass reads
@@ -618,7 +618,7 @@ def test_class3_failed_models_hold_every_place_of_the_feedback_count(db, server_
     async def passes():
         client = AsyncMongoClient(server_uri, tz_aware=True)
         try:
-            trigger = FeedbackTrigger(client[db.name], Limits(), 2, SkipLog())
+            trigger = FeedbackTrigger(client[db.name], Limits(), 2, SkipLog(), "d")
             dead = {name: (parse_model({**BASE, "_id": name, "feedback": {"method": "kto", "every": 2}}),
                            state(name, "failed")) for name in ("dead1", "dead2")}
             await trigger.due(dead)
@@ -850,7 +850,7 @@ def test_class3_a_model_whose_run_waits_to_be_claimed_loses_its_place_in_the_fee
     async def passes():
         client = AsyncMongoClient(server_uri, tz_aware=True)
         try:
-            trigger = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog())
+            trigger = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
             victim = spec_of()
             other = parse_model({**BASE, "_id": "other", "feedback": {"method": "kto", "every": 2}})
             await trigger.due({"victim": (victim, state("victim", "succeeded", 1))})
@@ -964,14 +964,12 @@ def test_class1_listener_feedback_rates_request_42_for_text_that_is_no_integer_a
     assert result.exit_code != 0 and "no request with _id" in result.output, result.output
 
 
-@pytest.mark.xfail(strict=True, reason="the feedback count's order lives in the daemon's memory only: after a restart "
-                   "the models first seen in one pass are ordered by id; the retrainer keeps its places in its stored "
-                   "tallies, the feedback trigger keeps none: not a simple change")
-def test_class3_after_a_restart_models_whose_ids_sort_first_take_the_places_of_the_feedback_count(db, server_uri):
+def test_class3_after_a_restart_the_models_counted_before_keep_their_places_in_the_feedback_count(db, server_uri):
     """A user expects a model a daemon counted feedback for to keep its place among the `MONGOTUNE_RETRAIN_MAX_MODELS`
     when that daemon restarts (turns.py: "a newcomer never takes the place of a model followed before it, whatever its
-    id"), as a model counting new documents does: after a restart every model is first seen in one pass, ordered by
-    id, so another writer's models whose ids sort first (here "a") take the places, restart after restart."""
+    id"), as a model counting new documents does. Kept in memory only, the order was lost at a restart: every model
+    was then first seen in one pass, ordered by id, so another writer's models whose ids sort first (here "a") took
+    the places, restart after restart."""
     def state(name):
         return parse(ModelState, {"_id": name, "status": "succeeded", "run": 1})
 
@@ -979,15 +977,59 @@ def test_class3_after_a_restart_models_whose_ids_sort_first_take_the_places_of_t
         client = AsyncMongoClient(server_uri, tz_aware=True)
         try:
             victim = spec_of()
-            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog())
+            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
             await first.due({"victim": (victim, state("victim"))})
             newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
             await first.due({"victim": (victim, state("victim")), "a": (newcomer, state("a"))})
             for n, rating in enumerate([1, -1]):
                 rated(db, "victim", f"honest {n}", {"rating": rating})
-            restarted = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog())
+            restarted = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
             both = {"victim": (victim, state("victim")), "a": (newcomer, state("a"))}
             return [s.id for s in await restarted.due(both)]
         finally:
             await client.close()
     assert asyncio.run(passes()) == ["victim"]
+
+
+def test_a_restart_while_a_counted_model_waits_to_be_claimed_keeps_its_place(db, server_uri):
+    """The stored order reaches the last model counted, so a pending model before it (its feedback run waits for a
+    slot when the daemon stops) is counted again first once it serves, not a newcomer whose id sorts first."""
+    def state(name, status="succeeded", run=1):
+        return parse(ModelState, {"_id": name, "status": status, "run": run})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            victim = spec_of()
+            newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
+            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
+            await first.due({"victim": (victim, state("victim"))})
+            await first.due({"victim": (victim, state("victim", "pending")), "a": (newcomer, state("a"))})
+            for n, rating in enumerate([1, -1]):  # written once run 2 serves
+                rated(db, "victim", f"honest {n}", {"rating": rating})
+            restarted = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
+            both = {"victim": (victim, state("victim", run=2)), "a": (newcomer, state("a"))}
+            return [s.id for s in await restarted.due(both)]
+        finally:
+            await client.close()
+    assert asyncio.run(passes()) == ["victim"]
+
+
+@pytest.mark.parametrize("keys", ["victim", [7, {"$gt": ""}, None], ["a" * 200] * 5])
+def test_a_stored_feedback_order_a_person_spoiled_orders_nothing_and_stops_nothing(db, server_uri, keys):
+    """The order is the listener's own record, but one edited by hand (keys of another type, unknown models) is an
+    order of none, or of the models it names that exist: the pass counts as on a first start."""
+    db[defaults.LISTENER].insert_one({"_id": "feedback:d", "kind": "feedback_order", "keys": keys})
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
+            state = parse(ModelState, {"_id": "victim", "status": "succeeded", "run": 1})
+            return [s.id for s in await trigger.due({"victim": (spec_of(), state)})]
+        finally:
+            await client.close()
+    assert asyncio.run(passes()) == ["victim"]
+    assert db[defaults.LISTENER].find_one({"_id": "feedback:d"})["keys"] == ["victim"]
