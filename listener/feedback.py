@@ -4,8 +4,8 @@ run started, one preference run starts (`trigger: "feedback"`, `training.feedbac
 The count lives in the requests themselves, so nothing in a daemon's memory can be lost or counted twice:
 at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
 `feedback_run: <the model's run>` (at most `max_feedback_rows` a pass, by `_id`; a request is stamped once, by
-whichever daemon gets there first), and those `feedback.filter` leaves out with 0 (never counted, never looked at
-again), then counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone
+whichever daemon gets there first), and the ended ones no run reads (left out by `feedback.filter`, of a shape no
+run uses, or not `done`) with 0 (never counted, never looked at again), then counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone
 wrote on anything else counts for nothing). On MongoDB the index `{model, feedback_run, feedback.rating}`, over
 rated requests only, serves all three, so a pass reads only the ratings written since the last one, however many
 requests the model has (the embedded server's planner uses no index for a query with `$and` or `$jsonSchema`: it
@@ -180,11 +180,10 @@ class FeedbackTrigger:
         unstamped = feedback.uncounted(spec, self.limits)
         left = self.limits.max_feedback_rows - await self._stamp(unstamped, state.run)  # of this pass's stamps
         due, left = await self._check(key, spec, state, unstamped, left)
-        if (passed_over := feedback.filtered_out(spec, self.limits)) is not None:
-            try:
-                await self._stamp(passed_over, feedback.PASSED_OVER, left)
-            except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
-                self.skipped.skip("feedback filter", spec.id, exc)
+        try:
+            await self._stamp(feedback.passed_over(spec, self.limits), feedback.PASSED_OVER, left)
+        except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
+            self.skipped.skip("feedback filter", spec.id, exc)
         return due
 
     async def _check(self, key: str, spec: ModelSpec, state: ModelState, unstamped: dict, left: int

@@ -5,6 +5,7 @@ Two daemons share the module's database (the module's and one more), checking ev
 """
 
 import asyncio
+from collections import Counter
 import datetime as dt
 import json
 import shutil
@@ -880,25 +881,30 @@ def test_class3_one_pass_stamps_twice_its_bound_where_a_feedback_filter_passes_r
     assert stamped <= limits.max_feedback_rows, stamped
 
 
-@pytest.mark.xfail(strict=True, reason="ratings of a shape no run uses are never stamped, so every pass's stamp query "
-                   "reads them again; stamping them PASSED_OVER needs a bypass of validators and a choice for requests "
-                   "not done yet (or status in the feedback index): not a simple change")
-def test_class3_ratings_no_run_can_use_are_read_again_at_every_pass_not_once(db, server_uri):
+def test_class3_ratings_no_run_can_use_are_stamped_once_not_read_again_at_every_pass(db, server_uri):
     """A user expects each pass to look at the ratings written since the last one (README: "a flood is stamped over
-    several passes"; a filter's passed-over ratings are stamped 0 so that each pass looks at new ratings only): a
-    done request rated in a shape no run uses (an `output` that is not text, an unknown field in `feedback`) is never
-    stamped, so every pass reads it again. On MongoDB the feedback index holds such ratings in the very range the stamp
-    query reads (this model, no stamp, a rating in [-1, 1]), ahead of the newer honest ones: a writer's flood of them
-    on another user's model makes that query run into its 10 s limit (QUERY_MS) at every pass, and the model's honest
-    ratings then never count."""
-    db[defaults.REQUESTS].insert_many([
-        {"model": "victim", "input": f"q {n}", "status": "done", "completed_at": defaults.now(),
-         **({"output": 7, "feedback": {"rating": 1}} if n % 2 else {"output": "a", "feedback": {"rating": 1, "x": 1}})}
-        for n in range(20)])
-    due(server_uri, db, spec_of(every=50))
-    read_again = db[defaults.REQUESTS].count_documents(
-        {"model": "victim", "feedback_run": {"$exists": False}, "feedback.rating": {"$gte": -1, "$lte": 1}})
-    assert read_again == 0, f"{read_again} ratings in the stamp query's index range at the next pass"
+    several passes"; a filter's passed-over ratings are stamped 0 so that each pass looks at new ratings only). A
+    request rated in a shape no run uses (an `output` that is not text, an unknown field in `feedback`), or that ended
+    other than `done`, was never stamped, so every pass read it again: on MongoDB the feedback index holds such ratings
+    in the very range the stamp query reads (this model, no stamp, a rating in [-1, 1]), ahead of the newer honest
+    ones, and a writer's flood of them on another user's model made that query run into its 10 s limit (QUERY_MS) at
+    every pass, so the model's honest ratings never counted. Now they are stamped `PASSED_OVER` once; a request not
+    ended yet is left for a pass after it ends, and the honest ratings still count."""
+    shapes = [{"output": 7, "feedback": {"rating": 1}}, {"output": "a", "feedback": {"rating": 1, "x": 1}},
+              {"status": "failed", "output": "a", "feedback": {"rating": -1}},
+              {"status": "cancelled", "feedback": {"rating": 1}}]
+    db[defaults.REQUESTS].insert_many([{"model": "victim", "input": f"q {n}", "status": "done",
+                                        "completed_at": defaults.now(), **shapes[n % len(shapes)]} for n in range(20)])
+    waiting = db[defaults.REQUESTS].insert_one({"model": "victim", "input": "q", "status": "running",
+                                                "feedback": {"rating": 1}}).inserted_id
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    assert due(server_uri, db, spec_of(every=2)) == ["victim"]
+    read_again = [d["_id"] for d in db[defaults.REQUESTS].find(
+        {"model": "victim", "feedback_run": {"$exists": False}, "feedback.rating": {"$gte": -1, "$lte": 1}})]
+    assert read_again == [waiting], f"{len(read_again)} ratings in the stamp query's index range at the next pass"
+    stamps = Counter(d.get("feedback_run") for d in db[defaults.REQUESTS].find({"model": "victim"}))
+    assert stamps == {feedback.PASSED_OVER: 20, 1: 2, None: 1}, stamps
 
 
 HUGE_CHAT_LIMITS = Limits(max_input_chars=10_000, max_messages=100)

@@ -82,7 +82,8 @@ def selection(spec: ModelSpec, limits: Limits) -> dict:
 
 
 UNSTAMPED = {"feedback_run": {"$exists": False}}
-PASSED_OVER = 0  # the stamp of a rating `feedback.filter` does not select: looked at once, never counted
+PASSED_OVER = 0  # the stamp of a rating no run reads: looked at once, never counted
+ENDED = [defaults.Status.DONE.value, defaults.Status.FAILED.value, defaults.Status.CANCELLED.value]
 
 
 def uncounted(spec: ModelSpec, limits: Limits) -> dict:
@@ -90,12 +91,13 @@ def uncounted(spec: ModelSpec, limits: Limits) -> dict:
     return {"$and": [selection(spec, limits), UNSTAMPED]}
 
 
-def filtered_out(spec: ModelSpec, limits: Limits) -> dict | None:
-    """The rated answers not counted yet that `feedback.filter` does not select (None without a filter): stamped
-    `PASSED_OVER`, so that each pass looks at new ratings only, however many the filter leaves out."""
-    if not spec.feedback.filter:
-        return None
-    return {"$and": [_own(spec, limits), UNSTAMPED, {"$nor": [spec.feedback.filter]}]}
+def passed_over(spec: ModelSpec, limits: Limits) -> dict:
+    """The rated requests of this model, ended and not counted yet, that no run reads: those `feedback.filter` does not
+    select, and those of a shape no run uses (`usable`) or that did not end `done`. Stamped `PASSED_OVER`, so that
+    each pass looks at new ratings only, however many of them a writer floods in: left unstamped, they would lie in
+    the range of the feedback index that every pass reads (this model, no stamp, a rating)."""
+    return {"$and": [{"model": ids.eq(spec.id), "status": {"$in": ENDED}, "feedback.rating": RATED}, UNSTAMPED,
+                     {"$nor": [selection(spec, limits)]}]}
 
 
 def _source(doc: dict, **parts) -> dict:
