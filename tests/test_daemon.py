@@ -1,4 +1,8 @@
-"""The daemon's life: refusing what cannot work, heartbeats, catching up, cancel, retrain, many daemons."""
+"""The daemon's life: refusing what cannot work, heartbeats, catching up, cancel, retrain, many daemons.
+
+Tests that neither stop the daemon, queue work before it starts nor need settings of their own share the module's
+daemon and database (each its own model and request ids).
+"""
 
 import subprocess
 import sys
@@ -62,10 +66,9 @@ def test_documents_inserted_while_no_daemon_ran_are_served_at_start(db, start_da
     assert wait_for(db[defaults.REQUESTS], "early-question", finished, timeout_s=60)["status"] == "done"
 
 
-def test_cancel_stops_training_keeps_a_checkpoint_and_retrain_starts_a_new_run(db, start_daemon, tiny_model_path):
-    load_samples(db)
-    start_daemon()
-    models = db[defaults.MODELS]
+def test_cancel_stops_training_keeps_a_checkpoint_and_retrain_starts_a_new_run(module_samples, module_daemon,
+                                                                              tiny_model_path):
+    models = module_samples[defaults.MODELS]
     models.insert_one(model("long", tiny_model_path, LONG))
     wait_for(models, "long", lambda d: (d.get("progress") or {}).get("step", 0) >= 3, timeout_s=120)
     models.update_one({"_id": "long"}, {"$set": {"cancel": True}})
@@ -135,10 +138,8 @@ def test_resume_tokens_are_saved_and_an_unusable_one_falls_back_to_a_scan(db, st
     assert token["token"]["_data"]
 
 
-def test_documents_that_break_the_listeners_own_fields_fail_alone(db, start_daemon, tiny_model_path):
-    load_samples(db)
-    daemon = start_daemon()
-    models, requests = db[defaults.MODELS], db[defaults.REQUESTS]
+def test_documents_that_break_the_listeners_own_fields_fail_alone(module_samples, module_daemon, tiny_model_path):
+    models, requests = module_samples[defaults.MODELS], module_samples[defaults.REQUESTS]
     models.insert_one({**model("x", tiny_model_path), "_id": {"team": "a", "name": "dict-id"}})
     models.insert_one({**model("string-run", tiny_model_path), "run": "1"})
     models.insert_one(model("good", tiny_model_path))
@@ -154,7 +155,7 @@ def test_documents_that_break_the_listeners_own_fields_fail_alone(db, start_daem
         assert broken["error"]["field"] == field
     assert wait_for(models, "good", finished, timeout_s=120)["status"] == "succeeded"
     assert wait_for(requests, "after", finished, timeout_s=60)["status"] == "done"
-    assert daemon.process.poll() is None
+    assert module_daemon.process.poll() is None
 
 
 def test_max_jobs_holds_when_many_models_arrive_at_once(db, start_daemon, tiny_model_path):

@@ -16,49 +16,54 @@ from tests.test_serving import answer, ask, served_model, stored_checkpoint
 from training import defaults
 
 
-def test_a_promoted_checkpoint_is_loaded_before_the_first_request(db, start_daemon, tiny_model_path):
-    db[defaults.MODELS].insert_one(served_model("llm", tiny_model_path))
-    daemon = start_daemon(env={"MONGOTUNE_PRELOAD_BEST": "1"})
+# Tests that neither stop the daemon nor need settings of their own share the module's daemon and database (each its
+# own model and request ids): preloading on, and one request a batch, so a steady load makes many batches.
+DAEMON_ENV = {"MONGOTUNE_PRELOAD_BEST": "1", "MONGOTUNE_MAX_BATCH": "1"}
+
+
+def test_a_promoted_checkpoint_is_loaded_before_the_first_request(module_db, module_daemon, tiny_model_path):
+    db, daemon = module_db, module_daemon
+    db[defaults.MODELS].insert_one(served_model("promoted", tiny_model_path))
     wait_until(lambda: "for promoted checkpoints to preload" in daemon.log(), 60, "the preload stream")
-    entry = stored_checkpoint(db, tiny_model_path, "llm", step=1)
-    db[defaults.MODELS].update_one({"_id": "llm"}, {"$set": {"checkpoints": [entry],
-                                                             "best_checkpoint": {"run": 1, "step": 1}}})
-    wait_until(lambda: 'preloaded model "llm", checkpoint run 1 step 1' in daemon.log(), 120, "the preload")
-    ask(db, "first", "llm", "best")
+    entry = stored_checkpoint(db, tiny_model_path, "promoted", step=1)
+    db[defaults.MODELS].update_one({"_id": "promoted"}, {"$set": {"checkpoints": [entry],
+                                                                  "best_checkpoint": {"run": 1, "step": 1}}})
+    wait_until(lambda: 'preloaded model "promoted", checkpoint run 1 step 1' in daemon.log(), 120, "the preload")
+    ask(db, "first", "promoted", "best")
     done = answer(db, "first")
     assert done["status"] == "done" and done["checkpoint_used"] == {"run": 1, "step": 1}
     assert daemon.log().count(f"with checkpoint {entry['files_id']}") == 1  # loaded once, by the preload
 
 
-def test_a_promotion_is_preloaded_between_the_batches_of_a_steady_load(db, start_daemon, tiny_model_path):
+def test_a_promotion_is_preloaded_between_the_batches_of_a_steady_load(module_db, module_daemon, tiny_model_path):
     """Another model's requests never stop coming while the promotion arrives: its preload takes the next turn."""
-    db[defaults.MODELS].insert_many([served_model("busy", tiny_model_path), served_model("llm", tiny_model_path)])
-    daemon = start_daemon(env={"MONGOTUNE_PRELOAD_BEST": "1", "MONGOTUNE_MAX_BATCH": "1"})
+    db, daemon = module_db, module_daemon
+    db[defaults.MODELS].insert_many([served_model("busy", tiny_model_path), served_model("steady", tiny_model_path)])
     wait_until(lambda: "for promoted checkpoints to preload" in daemon.log(), 60, "the preload stream")
     load = [f"busy-{n}" for n in range(60)]
     db[defaults.REQUESTS].insert_many([{"_id": rid, "model": "busy", "input": "ahoy", "checkpoint": "base",
                                         "params": {"max_new_tokens": 8}} for rid in load])
     answer(db, load[0])
-    entry = stored_checkpoint(db, tiny_model_path, "llm", step=1)
-    db[defaults.MODELS].update_one({"_id": "llm"}, {"$set": {"checkpoints": [entry],
-                                                             "best_checkpoint": {"run": 1, "step": 1}}})
-    wait_until(lambda: 'preloaded model "llm"' in daemon.log(), 120, "the preload")
+    entry = stored_checkpoint(db, tiny_model_path, "steady", step=1)
+    db[defaults.MODELS].update_one({"_id": "steady"}, {"$set": {"checkpoints": [entry],
+                                                                "best_checkpoint": {"run": 1, "step": 1}}})
+    wait_until(lambda: 'preloaded model "steady"' in daemon.log(), 120, "the preload")
     assert all(answer(db, rid)["status"] == "done" for rid in load)
     log = daemon.log()
-    assert log.index('preloaded model "llm"') < log.rindex('generating 1 answer(s) for model "busy"'), \
+    assert log.index('preloaded model "steady"') < log.rindex('generating 1 answer(s) for model "busy"'), \
         "the preload ran while the load went on, not after it"
 
 
-def test_a_model_in_training_answers_from_its_best_checkpoint_so_far(db, start_daemon, tiny_model_path):
-    entries = [stored_checkpoint(db, tiny_model_path, "llm", step=step) for step in (1, 2)]
-    training = {**served_model("llm", tiny_model_path, entries), "status": "running", "run": 1,
+def test_a_model_in_training_answers_from_its_best_checkpoint_so_far(module_db, module_daemon, tiny_model_path):
+    db = module_db
+    entries = [stored_checkpoint(db, tiny_model_path, "training", step=step) for step in (1, 2)]
+    training = {**served_model("training", tiny_model_path, entries), "status": "running", "run": 1,
                 "best_checkpoint": {"run": 1, "step": 1}, "lease": lease("another-daemon", 3600)}
     db[defaults.MODELS].insert_one(training)
-    start_daemon()
-    ask(db, "meanwhile", "llm", "best")
+    ask(db, "meanwhile", "training", "best")
     done = answer(db, "meanwhile")
     assert done["status"] == "done" and done["checkpoint_used"] == {"run": 1, "step": 1}
-    assert db[defaults.MODELS].find_one({"_id": "llm"})["status"] == "running"
+    assert db[defaults.MODELS].find_one({"_id": "training"})["status"] == "running"
 
 
 def test_hostile_model_updates_never_stop_the_preloading_of_a_later_promotion(db, start_daemon, tiny_model_path):
