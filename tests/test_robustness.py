@@ -670,10 +670,14 @@ def test_every_field_with_the_whole_pool(db, server_uri, start_daemon, tiny_mode
 # ---------------------------------------------------------------------------------------------
 
 
-def test_an_objectid_and_its_string_are_two_models_and_patterns_match_none(db, start_daemon, tiny_model_path):
-    load_samples(db)
-    daemon = start_daemon("identity", max_jobs=2, args=("--no-validators",))
-    models, requests = db[defaults.MODELS], db[defaults.REQUESTS]
+# The tests that neither stop their daemon nor start it after inserting share the module's, with no validators on its
+# database, so that what the server would refuse reaches the daemon (`--no-validators`).
+DAEMON_ENV = {"MONGOTUNE_VALIDATORS": "0"}
+
+
+def test_an_objectid_and_its_string_are_two_models_and_patterns_match_none(module_samples, module_daemon,
+                                                                          tiny_model_path):
+    daemon, models, requests = module_daemon, module_samples[defaults.MODELS], module_samples[defaults.REQUESTS]
     as_oid, as_str, only_str = ObjectId(), None, ObjectId()
     as_str = str(as_oid)
     # Told apart by their checkpoints: the ObjectId's run stops at step 1, the string's at step 2.
@@ -785,13 +789,11 @@ def test_every_listener_record_of_every_type(db, server_uri, start_daemon, tmp_p
     run_listener_records(db, server_uri, start_daemon, tmp_path, tiny_model_path, per_field=None)
 
 
-def test_listener_owned_fields_a_user_wrote_never_break_a_training(db, start_daemon, tiny_model_path):
+def test_listener_owned_fields_a_user_wrote_never_break_a_training(module_samples, module_daemon, tiny_model_path):
     """Every listener-owned field the daemon does not parse at intake, written by a user as a string, at once:
     the listener resets or replaces them, so the model still trains (or fails naming one of them)."""
-    load_samples(db)
     unread = sorted(LISTENER_FIELDS - {f.alias or n for n, f in ModelState.model_fields.items()} - {"status"})
-    daemon = start_daemon("owned", args=("--no-validators",))
-    models = db[defaults.MODELS]
+    daemon, models = module_daemon, module_samples[defaults.MODELS]
     models.insert_one({**model_doc("owned", tiny_model_path), **{name: "" for name in unread}})
     models.insert_one(model_doc("normal", tiny_model_path))
     trained = wait_for(models, "owned", finished, timeout_s=SETTLE_S)
