@@ -10,7 +10,6 @@ import torch
 from bson import json_util
 from safetensors.torch import load_file
 
-from listener.demo import load_samples
 from tests.conftest import finished, wait_for
 from training import checkpoints, defaults
 
@@ -97,10 +96,9 @@ def lora_b(db, document: dict, tmp_path, name: str) -> dict:
     return {k: t for k, t in load_file(folder / "adapter_model.safetensors").items() if "lora_B" in k}
 
 
-def test_a_run_redone_from_its_entry_and_a_model_started_from_its_adapter(db, start_daemon, tiny_model_path,
-                                                                          tmp_path):
-    load_samples(db)
-    start_daemon(max_jobs=3)
+def test_a_run_redone_from_its_entry_and_a_model_started_from_its_adapter(module_samples, module_daemon,
+                                                                          tiny_model_path, tmp_path):
+    db = module_samples
     db[defaults.MODELS].insert_one(model("a", tiny_model_path, trainer={"learning_rate": 1e-2}))
     first = trained(db, "a")
     recorded = first["runs"][0]
