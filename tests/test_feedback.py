@@ -27,7 +27,7 @@ from listener import retrain
 from listener.processes import wait_until
 from tests.conftest import DaemonProcess, finished, settled, wait_for
 from tests.documents import QUICK, insert_nested, model, nested_document, request
-from training import defaults, feedback, preferences
+from training import defaults, feedback, ids, preferences
 from training.config import MAX_REQUEST_ID_BYTES, SpecError, parse_model, parse_request
 from training.limits import Limits
 
@@ -1039,3 +1039,29 @@ def test_a_stored_feedback_order_a_person_spoiled_orders_nothing_and_stops_nothi
             await client.close()
     assert asyncio.run(passes()) == ["victim"]
     assert db[defaults.LISTENER].find_one({"_id": "feedback:d"})["keys"] == ["victim"]
+
+
+def test_class2_a_writers_long_model_ids_make_the_stored_feedback_order_too_large_and_stop_every_pass(db, server_uri):
+    """A user expects one writer's models never to stop the feedback count of the others (README: a writer's models
+    cost others at most their places). The stored order holds up to twice `MONGOTUNE_RETRAIN_MAX_MODELS` keys, each the
+    canonical JSON of a model id: a 512-character id of emoji is 6 KB of `\\ud83d\\ude00` escapes, so with the operator's
+    bound at 1,500 (it may be 10,000) a writer's 2,999 models waiting for their first run, seen before another user's,
+    made the record 18 MB: the driver refused the write (DocumentTooLarge, no OperationFailure), which ended the whole
+    pass, for every model, at every retrain check."""
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    waiting = parse(ModelState, {"_id": "w", "status": "pending", "run": 0})
+    victim = spec_of()
+    models = {ids.key(f"{n:04d}" + "\U0001F600" * 508): (victim, waiting) for n in range(2999)}
+    models[ids.key("victim")] = (victim, parse(ModelState, {"_id": "victim", "status": "succeeded", "run": 1}))
+
+    async def one_pass():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            trigger = FeedbackTrigger(client[db.name], Limits(), 1500, SkipLog(), "d")
+            return [s.id for s in await trigger.due(models)]
+        finally:
+            await client.close()
+    assert asyncio.run(one_pass()) == ["victim"]
+    stored = db[defaults.LISTENER].find_one({"_id": "feedback:d"})
+    assert stored is not None and len(stored["keys"]) == 3000, "the order was not stored: a restart loses it"
