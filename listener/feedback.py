@@ -27,11 +27,12 @@ writer's many slow filters cost each pass one turn.
 """
 
 import asyncio
+import hashlib
 import logging
 import time
 
 from pymongo import UpdateOne
-from pymongo.errors import BulkWriteError, ExecutionTimeout, OperationFailure
+from pymongo.errors import BulkWriteError, DocumentTooLarge, ExecutionTimeout, OperationFailure
 
 from listener.records import ModelState, SkipLog
 from listener.status import Status, now
@@ -49,6 +50,12 @@ QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scan
 SLOW_S = 2.0  # a model whose turn took longer (its filter scans long, or the server ignores QUERY_MS) is slow...
 SLOW_PER_PASS = 1  # ...and slow models take this many turns a pass between them, the longest waiting first
 ORDER = "feedback_order"  # `kind` of a daemon's stored order of the models it counts feedback for
+DIGEST_CHARS = 32  # each model of the stored order: this much of the SHA-256 of its key, in hex
+
+
+def digest(key: str) -> str:
+    """A model's key as the stored order holds it: of one small size, whatever the id."""
+    return hashlib.sha256(key.encode()).hexdigest()[:DIGEST_CHARS]
 ENOUGH_BATCH = 100  # rated answers read first to see whether they make a run: a model's first batch mostly does
 
 
@@ -58,7 +65,7 @@ class FeedbackTrigger:
     def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog, daemon: str, slow_s: float = SLOW_S):
         self.db, self.limits, self.max_models, self.skipped, self.slow_s = db, limits, max_models, skipped, slow_s
         self.order_id = f"feedback:{daemon}"  # this daemon's stored order, in `_listener`
-        self.stored: list[str] | None = None  # the order as last stored (None: not read since this daemon started)
+        self.stored: list[str] | None = None  # the order as last stored (digests) (None: not read since this daemon started)
         self.slow = Queue(SLOW_PER_PASS)  # the slow models, by key: each waits for its turn from its last one
         self.sightings = Sightings()  # the order this daemon first saw the models in
         self.too_few: dict[str, tuple[int, int]] = {}  # by model key: (run, count) when its rows made no run
@@ -73,7 +80,7 @@ class FeedbackTrigger:
         # A model whose run waits to be claimed keeps its place in the order (a newcomer seen meanwhile stays behind
         # it): only failed and cancelled ones are forgotten, as by the retrainer.
         if self.stored is None:
-            await self._restore()
+            await self._restore(placed)
         ordered = self.sightings.order(placed)
         followed = [key for key in ordered if key in models][:self.max_models]
         await self._store(ordered[:ordered.index(followed[-1]) + 1] if followed else [])
@@ -106,7 +113,7 @@ class FeedbackTrigger:
                 self.slow.leave(key)
         return due
 
-    async def _restore(self) -> None:
+    async def _restore(self, placed: list[str]) -> None:
         """Seen first, in their order: the models this daemon held places for when it last stored them. A record
         it cannot use (it is the listener's own, but a person may have edited it) is an order of none."""
         try:
@@ -116,18 +123,22 @@ class FeedbackTrigger:
             record = None
         keys = (record or {}).get("keys")
         self.stored = [key for key in keys if isinstance(key, str)] if isinstance(keys, list) else []
-        self.sightings.remember(self.stored[:self._bound()])
+        by_digest = {digest(key): key for key in placed}
+        self.sightings.remember(by_digest[d] for d in self.stored[:self._bound()] if d in by_digest)
 
     async def _store(self, keys: list[str]) -> None:
-        """Keep the order up to the last model counted (pending ones among them keep their places), when it changed."""
-        keys = keys[:self._bound()]
+        """Keep the order up to the last model counted (pending ones among them keep their places), when it changed:
+        each model as a digest of its key, so that the record stays small (at most 20,000 of 32 characters), whatever
+        the ids (a key is the JSON of an id, up to 6 KB for 512 characters of emoji: 2,000 such made a record the
+        driver refuses, which ended the pass for every model)."""
+        keys = [digest(key) for key in keys[:self._bound()]]
         if keys == self.stored:
             return
         try:
             await self.db[defaults.LISTENER].update_one(
                 {"_id": self.order_id}, {"$set": {"kind": ORDER, "at": now(), "keys": keys}}, upsert=True)
             self.stored = keys
-        except OperationFailure as exc:  # tried again next pass; counting goes on meanwhile
+        except (OperationFailure, DocumentTooLarge) as exc:  # tried again next pass; counting goes on meanwhile
             self.skipped.skip("feedback order", self.order_id, exc)
 
     def _bound(self) -> int:

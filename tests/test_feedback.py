@@ -21,7 +21,7 @@ from pymongo import AsyncMongoClient, monitoring
 
 from listener.cli import feedback as rating_command
 from listener.cli.main import cli
-from listener.feedback import ENOUGH_BATCH, FeedbackTrigger
+from listener.feedback import ENOUGH_BATCH, FeedbackTrigger, digest
 from listener.records import ModelState, SkipLog, parse
 from listener import retrain
 from listener.processes import wait_until
@@ -1038,7 +1038,7 @@ def test_a_stored_feedback_order_a_person_spoiled_orders_nothing_and_stops_nothi
         finally:
             await client.close()
     assert asyncio.run(passes()) == ["victim"]
-    assert db[defaults.LISTENER].find_one({"_id": "feedback:d"})["keys"] == ["victim"]
+    assert db[defaults.LISTENER].find_one({"_id": "feedback:d"})["keys"] == [digest("victim")]
 
 
 def test_class2_a_writers_long_model_ids_make_the_stored_feedback_order_too_large_and_stop_every_pass(db, server_uri):
