@@ -1065,3 +1065,32 @@ def test_class2_a_writers_long_model_ids_make_the_stored_feedback_order_too_larg
     assert asyncio.run(one_pass()) == ["victim"]
     stored = db[defaults.LISTENER].find_one({"_id": "feedback:d"})
     assert stored is not None and len(stored["keys"]) == 3000, "the order was not stored: a restart loses it"
+
+
+def test_class3_a_writers_models_waiting_for_a_first_run_push_a_counted_model_out_of_the_stored_order(db, server_uri):
+    """A user expects a model a daemon counted feedback for to keep its place when that daemon restarts (README: "an
+    order it keeps in `_listener` so that a restart keeps it too"). The order was stored up to the last model counted
+    but cut at twice `MONGOTUNE_RETRAIN_MAX_MODELS` keys from its start, so a writer's models seen first and still
+    pending (waiting for a first run that never comes) filled it: the counted model was not stored, and after a
+    restart the writer's model whose id sorts first ("a") took its place."""
+    def state(name, status="succeeded", run=1):
+        return parse(ModelState, {"_id": name, "status": status, "run": run})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            victim = spec_of()
+            newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
+            waiting = {f"p{n}": (newcomer, state(f"p{n}", "pending", 0)) for n in range(3)}
+            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
+            await first.due(waiting)
+            await first.due({**waiting, "victim": (victim, state("victim"))})
+            await first.due({**waiting, "victim": (victim, state("victim")), "a": (newcomer, state("a"))})
+            for n, rating in enumerate([1, -1]):
+                rated(db, "victim", f"honest {n}", {"rating": rating})
+            restarted = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
+            both = {**waiting, "victim": (victim, state("victim")), "a": (newcomer, state("a"))}
+            return [s.id for s in await restarted.due(both)]
+        finally:
+            await client.close()
+    assert asyncio.run(passes()) == ["victim"]
