@@ -83,7 +83,7 @@ class FeedbackTrigger:
             await self._restore(placed)
         ordered = self.sightings.order(placed)
         followed = [key for key in ordered if key in models][:self.max_models]
-        await self._store(ordered[:ordered.index(followed[-1]) + 1] if followed else [])
+        await self._store(self._placed(ordered, followed))
         self.too_few = {key: seen for key, seen in self.too_few.items() if key in models}
         if len(models) > len(followed) and len(models) != self.past_bound:
             log.warning("counting feedback for %d of %d models (MONGOTUNE_RETRAIN_MAX_MODELS)", len(followed),
@@ -140,6 +140,16 @@ class FeedbackTrigger:
             self.stored = keys
         except (OperationFailure, DocumentTooLarge) as exc:  # tried again next pass; counting goes on meanwhile
             self.skipped.skip("feedback order", self.order_id, exc)
+
+    def _placed(self, ordered: list[str], followed: list[str]) -> list[str]:
+        """The order to store: every model counted, and, among them, at most `max_models` whose runs wait (the first
+        ones): however many models a writer keeps waiting ahead of them, the counted ones are all kept."""
+        counted, kept, waiting = set(followed), [], 0
+        for key in ordered[:ordered.index(followed[-1]) + 1] if followed else []:
+            if key in counted or waiting < self.max_models:
+                kept.append(key)
+                waiting += key not in counted
+        return kept
 
     def _bound(self) -> int:
         """How many keys the stored order holds at most: the counted ones and the pending ones among them."""
