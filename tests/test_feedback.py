@@ -1094,3 +1094,21 @@ def test_class3_a_writers_models_waiting_for_a_first_run_push_a_counted_model_ou
         finally:
             await client.close()
     assert asyncio.run(passes()) == ["victim"]
+
+
+def test_class2_one_rating_whose_id_the_server_cannot_return_stops_every_passed_over_stamp_of_its_model(db, server_uri):
+    """A user expects the ratings no run reads to be stamped once, so that a writer's flood of them no longer lies in
+    the range every pass reads (README: "stamped passed over once"). The passed-over query selects requests of any
+    `_id`, and the stamp reads each `_id` back to write by it: one rated request of the model, ended, whose `_id` the
+    server cannot return (nested 950 levels: the embedded server stores it, and fails any reply that carries it) made
+    that read fail at every pass, so no other passed-over rating of the model was ever stamped again."""
+    insert_nested(db[defaults.REQUESTS], {"_id": nested_document(950), "model": "victim", "input": "q",
+                                          "status": "failed", "feedback": {"rating": 1}})
+    db[defaults.REQUESTS].insert_many([{"model": "victim", "input": f"q {n}", "status": "done", "output": 7,
+                                        "completed_at": defaults.now(), "feedback": {"rating": 1}} for n in range(20)])
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    assert due(server_uri, db, spec_of(every=2)) == ["victim"]
+    stamps = Counter(d.get("feedback_run") for d in db[defaults.REQUESTS].find({"model": "victim", "output": {
+        "$exists": True}}))
+    assert stamps == {feedback.PASSED_OVER: 20, 1: 2}, stamps
