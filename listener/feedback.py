@@ -34,7 +34,7 @@ import time
 from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError, DocumentTooLarge, ExecutionTimeout, OperationFailure
 
-from listener.records import ModelState, SkipLog
+from listener.records import ModelState, SkipLog, raw, raw_id
 from listener.status import Status, now
 from listener.turns import Queue, Sightings
 from training import defaults, feedback, ids
@@ -174,26 +174,29 @@ class FeedbackTrigger:
             await self.skipped.warn(self.db[defaults.MODELS], "feedback filter", spec.id,
                                     f"not counting feedback: the server refuses feedback.filter ({briefly(exc)})")
 
-    async def _stamp(self, query: dict, stamp: int, at_most: int | None = None) -> int:
+    async def _stamp(self, query: dict, stamp: int, at_most: int | None = None, as_bytes: bool = False) -> int:
         """Stamp at most `at_most` (`max_feedback_rows`) of the requests `query` selects, each by its `_id` (found in
         the index's order: a sort would read the whole flood): bounded work per pass, whatever a writer floods in (the
         rest wait for the next passes); how many were found. One a stamp cannot be written on (it would pass 16 MB) is
-        skipped, not the others."""
+        skipped, not the others. With `as_bytes`, a document `_id` is read and written back as its bytes, so that it
+        matches whatever the order of its fields (the driver would write a DBRef's in its own)."""
         requests = self.db[defaults.REQUESTS]
+        found_in = raw(requests) if as_bytes else requests
         at_most = self.limits.max_feedback_rows if at_most is None else at_most
         if at_most <= 0:  # a limit of 0 is none at all to the server
             return 0
-        found = requests.find(query, {"_id": 1}, limit=at_most, max_time_ms=QUERY_MS)
-        batch = [doc["_id"] async for doc in found]
+        found = found_in.find(query, {"_id": 1}, limit=at_most, max_time_ms=QUERY_MS)
+        batch = [raw_id(doc) if as_bytes else doc["_id"] async for doc in found]
+        found_count, batch = len(batch), [doc_id for doc_id in batch if not as_bytes or doc_id is not None]
         if not batch:
-            return 0
+            return found_count
         try:
             await requests.bulk_write([UpdateOne({"_id": ids.eq(doc_id), **feedback.UNSTAMPED},
                                                  {"$set": {"feedback_run": stamp}}) for doc_id in batch], ordered=False)
         except BulkWriteError as exc:
             for error in exc.details.get("writeErrors", []):
                 self.skipped.skip("rating to stamp", batch[error["index"]], error.get("errmsg"))
-        return len(batch)
+        return found_count
 
     async def _due(self, key: str, spec: ModelSpec, state: ModelState) -> bool:
         """Stamp, count and check this model's ratings: every stamp of the pass (counted, written meanwhile, passed
@@ -201,10 +204,12 @@ class FeedbackTrigger:
         unstamped = feedback.uncounted(spec, self.limits)
         left = self.limits.max_feedback_rows - await self._stamp(unstamped, state.run)  # of this pass's stamps
         due, left = await self._check(key, spec, state, unstamped, left)
-        try:
-            await self._stamp(feedback.passed_over(spec, self.limits), feedback.PASSED_OVER, left)
-        except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
-            self.skipped.skip("feedback filter", spec.id, exc)
+        for documents in (False, True):  # a document `_id` the server cannot return fails only the second read
+            try:
+                left -= await self._stamp(feedback.passed_over(spec, self.limits, documents), feedback.PASSED_OVER,
+                                          left, as_bytes=documents)
+            except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
+                self.skipped.skip("feedback filter", spec.id, exc)
         return due
 
     async def _check(self, key: str, spec: ModelSpec, state: ModelState, unstamped: dict, left: int

@@ -1112,3 +1112,18 @@ def test_class2_one_rating_whose_id_the_server_cannot_return_stops_every_passed_
     stamps = Counter(d.get("feedback_run") for d in db[defaults.REQUESTS].find({"model": "victim", "output": {
         "$exists": True}}))
     assert stamps == {feedback.PASSED_OVER: 20, 1: 2}, stamps
+
+
+def test_class3_a_flood_of_ratings_with_document_ids_stays_in_the_range_every_pass_reads(db, server_uri):
+    """A user expects a writer's flood of ratings no run reads to be stamped once, so that it no longer lies in the
+    range of the feedback index every pass reads (this model, no stamp, a rating): ratings whose `_id` is a document
+    are never stamped, so a flood of them costs every pass of the model a read of each, as before this session."""
+    db[defaults.REQUESTS].insert_many([{"_id": {"n": n}, "model": "victim", "input": f"q {n}", "status": "done",
+                                        "output": "a", "completed_at": defaults.now(), "feedback": {"rating": 1}}
+                                       for n in range(20)])
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    assert due(server_uri, db, spec_of(every=2)) == ["victim"]
+    read_again = db[defaults.REQUESTS].count_documents(
+        {"model": "victim", "feedback_run": {"$exists": False}, "feedback.rating": {"$gte": -1, "$lte": 1}})
+    assert read_again == 0, f"{read_again} ratings in the stamp query's index range at the next pass"
