@@ -1116,8 +1116,9 @@ def test_class2_one_rating_whose_id_the_server_cannot_return_stops_every_passed_
 
 def test_class3_a_flood_of_ratings_with_document_ids_stays_in_the_range_every_pass_reads(db, server_uri):
     """A user expects a writer's flood of ratings no run reads to be stamped once, so that it no longer lies in the
-    range of the feedback index every pass reads (this model, no stamp, a rating): ratings whose `_id` is a document
-    are never stamped, so a flood of them costs every pass of the model a read of each, as before this session."""
+    range of the feedback index every pass reads (this model, no stamp, a rating), whatever their `_id`: left out of
+    the stamp so that one the server cannot return stops nothing, ratings whose `_id` is a document were never
+    stamped, and a flood of them cost every pass of the model a read of each."""
     db[defaults.REQUESTS].insert_many([{"_id": {"n": n}, "model": "victim", "input": f"q {n}", "status": "done",
                                         "output": "a", "completed_at": defaults.now(), "feedback": {"rating": 1}}
                                        for n in range(20)])
@@ -1127,3 +1128,23 @@ def test_class3_a_flood_of_ratings_with_document_ids_stays_in_the_range_every_pa
     read_again = db[defaults.REQUESTS].count_documents(
         {"model": "victim", "feedback_run": {"$exists": False}, "feedback.rating": {"$gte": -1, "$lte": 1}})
     assert read_again == 0, f"{read_again} ratings in the stamp query's index range at the next pass"
+
+
+@pytest.mark.xfail(strict=True, reason="each passed-over rating is stamped by its _id read back, and the server fails "
+                   "every read that returns the deep one; stamping without reading _ids (a bounded update by a "
+                   "field the daemon writes) or a feedback index that leaves document ids out would be needed")
+def test_class3_one_rating_the_server_cannot_return_keeps_a_flood_with_document_ids_in_the_range(db, server_uri):
+    """A user expects a writer's flood of ratings no run reads to be stamped once, whatever their `_id`. One rating
+    with an `_id` nested 950 levels (the embedded server stores it, and fails any reply that carries it) fails the
+    read of those with document ids at every pass, so a flood of them stays in the range every pass reads."""
+    insert_nested(db[defaults.REQUESTS], {"_id": nested_document(950), "model": "victim", "input": "q",
+                                          "status": "failed", "feedback": {"rating": 1}})
+    db[defaults.REQUESTS].insert_many([{"_id": {"n": n}, "model": "victim", "input": f"q {n}", "status": "done",
+                                        "output": "a", "completed_at": defaults.now(), "feedback": {"rating": 1}}
+                                       for n in range(20)])
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+    assert due(server_uri, db, spec_of(every=2)) == ["victim"]
+    left = db[defaults.REQUESTS].count_documents({"model": "victim", "feedback_run": {"$exists": False},
+                                                  "output": "a", "_id": {"$type": "object"}})
+    assert left == 0, f"{left} ratings in the stamp query's index range at the next pass"
