@@ -65,7 +65,7 @@ class FeedbackTrigger:
     def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog, daemon: str, slow_s: float = SLOW_S):
         self.db, self.limits, self.max_models, self.skipped, self.slow_s = db, limits, max_models, skipped, slow_s
         self.order_id = f"feedback:{daemon}"  # this daemon's stored order, in `_listener`
-        self.stored: list[str] | None = None  # the order as last stored (digests) (None: not read since this daemon started)
+        self.stored: list[str] | None = None  # the order as last stored, as digests (None: not read since the start)
         self.slow = Queue(SLOW_PER_PASS)  # the slow models, by key: each waits for its turn from its last one
         self.sightings = Sightings()  # the order this daemon first saw the models in
         self.too_few: dict[str, tuple[int, int]] = {}  # by model key: (run, count) when its rows made no run

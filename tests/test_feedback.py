@@ -1043,11 +1043,11 @@ def test_a_stored_feedback_order_a_person_spoiled_orders_nothing_and_stops_nothi
 
 def test_class2_a_writers_long_model_ids_make_the_stored_feedback_order_too_large_and_stop_every_pass(db, server_uri):
     """A user expects one writer's models never to stop the feedback count of the others (README: a writer's models
-    cost others at most their places). The stored order holds up to twice `MONGOTUNE_RETRAIN_MAX_MODELS` keys, each the
-    canonical JSON of a model id: a 512-character id of emoji is 6 KB of `\\ud83d\\ude00` escapes, so with the operator's
-    bound at 1,500 (it may be 10,000) a writer's 2,999 models waiting for their first run, seen before another user's,
-    made the record 18 MB: the driver refused the write (DocumentTooLarge, no OperationFailure), which ended the whole
-    pass, for every model, at every retrain check."""
+    cost others at most their places). The stored order held up to twice `MONGOTUNE_RETRAIN_MAX_MODELS` keys, each
+    the canonical JSON of a model id: a 512-character id of emoji is 6 KB of `\\ud83d\\ude00` escapes, so with the
+    operator's bound at 1,500 (it may be 10,000) a writer's 2,999 models waiting for their first run, seen before
+    another user's, made the record 18 MB: the driver refused the write (DocumentTooLarge, no OperationFailure),
+    which ended the whole pass, for every model, at every retrain check."""
     for n, rating in enumerate([1, -1]):
         rated(db, "victim", f"honest {n}", {"rating": rating})
     waiting = parse(ModelState, {"_id": "w", "status": "pending", "run": 0})
