@@ -1148,3 +1148,32 @@ def test_class3_one_rating_the_server_cannot_return_keeps_a_flood_with_document_
     left = db[defaults.REQUESTS].count_documents({"model": "victim", "feedback_run": {"$exists": False},
                                                   "output": "a", "_id": {"$type": "object"}})
     assert left == 0, f"{left} ratings in the stamp query's index range at the next pass"
+
+
+def test_class3_a_writers_waiting_models_push_a_counted_model_whose_run_waits_out_of_the_stored_order(db, server_uri):
+    """A user expects a model whose feedback run waits to be claimed to keep its place when the daemon restarts
+    meanwhile (README: "one whose run waits to be claimed keeps its place"). The stored order kept at most
+    `MONGOTUNE_RETRAIN_MAX_MODELS` waiting models, the first ones: a writer's model waiting for a first run that never
+    comes, seen first, took that slot, so the counted model was not stored, and after the restart the writer's model
+    seen after it ("a") kept the place."""
+    def state(name, status="succeeded", run=1):
+        return parse(ModelState, {"_id": name, "status": status, "run": run})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            victim = spec_of()
+            newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
+            waiting = {"p": (newcomer, state("p", "pending", 0))}
+            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
+            await first.due(waiting)
+            await first.due({**waiting, "victim": (victim, state("victim"))})
+            await first.due({**waiting, "victim": (victim, state("victim", "pending")), "a": (newcomer, state("a"))})
+            for n, rating in enumerate([1, -1]):  # written once run 2 serves
+                rated(db, "victim", f"honest {n}", {"rating": rating})
+            restarted = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
+            both = {**waiting, "victim": (victim, state("victim", run=2)), "a": (newcomer, state("a"))}
+            return [s.id for s in await restarted.due(both)]
+        finally:
+            await client.close()
+    assert asyncio.run(passes()) == ["victim"]
