@@ -53,6 +53,11 @@ ORDER = "feedback_order"  # `kind` of a daemon's stored order of the models it c
 DIGEST_CHARS = 32  # each model of the stored order: this much of the SHA-256 of its key, in hex
 
 
+def _texts(value) -> list[str]:
+    """The strings of a stored list; none of anything else (a record a person edited)."""
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+
+
 def digest(key: str) -> str:
     """A model's key as the stored order holds it: of one small size, whatever the id."""
     return hashlib.sha256(key.encode()).hexdigest()[:DIGEST_CHARS]
@@ -65,9 +70,10 @@ class FeedbackTrigger:
     def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog, daemon: str, slow_s: float = SLOW_S):
         self.db, self.limits, self.max_models, self.skipped, self.slow_s = db, limits, max_models, skipped, slow_s
         self.order_id = f"feedback:{daemon}"  # this daemon's stored order, in `_listener`
-        self.stored: list[str] | None = None  # the order as last stored, as digests (None: not read since the start)
+        self.stored: tuple[list, list] | None = None  # (order, counted) as last stored, digests (None: not read yet)
         self.slow = Queue(SLOW_PER_PASS)  # the slow models, by key: each waits for its turn from its last one
         self.sightings = Sightings()  # the order this daemon first saw the models in
+        self.held: set[str] = set()  # the models counted since this daemon started, or stored before it did
         self.too_few: dict[str, tuple[int, int]] = {}  # by model key: (run, count) when its rows made no run
         self.past_bound = 0  # how many models there were when some were past the bound: logged when it changes
 
@@ -117,39 +123,45 @@ class FeedbackTrigger:
         """Seen first, in their order: the models this daemon held places for when it last stored them. A record
         it cannot use (it is the listener's own, but a person may have edited it) is an order of none."""
         try:
-            record = await self.db[defaults.LISTENER].find_one({"_id": self.order_id}, {"keys": 1})
+            record = await self.db[defaults.LISTENER].find_one({"_id": self.order_id}, {"keys": 1, "counted": 1})
         except OperationFailure as exc:
             self.skipped.skip("feedback order", self.order_id, exc)
             record = None
-        keys = (record or {}).get("keys")
-        self.stored = [key for key in keys if isinstance(key, str)] if isinstance(keys, list) else []
+        keys, counted = (_texts((record or {}).get(field)) for field in ("keys", "counted"))
+        self.stored = (keys, counted)
         by_digest = {digest(key): key for key in placed}
-        self.sightings.remember(by_digest[d] for d in self.stored[:self._bound()] if d in by_digest)
+        restored = [by_digest[d] for d in keys[:self._bound()] if d in by_digest]
+        self.sightings.remember(restored)
+        self.held = {key for key in restored if digest(key) in set(counted)}
 
     async def _store(self, keys: list[str]) -> None:
-        """Keep the order up to the last model counted (pending ones among them keep their places), when it changed:
-        each model as a digest of its key, so that the record stays small (at most 20,000 of 32 characters), whatever
-        the ids (a key is the JSON of an id, up to 6 KB for 512 characters of emoji: 2,000 such made a record the
-        driver refuses, which ended the pass for every model)."""
-        keys = [digest(key) for key in keys[:self._bound()]]
-        if keys == self.stored:
+        """Keep the order up to the last model counted (pending ones among them keep their places), and which of them
+        were counted, when it changed: each model as a digest of its key, so that the record stays small (at most
+        20,000 of 32 characters), whatever the ids (a key is the JSON of an id, up to 6 KB for 512 characters of
+        emoji: 2,000 such made a record the driver refuses, which ended the pass for every model)."""
+        keys = keys[:self._bound()]
+        stored = ([digest(key) for key in keys], [digest(key) for key in keys if key in self.held])
+        if stored == self.stored:
             return
         try:
             await self.db[defaults.LISTENER].update_one(
-                {"_id": self.order_id}, {"$set": {"kind": ORDER, "at": now(), "keys": keys}}, upsert=True)
-            self.stored = keys
+                {"_id": self.order_id},
+                {"$set": {"kind": ORDER, "at": now(), "keys": stored[0], "counted": stored[1]}}, upsert=True)
+            self.stored = stored
         except (OperationFailure, DocumentTooLarge) as exc:  # tried again next pass; counting goes on meanwhile
             self.skipped.skip("feedback order", self.order_id, exc)
 
     def _placed(self, ordered: list[str], followed: list[str]) -> list[str]:
-        """The order to store: every model counted, and, among them, at most `max_models` whose runs wait (the first
-        ones): however many models a writer keeps waiting ahead of them, the counted ones are all kept."""
-        counted, kept, waiting = set(followed), [], 0
-        for key in ordered[:ordered.index(followed[-1]) + 1] if followed else []:
-            if key in counted or waiting < self.max_models:
-                kept.append(key)
-                waiting += key not in counted
-        return kept
+        """The order to store: every model counted, and, among them, at most `max_models` whose runs wait, those
+        counted before first (then the first others): however many models a writer keeps waiting ahead of them, the
+        counted ones are all kept, and a counted one whose run waits too."""
+        present, counting = set(ordered), set(followed)
+        self.held = {key for key in self.held if key in present} | counting
+        ahead = ordered[:ordered.index(followed[-1]) + 1] if followed else []
+        waiting = [key for key in ahead if key not in counting]
+        kept = counting | set(([key for key in waiting if key in self.held]
+                               + [key for key in waiting if key not in self.held])[:self.max_models])
+        return [key for key in ahead if key in kept]
 
     def _bound(self) -> int:
         """How many keys the stored order holds at most: the counted ones and the pending ones among them."""

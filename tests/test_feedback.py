@@ -1177,3 +1177,32 @@ def test_class3_a_writers_waiting_models_push_a_counted_model_whose_run_waits_ou
         finally:
             await client.close()
     assert asyncio.run(passes()) == ["victim"]
+
+
+def test_a_writers_waiting_model_stored_once_never_outranks_a_counted_one_after_another_restart(db, server_uri):
+    """The record says which stored models were counted: a writer's model waiting for a first run, stored while
+    there was room, is no model counted before after a restart, so at a second restart a counted model whose run
+    waits still keeps its place ahead of it."""
+    def state(name, status="succeeded", run=1):
+        return parse(ModelState, {"_id": name, "status": status, "run": run})
+
+    async def passes():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            victim = spec_of()
+            newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
+            waiting = {"p": (newcomer, state("p", "pending", 0))}
+            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
+            await first.due(waiting)
+            await first.due({**waiting, "victim": (victim, state("victim"))})
+            second = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
+            await second.due({**waiting, "victim": (victim, state("victim"))})
+            await second.due({**waiting, "victim": (victim, state("victim", "pending")), "a": (newcomer, state("a"))})
+            for n, rating in enumerate([1, -1]):  # written once run 2 serves
+                rated(db, "victim", f"honest {n}", {"rating": rating})
+            third = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
+            both = {**waiting, "victim": (victim, state("victim", run=2)), "a": (newcomer, state("a"))}
+            return [s.id for s in await third.due(both)]
+        finally:
+            await client.close()
+    assert asyncio.run(passes()) == ["victim"]
