@@ -27,13 +27,14 @@ writer's many slow filters cost each pass one turn.
 """
 
 import asyncio
+import hashlib
 import logging
 import time
 
 from pymongo import UpdateOne
-from pymongo.errors import BulkWriteError, ExecutionTimeout, OperationFailure
+from pymongo.errors import BulkWriteError, DocumentTooLarge, ExecutionTimeout, OperationFailure
 
-from listener.records import ModelState, SkipLog
+from listener.records import ModelState, SkipLog, raw, raw_id
 from listener.status import Status, now
 from listener.turns import Queue, Sightings
 from training import defaults, feedback, ids
@@ -49,6 +50,17 @@ QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scan
 SLOW_S = 2.0  # a model whose turn took longer (its filter scans long, or the server ignores QUERY_MS) is slow...
 SLOW_PER_PASS = 1  # ...and slow models take this many turns a pass between them, the longest waiting first
 ORDER = "feedback_order"  # `kind` of a daemon's stored order of the models it counts feedback for
+DIGEST_CHARS = 32  # each model of the stored order: this much of the SHA-256 of its key, in hex
+
+
+def _texts(value) -> list[str]:
+    """The strings of a stored list; none of anything else (a record a person edited)."""
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+
+
+def digest(key: str) -> str:
+    """A model's key as the stored order holds it: of one small size, whatever the id."""
+    return hashlib.sha256(key.encode()).hexdigest()[:DIGEST_CHARS]
 ENOUGH_BATCH = 100  # rated answers read first to see whether they make a run: a model's first batch mostly does
 
 
@@ -58,9 +70,10 @@ class FeedbackTrigger:
     def __init__(self, db, limits: Limits, max_models: int, skipped: SkipLog, daemon: str, slow_s: float = SLOW_S):
         self.db, self.limits, self.max_models, self.skipped, self.slow_s = db, limits, max_models, skipped, slow_s
         self.order_id = f"feedback:{daemon}"  # this daemon's stored order, in `_listener`
-        self.stored: list[str] | None = None  # the order as last stored (None: not read since this daemon started)
+        self.stored: tuple[list, list] | None = None  # (order, counted) as last stored, digests (None: not read yet)
         self.slow = Queue(SLOW_PER_PASS)  # the slow models, by key: each waits for its turn from its last one
         self.sightings = Sightings()  # the order this daemon first saw the models in
+        self.held: set[str] = set()  # the models counted since this daemon started, or stored before it did
         self.too_few: dict[str, tuple[int, int]] = {}  # by model key: (run, count) when its rows made no run
         self.past_bound = 0  # how many models there were when some were past the bound: logged when it changes
 
@@ -73,10 +86,10 @@ class FeedbackTrigger:
         # A model whose run waits to be claimed keeps its place in the order (a newcomer seen meanwhile stays behind
         # it): only failed and cancelled ones are forgotten, as by the retrainer.
         if self.stored is None:
-            await self._restore()
+            await self._restore(placed)
         ordered = self.sightings.order(placed)
         followed = [key for key in ordered if key in models][:self.max_models]
-        await self._store(ordered[:ordered.index(followed[-1]) + 1] if followed else [])
+        await self._store(self._placed(ordered, followed))
         self.too_few = {key: seen for key, seen in self.too_few.items() if key in models}
         if len(models) > len(followed) and len(models) != self.past_bound:
             log.warning("counting feedback for %d of %d models (MONGOTUNE_RETRAIN_MAX_MODELS)", len(followed),
@@ -106,29 +119,49 @@ class FeedbackTrigger:
                 self.slow.leave(key)
         return due
 
-    async def _restore(self) -> None:
+    async def _restore(self, placed: list[str]) -> None:
         """Seen first, in their order: the models this daemon held places for when it last stored them. A record
         it cannot use (it is the listener's own, but a person may have edited it) is an order of none."""
         try:
-            record = await self.db[defaults.LISTENER].find_one({"_id": self.order_id}, {"keys": 1})
+            record = await self.db[defaults.LISTENER].find_one({"_id": self.order_id}, {"keys": 1, "counted": 1})
         except OperationFailure as exc:
             self.skipped.skip("feedback order", self.order_id, exc)
             record = None
-        keys = (record or {}).get("keys")
-        self.stored = [key for key in keys if isinstance(key, str)] if isinstance(keys, list) else []
-        self.sightings.remember(self.stored[:self._bound()])
+        keys, counted = (_texts((record or {}).get(field)) for field in ("keys", "counted"))
+        self.stored = (keys, counted)
+        by_digest = {digest(key): key for key in placed}
+        restored = [by_digest[d] for d in keys[:self._bound()] if d in by_digest]
+        self.sightings.remember(restored)
+        self.held = {key for key in restored if digest(key) in set(counted)}
 
     async def _store(self, keys: list[str]) -> None:
-        """Keep the order up to the last model counted (pending ones among them keep their places), when it changed."""
+        """Keep the order up to the last model counted (pending ones among them keep their places), and which of them
+        were counted, when it changed: each model as a digest of its key, so that the record stays small (at most
+        20,000 of 32 characters), whatever the ids (a key is the JSON of an id, up to 6 KB for 512 characters of
+        emoji: 2,000 such made a record the driver refuses, which ended the pass for every model)."""
         keys = keys[:self._bound()]
-        if keys == self.stored:
+        stored = ([digest(key) for key in keys], [digest(key) for key in keys if key in self.held])
+        if stored == self.stored:
             return
         try:
             await self.db[defaults.LISTENER].update_one(
-                {"_id": self.order_id}, {"$set": {"kind": ORDER, "at": now(), "keys": keys}}, upsert=True)
-            self.stored = keys
-        except OperationFailure as exc:  # tried again next pass; counting goes on meanwhile
+                {"_id": self.order_id},
+                {"$set": {"kind": ORDER, "at": now(), "keys": stored[0], "counted": stored[1]}}, upsert=True)
+            self.stored = stored
+        except (OperationFailure, DocumentTooLarge) as exc:  # tried again next pass; counting goes on meanwhile
             self.skipped.skip("feedback order", self.order_id, exc)
+
+    def _placed(self, ordered: list[str], followed: list[str]) -> list[str]:
+        """The order to store: every model counted, and, among them, at most `max_models` whose runs wait, those
+        counted before first (then the first others): however many models a writer keeps waiting ahead of them, the
+        counted ones are all kept, and a counted one whose run waits too."""
+        present, counting = set(ordered), set(followed)
+        self.held = {key for key in self.held if key in present} | counting
+        ahead = ordered[:ordered.index(followed[-1]) + 1] if followed else []
+        waiting = [key for key in ahead if key not in counting]
+        kept = counting | set(([key for key in waiting if key in self.held]
+                               + [key for key in waiting if key not in self.held])[:self.max_models])
+        return [key for key in ahead if key in kept]
 
     def _bound(self) -> int:
         """How many keys the stored order holds at most: the counted ones and the pending ones among them."""
@@ -153,26 +186,29 @@ class FeedbackTrigger:
             await self.skipped.warn(self.db[defaults.MODELS], "feedback filter", spec.id,
                                     f"not counting feedback: the server refuses feedback.filter ({briefly(exc)})")
 
-    async def _stamp(self, query: dict, stamp: int, at_most: int | None = None) -> int:
+    async def _stamp(self, query: dict, stamp: int, at_most: int | None = None, as_bytes: bool = False) -> int:
         """Stamp at most `at_most` (`max_feedback_rows`) of the requests `query` selects, each by its `_id` (found in
         the index's order: a sort would read the whole flood): bounded work per pass, whatever a writer floods in (the
         rest wait for the next passes); how many were found. One a stamp cannot be written on (it would pass 16 MB) is
-        skipped, not the others."""
+        skipped, not the others. With `as_bytes`, a document `_id` is read and written back as its bytes, so that it
+        matches whatever the order of its fields (the driver would write a DBRef's in its own)."""
         requests = self.db[defaults.REQUESTS]
+        found_in = raw(requests) if as_bytes else requests
         at_most = self.limits.max_feedback_rows if at_most is None else at_most
         if at_most <= 0:  # a limit of 0 is none at all to the server
             return 0
-        found = requests.find(query, {"_id": 1}, limit=at_most, max_time_ms=QUERY_MS)
-        batch = [doc["_id"] async for doc in found]
+        found = found_in.find(query, {"_id": 1}, limit=at_most, max_time_ms=QUERY_MS)
+        batch = [raw_id(doc) if as_bytes else doc["_id"] async for doc in found]
+        found_count, batch = len(batch), [doc_id for doc_id in batch if not as_bytes or doc_id is not None]
         if not batch:
-            return 0
+            return found_count
         try:
             await requests.bulk_write([UpdateOne({"_id": ids.eq(doc_id), **feedback.UNSTAMPED},
                                                  {"$set": {"feedback_run": stamp}}) for doc_id in batch], ordered=False)
         except BulkWriteError as exc:
             for error in exc.details.get("writeErrors", []):
                 self.skipped.skip("rating to stamp", batch[error["index"]], error.get("errmsg"))
-        return len(batch)
+        return found_count
 
     async def _due(self, key: str, spec: ModelSpec, state: ModelState) -> bool:
         """Stamp, count and check this model's ratings: every stamp of the pass (counted, written meanwhile, passed
@@ -180,10 +216,12 @@ class FeedbackTrigger:
         unstamped = feedback.uncounted(spec, self.limits)
         left = self.limits.max_feedback_rows - await self._stamp(unstamped, state.run)  # of this pass's stamps
         due, left = await self._check(key, spec, state, unstamped, left)
-        try:
-            await self._stamp(feedback.passed_over(spec, self.limits), feedback.PASSED_OVER, left)
-        except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
-            self.skipped.skip("feedback filter", spec.id, exc)
+        for documents in (False, True):  # a document `_id` the server cannot return fails only the second read
+            try:
+                left -= await self._stamp(feedback.passed_over(spec, self.limits, documents), feedback.PASSED_OVER,
+                                          left, as_bytes=documents)
+            except OperationFailure as exc:  # the server refuses the filter under $nor (a $text): looked at again
+                self.skipped.skip("feedback filter", spec.id, exc)
         return due
 
     async def _check(self, key: str, spec: ModelSpec, state: ModelState, unstamped: dict, left: int

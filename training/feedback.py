@@ -84,6 +84,9 @@ def selection(spec: ModelSpec, limits: Limits) -> dict:
 UNSTAMPED = {"feedback_run": {"$exists": False}}
 PASSED_OVER = 0  # the stamp of a rating no run reads: looked at once, never counted
 ENDED = [defaults.Status.DONE.value, defaults.Status.FAILED.value, defaults.Status.CANCELLED.value]
+# The scalar `_id`s of the requests passed over, which the driver reads and writes back as they are (`passed_over`).
+STAMPED_ID_TYPES = ["objectId", "string", "int", "long", "double", "decimal", "date", "bool", "timestamp", "null",
+                    "minKey", "maxKey"]
 
 
 def uncounted(spec: ModelSpec, limits: Limits) -> dict:
@@ -91,13 +94,17 @@ def uncounted(spec: ModelSpec, limits: Limits) -> dict:
     return {"$and": [selection(spec, limits), UNSTAMPED]}
 
 
-def passed_over(spec: ModelSpec, limits: Limits) -> dict:
+def passed_over(spec: ModelSpec, limits: Limits, documents: bool = False) -> dict:
     """The rated requests of this model, ended and not counted yet, that no run reads: those `feedback.filter` does not
     select, and those of a shape no run uses (`usable`) or that did not end `done`. Stamped `PASSED_OVER`, so that
     each pass looks at new ratings only, however many of them a writer floods in: left unstamped, they would lie in
-    the range of the feedback index that every pass reads (this model, no stamp, a rating)."""
-    return {"$and": [{"model": ids.eq(spec.id), "status": {"$in": ENDED}, "feedback.rating": RATED}, UNSTAMPED,
-                     {"$nor": [selection(spec, limits)]}]}
+    the range of the feedback index that every pass reads (this model, no stamp, a rating). Those with a scalar `_id`
+    (`STAMPED_ID_TYPES`), or with `documents` those whose `_id` is a document: each is stamped by the `_id` read
+    back, and one document may fail every read that returns it (nested deeper than the server returns), so the two
+    are read apart and such a one never stops the stamps of the scalar ones."""
+    typed = {"$type": "object"} if documents else {"$type": STAMPED_ID_TYPES}
+    return {"$and": [{"model": ids.eq(spec.id), "status": {"$in": ENDED}, "feedback.rating": RATED, "_id": typed},
+                     UNSTAMPED, {"$nor": [selection(spec, limits)]}]}
 
 
 def _source(doc: dict, **parts) -> dict:
