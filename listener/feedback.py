@@ -50,6 +50,7 @@ QUERY_MS = 10_000  # each query of a model's pass: a filter or a flood that scan
 SLOW_S = 2.0  # a model whose turn took longer (its filter scans long, or the server ignores QUERY_MS) is slow...
 SLOW_PER_PASS = 1  # ...and slow models take this many turns a pass between them, the longest waiting first
 ORDER = "feedback_order"  # `kind` of a daemon's stored order of the models it counts feedback for
+ENOUGH_BATCH = 100  # rated answers read first to see whether they make a run: a model's first batch mostly does
 DIGEST_CHARS = 32  # each model of the stored order: this much of the SHA-256 of its key, in hex
 
 
@@ -61,7 +62,6 @@ def _texts(value) -> list[str]:
 def digest(key: str) -> str:
     """A model's key as the stored order holds it: of one small size, whatever the id."""
     return hashlib.sha256(key.encode()).hexdigest()[:DIGEST_CHARS]
-ENOUGH_BATCH = 100  # rated answers read first to see whether they make a run: a model's first batch mostly does
 
 
 class FeedbackTrigger:
