@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def server_uri(tmp_path_factory):
+    """The change-stream server: MONGOTUNE_TEST_URI's, or an embedded one per pytest worker. Not one embedded server
+    for all workers: each change stream on it reads every write of the whole server (FINDINGS.md), so the workers'
+    daemons would each read every other worker's writes (a third of the suite's CPU when they shared one)."""
     if os.environ.get("MONGOTUNE_TEST_URI"):
         yield os.environ["MONGOTUNE_TEST_URI"]
         return
