@@ -5,8 +5,8 @@ The count lives in the requests themselves, so nothing in a daemon's memory can 
 at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
 `feedback_run: <the model's run>` (at most `max_feedback_rows` a pass, by `_id`; a request is stamped once, by
 whichever daemon gets there first), and the ended ones no run reads (left out by `feedback.filter`, of a shape no
-run uses, or not `done`) with 0 (never counted, never looked at again), then counts the stamps of the current run on rated answers it selects (`count_documents`; a stamp anyone
-wrote on anything else counts for nothing). On MongoDB the index `{model, feedback_run, feedback.rating}`, over
+run uses, or not `done`) with 0 (never counted, never looked at again), then counts the stamps of the current
+run on rated answers it selects (`count_documents`; a stamp anyone wrote on anything else counts for nothing). On MongoDB the index `{model, feedback_run, feedback.rating}`, over
 rated requests only, serves all three, so a pass reads only the ratings written since the last one, however many
 requests the model has (the embedded server's planner uses no index for a query with `$and` or `$jsonSchema`: it
 scans). A rating written while run R trains is stamped R and counts toward the run after R; nothing is stamped

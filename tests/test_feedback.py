@@ -28,7 +28,7 @@ from listener.processes import wait_until
 from tests.conftest import DaemonProcess, finished, settled, wait_for
 from tests.documents import QUICK, insert_nested, model, nested_document, request
 from training import defaults, feedback, ids, preferences
-from training.config import MAX_REQUEST_ID_BYTES, SpecError, parse_model, parse_request
+from training.config import MAX_REQUEST_ID_BYTES, ModelSpec, SpecError, parse_model, parse_request
 from training.limits import Limits
 
 DAEMON_ENV = {"MONGOTUNE_RETRAIN_CHECK_S": "0.5"}
@@ -608,27 +608,52 @@ def test_class3_one_pass_stamps_a_whole_flood_of_one_models_ratings(db, server_u
     assert stamped <= limits.max_feedback_rows, stamped
 
 
+def state(name, status: str = "succeeded", run: int = 1) -> ModelState:
+    """A model's state as a pass sees it."""
+    return parse(ModelState, {"_id": name, "status": status, "run": run})
+
+
+def other(name: str) -> ModelSpec:
+    """Another writer's model with `feedback`."""
+    return parse_model({**BASE, "_id": name, "feedback": {"method": "kto", "every": 2}})
+
+
+def restarts(server_uri, db, *lives: list, max_models: int = 1) -> list:
+    """The ids the last feedback pass finds due. Each of `lives` is one life of the daemon "d" (a fresh
+    `FeedbackTrigger`, as after a restart), a list of its passes, each the models it sees (`{key: (spec, state)}`),
+    or a callable run between them (ratings written meanwhile)."""
+    async def run():
+        client = AsyncMongoClient(server_uri, tz_aware=True)
+        try:
+            found = []
+            for passes in lives:
+                trigger = FeedbackTrigger(client[db.name], Limits(), max_models, SkipLog(), "d")
+                for step in passes:
+                    if callable(step):
+                        step()
+                    else:
+                        found = [spec.id for spec in await trigger.due(step)]
+            return found
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def honest_ratings(db) -> None:
+    """Two ratings of "victim" from its own users: enough for a KTO run of `every: 2`."""
+    for n, rating in enumerate([1, -1]):
+        rated(db, "victim", f"honest {n}", {"rating": rating})
+
+
 def test_class3_failed_models_hold_every_place_of_the_feedback_count(db, server_uri):
     """A user expects a place among the `MONGOTUNE_RETRAIN_MAX_MODELS` models a daemon counts feedback for to go to
     models that can count, as it does for `retrain` (failed and cancelled models hold none there): models with
     `feedback` that failed (an insert each, no training) keep every place, and a live model seen later is never
     counted."""
-    def state(name, status):
-        return parse(ModelState, {"_id": name, "status": status, "run": 1})
-
-    async def passes():
-        client = AsyncMongoClient(server_uri, tz_aware=True)
-        try:
-            trigger = FeedbackTrigger(client[db.name], Limits(), 2, SkipLog(), "d")
-            dead = {name: (parse_model({**BASE, "_id": name, "feedback": {"method": "kto", "every": 2}}),
-                           state(name, "failed")) for name in ("dead1", "dead2")}
-            await trigger.due(dead)
-            return [s.id for s in await trigger.due({**dead, "victim": (spec_of(), state("victim", "succeeded"))})]
-        finally:
-            await client.close()
-    for n, rating in enumerate([1, -1]):
-        rated(db, "victim", f"honest {n}", {"rating": rating})
-    assert asyncio.run(passes()) == ["victim"]
+    honest_ratings(db)
+    dead = {name: (other(name), state(name, "failed")) for name in ("dead1", "dead2")}
+    life = [dead, {**dead, "victim": (spec_of(), state("victim"))}]
+    assert restarts(server_uri, db, life, max_models=2) == ["victim"]
 
 
 def test_class4_ratings_no_run_can_read_count_toward_every(db, server_uri):
@@ -845,25 +870,12 @@ def test_class3_a_model_whose_run_waits_to_be_claimed_loses_its_place_in_the_fee
     keeps a pending model's): seen pending at one pass (its own feedback run started, or waits for a free slot), it
     was forgotten, and a model another writer inserted meanwhile took its place for good, so its ratings never
     counted again on that daemon."""
-    def state(name, status, run):
-        return parse(ModelState, {"_id": name, "status": status, "run": run})
-
-    async def passes():
-        client = AsyncMongoClient(server_uri, tz_aware=True)
-        try:
-            trigger = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            victim = spec_of()
-            other = parse_model({**BASE, "_id": "other", "feedback": {"method": "kto", "every": 2}})
-            await trigger.due({"victim": (victim, state("victim", "succeeded", 1))})
-            await trigger.due({"victim": (victim, state("victim", "pending", 1)),
-                               "other": (other, state("other", "succeeded", 1))})
-            for n, rating in enumerate([1, -1]):  # written once run 2 serves
-                rated(db, "victim", f"honest {n}", {"rating": rating})
-            return [s.id for s in await trigger.due({"victim": (victim, state("victim", "succeeded", 2)),
-                                                     "other": (other, state("other", "succeeded", 1))})]
-        finally:
-            await client.close()
-    assert asyncio.run(passes()) == ["victim"]
+    victim, newcomer = spec_of(), other("other")
+    life = [{"victim": (victim, state("victim"))},
+            {"victim": (victim, state("victim", "pending")), "other": (newcomer, state("other"))},
+            lambda: honest_ratings(db),  # written once run 2 serves
+            {"victim": (victim, state("victim", run=2)), "other": (newcomer, state("other"))}]
+    assert restarts(server_uri, db, life) == ["victim"]
 
 
 def test_class3_one_pass_stamps_twice_its_bound_where_a_feedback_filter_passes_ratings_over(db, server_uri):
@@ -976,49 +988,21 @@ def test_class3_after_a_restart_the_models_counted_before_keep_their_places_in_t
     id"), as a model counting new documents does. Kept in memory only, the order was lost at a restart: every model
     was then first seen in one pass, ordered by id, so another writer's models whose ids sort first (here "a") took
     the places, restart after restart."""
-    def state(name):
-        return parse(ModelState, {"_id": name, "status": "succeeded", "run": 1})
-
-    async def passes():
-        client = AsyncMongoClient(server_uri, tz_aware=True)
-        try:
-            victim = spec_of()
-            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            await first.due({"victim": (victim, state("victim"))})
-            newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
-            await first.due({"victim": (victim, state("victim")), "a": (newcomer, state("a"))})
-            for n, rating in enumerate([1, -1]):
-                rated(db, "victim", f"honest {n}", {"rating": rating})
-            restarted = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            both = {"victim": (victim, state("victim")), "a": (newcomer, state("a"))}
-            return [s.id for s in await restarted.due(both)]
-        finally:
-            await client.close()
-    assert asyncio.run(passes()) == ["victim"]
+    victim, newcomer = spec_of(), other("a")
+    both = {"victim": (victim, state("victim")), "a": (newcomer, state("a"))}
+    assert restarts(server_uri, db, [{"victim": (victim, state("victim"))}, both, lambda: honest_ratings(db)],
+                    [both]) == ["victim"]
 
 
 def test_a_restart_while_a_counted_model_waits_to_be_claimed_keeps_its_place(db, server_uri):
     """The stored order reaches the last model counted, so a pending model before it (its feedback run waits for a
     slot when the daemon stops) is counted again first once it serves, not a newcomer whose id sorts first."""
-    def state(name, status="succeeded", run=1):
-        return parse(ModelState, {"_id": name, "status": status, "run": run})
-
-    async def passes():
-        client = AsyncMongoClient(server_uri, tz_aware=True)
-        try:
-            victim = spec_of()
-            newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
-            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            await first.due({"victim": (victim, state("victim"))})
-            await first.due({"victim": (victim, state("victim", "pending")), "a": (newcomer, state("a"))})
-            for n, rating in enumerate([1, -1]):  # written once run 2 serves
-                rated(db, "victim", f"honest {n}", {"rating": rating})
-            restarted = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            both = {"victim": (victim, state("victim", run=2)), "a": (newcomer, state("a"))}
-            return [s.id for s in await restarted.due(both)]
-        finally:
-            await client.close()
-    assert asyncio.run(passes()) == ["victim"]
+    victim, newcomer = spec_of(), other("a")
+    first = [{"victim": (victim, state("victim"))},
+             {"victim": (victim, state("victim", "pending")), "a": (newcomer, state("a"))},
+             lambda: honest_ratings(db)]  # written once run 2 serves
+    assert restarts(server_uri, db, first, [{"victim": (victim, state("victim", run=2)),
+                                             "a": (newcomer, state("a"))}]) == ["victim"]
 
 
 @pytest.mark.parametrize("keys", ["victim", [7, {"$gt": ""}, None], ["a" * 200] * 5])
@@ -1073,27 +1057,11 @@ def test_class3_a_writers_models_waiting_for_a_first_run_push_a_counted_model_ou
     but cut at twice `MONGOTUNE_RETRAIN_MAX_MODELS` keys from its start, so a writer's models seen first and still
     pending (waiting for a first run that never comes) filled it: the counted model was not stored, and after a
     restart the writer's model whose id sorts first ("a") took its place."""
-    def state(name, status="succeeded", run=1):
-        return parse(ModelState, {"_id": name, "status": status, "run": run})
-
-    async def passes():
-        client = AsyncMongoClient(server_uri, tz_aware=True)
-        try:
-            victim = spec_of()
-            newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
-            waiting = {f"p{n}": (newcomer, state(f"p{n}", "pending", 0)) for n in range(3)}
-            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            await first.due(waiting)
-            await first.due({**waiting, "victim": (victim, state("victim"))})
-            await first.due({**waiting, "victim": (victim, state("victim")), "a": (newcomer, state("a"))})
-            for n, rating in enumerate([1, -1]):
-                rated(db, "victim", f"honest {n}", {"rating": rating})
-            restarted = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            both = {**waiting, "victim": (victim, state("victim")), "a": (newcomer, state("a"))}
-            return [s.id for s in await restarted.due(both)]
-        finally:
-            await client.close()
-    assert asyncio.run(passes()) == ["victim"]
+    victim, newcomer = spec_of(), other("a")
+    waiting = {f"p{n}": (newcomer, state(f"p{n}", "pending", 0)) for n in range(3)}
+    both = {**waiting, "victim": (victim, state("victim")), "a": (newcomer, state("a"))}
+    first = [waiting, {**waiting, "victim": (victim, state("victim"))}, both, lambda: honest_ratings(db)]
+    assert restarts(server_uri, db, first, [both]) == ["victim"]
 
 
 def test_class2_one_rating_whose_id_the_server_cannot_return_stops_every_passed_over_stamp_of_its_model(db, server_uri):
@@ -1156,53 +1124,24 @@ def test_class3_a_writers_waiting_models_push_a_counted_model_whose_run_waits_ou
     `MONGOTUNE_RETRAIN_MAX_MODELS` waiting models, the first ones: a writer's model waiting for a first run that never
     comes, seen first, took that slot, so the counted model was not stored, and after the restart the writer's model
     seen after it ("a") kept the place."""
-    def state(name, status="succeeded", run=1):
-        return parse(ModelState, {"_id": name, "status": status, "run": run})
-
-    async def passes():
-        client = AsyncMongoClient(server_uri, tz_aware=True)
-        try:
-            victim = spec_of()
-            newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
-            waiting = {"p": (newcomer, state("p", "pending", 0))}
-            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            await first.due(waiting)
-            await first.due({**waiting, "victim": (victim, state("victim"))})
-            await first.due({**waiting, "victim": (victim, state("victim", "pending")), "a": (newcomer, state("a"))})
-            for n, rating in enumerate([1, -1]):  # written once run 2 serves
-                rated(db, "victim", f"honest {n}", {"rating": rating})
-            restarted = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            both = {**waiting, "victim": (victim, state("victim", run=2)), "a": (newcomer, state("a"))}
-            return [s.id for s in await restarted.due(both)]
-        finally:
-            await client.close()
-    assert asyncio.run(passes()) == ["victim"]
+    victim, newcomer = spec_of(), other("a")
+    waiting = {"p": (newcomer, state("p", "pending", 0))}
+    first = [waiting, {**waiting, "victim": (victim, state("victim"))},
+             {**waiting, "victim": (victim, state("victim", "pending")), "a": (newcomer, state("a"))},
+             lambda: honest_ratings(db)]  # written once run 2 serves
+    after = {**waiting, "victim": (victim, state("victim", run=2)), "a": (newcomer, state("a"))}
+    assert restarts(server_uri, db, first, [after]) == ["victim"]
 
 
 def test_a_writers_waiting_model_stored_once_never_outranks_a_counted_one_after_another_restart(db, server_uri):
     """The record says which stored models were counted: a writer's model waiting for a first run, stored while
     there was room, is no model counted before after a restart, so at a second restart a counted model whose run
     waits still keeps its place ahead of it."""
-    def state(name, status="succeeded", run=1):
-        return parse(ModelState, {"_id": name, "status": status, "run": run})
-
-    async def passes():
-        client = AsyncMongoClient(server_uri, tz_aware=True)
-        try:
-            victim = spec_of()
-            newcomer = parse_model({**BASE, "_id": "a", "feedback": {"method": "kto", "every": 2}})
-            waiting = {"p": (newcomer, state("p", "pending", 0))}
-            first = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            await first.due(waiting)
-            await first.due({**waiting, "victim": (victim, state("victim"))})
-            second = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            await second.due({**waiting, "victim": (victim, state("victim"))})
-            await second.due({**waiting, "victim": (victim, state("victim", "pending")), "a": (newcomer, state("a"))})
-            for n, rating in enumerate([1, -1]):  # written once run 2 serves
-                rated(db, "victim", f"honest {n}", {"rating": rating})
-            third = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            both = {**waiting, "victim": (victim, state("victim", run=2)), "a": (newcomer, state("a"))}
-            return [s.id for s in await third.due(both)]
-        finally:
-            await client.close()
-    assert asyncio.run(passes()) == ["victim"]
+    victim, newcomer = spec_of(), other("a")
+    waiting = {"p": (newcomer, state("p", "pending", 0))}
+    first = [waiting, {**waiting, "victim": (victim, state("victim"))}]
+    second = [{**waiting, "victim": (victim, state("victim"))},
+              {**waiting, "victim": (victim, state("victim", "pending")), "a": (newcomer, state("a"))},
+              lambda: honest_ratings(db)]  # written once run 2 serves
+    after = {**waiting, "victim": (victim, state("victim", run=2)), "a": (newcomer, state("a"))}
+    assert restarts(server_uri, db, first, second, [after]) == ["victim"]
