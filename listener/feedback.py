@@ -6,10 +6,10 @@ at each retrain check every daemon stamps this model's rated, done answers that 
 `feedback_run: <the model's run>` (at most `max_feedback_rows` a pass, by `_id`; a request is stamped once, by
 whichever daemon gets there first), and the ended ones no run reads (left out by `feedback.filter`, of a shape no
 run uses, or not `done`) with 0 (never counted, never looked at again), then counts the stamps of the current
-run on rated answers it selects (`count_documents`; a stamp anyone wrote on anything else counts for nothing). On MongoDB the index `{model, feedback_run, feedback.rating}`, over
-rated requests only, serves all three, so a pass reads only the ratings written since the last one, however many
-requests the model has (the embedded server's planner uses no index for a query with `$and` or `$jsonSchema`: it
-scans). A rating written while run R trains is stamped R and counts toward the run after R; nothing is stamped
+run on rated answers it selects (`count_documents`; a stamp anyone wrote on anything else counts for nothing).
+On MongoDB the index `{model, feedback_run, feedback.rating}`, over rated requests only, serves all three, so a
+pass reads only the ratings written since the last one, however many requests the model has (the embedded
+server's planner uses no index for a query with `$and` or `$jsonSchema`: it scans). A rating written while run R trains is stamped R and counts toward the run after R; nothing is stamped
 while a run is pending (its number is not known yet): such ratings are stamped once it is claimed and count
 toward the run after it (which comes a little early rather than late, as with `retrain.on_new_documents`).
 `retrain.start` (`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before
