@@ -1,29 +1,29 @@
-"""The feedback trigger: once `feedback.every` new ratings of a model's answers were written since its last
-run started, one preference run starts (`trigger: "feedback"`, `training.feedback` reads its rows).
+"""The feedback trigger: once `feedback.every` new ratings of a model's answers were written since its last run
+started, one preference run starts (`trigger: "feedback"`, `training.feedback` reads its rows).
 
-The count lives in the requests themselves, so nothing in a daemon's memory can be lost or counted twice:
-at each retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with
-`feedback_run: <the model's run>` (at most `max_feedback_rows` a pass, by `_id`; a request is stamped once, by
-whichever daemon gets there first), and the ended ones no run reads (left out by `feedback.filter`, of a shape no
-run uses, or not `done`) with 0 (never counted, never looked at again), then counts the stamps of the current
-run on rated answers it selects (`count_documents`; a stamp anyone wrote on anything else counts for nothing).
-On MongoDB the index `{model, feedback_run, feedback.rating}`, over rated requests only, serves all three, so a
-pass reads only the ratings written since the last one, however many requests the model has (the embedded
-server's planner uses no index for a query with `$and` or `$jsonSchema`: it scans). A rating written while run R trains is stamped R and counts toward the run after R; nothing is stamped
-while a run is pending (its number is not known yet): such ratings are stamped once it is claimed and count
-toward the run after it (which comes a little early rather than late, as with `retrain.on_new_documents`).
-`retrain.start` (`succeeded -> pending` at that run) makes the run start exactly once across daemons. Before
-starting, the rows are read, newest first and only until they do, to see that they make a run (DPO: at least
-`preferences.MIN_ROWS` pairs), and the ratings written since the pass stamped are stamped then, toward the run that
-will read them; a model whose count has not moved since it had too few is not read again. Only
+The count lives in the requests themselves, so nothing in a daemon's memory can be lost or counted twice: at each
+retrain check every daemon stamps this model's rated, done answers that carry no stamp yet with `feedback_run: <the
+model's run>` (at most `max_feedback_rows` a pass, by `_id`; a request is stamped once, by whichever daemon gets
+there first), and the ended ones no run reads (left out by `feedback.filter`, of a shape no run uses, or not `done`)
+with 0 (never counted, never looked at again), then counts the stamps of the current run on rated answers it selects
+(`count_documents`; a stamp anyone wrote on anything else counts for nothing). On MongoDB the index `{model,
+feedback_run, feedback.rating}`, over rated requests only, serves all three, so a pass reads only the ratings
+written since the last one, however many requests the model has (the embedded server's planner uses no index for a
+query with `$and` or `$jsonSchema`: it scans). A rating written while run R trains is stamped R and counts toward
+the run after R; nothing is stamped while a run is pending (its number is not known yet): such ratings are stamped
+once it is claimed and count toward the run after it (which comes a little early rather than late, as with
+`retrain.on_new_documents`). `retrain.start` (`succeeded -> pending` at that run) makes the run start exactly once
+across daemons. Before starting, the rows are read, newest first and only until they do, to see that they make a run
+(DPO: at least `preferences.MIN_ROWS` pairs), and the ratings written since the pass stamped are stamped then,
+toward the run that will read them; a model whose count has not moved since it had too few is not read again. Only
 ratings of a shape a run uses are selected at all (`feedback.usable`, checked by the server). Ratings rewritten or
 deleted between this check and the run's read end that run `nothing_to_train` (`training.feedback.NothingToTrain`):
 the model serves as before and the ratings written after it count toward the next run. The operator's
 `retrain_max_models` bounds how many models a daemon counts (succeeded or running ones), in the order it first saw
 them (a model whose run is pending keeps its place; a failed or cancelled one holds none), an order it keeps in
-`_listener` so that a restart keeps it too (as the retrainer keeps its tallies). A model whose turn is
-slow (SLOW_S: its filter scans long) takes one turn among the slow ones each pass: a
-writer's many slow filters cost each pass one turn.
+`_listener` so that a restart keeps it too (as the retrainer keeps its tallies). A model whose turn is slow (SLOW_S:
+its filter scans long) takes one turn among the slow ones each pass: a writer's many slow filters cost each pass one
+turn.
 """
 
 import asyncio
