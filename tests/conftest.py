@@ -3,6 +3,7 @@
 Set MONGOTUNE_TEST_URI to run the same suite against a real MongoDB replica set.
 """
 
+import gc
 import os
 import signal
 import uuid
@@ -177,6 +178,19 @@ LONGEST = ("tests/test_two_users.py", "tests/test_multiprocess.py", "tests/test_
 # The fast tier's longest modules (in-process daemons waiting on their timers), first among the fast tests for the same
 # reason: `make test-fast` ends when its last worker does.
 LONGEST_FAST = ("tests/test_gangs.py", "tests/test_retrain_streams.py", "tests/test_collection_answers.py")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session):
+    """Collecting imports torch, transformers and trl in every worker (test modules import them): with the collector
+    off meanwhile, and what they made frozen after, that costs each worker about 5 CPU-s rather than 8, and no later
+    collection in a test walks it again (as `training.preload` does for the fork server)."""
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def pytest_collection_modifyitems(items):
