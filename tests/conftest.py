@@ -3,7 +3,6 @@
 Set MONGOTUNE_TEST_URI to run the same suite against a real MongoDB replica set.
 """
 
-import gc
 import os
 import signal
 import uuid
@@ -21,7 +20,7 @@ from pymongo import MongoClient
 from listener.embedded import EmbeddedServer, free_port
 from listener.follow import finished, wait_for  # noqa: F401  (the tests import them from here)
 from listener.processes import start_listener, stop
-from training import defaults, tiny_model
+from training import collector, defaults, tiny_model
 from training.limits import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,14 +182,10 @@ LONGEST_FAST = ("tests/test_gangs.py", "tests/test_retrain_streams.py", "tests/t
 @pytest.hookimpl(wrapper=True)
 def pytest_collection(session):
     """Collecting imports torch, transformers and trl in every worker (test modules import them): with the collector
-    off meanwhile, and what they made frozen after, that costs each worker about 5 CPU-s rather than 8, and no later
-    collection in a test walks it again (as `training.preload` does for the fork server)."""
-    gc.disable()
-    try:
+    paused meanwhile (`training.collector`), that costs each worker about 5 CPU-s rather than 8, and no later
+    collection in a test walks it again."""
+    with collector.paused():
         return (yield)
-    finally:
-        gc.freeze()
-        gc.enable()
 
 
 def pytest_collection_modifyitems(items):

@@ -6,19 +6,15 @@ copy half-made. The one thing: the fork server dies with its daemon. Every child
 the pipe whose end would tell it the daemon is gone, so it would outlive a SIGKILLed daemon, and
 its children with it; the kernel's parent-death signal ends it instead, and theirs ends them.
 
-The collector is off while it imports (with torch's objects on the heap, each of the thousands of
-collections the imports trigger walked all of them: a fifth of their CPU), and what the imports made is
+The collector is paused while it imports (`training.collector`: a fifth of their CPU), and what the imports made is
 then frozen: no collection in the server or in anything forked from it walks it again.
 """
 
-import gc
-
-from training import lifeline
+from training import collector, lifeline
 
 lifeline.die_with_parent()
 
-gc.disable()
-try:  # the fork server logs an import that fails and goes on: the collector must be back on all the same
+with collector.paused():  # an import that fails is logged by the fork server, which goes on, collector back on
     import datasets  # noqa: F401
     import peft  # noqa: F401
     import trl  # noqa: F401
@@ -26,6 +22,3 @@ try:  # the fork server logs an import that fails and goes on: the collector mus
 
     from training import (arguments, child, dataset, inference, methods, models, phases, preferences,  # noqa: F401
                           progress, worker)
-finally:
-    gc.freeze()
-    gc.enable()

@@ -3,6 +3,7 @@ from click.core import ParameterSource
 
 from listener.cli.options import connection_options, operator_settings, setup_logging
 from listener.connection import ConnectionProblem, has_password
+from training import collector
 
 
 @click.command()
@@ -39,7 +40,8 @@ def start(uri, db, uri_file, name, max_jobs, gpus, advertise_addr, model_roots, 
     Example:
       MONGOTUNE_URI_FILE=/etc/mongotune/uri listener start --db mydb --model-root /srv/models
     """
-    from listener.daemon import serve
+    with collector.paused():  # the daemon's modules, beyond the command's
+        from listener.daemon import serve
 
     settings = operator_settings(assignments, uri=uri, db=db, uri_file=uri_file, name=name, max_jobs=max_jobs, gpus=gpus,
                                  validators=validators, model_roots=model_roots, metrics_port=metrics_port,
