@@ -1082,16 +1082,20 @@ def test_class2_one_rating_whose_id_the_server_cannot_return_stops_every_passed_
     assert stamps == {feedback.PASSED_OVER: 20, 1: 2}, stamps
 
 
+def document_id_flood(db) -> None:
+    """20 done requests of "victim" rated in a shape no run reads, each with a document as its `_id`."""
+    db[defaults.REQUESTS].insert_many([{"_id": {"n": n}, "model": "victim", "input": f"q {n}", "status": "done",
+                                        "output": "a", "completed_at": defaults.now(), "feedback": {"rating": 1}}
+                                       for n in range(20)])
+
+
 def test_class3_a_flood_of_ratings_with_document_ids_stays_in_the_range_every_pass_reads(db, server_uri):
     """A user expects a writer's flood of ratings no run reads to be stamped once, so that it no longer lies in the
     range of the feedback index every pass reads (this model, no stamp, a rating), whatever their `_id`: left out of
     the stamp so that one the server cannot return stops nothing, ratings whose `_id` is a document were never
     stamped, and a flood of them cost every pass of the model a read of each."""
-    db[defaults.REQUESTS].insert_many([{"_id": {"n": n}, "model": "victim", "input": f"q {n}", "status": "done",
-                                        "output": "a", "completed_at": defaults.now(), "feedback": {"rating": 1}}
-                                       for n in range(20)])
-    for n, rating in enumerate([1, -1]):
-        rated(db, "victim", f"honest {n}", {"rating": rating})
+    document_id_flood(db)
+    honest_ratings(db)
     assert due(server_uri, db, spec_of(every=2)) == ["victim"]
     read_again = db[defaults.REQUESTS].count_documents(
         {"model": "victim", "feedback_run": {"$exists": False}, "feedback.rating": {"$gte": -1, "$lte": 1}})
@@ -1107,11 +1111,8 @@ def test_class3_one_rating_the_server_cannot_return_keeps_a_flood_with_document_
     read of those with document ids at every pass, so a flood of them stays in the range every pass reads."""
     insert_nested(db[defaults.REQUESTS], {"_id": nested_document(950), "model": "victim", "input": "q",
                                           "status": "failed", "feedback": {"rating": 1}})
-    db[defaults.REQUESTS].insert_many([{"_id": {"n": n}, "model": "victim", "input": f"q {n}", "status": "done",
-                                        "output": "a", "completed_at": defaults.now(), "feedback": {"rating": 1}}
-                                       for n in range(20)])
-    for n, rating in enumerate([1, -1]):
-        rated(db, "victim", f"honest {n}", {"rating": rating})
+    document_id_flood(db)
+    honest_ratings(db)
     assert due(server_uri, db, spec_of(every=2)) == ["victim"]
     left = db[defaults.REQUESTS].count_documents({"model": "victim", "feedback_run": {"$exists": False},
                                                   "output": "a", "_id": {"$type": "object"}})
