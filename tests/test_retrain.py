@@ -59,8 +59,21 @@ def wait_tally(db, daemon: str, count: int, timeout: float = 60) -> dict:
         raise AssertionError(f"{exc}; its tally: {tally(db, daemon)}") from None
 
 
-def requested(document: dict) -> list[dict]:
-    return [e for e in document.get("events", []) if e.get("kind") == "retrain_requested"]
+def requested(document: dict, before_run: int | None = None) -> list[dict]:
+    """The retrain requests in the document's events; with `before_run`, those before that run was claimed."""
+    found = []
+    for event in document.get("events", []):
+        if before_run is not None and event.get("kind") == "claimed" and event.get("run") == before_run:
+            break
+        if event.get("kind") == "retrain_requested":
+            found.append(event)
+    return found
+
+
+def ended_run(number: int):
+    """Run `number` has ended: its entry says how. Not `succeeded_run`, which a schedule's next tick may end at once
+    (succeeded -> pending), so that a poll can miss it."""
+    return lambda d: len(d.get("runs") or []) >= number and d["runs"][number - 1].get("outcome") is not None
 
 
 def test_retrain_fields_are_checked_against_the_operators_minimum():
@@ -275,12 +288,13 @@ def test_a_schedule_starts_one_run_per_tick_across_two_daemons(db, start_daemon,
     for name in ("early", "late"):
         start_daemon(name, env={**FAST_CHECKS, "MONGOTUNE_MIN_RETRAIN_INTERVAL_S": "1"})
     models.insert_one(retraining("clockwork", tiny_model_path, schedule="*/5 * * * * *"))
-    third = wait_for(models, "clockwork", succeeded_run(3), timeout_s=240)
+    third = wait_for(models, "clockwork", ended_run(3), timeout_s=240)
     ticks = db[defaults.LISTENER].find_one({"kind": retrain.TICK, "model": "clockwork"})["ticks"]
     when = [t["tick"] for t in ticks]
     assert len(when) == len(set(when)) and when == sorted(when)  # each tick taken by one daemon, once
     started = [t["outcome"] for t in ticks if t["outcome"].startswith("started")]
     assert len(started) == len(set(started)) and "started run 3" in started
-    assert [e["trigger"] for e in requested(third)] == ["schedule", "schedule"]  # two runs, two requests
-    assert [r["trigger"] for r in third["runs"]] == ["insert", "schedule", "schedule"]
+    assert [e["trigger"] for e in requested(third, before_run=3)] == ["schedule", "schedule"]  # two runs, two requests
+    assert [(r["trigger"], r["outcome"]) for r in third["runs"][:3]] == [
+        ("insert", "succeeded"), ("schedule", "succeeded"), ("schedule", "succeeded")]
 
