@@ -27,14 +27,14 @@ turn.
 """
 
 import asyncio
-import hashlib
 import logging
 import time
 
+from pydantic import BaseModel, ConfigDict, Field
 from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError, DocumentTooLarge, ExecutionTimeout, OperationFailure
 
-from listener.records import ModelState, SkipLog, raw, raw_id
+from listener.records import BadRecord, ModelState, SkipLog, parse, raw, raw_id
 from listener.status import Status, now
 from listener.turns import Queue, Sightings
 from training import defaults, feedback, ids
@@ -54,14 +54,19 @@ ENOUGH_BATCH = 100  # rated answers read first to see whether they make a run: a
 DIGEST_CHARS = 32  # each model of the stored order: this much of the SHA-256 of its key, in hex
 
 
-def _texts(value) -> list[str]:
-    """The strings of a stored list; none of anything else (a record a person edited)."""
-    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+class StoredOrder(BaseModel):
+    """A daemon's order of the models it counts feedback for, as stored in `_listener`: each model as `ids.digest` of
+    its key, in the order first seen, and those of them that were counted."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    keys: list[str] = Field(default_factory=list)
+    counted: list[str] = Field(default_factory=list)
 
 
 def digest(key: str) -> str:
     """A model's key as the stored order holds it: of one small size, whatever the id."""
-    return hashlib.sha256(key.encode()).hexdigest()[:DIGEST_CHARS]
+    return ids.digest(key, DIGEST_CHARS)
 
 
 class FeedbackTrigger:
@@ -122,17 +127,18 @@ class FeedbackTrigger:
     async def _restore(self, placed: list[str]) -> None:
         """Seen first, in their order: the models this daemon held places for when it last stored them. A record
         it cannot use (it is the listener's own, but a person may have edited it) is an order of none."""
+        stored = StoredOrder()
         try:
             record = await self.db[defaults.LISTENER].find_one({"_id": self.order_id}, {"keys": 1, "counted": 1})
-        except OperationFailure as exc:
+            stored = parse(StoredOrder, record) if record is not None else stored
+        except (OperationFailure, BadRecord) as exc:
             self.skipped.skip("feedback order", self.order_id, exc)
-            record = None
-        keys, counted = (_texts((record or {}).get(field)) for field in ("keys", "counted"))
-        self.stored = (keys, counted)
+        self.stored = (stored.keys, stored.counted)
         by_digest = {digest(key): key for key in placed}
-        restored = [by_digest[d] for d in keys[:self._bound()] if d in by_digest]
+        restored = [by_digest[d] for d in stored.keys[:self._bound()] if d in by_digest]
         self.sightings.remember(restored)
-        self.held = {key for key in restored if digest(key) in set(counted)}
+        counted = set(stored.counted)
+        self.held = {key for key in restored if digest(key) in counted}
 
     async def _store(self, keys: list[str]) -> None:
         """Keep the order up to the last model counted (pending ones among them keep their places), and which of them
@@ -253,7 +259,7 @@ class FeedbackTrigger:
         selection that never makes a run is checked a few times, not once a batch. What is kept is bounded by the operator's
         caps (rows, input length), whatever anyone inserted: the server selects only requests of a shape a run uses
         (`feedback.usable`), and one too long as a whole is dropped as it comes, as the run skips it."""
-        kept, read, want, check_at = [], 0, ENOUGH_BATCH, ENOUGH_BATCH
+        kept, read, checked, want = [], 0, 0, ENOUGH_BATCH
         found = self.db[defaults.REQUESTS].find(feedback.selection(spec, self.limits), feedback.FIELDS,
                                                 sort=feedback.NEWEST_FIRST, limit=self.limits.max_feedback_rows,
                                                 max_time_ms=QUERY_MS, batch_size=ENOUGH_BATCH)
@@ -264,9 +270,8 @@ class FeedbackTrigger:
                 read += 1
                 if not feedback.too_long(doc, self.limits):
                     kept.append(doc)
-                if read == check_at:
+                if read == checked + want:
                     if await asyncio.to_thread(feedback.enough, kept, spec, self.limits):
                         return True
-                    want *= 2
-                    check_at += want
-        return read != check_at - want and await asyncio.to_thread(feedback.enough, kept, spec, self.limits)
+                    checked, want = read, want * 2
+        return read > checked and await asyncio.to_thread(feedback.enough, kept, spec, self.limits)

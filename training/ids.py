@@ -60,11 +60,15 @@ def _one_integer_type(value):
     return value
 
 
+def digest(id_key: str, chars: int = 32) -> str:
+    """A `key` of a fixed size, whatever the id (hex of its SHA-256): for names and records that must stay small."""
+    return hashlib.sha256(id_key.encode()).hexdigest()[:chars]
+
+
 def file_name(value, suffix: str = "") -> str:
     """A file name for an id: readable where it can be, and one-to-one through a hash of `key`."""
     readable = re.sub(r"[^A-Za-z0-9_.-]", "_", str(value))[:60].lstrip(".") or "id"
-    digest = hashlib.sha256(key(value).encode()).hexdigest()[:16]
-    return f"{readable}-{digest}{suffix}"
+    return f"{readable}-{digest(key(value), 16)}{suffix}"
 
 
 def eq(value) -> dict:
