@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import bson
 import click
 import pytest
-from bson import ObjectId
+from bson import Binary, Code, ObjectId
 from click.testing import CliRunner
 from pymongo import AsyncMongoClient, monitoring
 
@@ -562,8 +562,7 @@ def test_class2_one_rating_with_a_role_of_the_wrong_type_stops_the_feedback_pass
     (unhashable) for its model, and no model counted after it in the pass (here the victim's) ever starts a run."""
     rated(db, "a_first", [{"role": {"any": "thing"}, "content": "hi"}], {"rating": 1})
     rated(db, "a_first", "fine", {"rating": -1})
-    for n, rating in enumerate([1, -1]):
-        rated(db, "victim", f"honest {n}", {"rating": rating})
+    honest_ratings(db)
     attacker = parse_model({**BASE, "_id": "a_first", "feedback": {"method": "kto", "every": 2}})
     assert "victim" in due(server_uri, db, attacker, spec_of(every=2))
 
@@ -909,8 +908,7 @@ def test_class3_ratings_no_run_can_use_are_stamped_once_not_read_again_at_every_
                                         "completed_at": defaults.now(), **shapes[n % len(shapes)]} for n in range(20)])
     waiting = db[defaults.REQUESTS].insert_one({"model": "victim", "input": "q", "status": "running",
                                                 "feedback": {"rating": 1}}).inserted_id
-    for n, rating in enumerate([1, -1]):
-        rated(db, "victim", f"honest {n}", {"rating": rating})
+    honest_ratings(db)
     assert due(server_uri, db, spec_of(every=2)) == ["victim"]
     read_again = [d["_id"] for d in db[defaults.REQUESTS].find(
         {"model": "victim", "feedback_run": {"$exists": False}, "feedback.rating": {"$gte": -1, "$lte": 1}})]
@@ -1010,18 +1008,8 @@ def test_a_stored_feedback_order_a_person_spoiled_orders_nothing_and_stops_nothi
     """The order is the listener's own record, but one edited by hand (keys of another type, unknown models) is an
     order of none, or of the models it names that exist: the pass counts as on a first start."""
     db[defaults.LISTENER].insert_one({"_id": "feedback:d", "kind": "feedback_order", "keys": keys})
-    for n, rating in enumerate([1, -1]):
-        rated(db, "victim", f"honest {n}", {"rating": rating})
-
-    async def passes():
-        client = AsyncMongoClient(server_uri, tz_aware=True)
-        try:
-            trigger = FeedbackTrigger(client[db.name], Limits(), 1, SkipLog(), "d")
-            state = parse(ModelState, {"_id": "victim", "status": "succeeded", "run": 1})
-            return [s.id for s in await trigger.due({"victim": (spec_of(), state)})]
-        finally:
-            await client.close()
-    assert asyncio.run(passes()) == ["victim"]
+    honest_ratings(db)
+    assert due(server_uri, db, spec_of()) == ["victim"]
     assert db[defaults.LISTENER].find_one({"_id": "feedback:d"})["keys"] == [digest("victim")]
 
 
@@ -1032,8 +1020,7 @@ def test_class2_a_writers_long_model_ids_make_the_stored_feedback_order_too_larg
     operator's bound at 1,500 (it may be 10,000) a writer's 2,999 models waiting for their first run, seen before
     another user's, made the record 18 MB: the driver refused the write (DocumentTooLarge, no OperationFailure),
     which ended the whole pass, for every model, at every retrain check."""
-    for n, rating in enumerate([1, -1]):
-        rated(db, "victim", f"honest {n}", {"rating": rating})
+    honest_ratings(db)
     waiting = parse(ModelState, {"_id": "w", "status": "pending", "run": 0})
     victim = spec_of()
     models = {ids.key(f"{n:04d}" + "\U0001F600" * 508): (victim, waiting) for n in range(2999)}
@@ -1074,8 +1061,7 @@ def test_class2_one_rating_whose_id_the_server_cannot_return_stops_every_passed_
                                           "status": "failed", "feedback": {"rating": 1}})
     db[defaults.REQUESTS].insert_many([{"model": "victim", "input": f"q {n}", "status": "done", "output": 7,
                                         "completed_at": defaults.now(), "feedback": {"rating": 1}} for n in range(20)])
-    for n, rating in enumerate([1, -1]):
-        rated(db, "victim", f"honest {n}", {"rating": rating})
+    honest_ratings(db)
     assert due(server_uri, db, spec_of(every=2)) == ["victim"]
     stamps = Counter(d.get("feedback_run") for d in db[defaults.REQUESTS].find({"model": "victim", "output": {
         "$exists": True}}))
@@ -1146,3 +1132,18 @@ def test_a_writers_waiting_model_stored_once_never_outranks_a_counted_one_after_
               lambda: honest_ratings(db)]  # written once run 2 serves
     after = {**waiting, "victim": (victim, state("victim", run=2)), "a": (newcomer, state("a"))}
     assert restarts(server_uri, db, first, second, [after]) == ["victim"]
+
+
+@pytest.mark.parametrize("make_id", [lambda n: Binary(bytes([n]) * 8), lambda n: Binary(bytes([n]) * 16, 4),
+                                     lambda n: Code(f"x{n}")], ids=["binary", "uuid", "code"])
+def test_class3_ratings_with_an_id_of_another_scalar_type_are_passed_over_too(db, server_uri, make_id):
+    """A user expects a writer's flood of ratings no run reads to be stamped once, whatever the BSON type of their
+    `_id` (a binary, a UUID and JavaScript code are all `_id`s MongoDB takes): an `_id` type the passed-over stamp
+    did not list was never stamped, so such a flood stayed in the range every pass reads."""
+    db[defaults.REQUESTS].insert_many([{"_id": make_id(n), "model": "victim", "input": f"q {n}", "status": "done",
+                                        "output": "a", "completed_at": defaults.now(), "feedback": {"rating": 1}}
+                                       for n in range(20)])
+    honest_ratings(db)
+    assert due(server_uri, db, spec_of(every=2)) == ["victim"]
+    left = db[defaults.REQUESTS].count_documents({"model": "victim", "feedback_run": {"$exists": False}})
+    assert left == 0, f"{left} ratings in the stamp query's index range at the next pass"

@@ -83,10 +83,9 @@ def selection(spec: ModelSpec, limits: Limits) -> dict:
 
 UNSTAMPED = {"feedback_run": {"$exists": False}}
 PASSED_OVER = 0  # the stamp of a rating no run reads: looked at once, never counted
-ENDED = [defaults.Status.DONE.value, defaults.Status.FAILED.value, defaults.Status.CANCELLED.value]
 # The scalar `_id`s of the requests passed over, which the driver reads and writes back as they are (`passed_over`).
 STAMPED_ID_TYPES = ["objectId", "string", "int", "long", "double", "decimal", "date", "bool", "timestamp", "null",
-                    "minKey", "maxKey"]
+                    "minKey", "maxKey", "binData", "javascript"]
 
 
 def uncounted(spec: ModelSpec, limits: Limits) -> dict:
@@ -103,7 +102,8 @@ def passed_over(spec: ModelSpec, limits: Limits, documents: bool = False) -> dic
     back, and one document may fail every read that returns it (nested deeper than the server returns), so the two
     are read apart and such a one never stops the stamps of the scalar ones."""
     typed = {"$type": "object"} if documents else {"$type": STAMPED_ID_TYPES}
-    return {"$and": [{"model": ids.eq(spec.id), "status": {"$in": ENDED}, "feedback.rating": RATED, "_id": typed},
+    ended = sorted(status.value for status in defaults.FINAL)
+    return {"$and": [{"model": ids.eq(spec.id), "status": {"$in": ended}, "feedback.rating": RATED, "_id": typed},
                      UNSTAMPED, {"$nor": [selection(spec, limits)]}]}
 
 
